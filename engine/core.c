@@ -1,0 +1,841 @@
+/*
+ * core.c: errors, dtypes, devices, allocation, storages, tensors and views, copies and fills.
+ *
+ * Non-obvious rule: storages are freed when their refcount reaches zero, and every byte a
+ * storage holds is counted in the per-device current/peak statistics, so memory_stats() shows
+ * what live tensors really hold (mmap'd files are not counted: they are not our allocations).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+#include "cuda_plugin.h"
+
+/* ==== Errors ==== */
+
+static _Thread_local char err_msg[2048];
+static _Thread_local int err_status;
+
+int nemo_set_error(int code, const char *file, int line, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n < sizeof err_msg) {
+        const char *base = strrchr(file, '/');
+        snprintf(err_msg + n, sizeof err_msg - (size_t)n, " (%s:%d)", base ? base + 1 : file, line);
+    }
+    err_status = code;
+    return code;
+}
+
+NEMO_API const char *nemo_last_error(void) { return err_msg[0] ? err_msg : "no error"; }
+NEMO_API int nemo_last_status(void) { return err_status; }
+NEMO_API void nemo_clear_error(void) { err_msg[0] = 0; err_status = 0; }
+NEMO_API int nemo_abi_version(void) { return NEMO_ABI_VERSION; }
+NEMO_API const char *nemo_version(void) { return "0.1.0"; }
+
+/* ==== Threads ==== */
+
+extern void openblas_set_num_threads(int) __attribute__((weak));
+
+NEMO_API int nemo_set_num_threads(int n) {
+    if (n < 1) return NEMO_ERR(NEMO_EINVAL, "set_num_threads: expected n >= 1, got %d", n);
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    if (openblas_set_num_threads) openblas_set_num_threads(n);
+    return 0;
+}
+
+NEMO_API int nemo_get_num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ==== dtypes ==== */
+
+static const char *dtype_names[NEMO_NDTYPE] = {
+    "float32", "float64", "bfloat16", "float16", "int64", "int32", "bool"};
+static const int dtype_sizes[NEMO_NDTYPE] = {4, 8, 2, 2, 8, 4, 1};
+
+NEMO_API const char *nemo_dtype_name(int dtype) {
+    return (dtype >= 0 && dtype < NEMO_NDTYPE) ? dtype_names[dtype] : "?";
+}
+NEMO_API int nemo_dtype_size(int dtype) {
+    return (dtype >= 0 && dtype < NEMO_NDTYPE) ? dtype_sizes[dtype] : 0;
+}
+NEMO_API int nemo_dtype_is_float(int dtype) { return dtype >= NEMO_F32 && dtype <= NEMO_F16; }
+
+NEMO_API int nemo_dtype_from_name(const char *name) {
+    static const struct { const char *name; int dtype; } alias[] = {
+        {"float32", NEMO_F32}, {"float", NEMO_F32}, {"fp32", NEMO_F32}, {"F32", NEMO_F32},
+        {"float64", NEMO_F64}, {"double", NEMO_F64}, {"fp64", NEMO_F64}, {"F64", NEMO_F64},
+        {"bfloat16", NEMO_BF16}, {"bf16", NEMO_BF16}, {"BF16", NEMO_BF16},
+        {"float16", NEMO_F16}, {"half", NEMO_F16}, {"fp16", NEMO_F16}, {"F16", NEMO_F16},
+        {"int64", NEMO_I64}, {"long", NEMO_I64}, {"I64", NEMO_I64},
+        {"int32", NEMO_I32}, {"int", NEMO_I32}, {"I32", NEMO_I32},
+        {"bool", NEMO_BOOL}, {"BOOL", NEMO_BOOL}};
+    if (!name) return -1;
+    if (!strncmp(name, "torch.", 6)) name += 6;
+    for (size_t i = 0; i < sizeof alias / sizeof alias[0]; i++)
+        if (!strcmp(alias[i].name, name)) return alias[i].dtype;
+    return -1;
+}
+
+int nemo_promote(int a, int b) {
+    if (a == b) return a;
+    int fa = nemo_dtype_is_float(a), fb = nemo_dtype_is_float(b);
+    if (fa && fb) {
+        if (a == NEMO_F64 || b == NEMO_F64) return NEMO_F64;
+        return NEMO_F32;   /* f32 with a half type, or bf16 with f16 */
+    }
+    if (fa) return a;
+    if (fb) return b;
+    if (a == NEMO_BOOL) return b;
+    if (b == NEMO_BOOL) return a;
+    return NEMO_I64;       /* i32 with i64 */
+}
+
+/* IEEE half <-> float, round to nearest even. */
+float nemo_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) u = sign;
+        else {   /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
+    else u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f; memcpy(&f, &u, 4); return f;
+}
+
+uint16_t nemo_f32_to_f16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);              /* NaN */
+    if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);             /* overflow -> inf */
+    if (abs < 0x38800000u) {                                                /* subnormal / zero */
+        if (abs < 0x33000000u) return (uint16_t)sign;
+        uint32_t e = abs >> 23, m = (abs & 0x7fffffu) | 0x800000u;
+        int shift = (int)(126 - e);   /* 113 + 13 - e, into a 10-bit subnormal mantissa */
+        uint32_t r = m >> (shift + 1), rem = m & ((1u << (shift + 1)) - 1), half = 1u << shift;
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = abs + 0xc8000fffu + ((abs >> 13) & 1u);   /* rebias exponent and round */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+/* ==== Devices and the CUDA plugin ==== */
+
+static pthread_once_t cuda_once = PTHREAD_ONCE_INIT;
+static const nemo_cuda_plugin *cuda;
+static char cuda_reason[512] = "not probed";
+static int cuda_count;
+
+static void cuda_load(void) {
+    const char *env = getenv("NEMO_CUDA_LIB");
+    void *h = NULL;
+    if (env && *env) h = dlopen(env, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {   /* beside libnemo.so */
+        Dl_info info;
+        if (dladdr((void *)&cuda_load, &info) && info.dli_fname) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s", info.dli_fname);
+            char *slash = strrchr(path, '/');
+            if (slash) {
+                snprintf(slash + 1, sizeof path - (size_t)(slash + 1 - path), "libnemo_cuda.so");
+                h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+            }
+        }
+    }
+    if (!h) h = dlopen("libnemo_cuda.so", RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *e = dlerror();
+        snprintf(cuda_reason, sizeof cuda_reason,
+                 "libnemo was built without CUDA or libnemo_cuda.so cannot be loaded (%s)",
+                 e ? e : "not found");
+        return;
+    }
+    const nemo_cuda_plugin *(*get)(void) =
+        (const nemo_cuda_plugin *(*)(void))dlsym(h, "nemo_cuda_plugin_get");
+    if (!get) { snprintf(cuda_reason, sizeof cuda_reason, "libnemo_cuda.so has no nemo_cuda_plugin_get"); return; }
+    const nemo_cuda_plugin *p = get();
+    if (!p || p->abi != NEMO_CUDA_PLUGIN_ABI) {
+        snprintf(cuda_reason, sizeof cuda_reason, "libnemo_cuda.so has plugin ABI %d, expected %d",
+                 p ? p->abi : -1, NEMO_CUDA_PLUGIN_ABI);
+        return;
+    }
+    int n = 0;
+    if (p->device_count(&n) < 0 || n <= 0) {
+        snprintf(cuda_reason, sizeof cuda_reason, "the CUDA runtime reports no device (%s)",
+                 p->error_text());
+        return;
+    }
+    cuda = p;
+    cuda_count = n;
+    p->register_kernels((void (*)(const char *, int, void (*)(void)))nemo_kernel_register);
+    cuda_reason[0] = 0;
+}
+
+NEMO_API int nemo_device_count(int devtype) {
+    if (devtype == NEMO_CPU) return 1;
+    if (devtype != NEMO_CUDA) return 0;
+    pthread_once(&cuda_once, cuda_load);
+    return cuda_count;
+}
+
+NEMO_API const char *nemo_cuda_unavailable_reason(void) {
+    pthread_once(&cuda_once, cuda_load);
+    return cuda ? NULL : cuda_reason;
+}
+
+int nemo_check_device(int devtype, int devindex) {
+    if (devtype == NEMO_CPU) {
+        if (devindex != 0) return NEMO_ERR(NEMO_EDEVICE, "device cpu:%d: only cpu:0 exists", devindex);
+        return 0;
+    }
+    if (devtype == NEMO_CUDA) {
+        int n = nemo_device_count(NEMO_CUDA);
+        if (n == 0) return NEMO_ERR(NEMO_EDEVICE, "no CUDA device: %s", cuda_reason);
+        if (devindex < 0 || devindex >= n)
+            return NEMO_ERR(NEMO_EDEVICE, "device cuda:%d does not exist (%d CUDA devices)", devindex, n);
+        return 0;
+    }
+    return NEMO_ERR(NEMO_EDEVICE, "unknown device type %d", devtype);
+}
+
+NEMO_API int nemo_device_synchronize(int devtype, int devindex) {
+    int rc = nemo_check_device(devtype, devindex);
+    if (rc < 0 || devtype == NEMO_CPU) return rc;
+    if (cuda->synchronize(devindex) < 0)
+        return NEMO_ERR(NEMO_ECUDA, "cuda synchronize: %s", cuda->error_text());
+    return 0;
+}
+
+int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex) {
+    if (!cuda) return NEMO_ERR(NEMO_EDEVICE, "no CUDA device: %s", cuda_reason);
+    if (cuda->memcpy(dst, src, n, kind, devindex) < 0)
+        return NEMO_ERR(NEMO_ECUDA, "cuda memcpy of %zu bytes: %s", n, cuda->error_text());
+    return 0;
+}
+
+/* ==== Kernel registry ==== */
+
+#define MAX_KERNELS 1024
+static struct { const char *name; nemo_kfn fn[NEMO_NDEVTYPE]; } kernels[MAX_KERNELS];
+static int nkernels;
+static pthread_mutex_t kernel_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn) {
+    if (devtype < 0 || devtype >= NEMO_NDEVTYPE) return;
+    pthread_mutex_lock(&kernel_lock);
+    int i;
+    for (i = 0; i < nkernels; i++) if (!strcmp(kernels[i].name, name)) break;
+    if (i == nkernels && nkernels < MAX_KERNELS) { kernels[i].name = name; nkernels++; }
+    if (i < MAX_KERNELS) kernels[i].fn[devtype] = fn;
+    pthread_mutex_unlock(&kernel_lock);
+}
+
+nemo_kfn nemo_kernel_get(const char *name, int devtype) {
+    for (int i = 0; i < nkernels; i++)
+        if (!strcmp(kernels[i].name, name)) {
+            if (devtype >= 0 && devtype < NEMO_NDEVTYPE && kernels[i].fn[devtype]) return kernels[i].fn[devtype];
+            break;
+        }
+    NEMO_ERR(NEMO_EUNSUPPORTED, "%s: no %s kernel", name, devtype == NEMO_CUDA ? "cuda" : "cpu");
+    return NULL;
+}
+
+/* ==== Allocation ==== */
+
+/* Per-device statistics. Index 0 is the CPU, 1 + i is cuda:i. */
+#define MAX_DEV 17
+static int64_t mem_cur[MAX_DEV], mem_peak[MAX_DEV], mem_cached[MAX_DEV];
+static pthread_mutex_t mem_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int dev_slot(int devtype, int devindex) {
+    int s = devtype == NEMO_CPU ? 0 : 1 + devindex;
+    return (s >= 0 && s < MAX_DEV) ? s : MAX_DEV - 1;
+}
+
+/* CPU block cache: blocks of at least CACHE_MIN bytes are kept on free and reused for a
+ * request of the same rounded size. A training step allocates the same sizes every iteration,
+ * and giving them back to the kernel makes every step fault and zero its pages again. */
+#define CACHE_MIN (1u << 20)
+#define CACHE_SLOTS 256
+static struct { void *p; size_t n; } cpu_cache[CACHE_SLOTS];
+static int cpu_ncache;
+
+static size_t round_size(size_t n) {
+    if (n < CACHE_MIN) return (n + 63) & ~(size_t)63;
+    /* 1/8 steps of the power of two below: at most 12.5% waste */
+    size_t p = 1; while (p * 2 <= n) p *= 2;
+    size_t step = p / 8;
+    return (n + step - 1) / step * step;
+}
+
+static void malloc_tune(void) {
+    /* Keep glibc from returning large blocks to the kernel on every free (see DESIGN.md). */
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+static pthread_once_t tune_once = PTHREAD_ONCE_INIT;
+
+void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
+    if (nemo_check_device(devtype, devindex) < 0) return NULL;
+    size_t n = round_size(nbytes ? nbytes : 1);
+    void *p = NULL;
+    int slot = dev_slot(devtype, devindex);
+    if (devtype == NEMO_CPU) {
+        pthread_once(&tune_once, malloc_tune);
+        if (n >= CACHE_MIN) {
+            pthread_mutex_lock(&mem_lock);
+            for (int i = 0; i < cpu_ncache; i++)
+                if (cpu_cache[i].n == n) {
+                    p = cpu_cache[i].p;
+                    cpu_cache[i] = cpu_cache[--cpu_ncache];
+                    mem_cached[0] -= (int64_t)n;
+                    break;
+                }
+            pthread_mutex_unlock(&mem_lock);
+        }
+        if (!p && posix_memalign(&p, 64, n) != 0) p = NULL;
+        if (!p) {
+            nemo_memory_empty_cache(NEMO_CPU, 0);
+            if (posix_memalign(&p, 64, n) != 0) p = NULL;
+        }
+        if (!p) { NEMO_ERR(NEMO_ENOMEM, "out of memory: cannot allocate %zu bytes on cpu", n); return NULL; }
+    } else {
+        if (cuda->malloc(devindex, n, &p) < 0) {
+            NEMO_ERR(NEMO_ENOMEM, "out of memory on cuda:%d allocating %zu bytes: %s", devindex, n,
+                     cuda->error_text());
+            return NULL;
+        }
+    }
+    pthread_mutex_lock(&mem_lock);
+    mem_cur[slot] += (int64_t)n;
+    if (mem_cur[slot] > mem_peak[slot]) mem_peak[slot] = mem_cur[slot];
+    pthread_mutex_unlock(&mem_lock);
+    return p;
+}
+
+void nemo_dev_free(int devtype, int devindex, void *p, size_t nbytes) {
+    if (!p) return;
+    size_t n = round_size(nbytes ? nbytes : 1);
+    int slot = dev_slot(devtype, devindex);
+    pthread_mutex_lock(&mem_lock);
+    mem_cur[slot] -= (int64_t)n;
+    if (devtype == NEMO_CPU && n >= CACHE_MIN && cpu_ncache < CACHE_SLOTS) {
+        cpu_cache[cpu_ncache].p = p; cpu_cache[cpu_ncache].n = n; cpu_ncache++;
+        mem_cached[0] += (int64_t)n;
+        p = NULL;
+    }
+    pthread_mutex_unlock(&mem_lock);
+    if (!p) return;
+    if (devtype == NEMO_CPU) free(p);
+    else if (cuda) cuda->free(devindex, p);
+}
+
+NEMO_API int64_t nemo_memory_current(int devtype, int devindex) { return mem_cur[dev_slot(devtype, devindex)]; }
+NEMO_API int64_t nemo_memory_peak(int devtype, int devindex) { return mem_peak[dev_slot(devtype, devindex)]; }
+NEMO_API int64_t nemo_memory_cached(int devtype, int devindex) { return mem_cached[dev_slot(devtype, devindex)]; }
+NEMO_API void nemo_memory_reset_peak(int devtype, int devindex) {
+    int s = dev_slot(devtype, devindex);
+    pthread_mutex_lock(&mem_lock);
+    mem_peak[s] = mem_cur[s];
+    pthread_mutex_unlock(&mem_lock);
+}
+NEMO_API void nemo_memory_empty_cache(int devtype, int devindex) {
+    NEMO_UNUSED(devindex);
+    if (devtype != NEMO_CPU) return;
+    pthread_mutex_lock(&mem_lock);
+    for (int i = 0; i < cpu_ncache; i++) free(cpu_cache[i].p);
+    cpu_ncache = 0;
+    mem_cached[0] = 0;
+    pthread_mutex_unlock(&mem_lock);
+}
+
+/* ==== Storages ==== */
+
+static void dev_free_fn(void *ctx, void *data, size_t nbytes) {
+    intptr_t dev = (intptr_t)ctx;
+    nemo_dev_free((int)(dev >> 16), (int)(dev & 0xffff), data, nbytes);
+}
+
+nemo_storage *nemo_storage_new(size_t nbytes, int devtype, int devindex) {
+    void *p = nemo_dev_alloc(devtype, devindex, nbytes);
+    if (!p) return NULL;
+    nemo_storage *s = nemo_storage_wrap(p, nbytes, devtype, devindex, dev_free_fn,
+                                        (void *)(((intptr_t)devtype << 16) | devindex));
+    if (!s) nemo_dev_free(devtype, devindex, p, nbytes);
+    return s;
+}
+
+NEMO_API nemo_storage *nemo_storage_wrap(void *data, size_t nbytes, int devtype, int devindex,
+                                         void (*free_fn)(void *, void *, size_t), void *ctx) {
+    nemo_storage *s = calloc(1, sizeof *s);
+    if (!s) { NEMO_ERR(NEMO_ENOMEM, "out of memory (storage header)"); return NULL; }
+    s->data = data; s->nbytes = nbytes; s->refcount = 1;
+    s->devtype = devtype; s->devindex = devindex; s->free_fn = free_fn; s->ctx = ctx;
+    return s;
+}
+
+NEMO_API void nemo_storage_retain(nemo_storage *s) { if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED); }
+
+NEMO_API void nemo_storage_release(nemo_storage *s) {
+    if (!s) return;
+    if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (s->free_fn) s->free_fn(s->ctx, s->data, s->nbytes);
+        free(s);
+    }
+}
+
+/* ==== Tensors ==== */
+
+static void contiguous_strides(int ndim, const int64_t *shape, int64_t *stride) {
+    int64_t st = 1;
+    for (int d = ndim - 1; d >= 0; d--) { stride[d] = st; st *= shape[d] > 0 ? shape[d] : 1; }
+}
+
+static int check_shape(const char *op, int ndim, const int64_t *shape) {
+    if (ndim < 0 || ndim > NEMO_MAXDIM)
+        return NEMO_ERR(NEMO_ESHAPE, "%s: %d dimensions, expected 0 to %d", op, ndim, NEMO_MAXDIM);
+    double n = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0)
+            return NEMO_ERR(NEMO_ESHAPE, "%s: negative size %lld in dimension %d", op, (long long)shape[d], d);
+        n *= (double)shape[d];
+    }
+    if (n > 9.0e18) return NEMO_ERR(NEMO_ESHAPE, "%s: %g elements is too many", op, n);
+    return 0;
+}
+
+NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
+    if (check_shape("empty", ndim, shape) < 0) return NULL;
+    if (dtype < 0 || dtype >= NEMO_NDTYPE) { NEMO_ERR(NEMO_EDTYPE, "empty: unknown dtype %d", dtype); return NULL; }
+    size_t nbytes = nemo_numel_of(ndim, shape) * (size_t)nemo_dtype_size(dtype);
+    nemo_storage *s = nemo_storage_new(nbytes, devtype, devindex);
+    if (!s) return NULL;
+    nemo_tensor *t = calloc(1, sizeof *t);
+    if (!t) { nemo_storage_release(s); NEMO_ERR(NEMO_ENOMEM, "out of memory (tensor header)"); return NULL; }
+    t->refcount = 1; t->dtype = dtype; t->devtype = devtype; t->devindex = devindex; t->ndim = ndim;
+    for (int d = 0; d < ndim; d++) t->shape[d] = shape[d];
+    contiguous_strides(ndim, shape, t->stride);
+    t->storage = s;
+    return t;
+}
+
+NEMO_API nemo_tensor *nemo_zeros(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
+    nemo_tensor *t = nemo_empty(ndim, shape, dtype, devtype, devindex);
+    if (t && nemo_fill_(t, 0.0) < 0) { nemo_tensor_release(t); return NULL; }
+    return t;
+}
+
+NEMO_API nemo_tensor *nemo_tensor_from_storage(nemo_storage *s, int dtype, int ndim, const int64_t *shape,
+                                               const int64_t *stride, int64_t offset) {
+    if (!s) { NEMO_ERR(NEMO_EINVAL, "tensor_from_storage: no storage"); return NULL; }
+    if (check_shape("view", ndim, shape) < 0) return NULL;
+    if (dtype < 0 || dtype >= NEMO_NDTYPE) { NEMO_ERR(NEMO_EDTYPE, "view: unknown dtype %d", dtype); return NULL; }
+    int64_t st[NEMO_MAXDIM];
+    if (!stride) { contiguous_strides(ndim, shape, st); stride = st; }
+    /* every element must lie inside the storage */
+    int64_t lo = offset, hi = offset, numel = 1;
+    for (int d = 0; d < ndim; d++) {
+        numel *= shape[d];
+        if (shape[d] == 0) continue;
+        if (stride[d] >= 0) hi += stride[d] * (shape[d] - 1); else lo += stride[d] * (shape[d] - 1);
+    }
+    int64_t cap = (int64_t)(s->nbytes / (size_t)nemo_dtype_size(dtype));
+    if (numel > 0 && (lo < 0 || hi >= cap)) {
+        NEMO_ERR(NEMO_ESHAPE, "view: elements [%lld, %lld] fall outside the storage of %lld elements",
+                 (long long)lo, (long long)hi, (long long)cap);
+        return NULL;
+    }
+    nemo_tensor *t = calloc(1, sizeof *t);
+    if (!t) { NEMO_ERR(NEMO_ENOMEM, "out of memory (tensor header)"); return NULL; }
+    t->refcount = 1; t->dtype = dtype; t->devtype = s->devtype; t->devindex = s->devindex; t->ndim = ndim;
+    for (int d = 0; d < ndim; d++) { t->shape[d] = shape[d]; t->stride[d] = stride[d]; }
+    t->offset = offset;
+    t->storage = s;
+    nemo_storage_retain(s);
+    return t;
+}
+
+NEMO_API void nemo_tensor_retain(nemo_tensor *t) { if (t) __atomic_add_fetch(&t->refcount, 1, __ATOMIC_RELAXED); }
+
+NEMO_API void nemo_tensor_release(nemo_tensor *t) {
+    if (!t) return;
+    if (__atomic_sub_fetch(&t->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+        nemo_storage_release(t->storage);
+        free(t);
+    }
+}
+
+NEMO_API nemo_tensor *nemo_tensor_view(const nemo_tensor *t, int ndim, const int64_t *shape,
+                                       const int64_t *stride, int64_t offset) {
+    nemo_tensor *v = nemo_tensor_from_storage(t->storage, t->dtype, ndim, shape, stride, offset);
+    return v;
+}
+
+NEMO_API nemo_tensor *nemo_tensor_alias(const nemo_tensor *t) {
+    return nemo_tensor_view(t, t->ndim, t->shape, t->stride, t->offset);
+}
+
+NEMO_API int64_t nemo_tensor_numel(const nemo_tensor *t) { return (int64_t)nemo_numel_of(t->ndim, t->shape); }
+
+NEMO_API int nemo_tensor_is_contiguous(const nemo_tensor *t) {
+    int64_t st = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        if (t->shape[d] != 1 && t->stride[d] != st) return 0;
+        st *= t->shape[d];
+    }
+    return 1;
+}
+
+NEMO_API void *nemo_tensor_data(const nemo_tensor *t) {
+    return (char *)t->storage->data + t->offset * nemo_dtype_size(t->dtype);
+}
+
+const char *nemo_shape_str_n(int ndim, const int64_t *shape, char *buf, size_t n) {
+    size_t k = 0;
+    k += (size_t)snprintf(buf + k, n - k, "(");
+    for (int d = 0; d < ndim && k < n; d++)
+        k += (size_t)snprintf(buf + k, n - k, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (k < n) snprintf(buf + k, n - k, ndim == 1 ? ",)" : ")");
+    return buf;
+}
+const char *nemo_shape_str(const nemo_tensor *t, char *buf, size_t n) {
+    return nemo_shape_str_n(t->ndim, t->shape, buf, n);
+}
+
+int nemo_check_same_device(const char *op, const nemo_tensor *a, const nemo_tensor *b) {
+    if (a->devtype != b->devtype || a->devindex != b->devindex)
+        return NEMO_ERR(NEMO_EDEVICE, "%s: tensors on different devices (%s:%d and %s:%d)", op,
+                        a->devtype ? "cuda" : "cpu", a->devindex, b->devtype ? "cuda" : "cpu", b->devindex);
+    return 0;
+}
+
+int nemo_broadcast_shapes(const char *op, int na, const int64_t *sa, int nb, const int64_t *sb, int64_t *out) {
+    int n = na > nb ? na : nb;
+    for (int i = 0; i < n; i++) {
+        int ia = na - n + i, ib = nb - n + i;
+        int64_t a = ia >= 0 ? sa[ia] : 1, b = ib >= 0 ? sb[ib] : 1;
+        if (a != b && a != 1 && b != 1) {
+            char ba[128], bb[128];
+            return NEMO_ERR(NEMO_ESHAPE, "%s: shapes %s and %s cannot be broadcast (dimension %d: %lld vs %lld)",
+                            op, nemo_shape_str_n(na, sa, ba, sizeof ba), nemo_shape_str_n(nb, sb, bb, sizeof bb),
+                            i, (long long)a, (long long)b);
+        }
+        out[i] = a == 1 ? b : a;
+    }
+    return n;
+}
+
+void nemo_broadcast_strides(const nemo_tensor *t, int ndim, const int64_t *shape, int64_t *stride) {
+    for (int i = 0; i < ndim; i++) {
+        int it = t->ndim - ndim + i;
+        stride[i] = (it >= 0 && t->shape[it] == shape[i]) ? t->stride[it] : 0;
+        if (it >= 0 && t->shape[it] == 1) stride[i] = 0;
+    }
+}
+
+/* ==== Strided iteration ==== */
+
+void nemo_iter_init(nemo_iter *it, int ndim, const int64_t *shape, int nops, const int64_t *const *strides) {
+    it->nops = nops;
+    int n = 0;
+    /* drop size-1 dims, then merge dim d into d+1 when contiguous for every operand */
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] == 1) continue;
+        it->shape[n] = shape[d];
+        for (int k = 0; k < nops; k++) it->stride[k][n] = strides[k][d];
+        n++;
+    }
+    int m = 0;
+    for (int d = 0; d < n; d++) {
+        if (m > 0) {
+            int ok = 1;
+            for (int k = 0; k < nops; k++)
+                if (it->stride[k][m - 1] != it->stride[k][d] * it->shape[d]) { ok = 0; break; }
+            if (ok) {
+                it->shape[m - 1] *= it->shape[d];
+                for (int k = 0; k < nops; k++) it->stride[k][m - 1] = it->stride[k][d];
+                continue;
+            }
+        }
+        it->shape[m] = it->shape[d];
+        for (int k = 0; k < nops; k++) it->stride[k][m] = it->stride[k][d];
+        m++;
+    }
+    if (m == 0) {   /* a scalar, or all dims of size 1 */
+        int empty = 0;
+        for (int d = 0; d < ndim; d++) if (shape[d] == 0) empty = 1;
+        it->shape[0] = empty ? 0 : 1;
+        for (int k = 0; k < nops; k++) it->stride[k][0] = 0;
+        m = 1;
+    }
+    it->ndim = m;
+    it->inner = it->shape[m - 1];
+    it->nrows = 1;
+    for (int d = 0; d < m - 1; d++) it->nrows *= it->shape[d];
+    if (it->inner == 0) it->nrows = 0;
+}
+
+/* ==== Copy and conversion ==== */
+
+/* Fast contiguous conversions on the hot path (parameters cast to bf16 and back). */
+static int convert_dense(void *dst, int ddt, const void *src, int sdt, int64_t n) {
+    if (ddt == sdt) { memcpy(dst, src, (size_t)n * (size_t)nemo_dtype_size(ddt)); return 1; }
+    if (ddt == NEMO_F32 && sdt == NEMO_BF16) {
+        float *d = dst; const uint16_t *s = src;
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) d[i] = nemo_bf16_to_f32(s[i]);
+        return 1;
+    }
+    if (ddt == NEMO_BF16 && sdt == NEMO_F32) {
+        uint16_t *d = dst; const float *s = src;
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) d[i] = nemo_f32_to_bf16(s[i]);
+        return 1;
+    }
+    if (ddt == NEMO_F64 && sdt == NEMO_F32) {
+        double *d = dst; const float *s = src;
+        for (int64_t i = 0; i < n; i++) d[i] = s[i];
+        return 1;
+    }
+    if (ddt == NEMO_F32 && sdt == NEMO_F64) {
+        float *d = dst; const double *s = src;
+        for (int64_t i = 0; i < n; i++) d[i] = (float)s[i];
+        return 1;
+    }
+    return 0;
+}
+
+static int copy_cpu(nemo_tensor *dst, const nemo_tensor *src, const int64_t *sstride) {
+    const int64_t *strides[2] = {dst->stride, sstride};
+    nemo_iter it;
+    nemo_iter_init(&it, dst->ndim, dst->shape, 2, strides);
+    int ddt = dst->dtype, sdt = src->dtype;
+    int dsz = nemo_dtype_size(ddt), ssz = nemo_dtype_size(sdt);
+    char *dp = nemo_tensor_data(dst);
+    const char *sp = nemo_tensor_data(src);
+    int64_t ds = nemo_iter_inner_stride(&it, 0), ss = nemo_iter_inner_stride(&it, 1);
+    if (it.nrows == 1 && ds == 1 && ss == 1 && convert_dense(dp, ddt, sp, sdt, it.inner)) return 0;
+    #pragma omp parallel for if (it.nrows * it.inner > NEMO_PAR_MIN)
+    for (int64_t r = 0; r < it.nrows; r++) {
+        int64_t off[2];
+        nemo_iter_row(&it, r, off);
+        char *d = dp + off[0] * dsz;
+        const char *s = sp + off[1] * ssz;
+        if (ds == 1 && ss == 1 && convert_dense(d, ddt, s, sdt, it.inner)) continue;
+        if (ddt == sdt && dsz == 4) {
+            for (int64_t i = 0; i < it.inner; i++) ((int32_t *)d)[i * ds] = ((const int32_t *)s)[i * ss];
+        } else if (ddt == sdt && dsz == 2) {
+            for (int64_t i = 0; i < it.inner; i++) ((int16_t *)d)[i * ds] = ((const int16_t *)s)[i * ss];
+        } else if (ddt == sdt && dsz == 8) {
+            for (int64_t i = 0; i < it.inner; i++) ((int64_t *)d)[i * ds] = ((const int64_t *)s)[i * ss];
+        } else {
+            for (int64_t i = 0; i < it.inner; i++)
+                nemo_store_f64(d + i * ds * dsz, ddt, nemo_load_f64(s + i * ss * ssz, sdt));
+        }
+    }
+    return 0;
+}
+
+NEMO_API int nemo_copy_(nemo_tensor *dst, const nemo_tensor *src) {
+    int rc = 0;
+    nemo_tensor *tmp = NULL, *tmp2 = NULL;
+    /* src broadcast to dst's shape */
+    int64_t bshape[NEMO_MAXDIM];
+    int n = nemo_broadcast_shapes("copy_", dst->ndim, dst->shape, src->ndim, src->shape, bshape);
+    if (n < 0) return n;
+    char b1[128], b2[128];
+    NEMO_CHECK(n == dst->ndim && !memcmp(bshape, dst->shape, sizeof(int64_t) * (size_t)n), NEMO_ESHAPE,
+               "copy_: source of shape %s does not fit destination of shape %s",
+               nemo_shape_str(src, b1, sizeof b1), nemo_shape_str(dst, b2, sizeof b2));
+    if (dst->devtype == NEMO_CPU && src->devtype == NEMO_CPU) {
+        int64_t sst[NEMO_MAXDIM];
+        nemo_broadcast_strides(src, dst->ndim, dst->shape, sst);
+        return copy_cpu(dst, src, sst);
+    }
+    /* Cross-device or device-to-device: bytes move contiguously in dst's dtype. */
+    if (dst->devtype == NEMO_CUDA) {
+        NEMO_TRY(nemo_check_device(NEMO_CUDA, dst->devindex));
+        NEMO_CHECK(nemo_tensor_is_contiguous(dst), NEMO_EUNSUPPORTED,
+                   "copy_: a non-contiguous cuda destination needs the strided cuda copy kernel");
+        if (src->devtype == NEMO_CPU) {
+            NEMO_TRYP(tmp, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CPU, 0));
+            NEMO_TRY(nemo_copy_(tmp, src));
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(tmp),
+                                     (size_t)nemo_tensor_numel(dst) * (size_t)nemo_dtype_size(dst->dtype), 0, dst->devindex));
+        } else {
+            NEMO_CHECK(src->dtype == dst->dtype && nemo_tensor_is_contiguous(src) && src->ndim == dst->ndim &&
+                       !memcmp(src->shape, dst->shape, sizeof(int64_t) * (size_t)src->ndim), NEMO_EUNSUPPORTED,
+                       "copy_: cuda to cuda copies with a dtype change or broadcast need a cuda copy kernel");
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(src),
+                                     (size_t)nemo_tensor_numel(dst) * (size_t)nemo_dtype_size(dst->dtype), 2, dst->devindex));
+        }
+    } else {   /* cuda -> cpu */
+        NEMO_TRY(nemo_check_device(NEMO_CUDA, src->devindex));
+        NEMO_CHECK(nemo_tensor_is_contiguous(src), NEMO_EUNSUPPORTED,
+                   "copy_: a non-contiguous cuda source needs the strided cuda copy kernel");
+        NEMO_TRYP(tmp, nemo_empty(src->ndim, src->shape, src->dtype, NEMO_CPU, 0));
+        NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(tmp), nemo_tensor_data(src),
+                                 (size_t)nemo_tensor_numel(src) * (size_t)nemo_dtype_size(src->dtype), 1, src->devindex));
+        NEMO_TRY(nemo_copy_(dst, tmp));
+    }
+fail:
+    nemo_tensor_release(tmp);
+    nemo_tensor_release(tmp2);
+    return rc;
+}
+
+NEMO_API nemo_tensor *nemo_to(const nemo_tensor *t, int dtype, int devtype, int devindex) {
+    if (t->dtype == dtype && t->devtype == devtype && t->devindex == devindex && nemo_tensor_is_contiguous(t)) {
+        nemo_tensor_retain((nemo_tensor *)t);
+        return (nemo_tensor *)t;
+    }
+    nemo_tensor *o = nemo_empty(t->ndim, t->shape, dtype, devtype, devindex);
+    if (!o) return NULL;
+    if (nemo_copy_(o, t) < 0) { nemo_tensor_release(o); return NULL; }
+    return o;
+}
+
+NEMO_API nemo_tensor *nemo_contiguous(const nemo_tensor *t) { return nemo_to(t, t->dtype, t->devtype, t->devindex); }
+
+NEMO_API nemo_tensor *nemo_clone(const nemo_tensor *t) {
+    nemo_tensor *o = nemo_empty(t->ndim, t->shape, t->dtype, t->devtype, t->devindex);
+    if (!o) return NULL;
+    if (nemo_copy_(o, t) < 0) { nemo_tensor_release(o); return NULL; }
+    return o;
+}
+
+nemo_tensor *nemo_prep(const nemo_tensor *t, int dt) { return nemo_to(t, dt, t->devtype, t->devindex); }
+
+NEMO_API int nemo_fill_(nemo_tensor *t, double value) {
+    int rc = 0;
+    nemo_tensor *one = NULL;
+    if (t->devtype != NEMO_CPU) {
+        /* fill a one-element CPU tensor and broadcast-copy is not possible across devices;
+         * fill on the host and upload */
+        NEMO_TRYP(one, nemo_empty(t->ndim, t->shape, t->dtype, NEMO_CPU, 0));
+        NEMO_TRY(nemo_fill_(one, value));
+        NEMO_TRY(nemo_copy_(t, one));
+        goto fail;
+    }
+    char val[8];
+    nemo_store_f64(val, t->dtype, value);
+    int sz = nemo_dtype_size(t->dtype);
+    const int64_t *strides[1] = {t->stride};
+    nemo_iter it;
+    nemo_iter_init(&it, t->ndim, t->shape, 1, strides);
+    char *base = nemo_tensor_data(t);
+    int64_t st = nemo_iter_inner_stride(&it, 0);
+    #pragma omp parallel for if (it.nrows * it.inner > NEMO_PAR_MIN)
+    for (int64_t r = 0; r < it.nrows; r++) {
+        int64_t off[1];
+        nemo_iter_row(&it, r, off);
+        char *p = base + off[0] * sz;
+        if (sz == 4) { int32_t v; memcpy(&v, val, 4); for (int64_t i = 0; i < it.inner; i++) ((int32_t *)p)[i * st] = v; }
+        else if (sz == 8) { int64_t v; memcpy(&v, val, 8); for (int64_t i = 0; i < it.inner; i++) ((int64_t *)p)[i * st] = v; }
+        else if (sz == 2) { int16_t v; memcpy(&v, val, 2); for (int64_t i = 0; i < it.inner; i++) ((int16_t *)p)[i * st] = v; }
+        else { for (int64_t i = 0; i < it.inner; i++) p[i * st] = val[0]; }
+    }
+fail:
+    nemo_tensor_release(one);
+    return rc;
+}
+
+static int64_t flat_offset(const nemo_tensor *t, int64_t i) {
+    int64_t off = t->offset;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        int64_t k = i % t->shape[d]; i /= t->shape[d];
+        off += k * t->stride[d];
+    }
+    return off;
+}
+
+NEMO_API int nemo_get_flat(const nemo_tensor *t, int64_t i, double *out) {
+    int rc = 0;
+    nemo_tensor *h = NULL;
+    int64_t n = nemo_tensor_numel(t);
+    NEMO_CHECK(i >= 0 && i < n, NEMO_EINVAL, "element %lld out of range for a tensor of %lld elements",
+               (long long)i, (long long)n);
+    if (t->devtype != NEMO_CPU) {
+        NEMO_TRYP(h, nemo_to(t, t->dtype, NEMO_CPU, 0));
+        t = h;
+    }
+    *out = nemo_load_f64((const char *)t->storage->data + flat_offset(t, i) * nemo_dtype_size(t->dtype), t->dtype);
+fail:
+    nemo_tensor_release(h);
+    return rc;
+}
+
+NEMO_API int nemo_read_f64(const nemo_tensor *t, double *out) {
+    int rc = 0;
+    nemo_tensor *h = NULL;
+    NEMO_TRYP(h, nemo_to(t, NEMO_F64, NEMO_CPU, 0));
+    memcpy(out, nemo_tensor_data(h), (size_t)nemo_tensor_numel(h) * sizeof(double));
+fail:
+    nemo_tensor_release(h);
+    return rc;
+}
+
+NEMO_API int nemo_write_f64(nemo_tensor *t, const double *in) {
+    int rc = 0;
+    nemo_storage *s = NULL;
+    nemo_tensor *src = NULL;
+    NEMO_TRYP(s, nemo_storage_wrap((void *)in, (size_t)nemo_tensor_numel(t) * sizeof(double), NEMO_CPU, 0, NULL, NULL));
+    NEMO_TRYP(src, nemo_tensor_from_storage(s, NEMO_F64, t->ndim, t->shape, NULL, 0));
+    NEMO_TRY(nemo_copy_(t, src));
+fail:
+    nemo_tensor_release(src);
+    nemo_storage_release(s);
+    return rc;
+}
+
+NEMO_API nemo_tensor *nemo_arange(double start, double step, int64_t n, int dtype, int devtype, int devindex) {
+    if (n < 0) { NEMO_ERR(NEMO_EINVAL, "arange: negative length %lld", (long long)n); return NULL; }
+    nemo_tensor *h = nemo_empty(1, &n, dtype, NEMO_CPU, 0);
+    if (!h) return NULL;
+    char *p = nemo_tensor_data(h);
+    int sz = nemo_dtype_size(dtype);
+    for (int64_t i = 0; i < n; i++) nemo_store_f64(p + i * sz, dtype, start + (double)i * step);
+    if (devtype == NEMO_CPU) return h;
+    nemo_tensor *o = nemo_to(h, dtype, devtype, devindex);
+    nemo_tensor_release(h);
+    return o;
+}
+
+NEMO_API nemo_tensor *nemo_linspace(double a, double b, int64_t n, int dtype, int devtype, int devindex) {
+    if (n < 0) { NEMO_ERR(NEMO_EINVAL, "linspace: negative steps %lld", (long long)n); return NULL; }
+    nemo_tensor *h = nemo_empty(1, &n, dtype, NEMO_CPU, 0);
+    if (!h) return NULL;
+    char *p = nemo_tensor_data(h);
+    int sz = nemo_dtype_size(dtype);
+    double step = n > 1 ? (b - a) / (double)(n - 1) : 0.0;
+    /* as torch: the first half counts up from a, the second half down from b */
+    for (int64_t i = 0; i < n; i++)
+        nemo_store_f64(p + i * sz, dtype, i < n / 2 ? a + step * (double)i : b - step * (double)(n - 1 - i));
+    if (devtype == NEMO_CPU) return h;
+    nemo_tensor *o = nemo_to(h, dtype, devtype, devindex);
+    nemo_tensor_release(h);
+    return o;
+}

@@ -1,0 +1,1 @@
+/* nemo_linalg.h: (filled by its op family) */

@@ -1,0 +1,1 @@
+/* nemo_nnops.h: (filled by its op family) */

@@ -1,0 +1,1 @@
+/* nemo_reduce.h: (filled by its op family) */

@@ -1,0 +1,1 @@
+/* nemo_shape.h: (filled by its op family) */

@@ -1,0 +1,82 @@
+-- tests/lua/tap.lua: TAP output for Lua tests, run under prove.
+--   local T = require "tap"      (tests put tests/lua on package.path via the first line below)
+--   T.plan(n) or T.done() at the end (prints the plan then); T.ok(cond, name); T.is(a, b, name);
+--   T.near(a, b, tol, name) for numbers; T.raises(fn, pattern, name) checks an error message;
+--   T.close(t, ref, rtol, atol, name) compares two tensors (or a tensor and a Lua table) by
+--   max|a-ref| <= rtol*max|ref| + atol and prints the numbers.
+-- Accidental globals make the test fail (luafun's rule).
+local T = {}
+local n, failed, planned = 0, 0, nil
+
+local function report(ok, name, diag)
+    n = n + 1
+    if not ok then failed = failed + 1 end
+    io.write(ok and "ok " or "not ok ", n, " - ", (tostring(name or ""):gsub("\n", " ")), "\n")
+    if diag and not ok then
+        for line in tostring(diag):gmatch("[^\n]+") do io.write("# ", line, "\n") end
+    end
+    io.flush()
+    return ok
+end
+
+function T.plan(k) planned = k; io.write("1..", k, "\n") end
+function T.ok(cond, name, diag) return report(not not cond, name, diag) end
+function T.is(a, b, name)
+    return report(a == b, name, string.format("got:      %s\nexpected: %s", tostring(a), tostring(b)))
+end
+function T.near(a, b, tol, name)
+    local d = math.abs(a - b)
+    return report(d <= tol, string.format("%s: |%.9g - %.9g| = %.3g <= %.3g", name or "near", a, b, d, tol))
+end
+function T.raises(fn, pattern, name)
+    local ok, err = pcall(fn)
+    if ok then return report(false, name, "no error raised") end
+    err = tostring(err)
+    local hit = (pattern == nil) or err:find(pattern, 1, false) ~= nil or err:find(pattern, 1, true) ~= nil
+    return report(hit, name, "error was: " .. err .. "\nexpected pattern: " .. tostring(pattern))
+end
+function T.skip(name, why) n = n + 1; io.write("ok ", n, " - ", name, " # SKIP ", why, "\n") end
+function T.diag(msg) for line in tostring(msg):gmatch("[^\n]+") do io.write("# ", line, "\n") end end
+
+local function flat(x)
+    if type(x) == "number" then return {x} end
+    if type(x) == "table" and x._c == nil then
+        local out = {}
+        local function walk(v) if type(v) == "table" then for _, u in ipairs(v) do walk(u) end else out[#out + 1] = v end end
+        walk(x)
+        return out
+    end
+    -- a nemo tensor
+    local l = x:double():contiguous():reshape{-1}:tolist()
+    return l
+end
+
+-- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values.
+function T.close(a, ref, rtol, atol, name)
+    atol = atol or 0
+    local fa, fr = flat(a), flat(ref)
+    if #fa ~= #fr then
+        return report(false, name, string.format("sizes differ: %d vs %d elements", #fa, #fr))
+    end
+    local maxd, maxr = 0, 0
+    for i = 1, #fr do
+        local d = math.abs(fa[i] - fr[i])
+        if d ~= d then maxd = math.huge end
+        if d > maxd then maxd = d end
+        if math.abs(fr[i]) > maxr then maxr = math.abs(fr[i]) end
+    end
+    local tol = rtol * maxr + atol
+    return report(maxd <= tol, string.format("%s: max_abs %.3g <= %.3g (rtol %.1g * %.3g + atol %.1g)",
+        name or "close", maxd, tol, rtol, maxr, atol))
+end
+
+function T.done()
+    if planned == nil then io.write("1..", n, "\n") end
+    if failed > 0 then io.stderr:write(string.format("# %d of %d tests failed\n", failed, n)) end
+    os.exit(failed == 0 and (planned == nil or planned == n) and 0 or 1)
+end
+
+-- fail on accidental globals
+setmetatable(_G, {__newindex = function(_, k) error("test created a global: " .. tostring(k), 2) end})
+
+return T
