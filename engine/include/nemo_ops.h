@@ -9,5 +9,6 @@
 #include "nemo_linalg.h"
 #include "nemo_nnops.h"
 #include "nemo_shape.h"
+#include "nemo_conv.h"
 #include "nemo_safetensors.h"
 #endif

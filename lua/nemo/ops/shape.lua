@@ -426,6 +426,9 @@ function methods.__getitem(t, key)
     local n = t._c.ndim
     local count = 0
     for _, k in ipairs(key) do if k ~= "..." and k ~= "none" then count = count + 1 end end
+    if count > n then
+        error(string.format("index: too many indices (%d) for a tensor of %d dimensions", count, n), 3)
+    end
     local out, dim = t, 0
     for _, k in ipairs(key) do
         if k == "..." then

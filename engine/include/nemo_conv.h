@@ -1,0 +1,1 @@
+/* nemo_conv.h: (filled by its op family) */
