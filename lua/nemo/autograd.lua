@@ -33,6 +33,10 @@ function M.no_grad(fn, ...) return with_grad_mode(false, fn, ...) end
 function M.enable_grad(fn, ...) return with_grad_mode(true, fn, ...) end
 
 local Tensor   -- set by tensor.lua (avoids a require cycle)
+-- Nodes are numbered as they are created; backward runs them from the newest to the oldest
+-- (a valid reverse topological order, as in PyTorch), so a recomputed segment of the graph
+-- (gradient checkpointing) runs its nodes in the same relative order as the original did.
+local seq = 0
 function M._set_tensor_class(cls) Tensor = cls end
 
 -- Make a node for an op with inputs ... and output `out` when any input requires grad and grad
@@ -57,7 +61,8 @@ function M.node(name, bw, out, ...)
             need[i] = false
         end
     end
-    local node = {name = name, bw = bw, next = nxt, need = need, nin = n}
+    seq = seq + 1
+    local node = {name = name, bw = bw, next = nxt, need = need, nin = n, seq = seq}
     if out then
         out.requires_grad = true
         out.grad_fn = node
@@ -89,10 +94,14 @@ end
 
 -- Accumulate a gradient into a leaf's .grad. g may be shared with other consumers, so the
 -- first gradient is copied (unless the caller owns it) and later ones are added in place.
+local Contributions = {}
+
 local function accumulate_leaf(leaf, g, owned)
     if g.dtype ~= leaf.dtype then g = g:to{dtype = leaf.dtype}; owned = true end
     -- a view of another gradient is not ours to add into, whatever the caller thinks
     owned = owned and g._c.storage.refcount == 1 and g._c.refcount == 1
+    local sink = rawget(leaf, "_sink")
+    if sink then sink[#sink + 1] = owned and g or g:clone(); return end
     local cur = rawget(leaf, "grad")
     if cur == nil then
         if not owned or not g:is_contiguous() then g = g:clone() end
@@ -110,34 +119,24 @@ end
 
 local function add_grads(a, b) return Tensor.wrap(C.nemo_binary(a._c, b._c, C.NEMO_BOP_ADD, 1.0, -1)) end
 
--- Reverse topological order of the nodes reachable from root.
+-- The nodes reachable from root, oldest first (backward walks the list from the end).
+local function by_seq(a, b) return a.seq < b.seq end
 local function toposort(root)
-    local order, seen = {}, {[root] = true}
-    local stack, idx = {root}, {1}
-    while #stack > 0 do
-        local top = #stack
-        local node, i = stack[top], idx[top]
+    local order, seen = {root}, {[root] = true}
+    local i = 1
+    while i <= #order do
+        local node = order[i]
         local nxt = node.next
-        local pushed = false
-        while i <= node.nin do
-            local e = nxt[i]
-            i = i + 1
+        for k = 1, node.nin do
+            local e = nxt[k]
             if e and e.bw and not seen[e] then
                 seen[e] = true
-                idx[top] = i
-                stack[top + 1] = e
-                idx[top + 1] = 1
-                pushed = true
-                break
+                order[#order + 1] = e
             end
         end
-        if not pushed then
-            order[#order + 1] = node
-            stack[top] = nil
-            idx[top] = nil
-        end
+        i = i + 1
     end
-    -- order is post-order (inputs before consumers); backward runs it from the end
+    table.sort(order, by_seq)
     return order
 end
 
@@ -177,7 +176,12 @@ function M.backward(root, grad)
                 for i = 1, node.nin do
                     local gi = outs[i]
                     local e = nxt[i]
-                    if gi ~= nil and e then
+                    -- a backward may hand several contributions for one input, to be added in
+                    -- order (checkpointed segments do, so sums associate as without them)
+                    local list
+                    if gi ~= nil and getmetatable(gi) == Contributions then list = gi; gi = list[1] end
+                    local k = 1
+                    while gi ~= nil and e do
                         if e.bw then
                             local cur = grads[e]
                             if cur then
@@ -197,6 +201,8 @@ function M.backward(root, grad)
                             end
                             accumulate_leaf(e, gi, not shared)
                         end
+                        k = k + 1
+                        gi = list and list[k] or nil
                     end
                 end
                 drop(g)
@@ -208,6 +214,95 @@ function M.backward(root, grad)
     end)
     grad_enabled = prev
     if not ok then error(err, 0) end
+end
+
+-- ==== Gradient checkpointing ====
+-- checkpoint(fn, ...) runs fn(...) without keeping its activations; backward runs fn again with
+-- grad on (same RNG state) and backpropagates through the recomputed segment. fn returns a
+-- tensor or a list of tensors. Parameters used inside fn receive their gradients during that
+-- recomputation; gradients of the tensor arguments are handed to the outer graph one
+-- contribution at a time, so the sums associate exactly as without checkpointing (bitwise
+-- equal gradients on CPU).
+local function flatten_outputs(outs)
+    local flat = {}
+    for i, o in ipairs(outs) do flat[i] = o:reshape(-1) end
+    return #flat == 1 and flat[1] or require("nemo.functional").cat(flat, 0)
+end
+
+local function checkpoint_bw(node, g)
+    local args, n = {}, node.nargs
+    local sinks = {}
+    for i = 1, n do
+        local a = node.args[i]
+        if node.is_tensor[i] then
+            local d = a:detach()
+            if node.need[i] then
+                d.requires_grad = true
+                sinks[i] = {}
+                rawset(d, "_sink", sinks[i])
+            end
+            args[i] = d
+        else
+            args[i] = a
+        end
+    end
+    local gen = node.generator
+    local saved_state = gen and gen:get_state()
+    if gen then gen:set_state(node.rng_state) end
+    local prev = grad_enabled
+    grad_enabled = true
+    local ok, res = pcall(node.fn, unpack(args, 1, n))
+    if ok then
+        local outs = Tensor.is_tensor(res) and {res} or res
+        ok, res = pcall(flatten_outputs, outs)
+    end
+    grad_enabled = prev
+    if gen then gen:set_state(saved_state) end
+    if not ok then error(res, 0) end
+    if res.requires_grad then M.backward(res, g) end
+    local grads = {}
+    for i = 1, n do
+        local s = sinks[i]
+        if s and #s > 0 then grads[i] = setmetatable(s, Contributions) end
+    end
+    return unpack(grads, 1, n)
+end
+
+function M.checkpoint(fn, ...)
+    if not grad_enabled then return fn(...) end
+    local n = select("#", ...)
+    local args, is_t = {...}, {}
+    for i = 1, n do is_t[i] = Tensor.is_tensor(args[i]) end
+    local gen = Tensor.default_generator
+    local rng_state = gen:get_state()
+    local res = M.no_grad(fn, ...)
+    local single = Tensor.is_tensor(res)
+    local outs = single and {res} or res
+    local buf = flatten_outputs(outs)
+    if buf._c.storage == outs[1]._c.storage and #outs == 1 then buf = buf:clone() end
+    -- the node: inputs are the tensor arguments; it always records, since parameters used
+    -- inside fn may require grad even when no argument does
+    seq = seq + 1
+    local nxt, need = {}, {}
+    for i = 1, n do
+        local a = args[i]
+        if is_t[i] and a.requires_grad then nxt[i] = a.grad_fn or a; need[i] = true
+        else nxt[i] = false; need[i] = false end
+    end
+    local node = {name = "checkpoint", bw = checkpoint_bw, next = nxt, need = need, nin = n, seq = seq,
+                  fn = fn, nargs = n, is_tensor = is_t, generator = gen, rng_state = rng_state, args = {}}
+    for i = 1, n do node.args[i] = is_t[i] and M.save(node, args[i]) or args[i] end
+    buf.requires_grad = true
+    buf.grad_fn = node
+    -- hand back views of the buffer with the outputs' shapes
+    local views, off = {}, 0
+    for i, o in ipairs(outs) do
+        local k = o:numel()
+        views[i] = buf:narrow(0, off, k):view(o.shape)
+        off = off + k
+    end
+    if single then return views[1] end
+    return views
 end
 
 return M
