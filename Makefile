@@ -27,7 +27,7 @@ SANITIZE := -fsanitize=address,undefined
 OPT     := $(if $(filter 1,$(DEBUG)),-O0 -g $(SANITIZE),-O3 -g $(if $(filter 1,$(PORTABLE)),,-march=native))
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter $(if $(filter 1,$(WERROR)),-Werror)
 NEMO_CFLAGS := -std=gnu11 $(OPT) $(WARN) -fPIC -fvisibility=hidden -fopenmp -Iengine/include -Iengine -MMD -MP
-LDLIBS_NEMO := -lopenblas -lm -ldl -lpthread -fopenmp
+LDLIBS_NEMO := -lopenblas -lyaml -lm -ldl -lpthread -fopenmp
 
 # ==== INSTALL LOCATIONS (luarocks passes these) ====
 PREFIX  ?= /usr/local
@@ -97,8 +97,9 @@ build/tests/%: tests/c/%.c $(LIBNEMO)
 	@mkdir -p $(dir $@)
 	$(CC) $(NEMO_CFLAGS) -Itests -o $@ $< -Lbuild -lnemo -Wl,-rpath,'$$ORIGIN/..' -lm
 
+# One prove run over the C test binaries, the Lua tests (run by ./nemo-lua) and the shell tests.
 test-only: $(TESTS_C)
-	prove -f $(TESTS_C) $(if $(wildcard tests/lua/test_*.lua),--exec ./nemo-lua $(wildcard tests/lua/test_*.lua)) $(if $(wildcard tests/sh/*.sh),--exec bash $(wildcard tests/sh/*.sh))
+	prove -f --exec tests/run-one $(TESTS_C) $(wildcard tests/lua/test_*.lua) $(wildcard tests/sh/*.sh)
 
 bench: all
 	./nemo-lua bench/ops.lua

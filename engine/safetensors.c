@@ -128,7 +128,7 @@ typedef struct {
 
 static int jfail(jparser *J, const char *what) {
     if (!J->err[0])
-        snprintf(J->err, sizeof J->err, "invalid JSON at byte %zu of the header: %s",
+        snprintf(J->err, sizeof J->err, "invalid JSON at byte %zu: %s",
                  (size_t)(J->p - J->begin), what);
     return -1;
 }
@@ -630,7 +630,7 @@ NEMO_API nemo_st_file *nemo_st_open(const char *path) {
     uint64_t data_len = size - f->data_start;
 
     int root = jparse(&J, (const char *)f->map + 8, (size_t)hlen);
-    if (root < 0) { NEMO_ERR(NEMO_EFORMAT, "safetensors: '%s': %s", path, J.err); goto fail; }
+    if (root < 0) { NEMO_ERR(NEMO_EFORMAT, "safetensors: '%s': header: %s", path, J.err); goto fail; }
     const jnode *r = &J.nodes[root];
     if (r->type != J_OBJ) {
         NEMO_ERR(NEMO_EFORMAT, "safetensors: '%s': the header is %s, expected a JSON object", path, jtype_name[r->type]);

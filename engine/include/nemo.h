@@ -204,6 +204,12 @@ NEMO_API nemo_tensor *nemo_where(const nemo_tensor *cond, const nemo_tensor *a, 
  * broadcast. Accumulates in float64; deterministic. */
 NEMO_API nemo_tensor *nemo_sum_to(const nemo_tensor *x, int ndim, const int64_t *shape);
 
+/* ==== Config files ==== */
+/* YAML text -> JSON text (typed scalars, anchors, merge keys; see engine/yaml.c). Returns a
+ * malloc'd string to give back with nemo_free, or NULL with an error naming `name` and the line. */
+NEMO_API char *nemo_yaml_to_json(const char *text, size_t len, const char *name);
+NEMO_API void nemo_free(void *p);
+
 /* Everything the op families declare lives in their own headers, pulled in here so that the
  * one ffi.cdef sees all of it. */
 #include "nemo_ops.h"

@@ -73,6 +73,7 @@ if st then
     nemo.safetensors = st
     nemo.load_file, nemo.safe_open, nemo.save_file = st.load_file, st.safe_open, st.save_file
 end
+nemo.yaml = require "nemo.yaml"
 nemo.nn = optional "nemo.nn"
 if nemo.nn then nemo.nn.functional = F else nemo.nn = {functional = F} end
 
