@@ -60,7 +60,7 @@ $(LIBNEMO): $(OBJ)
 # The CUDA plugin: compiled whenever nvcc exists, loaded by libnemo only when CUDA is asked for.
 build/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iengine/include -Iengine -c $< -o $@
+	$(NVCC) -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -MMD -MP -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wshadow $(if $(filter 1,$(WERROR)),-Werror all-warnings) -Iengine/include -Iengine -c $< -o $@
 
 build/libnemo_cuda.so: $(CU_OBJ)
 	$(CC) -shared -o $@ $(CU_OBJ) -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas -lstdc++
@@ -118,4 +118,4 @@ print-config:
 clean:
 	rm -rf build nemo-lua $(CDEF)
 
--include $(OBJ:.o=.d) build/obj/engine/main.d
+-include $(OBJ:.o=.d) $(CU_OBJ:.o=.d) build/obj/engine/main.d

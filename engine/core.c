@@ -229,6 +229,8 @@ NEMO_API int nemo_device_synchronize(int devtype, int devindex) {
     return 0;
 }
 
+const char *nemo_cuda_error_text(void) { return cuda ? cuda->error_text() : cuda_reason; }
+
 int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex) {
     if (!cuda) return NEMO_ERR(NEMO_EDEVICE, "no CUDA device: %s", cuda_reason);
     if (cuda->memcpy(dst, src, n, kind, devindex) < 0)
@@ -731,13 +733,12 @@ nemo_tensor *nemo_prep(const nemo_tensor *t, int dt) { return nemo_to(t, dt, t->
 
 NEMO_API int nemo_fill_(nemo_tensor *t, double value) {
     int rc = 0;
-    nemo_tensor *one = NULL;
     if (t->devtype != NEMO_CPU) {
-        /* fill a one-element CPU tensor and broadcast-copy is not possible across devices;
-         * fill on the host and upload */
-        NEMO_TRYP(one, nemo_empty(t->ndim, t->shape, t->dtype, NEMO_CPU, 0));
-        NEMO_TRY(nemo_fill_(one, value));
-        NEMO_TRY(nemo_copy_(t, one));
+        int (*k)(nemo_tensor *, double);
+        NEMO_TRY(nemo_check_device(t->devtype, t->devindex));
+        NEMO_GET_KERNEL(k, int (*)(nemo_tensor *, double), "fill", NEMO_CUDA);
+        rc = k(t, value);
+        if (rc < 0) rc = NEMO_ERR(rc, "fill_ on cuda:%d: %s", t->devindex, nemo_cuda_error_text());
         goto fail;
     }
     char val[8];
@@ -759,7 +760,6 @@ NEMO_API int nemo_fill_(nemo_tensor *t, double value) {
         else { for (int64_t i = 0; i < it.inner; i++) p[i * st] = val[0]; }
     }
 fail:
-    nemo_tensor_release(one);
     return rc;
 }
 

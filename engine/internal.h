@@ -143,6 +143,8 @@ nemo_storage *nemo_storage_new(size_t nbytes, int devtype, int devindex);
 /* Device memcpy through the CUDA plugin; kind 0 h2d, 1 d2h, 2 d2d. */
 int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex);
 int nemo_check_device(int devtype, int devindex);
+/* The CUDA library's text for the last failure (or why CUDA is unavailable). */
+const char *nemo_cuda_error_text(void);
 
 /* ==== Threads ==== */
 /* Elements above which an elementwise loop runs on the thread pool. */

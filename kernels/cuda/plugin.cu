@@ -93,9 +93,10 @@ static int p_free(int dev, void *p) {
     return 0;
 }
 
-/* kind: 0 host to device, 1 device to host, 2 device to device. Host <-> device copies are
- * synchronous with the host (the source may be pageable memory that the caller frees next);
- * device to device uses cudaMemcpyDefault so that a copy between two GPUs works through UVA. */
+/* kind: 0 host to device, 1 device to host, 2 device to device. cudaMemcpy on the legacy
+ * stream: when it returns, a host source may be reused or freed and a host destination holds
+ * the data, and it is ordered after every kernel queued before it. Device to device uses
+ * cudaMemcpyDefault so that a copy between two GPUs works through UVA. */
 static int p_memcpy(void *dst, const void *src, size_t nbytes, int kind, int dev) {
     static const cudaMemcpyKind kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
                                             cudaMemcpyDefault};

@@ -103,6 +103,9 @@ function M.set_device(d)
     current = existing_device(d, "cuda.set_device")
 end
 
+-- The current index without any check (for tensor.lua to resolve a bare "cuda"); never raises.
+function M._current_index() return current end
+
 -- "cuda:N" for the current device (or index i).
 function M.device(i)
     return "cuda:" .. existing_device(i, "cuda.device")

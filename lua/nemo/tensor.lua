@@ -78,7 +78,10 @@ local function parse_device(d, what)
     if d == nil then return nil end
     if type(d) ~= "string" then error((what or "device") .. ": expected a string like 'cpu' or 'cuda:0', got " .. type(d), 3) end
     if d == "cpu" or d == "cpu:0" then return 0, 0 end
-    if d == "cuda" then return 1, 0 end
+    if d == "cuda" then
+        local ok, cuda = pcall(require, "nemo.cuda")
+        return 1, (ok and cuda._current_index) and cuda._current_index() or 0
+    end
     local idx = d:match("^cuda:(%d+)$")
     if idx then return 1, tonumber(idx) end
     error(string.format("%s: unknown device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", what or "device", d), 3)

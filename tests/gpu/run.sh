@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh: the GPU checks, for a machine with an NVIDIA GPU (never part of `make test`).
+# Builds everything (the CUDA plugin included), then runs:
+#   tests/lua/test_cuda.lua   the device layer (nemo.cuda, plugin table) in its "GPU present" branch
+#   tests/gpu/check_ops.lua   every CUDA kernel and copy path against the CPU, bit for bit, with a
+#                             summary table and bandwidth figures
+# Exits non-zero when the build or any check fails, and when no GPU is usable.
+#   JOBS=16 (make -j), SKIP_BUILD=1 (use the build that is there).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | sed 's/^/# gpu /'
+else
+    echo "# nvidia-smi not found"
+fi
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    start=$(date +%s)
+    if ! make -j"${JOBS:-16}" all; then echo "Bail out! make all failed"; exit 1; fi
+    echo "# build: $(( $(date +%s) - start )) s"
+fi
+if [ ! -f build/libnemo_cuda.so ]; then echo "Bail out! build/libnemo_cuda.so was not built (no nvcc?)"; exit 1; fi
+
+# ./nemo-lua when it exists; plain luajit with the build tree's paths otherwise.
+if [ -x ./nemo-lua ]; then
+    RUN=(./nemo-lua)
+else
+    RUN=(env NEMO_LIB=build/libnemo.so "LUA_PATH=lua/?.lua;lua/?/init.lua;;" luajit)
+fi
+
+status=0
+for t in tests/lua/test_cuda.lua tests/gpu/check_ops.lua; do
+    echo "# ==== $t"
+    NEMO_EXPECT_CUDA=1 "${RUN[@]}" "$t"
+    rc=$?
+    if [ $rc -ne 0 ]; then echo "# FAILED: $t (exit $rc)"; status=1; fi
+done
+
+if [ $status -eq 0 ]; then echo "# all GPU checks passed"; else echo "# some GPU checks FAILED"; fi
+exit $status
