@@ -210,6 +210,16 @@ NEMO_API nemo_tensor *nemo_sum_to(const nemo_tensor *x, int ndim, const int64_t 
 NEMO_API char *nemo_yaml_to_json(const char *text, size_t len, const char *name);
 NEMO_API void nemo_free(void *p);
 
+/* ==== Files and folders (engine/fs.c) ==== */
+NEMO_API int nemo_fs_kind(const char *path);                 /* 0 missing, 1 file, 2 folder */
+NEMO_API int64_t nemo_fs_size(const char *path);
+NEMO_API char *nemo_fs_list(const char *path);               /* names separated by '\n'; nemo_free */
+NEMO_API int nemo_fs_mkdirs(const char *path);
+NEMO_API int nemo_fs_copy_file(const char *src, const char *dst);
+NEMO_API int nemo_fs_rename(const char *src, const char *dst);
+NEMO_API int nemo_fs_remove_tree(const char *path);
+NEMO_API int nemo_fs_sync_dir(const char *path);
+
 /* Everything the op families declare lives in their own headers, pulled in here so that the
  * one ffi.cdef sees all of it. */
 #include "nemo_ops.h"
