@@ -210,6 +210,14 @@ NEMO_API nemo_tensor *nemo_sum_to(const nemo_tensor *x, int ndim, const int64_t 
 NEMO_API char *nemo_yaml_to_json(const char *text, size_t len, const char *name);
 NEMO_API void nemo_free(void *p);
 
+/* ==== Optimizers (engine/optim.c) ==== */
+/* One AdamW step in place on p, with state m (exp_avg) and v (exp_avg_sq) in p's compute dtype;
+ * step counts from 1. Matches torch.optim.AdamW's single-tensor update bit for bit in float32. */
+NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
+                             double beta1, double beta2, double eps, double weight_decay, int64_t step);
+NEMO_API int nemo_sum_squares(const nemo_tensor *t, double *out);
+NEMO_API int nemo_has_nonfinite(const nemo_tensor *t);   /* 1 if any NaN/Inf, 0 if none, < 0 on error */
+
 /* ==== Files and folders (engine/fs.c) ==== */
 NEMO_API int nemo_fs_kind(const char *path);                 /* 0 missing, 1 file, 2 folder */
 NEMO_API int64_t nemo_fs_size(const char *path);

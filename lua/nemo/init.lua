@@ -68,6 +68,7 @@ local function optional(name)
     return nil
 end
 nemo.cuda = optional "nemo.cuda"
+nemo.optim = require "nemo.optim"
 local st = optional "nemo.safetensors"
 if st then
     nemo.safetensors = st

@@ -1,0 +1,129 @@
+/*
+ * optim.c: fused optimizer updates and gradient-norm helpers.
+ *
+ * AdamW follows torch.optim.AdamW's single-tensor path (the CPU default) operation by
+ * operation, each rounded to the parameter dtype as PyTorch does, so a float32 step matches
+ * PyTorch bit for bit:
+ *   p = p * (1 - lr*wd);  m = fma(g, 1-b1, m*b1);  v = fma((1-b2)*g, g, v*b2)
+ * (PyTorch's vectorised add-with-alpha is an explicit fused multiply-add, and its AVX2 build
+ * contracts addcmul's a + (s*b)*c into one; hence the two fma)
+ *   denom = sqrt(v) / sqrt(1 - b2^t) + eps;  p = p + ((-lr / (1 - b1^t)) * m) / denom
+ * bf16 / f16 parameters are updated in float32 and rounded once (keep float32 master weights
+ * for real training; see the mixed-precision policy).
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+#define ADAMW_BODY(T)                                                                        \
+    T decay = (T)(1.0 - lr * wd), b1f = (T)b1, b2f = (T)b2, omb1 = (T)(1.0 - b1), omb2 = (T)(1.0 - b2); \
+    T step_size = (T)(-(lr / bc1)), bc2s = (T)sqrt(bc2), epsf = (T)eps;                       \
+    _Pragma("omp parallel for if (n > NEMO_PAR_MIN)")                                        \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        T gi = g[i];                                                                         \
+        T pi = p[i] * decay;                                                                 \
+        T mi = FMA(gi, omb1, m[i] * b1f);                                                    \
+        T vi = FMA(omb2 * gi, gi, v[i] * b2f);                                               \
+        T denom = (T)(SQRT(vi) / bc2s); denom = denom + epsf;                                \
+        pi = pi + step_size * mi / denom;                                                    \
+        p[i] = pi; m[i] = mi; v[i] = vi;                                                     \
+    }
+
+static void adamw_f32(float *p, const float *g, float *m, float *v, int64_t n, double lr, double b1, double b2,
+                      double eps, double wd, double bc1, double bc2) {
+#define SQRT sqrtf
+#define FMA fmaf
+    ADAMW_BODY(float)
+#undef SQRT
+#undef FMA
+}
+static void adamw_f64(double *p, const double *g, double *m, double *v, int64_t n, double lr, double b1, double b2,
+                      double eps, double wd, double bc1, double bc2) {
+#define SQRT sqrt
+#define FMA fma
+    ADAMW_BODY(double)
+#undef SQRT
+#undef FMA
+}
+
+NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
+                             double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+    int rc = 0;
+    nemo_tensor *pc = NULL, *gc = NULL;
+    char b1s[128], b2s[128];
+    int64_t n = nemo_tensor_numel(p);
+    NEMO_CHECK(step >= 1, NEMO_EINVAL, "adamw: step must be >= 1, got %lld", (long long)step);
+    NEMO_CHECK(nemo_tensor_numel(g) == n && g->ndim == p->ndim && !memcmp(g->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim),
+               NEMO_ESHAPE, "adamw: gradient of shape %s does not match the parameter's %s",
+               nemo_shape_str(g, b1s, sizeof b1s), nemo_shape_str(p, b2s, sizeof b2s));
+    NEMO_CHECK(nemo_dtype_is_float(p->dtype), NEMO_EDTYPE, "adamw: parameter dtype %s is not floating point",
+               nemo_dtype_name(p->dtype));
+    int cdt = nemo_compute_dtype(p->dtype);
+    NEMO_CHECK(m->dtype == cdt && v->dtype == cdt && nemo_tensor_is_contiguous(m) && nemo_tensor_is_contiguous(v) &&
+               nemo_tensor_numel(m) == n && nemo_tensor_numel(v) == n, NEMO_EINVAL,
+               "adamw: optimizer state must be contiguous %s tensors of %lld elements", nemo_dtype_name(cdt), (long long)n);
+    NEMO_CHECK(p->devtype == NEMO_CPU, NEMO_EUNSUPPORTED, "adamw: no cuda kernel yet");
+    /* work on a contiguous compute-dtype copy when p is not one, then write back */
+    NEMO_TRYP(pc, nemo_prep(p, cdt));
+    NEMO_TRYP(gc, nemo_prep(g, cdt));
+    double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
+    if (cdt == NEMO_F32)
+        adamw_f32(nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), n, lr, beta1,
+                  beta2, eps, weight_decay, bc1, bc2);
+    else
+        adamw_f64(nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), n, lr, beta1,
+                  beta2, eps, weight_decay, bc1, bc2);
+    if (pc != p) NEMO_TRY(nemo_copy_(p, pc));
+fail:
+    nemo_tensor_release(pc);
+    nemo_tensor_release(gc);
+    return rc;
+}
+
+/* Sum of squares of all elements, accumulated in float64 (for the global gradient norm). */
+NEMO_API int nemo_sum_squares(const nemo_tensor *t, double *out) {
+    int rc = 0;
+    nemo_tensor *c = NULL;
+    int cdt = nemo_compute_dtype(t->dtype);
+    NEMO_CHECK(t->devtype == NEMO_CPU, NEMO_EUNSUPPORTED, "sum_squares: no cuda kernel yet");
+    NEMO_TRYP(c, nemo_prep(t, cdt));
+    int64_t n = nemo_tensor_numel(c);
+    /* fixed chunks summed in order: the result does not depend on the thread count */
+    enum { CH = 65536 };
+    int64_t nch = (n + CH - 1) / CH;
+    double *part = calloc((size_t)(nch ? nch : 1), sizeof(double));
+    NEMO_CHECK(part, NEMO_ENOMEM, "sum_squares: out of memory");
+    if (cdt == NEMO_F32) {
+        const float *x = nemo_tensor_data(c);
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t k = 0; k < nch; k++) {
+            double s = 0;
+            int64_t e = (k + 1) * CH < n ? (k + 1) * CH : n;
+            for (int64_t i = k * CH; i < e; i++) s += (double)x[i] * x[i];
+            part[k] = s;
+        }
+    } else {
+        const double *x = nemo_tensor_data(c);
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t k = 0; k < nch; k++) {
+            double s = 0;
+            int64_t e = (k + 1) * CH < n ? (k + 1) * CH : n;
+            for (int64_t i = k * CH; i < e; i++) s += x[i] * x[i];
+            part[k] = s;
+        }
+    }
+    double s = 0;
+    for (int64_t k = 0; k < nch; k++) s += part[k];
+    free(part);
+    *out = s;
+fail:
+    nemo_tensor_release(c);
+    return rc;
+}
+
+/* Any NaN or Inf among the elements? (loss and gradient guards) */
+NEMO_API int nemo_has_nonfinite(const nemo_tensor *t) {
+    double s = 0;
+    if (nemo_sum_squares(t, &s) < 0) return nemo_last_status();
+    return !(s == s && s < 1.0 / 0.0) ? 1 : 0;
+}
