@@ -113,6 +113,10 @@ install: all
 	cp $(LIBNEMO) $(LIBCUDA) $(DESTDIR)$(LIBDIR)/
 	cp nemo-lua $(DESTDIR)$(BINDIR)/
 
+uninstall:
+	rm -rf $(DESTDIR)$(LUADIR)/nemo
+	rm -f $(DESTDIR)$(LIBDIR)/libnemo.so $(DESTDIR)$(LIBDIR)/libnemo_cuda.so $(DESTDIR)$(BINDIR)/nemo-lua
+
 print-config:
 	@echo "CC=$(CC) NVCC=$(NVCC) CUDA_ARCH=$(CUDA_ARCH)"; echo "CFLAGS=$(NEMO_CFLAGS) $(CFLAGS)"
 	@echo "LUAJIT_INC=$(LUAJIT_INC) LUAJIT_LIB=$(LUAJIT_LIB)"; echo "PREFIX=$(PREFIX) LUADIR=$(LUADIR) LIBDIR=$(LIBDIR) BINDIR=$(BINDIR)"

@@ -24,7 +24,9 @@ local function find_lib()
     -- beside this file in a build tree: <root>/lua/nemo/ffi.lua -> <root>/build/libnemo.so
     local here = debug.getinfo(1, "S").source:match("^@(.*)/nemo/ffi%.lua$")
     if here then
-        for _, cand in ipairs { here .. "/../build/libnemo.so", here .. "/../../lib/libnemo.so" } do
+        for _, cand in ipairs { here .. "/../build/libnemo.so",               -- build tree (<root>/lua)
+                                here .. "/../../../lib/lua/5.1/libnemo.so",   -- luarocks tree (<tree>/share/lua/5.1)
+                                here .. "/../../../lib/libnemo.so" } do       -- make install (<prefix>/share/lua/5.1)
             local f = io.open(cand, "rb")
             if f then
                 f:close()
