@@ -56,8 +56,9 @@ build/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(NEMO_CFLAGS) $(CFLAGS) -c $< -o $@
 
+# -z nodelete: LuaJIT may dlclose libnemo at exit while OpenMP worker threads still run in it.
 $(LIBNEMO): $(OBJ)
-	$(CC) -shared -o $@ $(OBJ) $(LDFLAGS) $(LDLIBS_NEMO)
+	$(CC) -shared -Wl,-z,nodelete -o $@ $(OBJ) $(LDFLAGS) $(LDLIBS_NEMO)
 
 # The CUDA plugin: compiled whenever nvcc exists, loaded by libnemo only when CUDA is asked for.
 build/obj/%.o: %.cu

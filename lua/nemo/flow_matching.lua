@@ -526,7 +526,15 @@ function adapters.flux.prepare(fm, ctx)
     return inputs, drop
 end
 function adapters.flux.forward(model, inputs, ctx)
-    local out = first_output(model(inputs))
+    -- Automodel builds txt_ids [B,L,3] (recorded as such in model_input); diffusers takes
+    -- txt_ids[0] of a 3-D tensor after a deprecation warning, so hand the model that 2-D view
+    local call = inputs
+    if inputs.txt_ids and inputs.txt_ids.ndim == 3 then
+        call = {}
+        for k, v in pairs(inputs) do call[k] = v end
+        call.txt_ids = inputs.txt_ids:select(0, 0)
+    end
+    local out = first_output(model(call))
     ctx.model_output = out
     return M.unpack_latents(out, ctx.x_t.shape[3], ctx.x_t.shape[4])
 end

@@ -285,7 +285,8 @@ do
     T.close(rec.hidden_states, FM.pack_latents(out.x_t), 0, 0, "flux: the model gets the packed x_t")
     T.close(rec.timestep, F.div(out.timesteps, 1000), 0, 0, "flux: timestep = t / 1000")
     T.close(rec.guidance, {2, 2, 2}, 0, 0, "flux: guidance = full(B, guidance_scale)")
-    T.is(nemo.Tensor.shape_str(rec.txt_ids.shape), "(3, 5, 3)", "flux: txt_ids zeros [B, L, 3]")
+    T.is(nemo.Tensor.shape_str(out.model_input.txt_ids.shape), "(3, 5, 3)", "flux: txt_ids zeros [B, L, 3] (Automodel's form)")
+    T.is(nemo.Tensor.shape_str(rec.txt_ids.shape), "(5, 3)", "flux: the model gets txt_ids[0] (diffusers' 2-D form, no deprecation warning)")
     T.close(rec.img_ids, FM.latent_image_ids(4, 6), 0, 0, "flux: img_ids [(H/2)(W/2), 3]")
     local mask = list(cfgu)
     local te, pe = rec.encoder_hidden_states:tolist(), rec.pooled_projections:tolist()
@@ -397,7 +398,7 @@ local function run_golden_stub(case, file, cfg, compute_dtype, rtol, atol, label
     local loss, out = fm:step(model, batch, {compute_dtype = compute_dtype, draws = draws})
     local got = {u = out.u, sigma = out.sigma, timesteps = out.timesteps, x_t = out.x_t, target = out.target,
                  loss_weight = out.loss_weight, loss = loss, loss_unweighted = out.loss_unweighted}
-    for k, v in pairs(rec) do got[k] = v end
+    for k, v in pairs(out.model_input) do got["model_input." .. k] = v end
     local keys = {"u", "sigma", "timesteps", "x_t", "target", "loss_weight", "loss", "loss_unweighted"}
     for _, k in ipairs(st._keys) do if k:match("^model_input%.") then keys[#keys + 1] = k end end
     check_keys(got, st, keys, rtol, atol, label)

@@ -1,0 +1,421 @@
+-- lua/nemo/models/common.lua: the building blocks diffusers keeps in models/embeddings.py,
+-- models/normalization.py, models/attention.py and models/activations.py, shared by the Flux
+-- and Wan transformers: get_timestep_embedding + Timesteps, TimestepEmbedding,
+-- PixArtAlphaTextProjection, get_1d_rotary_pos_embed, apply_rotary_emb, AdaLayerNormZero,
+-- AdaLayerNormZeroSingle, AdaLayerNormContinuous, FP32LayerNorm, FeedForward with diffusers'
+-- GELU / GEGLU modules (the ones holding a `proj` Linear).
+--
+-- The non-obvious rule: every explicit float32 cast that diffusers writes (`.float()`,
+-- `dtype=torch.float32`) is done here as `upcast(x)`: float32 for float32/bf16/f16 inputs, but a
+-- float64 input stays float64. So a float64 model computes everything in float64 (what the
+-- golden `case_f64exact` files hold), and a bf16 model rounds exactly where diffusers rounds.
+--
+-- Modules take a final options table {dtype=, device=} passed on to their parameters, keep
+-- diffusers' child names and registration order (= state_dict order), and forward() computes
+-- op for op what diffusers computes. Big intermediates are released with free() as soon as they
+-- are dead: the tape keeps its own handles on what backward needs, so this only returns memory
+-- that nothing uses any more (it is what makes gradient checkpointing lower the peak).
+-- Shapes: B batch, S tokens, H heads, Dh head dim, D width.
+require "nemo"
+local class = require "nemo.class"
+local nn = require "nemo.nn"
+local Tensor = require "nemo.tensor"
+local F = require "nemo.functional"
+
+local M = {}
+
+-- ==== helpers ====
+
+-- Release the engine references of dead intermediates now (see the header). Only tensors a
+-- function made itself, and never one of its inputs or outputs, may be passed here.
+local function free(...)
+    for i = 1, select("#", ...) do
+        local t = select(i, ...)
+        if t ~= nil and rawget(t, "_c") ~= nil then t:free() end
+    end
+end
+M.free = free
+
+-- diffusers' `.float()`: float32, except that float64 stays float64 (see the header).
+local function upcast_dtype(dtype) return dtype == "float64" and "float64" or "float32" end
+M.upcast_dtype = upcast_dtype
+local function upcast(x) return x:to{dtype = upcast_dtype(x.dtype)} end
+M.upcast = upcast
+
+local function factory(opts)
+    opts = type(opts) == "table" and opts or {}
+    return {dtype = opts.dtype, device = opts.device}
+end
+M.factory = factory
+
+local function opt(opts, k, default)
+    if type(opts) == "table" and opts[k] ~= nil then return opts[k] end
+    return default
+end
+
+-- diffusers' get_activation(name) (activations.py) plus the names PixArtAlphaTextProjection
+-- accepts ("gelu_tanh", "silu_fp32").
+function M.get_activation(name)
+    if name == "silu" or name == "swish" then return nn.SiLU() end
+    if name == "gelu" then return nn.GELU() end
+    if name == "gelu_tanh" or name == "gelu-approximate" then return nn.GELU{approximate = "tanh"} end
+    if name == "relu" then return nn.ReLU() end
+    error(string.format("get_activation: unsupported activation function '%s' (silu, swish, gelu, gelu_tanh, relu)",
+        tostring(name)), 2)
+end
+
+-- ==== sinusoidal timestep embedding ====
+
+-- get_timestep_embedding(timesteps (N), embedding_dim, {flip_sin_to_cos=false,
+-- downscale_freq_shift=1, scale=1, max_period=10000}) -> (N, embedding_dim), float32 (float64
+-- for float64 timesteps). The frequencies are exp(-ln(max_period) * i / (half - shift)),
+-- computed in the output dtype in that op order (in float32: float32(-ln 1e4) * i, then / half,
+-- then exp), as diffusers does.
+function M.get_timestep_embedding(timesteps, embedding_dim, opts)
+    if not Tensor.is_tensor(timesteps) or timesteps:dim() ~= 1 then
+        error(string.format("get_timestep_embedding: timesteps must be a 1-D tensor, got %s",
+            Tensor.is_tensor(timesteps) and Tensor.shape_str(timesteps.shape) or type(timesteps)), 2)
+    end
+    local flip = opt(opts, "flip_sin_to_cos", false)
+    local shift = opt(opts, "downscale_freq_shift", 1)
+    local scale = opt(opts, "scale", 1)
+    local max_period = opt(opts, "max_period", 10000)
+    local half = math.floor(embedding_dim / 2)
+    local cd = upcast_dtype(timesteps.dtype)
+    local exponent = Tensor.arange(0, half, 1, {dtype = cd, device = timesteps.device}) * (-math.log(max_period))
+    exponent = exponent / (half - shift)
+    local freqs = exponent:exp()
+    local args = timesteps:to{dtype = cd}:unsqueeze(1) * freqs:unsqueeze(0)
+    if scale ~= 1 then args = args * scale end
+    local s, c = args:sin(), args:cos()
+    local emb = flip and F.cat({c, s}, -1) or F.cat({s, c}, -1)
+    if embedding_dim % 2 == 1 then
+        emb = F.cat({emb, Tensor.zeros({emb.shape[1], 1}, {dtype = cd, device = emb.device})}, -1)
+    end
+    return emb
+end
+
+-- Timesteps(num_channels, flip_sin_to_cos, downscale_freq_shift, {scale=1}): no parameters.
+local Timesteps = class("nemo.models.Timesteps", nn.Module)
+M.Timesteps = Timesteps
+function Timesteps:__init(num_channels, flip_sin_to_cos, downscale_freq_shift, opts)
+    nn.Module.__init(self)
+    self.num_channels = num_channels
+    self.flip_sin_to_cos = flip_sin_to_cos
+    self.downscale_freq_shift = downscale_freq_shift
+    self.scale = opt(opts, "scale", 1)
+end
+function Timesteps:forward(timesteps)
+    return M.get_timestep_embedding(timesteps, self.num_channels, {flip_sin_to_cos = self.flip_sin_to_cos,
+        downscale_freq_shift = self.downscale_freq_shift, scale = self.scale})
+end
+function Timesteps:extra_repr()
+    return string.format("num_channels=%d, flip_sin_to_cos=%s, downscale_freq_shift=%s", self.num_channels,
+        tostring(self.flip_sin_to_cos), tostring(self.downscale_freq_shift))
+end
+
+-- TimestepEmbedding(in_channels, time_embed_dim, {act_fn="silu", out_dim=, sample_proj_bias=true,
+-- dtype=, device=}): linear_1 -> act -> linear_2.
+local TimestepEmbedding = class("nemo.models.TimestepEmbedding", nn.Module)
+M.TimestepEmbedding = TimestepEmbedding
+function TimestepEmbedding:__init(in_channels, time_embed_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local bias = opt(opts, "sample_proj_bias", true)
+    self.linear_1 = nn.Linear(in_channels, time_embed_dim, {bias = bias, dtype = fo.dtype, device = fo.device})
+    self.act = M.get_activation(opt(opts, "act_fn", "silu"))
+    self.linear_2 = nn.Linear(time_embed_dim, opt(opts, "out_dim", time_embed_dim),
+        {bias = bias, dtype = fo.dtype, device = fo.device})
+end
+function TimestepEmbedding:forward(sample)
+    local h = self.linear_1(sample)
+    local a = self.act(h)
+    free(h)
+    local out = self.linear_2(a)
+    free(a)
+    return out
+end
+
+-- PixArtAlphaTextProjection(in_features, hidden_size, {out_features=, act_fn="gelu_tanh",
+-- dtype=, device=}): linear_1 -> act_1 -> linear_2.
+local PixArtAlphaTextProjection = class("nemo.models.PixArtAlphaTextProjection", nn.Module)
+M.PixArtAlphaTextProjection = PixArtAlphaTextProjection
+function PixArtAlphaTextProjection:__init(in_features, hidden_size, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.linear_1 = nn.Linear(in_features, hidden_size, fo)
+    self.act_1 = M.get_activation(opt(opts, "act_fn", "gelu_tanh"))
+    self.linear_2 = nn.Linear(hidden_size, opt(opts, "out_features", hidden_size), fo)
+end
+function PixArtAlphaTextProjection:forward(caption)
+    local h = self.linear_1(caption)
+    local a = self.act_1(h)
+    free(h)
+    local out = self.linear_2(a)
+    free(a)
+    return out
+end
+
+-- ==== rotary position embedding ====
+
+-- get_1d_rotary_pos_embed(dim, pos, {theta=10000, linear_factor=1, ntk_factor=1,
+-- out_dtype="float32"}) -> cos, sin, each (S, dim), the use_real=True,
+-- repeat_interleave_real=True form: column 2i and 2i+1 both hold cos(pos * f_i) with
+-- f_i = 1 / theta^(2i/dim). pos is a (S) tensor or an integer S (positions 0..S-1). Computed in
+-- float64 (freqs_dtype=float64) and rounded once to out_dtype (diffusers' final `.float()`).
+function M.get_1d_rotary_pos_embed(dim, pos, opts)
+    if type(dim) ~= "number" or dim % 2 ~= 0 or dim <= 0 then
+        error("get_1d_rotary_pos_embed: dim must be a positive even integer, got " .. tostring(dim), 2)
+    end
+    local theta = opt(opts, "theta", 10000) * opt(opts, "ntk_factor", 1)
+    local linear_factor = opt(opts, "linear_factor", 1)
+    local out_dtype = opt(opts, "out_dtype", "float32")
+    local device = opt(opts, "device", nil)
+    if type(pos) == "number" then pos = Tensor.arange(0, pos, 1, {dtype = "float64", device = device}) end
+    device = device or pos.device
+    local half = dim / 2
+    local f = {}
+    for i = 0, half - 1 do f[i + 1] = 1.0 / (theta ^ ((2 * i) / dim)) / linear_factor end
+    local freqs = Tensor.tensor(f, {dtype = "float64", device = device})
+    local ang = pos:to{dtype = "float64"}:unsqueeze(1) * freqs:unsqueeze(0)     -- (S, half)
+    local S = ang.shape[1]
+    local function interleave(t)
+        return t:unsqueeze(2):expand(S, half, 2):reshape(S, dim):to{dtype = out_dtype}
+    end
+    return interleave(ang:cos()), interleave(ang:sin())
+end
+
+-- apply_rotary_emb(x, {cos, sin}, {sequence_dim=2}): x is (B, H, S, Dh) (sequence_dim 2) or
+-- (B, S, H, Dh) (sequence_dim 1); cos/sin (S, Dh) in the interleaved layout above. Pairs
+-- (2i, 2i+1) rotate: out[2i] = x[2i] c - x[2i+1] s, out[2i+1] = x[2i+1] c + x[2i] s, computed
+-- in float32 (float64 for float64 x) and rounded once to x's dtype. The same products and
+-- sums as diffusers' x.float()*cos + x_rotated.float()*sin (negation is exact), so float32
+-- results are bitwise equal; only one of each duplicated table column is read.
+function M.apply_rotary_emb(x, freqs, opts)
+    local sequence_dim = opt(opts, "sequence_dim", 2)
+    local cos, sin = freqs[1], freqs[2]
+    local nd = x:dim()
+    local Dh = x.shape[nd]
+    local S = x.shape[sequence_dim + 1]
+    if cos:dim() ~= 2 or cos.shape[1] ~= S or cos.shape[2] ~= Dh then
+        error(string.format("apply_rotary_emb: rope tables %s do not fit x %s (sequence_dim %d): expected (%d, %d)",
+            Tensor.shape_str(cos.shape), Tensor.shape_str(x.shape), sequence_dim, S, Dh), 2)
+    end
+    local c = cos:slice(1, 0, nil, 2)          -- (S, Dh/2): one of each pair
+    local s = sin:slice(1, 0, nil, 2)
+    if sequence_dim == 1 then                  -- (S, 1, Dh/2)
+        local c1, s1 = c:unsqueeze(1), s:unsqueeze(1)
+        free(c, s)
+        c, s = c1, s1
+    end
+    local xf = upcast(x)
+    local xp = xf:unflatten(-1, {-1, 2})
+    local x0, x1 = xp:select(-1, 0), xp:select(-1, 1)
+    local a, b = x0 * c, x1 * s
+    local o0 = a - b
+    free(a, b)
+    a, b = x1 * c, x0 * s
+    local o1 = a + b
+    free(a, b, x0, x1, xp, c, s)
+    if not rawequal(xf, x) then free(xf) end
+    -- interleave back: (..., Dh/2, 2) -> (..., Dh)
+    local u0, u1 = o0:unsqueeze(-1), o1:unsqueeze(-1)
+    local st = F.cat({u0, u1}, -1)
+    free(u0, u1, o0, o1)
+    local out = st:flatten(-2)
+    free(st)
+    if out.dtype ~= x.dtype then
+        local r = out:to{dtype = x.dtype}
+        free(out)
+        out = r
+    end
+    return out
+end
+
+-- ==== normalisation ====
+
+-- FP32LayerNorm(normalized_shape, {eps=1e-5, elementwise_affine=true, bias=true}): layer norm
+-- computed on upcast input, weight and bias, cast back to the input's dtype.
+local FP32LayerNorm = class("nemo.models.FP32LayerNorm", nn.LayerNorm)
+M.FP32LayerNorm = FP32LayerNorm
+function FP32LayerNorm:forward(x)
+    local w = self.weight and upcast(self.weight)
+    local b = self.bias and upcast(self.bias)
+    local y = F.layer_norm(upcast(x), self.normalized_shape, w, b, self.eps)
+    return y:to{dtype = x.dtype}
+end
+
+-- x * (1 + scale[:, None]) + shift[:, None], as diffusers writes the modulation; n is freed.
+local function modulate(n, scale, shift)
+    local sc = 1 + scale:unsqueeze(1)
+    local y1 = n * sc
+    free(n, sc)
+    local y = y1 + shift:unsqueeze(1)
+    free(y1)
+    return y
+end
+M.modulate = modulate
+
+local function ln_noaffine(dim, eps, fo)
+    return nn.LayerNorm(dim, {elementwise_affine = false, eps = eps, dtype = fo.dtype, device = fo.device})
+end
+
+-- AdaLayerNormZero(embedding_dim, {bias=true, dtype=, device=}): silu, linear (D -> 6D),
+-- norm (LayerNorm, no affine, eps 1e-6). forward(x, emb) -> x_mod, gate_msa, shift_mlp,
+-- scale_mlp, gate_mlp (chunk order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
+local AdaLayerNormZero = class("nemo.models.AdaLayerNormZero", nn.Module)
+M.AdaLayerNormZero = AdaLayerNormZero
+function AdaLayerNormZero:__init(embedding_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    if opt(opts, "num_embeddings", nil) ~= nil then
+        error("AdaLayerNormZero: num_embeddings (a CombinedTimestepLabelEmbeddings) is not supported", 2)
+    end
+    local norm_type = opt(opts, "norm_type", "layer_norm")
+    if norm_type ~= "layer_norm" then
+        error("AdaLayerNormZero: norm_type '" .. tostring(norm_type) .. "' is not supported (layer_norm)", 2)
+    end
+    self.silu = nn.SiLU()
+    self.linear = nn.Linear(embedding_dim, 6 * embedding_dim,
+        {bias = opt(opts, "bias", true), dtype = fo.dtype, device = fo.device})
+    self.norm = ln_noaffine(embedding_dim, 1e-6, fo)
+end
+function AdaLayerNormZero:forward(x, emb)
+    local a = self.silu(emb)
+    local m = self.linear(a)
+    free(a)
+    local c = m:chunk(6, 1)
+    local y = modulate(self.norm(x), c[2], c[1])
+    return y, c[3], c[4], c[5], c[6]
+end
+
+-- AdaLayerNormZeroSingle(embedding_dim, {bias=true}): silu, linear (D -> 3D), norm.
+-- forward(x, emb) -> x_mod, gate (chunk order shift, scale, gate).
+local AdaLayerNormZeroSingle = class("nemo.models.AdaLayerNormZeroSingle", nn.Module)
+M.AdaLayerNormZeroSingle = AdaLayerNormZeroSingle
+function AdaLayerNormZeroSingle:__init(embedding_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.silu = nn.SiLU()
+    self.linear = nn.Linear(embedding_dim, 3 * embedding_dim,
+        {bias = opt(opts, "bias", true), dtype = fo.dtype, device = fo.device})
+    self.norm = ln_noaffine(embedding_dim, 1e-6, fo)
+end
+function AdaLayerNormZeroSingle:forward(x, emb)
+    local a = self.silu(emb)
+    local m = self.linear(a)
+    free(a)
+    local c = m:chunk(3, 1)
+    return modulate(self.norm(x), c[2], c[1]), c[3]
+end
+
+-- AdaLayerNormContinuous(embedding_dim, conditioning_embedding_dim, {elementwise_affine=true,
+-- eps=1e-5, bias=true, norm_type="layer_norm"}): silu, linear (cond -> 2D), norm.
+-- forward(x, cond): chunk order (scale, shift), the opposite of the AdaLN-Zero layers.
+local AdaLayerNormContinuous = class("nemo.models.AdaLayerNormContinuous", nn.Module)
+M.AdaLayerNormContinuous = AdaLayerNormContinuous
+function AdaLayerNormContinuous:__init(embedding_dim, conditioning_embedding_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local bias = opt(opts, "bias", true)
+    local affine = opt(opts, "elementwise_affine", true)
+    local eps = opt(opts, "eps", 1e-5)
+    self.silu = nn.SiLU()
+    self.linear = nn.Linear(conditioning_embedding_dim, 2 * embedding_dim,
+        {bias = bias, dtype = fo.dtype, device = fo.device})
+    local norm_type = opt(opts, "norm_type", "layer_norm")
+    if norm_type == "layer_norm" then
+        self.norm = nn.LayerNorm(embedding_dim, {eps = eps, elementwise_affine = affine, bias = bias,
+            dtype = fo.dtype, device = fo.device})
+    elseif norm_type == "rms_norm" then
+        self.norm = nn.RMSNorm(embedding_dim, {eps = eps, elementwise_affine = affine, dtype = fo.dtype,
+            device = fo.device})
+    else
+        error("AdaLayerNormContinuous: unknown norm_type '" .. tostring(norm_type) .. "'", 2)
+    end
+end
+function AdaLayerNormContinuous:forward(x, cond)
+    local a = self.silu(cond)
+    local ac = a:to{dtype = x.dtype}
+    local m = self.linear(ac)
+    if not rawequal(ac, a) then free(ac) end
+    free(a)
+    local c = m:chunk(2, 1)
+    return modulate(self.norm(x), c[1], c[2])
+end
+
+-- ==== feed-forward ====
+
+-- diffusers' GELU module (activations.GELU): proj Linear(dim_in -> dim_out), then gelu
+-- ({approximate = "none"|"tanh"}).
+local GELUProj = class("nemo.models.GELU", nn.Module)
+M.GELU = GELUProj
+function GELUProj:__init(dim_in, dim_out, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.approximate = opt(opts, "approximate", "none")
+    self.proj = nn.Linear(dim_in, dim_out, {bias = opt(opts, "bias", true), dtype = fo.dtype, device = fo.device})
+end
+function GELUProj:forward(x)
+    local h = self.proj(x)
+    local y = F.gelu(h, {approximate = self.approximate})
+    free(h)
+    return y
+end
+function GELUProj:extra_repr() return "approximate='" .. self.approximate .. "'" end
+
+-- GEGLU: proj Linear(dim_in -> 2 dim_out); hidden, gate = chunk(2); hidden * gelu(gate).
+local GEGLU = class("nemo.models.GEGLU", nn.Module)
+M.GEGLU = GEGLU
+function GEGLU:__init(dim_in, dim_out, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.proj = nn.Linear(dim_in, dim_out * 2, {bias = opt(opts, "bias", true), dtype = fo.dtype, device = fo.device})
+end
+function GEGLU:forward(x)
+    local h = self.proj(x)
+    local c = h:chunk(2, -1)
+    local g = F.gelu(c[2])
+    local y = c[1] * g
+    free(h, g)
+    return y
+end
+
+-- FeedForward(dim, {dim_out=dim, mult=4, dropout=0, activation_fn="geglu", final_dropout=false,
+-- inner_dim=dim*mult, bias=true}): net = [act (with proj), Dropout, Linear(inner -> dim_out)
+-- (, Dropout when final_dropout)]. activation_fn: "gelu", "gelu-approximate", "geglu".
+local FeedForward = class("nemo.models.FeedForward", nn.Module)
+M.FeedForward = FeedForward
+function FeedForward:__init(dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local dim_out = opt(opts, "dim_out", dim)
+    local inner = opt(opts, "inner_dim", math.floor(dim * opt(opts, "mult", 4)))
+    local bias = opt(opts, "bias", true)
+    local dropout = opt(opts, "dropout", 0)
+    local act_name = opt(opts, "activation_fn", "geglu")
+    local lopts = {bias = bias, dtype = fo.dtype, device = fo.device}
+    local act
+    if act_name == "gelu" then act = GELUProj(dim, inner, lopts)
+    elseif act_name == "gelu-approximate" then
+        act = GELUProj(dim, inner, {bias = bias, approximate = "tanh", dtype = fo.dtype, device = fo.device})
+    elseif act_name == "geglu" then act = GEGLU(dim, inner, lopts)
+    else
+        error(string.format("FeedForward: activation_fn '%s' is not supported (gelu, gelu-approximate, geglu)",
+            tostring(act_name)), 2)
+    end
+    local mods = {act, nn.Dropout(dropout), nn.Linear(inner, dim_out, lopts)}
+    if opt(opts, "final_dropout", false) then mods[#mods + 1] = nn.Dropout(dropout) end
+    self.net = nn.ModuleList(mods)
+end
+function FeedForward:forward(x)
+    local h = x
+    for _, m in self.net:iter() do
+        local y = m(h)
+        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
+        h = y
+    end
+    return h
+end
+
+return M

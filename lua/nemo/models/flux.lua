@@ -1,0 +1,827 @@
+-- lua/nemo/models/flux.lua: FluxTransformer2DModel (FLUX.1) as diffusers defines and computes it
+-- (transformer_flux.py): the same module tree and parameter names, registered in the same order
+-- (so state_dict order and a diffusers folder's keys match), the same eps values, rope layout,
+-- concat and chunk orders, and the same dtype handling (see ../shared/spec/flux_wan.md §2).
+--
+--   local flux = require "nemo.models.flux"
+--   local model = flux.FluxTransformer2DModel.from_pretrained("path/to/transformer", {torch_dtype = "bfloat16"})
+--   local out = model{hidden_states = x, encoder_hidden_states = e, pooled_projections = p,
+--                     timestep = t, img_ids = img_ids, txt_ids = txt_ids, guidance = g}
+--   model:save_pretrained("out/transformer", {max_shard_size = "5GB"})
+--
+-- The non-obvious rules:
+-- - Sequence order is TEXT FIRST everywhere (joint attention, single blocks, rope ids); the
+--   single block's channel concat is attention first, then MLP; blocks return (encoder, image).
+-- - The final norm's chunk order is (scale, shift); the AdaLN-Zero layers' is (shift, scale, ...).
+-- - timestep and guidance are cast to the model dtype and multiplied by 1000 in that dtype (a bf16
+--   model quantises them, as diffusers does). Sinusoidal projections are float32 then cast to the
+--   pooled dtype; rope tables come from float64 and are applied in float32, rounded once. In a
+--   float64 model every one of those float32 steps stays float64 (common.lua's upcast).
+-- - Gradient checkpointing (enable_gradient_checkpointing) wraps each block call in
+--   nemo.autograd.checkpoint while grad mode is on; the gradients are bitwise those without it.
+--   With it on, the model also runs a full Lua collection at each block boundary (after a block's
+--   forward, and before its recomputation in backward): dead intermediates whose handles are only
+--   garbage would otherwise hold their memory until the training loop's collection, which defeats
+--   the point of checkpointing. model.checkpoint_collect = false turns that off (~1 ms each).
+-- Shapes: hidden_states (B, N, in_channels), encoder_hidden_states (B, T, joint_attention_dim),
+-- pooled_projections (B, pooled_projection_dim), timestep / guidance (B), img_ids (N, 3),
+-- txt_ids (T, 3); output (B, N, patch_size^2 * out_channels).
+local nemo = require "nemo"
+local class = require "nemo.class"
+local nn = require "nemo.nn"
+local Tensor = require "nemo.tensor"
+local F = require "nemo.functional"
+local autograd = require "nemo.autograd"
+local json = require "nemo.json"
+local common = require "nemo.models.common"
+
+local free, factory = common.free, common.factory
+local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
+
+local M = {}
+
+M.DIFFUSERS_VERSION = "0.40.0.dev0"   -- written into saved config.json, as diffusers does
+
+-- ==== FluxPosEmbed ====
+
+-- FluxPosEmbed(theta, axes_dim): ids (S, n_axes) -> cos, sin (S, sum(axes_dim)); axis a rotates
+-- its own block of head dims with get_1d_rotary_pos_embed(axes_dim[a], ids[:, a]). Tables are
+-- float32 (float64 when the ids are float64: the model hands it float64 ids in a float64 model).
+local FluxPosEmbed = class("nemo.models.FluxPosEmbed", nn.Module)
+M.FluxPosEmbed = FluxPosEmbed
+function FluxPosEmbed:__init(theta, axes_dim)
+    nn.Module.__init(self)
+    self.theta = theta
+    self.axes_dim = axes_dim
+end
+function FluxPosEmbed:forward(ids)
+    local n_axes = ids.shape[2]
+    if n_axes ~= #self.axes_dim then
+        error(string.format("FluxPosEmbed: ids have %d axes (shape %s) but axes_dims_rope has %d entries",
+            n_axes, shape_str(ids.shape), #self.axes_dim), 2)
+    end
+    local pos = common.upcast(ids)
+    local out_dtype = pos.dtype
+    local cos_out, sin_out = {}, {}
+    for i = 1, n_axes do
+        cos_out[i], sin_out[i] = common.get_1d_rotary_pos_embed(self.axes_dim[i], pos:select(1, i - 1),
+            {theta = self.theta, out_dtype = out_dtype})
+    end
+    return F.cat(cos_out, -1), F.cat(sin_out, -1)
+end
+function FluxPosEmbed:extra_repr()
+    return string.format("theta=%s, axes_dim=%s", tostring(self.theta), shape_str(self.axes_dim))
+end
+
+-- ==== conditioning embeddings ====
+
+-- CombinedTimestepTextProjEmbeddings(embedding_dim, pooled_projection_dim): time_proj,
+-- timestep_embedder, text_embedder. forward(timestep, pooled) -> temb (B, D).
+local CombinedTimestepTextProjEmbeddings = class("nemo.models.CombinedTimestepTextProjEmbeddings", nn.Module)
+M.CombinedTimestepTextProjEmbeddings = CombinedTimestepTextProjEmbeddings
+function CombinedTimestepTextProjEmbeddings:__init(embedding_dim, pooled_projection_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.time_proj = common.Timesteps(256, true, 0)
+    self.timestep_embedder = common.TimestepEmbedding(256, embedding_dim, fo)
+    self.text_embedder = common.PixArtAlphaTextProjection(pooled_projection_dim, embedding_dim,
+        {act_fn = "silu", dtype = fo.dtype, device = fo.device})
+end
+
+local function embed_time(self, embedder, t, dtype)
+    local p = self.time_proj(t)
+    local pc = p:to{dtype = dtype}
+    local e = embedder(pc)
+    if not rawequal(pc, p) then free(pc) end
+    free(p)
+    return e
+end
+
+function CombinedTimestepTextProjEmbeddings:forward(timestep, pooled_projection)
+    local t_emb = embed_time(self, self.timestep_embedder, timestep, pooled_projection.dtype)
+    local p_emb = self.text_embedder(pooled_projection)
+    local out = t_emb + p_emb
+    free(t_emb, p_emb)
+    return out
+end
+
+-- CombinedTimestepGuidanceTextProjEmbeddings: adds guidance_embedder (after timestep_embedder).
+-- forward(timestep, guidance, pooled) -> (t_emb + g_emb) + p_emb, in that order.
+local CombinedTimestepGuidanceTextProjEmbeddings =
+    class("nemo.models.CombinedTimestepGuidanceTextProjEmbeddings", nn.Module)
+M.CombinedTimestepGuidanceTextProjEmbeddings = CombinedTimestepGuidanceTextProjEmbeddings
+function CombinedTimestepGuidanceTextProjEmbeddings:__init(embedding_dim, pooled_projection_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.time_proj = common.Timesteps(256, true, 0)
+    self.timestep_embedder = common.TimestepEmbedding(256, embedding_dim, fo)
+    self.guidance_embedder = common.TimestepEmbedding(256, embedding_dim, fo)
+    self.text_embedder = common.PixArtAlphaTextProjection(pooled_projection_dim, embedding_dim,
+        {act_fn = "silu", dtype = fo.dtype, device = fo.device})
+end
+function CombinedTimestepGuidanceTextProjEmbeddings:forward(timestep, guidance, pooled_projection)
+    local t_emb = embed_time(self, self.timestep_embedder, timestep, pooled_projection.dtype)
+    local g_emb = embed_time(self, self.guidance_embedder, guidance, pooled_projection.dtype)
+    local tg = t_emb + g_emb
+    free(t_emb, g_emb)
+    local p_emb = self.text_embedder(pooled_projection)
+    local out = tg + p_emb
+    free(tg, p_emb)
+    return out
+end
+
+-- ==== attention ====
+
+-- FluxAttention(query_dim, {heads=8, dim_head=64, bias=false, added_kv_proj_dim=, added_proj_bias=true,
+-- out_bias=true, eps=1e-5, out_dim=, pre_only=false, elementwise_affine=true, dtype=, device=}).
+-- Children in diffusers' order: norm_q, norm_k (RMSNorm over Dh, shared by all heads), to_q,
+-- to_k, to_v, to_out = [Linear, Dropout] unless pre_only, then with added_kv_proj_dim:
+-- norm_added_q, norm_added_k, add_q_proj, add_k_proj, add_v_proj, to_add_out.
+local FluxAttention = class("nemo.models.FluxAttention", nn.Module)
+M.FluxAttention = FluxAttention
+function FluxAttention:__init(query_dim, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    local dim_head = opts.dim_head or 64
+    local heads = opts.heads or 8
+    local out_dim = opts.out_dim
+    local eps = opts.eps or 1e-5
+    local bias = opts.bias or false
+    local out_bias = opts.out_bias ~= false
+    local affine = opts.elementwise_affine ~= false
+    self.head_dim = dim_head
+    self.inner_dim = out_dim or dim_head * heads
+    self.query_dim = query_dim
+    self.out_dim = out_dim or query_dim
+    self.heads = out_dim and math.floor(out_dim / dim_head) or heads
+    self.pre_only = opts.pre_only or false
+    self.added_kv_proj_dim = opts.added_kv_proj_dim
+    local function lin(i, o, b) return nn.Linear(i, o, {bias = b, dtype = fo.dtype, device = fo.device}) end
+    local function rms() return nn.RMSNorm(dim_head, {eps = eps, elementwise_affine = affine, dtype = fo.dtype,
+        device = fo.device}) end
+    self.norm_q = rms()
+    self.norm_k = rms()
+    self.to_q = lin(query_dim, self.inner_dim, bias)
+    self.to_k = lin(query_dim, self.inner_dim, bias)
+    self.to_v = lin(query_dim, self.inner_dim, bias)
+    if not self.pre_only then
+        self.to_out = nn.ModuleList{lin(self.inner_dim, self.out_dim, out_bias), nn.Dropout(opts.dropout or 0)}
+    end
+    if self.added_kv_proj_dim ~= nil then
+        local apb = opts.added_proj_bias ~= false
+        self.norm_added_q = nn.RMSNorm(dim_head, {eps = eps, dtype = fo.dtype, device = fo.device})
+        self.norm_added_k = nn.RMSNorm(dim_head, {eps = eps, dtype = fo.dtype, device = fo.device})
+        self.add_q_proj = lin(self.added_kv_proj_dim, self.inner_dim, apb)
+        self.add_k_proj = lin(self.added_kv_proj_dim, self.inner_dim, apb)
+        self.add_v_proj = lin(self.added_kv_proj_dim, self.inner_dim, apb)
+        self.to_add_out = lin(self.inner_dim, query_dim, out_bias)
+    end
+end
+
+-- linear projection split into heads: (B, S, D) -> (B, S, H, Dh), optionally RMS-normed
+local function heads_of(self, linear, norm, x)
+    local y = linear(x)
+    local y4 = y:unflatten(-1, {self.heads, -1})
+    if norm == nil then free(y); return y4 end
+    local n = norm(y4)
+    free(y, y4)
+    return n
+end
+
+-- FluxAttnProcessor: forward(hs (B,N,D), ehs (B,T,D) or nil, rope {cos, sin} (T+N, Dh) or nil).
+-- Double block (ehs given): returns to_out(img part), to_add_out(text part).
+-- Single block (pre_only): returns the attention output (B, N, D), no output projection.
+function FluxAttention:forward(hs, ehs, rope)
+    local q = heads_of(self, self.to_q, self.norm_q, hs)
+    local k = heads_of(self, self.to_k, self.norm_k, hs)
+    local v = heads_of(self, self.to_v, nil, hs)
+    local T = 0
+    if ehs ~= nil and self.added_kv_proj_dim ~= nil then
+        T = ehs.shape[2]
+        local eq = heads_of(self, self.add_q_proj, self.norm_added_q, ehs)
+        local ek = heads_of(self, self.add_k_proj, self.norm_added_k, ehs)
+        local ev = heads_of(self, self.add_v_proj, nil, ehs)
+        local q2, k2, v2 = F.cat({eq, q}, 1), F.cat({ek, k}, 1), F.cat({ev, v}, 1)
+        free(eq, ek, ev, q, k, v)
+        q, k, v = q2, k2, v2
+    end
+    if rope ~= nil then
+        local qr = common.apply_rotary_emb(q, rope, {sequence_dim = 1})
+        local kr = common.apply_rotary_emb(k, rope, {sequence_dim = 1})
+        free(q, k)
+        q, k = qr, kr
+    end
+    -- native backend: (B, S, H, Dh) -> (B, H, S, Dh) views, SDPA, back to (B, S, H, Dh)
+    local qt, kt, vt = q:transpose(1, 2), k:transpose(1, 2), v:transpose(1, 2)
+    local o = F.scaled_dot_product_attention(qt, kt, vt)
+    free(qt, kt, vt, k, v)
+    local ot = o:transpose(1, 2)
+    local of = ot:flatten(2, 3)
+    free(o, ot)
+    if of.dtype ~= q.dtype then
+        local c = of:to{dtype = q.dtype}
+        free(of)
+        of = c
+    end
+    free(q)
+    if ehs == nil then return of end
+    local N = of.shape[2] - T
+    local parts = of:split({T, N}, 1)
+    local img = self.to_out:get(1)(parts[2])
+    img = self.to_out:get(2)(img)
+    local txt = self.to_add_out(parts[1])
+    free(of, parts[1], parts[2])
+    return img, txt
+end
+
+-- ==== blocks ====
+
+-- FluxTransformerBlock(dim, num_attention_heads, attention_head_dim, {eps=1e-6}): norm1,
+-- norm1_context, attn, norm2, ff, norm2_context, ff_context.
+-- forward(hs (B,N,D), ehs (B,T,D), temb (B,D), rope) -> ehs, hs (this order, as diffusers).
+local FluxTransformerBlock = class("nemo.models.FluxTransformerBlock", nn.Module)
+M.FluxTransformerBlock = FluxTransformerBlock
+function FluxTransformerBlock:__init(dim, num_attention_heads, attention_head_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local eps = (opts and opts.eps) or 1e-6
+    self.norm1 = common.AdaLayerNormZero(dim, fo)
+    self.norm1_context = common.AdaLayerNormZero(dim, fo)
+    self.attn = FluxAttention(dim, {added_kv_proj_dim = dim, dim_head = attention_head_dim,
+        heads = num_attention_heads, out_dim = dim, bias = true, eps = eps, dtype = fo.dtype, device = fo.device})
+    self.norm2 = nn.LayerNorm(dim, {elementwise_affine = false, eps = 1e-6})
+    self.ff = common.FeedForward(dim, {dim_out = dim, activation_fn = "gelu-approximate", dtype = fo.dtype,
+        device = fo.device})
+    self.norm2_context = nn.LayerNorm(dim, {elementwise_affine = false, eps = 1e-6})
+    self.ff_context = common.FeedForward(dim, {dim_out = dim, activation_fn = "gelu-approximate",
+        dtype = fo.dtype, device = fo.device})
+end
+
+-- x + gate[:, None] * y (diffusers: gate.unsqueeze(1) * y, then the residual add); y is freed.
+local function gated_add(x, gate, y)
+    local g = gate:unsqueeze(1) * y
+    free(y)
+    local out = x + g
+    free(g)
+    return out
+end
+
+local function clip_fp16(x)
+    if x.dtype ~= "float16" then return x end
+    local c = x:clamp(-65504, 65504)
+    free(x)
+    return c
+end
+
+function FluxTransformerBlock:forward(hs, ehs, temb, rope)
+    local nh, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hs, temb)
+    local neh, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(ehs, temb)
+    local attn_out, ctx_attn_out = self.attn(nh, neh, rope)
+    free(nh, neh)
+    local h1 = gated_add(hs, gate_msa, attn_out)
+    local n2 = common.modulate(self.norm2(h1), scale_mlp, shift_mlp)
+    local ff_out = self.ff(n2)
+    free(n2)
+    local h2 = gated_add(h1, gate_mlp, ff_out)
+    free(h1)
+    local e1 = gated_add(ehs, c_gate_msa, ctx_attn_out)
+    local n2c = common.modulate(self.norm2_context(e1), c_scale_mlp, c_shift_mlp)
+    local cff = self.ff_context(n2c)
+    free(n2c)
+    local e2 = gated_add(e1, c_gate_mlp, cff)
+    free(e1)
+    return clip_fp16(e2), h2
+end
+
+-- FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim, {mlp_ratio=4}):
+-- norm, proj_mlp, act_mlp, proj_out, attn (pre_only). forward(hs, ehs, temb, rope) -> ehs, hs.
+local FluxSingleTransformerBlock = class("nemo.models.FluxSingleTransformerBlock", nn.Module)
+M.FluxSingleTransformerBlock = FluxSingleTransformerBlock
+function FluxSingleTransformerBlock:__init(dim, num_attention_heads, attention_head_dim, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local mlp = math.floor(dim * ((opts and opts.mlp_ratio) or 4.0))
+    self.mlp_hidden_dim = mlp
+    self.norm = common.AdaLayerNormZeroSingle(dim, fo)
+    self.proj_mlp = nn.Linear(dim, mlp, fo)
+    self.act_mlp = nn.GELU{approximate = "tanh"}
+    self.proj_out = nn.Linear(dim + mlp, dim, fo)
+    self.attn = FluxAttention(dim, {dim_head = attention_head_dim, heads = num_attention_heads, out_dim = dim,
+        bias = true, eps = 1e-6, pre_only = true, dtype = fo.dtype, device = fo.device})
+end
+function FluxSingleTransformerBlock:forward(hs, ehs, temb, rope)
+    local T = ehs.shape[2]
+    local x = F.cat({ehs, hs}, 1)
+    local nx, gate = self.norm(x, temb)
+    local mp = self.proj_mlp(nx)
+    local mlp = self.act_mlp(mp)
+    free(mp)
+    local a = self.attn(nx, nil, rope)
+    free(nx)
+    local y = F.cat({a, mlp}, 2)
+    free(a, mlp)
+    local p = self.proj_out(y)
+    free(y)
+    local out = clip_fp16(gated_add(x, gate, p))
+    free(x)
+    local L = out.shape[2]
+    local eo, ho = out:narrow(1, 0, T), out:narrow(1, T, L - T)
+    free(out)
+    return eo, ho
+end
+
+-- ==== config ====
+
+local null = json.null
+local function is_null(v) return v == nil or v == null end
+
+-- diffusers' register_to_config fields of FluxTransformer2DModel, in signature order.
+local CONFIG = {
+    {"patch_size", "int", 1},
+    {"in_channels", "int", 64},
+    {"out_channels", "int?", null},
+    {"num_layers", "int", 19},
+    {"num_single_layers", "int", 38},
+    {"attention_head_dim", "int", 128},
+    {"num_attention_heads", "int", 24},
+    {"joint_attention_dim", "int", 4096},
+    {"pooled_projection_dim", "int", 768},
+    {"guidance_embeds", "bool", false},
+    {"axes_dims_rope", "ints", {16, 56, 56}},
+}
+M.CONFIG_FIELDS = CONFIG
+
+local function describe(v)
+    if type(v) == "string" then return string.format("string %q", v) end
+    if v == null then return "null" end
+    return type(v) .. " " .. tostring(v)
+end
+
+local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
+
+-- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
+-- stderr, wrong types an error naming the key. out_channels stays null when not given (as
+-- diffusers' config does); the model resolves it to in_channels.
+local function resolve_config(cfg, who)
+    if cfg ~= nil and type(cfg) ~= "table" then
+        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
+    end
+    cfg = cfg or {}
+    local known, out = {}, {}
+    for _, f in ipairs(CONFIG) do
+        local key, kind, default = f[1], f[2], f[3]
+        known[key] = true
+        local v = cfg[key]
+        if v == nil or (v == null and kind == "int?") then
+            if type(default) == "table" then
+                local c = {}
+                for i, x in ipairs(default) do c[i] = x end
+                v = c
+            else
+                v = default
+            end
+        elseif kind == "int" or kind == "int?" then
+            if not is_int(v) then
+                error(string.format("%s: config key '%s' must be a non-negative integer%s, got %s", who, key,
+                    kind == "int?" and " or null" or "", describe(v)), 3)
+            end
+        elseif kind == "bool" then
+            if type(v) ~= "boolean" then
+                error(string.format("%s: config key '%s' must be a boolean, got %s", who, key, describe(v)), 3)
+            end
+        elseif kind == "ints" then
+            local ok = type(v) == "table" and #v > 0
+            if ok then for i = 1, #v do ok = ok and is_int(v[i]) end end
+            if ok then for k in pairs(v) do ok = ok and type(k) == "number" end end
+            if not ok then
+                error(string.format("%s: config key '%s' must be a list of non-negative integers, got %s", who, key,
+                    type(v) == "table" and ("{" .. table.concat((function()
+                        local s = {}
+                        for i, x in ipairs(v) do s[i] = describe(x) end
+                        return s
+                    end)(), ", ") .. "}") or describe(v)), 3)
+            end
+            local c = {}
+            for i, x in ipairs(v) do c[i] = x end
+            v = c
+        end
+        out[key] = v
+    end
+    local unknown = {}
+    for k in pairs(cfg) do
+        if type(k) ~= "string" then
+            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
+        end
+        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
+    end
+    table.sort(unknown)
+    for _, k in ipairs(unknown) do
+        io.stderr:write(string.format("warning: %s: config key '%s' is not a FluxTransformer2DModel argument; " ..
+            "it is ignored\n", who, k))
+    end
+    for _, key in ipairs { "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+                           "joint_attention_dim", "pooled_projection_dim" } do
+        if out[key] < 1 then error(string.format("%s: config key '%s' must be at least 1, got %d", who, key, out[key]), 3) end
+    end
+    local sum = 0
+    for i, d in ipairs(out.axes_dims_rope) do
+        if d % 2 ~= 0 then
+            error(string.format("%s: axes_dims_rope[%d] = %d must be even (rope rotates pairs)", who, i, d), 3)
+        end
+        sum = sum + d
+    end
+    if sum ~= out.attention_head_dim then
+        error(string.format("%s: axes_dims_rope %s sums to %d but must sum to attention_head_dim (%d)", who,
+            shape_str(out.axes_dims_rope), sum, out.attention_head_dim), 3)
+    end
+    return out
+end
+M.resolve_config = resolve_config
+
+-- ==== the model ====
+
+local FluxTransformer2DModel = class("nemo.models.FluxTransformer2DModel", nn.Module)
+M.FluxTransformer2DModel = FluxTransformer2DModel
+FluxTransformer2DModel._no_split_modules = {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+
+-- FluxTransformer2DModel(config, {dtype=, device=}): config holds diffusers' config fields.
+function FluxTransformer2DModel:__init(config, opts)
+    nn.Module.__init(self)
+    local cfg = resolve_config(config, "FluxTransformer2DModel")
+    local fo = factory(opts)
+    self.config = cfg
+    self.out_channels = is_null(cfg.out_channels) and cfg.in_channels or cfg.out_channels
+    self.inner_dim = cfg.num_attention_heads * cfg.attention_head_dim
+    self.gradient_checkpointing = false
+    self.checkpoint_collect = true
+    local D = self.inner_dim
+    self.pos_embed = FluxPosEmbed(10000, cfg.axes_dims_rope)
+    local Embed = cfg.guidance_embeds and CombinedTimestepGuidanceTextProjEmbeddings or CombinedTimestepTextProjEmbeddings
+    self.time_text_embed = Embed(D, cfg.pooled_projection_dim, fo)
+    self.context_embedder = nn.Linear(cfg.joint_attention_dim, D, fo)
+    self.x_embedder = nn.Linear(cfg.in_channels, D, fo)
+    local blocks, singles = {}, {}
+    for i = 1, cfg.num_layers do
+        blocks[i] = FluxTransformerBlock(D, cfg.num_attention_heads, cfg.attention_head_dim, fo)
+    end
+    for i = 1, cfg.num_single_layers do
+        singles[i] = FluxSingleTransformerBlock(D, cfg.num_attention_heads, cfg.attention_head_dim, fo)
+    end
+    self.transformer_blocks = nn.ModuleList(blocks)
+    self.single_transformer_blocks = nn.ModuleList(singles)
+    self.norm_out = common.AdaLayerNormContinuous(D, D, {elementwise_affine = false, eps = 1e-6,
+        dtype = fo.dtype, device = fo.device})
+    self.proj_out = nn.Linear(D, cfg.patch_size * cfg.patch_size * self.out_channels, fo)
+end
+
+function FluxTransformer2DModel:enable_gradient_checkpointing() self.gradient_checkpointing = true; return self end
+function FluxTransformer2DModel:disable_gradient_checkpointing() self.gradient_checkpointing = false; return self end
+
+-- The dtype of the parameters (that of x_embedder.weight).
+function FluxTransformer2DModel:dtype() return self.x_embedder.weight.dtype end
+
+local FORWARD_ARGS = {hidden_states = true, encoder_hidden_states = true, pooled_projections = true, timestep = true,
+                      img_ids = true, txt_ids = true, guidance = true, return_dict = true,
+                      joint_attention_kwargs = true}
+local warned_3d_ids = false
+
+local function want(args, key, ndims)
+    local v = args[key]
+    if v == nil then error(string.format("FluxTransformer2DModel:forward: %s is required", key), 4) end
+    if not is_tensor(v) then
+        error(string.format("FluxTransformer2DModel:forward: %s must be a tensor, got %s", key, type(v)), 4)
+    end
+    if ndims and v:dim() ~= ndims then
+        error(string.format("FluxTransformer2DModel:forward: %s must have %d dimensions, got shape %s", key, ndims,
+            shape_str(v.shape)), 4)
+    end
+    return v
+end
+
+-- timestep / guidance: a (B) tensor, or a number / 0-dim tensor / (1) tensor broadcast to B.
+local function per_sample(args, key, B, dtype, device)
+    local v = args[key]
+    if type(v) == "number" then return Tensor.full({B}, v, {dtype = dtype, device = device}) end
+    v = want(args, key)
+    if v:dim() == 0 or (v:dim() == 1 and v.shape[1] == 1 and B ~= 1) then return v:reshape{1}:expand(B) end
+    if v:dim() ~= 1 or v.shape[1] ~= B then
+        error(string.format("FluxTransformer2DModel:forward: %s must have shape (%d) (one per batch element), got %s",
+            key, B, shape_str(v.shape)), 3)
+    end
+    return v
+end
+
+local function ids_of(args, key, S, what)
+    local v = want(args, key)
+    if v:dim() == 3 then
+        if not warned_3d_ids then
+            io.stderr:write(string.format("warning: FluxTransformer2DModel: passing %s as a 3d tensor is deprecated; " ..
+                "pass a 2d tensor (%s[0] is used)\n", key, key))
+            warned_3d_ids = true
+        end
+        v = v:select(0, 0)
+    end
+    if v:dim() ~= 2 or v.shape[1] ~= S then
+        error(string.format("FluxTransformer2DModel:forward: %s must have shape (%d, n_axes) for the %d %s tokens, got %s",
+            key, S, S, what, shape_str(v.shape)), 3)
+    end
+    return v
+end
+
+-- forward{hidden_states=, encoder_hidden_states=, pooled_projections=, timestep=, img_ids=, txt_ids=,
+-- guidance=} -> the output tensor (B, N, patch_size^2 * out_channels).
+function FluxTransformer2DModel:forward(args)
+    if type(args) ~= "table" or is_tensor(args) then
+        error("FluxTransformer2DModel:forward: expected a table of named arguments " ..
+            "{hidden_states=, encoder_hidden_states=, pooled_projections=, timestep=, img_ids=, txt_ids=, guidance=}", 2)
+    end
+    for k in pairs(args) do
+        if not FORWARD_ARGS[k] then
+            error(string.format("FluxTransformer2DModel:forward: unknown argument '%s' (controlnet and IP-adapter " ..
+                "inputs are not supported)", tostring(k)), 2)
+        end
+    end
+    local cfg = self.config
+    local x = want(args, "hidden_states", 3)
+    local e = want(args, "encoder_hidden_states", 3)
+    local pooled = want(args, "pooled_projections", 2)
+    local B, N, T = x.shape[1], x.shape[2], e.shape[2]
+    if x.shape[3] ~= cfg.in_channels then
+        error(string.format("FluxTransformer2DModel:forward: hidden_states must be (B, N, %d) (in_channels), got %s",
+            cfg.in_channels, shape_str(x.shape)), 2)
+    end
+    if e.shape[1] ~= B or e.shape[3] ~= cfg.joint_attention_dim then
+        error(string.format("FluxTransformer2DModel:forward: encoder_hidden_states must be (%d, T, %d) " ..
+            "(joint_attention_dim), got %s", B, cfg.joint_attention_dim, shape_str(e.shape)), 2)
+    end
+    if pooled.shape[1] ~= B or pooled.shape[2] ~= cfg.pooled_projection_dim then
+        error(string.format("FluxTransformer2DModel:forward: pooled_projections must be (%d, %d) " ..
+            "(pooled_projection_dim), got %s", B, cfg.pooled_projection_dim, shape_str(pooled.shape)), 2)
+    end
+    if cfg.guidance_embeds and args.guidance == nil then
+        error("FluxTransformer2DModel:forward: guidance is required: this model has guidance_embeds=true " ..
+            "(pass guidance=, e.g. a (B) tensor filled with 3.5)", 2)
+    elseif not cfg.guidance_embeds and args.guidance ~= nil then
+        error("FluxTransformer2DModel:forward: this model has no guidance embedder (guidance_embeds=false); " ..
+            "do not pass guidance", 2)
+    end
+
+    local hs = self.x_embedder(x)
+    local dt = hs.dtype
+    local function scaled(key)
+        local v = per_sample(args, key, B, dt, x.device)
+        local vc = v:to{dtype = dt}
+        local s = vc * 1000
+        if not rawequal(vc, v) and not rawequal(vc, args[key]) then free(vc) end
+        return s
+    end
+    local t = scaled("timestep")
+    local temb
+    if cfg.guidance_embeds then
+        local g = scaled("guidance")
+        temb = self.time_text_embed(t, g, pooled)
+        free(g)
+    else
+        temb = self.time_text_embed(t, pooled)
+    end
+    free(t)
+    local ehs = self.context_embedder(e)
+
+    local txt_ids = ids_of(args, "txt_ids", T, "text")
+    local img_ids = ids_of(args, "img_ids", N, "image")
+    local ids_dtype = dt == "float64" and "float64" or "float32"
+    local ids = F.cat({txt_ids:to{dtype = ids_dtype}, img_ids:to{dtype = ids_dtype}}, 0)
+    local cos, sin = self.pos_embed(ids)
+    free(ids)
+    local rope = {cos, sin}
+
+    local ckpt = self.gradient_checkpointing and autograd.is_grad_enabled()
+    local function run(list)
+        for _, block in list:iter() do
+            local e2, h2
+            if ckpt then
+                local r = autograd.checkpoint(function(h, en, te, c, s)
+                    -- in backward's recomputation: release what the previous segment left
+                    if autograd.is_grad_enabled() and self.checkpoint_collect then collectgarbage() end
+                    local eo, ho = block(h, en, te, {c, s})
+                    return {eo, ho}
+                end, hs, ehs, temb, cos, sin)
+                e2, h2 = r[1], r[2]
+                if self.checkpoint_collect then collectgarbage() end
+            else
+                e2, h2 = block(hs, ehs, temb, rope)
+            end
+            free(hs, ehs)
+            hs, ehs = h2, e2
+        end
+    end
+    run(self.transformer_blocks)
+    run(self.single_transformer_blocks)
+    free(ehs, cos, sin)
+
+    local n = self.norm_out(hs, temb)
+    free(hs, temb)
+    local out = self.proj_out(n)
+    free(n)
+    return out
+end
+
+-- ==== files ====
+
+local fs_ok, fs = pcall(require, "nemo.fs")
+if not fs_ok then fs = nil end
+
+local function exists(path)
+    if fs then return fs.exists(path) end
+    local f = io.open(path, "rb")
+    if f then f:close(); return true end
+    return false
+end
+
+local function read_json(path, who, what)
+    local f, err = io.open(path, "rb")
+    if not f then error(string.format("%s: cannot read %s '%s': %s", who, what, path, tostring(err)), 3) end
+    local text = f:read("*a")
+    f:close()
+    local ok, v = pcall(json.decode, text, path)
+    if not ok then error(string.format("%s: %s '%s' is not valid JSON: %s", who, what, path, tostring(v)), 3) end
+    if type(v) ~= "table" then
+        error(string.format("%s: %s '%s' must hold a JSON object, got %s", who, what, path, describe(v)), 3)
+    end
+    return v
+end
+
+-- Build a model without running the layers' random initialisation (the weights are about to be
+-- overwritten), as diffusers' no_init_weights() does.
+local function without_init(fn)
+    local L = nn.Linear
+    local saved = rawget(L, "reset_parameters")
+    L.reset_parameters = function() end
+    local ok, res = pcall(fn)
+    L.reset_parameters = saved
+    if not ok then error(res, 0) end
+    return res
+end
+
+M.WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+M.WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+-- Read the state dict of a diffusers folder: the single file, or the shards an index names.
+local function read_weights(folder, who, device)
+    local single = folder .. "/" .. M.WEIGHTS_NAME
+    local index = folder .. "/" .. M.WEIGHTS_INDEX_NAME
+    local lopts = device and {device = device} or nil
+    if exists(single) then return nemo.load_file(single, lopts) end
+    if not exists(index) then
+        error(string.format("%s: '%s' has neither %s nor %s", who, folder, M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME), 3)
+    end
+    local idx = read_json(index, who, "weight index")
+    if type(idx.weight_map) ~= "table" then
+        error(string.format("%s: weight index '%s' has no weight_map object", who, index), 3)
+    end
+    local files, order = {}, {}
+    for name, file in pairs(idx.weight_map) do
+        if type(file) ~= "string" then
+            error(string.format("%s: weight index '%s': weight_map[%s] must be a file name, got %s", who, index,
+                name, describe(file)), 3)
+        end
+        if not files[file] then files[file] = {}; order[#order + 1] = file end
+        files[file][#files[file] + 1] = name
+    end
+    table.sort(order)
+    local sd = {}
+    for _, file in ipairs(order) do
+        local path = folder .. "/" .. file
+        if not exists(path) then
+            error(string.format("%s: shard '%s' named by '%s' does not exist", who, path, index), 3)
+        end
+        local part = nemo.load_file(path, lopts)
+        for _, name in ipairs(files[file]) do
+            if part[name] == nil then
+                error(string.format("%s: shard '%s' has no tensor '%s' (weight_map in '%s' says it has)", who, path,
+                    name, index), 3)
+            end
+            sd[name] = part[name]
+        end
+        for name, t in pairs(part) do if sd[name] == nil then sd[name] = t end end
+    end
+    return sd
+end
+
+-- FluxTransformer2DModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
+-- Reads folder/config.json and diffusion_pytorch_model.safetensors (or the sharded index) and
+-- loads the weights strictly (every key present, none unexpected, shapes equal), cast to
+-- torch_dtype.
+function FluxTransformer2DModel.from_pretrained(folder, opts, more)
+    local who = "FluxTransformer2DModel.from_pretrained"
+    if rawequal(folder, FluxTransformer2DModel) then folder, opts = opts, more end   -- Flux:from_pretrained(...)
+    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 2) end
+    opts = opts or {}
+    if opts.subfolder then folder = folder .. "/" .. opts.subfolder end
+    local cfg_path = folder .. "/config.json"
+    if not exists(cfg_path) then
+        error(string.format("%s: missing config file '%s' (is '%s' a diffusers model folder?)", who, cfg_path, folder), 2)
+    end
+    local cfg = read_json(cfg_path, who, "config file")
+    local cls_name = cfg._class_name
+    if cls_name ~= nil and cls_name ~= "FluxTransformer2DModel" then
+        io.stderr:write(string.format("warning: %s: '%s' was saved from %s, not FluxTransformer2DModel\n", who,
+            cfg_path, tostring(cls_name)))
+    end
+    local dtype = opts.torch_dtype or opts.dtype or "float32"
+    local ok, model = pcall(without_init, function()
+        return FluxTransformer2DModel(cfg, {dtype = dtype})
+    end)
+    if not ok then error(string.format("%s('%s'): %s", who, cfg_path, tostring(model)), 2) end
+    local device = opts.device
+    if device == "cpu" then device = nil end
+    local sd = read_weights(folder, who, device)
+    -- tensors already in the wanted dtype are taken as they are (assign: the parameters share
+    -- the memory-mapped file, no second copy); the others are converted once
+    for k, t in pairs(sd) do
+        if is_tensor(t) and t:is_floating_point() and t.dtype ~= dtype then sd[k] = t:to{dtype = dtype} end
+    end
+    local lok, err = pcall(model.load_state_dict, model, sd, {strict = true, assign = true})
+    if not lok then error(string.format("%s('%s'): %s", who, folder, tostring(err)), 2) end
+    if device then model:to{device = device} end
+    return model
+end
+
+-- "10GB" (10^9), "5GiB" (2^30), "500MB", "100KB", "42" or a number of bytes.
+local function parse_size(s)
+    if type(s) == "number" then return s end
+    if type(s) ~= "string" then error("save_pretrained: max_shard_size must be a number or a string like '10GB'", 4) end
+    local num, unit = s:upper():match("^%s*([%d%.]+)%s*(%a*)%s*$")
+    local units = {[""] = 1, B = 1, KB = 1e3, MB = 1e6, GB = 1e9, TB = 1e12, KIB = 2^10, MIB = 2^20, GIB = 2^30, TIB = 2^40}
+    if not num or not units[unit] then
+        error("save_pretrained: cannot read max_shard_size '" .. s .. "' (expected e.g. '10GB', '500MB' or bytes)", 4)
+    end
+    return math.floor(tonumber(num) * units[unit])
+end
+
+-- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (with _class_name and
+-- _diffusers_version) and the weights: one diffusion_pytorch_model.safetensors, or shards
+-- diffusion_pytorch_model-0000i-of-0000n.safetensors plus the index when they exceed
+-- max_shard_size (split greedily in state_dict order, as huggingface_hub does). Weight files of
+-- an earlier save that this one does not write are removed.
+function FluxTransformer2DModel:save_pretrained(folder, opts)
+    local who = "FluxTransformer2DModel:save_pretrained"
+    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 2) end
+    opts = opts or {}
+    local max_size = parse_size(opts.max_shard_size or "10GB")
+    if fs then fs.mkdirs(folder) else os.execute("mkdir -p '" .. folder:gsub("'", "'\\''") .. "'") end
+
+    local cfg = {_class_name = "FluxTransformer2DModel", _diffusers_version = M.DIFFUSERS_VERSION}
+    for k, v in pairs(self.config) do cfg[k] = v end
+    cfg.axes_dims_rope = json.array(cfg.axes_dims_rope)
+    json.write_file(folder .. "/config.json", cfg, {indent = 2})
+
+    local sd, keys = self:state_dict()
+    local shards, cur, cur_size, total = {}, nil, 0, 0
+    for _, k in ipairs(keys) do
+        local t = sd[k]
+        if t.device ~= "cpu" then t = t:to{device = "cpu"} end
+        local size = t:numel() * t:element_size()
+        total = total + size
+        if cur == nil or (cur_size + size > max_size and cur_size > 0) then
+            cur = {tensors = {}, names = {}}
+            shards[#shards + 1] = cur
+            cur_size = 0
+        end
+        cur.tensors[k] = t
+        cur.names[#cur.names + 1] = k
+        cur_size = cur_size + size
+    end
+    if #shards == 0 then shards[1] = {tensors = {}, names = {}} end
+    local written = {}
+    local meta = {format = "pt"}
+    if #shards == 1 then
+        nemo.save_file(shards[1].tensors, folder .. "/" .. M.WEIGHTS_NAME, meta)
+        written[M.WEIGHTS_NAME] = true
+    else
+        local weight_map = {}
+        for i, sh in ipairs(shards) do
+            local name = string.format("diffusion_pytorch_model-%05d-of-%05d.safetensors", i, #shards)
+            nemo.save_file(sh.tensors, folder .. "/" .. name, meta)
+            written[name] = true
+            for _, k in ipairs(sh.names) do weight_map[k] = name end
+        end
+        json.write_file(folder .. "/" .. M.WEIGHTS_INDEX_NAME,
+            {metadata = {total_size = total}, weight_map = weight_map}, {indent = 2})
+        written[M.WEIGHTS_INDEX_NAME] = true
+    end
+    -- stale weight files of an earlier save
+    local names
+    if fs then names = fs.list(folder)
+    else names = {M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME} end
+    for _, name in ipairs(names) do
+        if not written[name] and (name == M.WEIGHTS_NAME or name == M.WEIGHTS_INDEX_NAME or
+                name:match("^diffusion_pytorch_model%-%d+%-of%-%d+%.safetensors$")) then
+            os.remove(folder .. "/" .. name)
+        end
+    end
+    return folder
+end
+
+return M
