@@ -267,7 +267,9 @@ function Pipeline.from_pretrained(path_or_id, opts)
             local model
             if name == "transformer" and opts.transformer then model = opts.transformer
             else model = Cls.from_pretrained(folder, {torch_dtype = torch_dtype ~= "auto" and torch_dtype or nil}) end
-            if move then M._move_module_to_device(model, device, torch_dtype) end
+            -- the dtype was applied while loading (keeping a model's float32-only modules, as
+            -- diffusers does); only the device moves here
+            if move then M._move_module_to_device(model, device, nil) end
             if opts.load_for_training then M._ensure_params_trainable(model)
             else model:requires_grad_(false) end
             if ckpt and model.enable_gradient_checkpointing then model:enable_gradient_checkpointing() end
