@@ -65,8 +65,12 @@ build/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -MMD -MP -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wshadow $(if $(filter 1,$(WERROR)),-Werror all-warnings) -Iengine/include -Iengine -c $< -o $@
 
+# NCCL: every NCCL reference in the plugin is weak, so --no-as-needed keeps libnccl linked.
+NCCL_LIB := $(if $(filter 1,$(NO_NCCL)),,$(firstword $(wildcard $(CUDA_HOME)/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so)))
+NCCL_LDFLAGS := -Wl,--no-as-needed -lnccl -Wl,--as-needed
+$(info [$(if $(NCCL_LIB),+,-)] NCCL $(if $(NCCL_LIB),$(NCCL_LIB),off: no libnccl.so or NO_NCCL=1))
 build/libnemo_cuda.so: $(CU_OBJ)
-	$(CC) -shared -o $@ $(CU_OBJ) -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas -lstdc++
+	$(CC) -shared -o $@ $(CU_OBJ) -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas $(if $(NCCL_LIB),$(NCCL_LDFLAGS)) -lstdc++
 
 # The FFI declarations, generated from the one public header (no hand-copied layouts).
 $(CDEF): $(HEADERS)
@@ -106,6 +110,10 @@ test-only: $(TESTS_C)
 
 bench: all
 	./nemo-lua bench/ops.lua
+
+# The README's main job: train the small FLUX-architecture demo on CPU (recipes/flux_finetune.yaml).
+demo: all
+	./nemo-lua recipes/flux_finetune.lua
 
 # ==== INSTALL ====
 install: all

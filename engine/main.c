@@ -76,7 +76,7 @@ static void print_usage(FILE *f)
           "  -v        Show version information.\n"
           "  -E        Ignore environment variables LUA_INIT, LUA_PATH, LUA_CPATH.\n"
           "  -h, --help  Show this help.\n"
-          "  --nproc-per-node N  Start N processes (one per device); only N = 1 for now.\n"
+          "  --nproc-per-node N  Start N processes (one per device) through Open MPI's mpirun.\n"
           "  --        Stop handling options.\n"
           "  -         Execute stdin and stop handling options.\n"
           "With no script and no -e/-v, starts the REPL (stdin a terminal) or runs stdin.\n", f);
@@ -640,6 +640,70 @@ static void repl(lua_State *L)
 
 enum { F_INTERACTIVE = 1, F_VERSION = 2, F_EXEC = 4, F_NOENV = 8, F_HELP = 16 };
 
+/* ==== --nproc-per-node: start the processes through mpirun ==== */
+
+static long nproc_per_node = 1;
+
+/* Re-exec as `mpirun -np N [--oversubscribe] [--allow-run-as-root] --bind-to none -x
+ * OMP_NUM_THREADS <this exe> <the command line without --nproc-per-node>`. Each rank then finds
+ * RANK / WORLD_SIZE / LOCAL_RANK in Open MPI's OMPI_COMM_WORLD_* variables (nemo.dist.env()).
+ * --bind-to none: mpirun would pin each rank to one core, and a rank needs its share of the
+ * cores for its OpenMP and OpenBLAS threads (OMP_NUM_THREADS = cores / N unless already set).
+ * NEMO_MPIRUN names another mpirun. Returns an exit status on failure, or -1 when this process
+ * already is one of the N ranks (then it just runs). */
+static int launch_nproc(int argc, char **argv, int argn, long n)
+{
+    const char *ws = getenv("OMPI_COMM_WORLD_SIZE");
+    if (ws && *ws) {
+        if (strtol(ws, NULL, 10) == n) return -1;   /* already one of the N ranks: just run */
+        fprintf(stderr, PROGNAME ": --nproc-per-node %ld inside an MPI job of %s processes "
+                "(OMPI_COMM_WORLD_SIZE): drop --nproc-per-node, or run nemo-lua outside mpirun\n", n, ws);
+        return EXIT_USAGE;
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores < 1) cores = 1;
+    char threads[32];
+    snprintf(threads, sizeof threads, "%ld", cores / n > 0 ? cores / n : 1);
+    setenv("OMP_NUM_THREADS", threads, 0);
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) { fprintf(stderr, PROGNAME ": cannot read /proc/self/exe: %s\n", strerror(errno)); return EXIT_FAILURE; }
+    exe[len] = 0;
+    char np[32];
+    snprintf(np, sizeof np, "%ld", n);
+    const char *mpirun = getenv("NEMO_MPIRUN");
+    if (!mpirun || !*mpirun) mpirun = "mpirun";
+    char **av = calloc((size_t)argc + 16, sizeof *av);
+    if (!av) { fputs(PROGNAME ": out of memory\n", stderr); return EXIT_FAILURE; }
+    int k = 0;
+    av[k++] = (char *)mpirun;
+    av[k++] = "-np";
+    av[k++] = np;
+    if (n > cores) av[k++] = "--oversubscribe";
+    if (geteuid() == 0) av[k++] = "--allow-run-as-root";
+    av[k++] = "--bind-to";
+    av[k++] = "none";
+    av[k++] = "-x";
+    av[k++] = "OMP_NUM_THREADS";
+    av[k++] = exe;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (i < argn && strncmp(a, "--nproc-per-node", 16) == 0) {
+            if (a[16] == 0) i++;   /* and its value */
+            continue;
+        }
+        av[k++] = argv[i];
+    }
+    av[k] = NULL;
+    fflush(stdout);
+    execvp(mpirun, av);
+    fprintf(stderr, PROGNAME ": --nproc-per-node %ld starts the processes with Open MPI's mpirun, but '%s' "
+            "cannot be run (%s); install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin), set NEMO_MPIRUN, "
+            "or launch with mpirun / srun yourself\n", n, mpirun, strerror(errno));
+    free(av);
+    return EXIT_FAILURE;
+}
+
 /* Index of the script in argv (argc when none), or -1 after printing a usage error. */
 static int collectargs(int argc, char **argv, int *flags)
 {
@@ -659,11 +723,7 @@ static int collectargs(int argc, char **argv, int *flags)
                         v ? v : "(nothing)");
                 return -1;
             }
-            if (n != 1) {
-                fputs(PROGNAME ": --nproc-per-node is not available yet "
-                      "(distributed training comes in a later issue)\n", stderr);
-                return -1;
-            }
+            nproc_per_node = n;
             continue;
         }
         switch (a[1]) {
@@ -810,6 +870,10 @@ int main(int argc, char **argv)
     int argn = collectargs(argc, argv, &flags);
     if (argn < 0) return EXIT_USAGE;
     if (flags & F_HELP) { print_usage(stdout); return 0; }
+    if (nproc_per_node > 1) {
+        int rc = launch_nproc(argc, argv, argn, nproc_per_node);
+        if (rc >= 0) return rc;
+    }
 
     lua_State *L = luaL_newstate();
     if (!L) { l_message("cannot create state: not enough memory"); return EXIT_FAILURE; }
@@ -819,6 +883,11 @@ int main(int argc, char **argv)
     smain.flags = flags;
     int status = lua_cpcall(L, pmain, NULL);
     report(L, status);
+    /* the only place that ends a job: under MPI a failing rank aborts the others, so they do
+     * not wait in a collective until the timeout */
+    if (status || smain.status)
+        (void)luaL_dostring(L, "local d = package.loaded['nemo.dist'] if d and d.is_initialized() and "
+                         "d.get_backend() ~= 'self' and d.get_world_size() > 1 then d.abort(1) end");
     lua_close(L);
     return (status || smain.status) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

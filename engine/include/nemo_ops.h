@@ -10,5 +10,7 @@
 #include "nemo_nnops.h"
 #include "nemo_shape.h"
 #include "nemo_conv.h"
+#include "nemo_fused.h"
 #include "nemo_safetensors.h"
+#include "nemo_coll.h"
 #endif

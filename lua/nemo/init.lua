@@ -18,7 +18,7 @@ nemo.Tensor = Tensor
 nemo.F = F
 
 -- op families (each fills F and the tensor methods)
-local families = {"pointwise", "shape", "reduce", "linalg", "nnops", "conv"}
+local families = {"pointwise", "shape", "reduce", "linalg", "nnops", "conv", "fused"}
 for _, fam in ipairs(families) do
     local path = package.searchpath("nemo.ops." .. fam, package.path)
     if path then require("nemo.ops." .. fam) end
@@ -68,6 +68,8 @@ local function optional(name)
     return nil
 end
 nemo.cuda = optional "nemo.cuda"
+nemo.dist = optional "nemo.dist"
+nemo.parallel = optional "nemo.parallel"
 nemo.optim = require "nemo.optim"
 local st = optional "nemo.safetensors"
 if st then

@@ -8,8 +8,8 @@
 -- A pipeline is a table of components. Components nemo-lua implements (the transformers) are
 -- loaded as modules; the others (VAE, text encoders, tokenizers, scheduler) are listed, skipped
 -- with a warning, and carried through save_pretrained by copying their folders, so a saved
--- pipeline is still complete for diffusers. parallel_scheme is handed to the parallel managers,
--- which come with the distributed issue: until then a non-empty scheme is an error.
+-- pipeline is still complete for diffusers. parallel_scheme is handed to the parallel managers
+-- (lua/nemo/parallel: DDP today; FSDP2 is a clear "not available yet" error).
 local fs = require "nemo.fs"
 local hub = require "nemo.hub"
 local json = require "nemo.json"
@@ -162,16 +162,21 @@ local function check_dtype(d, what)
     return d
 end
 
+-- parallel_scheme: component name -> manager options ({_manager_type = "ddp"|"fsdp2", ...}).
+-- Every entry is checked (and its manager built) before anything is loaded.
 local function check_parallel_scheme(scheme)
     if scheme == nil or scheme == json.null then return {} end
     if type(scheme) ~= "table" then error("parallel_scheme: expected a table of component -> manager options", 3) end
     if next(scheme) == nil then return {} end
-    local names = {}
-    for k in pairs(scheme) do names[#names + 1] = tostring(k) end
-    table.sort(names)
-    error("parallel_scheme (for " .. table.concat(names, ", ") .. "): the FSDP2 and DDP parallel managers are " ..
-          "not available yet in nemo-lua (they come with distributed training); run on one process without " ..
-          "parallel_scheme", 3)
+    local parallel = require "nemo.parallel"
+    for name, args in pairs(scheme) do
+        if type(args) ~= "table" then
+            error(string.format("parallel_scheme.%s: expected a table of manager options, got %s", tostring(name), type(args)), 3)
+        end
+        local ok, err = pcall(parallel._create_parallel_manager, args)
+        if not ok then error("parallel_scheme." .. tostring(name) .. ": " .. tostring(err), 3) end
+    end
+    return scheme
 end
 
 -- ==== the pipeline object ====
@@ -293,7 +298,7 @@ end
 
 function M._apply_parallelization(pipe, scheme)
     if scheme == nil or next(scheme) == nil then return {} end
-    check_parallel_scheme(scheme)
+    return require("nemo.parallel")._apply_parallelization(pipe, scheme)
 end
 
 -- Read <model_id>/<subfolder>/config.json from a folder, the HF cache, or the shipped configs.

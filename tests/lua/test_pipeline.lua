@@ -51,7 +51,7 @@ T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "Nope"}, {to
 T.raises(function() P.from_config(tmp .. "/nowhere", {transformer_cls = "FluxTransformer2DModel"}) end,
     "not found; looked in", "from_config with a missing folder says where it looked")
 T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"}, {parallel_scheme = {transformer = {}}}) end,
-    "not available yet", "non-empty parallel_scheme is refused until the managers exist")
+    "FSDP2 manager is not available yet", "a parallel_scheme asking for FSDP2 (the default manager) is refused clearly")
 T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float8"}) end,
     "unknown dtype 'float8'", "unknown torch_dtype")
 

@@ -152,12 +152,11 @@ like "$ERR" "broken nemo for the test" "a failing require 'nemo' is reported"
 is "$OUT" "$(printf 'repl runs\tnil')" "and the REPL still starts"
 
 # ==== --nproc-per-node ====
-run "" "$N" --nproc-per-node 2 "$T/args.lua"
-is "$RC" 2 "--nproc-per-node 2 exits 2 for now"
-is "$ERR" "nemo-lua: --nproc-per-node is not available yet (distributed training comes in a later issue)" \
-    "--nproc-per-node 2 explains that it comes later"
-run "" "$N" --nproc-per-node=4 "$T/args.lua"
-is "$RC" 2 "--nproc-per-node=4 exits 2 too"
+run "" env NEMO_MPIRUN=/nonexistent/mpirun "$N" --nproc-per-node 2 "$T/args.lua"
+is "$RC" 1 "--nproc-per-node 2 without mpirun exits 1"
+like "$ERR" "starts the processes with Open MPI's mpirun, but '/nonexistent/mpirun' cannot be run" "--nproc-per-node without mpirun says what to install"
+run "" env OMPI_COMM_WORLD_SIZE=3 "$N" --nproc-per-node=4 "$T/args.lua"
+is "$RC" 2 "--nproc-per-node=4 inside an MPI job of 3 exits 2"
 run "" "$N" --nproc-per-node 1 "$T/args.lua" a
 is "$RC" 0 "--nproc-per-node 1 runs the script"
 is "$(printf '%s' "$OUT" | tail -n 1)" "$(printf '1\ta')" "--nproc-per-node 1 passes the script its args"

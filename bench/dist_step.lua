@@ -1,0 +1,198 @@
+-- bench/dist_step.lua: a DDP training step on 1, 2 and 4 CPU ranks: step time split into
+-- compute and communication, and the bytes the gradient all-reduce moves per step.
+--   nemo-lua bench/dist_step.lua [--ranks 1,2,4] [--model mlp|flux] [--steps N] [--warmup N]
+--                                [--batch B] [--bucket-mb X]
+-- Run without a launcher, it starts itself under mpirun once per rank count (as
+-- `nemo-lua --nproc-per-node N` does: --bind-to none, OMP_NUM_THREADS = cores / N, and
+-- --oversubscribe beyond the core count) and prints one table; under mpirun it is one worker.
+-- Weak scaling: every rank trains on its own local batch B, so the global batch is N x B.
+--
+-- Columns, per step (medians over the timed steps; the slowest rank's figure):
+--   step      wall time of zero_grad + forward + backward + the final gradient wait + AdamW step
+--   comm      time spent inside collective calls (starting buckets, driving MPI's progress from
+--             the gradient hooks, the final wait): communication that compute did not hide
+--   compute   step - comm
+--   payload   bytes each rank hands to all-reduce (float32 gradients + DDP's bookkeeping)
+--   wire      bytes each rank sends with a ring all-reduce, 2 (N-1)/N x payload
+--   early     buckets started while backward still ran, of all buckets
+--   samples/s N x B / step
+-- On a machine with fewer cores than ranks x threads, ranks share cores: more ranks do not
+-- add compute there, and the table shows what the collectives cost on top.
+local nemo = require "nemo"
+local dist = require "nemo.dist"
+local json = require "nemo.json"
+local ddp = require "nemo.parallel.ddp"
+
+local F = nemo.F
+
+-- ==== arguments ====
+
+local opts = {ranks = {1, 2, 4}, model = "mlp", steps = 8, warmup = 2, batch = 32, bucket_mb = 25, worker = false}
+local argv = arg or {}
+local i = 1
+while i <= #argv do
+    local a, v = argv[i], argv[i + 1]
+    if a == "--ranks" then
+        opts.ranks = {}
+        for x in v:gmatch("%d+") do opts.ranks[#opts.ranks + 1] = tonumber(x) end
+        i = i + 1
+    elseif a == "--model" then opts.model = v; i = i + 1
+    elseif a == "--steps" then opts.steps = tonumber(v); i = i + 1
+    elseif a == "--warmup" then opts.warmup = tonumber(v); i = i + 1
+    elseif a == "--batch" then opts.batch = tonumber(v); i = i + 1
+    elseif a == "--bucket-mb" then opts.bucket_mb = tonumber(v); i = i + 1
+    elseif a == "--worker" then opts.worker = true
+    else
+        error("dist_step: unknown argument '" .. tostring(a) .. "' (--ranks 1,2,4, --model mlp|flux, --steps N, " ..
+              "--warmup N, --batch B, --bucket-mb X)", 0)
+    end
+    i = i + 1
+end
+if opts.model ~= "mlp" and opts.model ~= "flux" then error("dist_step: --model is mlp or flux", 0) end
+
+local function median(t)
+    local s = {}
+    for k, x in ipairs(t) do s[k] = x end
+    table.sort(s)
+    local n = #s
+    if n == 0 then return 0 / 0 end
+    if n % 2 == 1 then return s[(n + 1) / 2] end
+    return (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
+-- ==== the models ====
+
+local function mlp_model()
+    local nn = nemo.nn
+    local layers = {}
+    local width = 1024
+    layers[#layers + 1] = nn.Linear(256, width)
+    for _ = 1, 3 do layers[#layers + 1] = nn.GELU(); layers[#layers + 1] = nn.Linear(width, width) end
+    layers[#layers + 1] = nn.Linear(width, 256)
+    local model = nn.Sequential(unpack(layers))
+    local g = nemo.Generator(1000 + dist.get_rank())
+    local x = nemo.randn({opts.batch, 256}, {generator = g})
+    local y = nemo.randn({opts.batch, 256}, {generator = g})
+    return model, function() return F.mse_loss(model(x), y) end, "MLP 256-1024x4-256"
+end
+
+local function flux_model()
+    local flux = require "nemo.models.flux"
+    local cfg = {in_channels = 64, num_layers = 1, num_single_layers = 2, attention_head_dim = 32,
+                 num_attention_heads = 4, joint_attention_dim = 256, pooled_projection_dim = 128,
+                 guidance_embeds = true, axes_dims_rope = {8, 12, 12}}
+    local model = flux.FluxTransformer2DModel(cfg)
+    local B, img, txt = math.max(1, math.floor(opts.batch / 16)), 64, 16
+    local g = nemo.Generator(1000 + dist.get_rank())
+    local ids = nemo.zeros(img, 3)
+    for r = 0, img - 1 do ids[{r, 1}] = math.floor(r / 8); ids[{r, 2}] = r % 8 end
+    local args = {
+        hidden_states = nemo.randn({B, img, 64}, {generator = g}),
+        encoder_hidden_states = nemo.randn({B, txt, 256}, {generator = g}),
+        pooled_projections = nemo.randn({B, 128}, {generator = g}),
+        timestep = nemo.rand({B}, {generator = g}), guidance = nemo.full({B}, 3.5),
+        img_ids = ids, txt_ids = nemo.zeros(txt, 3),
+    }
+    local target = nemo.randn({B, img, 64}, {generator = g})
+    opts.batch = B
+    return model, function() return F.mse_loss(model(args), target) end, "FLUX (D 128, 1 + 2 blocks)"
+end
+
+-- ==== one worker (a rank) ====
+
+local function worker()
+    dist.init_process_group{backend = "mpi", timeout = 300}
+    local rank, world = dist.get_rank(), dist.get_world_size()
+    nemo.manual_seed(0)
+    local model, loss_fn, desc
+    if opts.model == "mlp" then model, loss_fn, desc = mlp_model() else model, loss_fn, desc = flux_model() end
+    local mgr = ddp.DDPManager{bucket_cap_mb = opts.bucket_mb}
+    mgr:parallelize(model)
+    local opt = nemo.optim.AdamW(model:parameters(), {lr = 1e-4, weight_decay = 0.01})
+    local steps, comms, early = {}, {}, {}
+    for s = 1, opts.warmup + opts.steps do
+        collectgarbage()
+        dist.barrier()
+        local c0 = dist.stats().seconds
+        local t0 = dist.wtime()
+        opt:zero_grad()
+        local loss = loss_fn()
+        loss:backward()
+        mgr:finish_gradient_synchronization()
+        opt:step()
+        local t1 = dist.wtime()
+        local c1 = dist.stats().seconds
+        loss = nil
+        if s > opts.warmup then
+            steps[#steps + 1] = t1 - t0
+            comms[#comms + 1] = c1 - c0
+            early[#early + 1] = (mgr:info().last.early or 0)
+        end
+    end
+    local step = dist.all_reduce_number(median(steps), "max")
+    local comm = dist.all_reduce_number(median(comms), "max")
+    local info = mgr:info()
+    if rank == 0 then
+        io.write("RESULT ", json.encode({ranks = world, model = desc, params = model:num_parameters(),
+            batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm,
+            payload = info.bytes_per_step, buckets = info.buckets, early = median(early),
+            library = dist.library_version()}), "\n")
+        io.stdout:flush()
+    end
+end
+
+if opts.worker or dist.env().launcher ~= "none" then
+    worker()
+    return
+end
+
+-- ==== the driver: one mpirun per rank count ====
+
+-- the interpreter as invoked (arg[-1]); a bare name is looked up on PATH
+local nemo_lua = (arg and arg[-1]) or "nemo-lua"
+if not nemo_lua:find("/") then
+    local p = io.popen("command -v " .. nemo_lua .. " 2>/dev/null")
+    nemo_lua = (p and p:read("*l")) or nemo_lua
+    if p then p:close() end
+end
+local script = arg and arg[0] or "bench/dist_step.lua"
+local cores = 1
+do
+    local p = io.popen("nproc 2>/dev/null")
+    cores = tonumber(p and p:read("*l") or "1") or 1
+    if p then p:close() end
+end
+local root = io.popen("id -u"):read("*l") == "0"
+
+print(string.format("DDP step on CPU ranks (weak scaling, bucket_cap_mb %g, %d timed steps after %d warmup; %d cores)",
+    opts.bucket_mb, opts.steps, opts.warmup, cores))
+local rows = {}
+for _, n in ipairs(opts.ranks) do
+    local threads = math.max(1, math.floor(cores / n))
+    local cmd = string.format("OMP_NUM_THREADS=%d OMPI_MCA_btl=${OMPI_MCA_btl:-self,vader} mpirun -np %d %s%s" ..
+        "--bind-to none -x OMP_NUM_THREADS %s %s --worker --model %s --steps %d --warmup %d --batch %d --bucket-mb %g 2>&1",
+        threads, n, n > cores and "--oversubscribe " or "", root and "--allow-run-as-root " or "", nemo_lua, script,
+        opts.model, opts.steps, opts.warmup, opts.batch, opts.bucket_mb)
+    local p = io.popen(cmd)
+    local out = p:read("*a")
+    p:close()
+    local line = out:match("RESULT (%b{})")
+    if not line then
+        io.stderr:write("dist_step: the run with " .. n .. " ranks failed:\n" .. out .. "\n")
+    else
+        rows[#rows + 1] = json.decode(line)
+    end
+end
+if #rows == 0 then os.exit(1) end
+print(string.format("model: %s, %d parameters, local batch %d; %s", rows[1].model, rows[1].params, rows[1].batch,
+    rows[1].library or ""))
+print(string.format("%5s %7s %9s %9s %9s %6s %10s %10s %7s %10s", "ranks", "threads", "step ms", "compute", "comm",
+    "comm%", "payload MB", "wire MB", "early", "samples/s"))
+for _, r in ipairs(rows) do
+    local n = r.ranks
+    local wire = n > 1 and 2 * (n - 1) / n * r.payload or 0
+    local payload = n > 1 and r.payload or 0
+    print(string.format("%5d %7d %9.1f %9.1f %9.1f %5.1f%% %10.2f %10.2f %3d/%-3d %10.1f", n, r.threads, r.step * 1e3,
+        (r.step - r.comm) * 1e3, r.comm * 1e3, 100 * r.comm / r.step, payload / 2 ^ 20, wire / 2 ^ 20,
+        math.floor(r.early + 0.5), r.buckets, n * r.batch / r.step))
+end
