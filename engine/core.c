@@ -24,6 +24,9 @@
 
 static _Thread_local char err_msg[2048];
 static _Thread_local int err_status;
+/* The CUDA kernel this thread looked up last (see cuda_pending_error). */
+static _Thread_local const char *cuda_kernel_name;
+static void cuda_pending_error(void);
 
 int nemo_set_error(int code, const char *file, int line, const char *fmt, ...) {
     va_list ap;
@@ -36,12 +39,13 @@ int nemo_set_error(int code, const char *file, int line, const char *fmt, ...) {
         snprintf(err_msg + n, sizeof err_msg - (size_t)n, " (%s:%d)", base ? base + 1 : file, line);
     }
     err_status = code;
+    cuda_kernel_name = NULL;
     return code;
 }
 
-NEMO_API const char *nemo_last_error(void) { return err_msg[0] ? err_msg : "no error"; }
-NEMO_API int nemo_last_status(void) { return err_status; }
-NEMO_API void nemo_clear_error(void) { err_msg[0] = 0; err_status = 0; }
+NEMO_API const char *nemo_last_error(void) { cuda_pending_error(); return err_msg[0] ? err_msg : "no error"; }
+NEMO_API int nemo_last_status(void) { cuda_pending_error(); return err_status; }
+NEMO_API void nemo_clear_error(void) { err_msg[0] = 0; err_status = 0; cuda_kernel_name = NULL; }
 NEMO_API int nemo_abi_version(void) { return NEMO_ABI_VERSION; }
 NEMO_API const char *nemo_version(void) { return "0.1.0"; }
 
@@ -134,7 +138,7 @@ uint16_t nemo_f32_to_f16(float f) {
         if (abs < 0x33000000u) return (uint16_t)sign;
         uint32_t e = abs >> 23, m = (abs & 0x7fffffu) | 0x800000u;
         int shift = (int)(126 - e);   /* 113 + 13 - e, into a 10-bit subnormal mantissa */
-        uint32_t r = m >> (shift + 1), rem = m & ((1u << (shift + 1)) - 1), half = 1u << shift;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
         if (rem > half || (rem == half && (r & 1u))) r++;
         return (uint16_t)(sign | r);
     }
@@ -231,6 +235,21 @@ NEMO_API int nemo_device_synchronize(int devtype, int devindex) {
 
 const char *nemo_cuda_error_text(void) { return cuda ? cuda->error_text() : cuda_reason; }
 
+/* A front-end that calls a CUDA kernel may only propagate its status (NEMO_TRY(k(...))): the
+ * message then lives in the plugin's error text. nemo_kernel_get clears this thread's message
+ * when it hands out a CUDA kernel and remembers the name; every CUDA kernel empties the
+ * plugin's text when it starts. So when the message is still empty here and the plugin's text
+ * is not, the kernel failed, and its text becomes the message. A message set after the lookup
+ * (nemo_set_error) takes precedence. */
+static void cuda_pending_error(void) {
+    if (err_msg[0] || !cuda_kernel_name || !cuda) return;
+    const char *t = cuda->error_text();
+    if (!t || !t[0]) return;
+    snprintf(err_msg, sizeof err_msg, "%s: cuda kernel failed: %s", cuda_kernel_name, t);
+    err_status = NEMO_ECUDA;
+    cuda_kernel_name = NULL;
+}
+
 int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex) {
     if (!cuda) return NEMO_ERR(NEMO_EDEVICE, "no CUDA device: %s", cuda_reason);
     if (cuda->memcpy(dst, src, n, kind, devindex) < 0)
@@ -258,7 +277,14 @@ void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn) {
 nemo_kfn nemo_kernel_get(const char *name, int devtype) {
     for (int i = 0; i < nkernels; i++)
         if (!strcmp(kernels[i].name, name)) {
-            if (devtype >= 0 && devtype < NEMO_NDEVTYPE && kernels[i].fn[devtype]) return kernels[i].fn[devtype];
+            if (devtype >= 0 && devtype < NEMO_NDEVTYPE && kernels[i].fn[devtype]) {
+                if (devtype == NEMO_CUDA) {   /* see cuda_pending_error */
+                    err_msg[0] = 0;
+                    err_status = 0;
+                    cuda_kernel_name = kernels[i].name;
+                }
+                return kernels[i].fn[devtype];
+            }
             break;
         }
     NEMO_ERR(NEMO_EUNSUPPORTED, "%s: no %s kernel", name, devtype == NEMO_CUDA ? "cuda" : "cpu");
@@ -300,9 +326,130 @@ static void malloc_tune(void) {
 }
 static pthread_once_t tune_once = PTHREAD_ONCE_INIT;
 
+/* CUDA block cache: every CUDA block is cached on free and reused for a request of the same
+ * size class, per device (cudaMalloc and cudaFree cost 10 us to ms and cudaFree synchronizes
+ * the device). Size classes: multiples of 512 bytes up to 1 MiB, of 2 MiB above. A class's
+ * free blocks are a stack in a bin; bins live in an open-addressing table keyed by the class
+ * size, per device. Reusing a block at once is safe because every kernel and copy runs on one
+ * stream per device (kernels/cuda/common.cuh: nemo_cuda_stream), so whatever read or wrote the
+ * old tensor is queued before anything the new owner queues. When cudaMalloc fails, the
+ * device's whole cache is released and the allocation tried once more. */
+#define CUDA_SMALL_MAX ((size_t)1 << 20)
+#define CUDA_SMALL_STEP ((size_t)512)
+#define CUDA_LARGE_STEP ((size_t)2 << 20)
+typedef struct { size_t size; int n, cap; void **p; } cuda_bin;
+static struct { cuda_bin *bins; int cap, used; } cuda_cache[MAX_DEV];
+
+static size_t cuda_round_size(size_t n) {
+    if (n <= CUDA_SMALL_MAX) return (n + CUDA_SMALL_STEP - 1) / CUDA_SMALL_STEP * CUDA_SMALL_STEP;
+    return (n + CUDA_LARGE_STEP - 1) / CUDA_LARGE_STEP * CUDA_LARGE_STEP;
+}
+
+static size_t cuda_hash(size_t size, int cap) {   /* splitmix64's finaliser: every bit mixes in */
+    uint64_t x = (uint64_t)size;
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
+    return (size_t)x & (size_t)(cap - 1);
+}
+
+/* The bin of class size n on slot s (mem_lock held); create: add it when missing (NULL when
+ * missing and not created, or out of host memory). */
+static cuda_bin *cuda_bin_find(int s, size_t n, int create) {
+    if (cuda_cache[s].cap) {
+        for (size_t i = cuda_hash(n, cuda_cache[s].cap);; i = (i + 1) & (size_t)(cuda_cache[s].cap - 1)) {
+            cuda_bin *b = &cuda_cache[s].bins[i];
+            if (b->size == n) return b;
+            if (b->size == 0) break;
+        }
+    }
+    if (!create) return NULL;
+    if (2 * (cuda_cache[s].used + 1) > cuda_cache[s].cap) {   /* grow to keep the load under 1/2 */
+        int ncap = cuda_cache[s].cap ? 2 * cuda_cache[s].cap : 64;
+        cuda_bin *nb = calloc((size_t)ncap, sizeof *nb);
+        if (!nb) return NULL;
+        for (int i = 0; i < cuda_cache[s].cap; i++) {
+            cuda_bin *o = &cuda_cache[s].bins[i];
+            if (!o->size) continue;
+            size_t j = cuda_hash(o->size, ncap);
+            while (nb[j].size) j = (j + 1) & (size_t)(ncap - 1);
+            nb[j] = *o;
+        }
+        free(cuda_cache[s].bins);
+        cuda_cache[s].bins = nb;
+        cuda_cache[s].cap = ncap;
+    }
+    size_t i = cuda_hash(n, cuda_cache[s].cap);
+    while (cuda_cache[s].bins[i].size) i = (i + 1) & (size_t)(cuda_cache[s].cap - 1);
+    cuda_cache[s].bins[i].size = n;
+    cuda_cache[s].used++;
+    return &cuda_cache[s].bins[i];
+}
+
+/* Gives every cached block of cuda:devindex back to the driver. */
+static void cuda_empty_cache(int devindex) {
+    int s = dev_slot(NEMO_CUDA, devindex);
+    void **list = NULL;
+    size_t nlist = 0, cap = 0;
+    pthread_mutex_lock(&mem_lock);
+    for (int i = 0; i < cuda_cache[s].cap; i++) {
+        cuda_bin *b = &cuda_cache[s].bins[i];
+        if (!b->n) continue;
+        if (nlist + (size_t)b->n > cap) {
+            size_t ncap = (nlist + (size_t)b->n) * 2;
+            void **nl = realloc(list, ncap * sizeof *nl);
+            if (!nl) break;   /* out of host memory: free what is listed so far */
+            list = nl;
+            cap = ncap;
+        }
+        for (int k = 0; k < b->n; k++) list[nlist++] = b->p[k];
+        mem_cached[s] -= (int64_t)b->size * b->n;
+        b->n = 0;
+    }
+    pthread_mutex_unlock(&mem_lock);
+    for (size_t i = 0; i < nlist; i++) cuda->free(devindex, list[i]);
+    free(list);
+}
+
+static void *cuda_alloc(int devindex, size_t n) {
+    int s = dev_slot(NEMO_CUDA, devindex);
+    void *p = NULL;
+    pthread_mutex_lock(&mem_lock);
+    cuda_bin *b = cuda_bin_find(s, n, 0);
+    if (b && b->n > 0) {
+        p = b->p[--b->n];
+        mem_cached[s] -= (int64_t)n;
+    }
+    pthread_mutex_unlock(&mem_lock);
+    if (p) return p;
+    if (cuda->malloc(devindex, n, &p) < 0) {
+        cuda_empty_cache(devindex);
+        if (cuda->malloc(devindex, n, &p) < 0) {
+            NEMO_ERR(NEMO_ENOMEM, "out of memory on cuda:%d allocating %zu bytes (cache emptied and retried): %s",
+                     devindex, n, cuda->error_text());
+            return NULL;
+        }
+    }
+    return p;
+}
+
+/* Caches a CUDA block of class size n; returns 0 when it could not (then the caller frees it). */
+static int cuda_cache_put(int s, void *p, size_t n) {
+    cuda_bin *b = cuda_bin_find(s, n, 1);
+    if (!b) return 0;
+    if (b->n == b->cap) {
+        int ncap = b->cap ? 2 * b->cap : 4;
+        void **np = realloc(b->p, (size_t)ncap * sizeof *np);
+        if (!np) return 0;
+        b->p = np;
+        b->cap = ncap;
+    }
+    b->p[b->n++] = p;
+    mem_cached[s] += (int64_t)n;
+    return 1;
+}
+
 void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
     if (nemo_check_device(devtype, devindex) < 0) return NULL;
-    size_t n = round_size(nbytes ? nbytes : 1);
+    size_t n = devtype == NEMO_CUDA ? cuda_round_size(nbytes ? nbytes : 1) : round_size(nbytes ? nbytes : 1);
     void *p = NULL;
     int slot = dev_slot(devtype, devindex);
     if (devtype == NEMO_CPU) {
@@ -325,11 +472,8 @@ void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
         }
         if (!p) { NEMO_ERR(NEMO_ENOMEM, "out of memory: cannot allocate %zu bytes on cpu", n); return NULL; }
     } else {
-        if (cuda->malloc(devindex, n, &p) < 0) {
-            NEMO_ERR(NEMO_ENOMEM, "out of memory on cuda:%d allocating %zu bytes: %s", devindex, n,
-                     cuda->error_text());
-            return NULL;
-        }
+        p = cuda_alloc(devindex, n);
+        if (!p) return NULL;
     }
     pthread_mutex_lock(&mem_lock);
     mem_cur[slot] += (int64_t)n;
@@ -340,13 +484,15 @@ void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
 
 void nemo_dev_free(int devtype, int devindex, void *p, size_t nbytes) {
     if (!p) return;
-    size_t n = round_size(nbytes ? nbytes : 1);
+    size_t n = devtype == NEMO_CUDA ? cuda_round_size(nbytes ? nbytes : 1) : round_size(nbytes ? nbytes : 1);
     int slot = dev_slot(devtype, devindex);
     pthread_mutex_lock(&mem_lock);
     mem_cur[slot] -= (int64_t)n;
     if (devtype == NEMO_CPU && n >= CACHE_MIN && cpu_ncache < CACHE_SLOTS) {
         cpu_cache[cpu_ncache].p = p; cpu_cache[cpu_ncache].n = n; cpu_ncache++;
         mem_cached[0] += (int64_t)n;
+        p = NULL;
+    } else if (devtype == NEMO_CUDA && cuda_cache_put(slot, p, n)) {
         p = NULL;
     }
     pthread_mutex_unlock(&mem_lock);
@@ -365,7 +511,10 @@ NEMO_API void nemo_memory_reset_peak(int devtype, int devindex) {
     pthread_mutex_unlock(&mem_lock);
 }
 NEMO_API void nemo_memory_empty_cache(int devtype, int devindex) {
-    NEMO_UNUSED(devindex);
+    if (devtype == NEMO_CUDA) {
+        if (cuda && devindex >= 0 && devindex < cuda_count) cuda_empty_cache(devindex);
+        return;
+    }
     if (devtype != NEMO_CPU) return;
     pthread_mutex_lock(&mem_lock);
     for (int i = 0; i < cpu_ncache; i++) free(cpu_cache[i].p);
@@ -661,6 +810,34 @@ static int copy_cpu(nemo_tensor *dst, const nemo_tensor *src, const int64_t *sst
     return 0;
 }
 
+/* ==== CUDA copies ==== */
+
+typedef int (*cuda_copy_k)(nemo_tensor *dst, const nemo_tensor *src, const int64_t *sstride);
+
+static size_t dense_bytes(const nemo_tensor *t) {
+    return (size_t)nemo_tensor_numel(t) * (size_t)nemo_dtype_size(t->dtype);
+}
+static int same_shape(const nemo_tensor *a, const nemo_tensor *b) {
+    return a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof(int64_t) * (size_t)a->ndim);
+}
+
+/* dst = src (broadcast to dst's shape) through the "copy" CUDA kernel; both on one device. */
+static int cuda_copy(nemo_tensor *dst, const nemo_tensor *src) {
+    int rc = 0;
+    cuda_copy_k k;
+    NEMO_GET_KERNEL(k, cuda_copy_k, "copy", NEMO_CUDA);
+    int64_t sst[NEMO_MAXDIM];
+    nemo_broadcast_strides(src, dst->ndim, dst->shape, sst);
+    rc = k(dst, src, sst);
+    if (rc < 0) {
+        char b1[128];
+        rc = NEMO_ERR(rc, "copy_ of %s %s to %s on cuda:%d: %s", nemo_shape_str(dst, b1, sizeof b1),
+                      nemo_dtype_name(src->dtype), nemo_dtype_name(dst->dtype), dst->devindex, nemo_cuda_error_text());
+    }
+fail:
+    return rc;
+}
+
 NEMO_API int nemo_copy_(nemo_tensor *dst, const nemo_tensor *src) {
     int rc = 0;
     nemo_tensor *tmp = NULL, *tmp2 = NULL;
@@ -677,30 +854,67 @@ NEMO_API int nemo_copy_(nemo_tensor *dst, const nemo_tensor *src) {
         nemo_broadcast_strides(src, dst->ndim, dst->shape, sst);
         return copy_cpu(dst, src, sst);
     }
-    /* Cross-device or device-to-device: bytes move contiguously in dst's dtype. */
-    if (dst->devtype == NEMO_CUDA) {
-        NEMO_TRY(nemo_check_device(NEMO_CUDA, dst->devindex));
-        NEMO_CHECK(nemo_tensor_is_contiguous(dst), NEMO_EUNSUPPORTED,
-                   "copy_: a non-contiguous cuda destination needs the strided cuda copy kernel");
-        if (src->devtype == NEMO_CPU) {
-            NEMO_TRYP(tmp, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CPU, 0));
-            NEMO_TRY(nemo_copy_(tmp, src));
-            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(tmp),
-                                     (size_t)nemo_tensor_numel(dst) * (size_t)nemo_dtype_size(dst->dtype), 0, dst->devindex));
-        } else {
-            NEMO_CHECK(src->dtype == dst->dtype && nemo_tensor_is_contiguous(src) && src->ndim == dst->ndim &&
-                       !memcmp(src->shape, dst->shape, sizeof(int64_t) * (size_t)src->ndim), NEMO_EUNSUPPORTED,
-                       "copy_: cuda to cuda copies with a dtype change or broadcast need a cuda copy kernel");
-            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(src),
-                                     (size_t)nemo_tensor_numel(dst) * (size_t)nemo_dtype_size(dst->dtype), 2, dst->devindex));
+    if (nemo_tensor_numel(dst) == 0) return 0;
+    if (dst->devtype == NEMO_CUDA) NEMO_TRY(nemo_check_device(NEMO_CUDA, dst->devindex));
+    if (src->devtype == NEMO_CUDA) NEMO_TRY(nemo_check_device(NEMO_CUDA, src->devindex));
+    if (dst->devtype == NEMO_CUDA && src->devtype == NEMO_CPU) {
+        /* converted and laid out on the host, one contiguous upload, then the strided cuda
+         * copy when dst is not dense */
+        if (src->dtype == dst->dtype && same_shape(src, dst) && nemo_tensor_is_contiguous(src) &&
+            nemo_tensor_is_contiguous(dst)) {   /* dense bytes as they are */
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(src), dense_bytes(dst), 0, dst->devindex));
+            goto fail;
         }
-    } else {   /* cuda -> cpu */
-        NEMO_TRY(nemo_check_device(NEMO_CUDA, src->devindex));
-        NEMO_CHECK(nemo_tensor_is_contiguous(src), NEMO_EUNSUPPORTED,
-                   "copy_: a non-contiguous cuda source needs the strided cuda copy kernel");
+        NEMO_TRYP(tmp, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CPU, 0));
+        NEMO_TRY(nemo_copy_(tmp, src));
+        if (nemo_tensor_is_contiguous(dst)) {
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(tmp), dense_bytes(dst), 0, dst->devindex));
+        } else {
+            NEMO_TRYP(tmp2, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CUDA, dst->devindex));
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(tmp2), nemo_tensor_data(tmp), dense_bytes(tmp2), 0, dst->devindex));
+            NEMO_TRY(cuda_copy(dst, tmp2));
+        }
+    } else if (dst->devtype == NEMO_CUDA) {
+        /* cuda -> cuda. Same device: one memcpy for a dense same-dtype copy, the copy kernel
+         * for anything else. Two devices: the kernel makes a dense dst-dtype copy on the source
+         * device when needed, bytes cross with one memcpy, the kernel scatters them into a
+         * strided dst. */
+        int plain = src->dtype == dst->dtype && nemo_tensor_is_contiguous(src) && same_shape(src, dst);
+        if (src->devindex == dst->devindex) {
+            if (plain && nemo_tensor_is_contiguous(dst))
+                NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(src), dense_bytes(dst), 2, dst->devindex));
+            else
+                NEMO_TRY(cuda_copy(dst, src));
+        } else {
+            const nemo_tensor *from = src;
+            if (!plain) {
+                NEMO_TRYP(tmp, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CUDA, src->devindex));
+                NEMO_TRY(cuda_copy(tmp, src));
+                from = tmp;
+            }
+            if (nemo_tensor_is_contiguous(dst)) {
+                NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(from), dense_bytes(dst), 2, dst->devindex));
+            } else {
+                NEMO_TRYP(tmp2, nemo_empty(dst->ndim, dst->shape, dst->dtype, NEMO_CUDA, dst->devindex));
+                NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(tmp2), nemo_tensor_data(from), dense_bytes(tmp2), 2, dst->devindex));
+                NEMO_TRY(cuda_copy(dst, tmp2));
+            }
+        }
+    } else {
+        /* cuda -> cpu: made dense on the device (its own shape and dtype) when it is not, one
+         * download, then the CPU copy broadcasts and converts */
+        const nemo_tensor *from = src;
+        if (!nemo_tensor_is_contiguous(src)) {
+            NEMO_TRYP(tmp2, nemo_empty(src->ndim, src->shape, src->dtype, NEMO_CUDA, src->devindex));
+            NEMO_TRY(cuda_copy(tmp2, src));
+            from = tmp2;
+        }
+        if (src->dtype == dst->dtype && same_shape(src, dst) && nemo_tensor_is_contiguous(dst)) {
+            NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(dst), nemo_tensor_data(from), dense_bytes(dst), 1, src->devindex));
+            goto fail;
+        }
         NEMO_TRYP(tmp, nemo_empty(src->ndim, src->shape, src->dtype, NEMO_CPU, 0));
-        NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(tmp), nemo_tensor_data(src),
-                                 (size_t)nemo_tensor_numel(src) * (size_t)nemo_dtype_size(src->dtype), 1, src->devindex));
+        NEMO_TRY(nemo_dev_memcpy(nemo_tensor_data(tmp), nemo_tensor_data(from), dense_bytes(tmp), 1, src->devindex));
         NEMO_TRY(nemo_copy_(dst, tmp));
     }
 fail:

@@ -1,7 +1,8 @@
 /*
  * kernels/cuda/common.cuh: what every CUDA kernel file of libnemo_cuda.so shares: error
- * statuses with the CUDA runtime's own text, kernel registration, launch sizes, dtype sizes and
- * host-side conversions of a fill value into a dtype's bit pattern.
+ * statuses with the CUDA runtime's own text, kernel registration, launch sizes, a per-device
+ * scratch buffer, dtype sizes, element conversions that equal libnemo's CPU conversions bit for
+ * bit, and the strided-offset calculator of the elementwise kernels.
  *
  * Non-obvious rules:
  * - The plugin links no libnemo symbol. libnemo dlopens it with RTLD_LOCAL while libnemo itself
@@ -9,10 +10,16 @@
  *   would make the dlopen fail. Kernels read the public structs of nemo.h directly and report
  *   errors as a negative nemo_status plus a message that the plugin's error_text() returns
  *   (a thread-local buffer in plugin.cu); libnemo copies that text into its own error.
+ * - Every registered kernel starts with NEMO_CUDA_ENTER, which empties that buffer: after a
+ *   kernel call, a non-empty error_text() means this call failed (libnemo relies on it to
+ *   report a failing kernel whose front-end only propagates the status).
  * - Nothing here exits, aborts or asserts: every failure is a status.
  * - A kernel file registers its kernels with NEMO_CUDA_KERNEL(name, fn) at file scope; the
  *   plugin hands the whole list to libnemo's registry when CUDA is first used, so adding a
  *   kernel family never touches plugin.cu.
+ * - Conversions go through double exactly as libnemo's nemo_load_f64 / nemo_store_f64 do, and
+ *   float -> integer conversions reproduce x86-64's cvttsd2si (NaN and out-of-range values give
+ *   the "integer indefinite" INT_MIN pattern), so a CUDA copy equals the CPU copy bit for bit.
  */
 #ifndef NEMO_CUDA_COMMON_CUH
 #define NEMO_CUDA_COMMON_CUH
@@ -34,6 +41,8 @@ int nemo_cuda_fail(cudaError_t e, const char *fmt, ...) __attribute__((format(pr
 /* Set the error text for a failure that is not a CUDA error (bad dtype, device...) and return
  * code. */
 int nemo_cuda_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Empty the error text (the start of every registered kernel: see the rule at the top). */
+void nemo_cuda_clear_error(void);
 
 /* Inside a function returning int: run a CUDA call and return a status on failure. */
 #define NEMO_CUDA_TRY(call, ...) do {                                                      \
@@ -42,6 +51,18 @@ int nemo_cuda_error(int code, const char *fmt, ...) __attribute__((format(printf
     } while (0)
 /* After a <<<...>>> launch: a bad configuration shows up in cudaGetLastError. */
 #define NEMO_CUDA_LAUNCHED(...) NEMO_CUDA_TRY(cudaGetLastError(), __VA_ARGS__)
+/* Inside a function returning int: propagate a negative status. */
+#define NEMO_CUDA_RC(expr) do { int nemo_cuda_rc_ = (expr); if (nemo_cuda_rc_ < 0) return nemo_cuda_rc_; } while (0)
+
+/* First statement of every registered kernel: clears the error text, checks that tensor t
+ * lives on a CUDA device and makes that device current. */
+#define NEMO_CUDA_ENTER(op, t) do {                                                         \
+        nemo_cuda_clear_error();                                                            \
+        if ((t)->devtype != NEMO_CUDA)                                                      \
+            return nemo_cuda_error(NEMO_EDEVICE, "%s: cuda kernel called on a %s tensor", (op), \
+                                   (t)->devtype == NEMO_CPU ? "cpu" : "non-cuda");          \
+        NEMO_CUDA_TRY(cudaSetDevice((t)->devindex), "%s: cudaSetDevice(%d)", (op), (t)->devindex); \
+    } while (0)
 
 /* ==== Kernel registration ==== */
 
@@ -56,7 +77,9 @@ void nemo_cuda_add_kernel(const char *name, nemo_cuda_kfn fn);
 /* ==== Launch configuration ==== */
 
 /* The stream kernels run on. The legacy default stream for now, so kernels are ordered with
- * the synchronous cudaMemcpy that libnemo uses for host <-> device copies; a kernel takes it
+ * the synchronous cudaMemcpy that libnemo uses for host <-> device copies, and a block freed
+ * by libnemo's caching allocator can be handed to the next op without waiting: every reader
+ * of the old tensor was queued before any writer of the new one. A kernel takes the stream
  * from here so that per-device streams later change one line. */
 static inline cudaStream_t nemo_cuda_stream(int dev) { (void)dev; return 0; }
 
@@ -68,6 +91,17 @@ static inline unsigned nemo_cuda_blocks(int64_t n) {
     if (b > 65535 * 8) b = 65535 * 8;
     return (unsigned)b;
 }
+
+/* A grid-stride loop over [0, n) in 64-bit indices. */
+#define NEMO_CUDA_LOOP(i, n)                                                                \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);               \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+/* A device buffer of at least nbytes for temporaries (partial sums, statistics), owned by the
+ * plugin: one per device, grown on demand and kept (not counted in libnemo's memory
+ * statistics). Valid until the next call on the same device: kernels of one op share it, and
+ * the stream orders its reuse by the next op. One host thread per device. */
+int nemo_cuda_scratch(int dev, size_t nbytes, void **p);
 
 /* ==== dtypes (the same table as engine/core.c) ==== */
 
@@ -84,21 +118,58 @@ static inline const char *nemo_cuda_dtype_name(int dtype) {
 static inline void *nemo_cuda_data(const nemo_tensor *t) {
     return (char *)t->storage->data + t->offset * nemo_cuda_dtype_size(t->dtype);
 }
+static inline int64_t nemo_cuda_numel(const nemo_tensor *t) {
+    int64_t n = 1;
+    for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
+    return n;
+}
+/* A float32 / float64 compute tensor check for the float kernels (front-ends prepare them). */
+static inline int nemo_cuda_check_compute(const char *op, const nemo_tensor *t) {
+    if (t->dtype != NEMO_F32 && t->dtype != NEMO_F64)
+        return nemo_cuda_error(NEMO_EDTYPE, "%s: cuda kernel expects float32 or float64, got %s", op,
+                               nemo_cuda_dtype_name(t->dtype));
+    return 0;
+}
 
-/* ==== Host conversions: the bit patterns libnemo's CPU code stores ==== */
-/* These mirror nemo_f32_to_bf16 / nemo_f32_to_f16 / nemo_store_f64 in engine/internal.h and
- * engine/core.c bit for bit (NaN included), so a value written on the GPU equals the one the
- * CPU writes. They cannot call libnemo (see the rule at the top). */
+/* ==== Element conversions: the bit patterns libnemo's CPU code stores ==== */
+/* These mirror nemo_bf16_to_f32 / nemo_f32_to_bf16 / nemo_f16_to_f32 / nemo_f32_to_f16 and
+ * nemo_load_f64 / nemo_store_f64 in engine/internal.h and engine/core.c bit for bit (NaN
+ * included), on the host and on the device. They cannot call libnemo (see the rule at the
+ * top), and the CUDA intrinsics (__float2bfloat16_rn...) write other NaN patterns. */
 
-static inline uint16_t nemo_cuda_f32_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
+#define NEMO_HD __host__ __device__ __forceinline__
+/* #pragma unroll inside functions that are also compiled for the host (gcc warns on it). */
+#ifdef __CUDA_ARCH__
+#define NEMO_UNROLL _Pragma("unroll")
+#else
+#define NEMO_UNROLL
+#endif
+
+NEMO_HD uint32_t nemo_cuda_f32_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    uint32_t u; memcpy(&u, &f, 4); return u;
+#endif
+}
+NEMO_HD float nemo_cuda_bits_f32(uint32_t u) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    float f; memcpy(&f, &u, 4); return f;
+#endif
+}
+
+NEMO_HD uint16_t nemo_cuda_f32_to_bf16(float f) {
+    uint32_t u = nemo_cuda_f32_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;       /* NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+NEMO_HD float nemo_cuda_bf16_to_f32(uint16_t h) { return nemo_cuda_bits_f32((uint32_t)h << 16); }
 
-static inline uint16_t nemo_cuda_f32_to_f16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
+NEMO_HD uint16_t nemo_cuda_f32_to_f16(float f) {
+    uint32_t u = nemo_cuda_f32_bits(f);
     uint32_t sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);              /* NaN */
     if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);             /* overflow -> inf */
@@ -106,12 +177,97 @@ static inline uint16_t nemo_cuda_f32_to_f16(float f) {
         if (abs < 0x33000000u) return (uint16_t)sign;
         uint32_t e = abs >> 23, m = (abs & 0x7fffffu) | 0x800000u;
         int shift = (int)(126 - e);
-        uint32_t r = m >> (shift + 1), rem = m & ((1u << (shift + 1)) - 1), half = 1u << shift;
-        if (rem > half || (rem == half && (r & 1u))) r++;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), hw = 1u << (shift - 1);
+        if (rem > hw || (rem == hw && (r & 1u))) r++;
         return (uint16_t)(sign | r);
     }
     uint32_t r = abs + 0xc8000fffu + ((abs >> 13) & 1u);
     return (uint16_t)(sign | (r >> 13));
+}
+NEMO_HD float nemo_cuda_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) u = sign;
+        else {   /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
+    else u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    return nemo_cuda_bits_f32(u);
+}
+
+/* (int64_t)v and (int32_t)v as x86-64 computes them: truncation in range, INT_MIN for NaN and
+ * out-of-range values (C leaves those undefined; libnemo's CPU build gets cvttsd2si's). */
+NEMO_HD int64_t nemo_cuda_f64_to_i64(double v) {
+    return (v >= -9223372036854775808.0 && v < 9223372036854775808.0) ? (int64_t)v : INT64_MIN;
+}
+NEMO_HD int32_t nemo_cuda_f64_to_i32(double v) {
+    return (v > -2147483649.0 && v < 2147483648.0) ? (int32_t)v : INT32_MIN;
+}
+
+/* Element types by dtype: storage type, load as double, store from double (nemo_load_f64 /
+ * nemo_store_f64 of engine/internal.h, one dtype per specialisation). */
+template <int DT> struct nemo_dt;
+template <> struct nemo_dt<NEMO_F32> {
+    typedef float S;
+    static NEMO_HD double load(S v) { return v; }
+    static NEMO_HD S store(double v) { return (float)v; }
+};
+template <> struct nemo_dt<NEMO_F64> {
+    typedef double S;
+    static NEMO_HD double load(S v) { return v; }
+    static NEMO_HD S store(double v) { return v; }
+};
+template <> struct nemo_dt<NEMO_BF16> {
+    typedef uint16_t S;
+    static NEMO_HD double load(S v) { return nemo_cuda_bf16_to_f32(v); }
+    static NEMO_HD S store(double v) { return nemo_cuda_f32_to_bf16((float)v); }
+};
+template <> struct nemo_dt<NEMO_F16> {
+    typedef uint16_t S;
+    static NEMO_HD double load(S v) { return nemo_cuda_f16_to_f32(v); }
+    static NEMO_HD S store(double v) { return nemo_cuda_f32_to_f16((float)v); }
+};
+template <> struct nemo_dt<NEMO_I64> {
+    typedef int64_t S;
+    static NEMO_HD double load(S v) { return (double)v; }
+    static NEMO_HD S store(double v) { return nemo_cuda_f64_to_i64(v); }
+};
+template <> struct nemo_dt<NEMO_I32> {
+    typedef int32_t S;
+    static NEMO_HD double load(S v) { return v; }
+    static NEMO_HD S store(double v) { return nemo_cuda_f64_to_i32(v); }
+};
+template <> struct nemo_dt<NEMO_BOOL> {
+    typedef uint8_t S;
+    static NEMO_HD double load(S v) { return v ? 1.0 : 0.0; }
+    static NEMO_HD S store(double v) { return v != 0.0; }
+};
+
+/* Any dtype, chosen at run time (the slow generic path of the copy kernel). */
+NEMO_HD double nemo_cuda_load_any(const void *p, int dt) {
+    switch (dt) {
+    case NEMO_F32: return nemo_dt<NEMO_F32>::load(*(const float *)p);
+    case NEMO_F64: return *(const double *)p;
+    case NEMO_BF16: return nemo_dt<NEMO_BF16>::load(*(const uint16_t *)p);
+    case NEMO_F16: return nemo_dt<NEMO_F16>::load(*(const uint16_t *)p);
+    case NEMO_I64: return nemo_dt<NEMO_I64>::load(*(const int64_t *)p);
+    case NEMO_I32: return nemo_dt<NEMO_I32>::load(*(const int32_t *)p);
+    default: return nemo_dt<NEMO_BOOL>::load(*(const uint8_t *)p);
+    }
+}
+NEMO_HD void nemo_cuda_store_any(void *p, int dt, double v) {
+    switch (dt) {
+    case NEMO_F32: *(float *)p = nemo_dt<NEMO_F32>::store(v); break;
+    case NEMO_F64: *(double *)p = v; break;
+    case NEMO_BF16: *(uint16_t *)p = nemo_dt<NEMO_BF16>::store(v); break;
+    case NEMO_F16: *(uint16_t *)p = nemo_dt<NEMO_F16>::store(v); break;
+    case NEMO_I64: *(int64_t *)p = nemo_dt<NEMO_I64>::store(v); break;
+    case NEMO_I32: *(int32_t *)p = nemo_dt<NEMO_I32>::store(v); break;
+    default: *(uint8_t *)p = nemo_dt<NEMO_BOOL>::store(v); break;
+    }
 }
 
 /* v stored as one element of dtype, in the low bytes of the result (little endian); returns
@@ -128,6 +284,184 @@ static inline int nemo_cuda_encode(double v, int dtype, uint64_t *bits) {
     case NEMO_BOOL: *bits = v != 0.0; return 1;
     default: return 0;
     }
+}
+
+/* ==== Strided offsets for elementwise kernels ==== */
+
+/* n / d and n % d for a fixed d by one multiply-high (Granlund-Montgomery, as PyTorch's
+ * IntDivider): exact for n, d < 2^31, which is why the 32-bit path is only taken for fewer
+ * than 2^31 elements. */
+struct nemo_cuda_divmod {
+    uint32_t d, m;
+    int s;
+};
+static inline nemo_cuda_divmod nemo_cuda_divmod_make(uint32_t d) {
+    nemo_cuda_divmod r;
+    r.d = d ? d : 1;
+    r.s = 0;
+    while (r.s < 32 && (1ull << r.s) < r.d) r.s++;
+    r.m = (uint32_t)(((1ull << 32) * ((1ull << r.s) - r.d)) / r.d + 1);
+    return r;
+}
+NEMO_HD uint32_t nemo_cuda_div(const nemo_cuda_divmod &v, uint32_t n) {
+#ifdef __CUDA_ARCH__
+    uint32_t t = __umulhi(n, v.m);
+#else
+    uint32_t t = (uint32_t)(((uint64_t)n * v.m) >> 32);
+#endif
+    return (t + n) >> v.s;
+}
+
+/* Up to N operands over one iteration shape, after coalescing (size-1 dims dropped, dims
+ * contiguous in every operand merged), innermost dim first. Offsets are in elements of each
+ * operand (negative strides allowed). */
+template <int N> struct nemo_cuda_iter {
+    int ndim;
+    nemo_cuda_divmod div[NEMO_MAXDIM];
+    int64_t shape[NEMO_MAXDIM];
+    int64_t stride[N][NEMO_MAXDIM];
+};
+
+/* Builds it from (ndim, shape) and one stride array per operand (row-major order, outermost
+ * first, as in nemo_tensor). Returns the number of elements. flat is set when every operand
+ * is one dense run with stride 1 (offset == index for all of them). */
+template <int N>
+static int64_t nemo_cuda_iter_make(nemo_cuda_iter<N> *it, int ndim, const int64_t *shape,
+                                   const int64_t *const *strides, int *flat) {
+    int64_t sh[NEMO_MAXDIM], st[N][NEMO_MAXDIM], numel = 1;
+    int n = 0;
+    for (int d = 0; d < ndim; d++) numel *= shape[d];
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] == 1) continue;
+        if (n > 0) {
+            int ok = 1;
+            for (int k = 0; k < N; k++)
+                if (st[k][n - 1] != strides[k][d] * shape[d]) { ok = 0; break; }
+            if (ok) {
+                sh[n - 1] *= shape[d];
+                for (int k = 0; k < N; k++) st[k][n - 1] = strides[k][d];
+                continue;
+            }
+        }
+        sh[n] = shape[d];
+        for (int k = 0; k < N; k++) st[k][n] = strides[k][d];
+        n++;
+    }
+    if (n == 0) { sh[0] = 1; for (int k = 0; k < N; k++) st[k][0] = 0; n = 1; }
+    it->ndim = n;
+    for (int j = 0; j < n; j++) {   /* innermost first */
+        int d = n - 1 - j;
+        it->shape[j] = sh[d];
+        it->div[j] = nemo_cuda_divmod_make((uint32_t)(sh[d] < 0x7fffffff ? sh[d] : 1));
+        for (int k = 0; k < N; k++) it->stride[k][j] = st[k][d];
+    }
+    for (int j = n; j < NEMO_MAXDIM; j++) {
+        it->shape[j] = 1;
+        it->div[j] = nemo_cuda_divmod_make(1);
+        for (int k = 0; k < N; k++) it->stride[k][j] = 0;
+    }
+    int f = n == 1;
+    for (int k = 0; k < N && f; k++) f = it->stride[k][0] == 1 || sh[0] == 1;
+    *flat = f;
+    return numel;
+}
+
+/* Offsets of element i (row-major order of the iteration shape), 32-bit index math: only for
+ * fewer than 2^31 elements. */
+template <int N>
+NEMO_HD void nemo_cuda_offsets32(const nemo_cuda_iter<N> &it, uint32_t i, int64_t *off) {
+NEMO_UNROLL
+    for (int k = 0; k < N; k++) off[k] = 0;
+NEMO_UNROLL
+    for (int j = 0; j < NEMO_MAXDIM; j++) {
+        if (j == it.ndim - 1) {
+NEMO_UNROLL
+            for (int k = 0; k < N; k++) off[k] += (int64_t)i * it.stride[k][j];
+            break;
+        }
+        uint32_t q = nemo_cuda_div(it.div[j], i);
+        uint32_t r = i - q * it.div[j].d;
+NEMO_UNROLL
+        for (int k = 0; k < N; k++) off[k] += (int64_t)r * it.stride[k][j];
+        i = q;
+    }
+}
+/* The same with 64-bit division (2^31 elements or more). */
+template <int N>
+NEMO_HD void nemo_cuda_offsets64(const nemo_cuda_iter<N> &it, uint64_t i, int64_t *off) {
+NEMO_UNROLL
+    for (int k = 0; k < N; k++) off[k] = 0;
+NEMO_UNROLL
+    for (int j = 0; j < NEMO_MAXDIM; j++) {
+        if (j == it.ndim - 1) {
+NEMO_UNROLL
+            for (int k = 0; k < N; k++) off[k] += (int64_t)i * it.stride[k][j];
+            break;
+        }
+        uint64_t sh = (uint64_t)it.shape[j];
+        uint64_t q = i / sh, r = i - q * sh;
+NEMO_UNROLL
+        for (int k = 0; k < N; k++) off[k] += (int64_t)r * it.stride[k][j];
+        i = q;
+    }
+}
+
+/* Index modes of the elementwise kernels: every operand dense (offset == index), strided with
+ * 32-bit index math, strided with 64-bit index math. */
+enum { NEMO_CUDA_FLAT = 0, NEMO_CUDA_STR32 = 1, NEMO_CUDA_STR64 = 2 };
+template <int MODE, int N>
+NEMO_HD void nemo_cuda_offsets(const nemo_cuda_iter<N> &it, int64_t i, int64_t *off) {
+    if (MODE == NEMO_CUDA_FLAT) {
+NEMO_UNROLL
+        for (int k = 0; k < N; k++) off[k] = i;
+    } else if (MODE == NEMO_CUDA_STR32) {
+        nemo_cuda_offsets32<N>(it, (uint32_t)i, off);
+    } else {
+        nemo_cuda_offsets64<N>(it, (uint64_t)i, off);
+    }
+}
+static inline int nemo_cuda_mode(int flat, int64_t n) {
+    return flat ? NEMO_CUDA_FLAT : n < 0x7fffffff ? NEMO_CUDA_STR32 : NEMO_CUDA_STR64;
+}
+
+/* ==== Block reductions ==== */
+
+/* Combine G lanes' values (G = 32: one warp; G = 64..1024: a whole block of G threads, using
+ * the shared array sm of G / 32 entries) with the associative op f; the result is valid in
+ * lane 0 of the group (and, for a block, in thread 0). The tree is fixed by G, so results do
+ * not depend on timing. */
+template <typename T, typename F>
+__device__ __forceinline__ T nemo_cuda_warp_reduce(T v, F f) {
+NEMO_UNROLL
+    for (int o = 16; o > 0; o >>= 1) v = f(v, __shfl_down_sync(0xffffffffu, v, o));
+    return v;
+}
+template <int G, typename T, typename F>
+__device__ __forceinline__ T nemo_cuda_group_reduce(T v, F f, T *sm) {
+    v = nemo_cuda_warp_reduce(v, f);
+    if (G == 32) return v;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();                       /* sm may still be read by a previous reduction */
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < G / 32 ? sm[lane] : sm[0];   /* lanes past G / 32 are never combined */
+NEMO_UNROLL
+        for (int o = 16; o > 0; o >>= 1) {
+            T u = __shfl_down_sync(0xffffffffu, v, o);
+            if (lane + o < G / 32) v = f(v, u);
+        }
+    }
+    return v;
+}
+/* The value of lane / thread 0 of the group, in every thread of it (sm: one entry). */
+template <int G, typename T>
+__device__ __forceinline__ T nemo_cuda_group_bcast(T v, T *sm) {
+    if (G == 32) return __shfl_sync(0xffffffffu, v, 0);
+    __syncthreads();
+    if (threadIdx.x == 0) sm[0] = v;
+    __syncthreads();
+    return sm[0];
 }
 
 #endif /* NEMO_CUDA_COMMON_CUH */

@@ -115,6 +115,7 @@ static int launch(const nemo_tensor *t, uint64_t bits, const fill_view *v, int64
 }
 
 static int fill_cuda(nemo_tensor *t, double value) {
+    nemo_cuda_clear_error();
     if (t->devtype != NEMO_CUDA)
         return nemo_cuda_error(NEMO_EDEVICE, "fill: cuda kernel called on a %s tensor",
                                t->devtype == NEMO_CPU ? "cpu" : "non-cuda");

@@ -1,12 +1,15 @@
 /*
  * kernels/cuda/plugin.cu: libnemo_cuda.so's one exported symbol, nemo_cuda_plugin_get(), and
- * the device services behind it: device count, malloc/free, memcpy/memset, synchronize, and
- * the list of CUDA kernels handed to libnemo's registry (contract: engine/cuda_plugin.h).
+ * the device services behind it: device count, malloc/free, memcpy/memset, synchronize, the
+ * kernels' scratch buffer, and the list of CUDA kernels handed to libnemo's registry (contract:
+ * engine/cuda_plugin.h).
  *
  * Non-obvious rules:
  * - Every function returns 0 or a negative nemo_status and never exits or aborts. The CUDA
  *   runtime's own text ("<call>: <message> (<cudaErrorName>)") goes to a thread-local buffer
  *   that error_text() returns; libnemo reads it right after the failing call on the same thread.
+ *   Every registered kernel empties the buffer when it starts (nemo_cuda_clear_error), so an
+ *   empty text after a kernel call means it succeeded.
  * - A failing cudaGetDeviceCount (no driver, no device, driver too old) is not a crash and not
  *   an exception: it reports 0 devices, and error_text() says why, with the runtime and driver
  *   versions, so "no CUDA device: <reason>" tells the user what to fix.
@@ -23,7 +26,7 @@
 
 /* ==== Errors ==== */
 
-static thread_local char err_buf[1024] = "no CUDA error";
+static thread_local char err_buf[1024];   /* empty: no failure since the last kernel began */
 
 int nemo_cuda_error(int code, const char *fmt, ...) {
     va_list ap;
@@ -45,6 +48,8 @@ int nemo_cuda_fail(cudaError_t e, const char *fmt, ...) {
     (void)cudaGetLastError();   /* clear a non-sticky error; a sticky one stays */
     return NEMO_ECUDA;
 }
+
+void nemo_cuda_clear_error(void) { err_buf[0] = 0; }
 
 static const char *p_error_text(void) { return err_buf; }
 
@@ -124,6 +129,41 @@ static int p_synchronize(int dev) {
     int rc = set_device(dev);
     if (rc < 0) return rc;
     NEMO_CUDA_TRY(cudaDeviceSynchronize(), "cudaDeviceSynchronize on cuda:%d", dev);
+    return 0;
+}
+
+/* ==== Scratch ==== */
+
+/* One buffer per device, grown to the largest request (rounded up to 1 MiB, at least doubling)
+ * and never shrunk. Replacing it frees the old one with cudaFree, which waits for the device,
+ * so no queued kernel still reads it. */
+#define MAX_SCRATCH_DEV 64
+static struct { void *p; size_t n; } scratch[MAX_SCRATCH_DEV];
+
+int nemo_cuda_scratch(int dev, size_t nbytes, void **p) {
+    *p = NULL;
+    if (dev < 0 || dev >= MAX_SCRATCH_DEV)
+        return nemo_cuda_error(NEMO_EDEVICE, "cuda scratch: device %d out of range 0..%d", dev, MAX_SCRATCH_DEV - 1);
+    if (nbytes == 0) nbytes = 1;
+    if (scratch[dev].n < nbytes) {
+        size_t want = scratch[dev].n * 2 > nbytes ? scratch[dev].n * 2 : nbytes;
+        want = (want + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
+        int rc = set_device(dev);
+        if (rc < 0) return rc;
+        if (scratch[dev].p) {
+            NEMO_CUDA_TRY(cudaFree(scratch[dev].p), "cuda scratch: cudaFree on cuda:%d", dev);
+            scratch[dev].p = NULL;
+            scratch[dev].n = 0;
+        }
+        void *q = NULL;
+        cudaError_t e = cudaMalloc(&q, want);
+        if (e != cudaSuccess && want > nbytes) { (void)cudaGetLastError(); want = nbytes; e = cudaMalloc(&q, want); }
+        if (e != cudaSuccess)
+            return nemo_cuda_fail(e, "cuda scratch: cudaMalloc(%zu bytes) on cuda:%d for temporaries", want, dev);
+        scratch[dev].p = q;
+        scratch[dev].n = want;
+    }
+    *p = scratch[dev].p;
     return 0;
 }
 

@@ -1,15 +1,26 @@
 -- tests/gpu/check_ops.lua: every CUDA kernel and device path that exists, checked against the
 -- CPU on a machine with a GPU (run by tests/gpu/run.sh, never by `make test`). Prints TAP, then a
--- summary table and a few bandwidth figures as TAP comments; exits non-zero on any failure.
+-- summary table, the worst error per kernel and a few bandwidth / throughput figures as TAP
+-- comments ("# bench: ..." lines, which run.sh appends to bench/RESULTS.md); exits non-zero on
+-- any failure.
 --
--- What is compared: bytes. Every case runs the same operation on a CPU tensor and on a CUDA
--- tensor holding the same bytes, copies the CUDA result back and requires the two buffers to be
--- equal bit for bit (NaN patterns included): fill writes one converted value and copies move
--- bytes, so there is no rounding to tolerate. A failure prints the first mismatching element.
+-- What is compared. Every case runs the same engine call on CPU tensors and on CUDA tensors
+-- holding the same bytes (through the C API, so front-end + kernel are what is tested), copies
+-- the CUDA result back and compares:
+-- - bitwise (NaN patterns included) where the CUDA kernel is designed to be exact: fill, every
+--   copy and dtype conversion, and the ops made only of IEEE-exact steps (add/sub/mul/div,
+--   comparisons, where, neg/abs/relu/sign/square/reciprocal/sqrt/rsqrt/clamp/affine, argmax
+--   indices, max values, max backward, cumsum). A failure prints the first mismatching element.
+-- - otherwise by max|cuda - cpu| <= rtol * max|cpu| over the whole result (NaN and inf must sit
+--   at the same places): rtol 1e-6 for float32 (CUDA's libm is within 1-4 ulp of glibc),
+--   1e-5 for float32 products (cuBLASLt adds in another order than OpenBLAS), 1e-12 for
+--   float64, 1e-2 for bfloat16 / float16 (computed in float32, rounded once: a 1-ulp float32
+--   difference may flip the last bf16 bit).
+-- Shapes are odd (7, 33, 1000, 5000, 1048579), inputs are often non-contiguous (transposed
+-- views of a base tensor, so the strided copy kernel runs first) and broadcast.
 --
--- The fill kernel is called two ways: directly (its pointer comes from the plugin's
--- register_kernels, the way libnemo receives it), and through the engine (nemo.full /
--- t:fill_ on CUDA tensors), which uses the kernel once libnemo routes fills to it.
+-- The fill kernel is also called directly (its pointer comes from the plugin's
+-- register_kernels, the way libnemo receives it).
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
 package.path = here .. "/../lua/?.lua;" .. package.path
 local T = require "tap"
@@ -32,14 +43,15 @@ local LARGE = 1048576 + 3       -- several blocks, a 16-byte vector body and a t
 
 -- ==== helpers ====
 
-local results = {}              -- results[row][dtype] = {pass=, total=}
+local results = {}              -- results[row][dtype] = {pass=, total=, err=}
 local row_order = {}
-local function record(row, dt, ok)
+local function record(row, dt, ok, err)
     if not results[row] then results[row] = {}; row_order[#row_order + 1] = row end
     local r = results[row][dt] or {pass = 0, total = 0}
     results[row][dt] = r
     r.total = r.total + 1
     if ok then r.pass = r.pass + 1 end
+    if err and (not r.err or err > r.err) then r.err = err end
 end
 
 -- Raw bytes of a tensor's whole storage region it views (t must be contiguous), via the CPU.
@@ -262,6 +274,484 @@ do
          "nemo.tensor(..., {device='cuda:0'}) reads back with tolist()")
 end
 
+-- ==== helpers for the op kernels ====
+
+local DEV = "cuda:0"
+local function wrap(p) return Tensor.wrap(p) end
+local function dev(t) return t:to{device = DEV} end
+local seed = 1000
+-- Uniform values in [lo, hi) as a CPU tensor of dtype dt (drawn in float64, then converted).
+local function uniform(shape, dt, lo, hi)
+    seed = seed + 1
+    local t = nemo.empty(shape, {dtype = "float64"})
+    local g = ffi.new("nemo_generator", {seed, 0})
+    nffi.check(C.nemo_rand_(t._c, g, lo or -4, hi or 4))
+    return t:to{dtype = dt or "float32"}
+end
+-- The same values twice, on the CPU and on the GPU, as (shape) views: when nc is true each is
+-- the transpose of a (reversed last two dims) base, so inputs are non-contiguous.
+local function pair(shape, dt, lo, hi, nc)
+    if nc and #shape >= 2 then
+        local bs = {}
+        for i = 1, #shape do bs[i] = shape[i] end
+        bs[#shape - 1], bs[#shape] = shape[#shape], shape[#shape - 1]
+        local base = uniform(bs, dt, lo, hi)
+        local d = #shape - 2
+        return base:transpose(d, d + 1), dev(base):transpose(d, d + 1)
+    end
+    local c = uniform(shape, dt, lo, hi)
+    return c, dev(c)
+end
+
+local RTOL = {float32 = 1e-6, float64 = 1e-12, bfloat16 = 1e-2, float16 = 1e-2}
+local GEMM_RTOL = {float32 = 1e-5, float64 = 1e-12, bfloat16 = 1e-2, float16 = 1e-2}
+
+local function shape_of(t) local s = {}; for i = 0, t._c.ndim - 1 do s[#s + 1] = tonumber(t._c.shape[i]) end; return s end
+
+-- Values of a (CPU or CUDA) tensor as float64 on the host.
+local function values(t)
+    local n = t:numel()
+    local buf = ffi.new("double[?]", n > 0 and n or 1)
+    if n > 0 then nffi.check(C.nemo_read_f64(t._c, buf)) end
+    return buf, n
+end
+
+-- got (CUDA) against ref (CPU): ok, normwise error, diagnostic.
+local function compare(got, ref, rtol, exact)
+    if Tensor.shape_str(shape_of(got)) ~= Tensor.shape_str(shape_of(ref)) or got.dtype ~= ref.dtype then
+        return false, nil, string.format("got %s %s, expected %s %s", got.dtype, Tensor.shape_str(shape_of(got)),
+                                         ref.dtype, Tensor.shape_str(shape_of(ref)))
+    end
+    if exact then
+        local ok, diag = same_bytes(got, ref, ref.dtype)
+        return ok, ok and 0 or nil, diag
+    end
+    local g, n = values(got)
+    local r = values(ref)
+    local maxref, maxerr, where = 0, 0, nil
+    for i = 0, n - 1 do
+        local a, b = g[i], r[i]
+        if b ~= b or a ~= a or b == math.huge or b == -math.huge or a == math.huge or a == -math.huge then
+            if not (a == b or (a ~= a and b ~= b)) then
+                return false, nil, string.format("element %d: got %.9g, expected %.9g (non-finite mismatch)", i, a, b)
+            end
+        else
+            if math.abs(b) > maxref then maxref = math.abs(b) end
+            local e = math.abs(a - b)
+            if e > maxerr then maxerr, where = e, i end
+        end
+    end
+    local rel = maxref > 0 and maxerr / maxref or maxerr
+    local ok = maxerr <= rtol * maxref
+    return ok, rel, ok and nil or string.format("max|cuda - cpu| = %.3g at element %d (cuda %.9g, cpu %.9g), max|cpu| = %.3g, rtol %g",
+                                                maxerr, where or -1, where and g[where] or 0, where and r[where] or 0, maxref, rtol)
+end
+
+-- One case: fn(side) runs the engine call with side = 1 (CPU tensors) or 2 (CUDA tensors) and
+-- returns the result tensor(s) (a table of results for several outputs).
+local function case(row, dt, name, rtol, exact, fn)
+    local ok, res = pcall(function()
+        local ref = fn(1)
+        local got = fn(2)
+        if type(ref) ~= "table" or ref._c then ref, got = {ref}, {got} end
+        local allok, worst, diags = true, 0, {}
+        for i = 1, #ref do
+            local o, e, d = compare(got[i], ref[i], rtol, exact)
+            if not o then allok = false; diags[#diags + 1] = string.format("output %d: %s", i, tostring(d)) end
+            if e and e > worst then worst = e end
+        end
+        return {allok, worst, table.concat(diags, "\n")}
+    end)
+    local good, err, diag
+    if ok then good, err, diag = res[1], res[2], res[3] else good, diag = false, tostring(res) end
+    T.ok(good, string.format("%s %s %s: %s", row, dt, name,
+                             exact and "bitwise equal" or string.format("normwise error <= %g", rtol)), diag)
+    record(row, dt, good, good and err or nil)
+end
+
+local FLOATS = {"float32", "bfloat16", "float16", "float64"}
+
+-- ==== the copy kernel: every dtype pair, strided and broadcast ====
+
+for _, sdt in ipairs(DTYPES) do
+    local base = source(7 * 33, {33, 7}, sdt)
+    local based = dev(base)
+    for _, ddt in ipairs(DTYPES) do
+        case("copy kernel", ddt, "from " .. sdt .. " transposed (7, 33)", 0, true, function(side)
+            return (side == 1 and base or based):t():to{dtype = ddt}
+        end)
+        case("copy kernel", ddt, "from " .. sdt .. " broadcast into a strided (5, 7, 17) view", 0, true, function(side)
+            local dst = nemo.zeros({5, 7, 34}, {dtype = ddt, device = side == 1 and "cpu" or DEV})
+            local src = view(side == 1 and base or based, {7, 17}, {1, 7}, 0)
+            view(dst, {5, 7, 17}, {238, 34, 2}, 0):copy_(src)
+            return dst
+        end)
+    end
+end
+for _, pr in ipairs{{"float32", "bfloat16"}, {"bfloat16", "float32"}, {"float32", "float16"}, {"float64", "float32"}, {"int64", "float32"}} do
+    local src = source(LARGE, {LARGE}, pr[1])
+    local srcd = dev(src)
+    case("copy kernel", pr[2], string.format("dense (%d,) from %s", LARGE, pr[1]), 0, true, function(side)
+        return (side == 1 and src or srcd):to{dtype = pr[2]}
+    end)
+end
+
+-- ==== unary and unary_backward ====
+
+local U = {
+    {"NEG", 0, 0, -4, 4, true}, {"ABS", 0, 0, -4, 4, true}, {"EXP", 0, 0, -4, 4}, {"LOG", 0, 0, 0.01, 4},
+    {"SQRT", 0, 0, 0, 4, true}, {"RSQRT", 0, 0, 0.01, 4, true}, {"SIN", 0, 0, -10, 10}, {"COS", 0, 0, -10, 10},
+    {"TANH", 0, 0, -4, 4}, {"SIGMOID", 0, 0, -8, 8}, {"SILU", 0, 0, -8, 8}, {"GELU", 0, 0, -5, 5},
+    {"GELU_TANH", 0, 0, -5, 5}, {"RELU", 0, 0, -4, 4, true}, {"SIGN", 0, 0, -4, 4, true},
+    {"RECIPROCAL", 0, 0, 0.05, 4, true}, {"SQUARE", 0, 0, -4, 4, true}, {"POW_SCALAR", 2, 0, -4, 4, true},
+    {"POW_SCALAR", 0.5, 0, 0, 4, true}, {"POW_SCALAR", 3, 0, -3, 3}, {"POW_SCALAR", 1.7, 0, 0.01, 4},
+    {"RPOW_SCALAR", 2.5, 0, -4, 4}, {"CLAMP", -1, 1, -4, 4, true}, {"CLAMP", 0 / 0, 0.5, -4, 4, true},
+    {"AFFINE", 1.5, -0.25, -4, 4, true}, {"LOGICAL_NOT", 0, 0, -4, 4, true},
+}
+-- backward ops whose formula is IEEE-exact steps only
+local UB_EXACT = {NEG = true, ABS = true, LOG = true, SQRT = true, RSQRT = true, RELU = true, SIGN = true,
+                  RECIPROCAL = true, SQUARE = true, CLAMP = true, AFFINE = true}
+
+for _, u in ipairs(U) do
+    local opname, a, b, lo, hi, exact = u[1], u[2], u[3], u[4], u[5], u[6]
+    local op = C["NEMO_UOP_" .. opname]
+    local label = string.format("%s(a=%g, b=%g)", opname:lower(), a, b)
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair({7, 33}, dt, lo, hi, true)
+        if opname == "LOGICAL_NOT" then   -- zeros too
+            x = wrap(C.nemo_unary(x._c, C.NEMO_UOP_RELU, 0, 0)); xd = dev(x)
+        end
+        case("unary", dt, label .. " (7, 33) transposed", RTOL[dt], exact, function(side)
+            return wrap(C.nemo_unary((side == 1 and x or xd)._c, op, a, b))
+        end)
+        if opname ~= "LOGICAL_NOT" then
+            local g, gd = pair({7, 33}, dt, -1, 1, false)
+            local bexact = UB_EXACT[opname] or (opname == "POW_SCALAR" and a == 2)
+            case("unary_backward", dt, label .. " (7, 33)", RTOL[dt], bexact, function(side)
+                return wrap(C.nemo_unary_backward((side == 1 and g or gd)._c, (side == 1 and x or xd)._c, nil, op, a, b))
+            end)
+        end
+    end
+end
+do   -- a large dense unary (tail past a multiple of the block and grid)
+    local x = uniform({LARGE}, "float32", -4, 4)
+    local xd = dev(x)
+    case("unary", "float32", string.format("exp (%d,)", LARGE), RTOL.float32, false, function(side)
+        return wrap(C.nemo_unary((side == 1 and x or xd)._c, C.NEMO_UOP_EXP, 0, 0))
+    end)
+end
+
+-- ==== binary and where ====
+
+local B = {"ADD", "SUB", "MUL", "DIV", "POW", "MAX", "MIN", "EQ", "NE", "LT", "LE", "GT", "GE", "AND", "OR"}
+local BSHAPES = {   -- a shape, b shape, b non-contiguous, label
+    {{7, 1, 33}, {5, 33}, true, "(7, 1, 33) op transposed (5, 33)"},
+    {{7, 33}, {7, 33}, false, "(7, 33) op (7, 33) dense"},
+    {{1000, 33}, {33}, false, "(1000, 33) op (33,) row broadcast"},
+    {{7, 33}, {}, false, "(7, 33) op 0-dim"},
+}
+for _, opname in ipairs(B) do
+    local op = C["NEMO_BOP_" .. opname]
+    for _, dt in ipairs(FLOATS) do
+        for _, bs in ipairs(BSHAPES) do
+            local lo = opname == "POW" and 0.1 or -4
+            local a, ad = pair(bs[1], dt, lo, 4, false)
+            local b, bd = pair(bs[2], dt, opname == "POW" and -2 or -4, opname == "POW" and 2 or 4, bs[3])
+            if opname == "EQ" or opname == "NE" or opname == "LE" or opname == "GE" or opname == "AND" or opname == "OR" then
+                -- equal values and zeros do occur
+                a = wrap(C.nemo_unary(a._c, C.NEMO_UOP_RELU, 0, 0)):to{dtype = "int32"}:to{dtype = dt}; ad = dev(a)
+                b = wrap(C.nemo_unary(b._c, C.NEMO_UOP_RELU, 0, 0)):to{dtype = "int32"}:to{dtype = dt}; bd = dev(b)
+            end
+            for _, alpha in ipairs((opname == "ADD" or opname == "SUB") and {1, 0.5} or {1}) do
+                case("binary", dt, string.format("%s alpha %g %s", opname:lower(), alpha, bs[4]), RTOL[dt],
+                     opname ~= "POW", function(side)
+                    return wrap(C.nemo_binary((side == 1 and a or ad)._c, (side == 1 and b or bd)._c, op, alpha, -1))
+                end)
+            end
+        end
+    end
+end
+do   -- mixed dtypes: bf16 tensor + f32 tensor promotes, in place into a strided bf16 view
+    local a = uniform({7, 33}, "bfloat16"); local ad = dev(a)
+    local b = uniform({33}, "float32"); local bd = dev(b)
+    case("binary", "bfloat16", "add_ in place into a transposed bf16 view, f32 (33,) broadcast", 0, true, function(side)
+        local base = (side == 1 and a or ad):clone()
+        local v = view(base, {33, 7}, {1, 33}, 0)
+        nffi.check(C.nemo_binary_(v._c, (side == 1 and b or bd):reshape{33, 1}._c, C.NEMO_BOP_ADD, 1))
+        return base
+    end)
+end
+for _, dt in ipairs(FLOATS) do
+    local c = wrap(C.nemo_binary(uniform({7, 1, 33}, "float32")._c, nemo.zeros({})._c, C.NEMO_BOP_GT, 1, -1))
+    local cd = dev(c)
+    local a, ad = pair({5, 33}, dt, -4, 4, true)
+    local b = uniform({}, dt); local bd = dev(b)
+    case("where", dt, "bool (7, 1, 33), transposed (5, 33), 0-dim", 0, true, function(side)
+        return wrap(C.nemo_where((side == 1 and c or cd)._c, (side == 1 and a or ad)._c, (side == 1 and b or bd)._c))
+    end)
+end
+do   -- 64-bit index math: a broadcast sum of more than 2^31 elements, rows checked on the host
+    local n1, n2 = 65537, 32769
+    local a = uniform({n1, 1}, "float32"); local b = uniform({1, n2}, "float32")
+    local ok, y = pcall(function() return wrap(C.nemo_binary(dev(a)._c, dev(b)._c, C.NEMO_BOP_ADD, 1, -1)) end)
+    if not ok then
+        T.skip("binary 64-bit index path", "no room for 8.6 GB: " .. tostring(y))
+    else
+        local good, diag = true, nil
+        for _, r in ipairs{0, 40000, n1 - 1} do
+            local row = view(y, {n2}, {1}, r * n2):to{device = "cpu"}
+            local ref = wrap(C.nemo_binary(view(a, {1}, {1}, r)._c, b:reshape{n2}._c, C.NEMO_BOP_ADD, 1, -1))
+            local o, d = same_bytes(row, ref, "float32")
+            if not o then good, diag = false, string.format("row %d: %s", r, d) end
+        end
+        T.ok(good, string.format("binary add (%d, 1) + (1, %d) = %d elements (64-bit index path): rows 0, 40000, %d bitwise",
+                                 n1, n2, n1 * n2, n1 - 1), diag)
+        record("binary 64-bit index", "float32", good, 0)
+        y:free()
+    end
+end
+
+-- ==== reductions ====
+
+local RSHAPES = {   -- shape, dims (nil: all), label; inputs are transposed views where 2-D
+    {{7, 33}, {1}, "(7, 33) dim 1"}, {{7, 33}, {0}, "(7, 33) dim 0"}, {{7, 33}, nil, "(7, 33) all"},
+    {{5, 1000}, {1}, "(5, 1000) dim 1"}, {{3, 5000}, {-1}, "(3, 5000) dim -1"},
+    {{4096, 3}, {0}, "(4096, 3) dim 0"}, {{4, 7, 5}, {1}, "(4, 7, 5) dim 1"},
+    {{6, 7, 33}, {0, 2}, "(6, 7, 33) dims 0, 2"}, {{LARGE}, nil, string.format("(%d,) all", LARGE)},
+}
+local ROPS = {{"SUM", 0}, {"MEAN", 0}, {"PROD", 0}, {"AMAX", 0}, {"AMIN", 0}, {"VAR", 1}, {"STD", 0},
+              {"NORM", 2}, {"NORM", 1}, {"NORM", 3}, {"NORM", 1 / 0}, {"NORM", 0}, {"LOGSUMEXP", 0}}
+for _, rs in ipairs(RSHAPES) do
+    for _, ro in ipairs(ROPS) do
+        local opname, param = ro[1], ro[2]
+        local op = C["NEMO_RED_" .. opname]
+        local big = rs[1][1] == LARGE
+        for _, dt in ipairs(big and {"float32"} or {"float32", "bfloat16", "float64"}) do
+            local lo, hi = -4, 4
+            if opname == "PROD" then lo, hi = 0.9, 1.1 end
+            local x, xd = pair(rs[1], dt, lo, hi, #rs[1] == 2)
+            local nd = rs[2] and #rs[2] or 0
+            local dims = rs[2] and Tensor.int64s(rs[2]) or nil
+            local exact = opname == "AMAX" or opname == "AMIN" or (opname == "NORM" and param == 1 / 0)
+            local label = string.format("%s(%g) %s", opname:lower(), param, rs[3])
+            for _, keep in ipairs{0, 1} do
+                case("reduce", dt, label .. (keep == 1 and " keepdim" or ""), RTOL[dt], exact, function(side)
+                    return wrap(C.nemo_reduce((side == 1 and x or xd)._c, op, nd, dims, keep, -1, param))
+                end)
+            end
+            if not big then
+                local yshape = shape_of(wrap(C.nemo_reduce(x._c, op, nd, dims, 0, -1, param)))
+                local g = uniform(yshape, dt, -1, 1); local gd = dev(g)
+                local xs = Tensor.int64s(rs[1])
+                case("reduce_backward", dt, label, RTOL[dt], false, function(side)
+                    return wrap(C.nemo_reduce_backward((side == 1 and g or gd)._c, (side == 1 and x or xd)._c, #rs[1], xs,
+                                                       x._c.dtype, op, nd, dims, 0, param))
+                end)
+            end
+        end
+    end
+end
+
+-- argmax / argmin / max(dim) / max backward: values on a grid of halves (many ties), one NaN
+local function tied(shape, dt, nan_at)
+    local n = 1; for _, v in ipairs(shape) do n = n * v end
+    local buf = ffi.new("double[?]", n)
+    local s = 7
+    for i = 0, n - 1 do s = (s * 1103515245 + 12345) % 2147483648; buf[i] = math.floor(s / 2147483648 * 16) * 0.5 - 4 end
+    if nan_at and nan_at < n then buf[nan_at] = 0 / 0 end
+    local t = nemo.empty(shape, {dtype = "float64"})
+    nffi.check(C.nemo_write_f64(t._c, buf))
+    return t:to{dtype = dt}
+end
+for _, sh in ipairs{{{7, 33}, 1}, {{7, 33}, 0}, {{5, 1000}, 1}, {{3, 5000}, 1}, {{4, 7, 5}, 1}} do
+    for _, dt in ipairs{"float32", "float64", "bfloat16"} do
+        local x = tied(sh[1], dt, 40)
+        local xd = dev(x)
+        local label = string.format("%s dim %d", Tensor.shape_str(sh[1]), sh[2])
+        for _, is_min in ipairs{0, 1} do
+            case("argmax/argmin", dt, (is_min == 1 and "argmin " or "argmax ") .. label, 0, true, function(side)
+                return wrap(C.nemo_argmax((side == 1 and x or xd)._c, 1, sh[2], 0, is_min))
+            end)
+            case("max(dim) values+indices", dt, (is_min == 1 and "min " or "max ") .. label, 0, true, function(side)
+                local v, i = ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]")
+                nffi.check(C.nemo_max_dim((side == 1 and x or xd)._c, sh[2], 1, is_min, v, i))
+                return {wrap(v[0]), wrap(i[0])}
+            end)
+            local i = ffi.new("nemo_tensor *[1]")
+            nffi.check(C.nemo_max_dim(x._c, sh[2], 0, is_min, nil, i))
+            local idx = wrap(i[0]); local idxd = dev(idx)
+            local g = uniform(shape_of(idx), dt, -1, 1); local gd = dev(g)
+            local xs = Tensor.int64s(sh[1])
+            case("max_dim_backward", dt, label, 0, true, function(side)
+                return wrap(C.nemo_max_dim_backward((side == 1 and g or gd)._c, (side == 1 and idx or idxd)._c, #sh[1], xs,
+                                                    x._c.dtype, sh[2], 0))
+            end)
+        end
+    end
+    local x = tied(sh[1], "float32", nil)
+    case("argmax/argmin", "float32", "argmax flattened " .. Tensor.shape_str(sh[1]), 0, true, function(side)
+        return wrap(C.nemo_argmax((side == 1 and x or dev(x))._c, 0, 0, 0, 0))
+    end)
+end
+
+-- softmax / log_softmax, forward and backward; cumsum
+for _, sh in ipairs{{{7, 33}, 1}, {{7, 33}, 0}, {{5, 1000}, 1}, {{3, 5000}, 1}, {{4, 7, 5}, 1}, {{64, 7}, 1}} do
+    for _, dt in ipairs{"float32", "float64", "bfloat16"} do
+        local x, xd = pair(sh[1], dt, -8, 8, #sh[1] == 2)
+        local label = string.format("%s dim %d", Tensor.shape_str(sh[1]), sh[2])
+        for _, lg in ipairs{0, 1} do
+            local name = lg == 1 and "log_softmax" or "softmax"
+            case("softmax", dt, name .. " " .. label, RTOL[dt], false, function(side)
+                return wrap(C.nemo_softmax((side == 1 and x or xd)._c, sh[2], lg, -1))
+            end)
+            local y = wrap(C.nemo_softmax(x._c, sh[2], lg, -1)); local yd = dev(y)
+            local g, gd = pair(sh[1], dt, -1, 1, false)
+            case("softmax_backward", dt, name .. " " .. label, RTOL[dt], false, function(side)
+                return wrap(C.nemo_softmax_backward((side == 1 and g or gd)._c, (side == 1 and y or yd)._c, sh[2], lg))
+            end)
+        end
+        for _, rev in ipairs{0, 1} do
+            case("cumsum", dt, (rev == 1 and "reverse " or "") .. label, 0, true, function(side)
+                return wrap(C.nemo_cumsum((side == 1 and x or xd)._c, sh[2], rev, -1))
+            end)
+        end
+    end
+end
+
+-- ==== gemm (matmul, linear) and colsum ====
+
+local MM = {   -- a shape, b shape, kind, a transposed view, b transposed view, label
+    {{33, 65}, {65, 17}, "MM", false, false, "mm (33, 65) x (65, 17)"},
+    {{33, 65}, {65, 17}, "MM", true, true, "mm transposed views"},
+    {{3, 33, 65}, {3, 65, 17}, "BMM", false, true, "bmm (3, 33, 65) x (3, 65, 17)^T view"},
+    {{4, 1, 33, 65}, {5, 65, 17}, "MATMUL", false, false, "matmul broadcast (4, 1, 33, 65) x (5, 65, 17)"},
+    {{33, 65}, {65}, "MV", false, false, "mv (33, 65) x (65,)"},
+    {{5, 0}, {0, 7}, "MM", false, false, "mm with k = 0"},
+    {{1, 513}, {513, 1}, "MM", false, false, "mm (1, 513) x (513, 1)"},
+}
+for _, mm in ipairs(MM) do
+    for _, dt in ipairs(FLOATS) do
+        local a, ad = pair(mm[1], dt, -1, 1, mm[4])
+        local b, bd = pair(mm[2], dt, -1, 1, mm[5])
+        local kind = C["NEMO_MM_" .. mm[3]]
+        case("gemm (matmul)", dt, mm[6], GEMM_RTOL[dt], false, function(side)
+            return wrap(C.nemo_matmul((side == 1 and a or ad)._c, (side == 1 and b or bd)._c, kind))
+        end)
+        if mm[3] == "MATMUL" or mm[3] == "BMM" then
+            local c = wrap(C.nemo_matmul(a._c, b._c, kind))
+            local g = uniform(shape_of(c), dt, -1, 1); local gd = dev(g)
+            case("gemm (matmul backward)", dt, mm[6], GEMM_RTOL[dt], false, function(side)
+                local da, db = ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]")
+                nffi.check(C.nemo_matmul_backward((side == 1 and g or gd)._c, (side == 1 and a or ad)._c,
+                                                  (side == 1 and b or bd)._c, da, db))
+                return {wrap(da[0]), wrap(db[0])}
+            end)
+        end
+    end
+end
+for _, dt in ipairs(FLOATS) do
+    local x, xd = pair({3, 7, 65}, dt, -1, 1, false)
+    local w, wd = pair({17, 65}, dt, -1, 1, false)
+    local b = uniform({17}, dt, -1, 1); local bd = dev(b)
+    case("gemm (linear)", dt, "(3, 7, 65) x (17, 65)^T + bias", GEMM_RTOL[dt], false, function(side)
+        return wrap(C.nemo_linear((side == 1 and x or xd)._c, (side == 1 and w or wd)._c, (side == 1 and b or bd)._c))
+    end)
+    local g = uniform({3, 7, 17}, dt, -1, 1); local gd = dev(g)
+    case("gemm+colsum (linear bwd)", dt, "dx, dw, db of (3, 7, 65) x (17, 65)^T", GEMM_RTOL[dt], false, function(side)
+        local o = {ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]")}
+        nffi.check(C.nemo_linear_backward((side == 1 and g or gd)._c, (side == 1 and x or xd)._c, (side == 1 and w or wd)._c,
+                                          o[1], o[2], o[3]))
+        return {wrap(o[1][0]), wrap(o[2][0]), wrap(o[3][0])}
+    end)
+end
+do   -- a bias gradient over many rows: colsum's split into row chunks
+    local x, xd = pair({20000, 65}, "float32", -1, 1, false)
+    local w, wd = pair({33, 65}, "float32", -1, 1, false)
+    local g = uniform({20000, 33}, "float32", -1, 1); local gd = dev(g)
+    case("gemm+colsum (linear bwd)", "float32", "(20000, 65) x (33, 65)^T", GEMM_RTOL.float32, false, function(side)
+        local o = {ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]")}
+        nffi.check(C.nemo_linear_backward((side == 1 and g or gd)._c, (side == 1 and x or xd)._c, (side == 1 and w or wd)._c,
+                                          o[1], o[2], o[3]))
+        return {wrap(o[1][0]), wrap(o[2][0]), wrap(o[3][0])}
+    end)
+end
+
+-- ==== the caching allocator ====
+
+do
+    collectgarbage("collect"); collectgarbage("collect")
+    collectgarbage("stop")
+    local s0 = cuda.memory_stats(0)
+    local x = nemo.empty({1000}, {device = DEV})            -- 4000 bytes: the 4096-byte class
+    local s1 = cuda.memory_stats(0)
+    x:free()
+    local s2 = cuda.memory_stats(0)
+    local y = nemo.empty({1024}, {device = DEV})            -- the same class: served from the cache
+    local s3 = cuda.memory_stats(0)
+    y:free()
+    local z = nemo.empty({3 * 262144 + 1}, {device = DEV})   -- 3 MiB + 4 bytes: a 4 MiB class
+    local s4 = cuda.memory_stats(0)
+    z:free()
+    C.nemo_memory_empty_cache(1, 0)
+    local s5 = cuda.memory_stats(0)
+    collectgarbage("restart")
+    T.is(s1.current - s0.current, 4096, "allocator: 4000 bytes take a 4096-byte class")
+    T.ok(s2.current == s0.current and s2.cached >= s0.cached + 4096, "allocator: a freed block is cached")
+    T.ok(s3.current + s3.cached == s1.current + s1.cached, "allocator: the same class is reused (reserved bytes unchanged)")
+    T.is(s4.current - s0.current, 4 * 1048576, "allocator: 3 MiB + 4 bytes take a 4 MiB class")
+    T.is(s5.cached, 0, "allocator: empty_cache gives every cached block back")
+    record("caching allocator", "float32", s1.current - s0.current == 4096 and s5.cached == 0)
+end
+
+-- ==== throughput (printed as "bench:" lines; run.sh keeps them in bench/RESULTS.md) ====
+
+local function now_s()
+    local ts = ffi.new("nemo_gpu_timespec")
+    ffi.C.clock_gettime(1, ts)
+    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+local function timeit(reps, fn)
+    fn(); cuda.synchronize(0)
+    local t0 = now_s()
+    for _ = 1, reps do fn() end
+    cuda.synchronize(0)
+    return (now_s() - t0) / reps
+end
+do
+    local ok, err = pcall(function()
+        local n = 64 * 1024 * 1024
+        local x = nemo.empty({n}, {device = DEV}); x:fill_(1.25)
+        local y = nemo.empty({n}, {device = DEV}); y:fill_(0.5)
+        local t = timeit(10, function() x:to{dtype = "bfloat16"}:free() end)
+        T.diag(string.format("bench: copy f32 -> bf16, 64M elements: %.3f ms, %.0f GB/s", t * 1e3, n * 6 / t / 1e9))
+        t = timeit(10, function() wrap(C.nemo_binary(x._c, y._c, C.NEMO_BOP_ADD, 1, -1)):free() end)
+        T.diag(string.format("bench: binary add f32, 64M elements: %.3f ms, %.0f GB/s", t * 1e3, n * 12 / t / 1e9))
+        local xt = view(x, {8192, 8192}, {1, 8192}, 0)
+        t = timeit(10, function() xt:contiguous():free() end)
+        T.diag(string.format("bench: transpose copy f32 8192 x 8192: %.3f ms, %.0f GB/s", t * 1e3, n * 8 / t / 1e9))
+        t = timeit(10, function() wrap(C.nemo_unary(x._c, C.NEMO_UOP_GELU_TANH, 0, 0)):free() end)
+        T.diag(string.format("bench: gelu_tanh f32, 64M elements: %.3f ms, %.0f GB/s", t * 1e3, n * 8 / t / 1e9))
+        t = timeit(10, function() wrap(C.nemo_reduce(x._c, C.NEMO_RED_SUM, 0, nil, 0, -1, 0)):free() end)
+        T.diag(string.format("bench: sum f32, 64M elements: %.3f ms, %.0f GB/s", t * 1e3, n * 4 / t / 1e9))
+        local m2 = view(x, {65536, 1024}, {1024, 1}, 0)
+        local d0 = Tensor.int64s{0}
+        t = timeit(10, function() wrap(C.nemo_reduce(m2._c, C.NEMO_RED_SUM, 1, d0, 0, -1, 0)):free() end)
+        T.diag(string.format("bench: sum dim 0 of (65536, 1024) f32: %.3f ms, %.0f GB/s", t * 1e3, n * 4 / t / 1e9))
+        t = timeit(10, function() wrap(C.nemo_softmax(m2._c, 1, 0, -1)):free() end)
+        T.diag(string.format("bench: softmax rows (65536, 1024) f32: %.3f ms, %.0f GB/s", t * 1e3, n * 8 / t / 1e9))
+        x:free(); y:free()
+        for _, dt in ipairs{"float32", "bfloat16"} do
+            local a = nemo.empty({4096, 4096}, {device = DEV, dtype = dt}); a:fill_(0.001)
+            local b = nemo.empty({4096, 4096}, {device = DEV, dtype = dt}); b:fill_(0.002)
+            t = timeit(5, function() wrap(C.nemo_matmul(a._c, b._c, C.NEMO_MM_MM)):free() end)
+            T.diag(string.format("bench: matmul %s 4096^3 (float32 compute): %.3f ms, %.1f TFLOP/s", dt, t * 1e3,
+                                 2 * 4096 ^ 3 / t / 1e12))
+            a:free(); b:free()
+        end
+    end)
+    if not ok then T.diag("bench: failed: " .. tostring(err)) end
+end
+
 -- ==== memory accounting and synchronize ====
 
 do
@@ -289,7 +779,7 @@ local function now()
 end
 
 T.diag("")
-T.diag("summary: cases passed / run, CUDA vs CPU, bitwise")
+T.diag("summary: cases passed / run, CUDA vs CPU (bitwise, or within the tolerances above)")
 local head = string.format("%-26s", "kernel / path")
 for _, dt in ipairs(DTYPES) do head = head .. string.format(" %8s", dt) end
 T.diag(head)
@@ -301,6 +791,22 @@ for _, row in ipairs(row_order) do
         line = line .. string.format(" %8s", cell)
     end
     T.diag(line)
+end
+
+T.diag("")
+T.diag("worst normwise error max|cuda - cpu| / max|cpu| per kernel (0 = bitwise equal)")
+local HEAD2 = {"float32", "bfloat16", "float16", "float64"}
+local head2 = string.format("%-26s", "kernel / path")
+for _, dt in ipairs(HEAD2) do head2 = head2 .. string.format(" %9s", dt) end
+T.diag(head2)
+for _, row in ipairs(row_order) do
+    local line, any = string.format("%-26s", row), false
+    for _, dt in ipairs(HEAD2) do
+        local r = results[row][dt]
+        if r and r.err then any = true end
+        line = line .. string.format(" %9s", (r and r.err) and string.format("%.1e", r.err) or "-")
+    end
+    if any then T.diag(line) end
 end
 
 -- bandwidth (measured, never asserted: bench/ owns speed)

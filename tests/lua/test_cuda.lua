@@ -1,6 +1,8 @@
 -- tests/lua/test_cuda.lua: the CUDA device layer seen from Lua: nemo.cuda, tensors asked for on a
 -- CUDA device, and libnemo_cuda.so itself (loaded through the FFI and called through its plugin
--- table, as libnemo does).
+-- table, as libnemo does): the kernels it registers (fill, copy, the pointwise, reduce and
+-- linalg families) and how each refuses bad input with a status and the plugin's error text,
+-- all without needing a device. tests/gpu/check_ops.lua checks what the kernels compute.
 --
 -- Which branch runs: a machine whose /dev/nvidia0 exists is expected to have a usable GPU (the
 -- positive checks); any other machine must report no CUDA device cleanly (the negative checks).
@@ -101,7 +103,7 @@ T.raises(function() cuda.memory_stats(99) end, "does not exist", "cuda.memory_st
 
 -- ==== libnemo_cuda.so through its plugin table ====
 
-local PLUGIN_TESTS = 9
+local PLUGIN_TESTS = 29
 if not have_plugin then
     for _ = 1, PLUGIN_TESTS do T.skip("libnemo_cuda.so checks", "built without CUDA (no " .. plugin_path .. ")") end
     T.done()
@@ -170,6 +172,95 @@ local te, se = fake(1, 0)
 rc = fill and fill(te, 1.5) or -999
 T.is(rc, 0, "fill kernel on an empty cuda tensor is a no-op returning 0")
 assert(sc and se)
+
+-- every kernel the CUDA files register, with the C signature libnemo's front-ends call it by
+local KERNELS = {
+    fill = "int (*)(nemo_tensor *, double)",
+    copy = "int (*)(nemo_tensor *, const nemo_tensor *, const int64_t *)",
+    unary = "int (*)(nemo_tensor *, const nemo_tensor *, int, double, double)",
+    unary_backward = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, int, double, double)",
+    binary = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, const int64_t *, const int64_t *, int, double)",
+    where = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, const nemo_tensor *, const int64_t *const *)",
+    reduce = "int (*)(nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int, double)",
+    reduce_backward = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int, double)",
+    argreduce = "int (*)(nemo_tensor *, nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
+    max_dim_backward = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t)",
+    softmax = "int (*)(nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
+    softmax_backward = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
+    cumsum = "int (*)(nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
+    gemm = "int (*)(int, int, int, int64_t, int64_t, int64_t, double, const void *, int64_t, const void *, int64_t, double, void *, int64_t, int64_t, const int64_t *, int)",
+    colsum = "int (*)(int, int64_t, int64_t, const void *, int64_t, void *)",
+}
+local names, missing = {}, {}
+for name in pairs(KERNELS) do
+    names[#names + 1] = name
+    if not (kernels[name] and kernels[name].devtype == 1 and kernels[name].fn ~= nil) then missing[#missing + 1] = name end
+end
+table.sort(names)
+T.ok(#missing == 0, "register_kernels registers " .. #names .. " CUDA kernels: " .. table.concat(names, ", "),
+     "missing: " .. table.concat(missing, ", "))
+local k = {}
+for name, sig in pairs(KERNELS) do if kernels[name] then k[name] = ffi.cast(sig, kernels[name].fn) end end
+local function call(name, ...)
+    if not k[name] then return -999 end
+    return k[name](...)
+end
+
+-- A tensor-taking kernel given cpu tensors refuses before touching any memory (the fake
+-- tensors point at address 0) and leaves its reason in error_text().
+local st = ffi.new("int64_t[1]", 1)
+local strides4 = ffi.new("const int64_t *[4]", {st, st, st, st})
+local CPU_CALLS = {
+    {"copy", function() return call("copy", tc, tc, st) end},
+    {"unary", function() return call("unary", tc, tc, 0, 0, 0) end},
+    {"unary_backward", function() return call("unary_backward", tc, tc, tc, 0, 0, 0) end},
+    {"binary", function() return call("binary", tc, tc, tc, st, st, 0, 1) end},
+    {"where", function() return call("where", tc, tc, tc, tc, strides4) end},
+    {"reduce", function() return call("reduce", tc, tc, 1, 4, 1, 0, 0) end},
+    {"reduce_backward", function() return call("reduce_backward", tc, tc, tc, 1, 4, 1, 0, 0) end},
+    {"argreduce", function() return call("argreduce", tc, tc, tc, 1, 4, 1, 0) end},
+    {"max_dim_backward", function() return call("max_dim_backward", tc, tc, tc, 1, 4, 1) end},
+    {"softmax", function() return call("softmax", tc, tc, 1, 4, 1, 0) end},
+    {"softmax_backward", function() return call("softmax_backward", tc, tc, tc, 1, 4, 1, 0) end},
+    {"cumsum", function() return call("cumsum", tc, tc, 1, 4, 1, 0) end},
+}
+for _, c in ipairs(CPU_CALLS) do
+    rc = c[2]()
+    T.ok(rc == NEMO_EDEVICE and text():find("cpu tensor", 1, true),
+         string.format("%s kernel on cpu tensors: rc %d == NEMO_EDEVICE, '%s'", c[1], rc, text()))
+end
+
+-- gemm / colsum take raw pointers: a dtype they do not compute in is refused first, an empty
+-- product is a no-op
+rc = call("gemm", C.NEMO_I64, 0, 0, 2, 2, 2, 1.0, nil, 2, nil, 2, 0.0, nil, 2, 1, nil, 1)
+T.ok(rc == C.NEMO_EDTYPE and text():find("int64", 1, true),
+     string.format("gemm kernel refuses int64: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+rc = call("gemm", C.NEMO_F32, 0, 0, 0, 5, 3, 1.0, nil, 3, nil, 5, 0.0, nil, 5, 1, nil, 1)
+T.is(rc, 0, "gemm kernel with m = 0 is a no-op returning 0")
+rc = call("colsum", C.NEMO_BF16, 4, 4, nil, 4, nil)
+T.ok(rc == C.NEMO_EDTYPE and text():find("bfloat16", 1, true),
+     string.format("colsum kernel refuses bfloat16: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+
+-- the error text is emptied when a kernel starts: a failure above, then a successful no-op
+rc = fill and fill(te, 2.5) or -999
+T.ok(rc == 0 and text() == "", string.format("a kernel that succeeds leaves error_text() empty: rc %d, '%s'", rc, text()))
+
+if not expect_gpu then
+    -- a cuda-typed tensor on a machine without a device: the runtime's own text comes back
+    local tg = fake(1, 4)
+    rc = call("unary", tg, tg, 0, 0, 0)
+    T.ok(rc == NEMO_ECUDA and text():find("cudaSetDevice", 1, true),
+         string.format("unary kernel without a device: rc %d == NEMO_ECUDA, '%s'", rc, text()))
+    rc = call("copy", tg, tg, st)
+    T.ok(rc == NEMO_ECUDA and text():find("cudaSetDevice", 1, true),
+         string.format("copy kernel without a device: rc %d == NEMO_ECUDA, '%s'", rc, text()))
+    local h = ffi.new("float[4]")
+    rc = call("gemm", C.NEMO_F32, 0, 0, 2, 2, 2, 1.0, h, 2, h, 2, 0.0, h, 2, 1, nil, 1)
+    T.ok(rc == NEMO_ECUDA or rc == NEMO_EDEVICE,
+         string.format("gemm kernel without a device fails cleanly: rc %d, '%s'", rc, text()))
+else
+    for _ = 1, 3 do T.skip("kernels without a device", "this machine has a GPU") end
+end
 
 if expect_gpu then
     local q = ffi.new("void *[1]")

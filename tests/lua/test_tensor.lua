@@ -64,6 +64,9 @@ local big = nemo.tensor({65504, 70000, 1e-8}):half():float():tolist()
 T.ok(big[1] == 65504 and big[2] == math.huge and big[3] == 0, "float16 max, overflow to inf, underflow to 0")
 local sub = nemo.tensor({6e-8}):half():float():item()
 T.ok(math.abs(sub - 5.960464477539063e-08) < 1e-20, "float16 subnormal")
+local subs = nemo.tensor({2^-24, 3 * 2^-24, 6.103515625e-05 / 2, 2^-25, 1.5 * 2^-24}, {dtype = "float64"}):half():double():tolist()
+T.ok(subs[1] == 2^-24 and subs[2] == 3 * 2^-24 and subs[3] == 6.103515625e-05 / 2 and subs[4] == 0 and subs[5] == 2 * 2^-24,
+    "float16 subnormals exact, ties to even (2^-25 -> 0, 1.5*2^-24 -> 2^-23)")
 T.raises(function() f:to{device = "cuda:0"} end, "no CUDA device", "cuda request without a GPU is a clear error")
 
 -- clone, contiguous, copy_, fill_, zero_

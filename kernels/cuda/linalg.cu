@@ -1,0 +1,320 @@
+/*
+ * kernels/cuda/linalg.cu: the CUDA kernels of the linalg family (kernels/cpu/linalg.c has the
+ * CPU twins and engine/ops/linalg.c the ABI):
+ *
+ *   "gemm"    int (int dtype, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha,
+ *                  const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+ *                  void *c, int64_t ldc, int64_t nbatch, const int64_t *offs, int c_distinct)
+ *             for i < nbatch: c_i = alpha op(a_i) op(b_i) + beta c_i, row-major, a_i = a +
+ *             offs[3i], b_i = b + offs[3i+1], c_i = c + offs[3i+2] elements (offs NULL: one
+ *             product); ta/tb: the operand is stored transposed. Device pointers; offs on the
+ *             host. Through cuBLASLt.
+ *   "colsum"  int (int dtype, int64_t m, int64_t n, const void *g, int64_t ldg, void *out)
+ *             out[j] = sum_i g[i*ldg + j] (double accumulation), out (n) dense, g's dtype.
+ *
+ * Both take float32 or float64 (bf16/f16 arrive converted to float32 by the front-end) and
+ * find their device from the output pointer. They return 0 or a negative status with the
+ * plugin's error text (cuBLASLt's status name and text included), launch on the device's
+ * stream and do not synchronize.
+ *
+ * Non-obvious rules
+ * - Row-major products are computed as the column-major transposed product: C^T = op(B)^T
+ *   op(A)^T, so b goes in cuBLASLt's A slot and a in its B slot, with no copies.
+ * - float32 uses CUBLAS_COMPUTE_32F: true float32 arithmetic, no TF32 (results stay within
+ *   float32 rounding of the CPU's sgemm; a faster bf16 tensor-core path needs bf16 operands,
+ *   which the front-end does not pass yet).
+ * - A batch whose offsets are evenly spaced and whose outputs are distinct is one strided
+ *   batched call; any other batch is a loop of calls on the stream, which keeps the batch
+ *   order of an accumulating (beta = 1, shared output) batch, as on the CPU.
+ * - cuBLASLt assumes 256-byte aligned operands unless told otherwise: the actual alignment of
+ *   every pointer (views start anywhere) goes into the heuristic's preferences. Heuristic
+ *   answers are cached by (device, dtype, shapes, strides, alignments).
+ * - k == 0: c = beta c (zeros when beta == 0), as BLAS defines it.
+ * - Handles and the 32 MiB workspace are per device, made on first use and kept (the
+ *   workspace is not counted in libnemo's memory statistics).
+ */
+#include <pthread.h>
+#include <cublasLt.h>
+#include "common.cuh"
+
+/* ==== Kernels ==== */
+
+/* c[i*ldc + j] = beta * c[...] over an (m, n) block (beta == 0 writes zeros). */
+template <typename T>
+__global__ void scale_rows(T *c, int64_t m, int64_t n, int64_t ldc, T beta) {
+    NEMO_CUDA_LOOP(t, m * n) {
+        int64_t i = t / n, j = t % n;
+        T *p = c + i * ldc + j;
+        *p = beta == (T)0 ? (T)0 : (T)(beta * *p);
+    }
+}
+
+/* part[c*n + j] = sum over rows [c*chunk, (c+1)*chunk) of g[i*ldg + j], in row order. */
+template <typename T>
+__global__ void colsum_part(double *part, const T *g, int64_t m, int64_t n, int64_t ldg, int64_t nk, int64_t chunk) {
+    NEMO_CUDA_LOOP(t, nk * n) {
+        int64_t j = t % n, c = t / n, i0 = c * chunk, i1 = i0 + chunk < m ? i0 + chunk : m;
+        double s = 0.0;
+        for (int64_t i = i0; i < i1; i++) s = __dadd_rn(s, (double)g[i * ldg + j]);
+        part[t] = s;
+    }
+}
+template <typename T>
+__global__ void colsum_fold(T *out, const double *part, int64_t n, int64_t nk) {
+    NEMO_CUDA_LOOP(j, n) {
+        double s = part[j];
+        for (int64_t c = 1; c < nk; c++) s = __dadd_rn(s, part[c * n + j]);
+        out[j] = (T)s;
+    }
+}
+
+/* ==== cuBLASLt state ==== */
+
+#define LT_MAXDEV 64
+#define LT_WORKSPACE ((size_t)32 << 20)
+static struct { cublasLtHandle_t h; void *ws; } lt[LT_MAXDEV];
+static pthread_mutex_t lt_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int lt_fail(cublasStatus_t s, const char *what) {
+    return nemo_cuda_error(NEMO_ECUDA, "gemm: %s: %s (%s)", what, cublasLtGetStatusString(s), cublasLtGetStatusName(s));
+}
+#define LT_TRY(call, what) do {                                                                \
+        cublasStatus_t lt_s_ = (call);                                                           \
+        if (lt_s_ != CUBLAS_STATUS_SUCCESS) { rc = lt_fail(lt_s_, what); goto done; }            \
+    } while (0)
+
+/* The device that owns a device pointer (a kernel ABI with raw pointers names no tensor). */
+static int pointer_device(const char *op, const void *p, int *dev) {
+    cudaPointerAttributes at;
+    NEMO_CUDA_TRY(cudaPointerGetAttributes(&at, p), "%s: cudaPointerGetAttributes", op);
+    if (at.type != cudaMemoryTypeDevice && at.type != cudaMemoryTypeManaged)
+        return nemo_cuda_error(NEMO_EDEVICE, "%s: cuda kernel called with memory that is not on a cuda device", op);
+    if (at.device < 0 || at.device >= LT_MAXDEV)
+        return nemo_cuda_error(NEMO_EDEVICE, "%s: device %d out of range 0..%d", op, at.device, LT_MAXDEV - 1);
+    *dev = at.device;
+    return 0;
+}
+
+static int lt_handle(int dev, cublasLtHandle_t *h, void **ws) {
+    int rc = 0;
+    pthread_mutex_lock(&lt_lock);
+    if (!lt[dev].h) {
+        cublasLtHandle_t nh = NULL;
+        void *w = NULL;
+        cudaError_t e = cudaMalloc(&w, LT_WORKSPACE);
+        if (e != cudaSuccess) {
+            rc = nemo_cuda_fail(e, "gemm: cudaMalloc of the %zu-byte cuBLASLt workspace on cuda:%d", LT_WORKSPACE, dev);
+            goto done;
+        }
+        LT_TRY(cublasLtCreate(&nh), "cublasLtCreate");
+        lt[dev].h = nh;
+        lt[dev].ws = w;
+        w = NULL;
+    done:
+        if (w) cudaFree(w);
+    }
+    *h = lt[dev].h;
+    *ws = lt[dev].ws;
+    pthread_mutex_unlock(&lt_lock);
+    return rc;
+}
+
+/* Heuristic results by problem. */
+typedef struct {
+    int dev, dt, ta, tb;
+    int64_t m, n, k, lda, ldb, ldc, batch, sa, sb, sc;
+    uint32_t align[3];
+} algo_key;
+#define NALGO 256
+static struct { algo_key key; cublasLtMatmulAlgo_t algo; int valid; } algos[NALGO];
+static int algo_next;
+
+static int algo_find(const algo_key *k, cublasLtMatmulAlgo_t *algo) {
+    int hit = 0;
+    pthread_mutex_lock(&lt_lock);
+    for (int i = 0; i < NALGO && !hit; i++)
+        if (algos[i].valid && !memcmp(&algos[i].key, k, sizeof *k)) { *algo = algos[i].algo; hit = 1; }
+    pthread_mutex_unlock(&lt_lock);
+    return hit;
+}
+static void algo_put(const algo_key *k, const cublasLtMatmulAlgo_t *algo) {
+    pthread_mutex_lock(&lt_lock);
+    algos[algo_next].key = *k;
+    algos[algo_next].algo = *algo;
+    algos[algo_next].valid = 1;
+    algo_next = (algo_next + 1) % NALGO;
+    pthread_mutex_unlock(&lt_lock);
+}
+
+/* The largest power of two (<= 256) dividing the address. */
+static uint32_t align_of(const void *p, int64_t extra_bytes) {
+    uint64_t v = (uint64_t)(uintptr_t)p | (uint64_t)extra_bytes | 256u;
+    return (uint32_t)(v & (~v + 1));
+}
+
+/* ==== kernel launchers ==== */
+
+static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                     const void *b, int64_t ldb, double beta, void *c, int64_t ldc, int64_t nbatch, const int64_t *offs,
+                     int c_distinct) {
+    nemo_cuda_clear_error();
+    static const int64_t zero3[3] = {0, 0, 0};
+    if (dt != NEMO_F32 && dt != NEMO_F64)
+        return nemo_cuda_error(NEMO_EDTYPE, "gemm: cuda kernel expects float32 or float64, got %s", nemo_cuda_dtype_name(dt));
+    if (!offs) { offs = zero3; nbatch = 1; }
+    if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX)
+        return nemo_cuda_error(NEMO_ESHAPE, "gemm: %lld x %lld x %lld is too large", (long long)m, (long long)n,
+                               (long long)k);
+    int dev = 0;
+    NEMO_CUDA_RC(pointer_device("gemm", c, &dev));
+    NEMO_CUDA_TRY(cudaSetDevice(dev), "gemm: cudaSetDevice(%d)", dev);
+    cudaStream_t st = nemo_cuda_stream(dev);
+    const int64_t esz = dt == NEMO_F32 ? 4 : 8;
+    const char *pa = (const char *)a, *pb = (const char *)b;
+    char *pc = (char *)c;
+
+    if (k == 0) {   /* c = beta c */
+        if (beta == 1.0) return 0;
+        for (int64_t i = 0; i < nbatch; i++) {
+            char *ci = pc + offs[3 * i + 2] * esz;
+            if (dt == NEMO_F32)
+                scale_rows<float><<<nemo_cuda_blocks(m * n), NEMO_CUDA_THREADS, 0, st>>>((float *)ci, m, n, ldc, (float)beta);
+            else
+                scale_rows<double><<<nemo_cuda_blocks(m * n), NEMO_CUDA_THREADS, 0, st>>>((double *)ci, m, n, ldc, beta);
+        }
+        NEMO_CUDA_LAUNCHED("gemm: k = 0 scale kernel on cuda:%d", dev);
+        return 0;
+    }
+
+    /* one strided batched call when the offsets are evenly spaced and the outputs distinct */
+    int strided = nbatch > 1 && c_distinct && nbatch <= INT32_MAX;
+    int64_t sa = 0, sb = 0, sc = 0;
+    if (strided) {
+        sa = offs[3] - offs[0]; sb = offs[4] - offs[1]; sc = offs[5] - offs[2];
+        for (int64_t i = 2; i < nbatch && strided; i++)
+            strided = offs[3 * i] - offs[0] == i * sa && offs[3 * i + 1] - offs[1] == i * sb &&
+                      offs[3 * i + 2] - offs[2] == i * sc;
+    }
+    int64_t calls = strided || nbatch == 1 ? 1 : nbatch;
+
+    /* alignments of every pointer used */
+    uint32_t al[3] = {256, 256, 256};
+    for (int64_t i = 0; i < calls; i++) {
+        uint32_t x;
+        x = align_of(pb + offs[3 * i + 1] * esz, strided ? sb * esz : 0); if (x < al[0]) al[0] = x;
+        x = align_of(pa + offs[3 * i] * esz, strided ? sa * esz : 0); if (x < al[1]) al[1] = x;
+        x = align_of(pc + offs[3 * i + 2] * esz, strided ? sc * esz : 0); if (x < al[2]) al[2] = x;
+    }
+
+    int rc = 0;
+    cublasLtHandle_t h = NULL;
+    void *ws = NULL;
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulAlgo_t algo;
+    algo_key key;
+    NEMO_CUDA_RC(lt_handle(dev, &h, &ws));
+    {
+        cudaDataType_t ty = dt == NEMO_F32 ? CUDA_R_32F : CUDA_R_64F;
+        cublasComputeType_t ct = dt == NEMO_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_64F;
+        cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        LT_TRY(cublasLtMatmulDescCreate(&op, ct, ty), "cublasLtMatmulDescCreate");
+        LT_TRY(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "set TRANSA");
+        LT_TRY(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "set TRANSB");
+        /* cuBLASLt's A = our b (stored (k, n) row-major: (n, k) column-major), B = our a, C = c^T */
+        LT_TRY(cublasLtMatrixLayoutCreate(&la, ty, (uint64_t)(tb ? k : n), (uint64_t)(tb ? n : k), ldb), "layout of b");
+        LT_TRY(cublasLtMatrixLayoutCreate(&lb, ty, (uint64_t)(ta ? m : k), (uint64_t)(ta ? k : m), lda), "layout of a");
+        LT_TRY(cublasLtMatrixLayoutCreate(&lc, ty, (uint64_t)n, (uint64_t)m, ldc), "layout of c");
+        if (strided) {
+            int32_t cnt = (int32_t)nbatch;
+            cublasLtMatrixLayout_t ls[3] = {la, lb, lc};
+            int64_t ss[3] = {sb, sa, sc};
+            for (int q = 0; q < 3; q++) {
+                LT_TRY(cublasLtMatrixLayoutSetAttribute(ls[q], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &cnt, sizeof cnt),
+                       "set BATCH_COUNT");
+                LT_TRY(cublasLtMatrixLayoutSetAttribute(ls[q], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &ss[q],
+                                                        sizeof ss[q]), "set STRIDED_BATCH_OFFSET");
+            }
+        }
+        memset(&key, 0, sizeof key);
+        key.dev = dev; key.dt = dt; key.ta = ta; key.tb = tb;
+        key.m = m; key.n = n; key.k = k; key.lda = lda; key.ldb = ldb; key.ldc = ldc;
+        key.batch = strided ? nbatch : 1; key.sa = sa; key.sb = sb; key.sc = sc;
+        memcpy(key.align, al, sizeof al);
+        if (!algo_find(&key, &algo)) {
+            size_t wsn = LT_WORKSPACE;
+            LT_TRY(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+            LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsn, sizeof wsn),
+                   "set MAX_WORKSPACE_BYTES");
+            cublasLtMatmulPreferenceAttributes_t pa_[4] = {
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+            uint32_t av[4] = {al[0], al[1], al[2], al[2]};
+            for (int q = 0; q < 4; q++)
+                LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, pa_[q], &av[q], sizeof av[q]), "set MIN_ALIGNMENT");
+            cublasLtMatmulHeuristicResult_t res;
+            int nres = 0;
+            LT_TRY(cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, lc, lc, pref, 1, &res, &nres),
+                   "cublasLtMatmulAlgoGetHeuristic");
+            if (nres < 1) { rc = lt_fail(CUBLAS_STATUS_NOT_SUPPORTED, "no cuBLASLt algorithm for this product"); goto done; }
+            algo = res.algo;
+            algo_put(&key, &algo);
+        }
+        float af = (float)alpha, bf = (float)beta;
+        const void *alp = dt == NEMO_F32 ? (const void *)&af : (const void *)&alpha;
+        const void *bep = dt == NEMO_F32 ? (const void *)&bf : (const void *)&beta;
+        for (int64_t i = 0; i < calls; i++) {
+            const void *ai = pa + offs[3 * i] * esz, *bi = pb + offs[3 * i + 1] * esz;
+            void *ci = pc + offs[3 * i + 2] * esz;
+            LT_TRY(cublasLtMatmul(h, op, alp, bi, la, ai, lb, bep, ci, lc, ci, lc, &algo, ws, LT_WORKSPACE, st),
+                   "cublasLtMatmul");
+        }
+    }
+done:
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (op) cublasLtMatmulDescDestroy(op);
+    return rc;
+}
+NEMO_CUDA_KERNEL("gemm", gemm_cuda)
+
+static int colsum_cuda(int dt, int64_t m, int64_t n, const void *g, int64_t ldg, void *out) {
+    nemo_cuda_clear_error();
+    if (dt != NEMO_F32 && dt != NEMO_F64)
+        return nemo_cuda_error(NEMO_EDTYPE, "colsum: cuda kernel expects float32 or float64, got %s",
+                               nemo_cuda_dtype_name(dt));
+    if (n <= 0) return 0;
+    if (m < 0) return nemo_cuda_error(NEMO_EINVAL, "colsum: negative row count %lld", (long long)m);
+    int dev = 0;
+    NEMO_CUDA_RC(pointer_device("colsum", out, &dev));
+    NEMO_CUDA_TRY(cudaSetDevice(dev), "colsum: cudaSetDevice(%d)", dev);
+    cudaStream_t st = nemo_cuda_stream(dev);
+    /* rows cut into nk chunks (fixed by m and n) so that about 256K threads run */
+    int64_t nk = 1;
+    if (n < 262144 && m >= 64) {
+        nk = (262144 + n - 1) / n;
+        if (nk > m / 32) nk = m / 32;
+        if (nk > 1024) nk = 1024;
+        if (nk < 1) nk = 1;
+    }
+    int64_t chunk = m > 0 ? (m + nk - 1) / nk : 0;
+    if (m > 0) nk = (m + chunk - 1) / chunk;
+    void *part = NULL;
+    NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * (size_t)(nk * n), &part));
+    if (dt == NEMO_F32) {
+        colsum_part<float><<<nemo_cuda_blocks(nk * n), NEMO_CUDA_THREADS, 0, st>>>((double *)part, (const float *)g, m, n,
+                                                                                   ldg, nk, chunk);
+        colsum_fold<float><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, st>>>((float *)out, (const double *)part, n, nk);
+    } else {
+        colsum_part<double><<<nemo_cuda_blocks(nk * n), NEMO_CUDA_THREADS, 0, st>>>((double *)part, (const double *)g, m,
+                                                                                    n, ldg, nk, chunk);
+        colsum_fold<double><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, st>>>((double *)out, (const double *)part, n, nk);
+    }
+    NEMO_CUDA_LAUNCHED("colsum: kernel launch on cuda:%d (%lld x %lld)", dev, (long long)m, (long long)n);
+    return 0;
+}
+NEMO_CUDA_KERNEL("colsum", colsum_cuda)
