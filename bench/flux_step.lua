@@ -16,6 +16,9 @@
 -- Memory: "peak MiB" is nemo.memory_stats().peak over the timed steps (bytes held by tensors,
 -- after nemo.reset_peak_memory_stats()); "RSS GiB" is the process's peak resident set (VmHWM),
 -- the figure the anchors report (theirs includes about 0.26 GiB of Python, torch and diffusers).
+-- "other" is the CPU the rest of the machine used meanwhile (cores, from /proc/stat minus this
+-- process): on a shared 2-core machine a row with other > 0.1 is disturbed, as in the anchors;
+-- "min" is then the better guide.
 local ffi = require "ffi"
 local nemo = require "nemo"
 local flux = require "nemo.models.flux"
@@ -93,6 +96,27 @@ local function peak_rss_gib()
     return kb and tonumber(kb) / 2^20 or nil
 end
 
+-- CPU seconds used by the whole machine and by this process so far (Linux; nil elsewhere).
+local function cpu_seconds()
+    local f = io.open("/proc/stat", "r")
+    if not f then return nil end
+    local line = f:read("*l")
+    f:close()
+    local v = {}
+    for x in line:gmatch("%d+") do v[#v + 1] = tonumber(x) end
+    -- user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+    local busy = v[1] + v[2] + v[3] + v[6] + v[7]
+    local g = io.open("/proc/self/stat", "r")
+    if not g then return nil end
+    local st = g:read("*a")
+    g:close()
+    local rest = st:match("%) (.*)$")
+    local fields = {}
+    for x in rest:gmatch("%S+") do fields[#fields + 1] = x end
+    local self_t = tonumber(fields[12]) + tonumber(fields[13])   -- utime + stime (fields 14, 15)
+    return busy / 100, self_t / 100
+end
+
 local function median(t)
     local s = {}
     for k, v in ipairs(t) do s[k] = v end
@@ -146,9 +170,14 @@ local function run(name, ckpt)
     local opt, opt_name = make_optimizer(model)
     local fwd, bwd, upd, tot = {}, {}, {}, {}
     local loss0
+    local busy0, self0, wall0
     collectgarbage()
     for s = 1, warmup + steps do
-        if s == warmup + 1 then nemo.reset_peak_memory_stats() end
+        if s == warmup + 1 then
+            nemo.reset_peak_memory_stats()
+            busy0, self0 = cpu_seconds()
+            wall0 = now()
+        end
         local t0 = now()
         local out = model(args)
         local loss = F.mse_loss(out, target)
@@ -166,26 +195,31 @@ local function run(name, ckpt)
         end
     end
     local peak = nemo.memory_stats().peak
+    local other
+    if busy0 then
+        local busy1, self1 = cpu_seconds()
+        other = math.max(0, ((busy1 - busy0) - (self1 - self0)) / (now() - wall0))
+    end
     model, opt = nil, nil
     collectgarbage()
     return {name = name, ckpt = ckpt, params = nparams, s = median(tot), min = math.min(unpack(tot)),
             max = math.max(unpack(tot)), fwd = median(fwd), bwd = median(bwd), opt = median(upd),
             peak = peak, rss = peak_rss_gib(), tokens = c.batch * (c.img + c.txt), opt_name = opt_name,
-            expected_params = c.params, loss = loss0}
+            expected_params = c.params, loss = loss0, other = other}
 end
 
 print(string.format("nemo %s, %d threads, %d timed steps after %d warm-up, float32, CPU", nemo.version,
     nemo.get_num_threads(), steps, warmup))
 print("PyTorch anchors: diffusers 58eb52c0 + torch 1.13, 2 threads, tuned (../shared/notes/anchors.md)")
 print()
-local W = {10, 4, 12, 9, 9, 9, 9, 8, 10, 9, 9, 9, 9, 9, 9}
+local W = {10, 4, 12, 9, 9, 9, 9, 8, 10, 9, 9, 9, 9, 9, 9, 7}
 local function row(cols)
     local parts = {}
     for k, v in ipairs(cols) do parts[k] = string.format("%" .. W[k] .. "s", tostring(v)) end
     print(table.concat(parts, " "))
 end
 row({"config", "ckpt", "params", "s/step", "min", "max", "fwd", "bwd", "optim", "tok/s", "peak MiB", "RSS GiB",
-     "torch s", "torch RSS", "speedup"})
+     "torch s", "torch RSS", "speedup", "other"})
 for _, name in ipairs(names) do
     for _, ckpt in ipairs(ckpt_modes) do
         local r = run(name, ckpt)
@@ -198,12 +232,14 @@ for _, name in ipairs(names) do
              string.format("%.3f", r.max), string.format("%.3f", r.fwd), string.format("%.3f", r.bwd),
              string.format("%.3f", r.opt), string.format("%.0f", r.tokens / r.s),
              string.format("%.0f", r.peak / 2^20), r.rss and string.format("%.2f", r.rss) or "?",
-             string.format("%.3f", a.s), string.format("%.2f", a.rss), string.format("%.2fx", a.s / r.s)})
+             string.format("%.3f", a.s), string.format("%.2f", a.rss), string.format("%.2fx", a.s / r.s),
+             r.other and string.format("%.2f", r.other) or "?"})
         io.stdout:flush()
     end
 end
 print()
 print("fwd includes the loss; optim is the " .. (nemo.optim and nemo.optim.AdamW and "AdamW step" or "p -= lr*g update") ..
     " + zero_grad + one Lua collection. RSS is the process's peak so far (it only grows across rows).")
+print("other: cores the rest of the machine used during the timed steps (> 0.1: disturbed; trust min more).")
 print("torch anchor phases (fwd/bwd/adamw, s): small 0.088/0.136/0.025 (ckpt 0.087/0.225/0.024), " ..
     "medium 0.933/1.838/0.148 (0.953/2.948/0.145), dev_block 0.976/1.860/0.962 (0.999/2.857/0.826)")

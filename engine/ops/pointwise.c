@@ -130,9 +130,41 @@ NEMO_API nemo_tensor *nemo_binary(const nemo_tensor *a, const nemo_tensor *b, in
     return binary_into(NULL, a, b, op, alpha, out_dtype);
 }
 
+/* a = a op b straight into a's memory: a is a contiguous CPU tensor of its own compute dtype,
+ * b does not share a's storage (so no element is read after it is written) and broadcasts to
+ * a's shape. Returns 1 when done, 0 when the general path must run, < 0 on error. */
+static int binary_inplace_fast(nemo_tensor *a, const nemo_tensor *b, int op, double alpha) {
+    int rc = 0;
+    nemo_tensor *bc = NULL;
+    if (a->devtype != NEMO_CPU || b->devtype != NEMO_CPU || op >= NEMO_BOP_EQ || a->storage == b->storage ||
+        !nemo_tensor_is_contiguous(a) || b->ndim > a->ndim)
+        return 0;
+    int cdt = nemo_compute_dtype(nemo_promote(result_dtype(a, b), a->dtype));
+    if (cdt != a->dtype) return 0;
+    for (int i = 0; i < b->ndim; i++) {
+        int64_t s = b->shape[b->ndim - 1 - i];
+        if (s != 1 && s != a->shape[a->ndim - 1 - i]) return 0;
+    }
+    binary_k k;
+    NEMO_GET_KERNEL(k, binary_k, "binary", NEMO_CPU);
+    NEMO_TRYP(bc, nemo_prep(b, cdt));
+    int64_t as[NEMO_MAXDIM], bs[NEMO_MAXDIM];
+    nemo_broadcast_strides(a, a->ndim, a->shape, as);
+    nemo_broadcast_strides(bc, a->ndim, a->shape, bs);
+    NEMO_TRY(k(a, a, bc, as, bs, op, alpha));
+    rc = 1;
+fail:
+    nemo_tensor_release(bc);
+    return rc;
+}
+
 NEMO_API int nemo_binary_(nemo_tensor *a, const nemo_tensor *b, int op, double alpha) {
     int rc = 0;
     nemo_tensor *y = NULL;
+    NEMO_CHECK(op >= 0 && op < NEMO_NBOP, NEMO_EINVAL, "binary: unknown op %d", op);
+    NEMO_TRY(nemo_check_same_device(bop_name(op), a, b));
+    rc = binary_inplace_fast(a, b, op, alpha);
+    if (rc != 0) return rc < 0 ? rc : 0;
     NEMO_TRYP(y, binary_into(a, a, b, op, alpha, a->dtype));
     char b1[128], b2[128];
     NEMO_CHECK(y->ndim == a->ndim && !memcmp(y->shape, a->shape, sizeof(int64_t) * (size_t)a->ndim), NEMO_ESHAPE,
@@ -195,11 +227,26 @@ NEMO_API nemo_tensor *nemo_sum_to(const nemo_tensor *x, int ndim, const int64_t 
     double *o = nemo_tensor_data(acc);
     const double *p = nemo_tensor_data(xc);
     int64_t so = nemo_iter_inner_stride(&it, 0), sx = nemo_iter_inner_stride(&it, 1);
-    for (int64_t r = 0; r < it.nrows; r++) {
-        int64_t off[2];
-        nemo_iter_row(&it, r, off);
-        if (so == 0) { double s = 0; for (int64_t i = 0; i < it.inner; i++) s += p[off[1] + i * sx]; o[off[0]] += s; }
-        else for (int64_t i = 0; i < it.inner; i++) o[off[0] + i * so] += p[off[1] + i * sx];
+    if (so != 0 && it.nrows * it.inner > NEMO_PAR_MIN && it.inner >= 64) {
+        /* The inner dim is kept: threads share out pieces of it, and each output element is
+         * summed over the rows in order by one thread (the same bits on any thread count). */
+        int64_t npc = (it.inner + 255) / 256;
+        #pragma omp parallel for schedule(static)
+        for (int64_t pc = 0; pc < npc; pc++) {
+            int64_t i0 = pc * 256, i1 = i0 + 256 < it.inner ? i0 + 256 : it.inner;
+            for (int64_t r = 0; r < it.nrows; r++) {
+                int64_t off[2];
+                nemo_iter_row(&it, r, off);
+                for (int64_t i = i0; i < i1; i++) o[off[0] + i * so] += p[off[1] + i * sx];
+            }
+        }
+    } else {
+        for (int64_t r = 0; r < it.nrows; r++) {
+            int64_t off[2];
+            nemo_iter_row(&it, r, off);
+            if (so == 0) { double s = 0; for (int64_t i = 0; i < it.inner; i++) s += p[off[1] + i * sx]; o[off[0]] += s; }
+            else for (int64_t i = 0; i < it.inner; i++) o[off[0] + i * so] += p[off[1] + i * sx];
+        }
     }
     NEMO_TRYP(y, nemo_to(acc, x->dtype, NEMO_CPU, 0));
 fail:

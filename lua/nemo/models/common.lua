@@ -177,12 +177,24 @@ function M.get_1d_rotary_pos_embed(dim, pos, opts)
     local f = {}
     for i = 0, half - 1 do f[i + 1] = 1.0 / (theta ^ ((2 * i) / dim)) / linear_factor end
     local freqs = Tensor.tensor(f, {dtype = "float64", device = device})
-    local ang = pos:to{dtype = "float64"}:unsqueeze(1) * freqs:unsqueeze(0)     -- (S, half)
+    local p64 = pos:to{dtype = "float64"}
+    local pu, fu = p64:unsqueeze(1), freqs:unsqueeze(0)
+    local ang = pu * fu                                                          -- (S, half)
+    free(pu, fu, freqs)
+    if not rawequal(p64, pos) then free(p64) end
     local S = ang.shape[1]
     local function interleave(t)
-        return t:unsqueeze(2):expand(S, half, 2):reshape(S, dim):to{dtype = out_dtype}
+        local u = t:unsqueeze(2)
+        local e = u:expand(S, half, 2)
+        local r = e:reshape(S, dim)
+        local o = r:to{dtype = out_dtype}
+        free(t, u, e)
+        if not rawequal(o, r) then free(r) end
+        return o
     end
-    return interleave(ang:cos()), interleave(ang:sin())
+    local c, s = interleave(ang:cos()), interleave(ang:sin())
+    free(ang)
+    return c, s
 end
 
 -- apply_rotary_emb(x, {cos, sin}, {sequence_dim=2}): x is (B, H, S, Dh) (sequence_dim 2) or
@@ -190,7 +202,8 @@ end
 -- (2i, 2i+1) rotate: out[2i] = x[2i] c - x[2i+1] s, out[2i+1] = x[2i+1] c + x[2i] s, computed
 -- in float32 (float64 for float64 x) and rounded once to x's dtype. The same products and
 -- sums as diffusers' x.float()*cos + x_rotated.float()*sin (negation is exact), so float32
--- results are bitwise equal; only one of each duplicated table column is read.
+-- results are bitwise equal; only one of each duplicated table column is read. On the CPU this
+-- is one fused op (F.rope: one pass, one fused backward), which reads every column, same bits.
 function M.apply_rotary_emb(x, freqs, opts)
     local sequence_dim = opt(opts, "sequence_dim", 2)
     local cos, sin = freqs[1], freqs[2]
@@ -200,6 +213,10 @@ function M.apply_rotary_emb(x, freqs, opts)
     if cos:dim() ~= 2 or cos.shape[1] ~= S or cos.shape[2] ~= Dh then
         error(string.format("apply_rotary_emb: rope tables %s do not fit x %s (sequence_dim %d): expected (%d, %d)",
             Tensor.shape_str(cos.shape), Tensor.shape_str(x.shape), sequence_dim, S, Dh), 2)
+    end
+    if F.rope and x._c.devtype == 0 and not (cos.requires_grad or sin.requires_grad) then
+        -- the fused op: one pass, the same bits as the sequence below (float32 / float64)
+        return F.rope(x, cos, sin, sequence_dim)
     end
     local c = cos:slice(1, 0, nil, 2)          -- (S, Dh/2): one of each pair
     local s = sin:slice(1, 0, nil, 2)
@@ -246,7 +263,14 @@ function FP32LayerNorm:forward(x)
 end
 
 -- x * (1 + scale[:, None]) + shift[:, None], as diffusers writes the modulation; n is freed.
+-- n (B, S, D) with scale / shift (B, D) takes the fused op on the CPU (the same bits in float32 /
+-- float64; the fused ops have no CUDA kernels yet).
 local function modulate(n, scale, shift)
+    if F.modulate and n._c.devtype == 0 and n:dim() == 3 and scale:dim() == 2 and shift:dim() == 2 then
+        local y = F.modulate(n, scale, shift)
+        free(n)
+        return y
+    end
     local sc = 1 + scale:unsqueeze(1)
     local y1 = n * sc
     free(n, sc)

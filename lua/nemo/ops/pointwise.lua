@@ -82,13 +82,26 @@ local function unary_bw(node, g)
     return wrap(C.nemo_unary_backward(g._c, x._c, nil, node.op, node.a, node.b))
 end
 
+-- a*x + b: the gradient a*g does not read x, so the node keeps no tensor. Adding -0 leaves
+-- every product as it is (+0 would turn -0 into +0), so these are the bits of unary_backward.
+local NEG_ZERO = -1 / math.huge
+local function affine_bw(node, g)
+    local d = wrap(C.nemo_unary(g._c, U.affine, node.a, NEG_ZERO))
+    if d._c.dtype ~= node.x_dtype then
+        local c = d:to{dtype = Tensor.dtype_names[node.x_dtype]}
+        d:free()
+        d = c
+    end
+    return d
+end
+
 local function unary(x, op, a, b, name)
     if not is_tensor(x) then error(name .. ": expected a tensor, got " .. type(x), 3) end
     local y = wrap(C.nemo_unary(x._c, op, a or 0, b or 0))
-    local node = node_of(name, unary_bw, y, x)
+    local node = node_of(name, op == U.affine and affine_bw or unary_bw, y, x)
     if node then
         node.op, node.a, node.b = op, a or 0, b or 0
-        node.x = save(node, x)
+        if op == U.affine then node.x_dtype = x._c.dtype else node.x = save(node, x) end
     end
     return y
 end

@@ -116,6 +116,7 @@ local function do_view(t, shape, what, allow_copy)
         local acc = 1
         for i = #shape, 1, -1 do s2[i] = acc; acc = acc * math.max(shape[i], 1) end
         out = view_of(ct, shape, s2)
+        ct:free()   -- the view holds the copy; the handle would keep it until the collector runs
     else
         error(string.format("%s: view size %s is not compatible with the input's size %s and stride %s " ..
             "(at least one dimension spans two contiguous subspaces); use reshape", what,
@@ -281,13 +282,11 @@ F.broadcast_to = methods.expand
 
 -- ==== narrow / select / slicing ====
 
--- Gradient of a sub-view: zeros of the input's shape with g copied into the same sub-view.
+-- Gradient of a sub-view: g inside the same sub-view of the input's shape, zero elsewhere, as a
+-- partial gradient (autograd.partial): the sub-views of one input (split, chunk, unbind, the
+-- parts of a checkpoint buffer) are written into one tensor, with no zero fill when they tile it.
 local function subview_bw(node, g)
-    local z = Tensor.zeros(node.in_shape, {dtype = g.dtype, device = g.device})
-    local v = node.apply(z, node)
-    v._c = v._c   -- keep v alive while copying
-    nffi.check(C.nemo_copy_(v._c, g._c))
-    return z
+    return autograd.partial(node.in_shape, node.apply, node, g)
 end
 
 local function slice_apply(t, spec)
@@ -515,6 +514,7 @@ function F.cat(tensors, dim)
         if lens[i] > 0 then
             local v = autograd.no_grad(methods.narrow, out, dim, start, lens[i])
             nffi.check(C.nemo_copy_(v._c, x._c))
+            v:free()   -- the view's handle would keep out's memory alive until the collector runs
             start = start + lens[i]
         end
     end
@@ -541,7 +541,10 @@ function F.stack(tensors, dim)
         end
         parts[i] = x:unsqueeze(dim)
     end
-    return F.cat(parts, dim)
+    local out = F.cat(parts, dim)
+    -- the unsqueezed views are dead (cat's node keeps their grad_fn, never the handles)
+    for i = 1, #parts do parts[i]:free() end
+    return out
 end
 
 return F
