@@ -1,14 +1,20 @@
--- lua/nemo/checkpoint.lua: training checkpoints.
+-- lua/nemo/checkpoint.lua: training checkpoints (what lua/nemo/train.lua saves and resumes from).
 --
--- <checkpoint_dir>/epoch_<E>_step_<S>/      (S = the 0-based index of the last step taken)
---   model/model.safetensors                  the trained module's state_dict
+-- <checkpoint_dir>/epoch_<E>_step_<S>/      S = the 0-based index of the last step taken, E its epoch
+--   model/model.safetensors                  the trained module's state_dict (names as diffusers)
 --   model/config.json                        the model config (the resume compatibility check)
---   optim/optim.safetensors + optim/state.json   optimizer moments, step counts, param groups, LR schedule
---   trainer.json                             step, epoch, RNG states, data-sampler position, metrics
+--   optim/optim.safetensors                  AdamW moments: exp_avg.<i>, exp_avg_sq.<i> (i = torch's index)
+--   optim/state.json                         step counts, param groups, the LR schedule's state
+--   trainer.json                             step, epoch, RNG states, data-sampler position
 --   config.yaml                              the resolved run config (JSON text, which YAML reads)
--- A checkpoint is written into "<name>.incomplete" and renamed when complete; LATEST (a one-line
--- file naming the newest checkpoint) is replaced atomically after that. Nothing half-written is
--- ever taken for a checkpoint.
+--   diffusers/                               optional: the consolidated pipeline (save_consolidated)
+-- <checkpoint_dir>/LATEST                    one line: the name of the newest complete checkpoint
+--
+-- The non-obvious rule: nothing half-written is ever taken for a checkpoint. A checkpoint is
+-- written into "<name>.incomplete" and renamed when every file is there; LATEST is replaced
+-- atomically (temporary file + rename) after that. latest() follows LATEST only when it names a
+-- complete folder, else takes the complete folder with the highest step; "*.incomplete" folders
+-- are never candidates and an explicit restore_from naming one is an error.
 local fs = require "nemo.fs"
 local json = require "nemo.json"
 
@@ -16,10 +22,13 @@ local M = {}
 
 local function st() return require "nemo.safetensors" end
 
+-- Files every complete checkpoint holds (relative to its folder).
+M.REQUIRED = {"model/model.safetensors", "optim/optim.safetensors", "optim/state.json", "trainer.json"}
+
 local function write_text(path, text)
     local tmp = path .. ".tmp"
     local f, err = io.open(tmp, "wb")
-    if not f then error("cannot write '" .. path .. "': " .. tostring(err), 3) end
+    if not f then error("checkpoint: cannot write '" .. path .. "': " .. tostring(err), 3) end
     f:write(text)
     f:close()
     fs.rename(tmp, path)
@@ -27,8 +36,58 @@ end
 
 function M.name(epoch, step) return string.format("epoch_%d_step_%d", epoch, step) end
 
--- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=})
--- returns the checkpoint folder.
+-- parse(name) -> epoch, step for "epoch_E_step_S" (exactly), else nil.
+function M.parse(name)
+    local e, s = tostring(name):match("^epoch_(%d+)_step_(%d+)$")
+    if not s then return nil end
+    return tonumber(e), tonumber(s)
+end
+
+-- Is dir a complete checkpoint (the name is not *.incomplete and every required file exists)?
+function M.is_complete(dir)
+    if not fs.isdir(dir) or dir:match("%.incomplete/*$") then return false end
+    for _, f in ipairs(M.REQUIRED) do
+        if not fs.isfile(dir .. "/" .. f) then return false end
+    end
+    return true
+end
+
+-- list(root) -> the complete checkpoints under root, oldest first:
+-- {{name=, path=, epoch=, step=}, ...} (sorted by step, then epoch).
+function M.list(root)
+    local out = {}
+    if not fs.isdir(root) then return out end
+    for _, n in ipairs(fs.list(root)) do
+        local e, s = M.parse(n)
+        local p = root .. "/" .. n
+        if s and M.is_complete(p) then out[#out + 1] = {name = n, path = p, epoch = e, step = s} end
+    end
+    table.sort(out, function(a, b) if a.step ~= b.step then return a.step < b.step end return a.epoch < b.epoch end)
+    return out
+end
+
+-- The name LATEST holds (nil when there is no LATEST file).
+function M.read_latest(root)
+    local p = root .. "/LATEST"
+    if not fs.isfile(p) then return nil end
+    local name = fs.read(p):gsub("%s+$", "")
+    if name == "" then return nil end
+    return name
+end
+
+-- The newest complete checkpoint under root: the one LATEST names if it is complete, else the
+-- complete one with the highest step; nil when there is none.
+function M.latest(root)
+    if not fs.isdir(root) then return nil end
+    local name = M.read_latest(root)
+    if name and not name:find("/", 1, true) and M.is_complete(root .. "/" .. name) then return root .. "/" .. name end
+    local all = M.list(root)
+    return all[#all] and all[#all].path or nil
+end
+
+-- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
+--             extra = function(tmp_folder)}) -> the checkpoint folder.
+-- extra (optional) writes more into the checkpoint before it is published (the diffusers export).
 function M.save(root, s)
     fs.mkdirs(root)
     local name = M.name(s.epoch, s.step)
@@ -61,51 +120,111 @@ function M.save(root, s)
         st().save_file(otensors, tmp .. "/optim/optim.safetensors", {format = "nemo"})
         ostate.scheduler = s.scheduler and s.scheduler:state_dict() or nil
         json.write_file(tmp .. "/optim/state.json", ostate)
-        -- trainer state and config
-        local trainer = s.trainer or {}
+        -- the config, anything extra, and last trainer.json (so a folder holding it is complete)
+        write_text(tmp .. "/config.yaml", json.encode(s.config or {}, {indent = 2}) .. "\n")
+        if s.extra then s.extra(tmp) end
+        local trainer = {}
+        for k, v in pairs(s.trainer or {}) do trainer[k] = v end
         trainer.epoch, trainer.step = s.epoch, s.step
         json.write_file(tmp .. "/trainer.json", trainer)
-        write_text(tmp .. "/config.yaml", json.encode(s.config or {}, {indent = 2}) .. "\n")
     end)
     if not ok then
         pcall(fs.remove_tree, tmp)
         error("checkpoint: saving " .. final .. " failed: " .. tostring(err), 2)
     end
-    if fs.exists(final) then fs.remove_tree(final) end
+    -- publish: an older folder of the same name is moved aside first, never deleted before the
+    -- new one is in place
+    local old
+    if fs.exists(final) then
+        old = final .. ".old.incomplete"
+        if fs.exists(old) then fs.remove_tree(old) end
+        fs.rename(final, old)
+    end
     fs.rename(tmp, final)
     fs.sync_dir(root)
     write_text(root .. "/LATEST", name .. "\n")
     fs.sync_dir(root)
+    if old then pcall(fs.remove_tree, old) end
     return final
 end
 
--- The newest complete checkpoint under root: LATEST if it points at one, else the highest step.
-function M.latest(root)
-    if not fs.isdir(root) then return nil end
-    if fs.isfile(root .. "/LATEST") then
-        local name = fs.read(root .. "/LATEST"):gsub("%s+$", "")
-        if name ~= "" and fs.isdir(root .. "/" .. name) then return root .. "/" .. name end
+-- prune(root, keep) keeps the `keep` newest complete checkpoints (by step) and the one LATEST
+-- names; removes the older ones. Returns the removed names.
+function M.prune(root, keep)
+    if keep == nil then return {} end
+    if type(keep) ~= "number" or keep < 1 or keep % 1 ~= 0 then
+        error("checkpoint.prune: keep must be a positive integer, got " .. tostring(keep), 2)
     end
-    local best, best_step
-    for _, n in ipairs(fs.list(root)) do
-        local e, s = n:match("^epoch_(%d+)_step_(%d+)$")
-        if s and fs.isdir(root .. "/" .. n) and (not best_step or tonumber(s) > best_step) then
-            best, best_step = root .. "/" .. n, tonumber(s)
+    local all = M.list(root)
+    local latest = M.read_latest(root)
+    local removed = {}
+    for i = 1, #all - keep do
+        local c = all[i]
+        if c.name ~= latest then
+            fs.remove_tree(c.path)
+            removed[#removed + 1] = c.name
         end
-        local _ = e
     end
-    return best
+    return removed
 end
 
--- resolve(restore_from, root): nil/"LATEST" -> newest under root (or nil), a name -> root/name,
--- a path -> itself. An explicit one that does not exist is an error.
+-- Remove leftover "*.incomplete" folders (saves that did not finish). Returns their names.
+function M.clean_incomplete(root)
+    local removed = {}
+    if not fs.isdir(root) then return removed end
+    for _, n in ipairs(fs.list(root)) do
+        if n:match("%.incomplete$") and fs.isdir(root .. "/" .. n) then
+            fs.remove_tree(root .. "/" .. n)
+            removed[#removed + 1] = n
+        end
+    end
+    return removed
+end
+
+-- resolve(restore_from, root) -> a checkpoint folder or nil.
+--   nil                  -> nil (the caller looks for the newest under root itself)
+--   "LATEST" / "latest"  -> latest(root), nil when root holds none
+--   a name               -> root/name
+--   a path               -> that checkpoint; a checkpoint_dir (holding LATEST or epoch_* folders)
+--                           -> its newest; a LATEST file -> the checkpoint it names
+-- An explicit checkpoint that does not exist, is incomplete or is a "*.incomplete" folder is an
+-- error naming it.
 function M.resolve(restore_from, root)
     if restore_from == nil or restore_from == json.null then return nil end
-    if restore_from == "LATEST" or restore_from == "latest" then return M.latest(root) end
-    if fs.isdir(restore_from) then return restore_from end
-    if root and fs.isdir(root .. "/" .. restore_from) then return root .. "/" .. restore_from end
-    error("checkpoint.restore_from: no checkpoint at '" .. tostring(restore_from) .. "'" ..
-        (root and (" (nor under " .. root .. ")") or ""), 2)
+    if type(restore_from) ~= "string" or restore_from == "" then
+        error("checkpoint.restore_from: expected a checkpoint name or path, got " .. tostring(restore_from), 2)
+    end
+    if restore_from == "LATEST" or restore_from == "latest" then return root and M.latest(root) or nil end
+    local path = restore_from:gsub("/+$", "")
+    if not fs.exists(path) and root and fs.exists(root .. "/" .. path) then path = root .. "/" .. path end
+    if fs.isfile(path) and fs.basename(path) == "LATEST" then
+        local dir = fs.dirname(path)
+        local name = M.read_latest(dir)
+        if not name then error("checkpoint.restore_from: " .. path .. " is empty", 2) end
+        path = dir .. "/" .. name
+    end
+    if not fs.exists(path) then
+        error("checkpoint.restore_from: no checkpoint at '" .. restore_from .. "'" ..
+            (root and (" (nor at " .. root .. "/" .. restore_from .. ")") or ""), 2)
+    end
+    if path:match("%.incomplete$") then
+        error("checkpoint.restore_from: '" .. path .. "' is an incomplete checkpoint (a save that did not finish); " ..
+            "use a complete one (see " .. fs.dirname(path) .. "/LATEST)", 2)
+    end
+    if fs.isdir(path) and not fs.isfile(path .. "/trainer.json") then
+        -- a checkpoint_dir rather than a checkpoint?
+        local newest = M.latest(path)
+        if newest then return newest end
+    end
+    if not M.is_complete(path) then
+        local missing = {}
+        for _, f in ipairs(M.REQUIRED) do
+            if not fs.isfile(path .. "/" .. f) then missing[#missing + 1] = f end
+        end
+        error("checkpoint.restore_from: '" .. path .. "' is not a complete checkpoint (missing: " ..
+            table.concat(missing, ", ") .. ")", 2)
+    end
+    return path
 end
 
 -- The model config stored with a checkpoint (nil if none).
@@ -115,10 +234,13 @@ function M.model_config(dir)
     return nil
 end
 
+-- The trainer state (trainer.json) of a checkpoint.
+function M.trainer_state(dir) return json.read_file(dir .. "/trainer.json") end
+
 -- load(dir, {model=, optimizer=, scheduler=}) restores in place and returns trainer.json.
 function M.load(dir, s)
-    for _, f in ipairs { "/model/model.safetensors", "/optim/optim.safetensors", "/optim/state.json", "/trainer.json" } do
-        if not fs.isfile(dir .. f) then error("checkpoint " .. dir .. " is incomplete: " .. f:sub(2) .. " is missing", 2) end
+    for _, f in ipairs(M.REQUIRED) do
+        if not fs.isfile(dir .. "/" .. f) then error("checkpoint " .. dir .. " is incomplete: " .. f .. " is missing", 2) end
     end
     local weights = st().load_file(dir .. "/model/model.safetensors")
     local ok, err = pcall(s.model.load_state_dict, s.model, weights, {strict = true})

@@ -1,19 +1,30 @@
 -- lua/nemo/train.lua: the flow-matching training recipe (Automodel's TrainDiffusionRecipe).
 --
 --   nemo-lua recipes/flux_finetune.lua [-c config.yaml] [--a.b.c value ...]
+--   require("nemo.train").run(cfg, opts)      -- the same from Lua (tests, the REPL)
 --
 -- The config uses Automodel's YAML keys: model, optimizer, lr_scheduler, fsdp / ddp,
--- flow_matching, step_scheduler, data, checkpoint, dist_env, seed (plus wandb, performance,
--- clip_grad_norm, ci). Python `_target_` values that nemo-lua knows map to its own classes; an
--- unknown target, an unknown key or a wrong type is an error naming it before anything runs.
--- A `demo:` block (nemo-lua's own) makes the recipe create, once, a small FLUX-architecture
--- "pretrained" pipeline and a synthetic latent cache, so the recipe runs with no downloads.
+-- flow_matching, step_scheduler, data, checkpoint, dist_env, seed (plus clip_grad_norm,
+-- performance, wandb, profiling, ci). Python `_target_` values that nemo-lua knows map to its own
+-- classes; an unknown target, an unknown key, a removed Automodel key or a wrong type is an error
+-- naming it before anything runs. A `demo:` block (nemo-lua's own) makes the recipe create,
+-- once, a small FLUX-architecture "pretrained" pipeline (from_config + save_pretrained) and a
+-- synthetic latent cache, so the recipe runs with no downloads. docs/training.md lists the keys.
 --
--- Per optimizer step: zero_grad; for each of grad_acc micro-batches: flow-matching loss,
--- backward(loss / grad_acc); clip by global norm; AdamW step; LR schedule step; log; checkpoint.
--- Steps are counted from 0 as Automodel does (the logged step is the index of the step taken).
+-- Per optimizer step: zero_grad; for each of the step's micro-batches (grad_acc of them; the last
+-- step of an epoch may get fewer): flow-matching loss, backward(loss / #micro); clip by global
+-- norm; AdamW step; LR schedule step; metrics line; checkpoint when due. Steps are counted from
+-- 0 as Automodel does: "step S" is the index of the step just taken, in the log, in
+-- metrics.jsonl and in checkpoint names (epoch_E_step_S).
+--
+-- The non-obvious rule: everything that decides the numbers of step S+1 is in the checkpoint of
+-- step S (weights, AdamW moments and counts, LR-schedule position, the flow-matching generator,
+-- the data sampler's next position), so 10 steps equal 5 steps + resume + 5 steps bit for bit.
+-- The sampler position saved is where the NEXT step starts: after the last step of an epoch
+-- that is (epoch + 1, batch 0), while the checkpoint is still named after the epoch it ended.
 local ffi = require "ffi"
 local nemo = require "nemo"
+local nffi = require "nemo.ffi"
 local fs = require "nemo.fs"
 local json = require "nemo.json"
 local yaml = require "nemo.yaml"
@@ -23,23 +34,26 @@ local checkpoint = require "nemo.checkpoint"
 
 local M = {}
 
--- ==== config: schema, overrides, targets ====
+-- ==== config: schema, removed keys, targets ====
 
 local ANY = "any"
--- section -> key -> type ("string", "number", "boolean", "table", ANY) ; nested tables checked
--- by their own modules (flow_matching, lr_scheduler, pipeline_spec).
+-- section -> key -> type ("string", "number", "boolean", "table", ANY). Tables given as "table"
+-- are checked by their own modules (flow_matching, lr_scheduler, PipelineSpec).
 local SCHEMA = {
     seed = "number",
+    device = "string",
     model = {
         pretrained_model_name_or_path = "string", mode = "string", cache_dir = ANY, attention_backend = ANY,
         torch_dtype = "string", compute_dtype = "string", pipeline_spec = "table",
         transformer_engine_linear = "boolean", transformer_engine_fp8 = "boolean",
         transformer_engine_fp8_recipe = ANY, transformer_engine_fp8_amax_history_len = ANY,
         transformer_engine_fp8_amax_compute_algo = ANY, fuse_qkv_projections = "boolean",
-        compact_fused_qkv_projections = "boolean", model_type = ANY, stage = ANY, boundary_ratio = ANY,
+        compact_fused_qkv_projections = "boolean", optimize_hunyuan_flash_varlen_mask = "boolean",
+        model_type = ANY, stage = ANY, boundary_ratio = ANY,
     },
     optimizer = {_target_ = "string", lr = "number", weight_decay = "number", betas = "table", eps = "number",
-                 foreach = ANY, fused = ANY, amsgrad = "boolean"},
+                 foreach = ANY, fused = ANY, amsgrad = "boolean", maximize = "boolean", capturable = "boolean",
+                 differentiable = "boolean"},
     lr_scheduler = "table",
     performance = {check_loss = "boolean", grad_clip_foreach = "boolean"},
     clip_grad_norm = {max_norm = "number"},
@@ -53,51 +67,94 @@ local SCHEMA = {
     flow_matching = "table",
     step_scheduler = {num_epochs = "number", local_batch_size = "number", global_batch_size = "number",
                       ckpt_every_steps = "number", log_remote_every_steps = "number", max_steps = "number",
-                      save_checkpoint_every_epoch = "boolean"},
+                      save_checkpoint_every_epoch = "boolean", val_every_steps = "number",
+                      loss_average_window_steps = "number", gc_every_steps = "number", preemption_signal = ANY},
     data = {dataloader = {_target_ = "string", cache_dir = "string", train_text_encoder = "boolean",
                           num_workers = "number", base_resolution = "table", dynamic_batch_size = "boolean",
                           shuffle = "boolean", drop_last = "boolean", model_type = "string", pin_memory = "boolean",
-                          prefetch_factor = "number", batch_size = "number", latent_shape = "table",
-                          text_len = "number", text_dim = "number", pooled_dim = "number", length = "number"}},
+                          prefetch_factor = "number", device = "string", batch_size = "number",
+                          latent_shape = "table", text_len = "number", text_dim = "number", pooled_dim = "number",
+                          length = "number"}},
     checkpoint = {enabled = "boolean", checkpoint_dir = "string", model_save_format = "string",
                   save_consolidated = ANY, diffusers_compatible = "boolean", restore_from = ANY,
-                  max_recent_checkpoints = "number"},
+                  max_recent_checkpoints = "number", is_async = "boolean", cpu_offload = "boolean",
+                  single_rank_consolidation = "boolean", consolidation_timeout_minutes = "number",
+                  v4_compatible = "boolean", staging_dir = ANY, trainable_only = "boolean", best_metric_key = ANY},
     dist_env = {backend = "string", init_method = "string", timeout_minutes = "number"},
     wandb = {enable = "boolean", project = ANY, mode = ANY, name = ANY, entity = ANY, dir = ANY},
+    peft = "table",
+    profiling = "table",
     ci = "table",
     demo = {enabled = "boolean", dir = "string", samples = "number", resolutions = "string",
-            transformer = "table", text_len = "number", progress = "boolean"},
-    logging = {log_every = "number", progress = ANY, metrics_file = "string"},
+            transformer = "table", text_len = "number"},
+    logging = {log_every = "number", progress = "boolean", metrics_file = "string"},
 }
 M.SCHEMA = SCHEMA
 
--- Keys Automodel removed, with their replacement (it fails fast on them; so do we).
+-- Keys Automodel removed (it fails fast on them, naming the replacement; so do we).
 local REMOVED = {
-    ["optim"] = "optimizer", ["optim.learning_rate"] = "optimizer.lr", ["optim.optimizer"] = "optimizer._target_",
-    ["optim.clip_grad"] = "clip_grad_norm.max_norm", ["step_scheduler.log_every"] = "step_scheduler.log_remote_every_steps",
+    ["optim.learning_rate"] = "optimizer.lr",
+    ["optim.optimizer"] = "optimizer (with an explicit _target_, e.g. torch.optim.AdamW)",
+    ["optim.clip_grad"] = "clip_grad_norm.max_norm",
+    ["step_scheduler.log_every"] = "step_scheduler.log_remote_every_steps",
 }
+M.REMOVED = REMOVED
 
 local OPTIMIZER_TARGETS = {["torch.optim.AdamW"] = true, ["nemo.optim.AdamW"] = true}
 local DATALOADER_TARGETS = {
     ["nemo_automodel.components.datasets.diffusion.build_text_to_image_multiresolution_dataloader"] = "cache",
+    ["nemo_automodel.components.datasets.diffusion.collate_fns.build_text_to_image_multiresolution_dataloader"] = "cache",
     ["nemo_automodel.components.datasets.diffusion.build_video_multiresolution_dataloader"] = "cache",
+    ["nemo_automodel.components.datasets.diffusion.collate_fns.build_video_multiresolution_dataloader"] = "cache",
     ["nemo_automodel.components.datasets.diffusion.build_dataloader"] = "cache",
+    ["nemo_automodel.components.datasets.diffusion.meta_files_dataset.build_dataloader"] = "cache",
     ["nemo.data.build_dataloader"] = "cache",
     ["nemo_automodel.components.datasets.diffusion.build_mock_dataloader"] = "mock",
+    ["nemo_automodel.components.datasets.diffusion.mock_dataloader.build_mock_dataloader"] = "mock",
     ["nemo.data.MockDataLoader"] = "mock",
 }
+M.OPTIMIZER_TARGETS = OPTIMIZER_TARGETS
 M.DATALOADER_TARGETS = DATALOADER_TARGETS
 
-local function cfg_error(msg) error("config: " .. msg, 0) end
+-- An error message without the "file.lua:123: " a lower module's error() put in front of it.
+local function strip_pos(msg)
+    msg = tostring(msg)
+    while true do
+        local rest = msg:match("^[^%s:]+%.lua:%d+: (.*)$")
+        if not rest then return msg end
+        msg = rest
+    end
+end
+M._strip_pos = strip_pos
+
+local function cfg_error(msg) error("config: " .. strip_pos(msg), 0) end
+-- a wrapped error from a lower module, without its file:line
+local function raise(prefix, msg) error(prefix .. strip_pos(msg), 0) end
 
 local function sorted_keys(t)
     local k = {}
-    for n in pairs(t) do k[#k + 1] = n end
+    for n in pairs(t) do k[#k + 1] = tostring(n) end
     table.sort(k)
     return k
 end
 
-local function check_section(path, value, schema)
+local function is_posint(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
+
+-- Unknown keys anywhere in the tree, as {"'a.b'", ...} (with the known keys of their section).
+local function unknown_keys(path, value, schema, out)
+    if type(schema) ~= "table" or type(value) ~= "table" then return out end
+    for _, k in ipairs(sorted_keys(value)) do
+        local sub = path == "" and k or (path .. "." .. k)
+        if schema[k] == nil then
+            out[#out + 1] = {key = sub, section = path == "" and "the config" or path, known = sorted_keys(schema)}
+        else
+            unknown_keys(sub, value[k], schema[k], out)
+        end
+    end
+    return out
+end
+
+local function check_types(path, value, schema)
     if schema == ANY then return end
     if type(schema) == "string" then
         if value ~= nil and value ~= yaml.null and type(value) ~= schema then
@@ -106,21 +163,56 @@ local function check_section(path, value, schema)
         return
     end
     if type(value) ~= "table" then
-        cfg_error(string.format("'%s' must be a mapping, got %s", path, type(value)))
+        cfg_error(string.format("'%s' must be a mapping, got %s (%s)", path == "" and "the config" or path, type(value),
+            tostring(value)))
     end
-    for k, v in pairs(value) do
-        local sub = path == "" and k or (path .. "." .. k)
-        if REMOVED[sub] then cfg_error(string.format("'%s' was removed; use '%s'", sub, REMOVED[sub])) end
-        local s = schema[k]
-        if s == nil then
-            cfg_error(string.format("unknown key '%s' (known keys of %s: %s)", sub, path == "" and "the config" or path,
-                table.concat(sorted_keys(schema), ", ")))
-        end
-        check_section(sub, v, s)
+    for _, k in ipairs(sorted_keys(value)) do
+        check_types(path == "" and k or (path .. "." .. k), value[k], schema[k])
     end
 end
 
--- Parse "--a.b.c value" pairs (and -c / --config path); values are YAML scalars or flow lists.
+-- Every unknown key in one message (each with the known keys of its section), then the types.
+local function check_section(path, value, schema)
+    if type(value) ~= "table" then cfg_error("expected a mapping at the top level, got " .. type(value)) end
+    local unknown = unknown_keys(path, value, schema, {})
+    if #unknown > 0 then
+        local lines, names = {}, {}
+        for _, u in ipairs(unknown) do
+            names[#names + 1] = "'" .. u.key .. "'"
+            lines[#lines + 1] = string.format("  %s: known keys of %s: %s", u.key, u.section, table.concat(u.known, ", "))
+        end
+        cfg_error(string.format("unknown key%s %s\n%s", #unknown > 1 and "s" or "", table.concat(names, ", "),
+            table.concat(lines, "\n")))
+    end
+    check_types(path, value, schema)
+end
+
+-- Removed keys first, all of them in one message (a config using `optim:` uses several).
+local function reject_removed(cfg)
+    local found = {}
+    if type(cfg.optim) == "table" then
+        for _, k in ipairs(sorted_keys(cfg.optim)) do
+            local key = "optim." .. k
+            found[#found + 1] = string.format("'%s' -> '%s'", key, REMOVED[key] or ("optimizer." .. k))
+        end
+        if #found == 0 then found[1] = "'optim' -> 'optimizer'" end
+    elseif cfg.optim ~= nil then
+        found[1] = "'optim' -> 'optimizer'"
+    end
+    if type(cfg.step_scheduler) == "table" and cfg.step_scheduler.log_every ~= nil then
+        found[#found + 1] = "'step_scheduler.log_every' -> 'step_scheduler.log_remote_every_steps'"
+    end
+    if #found > 0 then
+        cfg_error("the config uses keys Automodel removed: " .. table.concat(found, "; ") .. ". The diffusion " ..
+            "recipe uses the optimizer / clip_grad_norm / step_scheduler keys, for example:\n" ..
+            "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 2.0e-5\nclip_grad_norm:\n  max_norm: 1.0")
+    end
+end
+
+-- ==== command line ====
+
+-- Parse "--a.b.c value" / "--a.b.c=value" pairs and -c / --config FILE; values are YAML
+-- (scalars, or flow lists and mappings: --optimizer.betas "[0.9, 0.95]").
 function M.parse_args(args)
     local out = {overrides = {}}
     local i = 1
@@ -133,7 +225,7 @@ function M.parse_args(args)
         elseif a == "-h" or a == "--help" then
             out.help = true
             i = i + 1
-        elseif a:match("^%-%-[%w_]") then
+        elseif a:match("^%-%-[%a_][%w_]*") then
             local key, val = a:match("^%-%-([^=]+)=(.*)$")
             if not key then
                 key = a:sub(3)
@@ -143,6 +235,9 @@ function M.parse_args(args)
             else
                 i = i + 1
             end
+            if not key:match("^[%a_][%w_]*[%w_%.]*$") or key:find("..", 1, true) or key:sub(-1) == "." then
+                cfg_error("--" .. key .. ": expected --section.key (letters, digits, _ and dots)")
+            end
             out.overrides[#out.overrides + 1] = {key = key, text = val}
         else
             cfg_error("unexpected argument '" .. a .. "' (expected -c FILE or --section.key value)")
@@ -151,8 +246,10 @@ function M.parse_args(args)
     return out
 end
 
+-- Set cfg[a][b][c] = YAML value of text (a null value removes the key).
 function M.apply_override(cfg, key, text)
-    local v = yaml.load(text, "--" .. key)
+    local ok, v = pcall(yaml.load, text, "--" .. key)
+    if not ok then cfg_error(string.format("--%s: cannot read the value '%s': %s", key, tostring(text), tostring(v))) end
     if v == nil then v = yaml.null end
     local node = cfg
     local parts = {}
@@ -177,7 +274,9 @@ end
 
 -- load_config(path, overrides) -> the validated config table.
 function M.load_config(path, overrides)
-    local cfg = yaml.load_file(path) or {}
+    local ok, cfg = pcall(yaml.load_file, path)
+    if not ok then cfg_error(cfg) end
+    cfg = cfg or {}
     if type(cfg) ~= "table" then cfg_error(path .. ": expected a mapping at the top level") end
     for _, o in ipairs(overrides or {}) do M.apply_override(cfg, o.key, o.text) end
     strip_nulls(cfg)
@@ -185,29 +284,101 @@ function M.load_config(path, overrides)
     return cfg
 end
 
+-- ==== validation ====
+
+-- save_consolidated as Automodel reads it: true / "true" / "every" -> "every", "final",
+-- false / "false" -> "false"; nil -> "final".
+function M.consolidated_mode(v)
+    if v == nil or v == yaml.null then return "final" end
+    if v == true then return "every" end
+    if v == false then return "false" end
+    if type(v) == "string" then
+        local s = v:lower():gsub("^%s+", ""):gsub("%s+$", "")
+        if s == "true" or s == "every" then return "every" end
+        if s == "final" or s == "false" then return s end
+    end
+    cfg_error(string.format("checkpoint.save_consolidated: '%s' is not one of false, final, every (or a boolean)",
+        tostring(v)))
+end
+
+-- The world and this process's place in it (one process until the parallel managers exist).
+local function world()
+    local ws = tonumber(os.getenv("WORLD_SIZE") or os.getenv("OMPI_COMM_WORLD_SIZE") or os.getenv("SLURM_NTASKS") or "1") or 1
+    return ws, tonumber(os.getenv("RANK") or os.getenv("OMPI_COMM_WORLD_RANK") or "0") or 0
+end
+
+local function data_parallel_size(cfg)
+    local ws = world()
+    local block = cfg.fsdp or cfg.ddp
+    local name = cfg.fsdp and "fsdp" or "ddp"
+    if block then
+        for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
+            if block[k] and block[k] > 1 then
+                cfg_error(string.format("%s.%s = %d: tensor/context/pipeline/expert parallelism is not supported yet",
+                    name, k, block[k]))
+            end
+        end
+    end
+    if ws > 1 then
+        error("distributed training (world size " .. ws .. ") is not available yet in nemo-lua; run one process", 0)
+    end
+    if block then
+        local dp = (block.dp_size or ws) * (block.dp_replicate_size or 1)
+        if dp ~= ws then
+            cfg_error(string.format("%s.dp_size%s = %d does not match the world size %d (this run has %d process%s; " ..
+                "pass --%s.dp_size %d)", name, block.dp_replicate_size and " x dp_replicate_size" or "",
+                dp, ws, ws, ws == 1 and "" or "es", name, ws))
+        end
+    end
+    return 1, 0
+end
+
+-- batch_math(cfg) -> {local_bs, global_bs, dp_size, grad_acc}: global = local x dp x grad_acc exactly.
+function M.batch_math(cfg)
+    local ss = cfg.step_scheduler
+    local dp_size = data_parallel_size(cfg)
+    local local_bs = ss.local_batch_size or 1
+    local global_bs = ss.global_batch_size or local_bs * dp_size
+    if global_bs % (local_bs * dp_size) ~= 0 then
+        cfg_error(string.format("step_scheduler.global_batch_size (%d) must be a multiple of local_batch_size (%d) " ..
+            "x data-parallel size (%d) = %d: gradient accumulation is global / (local x dp) micro-batches per step " ..
+            "(e.g. global_batch_size %d or %d)", global_bs, local_bs, dp_size, local_bs * dp_size,
+            math.max(1, math.floor(global_bs / (local_bs * dp_size))) * local_bs * dp_size,
+            math.ceil(global_bs / (local_bs * dp_size)) * local_bs * dp_size))
+    end
+    return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, grad_acc = global_bs / (local_bs * dp_size)}
+end
+
 function M.validate(cfg)
+    if type(cfg) ~= "table" then cfg_error("expected a mapping, got " .. type(cfg)) end
+    reject_removed(cfg)
     check_section("", cfg, SCHEMA)
+    local examples = {
+        optimizer = "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 1.0e-4",
+        checkpoint = "checkpoint:\n  enabled: true\n  checkpoint_dir: runs/my_run",
+        data = "data:\n  dataloader:\n    _target_: nemo.data.build_dataloader\n    cache_dir: /path/to/cache",
+        model = "model:\n  pretrained_model_name_or_path: black-forest-labs/FLUX.1-dev\n  mode: finetune",
+        step_scheduler = "step_scheduler:\n  global_batch_size: 8\n  local_batch_size: 1\n  max_steps: 1000",
+    }
     for _, req in ipairs { "model", "optimizer", "step_scheduler", "data", "checkpoint" } do
         if cfg[req] == nil then
-            local examples = {
-                optimizer = "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 1.0e-4",
-                checkpoint = "checkpoint:\n  enabled: true\n  checkpoint_dir: runs/my_run",
-                data = "data:\n  dataloader:\n    _target_: nemo.data.build_dataloader\n    cache_dir: /path/to/cache",
-                model = "model:\n  pretrained_model_name_or_path: black-forest-labs/FLUX.1-dev\n  mode: finetune",
-                step_scheduler = "step_scheduler:\n  global_batch_size: 8\n  local_batch_size: 1\n  max_steps: 1000",
-            }
             cfg_error(string.format("the '%s' section is required, for example:\n%s", req, examples[req]))
         end
     end
     if cfg.fsdp and cfg.ddp then cfg_error("'fsdp' and 'ddp' are mutually exclusive: keep one") end
+    if cfg.peft then
+        cfg_error("peft: LoRA finetuning is not available in nemo-lua yet; remove the peft block for a full finetune")
+    end
+    if cfg.seed ~= nil and cfg.seed % 1 ~= 0 then cfg_error("seed must be an integer, got " .. tostring(cfg.seed)) end
     local t = cfg.optimizer._target_
     if t and not OPTIMIZER_TARGETS[t] then
         cfg_error(string.format("optimizer._target_ '%s' is not supported (known: %s)", t,
             table.concat(sorted_keys(OPTIMIZER_TARGETS), ", ")))
     end
-    if cfg.optimizer.lr == nil then cfg_error("optimizer.lr is required") end
+    if cfg.optimizer.lr == nil then cfg_error("optimizer.lr is required, for example:\n" .. examples.optimizer) end
+    if cfg.optimizer.lr < 0 then cfg_error("optimizer.lr must be >= 0, got " .. tostring(cfg.optimizer.lr)) end
     local dl = cfg.data.dataloader
-    if type(dl) ~= "table" then cfg_error("data.dataloader is required") end
+    if type(dl) ~= "table" then cfg_error("data.dataloader is required, for example:\n" .. examples.data) end
     if dl._target_ and not DATALOADER_TARGETS[dl._target_] then
         cfg_error(string.format("data.dataloader._target_ '%s' is not supported (known: %s)", dl._target_,
             table.concat(sorted_keys(DATALOADER_TARGETS), ", ")))
@@ -224,41 +395,35 @@ function M.validate(cfg)
     for _, k in ipairs { "local_batch_size", "global_batch_size", "ckpt_every_steps", "log_remote_every_steps",
                          "max_steps", "num_epochs" } do
         local v = ss[k]
-        if v ~= nil and (v < 1 or v % 1 ~= 0) then
+        if v ~= nil and not is_posint(v) then
             cfg_error(string.format("step_scheduler.%s must be a positive integer, got %s", k, tostring(v)))
         end
     end
+    local ck = cfg.checkpoint
+    M.consolidated_mode(ck.save_consolidated)
+    if ck.max_recent_checkpoints ~= nil and not is_posint(ck.max_recent_checkpoints) then
+        cfg_error("checkpoint.max_recent_checkpoints must be unset or a positive integer, got " ..
+            tostring(ck.max_recent_checkpoints))
+    end
+    local fmt = ck.model_save_format
+    if fmt ~= nil and fmt ~= "safetensors" and fmt ~= "torch_save" then
+        cfg_error("checkpoint.model_save_format must be 'safetensors' or 'torch_save', got '" .. tostring(fmt) .. "'")
+    end
+    if ck.restore_from ~= nil and type(ck.restore_from) ~= "string" then
+        cfg_error("checkpoint.restore_from must be a checkpoint name or path, got " .. tostring(ck.restore_from))
+    end
+    local dev = cfg.device
+    if dev ~= nil and dev ~= "auto" and dev ~= "cpu" and not dev:match("^cuda$") and not dev:match("^cuda:%d+$") then
+        cfg_error("device must be auto, cpu, cuda or cuda:N, got '" .. dev .. "'")
+    end
+    local mn = cfg.clip_grad_norm and cfg.clip_grad_norm.max_norm
+    if mn ~= nil and not (mn > 0) then cfg_error("clip_grad_norm.max_norm must be > 0, got " .. tostring(mn)) end
+    local lg = cfg.logging
+    if lg and lg.log_every ~= nil and not is_posint(lg.log_every) then
+        cfg_error("logging.log_every must be a positive integer, got " .. tostring(lg.log_every))
+    end
+    M.batch_math(cfg)
     return cfg
-end
-
--- ==== distributed layout (one process until the parallel managers exist) ====
-
-local function world()
-    local ws = tonumber(os.getenv("WORLD_SIZE") or os.getenv("OMPI_COMM_WORLD_SIZE") or os.getenv("SLURM_NTASKS") or "1") or 1
-    return ws, tonumber(os.getenv("RANK") or os.getenv("OMPI_COMM_WORLD_RANK") or "0") or 0
-end
-
-local function data_parallel_size(cfg)
-    local ws = world()
-    local block = cfg.fsdp or cfg.ddp
-    if ws > 1 then
-        error("distributed training (world size " .. ws .. ") is not available yet in nemo-lua; run one process", 0)
-    end
-    if block then
-        for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
-            if block[k] and block[k] > 1 then
-                cfg_error(string.format("%s.%s = %d: tensor/context/pipeline/expert parallelism is not supported yet",
-                    cfg.fsdp and "fsdp" or "ddp", k, block[k]))
-            end
-        end
-        local dp = (block.dp_size or ws) * (block.dp_replicate_size or 1)
-        if dp ~= ws then
-            cfg_error(string.format("%s.dp_size%s = %d does not match the world size %d (this run has %d process%s; " ..
-                "pass --%s.dp_size %d)", cfg.fsdp and "fsdp" or "ddp", block.dp_replicate_size and " x dp_replicate_size" or "",
-                dp, ws, ws, ws == 1 and "" or "es", cfg.fsdp and "fsdp" or "ddp", ws))
-        end
-    end
-    return 1, 0
 end
 
 -- ==== the demo assets ====
@@ -268,35 +433,47 @@ local function expand_home(p)
     return p
 end
 
-local function ensure_demo(cfg, log)
+local function demo_root(d)
+    if d.dir then return expand_home(d.dir) end
+    local cache = os.getenv("XDG_CACHE_HOME")
+    if not cache or cache == "" then cache = (os.getenv("HOME") or ".") .. "/.cache" end
+    return cache .. "/nemo-lua/demo"
+end
+
+-- The demo's folder: a hash of everything the assets are made from (so a change makes new ones).
+function M.demo_paths(cfg)
     local d = cfg.demo
-    local root = expand_home(d.dir or ((os.getenv("XDG_CACHE_HOME") or ((os.getenv("HOME") or ".") .. "/.cache")) .. "/nemo-lua/demo"))
     local tcfg = d.transformer or {}
-    local key = json.encode(tcfg) .. "|" .. tostring(d.samples) .. "|" .. tostring(d.resolutions) .. "|" .. tostring(d.text_len)
+    local key = json.encode(tcfg) .. "|" .. tostring(d.samples) .. "|" .. tostring(d.resolutions) .. "|" ..
+        tostring(d.text_len) .. "|" .. tostring(cfg.seed or 42)
     local h = 0
     for i = 1, #key do h = (h * 31 + key:byte(i)) % 2147483647 end
-    local base = string.format("%s/flux-%08x", root, h)
-    local model_dir, cache_dir = base .. "/pipeline", base .. "/cache"
+    local base = string.format("%s/flux-%08x", demo_root(d), h)
+    return base .. "/pipeline", base .. "/cache", base
+end
+
+local function ensure_demo(cfg, log)
+    local d = cfg.demo
+    local tcfg = d.transformer or {}
+    local model_dir, cache_dir, base = M.demo_paths(cfg)
     if not fs.isfile(model_dir .. "/model_index.json") then
         log(string.format("demo: creating a small FLUX-architecture pipeline in %s (once)", model_dir))
+        -- from_config on a config folder, then save_pretrained: a pipeline folder as diffusers writes it
+        local src = base .. "/config"
+        fs.mkdirs(src .. "/transformer")
+        local c = {_class_name = "FluxTransformer2DModel"}
+        for k, v in pairs(tcfg) do c[k] = v end
+        json.write_file(src .. "/transformer/config.json", c)
         nemo.manual_seed(cfg.seed or 42)
-        local spec = {transformer_cls = "FluxTransformer2DModel"}
-        local Flux = pipeline._import_diffusers_class("FluxTransformer2DModel")
-        local model = Flux(tcfg)
-        local pipe = setmetatable({class_name = "FluxPipeline", components = {transformer = model},
-                                   component_names = {"transformer"}, skipped = {}, config = {}},
-                                  getmetatable(pipeline.NeMoAutoDiffusionPipeline) or {__index = pipeline.NeMoAutoDiffusionPipeline})
-        local _ = spec
-        fs.mkdirs(base)
-        pipeline.NeMoAutoDiffusionPipeline.save_pretrained(pipe, model_dir)
+        local pipe = pipeline.NeMoAutoDiffusionPipeline.from_config(src, {transformer_cls = "FluxTransformer2DModel"},
+            {torch_dtype = "float32", device = "cpu", enable_gradient_checkpointing = false})
+        pipe:save_pretrained(model_dir)
     end
     if not fs.isfile(cache_dir .. "/index.json") then
         log(string.format("demo: writing a synthetic latent cache in %s (once)", cache_dir))
-        local mcfg = require("nemo.models").registry.FluxTransformer2DModel
-        local _ = mcfg
         require("nemo.data.synthetic").make {
             out = cache_dir, samples = d.samples or 256, model = "flux", resolutions = d.resolutions or "16x16",
-            seed = cfg.seed or 42, text_len = d.text_len or 8,
+            seed = cfg.seed or 42, text_len = d.text_len or 8, force = true,
             text_dim = tcfg.joint_attention_dim or 32, pooled_dim = tcfg.pooled_projection_dim or 32,
             channels = math.floor((tcfg.in_channels or 64) / 4),
         }
@@ -310,73 +487,264 @@ end
 local is_tty = false
 pcall(function()
     ffi.cdef "int isatty(int fd);"
-    is_tty = ffi.C.isatty(1) == 1
+    is_tty = ffi.C.isatty(1) == 1 and os.getenv("TERM") ~= "dumb"
 end)
 
-local function now()
-    return os.time() + (os.clock() % 1) * 0   -- replaced below with a monotonic clock
-end
+local now = os.clock
 pcall(function()
     ffi.cdef [[ typedef struct { long tv_sec; long tv_nsec; } nemo_train_ts; int clock_gettime(int, nemo_train_ts *); ]]
     local ts = ffi.new("nemo_train_ts")
     now = function() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
 end)
 
-local function fmt_time(s)
-    if s ~= s or s == math.huge then return "?" end
+-- "0m07s", "12m30s", "2h05m"; "?" when unknown.
+function M.format_time(s)
+    if type(s) ~= "number" or s ~= s or s == math.huge or s < 0 then return "?" end
     s = math.floor(s + 0.5)
     if s >= 3600 then return string.format("%dh%02dm", math.floor(s / 3600), math.floor(s % 3600 / 60)) end
     return string.format("%dm%02ds", math.floor(s / 60), s % 60)
+end
+
+-- The progress bar (one terminal line): p = {done =, total =, loss =, lr =, sec_per_step =, eta =,
+-- width = 24}.
+function M.format_progress(p)
+    local width = p.width or 24
+    local fill = math.max(0, math.min(width, math.floor(width * p.done / p.total)))
+    return string.format("[%s%s] %d/%d  loss %.4f  lr %.2e  %.3f s/step  ETA %s", string.rep("#", fill),
+        string.rep(".", width - fill), p.done, p.total, p.loss, p.lr, p.sec_per_step, M.format_time(p.eta))
+end
+
+-- A plain log line (when stdout is not a terminal): p = {step =, total =, epoch =, loss =, lr =,
+-- grad_norm =, sec_per_step =, eta =}; step is the 0-based index of the step just taken.
+function M.format_log_line(p)
+    return string.format("step %d/%d epoch %d loss %.6f lr %.3e grad_norm %.4f %.3f s/step ETA %s", p.step, p.total,
+        p.epoch, p.loss, p.lr, p.grad_norm, p.sec_per_step, M.format_time(p.eta))
+end
+
+-- ==== data and model checks ====
+
+local function build_data(cfg, bm, dp_rank, seed, device)
+    local dl = cfg.data.dataloader
+    local kind = DATALOADER_TARGETS[dl._target_ or "nemo.data.build_dataloader"]
+    local data = require "nemo.data"
+    if kind == "mock" then
+        local ok, loader = pcall(data.MockDataLoader, {batch_size = bm.local_bs, latent_shape = dl.latent_shape or {16, 32, 32},
+            text_len = dl.text_len or 64, text_dim = dl.text_dim or 4096, pooled_dim = dl.pooled_dim or 768,
+            seed = seed, length = dl.length or 1024, device = device})
+        if not ok then cfg_error("data.dataloader (mock): " .. strip_pos(loader)) end
+        return loader
+    end
+    local dir = dl.cache_dir
+    if not dir or dir == "PATH_TO_YOUR_DATA" then
+        cfg_error("data.dataloader.cache_dir is required: a latent cache folder (docs/data.md; " ..
+            "tools/make_synthetic_cache.lua writes a synthetic one), e.g. --data.dataloader.cache_dir /path/to/cache")
+    end
+    if not fs.isdir(dir) then
+        cfg_error("data.dataloader.cache_dir: no folder at '" .. dir .. "'" ..
+            (fs.exists(dir) and " (it is a file; a latent cache is a folder holding index.json and shards)" or ""))
+    end
+    local ok, loader = pcall(data.build_dataloader, {cache_dir = dir, model_type = dl.model_type, batch_size = bm.local_bs,
+        seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank,
+        dp_size = bm.dp_size, device = device})
+    if not ok then raise("data.dataloader.cache_dir: ", loader) end
+    return loader
+end
+
+local function class_name(model) return (tostring(model.__name or "?"):match("([^%.]+)$")) end
+
+-- The data must fit the model: a clear error before training, not a shape error inside a matmul.
+local function check_data_fits(model, loader, fm, where)
+    local mc = rawget(model, "config") or {}
+    local cls = class_name(model)
+    local ds = loader.dataset
+    local C, text_dim, pooled_dim, data_type, dims
+    if ds then
+        C, text_dim, pooled_dim, data_type = ds.latent_channels, ds.text_dim, ds.pooled_dim, ds.data_type
+        dims = {}
+        for _, b in ipairs(ds.buckets) do dims[#dims + 1] = b.dims end
+    else
+        C, text_dim, pooled_dim, data_type = loader.latent_shape[1], loader.text_dim, loader.pooled_dim, loader.data_type
+        local d = {}
+        for i = 2, #loader.latent_shape do d[#d + 1] = loader.latent_shape[i] end
+        dims = {d}
+    end
+    local function bad(msg) error(string.format("data does not fit the model: %s (data: %s; model: %s)", msg, where,
+        cls), 0) end
+    if cls == "FluxTransformer2DModel" then
+        if fm.adapter_type ~= "flux" then
+            cfg_error(string.format("flow_matching.adapter_type is '%s' but the model is a FluxTransformer2DModel: " ..
+                "set flow_matching.adapter_type: flux", fm.adapter_type))
+        end
+        if data_type ~= "image" then bad("FLUX trains on image latents [C, H, W], the cache holds " .. tostring(data_type) .. " latents") end
+        if mc.in_channels and C * 4 ~= mc.in_channels then
+            bad(string.format("the latents have %d channels, packed 2x2 that is %d features per token, but the " ..
+                "model's in_channels is %d (it takes %d-channel latents)", C, C * 4, mc.in_channels, mc.in_channels / 4))
+        end
+        for _, d in ipairs(dims) do
+            if d[1] % 2 ~= 0 or d[2] % 2 ~= 0 then
+                bad(string.format("latent size %dx%d is not even (FLUX packs 2x2 patches)", d[1], d[2]))
+            end
+        end
+        if mc.joint_attention_dim and text_dim and text_dim ~= mc.joint_attention_dim then
+            bad(string.format("the text embeddings are %d wide, the model's joint_attention_dim is %d", text_dim,
+                mc.joint_attention_dim))
+        end
+        local P = (pooled_dim and pooled_dim > 0) and pooled_dim or 768
+        if mc.pooled_projection_dim and P ~= mc.pooled_projection_dim then
+            bad(string.format("the pooled embeddings are %d wide%s, the model's pooled_projection_dim is %d", P,
+                (pooled_dim and pooled_dim > 0) and "" or " (none cached: zeros of width 768)", mc.pooled_projection_dim))
+        end
+    elseif mc.in_channels then
+        if mc.in_channels ~= C then
+            bad(string.format("the latents have %d channels, the model's in_channels is %d", C, mc.in_channels))
+        end
+        if mc.text_dim and text_dim and mc.text_dim ~= text_dim then
+            bad(string.format("the text embeddings are %d wide, the model's text_dim is %d", text_dim, mc.text_dim))
+        end
+    end
+end
+
+-- The model's identity for the resume check: class name + config, without "_" keys and nulls.
+local function model_signature(model)
+    local cfg = {}
+    for k, v in pairs(rawget(model, "config") or {}) do cfg[k] = v end
+    cfg._class_name = class_name(model)
+    return cfg
+end
+
+local function normalize_sig(s)
+    local out = {}
+    for k, v in pairs(s or {}) do
+        if v ~= json.null and v ~= yaml.null and (k == "_class_name" or k:sub(1, 1) ~= "_") then out[k] = v end
+    end
+    return out
+end
+
+-- nil when equal, else a description of the differences.
+local function signature_diff(saved, mine)
+    local a, b = normalize_sig(saved), normalize_sig(mine)
+    local keys, seen = {}, {}
+    for k in pairs(a) do keys[#keys + 1] = k; seen[k] = true end
+    for k in pairs(b) do if not seen[k] then keys[#keys + 1] = k end end
+    table.sort(keys)
+    local diffs = {}
+    for _, k in ipairs(keys) do
+        local x, y = json.encode(a[k]), json.encode(b[k])
+        if x ~= y then diffs[#diffs + 1] = string.format("%s = %s there, %s here", k, x, y) end
+    end
+    if #diffs == 0 then return nil end
+    return table.concat(diffs, "; ")
+end
+
+local sumsq = ffi.new("double[1]")
+-- The first parameter holding a NaN or an infinity (its name), or nil.
+local function nonfinite_parameter(model)
+    for name, p in model:named_parameters() do
+        nffi.check(nffi.C.nemo_sum_squares(p._c, sumsq))
+        local v = sumsq[0]
+        if v ~= v or v == math.huge then return name end
+    end
+    return nil
+end
+
+-- Keep the lines of metrics.jsonl whose step is below `step` (a resumed run rewrites the rest).
+local function truncate_metrics(path, step)
+    if not fs.isfile(path) then return end
+    local keep, dropped = {}, 0
+    for line in io.lines(path) do
+        local s = tonumber(line:match('"step":%s*(%-?%d+)'))
+        if s and s < step then keep[#keep + 1] = line else dropped = dropped + 1 end
+    end
+    if dropped == 0 then return end
+    local tmp = path .. ".tmp"
+    local f = assert(io.open(tmp, "wb"))
+    for _, line in ipairs(keep) do f:write(line, "\n") end
+    f:close()
+    fs.rename(tmp, path)
 end
 
 -- ==== the run ====
 
 local function build_optimizer(cfg, params)
     local o = cfg.optimizer
-    return nemo.optim.AdamW(params, {lr = o.lr, betas = o.betas or {0.9, 0.999}, eps = o.eps or 1e-8,
-                                     weight_decay = o.weight_decay or 0.01, amsgrad = o.amsgrad})
+    local ok, opt = pcall(nemo.optim.AdamW, params, {lr = o.lr, betas = o.betas or {0.9, 0.999}, eps = o.eps or 1e-8,
+        weight_decay = o.weight_decay or 0.01, amsgrad = o.amsgrad, maximize = o.maximize})
+    if not ok then cfg_error("optimizer: " .. strip_pos(opt)) end
+    return opt
 end
 
-local function build_data(cfg, dp_size, dp_rank, seed)
-    local dl = cfg.data.dataloader
-    local kind = DATALOADER_TARGETS[dl._target_ or "nemo.data.build_dataloader"]
-    local data = require "nemo.data"
-    local bs = cfg.step_scheduler.local_batch_size or 1
-    if kind == "mock" then
-        local loader = data.MockDataLoader {batch_size = bs, latent_shape = dl.latent_shape or {16, 32, 32},
-            text_len = dl.text_len or 64, text_dim = dl.text_dim or 4096, pooled_dim = dl.pooled_dim or 768,
-            seed = seed, length = dl.length or 1024}
-        return loader
-    end
-    if not dl.cache_dir then cfg_error("data.dataloader.cache_dir is required (a latent cache folder; see docs/data.md)") end
-    if not fs.isdir(dl.cache_dir) then cfg_error("data.dataloader.cache_dir: no folder at '" .. dl.cache_dir .. "'") end
-    local loader = data.build_dataloader {cache_dir = dl.cache_dir, model_type = dl.model_type, batch_size = bs,
-        seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank, dp_size = dp_size}
-    return loader
-end
+local function nonfinite(x) return x ~= x or x == math.huge or x == -math.huge end
 
-local function model_signature(model)
-    local cfg = {}
-    for k, v in pairs(model.config or {}) do cfg[k] = v end
-    cfg._class_name = (tostring(model.__name or "?"):match("([^%.]+)$"))
-    return cfg
-end
-
-local function same_config(a, b)
-    return json.encode(a) == json.encode(b)
-end
-
--- run(cfg, {log=}) -> summary {steps, first_loss, last_loss, checkpoint, ...}
+-- run(cfg, opts) -> summary {steps, total, first_loss, last_loss, losses = {[step] = loss},
+--   checkpoint, checkpoint_dir, diffusers, resumed_from, model, pipe, seconds}
+-- opts: log (function(msg)), progress (true/false: the progress bar; default: stdout is a
+--   terminal, or logging.progress), device, stop_after (end this run after that many steps, with a
+--   checkpoint, as if interrupted), draws (function(batch, {step=, micro=}) -> flow-matching draws:
+--   replayed random numbers, for tests).
 function M.run(cfg, opts)
     opts = opts or {}
     local log = opts.log or function(msg) io.stdout:write(msg, "\n"); io.stdout:flush() end
     M.validate(cfg)
+    local bm = M.batch_math(cfg)
+    local fmok, fm = pcall(require("nemo.flow_matching").FlowMatching, cfg.flow_matching)
+    if not fmok then cfg_error(tostring(fm)) end
+    local lrs_cfg = cfg.lr_scheduler
+    if lrs_cfg ~= nil then
+        for k in pairs(lrs_cfg) do
+            if not lrs.KEYS[k] then
+                cfg_error(string.format("unknown key 'lr_scheduler.%s' (known keys of lr_scheduler: %s)", k,
+                    table.concat(sorted_keys(lrs.KEYS), ", ")))
+            end
+        end
+    end
     if cfg.demo and cfg.demo.enabled then ensure_demo(cfg, log) end
     local seed = cfg.seed or 42
-    nemo.manual_seed(seed)
-    local dp_size, dp_rank = data_parallel_size(cfg)
+    local dp_size, dp_rank = bm.dp_size, 0
+    local ss, ck = cfg.step_scheduler, cfg.checkpoint
+    local ck_enabled = ck.enabled ~= false
+    local ck_dir = ck.checkpoint_dir or "checkpoints"
+    local consolidated = M.consolidated_mode(ck.save_consolidated)
+
+    -- the checkpoint to resume from: an explicit one must exist (checked before anything is loaded)
+    local resume_dir
+    if ck_enabled then
+        if ck.restore_from and ck.restore_from ~= "LATEST" and ck.restore_from ~= "latest" then
+            local ok, dir = pcall(checkpoint.resolve, ck.restore_from, ck_dir)
+            if not ok then raise("", dir) end
+            resume_dir = dir
+        else
+            resume_dir = checkpoint.latest(ck_dir)
+        end
+    end
+
+    -- the device: opts.device, the config's `device`, else cuda:LOCAL_RANK when CUDA is present, else cpu
+    local device = opts.device or cfg.device
+    if device == nil or device == "auto" then device = pipeline._choose_device() end
+    if device == "cuda" then device = "cuda:" .. (tonumber(os.getenv("LOCAL_RANK") or "0") or 0) end
+    if device ~= "cpu" and not (nemo.cuda and nemo.cuda.is_available()) then
+        cfg_error(string.format("device '%s': no CUDA device (%s); use --device cpu", device,
+            nemo.cuda and tostring(nemo.cuda.unavailable_reason()) or "nemo-lua was built without CUDA"))
+    end
+
+    -- data (before the model: a missing or broken cache is reported before a large model loads)
+    local loader = build_data(cfg, bm, dp_rank, seed, device)
+    local batches_per_epoch = loader:len()
+    if batches_per_epoch < 1 then error("data: the dataloader yields no batch (empty dataset)", 0) end
+    local grad_acc = bm.grad_acc
+    local epoch_len = math.ceil(batches_per_epoch / grad_acc)
+    local num_epochs = ss.num_epochs
+    if num_epochs == nil then num_epochs = ss.max_steps and math.ceil(ss.max_steps / epoch_len) or 10 end
+    local total = epoch_len * num_epochs
+    if ss.max_steps then total = math.min(total, ss.max_steps) end
+    if lrs_cfg then   -- the schedule's checks (warmup below decay steps, ...) before a large model loads
+        local probe = nemo.optim.AdamW({nemo.zeros({1}):requires_grad_()}, {lr = cfg.optimizer.lr,
+            weight_decay = cfg.optimizer.weight_decay or 0.01})
+        local pok, perr = pcall(lrs.build, probe, lrs_cfg, total)
+        if not pok then cfg_error(string.format("%s (this run has %d steps)", strip_pos(perr), total)) end
+    end
 
     -- model
+    nemo.manual_seed(seed)
     local mcfg = cfg.model
     local torch_dtype = mcfg.torch_dtype or "bfloat16"
     local compute_dtype = mcfg.compute_dtype or torch_dtype
@@ -391,167 +759,191 @@ function M.run(cfg, opts)
     for _, k in ipairs { "transformer_engine_fp8", "transformer_engine_linear", "fuse_qkv_projections" } do
         if mcfg[k] then ignored[#ignored + 1] = "model." .. k end
     end
-    if mcfg.attention_backend and mcfg.attention_backend ~= yaml.null then ignored[#ignored + 1] = "model.attention_backend" end
-    if block.enable_compile then ignored[#ignored + 1] = "enable_compile" end
+    if mcfg.attention_backend then ignored[#ignored + 1] = "model.attention_backend" end
+    if block.enable_compile then ignored[#ignored + 1] = (cfg.fsdp and "fsdp" or "ddp") .. ".enable_compile" end
+    if block.cpu_offload then ignored[#ignored + 1] = "fsdp.cpu_offload" end
+    if cfg.profiling and cfg.profiling.enabled then ignored[#ignored + 1] = "profiling" end
+    if ck.is_async then ignored[#ignored + 1] = "checkpoint.is_async" end
+    if cfg.data.dataloader.dynamic_batch_size then ignored[#ignored + 1] = "data.dataloader.dynamic_batch_size" end
     if #ignored > 0 then
-        log("note: GPU-only features that nemo-lua does not have, ignored on this run: " .. table.concat(ignored, ", "))
+        log("note: features nemo-lua does not have (GPU/PyTorch-only), ignored on this run: " .. table.concat(ignored, ", "))
     end
-    local device = opts.device or pipeline._choose_device()
-    local pipe
     local mode = mcfg.mode or "finetune"
     if not mcfg.pretrained_model_name_or_path then cfg_error("model.pretrained_model_name_or_path is required") end
-    if mode == "finetune" then
-        pipe = pipeline.NeMoAutoDiffusionPipeline.from_pretrained(mcfg.pretrained_model_name_or_path, {
-            torch_dtype = torch_dtype, device = device, load_for_training = true, components_to_load = {"transformer"},
-            enable_gradient_checkpointing = ac})
-    else
-        pipe = pipeline.NeMoAutoDiffusionPipeline.from_config(mcfg.pretrained_model_name_or_path, mcfg.pipeline_spec,
+    local pok, pipe = pcall(function()
+        if mode == "finetune" then
+            return pipeline.NeMoAutoDiffusionPipeline.from_pretrained(mcfg.pretrained_model_name_or_path, {
+                torch_dtype = torch_dtype, device = device, load_for_training = true, components_to_load = {"transformer"},
+                enable_gradient_checkpointing = ac})
+        end
+        return pipeline.NeMoAutoDiffusionPipeline.from_config(mcfg.pretrained_model_name_or_path, mcfg.pipeline_spec,
             {torch_dtype = torch_dtype, device = device, enable_gradient_checkpointing = ac})
-    end
+    end)
+    if not pok then raise("model.pretrained_model_name_or_path: ", pipe) end
     local model = pipe.transformer
     if not model then error("the pipeline has no transformer to train", 0) end
     if not ac and model.disable_gradient_checkpointing then model:disable_gradient_checkpointing() end
     model:train()
     local params = {}
     for _, p in model:named_parameters() do if p.requires_grad then params[#params + 1] = p end end
-
-    -- data, batch math
-    local ss = cfg.step_scheduler
-    local local_bs = ss.local_batch_size or 1
-    local global_bs = ss.global_batch_size or local_bs * dp_size
-    if global_bs % (local_bs * dp_size) ~= 0 then
-        cfg_error(string.format("step_scheduler.global_batch_size (%d) must be a multiple of local_batch_size (%d) x " ..
-            "data-parallel size (%d)", global_bs, local_bs, dp_size))
-    end
-    local grad_acc = math.floor(global_bs / (local_bs * dp_size))
-    local loader = build_data(cfg, dp_size, dp_rank, seed)
-    local batches_per_epoch = loader:len()
-    local steps_per_epoch = math.ceil(batches_per_epoch / grad_acc)
-    local num_epochs = ss.num_epochs or 1
-    local total = steps_per_epoch * num_epochs
-    if ss.max_steps then total = math.min(total, ss.max_steps) end
-    if total < 1 then error("no optimizer step can be taken (empty dataset or max_steps 0)", 0) end
-
-    -- the latent shape must fit the model (a clear error before training)
-    if model.config and model.config.in_channels and loader.dataset and loader.dataset.samples then
-        local s = loader.dataset:get(1)
-        local C = s.latents.shape[1]
-        local want = mode and model.config.in_channels
-        local packed = (tostring(model.__name):find("Flux") and C * 4) or C
-        if packed ~= want then
-            cfg_error(string.format("the latents in %s have %d channels (%d packed), but the model's in_channels is %d",
-                cfg.data.dataloader.cache_dir, C, packed, want))
-        end
-    end
+    check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")
 
     -- optimizer, schedule, objective
     local opt = build_optimizer(cfg, params)
-    local sched = cfg.lr_scheduler and lrs.build(opt, cfg.lr_scheduler, total) or lrs.constant(opt)
-    local fm = require("nemo.flow_matching").FlowMatching(cfg.flow_matching)
+    local sok, sched = pcall(function() return lrs_cfg and lrs.build(opt, lrs_cfg, total) or lrs.constant(opt) end)
+    if not sok then cfg_error(tostring(sched)) end
     local max_norm = (cfg.clip_grad_norm and cfg.clip_grad_norm.max_norm) or 1.0
     local check_loss = cfg.performance and cfg.performance.check_loss
     local fm_gen = nemo.Generator(seed * 1000003 + 17)
 
-    -- checkpoints and resume
-    local ck = cfg.checkpoint
-    local ck_enabled = ck.enabled ~= false
-    local ck_dir = ck.checkpoint_dir or "checkpoints"
-    local ck_every = ss.ckpt_every_steps or total
-    local step, epoch, batch_in_epoch = 0, 0, 0
+    -- resume
+    local step, epoch = 0, 0
     local sig = model_signature(model)
-    if ck_enabled then
-        local restore = ck.restore_from
-        local dir
-        if restore then dir = checkpoint.resolve(restore, ck_dir) else dir = checkpoint.latest(ck_dir) end
-        if dir then
-            local saved = checkpoint.model_config(dir)
-            if saved and not same_config(saved, sig) then
-                error(string.format("checkpoint %s was written for another model config (%s) than this run's (%s); " ..
-                    "use another checkpoint_dir or set checkpoint.restore_from", dir, json.encode(saved), json.encode(sig)), 0)
-            end
-            local tr = checkpoint.load(dir, {model = model, optimizer = opt, scheduler = sched})
-            step = tr.step + 1
-            epoch = tr.next_epoch or tr.epoch
-            if tr.sampler then loader:load_state_dict(tr.sampler) end
-            if tr.rng then
-                if tr.rng.flow then fm_gen:set_state(tr.rng.flow) end
-                if tr.rng.default then nemo.default_generator:set_state(tr.rng.default) end
-            end
-            batch_in_epoch = tr.sampler and tr.sampler.batch_index or 0
-            log(string.format("resumed from %s at step %d", dir, step))
+    if resume_dir then
+        local saved = checkpoint.model_config(resume_dir)
+        local diff = saved and signature_diff(saved, sig)
+        if diff then
+            error(string.format("checkpoint %s was written for another model config than this run's (%s); " ..
+                "use another checkpoint.checkpoint_dir, or set checkpoint.restore_from to a checkpoint of this model",
+                resume_dir, diff), 0)
         end
-        fs.mkdirs(ck_dir)
+        local tok, tr = pcall(checkpoint.trainer_state, resume_dir)
+        if not tok then raise("", tr) end
+        if tr.sampler then
+            local lok, lerr = pcall(loader.load_state_dict, loader, tr.sampler)
+            if not lok then
+                raise(string.format("checkpoint %s: its data position does not fit this run's data: ", resume_dir), lerr)
+            end
+        end
+        local ok, err = pcall(checkpoint.load, resume_dir, {model = model, optimizer = opt, scheduler = sched})
+        if not ok then raise("", err) end
+        step = tr.step + 1
+        epoch = tr.sampler and tr.sampler.epoch or tr.next_epoch or tr.epoch
+        if tr.rng then
+            if tr.rng.flow then fm_gen:set_state(tr.rng.flow) end
+            if tr.rng.default then nemo.default_generator:set_state(tr.rng.default) end
+        end
+        log(string.format("resumed from %s: next step %d, epoch %d", resume_dir, step, epoch))
+        if tr.total_steps and tr.total_steps ~= total and lrs_cfg then
+            log(string.format("note: %s was written by a run of %d steps, this one has %d; the LR schedule continues " ..
+                "as saved in the checkpoint (decay over %s steps)", resume_dir, tr.total_steps, total,
+                tostring(sched.lr_decay_steps)))
+        end
+    elseif ck.restore_from == "LATEST" or ck.restore_from == "latest" then
+        log("checkpoint.restore_from LATEST: no checkpoint in " .. ck_dir .. " yet, starting from step 0")
     end
-    if step >= total then
-        log(string.format("training already finished: step %d of %d (checkpoints in %s)", step, total, ck_dir))
-        return {steps = 0, total = total, checkpoint_dir = ck_dir, finished = true}
+    if ck_enabled then
+        fs.mkdirs(ck_dir)
+        for _, n in ipairs(checkpoint.clean_incomplete(ck_dir)) do
+            log("removed " .. ck_dir .. "/" .. n .. " (a checkpoint save that did not finish)")
+        end
+    end
+    local summary = {steps = 0, total = total, checkpoint_dir = ck_dir, losses = {}, resumed_from = resume_dir,
+                     model = model, pipe = pipe, grad_acc = grad_acc}
+    if step >= total or epoch >= num_epochs then
+        log(string.format("training already finished: %d of %d steps done (checkpoints in %s; to train again, remove " ..
+            "it or pass --checkpoint.checkpoint_dir DIR)", step, total, ck_dir))
+        summary.finished = true
+        return summary
     end
 
     local metrics_path = (cfg.logging and cfg.logging.metrics_file) or (ck_dir .. "/metrics.jsonl")
     fs.mkdirs(fs.dirname(metrics_path))
+    truncate_metrics(metrics_path, step)
     local metrics = assert(io.open(metrics_path, "a"))
-    local log_every = ss.log_remote_every_steps or 1
+    local log_every = (cfg.logging and cfg.logging.log_every) or ss.log_remote_every_steps or 1
     local progress = opts.progress
+    if progress == nil and cfg.logging and cfg.logging.progress ~= nil then progress = cfg.logging.progress end
     if progress == nil then progress = is_tty end
-    if cfg.logging and cfg.logging.progress ~= nil then progress = cfg.logging.progress end
 
-    log(string.format("training %s (%s, %d parameters) on %s: %d steps, global batch %d = %d x %d grad-acc, %d batches/epoch",
-        sig._class_name, mode, model:num_parameters(), device, total, global_bs, local_bs, grad_acc, batches_per_epoch))
-
-    local summary = {first_loss = nil, last_loss = nil, steps = 0, total = total, checkpoint_dir = ck_dir}
-    local t_start = now()
-    local steps_this_run = 0
-    local last_ckpt
-    local function save(at_step, next_epoch)
-        if not ck_enabled then return end
-        local tr = {sampler = loader:state_dict(), rng = {flow = fm_gen:get_state(), default = nemo.default_generator:get_state()},
-                    next_epoch = next_epoch}
-        last_ckpt = checkpoint.save(ck_dir, {epoch = epoch, step = at_step, model = model, optimizer = opt, scheduler = sched,
-            trainer = tr, config = cfg, model_config = sig})
+    -- a message while the progress bar is shown: clear the bar line first
+    local bar_line
+    local function say(msg)
+        if bar_line then io.stdout:write("\r\27[K") end
+        log(msg)
+        if bar_line then io.stdout:write(bar_line); io.stdout:flush() end
     end
 
-    local done = false
-    while not done and epoch < num_epochs do
+    log(string.format("training %s (%s, %d parameters) on %s: steps %d..%d of %d, %d epoch%s of %d steps; " ..
+        "global batch %d = %d x %d grad-acc x %d dp; metrics in %s",
+        sig._class_name, mode, model:num_parameters(), device, step, total - 1, total, num_epochs,
+        num_epochs == 1 and "" or "s", epoch_len, bm.global_bs, bm.local_bs, grad_acc, dp_size, metrics_path))
+
+    local t_start = now()
+    local steps_this_run = 0
+    local recent = {}
+    local last_ckpt
+    local ck_every = ss.ckpt_every_steps or 100
+    local keep = ck.max_recent_checkpoints
+    local every_epoch = ss.save_checkpoint_every_epoch ~= false   -- Automodel's default: true
+
+    local function fail(msg)
+        metrics:close()
+        if bar_line then io.stdout:write("\n") end
+        error(msg .. (last_ckpt and ("; the last good checkpoint is " .. last_ckpt) or
+            (resume_dir and ("; the last good checkpoint is " .. resume_dir) or "")), 0)
+    end
+
+    local function save(at_step, at_epoch, end_of_epoch, final)
+        local bad = nonfinite_parameter(model)
+        if bad then
+            fail(string.format("parameter %s is not finite after step %d: training stopped; no checkpoint was " ..
+                "written from this state", bad, at_step))
+        end
+        local sampler = loader:state_dict()
+        if end_of_epoch then sampler.epoch, sampler.batch_index = at_epoch + 1, 0 end
+        local tr = {sampler = sampler, rng = {flow = fm_gen:get_state(), default = nemo.default_generator:get_state()},
+                    next_epoch = sampler.epoch, total_steps = total}
+        local export = consolidated == "every" or (consolidated == "final" and final)
+        last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
+            scheduler = sched, trainer = tr, config = cfg, model_config = sig,
+            extra = export and function(tmp) pipe:save_pretrained(tmp .. "/diffusers") end or nil})
+        if export then summary.diffusers = last_ckpt .. "/diffusers" end
+        if keep then
+            for _, n in ipairs(checkpoint.prune(ck_dir, keep)) do say("removed " .. ck_dir .. "/" .. n .. " (max_recent_checkpoints)") end
+            if summary.diffusers and not fs.isdir(summary.diffusers) then summary.diffusers = nil end
+        end
+    end
+
+    local stop_after = opts.stop_after
+    local stopped = false
+    while step < total and epoch < num_epochs and not stopped do
         loader:set_epoch(epoch)
-        if batch_in_epoch == 0 and loader.sampler then loader.sampler._skip = 0 end
         local it = loader:iter()
-        local micro = {}
-        local finished_epoch = false
-        while not done do
-            -- gather one optimizer step's micro-batches
-            micro = {}
+        local end_of_epoch = false
+        while step < total and not stopped do
+            -- one optimizer step's micro-batches
+            local micro = {}
             for _ = 1, grad_acc do
                 local b = it()
                 if not b then break end
                 micro[#micro + 1] = b
             end
-            if #micro == 0 then finished_epoch = true; break end
+            if #micro == 0 then end_of_epoch = true; break end
             local t0 = now()
             opt:zero_grad()
             local loss_sum = 0
-            for _, batch in ipairs(micro) do
-                local loss = fm:step(model, batch, {generator = fm_gen, compute_dtype = compute_dtype})
+            for mi, batch in ipairs(micro) do
+                local sopts = {generator = fm_gen, compute_dtype = compute_dtype}
+                if opts.draws then sopts.draws = opts.draws(batch, {step = step, micro = mi}) end
+                local loss = fm:step(model, batch, sopts)
                 local lv = loss:item()
-                if lv ~= lv or lv == math.huge or lv == -math.huge then
-                    metrics:close()
-                    error(string.format("loss is %s at step %d (epoch %d): training stopped; no checkpoint was " ..
-                        "written from this state%s", tostring(lv), step, epoch,
-                        last_ckpt and ("; the last good one is " .. last_ckpt) or ""), 0)
+                if nonfinite(lv) then
+                    fail(string.format("loss is %s at step %d (epoch %d, micro-batch %d): training stopped; no " ..
+                        "checkpoint was written from this state", tostring(lv), step, epoch, mi))
                 end
                 if check_loss and lv > 100 then
-                    metrics:close()
-                    error(string.format("loss exploded (%g > 100) at step %d (performance.check_loss)", lv, step), 0)
+                    fail(string.format("loss exploded (%g > 100) at step %d (performance.check_loss): training " ..
+                        "stopped; no checkpoint was written from this state", lv, step))
                 end
                 loss_sum = loss_sum + lv
                 local scaled = loss / #micro
                 scaled:backward()
-                loss = nil
             end
             local grad_norm = nemo.optim.clip_grad_norm_(params, max_norm)
-            if grad_norm ~= grad_norm or grad_norm == math.huge then
-                metrics:close()
-                error(string.format("gradient norm is %s at step %d: training stopped; no checkpoint was written from " ..
-                    "this state", tostring(grad_norm), step), 0)
+            if nonfinite(grad_norm) then
+                fail(string.format("gradient norm is %s at step %d (epoch %d): training stopped; no checkpoint was " ..
+                    "written from this state", tostring(grad_norm), step, epoch))
             end
             local lr = opt.param_groups[1].lr
             opt:step()
@@ -561,67 +953,101 @@ function M.run(cfg, opts)
             local mean_loss = loss_sum / #micro
             summary.first_loss = summary.first_loss or mean_loss
             summary.last_loss = mean_loss
+            summary.losses[step] = mean_loss
             steps_this_run = steps_this_run + 1
+            recent[#recent + 1] = dt
+            if #recent > 20 then table.remove(recent, 1) end
             local mem = nemo.memory_stats(device)
             metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, lr = lr, grad_norm = grad_norm,
-                step_time = dt, samples_per_sec = (#micro * local_bs * dp_size) / dt,
+                step_time = dt, samples_per_sec = (#micro * bm.local_bs * dp_size) / dt,
                 peak_memory_gb = mem.peak / 2^30}), "\n")
             metrics:flush()
-            local elapsed = now() - t_start
-            local eta = elapsed / steps_this_run * (total - step - 1)
+
+            local sps = 0
+            for _, v in ipairs(recent) do sps = sps + v end
+            sps = sps / #recent
+            local eta = sps * (total - step - 1)
             if progress then
-                local width = 24
-                local fill = math.floor(width * (step + 1) / total)
-                io.stdout:write(string.format("\r[%s%s] step %d/%d  loss %.4f  lr %.2e  %.3f s/step  ETA %s   ",
-                    string.rep("#", fill), string.rep(".", width - fill), step + 1, total, mean_loss, lr, dt, fmt_time(eta)))
+                bar_line = "\r" .. M.format_progress {done = step + 1, total = total, loss = mean_loss, lr = lr,
+                    sec_per_step = sps, eta = eta} .. "\27[K"
+                io.stdout:write(bar_line)
                 io.stdout:flush()
             elseif step % log_every == 0 or step == total - 1 then
-                log(string.format("step %d/%d epoch %d loss %.6f lr %.3e grad_norm %.4f %.3f s/step ETA %s",
-                    step, total, epoch, mean_loss, lr, grad_norm, dt, fmt_time(eta)))
+                log(M.format_log_line {step = step, total = total, epoch = epoch, loss = mean_loss, lr = lr,
+                    grad_norm = grad_norm, sec_per_step = sps, eta = eta})
             end
-            local last = step == total - 1
-            if last then done = true end
-            if ck_enabled and (step % ck_every == ck_every - 1 or last) then save(step, epoch) end
+
+            -- where the data stands now, and whether a checkpoint is due (Automodel's is_ckpt_step)
+            end_of_epoch = loader:state_dict().batch_index >= batches_per_epoch
+            local last = step == total - 1 or (end_of_epoch and epoch == num_epochs - 1)
+            stopped = stop_after ~= nil and steps_this_run >= stop_after and not last
+            local due = step % ck_every == ck_every - 1 or (every_epoch and end_of_epoch) or last or stopped
+            if ck_enabled and due then
+                save(step, epoch, end_of_epoch, last)
+                if progress and (step % ck_every == ck_every - 1 or last) then say("saved " .. last_ckpt) end
+            end
             step = step + 1
+            if end_of_epoch or last then break end
         end
-        if finished_epoch then
-            epoch = epoch + 1
-            batch_in_epoch = 0
-            if ss.save_checkpoint_every_epoch and ck_enabled and not done then save(step - 1, epoch) end
-        end
+        if end_of_epoch then epoch = epoch + 1 end
+        if step >= total then break end
     end
-    if progress then io.stdout:write("\n") end
+    if progress and bar_line then io.stdout:write("\n"); bar_line = nil end
     metrics:close()
     summary.steps = steps_this_run
     summary.checkpoint = last_ckpt
     summary.seconds = now() - t_start
-
-    -- the consolidated diffusers export
-    local consolidated = ck.save_consolidated
-    if ck_enabled and last_ckpt and consolidated ~= false and consolidated ~= "never" then
-        local out = last_ckpt .. "/diffusers"
-        pipe:save_pretrained(out)
-        summary.diffusers = out
-        log("saved the trained pipeline for diffusers in " .. out)
+    summary.stopped = stopped
+    if summary.diffusers then log("saved the trained pipeline for diffusers in " .. summary.diffusers) end
+    if stopped then
+        log(string.format("stopped after %d steps (next step %d of %d); resume with the same command", steps_this_run,
+            step, total))
     end
-    log(string.format("done: %d steps in %.1f s, loss %.4f -> %.4f", steps_this_run, summary.seconds,
-        summary.first_loss or 0 / 0, summary.last_loss or 0 / 0))
+    -- the loss at the start and the end of this run: single steps are noisy, so also a 10-step mean
+    local first_mean, last_mean, n = 0, 0, math.max(1, math.min(10, math.floor(steps_this_run / 2)))
+    local s0 = step - steps_this_run
+    for i = 0, n - 1 do
+        first_mean = first_mean + summary.losses[s0 + i] / n
+        last_mean = last_mean + summary.losses[step - n + i] / n
+    end
+    summary.first_mean_loss, summary.last_mean_loss = first_mean, last_mean
+    log(string.format("done: %d steps in %.1f s, loss %.4f -> %.4f (mean of %d steps: %.4f -> %.4f)%s", steps_this_run,
+        summary.seconds, summary.first_loss or 0 / 0, summary.last_loss or 0 / 0, n, first_mean, last_mean,
+        last_ckpt and (", checkpoint " .. last_ckpt) or ""))
     return summary
 end
 
--- main(arg, {default_config=}): the recipes' entry point.
+-- main(arg, {default_config=, script=}): the recipes' entry point.
 function M.main(args, opts)
     opts = opts or {}
     local a = M.parse_args(args or {})
     if a.help then
         print("usage: nemo-lua " .. (opts.script or "recipe.lua") .. " [-c config.yaml] [--section.key value ...]\n" ..
-              "default config: " .. tostring(opts.default_config))
+              "default config: " .. tostring(opts.default_config) .. "\n" ..
+              "example: --optimizer.lr 3e-4 --step_scheduler.max_steps 50 --checkpoint.checkpoint_dir runs/x\n" ..
+              "the config keys are listed in docs/training.md")
         return
     end
     local path = a.config or opts.default_config
     if not path or not fs.isfile(path) then cfg_error("config file not found: " .. tostring(path)) end
     local cfg = M.load_config(path, a.overrides)
     return M.run(cfg, opts)
+end
+
+-- cli(args, opts): main() for a recipe file. A deliberate error (bad config, bad data, NaN loss)
+-- prints its message alone and exits with status 1; an unexpected one (a bug) keeps its traceback.
+function M.cli(args, opts)
+    local ok, err = xpcall(M.main, function(e)
+        e = tostring(e)
+        if e:match("^[^%s:]+%.lua:%d+: ") then return debug.traceback(e, 2) end
+        return e
+    end, args, opts)
+    if not ok then
+        io.stdout:flush()
+        io.stderr:write("nemo-lua: ", err, "\n")
+        os.exit(1)
+    end
+    return err
 end
 
 return M

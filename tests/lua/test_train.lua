@@ -1,0 +1,713 @@
+-- The training recipe (lua/nemo/train.lua, recipes/flux_*.lua): config schema, overrides,
+-- Automodel targets and removed keys, the demo assets, metrics.jsonl, determinism (runs and
+-- thread counts), resume bit for bit (by path, by name, auto from LATEST, at an epoch boundary),
+-- checkpoint layout/atomicity/retention/consolidated export, gradient accumulation, bad input,
+-- the NaN guard, progress bar vs plain lines, and flux_pretrain. Every run is a tiny FLUX model
+-- (24k parameters, 8x8 latents, 16 samples) so the whole file takes a few seconds.
+package.path = "tests/lua/?.lua;" .. package.path
+local T = require "tap"
+local nemo = require "nemo"
+local fs = require "nemo.fs"
+local json = require "nemo.json"
+local yaml = require "nemo.yaml"
+local train = require "nemo.train"
+local checkpoint = require "nemo.checkpoint"
+local pipeline = require "nemo.pipeline"
+local FM = require "nemo.flow_matching"
+local synthetic = require "nemo.data.synthetic"
+
+local tmp = os.tmpname()
+os.remove(tmp)
+fs.mkdirs(tmp)
+
+-- ==== helpers ====
+
+local function deepcopy(t)
+    if type(t) ~= "table" then return t end
+    local o = {}
+    for k, v in pairs(t) do o[k] = deepcopy(v) end
+    return o
+end
+
+local TINY_TRANSFORMER = {num_layers = 1, num_single_layers = 1, attention_head_dim = 8, num_attention_heads = 2,
+                          in_channels = 16, joint_attention_dim = 16, pooled_projection_dim = 16,
+                          axes_dims_rope = {2, 2, 4}, guidance_embeds = true}
+
+-- The tiny config: 16 samples of 8x8 latents, batch 2 -> 8 batches (steps) per epoch, 10 steps.
+local function tiny(dir, over)
+    local c = {
+        seed = 7,
+        demo = {enabled = true, dir = tmp .. "/demo", samples = 16, resolutions = "8x8", text_len = 4,
+                transformer = deepcopy(TINY_TRANSFORMER)},
+        model = {pretrained_model_name_or_path = "unused", mode = "finetune", torch_dtype = "float32",
+                 compute_dtype = "float32"},
+        optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3, weight_decay = 0.01, betas = {0.9, 0.999}},
+        lr_scheduler = {lr_decay_style = "cosine", lr_warmup_steps = 2, min_lr = 1e-4},
+        clip_grad_norm = {max_norm = 1.0},
+        flow_matching = {adapter_type = "flux", adapter_kwargs = {guidance_scale = 1}, timestep_sampling = "logit_normal",
+                         flow_shift = 1.0, mix_uniform_ratio = 0.0, use_loss_weighting = false},
+        step_scheduler = {num_epochs = 100, local_batch_size = 2, global_batch_size = 2, max_steps = 10,
+                          ckpt_every_steps = 5, save_checkpoint_every_epoch = false},
+        data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = "unused"}},
+        checkpoint = {enabled = true, checkpoint_dir = dir, save_consolidated = "final"},
+    }
+    for path, v in pairs(over or {}) do
+        local node, parts = c, {}
+        for p in path:gmatch("[^%.]+") do parts[#parts + 1] = p end
+        for i = 1, #parts - 1 do node[parts[i]] = node[parts[i]] or {}; node = node[parts[i]] end
+        if v == json.null then v = nil end
+        node[parts[#parts]] = v
+    end
+    return c
+end
+
+local logs = {}
+local function quiet(msg) logs[#logs + 1] = msg end
+local function run(cfg, opts)
+    opts = opts or {}
+    opts.log = opts.log or quiet
+    if opts.progress == nil then opts.progress = false end
+    return train.run(cfg, opts)
+end
+
+local function read_metrics(path)
+    local out = {}
+    if not fs.isfile(path) then return out end
+    for line in io.lines(path) do out[#out + 1] = json.decode(line) end
+    return out
+end
+
+local function sh(cmd)
+    local p = io.popen(cmd .. " 2>&1; echo \"rc=$?\"")
+    local out = p:read("*a")
+    p:close()
+    local rc = tonumber(out:match("rc=(%d+)%s*$"))
+    return out:gsub("rc=%d+%s*$", ""), rc
+end
+
+local function file_eq(a, b) return fs.isfile(a) and fs.isfile(b) and fs.read(a) == fs.read(b) end
+local function ckpt_names(dir)
+    local out = {}
+    for _, c in ipairs(checkpoint.list(dir)) do out[#out + 1] = c.name end
+    return table.concat(out, ",")
+end
+
+-- ==== config: overrides, schema, targets, removed keys ====
+
+local a = train.parse_args {"-c", "x.yaml", "--optimizer.lr", "3e-4", "--step_scheduler.max_steps", "5",
+                            "--optimizer.betas", "[0.9, 0.95]", "--checkpoint.restore_from=null", "--seed=3"}
+T.is(a.config, "x.yaml", "parse_args: -c FILE")
+T.is(#a.overrides, 5, "parse_args: five overrides (--k v and --k=v)")
+local c = tiny(tmp .. "/unused")
+for _, o in ipairs(a.overrides) do train.apply_override(c, o.key, o.text) end
+T.ok(type(c.optimizer.lr) == "number" and c.optimizer.lr == 3e-4, "--optimizer.lr 3e-4 is the number 3e-4")
+T.ok(c.step_scheduler.max_steps == 5, "--step_scheduler.max_steps 5 is the number 5")
+T.ok(type(c.optimizer.betas) == "table" and c.optimizer.betas[1] == 0.9 and c.optimizer.betas[2] == 0.95,
+    "--optimizer.betas [0.9, 0.95] is a list")
+T.ok(c.checkpoint.restore_from == yaml.null and c.seed == 3, "--key=null and --key=value")
+train.apply_override(c, "demo.transformer.axes_dims_rope", "[2, 2, 4]")
+T.ok(#c.demo.transformer.axes_dims_rope == 3, "a nested list override")
+T.raises(function() train.parse_args {"--optimizer.lr"} end, "option --optimizer.lr needs a value", "override without a value")
+T.raises(function() train.parse_args {"recipe.yaml"} end, "unexpected argument 'recipe.yaml'", "a stray argument")
+T.raises(function() train.apply_override(tiny("x"), "seed.x", "1") end, "'seed' is a value, not a section",
+    "an override below a value")
+
+for _, f in ipairs { "recipes/flux_finetune.yaml", "recipes/flux_pretrain.yaml" } do
+    local ok, err = pcall(train.load_config, f, {})
+    T.ok(ok, "the shipped " .. f .. " validates", err)
+end
+local lc = train.load_config("recipes/flux_finetune.yaml", train.parse_args {"--optimizer.lr", "3e-4",
+    "--step_scheduler.max_steps", "5"}.overrides)
+T.ok(lc.optimizer.lr == 3e-4 and lc.step_scheduler.max_steps == 5, "load_config applies command-line overrides")
+
+-- a config written with Automodel's keys and Python targets (as examples/diffusion/finetune/flux_t2i_flow.yaml)
+local automodel_yaml = [[
+model:
+  pretrained_model_name_or_path: "black-forest-labs/FLUX.1-dev"
+  mode: "finetune"
+  cache_dir: null
+  attention_backend: "flash"
+  transformer_engine_fp8: true
+  transformer_engine_fp8_recipe: "delayed"
+  transformer_engine_fp8_amax_history_len: 1024
+  transformer_engine_fp8_amax_compute_algo: "max"
+optimizer:
+  _target_: torch.optim.AdamW
+  lr: 2e-5
+  weight_decay: 0.01
+  betas: [0.9, 0.999]
+  foreach: false
+  fused: true
+performance:
+  check_loss: false
+  grad_clip_foreach: true
+fsdp:
+  dp_size: 8
+  tp_size: 1
+  cp_size: 1
+  pp_size: 1
+  activation_checkpointing: false
+  cpu_offload: false
+  defer_fsdp_grad_sync: true
+  enable_compile: false
+  enable_fsdp2_prefetch: true
+  fsdp2_backward_prefetch_depth: 3
+  fsdp2_forward_prefetch_depth: 2
+flow_matching:
+  adapter_type: "flux"
+  adapter_kwargs:
+    guidance_scale: 1
+    use_guidance_embeds: false
+  timestep_sampling: "logit_normal"
+  logit_mean: 0.0
+  logit_std: 1.0
+  flow_shift: 1.0
+  mix_uniform_ratio: 0.0
+  sigma_min: 0.0
+  sigma_max: 1.0
+  num_train_timesteps: 1000
+  i2v_prob: 0.0
+  use_loss_weighting: false
+  log_interval: 100
+  summary_log_interval: 10
+step_scheduler:
+  num_epochs: 5000
+  local_batch_size: 4
+  global_batch_size: 32
+  ckpt_every_steps: 500
+  log_remote_every_steps: 1
+  save_checkpoint_every_epoch: false
+data:
+  dataloader:
+    _target_: nemo_automodel.components.datasets.diffusion.build_text_to_image_multiresolution_dataloader
+    cache_dir: PATH_TO_YOUR_DATA
+    train_text_encoder: false
+    num_workers: 2
+    base_resolution: [512, 512]
+    dynamic_batch_size: false
+    shuffle: true
+    drop_last: false
+checkpoint:
+  enabled: true
+  checkpoint_dir: PATH_TO_YOUR_CKPT_DIR
+  model_save_format: safetensors
+  save_consolidated: final
+  diffusers_compatible: true
+  restore_from: null
+wandb:
+  enable: false
+  project: flux-finetuning
+  mode: online
+  name: run_1
+dist_env:
+  backend: "nccl"
+  init_method: "env://"
+  timeout_minutes: 30
+seed: 42
+ci:
+  recipe_owner: someone
+  time: "00:30:00"
+]]
+local am_path = tmp .. "/automodel.yaml"
+do local f = assert(io.open(am_path, "wb")); f:write(automodel_yaml); f:close() end
+T.raises(function() train.load_config(am_path, {}) end, "fsdp.dp_size = 8 does not match the world size 1",
+    "an Automodel YAML: fsdp.dp_size 8 on one process is a clear error")
+local am_ok, am = pcall(train.load_config, am_path, {{key = "fsdp.dp_size", text = "1"}})
+T.ok(am_ok, "an Automodel YAML (Python _target_ values, TE/FSDP keys) validates with --fsdp.dp_size 1", am)
+T.is(train.DATALOADER_TARGETS[am_ok and am.data.dataloader._target_ or ""], "cache",
+    "Automodel's build_text_to_image_multiresolution_dataloader maps to nemo.data.build_dataloader")
+T.ok(train.OPTIMIZER_TARGETS["torch.optim.AdamW"], "torch.optim.AdamW maps to nemo.optim.AdamW")
+T.raises(function() train.run(am, {log = quiet}) end, "data.dataloader.cache_dir is required",
+    "the placeholder PATH_TO_YOUR_DATA is a clear error before the 12B model is built")
+
+local function raises_cfg(over, pattern, name)
+    T.raises(function() train.validate(tiny(tmp .. "/x", over)) end, pattern, name)
+end
+raises_cfg({["optimizer.lrr"] = 1, ["foo"] = 2, ["data.dataloader.bar"] = 3},
+    "unknown keys 'data.dataloader.bar', 'foo', 'optimizer.lrr'", "every unknown key named in one error")
+raises_cfg({["optimizer.lrr"] = 1}, "known keys of optimizer: _target_, amsgrad, betas", "unknown key lists the known ones")
+raises_cfg({["optimizer._target_"] = "torch.optim.SGD"}, "optimizer._target_ 'torch.optim.SGD' is not supported (known: nemo.optim.AdamW, torch.optim.AdamW)",
+    "unknown optimizer target")
+raises_cfg({["data.dataloader._target_"] = "my_pkg.build_loader"}, "data.dataloader._target_ 'my_pkg.build_loader' is not supported",
+    "unknown dataloader target")
+raises_cfg({["optim.learning_rate"] = 1e-4}, "'optim.learning_rate' -> 'optimizer.lr'", "removed optim.learning_rate")
+raises_cfg({["optim.clip_grad"] = 1, ["optim.optimizer.weight_decay"] = 0.1},
+    "'optim.clip_grad' -> 'clip_grad_norm.max_norm'; 'optim.optimizer' -> 'optimizer (with an explicit _target_",
+    "removed optim.clip_grad and optim.optimizer, both named")
+raises_cfg({["step_scheduler.log_every"] = 1}, "'step_scheduler.log_every' -> 'step_scheduler.log_remote_every_steps'",
+    "removed step_scheduler.log_every")
+raises_cfg({["optimizer.lr"] = "fast"}, "'optimizer.lr' must be a number, got string", "a wrong type names the key")
+raises_cfg({["step_scheduler.max_steps"] = 0}, "step_scheduler.max_steps must be a positive integer", "max_steps 0")
+raises_cfg({["step_scheduler.global_batch_size"] = 3},
+    "step_scheduler.global_batch_size (3) must be a multiple of local_batch_size (2) x data-parallel size (1)",
+    "global batch not divisible by local x dp")
+raises_cfg({["checkpoint.save_consolidated"] = "sometimes"}, "save_consolidated: 'sometimes' is not one of false, final, every",
+    "bad save_consolidated")
+raises_cfg({["checkpoint.max_recent_checkpoints"] = 0}, "max_recent_checkpoints must be unset or a positive integer",
+    "max_recent_checkpoints 0")
+raises_cfg({["wandb.enable"] = true}, "Weights & Biases logging is not available", "wandb.enable")
+raises_cfg({["peft.dim"] = 8}, "LoRA finetuning is not available", "peft block")
+raises_cfg({["fsdp.dp_size"] = 1, ["ddp.dp_size"] = 1}, "'fsdp' and 'ddp' are mutually exclusive", "fsdp + ddp")
+raises_cfg({["optimizer"] = json.null}, "the 'optimizer' section is required, for example:", "missing optimizer")
+raises_cfg({device = "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'", "a bad device")
+if not (nemo.cuda and nemo.cuda.is_available()) then
+    T.raises(function() train.run(tiny(tmp .. "/cuda", {device = "cuda"}), {log = quiet}) end,
+        "device 'cuda:0': no CUDA device", "device cuda without a GPU: a clear error before anything loads")
+else
+    T.skip("device cuda without a GPU", "this machine has a CUDA device")
+end
+T.is(train.consolidated_mode(true), "every", "save_consolidated true = every")
+T.is(train.consolidated_mode(false), "false", "save_consolidated false")
+T.is(train.consolidated_mode("final"), "final", "save_consolidated final")
+T.is(train.consolidated_mode(nil), "final", "save_consolidated default final")
+T.is(train.consolidated_mode("every"), "every", "save_consolidated every")
+
+-- ==== the demo: created once, cached; metrics; loss goes down ====
+
+local A = tmp .. "/A"
+-- a demo folder no earlier run has filled, so this first run must create the assets
+local function fresh_demo(dir) local c = tiny(dir); c.demo.dir = tmp .. "/demo-fresh"; return c end
+logs = {}
+local sA = run(fresh_demo(A))
+local model_dir, cache_dir = train.demo_paths(fresh_demo(A))
+T.ok(fs.isfile(model_dir .. "/model_index.json") and fs.isfile(model_dir .. "/transformer/config.json") and
+    fs.isfile(model_dir .. "/transformer/diffusion_pytorch_model.safetensors"),
+    "demo pipeline created (model_index.json, transformer/config.json, safetensors)")
+T.ok(fs.isfile(cache_dir .. "/index.json"), "demo synthetic cache created")
+local created = table.concat(logs, "\n"):find("creating a small FLUX") ~= nil
+T.ok(created, "the first run says it creates the demo pipeline")
+logs = {}
+local sA2 = run(fresh_demo(tmp .. "/A2"))
+T.ok(not table.concat(logs, "\n"):find("demo: ", 1, true), "a second run reuses the cached demo assets")
+T.is(sA.steps, 10, "10 steps taken")
+
+local mA = read_metrics(A .. "/metrics.jsonl")
+T.is(#mA, 10, "metrics.jsonl: one line per step")
+local ok_fields = true
+for i, m in ipairs(mA) do
+    if m.step ~= i - 1 or type(m.loss) ~= "number" or type(m.lr) ~= "number" or type(m.grad_norm) ~= "number" or
+        type(m.epoch) ~= "number" or not (m.grad_norm > 0) then ok_fields = false end
+end
+T.ok(ok_fields, "metrics.jsonl: step 0..9 in order with loss, lr, grad_norm, epoch")
+T.ok(mA[8].epoch == 0 and mA[9].epoch == 1, "metrics.jsonl: 8 steps per epoch (step 7 in epoch 0, step 8 in epoch 1)")
+T.near(mA[1].lr, 1e-4, 1e-12, "lr of step 0 = init_lr = 0.1 x lr (warmup)")
+T.near(mA[3].lr, 1e-3, 1e-12, "lr of step 2 = lr (end of the 2-step warmup)")
+T.ok(mA[10].lr < mA[4].lr and mA[10].lr >= 1e-4, "cosine decay towards min_lr")
+
+-- the other decay styles and the default clipping
+run(tiny(tmp .. "/lin", {["lr_scheduler.lr_decay_style"] = "linear", ["checkpoint.enabled"] = false}))
+local mLin = read_metrics(tmp .. "/lin/metrics.jsonl")
+T.near(mLin[10].lr, 1e-4 + 0.125 * 9e-4, 1e-15, "linear decay: lr of step 9 = min_lr + (1 - 7/8) (lr - min_lr)")
+run(tiny(tmp .. "/const", {["lr_scheduler.lr_decay_style"] = "constant", ["checkpoint.enabled"] = false}))
+local mConst = read_metrics(tmp .. "/const/metrics.jsonl")
+T.ok(mConst[3].lr == 1e-3 and mConst[10].lr == 1e-3 and mConst[1].lr == 1e-4, "constant: warmup, then lr")
+local sClip = run(tiny(tmp .. "/clip", {["clip_grad_norm"] = json.null, ["step_scheduler.max_steps"] = 1,
+    ["lr_scheduler.lr_warmup_steps"] = 0, ["checkpoint.enabled"] = false}))
+local pre = read_metrics(tmp .. "/clip/metrics.jsonl")[1].grad_norm
+local params = {}
+for _, p in sClip.model:named_parameters() do params[#params + 1] = p end
+T.ok(pre > 1, string.format("the first step's gradient norm (%.4f) is above 1", pre))
+T.near(nemo.optim.grad_norm(params), 1.0, 1e-5, "clip_grad_norm default 1.0: the gradients are scaled to norm 1 (tol 1e-5)")
+
+-- determinism: a second run with the same seed and config
+local mA2 = read_metrics(tmp .. "/A2/metrics.jsonl")
+local same = #mA2 == 10
+for i = 1, #mA do if not mA2[i] or mA2[i].loss ~= mA[i].loss or mA2[i].grad_norm ~= mA[i].grad_norm then same = false end end
+T.ok(same, "same seed and config: bitwise identical losses and grad norms (two runs)")
+T.ok(file_eq(A .. "/epoch_1_step_9/model/model.safetensors", tmp .. "/A2/epoch_1_step_9/model/model.safetensors"),
+    "same seed and config: bitwise identical final weights")
+local sB = run(tiny(tmp .. "/seed8", {seed = 8}))
+T.ok(sB.first_loss ~= sA.first_loss, "another seed gives other losses")
+local _ = sA2
+
+-- the loss goes down (a longer tiny run: 80 steps, batch 4)
+local sL = run(tiny(tmp .. "/long", {["step_scheduler.max_steps"] = 80, ["step_scheduler.local_batch_size"] = 4,
+    ["step_scheduler.global_batch_size"] = 4, ["step_scheduler.ckpt_every_steps"] = 1000, ["optimizer.lr"] = 3e-3,
+    ["checkpoint.save_consolidated"] = false}))
+local mL = read_metrics(tmp .. "/long/metrics.jsonl")
+local first, last = 0, 0
+for i = 1, 10 do first = first + mL[i].loss / 10; last = last + mL[#mL - 10 + i].loss / 10 end
+T.ok(#mL == 80 and last < 0.8 * first, string.format("loss goes down: mean of the first 10 steps %.4f, of the last 10 %.4f (< 0.8x)",
+    first, last))
+local _ = sL
+
+-- ==== checkpoint layout ====
+
+local c9 = A .. "/epoch_1_step_9"
+T.is(ckpt_names(A), "epoch_0_step_4,epoch_1_step_9", "checkpoints every ckpt_every_steps (step 4) and at the end (step 9)")
+T.is(checkpoint.read_latest(A), "epoch_1_step_9", "LATEST names the last checkpoint")
+for _, f in ipairs { "model/model.safetensors", "model/config.json", "optim/optim.safetensors", "optim/state.json",
+                     "trainer.json", "config.yaml" } do
+    T.ok(fs.isfile(c9 .. "/" .. f), "checkpoint holds " .. f)
+end
+local tr9 = json.read_file(c9 .. "/trainer.json")
+T.ok(tr9.step == 9 and tr9.epoch == 1, "trainer.json: step 9, epoch 1")
+T.ok(type(tr9.rng) == "table" and tr9.rng.flow and tr9.rng.flow.offset > 0 and tr9.rng.default ~= nil,
+    "trainer.json: RNG states (flow-matching and default generators)")
+T.ok(tr9.sampler and tr9.sampler.epoch == 1 and tr9.sampler.batch_index == 2, "trainer.json: sampler position (epoch 1, 2 batches)")
+local ck_cfg = yaml.load_file(c9 .. "/config.yaml")
+T.ok(ck_cfg.optimizer.lr == 1e-3 and ck_cfg.step_scheduler.max_steps == 10, "config.yaml: the run's config (YAML-readable)")
+local ostate = json.read_file(c9 .. "/optim/state.json")
+T.ok(ostate.scheduler and ostate.scheduler.num_steps == 10 and next(ostate.steps) ~= nil, "optim/state.json: schedule and AdamW step counts")
+T.ok(not fs.isdir(A .. "/epoch_0_step_4/diffusers") and fs.isdir(c9 .. "/diffusers"),
+    "save_consolidated final: the diffusers export only in the last checkpoint")
+
+-- the diffusers export loads and gives the trained model's output
+local exp = c9 .. "/diffusers"
+local idx = json.read_file(exp .. "/model_index.json")
+T.ok(idx._class_name == "FluxPipeline" and idx.transformer[2] == "FluxTransformer2DModel",
+    "export: model_index.json names FluxPipeline and its transformer")
+T.ok(fs.isfile(exp .. "/transformer/config.json") and fs.isfile(exp .. "/transformer/diffusion_pytorch_model.safetensors"),
+    "export: transformer/config.json + diffusion_pytorch_model.safetensors")
+local pipe = pipeline.NeMoAutoDiffusionPipeline.from_pretrained(exp, {torch_dtype = "float32", device = "cpu"})
+local Flux = pipeline._import_diffusers_class("FluxTransformer2DModel")
+local direct = Flux.from_pretrained(exp .. "/transformer", {torch_dtype = "float32"})
+local fm = FM.FlowMatching(tiny(A).flow_matching)
+local batch = require("nemo.data").build_dataloader {cache_dir = cache_dir, batch_size = 4, seed = 1}:iter()()
+local function out_of(model)
+    return nemo.no_grad(function()
+        local loss, o = fm:step(model, batch, {generator = nemo.Generator(5), compute_dtype = "float32"})
+        return loss:item(), o.pred
+    end)
+end
+local l_tr, p_tr = out_of(sA.model)
+local l_pipe, p_pipe = out_of(pipe.transformer)
+local l_dir, p_dir = out_of(direct)
+T.close(p_pipe, p_tr, 0, 0, "export via NeMoAutoDiffusionPipeline.from_pretrained: same prediction as the trained model (bitwise)")
+T.close(p_dir, p_tr, 0, 0, "export via FluxTransformer2DModel.from_pretrained: same prediction (bitwise)")
+T.ok(l_pipe == l_tr and l_dir == l_tr, "export: same loss as the trained model")
+local l_base = out_of(pipeline.NeMoAutoDiffusionPipeline.from_pretrained(model_dir, {torch_dtype = "float32", device = "cpu"}).transformer)
+T.ok(l_base ~= l_tr, "the export holds the trained weights, not the demo's initial ones")
+
+-- ==== resume: 10 steps == 5 steps + resume + 5 steps, bitwise ====
+
+local function losses_equal(m, ref, from, to)
+    local byref = {}
+    for _, r in ipairs(ref) do byref[r.step] = r end
+    local n = 0
+    for _, r in ipairs(m) do
+        if r.step >= from and r.step <= to then
+            if not byref[r.step] or byref[r.step].loss ~= r.loss or byref[r.step].grad_norm ~= r.grad_norm or
+                byref[r.step].lr ~= r.lr then return false end
+            n = n + 1
+        end
+    end
+    return n == to - from + 1
+end
+
+-- restore_from by path (a checkpoint of another run's folder)
+local B = tmp .. "/B"
+local sRB = run(tiny(B, {["checkpoint.restore_from"] = A .. "/epoch_0_step_4"}))
+local mB = read_metrics(B .. "/metrics.jsonl")
+T.ok(sRB.resumed_from == A .. "/epoch_0_step_4" and sRB.steps == 5, "restore_from by path: resumes at step 5, takes 5 steps")
+T.ok(#mB == 5 and losses_equal(mB, mA, 5, 9), "restore_from by path: losses, grad norms and lr of steps 5..9 bitwise equal to the uninterrupted run")
+T.ok(file_eq(B .. "/epoch_1_step_9/model/model.safetensors", c9 .. "/model/model.safetensors"),
+    "restore_from by path: final weights bitwise equal")
+T.ok(file_eq(B .. "/epoch_1_step_9/optim/optim.safetensors", c9 .. "/optim/optim.safetensors"),
+    "restore_from by path: final optimizer state bitwise equal")
+
+-- auto-resume from LATEST after an interruption
+local C = tmp .. "/C"
+local sC1 = run(tiny(C), {stop_after = 5})
+T.ok(sC1.stopped and sC1.steps == 5 and checkpoint.read_latest(C) == "epoch_0_step_4",
+    "interrupted after 5 steps: checkpoint epoch_0_step_4, LATEST names it")
+T.ok(not fs.isdir(C .. "/epoch_0_step_4/diffusers"), "an interrupted run writes no final export")
+local sC2 = run(tiny(C))
+local mC = read_metrics(C .. "/metrics.jsonl")
+T.is(sC2.resumed_from, C .. "/epoch_0_step_4", "auto-resume from LATEST")
+T.ok(#mC == 10 and losses_equal(mC, mA, 0, 9), "5 steps + auto-resume + 5 steps: metrics of steps 0..9 bitwise equal to 10 steps")
+T.ok(file_eq(C .. "/epoch_1_step_9/model/model.safetensors", c9 .. "/model/model.safetensors"),
+    "5 + resume + 5: final weights bitwise equal to 10 steps")
+local sC3 = run(tiny(C))
+T.ok(sC3.finished and sC3.steps == 0, "a finished run resumed again does nothing")
+
+-- restore_from by name, in the run's own folder (a rerun of steps 5..9 from an older checkpoint)
+local D = tmp .. "/D"
+fs.copy_tree(A, D)
+local sD = run(tiny(D, {["checkpoint.restore_from"] = "epoch_0_step_4"}))
+local mD = read_metrics(D .. "/metrics.jsonl")
+T.ok(sD.resumed_from == D .. "/epoch_0_step_4", "restore_from by name under checkpoint_dir")
+T.ok(#mD == 10 and losses_equal(mD, mA, 0, 9), "restore_from by name: metrics.jsonl rewritten from step 5 (no duplicate lines), equal")
+T.ok(file_eq(D .. "/epoch_1_step_9/model/model.safetensors", c9 .. "/model/model.safetensors"),
+    "restore_from by name: final weights bitwise equal")
+T.raises(function() run(tiny(D, {["checkpoint.restore_from"] = "epoch_3_step_99"})) end,
+    "checkpoint.restore_from: no checkpoint at 'epoch_3_step_99'", "restore_from naming no checkpoint is an error")
+T.raises(function() run(tiny(D, {["checkpoint.restore_from"] = D .. "/LATEST", ["demo.transformer.num_layers"] = 2})) end, "written for another model config than this run's (num_layers = 1 there, 2 here)",
+    "resuming a checkpoint of another model config is an error naming the difference")
+
+-- resume at an epoch boundary (the checkpoint after the last step of epoch 0)
+local E = tmp .. "/E"
+local sE1 = run(tiny(E), {stop_after = 8})
+local trE = json.read_file(E .. "/epoch_0_step_7/trainer.json")
+T.ok(sE1.stopped and trE.step == 7 and trE.epoch == 0 and trE.sampler.epoch == 1 and trE.sampler.batch_index == 0,
+    "checkpoint after the last step of epoch 0: named epoch_0_step_7, next position epoch 1 batch 0")
+run(tiny(E))
+local mE = read_metrics(E .. "/metrics.jsonl")
+T.ok(#mE == 10 and losses_equal(mE, mA, 0, 9) and mE[9].epoch == 1, "resume at an epoch boundary: steps 8..9 in epoch 1, bitwise equal")
+
+-- thread count: 1 vs 2 threads (a model big enough for the parallel kernels: 64-wide, 72 tokens, batch 8)
+local function mid(dir, over)
+    local o = {["demo.transformer"] = {num_layers = 1, num_single_layers = 2, attention_head_dim = 32, num_attention_heads = 2,
+        in_channels = 64, joint_attention_dim = 32, pooled_projection_dim = 32, axes_dims_rope = {8, 12, 12},
+        guidance_embeds = true}, ["demo.samples"] = 16, ["demo.resolutions"] = "16x16", ["demo.text_len"] = 8,
+        ["step_scheduler.local_batch_size"] = 8, ["step_scheduler.global_batch_size"] = 8, ["step_scheduler.max_steps"] = 3,
+        ["checkpoint.save_consolidated"] = false}
+    for k, v in pairs(over or {}) do o[k] = v end
+    return tiny(dir, o)
+end
+local threads0 = nemo.get_num_threads()
+nemo.set_num_threads(1)
+run(mid(tmp .. "/th1"))
+nemo.set_num_threads(2)
+run(mid(tmp .. "/th2"))
+nemo.set_num_threads(threads0)
+local m1, m2 = read_metrics(tmp .. "/th1/metrics.jsonl"), read_metrics(tmp .. "/th2/metrics.jsonl")
+T.ok(#m1 == 3 and losses_equal(m2, m1, 0, 2), "nemo.set_num_threads(1) vs 2: bitwise identical losses and grad norms")
+T.ok(file_eq(tmp .. "/th1/epoch_1_step_2/model/model.safetensors", tmp .. "/th2/epoch_1_step_2/model/model.safetensors"),
+    "1 vs 2 threads: bitwise identical weights")
+
+-- ==== checkpoints: epochs, retention, consolidated export, atomicity ====
+
+local sEp = run(tiny(tmp .. "/ep", {["step_scheduler.max_steps"] = json.null, ["step_scheduler.num_epochs"] = 2,
+    ["step_scheduler.ckpt_every_steps"] = 100, ["step_scheduler.save_checkpoint_every_epoch"] = true}))
+T.is(sEp.total, 16, "num_epochs 2 without max_steps: 2 x 8 steps")
+T.is(ckpt_names(tmp .. "/ep"), "epoch_0_step_7,epoch_1_step_15", "save_checkpoint_every_epoch: a checkpoint at each epoch end")
+run(tiny(tmp .. "/epdef", {["step_scheduler.save_checkpoint_every_epoch"] = json.null, ["checkpoint.save_consolidated"] = false}))
+T.is(ckpt_names(tmp .. "/epdef"), "epoch_0_step_4,epoch_0_step_7,epoch_1_step_9",
+    "save_checkpoint_every_epoch defaults to true (Automodel): every 5 steps, at the epoch end, at the end")
+local sM = run(tiny(tmp .. "/ms", {["step_scheduler.num_epochs"] = json.null, ["step_scheduler.max_steps"] = 5,
+    ["step_scheduler.ckpt_every_steps"] = 100}))
+T.ok(sM.total == 5 and sM.steps == 5, "max_steps 5 without num_epochs: 5 steps")
+local sN = run(tiny(tmp .. "/ne", {["step_scheduler.num_epochs"] = 1, ["step_scheduler.max_steps"] = 100,
+    ["step_scheduler.ckpt_every_steps"] = 100}))
+T.ok(sN.total == 8 and sN.steps == 8 and ckpt_names(tmp .. "/ne") == "epoch_0_step_7",
+    "num_epochs 1 with max_steps 100: the epoch ends training (8 steps), final checkpoint written")
+
+run(tiny(tmp .. "/keep", {["step_scheduler.ckpt_every_steps"] = 2, ["checkpoint.max_recent_checkpoints"] = 2,
+    ["checkpoint.save_consolidated"] = "every"}))
+T.is(ckpt_names(tmp .. "/keep"), "epoch_0_step_7,epoch_1_step_9", "max_recent_checkpoints 2: only the two newest are kept")
+T.is(checkpoint.read_latest(tmp .. "/keep"), "epoch_1_step_9", "max_recent_checkpoints: LATEST still names the newest")
+T.ok(fs.isdir(tmp .. "/keep/epoch_0_step_7/diffusers") and fs.isdir(tmp .. "/keep/epoch_1_step_9/diffusers"),
+    "save_consolidated every: every checkpoint holds the diffusers export")
+local sF = run(tiny(tmp .. "/noexp", {["checkpoint.save_consolidated"] = false}))
+T.ok(sF.diffusers == nil and not fs.isdir(tmp .. "/noexp/epoch_1_step_9/diffusers"), "save_consolidated false: no export")
+run(tiny(tmp .. "/off", {["checkpoint.enabled"] = false}))
+T.ok(#checkpoint.list(tmp .. "/off") == 0 and #read_metrics(tmp .. "/off/metrics.jsonl") == 10,
+    "checkpoint.enabled false: no checkpoints, metrics still written")
+
+-- atomicity: a leftover *.incomplete folder (even with every file) is never taken for a checkpoint
+local G = tmp .. "/G"
+fs.mkdirs(G)
+fs.copy_tree(A .. "/epoch_0_step_4", G .. "/epoch_0_step_4")
+fs.copy_tree(c9, G .. "/epoch_1_step_9.incomplete")
+T.is(checkpoint.latest(G), G .. "/epoch_0_step_4", "no LATEST: the newest complete checkpoint, not the *.incomplete one")
+local f = assert(io.open(G .. "/LATEST", "wb")); f:write("epoch_1_step_9.incomplete\n"); f:close()
+T.is(checkpoint.latest(G), G .. "/epoch_0_step_4", "LATEST naming an *.incomplete folder is not followed")
+f = assert(io.open(G .. "/LATEST", "wb")); f:write("epoch_7_step_70\n"); f:close()
+T.is(checkpoint.latest(G), G .. "/epoch_0_step_4", "LATEST naming a missing folder falls back to the newest complete one")
+T.raises(function() checkpoint.resolve("epoch_1_step_9.incomplete", G) end, "is an incomplete checkpoint",
+    "restore_from naming an *.incomplete folder is an error")
+local sG = run(tiny(G))
+T.ok(sG.resumed_from == G .. "/epoch_0_step_4" and not fs.exists(G .. "/epoch_1_step_9.incomplete"),
+    "a run resumes from the complete checkpoint and removes the leftover *.incomplete folder")
+T.ok(checkpoint.read_latest(G) == "epoch_1_step_9" and checkpoint.is_complete(G .. "/epoch_1_step_9"),
+    "LATEST names a complete checkpoint after the run")
+local mG = read_metrics(G .. "/metrics.jsonl")
+T.ok(losses_equal(mG, mA, 5, 9), "resuming past the leftover gives the uninterrupted run's losses")
+
+-- ==== gradient accumulation: global 4 = local 2 x 2 micro-steps vs local 4 x 1 ====
+-- The random draws are replayed per sample id (opts.draws), and the data unshuffled, so both runs
+-- see the same samples, noise and sigmas; only the summation order differs.
+local function draws_by_id(b)
+    local lat = b.image_latents
+    local B = lat.shape[1]
+    local normal, noise = {}, {}
+    for i, id in ipairs(b.ids) do
+        local g = nemo.Generator(1000 + tonumber(id))
+        normal[i] = nemo.randn({1}, {generator = g})
+        noise[i] = nemo.randn({1, lat.shape[2], lat.shape[3], lat.shape[4]}, {generator = g})
+    end
+    local _ = B
+    return {normal = nemo.cat(normal, 0), noise = nemo.cat(noise, 0)}
+end
+local function acc_run(dir, local_bs)
+    return run(tiny(dir, {["step_scheduler.local_batch_size"] = local_bs, ["step_scheduler.global_batch_size"] = 4,
+        ["step_scheduler.max_steps"] = 1, ["data.dataloader.shuffle"] = false, ["flow_matching.cfg_dropout_prob"] = 0.0,
+        ["clip_grad_norm.max_norm"] = 1e9, ["checkpoint.enabled"] = false, ["lr_scheduler.lr_warmup_steps"] = 0}),
+        {draws = draws_by_id})
+end
+local s41 = acc_run(tmp .. "/acc41", 4)
+local s22 = acc_run(tmp .. "/acc22", 2)
+T.ok(s41.grad_acc == 1 and s22.grad_acc == 2, "grad_acc = global / (local x dp): 1 and 2")
+local ma, mb = read_metrics(tmp .. "/acc41/metrics.jsonl")[1], read_metrics(tmp .. "/acc22/metrics.jsonl")[1]
+T.near(mb.loss, ma.loss, 1e-6 * ma.loss, "grad-acc: step-0 loss, local 2 x 2 vs local 4 x 1 (rtol 1e-6)")
+T.near(mb.grad_norm, ma.grad_norm, 1e-5 * ma.grad_norm, "grad-acc: gradient norm (rtol 1e-5)")
+local ga, gb, wa, wb = {}, {}, {}, {}
+for name, p in s41.model:named_parameters() do ga[name] = p.grad; wa[name] = p end
+for name, p in s22.model:named_parameters() do gb[name] = p.grad; wb[name] = p end
+local worst_g, worst_w, nparams = 0, 0, 0
+nemo.no_grad(function() for name, g in pairs(ga) do
+    nparams = nparams + 1
+    local d = (gb[name] - g):abs():max():item()
+    local scale = g:abs():max():item() + 1e-30
+    worst_g = math.max(worst_g, d / scale)
+    worst_w = math.max(worst_w, (wb[name] - wa[name]):abs():max():item())
+end end)
+T.ok(nparams > 0 and worst_g <= 1e-5, string.format("grad-acc: every parameter's gradient equal within 1e-5 x its max " ..
+    "(worst %.2g)", worst_g))
+-- AdamW's first update is lr * g / (|g| + eps): where |g| is within a few eps of 0, a 1e-6 relative
+-- difference in g moves it by up to ~1e-3 x lr
+T.ok(worst_w <= 1e-3 * 1e-3, string.format("grad-acc: weights after one AdamW step (lr 1e-3) equal within 1e-3 x lr " ..
+    "(worst %.2g)", worst_w))
+
+-- ==== bad input: each a clear error before training ====
+
+local function no_training(dir) return not fs.isfile(dir .. "/metrics.jsonl") and #checkpoint.list(dir) == 0 end
+local function bad(over, pattern, name, mk)
+    local dir = tmp .. "/bad" .. tostring(#logs) .. tostring(math.random(1e9))
+    local cfg = tiny(dir, over)
+    if mk then mk(cfg) end
+    T.raises(function() run(cfg) end, pattern, name)
+    T.ok(no_training(dir), name .. ": nothing trained, no checkpoint, no metrics")
+end
+local demo_off = {["demo.enabled"] = false, ["model.pretrained_model_name_or_path"] = model_dir}
+local function with(t, more) local o = deepcopy(t); for k, v in pairs(more) do o[k] = v end; return o end
+bad(with(demo_off, {["data.dataloader.cache_dir"] = tmp .. "/no_such_cache"}), "data.dataloader.cache_dir: no folder at '" ..
+    tmp .. "/no_such_cache'", "a missing data folder")
+-- an empty dataset: a cache whose index lists no samples
+local empty = tmp .. "/empty_cache"
+fs.mkdirs(empty)
+json.write_file(empty .. "/index.json", {format = "nemo-lua.latent_cache", version = 1, model_type = "flux",
+    data_type = "image", shards = json.array({}), samples = json.array({})})
+bad(with(demo_off, {["data.dataloader.cache_dir"] = empty}), "the dataset is empty", "an empty dataset")
+-- fewer samples than one batch
+local few = tmp .. "/few_cache"
+synthetic.make {out = few, samples = 1, model = "flux", resolutions = "8x8", channels = 4, text_len = 4, text_dim = 16,
+                pooled_dim = 16, seed = 1}
+bad(with(demo_off, {["data.dataloader.cache_dir"] = few}), "no batch can be formed", "a dataset smaller than one batch")
+-- latents that do not fit the model: 8 channels (32 packed) for in_channels 16
+local wide = tmp .. "/wide_cache"
+synthetic.make {out = wide, samples = 4, model = "flux", resolutions = "8x8", channels = 8, text_len = 4, text_dim = 16,
+                pooled_dim = 16, seed = 1}
+bad(with(demo_off, {["data.dataloader.cache_dir"] = wide}),
+    "the latents have 8 channels, packed 2x2 that is 32 features per token, but the model's in_channels is 16",
+    "latents with the wrong channel count for the model")
+local txt = tmp .. "/text_cache"
+synthetic.make {out = txt, samples = 4, model = "flux", resolutions = "8x8", channels = 4, text_len = 4, text_dim = 24,
+                pooled_dim = 16, seed = 1}
+bad(with(demo_off, {["data.dataloader.cache_dir"] = txt}), "the text embeddings are 24 wide, the model's joint_attention_dim is 16",
+    "text embeddings of the wrong width for the model")
+-- a shard whose latents disagree with the index
+local lie = tmp .. "/lie_cache"
+synthetic.make {out = lie, samples = 4, model = "flux", resolutions = "8x8", channels = 4, text_len = 4, text_dim = 16,
+                pooled_dim = 16, seed = 1}
+local lidx = json.read_file(lie .. "/index.json")
+for _, s in ipairs(lidx.samples) do s.bucket = {8, 6} end
+json.write_file(lie .. "/index.json", lidx)
+bad(with(demo_off, {["data.dataloader.cache_dir"] = lie}), "latents have shape (4, 8, 8), the index says (4, 8, 6)",
+    "a shard whose latent shape does not match its index")
+bad({["step_scheduler.global_batch_size"] = 3}, "must be a multiple of local_batch_size (2)", "batch sizes that do not divide")
+bad({["checkpoint.restore_from"] = A .. "/epoch_0_step_4", ["demo.transformer.num_layers"] = 2},
+    "was written for another model config than this run's (num_layers = 1 there, 2 here)",
+    "restore_from a checkpoint of another model config")
+bad({["flow_matching.adapter_type"] = "simple", ["flow_matching.adapter_kwargs"] = json.null}, "set flow_matching.adapter_type: flux", "the simple adapter with a FLUX model")
+bad(with(demo_off, {["model.pretrained_model_name_or_path"] = tmp .. "/no_model", ["data.dataloader.cache_dir"] = cache_dir}),
+    "model.pretrained_model_name_or_path: model '" .. tmp .. "/no_model' not found", "a missing model folder")
+
+-- ==== the NaN guard ====
+
+local N = tmp .. "/nan"
+T.raises(function() run(tiny(N, {["optimizer.lr"] = 1e30, ["step_scheduler.ckpt_every_steps"] = 1})) end,
+    "loss is %-?nan at step 1 .*no checkpoint was written from this state; the last good checkpoint is " .. N .. "/epoch_0_step_0",
+    "lr 1e30: the NaN loss stops training, naming step 1 and the last good checkpoint")
+T.ok(not fs.exists(N .. "/epoch_0_step_1") and not fs.exists(N .. "/epoch_0_step_1.incomplete"), "NaN: no checkpoint folder for step 1")
+T.is(checkpoint.read_latest(N), "epoch_0_step_0", "NaN: LATEST still names the previous good checkpoint")
+T.is(#read_metrics(N .. "/metrics.jsonl"), 1, "NaN: metrics.jsonl ends with the last good step")
+local N2 = tmp .. "/inf"
+T.raises(function() run(tiny(N2, {["optimizer.lr"] = 1e39, ["step_scheduler.ckpt_every_steps"] = 1})) end,
+    "is not finite after step 0: training stopped; no checkpoint was written", "lr 1e39: non-finite weights after step 0 stop before the save")
+T.ok(#checkpoint.list(N2) == 0 and checkpoint.read_latest(N2) == nil, "non-finite weights: no checkpoint, no LATEST")
+-- a poisoned parameter in the pretrained weights
+local poisoned = tmp .. "/poisoned"
+local pp = pipeline.NeMoAutoDiffusionPipeline.from_pretrained(model_dir, {torch_dtype = "float32", device = "cpu"})
+nemo.no_grad(function() pp.transformer.proj_out.weight:narrow(0, 0, 1):fill_(0 / 0) end)
+pp:save_pretrained(poisoned)
+T.raises(function() run(tiny(tmp .. "/pois", with(demo_off, {["model.pretrained_model_name_or_path"] = poisoned,
+    ["data.dataloader.cache_dir"] = cache_dir}))) end, "loss is %-?nan at step 0", "a NaN weight: the loss at step 0 is NaN, named")
+T.ok(#checkpoint.list(tmp .. "/pois") == 0, "a NaN weight: no checkpoint written")
+
+-- ==== progress bar and plain lines ====
+
+T.is(train.format_time(7), "0m07s", "format_time 7 s")
+T.is(train.format_time(754), "12m34s", "format_time 754 s")
+T.is(train.format_time(7500), "2h05m", "format_time 2 h")
+T.is(train.format_time(0 / 0), "?", "format_time unknown")
+T.is(train.format_progress {done = 12, total = 48, loss = 1.23456, lr = 3e-4, sec_per_step = 0.0712, eta = 2.6, width = 8},
+    "[##......] 12/48  loss 1.2346  lr 3.00e-04  0.071 s/step  ETA 0m03s", "format_progress: bar, step, loss, lr, s/step, ETA")
+T.is(train.format_log_line {step = 11, total = 48, epoch = 1, loss = 1.23456, lr = 3e-4, grad_norm = 0.5, sec_per_step = 0.0712,
+    eta = 65}, "step 11/48 epoch 1 loss 1.234560 lr 3.000e-04 grad_norm 0.5000 0.071 s/step ETA 1m05s",
+    "format_log_line: step, epoch, loss, lr, grad_norm, s/step, ETA")
+
+-- the command line: a YAML of the tiny config, run by the recipe (XDG_CACHE_HOME = the test folder)
+local ty = tmp .. "/tiny.yaml"
+local tcfg = tiny("unused")
+tcfg.demo.dir = nil
+json.write_file(ty, tcfg)   -- JSON is YAML
+local env = "XDG_CACHE_HOME='" .. tmp .. "/xdg' OMP_NUM_THREADS=1 "
+local out, rc = sh(env .. "./nemo-lua recipes/flux_finetune.lua -c " .. ty .. " --checkpoint.checkpoint_dir " .. tmp ..
+    "/cli --step_scheduler.max_steps 3 --optimizer.lr 3e-4")
+T.ok(rc == 0 and out:find("step 0/3 epoch 0 loss %d") and out:find("s/step ETA") and not out:find("\r", 1, true),
+    "not a terminal: plain log lines (step, epoch, loss, lr, grad_norm, s/step, ETA), no bar", out)
+T.ok(fs.isfile(tmp .. "/xdg/nemo-lua/demo/" .. (train.demo_paths(tcfg):match("(flux%-%x+)/pipeline$")) .. "/pipeline/model_index.json"),
+    "the demo assets go under $XDG_CACHE_HOME/nemo-lua/demo")
+local mcli = read_metrics(tmp .. "/cli/metrics.jsonl")
+T.ok(#mcli == 3 and math.abs(mcli[1].lr - 3e-5) < 1e-15, "--step_scheduler.max_steps 3 --optimizer.lr 3e-4 took effect (3 steps, init lr 3e-5)")
+local out2 = sh(env .. "OMP_NUM_THREADS=2 ./nemo-lua recipes/flux_finetune.lua -c " .. ty .. " --checkpoint.checkpoint_dir " ..
+    tmp .. "/cli2 --step_scheduler.max_steps 3 --optimizer.lr 3e-4")
+local _ = out2
+T.ok(losses_equal(read_metrics(tmp .. "/cli2/metrics.jsonl"), mcli, 0, 2), "OMP_NUM_THREADS=1 vs 2: bitwise identical losses")
+if fs.isfile("/usr/bin/script") or os.execute("command -v script >/dev/null 2>&1") == 0 then
+    local pty = sh("script -qec \"" .. env .. "./nemo-lua recipes/flux_finetune.lua -c " .. ty ..
+        " --checkpoint.checkpoint_dir " .. tmp .. "/pty --step_scheduler.max_steps 3\" /dev/null")
+    T.ok(pty:find("\r[########################] 3/3  loss", 1, true) and pty:find("s/step  ETA", 1, true) and
+        not pty:find("step 0/3 epoch", 1, true), "on a terminal (script -qc): a progress bar redrawn with \\r, no plain lines", pty)
+else
+    T.skip("progress bar on a pseudo-terminal", "no `script` command")
+end
+local eout, erc = sh(env .. "./nemo-lua recipes/flux_finetune.lua -c " .. ty .. " --optimizer.lrr 1")
+T.ok(erc == 1 and eout:find("nemo-lua: config: unknown key 'optimizer.lrr'", 1, true) and not eout:find("traceback"),
+    "a config error: exit status 1, the message alone (no traceback)", eout)
+local hout, hrc = sh("./nemo-lua recipes/flux_finetune.lua --help")
+T.ok(hrc == 0 and hout:find("usage: nemo-lua recipes/flux_finetune.lua", 1, true), "--help prints the usage")
+
+-- the shipped finetune recipe as it is, shortened: its demo transformer, 64 samples, 30 steps
+local dout, drc = sh("XDG_CACHE_HOME='" .. tmp .. "/xdg' ./nemo-lua recipes/flux_finetune.lua --step_scheduler.max_steps 30 " ..
+    "--demo.samples 64 --checkpoint.checkpoint_dir " .. tmp .. "/shipped")
+local mS = read_metrics(tmp .. "/shipped/metrics.jsonl")
+local s_first, s_last = 0, 0
+for i = 1, 5 do s_first = s_first + (mS[i] and mS[i].loss or 0) / 5; s_last = s_last + (mS[#mS - 5 + i] and mS[#mS - 5 + i].loss or 0) / 5 end
+T.ok(drc == 0 and #mS == 30 and dout:find("creating a small FLUX%-architecture pipeline") and
+    fs.isfile((checkpoint.latest(tmp .. "/shipped") or "?") .. "/diffusers/model_index.json"),
+    "the shipped flux_finetune.yaml runs end to end (demo created, 30 steps, final export)", dout)
+T.ok(s_last < 0.9 * s_first, string.format("shipped demo: the loss falls (mean of steps 0-4 %.4f, of steps 25-29 %.4f)",
+    s_first, s_last))
+
+-- ==== flux_pretrain with a tiny transformer config folder ====
+
+local tf = tmp .. "/tiny_flux"
+fs.mkdirs(tf .. "/transformer")
+local tfc = deepcopy(TINY_TRANSFORMER)
+tfc._class_name = "FluxTransformer2DModel"
+json.write_file(tf .. "/transformer/config.json", tfc)
+local pout, prc = sh(env .. "./nemo-lua recipes/flux_pretrain.lua --model.pretrained_model_name_or_path " .. tf ..
+    " --data.dataloader.cache_dir " .. cache_dir .. " --step_scheduler.max_steps 4 --step_scheduler.global_batch_size 4" ..
+    " --step_scheduler.local_batch_size 2 --checkpoint.checkpoint_dir " .. tmp .. "/pre")
+local mpre = read_metrics(tmp .. "/pre/metrics.jsonl")
+T.ok(prc == 0 and #mpre == 4, "flux_pretrain with a tiny config folder: 4 steps (2 micro-batches each)", pout)
+T.ok(pout:find("(pretrain,", 1, true) and fs.isfile(tmp .. "/pre/epoch_0_step_3/diffusers/transformer/config.json"),
+    "flux_pretrain: built by from_config, final checkpoint with the diffusers export")
+local ptr = Flux.from_pretrained(tmp .. "/pre/epoch_0_step_3/diffusers/transformer")
+T.is(ptr.config.num_layers, 1, "flux_pretrain: the export loads with FluxTransformer2DModel.from_pretrained")
+
+fs.remove_tree(tmp)
+T.done()
