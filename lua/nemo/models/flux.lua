@@ -681,18 +681,6 @@ local function exists(path)
     return false
 end
 
-local function read_json(path, who, what)
-    local f, err = io.open(path, "rb")
-    if not f then error(string.format("%s: cannot read %s '%s': %s", who, what, path, tostring(err)), 3) end
-    local text = f:read("*a")
-    f:close()
-    local ok, v = pcall(json.decode, text, path)
-    if not ok then error(string.format("%s: %s '%s' is not valid JSON: %s", who, what, path, tostring(v)), 3) end
-    if type(v) ~= "table" then
-        error(string.format("%s: %s '%s' must hold a JSON object, got %s", who, what, path, describe(v)), 3)
-    end
-    return v
-end
 
 -- Build a model without running the layers' random initialisation (the weights are about to be
 -- overwritten), as diffusers' no_init_weights() does.
@@ -706,50 +694,11 @@ local function without_init(fn)
     return res
 end
 
-M.WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-M.WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+local mio = require "nemo.models.io"
+local read_json, read_weights, parse_size = mio.read_json, mio.read_weights, mio.parse_size
+M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME = mio.WEIGHTS_NAME, mio.WEIGHTS_INDEX_NAME
 
 -- Read the state dict of a diffusers folder: the single file, or the shards an index names.
-local function read_weights(folder, who, device)
-    local single = folder .. "/" .. M.WEIGHTS_NAME
-    local index = folder .. "/" .. M.WEIGHTS_INDEX_NAME
-    local lopts = device and {device = device} or nil
-    if exists(single) then return nemo.load_file(single, lopts) end
-    if not exists(index) then
-        error(string.format("%s: '%s' has neither %s nor %s", who, folder, M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME), 3)
-    end
-    local idx = read_json(index, who, "weight index")
-    if type(idx.weight_map) ~= "table" then
-        error(string.format("%s: weight index '%s' has no weight_map object", who, index), 3)
-    end
-    local files, order = {}, {}
-    for name, file in pairs(idx.weight_map) do
-        if type(file) ~= "string" then
-            error(string.format("%s: weight index '%s': weight_map[%s] must be a file name, got %s", who, index,
-                name, describe(file)), 3)
-        end
-        if not files[file] then files[file] = {}; order[#order + 1] = file end
-        files[file][#files[file] + 1] = name
-    end
-    table.sort(order)
-    local sd = {}
-    for _, file in ipairs(order) do
-        local path = folder .. "/" .. file
-        if not exists(path) then
-            error(string.format("%s: shard '%s' named by '%s' does not exist", who, path, index), 3)
-        end
-        local part = nemo.load_file(path, lopts)
-        for _, name in ipairs(files[file]) do
-            if part[name] == nil then
-                error(string.format("%s: shard '%s' has no tensor '%s' (weight_map in '%s' says it has)", who, path,
-                    name, index), 3)
-            end
-            sd[name] = part[name]
-        end
-        for name, t in pairs(part) do if sd[name] == nil then sd[name] = t end end
-    end
-    return sd
-end
 
 -- FluxTransformer2DModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
 -- Reads folder/config.json and diffusion_pytorch_model.safetensors (or the sharded index) and
@@ -791,16 +740,6 @@ function FluxTransformer2DModel.from_pretrained(folder, opts, more)
 end
 
 -- "10GB" (10^9), "5GiB" (2^30), "500MB", "100KB", "42" or a number of bytes.
-local function parse_size(s)
-    if type(s) == "number" then return s end
-    if type(s) ~= "string" then error("save_pretrained: max_shard_size must be a number or a string like '10GB'", 4) end
-    local num, unit = s:upper():match("^%s*([%d%.]+)%s*(%a*)%s*$")
-    local units = {[""] = 1, B = 1, KB = 1e3, MB = 1e6, GB = 1e9, TB = 1e12, KIB = 2^10, MIB = 2^20, GIB = 2^30, TIB = 2^40}
-    if not num or not units[unit] then
-        error("save_pretrained: cannot read max_shard_size '" .. s .. "' (expected e.g. '10GB', '500MB' or bytes)", 4)
-    end
-    return math.floor(tonumber(num) * units[unit])
-end
 
 -- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (with _class_name and
 -- _diffusers_version) and the weights: one diffusion_pytorch_model.safetensors, or shards
