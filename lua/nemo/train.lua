@@ -697,6 +697,15 @@ function M.run(cfg, opts)
             end
         end
     end
+    -- the device: opts.device, the config's `device`, else cuda:LOCAL_RANK when CUDA is present, else cpu
+    local device = opts.device or cfg.device
+    if device == nil or device == "auto" then device = pipeline._choose_device() end
+    if device == "cuda" then device = "cuda:" .. (tonumber(os.getenv("LOCAL_RANK") or "0") or 0) end
+    if device ~= "cpu" and not (nemo.cuda and nemo.cuda.is_available()) then
+        cfg_error(string.format("device '%s': no CUDA device (%s); use --device cpu", device,
+            nemo.cuda and tostring(nemo.cuda.unavailable_reason()) or "nemo-lua was built without CUDA"))
+    end
+
     if cfg.demo and cfg.demo.enabled then ensure_demo(cfg, log) end
     local seed = cfg.seed or 42
     local dp_size, dp_rank = bm.dp_size, 0
@@ -715,15 +724,6 @@ function M.run(cfg, opts)
         else
             resume_dir = checkpoint.latest(ck_dir)
         end
-    end
-
-    -- the device: opts.device, the config's `device`, else cuda:LOCAL_RANK when CUDA is present, else cpu
-    local device = opts.device or cfg.device
-    if device == nil or device == "auto" then device = pipeline._choose_device() end
-    if device == "cuda" then device = "cuda:" .. (tonumber(os.getenv("LOCAL_RANK") or "0") or 0) end
-    if device ~= "cpu" and not (nemo.cuda and nemo.cuda.is_available()) then
-        cfg_error(string.format("device '%s': no CUDA device (%s); use --device cpu", device,
-            nemo.cuda and tostring(nemo.cuda.unavailable_reason()) or "nemo-lua was built without CUDA"))
     end
 
     -- data (before the model: a missing or broken cache is reported before a large model loads)
