@@ -32,14 +32,23 @@
 #define NN_CHUNK 64
 #define NN_MAXCHUNKS 256
 
-/* Sums over a row with GCC/Clang vector extensions: 64-byte vectors (16 floats or 8 doubles,
+/* Sums over a row with GCC/Clang vector extensions: target-width vectors (64 bytes with AVX-512: 16 floats or 8 doubles,
  * one AVX-512 register or two AVX2 ones), several independent accumulators, a fixed order.
  * EXPR is a macro taking a loader L: L(p) is element(s) jj of array p, a vector in the main
  * loop and a scalar in the tail, so one expression serves both (vector op scalar broadcasts). */
-typedef float vf32 __attribute__((vector_size(64)));
-typedef double vf64 __attribute__((vector_size(64)));
-#define VW_f32 16
-#define VW_f64 8
+/* Vector width from the target: a vector wider than the machine's registers changes the
+ * calling convention (-Wpsabi) and GCC may scalarise it. */
+#if defined(__AVX512F__)
+#define NN_VBYTES 64
+#elif defined(__AVX__)
+#define NN_VBYTES 32
+#else
+#define NN_VBYTES 16
+#endif
+typedef float vf32 __attribute__((vector_size(NN_VBYTES)));
+typedef double vf64 __attribute__((vector_size(NN_VBYTES)));
+#define VW_f32 (NN_VBYTES / 4)
+#define VW_f64 (NN_VBYTES / 8)
 static inline vf32 vload_f32(const float *p) { vf32 v; memcpy(&v, p, sizeof v); return v; }
 static inline vf64 vload_f64(const double *p) { vf64 v; memcpy(&v, p, sizeof v); return v; }
 #define VL_f32(p) vload_f32((p) + jj)
