@@ -239,6 +239,9 @@ if command -v script > /dev/null && script --help 2>&1 | grep -q -- '--flush'; t
     wait_for 'interrupted!' && printf 'print("al" .. "ive")\n' >&3
     wait_for 'alive'
     printf '\004' >&3
+    # keep our end of the fifo open until the REPL has exited: closing it sends EOF to
+    # script(1), which may hang up the terminal before the REPL has read the Ctrl-D.
+    for _ in $(seq 400); do [ -s "$T/tty_rc" ] && break; sleep 0.05; done
     exec 3>&-
     wait "$spid"
     TS=$(tr -d '\r' < "$T/ts")
