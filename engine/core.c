@@ -548,6 +548,40 @@ NEMO_API nemo_storage *nemo_storage_wrap(void *data, size_t nbytes, int devtype,
     return s;
 }
 
+/* Free (nbytes 0) or allocate again (nbytes > 0) the memory of a storage the engine allocated,
+ * keeping the storage and every view over it: FSDP gives unsharded parameters' memory back
+ * between uses while the tensors (and autograd's saved handles of them) stay valid. */
+NEMO_API int nemo_storage_resize_(nemo_storage *s, size_t nbytes) {
+    if (s == NULL) return NEMO_ERR(NEMO_EINVAL, "storage_resize_: storage is NULL");
+    if (s->free_fn != dev_free_fn)
+        return NEMO_ERR(NEMO_EINVAL, "storage_resize_: only memory the engine allocated can be resized (this "
+                        "storage wraps external memory, e.g. a memory-mapped file: copy the tensor first)");
+    if (nbytes == s->nbytes && (s->data != NULL || nbytes == 0)) return 0;
+    if (s->data) {
+        s->free_fn(s->ctx, s->data, s->nbytes);
+        s->data = NULL;
+        s->nbytes = 0;
+    }
+    if (nbytes > 0) {
+        void *p = nemo_dev_alloc(s->devtype, s->devindex, nbytes);
+        if (!p) return nemo_last_status() < 0 ? nemo_last_status() : NEMO_ENOMEM;
+        s->data = p;
+        s->nbytes = nbytes;
+        s->free_fn = dev_free_fn;
+        s->ctx = (void *)(((intptr_t)s->devtype << 16) | s->devindex);
+    }
+    return 0;
+}
+
+/* An error when t's storage has no memory (released by nemo_storage_resize_). */
+static int nemo_check_live(const char *op, const nemo_tensor *t) {
+    if (t->storage->data == NULL && nemo_tensor_numel(t) > 0)
+        return NEMO_ERR(NEMO_EINVAL, "%s: the tensor's memory was released (an FSDP2-sharded parameter is only "
+                        "materialized during its unit's forward and backward; use the manager's "
+                        "full_state_dict() / summon_full_params() to read it)", op);
+    return 0;
+}
+
 NEMO_API void nemo_storage_retain(nemo_storage *s) { if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED); }
 
 NEMO_API void nemo_storage_release(nemo_storage *s) {
@@ -845,6 +879,8 @@ NEMO_API int nemo_copy_(nemo_tensor *dst, const nemo_tensor *src) {
     int64_t bshape[NEMO_MAXDIM];
     int n = nemo_broadcast_shapes("copy_", dst->ndim, dst->shape, src->ndim, src->shape, bshape);
     if (n < 0) return n;
+    NEMO_TRY(nemo_check_live("copy_ (source)", src));
+    NEMO_TRY(nemo_check_live("copy_ (destination)", dst));
     char b1[128], b2[128];
     NEMO_CHECK(n == dst->ndim && !memcmp(bshape, dst->shape, sizeof(int64_t) * (size_t)n), NEMO_ESHAPE,
                "copy_: source of shape %s does not fit destination of shape %s",

@@ -121,6 +121,10 @@ NEMO_API nemo_storage *nemo_storage_wrap(void *data, size_t nbytes, int devtype,
                                          void (*free_fn)(void *ctx, void *data, size_t nbytes),
                                          void *ctx);
 NEMO_API void nemo_storage_retain(nemo_storage *s);
+/* Free (nbytes 0) or allocate again (nbytes > 0; contents undefined) the memory of a storage the
+ * engine allocated, keeping the storage and all views over it (FSDP's unsharded parameters
+ * between uses). Copies and conversions of a tensor whose storage is freed are an error. */
+NEMO_API int nemo_storage_resize_(nemo_storage *s, size_t nbytes);
 NEMO_API void nemo_storage_release(nemo_storage *s);
 /* A view over a storage (the tensor takes its own reference to s). Checks that every element
  * lies inside the storage. */

@@ -260,6 +260,11 @@ local function toposort(root)
 end
 
 -- Backward from tensor `root` with upstream gradient `grad` (a tensor of root's shape).
+-- How many backward passes are running (a checkpointed segment's backward runs inside the
+-- outer one): parallel managers tell a recomputation inside backward from a new forward.
+local backward_depth = 0
+function M.in_backward() return backward_depth > 0 end
+
 function M.backward(root, grad)
     local fn = rawget(root, "grad_fn")
     if fn == nil then
@@ -279,6 +284,7 @@ function M.backward(root, grad)
     end
     local prev = grad_enabled
     grad_enabled = false     -- backward itself records nothing (no double backward yet)
+    backward_depth = backward_depth + 1
     local ok, err = pcall(function()
         for k = #order, 1, -1 do
             local node = order[k]
@@ -361,6 +367,7 @@ function M.backward(root, grad)
         end
     end)
     grad_enabled = prev
+    backward_depth = backward_depth - 1
     if not ok then error(err, 0) end
 end
 

@@ -235,8 +235,8 @@ end
 -- ==== the parallel-manager factory ====
 
 local create = parallel._create_parallel_manager
-raises(function() create{} end, "FSDP2 manager is not available yet",
-    "_create_parallel_manager: the default manager (fsdp2) says FSDP2 is not available yet")
+ok(getmetatable(create{}) == parallel.fsdp2.FSDP2ManagerClass,
+    "_create_parallel_manager: the default manager is fsdp2 (tests/lua/test_fsdp.lua tests it)")
 raises(function() create{_manager_type = "fsdp2", bogus = 1} end, "unknown fsdp2 option 'bogus'",
     "_create_parallel_manager: unknown fsdp2 keys are an error (not dropped silently)")
 raises(function() create{_manager_type = "ddp", bogus = 1} end, "unknown ddp option 'bogus'",

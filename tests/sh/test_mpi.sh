@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# tests/sh/test_mpi.sh: distributed training on several processes: tests/lua/test_dist.lua under
+# tests/sh/test_mpi.sh: distributed training on several processes: tests/lua/test_dist.lua and
+# tests/lua/test_fsdp.lua under
 # `mpirun -np 2` and `mpirun -np 4 --oversubscribe` (its TAP lines renumbered into this file's
 # stream, prefixed with [np N]); engine/coll.c's Open MPI declarations checked against mpi.h;
 # libnemo without a link to libmpi; `nemo-lua --nproc-per-node N`; the launcher's variables;
@@ -45,10 +46,10 @@ run() {
 }
 
 # ==== the multi-rank Lua tests, renumbered ====
-# sub NP ARGS...: runs test_dist.lua under mpirun and copies its TAP lines into this stream.
+# sub FILE NP ARGS...: runs tests/lua/FILE under mpirun and copies its TAP lines into this stream.
 sub() {
-    local np=$1; shift
-    run 300 "${MPIRUN[@]}" -np "$np" "$@" "$N" tests/lua/test_dist.lua
+    local file=$1 np=$2; shift 2
+    run 300 "${MPIRUN[@]}" -np "$np" "$@" "$N" "tests/lua/$file"
     local plan count=0 bad=0
     plan=$(printf '%s\n' "$OUT" | sed -n 's/^1\.\.\([0-9][0-9]*\)$/\1/p' | head -n 1)
     while IFS= read -r line; do
@@ -62,14 +63,16 @@ sub() {
         fi
     done <<< "$OUT"
     if [ "$RC" = 0 ] && [ -n "$plan" ] && [ "$plan" = "$count" ] && [ "$bad" = 0 ]; then
-        pass "[np $np] test_dist.lua: the whole run passed ($count checks, exit 0, ${SECS%.*} s)"
+        pass "[np $np] $file: the whole run passed ($count checks, exit 0, ${SECS%.*} s)"
     else
-        fail "[np $np] test_dist.lua: the whole run passed (exit $RC, plan '${plan}', $count lines, $bad failed)" \
+        fail "[np $np] $file: the whole run passed (exit $RC, plan '${plan}', $count lines, $bad failed)" \
             "stderr:" "$(printf '%s' "$ERR" | tail -n 30)"
     fi
 }
-sub 2
-sub 4 --oversubscribe
+sub test_dist.lua 2
+sub test_dist.lua 4 --oversubscribe
+sub test_fsdp.lua 2
+sub test_fsdp.lua 4 --oversubscribe
 
 # ==== build: Open MPI's ABI, no link to libmpi ====
 if command -v mpicc > /dev/null 2>&1; then

@@ -7,27 +7,22 @@
 --   local managers = parallel._apply_parallelization(pipe, {transformer = {_manager_type = "ddp"}})
 --
 -- Manager types: "ddp" (DistributedDataParallel, nemo.parallel.ddp) and "fsdp2" (the default,
--- as in Automodel; not available yet: a clear error says so). Options are checked: an unknown
+-- as in Automodel: fully sharded data parallelism and HSDP, nemo.parallel.fsdp2). Options are checked: an unknown
 -- key, a `backend` key (it belongs to dist_env / init_process_group) or a size that nemo-lua
 -- cannot run (tp/cp/pp/ep > 1) is an error naming it. Unlike Automodel, unknown FSDP2 keys are
 -- not dropped silently.
 local mesh = require "nemo.parallel.mesh"
 local ddp = require "nemo.parallel.ddp"
+local fsdp2 = require "nemo.parallel.fsdp2"
 
 local M = {}
 M.DeviceMesh = mesh.DeviceMesh
 M.DDPManager = ddp.DDPManager
-M.mesh, M.ddp = mesh, ddp
+M.FSDP2Manager = fsdp2.FSDP2Manager
+M.mesh, M.ddp, M.fsdp2 = mesh, ddp, fsdp2
 
 -- FSDP2Config's keys (Automodel) plus the recipe-level ones the fsdp block carries.
-M.FSDP2_OPTIONS = {
-    dp_size = true, dp_replicate_size = true, tp_size = true, cp_size = true, pp_size = true, ep_size = true,
-    mp_policy = true, sequence_parallel = true, tp_plan = true, patch_is_packed_sequence = true,
-    offload_policy = true, defer_fsdp_grad_sync = true, enable_async_tensor_parallel = true, enable_compile = true,
-    enable_fsdp2_prefetch = true, fsdp2_backward_prefetch_depth = true, fsdp2_forward_prefetch_depth = true,
-    activation_checkpointing = true, reshard_after_forward = true, cpu_offload = true, reduce_dtype = true,
-    cp_ring_degree = true, cp_ulysses_degree = true,
-}
+M.FSDP2_OPTIONS = fsdp2.OPTIONS
 
 local function sorted_keys(t)
     local k = {}
@@ -70,16 +65,9 @@ function M._create_parallel_manager(args)
                     table.concat(sorted_keys(M.FSDP2_OPTIONS), ", ")), 2)
             end
         end
-        -- the mesh checks still run, so a wrong size is reported before the missing manager
-        if require("nemo.dist").is_initialized() then
-            local mopts = {manager = "fsdp2", create_groups = false}
-            for _, k in ipairs(mesh.KEYS) do mopts[k] = opts[k] end
-            local ok, err = pcall(mesh.DeviceMesh, mopts)
-            if not ok then error(err, 2) end
-        end
-        error("_create_parallel_manager: the FSDP2 manager is not available yet in nemo-lua; use the ddp manager " ..
-              "({_manager_type = 'ddp'}, a `ddp:` block instead of `fsdp:` in a recipe config) for data-parallel " ..
-              "training", 2)
+        local ok, mgr = pcall(fsdp2.FSDP2Manager, opts)
+        if not ok then error(mgr, 2) end
+        return mgr
     else
         error(string.format("_create_parallel_manager: _manager_type must be 'fsdp2' or 'ddp', got '%s'",
             tostring(kind)), 2)

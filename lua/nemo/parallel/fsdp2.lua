@@ -1,0 +1,810 @@
+-- lua/nemo/parallel/fsdp2.lua: fully sharded data parallelism as a parallel manager
+-- (Automodel's FSDP2Manager, torch's fully_shard), over nemo.dist collectives:
+--
+--   local fsdp = require("nemo.parallel.fsdp2").FSDP2Manager{dp_size = 4, dp_replicate_size = 2}
+--   fsdp:parallelize(model)                 -- hooked in place; the model is returned
+--   local opt = nemo.optim.AdamW(fsdp:parameters(), {lr = 1e-4})   -- this rank's shards
+--   for each step:
+--       for i, micro in ipairs(micro_batches) do
+--           fsdp:set_requires_gradient_sync(i == #micro_batches)
+--           (loss(model, micro) / #micro_batches):backward()
+--       end
+--       fsdp:finish_gradient_synchronization()   -- the root unit's reduce-scatter, waits
+--       fsdp:clip_grad_norm_(1.0); opt:step(); opt:zero_grad()
+--
+-- Units: every element of every nn.ModuleList reached from the model through non-list children
+-- is a unit (Flux: each transformer_blocks[i] and single_transformer_blocks[i]; Wan: each
+-- blocks[i]); the root unit holds the rest (embedders, norms, projections). Each trainable
+-- parameter is sharded on dim 0 over the dp_shard group: rank r owns rows [r*R, r*R + R) with
+-- R = ceil(rows / S), zero-padded, so a shard is a (R, ...) tensor even where the parameter has
+-- fewer rows. The shards of a unit (one flat buffer per parameter dtype) are what the optimizer
+-- updates and what checkpoints save.
+--
+-- The unsharded parameters are the model's own tensors: their storages are given back
+-- (nemo_storage_resize_ to 0 bytes) while the unit is sharded and allocated again and filled
+-- by an all-gather before the unit's forward and before its backward, so autograd's saved
+-- handles of them stay valid. A unit's forward methods (forward and any forward_*) are wrapped:
+--   pre-forward:  all-gather the unit (or wait for its prefetch), start the next unit's
+--                 all-gather (enable_fsdp2_prefetch, in the order the first forward recorded);
+--                 with grad on, an identity node on each tensor input that requires grad,
+--                 whose backward runs after all of the unit's backward: the post-backward
+--                 (reduce-scatter the gradients into the shard gradients, free them, reshard);
+--   post-forward: an identity node on each output, whose backward runs before the unit's
+--                 backward: the pre-backward (all-gather again, prefetch the unit before);
+--                 then free the unsharded parameters (reshard_after_forward: all but the last
+--                 element of each list and the root, whose backward comes first).
+-- With gradient checkpointing the recomputation inside backward is a forward of the unit, which
+-- all-gathers it; the post-forward does not reshard during backward.
+--
+-- Non-obvious rules:
+-- - Collectives are issued in the same order on every rank: units are visited in a fixed order
+--   and the graph is the same on every rank (as with DDP).
+-- - Every synchronized backward reduce-scatters every unit that ran forward, with zeros where a
+--   rank has no gradient, so ranks never disagree about which collectives run.
+-- - Gradients are reduced in reduce_dtype (float32; float64 for float64 parameters), averaged
+--   over dp_shard by the reduce-scatter and over dp_replicate (HSDP) by an all-reduce, then
+--   added into the shard gradient (kept in the parameter's dtype, as torch does).
+-- - set_requires_gradient_sync(false) keeps the full gradients and reduces their sum on the next
+--   synchronized backward (defer_fsdp_grad_sync, the default); with defer_fsdp_grad_sync = false
+--   every micro-batch is reduce-scattered and the calls are ignored.
+-- - finish_gradient_synchronization() reduces the units whose post-backward did not run (the
+--   root: its inputs need no gradient) and waits; a forward with grad on after a synchronized
+--   backward that was not finished is an error.
+-- - Outside forward / backward the model's parameters hold no memory: read them with
+--   full_state_dict() or inside summon_full_params(fn). Frozen parameters (requires_grad false)
+--   are not sharded; they stay whole on every rank.
+-- - One process (dp_shard x dp_replicate = 1) shards nothing, as in Automodel: the manager
+--   then only applies activation checkpointing and hands out the model's parameters.
+local ffi = require "ffi"
+local nffi = require "nemo.ffi"
+local Tensor = require "nemo.tensor"
+local autograd = require "nemo.autograd"
+local dist = require "nemo.dist"
+local class = require "nemo.class"
+
+local C = nffi.C
+local check = nffi.check
+
+local M = {}
+
+local FSDP = {}
+FSDP.__index = FSDP
+M.FSDP2ManagerClass = FSDP
+
+-- FSDP2Config's keys (Automodel) plus the recipe-level ones an fsdp block carries, with the
+-- type each takes ("any": accepted for compatibility, validated where it matters).
+M.OPTIONS = {
+    dp_size = "number", dp_replicate_size = "number", tp_size = "number", cp_size = "number", pp_size = "number",
+    ep_size = "number", mp_policy = "table", sequence_parallel = "boolean", tp_plan = "any",
+    patch_is_packed_sequence = "boolean", offload_policy = "any", defer_fsdp_grad_sync = "boolean",
+    enable_async_tensor_parallel = "boolean", enable_compile = "boolean", enable_fsdp2_prefetch = "boolean",
+    fsdp2_backward_prefetch_depth = "number", fsdp2_forward_prefetch_depth = "number",
+    activation_checkpointing = "boolean", reshard_after_forward = "boolean", cpu_offload = "boolean",
+    reduce_dtype = "string", cp_ring_degree = "number", cp_ulysses_degree = "number", group = "table",
+}
+local MP_KEYS = {param_dtype = true, reduce_dtype = true, output_dtype = true, cast_forward_inputs = true}
+
+local function sorted_keys(t)
+    local k = {}
+    for n in pairs(t) do k[#k + 1] = tostring(n) end
+    table.sort(k)
+    return k
+end
+
+local function is_null(v) return v == nil or type(v) == "userdata" end
+
+local function dtype_name(v, what)
+    if is_null(v) then return nil end
+    if type(v) ~= "string" then error(string.format("FSDP2Manager: %s must be a dtype name, got %s", what, type(v)), 4) end
+    local n = v:gsub("^torch%.", "")
+    if C.nemo_dtype_from_name(n) < 0 then
+        error(string.format("FSDP2Manager: %s: unknown dtype '%s'", what, v), 4)
+    end
+    return ffi.string(C.nemo_dtype_name(C.nemo_dtype_from_name(n)))
+end
+
+-- FSDP2Manager(opts): checks the options; parallelize(model) does the work.
+function M.FSDP2Manager(opts)
+    opts = opts or {}
+    if type(opts) ~= "table" then error("FSDP2Manager: options must be a table", 2) end
+    for k, v in pairs(opts) do
+        local want = M.OPTIONS[k]
+        if want == nil then
+            error(string.format("FSDP2Manager: unknown option '%s' (known: %s)", tostring(k),
+                table.concat(sorted_keys(M.OPTIONS), ", ")), 2)
+        end
+        if want ~= "any" and not is_null(v) and type(v) ~= want then
+            error(string.format("FSDP2Manager: %s must be a %s, got %s", k, want, type(v)), 2)
+        end
+    end
+    for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
+        local v = opts[k]
+        if type(v) == "number" and v > 1 then
+            error(string.format("FSDP2Manager: %s = %d: %s parallelism is not supported yet in nemo-lua (set %s " ..
+                "to 1; data parallelism with dp_size / dp_replicate_size is)", k, v,
+                ({tp_size = "tensor", cp_size = "context", pp_size = "pipeline", ep_size = "expert"})[k], k), 2)
+        end
+    end
+    if opts.sequence_parallel then error("FSDP2Manager: sequence_parallel needs tensor parallelism, which nemo-lua " ..
+        "does not have yet", 2) end
+    if opts.cpu_offload or not is_null(opts.offload_policy) then
+        error("FSDP2Manager: CPU offload (cpu_offload / offload_policy) is not available yet in nemo-lua", 2)
+    end
+    local mp = opts.mp_policy
+    local param_dtype, reduce_dtype
+    if not is_null(mp) then
+        for k in pairs(mp) do
+            if not MP_KEYS[k] then
+                error(string.format("FSDP2Manager: mp_policy: unknown key '%s' (known: %s)", tostring(k),
+                    table.concat(sorted_keys(MP_KEYS), ", ")), 2)
+            end
+        end
+        param_dtype = dtype_name(mp.param_dtype, "mp_policy.param_dtype")
+        reduce_dtype = dtype_name(mp.reduce_dtype, "mp_policy.reduce_dtype")
+    end
+    reduce_dtype = dtype_name(opts.reduce_dtype, "reduce_dtype") or reduce_dtype
+    for _, k in ipairs { "fsdp2_backward_prefetch_depth", "fsdp2_forward_prefetch_depth" } do
+        local v = opts[k]
+        if type(v) == "number" and (v < 0 or v % 1 ~= 0) then
+            error(string.format("FSDP2Manager: %s must be a non-negative integer, got %s", k, tostring(v)), 2)
+        end
+    end
+    local self = setmetatable({opts = opts, manager_type = "fsdp2", sharded = true, sync = true,
+                               param_dtype = param_dtype, reduce_dtype = reduce_dtype,
+                               defer = opts.defer_fsdp_grad_sync ~= false,
+                               prefetch = opts.enable_fsdp2_prefetch ~= false,
+                               fwd_depth = opts.fsdp2_forward_prefetch_depth or 1,
+                               bwd_depth = opts.fsdp2_backward_prefetch_depth or 1,
+                               stats = {all_gather_bytes = 0, reduce_scatter_bytes = 0, all_reduce_bytes = 0,
+                                        comm_seconds = 0}}, FSDP)
+    return self
+end
+
+local now = C.nemo_coll_wtime
+local wrapped = setmetatable({}, {__mode = "k"})
+
+-- ==== units ====
+
+local function is_module_list(m)
+    local nn = require "nemo.nn"
+    return class.isinstance(m, nn.ModuleList)
+end
+
+-- Units in registration order: {module, name, last_in_list}; the root comes last.
+local function find_units(model)
+    local units = {}
+    local function walk(m, prefix)
+        for name, child in m:named_children() do
+            local path = prefix == "" and name or (prefix .. "." .. name)
+            if is_module_list(child) then
+                local elems = {}
+                for ename, e in child:named_children() do elems[#elems + 1] = {ename, e} end
+                for i, e in ipairs(elems) do
+                    units[#units + 1] = {module = e[2], name = path .. "." .. e[1], last_in_list = i == #elems}
+                end
+            else
+                walk(child, path)
+            end
+        end
+    end
+    walk(model, "")
+    units[#units + 1] = {module = model, name = "", root = true}
+    return units
+end
+
+-- A fresh engine-owned contiguous storage under p's own Lua tensor (a parameter loaded from a
+-- memory-mapped file cannot have its memory freed and gathered again).
+local function own_storage(p)
+    local c = C.nemo_clone(p._c)
+    if c == nil then nffi.raise() end
+    local old = rawget(p, "_c")
+    rawset(p, "_c", ffi.gc(c, C.nemo_tensor_release))
+    ffi.gc(old, nil)
+    C.nemo_tensor_release(old)
+end
+
+local function free_storage(p) check(C.nemo_storage_resize_(p._c.storage, 0)) end
+
+-- ==== setup ====
+
+function FSDP:_build_unit(u, S, rank)
+    local groups, by_dtype = {}, {}
+    for _, e in ipairs(u.entries) do
+        local p = e.p
+        local g = by_dtype[p.dtype]
+        if not g then
+            local rdt = self.reduce_dtype or (p.dtype == "float64" and "float64" or "float32")
+            g = {dtype = p.dtype, rdt = rdt, device = p.device, entries = {}, N = 0}
+            by_dtype[p.dtype] = g
+            groups[#groups + 1] = g
+        end
+        local shape = p.shape
+        local d0 = #shape > 0 and shape[1] or 1
+        local numel = p:numel()
+        e.d0, e.rowsize = d0, d0 > 0 and numel / d0 or 0
+        e.R = math.ceil(d0 / S)
+        e.off = g.N
+        e.real = math.max(0, math.min(e.R, d0 - rank * e.R))
+        e.nbytes = tonumber(p._c.storage.nbytes)
+        g.N = g.N + e.R * e.rowsize
+        g.entries[#g.entries + 1] = e
+    end
+    for _, g in ipairs(groups) do
+        g.shard = Tensor.zeros({g.N}, {dtype = g.dtype, device = g.device})
+        for _, e in ipairs(g.entries) do
+            local p = e.p
+            local sshape = {e.R}
+            for i = 2, #p.shape do sshape[i] = p.shape[i] end
+            local piece = g.shard:narrow(0, e.off, e.R * e.rowsize)
+            e.sp = piece:view(sshape)
+            piece:free()
+            e.sp.requires_grad = true
+            rawset(e.sp, "_fsdp_name", e.name)
+            if e.real > 0 then   -- this rank's rows of the full parameter
+                local rows = p:narrow(0, rank * e.R, e.real)
+                local dst = e.sp:narrow(0, 0, e.real)
+                check(C.nemo_copy_(dst._c, rows._c))
+                rows:free(); dst:free()
+            end
+        end
+    end
+    u.groups = groups
+end
+
+-- parallelize(model) -> model, hooked in place.
+function FSDP:parallelize(model)
+    if self.module then error("FSDP2Manager:parallelize: this manager already runs a model", 2) end
+    if wrapped[model] then error("FSDP2Manager:parallelize: the model already has a parallel manager", 2) end
+    if not dist.is_initialized() then
+        error("FSDP2Manager:parallelize: needs an initialized process group (call nemo.dist.init_process_group() " ..
+              "first)", 2)
+    end
+    local mesh = require "nemo.parallel.mesh"
+    local mopts = {manager = "fsdp2"}
+    for _, k in ipairs(mesh.KEYS) do mopts[k] = self.opts[k] end
+    local ok, dm = pcall(mesh.DeviceMesh, mopts)
+    if not ok then error(dm, 2) end
+    local S, R = dm:size("dp_shard"), dm:size("dp_replicate")
+    if R > 1 and S == 1 then
+        error(string.format("FSDP2Manager: dp_replicate_size = %d with dp_shard = 1 is plain replication; use the " ..
+            "ddp manager for that (FSDP2 needs dp_size / dp_replicate_size >= 2)", R), 2)
+    end
+    self.mesh, self.S, self.R = dm, S, R
+    local param_dtype = self.param_dtype
+    if self.opts.activation_checkpointing and model.enable_gradient_checkpointing then
+        model:enable_gradient_checkpointing()
+    end
+    self.module = model
+    wrapped[model] = self
+    local names, params = {}, {}
+    for name, p in model:named_parameters() do
+        if rawget(p, "requires_grad") then
+            names[#names + 1] = name
+            params[#params + 1] = p
+            if param_dtype and p.dtype ~= param_dtype then
+                error(string.format("FSDP2Manager: mp_policy.param_dtype = %s but parameter %s is %s: a compute " ..
+                    "dtype other than the parameters' (float32 master weights with bf16 compute) is not available " ..
+                    "yet in nemo-lua; set param_dtype to the model's dtype or leave it out", param_dtype, name, p.dtype), 2)
+            end
+        end
+    end
+    self.names = names
+    if S * R == 1 then   -- nothing to shard (Automodel skips FSDP on one rank)
+        self.plain = params
+        return model
+    end
+    self.shard_group, self.rep_group = dm:get_group("dp_shard"), R > 1 and dm:get_group("dp_replicate") or nil
+    local rank = self.shard_group:rank()
+    -- every rank starts from rank 0's weights and buffers (whatever each rank's initialization was)
+    local world = dist.group_world()
+    for _, p in ipairs(params) do
+        own_storage(p)
+        check(C.nemo_coll_broadcast(world._c, p._c, 0))
+    end
+    local function bcast(t)
+        if t:is_contiguous() then check(C.nemo_coll_broadcast(world._c, t._c, 0)); return end
+        local tmp = t:contiguous()
+        check(C.nemo_coll_broadcast(world._c, tmp._c, 0))
+        check(C.nemo_copy_(t._c, tmp._c))
+        tmp:free()
+    end
+    for _, p in model:named_parameters() do if not rawget(p, "requires_grad") then bcast(p) end end
+    for _, b in model:named_buffers() do bcast(b) end
+    -- units and their entries; a parameter belongs to the first unit (registration order) that holds it
+    local units = find_units(model)
+    local owner = {}
+    for ui, u in ipairs(units) do
+        u.index = ui
+        u.entries = {}
+        u.reshard_after_forward = not u.root and not u.last_in_list
+        if self.opts.reshard_after_forward == false then u.reshard_after_forward = false end
+        local prefix = u.root and "" or (u.name .. ".")
+        for name, p in u.module:named_parameters() do
+            if rawget(p, "requires_grad") and not owner[p] then
+                owner[p] = u
+                u.entries[#u.entries + 1] = {p = p, name = prefix .. name}
+            end
+        end
+    end
+    self.units = {}
+    for _, u in ipairs(units) do
+        if #u.entries > 0 or u.root then self.units[#self.units + 1] = u end
+    end
+    for _, u in ipairs(self.units) do
+        self:_build_unit(u, S, rank)
+        u.state = "unsharded"
+        self:_reshard(u)
+        u.depth, u.forwarded, u.post_done = 0, false, false
+        self:_wrap_unit(u)
+    end
+    self.root = self.units[#self.units]
+    -- the shard parameters in the model's registration order
+    local by_param = {}
+    for _, u in ipairs(self.units) do for _, e in ipairs(u.entries) do by_param[e.p] = e end end
+    self.entries = {}
+    for i, p in ipairs(params) do
+        local e = by_param[p]
+        e.name = names[i]
+        self.entries[i] = e
+    end
+    self.order, self.order_frozen = {}, false
+    return model
+end
+
+-- ==== unshard / reshard ====
+
+function FSDP:_start_gather(u)
+    if u.state == "unsharded" or u.gather then return end
+    local t0 = now()
+    u.gather = {}
+    for gi, g in ipairs(u.groups) do
+        local out = Tensor.empty({g.N * self.S}, {dtype = g.dtype, device = g.device})
+        local w = C.nemo_coll_all_gather_async(self.shard_group._c, out._c, g.shard._c)
+        if w == nil then out:free(); nffi.raise() end
+        u.gather[gi] = {out = out, work = w}
+        self.stats.all_gather_bytes = self.stats.all_gather_bytes + g.N * self.S * out:element_size()
+    end
+    self.stats.comm_seconds = self.stats.comm_seconds + (now() - t0)
+end
+
+local function wait_free(w, what)
+    local rc = C.nemo_coll_wait(w)
+    if rc < 0 then
+        local msg = ffi.string(C.nemo_last_error())
+        C.nemo_coll_work_free(w)
+        error("FSDP2 " .. what .. ": " .. msg, 0)
+    end
+    C.nemo_coll_work_free(w)
+end
+
+function FSDP:_unshard(u)
+    if u.state == "unsharded" then return end
+    self:_start_gather(u)
+    local t0 = now()
+    local S = self.S
+    for gi, g in ipairs(u.groups) do
+        local ga = u.gather[gi]
+        wait_free(ga.work, "all-gather")
+        ga.work = nil
+        for _, e in ipairs(g.entries) do
+            local p = e.p
+            check(C.nemo_storage_resize_(p._c.storage, e.nbytes))
+            for q = 0, S - 1 do
+                local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
+                if real > 0 then
+                    local src = ga.out:narrow(0, q * g.N + e.off, real * e.rowsize)
+                    local dst = p:narrow(0, q * e.R, real)
+                    local srcv = src:view(dst.shape)
+                    check(C.nemo_copy_(dst._c, srcv._c))
+                    src:free(); dst:free(); srcv:free()
+                end
+            end
+        end
+        ga.out:free()
+    end
+    u.gather = nil
+    u.state = "unsharded"
+    self.stats.comm_seconds = self.stats.comm_seconds + (now() - t0)
+end
+
+function FSDP:_reshard(u)
+    if u.state == "sharded" then return end
+    for _, g in ipairs(u.groups) do
+        for _, e in ipairs(g.entries) do free_storage(e.p) end
+    end
+    u.state = "sharded"
+end
+
+-- start the all-gathers of the units after (dir 1) or before (dir -1) u in forward order
+function FSDP:_prefetch(u, dir)
+    if not self.prefetch or not self.order_frozen then return end
+    local pos = self.pos_of[u]
+    if not pos then return end
+    local depth = dir > 0 and self.fwd_depth or self.bwd_depth
+    for k = 1, depth do
+        local v = self.order[pos + dir * k]
+        if not v then break end
+        if v.state == "sharded" then self:_start_gather(v) end
+    end
+end
+
+-- ==== gradients ====
+
+-- wait for the reduce-scatter in flight and add its result into the shard gradients
+function FSDP:_drain()
+    local pend = self.pending_rs
+    if not pend then return end
+    self.pending_rs = nil
+    local t0 = now()
+    for _, it in ipairs(pend.items) do
+        if it.work then wait_free(it.work, "reduce-scatter") end
+        if it.rep_work then wait_free(it.rep_work, "all-reduce (dp_replicate)") end
+    end
+    for _, it in ipairs(pend.items) do
+        local g = it.group
+        local fresh = false
+        if not g.gbuf then g.gbuf = Tensor.empty({g.N}, {dtype = g.dtype, device = g.device}) end
+        -- a shard gradient is fresh when the optimizer dropped it (zero_grad sets it to nil)
+        for _, e in ipairs(g.entries) do if rawget(e.sp, "grad") == nil then fresh = true end end
+        if fresh then
+            check(C.nemo_copy_(g.gbuf._c, it.out._c))
+            for _, e in ipairs(g.entries) do
+                local piece = g.gbuf:narrow(0, e.off, e.R * e.rowsize)
+                e.sp.grad = piece:view(e.sp.shape)
+                piece:free()
+            end
+        else
+            check(C.nemo_binary_(g.gbuf._c, it.out._c, C.NEMO_BOP_ADD, 1))
+        end
+        it.out:free()
+        it.input:free()
+    end
+    self.stats.comm_seconds = self.stats.comm_seconds + (now() - t0)
+end
+
+function FSDP:_reduce(u)
+    self:_drain()   -- at most one unit's reduction in flight: memory stays bounded
+    local t0 = now()
+    local S = self.S
+    local items = {}
+    for _, g in ipairs(u.groups) do
+        local input = Tensor.zeros({g.N * S}, {dtype = g.rdt, device = g.device})
+        for _, e in ipairs(g.entries) do
+            local gr = rawget(e.p, "grad")
+            if gr ~= nil then
+                for q = 0, S - 1 do
+                    local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
+                    if real > 0 then
+                        local src = gr:narrow(0, q * e.R, real)
+                        local dstf = input:narrow(0, q * g.N + e.off, real * e.rowsize)
+                        local dst = dstf:view(src.shape)
+                        check(C.nemo_copy_(dst._c, src._c))
+                        src:free(); dstf:free(); dst:free()
+                    end
+                end
+                e.p.grad = nil
+                rawset(e.p, "_grad_owned", nil)
+                gr:free()
+            end
+        end
+        local out = Tensor.empty({g.N}, {dtype = g.rdt, device = g.device})
+        local w = C.nemo_coll_reduce_scatter_async(self.shard_group._c, out._c, input._c, C.NEMO_COLL_AVG)
+        if w == nil then nffi.raise() end
+        local it = {group = g, input = input, out = out, work = w}
+        local esz = input:element_size()
+        self.stats.reduce_scatter_bytes = self.stats.reduce_scatter_bytes + g.N * S * esz
+        if self.rep_group then
+            -- HSDP: the shard's average over the replicas (after the reduce-scatter is done)
+            wait_free(w, "reduce-scatter")
+            it.work = nil
+            local rw = C.nemo_coll_all_reduce_async(self.rep_group._c, out._c, C.NEMO_COLL_AVG)
+            if rw == nil then nffi.raise() end
+            it.rep_work = rw
+            self.stats.all_reduce_bytes = self.stats.all_reduce_bytes + g.N * esz
+        end
+        items[#items + 1] = it
+    end
+    self.pending_rs = {items = items}
+    self.stats.comm_seconds = self.stats.comm_seconds + (now() - t0)
+end
+
+function FSDP:_post_backward(u)
+    if u.post_done then return end
+    u.post_done = true
+    if self.sync then
+        self:_reduce(u)
+        self.need_finish = true
+    end
+    self:_reshard(u)
+end
+
+-- ==== the hooks around a unit's forward ====
+
+local function post_bw(node, g)
+    node.mgr:_post_backward(node.unit)
+    return g
+end
+
+local function pre_bw(node, g)
+    local mgr, u = node.mgr, node.unit
+    if not node.done then
+        node.done = true
+        if u.state == "sharded" then mgr:_unshard(u) end
+        mgr:_prefetch(u, -1)
+    end
+    return g
+end
+
+-- an alias of t whose backward node runs hook; nil when no node is recorded
+local function identity(t, name, fn, mgr, u)
+    local a = Tensor.wrap(C.nemo_tensor_alias(t._c))
+    local node = autograd.node(name, fn, a, t)
+    if node == nil then a:free(); return nil end
+    node.mgr, node.unit = mgr, u
+    return a
+end
+
+function FSDP:_pre_forward(u)
+    local bw = autograd.in_backward()
+    if u.root and not bw then
+        if self.need_finish and self.defer and autograd.is_grad_enabled() then
+            error("FSDP2: the gradients of the previous backward were not synchronized; call " ..
+                  "finish_gradient_synchronization() on the FSDP2 manager after the last backward of a step " ..
+                  "(before clipping and optimizer:step())", 3)
+        end
+        -- a new forward: nothing left unsharded from before (the optimizer may have stepped since)
+        self:_drain()
+        for _, v in ipairs(self.units) do
+            if v.state == "unsharded" then self:_reshard(v) end
+        end
+        if not self.order_frozen then self.order, self.pos_of = {}, {} end
+    end
+    self:_unshard(u)
+    u.post_done = false
+    if not bw then
+        u.forwarded = true
+        if not self.order_frozen and not self.pos_of[u] then
+            self.order[#self.order + 1] = u
+            self.pos_of[u] = #self.order
+        end
+        self:_prefetch(u, 1)
+    else
+        self:_prefetch(u, -1)
+    end
+end
+
+function FSDP:_post_forward(u)
+    local bw = autograd.in_backward()
+    if u.root and not bw then
+        self.order_frozen = true
+        if not autograd.is_grad_enabled() then   -- no backward will follow
+            for _, v in ipairs(self.units) do self:_reshard(v) end
+            for _, v in ipairs(self.units) do v.forwarded = false end
+        end
+    elseif u.reshard_after_forward and not bw then
+        self:_reshard(u)
+    end
+end
+
+local function pack(...) return {n = select("#", ...), ...} end
+
+function FSDP:_wrap_unit(u)
+    local mgr = self
+    local m = u.module
+    local methods = {"forward"}
+    local seen = {forward = true}
+    -- forward_* methods of the module's class (Flux's single blocks run forward_joint)
+    local cls = getmetatable(m)
+    local visited = {}
+    while type(cls) == "table" and not visited[cls] do
+        visited[cls] = true
+        local idx = rawget(cls, "__index")
+        local src = type(idx) == "table" and idx or cls
+        for k, v in pairs(src) do
+            if type(k) == "string" and type(v) == "function" and k:match("^forward_") and not seen[k] then
+                seen[k] = true
+                methods[#methods + 1] = k
+            end
+        end
+        local parent = getmetatable(src)
+        cls = parent and rawget(parent, "__index") or nil
+    end
+    for _, k in ipairs(methods) do
+        local fn = m[k]
+        if type(fn) == "function" then
+            rawset(m, k, function(mod, ...)
+                u.depth = u.depth + 1
+                if u.depth > 1 then   -- a forward method called from another one of the same unit
+                    local r = pack(pcall(fn, mod, ...))
+                    u.depth = u.depth - 1
+                    if not r[1] then error(r[2], 0) end
+                    return unpack(r, 2, r.n)
+                end
+                local r = pack(pcall(function(...)
+                    mgr:_pre_forward(u)
+                    local args = pack(...)
+                    if autograd.is_grad_enabled() then
+                        for i = 1, args.n do
+                            local a = args[i]
+                            if Tensor.is_tensor(a) and a.requires_grad then
+                                args[i] = identity(a, "fsdp_post_backward", post_bw, mgr, u) or a
+                            end
+                        end
+                    end
+                    local outs = pack(fn(mod, unpack(args, 1, args.n)))
+                    if autograd.is_grad_enabled() then
+                        local hook = {}   -- one pre-backward per forward call, shared by its outputs
+                        local function wrap_out(o)
+                            if Tensor.is_tensor(o) and o.requires_grad then
+                                local a = identity(o, "fsdp_pre_backward", function(node, g)
+                                    if hook.done then return g end
+                                    hook.done = true
+                                    return pre_bw(node, g)
+                                end, mgr, u)
+                                return a or o
+                            end
+                            return o
+                        end
+                        for i = 1, outs.n do
+                            local o = outs[i]
+                            if Tensor.is_tensor(o) then outs[i] = wrap_out(o)
+                            elseif type(o) == "table" and getmetatable(o) == nil then
+                                for j, x in ipairs(o) do o[j] = wrap_out(x) end
+                            end
+                        end
+                    end
+                    mgr:_post_forward(u)
+                    return unpack(outs, 1, outs.n)
+                end, ...))
+                u.depth = u.depth - 1
+                if not r[1] then error(r[2], 0) end
+                return unpack(r, 2, r.n)
+            end)
+        end
+    end
+end
+
+-- ==== the manager interface the training loop uses ====
+
+function FSDP:set_requires_gradient_sync(on)
+    if not self.defer then return end   -- defer_fsdp_grad_sync = false: every micro-batch reduces
+    self.sync = not not on
+end
+
+-- no_sync(fn, ...): run fn with gradient reduction deferred (gradient accumulation steps).
+function FSDP:no_sync(fn, ...)
+    local old = self.sync
+    self.sync = false
+    local res = pack(pcall(fn, ...))
+    self.sync = old
+    if not res[1] then error(res[2], 0) end
+    return unpack(res, 2, res.n)
+end
+
+-- After the last backward of a step: reduce what the backward did not (the root unit), wait for
+-- every reduction and reshard. Without gradient sync it only reshards (gradients stay whole).
+function FSDP:finish_gradient_synchronization()
+    if not self.units then return end
+    local t0 = now()
+    for i = #self.units, 1, -1 do
+        local u = self.units[i]
+        if u.forwarded and not u.post_done then
+            u.post_done = true
+            if self.sync then self:_reduce(u); self.need_finish = true end
+            self:_reshard(u)
+        end
+    end
+    self:_drain()
+    for _, u in ipairs(self.units) do
+        if self.sync then u.forwarded = false end
+    end
+    if self.sync then self.need_finish = false end
+    self.last = {finish_seconds = now() - t0}
+end
+FSDP.wait = FSDP.finish_gradient_synchronization
+
+-- What the optimizer updates: this rank's shards ((R, ...) tensors, zero rows past the end of a
+-- parameter), in the model's registration order.
+function FSDP:parameters()
+    if self.plain then return self.plain end
+    local out = {}
+    for i, e in ipairs(self.entries or {}) do out[i] = e.sp end
+    return out
+end
+
+-- {{name, tensor}...} of the same.
+function FSDP:named_parameters()
+    local out = {}
+    if self.plain then
+        for i, p in ipairs(self.plain) do out[i] = {self.names[i], p} end
+        return out
+    end
+    for i, e in ipairs(self.entries) do out[i] = {e.name, e.sp} end
+    return out
+end
+
+local sumsq = ffi.new("double[1]")
+
+-- The global 2-norm of the gradients over every shard of every rank; scales the shards' gradients
+-- by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_ does. Returns the norm.
+function FSDP:clip_grad_norm_(max_norm, opts)
+    local optim = require "nemo.optim"
+    if self.plain then return optim.clip_grad_norm_(self.plain, max_norm, opts) end
+    if type(max_norm) ~= "number" or max_norm <= 0 then
+        error("clip_grad_norm_: max_norm must be a positive number, got " .. tostring(max_norm), 2)
+    end
+    local norm_type = opts and opts.norm_type or 2
+    if norm_type ~= 2 then error("clip_grad_norm_: only norm_type 2 is supported, got " .. tostring(norm_type), 2) end
+    local total = 0
+    for _, e in ipairs(self.entries) do
+        local g = rawget(e.sp, "grad")
+        if g ~= nil then
+            check(C.nemo_sum_squares(g._c, sumsq))
+            total = total + sumsq[0]
+        end
+    end
+    total = math.sqrt(dist.all_reduce_number(total, "sum", self.shard_group))
+    local coef = max_norm / (total + 1e-6)
+    if coef < 1 then
+        for _, u in ipairs(self.units) do
+            for _, g in ipairs(u.groups) do
+                if g.gbuf and rawget(g.entries[1].sp, "grad") ~= nil then
+                    local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32"})
+                    check(C.nemo_binary_(g.gbuf._c, s._c, C.NEMO_BOP_MUL, 1))
+                end
+            end
+        end
+    end
+    return total
+end
+
+-- summon_full_params(fn, ...): every unit all-gathered while fn runs (on every rank: it is
+-- collective), resharded after. For reading or exporting the whole model.
+function FSDP:summon_full_params(fn, ...)
+    if self.plain then return fn(...) end
+    self:_drain()
+    local was = {}
+    for i, u in ipairs(self.units) do
+        was[i] = u.state
+        self:_unshard(u)
+    end
+    local res = pack(pcall(fn, ...))
+    for i, u in ipairs(self.units) do
+        if was[i] == "sharded" then self:_reshard(u) end
+    end
+    if not res[1] then error(res[2], 0) end
+    return unpack(res, 2, res.n)
+end
+
+-- full_state_dict() -> {name = tensor}, keys (registration order): the whole trainable
+-- parameters, gathered (collective: every rank calls it; every rank gets them).
+function FSDP:full_state_dict()
+    local sd, keys = {}, {}
+    self:summon_full_params(function()
+        for i, name in ipairs(self.names) do
+            local p = self.plain and self.plain[i] or self.entries[i].p
+            sd[name] = p:detach():clone()
+            keys[#keys + 1] = name
+        end
+    end)
+    return sd, keys
+end
+
+-- Facts: {units, shard, replicate, bytes: all_gather / reduce_scatter / all_reduce so far, comm_seconds}
+function FSDP:info()
+    return {units = self.units and #self.units or 0, shard = self.S or 1, replicate = self.R or 1,
+            params = #(self.names or {}), stats = self.stats, last = self.last}
+end
+
+function FSDP:reset_stats()
+    for k in pairs(self.stats) do self.stats[k] = 0 end
+end
+
+-- wrap(model, opts) -> manager: FSDP2Manager(opts):parallelize(model), the one-liner.
+function M.wrap(model, opts)
+    local mgr = M.FSDP2Manager(opts)
+    mgr:parallelize(model)
+    return mgr
+end
+
+return M
