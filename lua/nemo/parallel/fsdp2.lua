@@ -277,7 +277,9 @@ function FSDP:parallelize(model)
     self.module = model
     wrapped[model] = self
     local names, params = {}, {}
+    self.frozen = {}
     for name, p in model:named_parameters() do
+        if not rawget(p, "requires_grad") then self.frozen[#self.frozen + 1] = {name, p} end
         if rawget(p, "requires_grad") then
             names[#names + 1] = name
             params[#params + 1] = p
@@ -289,6 +291,12 @@ function FSDP:parallelize(model)
         end
     end
     self.names = names
+    for i, p in ipairs(params) do
+        if #p.shape == 0 then
+            error(string.format("FSDP2Manager: parameter %s is a 0-dimensional tensor; FSDP2 shards on dim 0 " ..
+                "(make it shape (1))", names[i]), 2)
+        end
+    end
     if S * R == 1 then   -- nothing to shard (Automodel skips FSDP on one rank)
         self.plain = params
         return model
@@ -788,6 +796,250 @@ function FSDP:full_state_dict()
         end
     end)
     return sd, keys
+end
+
+-- ==== sharded checkpoints ====
+-- save_sharded(dir, optimizer): this rank's shards into dir/model/shard-QQQQQ-of-SSSSS.safetensors
+-- (each parameter's real rows, named as in the model) and, with an optimizer, its AdamW state
+-- into dir/optim/shard-QQQQQ-of-SSSSS.safetensors (exp_avg.<name>, exp_avg_sq.<name>; steps in
+-- the metadata). Under HSDP only the first replica writes (the others hold the same shards).
+-- Every rank calls it; the folders must exist. load_sharded(dir, optimizer) reads shards written
+-- by any number of ranks (resharding on load) into this rank's shards and optimizer state;
+-- M.load_full(dir) assembles whole tensors from them (one process, or a consolidated export).
+local SHARD_FORMAT = "nemo-lua.fsdp2-shard"
+
+local function shard_name(q, S) return string.format("shard-%05d-of-%05d.safetensors", q, S) end
+M.shard_name = shard_name
+
+function FSDP:_entries_or_plain()
+    if self.plain then
+        local out = {}
+        for i, p in ipairs(self.plain) do
+            local d0 = #p.shape > 0 and p.shape[1] or 1
+            out[i] = {name = self.names[i], p = p, sp = p, d0 = d0, R = d0, real = d0}
+        end
+        return out, 1, 0
+    end
+    return self.entries, self.S, self.shard_group:rank()
+end
+
+function FSDP:save_sharded(dir, optimizer)
+    local st = require "nemo.safetensors"
+    local json = require "nemo.json"
+    local entries, S, q = self:_entries_or_plain()
+    if self.R and self.R > 1 and self.mesh:get_local_rank("dp_replicate") ~= 0 then return end
+    local tensors, layout = {}, {}
+    local otensors, steps = {}, {}
+    local ostate = {}
+    if optimizer then
+        local sd = optimizer:state_dict()
+        local idx_of = {}
+        local k = 0
+        for _, g in ipairs(optimizer.param_groups) do
+            for _, p in ipairs(g.params) do k = k + 1; idx_of[p] = k end
+        end
+        for _, e in ipairs(entries) do
+            local i = idx_of[e.sp]
+            if i == nil then
+                error("FSDP2 save_sharded: the optimizer does not hold the shard of " .. e.name ..
+                      " (build it from the manager's parameters())", 2)
+            end
+            ostate[e] = sd.state[i]
+        end
+    end
+    for _, e in ipairs(entries) do
+        local shape = {}
+        for i, v in ipairs(e.p.shape) do shape[i] = v end
+        layout[e.name] = {shape = json.array(shape), row0 = q * e.R, rows = e.real}
+        if e.real > 0 then
+            tensors[e.name] = e.sp:narrow(0, 0, e.real)
+            local os_ = ostate[e]
+            if os_ then
+                otensors["exp_avg." .. e.name] = os_.exp_avg:narrow(0, 0, e.real)
+                otensors["exp_avg_sq." .. e.name] = os_.exp_avg_sq:narrow(0, 0, e.real)
+            end
+        end
+        if ostate[e] then steps[e.name] = ostate[e].step end
+    end
+    -- frozen parameters are not sharded: the first shard file holds them whole
+    for _, f in ipairs(self.frozen or {}) do
+        local shape = {}
+        for i, v in ipairs(f[2].shape) do shape[i] = v end
+        layout[f[1]] = {shape = json.array(shape), whole = true}
+        if q == 0 then tensors[f[1]] = f[2] end
+    end
+    local meta = {format = SHARD_FORMAT, shard = tostring(q), num_shards = tostring(S),
+                  layout = json.encode(layout)}
+    st.save_file(tensors, dir .. "/model/" .. shard_name(q, S), meta)
+    if optimizer then
+        st.save_file(otensors, dir .. "/optim/" .. shard_name(q, S),
+            {format = SHARD_FORMAT, shard = tostring(q), num_shards = tostring(S), steps = json.encode(steps)})
+    end
+end
+
+-- the shard files of a folder: {files = {f...} (index q+1), S}, each f = {h = safe_open, layout, meta}
+local function open_shards(folder, what)
+    local st = require "nemo.safetensors"
+    local json = require "nemo.json"
+    local fs = require "nemo.fs"
+    if not fs.isdir(folder) then error(string.format("%s: no folder %s", what, folder), 0) end
+    local files, S = {}, nil
+    for _, n in ipairs(fs.list(folder)) do
+        local q, s = n:match("^shard%-(%d+)%-of%-(%d+)%.safetensors$")
+        if q then
+            q, s = tonumber(q), tonumber(s)
+            if S and s ~= S then
+                error(string.format("%s: %s mixes shards of %d and %d ranks", what, folder, S, s), 0)
+            end
+            S = s
+            local h = st.safe_open(folder .. "/" .. n)
+            local meta = h:metadata() or {}
+            if meta.format ~= SHARD_FORMAT then
+                error(string.format("%s: %s/%s is not an FSDP2 shard file (format '%s', expected '%s')", what, folder,
+                    n, tostring(meta.format), SHARD_FORMAT), 0)
+            end
+            files[q + 1] = {h = h, meta = meta, layout = meta.layout and json.decode(meta.layout) or nil,
+                            steps = meta.steps and json.decode(meta.steps) or nil, name = n}
+        end
+    end
+    if not S then error(string.format("%s: no shard-*-of-*.safetensors files in %s", what, folder), 0) end
+    for q = 0, S - 1 do
+        if not files[q + 1] then
+            error(string.format("%s: %s lacks %s (a checkpoint written by %d ranks needs all of them)", what, folder,
+                shard_name(q, S), S), 0)
+        end
+    end
+    return files, S
+end
+
+-- copy rows [lo, lo + n) of parameter `name` (d0 rows, R_src rows per source shard) into dst
+-- (n rows), reading each source file's piece of the range
+local function gather_rows(files, S, key, name, d0, lo, n, dst, what)
+    if n <= 0 then return end
+    local R = math.ceil(d0 / S)
+    for q = 0, S - 1 do
+        local a = math.max(lo, q * R)
+        local b = math.min(lo + n, math.min(d0, (q + 1) * R))
+        if b > a then
+            local f = files[q + 1]
+            if not f.h:has(key) then
+                error(string.format("%s: %s has no tensor '%s'", what, f.name, key), 0)
+            end
+            local t = f.h:get_tensor(key)
+            local src = t:narrow(0, a - q * R, b - a)
+            local d = dst:narrow(0, a - lo, b - a)
+            check(C.nemo_copy_(d._c, src._c))
+            src:free(); d:free(); t:free()
+        end
+    end
+end
+
+local function shape_of(layout, name, what, folder)
+    local l = layout and layout[name]
+    if not l then error(string.format("%s: the checkpoint in %s has no parameter '%s'", what, folder, name), 0) end
+    return l.shape
+end
+
+function FSDP:load_sharded(dir, optimizer)
+    local what = "FSDP2 load_sharded"
+    local files, S = open_shards(dir .. "/model", what)
+    local layout = files[1].layout
+    local entries, _, q = self:_entries_or_plain()
+    -- the parameters must match by name and shape
+    local n = 0
+    for _, l in pairs(layout or {}) do if not l.whole then n = n + 1 end end
+    for _, e in ipairs(entries) do
+        local shape = shape_of(layout, e.name, what, dir)
+        local mine = table.concat(e.p.shape, "x")
+        if table.concat(shape, "x") ~= mine then
+            error(string.format("%s: parameter %s is %s in the checkpoint, %s in the model", what, e.name,
+                table.concat(shape, "x"), mine), 0)
+        end
+    end
+    if n ~= #entries then
+        error(string.format("%s: the checkpoint holds %d trainable parameters, the model %d", what, n, #entries), 0)
+    end
+    autograd.no_grad(function()
+        for _, e in ipairs(entries) do
+            if e.sp ~= e.p then check(C.nemo_fill_(e.sp._c, 0)) end
+            local dst = e.sp:narrow(0, 0, e.real)
+            gather_rows(files, S, e.name, e.name, e.d0, q * e.R, e.real, dst, what)
+            dst:free()
+        end
+        for _, f in ipairs(self.frozen or {}) do
+            local l = layout[f[1]]
+            if l and l.whole then
+                if table.concat(l.shape, "x") ~= table.concat(f[2].shape, "x") then
+                    error(string.format("%s: frozen parameter %s is %s in the checkpoint, %s in the model", what, f[1],
+                        table.concat(l.shape, "x"), table.concat(f[2].shape, "x")), 0)
+                end
+                local t = files[1].h:get_tensor(f[1])
+                check(C.nemo_copy_(f[2]._c, t._c))
+                t:free()
+            end
+        end
+    end)
+    if optimizer then
+        local ofiles, OS = open_shards(dir .. "/optim", what)
+        if OS ~= S then error(string.format("%s: model shards of %d ranks but optimizer shards of %d", what, S, OS), 0) end
+        local sd = optimizer:state_dict()
+        local idx_of, k = {}, 0
+        for _, g in ipairs(optimizer.param_groups) do
+            for _, p in ipairs(g.params) do k = k + 1; idx_of[p] = k end
+        end
+        local state = {}
+        for _, e in ipairs(entries) do
+            local step = ofiles[1].steps and ofiles[1].steps[e.name]
+            if step then
+                local cdt = e.sp.dtype == "float64" and "float64" or "float32"
+                local st_ = {step = step}
+                for _, key in ipairs { "exp_avg", "exp_avg_sq" } do
+                    local t = Tensor.zeros(e.sp.shape, {dtype = cdt, device = e.sp.device})
+                    local dst = t:narrow(0, 0, e.real)
+                    gather_rows(ofiles, S, key .. "." .. e.name, e.name, e.d0, q * e.R, e.real, dst, what)
+                    dst:free()
+                    st_[key] = t
+                end
+                local i = idx_of[e.sp]
+                if not i then error(what .. ": the optimizer does not hold the shard of " .. e.name, 0) end
+                state[i] = st_
+            end
+        end
+        sd.state = state
+        optimizer:load_state_dict(sd)
+        for _, f in ipairs(ofiles) do f.h:close() end
+    end
+    for _, f in ipairs(files) do f.h:close() end
+    -- a new forward gathers the loaded shards
+    if self.units then for _, u in ipairs(self.units) do self:_reshard(u) end end
+end
+
+-- load_full(dir) -> {name = tensor}, names (checkpoint order): whole parameters from the shard
+-- files of dir/model (written by any number of ranks).
+function M.load_full(dir)
+    local what = "FSDP2 load_full"
+    local files, S = open_shards(dir .. "/model", what)
+    local layout = files[1].layout
+    local names = {}
+    for k in pairs(layout) do names[#names + 1] = k end
+    table.sort(names)
+    local out = {}
+    for _, name in ipairs(names) do
+        local shape = layout[name].shape
+        if layout[name].whole then
+            out[name] = files[1].h:get_tensor(name):clone()
+        else
+            local dtype
+            for q = 1, S do
+                if files[q].h:has(name) then dtype = files[q].h:get_tensor(name).dtype; break end
+            end
+            local t = Tensor.zeros(shape, {dtype = dtype or "float32"})
+            gather_rows(files, S, name, name, shape[1], 0, shape[1], t, what)
+            out[name] = t
+        end
+    end
+    for _, f in ipairs(files) do f.h:close() end
+    return out, names
 end
 
 -- Facts: {units, shard, replicate, bytes: all_gather / reduce_scatter / all_reduce so far, comm_seconds}
