@@ -1,7 +1,7 @@
--- bench/dist_step.lua: a DDP training step on 1, 2 and 4 CPU ranks: step time split into
--- compute and communication, and the bytes the gradient all-reduce moves per step.
---   nemo-lua bench/dist_step.lua [--ranks 1,2,4] [--model mlp|flux] [--steps N] [--warmup N]
---                                [--batch B] [--bucket-mb X]
+-- bench/dist_step.lua: a DDP or FSDP2 training step on 1, 2 and 4 CPU ranks: step time split
+-- into compute and communication, and the bytes the collectives move per step.
+--   nemo-lua bench/dist_step.lua [--manager ddp|fsdp2] [--ranks 1,2,4] [--model mlp|flux]
+--                                [--steps N] [--warmup N] [--batch B] [--bucket-mb X]
 -- Run without a launcher, it starts itself under mpirun once per rank count (as
 -- `nemo-lua --nproc-per-node N` does: --bind-to none, OMP_NUM_THREADS = cores / N, and
 -- --oversubscribe beyond the core count) and prints one table; under mpirun it is one worker.
@@ -12,22 +12,25 @@
 --   comm      time spent inside collective calls (starting buckets, driving MPI's progress from
 --             the gradient hooks, the final wait): communication that compute did not hide
 --   compute   step - comm
---   payload   bytes each rank hands to all-reduce (float32 gradients + DDP's bookkeeping)
---   wire      bytes each rank sends with a ring all-reduce, 2 (N-1)/N x payload
---   early     buckets started while backward still ran, of all buckets
+--   payload   DDP: bytes each rank hands to all-reduce (float32 gradients + DDP's bookkeeping);
+--             FSDP2: bytes of the all-gather outputs + reduce-scatter inputs (+ HSDP all-reduce)
+--   wire      bytes each rank sends: ring all-reduce 2 (N-1)/N x payload; all-gather and
+--             reduce-scatter (N-1)/N x their full size
+--   early     DDP: buckets started while backward still ran, of all buckets; FSDP2: units
 --   samples/s N x B / step
 -- On a machine with fewer cores than ranks x threads, ranks share cores: more ranks do not
 -- add compute there, and the table shows what the collectives cost on top.
 local nemo = require "nemo"
 local dist = require "nemo.dist"
 local json = require "nemo.json"
-local ddp = require "nemo.parallel.ddp"
+local parallel = require "nemo.parallel"
 
 local F = nemo.F
 
 -- ==== arguments ====
 
-local opts = {ranks = {1, 2, 4}, model = "mlp", steps = 8, warmup = 2, batch = 32, bucket_mb = 25, worker = false}
+local opts = {ranks = {1, 2, 4}, model = "mlp", steps = 8, warmup = 2, batch = 32, bucket_mb = 25, worker = false,
+              manager = "ddp"}
 local argv = arg or {}
 local i = 1
 while i <= #argv do
@@ -37,18 +40,21 @@ while i <= #argv do
         for x in v:gmatch("%d+") do opts.ranks[#opts.ranks + 1] = tonumber(x) end
         i = i + 1
     elseif a == "--model" then opts.model = v; i = i + 1
+    elseif a == "--manager" then opts.manager = v; i = i + 1
     elseif a == "--steps" then opts.steps = tonumber(v); i = i + 1
     elseif a == "--warmup" then opts.warmup = tonumber(v); i = i + 1
     elseif a == "--batch" then opts.batch = tonumber(v); i = i + 1
     elseif a == "--bucket-mb" then opts.bucket_mb = tonumber(v); i = i + 1
     elseif a == "--worker" then opts.worker = true
     else
-        error("dist_step: unknown argument '" .. tostring(a) .. "' (--ranks 1,2,4, --model mlp|flux, --steps N, " ..
+        error("dist_step: unknown argument '" .. tostring(a) .. "' (--manager ddp|fsdp2, --ranks 1,2,4, " ..
+              "--model mlp|flux, --steps N, " ..
               "--warmup N, --batch B, --bucket-mb X)", 0)
     end
     i = i + 1
 end
 if opts.model ~= "mlp" and opts.model ~= "flux" then error("dist_step: --model is mlp or flux", 0) end
+if opts.manager ~= "ddp" and opts.manager ~= "fsdp2" then error("dist_step: --manager is ddp or fsdp2", 0) end
 
 local function median(t)
     local s = {}
@@ -106,14 +112,18 @@ local function worker()
     nemo.manual_seed(0)
     local model, loss_fn, desc
     if opts.model == "mlp" then model, loss_fn, desc = mlp_model() else model, loss_fn, desc = flux_model() end
-    local mgr = ddp.DDPManager{bucket_cap_mb = opts.bucket_mb}
+    local fsdp = opts.manager == "fsdp2"
+    local mgr = fsdp and parallel._create_parallel_manager{} or
+        parallel._create_parallel_manager{_manager_type = "ddp", bucket_cap_mb = opts.bucket_mb}
     mgr:parallelize(model)
-    local opt = nemo.optim.AdamW(model:parameters(), {lr = 1e-4, weight_decay = 0.01})
+    local opt = nemo.optim.AdamW(mgr.parameters and mgr:parameters() or model:parameters(), {lr = 1e-4, weight_decay = 0.01})
+    local bytes, wire = {}, {}
     local steps, comms, early = {}, {}, {}
     for s = 1, opts.warmup + opts.steps do
         collectgarbage()
         dist.barrier()
         local c0 = dist.stats().seconds
+        if fsdp then mgr:reset_stats() end
         local t0 = dist.wtime()
         opt:zero_grad()
         local loss = loss_fn()
@@ -126,7 +136,15 @@ local function worker()
         if s > opts.warmup then
             steps[#steps + 1] = t1 - t0
             comms[#comms + 1] = c1 - c0
-            early[#early + 1] = (mgr:info().last.early or 0)
+            if fsdp then
+                local st = mgr:info().stats
+                local f = (world - 1) / world
+                bytes[#bytes + 1] = st.all_gather_bytes + st.reduce_scatter_bytes + st.all_reduce_bytes
+                wire[#wire + 1] = f * (st.all_gather_bytes + st.reduce_scatter_bytes) + 2 * f * st.all_reduce_bytes
+                early[#early + 1] = mgr:info().units
+            else
+                early[#early + 1] = (mgr:info().last.early or 0)
+            end
         end
     end
     local step = dist.all_reduce_number(median(steps), "max")
@@ -135,7 +153,8 @@ local function worker()
     if rank == 0 then
         io.write("RESULT ", json.encode({ranks = world, model = desc, params = model:num_parameters(),
             batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm,
-            payload = info.bytes_per_step, buckets = info.buckets, early = median(early),
+            payload = fsdp and median(bytes) or info.bytes_per_step, wire = fsdp and median(wire) or nil,
+            buckets = fsdp and info.units or info.buckets, early = median(early),
             library = dist.library_version()}), "\n")
         io.stdout:flush()
     end
@@ -164,15 +183,16 @@ do
 end
 local root = io.popen("id -u"):read("*l") == "0"
 
-print(string.format("DDP step on CPU ranks (weak scaling, bucket_cap_mb %g, %d timed steps after %d warmup; %d cores)",
-    opts.bucket_mb, opts.steps, opts.warmup, cores))
+print(string.format("%s step on CPU ranks (weak scaling%s, %d timed steps after %d warmup; %d cores)",
+    opts.manager == "fsdp2" and "FSDP2" or "DDP", opts.manager == "ddp" and string.format(", bucket_cap_mb %g",
+    opts.bucket_mb) or "", opts.steps, opts.warmup, cores))
 local rows = {}
 for _, n in ipairs(opts.ranks) do
     local threads = math.max(1, math.floor(cores / n))
     local cmd = string.format("OMP_NUM_THREADS=%d OMPI_MCA_btl=${OMPI_MCA_btl:-self,vader} mpirun -np %d %s%s" ..
-        "--bind-to none -x OMP_NUM_THREADS %s %s --worker --model %s --steps %d --warmup %d --batch %d --bucket-mb %g 2>&1",
-        threads, n, n > cores and "--oversubscribe " or "", root and "--allow-run-as-root " or "", nemo_lua, script,
-        opts.model, opts.steps, opts.warmup, opts.batch, opts.bucket_mb)
+        "--bind-to none -x OMP_NUM_THREADS %s %s --worker --manager %s --model %s --steps %d --warmup %d --batch %d " ..
+        "--bucket-mb %g 2>&1", threads, n, n > cores and "--oversubscribe " or "", root and "--allow-run-as-root " or "",
+        nemo_lua, script, opts.manager, opts.model, opts.steps, opts.warmup, opts.batch, opts.bucket_mb)
     local p = io.popen(cmd)
     local out = p:read("*a")
     p:close()
@@ -190,7 +210,7 @@ print(string.format("%5s %7s %9s %9s %9s %6s %10s %10s %7s %10s", "ranks", "thre
     "comm%", "payload MB", "wire MB", "early", "samples/s"))
 for _, r in ipairs(rows) do
     local n = r.ranks
-    local wire = n > 1 and 2 * (n - 1) / n * r.payload or 0
+    local wire = n > 1 and (r.wire or 2 * (n - 1) / n * r.payload) or 0
     local payload = n > 1 and r.payload or 0
     print(string.format("%5d %7d %9.1f %9.1f %9.1f %5.1f%% %10.2f %10.2f %3d/%-3d %10.1f", n, r.threads, r.step * 1e3,
         (r.step - r.comm) * 1e3, r.comm * 1e3, 100 * r.comm / r.step, payload / 2 ^ 20, wire / 2 ^ 20,
