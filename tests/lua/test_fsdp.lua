@@ -407,5 +407,58 @@ do
         "weights after 2 AdamW steps %.2e", mgr:info().units, world, B, GB, wl, ww))
 end
 
+-- ==== the tiny Wan transformer, float64, checkpointed blocks, HSDP on 4 ranks ====
+do
+    local wan = require "nemo.models.wan"
+    local cfg = {attention_head_dim = 12, cross_attn_norm = true, eps = 1e-6, ffn_dim = 32, freq_dim = 256,
+                 in_channels = 4, num_attention_heads = 2, num_layers = 2, out_channels = 4, patch_size = {1, 2, 2},
+                 qk_norm = "rms_norm_across_heads", rope_max_seq_len = 32, text_dim = 16}
+    local GB = 4
+    local g = nemo.Generator(77)
+    local o = {generator = g, dtype = "float64"}
+    local x, e = nemo.randn({GB, 4, 2, 8, 8}, o), nemo.randn({GB, 6, 16}, o)
+    local t, y = nemo.rand({GB}, o) * 1000, nemo.randn({GB, 4, 2, 8, 8}, o)
+    local function loss_of(model, lo, len)
+        return F.mse_loss(model{hidden_states = x:narrow(0, lo, len), timestep = t:narrow(0, lo, len),
+            encoder_hidden_states = e:narrow(0, lo, len)}, y:narrow(0, lo, len))
+    end
+    local function build(seed)
+        nemo.manual_seed(seed)
+        return wan.WanTransformer3DModel(cfg):double()
+    end
+    local ref = build(3)
+    ref:enable_gradient_checkpointing()
+    local ropt = nemo.optim.AdamW(ref:parameters(), {lr = 1e-3})
+    local rl = {}
+    for s = 1, 2 do
+        ropt:zero_grad()
+        local loss = loss_of(ref, 0, GB)
+        loss:backward()
+        rl[s] = loss:item()
+        ropt:step()
+    end
+    local model = build(rank == 0 and 3 or 30 + rank)
+    local mgr = create{activation_checkpointing = true, dp_replicate_size = world == 4 and 2 or nil}
+    mgr:parallelize(model)
+    local opt = nemo.optim.AdamW(mgr:parameters(), {lr = 1e-3})
+    local B = math.floor(GB / world)
+    local wl = 0
+    for s = 1, 2 do
+        opt:zero_grad()
+        local loss = loss_of(model, rank * B, B)
+        loss:backward()
+        mgr:finish_gradient_synchronization()
+        opt:step()
+        wl = math.max(wl, math.abs(dist.all_reduce_number(loss:item(), "avg") - rl[s]) / math.abs(rl[s]))
+    end
+    local sd, keys = mgr:full_state_dict()
+    local rsd = ref:state_dict()
+    local ww = 0
+    for _, k in ipairs(keys) do ww = math.max(ww, rel_diff(sd[k], rsd[k])) end
+    ok(wl <= 1e-6 and ww <= 1e-6 and #keys == #ref:parameters(), string.format("FSDP2%s tiny Wan float64 " ..
+        "(%d units, checkpointed blocks): %d ranks x batch %d == 1 process x batch %d within 1e-6 relative: losses %.2e, " ..
+        "weights after 2 AdamW steps %.2e", world == 4 and " (HSDP 2 x 2)" or "", mgr:info().units, world, B, GB, wl, ww))
+end
+
 if main then T.done() end
 os.exit(all_ok and 0 or 1)
