@@ -18,6 +18,8 @@
 --             reduce-scatter (N-1)/N x their full size
 --   early     DDP: buckets started while backward still ran, of all buckets; FSDP2: units
 --   samples/s N x B / step
+--   peak MiB  the largest tensor memory a rank held during the timed steps (parameters, gradients,
+--             AdamW state, activations): FSDP2 shards the first three
 -- On a machine with fewer cores than ranks x threads, ranks share cores: more ranks do not
 -- add compute there, and the table shows what the collectives cost on top.
 local nemo = require "nemo"
@@ -120,6 +122,7 @@ local function worker()
     local bytes, wire = {}, {}
     local steps, comms, early = {}, {}, {}
     for s = 1, opts.warmup + opts.steps do
+        if s == opts.warmup + 1 then nemo.reset_peak_memory_stats() end
         collectgarbage()
         dist.barrier()
         local c0 = dist.stats().seconds
@@ -150,11 +153,12 @@ local function worker()
     local step = dist.all_reduce_number(median(steps), "max")
     local comm = dist.all_reduce_number(median(comms), "max")
     local info = mgr:info()
+    local peak = dist.all_reduce_number(nemo.memory_stats().peak, "max")
     if rank == 0 then
         io.write("RESULT ", json.encode({ranks = world, model = desc, params = model:num_parameters(),
             batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm,
             payload = fsdp and median(bytes) or info.bytes_per_step, wire = fsdp and median(wire) or nil,
-            buckets = fsdp and info.units or info.buckets, early = median(early),
+            buckets = fsdp and info.units or info.buckets, early = median(early), peak = peak,
             library = dist.library_version()}), "\n")
         io.stdout:flush()
     end
@@ -206,13 +210,13 @@ end
 if #rows == 0 then os.exit(1) end
 print(string.format("model: %s, %d parameters, local batch %d; %s", rows[1].model, rows[1].params, rows[1].batch,
     rows[1].library or ""))
-print(string.format("%5s %7s %9s %9s %9s %6s %10s %10s %7s %10s", "ranks", "threads", "step ms", "compute", "comm",
-    "comm%", "payload MB", "wire MB", "early", "samples/s"))
+print(string.format("%5s %7s %9s %9s %9s %6s %10s %10s %7s %10s %9s", "ranks", "threads", "step ms", "compute", "comm",
+    "comm%", "payload MB", "wire MB", "early", "samples/s", "peak MiB"))
 for _, r in ipairs(rows) do
     local n = r.ranks
     local wire = n > 1 and (r.wire or 2 * (n - 1) / n * r.payload) or 0
     local payload = n > 1 and r.payload or 0
-    print(string.format("%5d %7d %9.1f %9.1f %9.1f %5.1f%% %10.2f %10.2f %3d/%-3d %10.1f", n, r.threads, r.step * 1e3,
-        (r.step - r.comm) * 1e3, r.comm * 1e3, 100 * r.comm / r.step, payload / 2 ^ 20, wire / 2 ^ 20,
-        math.floor(r.early + 0.5), r.buckets, n * r.batch / r.step))
+    print(string.format("%5d %7d %9.1f %9.1f %9.1f %5.1f%% %10.2f %10.2f %3d/%-3d %10.1f %9.1f", n, r.threads,
+        r.step * 1e3, (r.step - r.comm) * 1e3, r.comm * 1e3, 100 * r.comm / r.step, payload / 2 ^ 20, wire / 2 ^ 20,
+        math.floor(r.early + 0.5), r.buckets, n * r.batch / r.step, (r.peak or 0) / 2 ^ 20))
 end
