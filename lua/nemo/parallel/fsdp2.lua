@@ -385,6 +385,19 @@ local function wait_free(w, what)
     C.nemo_coll_work_free(w)
 end
 
+-- wait for and drop all-gathers started for units that did not run (a graph that changed)
+function FSDP:_discard_prefetches()
+    for _, v in ipairs(self.units) do
+        if v.gather then
+            for _, ga in ipairs(v.gather) do
+                if ga.work then wait_free(ga.work, "all-gather") end
+                ga.out:free()
+            end
+            v.gather = nil
+        end
+    end
+end
+
 function FSDP:_unshard(u)
     if u.state == "unsharded" then return end
     self:_start_gather(u)
@@ -560,8 +573,10 @@ function FSDP:_pre_forward(u)
                   "finish_gradient_synchronization() on the FSDP2 manager after the last backward of a step " ..
                   "(before clipping and optimizer:step())", 3)
         end
-        -- a new forward: nothing left unsharded from before (the optimizer may have stepped since)
+        -- a new forward: nothing left unsharded or prefetched from before (the optimizer may have
+        -- stepped since)
         self:_drain()
+        self:_discard_prefetches()
         for _, v in ipairs(self.units) do
             if v.state == "unsharded" then self:_reshard(v) end
         end
@@ -703,6 +718,7 @@ function FSDP:finish_gradient_synchronization()
         end
     end
     self:_drain()
+    self:_discard_prefetches()
     for _, u in ipairs(self.units) do
         if self.sync then u.forwarded = false end
     end
