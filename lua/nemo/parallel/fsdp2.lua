@@ -53,8 +53,12 @@
 -- - Outside forward / backward the model's parameters hold no memory: read them with
 --   full_state_dict() or inside summon_full_params(fn). Frozen parameters (requires_grad false)
 --   are not sharded; they stay whole on every rank.
+-- - Mixed precision (mp_policy.param_dtype = "bfloat16" on a float32 model): the shards stay
+--   float32 (master weights), the model's tensors become bfloat16 copies gathered from the shards
+--   cast before the all-gather; floating-point inputs of the root forward are cast too.
 -- - One process (dp_shard x dp_replicate = 1) shards nothing, as in Automodel: the manager
---   then only applies activation checkpointing and hands out the model's parameters.
+--   then only applies activation checkpointing and hands out the model's parameters (with mixed
+--   precision it runs with one shard, so the model still computes in param_dtype).
 local ffi = require "ffi"
 local nffi = require "nemo.ffi"
 local Tensor = require "nemo.tensor"
@@ -194,8 +198,8 @@ end
 
 -- A fresh engine-owned contiguous storage under p's own Lua tensor (a parameter loaded from a
 -- memory-mapped file cannot have its memory freed and gathered again).
-local function own_storage(p)
-    local c = C.nemo_clone(p._c)
+local function own_storage(p, dtype)
+    local c = dtype and C.nemo_to(p._c, C.nemo_dtype_from_name(dtype), p._c.devtype, p._c.devindex) or C.nemo_clone(p._c)
     if c == nil then nffi.raise() end
     local old = rawget(p, "_c")
     rawset(p, "_c", ffi.gc(c, C.nemo_tensor_release))
@@ -214,7 +218,7 @@ function FSDP:_build_unit(u, S, rank)
         local g = by_dtype[p.dtype]
         if not g then
             local rdt = self.reduce_dtype or (p.dtype == "float64" and "float64" or "float32")
-            g = {dtype = p.dtype, rdt = rdt, device = p.device, entries = {}, N = 0}
+            g = {dtype = p.dtype, gdt = self.param_dtype or p.dtype, rdt = rdt, device = p.device, entries = {}, N = 0}
             by_dtype[p.dtype] = g
             groups[#groups + 1] = g
         end
@@ -283,11 +287,12 @@ function FSDP:parallelize(model)
         if rawget(p, "requires_grad") then
             names[#names + 1] = name
             params[#params + 1] = p
-            if param_dtype and p.dtype ~= param_dtype then
-                error(string.format("FSDP2Manager: mp_policy.param_dtype = %s but parameter %s is %s: a compute " ..
-                    "dtype other than the parameters' (float32 master weights with bf16 compute) is not available " ..
-                    "yet in nemo-lua; set param_dtype to the model's dtype or leave it out", param_dtype, name, p.dtype), 2)
+            if param_dtype and p.dtype ~= param_dtype and p.dtype ~= "float32" and p.dtype ~= "float64" then
+                error(string.format("FSDP2Manager: mp_policy.param_dtype = %s but parameter %s is %s: mixed " ..
+                    "precision keeps float32 (or float64) master weights; load the model in float32 (torch_dtype) " ..
+                    "to compute in %s", param_dtype, name, p.dtype, param_dtype), 2)
             end
+            if param_dtype and p.dtype ~= param_dtype then self.mixed = true end
         end
     end
     self.names = names
@@ -297,10 +302,12 @@ function FSDP:parallelize(model)
                 "(make it shape (1))", names[i]), 2)
         end
     end
-    if S * R == 1 then   -- nothing to shard (Automodel skips FSDP on one rank)
+    if S * R == 1 and not self.mixed then   -- nothing to shard (Automodel skips FSDP on one rank)
         self.plain = params
         return model
     end
+    -- (one rank with mixed precision runs the same machinery with one shard: float32 master
+    -- weights, a param_dtype copy gathered for each forward and backward)
     self.shard_group, self.rep_group = dm:get_group("dp_shard"), R > 1 and dm:get_group("dp_replicate") or nil
     local rank = self.shard_group:rank()
     -- every rank starts from rank 0's weights and buffers (whatever each rank's initialization was)
@@ -340,6 +347,14 @@ function FSDP:parallelize(model)
     end
     for _, u in ipairs(self.units) do
         self:_build_unit(u, S, rank)
+        if self.mixed then   -- the model's tensors become the param_dtype copies
+            for _, e in ipairs(u.entries) do
+                if e.p.dtype ~= param_dtype then
+                    own_storage(e.p, param_dtype)
+                    e.nbytes = tonumber(e.p._c.storage.nbytes)
+                end
+            end
+        end
         u.state = "unsharded"
         self:_reshard(u)
         u.depth, u.forwarded, u.post_done = 0, false, false
@@ -356,6 +371,8 @@ function FSDP:parallelize(model)
         self.entries[i] = e
     end
     self.order, self.order_frozen = {}, false
+    local mp = self.opts.mp_policy
+    self.cast_inputs = self.mixed and not (type(mp) == "table" and mp.cast_forward_inputs == false)
     return model
 end
 
@@ -366,10 +383,12 @@ function FSDP:_start_gather(u)
     local t0 = now()
     u.gather = {}
     for gi, g in ipairs(u.groups) do
-        local out = Tensor.empty({g.N * self.S}, {dtype = g.dtype, device = g.device})
-        local w = C.nemo_coll_all_gather_async(self.shard_group._c, out._c, g.shard._c)
+        local out = Tensor.empty({g.N * self.S}, {dtype = g.gdt, device = g.device})
+        -- mixed precision: the shard is cast to param_dtype first, so the all-gather moves half the bytes
+        local input = g.gdt ~= g.dtype and g.shard:to{dtype = g.gdt} or nil
+        local w = C.nemo_coll_all_gather_async(self.shard_group._c, out._c, (input or g.shard)._c)
         if w == nil then out:free(); nffi.raise() end
-        u.gather[gi] = {out = out, work = w}
+        u.gather[gi] = {out = out, work = w, input = input}
         self.stats.all_gather_bytes = self.stats.all_gather_bytes + g.N * self.S * out:element_size()
     end
     self.stats.comm_seconds = self.stats.comm_seconds + (now() - t0)
@@ -392,6 +411,7 @@ function FSDP:_discard_prefetches()
             for _, ga in ipairs(v.gather) do
                 if ga.work then wait_free(ga.work, "all-gather") end
                 ga.out:free()
+                if ga.input then ga.input:free() end
             end
             v.gather = nil
         end
@@ -407,6 +427,7 @@ function FSDP:_unshard(u)
         local ga = u.gather[gi]
         wait_free(ga.work, "all-gather")
         ga.work = nil
+        if ga.input then ga.input:free() end
         for _, e in ipairs(g.entries) do
             local p = e.p
             check(C.nemo_storage_resize_(p._c.storage, e.nbytes))
@@ -611,6 +632,27 @@ end
 
 local function pack(...) return {n = select("#", ...), ...} end
 
+local FLOAT = {float32 = true, float64 = true, bfloat16 = true, float16 = true}
+
+-- mixed precision: floating-point tensor arguments of the root's forward (and those inside a
+-- table of named arguments) cast to param_dtype (mp_policy.cast_forward_inputs, default true)
+function FSDP:_cast_inputs(args)
+    local dt = self.param_dtype
+    local function cast(x)
+        if Tensor.is_tensor(x) and FLOAT[x.dtype] and x.dtype ~= dt then return x:to{dtype = dt} end
+        return x
+    end
+    for i = 1, args.n do
+        local a = args[i]
+        if Tensor.is_tensor(a) then args[i] = cast(a)
+        elseif type(a) == "table" and getmetatable(a) == nil then
+            local c = {}
+            for k, v in pairs(a) do c[k] = cast(v) end
+            args[i] = c
+        end
+    end
+end
+
 function FSDP:_wrap_unit(u)
     local mgr = self
     local m = u.module
@@ -646,6 +688,7 @@ function FSDP:_wrap_unit(u)
                 local r = pack(pcall(function(...)
                     mgr:_pre_forward(u)
                     local args = pack(...)
+                    if u.root and mgr.cast_inputs then mgr:_cast_inputs(args) end
                     if autograd.is_grad_enabled() then
                         for i = 1, args.n do
                             local a = args[i]
@@ -804,13 +847,38 @@ end
 -- parameters, gathered (collective: every rank calls it; every rank gets them).
 function FSDP:full_state_dict()
     local sd, keys = {}, {}
-    self:summon_full_params(function()
+    if self.plain then
         for i, name in ipairs(self.names) do
-            local p = self.plain and self.plain[i] or self.entries[i].p
-            sd[name] = p:detach():clone()
-            keys[#keys + 1] = name
+            sd[name] = self.plain[i]:detach():clone()
+            keys[i] = name
         end
-    end)
+        return sd, keys
+    end
+    -- gathered from the shards (the master weights, also under mixed precision), unit by unit
+    self:_drain()
+    local S = self.S
+    for _, u in ipairs(self.units) do
+        for _, g in ipairs(u.groups) do
+            local out = Tensor.empty({g.N * S}, {dtype = g.dtype, device = g.device})
+            check(C.nemo_coll_all_gather(self.shard_group._c, out._c, g.shard._c))
+            for _, e in ipairs(g.entries) do
+                local full = Tensor.empty(e.p.shape, {dtype = g.dtype, device = g.device})
+                for q = 0, S - 1 do
+                    local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
+                    if real > 0 then
+                        local src = out:narrow(0, q * g.N + e.off, real * e.rowsize)
+                        local dst = full:narrow(0, q * e.R, real)
+                        local srcv = src:view(dst.shape)
+                        check(C.nemo_copy_(dst._c, srcv._c))
+                        src:free(); dst:free(); srcv:free()
+                    end
+                end
+                sd[e.name] = full
+            end
+            out:free()
+        end
+    end
+    for i, name in ipairs(self.names) do keys[i] = name end
     return sd, keys
 end
 
