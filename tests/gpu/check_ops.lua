@@ -19,6 +19,14 @@
 -- Shapes are odd (7, 33, 1000, 5000, 1048579), inputs are often non-contiguous (transposed
 -- views of a base tensor, so the strided copy kernel runs first) and broadcast.
 --
+-- The training-step kernels (norms, fused DiT ops, attention, conv, embedding, interpolation,
+-- AdamW, sum of squares) are checked in their own section with their own tolerances (see
+-- there): bitwise for the ops built from exact steps (rope, modulate, gated_add and their
+-- elementwise gradients, embedding, nearest interpolation, AdamW), normwise 2e-5 / 5e-5 for the
+-- float32 norms and attention forward / backward (their sums run in another order), 1e-11 to
+-- 1e-12 for float64, 1e-2 for bf16 / f16. Attention runs at shapes that exercise several chunks
+-- of heads and several query blocks; "bench:" lines add attention, layer_norm and modulate.
+--
 -- The fill kernel is also called directly (its pointer comes from the plugin's
 -- register_kernels, the way libnemo receives it).
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
@@ -676,6 +684,406 @@ do   -- a bias gradient over many rows: colsum's split into row chunks
     end)
 end
 
+-- ==== training-step kernels: norms, fused DiT ops, attention, conv, embedding, interpolation ====
+-- Each case runs the engine call (front-end + kernel) on both sides. Tolerances: the norms,
+-- attention and the reductions of the fused backward sum in another order than the CPU (double
+-- per lane and a fixed tree here, float vectors there), so float32 gets 2e-5 (forward) / 5e-5
+-- (backward) normwise; the elementwise fused ops (rope, modulate, gated_add and their dx / da),
+-- embedding (forward and backward) and nearest interpolation (forward and backward) are built
+-- from the CPU's exact steps in the CPU's order and must be bitwise equal in every dtype.
+
+local NORM_RTOL = {float32 = 2e-5, float64 = 1e-12, bfloat16 = 1e-2, float16 = 1e-2}
+local NORM_BWD_RTOL = {float32 = 5e-5, float64 = 1e-11, bfloat16 = 1e-2, float16 = 1e-2}
+local function outs(n) local o = {} for i = 1, n do o[i] = ffi.new("nemo_tensor *[1]") end return o end
+-- The tensors behind the out-parameters that were asked for (the order of o).
+local function took(o) local r = {} for i = 1, #o do r[#r + 1] = wrap(o[i][0]) end return r end
+local function side_of(side, cpu, gpu) if cpu == nil then return nil end return side == 1 and cpu or gpu end
+local function cp(t) return t and t._c or nil end
+local int64s = Tensor.int64s
+-- A tensor from a Lua function of the flat index (float64 values, then dtype dt).
+local function from_fn(shape, dt, fn)
+    local n = numel(shape)
+    local buf = ffi.new("double[?]", n > 0 and n or 1)
+    for i = 0, n - 1 do buf[i] = fn(i) end
+    local t = nemo.empty(shape, {dtype = "float64"})
+    if n > 0 then nffi.check(C.nemo_write_f64(t._c, buf)) end
+    return t:to{dtype = dt}
+end
+
+-- layer_norm / rms_norm (kernels "norm_rows", "norm_rows_backward")
+local NSHAPES = {   -- shape, nnorm, transposed input
+    {{7, 33}, 1, true}, {{5, 1000}, 1, false}, {{3, 4096}, 1, true}, {{2, 3, 7, 9}, 2, false}, {{300, 64}, 1, false},
+}
+for _, sh in ipairs(NSHAPES) do
+    local shape, nnorm = sh[1], sh[2]
+    local ns = {}
+    for i = #shape - nnorm + 1, #shape do ns[#ns + 1] = shape[i] end
+    local label = string.format("%s over %s", Tensor.shape_str(shape), Tensor.shape_str(ns))
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair(shape, dt, -3, 3, sh[3])
+        local w, wd = pair(ns, dt, 0.5, 1.5, false)
+        local b, bd = pair(ns, dt, -1, 1, false)
+        local g, gd = pair(shape, dt, -1, 1, false)
+        for _, aff in ipairs{true, false} do
+            local lab = label .. (aff and " weight+bias" or " no affine")
+            local W, Wd = aff and w or nil, aff and wd or nil
+            local B, Bd = aff and b or nil, aff and bd or nil
+            local function fwd(side)
+                local o = outs(3)
+                nffi.check(C.nemo_layer_norm(side_of(side, x, xd)._c, nnorm, int64s(ns), cp(side_of(side, W, Wd)),
+                                             cp(side_of(side, B, Bd)), 1e-5, o[1], o[2], o[3]))
+                return took(o)
+            end
+            case("norm_rows (layer_norm)", dt, lab, NORM_RTOL[dt], false, fwd)
+            case("norm_rows_backward (ln)", dt, lab, NORM_BWD_RTOL[dt], false, function(side)
+                local f = fwd(side)
+                local o = outs(3)
+                nffi.check(C.nemo_layer_norm_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, nnorm, f[2]._c,
+                                                      f[3]._c, cp(side_of(side, W, Wd)), aff and b._c.dtype or -1, o[1],
+                                                      aff and o[2] or nil, aff and o[3] or nil))
+                return aff and took(o) or {wrap(o[1][0])}
+            end)
+            local function rfwd(side)
+                local o = outs(2)
+                nffi.check(C.nemo_rms_norm(side_of(side, x, xd)._c, nnorm, int64s(ns), cp(side_of(side, W, Wd)), -1,
+                                           o[1], o[2]))
+                return took(o)
+            end
+            case("norm_rows (rms_norm)", dt, lab, NORM_RTOL[dt], false, rfwd)
+            case("norm_rows_backward (rms)", dt, lab, NORM_BWD_RTOL[dt], false, function(side)
+                local f = rfwd(side)
+                local o = outs(2)
+                nffi.check(C.nemo_rms_norm_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, nnorm, f[2]._c,
+                                                    cp(side_of(side, W, Wd)), o[1], aff and o[2] or nil))
+                return aff and took(o) or {wrap(o[1][0])}
+            end)
+        end
+    end
+end
+do   -- bf16 input with a float32 gradient (the kernel reads each row tensor in its own dtype)
+    local x, xd = pair({9, 256}, "bfloat16", -3, 3, false)
+    local g, gd = pair({9, 256}, "float32", -1, 1, false)
+    local w, wd = pair({256}, "float32", 0.5, 1.5, false)
+    case("norm_rows_backward (ln)", "bfloat16", "bf16 input, float32 gradient (9, 256)", NORM_BWD_RTOL.bfloat16, false,
+         function(side)
+        local f = outs(3)
+        nffi.check(C.nemo_layer_norm(side_of(side, x, xd)._c, 1, int64s{256}, side_of(side, w, wd)._c, nil, 1e-5,
+                                     f[1], f[2], f[3]))
+        local o = outs(2)
+        nffi.check(C.nemo_layer_norm_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, 1, f[2][0], f[3][0],
+                                              side_of(side, w, wd)._c, -1, o[1], o[2], nil))
+        wrap(f[1][0]); wrap(f[2][0]); wrap(f[3][0])
+        return took(o)
+    end)
+end
+
+-- group_norm (kernels "group_norm", "group_norm_backward")
+local GSHAPES = {{{2, 6, 5, 7}, 3}, {{2, 4, 9}, 2}, {{1, 64, 32, 32}, 32}, {{1, 8, 128, 128}, 2}, {{3, 6}, 6}}
+for _, gs in ipairs(GSHAPES) do
+    local shape, G = gs[1], gs[2]
+    local label = string.format("%s groups %d", Tensor.shape_str(shape), G)
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair(shape, dt, -3, 3, false)
+        local w, wd = pair({shape[2]}, dt, 0.5, 1.5, false)
+        local b, bd = pair({shape[2]}, dt, -1, 1, false)
+        local g, gd = pair(shape, dt, -1, 1, false)
+        for _, aff in ipairs{true, false} do
+            local lab = label .. (aff and " weight+bias" or " no affine")
+            local W, Wd = aff and w or nil, aff and wd or nil
+            local B, Bd = aff and b or nil, aff and bd or nil
+            local function fwd(side)
+                local o = outs(3)
+                nffi.check(C.nemo_group_norm(side_of(side, x, xd)._c, G, cp(side_of(side, W, Wd)), cp(side_of(side, B, Bd)),
+                                             1e-5, o[1], o[2], o[3]))
+                return took(o)
+            end
+            case("group_norm", dt, lab, NORM_RTOL[dt], false, fwd)
+            case("group_norm_backward", dt, lab, NORM_BWD_RTOL[dt], false, function(side)
+                local f = fwd(side)
+                local o = outs(3)
+                nffi.check(C.nemo_group_norm_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, G, f[2]._c, f[3]._c,
+                                                      cp(side_of(side, W, Wd)), aff and b._c.dtype or -1, o[1],
+                                                      aff and o[2] or nil, aff and o[3] or nil))
+                return aff and took(o) or {wrap(o[1][0])}
+            end)
+        end
+    end
+end
+
+-- rope (kernel "rope", forward and backward): bitwise
+for _, rc in ipairs{{{2, 7, 3, 16}, 1}, {{2, 3, 7, 16}, 2}, {{7, 64}, 0}} do
+    local shape, sd = rc[1], rc[2]
+    local S, D = shape[sd + 1], shape[#shape]
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair(shape, dt, -2, 2, false)
+        local cs, csd = pair({S, D}, "float32", -1, 1, false)
+        local sn, snd = pair({S, D}, "float32", -1, 1, false)
+        local label = string.format("%s seq dim %d", Tensor.shape_str(shape), sd)
+        case("rope", dt, label, 0, true, function(side)
+            return wrap(C.nemo_rope(side_of(side, x, xd)._c, side_of(side, cs, csd)._c, side_of(side, sn, snd)._c, sd))
+        end)
+        case("rope backward", dt, label, 0, true, function(side)
+            return wrap(C.nemo_rope_backward(side_of(side, x, xd)._c, side_of(side, cs, csd)._c, side_of(side, sn, snd)._c,
+                                             sd, x._c.dtype))
+        end)
+    end
+end
+
+-- modulate / gated_add (kernels "modulate", "modulate_backward", "gated_add", "gated_add_backward")
+local FUSED_RTOL = {float32 = 1e-6, float64 = 1e-12, bfloat16 = 1e-2, float16 = 1e-2}
+for _, ms in ipairs{{{2, 7, 33}, 2}, {{2, 7, 33}, 1}, {{2, 4096, 64}, 1}, {{3, 1000, 48}, 3}} do
+    local shape, vb = ms[1], ms[2]
+    local vshape = {vb, shape[3]}
+    local label = string.format("%s, vectors %s", Tensor.shape_str(shape), Tensor.shape_str(vshape))
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair(shape, dt, -2, 2, false)
+        local a, ad = pair(shape, dt, -2, 2, false)
+        local g, gd = pair(shape, dt, -1, 1, false)
+        local sc, scd = pair(vshape, dt, -0.5, 0.5, false)
+        local sh, shd = pair(vshape, dt, -0.5, 0.5, false)
+        for _, with_shift in ipairs{true, false} do
+            case("modulate", dt, label .. (with_shift and " with shift" or " no shift"), 0, true, function(side)
+                return wrap(C.nemo_modulate(side_of(side, x, xd)._c, side_of(side, sc, scd)._c,
+                                            with_shift and side_of(side, sh, shd)._c or nil))
+            end)
+        end
+        case("modulate_backward dx", dt, label, 0, true, function(side)
+            local o = outs(1)
+            nffi.check(C.nemo_modulate_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, side_of(side, sc, scd)._c,
+                                                -1, o[1], nil, nil))
+            return took(o)
+        end)
+        case("modulate_backward dscale+dshift", dt, label, FUSED_RTOL[dt], false, function(side)
+            local o = outs(2)
+            nffi.check(C.nemo_modulate_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, side_of(side, sc, scd)._c,
+                                                sh._c.dtype, nil, o[1], o[2]))
+            return took(o)
+        end)
+        case("gated_add", dt, label, 0, true, function(side)
+            return wrap(C.nemo_gated_add(side_of(side, x, xd)._c, side_of(side, sc, scd)._c, side_of(side, a, ad)._c))
+        end)
+        case("gated_add_backward da", dt, label, 0, true, function(side)
+            local o = outs(1)
+            nffi.check(C.nemo_gated_add_backward(side_of(side, g, gd)._c, side_of(side, sc, scd)._c,
+                                                 side_of(side, a, ad)._c, o[1], nil))
+            return took(o)
+        end)
+        case("gated_add_backward dgate", dt, label, FUSED_RTOL[dt], false, function(side)
+            local o = outs(1)
+            nffi.check(C.nemo_gated_add_backward(side_of(side, g, gd)._c, side_of(side, sc, scd)._c,
+                                                 side_of(side, a, ad)._c, nil, o[1]))
+            return took(o)
+        end)
+    end
+end
+
+-- scaled_dot_product_attention (kernels "sdpa_fwd", "sdpa_bwd")
+local ATT_RTOL = {float32 = 2e-5, float64 = 1e-12, bfloat16 = 1e-2, float16 = 1e-2}
+local ATT_BWD_RTOL = {float32 = 5e-5, float64 = 1e-11, bfloat16 = 1e-2, float16 = 1e-2}
+local bool_mask = from_fn({33, 40}, "bool", function(i) return (i < 40 or (i * 7919) % 5 == 0) and 0 or 1 end)
+local float_mask = from_fn({2, 1, 17, 40}, "float32", function(i)
+    local r = math.floor(i / 40) % 17
+    if r == 3 or (i * 104729) % 7 == 0 then return -1 / 0 end
+    return ((i * 7919) % 1000) / 500 - 1
+end)
+local ATT = {   -- q, k, v shapes, causal, mask, permuted layout, label, dtypes
+    {{2, 3, 33, 16}, {2, 3, 33, 16}, {2, 3, 33, 16}, 0, nil, false, "(2, 3, 33, 16)", FLOATS},
+    {{2, 3, 33, 16}, {2, 3, 33, 16}, {2, 3, 33, 16}, 1, nil, false, "(2, 3, 33, 16) causal", FLOATS},
+    {{2, 3, 17, 16}, {2, 3, 40, 16}, {2, 3, 40, 24}, 0, nil, false, "Sq 17, Sk 40, D 16, Dv 24", FLOATS},
+    {{2, 3, 33, 16}, {2, 3, 40, 16}, {2, 3, 40, 16}, 0, bool_mask, false, "bool mask (33, 40), row 0 empty", FLOATS},
+    {{2, 3, 17, 16}, {2, 3, 40, 16}, {2, 3, 40, 8}, 0, float_mask, false, "float mask (2, 1, 17, 40) with -inf",
+     {"float32", "float64"}},
+    {{2, 3, 33, 16}, {2, 3, 33, 16}, {2, 3, 33, 16}, 1, nil, true, "(B, S, H, D) buffers seen as (B, H, S, D), causal",
+     FLOATS},
+    {{8, 16, 512, 32}, {8, 16, 512, 32}, {8, 16, 512, 32}, 0, nil, false, "(8, 16, 512, 32): 2 chunks of heads",
+     {"float32"}},
+    {{1, 1, 4200, 32}, {1, 1, 4200, 32}, {1, 1, 4200, 32}, 0, nil, false, "(1, 1, 4200, 32): 2 query blocks",
+     {"float32"}},
+    {{1, 1, 4200, 32}, {1, 1, 4200, 32}, {1, 1, 4200, 32}, 1, nil, false, "(1, 1, 4200, 32) causal: 2 query blocks",
+     {"float32"}},
+}
+-- q-like operand: a dense tensor, or with perm a (B, S, H, D) buffer transposed to (B, H, S, D)
+local function att_operand(shape, dt, perm)
+    if not perm then return pair(shape, dt, -1, 1, false) end
+    local base = uniform({shape[1], shape[3], shape[2], shape[4]}, dt, -1, 1)
+    return base:transpose(1, 2), dev(base):transpose(1, 2)
+end
+for _, at in ipairs(ATT) do
+    for _, dt in ipairs(at[8]) do
+        local q, qd = att_operand(at[1], dt, at[6])
+        local k, kd = att_operand(at[2], dt, at[6])
+        local v, vd = att_operand(at[3], dt, at[6])
+        local oshape = {at[1][1], at[1][2], at[1][3], at[3][4]}
+        local g, gd = pair(oshape, dt, -1, 1, false)
+        local m, md = at[5], at[5] and dev(at[5]) or nil
+        local causal = at[4]
+        local function fwd(side)
+            local o = outs(2)
+            nffi.check(C.nemo_sdpa(side_of(side, q, qd)._c, side_of(side, k, kd)._c, side_of(side, v, vd)._c,
+                                   cp(side_of(side, m, md)), causal, 0 / 0, o[1], o[2]))
+            return took(o)
+        end
+        case("sdpa_fwd", dt, at[7], ATT_RTOL[dt], false, fwd)
+        case("sdpa_bwd", dt, at[7], ATT_BWD_RTOL[dt], false, function(side)
+            local f = fwd(side)
+            local o = outs(3)
+            nffi.check(C.nemo_sdpa_backward(side_of(side, g, gd)._c, side_of(side, q, qd)._c, side_of(side, k, kd)._c,
+                                            side_of(side, v, vd)._c, cp(side_of(side, m, md)), f[1]._c, f[2]._c, causal,
+                                            0 / 0, o[1], o[2], o[3]))
+            return took(o)
+        end)
+    end
+end
+
+-- convolutions (kernels "conv_fwd", "conv_bwd")
+local CONV = {   -- nsp, x, w, stride, pad_lo, pad_hi, dilation, groups, bias, algo, label
+    {2, {2, 4, 9, 11}, {6, 2, 3, 3}, {2, 1}, {1, 1}, {1, 1}, {1, 2}, 2, true, 0, "2-D 3x3 stride (2, 1) dil (1, 2) groups 2"},
+    {2, {2, 8, 5, 7}, {4, 8, 1, 1}, {1, 1}, {0, 0}, {0, 0}, {1, 1}, 1, true, 0, "2-D 1x1 (direct product)"},
+    {2, {2, 8, 5, 7}, {4, 8, 1, 1}, {1, 1}, {0, 0}, {0, 0}, {1, 1}, 1, true, 1, "2-D 1x1 forced im2col"},
+    {2, {1, 3, 8, 8}, {5, 3, 2, 2}, {2, 2}, {0, 0}, {0, 0}, {1, 1}, 1, false, 0, "2-D patchify 2x2 stride 2"},
+    {2, {1, 3, 7, 6}, {4, 3, 2, 3}, {1, 2}, {0, 1}, {1, 0}, {1, 1}, 1, true, 0, "2-D asymmetric padding"},
+    {3, {1, 2, 5, 6, 7}, {3, 2, 3, 3, 3}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, 1, true, 0, "3-D 3x3x3 pad 1"},
+    {3, {1, 4, 3, 8, 8}, {6, 4, 1, 2, 2}, {1, 2, 2}, {0, 0, 0}, {0, 0, 0}, {1, 1, 1}, 1, true, 0, "3-D patchify (1, 2, 2)"},
+    {1, {2, 3, 17}, {4, 3, 5}, {3}, {2}, {2}, {1}, 1, true, 0, "1-D k 5 stride 3 pad 2"},
+    {2, {1, 16, 64, 64}, {16, 16, 3, 3}, {1, 1}, {1, 1}, {1, 1}, {1, 1}, 1, true, 0, "2-D (1, 16, 64, 64) 3x3"},
+}
+for _, cv in ipairs(CONV) do
+    local nsp = cv[1]
+    for _, dt in ipairs(FLOATS) do
+        local x, xd = pair(cv[2], dt, -1, 1, false)
+        local w, wd = pair(cv[3], dt, -1, 1, false)
+        local b, bd = pair({cv[3][1]}, dt, -1, 1, false)
+        local B, Bd = cv[9] and b or nil, cv[9] and bd or nil
+        local function fwd(side)
+            return wrap(C.nemo_conv(side_of(side, x, xd)._c, side_of(side, w, wd)._c, cp(side_of(side, B, Bd)), nsp,
+                                    int64s(cv[4]), int64s(cv[5]), int64s(cv[6]), int64s(cv[7]), cv[8], cv[10]))
+        end
+        case("conv_fwd", dt, cv[11], GEMM_RTOL[dt], false, fwd)
+        local y = fwd(1)
+        local g, gd = pair(shape_of(y), dt, -1, 1, false)
+        case("conv_bwd", dt, cv[11], GEMM_RTOL[dt], false, function(side)
+            local o = outs(3)
+            nffi.check(C.nemo_conv_backward(side_of(side, g, gd)._c, side_of(side, x, xd)._c, side_of(side, w, wd)._c, nsp,
+                                            int64s(cv[4]), int64s(cv[5]), int64s(cv[6]), int64s(cv[7]), cv[8], cv[10],
+                                            o[1], o[2], o[3]))
+            return took(o)
+        end)
+    end
+end
+
+-- embedding (kernels "embedding_fwd", "embedding_bwd"): bitwise; a bad index is an error
+local idx_small = from_fn({3, 5}, "int64", function(i) return (i * 7) % 10 end)
+local idx_large = from_fn({20000}, "int64", function(i) return (i * 7919) % 1000 end)
+for _, dt in ipairs{"float32", "bfloat16", "float16", "float64", "int32"} do
+    local w, wd = pair({10, 7}, dt, -2, 2, false)
+    for _, idt in ipairs{"int64", "int32"} do
+        local ix = idx_small:to{dtype = idt}
+        local ixd = dev(ix)
+        case("embedding_fwd", dt, "(10, 7) by " .. idt .. " indices (3, 5)", 0, true, function(side)
+            return wrap(C.nemo_embedding(side_of(side, ix, ixd)._c, side_of(side, w, wd)._c))
+        end)
+    end
+end
+for _, dt in ipairs(FLOATS) do
+    local g, gd = pair({3, 5, 7}, dt, -1, 1, false)
+    local ixd = dev(idx_small)
+    for _, pad in ipairs{-1, 2} do
+        case("embedding_bwd", dt, "(3, 5) indices into 10 rows, padding_idx " .. pad, 0, true, function(side)
+            return wrap(C.nemo_embedding_backward(side_of(side, g, gd)._c, side_of(side, idx_small, ixd)._c, 10, pad))
+        end)
+    end
+    local gl, gld = pair({20000, 64}, dt, -1, 1, false)
+    local ild = dev(idx_large)
+    case("embedding_bwd", dt, "20000 indices into 1000 rows of 64", 0, true, function(side)
+        return wrap(C.nemo_embedding_backward(side_of(side, gl, gld)._c, side_of(side, idx_large, ild)._c, 1000, -1))
+    end)
+end
+do
+    local bad = dev(from_fn({4}, "int64", function(i) return i == 2 and 10 or i end))
+    local w = dev(uniform({10, 3}, "float32"))
+    local ok, err = pcall(function() return wrap(C.nemo_embedding(bad._c, w._c)) end)
+    local good = not ok and tostring(err):find("out of range", 1, true) ~= nil and tostring(err):find("10", 1, true) ~= nil
+    T.ok(good, "embedding_fwd on cuda: index 10 of a 10-row weight is an error naming it", tostring(err))
+    record("embedding_fwd", "float32", good)
+    ok, err = pcall(function() return wrap(C.nemo_embedding_backward(dev(uniform({4, 3}, "float32"))._c, bad._c, 10, -1)) end)
+    good = not ok and tostring(err):find("out of range", 1, true) ~= nil
+    T.ok(good, "embedding_bwd on cuda: index 10 for 10 rows is an error naming it", tostring(err))
+    record("embedding_bwd", "float32", good)
+    ok = pcall(cuda.synchronize, 0)
+    T.ok(ok, "the device is usable after the index errors")
+end
+
+-- nearest interpolation (kernels "interp_nearest_fwd", "interp_nearest_bwd"): bitwise
+local INTERP = {   -- nsp, x shape, out size, scales (nil: none), mode, label
+    {2, {2, 3, 5, 7}, {10, 14}, nil, 0, "2-D x2"},
+    {2, {2, 3, 5, 7}, {7, 9}, nil, 0, "2-D (5, 7) -> (7, 9)"},
+    {2, {2, 3, 5, 7}, {3, 4}, nil, 0, "2-D down (5, 7) -> (3, 4)"},
+    {2, {2, 3, 5, 7}, {7, 16}, {1.5, 2.3}, 0, "2-D scales (1.5, 2.3)"},
+    {2, {2, 3, 5, 7}, {7, 9}, nil, 1, "2-D nearest-exact (7, 9)"},
+    {1, {2, 3, 11}, {25}, nil, 0, "1-D 11 -> 25"},
+    {3, {1, 2, 3, 4, 5}, {6, 8, 7}, nil, 1, "3-D nearest-exact"},
+}
+for _, ip in ipairs(INTERP) do
+    local nsp = ip[1]
+    local sc = ip[4] and ffi.new("double[?]", nsp, ip[4]) or nil
+    for _, dt in ipairs{"float32", "bfloat16", "float16", "float64", "int64", "bool"} do
+        local x = source(numel(ip[2]), ip[2], dt)
+        local xd = dev(x)
+        case("interp_nearest_fwd", dt, ip[6], 0, true, function(side)
+            return wrap(C.nemo_interpolate(side_of(side, x, xd)._c, nsp, int64s(ip[3]), sc, ip[5]))
+        end)
+    end
+    local oshape = {ip[2][1], ip[2][2]}
+    for _, s in ipairs(ip[3]) do oshape[#oshape + 1] = s end
+    for _, dt in ipairs(FLOATS) do
+        local g, gd = pair(oshape, dt, -1, 1, false)
+        case("interp_nearest_bwd", dt, ip[6], 0, true, function(side)
+            return wrap(C.nemo_interpolate_backward(side_of(side, g, gd)._c, nsp, int64s(ip[2]), sc, ip[5]))
+        end)
+    end
+end
+
+-- adamw and sum_squares: engine/optim.c does not dispatch to CUDA yet, so the kernels are
+-- called directly (their pointers from the plugin) and compared with the CPU engine call.
+do
+    local adamw_k = kernels.adamw and ffi.cast("int (*)(nemo_tensor *, const nemo_tensor *, nemo_tensor *, nemo_tensor *, "
+        .. "double, double, double, double, double, int64_t)", kernels.adamw)
+    local ssq_k = kernels.sum_squares and ffi.cast("int (*)(const nemo_tensor *, double *)", kernels.sum_squares)
+    for _, dt in ipairs{"float32", "float64"} do
+        if adamw_k then
+            local p0 = uniform({1000, 33}, dt, -1, 1)
+            local grads = {uniform({1000, 33}, dt, -1, 1), uniform({1000, 33}, dt, -1, 1), uniform({1000, 33}, dt, -1, 1)}
+            case("adamw", dt, "3 steps on (1000, 33), lr 1e-2, wd 0.1", 0, true, function(side)
+                local p = p0:clone()
+                local m, v = nemo.zeros({1000, 33}, {dtype = dt}), nemo.zeros({1000, 33}, {dtype = dt})
+                if side == 2 then p, m, v = dev(p), dev(m), dev(v) end
+                for step = 1, 3 do
+                    local g = grads[step]
+                    if side == 1 then
+                        nffi.check(C.nemo_adamw_step(p._c, g._c, m._c, v._c, 1e-2, 0.9, 0.999, 1e-8, 0.1, step))
+                    else
+                        local rc = adamw_k(p._c, dev(g)._c, m._c, v._c, 1e-2, 0.9, 0.999, 1e-8, 0.1, step)
+                        if rc ~= 0 then error("adamw kernel: " .. ffi.string(plugin.error_text())) end
+                    end
+                end
+                return {p, m, v}
+            end)
+        end
+        if ssq_k then
+            local t = uniform({LARGE}, dt, -1, 1)
+            local td = dev(t)
+            local ref, got = ffi.new("double[1]"), ffi.new("double[1]")
+            nffi.check(C.nemo_sum_squares(t._c, ref))
+            local rc = ssq_k(td._c, got)
+            local rel = math.abs(got[0] - ref[0]) / ref[0]
+            local good = rc == 0 and rel <= 1e-12
+            T.ok(good, string.format("sum_squares %s (%d,): cuda %.17g, cpu %.17g, relative error %.2g <= 1e-12", dt, LARGE,
+                                     got[0], ref[0], rel), rc ~= 0 and ffi.string(plugin.error_text()) or nil)
+            record("sum_squares", dt, good, rel)
+        end
+    end
+end
+
 -- ==== the caching allocator ====
 
 do
@@ -750,6 +1158,50 @@ do
         end
     end)
     if not ok then T.diag("bench: failed: " .. tostring(err)) end
+end
+
+-- throughput of the training-step kernels ("bench:" lines)
+do
+    local ok, err = pcall(function()
+        local function attn(dt, S, H, D, causal)
+            local q = dev(uniform({1, H, S, D}, dt, -1, 1))
+            local k = dev(uniform({1, H, S, D}, dt, -1, 1))
+            local v = dev(uniform({1, H, S, D}, dt, -1, 1))
+            local function fwd()
+                local o = outs(2)
+                nffi.check(C.nemo_sdpa(q._c, k._c, v._c, nil, causal, 0 / 0, o[1], o[2]))
+                return took(o)
+            end
+            local f = fwd()
+            local g = dev(uniform({1, H, S, D}, dt, -1, 1))
+            local flops = 4 * S * S * D * H * (causal == 1 and 0.5 or 1)
+            local t = timeit(3, function() local r = fwd(); r[1]:free(); r[2]:free() end)
+            T.diag(string.format("bench: attention fwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s", dt, H, S, D,
+                                 causal == 1 and " causal" or "", t * 1e3, flops / t / 1e12))
+            t = timeit(3, function()
+                local o = outs(3)
+                nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, causal, 0 / 0, o[1], o[2], o[3]))
+                for _, r in ipairs(took(o)) do r:free() end
+            end)
+            T.diag(string.format("bench: attention bwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s (2.5x fwd flops)", dt, H,
+                                 S, D, causal == 1 and " causal" or "", t * 1e3, 2.5 * flops / t / 1e12))
+        end
+        attn("float32", 4608, 24, 128, 0)
+        attn("bfloat16", 4608, 24, 128, 0)
+        local x = dev(uniform({8192, 3072}, "bfloat16", -1, 1))
+        local w = dev(uniform({3072}, "float32", 0.5, 1.5))
+        local t = timeit(10, function()
+            local o = outs(3)
+            nffi.check(C.nemo_layer_norm(x._c, 1, int64s{3072}, w._c, nil, 1e-6, o[1], o[2], o[3]))
+            for _, r in ipairs(took(o)) do r:free() end
+        end)
+        T.diag(string.format("bench: layer_norm bf16 (8192, 3072): %.3f ms, %.0f GB/s", t * 1e3, 8192 * 3072 * 4 / t / 1e9))
+        local xm = dev(uniform({1, 8192, 3072}, "float32", -1, 1))
+        local sc = dev(uniform({1, 3072}, "float32", -1, 1))
+        t = timeit(10, function() wrap(C.nemo_modulate(xm._c, sc._c, sc._c)):free() end)
+        T.diag(string.format("bench: modulate f32 (1, 8192, 3072): %.3f ms, %.0f GB/s", t * 1e3, 8192 * 3072 * 8 / t / 1e9))
+    end)
+    if not ok then T.diag("bench: training-step kernels failed: " .. tostring(err)) end
 end
 
 -- ==== memory accounting and synchronize ====

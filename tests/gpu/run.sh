@@ -2,6 +2,8 @@
 # tests/gpu/run.sh: the GPU checks, for a machine with an NVIDIA GPU (never part of `make test`).
 # Builds everything (the CUDA plugin included), then runs:
 #   tests/lua/test_cuda.lua   the device layer (nemo.cuda, plugin table) in its "GPU present" branch
+#   tests/lua/test_cuda_kernels.lua  every training-step CUDA kernel is registered under its CPU twin's
+#                             name and refuses CPU tensors cleanly (also runs without a GPU)
 #   tests/gpu/check_ops.lua   every CUDA kernel and copy path against the CPU (bitwise where the
 #                             kernel is exact, else within stated tolerances), with a summary
 #                             table, the worst error per kernel and throughput figures
@@ -35,7 +37,7 @@ fi
 
 status=0
 log=$(mktemp)
-for t in tests/lua/test_cuda.lua tests/gpu/check_ops.lua; do
+for t in tests/lua/test_cuda.lua tests/lua/test_cuda_kernels.lua tests/gpu/check_ops.lua; do
     echo "# ==== $t"
     NEMO_EXPECT_CUDA=1 "${RUN[@]}" "$t" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}

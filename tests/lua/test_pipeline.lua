@@ -50,8 +50,15 @@ T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "Nope"}, {to
     "unknown model class 'Nope'", "from_config with an unknown class")
 T.raises(function() P.from_config(tmp .. "/nowhere", {transformer_cls = "FluxTransformer2DModel"}) end,
     "not found; looked in", "from_config with a missing folder says where it looked")
-T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"}, {parallel_scheme = {transformer = {}}}) end,
-    "FSDP2 manager is not available yet", "a parallel_scheme asking for FSDP2 (the default manager) is refused clearly")
+do
+    local p3, mgrs = P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"},
+        {torch_dtype = "float32", parallel_scheme = {transformer = {}}})
+    T.ok(mgrs.transformer ~= nil and mgrs.transformer.manager_type == "fsdp2" and mgrs.transformer.module == p3.transformer,
+        "from_config with parallel_scheme {transformer = {}}: an FSDP2 manager (the default) wraps the transformer " ..
+        "(one process: its own process group)")
+    T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"},
+        {parallel_scheme = {transformer = {tp_size = 2}}}) end, "tp_size", "a parallel_scheme with tp_size 2 is refused, naming the key")
+end
 T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float8"}) end,
     "unknown dtype 'float8'", "unknown torch_dtype")
 

@@ -83,8 +83,14 @@ function M._apply_parallelization(pipe, scheme)
     if type(scheme) ~= "table" then error("parallel_scheme: expected a table of component -> manager options", 2) end
     local dist = require "nemo.dist"
     if not dist.is_initialized() then
-        error("parallel_scheme needs an initialized process group: call nemo.dist.init_process_group() first " ..
-              "(the training recipe does)", 2)
+        -- one process without a launcher: its process group is itself; with a launcher the
+        -- caller must choose the backend and timeout
+        if dist.env().world_size == 1 then
+            dist.init_process_group{backend = "self"}
+        else
+            error("parallel_scheme needs an initialized process group: call nemo.dist.init_process_group() first " ..
+                  "(the training recipe does)", 2)
+        end
     end
     local names = sorted_keys(scheme)
     local managers = {}

@@ -1,0 +1,321 @@
+/*
+ * kernels/cuda/fused.cu: the CUDA kernels of the fused DiT ops, with the signatures and formulas
+ * of kernels/cpu/fused.c (front-end: engine/ops/fused.c):
+ *
+ *   "rope"               int (y, x, cos, sin, nb, S, nh, D, backward)
+ *                        x, y (nb, S, nh, D), cos / sin (S, D); forward
+ *                        y[2i] = x[2i] c[2i] - x[2i+1] s[2i], y[2i+1] = x[2i+1] c[2i+1] + x[2i] s[2i+1];
+ *                        backward (x holds g) y[2i] = g[2i] c[2i] + g[2i+1] s[2i+1],
+ *                        y[2i+1] = g[2i+1] c[2i+1] - g[2i] s[2i].
+ *   "modulate"           int (y, x, scale, shift, B, S, D, sb)       y = x * (1 + scale) + shift
+ *   "modulate_backward"  int (dx, dscale, dshift, g, x, scale, B, S, D, sb)
+ *   "gated_add"          int (y, x, gate, a, B, S, D, gb)            y = x + gate * a
+ *   "gated_add_backward" int (da, dgate, g, gate, a, B, S, D, gb)
+ *       x, g, a, y, dx, da (B, S, D); scale, shift, gate and their gradients rows of D with row
+ *       stride sb / gb = D (one row per sample: (B, D)) or 0 (one row shared: (1, D)).
+ *
+ * Every tensor is dense, float32 or float64 (the compute dtype; the front-end converts and
+ * rounds), on one CUDA device; shift, and each gradient output, may be NULL. Launchers return
+ * 0 or a negative status with the plugin's error text, run on the device's stream and do not
+ * synchronize.
+ *
+ * Non-obvious rules
+ * - The elementwise results use the CPU's operations in the CPU's order, never fused (rn_*),
+ *   so y, dx and da equal the CPU bit for bit in float32 and float64 (the subtraction of rope
+ *   is the CPU's addition of a negated product: the same bits).
+ * - The per-sample vector gradients (dscale, dshift, dgate) sum compute-dtype products g*x
+ *   (or g) in double over the rows of a group (one sample, or all samples when the vector is
+ *   shared). Rows are cut into chunks (their number a function of the shapes only); one thread
+ *   per (group, chunk, channel) adds its rows in order and a second kernel adds the chunks in
+ *   order, so results are deterministic and agree with the CPU's sequential double sum to
+ *   rounding, not bit for bit. No atomics.
+ */
+#include <algorithm>
+#include "util.cuh"
+
+/* ==== rope ==== */
+
+template <typename T>
+__global__ void rope_k(T *y, const T *x, const T *cs, const T *sn, int64_t npairs, int64_t S, int64_t nh,
+                       int64_t half, int backward) {
+    NEMO_CUDA_LOOP(p, npairs) {
+        const int64_t i = p % half, q = p / half, srow = (q / nh) % S;
+        const int64_t o = q * (2 * half) + 2 * i, t = srow * (2 * half) + 2 * i;
+        const T v0 = x[o], v1 = x[o + 1], c0 = cs[t], c1 = cs[t + 1], s0 = sn[t], s1 = sn[t + 1];
+        if (!backward) {
+            y[o] = rn_add(rn_mul(v0, c0), rn_mul(-v1, s0));
+            y[o + 1] = rn_add(rn_mul(v1, c1), rn_mul(v0, s1));
+        } else {
+            y[o] = rn_add(rn_mul(v0, c0), rn_mul(v1, s1));
+            y[o + 1] = rn_add(rn_mul(v1, c1), rn_mul(-v0, s0));
+        }
+    }
+}
+
+/* ==== modulate / gated_add ==== */
+
+template <typename T>
+__global__ void modulate_k(T *y, const T *x, const T *sc, const T *sh, int64_t total, int64_t S, int64_t D,
+                           int64_t sb) {
+    NEMO_CUDA_LOOP(i, total) {
+        const int64_t r = i / D, d = i % D, v = (r / S) * sb + d;
+        const T m = rn_mul(x[i], rn_add((T)1, sc[v]));
+        y[i] = sh ? rn_add(m, sh[v]) : m;
+    }
+}
+
+template <typename T>
+__global__ void gated_add_k(T *y, const T *x, const T *gate, const T *a, int64_t total, int64_t S, int64_t D,
+                            int64_t gb) {
+    NEMO_CUDA_LOOP(i, total) {
+        const int64_t r = i / D, d = i % D;
+        y[i] = rn_add(x[i], rn_mul(gate[(r / S) * gb + d], a[i]));
+    }
+}
+
+/* out = g * (1 + v) (plus_one: dx of modulate) or g * v (da of gated_add). */
+template <typename T>
+__global__ void vec_out_k(T *out, const T *g, const T *v, int plus_one, int64_t total, int64_t S, int64_t D,
+                          int64_t sb) {
+    NEMO_CUDA_LOOP(i, total) {
+        const int64_t r = i / D, d = i % D;
+        const T vv = v[(r / S) * sb + d];
+        out[i] = rn_mul(g[i], plus_one ? rn_add((T)1, vv) : vv);
+    }
+}
+
+/* Group grp owns rows [grp*R, (grp+1)*R); chunk c of it rows [c*chunk, ...) of those.
+ * part1[(grp*nk + c)*D + d] = sum (double)(g*x), part2[...] = sum (double)g, rows in order. */
+template <typename T>
+__global__ void vec_part_k(double *part1, double *part2, const T *g, const T *x, int64_t ngroups, int64_t R,
+                           int64_t D, int64_t nk, int64_t chunk) {
+    NEMO_CUDA_LOOP(t, ngroups * nk * D) {
+        const int64_t d = t % D, gc = t / D, c = gc % nk, grp = gc / nk;
+        const int64_t r0 = c * chunk, r1 = r0 + chunk < R ? r0 + chunk : R;
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t o = (grp * R + r) * D + d;
+            if (part1) s1 = __dadd_rn(s1, (double)rn_mul(g[o], x[o]));
+            if (part2) s2 = __dadd_rn(s2, (double)g[o]);
+        }
+        if (part1) part1[t] = s1;
+        if (part2) part2[t] = s2;
+    }
+}
+template <typename T>
+__global__ void vec_fold_k(T *d1, T *d2, const double *part1, const double *part2, int64_t ngroups, int64_t D,
+                           int64_t nk) {
+    NEMO_CUDA_LOOP(t, ngroups * D) {
+        const int64_t d = t % D, grp = t / D;
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t c = 0; c < nk; c++) {
+            const int64_t q = (grp * nk + c) * D + d;
+            if (part1) s1 = __dadd_rn(s1, part1[q]);
+            if (part2) s2 = __dadd_rn(s2, part2[q]);
+        }
+        if (d1) d1[t] = (T)s1;
+        if (d2) d2[t] = (T)s2;
+    }
+}
+
+/* ==== launchers ==== */
+
+/* Every given tensor on ref's device in ref's dtype (float32 / float64) with count elements. */
+static int check_t(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int64_t count) {
+    if (!t) return 0;
+    NEMO_CUDA_RC(k_check(op, what, t, ref, ref->dtype));
+    if (nemo_cuda_numel(t) < count)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: %s has %lld elements, expected %lld", op, what,
+                               (long long)nemo_cuda_numel(t), (long long)count);
+    return 0;
+}
+/* Rows of a per-sample vector: B when its row stride is D, 1 when it is 0. */
+static int vec_rows(const char *op, int64_t B, int64_t D, int64_t sb, int64_t *rows) {
+    if (sb != 0 && sb != D)
+        return nemo_cuda_error(NEMO_EINVAL, "%s: vector row stride %lld, expected 0 or D = %lld", op, (long long)sb,
+                               (long long)D);
+    *rows = sb ? B : 1;
+    return 0;
+}
+
+static int rope_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *cos, const nemo_tensor *sin, int64_t nb,
+                     int64_t S, int64_t nh, int64_t D, int backward) {
+    static const char op[] = "rope";
+    NEMO_CUDA_ENTER(op, y);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(k_need(op, "input", x));
+    NEMO_CUDA_RC(k_need(op, "cos", cos));
+    NEMO_CUDA_RC(k_need(op, "sin", sin));
+    NEMO_CUDA_RC(k_sizes(op, nb, S, nh));
+    if (D < 0 || D % 2 != 0) return nemo_cuda_error(NEMO_EINVAL, "%s: head dim %lld is not even", op, (long long)D);
+    const int64_t total = nb * S * nh * D;
+    NEMO_CUDA_RC(check_t(op, "output", y, y, total));
+    NEMO_CUDA_RC(check_t(op, "input", x, y, total));
+    NEMO_CUDA_RC(check_t(op, "cos", cos, y, S * D));
+    NEMO_CUDA_RC(check_t(op, "sin", sin, y, S * D));
+    if (total == 0) return 0;
+    cudaStream_t st = nemo_cuda_stream(y->devindex);
+    const int64_t np = total / 2;
+    if (y->dtype == NEMO_F32)
+        rope_k<float><<<k_blocks(np), NEMO_CUDA_THREADS, 0, st>>>(
+            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(cos),
+            (const float *)nemo_cuda_data(sin), np, S, nh, D / 2, backward);
+    else
+        rope_k<double><<<k_blocks(np), NEMO_CUDA_THREADS, 0, st>>>(
+            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(cos),
+            (const double *)nemo_cuda_data(sin), np, S, nh, D / 2, backward);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
+    return 0;
+}
+NEMO_CUDA_KERNEL("rope", rope_cuda)
+
+static int modulate_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *scale, const nemo_tensor *shift,
+                         int64_t B, int64_t S, int64_t D, int64_t sb) {
+    static const char op[] = "modulate";
+    NEMO_CUDA_ENTER(op, y);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(k_need(op, "input", x));
+    NEMO_CUDA_RC(k_need(op, "scale", scale));
+    NEMO_CUDA_RC(k_sizes(op, B, S, D));
+    int64_t vr = 0;
+    NEMO_CUDA_RC(vec_rows(op, B, D, sb, &vr));
+    const int64_t total = B * S * D;
+    NEMO_CUDA_RC(check_t(op, "output", y, y, total));
+    NEMO_CUDA_RC(check_t(op, "input", x, y, total));
+    NEMO_CUDA_RC(check_t(op, "scale", scale, y, vr * D));
+    NEMO_CUDA_RC(check_t(op, "shift", shift, y, vr * D));
+    if (total == 0) return 0;
+    cudaStream_t st = nemo_cuda_stream(y->devindex);
+    if (y->dtype == NEMO_F32)
+        modulate_k<float><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
+            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(scale),
+            (const float *)k_data(shift), total, S, D, sb);
+    else
+        modulate_k<double><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
+            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(scale),
+            (const double *)k_data(shift), total, S, D, sb);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
+    return 0;
+}
+NEMO_CUDA_KERNEL("modulate", modulate_cuda)
+
+/* The backward shared by modulate and gated_add: out (elementwise), d1 = sums of g*x, d2 =
+ * sums of g, each optional. */
+template <typename T>
+static int vec_bwd_launch(const char *op, int dev, T *out, T *d1, T *d2, const T *g, const T *x, const T *v,
+                          int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb, cudaStream_t st) {
+    const int64_t total = B * S * D;
+    if (out)
+        vec_out_k<T><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
+    if (!d1 && !d2) return 0;
+    const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
+    /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */
+    int64_t nk = k_clamp(std::min(k_cdiv(262144, ngroups * (D > 0 ? D : 1)), R / 32), 1, 1024);
+    const int64_t chunk = R > 0 ? k_cdiv(R, nk) : 1;
+    nk = R > 0 ? k_cdiv(R, chunk) : 1;
+    const size_t np = (size_t)(ngroups * nk * D);
+    void *part = NULL;
+    NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * np * 2, &part));
+    double *p1 = d1 ? (double *)part : NULL, *p2 = d2 ? (double *)part + np : NULL;
+    vec_part_k<T><<<k_blocks(ngroups * nk * D), NEMO_CUDA_THREADS, 0, st>>>(p1, p2, g, x, ngroups, R, D, nk, chunk);
+    vec_fold_k<T><<<k_blocks(ngroups * D), NEMO_CUDA_THREADS, 0, st>>>(d1, d2, p1, p2, ngroups, D, nk);
+    (void)op;
+    return 0;
+}
+
+static int modulate_backward_cuda(nemo_tensor *dx, nemo_tensor *dscale, nemo_tensor *dshift, const nemo_tensor *g,
+                                  const nemo_tensor *x, const nemo_tensor *scale, int64_t B, int64_t S, int64_t D,
+                                  int64_t sb) {
+    static const char op[] = "modulate backward";
+    NEMO_CUDA_ENTER(op, g);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, g));
+    NEMO_CUDA_RC(k_need(op, "input", x));
+    NEMO_CUDA_RC(k_need(op, "scale", scale));
+    NEMO_CUDA_RC(k_sizes(op, B, S, D));
+    int64_t vr = 0;
+    NEMO_CUDA_RC(vec_rows(op, B, D, sb, &vr));
+    const int64_t total = B * S * D;
+    NEMO_CUDA_RC(check_t(op, "gradient", g, g, total));
+    NEMO_CUDA_RC(check_t(op, "input", x, g, total));
+    NEMO_CUDA_RC(check_t(op, "scale", scale, g, vr * D));
+    NEMO_CUDA_RC(check_t(op, "input gradient", dx, g, total));
+    NEMO_CUDA_RC(check_t(op, "scale gradient", dscale, g, vr * D));
+    NEMO_CUDA_RC(check_t(op, "shift gradient", dshift, g, vr * D));
+    if (vr * D == 0) return 0;
+    cudaStream_t st = nemo_cuda_stream(g->devindex);
+    if (g->dtype == NEMO_F32)
+        NEMO_CUDA_RC(vec_bwd_launch<float>(op, g->devindex, (float *)k_data(dx), (float *)k_data(dscale),
+                                           (float *)k_data(dshift), (const float *)nemo_cuda_data(g),
+                                           (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(scale), 1, B,
+                                           S, D, sb, st));
+    else
+        NEMO_CUDA_RC(vec_bwd_launch<double>(op, g->devindex, (double *)k_data(dx), (double *)k_data(dscale),
+                                            (double *)k_data(dshift), (const double *)nemo_cuda_data(g),
+                                            (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(scale), 1,
+                                            B, S, D, sb, st));
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
+    return 0;
+}
+NEMO_CUDA_KERNEL("modulate_backward", modulate_backward_cuda)
+
+static int gated_add_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *gate, const nemo_tensor *a,
+                          int64_t B, int64_t S, int64_t D, int64_t gb) {
+    static const char op[] = "gated_add";
+    NEMO_CUDA_ENTER(op, y);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(k_need(op, "input", x));
+    NEMO_CUDA_RC(k_need(op, "gate", gate));
+    NEMO_CUDA_RC(k_need(op, "addend", a));
+    NEMO_CUDA_RC(k_sizes(op, B, S, D));
+    int64_t vr = 0;
+    NEMO_CUDA_RC(vec_rows(op, B, D, gb, &vr));
+    const int64_t total = B * S * D;
+    NEMO_CUDA_RC(check_t(op, "output", y, y, total));
+    NEMO_CUDA_RC(check_t(op, "input", x, y, total));
+    NEMO_CUDA_RC(check_t(op, "addend", a, y, total));
+    NEMO_CUDA_RC(check_t(op, "gate", gate, y, vr * D));
+    if (total == 0) return 0;
+    cudaStream_t st = nemo_cuda_stream(y->devindex);
+    if (y->dtype == NEMO_F32)
+        gated_add_k<float><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
+            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(gate),
+            (const float *)nemo_cuda_data(a), total, S, D, gb);
+    else
+        gated_add_k<double><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
+            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(gate),
+            (const double *)nemo_cuda_data(a), total, S, D, gb);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
+    return 0;
+}
+NEMO_CUDA_KERNEL("gated_add", gated_add_cuda)
+
+static int gated_add_backward_cuda(nemo_tensor *da, nemo_tensor *dgate, const nemo_tensor *g, const nemo_tensor *gate,
+                                   const nemo_tensor *a, int64_t B, int64_t S, int64_t D, int64_t gb) {
+    static const char op[] = "gated_add backward";
+    NEMO_CUDA_ENTER(op, g);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, g));
+    NEMO_CUDA_RC(k_need(op, "gate", gate));
+    NEMO_CUDA_RC(k_need(op, "addend", a));
+    NEMO_CUDA_RC(k_sizes(op, B, S, D));
+    int64_t vr = 0;
+    NEMO_CUDA_RC(vec_rows(op, B, D, gb, &vr));
+    const int64_t total = B * S * D;
+    NEMO_CUDA_RC(check_t(op, "gradient", g, g, total));
+    NEMO_CUDA_RC(check_t(op, "addend", a, g, total));
+    NEMO_CUDA_RC(check_t(op, "gate", gate, g, vr * D));
+    NEMO_CUDA_RC(check_t(op, "addend gradient", da, g, total));
+    NEMO_CUDA_RC(check_t(op, "gate gradient", dgate, g, vr * D));
+    if (vr * D == 0) return 0;
+    cudaStream_t st = nemo_cuda_stream(g->devindex);
+    if (g->dtype == NEMO_F32)
+        NEMO_CUDA_RC(vec_bwd_launch<float>(op, g->devindex, (float *)k_data(da), (float *)k_data(dgate), NULL,
+                                           (const float *)nemo_cuda_data(g), (const float *)nemo_cuda_data(a),
+                                           (const float *)nemo_cuda_data(gate), 0, B, S, D, gb, st));
+    else
+        NEMO_CUDA_RC(vec_bwd_launch<double>(op, g->devindex, (double *)k_data(da), (double *)k_data(dgate), NULL,
+                                            (const double *)nemo_cuda_data(g), (const double *)nemo_cuda_data(a),
+                                            (const double *)nemo_cuda_data(gate), 0, B, S, D, gb, st));
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
+    return 0;
+}
+NEMO_CUDA_KERNEL("gated_add_backward", gated_add_backward_cuda)

@@ -1,0 +1,140 @@
+/*
+ * kernels/cuda/optim.cu: CUDA kernels for engine/optim.c's optimizer update and gradient-norm
+ * helper. engine/optim.c does not look them up yet (it refuses CUDA tensors); docs/cuda.md
+ * gives the front-end change. Registered names and signatures:
+ *
+ *   "adamw"        int (p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+ *                  p, g, m, v dense, one compute dtype (float32 / float64), one CUDA device;
+ *                  p, m, v updated in place; step >= 1.
+ *   "sum_squares"  int (t, double *out)
+ *                  *out (host memory) = sum of t's squares in double; t dense float32 /
+ *                  float64. Waits for the stream (the caller needs the number).
+ *
+ * Non-obvious rules
+ * - adamw is engine/optim.c's ADAMW_BODY operation by operation: the two explicit fused
+ *   multiply-adds are fma (__fmaf_rn / __fma_rn), every other product, quotient and sum is
+ *   rounded on its own (rn_*, IEEE division and square root), and the scalars (decay, bias
+ *   corrections, step size) are formed on the host by the same expressions. So a step equals
+ *   the CPU's bit for bit, NaN and inf included.
+ * - sum_squares adds chunks of 65536 elements with a fixed tree per chunk and the chunk sums
+ *   with a fixed tree: deterministic, equal to the CPU's sequential double sum to rounding.
+ */
+#include <math.h>
+#include "util.cuh"
+
+template <typename T> __device__ __forceinline__ T k_fma(T a, T b, T c);
+template <> __device__ __forceinline__ float k_fma<float>(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+template <> __device__ __forceinline__ double k_fma<double>(double a, double b, double c) { return __fma_rn(a, b, c); }
+__device__ __forceinline__ float k_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double k_sqrt(double v) { return sqrt(v); }
+
+template <typename T>
+__global__ void adamw_k(T *p, const T *g, T *m, T *v, int64_t n, T decay, T b1f, T b2f, T omb1, T omb2, T step_size,
+                        T bc2s, T epsf) {
+    NEMO_CUDA_LOOP(i, n) {
+        const T gi = g[i];
+        T pi = rn_mul(p[i], decay);
+        const T mi = k_fma(gi, omb1, rn_mul(m[i], b1f));
+        const T vi = k_fma(rn_mul(omb2, gi), gi, rn_mul(v[i], b2f));
+        T denom = k_sqrt(vi) / bc2s;
+        denom = rn_add(denom, epsf);
+        pi = rn_add(pi, rn_mul(step_size, mi) / denom);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+template <typename T>
+static void adamw_launch(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, int64_t n, double lr,
+                         double b1, double b2, double eps, double wd, double bc1, double bc2, cudaStream_t st) {
+    const T decay = (T)(1.0 - lr * wd), b1f = (T)b1, b2f = (T)b2, omb1 = (T)(1.0 - b1), omb2 = (T)(1.0 - b2);
+    const T step_size = (T)(-(lr / bc1)), bc2s = (T)sqrt(bc2), epsf = (T)eps;
+    adamw_k<T><<<k_blocks(n), NEMO_CUDA_THREADS, 0, st>>>((T *)nemo_cuda_data(p), (const T *)nemo_cuda_data(g),
+                                                         (T *)nemo_cuda_data(m), (T *)nemo_cuda_data(v), n, decay, b1f,
+                                                         b2f, omb1, omb2, step_size, bc2s, epsf);
+}
+
+static int adamw_cuda(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, int64_t step) {
+    static const char op[] = "adamw";
+    NEMO_CUDA_ENTER(op, p);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, p));
+    NEMO_CUDA_RC(k_need(op, "gradient", g));
+    NEMO_CUDA_RC(k_need(op, "exp_avg", m));
+    NEMO_CUDA_RC(k_need(op, "exp_avg_sq", v));
+    NEMO_CUDA_RC(k_check(op, "gradient", g, p, p->dtype));
+    NEMO_CUDA_RC(k_check(op, "exp_avg", m, p, p->dtype));
+    NEMO_CUDA_RC(k_check(op, "exp_avg_sq", v, p, p->dtype));
+    const int64_t n = nemo_cuda_numel(p);
+    if (nemo_cuda_numel(g) != n || nemo_cuda_numel(m) != n || nemo_cuda_numel(v) != n)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: parameter, gradient and states have %lld, %lld, %lld, %lld elements", op,
+                               (long long)n, (long long)nemo_cuda_numel(g), (long long)nemo_cuda_numel(m),
+                               (long long)nemo_cuda_numel(v));
+    if (step < 1) return nemo_cuda_error(NEMO_EINVAL, "%s: step must be >= 1, got %lld", op, (long long)step);
+    if (n == 0) return 0;
+    const double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
+    cudaStream_t st = nemo_cuda_stream(p->devindex);
+    if (p->dtype == NEMO_F32) adamw_launch<float>(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2, st);
+    else adamw_launch<double>(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2, st);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, p->devindex, (long long)n);
+    return 0;
+}
+NEMO_CUDA_KERNEL("adamw", adamw_cuda)
+
+#define SSQ_CHUNK 65536
+
+/* part[c] = sum over chunk c of x^2 (double), one block per chunk, fixed tree. */
+template <typename T>
+__global__ void ssq_part_k(double *part, const T *x, int64_t n, int64_t nch) {
+    __shared__ double sm[NEMO_CUDA_THREADS / 32];
+    ROW_TASKS(c, nch, NEMO_CUDA_THREADS) {
+        const bool ok = c < nch;
+        double s = 0.0;
+        if (ok) {
+            const int64_t i1 = (c + 1) * SSQ_CHUNK < n ? (c + 1) * SSQ_CHUNK : n;
+            for (int64_t i = c * SSQ_CHUNK + threadIdx.x; i < i1; i += NEMO_CUDA_THREADS) {
+                const double d = (double)x[i];
+                s = __dadd_rn(s, __dmul_rn(d, d));
+            }
+        }
+        s = nemo_cuda_group_reduce<NEMO_CUDA_THREADS>(s, AddF64(), sm);
+        if (ok && threadIdx.x == 0) part[c] = s;
+    }
+}
+/* out[0] = sum of part[0..nch) with one block: strided per thread in order, then the tree. */
+__global__ void ssq_fold_k(double *out, const double *part, int64_t nch) {
+    __shared__ double sm[NEMO_CUDA_THREADS / 32];
+    double s = 0.0;
+    for (int64_t c = threadIdx.x; c < nch; c += NEMO_CUDA_THREADS) s = __dadd_rn(s, part[c]);
+    s = nemo_cuda_group_reduce<NEMO_CUDA_THREADS>(s, AddF64(), sm);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+static int sum_squares_cuda(const nemo_tensor *t, double *out) {
+    static const char op[] = "sum_squares";
+    NEMO_CUDA_ENTER(op, t);
+    NEMO_CUDA_RC(nemo_cuda_check_compute(op, t));
+    if (!out) return nemo_cuda_error(NEMO_EINVAL, "%s: no output pointer", op);
+    *out = 0.0;
+    const int64_t n = nemo_cuda_numel(t);
+    if (n == 0) return 0;
+    const int64_t nch = k_cdiv(n, SSQ_CHUNK);
+    const int dev = t->devindex;
+    void *part = NULL;
+    NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * (size_t)(nch + 1), &part));
+    double *P = (double *)part;
+    cudaStream_t st = nemo_cuda_stream(dev);
+    if (t->dtype == NEMO_F32)
+        ssq_part_k<float><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+            P + 1, (const float *)nemo_cuda_data(t), n, nch);
+    else
+        ssq_part_k<double><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+            P + 1, (const double *)nemo_cuda_data(t), n, nch);
+    ssq_fold_k<<<1, NEMO_CUDA_THREADS, 0, st>>>(P, P + 1, nch);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, dev, (long long)n);
+    NEMO_CUDA_TRY(cudaMemcpyAsync(out, P, sizeof(double), cudaMemcpyDeviceToHost, st), "%s: copying the sum", op);
+    NEMO_CUDA_TRY(cudaStreamSynchronize(st), "%s: waiting for the sum", op);
+    return 0;
+}
+NEMO_CUDA_KERNEL("sum_squares", sum_squares_cuda)
