@@ -1,9 +1,11 @@
 -- lua/nemo/checkpoint.lua: training checkpoints (what lua/nemo/train.lua saves and resumes from).
 --
 -- <checkpoint_dir>/epoch_<E>_step_<S>/      S = the 0-based index of the last step taken, E its epoch
---   model/model.safetensors                  the trained module's state_dict (names as diffusers)
+--   model/model.safetensors                  the trained module's state_dict (names as diffusers), or,
+--   model/shard-QQQQQ-of-SSSSS.safetensors   under FSDP2, each shard's rows (nemo.parallel.fsdp2)
 --   model/config.json                        the model config (the resume compatibility check)
 --   optim/optim.safetensors                  AdamW moments: exp_avg.<i>, exp_avg_sq.<i> (i = torch's index)
+--                                            (optim/shard-QQQQQ-of-SSSSS.safetensors under FSDP2)
 --   optim/state.json                         step counts, param groups, the LR schedule's state
 --   trainer.json                             step, epoch, RNG states, data-sampler position
 --   config.yaml                              the resolved run config (JSON text, which YAML reads)
@@ -14,7 +16,9 @@
 -- written into "<name>.incomplete" and renamed when every file is there; LATEST is replaced
 -- atomically (temporary file + rename) after that. latest() follows LATEST only when it names a
 -- complete folder, else takes the complete folder with the highest step; "*.incomplete" folders
--- are never candidates and an explicit restore_from naming one is an error.
+-- are never candidates and an explicit restore_from naming one is an error. With several ranks,
+-- rank 0 makes the folder, every rank writes its part (FSDP2: its shards), rank 0 writes the rest
+-- and publishes it after a barrier, so no rank ever sees a half-written checkpoint.
 local fs = require "nemo.fs"
 local json = require "nemo.json"
 
@@ -22,8 +26,31 @@ local M = {}
 
 local function st() return require "nemo.safetensors" end
 
--- Files every complete checkpoint holds (relative to its folder).
+-- Files every complete checkpoint holds (relative to its folder); a sharded (FSDP2) checkpoint
+-- holds shard 0 of the model and optimizer instead of the two single files (and the loader
+-- checks that every shard is there).
 M.REQUIRED = {"model/model.safetensors", "optim/optim.safetensors", "optim/state.json", "trainer.json"}
+local SHARDED_ALT = {["model/model.safetensors"] = "model", ["optim/optim.safetensors"] = "optim"}
+
+-- Is dir/<sub> a folder of FSDP2 shard files?
+local function has_shards(dir, sub)
+    if not fs.isdir(dir .. "/" .. sub) then return false end
+    for _, n in ipairs(fs.list(dir .. "/" .. sub)) do
+        if n:match("^shard%-00000%-of%-%d+%.safetensors$") then return true end
+    end
+    return false
+end
+M.is_sharded = function(dir) return has_shards(dir, "model") end
+
+local function missing_files(dir)
+    local missing = {}
+    for _, f in ipairs(M.REQUIRED) do
+        if not fs.isfile(dir .. "/" .. f) and not (SHARDED_ALT[f] and has_shards(dir, SHARDED_ALT[f])) then
+            missing[#missing + 1] = f
+        end
+    end
+    return missing
+end
 
 local function write_text(path, text)
     local tmp = path .. ".tmp"
@@ -46,10 +73,7 @@ end
 -- Is dir a complete checkpoint (the name is not *.incomplete and every required file exists)?
 function M.is_complete(dir)
     if not fs.isdir(dir) or dir:match("%.incomplete/*$") then return false end
-    for _, f in ipairs(M.REQUIRED) do
-        if not fs.isfile(dir .. "/" .. f) then return false end
-    end
-    return true
+    return #missing_files(dir) == 0
 end
 
 -- list(root) -> the complete checkpoints under root, oldest first:
@@ -88,23 +112,46 @@ end
 -- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
 --             extra = function(tmp_folder)}) -> the checkpoint folder.
 -- extra (optional) writes more into the checkpoint before it is published (the diffusers export).
+-- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
+--            extra = fn(tmp) (rank 0), extra_all = fn(tmp) (every rank: collective exports),
+--            manager = the FSDP2 manager of a sharded run, group = nemo.dist group (several ranks)})
+-- -> the checkpoint's folder. Every rank of group calls it.
 function M.save(root, s)
-    fs.mkdirs(root)
+    local g = s.group
+    local multi = g ~= nil and g:size() > 1
+    local main = not multi or g:rank() == 0
+    local dist = multi and require "nemo.dist" or nil
+    local sharded = s.manager ~= nil
     local name = M.name(s.epoch, s.step)
     local final = root .. "/" .. name
     local tmp = final .. ".incomplete"
-    if fs.exists(tmp) then fs.remove_tree(tmp) end
-    fs.mkdirs(tmp .. "/model")
-    fs.mkdirs(tmp .. "/optim")
+    if main then
+        fs.mkdirs(root)
+        if fs.exists(tmp) then fs.remove_tree(tmp) end
+        fs.mkdirs(tmp .. "/model")
+        fs.mkdirs(tmp .. "/optim")
+    end
+    if multi then dist.barrier{group = g} end
+    -- the parts every rank writes; a failure anywhere stops the job (the caller aborts it)
+    if sharded then s.manager:save_sharded(tmp, s.optimizer) end
+    if s.extra_all then s.extra_all(tmp) end
+    if multi then dist.barrier{group = g} end
+    if not main then
+        dist.barrier{group = g}   -- rank 0 publishes
+        return final
+    end
     local ok, err = pcall(function()
         -- model
-        local sd, keys = s.model:state_dict()
-        local tensors = {}
-        if keys then for _, k in ipairs(keys) do tensors[k] = sd[k] end else tensors = sd end
-        st().save_file(tensors, tmp .. "/model/model.safetensors", {format = "pt"})
+        if not sharded then
+            local sd, keys = s.model:state_dict()
+            local tensors = {}
+            if keys then for _, k in ipairs(keys) do tensors[k] = sd[k] end else tensors = sd end
+            st().save_file(tensors, tmp .. "/model/model.safetensors", {format = "pt"})
+        end
         if s.model_config then json.write_file(tmp .. "/model/config.json", s.model_config) end
         -- optimizer
         local osd = s.optimizer:state_dict()
+        if sharded then osd.state = {} end   -- the moments and steps are in the optimizer shards
         local otensors, ostate = {}, {param_groups = {}, steps = {}}
         for i, g in ipairs(osd.param_groups) do
             local copy = {}
@@ -117,7 +164,8 @@ function M.save(root, s)
             otensors["exp_avg_sq." .. idx] = v.exp_avg_sq
             ostate.steps[tostring(idx)] = v.step
         end
-        st().save_file(otensors, tmp .. "/optim/optim.safetensors", {format = "nemo"})
+        if not sharded then st().save_file(otensors, tmp .. "/optim/optim.safetensors", {format = "nemo"}) end
+        ostate.sharded = sharded or nil
         ostate.scheduler = s.scheduler and s.scheduler:state_dict() or nil
         json.write_file(tmp .. "/optim/state.json", ostate)
         -- the config, anything extra, and last trainer.json (so a folder holding it is complete)
@@ -132,6 +180,10 @@ function M.save(root, s)
         pcall(fs.remove_tree, tmp)
         error("checkpoint: saving " .. final .. " failed: " .. tostring(err), 2)
     end
+    local function done()
+        if multi then dist.barrier{group = g} end
+        return final
+    end
     -- publish: an older folder of the same name is moved aside first, never deleted before the
     -- new one is in place
     local old
@@ -145,7 +197,7 @@ function M.save(root, s)
     write_text(root .. "/LATEST", name .. "\n")
     fs.sync_dir(root)
     if old then pcall(fs.remove_tree, old) end
-    return final
+    return done()
 end
 
 -- prune(root, keep) keeps the `keep` newest complete checkpoints (by step) and the one LATEST
@@ -217,10 +269,7 @@ function M.resolve(restore_from, root)
         if newest then return newest end
     end
     if not M.is_complete(path) then
-        local missing = {}
-        for _, f in ipairs(M.REQUIRED) do
-            if not fs.isfile(path .. "/" .. f) then missing[#missing + 1] = f end
-        end
+        local missing = missing_files(path)
         error("checkpoint.restore_from: '" .. path .. "' is not a complete checkpoint (missing: " ..
             table.concat(missing, ", ") .. ")", 2)
     end
@@ -238,9 +287,28 @@ end
 function M.trainer_state(dir) return json.read_file(dir .. "/trainer.json") end
 
 -- load(dir, {model=, optimizer=, scheduler=}) restores in place and returns trainer.json.
+-- With s.manager (an FSDP2 manager of a sharded run) the shards are read into this rank's
+-- shards, whatever number of ranks wrote them; a consolidated checkpoint is read into the shards
+-- too; a sharded checkpoint read by a run without FSDP2 is assembled whole.
 function M.load(dir, s)
-    for _, f in ipairs(M.REQUIRED) do
-        if not fs.isfile(dir .. "/" .. f) then error("checkpoint " .. dir .. " is incomplete: " .. f .. " is missing", 2) end
+    local missing = missing_files(dir)
+    if #missing > 0 then error("checkpoint " .. dir .. " is incomplete: " .. missing[1] .. " is missing", 2) end
+    local ck_sharded = has_shards(dir, "model")
+    if s.manager or ck_sharded then
+        local ostate = json.read_file(dir .. "/optim/state.json")
+        local fsdp2 = require "nemo.parallel.fsdp2"
+        local ok, err = pcall(function()
+            if s.manager and ck_sharded then
+                s.manager:load_sharded(dir, s.optimizer, ostate.param_groups)
+            elseif s.manager then
+                s.manager:load_consolidated(dir, s.optimizer, ostate)
+            else
+                fsdp2.load_sharded_whole(dir, s.model, s.optimizer, ostate.param_groups)
+            end
+        end)
+        if not ok then error("checkpoint " .. dir .. ": " .. tostring(err), 2) end
+        if s.scheduler and ostate.scheduler then s.scheduler:load_state_dict(ostate.scheduler) end
+        return json.read_file(dir .. "/trainer.json")
     end
     local weights = st().load_file(dir .. "/model/model.safetensors")
     local ok, err = pcall(s.model.load_state_dict, s.model, weights, {strict = true})

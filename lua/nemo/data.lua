@@ -598,12 +598,20 @@ M.MockDataLoader = MockDataLoader
 
 -- MockDataLoader{batch_size=, latent_shape = {C, H, W} | {C, F, H, W}, text_len=, text_dim=,
 --                pooled_dim = 0, seed = 0, length = 1024 (samples per epoch), dtype = "float32",
---                device=}
+--                device=, dp_rank = 0, dp_size = 1}
 -- Random normal batches; batch k of epoch e is a function of (seed, e, k) only, so iteration is
--- resumable like the BucketSampler's.
+-- resumable like the BucketSampler's. With dp_size > 1 each batch is the rank's slice of a global
+-- batch of batch_size x dp_size samples, so N ranks see what one process with batch N x B sees.
 function MockDataLoader:__init(opts)
     opts = check_opts(opts, {batch_size = true, latent_shape = true, text_len = true, text_dim = true, pooled_dim = true,
-                             seed = true, length = true, dtype = true, device = true}, "MockDataLoader")
+                             seed = true, length = true, dtype = true, device = true, dp_rank = true, dp_size = true},
+                     "MockDataLoader")
+    local dp_size, dp_rank = opts.dp_size or 1, opts.dp_rank or 0
+    if not is_posint(dp_size) or not is_nonneg_int(dp_rank) or dp_rank >= dp_size then
+        error(string.format("MockDataLoader: dp_rank must be in [0, dp_size), got %s of %s", tostring(dp_rank),
+            tostring(dp_size)), 3)
+    end
+    self.dp_size, self.dp_rank = dp_size, dp_rank
     if not is_posint(opts.batch_size) then error("MockDataLoader: batch_size must be a positive integer", 3) end
     local ls = opts.latent_shape
     if type(ls) ~= "table" or (#ls ~= 3 and #ls ~= 4) then
@@ -620,9 +628,10 @@ function MockDataLoader:__init(opts)
     self.batch_size, self.latent_shape, self.text_len, self.text_dim = opts.batch_size, ls, opts.text_len, opts.text_dim
     self.pooled_dim, self.seed, self.dtype, self.device = pooled, opts.seed or 0, opts.dtype or "float32", opts.device
     self.data_type = #ls == 3 and "image" or "video"
-    self._len = math.max(1, math.floor(length / opts.batch_size))
-    local per = opts.batch_size * opts.text_len * opts.text_dim + opts.batch_size * pooled
-    local n = opts.batch_size
+    local G = opts.batch_size * dp_size
+    self._len = math.max(1, math.floor(length / G))
+    local per = G * opts.text_len * opts.text_dim + G * pooled
+    local n = G
     for _, v in ipairs(ls) do n = n * v end
     self._stride = per + n
     self.epoch, self._pos, self._skip = 0, 0, 0
@@ -637,14 +646,18 @@ function MockDataLoader:load_state_dict(s) self.epoch, self._skip, self._pos = s
 function MockDataLoader:batch(k)
     local g = Tensor.Generator(self.seed)
     g:set_state{seed = g:get_state().seed, offset = (self.epoch * self._len + k) * self._stride}
-    local B = self.batch_size
+    local B, G = self.batch_size, self.batch_size * self.dp_size
     local o = {dtype = self.dtype, generator = g}
-    local shape = {B}
+    local shape = {G}
     for _, v in ipairs(self.latent_shape) do shape[#shape + 1] = v end
     local batch = {data_type = self.data_type}
-    batch[self.data_type == "image" and "image_latents" or "video_latents"] = Tensor.randn(shape, o)
-    batch.text_embeddings = Tensor.randn({B, self.text_len, self.text_dim}, o)
-    if self.pooled_dim > 0 then batch.pooled_prompt_embeds = Tensor.randn({B, self.pooled_dim}, o) end
+    local function mine(t)   -- this rank's rows of the global batch
+        if self.dp_size == 1 then return t end
+        return t:narrow(0, self.dp_rank * B, B):contiguous()
+    end
+    batch[self.data_type == "image" and "image_latents" or "video_latents"] = mine(Tensor.randn(shape, o))
+    batch.text_embeddings = mine(Tensor.randn({G, self.text_len, self.text_dim}, o))
+    if self.pooled_dim > 0 then batch.pooled_prompt_embeds = mine(Tensor.randn({G, self.pooled_dim}, o)) end
     if self.device and self.device ~= "cpu" then
         for _, key in ipairs(TENSOR_KEYS) do if batch[key] then batch[key] = batch[key]:to{device = self.device} end end
     end

@@ -661,6 +661,43 @@ function FlowMatching:step(model, batch, opts)
     }
 end
 
+-- ==== data parallelism: one global batch's draws, sliced per rank ====
+
+-- global_draws(G, sample_shape, {generator=, compute_dtype=, device=}) -> draws: the random draws
+-- step() would make for a batch of G samples of sample_shape (the latents' shape without the batch
+-- dim), in step()'s order and dtypes, from the generator. Every data-parallel rank draws the whole
+-- global batch from the same generator state and hands step() its slice (slice_draws), so N ranks
+-- with local batch B consume the numbers one process with batch N x B would, and every rank's
+-- generator stays in the same state.
+function FlowMatching:global_draws(G, sample_shape, opts)
+    opts = opts or {}
+    if self.use_sigma_noise and self.timestep_sampling == "beta" then
+        error("flow_matching: timestep_sampling 'beta' with data parallelism is not supported yet (its Gamma " ..
+              "draws are not replayable per sample); use another timestep_sampling or one process", 2)
+    end
+    local gen = generator_of(opts.generator, "global_draws")
+    local wd = work_dtype(opts.compute_dtype or "float32")
+    local dev = opts.device or "cpu"
+    local _, _, _, info = self:sample_sigmas(G, {generator = gen, dtype = wd, device = dev})
+    local shape = {G}
+    for i, v in ipairs(sample_shape) do shape[i + 1] = v end
+    local d = {normal = info.normal, uniform = info.uniform, mix_uniform = info.mix_uniform}
+    d.noise = draw("normal", shape, wd, dev, gen, nil, "noise", 0.0, 1.0)
+    if self.adapter_type == "flux" and self.cfg_dropout_prob > 0 then
+        d.cfg_uniform = draw("uniform", {G}, wd, dev, gen, nil, "cfg_uniform")
+    end
+    return d
+end
+
+-- slice_draws(draws, lo, n): samples [lo, lo + n) (0-based) of a global batch's draws.
+function M.slice_draws(d, lo, n)
+    local out = {}
+    for k, v in pairs(d) do
+        if is_tensor(v) then out[k] = v:narrow(0, lo, n) else out[k] = v end
+    end
+    return out
+end
+
 -- M.FlowMatching(cfg) and M.new(cfg) both build one.
 M.FlowMatching = FlowMatching
 M.new = function(cfg) return FlowMatching(cfg) end

@@ -31,6 +31,7 @@ local yaml = require "nemo.yaml"
 local pipeline = require "nemo.pipeline"
 local lrs = require "nemo.lr_scheduler"
 local checkpoint = require "nemo.checkpoint"
+local dist = require "nemo.dist"
 
 local M = {}
 
@@ -301,10 +302,11 @@ function M.consolidated_mode(v)
         tostring(v)))
 end
 
--- The world and this process's place in it (one process until the parallel managers exist).
+-- The world and this process's place in it (from the launcher's environment: mpirun, srun,
+-- nemo-lua --nproc-per-node; see nemo.dist.env).
 local function world()
-    local ws = tonumber(os.getenv("WORLD_SIZE") or os.getenv("OMPI_COMM_WORLD_SIZE") or os.getenv("SLURM_NTASKS") or "1") or 1
-    return ws, tonumber(os.getenv("RANK") or os.getenv("OMPI_COMM_WORLD_RANK") or "0") or 0
+    local e = dist.env()
+    return e.world_size, e.rank
 end
 
 local function data_parallel_size(cfg)
@@ -319,24 +321,32 @@ local function data_parallel_size(cfg)
             end
         end
     end
-    if ws > 1 then
-        error("distributed training (world size " .. ws .. ") is not available yet in nemo-lua; run one process", 0)
+    if ws > 1 and not block then
+        cfg_error(string.format("this run has %d processes but the config has no 'fsdp:' or 'ddp:' block: add one " ..
+            "(e.g. 'fsdp:\n  dp_size: %d' or 'ddp:\n  dp_size: %d') to choose the data-parallel manager", ws, ws, ws))
     end
     if block then
-        local dp = (block.dp_size or ws) * (block.dp_replicate_size or 1)
+        -- dp_size counts every data-parallel rank (HSDP's replicas included, as Automodel's mesh)
+        local dp = block.dp_size or ws
         if dp ~= ws then
-            cfg_error(string.format("%s.dp_size%s = %d does not match the world size %d (this run has %d process%s; " ..
-                "pass --%s.dp_size %d)", name, block.dp_replicate_size and " x dp_replicate_size" or "",
-                dp, ws, ws, ws == 1 and "" or "es", name, ws))
+            cfg_error(string.format("%s.dp_size = %d does not match the world size %d (this run has %d process%s; " ..
+                "pass --%s.dp_size %d)", name, dp, ws, ws, ws == 1 and "" or "es", name, ws))
+        end
+        local rep = block.dp_replicate_size or 1
+        if rep > 1 and (dp % rep ~= 0 or rep >= dp) then
+            cfg_error(string.format("%s.dp_replicate_size = %d must divide dp_size = %d and be smaller than it " ..
+                "(HSDP shards over dp_size / dp_replicate_size ranks)", name, rep, dp))
         end
     end
-    return 1, 0
+    -- tp = cp = pp = 1: the data-parallel group is the world, rank for rank
+    local _, rank = world()
+    return ws, rank
 end
 
 -- batch_math(cfg) -> {local_bs, global_bs, dp_size, grad_acc}: global = local x dp x grad_acc exactly.
 function M.batch_math(cfg)
     local ss = cfg.step_scheduler
-    local dp_size = data_parallel_size(cfg)
+    local dp_size, dp_rank = data_parallel_size(cfg)
     local local_bs = ss.local_batch_size or 1
     local global_bs = ss.global_batch_size or local_bs * dp_size
     if global_bs % (local_bs * dp_size) ~= 0 then
@@ -346,7 +356,8 @@ function M.batch_math(cfg)
             math.max(1, math.floor(global_bs / (local_bs * dp_size))) * local_bs * dp_size,
             math.ceil(global_bs / (local_bs * dp_size)) * local_bs * dp_size))
     end
-    return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, grad_acc = global_bs / (local_bs * dp_size)}
+    return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, dp_rank = dp_rank,
+            grad_acc = global_bs / (local_bs * dp_size)}
 end
 
 function M.validate(cfg)
@@ -530,7 +541,7 @@ local function build_data(cfg, bm, dp_rank, seed, device)
     if kind == "mock" then
         local ok, loader = pcall(data.MockDataLoader, {batch_size = bm.local_bs, latent_shape = dl.latent_shape or {16, 32, 32},
             text_len = dl.text_len or 64, text_dim = dl.text_dim or 4096, pooled_dim = dl.pooled_dim or 768,
-            seed = seed, length = dl.length or 1024, device = device})
+            seed = seed, length = dl.length or 1024, device = device, dp_rank = dp_rank, dp_size = bm.dp_size})
         if not ok then cfg_error("data.dataloader (mock): " .. strip_pos(loader)) end
         return loader
     end
@@ -638,14 +649,23 @@ end
 
 local sumsq = ffi.new("double[1]")
 -- The first parameter holding a NaN or an infinity (its name), or nil.
-local function nonfinite_parameter(model)
-    for name, p in model:named_parameters() do
-        nffi.check(nffi.C.nemo_sum_squares(p._c, sumsq))
+-- The name of the first non-finite trainable parameter ({{name, tensor}...}: the optimizer's, so
+-- this rank's shards under FSDP2), decided on every rank together.
+local function nonfinite_parameter(named)
+    local bad
+    for _, e in ipairs(named) do
+        nffi.check(nffi.C.nemo_sum_squares(e[2]._c, sumsq))
         local v = sumsq[0]
-        if v ~= v or v == math.huge then return name end
+        if v ~= v or v == math.huge then bad = e[1]; break end
     end
-    return nil
+    if dist.is_initialized() and dist.get_world_size() > 1 then
+        local any = dist.all_reduce_number(bad and 1 or 0, "max")
+        if any > 0 and not bad then bad = "(on another rank)" end
+    end
+    return bad
 end
+
+local function block_given(cfg) return cfg.fsdp ~= nil or cfg.ddp ~= nil end
 
 -- Keep the lines of metrics.jsonl whose step is below `step` (a resumed run rewrites the rest).
 local function truncate_metrics(path, step)
@@ -686,6 +706,10 @@ function M.run(cfg, opts)
     local log = opts.log or function(msg) io.stdout:write(msg, "\n"); io.stdout:flush() end
     M.validate(cfg)
     local bm = M.batch_math(cfg)
+    -- several processes: rank 0 alone prints, writes metrics and publishes checkpoints
+    local ws = world()
+    local main = bm.dp_rank == 0
+    if not main then log = function() end end
     local fmok, fm = pcall(require("nemo.flow_matching").FlowMatching, cfg.flow_matching)
     if not fmok then cfg_error(tostring(fm)) end
     local lrs_cfg = cfg.lr_scheduler
@@ -700,15 +724,31 @@ function M.run(cfg, opts)
     -- the device: opts.device, the config's `device`, else cuda:LOCAL_RANK when CUDA is present, else cpu
     local device = opts.device or cfg.device
     if device == nil or device == "auto" then device = pipeline._choose_device() end
-    if device == "cuda" then device = "cuda:" .. (tonumber(os.getenv("LOCAL_RANK") or "0") or 0) end
+    if device == "cuda" then device = "cuda:" .. dist.env().local_rank end
     if device ~= "cpu" and not (nemo.cuda and nemo.cuda.is_available()) then
         cfg_error(string.format("device '%s': no CUDA device (%s); use --device cpu", device,
             nemo.cuda and tostring(nemo.cuda.unavailable_reason()) or "nemo-lua was built without CUDA"))
     end
+    -- the process group: MPI between CPU processes, NCCL between GPUs (dist_env.backend "nccl",
+    -- Automodel's default, means MPI when the tensors are on the CPU), itself for one process
+    local group
+    if not dist.is_initialized() then
+        local de = cfg.dist_env or {}
+        local backend = "self"
+        if ws > 1 then backend = (device ~= "cpu" and (de.backend or "nccl") ~= "gloo") and "nccl" or "mpi" end
+        local iok, ierr = pcall(dist.init_process_group, {backend = backend, timeout_minutes = de.timeout_minutes or 10})
+        if not iok then raise("dist_env: ", ierr) end
+    end
+    group = dist.group_world()
+    local function barrier() if ws > 1 then dist.barrier() end end
 
-    if cfg.demo and cfg.demo.enabled then ensure_demo(cfg, log) end
+    if cfg.demo and cfg.demo.enabled then
+        if main then ensure_demo(cfg, log) end
+        barrier()
+        if not main then ensure_demo(cfg, log) end   -- the paths only: rank 0 made the assets
+    end
     local seed = cfg.seed or 42
-    local dp_size, dp_rank = bm.dp_size, 0
+    local dp_size, dp_rank = bm.dp_size, bm.dp_rank
     local ss, ck = cfg.step_scheduler, cfg.checkpoint
     local ck_enabled = ck.enabled ~= false
     local ck_dir = ck.checkpoint_dir or "checkpoints"
@@ -748,9 +788,11 @@ function M.run(cfg, opts)
     local mcfg = cfg.model
     local torch_dtype = mcfg.torch_dtype or "bfloat16"
     local compute_dtype = mcfg.compute_dtype or torch_dtype
-    if compute_dtype ~= torch_dtype then
+    if compute_dtype ~= torch_dtype and not cfg.fsdp then
         cfg_error(string.format("model.compute_dtype (%s) differs from model.torch_dtype (%s): mixed precision " ..
-            "(float32 master weights, bf16 compute) is not available yet; set them equal", compute_dtype, torch_dtype))
+            "(float32 master weights, %s compute) runs through the FSDP2 manager's mp_policy; add an 'fsdp:' block " ..
+            "(it works on one process too), or set them equal (Automodel refuses this for DDP as well)",
+            compute_dtype, torch_dtype, compute_dtype))
     end
     local block = cfg.fsdp or cfg.ddp or {}
     local ac = block.activation_checkpointing
@@ -784,9 +826,39 @@ function M.run(cfg, opts)
     if not model then error("the pipeline has no transformer to train", 0) end
     if not ac and model.disable_gradient_checkpointing then model:disable_gradient_checkpointing() end
     model:train()
-    local params = {}
-    for _, p in model:named_parameters() do if p.requires_grad then params[#params + 1] = p end end
     check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")
+    local sig = model_signature(model)   -- before sharding: it reads the model's config only
+    local nparams = model:num_parameters()
+
+    -- the parallel manager from the fsdp: / ddp: block (nemo.parallel); FSDP2 on one process
+    -- shards nothing unless mixed precision asks for float32 master weights
+    local mgr
+    if block_given(cfg) then
+        local margs = {_manager_type = cfg.fsdp and "fsdp2" or "ddp"}
+        for k, v in pairs(cfg.fsdp or cfg.ddp) do margs[k] = v end
+        margs.activation_checkpointing = ac
+        margs.cpu_offload = nil            -- reported as ignored above
+        margs.enable_compile = nil
+        if cfg.fsdp and compute_dtype ~= torch_dtype then
+            margs.mp_policy = {param_dtype = compute_dtype, reduce_dtype = margs.reduce_dtype or "float32"}
+            margs.reduce_dtype = nil
+        end
+        local mok, m = pcall(function()
+            local mm = require("nemo.parallel")._create_parallel_manager(margs)
+            mm:parallelize(model)
+            return mm
+        end)
+        if not mok then raise(cfg.fsdp and "fsdp: " or "ddp: ", m) end
+        mgr = m
+    end
+    local sharded = mgr ~= nil and mgr.sharded and not mgr.plain
+    local params, named_params = {}, {}
+    if mgr then
+        named_params = mgr:named_parameters()
+    else
+        for name, p in model:named_parameters() do if p.requires_grad then named_params[#named_params + 1] = {name, p} end end
+    end
+    for i, e in ipairs(named_params) do params[i] = e[2] end
 
     -- optimizer, schedule, objective
     local opt = build_optimizer(cfg, params)
@@ -798,7 +870,6 @@ function M.run(cfg, opts)
 
     -- resume
     local step, epoch = 0, 0
-    local sig = model_signature(model)
     if resume_dir then
         local saved = checkpoint.model_config(resume_dir)
         local diff = saved and signature_diff(saved, sig)
@@ -815,7 +886,8 @@ function M.run(cfg, opts)
                 raise(string.format("checkpoint %s: its data position does not fit this run's data: ", resume_dir), lerr)
             end
         end
-        local ok, err = pcall(checkpoint.load, resume_dir, {model = model, optimizer = opt, scheduler = sched})
+        local ok, err = pcall(checkpoint.load, resume_dir, {model = model, optimizer = opt, scheduler = sched,
+            manager = sharded and mgr or nil})
         if not ok then raise("", err) end
         step = tr.step + 1
         epoch = tr.sampler and tr.sampler.epoch or tr.next_epoch or tr.epoch
@@ -832,12 +904,13 @@ function M.run(cfg, opts)
     elseif ck.restore_from == "LATEST" or ck.restore_from == "latest" then
         log("checkpoint.restore_from LATEST: no checkpoint in " .. ck_dir .. " yet, starting from step 0")
     end
-    if ck_enabled then
+    if ck_enabled and main then
         fs.mkdirs(ck_dir)
         for _, n in ipairs(checkpoint.clean_incomplete(ck_dir)) do
             log("removed " .. ck_dir .. "/" .. n .. " (a checkpoint save that did not finish)")
         end
     end
+    barrier()
     local summary = {steps = 0, total = total, checkpoint_dir = ck_dir, losses = {}, resumed_from = resume_dir,
                      model = model, pipe = pipe, grad_acc = grad_acc}
     if step >= total or epoch >= num_epochs then
@@ -848,13 +921,17 @@ function M.run(cfg, opts)
     end
 
     local metrics_path = (cfg.logging and cfg.logging.metrics_file) or (ck_dir .. "/metrics.jsonl")
-    fs.mkdirs(fs.dirname(metrics_path))
-    truncate_metrics(metrics_path, step)
-    local metrics = assert(io.open(metrics_path, "a"))
+    local metrics = {write = function() end, flush = function() end, close = function() end}
+    if main then
+        fs.mkdirs(fs.dirname(metrics_path))
+        truncate_metrics(metrics_path, step)
+        metrics = assert(io.open(metrics_path, "a"))
+    end
     local log_every = (cfg.logging and cfg.logging.log_every) or ss.log_remote_every_steps or 1
     local progress = opts.progress
     if progress == nil and cfg.logging and cfg.logging.progress ~= nil then progress = cfg.logging.progress end
     if progress == nil then progress = is_tty end
+    if not main then progress = false end
 
     -- a message while the progress bar is shown: clear the bar line first
     local bar_line
@@ -866,8 +943,16 @@ function M.run(cfg, opts)
 
     log(string.format("training %s (%s, %d parameters) on %s: steps %d..%d of %d, %d epoch%s of %d steps; " ..
         "global batch %d = %d x %d grad-acc x %d dp; metrics in %s",
-        sig._class_name, mode, model:num_parameters(), device, step, total - 1, total, num_epochs,
+        sig._class_name, mode, nparams, device, step, total - 1, total, num_epochs,
         num_epochs == 1 and "" or "s", epoch_len, bm.global_bs, bm.local_bs, grad_acc, dp_size, metrics_path))
+    if ws > 1 or mgr then
+        local info = mgr and mgr:info() or {}
+        log(string.format("data parallel: %d process%s (%s backend), %s manager%s%s", ws, ws == 1 and "" or "es",
+            dist.get_backend(), mgr and mgr.manager_type or "no",
+            sharded and string.format(", %d units sharded over %d ranks%s", info.units or 0, info.shard or 1,
+                (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate) or "") or "",
+            mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or ""))
+    end
 
     local t_start = now()
     local steps_this_run = 0
@@ -885,7 +970,7 @@ function M.run(cfg, opts)
     end
 
     local function save(at_step, at_epoch, end_of_epoch, final)
-        local bad = nonfinite_parameter(model)
+        local bad = nonfinite_parameter(named_params)
         if bad then
             fail(string.format("parameter %s is not finite after step %d: training stopped; no checkpoint was " ..
                 "written from this state", bad, at_step))
@@ -895,9 +980,17 @@ function M.run(cfg, opts)
         local tr = {sampler = sampler, rng = {flow = fm_gen:get_state(), default = nemo.default_generator:get_state()},
                     next_epoch = sampler.epoch, total_steps = total}
         local export = consolidated == "every" or (consolidated == "final" and final)
+        -- the consolidated export: rank 0 writes it; under FSDP2 every rank gathers the model for it
+        local function export_fn(tmp) pipe:save_pretrained(tmp .. "/diffusers") end
+        local extra, extra_all
+        if export and sharded then
+            extra_all = function(tmp) mgr:summon_full_params(function() if main then export_fn(tmp) end end) end
+        elseif export then
+            extra = export_fn
+        end
         last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
-            scheduler = sched, trainer = tr, config = cfg, model_config = sig,
-            extra = export and function(tmp) pipe:save_pretrained(tmp .. "/diffusers") end or nil})
+            scheduler = sched, trainer = tr, config = cfg, model_config = sig, extra = extra, extra_all = extra_all,
+            manager = sharded and mgr or nil, group = ws > 1 and group or nil})
         if export then summary.diffusers = last_ckpt .. "/diffusers" end
         if keep then
             for _, n in ipairs(checkpoint.prune(ck_dir, keep)) do say("removed " .. ck_dir .. "/" .. n .. " (max_recent_checkpoints)") end
@@ -925,9 +1018,29 @@ function M.run(cfg, opts)
             local loss_sum = 0
             for mi, batch in ipairs(micro) do
                 local sopts = {generator = fm_gen, compute_dtype = compute_dtype}
-                if opts.draws then sopts.draws = opts.draws(batch, {step = step, micro = mi}) end
+                if opts.draws then sopts.draws = opts.draws(batch, {step = step, micro = mi})
+                elseif dp_size > 1 then
+                    -- every rank draws the whole global batch's randoms from the same generator
+                    -- and takes its slice: N ranks x B == one process x N*B, draw for draw
+                    local x0 = batch.image_latents or batch.video_latents
+                    local b = x0.shape[1]
+                    local sample_shape = {}
+                    for i = 2, #x0.shape do sample_shape[i - 1] = x0.shape[i] end
+                    local gd = fm:global_draws(b * dp_size, sample_shape, {generator = fm_gen,
+                        compute_dtype = compute_dtype, device = device})
+                    sopts.draws = require("nemo.flow_matching").slice_draws(gd, dp_rank * b, b)
+                end
+                if mgr then mgr:set_requires_gradient_sync(mi == #micro) end
                 local loss = fm:step(model, batch, sopts)
                 local lv = loss:item()
+                if ws > 1 then   -- every rank stops together, whichever rank's loss went bad
+                    local bad = dist.all_reduce_number((nonfinite(lv) or (check_loss and lv > 100)) and 1 or 0, "max")
+                    if bad > 0 and not nonfinite(lv) and not (check_loss and lv > 100) then
+                        fail(string.format("the loss of another rank is not finite or exploded at step %d (epoch %d, " ..
+                            "micro-batch %d): training stopped; no checkpoint was written from this state", step,
+                            epoch, mi))
+                    end
+                end
                 if nonfinite(lv) then
                     fail(string.format("loss is %s at step %d (epoch %d, micro-batch %d): training stopped; no " ..
                         "checkpoint was written from this state", tostring(lv), step, epoch, mi))
@@ -940,7 +1053,8 @@ function M.run(cfg, opts)
                 local scaled = loss / #micro
                 scaled:backward()
             end
-            local grad_norm = nemo.optim.clip_grad_norm_(params, max_norm)
+            if mgr then mgr:finish_gradient_synchronization() end
+            local grad_norm = mgr and mgr:clip_grad_norm_(max_norm) or nemo.optim.clip_grad_norm_(params, max_norm)
             if nonfinite(grad_norm) then
                 fail(string.format("gradient norm is %s at step %d (epoch %d): training stopped; no checkpoint was " ..
                     "written from this state", tostring(grad_norm), step, epoch))
@@ -949,8 +1063,9 @@ function M.run(cfg, opts)
             opt:step()
             sched:step(1)
             collectgarbage()
-            local dt = now() - t0
             local mean_loss = loss_sum / #micro
+            if ws > 1 then mean_loss = dist.all_reduce_number(mean_loss, "avg") end   -- the mean over all ranks
+            local dt = now() - t0
             summary.first_loss = summary.first_loss or mean_loss
             summary.last_loss = mean_loss
             summary.losses[step] = mean_loss
@@ -1044,9 +1159,16 @@ function M.cli(args, opts)
     end, args, opts)
     if not ok then
         io.stdout:flush()
+        if dist.is_initialized() and dist.get_world_size() > 1 then
+            -- the failing rank ends the whole job: the others may be waiting in a collective
+            io.stderr:write(string.format("nemo-lua (rank %d of %d): %s\n", dist.get_rank(), dist.get_world_size(), err))
+            io.stderr:flush()
+            dist.abort(1)
+        end
         io.stderr:write("nemo-lua: ", err, "\n")
         os.exit(1)
     end
+    if dist.is_initialized() and dist.get_world_size() > 1 then dist.barrier() end
     return err
 end
 

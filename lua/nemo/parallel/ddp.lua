@@ -390,6 +390,28 @@ function DDP:info()
             bytes_per_step = self.bytes_per_step or 0, world = self.world, last = self.last}
 end
 
+-- ==== the manager interface the training loop uses (shared with FSDP2) ====
+
+-- What the optimizer updates: the model's trainable parameters, in registration order.
+function DDP:parameters()
+    local out = {}
+    for i, p in ipairs(self.params or {}) do out[i] = p end
+    return out
+end
+
+-- {{name, tensor}...} of the same.
+function DDP:named_parameters()
+    local out = {}
+    for i, p in ipairs(self.params or {}) do out[i] = {self.names[i], p} end
+    return out
+end
+
+-- The gradients are identical on every rank after finish_gradient_synchronization, so the
+-- local norm is the global one (nemo.optim.clip_grad_norm_).
+function DDP:clip_grad_norm_(max_norm, opts)
+    return require("nemo.optim").clip_grad_norm_(self.params, max_norm, opts)
+end
+
 -- wrap(model, opts) -> manager: DDPManager(opts):parallelize(model), the one-liner.
 function M.wrap(model, opts)
     local mgr = M.DDPManager(opts)

@@ -1024,16 +1024,16 @@ local function shape_of(layout, name, what, folder)
     return l.shape
 end
 
-function FSDP:load_sharded(dir, optimizer)
-    local what = "FSDP2 load_sharded"
-    local files, S = open_shards(dir .. "/model", what)
-    local layout = files[1].layout
-    local entries, _, q = self:_entries_or_plain()
-    -- the parameters must match by name and shape
+-- Read parameters (and AdamW state) into `entries` (this rank's rows q*R .. q*R + real of each
+-- parameter, written into e.sp) from shard files (files, S; ofiles for the optimizer, whose
+-- steps come from steps_of(name)), and the frozen parameters whole. param_groups (optional)
+-- replaces the optimizer's hyperparameters (lr, ...) with the saved ones.
+local function load_into(o)
+    local what, files, S, layout, entries, q = o.what, o.files, o.S, o.layout, o.entries, o.q
     local n = 0
-    for _, l in pairs(layout or {}) do if not l.whole then n = n + 1 end end
+    for _, l in pairs(layout) do if not l.whole then n = n + 1 end end
     for _, e in ipairs(entries) do
-        local shape = shape_of(layout, e.name, what, dir)
+        local shape = shape_of(layout, e.name, what, o.dir)
         local mine = table.concat(e.p.shape, "x")
         if table.concat(shape, "x") ~= mine then
             error(string.format("%s: parameter %s is %s in the checkpoint, %s in the model", what, e.name,
@@ -1050,7 +1050,7 @@ function FSDP:load_sharded(dir, optimizer)
             gather_rows(files, S, e.name, e.name, e.d0, q * e.R, e.real, dst, what)
             dst:free()
         end
-        for _, f in ipairs(self.frozen or {}) do
+        for _, f in ipairs(o.frozen or {}) do
             local l = layout[f[1]]
             if l and l.whole then
                 if table.concat(l.shape, "x") ~= table.concat(f[2].shape, "x") then
@@ -1063,44 +1063,149 @@ function FSDP:load_sharded(dir, optimizer)
             end
         end
     end)
-    if optimizer then
-        local ofiles, OS = open_shards(dir .. "/optim", what)
-        if OS ~= S then error(string.format("%s: model shards of %d ranks but optimizer shards of %d", what, S, OS), 0) end
-        local sd = optimizer:state_dict()
-        local idx_of, k = {}, 0
-        for _, g in ipairs(optimizer.param_groups) do
-            for _, p in ipairs(g.params) do k = k + 1; idx_of[p] = k end
+    local optimizer = o.optimizer
+    if not optimizer then return end
+    local sd = optimizer:state_dict()
+    if o.param_groups then
+        if #o.param_groups ~= #sd.param_groups then
+            error(string.format("%s: the checkpoint has %d optimizer param groups, the optimizer %d", what,
+                #o.param_groups, #sd.param_groups), 0)
         end
-        local state = {}
-        for _, e in ipairs(entries) do
-            local step = ofiles[1].steps and ofiles[1].steps[e.name]
-            if step then
-                local cdt = e.sp.dtype == "float64" and "float64" or "float32"
-                local st_ = {step = step}
-                for _, key in ipairs { "exp_avg", "exp_avg_sq" } do
-                    local t = Tensor.zeros(e.sp.shape, {dtype = cdt, device = e.sp.device})
-                    local dst = t:narrow(0, 0, e.real)
-                    gather_rows(ofiles, S, key .. "." .. e.name, e.name, e.d0, q * e.R, e.real, dst, what)
-                    dst:free()
-                    st_[key] = t
-                end
-                local i = idx_of[e.sp]
-                if not i then error(what .. ": the optimizer does not hold the shard of " .. e.name, 0) end
-                state[i] = st_
-            end
+        for gi, g in ipairs(o.param_groups) do
+            for k, v in pairs(g) do if k ~= "params" then sd.param_groups[gi][k] = v end end
         end
-        sd.state = state
-        optimizer:load_state_dict(sd)
-        for _, f in ipairs(ofiles) do f.h:close() end
     end
-    for _, f in ipairs(files) do f.h:close() end
+    local idx_of, k = {}, 0
+    for _, g in ipairs(optimizer.param_groups) do
+        for _, p in ipairs(g.params) do k = k + 1; idx_of[p] = k end
+    end
+    local state = {}
+    for _, e in ipairs(entries) do
+        local step = o.steps_of(e.name)
+        if step then
+            local cdt = e.sp.dtype == "float64" and "float64" or "float32"
+            local st_ = {step = step}
+            for _, key in ipairs { "exp_avg", "exp_avg_sq" } do
+                local t = Tensor.zeros(e.sp.shape, {dtype = cdt, device = e.sp.device})
+                local dst = t:narrow(0, 0, e.real)
+                gather_rows(o.ofiles, o.OS, key .. "." .. e.name, e.name, e.d0, q * e.R, e.real, dst, what)
+                dst:free()
+                st_[key] = t
+            end
+            local i = idx_of[e.sp]
+            if not i then error(what .. ": the optimizer does not hold the parameter " .. e.name, 0) end
+            state[i] = st_
+        end
+    end
+    sd.state = state
+    optimizer:load_state_dict(sd)
+end
+
+local function close_all(files) for _, f in ipairs(files or {}) do f.h:close() end end
+
+-- load_sharded(dir, optimizer[, param_groups]): this rank's shards (and AdamW state) from the
+-- shard files of dir, written by any number of ranks.
+function FSDP:load_sharded(dir, optimizer, param_groups)
+    local what = "FSDP2 load_sharded"
+    local files, S = open_shards(dir .. "/model", what)
+    local entries, _, q = self:_entries_or_plain()
+    local ofiles, OS
+    if optimizer then
+        ofiles, OS = open_shards(dir .. "/optim", what)
+        if OS ~= S then error(string.format("%s: model shards of %d ranks but optimizer shards of %d", what, S, OS), 0) end
+    end
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = S, layout = files[1].layout,
+        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles, OS = OS,
+        param_groups = param_groups, steps_of = function(name) return ofiles[1].steps and ofiles[1].steps[name] end})
+    close_all(files); close_all(ofiles)
+    if not ok then error(err, 0) end
     -- a new forward gathers the loaded shards
     if self.units then for _, u in ipairs(self.units) do self:_reshard(u) end end
+end
+
+-- A consolidated checkpoint (model/model.safetensors, optim/optim.safetensors with moments by
+-- optimizer index) seen as one shard file, read by the same code.
+local function consolidated_files(dir, names, ostate)
+    local st = require "nemo.safetensors"
+    local mh = st.safe_open(dir .. "/model/model.safetensors")
+    local layout = {}
+    for _, k in ipairs(mh:keys()) do
+        local t = mh:get_tensor(k)
+        layout[k] = {shape = t.shape}
+        t:free()
+    end
+    local files = {{h = mh, layout = layout, name = "model/model.safetensors"}}
+    local index = {}
+    for i, n in ipairs(names) do index[n] = i end
+    local oh = st.safe_open(dir .. "/optim/optim.safetensors")
+    local proxy = {}   -- "exp_avg.<name>" -> the file's "exp_avg.<index>"
+    local function key_of(k)
+        local kind, name = k:match("^(exp_avg_sq)%.(.+)$")
+        if not kind then kind, name = k:match("^(exp_avg)%.(.+)$") end
+        return kind and index[name] and (kind .. "." .. index[name]) or k
+    end
+    function proxy:has(k) return oh:has(key_of(k)) end
+    function proxy:get_tensor(k) return oh:get_tensor(key_of(k)) end
+    function proxy:close() oh:close() end
+    local ofiles = {{h = proxy, name = "optim/optim.safetensors"}}
+    local steps = ostate.steps or {}
+    return files, ofiles, function(name) return index[name] and steps[tostring(index[name])] end
+end
+
+-- load_consolidated(dir, optimizer, ostate): a checkpoint written without FSDP2 (one
+-- model.safetensors) into this rank's shards; ostate is its optim/state.json.
+function FSDP:load_consolidated(dir, optimizer, ostate)
+    local what = "FSDP2 load (consolidated checkpoint)"
+    local entries, _, q = self:_entries_or_plain()
+    local names = {}
+    for i, e in ipairs(entries) do names[i] = e.name end
+    local files, ofiles, steps_of = consolidated_files(dir, names, ostate)
+    for _, f in ipairs(self.frozen or {}) do
+        if files[1].layout[f[1]] then files[1].layout[f[1]].whole = true end
+    end
+    for k, l in pairs(files[1].layout) do   -- buffers and anything else not managed here
+        if not l.whole then
+            local managed = false
+            for _, n in ipairs(names) do if n == k then managed = true; break end end
+            if not managed then files[1].layout[k] = nil end
+        end
+    end
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = 1, layout = files[1].layout,
+        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles, OS = 1,
+        param_groups = ostate.param_groups, steps_of = steps_of})
+    close_all(files); close_all(ofiles)
+    if not ok then error(err, 0) end
+    if self.units then for _, u in ipairs(self.units) do self:_reshard(u) end end
+end
+
+-- load_sharded_whole(dir, model, optimizer, param_groups): a sharded checkpoint into a model
+-- that is not sharded (one process, DDP): whole parameters and AdamW state.
+function M.load_sharded_whole(dir, model, optimizer, param_groups)
+    require "nemo"
+    local what = "load of a sharded (FSDP2) checkpoint"
+    local entries, frozen = {}, {}
+    for name, p in model:named_parameters() do
+        if rawget(p, "requires_grad") then
+            local d0 = #p.shape > 0 and p.shape[1] or 1
+            entries[#entries + 1] = {name = name, p = p, sp = p, d0 = d0, R = d0, real = d0}
+        else
+            frozen[#frozen + 1] = {name, p}
+        end
+    end
+    local files, S = open_shards(dir .. "/model", what)
+    local ofiles, OS
+    if optimizer then ofiles, OS = open_shards(dir .. "/optim", what) end
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = S, layout = files[1].layout,
+        entries = entries, q = 0, frozen = frozen, optimizer = optimizer, ofiles = ofiles, OS = OS,
+        param_groups = param_groups, steps_of = function(name) return ofiles[1].steps and ofiles[1].steps[name] end})
+    close_all(files); close_all(ofiles)
+    if not ok then error(err, 0) end
 end
 
 -- load_full(dir) -> {name = tensor}, names (checkpoint order): whole parameters from the shard
 -- files of dir/model (written by any number of ranks).
 function M.load_full(dir)
+    require "nemo"   -- the tensor methods come with the ops (a cycle if required at the top)
     local what = "FSDP2 load_full"
     local files, S = open_shards(dir .. "/model", what)
     local layout = files[1].layout

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# tests/sh/test_train_dist.sh: the training recipe (lua/nemo/train.lua, recipes/flux_finetune.yaml
+# with its small demo model, float64) on several processes through mpirun, DDP and FSDP2:
+#   - N ranks x local batch B give the per-step losses (metrics.jsonl: the mean over ranks) and the
+#     final weights of one process with batch N x B, within 1e-6 relative, for ddp and fsdp (and
+#     HSDP on 4 ranks), with gradient accumulation and activation checkpointing;
+#   - only rank 0 prints step lines and writes metrics.jsonl; FSDP2 checkpoints hold one shard
+#     file per rank; the consolidated diffusers export equals the checkpoint's weights;
+#   - a stopped and resumed FSDP2 run continues bitwise; checkpoints load across world sizes and
+#     managers (FSDP2 shards on 4 ranks, DDP's consolidated file into FSDP2);
+#   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
+# Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+ROOT=$(pwd)
+N="$ROOT/nemo-lua"
+if ! command -v mpirun > /dev/null 2>&1; then
+    echo "1..0 # SKIP mpirun not found (install openmpi-bin to run the multi-process tests)"
+    exit 0
+fi
+if [ ! -x "$N" ]; then echo "Bail out! $N is not built (run make)"; exit 1; fi
+
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+unset NEMO_LIB LUA_PATH LUA_CPATH LUA_INIT WORLD_SIZE RANK LOCAL_RANK LOCAL_WORLD_SIZE SLURM_STEP_NUM_TASKS
+export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}"
+export XDG_CACHE_HOME="$T/cache"          # the demo's pipeline and latent cache, made once
+if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+
+n=0
+pass() { n=$((n + 1)); echo "ok $n - $1"; }
+fail() {
+    n=$((n + 1)); echo "not ok $n - $1"; shift
+    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
+}
+
+# train NP STOP DIR ARGS...: the recipe on NP processes (1: no mpirun), stopping after STOP steps
+# (0: to the end); OUT, ERR, RC
+COMMON=(--model.torch_dtype float64 --model.compute_dtype float64 --step_scheduler.max_steps 4
+        --step_scheduler.ckpt_every_steps 2 --step_scheduler.log_remote_every_steps 1 --logging.progress false
+        --checkpoint.save_consolidated false)
+train() {
+    local np=$1 stop=$2 dir=$3; shift 3
+    local cmd=("$N" tests/sh/lib/train_run.lua "$stop" "${COMMON[@]}" --checkpoint.checkpoint_dir "$T/$dir" "$@")
+    if [ "$np" -gt 1 ]; then cmd=(mpirun -np "$np" --oversubscribe "${cmd[@]}"); fi
+    timeout 300 "${cmd[@]}" > "$T/out" 2> "$T/err"
+    RC=$?
+    OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
+}
+# losses DIR: the metrics.jsonl losses, one per line
+losses() { sed -n 's/.*"loss":\([-0-9.e+]*\).*/\1/p' "$T/$1/metrics.jsonl"; }
+# close A B TOL: every pair of lines within TOL relative
+close() {
+    paste <(printf '%s\n' "$1") <(printf '%s\n' "$2") | awk -v tol="$3" '
+        { n++; d = $1 - $2; if (d < 0) d = -d; m = $2 < 0 ? -$2 : $2; if (NF < 2 || d > tol * m) bad++ }
+        END { exit (n == 0 || bad > 0) }'
+}
+compare() { "$N" tests/sh/lib/compare_ckpt.lua "$T/$1" "$T/$2" 2>&1; }
+maxrel() { sed -n 's/^maxrel \([^ ]*\) n \([0-9]*\)$/\1/p' <<< "$1"; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }'; }
+
+# ==== the one-process references ====
+train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ]; then pass "reference: 1 process, batch 8, 4 steps (float64)"; else fail "reference run" "$ERR"; fi
+R1=$(losses r1)
+train 1 0 racc --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+RACC=$(losses racc)
+if [ "$RC" = 0 ]; then pass "reference: 1 process, 2 micro-batches of 4"; else fail "reference run (accumulation)" "$ERR"; fi
+
+# ==== equivalence: (name, np, reference, args) ====
+case_eq() {
+    local name=$1 np=$2 ref=$3 dir=$4; shift 4
+    train "$np" 0 "$dir" "$@"
+    if [ "$RC" != 0 ]; then fail "$name: the run finished" "exit $RC" "$ERR"; return; fi
+    local ref_losses; ref_losses=$(losses "$ref")
+    if close "$(losses "$dir")" "$ref_losses" 1e-6; then
+        pass "$name: the 4 per-step losses (mean over ranks) equal the 1-process run's within 1e-6 relative"
+    else
+        fail "$name: losses within 1e-6 relative" "got:" "$(losses "$dir")" "1 process:" "$ref_losses"
+    fi
+    local c; c=$(compare "$dir/epoch_0_step_3" "$ref/epoch_0_step_3")
+    if le "$(maxrel "$c")" 1e-6; then pass "$name: final weights within 1e-6 relative of the 1-process run ($c)"
+    else fail "$name: final weights within 1e-6 relative" "$c"; fi
+}
+case_eq "ddp, 2 ranks x batch 4" 2 r1 ddp2 --ddp.dp_size 2 --step_scheduler.local_batch_size 4 \
+    --step_scheduler.global_batch_size 8
+STEPLINES=$(grep -c '^step ' <<< "$OUT")
+if [ "$STEPLINES" = 4 ] && [ "$(wc -l < "$T/ddp2/metrics.jsonl")" = 4 ] && grep -q "data parallel: 2 processes" <<< "$OUT"; then
+    pass "only rank 0 prints the 4 step lines and writes the 4 metrics lines; the log names the 2 processes"
+else
+    fail "only rank 0 prints and writes metrics" "step lines: $STEPLINES" "$OUT"
+fi
+case_eq "fsdp2, 2 ranks x batch 4 (+ consolidated export)" 2 r1 fsdp2 --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8 --checkpoint.save_consolidated final
+if [ -f "$T/fsdp2/epoch_0_step_3/model/shard-00000-of-00002.safetensors" ] &&
+   [ -f "$T/fsdp2/epoch_0_step_3/model/shard-00001-of-00002.safetensors" ] &&
+   [ ! -e "$T/fsdp2/epoch_0_step_3/model/model.safetensors" ]; then
+    pass "fsdp2: each of the 2 ranks wrote its model shard into the checkpoint"
+else
+    fail "fsdp2: one shard file per rank" "$(ls -R "$T/fsdp2/epoch_0_step_3" 2>&1)"
+fi
+EXP="$T/fsdp2/epoch_0_step_3/diffusers/transformer"
+C=$("$N" -e "
+local nemo = require 'nemo'
+local full = require('nemo.parallel.fsdp2').load_full('$T/fsdp2/epoch_0_step_3')
+local fs = require 'nemo.fs'
+local sd = {}
+for _, f in ipairs(fs.list('$EXP')) do
+    if f:match('%.safetensors\$') then for k, v in pairs(nemo.load_file('$EXP/' .. f)) do sd[k] = v end end
+end
+local worst, n = 0, 0
+for k, t in pairs(full) do n = n + 1; local e = sd[k]; worst = e and math.max(worst, (e:double() - t:double()):abs():max():item()) or math.huge end
+print(n, worst)" 2>&1)
+if [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
+    pass "fsdp2: rank 0's consolidated diffusers export holds exactly the sharded checkpoint's weights ($C)"
+else
+    fail "fsdp2: the consolidated export equals the shards" "$C"
+fi
+case_eq "fsdp2, 2 ranks, 2 micro-batches of 2, activation checkpointing" 2 racc fsdp2acc --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --fsdp.activation_checkpointing true
+case_eq "ddp, 2 ranks, 2 micro-batches of 2, activation checkpointing" 2 racc ddp2acc --ddp.dp_size 2 \
+    --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --ddp.activation_checkpointing true
+case_eq "HSDP (fsdp2 dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches of 1" 4 racc hsdp4 --fsdp.dp_size 4 \
+    --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
+case_eq "ddp, 4 ranks x batch 2" 4 r1 ddp4 --ddp.dp_size 4 --step_scheduler.local_batch_size 2 \
+    --step_scheduler.global_batch_size 8
+
+# ==== resume ====
+train 2 2 fsdp2stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+A_RC=$RC
+train 2 0 fsdp2stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+C=$(compare fsdp2stop/epoch_0_step_3 fsdp2/epoch_0_step_3)
+if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ] &&
+   [ "$(losses fsdp2stop)" = "$(losses fsdp2)" ]; then
+    pass "fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise (weights and logged losses)"
+else
+    fail "fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+fi
+# FSDP2 shards of 2 ranks resumed on 4 ranks (HSDP 2 x 2 reads 2 shards; dp_shard 4 reshards)
+cp -r "$T/fsdp2stop" "$T/reshard4"
+rm -rf "$T/reshard4/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/reshard4/LATEST"
+sed -i '3,$d' "$T/reshard4/metrics.jsonl"
+train 4 0 reshard4 --fsdp.dp_size 4 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8
+C=$(compare reshard4/epoch_0_step_3 r1/epoch_0_step_3)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "a 2-rank FSDP2 checkpoint resumed on 4 ranks (resharded on load) ends within 1e-6 of the 1-process run ($C)"
+else
+    fail "FSDP2 reshard on load (2 -> 4 ranks)" "exit $RC" "$C" "$ERR"
+fi
+# DDP's consolidated checkpoint resumed under FSDP2, and FSDP2 shards resumed by one process
+cp -r "$T/ddp2" "$T/ddp2fsdp"
+rm -rf "$T/ddp2fsdp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/ddp2fsdp/LATEST"
+train 2 0 ddp2fsdp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+C=$(compare ddp2fsdp/epoch_0_step_3 r1/epoch_0_step_3)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "a DDP checkpoint resumed under FSDP2 (2 ranks) ends within 1e-6 of the 1-process run ($C)"
+else
+    fail "DDP checkpoint into FSDP2" "exit $RC" "$C" "$ERR"
+fi
+cp -r "$T/fsdp2stop" "$T/fsdp2one"
+rm -rf "$T/fsdp2one/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/fsdp2one/LATEST"
+train 1 0 fsdp2one --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+C=$(compare fsdp2one/epoch_0_step_3 r1/epoch_0_step_3)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "a 2-rank FSDP2 checkpoint resumed by one process without a manager ends within 1e-6 of the 1-process run ($C)"
+else
+    fail "FSDP2 checkpoint into one process" "exit $RC" "$C" "$ERR"
+fi
+
+# ==== mixed precision and errors ====
+train 2 0 mixed --fsdp.dp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ] && grep -q "mixed precision: bfloat16 compute, float32 master weights" <<< "$OUT" &&
+   [ "$(losses mixed | wc -l)" = 4 ]; then
+    pass "fsdp2 with compute_dtype bfloat16 over torch_dtype float32: mixed precision runs on 2 ranks"
+else
+    fail "fsdp2 mixed precision run" "exit $RC" "$OUT" "$ERR"
+fi
+train 2 0 bad --fsdp.dp_size 3 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+if [ "$RC" != 0 ] && grep -q "fsdp.dp_size = 3 does not match the world size 2" <<< "$ERR"; then
+    pass "a dp_size that does not match the world size is an error naming the key"
+else
+    fail "bad dp_size error" "exit $RC" "$ERR"
+fi
+train 2 0 noblock --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+if [ "$RC" != 0 ] && grep -q "no 'fsdp:' or 'ddp:' block" <<< "$ERR"; then
+    pass "2 processes without an fsdp/ddp block: an error saying to add one"
+else
+    fail "no manager block error" "exit $RC" "$ERR"
+fi
+
+echo "1..$n"
