@@ -46,6 +46,11 @@ static void adamw_f64(double *p, const double *g, double *m, double *v, int64_t 
 #undef FMA
 }
 
+/* The device kernels' signatures (registered by the CUDA plugin under these names). */
+typedef int (*adamw_dev_k)(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
+                           double beta1, double beta2, double eps, double weight_decay, int64_t step);
+typedef int (*sum_squares_dev_k)(const nemo_tensor *t, double *out);
+
 NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
                              double beta1, double beta2, double eps, double weight_decay, int64_t step) {
     int rc = 0;
@@ -62,12 +67,16 @@ NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *
     NEMO_CHECK(m->dtype == cdt && v->dtype == cdt && nemo_tensor_is_contiguous(m) && nemo_tensor_is_contiguous(v) &&
                nemo_tensor_numel(m) == n && nemo_tensor_numel(v) == n, NEMO_EINVAL,
                "adamw: optimizer state must be contiguous %s tensors of %lld elements", nemo_dtype_name(cdt), (long long)n);
-    NEMO_CHECK(p->devtype == NEMO_CPU, NEMO_EUNSUPPORTED, "adamw: no cuda kernel yet");
+    NEMO_TRY(nemo_check_same_device("adamw", p, g));
     /* work on a contiguous compute-dtype copy when p is not one, then write back */
     NEMO_TRYP(pc, nemo_prep(p, cdt));
     NEMO_TRYP(gc, nemo_prep(g, cdt));
     double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
-    if (cdt == NEMO_F32)
+    if (p->devtype != NEMO_CPU) {   /* the device's kernel (kernels/cuda/optim.cu), the same update */
+        adamw_dev_k k;
+        NEMO_GET_KERNEL(k, adamw_dev_k, "adamw", p->devtype);
+        NEMO_TRY(k(pc, gc, m, v, lr, beta1, beta2, eps, weight_decay, step));
+    } else if (cdt == NEMO_F32)
         adamw_f32(nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), n, lr, beta1,
                   beta2, eps, weight_decay, bc1, bc2);
     else
@@ -85,8 +94,13 @@ NEMO_API int nemo_sum_squares(const nemo_tensor *t, double *out) {
     int rc = 0;
     nemo_tensor *c = NULL;
     int cdt = nemo_compute_dtype(t->dtype);
-    NEMO_CHECK(t->devtype == NEMO_CPU, NEMO_EUNSUPPORTED, "sum_squares: no cuda kernel yet");
     NEMO_TRYP(c, nemo_prep(t, cdt));
+    if (t->devtype != NEMO_CPU) {   /* the device's fixed-tree kernel (kernels/cuda/optim.cu) */
+        sum_squares_dev_k k;
+        NEMO_GET_KERNEL(k, sum_squares_dev_k, "sum_squares", t->devtype);
+        NEMO_TRY(k(c, out));
+        goto fail;
+    }
     int64_t n = nemo_tensor_numel(c);
     /* fixed chunks summed in order: the result does not depend on the thread count */
     enum { CH = 65536 };

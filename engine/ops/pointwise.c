@@ -216,7 +216,18 @@ NEMO_API nemo_tensor *nemo_sum_to(const nemo_tensor *x, int ndim, const int64_t 
     NEMO_CHECK(nd == x->ndim && !memcmp(bshape, x->shape, sizeof(int64_t) * (size_t)nd), NEMO_ESHAPE,
                "sum_to: shape %s does not broadcast to %s", nemo_shape_str_n(ndim, shape, b1, sizeof b1),
                nemo_shape_str(x, b2, sizeof b2));
-    NEMO_CHECK(x->devtype == NEMO_CPU, NEMO_EUNSUPPORTED, "sum_to: no cuda kernel");
+    if (x->devtype != NEMO_CPU) {
+        /* on a device: a keepdim sum over the broadcast dims through the device's reduction
+         * kernel, then viewed with the target shape (leading dims dropped) */
+        int64_t dims[NEMO_MAXDIM];
+        int nr = 0, lead = nd - ndim;
+        for (int d = 0; d < nd; d++)
+            if (d < lead || (shape[d - lead] == 1 && x->shape[d] != 1)) dims[nr++] = d;
+        if (nr == 0) NEMO_TRYP(acc, nemo_clone(x));
+        else NEMO_TRYP(acc, nemo_reduce(x, NEMO_RED_SUM, nr, dims, 1, x->dtype, 0.0));
+        NEMO_TRYP(y, nemo_tensor_view(acc, ndim, shape, NULL, acc->offset));
+        goto fail;
+    }
     NEMO_TRYP(xc, nemo_prep(x, NEMO_F64));
     NEMO_TRYP(acc, nemo_zeros(ndim, shape, NEMO_F64, NEMO_CPU, 0));
     int64_t ostr[NEMO_MAXDIM];
