@@ -86,7 +86,7 @@ local SCHEMA = {
     peft = "table",
     profiling = "table",
     ci = "table",
-    demo = {enabled = "boolean", dir = "string", samples = "number", resolutions = "string",
+    demo = {enabled = "boolean", model = "string", dir = "string", samples = "number", resolutions = "string",
             transformer = "table", text_len = "number"},
     logging = {log_every = "number", progress = "boolean", metrics_file = "string"},
 }
@@ -466,6 +466,17 @@ end
 local function ensure_demo(cfg, log)
     local d = cfg.demo
     local tcfg = d.transformer or {}
+    local kind = d.model or "flux"
+    if kind == "wan" then   -- a small Wan pipeline and video-latent cache (nemo.models.wan)
+        local model_dir, cache_dir = require("nemo.models.wan").demo_assets{root = d.dir and expand_home(d.dir) or nil,
+            transformer = tcfg, samples = d.samples, resolutions = d.resolutions, text_len = d.text_len,
+            seed = cfg.seed, log = log}
+        cfg.model.pretrained_model_name_or_path = model_dir
+        cfg.data.dataloader.cache_dir = cache_dir
+        return
+    elseif kind ~= "flux" then
+        cfg_error("demo.model must be 'flux' or 'wan', got '" .. tostring(kind) .. "'")
+    end
     local model_dir, cache_dir, base = M.demo_paths(cfg)
     if not fs.isfile(model_dir .. "/model_index.json") then
         log(string.format("demo: creating a small FLUX-architecture pipeline in %s (once)", model_dir))
