@@ -404,6 +404,25 @@ local function wait_free(w, what)
     C.nemo_coll_work_free(w)
 end
 
+-- fn(q, real) for each rank q that holds rows of e's parameter (real of them, from row q * R)
+local function rank_rows(e, S, fn)
+    for q = 0, S - 1 do
+        local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
+        if real > 0 then fn(q, real) end
+    end
+end
+
+-- full (e's whole shape) <- e's rows from an all-gathered flat buffer (S blocks of g.N)
+local function copy_from_gathered(e, g, S, out, full)
+    rank_rows(e, S, function(q, real)
+        local src = out:narrow(0, q * g.N + e.off, real * e.rowsize)
+        local dst = full:narrow(0, q * e.R, real)
+        local srcv = src:view(dst.shape)
+        check(C.nemo_copy_(dst._c, srcv._c))
+        src:free(); dst:free(); srcv:free()
+    end)
+end
+
 -- wait for and drop all-gathers started for units that did not run (a graph that changed)
 function FSDP:_discard_prefetches()
     for _, v in ipairs(self.units) do
@@ -431,16 +450,7 @@ function FSDP:_unshard(u)
         for _, e in ipairs(g.entries) do
             local p = e.p
             check(C.nemo_storage_resize_(p._c.storage, e.nbytes))
-            for q = 0, S - 1 do
-                local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
-                if real > 0 then
-                    local src = ga.out:narrow(0, q * g.N + e.off, real * e.rowsize)
-                    local dst = p:narrow(0, q * e.R, real)
-                    local srcv = src:view(dst.shape)
-                    check(C.nemo_copy_(dst._c, srcv._c))
-                    src:free(); dst:free(); srcv:free()
-                end
-            end
+            copy_from_gathered(e, g, S, ga.out, p)
         end
         ga.out:free()
     end
@@ -513,17 +523,14 @@ function FSDP:_reduce(u)
         local input = Tensor.zeros({g.N * S}, {dtype = g.rdt, device = g.device})
         for _, e in ipairs(g.entries) do
             local gr = rawget(e.p, "grad")
-            if gr ~= nil then
-                for q = 0, S - 1 do
-                    local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
-                    if real > 0 then
-                        local src = gr:narrow(0, q * e.R, real)
-                        local dstf = input:narrow(0, q * g.N + e.off, real * e.rowsize)
-                        local dst = dstf:view(src.shape)
-                        check(C.nemo_copy_(dst._c, src._c))
-                        src:free(); dstf:free(); dst:free()
-                    end
-                end
+            if gr ~= nil then   -- each rank's rows into its block of the reduce-scatter input
+                rank_rows(e, S, function(q, real)
+                    local src = gr:narrow(0, q * e.R, real)
+                    local dstf = input:narrow(0, q * g.N + e.off, real * e.rowsize)
+                    local dst = dstf:view(src.shape)
+                    check(C.nemo_copy_(dst._c, src._c))
+                    src:free(); dstf:free(); dst:free()
+                end)
                 e.p.grad = nil
                 rawset(e.p, "_grad_owned", nil)
                 gr:free()
@@ -863,16 +870,7 @@ function FSDP:full_state_dict()
             check(C.nemo_coll_all_gather(self.shard_group._c, out._c, g.shard._c))
             for _, e in ipairs(g.entries) do
                 local full = Tensor.empty(e.p.shape, {dtype = g.dtype, device = g.device})
-                for q = 0, S - 1 do
-                    local real = math.max(0, math.min(e.R, e.d0 - q * e.R))
-                    if real > 0 then
-                        local src = out:narrow(0, q * g.N + e.off, real * e.rowsize)
-                        local dst = full:narrow(0, q * e.R, real)
-                        local srcv = src:view(dst.shape)
-                        check(C.nemo_copy_(dst._c, srcv._c))
-                        src:free(); dst:free(); srcv:free()
-                    end
-                end
+                copy_from_gathered(e, g, S, out, full)
                 sd[e.name] = full
             end
             out:free()
