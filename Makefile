@@ -23,12 +23,14 @@ CUDA_HOME ?= /usr/local/cuda
 LUAJIT_INC ?= $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
 LUAJIT_LIB ?= $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
 
+# -fno-math-errno: sqrt and friends never set errno (nothing reads it), so loops calling them
+# vectorise; the results are the same bits.
 # -ffp-contract=off: no fused multiply-add contraction, so results do not depend on -march and
 # elementwise updates (AdamW) round step by step as PyTorch does.
 SANITIZE := -fsanitize=address,undefined
 OPT     := $(if $(filter 1,$(DEBUG)),-O0 -g $(SANITIZE),-O3 -g $(if $(filter 1,$(PORTABLE)),,-march=native))
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter $(if $(filter 1,$(WERROR)),-Werror)
-NEMO_CFLAGS := -std=gnu11 $(OPT) -ffp-contract=off $(WARN) -fPIC -fvisibility=hidden -fopenmp -Iengine/include -Iengine -MMD -MP
+NEMO_CFLAGS := -std=gnu11 $(OPT) -ffp-contract=off -fno-math-errno $(WARN) -fPIC -fvisibility=hidden -fopenmp -Iengine/include -Iengine -MMD -MP
 LDLIBS_NEMO := -lopenblas -lyaml -lm -ldl -lpthread -fopenmp
 
 # ==== INSTALL LOCATIONS (luarocks passes these) ====

@@ -135,7 +135,7 @@ static inline vfw vexp_np_f32(vfw x) {
     y = sel_f(lo_, bc_f32(0.0f), y);
     return sel_f(nan_, x, y);
 }
-static inline vdw vexp_f64(vdw x) { vdw r; for (int k = 0; k < VW; k++) r[k] = exp(x[k]); return r; }
+static inline vdw vexp_f64(vdw x) { vdw r = x; for (int k = 0; k < VW; k++) r[k] = exp(x[k]); return r; }
 #define EXP_f32(v) exp_np_f32(v)
 #define EXP_f64(v) exp(v)
 #define VEXP_f32(v) vexp_np_f32(v)
