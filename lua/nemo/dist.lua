@@ -264,7 +264,11 @@ function M.new_subgroup(color, key, name, parent)
     parent = parent or world
     local c = C.nemo_comm_split(parent._c, color, key or 0, name or "group")
     if c == nil then nffi.raise() end
-    return wrap_group(c, name or "group", true)
+    local g = wrap_group(c, name or "group", true)
+    -- under NCCL a subgroup needs its own NCCL communicator (bootstrapped over the subgroup's MPI
+    -- communicator, collectively), or collectives on its CUDA tensors would have none
+    if state.backend == "nccl" and state.device ~= nil then check(C.nemo_comm_enable_nccl(c, state.device)) end
+    return g
 end
 
 -- ==== works ====

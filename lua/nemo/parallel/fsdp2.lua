@@ -823,7 +823,8 @@ function FSDP:clip_grad_norm_(max_norm, opts)
         for _, u in ipairs(self.units) do
             for _, g in ipairs(u.groups) do
                 if g.gbuf and rawget(g.entries[1].sp, "grad") ~= nil then
-                    local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32"})
+                    local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32",
+                                                     device = g.device})
                     check(C.nemo_binary_(g.gbuf._c, s._c, C.NEMO_BOP_MUL, 1))
                 end
             end
