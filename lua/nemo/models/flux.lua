@@ -671,15 +671,7 @@ end
 
 -- ==== files ====
 
-local fs_ok, fs = pcall(require, "nemo.fs")
-if not fs_ok then fs = nil end
-
-local function exists(path)
-    if fs then return fs.exists(path) end
-    local f = io.open(path, "rb")
-    if f then f:close(); return true end
-    return false
-end
+local exists = require("nemo.fs").exists
 
 
 -- Build a model without running the layers' random initialisation (the weights are about to be
@@ -695,7 +687,7 @@ local function without_init(fn)
 end
 
 local mio = require "nemo.models.io"
-local read_json, read_weights, parse_size = mio.read_json, mio.read_weights, mio.parse_size
+local read_json, read_weights = mio.read_json, mio.read_weights
 M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME = mio.WEIGHTS_NAME, mio.WEIGHTS_INDEX_NAME
 
 -- Read the state dict of a diffusers folder: the single file, or the shards an index names.
@@ -739,70 +731,16 @@ function FluxTransformer2DModel.from_pretrained(folder, opts, more)
     return model
 end
 
--- "10GB" (10^9), "5GiB" (2^30), "500MB", "100KB", "42" or a number of bytes.
-
 -- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (with _class_name and
 -- _diffusers_version) and the weights: one diffusion_pytorch_model.safetensors, or shards
 -- diffusion_pytorch_model-0000i-of-0000n.safetensors plus the index when they exceed
 -- max_shard_size (split greedily in state_dict order, as huggingface_hub does). Weight files of
 -- an earlier save that this one does not write are removed.
 function FluxTransformer2DModel:save_pretrained(folder, opts)
-    local who = "FluxTransformer2DModel:save_pretrained"
-    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 2) end
-    opts = opts or {}
-    local max_size = parse_size(opts.max_shard_size or "10GB")
-    if fs then fs.mkdirs(folder) else os.execute("mkdir -p '" .. folder:gsub("'", "'\\''") .. "'") end
-
     local cfg = {_class_name = "FluxTransformer2DModel", _diffusers_version = M.DIFFUSERS_VERSION}
     for k, v in pairs(self.config) do cfg[k] = v end
     cfg.axes_dims_rope = json.array(cfg.axes_dims_rope)
-    json.write_file(folder .. "/config.json", cfg, {indent = 2})
-
-    local sd, keys = self:state_dict()
-    local shards, cur, cur_size, total = {}, nil, 0, 0
-    for _, k in ipairs(keys) do
-        local t = sd[k]
-        if t.device ~= "cpu" then t = t:to{device = "cpu"} end
-        local size = t:numel() * t:element_size()
-        total = total + size
-        if cur == nil or (cur_size + size > max_size and cur_size > 0) then
-            cur = {tensors = {}, names = {}}
-            shards[#shards + 1] = cur
-            cur_size = 0
-        end
-        cur.tensors[k] = t
-        cur.names[#cur.names + 1] = k
-        cur_size = cur_size + size
-    end
-    if #shards == 0 then shards[1] = {tensors = {}, names = {}} end
-    local written = {}
-    local meta = {format = "pt"}
-    if #shards == 1 then
-        nemo.save_file(shards[1].tensors, folder .. "/" .. M.WEIGHTS_NAME, meta)
-        written[M.WEIGHTS_NAME] = true
-    else
-        local weight_map = {}
-        for i, sh in ipairs(shards) do
-            local name = string.format("diffusion_pytorch_model-%05d-of-%05d.safetensors", i, #shards)
-            nemo.save_file(sh.tensors, folder .. "/" .. name, meta)
-            written[name] = true
-            for _, k in ipairs(sh.names) do weight_map[k] = name end
-        end
-        json.write_file(folder .. "/" .. M.WEIGHTS_INDEX_NAME,
-            {metadata = {total_size = total}, weight_map = weight_map}, {indent = 2})
-        written[M.WEIGHTS_INDEX_NAME] = true
-    end
-    -- stale weight files of an earlier save
-    local names
-    if fs then names = fs.list(folder)
-    else names = {M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME} end
-    for _, name in ipairs(names) do
-        if not written[name] and (name == M.WEIGHTS_NAME or name == M.WEIGHTS_INDEX_NAME or
-                name:match("^diffusion_pytorch_model%-%d+%-of%-%d+%.safetensors$")) then
-            os.remove(folder .. "/" .. name)
-        end
-    end
-    return folder
+    return mio.write_folder(self, folder, cfg, opts, "FluxTransformer2DModel:save_pretrained")
 end
 
 return M

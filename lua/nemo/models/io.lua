@@ -1,6 +1,6 @@
--- lua/nemo/models/io.lua: reading diffusers model folders, shared by the model classes:
--- config.json, and the weights as one diffusion_pytorch_model.safetensors or as shards named by
--- diffusion_pytorch_model.safetensors.index.json (weight_map -> file). Errors name the file.
+-- lua/nemo/models/io.lua: reading and writing diffusers model folders, shared by the model
+-- classes: config.json, and the weights as one diffusion_pytorch_model.safetensors or as shards
+-- named by diffusion_pytorch_model.safetensors.index.json (weight_map -> file). Errors name the file.
 local nemo = require "nemo"
 local json = require "nemo.json"
 local fs = require "nemo.fs"
@@ -89,6 +89,60 @@ function M.parse_size(s)
         error("save_pretrained: cannot read max_shard_size '" .. s .. "' (expected e.g. '10GB', '500MB' or bytes)", 4)
     end
     return math.floor(tonumber(num) * units[unit])
+end
+
+-- write_folder(model, folder, cfg, {max_shard_size = "10GB"}, who): config.json (cfg, already
+-- holding _class_name and _diffusers_version) and the model's state_dict as one
+-- diffusion_pytorch_model.safetensors, or as shards diffusion_pytorch_model-0000i-of-0000n plus
+-- the index when they exceed max_shard_size (split greedily in state_dict order, as
+-- huggingface_hub does). Weight files of an earlier save that this one does not write are removed.
+function M.write_folder(model, folder, cfg, opts, who)
+    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 3) end
+    opts = opts or {}
+    local max_size = M.parse_size(opts.max_shard_size or "10GB")
+    fs.mkdirs(folder)
+    json.write_file(folder .. "/config.json", cfg, {indent = 2})
+    local sd, keys = model:state_dict()
+    local shards, cur, cur_size, total = {}, nil, 0, 0
+    for _, k in ipairs(keys) do
+        local t = sd[k]
+        if t.device ~= "cpu" then t = t:to{device = "cpu"} end
+        local size = t:numel() * t:element_size()
+        total = total + size
+        if cur == nil or (cur_size + size > max_size and cur_size > 0) then
+            cur = {tensors = {}, names = {}}
+            shards[#shards + 1] = cur
+            cur_size = 0
+        end
+        cur.tensors[k] = t
+        cur.names[#cur.names + 1] = k
+        cur_size = cur_size + size
+    end
+    if #shards == 0 then shards[1] = {tensors = {}, names = {}} end
+    local written = {}
+    local meta = {format = "pt"}
+    if #shards == 1 then
+        nemo.save_file(shards[1].tensors, folder .. "/" .. M.WEIGHTS_NAME, meta)
+        written[M.WEIGHTS_NAME] = true
+    else
+        local weight_map = {}
+        for i, sh in ipairs(shards) do
+            local name = string.format("diffusion_pytorch_model-%05d-of-%05d.safetensors", i, #shards)
+            nemo.save_file(sh.tensors, folder .. "/" .. name, meta)
+            written[name] = true
+            for _, k in ipairs(sh.names) do weight_map[k] = name end
+        end
+        json.write_file(folder .. "/" .. M.WEIGHTS_INDEX_NAME,
+            {metadata = {total_size = total}, weight_map = weight_map}, {indent = 2})
+        written[M.WEIGHTS_INDEX_NAME] = true
+    end
+    for _, name in ipairs(fs.list(folder)) do   -- stale weight files of an earlier save
+        if not written[name] and (name == M.WEIGHTS_NAME or name == M.WEIGHTS_INDEX_NAME or
+                name:match("^diffusion_pytorch_model%-%d+%-of%-%d+%.safetensors$")) then
+            os.remove(folder .. "/" .. name)
+        end
+    end
+    return folder
 end
 
 return M
