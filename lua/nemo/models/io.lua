@@ -91,6 +91,55 @@ function M.parse_size(s)
     return math.floor(tonumber(num) * units[unit])
 end
 
+-- load_folder(folder, opts, spec) -> model: what a class's from_pretrained does with a diffusers
+-- model folder (opts: torch_dtype | dtype = "float32", device, subfolder). spec: {class_name,
+-- build = fn(cfg, dtype) -> model (layers' random init skipped by the caller), ignore = {key
+-- substrings dropped from the file}, dtype_of = fn(key, dtype) -> the dtype a tensor keeps}.
+-- Reads config.json (a warning when another class saved it) and the weights (single file or
+-- shards), and loads them strictly (every key present, none unexpected, shapes equal). Tensors
+-- already in their dtype are taken as they are (assign: the parameters share the memory-mapped
+-- file, no second copy); the others are converted once.
+function M.load_folder(folder, opts, spec)
+    local who = spec.class_name .. ".from_pretrained"
+    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 3) end
+    opts = opts or {}
+    if opts.subfolder then folder = folder .. "/" .. opts.subfolder end
+    local cfg_path = folder .. "/config.json"
+    if not fs.exists(cfg_path) then
+        error(string.format("%s: missing config file '%s' (is '%s' a diffusers model folder?)", who, cfg_path,
+            folder), 3)
+    end
+    local cfg = M.read_json(cfg_path, who, "config file")
+    local cls_name = cfg._class_name
+    if cls_name ~= nil and cls_name ~= spec.class_name then
+        io.stderr:write(string.format("warning: %s: '%s' was saved from %s, not %s\n", who, cfg_path,
+            tostring(cls_name), spec.class_name))
+    end
+    local Tensor = require "nemo.tensor"
+    local dtype = opts.torch_dtype or opts.dtype or "float32"
+    dtype = Tensor.dtype_names[Tensor.dtype_id(dtype, who .. " torch_dtype")]
+    local ok, model = pcall(spec.build, cfg, dtype)
+    if not ok then error(string.format("%s('%s'): %s", who, cfg_path, tostring(model)), 3) end
+    local device = opts.device
+    if device == "cpu" then device = nil end
+    local sd = M.read_weights(folder, who, device)
+    for k in pairs(sd) do
+        for _, pat in ipairs(spec.ignore or {}) do
+            if k:find(pat, 1, true) then sd[k] = nil end
+        end
+    end
+    for k, t in pairs(sd) do
+        if Tensor.is_tensor(t) and t:is_floating_point() then
+            local want = spec.dtype_of and spec.dtype_of(k, dtype) or dtype
+            if t.dtype ~= want then sd[k] = t:to{dtype = want} end
+        end
+    end
+    local lok, err = pcall(model.load_state_dict, model, sd, {strict = true, assign = true})
+    if not lok then error(string.format("%s('%s'): %s", who, folder, tostring(err)), 3) end
+    if device then model:to{device = device} end
+    return model
+end
+
 -- write_folder(model, folder, cfg, {max_shard_size = "10GB"}, who): config.json (cfg, already
 -- holding _class_name and _diffusers_version) and the model's state_dict as one
 -- diffusion_pytorch_model.safetensors, or as shards diffusion_pytorch_model-0000i-of-0000n plus

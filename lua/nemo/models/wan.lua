@@ -722,9 +722,6 @@ end
 -- ==== files ====
 -- (The folder reading and writing is nemo.models.io's, shared with FluxTransformer2DModel.)
 
-local exists = require("nemo.fs").exists
-
-
 -- Build a model without running the layers' random initialisation (the weights are about to be
 -- overwritten), as diffusers' no_init_weights() does.
 local function without_init(fn)
@@ -741,60 +738,22 @@ local function without_init(fn)
 end
 
 local mio = require "nemo.models.io"
-local read_json, read_weights = mio.read_json, mio.read_weights
 M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME = mio.WEIGHTS_NAME, mio.WEIGHTS_INDEX_NAME
-
--- Read the state dict of a diffusers folder: the single file, or the shards an index names.
 
 -- WanTransformer3DModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
 -- Reads folder/config.json and diffusion_pytorch_model.safetensors (or the sharded index) and
 -- loads the weights strictly (every key present, none unexpected except diffusers' ignored
 -- `norm_added_q`, shapes equal), cast to torch_dtype; with a 16-bit torch_dtype the
--- _keep_in_fp32_modules parameters are float32.
+-- _keep_in_fp32_modules parameters are float32 (nemo.models.io.load_folder).
 function WanTransformer3DModel.from_pretrained(folder, opts, more)
-    local who = "WanTransformer3DModel.from_pretrained"
     if rawequal(folder, WanTransformer3DModel) then folder, opts = opts, more end   -- Wan:from_pretrained(...)
-    if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 2) end
-    opts = opts or {}
-    if opts.subfolder then folder = folder .. "/" .. opts.subfolder end
-    local cfg_path = folder .. "/config.json"
-    if not exists(cfg_path) then
-        error(string.format("%s: missing config file '%s' (is '%s' a diffusers model folder?)", who, cfg_path,
-            folder), 2)
-    end
-    local cfg = read_json(cfg_path, who, "config file")
-    local cls_name = cfg._class_name
-    if cls_name ~= nil and cls_name ~= "WanTransformer3DModel" then
-        io.stderr:write(string.format("warning: %s: '%s' was saved from %s, not WanTransformer3DModel\n", who,
-            cfg_path, tostring(cls_name)))
-    end
-    local dtype = opts.torch_dtype or opts.dtype or "float32"
-    dtype = Tensor.dtype_names[Tensor.dtype_id(dtype, who .. " torch_dtype")]
-    local keep = dtype == "bfloat16" or dtype == "float16"
-    local ok, model = pcall(without_init, function()
-        return WanTransformer3DModel(cfg, {dtype = dtype})
-    end)
-    if not ok then error(string.format("%s('%s'): %s", who, cfg_path, tostring(model)), 2) end
-    local device = opts.device
-    if device == "cpu" then device = nil end
-    local sd = read_weights(folder, who, device)
-    for k in pairs(sd) do
-        for _, pat in ipairs(WanTransformer3DModel._keys_to_ignore_on_load_unexpected) do
-            if k:find(pat, 1, true) then sd[k] = nil end
-        end
-    end
-    -- tensors already in the wanted dtype are taken as they are (assign: the parameters share
-    -- the memory-mapped file, no second copy); the others are converted once
-    for k, t in pairs(sd) do
-        if is_tensor(t) and t:is_floating_point() then
-            local want_dt = (keep and M.keep_in_fp32(k)) and "float32" or dtype
-            if t.dtype ~= want_dt then sd[k] = t:to{dtype = want_dt} end
-        end
-    end
-    local lok, err = pcall(model.load_state_dict, model, sd, {strict = true, assign = true})
-    if not lok then error(string.format("%s('%s'): %s", who, folder, tostring(err)), 2) end
-    if device then model:to{device = device} end
-    return model
+    return mio.load_folder(folder, opts, {class_name = "WanTransformer3DModel",
+        build = function(cfg, dtype) return without_init(function() return WanTransformer3DModel(cfg, {dtype = dtype}) end) end,
+        ignore = WanTransformer3DModel._keys_to_ignore_on_load_unexpected,
+        dtype_of = function(k, dtype)
+            if (dtype == "bfloat16" or dtype == "float16") and M.keep_in_fp32(k) then return "float32" end
+            return dtype
+        end})
 end
 
 -- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (with _class_name and
