@@ -7,6 +7,9 @@
 #   tests/gpu/check_ops.lua   every CUDA kernel and copy path against the CPU (bitwise where the
 #                             kernel is exact, else within stated tolerances), with a summary
 #                             table, the worst error per kernel and throughput figures
+#   tests/gpu/check_e2e.lua   the golden FLUX cases on the GPU, training steps against the CPU,
+#                             FSDP2 mixed precision, the recipe with --device cuda:0
+#   bench/gpu_block.lua       the FLUX.1-dev double block fwd+bwd as a fraction of the matmul rate
 # The "# bench: ..." lines of check_ops.lua are appended to bench/RESULTS.md under a dated
 # heading naming the host, the GPU and the commit (set NO_RESULTS=1 to skip that).
 # Exits non-zero when the build or any check fails, and when no GPU is usable.
@@ -37,9 +40,12 @@ fi
 
 status=0
 log=$(mktemp)
-for t in tests/lua/test_cuda.lua tests/lua/test_cuda_kernels.lua tests/gpu/check_ops.lua; do
-    echo "# ==== $t"
-    NEMO_EXPECT_CUDA=1 "${RUN[@]}" "$t" 2>&1 | tee -a "$log"
+# each step under a timeout, so one hang cannot eat the GPU budget (8 minutes in all)
+for t in tests/lua/test_cuda.lua:60 tests/lua/test_cuda_kernels.lua:60 tests/gpu/check_ops.lua:180 \
+         tests/gpu/check_e2e.lua:90 bench/gpu_block.lua:120; do
+    limit=${t##*:}; t=${t%:*}
+    echo "# ==== $t (at most ${limit} s)"
+    NEMO_EXPECT_CUDA=1 timeout "$limit" "${RUN[@]}" "$t" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     if [ $rc -ne 0 ]; then echo "# FAILED: $t (exit $rc)"; status=1; fi
 done
@@ -49,7 +55,7 @@ if [ "${NO_RESULTS:-0}" != 1 ] && grep -q '^# bench: ' "$log"; then
         "Measured numbers, newest last. GPU sections are appended by tests/gpu/run.sh." > bench/RESULTS.md
     {
         echo ""
-        echo "## tests/gpu/check_ops.lua, $(date -u +%Y-%m-%d) on $(hostname)"
+        echo "## tests/gpu/run.sh (check_ops.lua, gpu_block.lua), $(date -u +%Y-%m-%d) on $(hostname)"
         echo ""
         gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
         echo "GPU: ${gpu:-unknown}; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$( [ -n "$(git status --porcelain 2>/dev/null)" ] && echo ' (with local changes)'); checks $( [ $status -eq 0 ] && echo passed || echo FAILED)."
