@@ -191,8 +191,11 @@ LUA_INIT='init_ran = 42' run "" "$N" -e 'print(init_ran)'
 is "$OUT" "42" "LUA_INIT runs first, as in luajit"
 
 # ==== Ctrl-C while a statement runs (piped REPL, SIGINT sent to the process) ====
+# --foreground: otherwise timeout(1) passes a SIGINT on to the command and then to its whole
+# process group, and the second one arriving after the first was handled ends the REPL, as a
+# second Ctrl-C is meant to.
 mkfifo "$T/in"
-timeout 30 "$N" -i < "$T/in" > "$T/sig_out" 2> "$T/sig_err" &
+timeout --foreground 30 "$N" -i < "$T/in" > "$T/sig_out" 2> "$T/sig_err" &
 pid=$!
 exec 3> "$T/in"
 echo 'print("ready") io.stdout:flush() while true do end' >&3
@@ -209,7 +212,7 @@ is "$(cat "$T/sig_out")" "$(printf 'ready\nafter interrupt')" "the session conti
 is "$RC" 0 "and exits 0 at the end of input"
 
 # Ctrl-C in a script (interpreted with -joff, since hooks never run inside compiled loops)
-timeout 30 "$N" -joff -e 'print("ready") io.stdout:flush() while true do end' > "$T/sig_out" 2> "$T/sig_err" &
+timeout --foreground 30 "$N" -joff -e 'print("ready") io.stdout:flush() while true do end' > "$T/sig_out" 2> "$T/sig_err" &
 pid=$!
 for _ in $(seq 150); do grep -q ready "$T/sig_out" && break; sleep 0.1; done
 sleep 0.2
@@ -237,7 +240,11 @@ if command -v script > /dev/null && script --help 2>&1 | grep -q -- '--flush'; t
     wait_for 'after ctrl-c' && printf 'function spin() print("spin" .. "ning") while true do end end spin()\n' >&3
     wait_for 'spinning' && sleep 0.2 && printf '\003' >&3
     wait_for 'interrupted!' && printf 'print("al" .. "ive")\n' >&3
-    wait_for 'alive'
+    # Ctrl-D only once the prompt is back: typed while a statement still runs, the terminal is
+    # in cooked mode, where Ctrl-D becomes an end-of-line mark that reads as a NUL byte once
+    # line editing switches the terminal to raw mode (type-ahead Ctrl-D is lost, as in bash).
+    wait_prompt() { for _ in $(seq 200); do [[ "$(tr -d '\r' < "$T/ts")" == *"$1"$'\n> ' ]] && return 0; sleep 0.05; done; return 1; }
+    wait_prompt 'alive'
     printf '\004' >&3
     # keep our end of the fifo open until the REPL has exited: closing it sends EOF to
     # script(1), which may hang up the terminal before the REPL has read the Ctrl-D.
