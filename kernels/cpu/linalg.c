@@ -20,8 +20,10 @@
  *   forward:  S -> P = softmax(S + mask) row by row (lse = max + log(sum)), O = P V;
  *   backward: P = exp(S + mask - lse) recomputed, dV += P^T dO, dP = dO V^T,
  *             dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK += scale dS^T Q.
- * Only O and lse (Sq values per head) live between forward and backward. With is_causal a
- * block only touches the keys j < its last row + 1.
+ * Only O and lse (Sq values per head) live between forward and backward, unless the front-end
+ * asks to keep P (sdpa_fwd_p / sdpa_bwd_p): then the forward also writes P = exp(S - max) / sum
+ * (one pass over the block) and the backward reads it, which saves the S = Q K^T product and
+ * the exponentials of backward. With is_causal a block only touches the keys j < its last row + 1.
  */
 #include <cblas.h>
 #include <stdlib.h>
@@ -139,6 +141,96 @@ static void gemm_tile(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, d
           beta, c + (r0 * ldc + c0) * esz, ldc);
 }
 
+/* ==== thin products ==== */
+
+/* float32 products with at most THIN_MAX rows (the AdaLN / timestep linears: M = batch) or
+ * at most THIN_MAX inner terms (their weight gradient) do not use BLAS: OpenBLAS packs the
+ * whole other operand for them and reaches 3-6 GFLOP/s; these loops stream it once. Every
+ * element is summed in an order fixed by the code (16 lanes, then a fixed tree), and threads
+ * take fixed column / row chunks, so the bits depend neither on -march nor on the threads. */
+#define THIN_MAX 8
+#define THIN_COLS 64
+
+/* sum_i x[i] * y[i], 16 partial sums combined by a fixed tree */
+static inline float dot_f32(const float *x, const float *y, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += x[i + l] * y[i + l];
+    for (int l = 0; i < n; i++, l++) acc[l] += x[i] * y[i];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+static inline void thin_store(float *c, float s, float alpha, float beta) {
+    s = alpha == 1.0f ? s : alpha * s;
+    *c = beta == 0.0f ? s : (beta == 1.0f ? *c + s : beta * *c + s);
+}
+
+/* One thin float32 product (see above); returns 0 when it is not thin (BLAS does it). */
+static int thin_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha,
+                     const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    if (k <= 0 || (m > THIN_MAX && k > THIN_MAX)) return 0;
+    if (m <= THIN_MAX) {
+        /* op(a) packed as m contiguous rows of k */
+        float *ap = malloc(sizeof(float) * (size_t)(m * k));
+        if (!ap) return 0;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t p = 0; p < k; p++) ap[i * k + p] = ta ? a[p * lda + i] : a[i * lda + p];
+        int64_t nch = (n + THIN_COLS - 1) / THIN_COLS;
+        #pragma omp parallel for schedule(static) if (m * n * k > NEMO_PAR_MIN && nch > 1)
+        for (int64_t ch = 0; ch < nch; ch++) {
+            int64_t j0 = ch * THIN_COLS, j1 = j0 + THIN_COLS < n ? j0 + THIN_COLS : n;
+            if (tb) {   /* column j of op(b) is row j of b: dot products */
+                for (int64_t j = j0; j < j1; j++)
+                    for (int64_t i = 0; i < m; i++)
+                        thin_store(c + i * ldc + j, dot_f32(ap + i * k, b + j * ldb, k), alpha, beta);
+            } else {    /* rows of b scaled and added, p in order */
+                float acc[THIN_MAX][THIN_COLS];
+                int64_t w = j1 - j0;
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t j = 0; j < w; j++) acc[i][j] = 0.0f;
+                for (int64_t p = 0; p < k; p++) {
+                    const float *br = b + p * ldb + j0;
+                    for (int64_t i = 0; i < m; i++) {
+                        float av = ap[i * k + p];
+                        for (int64_t j = 0; j < w; j++) acc[i][j] += av * br[j];
+                    }
+                }
+                for (int64_t i = 0; i < m; i++)
+                    for (int64_t j = 0; j < w; j++) thin_store(c + i * ldc + j0 + j, acc[i][j], alpha, beta);
+            }
+        }
+        free(ap);
+        return 1;
+    }
+    /* k <= THIN_MAX: sums of k outer products; op(b) packed as k contiguous rows of n */
+    float *bp = malloc(sizeof(float) * (size_t)(k * n));
+    if (!bp) return 0;
+    for (int64_t p = 0; p < k; p++)
+        for (int64_t j = 0; j < n; j++) bp[p * n + j] = tb ? b[j * ldb + p] : b[p * ldb + j];
+    #pragma omp parallel for schedule(static) if (m * n * k > NEMO_PAR_MIN)
+    for (int64_t i = 0; i < m; i++) {
+        float av[THIN_MAX];
+        for (int64_t p = 0; p < k; p++) av[p] = ta ? a[p * lda + i] : a[i * lda + p];
+        float *cr = c + i * ldc;
+        for (int64_t j0 = 0; j0 < n; j0 += THIN_COLS) {
+            int64_t w = n - j0 < THIN_COLS ? n - j0 : THIN_COLS;
+            float acc[THIN_COLS];
+            for (int64_t j = 0; j < w; j++) acc[j] = 0.0f;
+            for (int64_t p = 0; p < k; p++) {
+                const float *br = bp + p * n + j0;
+                float x = av[p];
+                for (int64_t j = 0; j < w; j++) acc[j] += x * br[j];
+            }
+            for (int64_t j = 0; j < w; j++) thin_store(cr + j0 + j, acc[j], alpha, beta);
+        }
+    }
+    free(bp);
+    return 1;
+}
+
 /* For i < nbatch: c_i = alpha * op(a_i) op(b_i) + beta * c_i with a_i = a + offs[3i],
  * b_i = b + offs[3i+1], c_i = c + offs[3i+2] (elements; offs NULL means one product).
  * c_distinct: no two c_i overlap, so products run side by side; otherwise every tile adds the
@@ -152,6 +244,10 @@ static int gemm_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, dou
     char *pc = c;
     if (!offs) { offs = zero3; nbatch = 1; }
     if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
+    if (dt == NEMO_F32 && nbatch == 1 &&
+        thin_gemm(ta, tb, m, n, k, (float)alpha, (const float *)a + offs[0], lda, (const float *)b + offs[1], ldb,
+                  (float)beta, (float *)c + offs[2], ldc))
+        return 0;
     int64_t par = c_distinct ? nbatch : 1;
     tiling t = tile_plan(m, n, k, par);
     int64_t ntiles = t.ntm * t.ntn, ntasks = par * ntiles;
@@ -284,6 +380,18 @@ static void softmax_rows_##SUF(void *sv, int64_t ld, int64_t rows, int64_t cols,
         lse[r] = m + LOG(sum);                                                                     \
     }                                                                                              \
 }                                                                                                  \
+/* p rows (w values, row stride ldp) = s rows (row stride lds) * rinv[r]: the probabilities. */ \
+static void norm_rows_##SUF(void *pv, int64_t ldp, const void *sv, int64_t lds, int64_t rows,      \
+                            int64_t w, const void *rinvv) {                                        \
+    T *p = pv;                                                                                     \
+    const T *s = sv, *rinv = rinvv;                                                                \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        T f = rinv[r], *x = p + r * ldp;                                                           \
+        const T *y = s + r * lds;                                                                  \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t c = 0; c < w; c++) x[c] = y[c] * f;                                           \
+    }                                                                                              \
+}                                                                                                  \
 /* o rows (w values, row stride ld) *= rinv[r]. */                                                \
 static void scale_rows_##SUF(void *ov, int64_t ld, int64_t rows, int64_t w, const void *rinvv) {   \
     T *o = ov;                                                                                     \
@@ -309,21 +417,23 @@ static void probs_rows_##SUF(void *sv, int64_t ld, int64_t rows, int64_t cols, i
         for (int64_t j = nc; j < cols; j++) x[j] = 0;                                              \
     }                                                                                              \
 }                                                                                                  \
-/* p (in: P, out: dS = P * (dP - rowsum(dO * O))), dp: dP; g, o: dO and O rows (dv values). */    \
-static void dsoftmax_rows_##SUF(void *pv, const void *dpv, int64_t ld, int64_t rows, int64_t cols, \
+/* p (out: dS = P * (dP - rowsum(dO * O))), pin: P (row stride ldin; may be p itself), dp: dP; \
+ * g, o: dO and O rows (dv values). */                                                            \
+static void dsoftmax_rows_##SUF(void *pv, const void *pinv, int64_t ldin, const void *dpv,         \
+                                int64_t ld, int64_t rows, int64_t cols,                            \
                                 const void *gv, int64_t ldg, const void *ov, int64_t ldo,          \
                                 int64_t dv) {                                                      \
     T *p = pv;                                                                                     \
-    const T *dp = dpv, *g = gv, *o = ov;                                                           \
+    const T *pin = pinv, *dp = dpv, *g = gv, *o = ov;                                              \
     for (int64_t r = 0; r < rows; r++) {                                                           \
         const T *gr = g + r * ldg, *orow = o + r * ldo;                                            \
         T di = 0;                                                                                  \
         _Pragma("omp simd reduction(+:di)")                                                        \
         for (int64_t c = 0; c < dv; c++) di += gr[c] * orow[c];                                    \
         T *x = p + r * ld;                                                                         \
-        const T *y = dp + r * ld;                                                                  \
+        const T *xin = pin + r * ldin, *y = dp + r * ld;                                           \
         _Pragma("omp simd")                                                                        \
-        for (int64_t j = 0; j < cols; j++) x[j] = x[j] * (y[j] - di);                              \
+        for (int64_t j = 0; j < cols; j++) x[j] = xin[j] * (y[j] - di);                            \
     }                                                                                              \
 }
 
@@ -337,11 +447,15 @@ typedef struct {
     void (*scale_rows)(void *o, int64_t ld, int64_t rows, int64_t w, const void *rinv);
     void (*probs)(void *s, int64_t ld, int64_t rows, int64_t cols, int64_t row0, int causal,
                   const amask *mk, const void *lse);
-    void (*dsoftmax)(void *p, const void *dp, int64_t ld, int64_t rows, int64_t cols,
-                     const void *g, int64_t ldg, const void *o, int64_t ldo, int64_t dv);
+    void (*dsoftmax)(void *p, const void *pin, int64_t ldin, const void *dp, int64_t ld, int64_t rows,
+                     int64_t cols, const void *g, int64_t ldg, const void *o, int64_t ldo, int64_t dv);
+    void (*norm_rows)(void *p, int64_t ldp, const void *s, int64_t lds, int64_t rows, int64_t w,
+                      const void *rinv);
 } row_ops;
-static const row_ops ROWS_F32 = {softmax_rows_f32, scale_rows_f32, probs_rows_f32, dsoftmax_rows_f32};
-static const row_ops ROWS_F64 = {softmax_rows_f64, scale_rows_f64, probs_rows_f64, dsoftmax_rows_f64};
+static const row_ops ROWS_F32 = {softmax_rows_f32, scale_rows_f32, probs_rows_f32, dsoftmax_rows_f32,
+                                 norm_rows_f32};
+static const row_ops ROWS_F64 = {softmax_rows_f64, scale_rows_f64, probs_rows_f64, dsoftmax_rows_f64,
+                                 norm_rows_f64};
 
 /* ==== attention: blocks ==== */
 
@@ -402,7 +516,12 @@ static void zero_rows(char *p, int64_t rows, int64_t cols, int64_t ld, size_t es
 
 typedef struct {
     const nemo_tensor *q, *k, *v, *o, *lse, *g, *dq, *dk, *dv;
+    const nemo_tensor *p;   /* kept probabilities (nbh, Sq, Sk) contiguous, or NULL */
 } sdpa_io;
+/* Row i0 of pair bh in the kept probabilities (row stride Sk). */
+static char *probs_ptr(const sdpa_geom *G, const sdpa_io *io, int64_t bh, int64_t i0) {
+    return (char *)nemo_tensor_data(io->p) + ((bh * G->sq + i0) * G->sk) * (int64_t)G->esz;
+}
 
 /* Forward of query rows [i0, i1) of pair bh; s: scratch of (i1-i0) x Sk, then i1-i0 values. */
 static void fwd_block(const sdpa_geom *G, const sdpa_io *io, int64_t bh, int64_t i0, int64_t i1, char *s) {
@@ -425,6 +544,7 @@ static void fwd_block(const sdpa_geom *G, const sdpa_io *io, int64_t bh, int64_t
     } else {
         G->ops->softmax(s, lds, bq, nk, i0, G->causal, &mk, lse, rinv);
     }
+    if (io->p) G->ops->norm_rows(probs_ptr(G, io, bh, i0), G->sk, s, lds, bq, nk, rinv);
     gemm1(G->dt, 0, 0, bq, G->dv, nk, 1.0, s, lds, v, ldv, 0.0, o, ldo);
     G->ops->scale_rows(o, ldo, bq, G->dv, rinv);
 }
@@ -450,25 +570,33 @@ static void bwd_block(const sdpa_geom *G, const sdpa_io *io, int64_t bh, int64_t
     amask mk = pair_mask(G, bh);
     int64_t lds = nk > 0 ? nk : 1;
     if (nk == 0) { zero_rows(dq, bq, G->d, lddq, esz); return; }
-    gemm1(G->dt, 0, 1, bq, nk, G->d, G->scale, q, ldq, k, ldk, 0.0, p, lds);              /* S */
-    if (G->par_rows) {                                                                      /* P */
-        #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < bq; r += ROW_CHUNK)
-            G->ops->probs(p + r * lds * (int64_t)esz, lds, bq - r < ROW_CHUNK ? bq - r : ROW_CHUNK, nk, i0 + r,
-                          G->causal, &mk, lse + r * (int64_t)esz);
+    const char *pin = p;        /* P: kept by the forward, or recomputed into p */
+    int64_t ldin = lds;
+    if (io->p) {
+        pin = probs_ptr(G, io, bh, i0);
+        ldin = G->sk;
     } else {
-        G->ops->probs(p, lds, bq, nk, i0, G->causal, &mk, lse);
+        gemm1(G->dt, 0, 1, bq, nk, G->d, G->scale, q, ldq, k, ldk, 0.0, p, lds);          /* S */
+        if (G->par_rows) {                                                                  /* P */
+            #pragma omp parallel for schedule(static)
+            for (int64_t r = 0; r < bq; r += ROW_CHUNK)
+                G->ops->probs(p + r * lds * (int64_t)esz, lds, bq - r < ROW_CHUNK ? bq - r : ROW_CHUNK, nk,
+                              i0 + r, G->causal, &mk, lse + r * (int64_t)esz);
+        } else {
+            G->ops->probs(p, lds, bq, nk, i0, G->causal, &mk, lse);
+        }
     }
-    gemm1(G->dt, 1, 0, nk, G->dv, bq, 1.0, p, lds, g, ldg, 1.0, kv->dv, kv->lddv);        /* dV += P^T dO */
+    gemm1(G->dt, 1, 0, nk, G->dv, bq, 1.0, pin, ldin, g, ldg, 1.0, kv->dv, kv->lddv);     /* dV += P^T dO */
     gemm1(G->dt, 0, 1, bq, nk, G->dv, 1.0, g, ldg, v, ldv, 0.0, dp, lds);                  /* dP = dO V^T */
     if (G->par_rows) {                                                                      /* dS */
         #pragma omp parallel for schedule(static)
         for (int64_t r = 0; r < bq; r += ROW_CHUNK)
-            G->ops->dsoftmax(p + r * lds * (int64_t)esz, dp + r * lds * (int64_t)esz, lds,
+            G->ops->dsoftmax(p + r * lds * (int64_t)esz, pin + r * ldin * (int64_t)esz, ldin,
+                             dp + r * lds * (int64_t)esz, lds,
                              bq - r < ROW_CHUNK ? bq - r : ROW_CHUNK, nk, g + r * ldg * (int64_t)esz, ldg,
                              o + r * ldo * (int64_t)esz, ldo, G->dv);
     } else {
-        G->ops->dsoftmax(p, dp, lds, bq, nk, g, ldg, o, ldo, G->dv);
+        G->ops->dsoftmax(p, pin, ldin, dp, lds, bq, nk, g, ldg, o, ldo, G->dv);
     }
     gemm1(G->dt, 0, 0, bq, G->d, nk, G->scale, p, lds, k, ldk, 0.0, dq, lddq);             /* dQ = s dS K */
     gemm1(G->dt, 1, 0, nk, G->d, bq, G->scale, p, lds, q, ldq, 1.0, kv->dk, kv->lddk);     /* dK += s dS^T Q */
@@ -531,11 +659,12 @@ static void sdpa_geom_init(sdpa_geom *G, const nemo_tensor *q, const nemo_tensor
 /* o (lead, Sq, Dv), lse (nbh * Sq contiguous) = attention of q, k, v (compute dtype, last dim
  * contiguous). mask: NULL or a (lead, Sq, Sk) view (broadcast strides), bool or compute dtype.
  * Tasks are (pair, query block), all independent. */
-static int sdpa_fwd_cpu(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, const nemo_tensor *k,
-                        const nemo_tensor *v, const nemo_tensor *mask, int is_causal, double scale) {
+static int sdpa_fwd_probs_cpu(nemo_tensor *o, nemo_tensor *lse, nemo_tensor *p, const nemo_tensor *q,
+                              const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask, int is_causal,
+                              double scale) {
     sdpa_geom G;
     sdpa_geom_init(&G, q, k, v, mask, is_causal, scale);
-    sdpa_io io = {q, k, v, o, lse, NULL, NULL, NULL, NULL};
+    sdpa_io io = {q, k, v, o, lse, NULL, NULL, NULL, NULL, p};
     if (G.nbh == 0 || G.sq == 0) return 0;
     int64_t nblk = (G.sq + G.bq - 1) / G.bq, ntasks = G.nbh * nblk;
     int blas = sdpa_blas_mode();
@@ -559,17 +688,24 @@ static int sdpa_fwd_cpu(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, 
     nemo_dev_free(NEMO_CPU, 0, scratch, per * (size_t)nthr);
     return 0;
 }
+static int sdpa_fwd_cpu(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, const nemo_tensor *k,
+                        const nemo_tensor *v, const nemo_tensor *mask, int is_causal, double scale) {
+    return sdpa_fwd_probs_cpu(o, lse, NULL, q, k, v, mask, is_causal, scale);
+}
 NEMO_REGISTER_KERNEL("sdpa_fwd", NEMO_CPU, sdpa_fwd_cpu)
+/* sdpa_fwd that also writes the probabilities P into p ((nbh, Sq, Sk) contiguous; a causal
+ * row's columns past its block's last key are left unwritten and never read). */
+NEMO_REGISTER_KERNEL("sdpa_fwd_p", NEMO_CPU, sdpa_fwd_probs_cpu)
 
 /* dq, dk, dv (shapes of q, k, v; last dim contiguous; fully written) from g = dL/do (o's shape)
  * and the forward's o and lse. Tasks are (pair, group of query blocks). */
-static int sdpa_bwd_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
-                        const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
-                        const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *mask,
-                        int is_causal, double scale) {
+static int sdpa_bwd_probs_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                              const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                              const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *p,
+                              const nemo_tensor *mask, int is_causal, double scale) {
     sdpa_geom G;
     sdpa_geom_init(&G, q, k, v, mask, is_causal, scale);
-    sdpa_io io = {q, k, v, o, lse, g, dq, dk, dv};
+    sdpa_io io = {q, k, v, o, lse, g, dq, dk, dv, p};
     if (G.nbh == 0) return 0;
     size_t esz = G.esz;
     int64_t nblk = G.sq > 0 ? (G.sq + G.bq - 1) / G.bq : 0;
@@ -638,4 +774,12 @@ static int sdpa_bwd_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const
     nemo_dev_free(NEMO_CPU, 0, scratch, per * (size_t)nthr + npart * kvsz);
     return 0;
 }
+static int sdpa_bwd_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                        const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                        const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *mask,
+                        int is_causal, double scale) {
+    return sdpa_bwd_probs_cpu(dq, dk, dv, g, q, k, v, o, lse, NULL, mask, is_causal, scale);
+}
 NEMO_REGISTER_KERNEL("sdpa_bwd", NEMO_CPU, sdpa_bwd_cpu)
+/* sdpa_bwd reading the forward's kept probabilities p (sdpa_fwd_p) instead of recomputing them. */
+NEMO_REGISTER_KERNEL("sdpa_bwd_p", NEMO_CPU, sdpa_bwd_probs_cpu)
