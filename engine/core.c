@@ -274,22 +274,28 @@ void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn) {
     pthread_mutex_unlock(&kernel_lock);
 }
 
-nemo_kfn nemo_kernel_get(const char *name, int devtype) {
+static int kernel_index(const char *name, int devtype) {
     for (int i = 0; i < nkernels; i++)
-        if (!strcmp(kernels[i].name, name)) {
-            if (devtype >= 0 && devtype < NEMO_NDEVTYPE && kernels[i].fn[devtype]) {
-                if (devtype == NEMO_CUDA) {   /* see cuda_pending_error */
-                    err_msg[0] = 0;
-                    err_status = 0;
-                    cuda_kernel_name = kernels[i].name;
-                }
-                return kernels[i].fn[devtype];
-            }
-            break;
+        if (!strcmp(kernels[i].name, name))
+            return devtype >= 0 && devtype < NEMO_NDEVTYPE && kernels[i].fn[devtype] ? i : -1;
+    return -1;
+}
+
+nemo_kfn nemo_kernel_get(const char *name, int devtype) {
+    int i = kernel_index(name, devtype);
+    if (i >= 0) {
+        if (devtype == NEMO_CUDA) {   /* see cuda_pending_error */
+            err_msg[0] = 0;
+            err_status = 0;
+            cuda_kernel_name = kernels[i].name;
         }
+        return kernels[i].fn[devtype];
+    }
     NEMO_ERR(NEMO_EUNSUPPORTED, "%s: no %s kernel", name, devtype == NEMO_CUDA ? "cuda" : "cpu");
     return NULL;
 }
+
+int nemo_kernel_has(const char *name, int devtype) { return kernel_index(name, devtype) >= 0; }
 
 /* ==== Allocation ==== */
 

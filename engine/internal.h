@@ -125,6 +125,7 @@ static inline int64_t nemo_iter_inner_stride(const nemo_iter *it, int k) {
 typedef void (*nemo_kfn)(void);
 void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn);
 nemo_kfn nemo_kernel_get(const char *name, int devtype);
+int nemo_kernel_has(const char *name, int devtype);   /* registered? (sets no error) */
 /* Look a kernel up inside a function with `int rc` and `fail:`; a miss is NEMO_EUNSUPPORTED. */
 #define NEMO_GET_KERNEL(var, type, name, devtype) do {                                   \
     (var) = (type)nemo_kernel_get((name), (devtype));                                     \

@@ -54,15 +54,21 @@ NEMO_API int nemo_linear_backward(const nemo_tensor *g, const nemo_tensor *x, co
  * broadcastable to (*, Sq, Sk). is_causal: query i attends keys j <= i (PyTorch's top-left
  * tril); it cannot be combined with a mask. A row that attends to nothing gives zeros.
  * lse (may be NULL): the row logsumexp (*, Sq) in float32 (float64 for f64 inputs), which is
- * all the backward needs besides q, k, v and out: no (Sq, Sk) matrix is kept. */
+ * all the backward needs besides q, k, v and out.
+ * probs (may be NULL; needs lse): asks to keep the probabilities for the backward. Where the
+ * device has such a kernel (the CPU), *probs gets P (*, Sq, Sk) contiguous in lse's dtype
+ * (with is_causal, the entries of a row past the keys its query block reaches are left
+ * unwritten and are never read); elsewhere *probs is NULL. Keeping P costs Sq x Sk values per
+ * (batch, head) and saves the backward the q k^T product and its exponentials. */
 NEMO_API int nemo_sdpa(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
                        const nemo_tensor *mask, int is_causal, double scale,
-                       nemo_tensor **out, nemo_tensor **lse);
-/* Gradients for upstream g (out's shape), recomputing the probabilities block by block from
- * q, k and lse (FlashAttention-style). dq, dk, dv come in q's, k's, v's dtype and layout. */
+                       nemo_tensor **out, nemo_tensor **lse, nemo_tensor **probs);
+/* Gradients for upstream g (out's shape). probs: NULL (the probabilities are recomputed block
+ * by block from q, k and lse, FlashAttention-style) or the forward's *probs. dq, dk, dv come
+ * in q's, k's, v's dtype and layout. */
 NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, const nemo_tensor *k,
                                 const nemo_tensor *v, const nemo_tensor *mask, const nemo_tensor *out,
-                                const nemo_tensor *lse, int is_causal, double scale,
+                                const nemo_tensor *lse, const nemo_tensor *probs, int is_causal, double scale,
                                 nemo_tensor **dq, nemo_tensor **dk, nemo_tensor **dv);
 
 #endif /* NEMO_LINALG_H */

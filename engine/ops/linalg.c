@@ -33,6 +33,15 @@ typedef int (*sdpa_bwd_k)(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, con
                           const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
                           const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *mask,
                           int is_causal, double scale);
+/* The same with the probabilities p ((lead..., Sq, Sk) contiguous) written by the forward and
+ * read by the backward ("sdpa_fwd_p", "sdpa_bwd_p"; optional per device). */
+typedef int (*sdpa_fwd_p_k)(nemo_tensor *o, nemo_tensor *lse, nemo_tensor *p, const nemo_tensor *q,
+                            const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask, int is_causal,
+                            double scale);
+typedef int (*sdpa_bwd_p_k)(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                            const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                            const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *p,
+                            const nemo_tensor *mask, int is_causal, double scale);
 
 /* ==== Matrix views ==== */
 
@@ -587,15 +596,20 @@ static double sdpa_scale(double scale, const nemo_tensor *q) {
 
 NEMO_API int nemo_sdpa(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
                        const nemo_tensor *mask, int is_causal, double scale,
-                       nemo_tensor **out, nemo_tensor **lse) {
+                       nemo_tensor **out, nemo_tensor **lse, nemo_tensor **probs) {
     int rc = 0;
-    nemo_tensor *qc = NULL, *kc = NULL, *vc = NULL, *mv = NULL, *oc = NULL, *lc = NULL;
+    nemo_tensor *qc = NULL, *kc = NULL, *vc = NULL, *mv = NULL, *oc = NULL, *lc = NULL, *pc = NULL;
     if (out) *out = NULL;
     if (lse) *lse = NULL;
+    if (probs) *probs = NULL;
     NEMO_CHECK(out, NEMO_EINVAL, SDPA ": no output pointer");
+    NEMO_CHECK(!probs || lse, NEMO_EINVAL, SDPA ": keeping the probabilities needs the logsumexp output too");
     NEMO_TRY(sdpa_check(SDPA, q, k, v, mask, is_causal));
-    sdpa_fwd_k kern;
-    NEMO_GET_KERNEL(kern, sdpa_fwd_k, "sdpa_fwd", q->devtype);
+    int keep = probs && nemo_kernel_has("sdpa_fwd_p", q->devtype) && nemo_kernel_has("sdpa_bwd_p", q->devtype);
+    sdpa_fwd_k kern = NULL;
+    sdpa_fwd_p_k kern_p = NULL;
+    if (keep) NEMO_GET_KERNEL(kern_p, sdpa_fwd_p_k, "sdpa_fwd_p", q->devtype);
+    else NEMO_GET_KERNEL(kern, sdpa_fwd_k, "sdpa_fwd", q->devtype);
     int nd = q->ndim, cdt = nemo_compute_dtype(q->dtype);
     scale = sdpa_scale(scale, q);
     int64_t oshape[NEMO_MAXDIM];
@@ -607,21 +621,31 @@ NEMO_API int nemo_sdpa(const nemo_tensor *q, const nemo_tensor *k, const nemo_te
     if (mask) NEMO_TRYP(mv, mask_view(mask, q, k, cdt));
     NEMO_TRYP(oc, empty_like_order(q, oshape, cdt));
     NEMO_TRYP(lc, nemo_empty(nd - 1, q->shape, cdt, q->devtype, q->devindex));
-    NEMO_TRY(kern(oc, lc, qc, kc, vc, mv, is_causal, scale));
+    if (keep) {
+        int64_t pshape[NEMO_MAXDIM];
+        memcpy(pshape, q->shape, sizeof(int64_t) * (size_t)nd);
+        pshape[nd - 1] = k->shape[nd - 2];
+        NEMO_TRYP(pc, nemo_empty(nd, pshape, cdt, q->devtype, q->devindex));
+        NEMO_TRY(kern_p(oc, lc, pc, qc, kc, vc, mv, is_causal, scale));
+    } else {
+        NEMO_TRY(kern(oc, lc, qc, kc, vc, mv, is_causal, scale));
+    }
     nemo_tensor *t = oc;
     oc = NULL;
     NEMO_TRYP(*out, finish_like(t, q->dtype));
     if (lse) { *lse = lc; lc = NULL; }
+    if (probs) { *probs = pc; pc = NULL; }
 fail:
     nemo_tensor_release(qc); nemo_tensor_release(kc); nemo_tensor_release(vc);
-    nemo_tensor_release(mv); nemo_tensor_release(oc); nemo_tensor_release(lc);
+    nemo_tensor_release(mv); nemo_tensor_release(oc); nemo_tensor_release(lc); nemo_tensor_release(pc);
     if (rc < 0 && out && *out) { nemo_tensor_release(*out); *out = NULL; }
+    if (rc < 0 && lse && *lse) { nemo_tensor_release(*lse); *lse = NULL; }
     return rc;
 }
 
 NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, const nemo_tensor *k,
                                 const nemo_tensor *v, const nemo_tensor *mask, const nemo_tensor *out,
-                                const nemo_tensor *lse, int is_causal, double scale,
+                                const nemo_tensor *lse, const nemo_tensor *probs, int is_causal, double scale,
                                 nemo_tensor **dq, nemo_tensor **dk, nemo_tensor **dv) {
     int rc = 0;
     nemo_tensor *gc = NULL, *qc = NULL, *kc = NULL, *vc = NULL, *oc = NULL, *lc = NULL, *mv = NULL;
@@ -645,8 +669,21 @@ NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, cons
                "%s: logsumexp of shape %s does not match query of shape %s", op,
                nemo_shape_str(lse, s1, sizeof s1), nemo_shape_str(q, s2, sizeof s2));
     NEMO_TRY(nemo_check_same_device(op, g, q));
-    sdpa_bwd_k kern;
-    NEMO_GET_KERNEL(kern, sdpa_bwd_k, "sdpa_bwd", q->devtype);
+    if (probs) {
+        int64_t pshape[NEMO_MAXDIM];
+        memcpy(pshape, q->shape, sizeof(int64_t) * (size_t)nd);
+        pshape[nd - 1] = k->shape[nd - 2];
+        NEMO_CHECK(probs->ndim == nd && !memcmp(probs->shape, pshape, sizeof(int64_t) * (size_t)nd) &&
+                   probs->dtype == cdt && nemo_tensor_is_contiguous(probs), NEMO_ESHAPE,
+                   "%s: kept probabilities must be a contiguous %s tensor of shape %s, got %s %s", op,
+                   nemo_dtype_name(cdt), nemo_shape_str_n(nd, pshape, (char[128]){0}, 128),
+                   nemo_dtype_name(probs->dtype), nemo_shape_str(probs, s1, sizeof s1));
+        NEMO_TRY(nemo_check_same_device(op, probs, q));
+    }
+    sdpa_bwd_k kern = NULL;
+    sdpa_bwd_p_k kern_p = NULL;
+    if (probs) NEMO_GET_KERNEL(kern_p, sdpa_bwd_p_k, "sdpa_bwd_p", q->devtype);
+    else NEMO_GET_KERNEL(kern, sdpa_bwd_k, "sdpa_bwd", q->devtype);
     scale = sdpa_scale(scale, q);
     NEMO_TRYP(gc, att_operand(g, cdt));
     NEMO_TRYP(qc, att_operand(q, cdt));
@@ -658,7 +695,8 @@ NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, cons
     NEMO_TRYP(dqc, empty_like_order(q, q->shape, cdt));
     NEMO_TRYP(dkc, empty_like_order(k, k->shape, cdt));
     NEMO_TRYP(dvc, empty_like_order(v, v->shape, cdt));
-    NEMO_TRY(kern(dqc, dkc, dvc, gc, qc, kc, vc, oc, lc, mv, is_causal, scale));
+    if (probs) NEMO_TRY(kern_p(dqc, dkc, dvc, gc, qc, kc, vc, oc, lc, probs, mv, is_causal, scale));
+    else NEMO_TRY(kern(dqc, dkc, dvc, gc, qc, kc, vc, oc, lc, mv, is_causal, scale));
     if (dq) { nemo_tensor *t = dqc; dqc = NULL; NEMO_TRYP(*dq, finish_like(t, q->dtype)); }
     if (dk) { nemo_tensor *t = dkc; dkc = NULL; NEMO_TRYP(*dk, finish_like(t, k->dtype)); }
     if (dv) { nemo_tensor *t = dvc; dvc = NULL; NEMO_TRYP(*dv, finish_like(t, v->dtype)); }

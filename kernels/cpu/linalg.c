@@ -659,12 +659,12 @@ static void sdpa_geom_init(sdpa_geom *G, const nemo_tensor *q, const nemo_tensor
 /* o (lead, Sq, Dv), lse (nbh * Sq contiguous) = attention of q, k, v (compute dtype, last dim
  * contiguous). mask: NULL or a (lead, Sq, Sk) view (broadcast strides), bool or compute dtype.
  * Tasks are (pair, query block), all independent. */
-static int sdpa_fwd_probs_cpu(nemo_tensor *o, nemo_tensor *lse, nemo_tensor *p, const nemo_tensor *q,
+static int sdpa_fwd_probs_cpu(nemo_tensor *o, nemo_tensor *lse, nemo_tensor *probs, const nemo_tensor *q,
                               const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask, int is_causal,
                               double scale) {
     sdpa_geom G;
     sdpa_geom_init(&G, q, k, v, mask, is_causal, scale);
-    sdpa_io io = {q, k, v, o, lse, NULL, NULL, NULL, NULL, p};
+    sdpa_io io = {q, k, v, o, lse, NULL, NULL, NULL, NULL, probs};
     if (G.nbh == 0 || G.sq == 0) return 0;
     int64_t nblk = (G.sq + G.bq - 1) / G.bq, ntasks = G.nbh * nblk;
     int blas = sdpa_blas_mode();
@@ -701,11 +701,11 @@ NEMO_REGISTER_KERNEL("sdpa_fwd_p", NEMO_CPU, sdpa_fwd_probs_cpu)
  * and the forward's o and lse. Tasks are (pair, group of query blocks). */
 static int sdpa_bwd_probs_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
                               const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
-                              const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *p,
+                              const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *probs,
                               const nemo_tensor *mask, int is_causal, double scale) {
     sdpa_geom G;
     sdpa_geom_init(&G, q, k, v, mask, is_causal, scale);
-    sdpa_io io = {q, k, v, o, lse, g, dq, dk, dv, p};
+    sdpa_io io = {q, k, v, o, lse, g, dq, dk, dv, probs};
     if (G.nbh == 0) return 0;
     size_t esz = G.esz;
     int64_t nblk = G.sq > 0 ? (G.sq + G.bq - 1) / G.bq : 0;

@@ -920,7 +920,7 @@ for _, at in ipairs(ATT) do
         local function fwd(side)
             local o = outs(2)
             nffi.check(C.nemo_sdpa(side_of(side, q, qd)._c, side_of(side, k, kd)._c, side_of(side, v, vd)._c,
-                                   cp(side_of(side, m, md)), causal, 0 / 0, o[1], o[2]))
+                                   cp(side_of(side, m, md)), causal, 0 / 0, o[1], o[2], nil))
             return took(o)
         end
         case("sdpa_fwd", dt, at[7], ATT_RTOL[dt], false, fwd)
@@ -928,8 +928,8 @@ for _, at in ipairs(ATT) do
             local f = fwd(side)
             local o = outs(3)
             nffi.check(C.nemo_sdpa_backward(side_of(side, g, gd)._c, side_of(side, q, qd)._c, side_of(side, k, kd)._c,
-                                            side_of(side, v, vd)._c, cp(side_of(side, m, md)), f[1]._c, f[2]._c, causal,
-                                            0 / 0, o[1], o[2], o[3]))
+                                            side_of(side, v, vd)._c, cp(side_of(side, m, md)), f[1]._c, f[2]._c, nil,
+                                            causal, 0 / 0, o[1], o[2], o[3]))
             return took(o)
         end)
     end
@@ -1169,7 +1169,7 @@ do
             local v = dev(uniform({1, H, S, D}, dt, -1, 1))
             local function fwd()
                 local o = outs(2)
-                nffi.check(C.nemo_sdpa(q._c, k._c, v._c, nil, causal, 0 / 0, o[1], o[2]))
+                nffi.check(C.nemo_sdpa(q._c, k._c, v._c, nil, causal, 0 / 0, o[1], o[2], nil))
                 return took(o)
             end
             local f = fwd()
@@ -1180,7 +1180,7 @@ do
                                  causal == 1 and " causal" or "", t * 1e3, flops / t / 1e12))
             t = timeit(3, function()
                 local o = outs(3)
-                nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, causal, 0 / 0, o[1], o[2], o[3]))
+                nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1], o[2], o[3]))
                 for _, r in ipairs(took(o)) do r:free() end
             end)
             T.diag(string.format("bench: attention bwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s (2.5x fwd flops)", dt, H,

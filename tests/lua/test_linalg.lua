@@ -368,6 +368,85 @@ do
     end
 end
 
+-- ==== kept probabilities (the CPU default) against the recomputing backward ====
+
+do
+    collectgarbage(); collectgarbage()
+    T.is(F.attention_probs_kept(), 0, "no attention probabilities are held between tests")
+    -- gradients of sum(o * g) under a budget; also the bytes held after the forward and after backward
+    local function grads(budget, shapes, opts, dtype, seed)
+        local prev = F.set_attention_probs_budget(budget)
+        local q = rnd(shapes[1], seed, dtype):requires_grad_()
+        local k = rnd(shapes[2], seed + 1, dtype):requires_grad_()
+        local v = rnd(shapes[3], seed + 2, dtype):requires_grad_()
+        local o = sdpa(q, k, v, opts)
+        local kept = F.attention_probs_kept()
+        o:backward(rnd(o.shape, seed + 3, dtype))
+        local after = F.attention_probs_kept()
+        F.set_attention_probs_budget(prev)
+        return {o:detach(), q.grad, k.grad, v.grad}, kept, after
+    end
+    local dead = rnd({7, 9}, 801):gt(-0.3)
+    dead[{3}] = false
+    local cases = {
+        {"plain", {{2, 2, 7, 5}, {2, 2, 9, 5}, {2, 2, 9, 4}}, nil},
+        {"causal Sq > Sk", {{1, 2, 9, 5}, {1, 2, 7, 5}, {1, 2, 7, 5}}, {is_causal = true}},
+        {"causal, several row blocks", {{1, 2, 300, 8}, {1, 2, 290, 8}, {1, 2, 290, 8}}, {is_causal = true}},
+        {"bool mask with a dead row", {{1, 2, 7, 5}, {1, 2, 9, 5}, {1, 2, 9, 5}}, {attn_mask = dead}},
+        {"float mask", {{2, 2, 7, 5}, {2, 2, 9, 5}, {2, 2, 9, 5}}, {attn_mask = rnd({2, 1, 7, 9}, 802)}},
+    }
+    local names = {"out", "dq", "dk", "dv"}
+    for ci, c in ipairs(cases) do
+        for _, dt in ipairs { "float64", "float32" } do
+            local esz = dt == "float64" and 8 or 4
+            local want = c[2][1][1] * c[2][1][2] * c[2][1][3] * c[2][2][3] * esz
+            local g1, kept1, after1 = grads(2 ^ 30, c[2], c[3], dt, 810 + 10 * ci)
+            local g0, kept0 = grads(0, c[2], c[3], dt, 810 + 10 * ci)
+            T.is(kept1, want, string.format("sdpa %s %s: the forward keeps B*H*Sq*Sk probabilities (%d bytes)", dt, c[1], want))
+            T.is(after1, 0, string.format("sdpa %s %s: the backward releases them", dt, c[1]))
+            T.is(kept0, 0, string.format("sdpa %s %s: budget 0 keeps nothing", dt, c[1]))
+            local rtol = dt == "float64" and 1e-12 or 2e-5
+            for i = 1, 4 do
+                T.close(g1[i], g0[i], rtol, rtol * 1e-2, string.format("sdpa %s %s: %s with kept P = recomputed P (rtol %g)",
+                    dt, c[1], names[i], rtol))
+            end
+        end
+    end
+    -- the recomputing backward keeps its own float64 gradient checks
+    local prev = F.set_attention_probs_budget(0)
+    sdpa_grad("sdpa causal Sq=7 Sk=9, recomputed P", {{1, 2, 7, 5}, {1, 2, 9, 5}, {1, 2, 9, 4}}, {is_causal = true}, 830)
+    sdpa_grad("sdpa bool mask with a dead row, recomputed P", {{1, 2, 7, 5}, {1, 2, 9, 5}, {1, 2, 9, 5}}, {attn_mask = dead}, 840)
+    F.set_attention_probs_budget(prev)
+    -- a call larger than what is left of the budget recomputes
+    prev = F.set_attention_probs_budget(2 * 7 * 9 * 8 + 100)
+    local q, k, v = leaf({2, 1, 7, 5}, 850), leaf({2, 1, 9, 5}, 851), leaf({2, 1, 9, 5}, 852)
+    local o1 = sdpa(q, k, v)
+    T.is(F.attention_probs_kept(), 2 * 7 * 9 * 8, "sdpa keeps P when it fits the budget")
+    local o2 = sdpa(q, k, v)
+    T.is(F.attention_probs_kept(), 2 * 7 * 9 * 8, "a second graph that does not fit what is left recomputes P")
+    local g = rnd(o1.shape, 853)
+    o2:backward(g)
+    local g2 = {q.grad:clone(), k.grad:clone(), v.grad:clone()}
+    q.grad, k.grad, v.grad = nil, nil, nil
+    o1:backward(g)
+    T.is(F.attention_probs_kept(), 0, "both backward passes leave nothing held")
+    T.close(q.grad, g2[1], 1e-12, 0, "kept and recomputed P give the same dq (f64, rtol 1e-12)")
+    T.close(v.grad, g2[3], 1e-12, 0, "kept and recomputed P give the same dv (f64, rtol 1e-12)")
+    -- a graph dropped without a backward gives its budget back when it is collected
+    o1 = sdpa(q, k, v)
+    T.is(F.attention_probs_kept(), 2 * 7 * 9 * 8, "a new graph keeps P")
+    o1 = nil
+    collectgarbage(); collectgarbage()
+    T.is(F.attention_probs_kept(), 0, "a graph dropped without backward releases its kept P when collected")
+    nemo.no_grad(function() sdpa(q, k, v) end)
+    T.is(F.attention_probs_kept(), 0, "a forward under no_grad keeps nothing")
+    F.set_attention_probs_budget(prev)
+    T.raises(function() F.set_attention_probs_budget(-1) end, "expected a number of bytes >= 0",
+        "a negative budget is an error")
+    T.raises(function() F.set_attention_probs_budget("1G") end, "expected a number of bytes >= 0",
+        "a non-number budget is an error")
+end
+
 -- ==== bf16 / f16 against f32 on the same (rounded) values ====
 
 do
