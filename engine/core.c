@@ -20,6 +20,8 @@
 #include "internal.h"
 #include "cuda_plugin.h"
 
+const nemo_cuda_plugin *nemo_fake_cuda_plugin(void);   /* engine/fake_cuda.c */
+
 /* ==== Errors ==== */
 
 static _Thread_local char err_msg[2048];
@@ -154,6 +156,14 @@ static char cuda_reason[512] = "not probed";
 static int cuda_count;
 
 static void cuda_load(void) {
+    const nemo_cuda_plugin *fake = nemo_fake_cuda_plugin();   /* NEMO_FAKE_CUDA: engine/fake_cuda.c */
+    if (fake) {
+        fake->device_count(&cuda_count);
+        cuda = fake;
+        fake->register_kernels((void (*)(const char *, int, void (*)(void)))nemo_kernel_register);
+        cuda_reason[0] = 0;
+        return;
+    }
     const char *env = getenv("NEMO_CUDA_LIB");
     void *h = NULL;
     if (env && *env) h = dlopen(env, RTLD_NOW | RTLD_LOCAL);
@@ -296,6 +306,14 @@ nemo_kfn nemo_kernel_get(const char *name, int devtype) {
 }
 
 int nemo_kernel_has(const char *name, int devtype) { return kernel_index(name, devtype) >= 0; }
+
+void nemo_kernel_mirror_cpu(int devtype) {
+    if (devtype <= NEMO_CPU || devtype >= NEMO_NDEVTYPE) return;
+    pthread_mutex_lock(&kernel_lock);
+    for (int i = 0; i < nkernels; i++)
+        if (kernels[i].fn[NEMO_CPU] && !kernels[i].fn[devtype]) kernels[i].fn[devtype] = kernels[i].fn[NEMO_CPU];
+    pthread_mutex_unlock(&kernel_lock);
+}
 
 /* ==== Allocation ==== */
 

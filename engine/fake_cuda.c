@@ -1,0 +1,109 @@
+/* engine/fake_cuda.c: host-emulated CUDA devices for testing, enabled by NEMO_FAKE_CUDA=N
+ * (1..8 devices) in the environment before the first CUDA query.
+ *
+ * What it is for: every path of the engine and of the Lua package that only runs on a CUDA
+ * device (the copies between devices, device checks, the optimizer's and clipping's device
+ * kernels, device memory statistics, FSDP2 and training on "cuda", checkpoints of device
+ * tensors) can run in CI on a machine without a GPU. What it is not: a test of the CUDA
+ * kernels. Device memory is host memory and every "cuda" kernel is the CPU kernel of the same
+ * name (the four device-only ones are written here on top of the CPU code), so results equal
+ * the CPU's bit for bit, and code that reads device memory from the host by mistake is not
+ * caught. The CUDA kernels themselves are checked on a GPU by tests/gpu/run.sh.
+ *
+ * Non-obvious rules:
+ * - The fake plugin replaces libnemo_cuda.so entirely (it is not loaded), so it also works
+ *   where libnemo_cuda.so exists but finds no GPU.
+ * - The device-only kernels run the CPU code on a copy of the tensor header marked as CPU:
+ *   the data pointer is the same, and no reference is taken (the header lives on the stack
+ *   for the duration of one call).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "cuda_plugin.h"
+
+static int ndev = 1;
+
+static int f_device_count(int *count) { *count = ndev; return 0; }
+static int f_malloc(int dev, size_t nbytes, void **p) {
+    (void)dev;
+    *p = NULL;
+    if (posix_memalign(p, 256, nbytes ? nbytes : 1) != 0) { *p = NULL; return NEMO_ENOMEM; }
+    return 0;
+}
+static int f_free(int dev, void *p) { (void)dev; free(p); return 0; }
+static int f_memcpy(void *dst, const void *src, size_t nbytes, int kind, int dev) {
+    (void)kind; (void)dev;
+    if (nbytes) memmove(dst, src, nbytes);
+    return 0;
+}
+static int f_memset(int dev, void *p, int value, size_t nbytes) {
+    (void)dev;
+    if (nbytes) memset(p, value, nbytes);
+    return 0;
+}
+static int f_synchronize(int dev) { (void)dev; return 0; }
+static const char *f_error_text(void) { return "(emulated CUDA device: no CUDA error)"; }
+
+/* the same tensor header, marked as a CPU tensor */
+static nemo_tensor on_host(const nemo_tensor *t) {
+    nemo_tensor h = *t;
+    h.devtype = NEMO_CPU;
+    h.devindex = 0;
+    return h;
+}
+
+/* ==== the device-only kernels, through the CPU code ==== */
+
+/* engine/core.c: dst = src read with strides sstride (broadcast to dst's shape) */
+static int k_copy(nemo_tensor *dst, const nemo_tensor *src, const int64_t *sstride) {
+    nemo_tensor d = on_host(dst), s = on_host(src);
+    s.ndim = dst->ndim;
+    memcpy(s.shape, dst->shape, sizeof(int64_t) * (size_t)dst->ndim);
+    memcpy(s.stride, sstride, sizeof(int64_t) * (size_t)dst->ndim);
+    return nemo_copy_(&d, &s);
+}
+static int k_fill(nemo_tensor *t, double value) {
+    nemo_tensor h = on_host(t);
+    return nemo_fill_(&h, value);
+}
+/* engine/optim.c */
+static int k_adamw(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, int64_t step) {
+    nemo_tensor hp = on_host(p), hg = on_host(g), hm = on_host(m), hv = on_host(v);
+    return nemo_adamw_step(&hp, &hg, &hm, &hv, lr, beta1, beta2, eps, weight_decay, step);
+}
+static int k_sum_squares(const nemo_tensor *t, double *out) {
+    nemo_tensor h = on_host(t);
+    return nemo_sum_squares(&h, out);
+}
+
+static void f_register_kernels(void (*reg)(const char *name, int devtype, void (*fn)(void))) {
+    nemo_kernel_mirror_cpu(NEMO_CUDA);
+    reg("copy", NEMO_CUDA, (nemo_kfn)k_copy);
+    reg("fill", NEMO_CUDA, (nemo_kfn)k_fill);
+    reg("adamw", NEMO_CUDA, (nemo_kfn)k_adamw);
+    reg("sum_squares", NEMO_CUDA, (nemo_kfn)k_sum_squares);
+}
+
+static const nemo_cuda_plugin fake_plugin = {
+    NEMO_CUDA_PLUGIN_ABI,
+    f_device_count,
+    f_malloc,
+    f_free,
+    f_memcpy,
+    f_memset,
+    f_synchronize,
+    f_error_text,
+    f_register_kernels,
+};
+
+/* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL. */
+const nemo_cuda_plugin *nemo_fake_cuda_plugin(void) {
+    const char *env = getenv("NEMO_FAKE_CUDA");
+    if (!env || !*env || !strcmp(env, "0")) return NULL;
+    int n = atoi(env);
+    ndev = n >= 1 && n <= 8 ? n : 1;
+    return &fake_plugin;
+}

@@ -1,0 +1,97 @@
+-- tests/fake/device_basics.lua: the engine's device paths on emulated CUDA devices (run by
+-- tests/sh/test_fake_cuda.sh with NEMO_FAKE_CUDA=2; TAP). Device memory is host memory there
+-- and every kernel is the CPU one, so results must equal the CPU's bit for bit: what is checked
+-- is the plumbing (device placement, copies within and between devices, views, dtype
+-- conversion, memory accounting, errors), not the CUDA kernels (tests/gpu/run.sh does those).
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+package.path = here .. "/../lua/?.lua;" .. package.path
+local T = require "tap"
+local ffi = require "ffi"
+local nemo = require "nemo"
+local F = nemo.F
+local C = require("nemo.ffi").C
+
+if os.getenv("NEMO_FAKE_CUDA") ~= "2" then
+    io.write("1..0 # SKIP run with NEMO_FAKE_CUDA=2 (tests/sh/test_fake_cuda.sh)\n")
+    os.exit(0)
+end
+
+local function host(t) return t:detach():to{device = "cpu"} end
+local function bitwise(a, b)
+    local x, y = host(a):contiguous(), host(b):contiguous()
+    if x.dtype ~= y.dtype or x:numel() ~= y:numel() then return false end
+    local n = x:numel() * x:element_size()
+    return ffi.string(C.nemo_tensor_data(x._c), n) == ffi.string(C.nemo_tensor_data(y._c), n)
+end
+local function rnd(shape, seed, dtype)
+    return nemo.randn(shape, {dtype = dtype or "float32", generator = nemo.Generator(seed)})
+end
+
+T.ok(nemo.cuda.is_available(), "emulated CUDA is available")
+T.is(nemo.cuda.device_count(), 2, "NEMO_FAKE_CUDA=2 gives 2 devices")
+T.raises(function() return nemo.zeros({2}, {device = "cuda:2"}) end, "device cuda:2 does not exist %(2 CUDA devices%)",
+    "cuda:2 is a clear error")
+
+-- placement and copies
+local a = rnd({5, 7}, 1)
+local a0, a1 = a:to("cuda:0"), a:to("cuda:1")
+T.is(a0.device, "cuda:0", "to('cuda:0') places the tensor on cuda:0")
+T.is(a1.device, "cuda:1", "to('cuda:1') places the tensor on cuda:1")
+T.ok(bitwise(a1, a), "host -> cuda:1 -> host keeps the bits")
+local t01 = a0:t():to("cuda:1")
+T.is(t01.device, "cuda:1", "a transposed view copied cuda:0 -> cuda:1 lands on cuda:1")
+T.ok(t01:is_contiguous() and bitwise(t01, a:t():contiguous()), "and holds the transposed values, contiguous")
+local h = a1:to{dtype = "bfloat16"}
+T.ok(h.device == "cuda:1" and h.dtype == "bfloat16" and bitwise(h, a:to{dtype = "bfloat16"}),
+    "a dtype conversion on the device rounds as on the CPU")
+local dst = nemo.zeros({7, 5}, {device = "cuda:1"})
+dst:copy_(a0:t())
+T.ok(bitwise(dst, a:t()), "copy_ of a cuda:0 view into a cuda:1 tensor")
+local strided = nemo.zeros({5, 14}, {device = "cuda:1"})
+strided:narrow(1, 0, 7):copy_(a0)
+T.ok(bitwise(strided:narrow(1, 0, 7), a) and strided:narrow(1, 7, 7):abs():sum():item() == 0,
+    "copy_ across devices into a strided destination writes only the view")
+local f = nemo.empty({3, 4}, {device = "cuda:0"}):fill_(2.5)
+T.ok(bitwise(f, nemo.full({3, 4}, 2.5)), "fill_ on the device")
+
+-- memory accounting follows device allocations
+nemo.reset_peak_memory_stats("cuda:1")
+local before = nemo.memory_stats("cuda:1").current
+local other = nemo.memory_stats("cuda:0").current
+local big = nemo.empty({1024, 1024}, {device = "cuda:1"})
+local during = nemo.memory_stats("cuda:1").current
+T.ok(during - before >= 4 * 1024 * 1024, string.format("a 4 MiB tensor on cuda:1 counts in its memory stats (+%d bytes)",
+    during - before))
+T.is(nemo.memory_stats("cuda:0").current, other, "cuda:0 keeps its own count")
+big:free()
+T.ok(nemo.memory_stats("cuda:1").current <= before, "freeing it gives the bytes back")
+T.ok(nemo.memory_stats("cuda:1").peak >= during, "the peak remembers it")
+
+-- mixing devices in one op is an error naming both
+T.raises(function() return a0 + a1 end, "cuda:0.*cuda:1", "an op on cuda:0 and cuda:1 tensors is a clear error")
+T.raises(function() return a0 + a end, "cuda:0.*cpu", "an op on cuda:0 and cpu tensors is a clear error")
+
+-- a small training step (linear, attention, norms, AdamW, clipping) on cuda:1 equals the CPU's
+local function step(dev)
+    local q = rnd({2, 3, 9, 8}, 10):to(dev):requires_grad_()
+    local w = rnd({8, 8}, 11):to(dev):requires_grad_()
+    local x = F.linear(q, w)
+    local o = F.scaled_dot_product_attention(x, x, q, {is_causal = true})
+    local y = F.layer_norm(o, {8})
+    local loss = (y * y):mean()
+    loss:backward()
+    local opt = nemo.optim.AdamW({q, w}, {lr = 1e-2, weight_decay = 0.01})
+    local norm = nemo.optim.clip_grad_norm_({q, w}, 0.5)
+    opt:step()
+    return loss, norm, q, w, opt
+end
+local l1, n1, q1, w1, opt1 = step("cuda:1")
+local lc, nc, qc, wc = step("cpu")
+T.ok(bitwise(l1, lc), "loss on cuda:1 equals the CPU's bit for bit")
+T.is(n1, nc, "clip_grad_norm_ on cuda:1 equals the CPU's")
+T.ok(bitwise(q1, qc) and bitwise(w1, wc), "AdamW on cuda:1 updates the parameters as on the CPU, bit for bit")
+T.ok(q1.device == "cuda:1" and q1.grad.device == "cuda:1", "parameters and gradients stay on cuda:1")
+local st = opt1.state[w1]
+T.ok(st and st.exp_avg.device == "cuda:1" and st.exp_avg_sq.device == "cuda:1", "AdamW's state lives on cuda:1")
+
+T.done()
