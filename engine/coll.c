@@ -977,6 +977,87 @@ static int nccl_probed;
 static const nemo_nccl_table *nccl_tab;
 static char nccl_reason[768] = "not probed";
 
+/* ==== Emulated NCCL (NEMO_FAKE_CUDA) ====
+ * On emulated CUDA devices (engine/fake_cuda.c) device memory is host memory, so the nccl
+ * backend runs each collective as the group's blocking MPI collective over the same bytes,
+ * wrapped as CPU tensors. Everything else of the NCCL path (communicator setup, device checks,
+ * works that complete through events, the parallel managers on "cuda") runs as with NCCL.
+ * The inner MPI call's statistics are not counted twice. */
+static nemo_comm *fake_enabling;   /* the group nemo_comm_enable_nccl is setting up */
+
+static const char *fk_error_text(void) { return "emulated NCCL (NEMO_FAKE_CUDA): the MPI collective failed"; }
+static int fk_version(int *code) { *code = 0; return 0; }
+static int fk_get_unique_id(void *id) { memset(id, 0x5a, NEMO_NCCL_ID_BYTES); return 0; }
+static int fk_comm_init(void **comm, int nranks, const void *id, int rank, int dev) {
+    (void)nranks; (void)id; (void)rank; (void)dev;
+    *comm = fake_enabling;
+    return fake_enabling ? 0 : NEMO_EINTERNAL;
+}
+static int fk_comm_noop(void *comm) { (void)comm; return 0; }
+static nemo_tensor *fk_host(const void *p, size_t count, int dtype) {
+    nemo_storage *st = nemo_storage_wrap((void *)p, count * (size_t)nemo_dtype_size(dtype), NEMO_CPU, 0, NULL, NULL);
+    if (!st) return NULL;
+    int64_t shape[1] = {(int64_t)count}, stride[1] = {1};
+    nemo_tensor *t = nemo_tensor_from_storage(st, dtype, 1, shape, stride, 0);
+    nemo_storage_release(st);
+    return t;
+}
+/* kind 0 all_reduce, 1 reduce_scatter, 2 all_gather, 3 broadcast; n: the count NCCL was given */
+static int fk_run(int kind, nemo_comm *c, const void *send, void *recv, size_t n, int dtype, int op_or_root,
+                  void **event) {
+    *event = NULL;
+    size_t nin = kind == 2 ? n : (kind == 1 ? n * (size_t)c->size : n);
+    size_t nout = kind == 2 ? n * (size_t)c->size : n;
+    nemo_coll_stats saved = g_stats;
+    int rc = 0;
+    nemo_tensor *in = NULL, *out = NULL;
+    if ((kind == 0 || kind == 3) && send && send != recv)
+        memcpy(recv, send, n * (size_t)nemo_dtype_size(dtype));
+    out = fk_host(recv, nout, dtype);
+    if (!out) { rc = nemo_last_status(); goto done; }
+    if (kind == 1 || kind == 2) {
+        in = fk_host(send, nin, dtype);
+        if (!in) { rc = nemo_last_status(); goto done; }
+    }
+    switch (kind) {
+    case 0: rc = nemo_coll_all_reduce(c, out, op_or_root); break;
+    case 1: rc = nemo_coll_reduce_scatter(c, out, in, op_or_root); break;
+    case 2: rc = nemo_coll_all_gather(c, out, in); break;
+    default: rc = nemo_coll_broadcast(c, out, op_or_root); break;
+    }
+done:
+    nemo_tensor_release(in);
+    nemo_tensor_release(out);
+    g_stats = saved;
+    return rc < 0 ? rc : 0;
+}
+static int fk_all_reduce(void *comm, const void *send, void *recv, size_t count, int dtype, int op, int dev,
+                         void **event) {
+    (void)dev;
+    return fk_run(0, comm, send, recv, count, dtype, op, event);
+}
+static int fk_reduce_scatter(void *comm, const void *send, void *recv, size_t recvcount, int dtype, int op, int dev,
+                             void **event) {
+    (void)dev;
+    return fk_run(1, comm, send, recv, recvcount, dtype, op, event);
+}
+static int fk_all_gather(void *comm, const void *send, void *recv, size_t sendcount, int dtype, int dev,
+                         void **event) {
+    (void)dev;
+    return fk_run(2, comm, send, recv, sendcount, dtype, 0, event);
+}
+static int fk_broadcast(void *comm, void *buf, size_t count, int dtype, int root, int dev, void **event) {
+    (void)dev;
+    return fk_run(3, comm, buf, buf, count, dtype, root, event);
+}
+static int fk_query(void *comm, void *event) { (void)comm; (void)event; return 1; }
+static void fk_event_free(void *event) { (void)event; }
+
+static const nemo_nccl_table fake_nccl = {
+    NEMO_NCCL_ABI, fk_error_text, fk_version, fk_get_unique_id, fk_comm_init, fk_comm_noop, fk_comm_noop,
+    fk_all_reduce, fk_reduce_scatter, fk_all_gather, fk_broadcast, fk_query, fk_event_free,
+};
+
 static const nemo_nccl_table *nccl_table(void) {
     if (nccl_probed) return nccl_tab;
     nccl_probed = 1;
@@ -984,6 +1065,11 @@ static const nemo_nccl_table *nccl_table(void) {
         const char *why = nemo_cuda_unavailable_reason();
         snprintf(nccl_reason, sizeof nccl_reason, "the nccl backend needs a CUDA device: %s", why ? why : "none found");
         return NULL;
+    }
+    if (nemo_cuda_emulated()) {
+        nccl_tab = &fake_nccl;
+        nccl_reason[0] = 0;
+        return nccl_tab;
     }
     nemo_nccl_get_fn get = (nemo_nccl_get_fn)nemo_kernel_get("coll.nccl", NEMO_CUDA);
     nemo_clear_error();
@@ -1040,7 +1126,10 @@ NEMO_API int nemo_comm_enable_nccl(nemo_comm *c, int dev) {
         if (rc < 0) return rc;
     }
     void *comm = NULL;
-    if (t->comm_init(&comm, c->size, id, c->rank, dev) < 0)
+    fake_enabling = c;
+    int irc = t->comm_init(&comm, c->size, id, c->rank, dev);
+    fake_enabling = NULL;
+    if (irc < 0)
         return NEMO_ERR(NEMO_ECOMM, "enable_nccl on group '%s' (rank %d of %d, cuda:%d): %s", c->name, c->rank,
                         c->size, dev, t->error_text());
     c->nccl = comm;

@@ -215,6 +215,11 @@ NEMO_API int nemo_device_count(int devtype) {
     return cuda_count;
 }
 
+int nemo_cuda_emulated(void) {
+    pthread_once(&cuda_once, cuda_load);
+    return cuda != NULL && cuda == nemo_fake_cuda_plugin();
+}
+
 NEMO_API const char *nemo_cuda_unavailable_reason(void) {
     pthread_once(&cuda_once, cuda_load);
     return cuda ? NULL : cuda_reason;

@@ -127,6 +127,7 @@ void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn);
 nemo_kfn nemo_kernel_get(const char *name, int devtype);
 int nemo_kernel_has(const char *name, int devtype);   /* registered? (sets no error) */
 /* Give every CPU kernel that devtype lacks to devtype as well (the emulated CUDA device). */
+int nemo_cuda_emulated(void);   /* are the CUDA devices NEMO_FAKE_CUDA's? (engine/core.c) */
 void nemo_kernel_mirror_cpu(int devtype);
 /* Look a kernel up inside a function with `int rc` and `fail:`; a miss is NEMO_EUNSUPPORTED. */
 #define NEMO_GET_KERNEL(var, type, name, devtype) do {                                   \

@@ -8,6 +8,11 @@
 #                                  bf16, FSDP2 mixed precision, the recipe with --device cuda:1
 #   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
 #                                  (skips without ../shared/golden)
+#   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on
+#                                  cuda:LOCAL_RANK, the nccl backend (emulated over MPI), FSDP2,
+#                                  DDP and HSDP (NCCL subgroups): float64 losses and final weights
+#                                  within 1e-6 of one CPU process with the whole batch; an FSDP2
+#                                  run stopped and resumed on the devices equals the whole run
 # Their TAP lines are renumbered into this file's stream, prefixed with [fake cuda]. The GPU
 # scripts are the ones tests/gpu/run.sh runs on a real device; here they check the plumbing,
 # not the CUDA kernels. Every run is under `timeout`.
@@ -61,6 +66,77 @@ sub "device basics on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/fake/device_
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_DEVICE=cuda:1 NEMO_EXPECT_CUDA=1 \
     -- tests/gpu/check_train.lua
 sub "check_golden.lua on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
+
+# ==== the recipe on several ranks, each on its emulated device, over the emulated nccl backend ====
+if command -v mpirun > /dev/null 2>&1; then
+    T=$(mktemp -d)
+    trap 'rm -rf "$T"' EXIT
+    export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
+    if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+    COMMON=(--model.torch_dtype float64 --model.compute_dtype float64 --step_scheduler.max_steps 4
+            --step_scheduler.ckpt_every_steps 2 --step_scheduler.log_remote_every_steps 1 --logging.progress false
+            --checkpoint.save_consolidated false)
+    # train NP STOP DIR ARGS...: NP ranks on emulated devices (NP devices each), or one CPU process
+    train() {
+        local np=$1 stop=$2 dir=$3; shift 3
+        local cmd=("$N" tests/sh/lib/train_run.lua "$stop" "${COMMON[@]}" --checkpoint.checkpoint_dir "$T/$dir" "$@")
+        if [ "$np" -gt 1 ]; then
+            cmd=(env NEMO_FAKE_CUDA="$np" mpirun -np "$np" --oversubscribe -x NEMO_FAKE_CUDA "${cmd[@]}" --device cuda)
+        fi
+        timeout 300 "${cmd[@]}" > "$T/out" 2> "$T/err"
+        RC=$?
+        OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
+    }
+    losses() { sed -n 's/.*"loss":\([-0-9.e+]*\).*/\1/p' "$T/$1/metrics.jsonl"; }
+    close() {
+        paste <(printf '%s\n' "$1") <(printf '%s\n' "$2") | awk -v tol="$3" '
+            { n++; d = $1 - $2; if (d < 0) d = -d; m = $2 < 0 ? -$2 : $2; if (NF < 2 || d > tol * m) bad++ }
+            END { exit (n == 0 || bad > 0) }'
+    }
+    maxrel() { sed -n 's/^maxrel \([^ ]*\) n \([0-9]*\)$/\1/p' <<< "$1"; }
+    le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }'; }
+    compare() { "$N" tests/sh/lib/compare_ckpt.lua "$T/$1" "$T/$2" 2>&1; }
+
+    train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+    if [ "$RC" = 0 ]; then pass "reference: 1 CPU process, batch 8, 4 steps (float64)"; else fail "reference run" "$ERR"; fi
+    train 1 0 racc --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+    if [ "$RC" = 0 ]; then pass "reference: 1 CPU process, 2 micro-batches of 4"; else fail "reference run (accumulation)" "$ERR"; fi
+    case_eq() {
+        local name=$1 np=$2 ref=$3 dir=$4; shift 4
+        train "$np" 0 "$dir" "$@"
+        if [ "$RC" != 0 ]; then fail "$name: the run finished" "exit $RC" "$ERR"; return; fi
+        if grep -q "on cuda:0" <<< "$OUT" && grep -q "(nccl backend)" <<< "$OUT"; then
+            pass "$name: trains on cuda:0 (rank 0) over the nccl backend"
+        else
+            fail "$name: trains on cuda over nccl" "$OUT"
+        fi
+        if close "$(losses "$dir")" "$(losses "$ref")" 1e-6; then
+            pass "$name: the 4 per-step losses equal the CPU process's within 1e-6 relative"
+        else
+            fail "$name: losses within 1e-6 relative" "got:" "$(losses "$dir")" "1 process:" "$(losses "$ref")"
+        fi
+        local c; c=$(compare "$dir/epoch_0_step_3" "$ref/epoch_0_step_3")
+        if le "$(maxrel "$c")" 1e-6; then pass "$name: final weights within 1e-6 relative of the CPU process's ($c)"
+        else fail "$name: final weights within 1e-6 relative" "$c"; fi
+    }
+    case_eq "fsdp2 on cuda, 2 ranks x batch 4" 2 r1 fsdp2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 \
+        --step_scheduler.global_batch_size 8
+    case_eq "ddp on cuda, 2 ranks, 2 micro-batches of 2, activation checkpointing" 2 racc ddp2 --ddp.dp_size 2 \
+        --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --ddp.activation_checkpointing true
+    case_eq "HSDP on cuda (dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches of 1" 4 racc hsdp4 \
+        --fsdp.dp_size 4 --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
+    train 2 2 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+    A_RC=$RC
+    train 2 0 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+    C=$(compare stop/epoch_0_step_3 fsdp2/epoch_0_step_3)
+    if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
+        pass "fsdp2 on cuda, 2 ranks: 2 steps, stop, resume from the device shards, 2 steps == 4 steps bitwise"
+    else
+        fail "fsdp2 on cuda: resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+    fi
+else
+    pass "# SKIP mpirun not found: the multi-rank device runs"
+fi
 
 # NEMO_FAKE_CUDA=0 (or unset) emulates nothing
 out=$(NEMO_FAKE_CUDA=0 timeout 60 "$N" -e 'local c = require("nemo").cuda print(c.device_count())' 2>&1)
