@@ -116,8 +116,17 @@ static int flat_mat(const nemo_tensor *t, mat *m) {
     return mat_layout(m, &ld) >= 0 ? 0 : -1;
 }
 
-/* t in the compute dtype cdt, readable by BLAS as mat_of(., vec) (vec < 0: as flat_mat): t
- * itself (a new reference) when it is, else a converted or contiguous copy. */
+/* The dtype products read operands of dtype dt in on a device: bf16 / f16 as they are where
+ * the device has a "gemm_lp" kernel (float32 sums of the exact products, a float32 result),
+ * else converted to the compute dtype. */
+static int operand_dtype(int dt, int devtype) {
+    if ((dt == NEMO_BF16 || dt == NEMO_F16) && nemo_kernel_has("gemm_lp", devtype)) return dt;
+    return nemo_compute_dtype(dt);
+}
+
+/* t in dtype cdt (a compute dtype, or operand_dtype's), readable by BLAS as mat_of(., vec)
+ * (vec < 0: as flat_mat): t itself (a new reference) when it is, else a converted or
+ * contiguous copy. */
 static nemo_tensor *operand(const nemo_tensor *t, int cdt, int vec) {
     if (t->dtype != cdt) return nemo_prep(t, cdt);
     mat m;
@@ -135,7 +144,8 @@ static nemo_tensor *finish(nemo_tensor *tmp, int dt) {
     return o;
 }
 
-/* o (=, +=) alpha * a @ b for every index of the batch shape (nb dims). beta = 1 adds onto o
+/* o (=, +=) alpha * a @ b for every index of the batch shape (nb dims); a and b in dtype dt,
+ * o in dt's compute dtype (bf16 / f16 operands: the "gemm_lp" kernel). beta = 1 adds onto o
  * (which must then hold the values to add to, zeros for a gradient summed over a batch dim
  * where o's stride is 0). Folds what it can, then hands the rest of the batch to the kernel. */
 static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *bshape_in,
@@ -179,7 +189,7 @@ static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *
     for (int d = 0; d < n; d++) { nbatch *= bshape[d]; if (o.bs[d] == 0) distinct = 0; }
     NEMO_CHECK(distinct || beta == 1.0, NEMO_EINTERNAL, "%s: summed batch dims need an accumulating gemm", op);
     gemm_k kern;
-    NEMO_GET_KERNEL(kern, gemm_k, "gemm", devtype);
+    NEMO_GET_KERNEL(kern, gemm_k, dt == NEMO_BF16 || dt == NEMO_F16 ? "gemm_lp" : "gemm", devtype);
     if (n > 0) {
         offs = malloc(sizeof(int64_t) * 3 * (size_t)nbatch);
         NEMO_CHECK(offs, NEMO_ENOMEM, "%s: out of memory for %lld batch offsets", op, (long long)nbatch);
@@ -283,11 +293,11 @@ NEMO_API nemo_tensor *nemo_matmul(const nemo_tensor *a, const nemo_tensor *b, in
     nemo_tensor *ac = NULL, *bc = NULL, *oc = NULL;
     mm_geom G;
     NEMO_TRY(mm_check(kind, a, b, &G));
-    int cdt = nemo_compute_dtype(a->dtype);
-    NEMO_TRYP(ac, operand(a, cdt, G.va));
-    NEMO_TRYP(bc, operand(b, cdt, G.vb));
+    int cdt = nemo_compute_dtype(a->dtype), odt = operand_dtype(a->dtype, a->devtype);
+    NEMO_TRYP(ac, operand(a, odt, G.va));
+    NEMO_TRYP(bc, operand(b, odt, G.vb));
     NEMO_TRYP(oc, (G.k == 0 ? nemo_zeros : nemo_empty)(G.ond, G.oshape, cdt, a->devtype, a->devindex));
-    NEMO_TRY(gemm_run(mm_name(kind), a->devtype, cdt, G.nb, G.bshape, mat_of(oc, G.vo, G.nb, G.bshape),
+    NEMO_TRY(gemm_run(mm_name(kind), a->devtype, odt, G.nb, G.bshape, mat_of(oc, G.vo, G.nb, G.bshape),
                       mat_of(ac, G.va, G.nb, G.bshape), mat_of(bc, G.vb, G.nb, G.bshape), 1.0, 0.0));
     nemo_tensor_release(ac);
     nemo_tensor_release(bc);
@@ -322,21 +332,21 @@ NEMO_API int nemo_matmul_backward(const nemo_tensor *g, const nemo_tensor *a, co
                "matmul backward: gradient of shape %s does not match the output shape %s",
                nemo_shape_str(g, s1, sizeof s1), nemo_shape_str_n(G.ond, G.oshape, s2, sizeof s2));
     NEMO_TRY(nemo_check_same_device("matmul backward", g, a));
-    int cdt = nemo_compute_dtype(a->dtype);
-    NEMO_TRYP(gc, operand(g, cdt, G.vo));
+    int cdt = nemo_compute_dtype(a->dtype), odt = operand_dtype(a->dtype, a->devtype);
+    NEMO_TRYP(gc, operand(g, odt, G.vo));
     mat mg = mat_of(gc, G.vo, G.nb, G.bshape);
     if (da) {   /* da = g b^T, summed over a's broadcast batch dims */
         int sum = summed_over(a, a->ndim - (G.va ? 1 : 2), G.nb, G.bshape);
-        NEMO_TRYP(bc, operand(b, cdt, G.vb));
+        NEMO_TRYP(bc, operand(b, odt, G.vb));
         NEMO_TRYP(dac, (sum || G.m == 0 ? nemo_zeros : nemo_empty)(a->ndim, a->shape, cdt, a->devtype, a->devindex));
-        NEMO_TRY(gemm_run("matmul backward", a->devtype, cdt, G.nb, G.bshape, mat_of(dac, G.va, G.nb, G.bshape),
+        NEMO_TRY(gemm_run("matmul backward", a->devtype, odt, G.nb, G.bshape, mat_of(dac, G.va, G.nb, G.bshape),
                           mg, mat_t(mat_of(bc, G.vb, G.nb, G.bshape)), 1.0, sum ? 1.0 : 0.0));
     }
     if (db) {   /* db = a^T g, summed over b's broadcast batch dims */
         int sum = summed_over(b, b->ndim - (G.vb ? 1 : 2), G.nb, G.bshape);
-        NEMO_TRYP(ac, operand(a, cdt, G.va));
+        NEMO_TRYP(ac, operand(a, odt, G.va));
         NEMO_TRYP(dbc, (sum || G.n == 0 ? nemo_zeros : nemo_empty)(b->ndim, b->shape, cdt, b->devtype, b->devindex));
-        NEMO_TRY(gemm_run("matmul backward", a->devtype, cdt, G.nb, G.bshape, mat_of(dbc, G.vb, G.nb, G.bshape),
+        NEMO_TRY(gemm_run("matmul backward", a->devtype, odt, G.nb, G.bshape, mat_of(dbc, G.vb, G.nb, G.bshape),
                           mat_t(mat_of(ac, G.va, G.nb, G.bshape)), mg, 1.0, sum ? 1.0 : 0.0));
     }
     if (da) { nemo_tensor *t = dac; dac = NULL; NEMO_TRYP(*da, finish(t, a->dtype)); }
@@ -383,12 +393,12 @@ NEMO_API nemo_tensor *nemo_linear(const nemo_tensor *x, const nemo_tensor *w, co
                    nemo_shape_str(bias, s1, sizeof s1), nemo_shape_str(w, s2, sizeof s2), (long long)nout);
         NEMO_TRY(nemo_check_same_device("linear", x, bias));
     }
-    int cdt = nemo_compute_dtype(x->dtype);
+    int cdt = nemo_compute_dtype(x->dtype), odt = operand_dtype(x->dtype, x->devtype);
     int64_t yshape[NEMO_MAXDIM];
     for (int d = 0; d < x->ndim - 1; d++) yshape[d] = x->shape[d];
     yshape[x->ndim - 1] = nout;
-    NEMO_TRYP(xc, operand(x, cdt, -1));
-    NEMO_TRYP(wc, operand(w, cdt, 0));
+    NEMO_TRYP(xc, operand(x, odt, -1));
+    NEMO_TRYP(wc, operand(w, odt, 0));
     if (bias) {
         NEMO_TRYP(yc, nemo_empty(x->ndim, yshape, cdt, x->devtype, x->devindex));
         NEMO_TRY(nemo_copy_(yc, bias));
@@ -398,7 +408,7 @@ NEMO_API nemo_tensor *nemo_linear(const nemo_tensor *x, const nemo_tensor *w, co
     mat my, mx;
     flat_mat(yc, &my);
     flat_mat(xc, &mx);
-    NEMO_TRY(gemm_run("linear", x->devtype, cdt, 0, NULL, my, mx, mat_t(mat_of(wc, 0, 0, NULL)), 1.0,
+    NEMO_TRY(gemm_run("linear", x->devtype, odt, 0, NULL, my, mx, mat_t(mat_of(wc, 0, 0, NULL)), 1.0,
                       bias ? 1.0 : 0.0));
     nemo_tensor_release(xc);
     nemo_tensor_release(wc);
@@ -426,29 +436,29 @@ NEMO_API int nemo_linear_backward(const nemo_tensor *g, const nemo_tensor *x, co
                nemo_shape_str(g, s1, sizeof s1), nemo_shape_str(x, s2, sizeof s2),
                nemo_shape_str(w, (char[128]){0}, 128));
     NEMO_TRY(nemo_check_same_device("linear backward", g, x));
-    int cdt = nemo_compute_dtype(x->dtype);
-    NEMO_TRYP(gc, operand(g, cdt, -1));
+    int cdt = nemo_compute_dtype(x->dtype), odt = operand_dtype(x->dtype, x->devtype);
+    NEMO_TRYP(gc, operand(g, odt, -1));
     mat mg;
     flat_mat(gc, &mg);
     if (dx) {   /* dx = g W */
-        NEMO_TRYP(wc, operand(w, cdt, 0));
+        NEMO_TRYP(wc, operand(w, odt, 0));
         NEMO_TRYP(dxc, (nout == 0 ? nemo_zeros : nemo_empty)(x->ndim, x->shape, cdt, x->devtype, x->devindex));
         mat mdx;
         flat_mat(dxc, &mdx);
-        NEMO_TRY(gemm_run("linear backward", x->devtype, cdt, 0, NULL, mdx, mg, mat_of(wc, 0, 0, NULL), 1.0, 0.0));
+        NEMO_TRY(gemm_run("linear backward", x->devtype, odt, 0, NULL, mdx, mg, mat_of(wc, 0, 0, NULL), 1.0, 0.0));
     }
     if (dw) {   /* dW = g^T x over all leading dims: one gemm with inner dimension prod(leading) */
-        NEMO_TRYP(xc, operand(x, cdt, -1));
+        NEMO_TRYP(xc, operand(x, odt, -1));
         mat mx;
         flat_mat(xc, &mx);
         NEMO_TRYP(dwc, (mg.r == 0 ? nemo_zeros : nemo_empty)(2, w->shape, cdt, w->devtype, w->devindex));
-        NEMO_TRY(gemm_run("linear backward", x->devtype, cdt, 0, NULL, mat_of(dwc, 0, 0, NULL), mat_t(mg), mx,
+        NEMO_TRY(gemm_run("linear backward", x->devtype, odt, 0, NULL, mat_of(dwc, 0, 0, NULL), mat_t(mg), mx,
                           1.0, 0.0));
     }
     if (db) {   /* db = column sums of g */
         mat m2 = mg;
-        if (m2.cs != 1 && m2.c > 1) {
-            NEMO_TRYP(g2, nemo_contiguous(gc));
+        if (gc->dtype != cdt || (m2.cs != 1 && m2.c > 1)) {   /* colsum reads the compute dtype */
+            NEMO_TRYP(g2, nemo_prep(gc, cdt));
             flat_mat(g2, &m2);
         }
         colsum_k ck;

@@ -265,6 +265,77 @@ static int gemm_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, dou
 }
 NEMO_REGISTER_KERNEL("gemm", NEMO_CPU, gemm_cpu)
 
+/* ==== low-precision operands ==== */
+
+/* The element range [lo, hi) that operand x (rows x cols with leading dimension ld, at the
+ * batch offsets offs[3i + which]) touches. */
+static void span_of(const int64_t *offs, int64_t nbatch, int which, int64_t rows, int64_t cols, int64_t ld,
+                    int64_t *lo, int64_t *hi) {
+    int64_t ext = (rows - 1) * ld + cols;
+    *lo = offs[which];
+    *hi = offs[which] + ext;
+    for (int64_t i = 1; i < nbatch; i++) {
+        int64_t o = offs[3 * i + which];
+        if (o < *lo) *lo = o;
+        if (o + ext > *hi) *hi = o + ext;
+    }
+}
+
+/* float32 copy of n bf16 / f16 values */
+static void widen(float *dst, const uint16_t *src, int64_t n, int dt) {
+    if (dt == NEMO_BF16) {
+        #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) dst[i] = nemo_bf16_to_f32(src[i]);
+    } else {
+        #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) dst[i] = nemo_f16_to_f32(src[i]);
+    }
+}
+
+/* "gemm_lp": gemm's contract with bf16 or f16 operands (dt) and a float32 c: products of the
+ * exact operand values summed in float32. Here: the spans of a and b the batch touches are
+ * widened to float32 once and the float32 gemm runs on them (the same offsets and leading
+ * dimensions), so results equal gemm on operands converted by the caller. */
+static int gemm_lp_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                       int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc, int64_t nbatch,
+                       const int64_t *offs, int c_distinct) {
+    static const int64_t zero3[3] = {0, 0, 0};
+    if (dt != NEMO_BF16 && dt != NEMO_F16)
+        return NEMO_ERR(NEMO_EDTYPE, "gemm_lp: expects bfloat16 or float16 operands, got %s", nemo_dtype_name(dt));
+    if (!offs) { offs = zero3; nbatch = 1; }
+    if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
+    if (k <= 0) return gemm_cpu(NEMO_F32, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nbatch, offs,
+                                c_distinct);
+    int64_t alo, ahi, blo, bhi;
+    span_of(offs, nbatch, 0, ta ? k : m, ta ? m : k, lda, &alo, &ahi);
+    span_of(offs, nbatch, 1, tb ? n : k, tb ? k : n, ldb, &blo, &bhi);
+    size_t na = (size_t)(ahi - alo), nb = (size_t)(bhi - blo);
+    float *wa = nemo_dev_alloc(NEMO_CPU, 0, (na + nb) * sizeof(float));
+    if (!wa) return nemo_last_status();
+    float *wb = wa + na;
+    widen(wa, (const uint16_t *)a + alo, (int64_t)na, dt);
+    widen(wb, (const uint16_t *)b + blo, (int64_t)nb, dt);
+    int64_t *o2 = NULL;
+    if (nbatch > 1 || alo || blo) {
+        o2 = malloc(sizeof(int64_t) * 3 * (size_t)nbatch);
+        if (!o2) {
+            nemo_dev_free(NEMO_CPU, 0, wa, (na + nb) * sizeof(float));
+            return NEMO_ERR(NEMO_ENOMEM, "gemm_lp: out of memory for %lld batch offsets", (long long)nbatch);
+        }
+        for (int64_t i = 0; i < nbatch; i++) {
+            o2[3 * i] = offs[3 * i] - alo;
+            o2[3 * i + 1] = offs[3 * i + 1] - blo;
+            o2[3 * i + 2] = offs[3 * i + 2];
+        }
+    }
+    int rc = gemm_cpu(NEMO_F32, ta, tb, m, n, k, alpha, wa, lda, wb, ldb, beta, c, ldc, nbatch, o2 ? o2 : offs,
+                      c_distinct);
+    free(o2);
+    nemo_dev_free(NEMO_CPU, 0, wa, (na + nb) * sizeof(float));
+    return rc;
+}
+NEMO_REGISTER_KERNEL("gemm_lp", NEMO_CPU, gemm_lp_cpu)
+
 /* ==== column sums ==== */
 
 /* out[j] = sum_i g[i*ldg + j] for a (m, n) row-major g; out has g's dtype. Rows go in blocks

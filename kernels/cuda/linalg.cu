@@ -12,8 +12,10 @@
  *   "colsum"  int (int dtype, int64_t m, int64_t n, const void *g, int64_t ldg, void *out)
  *             out[j] = sum_i g[i*ldg + j] (double accumulation), out (n) dense, g's dtype.
  *
- * Both take float32 or float64 (bf16/f16 arrive converted to float32 by the front-end) and
- * find their device from the output pointer. They return 0 or a negative status with the
+ *   "gemm_lp" gemm's signature with bfloat16 / float16 operands (dtype) and a float32 c: the
+ *             tensor cores multiply the exact operand values and accumulate in float32
+ *             (CUBLAS_COMPUTE_32F), as the CPU twin's float32 sums of widened operands do.
+ * gemm and colsum take float32 or float64; all find their device from the output pointer. They return 0 or a negative status with the
  * plugin's error text (cuBLASLt's status name and text included), launch on the device's
  * stream and do not synchronize.
  *
@@ -21,8 +23,8 @@
  * - Row-major products are computed as the column-major transposed product: C^T = op(B)^T
  *   op(A)^T, so b goes in cuBLASLt's A slot and a in its B slot, with no copies.
  * - float32 uses CUBLAS_COMPUTE_32F: true float32 arithmetic, no TF32 (results stay within
- *   float32 rounding of the CPU's sgemm; a faster bf16 tensor-core path needs bf16 operands,
- *   which the front-end does not pass yet).
+ *   float32 rounding of the CPU's sgemm). bf16 / f16 training reaches the tensor cores through
+ *   gemm_lp: the front-end hands such operands over unconverted.
  * - A batch whose offsets are evenly spaced and whose outputs are distinct is one strided
  *   batched call; any other batch is a loop of calls on the stream, which keeps the batch
  *   order of an accumulating (beta = 1, shared output) batch, as on the CPU.
@@ -154,36 +156,43 @@ static uint32_t align_of(const void *p, int64_t extra_bytes) {
 
 /* ==== kernel launchers ==== */
 
-static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
-                     const void *b, int64_t ldb, double beta, void *c, int64_t ldc, int64_t nbatch, const int64_t *offs,
-                     int c_distinct) {
+/* "gemm" (dt float32 / float64: operands and c in dt) and "gemm_lp" (dt bfloat16 / float16
+ * operands, c float32, float32 accumulation on the tensor cores): one implementation. */
+static int gemm_lt(const char *name, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha,
+                   const void *a, int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc,
+                   int64_t nbatch, const int64_t *offs, int c_distinct) {
     nemo_cuda_clear_error();
     static const int64_t zero3[3] = {0, 0, 0};
-    if (dt != NEMO_F32 && dt != NEMO_F64)
-        return nemo_cuda_error(NEMO_EDTYPE, "gemm: cuda kernel expects float32 or float64, got %s", nemo_cuda_dtype_name(dt));
+    int lp = dt == NEMO_BF16 || dt == NEMO_F16;
+    if (!lp && dt != NEMO_F32 && dt != NEMO_F64)
+        return nemo_cuda_error(NEMO_EDTYPE, "%s: cuda kernel expects %s, got %s", name,
+                               strcmp(name, "gemm") ? "bfloat16 or float16" : "float32 or float64",
+                               nemo_cuda_dtype_name(dt));
     if (!offs) { offs = zero3; nbatch = 1; }
     if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX)
-        return nemo_cuda_error(NEMO_ESHAPE, "gemm: %lld x %lld x %lld is too large", (long long)m, (long long)n,
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: %lld x %lld x %lld is too large", name, (long long)m, (long long)n,
                                (long long)k);
     int dev = 0;
-    NEMO_CUDA_RC(pointer_device("gemm", c, &dev));
-    NEMO_CUDA_TRY(cudaSetDevice(dev), "gemm: cudaSetDevice(%d)", dev);
+    NEMO_CUDA_RC(pointer_device(name, c, &dev));
+    NEMO_CUDA_TRY(cudaSetDevice(dev), "%s: cudaSetDevice(%d)", name, dev);
     cudaStream_t st = nemo_cuda_stream(dev);
-    const int64_t esz = dt == NEMO_F32 ? 4 : 8;
+    const int odt = lp ? NEMO_F32 : dt;                       /* c's dtype */
+    const int64_t esz = lp ? 2 : (dt == NEMO_F32 ? 4 : 8);    /* a's and b's element size */
+    const int64_t csz = odt == NEMO_F32 ? 4 : 8;              /* c's */
     const char *pa = (const char *)a, *pb = (const char *)b;
     char *pc = (char *)c;
 
     if (k == 0) {   /* c = beta c */
         if (beta == 1.0) return 0;
         for (int64_t i = 0; i < nbatch; i++) {
-            char *ci = pc + offs[3 * i + 2] * esz;
-            if (dt == NEMO_F32)
+            char *ci = pc + offs[3 * i + 2] * csz;
+            if (odt == NEMO_F32)
                 scale_rows<float><<<nemo_cuda_blocks(m * n), NEMO_CUDA_THREADS, 0, st>>>((float *)ci, m, n, ldc, (float)beta);
             else
                 scale_rows<double><<<nemo_cuda_blocks(m * n), NEMO_CUDA_THREADS, 0, st>>>((double *)ci, m, n, ldc, beta);
         }
-        NEMO_CUDA_LAUNCHED("gemm: k = 0 scale kernel on cuda:%d", dev);
+        NEMO_CUDA_LAUNCHED("%s: k = 0 scale kernel on cuda:%d", name, dev);
         return 0;
     }
 
@@ -204,7 +213,7 @@ static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, do
         uint32_t x;
         x = align_of(pb + offs[3 * i + 1] * esz, strided ? sb * esz : 0); if (x < al[0]) al[0] = x;
         x = align_of(pa + offs[3 * i] * esz, strided ? sa * esz : 0); if (x < al[1]) al[1] = x;
-        x = align_of(pc + offs[3 * i + 2] * esz, strided ? sc * esz : 0); if (x < al[2]) al[2] = x;
+        x = align_of(pc + offs[3 * i + 2] * csz, strided ? sc * csz : 0); if (x < al[2]) al[2] = x;
     }
 
     int rc = 0;
@@ -217,16 +226,18 @@ static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, do
     algo_key key;
     NEMO_CUDA_RC(lt_handle(dev, &h, &ws));
     {
-        cudaDataType_t ty = dt == NEMO_F32 ? CUDA_R_32F : CUDA_R_64F;
-        cublasComputeType_t ct = dt == NEMO_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_64F;
+        cudaDataType_t ty = dt == NEMO_F32 ? CUDA_R_32F : dt == NEMO_F64 ? CUDA_R_64F : dt == NEMO_BF16 ? CUDA_R_16BF
+                                                                                                  : CUDA_R_16F;
+        cudaDataType_t tyc = odt == NEMO_F32 ? CUDA_R_32F : CUDA_R_64F;
+        cublasComputeType_t ct = odt == NEMO_F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_64F;
         cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-        LT_TRY(cublasLtMatmulDescCreate(&op, ct, ty), "cublasLtMatmulDescCreate");
+        LT_TRY(cublasLtMatmulDescCreate(&op, ct, tyc), "cublasLtMatmulDescCreate");
         LT_TRY(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "set TRANSA");
         LT_TRY(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "set TRANSB");
         /* cuBLASLt's A = our b (stored (k, n) row-major: (n, k) column-major), B = our a, C = c^T */
         LT_TRY(cublasLtMatrixLayoutCreate(&la, ty, (uint64_t)(tb ? k : n), (uint64_t)(tb ? n : k), ldb), "layout of b");
         LT_TRY(cublasLtMatrixLayoutCreate(&lb, ty, (uint64_t)(ta ? m : k), (uint64_t)(ta ? k : m), lda), "layout of a");
-        LT_TRY(cublasLtMatrixLayoutCreate(&lc, ty, (uint64_t)n, (uint64_t)m, ldc), "layout of c");
+        LT_TRY(cublasLtMatrixLayoutCreate(&lc, tyc, (uint64_t)n, (uint64_t)m, ldc), "layout of c");
         if (strided) {
             int32_t cnt = (int32_t)nbatch;
             cublasLtMatrixLayout_t ls[3] = {la, lb, lc};
@@ -263,11 +274,11 @@ static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, do
             algo_put(&key, &algo);
         }
         float af = (float)alpha, bf = (float)beta;
-        const void *alp = dt == NEMO_F32 ? (const void *)&af : (const void *)&alpha;
-        const void *bep = dt == NEMO_F32 ? (const void *)&bf : (const void *)&beta;
+        const void *alp = odt == NEMO_F32 ? (const void *)&af : (const void *)&alpha;
+        const void *bep = odt == NEMO_F32 ? (const void *)&bf : (const void *)&beta;
         for (int64_t i = 0; i < calls; i++) {
             const void *ai = pa + offs[3 * i] * esz, *bi = pb + offs[3 * i + 1] * esz;
-            void *ci = pc + offs[3 * i + 2] * esz;
+            void *ci = pc + offs[3 * i + 2] * csz;
             LT_TRY(cublasLtMatmul(h, op, alp, bi, la, ai, lb, bep, ci, lc, ci, lc, &algo, ws, LT_WORKSPACE, st),
                    "cublasLtMatmul");
         }
@@ -280,7 +291,28 @@ done:
     if (op) cublasLtMatmulDescDestroy(op);
     return rc;
 }
+static int gemm_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                     const void *b, int64_t ldb, double beta, void *c, int64_t ldc, int64_t nbatch, const int64_t *offs,
+                     int c_distinct) {
+    if (dt != NEMO_F32 && dt != NEMO_F64) {
+        nemo_cuda_clear_error();
+        return nemo_cuda_error(NEMO_EDTYPE, "gemm: cuda kernel expects float32 or float64, got %s", nemo_cuda_dtype_name(dt));
+    }
+    return gemm_lt("gemm", dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nbatch, offs, c_distinct);
+}
 NEMO_CUDA_KERNEL("gemm", gemm_cuda)
+
+static int gemm_lp_cuda(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                        int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc, int64_t nbatch,
+                        const int64_t *offs, int c_distinct) {
+    if (dt != NEMO_BF16 && dt != NEMO_F16) {
+        nemo_cuda_clear_error();
+        return nemo_cuda_error(NEMO_EDTYPE, "gemm_lp: cuda kernel expects bfloat16 or float16, got %s",
+                               nemo_cuda_dtype_name(dt));
+    }
+    return gemm_lt("gemm_lp", dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nbatch, offs, c_distinct);
+}
+NEMO_CUDA_KERNEL("gemm_lp", gemm_lp_cuda)
 
 static int colsum_cuda(int dt, int64_t m, int64_t n, const void *g, int64_t ldg, void *out) {
     nemo_cuda_clear_error();

@@ -636,6 +636,7 @@ local MM = {   -- a shape, b shape, kind, a transposed view, b transposed view, 
     {{33, 65}, {65}, "MV", false, false, "mv (33, 65) x (65,)"},
     {{5, 0}, {0, 7}, "MM", false, false, "mm with k = 0"},
     {{1, 513}, {513, 1}, "MM", false, false, "mm (1, 513) x (513, 1)"},
+    {{256, 1024}, {1024, 384}, "MM", false, false, "mm (256, 1024) x (1024, 384): bf16 / f16 on the tensor cores"},
 }
 for _, mm in ipairs(MM) do
     for _, dt in ipairs(FLOATS) do

@@ -6,6 +6,8 @@ local T = require "tap"
 local nemo = require "nemo"
 local gradcheck = require "gradcheck"
 local F = nemo.F
+local ffi = require "ffi"
+local C = require("nemo.ffi").C
 
 local function rnd(shape, seed, dtype)
     return nemo.randn(shape, {dtype = dtype or "float64", generator = nemo.Generator(seed)})
@@ -482,6 +484,54 @@ do
     for i = 1, #names do
         T.ok(gb[i].dtype == "bfloat16", names[i] .. " bf16 gradient dtype")
         T.close(gb[i], gf[i], 2e-2, 0, names[i] .. " bf16 vs f32 (rtol 2e-2)")
+    end
+end
+
+-- ==== bf16 / f16 operands go to the products as they are ("gemm_lp": float32 sums of exact
+-- products, one rounding): the same bits as the float32 product of the widened operands ====
+
+do
+    local function rounded(shape, seed, dt) return rnd(shape, seed, "float32"):to{dtype = dt} end
+    local function same(x, y)
+        local a, b = x:contiguous(), y:contiguous()
+        if a.dtype ~= b.dtype or a:numel() ~= b:numel() then return false end
+        local n = a:numel() * a:element_size()
+        return ffi.string(C.nemo_tensor_data(a._c), n) == ffi.string(C.nemo_tensor_data(b._c), n)
+    end
+    for _, dt in ipairs { "bfloat16", "float16" } do
+        local a, b = rounded({3, 7, 33}, 900, dt), rounded({33, 5}, 901, dt)
+        T.ok(same(nemo.matmul(a, b), nemo.matmul(a:float(), b:float()):to{dtype = dt}),
+            "matmul " .. dt .. " (3,7,33) @ (33,5) equals the float32 product of the widened operands, rounded once")
+        local a4, b3 = rounded({2, 3, 7, 33}, 902, dt), rounded({3, 33, 5}, 903, dt)
+        T.ok(same(nemo.matmul(a4, b3), nemo.matmul(a4:float(), b3:float()):to{dtype = dt}),
+            "matmul " .. dt .. " with a broadcast batch (2,3,7,33) @ (3,33,5): same bits")
+        local bt = rounded({5, 33}, 904, dt):t()
+        T.close(nemo.matmul(a, bt):float(), nemo.matmul(a:float(), bt:float()), 8e-3, 0,
+            "matmul " .. dt .. " with a transposed operand view vs float32 (rtol 8e-3: one rounding)")
+        -- linear forward and backward (input, weight, bias gradients), upstream gradient in dt
+        local x = rounded({2, 9, 33}, 905, dt):requires_grad_()
+        local w = rounded({17, 33}, 906, dt):requires_grad_()
+        local bias = rounded({17}, 907, dt):requires_grad_()
+        local g = rounded({2, 9, 17}, 908, dt)
+        local y = F.linear(x, w, bias)
+        y:backward(g)
+        local xf, wf, bf = x:detach():float():requires_grad_(), w:detach():float():requires_grad_(),
+            bias:detach():float():requires_grad_()
+        local yf = F.linear(xf, wf, bf)
+        yf:backward(g:float())
+        T.ok(same(y, yf:to{dtype = dt}), "linear " .. dt .. " forward with bias: same bits as float32, rounded once")
+        T.ok(same(x.grad, xf.grad:to{dtype = dt}), "linear " .. dt .. " input gradient: same bits")
+        T.ok(same(w.grad, wf.grad:to{dtype = dt}), "linear " .. dt .. " weight gradient: same bits")
+        T.ok(same(bias.grad, bf.grad:to{dtype = dt}), "linear " .. dt .. " bias gradient: same bits")
+        -- matmul backward with a gradient summed over a broadcast batch dim (beta = 1 accumulation)
+        local p = rounded({4, 6, 8}, 909, dt):requires_grad_()
+        local q = rounded({8, 3}, 910, dt):requires_grad_()
+        local gm = rounded({4, 6, 3}, 911, dt)
+        nemo.matmul(p, q):backward(gm)
+        local pf, qf = p:detach():float():requires_grad_(), q:detach():float():requires_grad_()
+        nemo.matmul(pf, qf):backward(gm:float())
+        T.ok(same(q.grad, qf.grad:to{dtype = dt}) and same(p.grad, pf.grad:to{dtype = dt}),
+            "matmul " .. dt .. " backward, weight summed over the batch: same bits as float32")
     end
 end
 
