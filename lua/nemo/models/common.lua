@@ -203,7 +203,8 @@ end
 -- in float32 (float64 for float64 x) and rounded once to x's dtype. The same products and
 -- sums as diffusers' x.float()*cos + x_rotated.float()*sin (negation is exact), so float32
 -- results are bitwise equal; only one of each duplicated table column is read. On the CPU this
--- is one fused op (F.rope: one pass, one fused backward), which reads every column, same bits.
+-- is one fused op (F.rope: one pass, one fused backward; CPU and CUDA kernels), which reads every
+-- column, same bits.
 function M.apply_rotary_emb(x, freqs, opts)
     local sequence_dim = opt(opts, "sequence_dim", 2)
     local cos, sin = freqs[1], freqs[2]
@@ -214,7 +215,7 @@ function M.apply_rotary_emb(x, freqs, opts)
         error(string.format("apply_rotary_emb: rope tables %s do not fit x %s (sequence_dim %d): expected (%d, %d)",
             Tensor.shape_str(cos.shape), Tensor.shape_str(x.shape), sequence_dim, S, Dh), 2)
     end
-    if F.rope and x._c.devtype == 0 and not (cos.requires_grad or sin.requires_grad) then
+    if F.rope and not (cos.requires_grad or sin.requires_grad) then
         -- the fused op: one pass, the same bits as the sequence below (float32 / float64)
         return F.rope(x, cos, sin, sequence_dim)
     end
@@ -263,10 +264,10 @@ function FP32LayerNorm:forward(x)
 end
 
 -- x * (1 + scale[:, None]) + shift[:, None], as diffusers writes the modulation; n is freed.
--- n (B, S, D) with scale / shift (B, D) takes the fused op on the CPU (the same bits in float32 /
--- float64; the fused ops have no CUDA kernels yet).
+-- n (B, S, D) with scale / shift (B, D) takes the fused op (CPU and CUDA kernels; the same bits in
+-- float32 / float64).
 local function modulate(n, scale, shift)
-    if F.modulate and n._c.devtype == 0 and n:dim() == 3 and scale:dim() == 2 and shift:dim() == 2 then
+    if F.modulate and n:dim() == 3 and scale:dim() == 2 and shift:dim() == 2 then
         local y = F.modulate(n, scale, shift)
         free(n)
         return y

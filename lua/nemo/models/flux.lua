@@ -268,10 +268,10 @@ function FluxTransformerBlock:__init(dim, num_attention_heads, attention_head_di
 end
 
 -- x + gate[:, None] * y (diffusers: gate.unsqueeze(1) * y, then the residual add); y is freed.
--- (B, S, D) with a (B, D) gate takes the fused op on the CPU (the same bits in float32 / float64;
--- the fused ops have no CUDA kernels yet).
+-- (B, S, D) with a (B, D) gate takes the fused op (CPU and CUDA kernels; the same bits in
+-- float32 / float64).
 local function gated_add(x, gate, y)
-    if F.gated_add and x._c.devtype == 0 and x:dim() == 3 and gate:dim() == 2 then
+    if F.gated_add and x:dim() == 3 and gate:dim() == 2 then
         local out = F.gated_add(x, gate, y)
         free(y)
         return out

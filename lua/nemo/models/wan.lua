@@ -77,9 +77,9 @@ local function same_dtype(a, b, c) return a.dtype == b.dtype and b.dtype == c.dt
 
 -- n * (1 + scale) + shift with scale and shift already broadcastable to n (Wan's chunks keep
 -- their singleton axis); n is freed. n (B, L, D) with (B, 1, D) chunks of one dtype takes the
--- fused F.modulate (the same bits in float32 / float64; CPU only: it has no CUDA kernel yet).
+-- fused F.modulate (the same bits in float32 / float64; CPU and CUDA kernels).
 local function modulate(n, scale, shift)
-    if F.modulate and n.device == "cpu" and n:dim() == 3 and scale:dim() == 3 and scale.shape[2] == 1 and shift.shape[2] == 1 and
+    if F.modulate and n:dim() == 3 and scale:dim() == 3 and scale.shape[2] == 1 and shift.shape[2] == 1 and
             same_dtype(n, scale, shift) then
         local sc, sh = scale:squeeze(1), shift:squeeze(1)
         local y = F.modulate(n, sc, sh)
@@ -99,7 +99,7 @@ end
 -- (the same bits in float32 / float64); mixed dtypes (a bf16 model's bf16 a, float32 x and gate)
 -- follow torch's promotion through the two ops.
 local function gated_residual(x, a, gate)
-    if F.gated_add and x.device == "cpu" and x:dim() == 3 and gate:dim() == 3 and gate.shape[2] == 1 and same_dtype(x, a, gate) then
+    if F.gated_add and x:dim() == 3 and gate:dim() == 3 and gate.shape[2] == 1 and same_dtype(x, a, gate) then
         local g1 = gate:squeeze(1)
         local y = F.gated_add(x, g1, a)
         free(a, g1)
