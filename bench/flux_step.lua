@@ -1,7 +1,7 @@
 -- bench/flux_step.lua: seconds per FLUX training step on the CPU, beside the PyTorch anchors of
 -- ../shared/notes/anchors.md (diffusers + torch 1.13, 2 threads, tuned environment).
 --   nemo-lua bench/flux_step.lua [small] [medium] [dev_block] [--ckpt on|off|both] [--steps N]
---                                [--warmup N] [--threads N] [--quick]
+--                                [--warmup N] [--threads N] [--quick] [--dtype float32|bfloat16]
 -- A step is what the anchors timed: out = model{...}; loss = F.mse_loss(out, target);
 -- loss:backward(); AdamW(lr 1e-4, weight_decay 0.01):step(); zero_grad (set to none); then one
 -- full collection of the Lua garbage (the training loop's once-per-iteration collection), timed
@@ -63,7 +63,7 @@ local ORDER = {"small", "medium", "dev_block"}
 
 -- ==== arguments ====
 
-local names, ckpt_modes, steps, warmup = {}, {false, true}, 10, 2
+local names, ckpt_modes, steps, warmup, dtype = {}, {false, true}, 10, 2, "float32"
 local i = 1
 local argv = arg or {}
 while i <= #argv do
@@ -77,9 +77,13 @@ while i <= #argv do
     elseif a == "--warmup" then warmup = tonumber(argv[i + 1]); i = i + 1
     elseif a == "--threads" then nemo.set_num_threads(tonumber(argv[i + 1])); i = i + 1
     elseif a == "--quick" then steps, warmup = 3, 1
+    elseif a == "--dtype" then
+        dtype = argv[i + 1]
+        if dtype ~= "float32" and dtype ~= "bfloat16" then error("--dtype takes float32 or bfloat16, got " .. tostring(dtype)) end
+        i = i + 1
     elseif CONFIGS[a] then names[#names + 1] = a
     else error("flux_step: unknown argument '" .. tostring(a) .. "' (configs: small, medium, dev_block; " ..
-        "--ckpt on|off|both, --steps N, --warmup N, --threads N, --quick)") end
+        "--ckpt on|off|both, --steps N, --warmup N, --threads N, --quick, --dtype float32|bfloat16)") end
     i = i + 1
 end
 if #names == 0 then names = ORDER end
@@ -167,6 +171,11 @@ local function run(name, ckpt)
     local nparams = model:num_parameters()
     if ckpt then model:enable_gradient_checkpointing() end
     local args, target = inputs(c)
+    if dtype ~= "float32" then   -- the whole model and every float input in dtype (a bf16 finetune)
+        model:to{dtype = dtype}
+        for k, v in pairs(args) do if k ~= "img_ids" and k ~= "txt_ids" then args[k] = v:to{dtype = dtype} end end
+        target = target:to{dtype = dtype}
+    end
     local opt, opt_name = make_optimizer(model)
     local fwd, bwd, upd, tot = {}, {}, {}, {}
     local loss0
@@ -208,8 +217,9 @@ local function run(name, ckpt)
             expected_params = c.params, loss = loss0, other = other}
 end
 
-print(string.format("nemo %s, %d threads, %d timed steps after %d warm-up, float32, CPU", nemo.version,
-    nemo.get_num_threads(), steps, warmup))
+print(string.format("nemo %s, %d threads, %d timed steps after %d warm-up, %s, CPU", nemo.version,
+    nemo.get_num_threads(), steps, warmup, dtype))
+if dtype ~= "float32" then print("(the torch columns are the float32 anchors: torch was not measured in " .. dtype .. ")") end
 print("PyTorch anchors: diffusers 58eb52c0 + torch 1.13, 2 threads, tuned (../shared/notes/anchors.md)")
 print()
 local W = {10, 4, 12, 9, 9, 9, 9, 8, 10, 9, 9, 9, 9, 9, 9, 7}

@@ -91,6 +91,8 @@ NEMO_API int nemo_last_status(void);
 NEMO_API void nemo_clear_error(void);
 NEMO_API int nemo_set_num_threads(int n);            /* elementwise threads and OpenBLAS threads */
 NEMO_API int nemo_get_num_threads(void);
+/* 1 when bfloat16 products run on AMX tiles here (CPU support, granted by the kernel, NEMO_AMX not "0"). */
+NEMO_API int nemo_cpu_has_amx(void);
 /* Bytes held by live storages on a device: current and peak (peak reset by reset_peak). */
 NEMO_API int64_t nemo_memory_current(int devtype, int devindex);
 NEMO_API int64_t nemo_memory_peak(int devtype, int devindex);

@@ -488,23 +488,37 @@ do
 end
 
 -- ==== bf16 / f16 operands go to the products as they are ("gemm_lp": float32 sums of exact
--- products, one rounding): the same bits as the float32 product of the widened operands ====
+-- products, one rounding). f16, and bf16 without AMX: the float32 product of the widened
+-- operands, bit for bit. bf16 on AMX tiles (kernels/cpu/amx.c) sums in another fixed order:
+-- within one bf16 rounding of it, and bitwise on small integers (every sum exact) ====
 
 do
+    local AMX = C.nemo_cpu_has_amx() ~= 0
+    T.diag("bf16 products on " .. (AMX and "AMX tiles" or "widened float32 sgemm"))
     local function rounded(shape, seed, dt) return rnd(shape, seed, "float32"):to{dtype = dt} end
+    local function ints(shape, seed, dt)
+        return (rnd(shape, seed, "float32") * 3):clamp(-8, 8):to{dtype = "int32"}:to{dtype = dt}
+    end
     local function same(x, y)
         local a, b = x:contiguous(), y:contiguous()
         if a.dtype ~= b.dtype or a:numel() ~= b:numel() then return false end
         local n = a:numel() * a:element_size()
         return ffi.string(C.nemo_tensor_data(a._c), n) == ffi.string(C.nemo_tensor_data(b._c), n)
     end
+    -- got vs the float32 result ref rounded to dt: bitwise where the path is sgemm's
+    local function check(got, ref, dt, name)
+        if dt == "float16" or not AMX then
+            T.ok(same(got, ref:to{dtype = dt}), name .. ": same bits as float32, rounded once")
+        else
+            T.close(got:float(), ref, 8e-3, 0, name .. ": within one bf16 rounding of float32 (rtol 8e-3)")
+        end
+    end
     for _, dt in ipairs { "bfloat16", "float16" } do
         local a, b = rounded({3, 7, 33}, 900, dt), rounded({33, 5}, 901, dt)
-        T.ok(same(nemo.matmul(a, b), nemo.matmul(a:float(), b:float()):to{dtype = dt}),
-            "matmul " .. dt .. " (3,7,33) @ (33,5) equals the float32 product of the widened operands, rounded once")
+        check(nemo.matmul(a, b), nemo.matmul(a:float(), b:float()), dt, "matmul " .. dt .. " (3,7,33) @ (33,5)")
         local a4, b3 = rounded({2, 3, 7, 33}, 902, dt), rounded({3, 33, 5}, 903, dt)
-        T.ok(same(nemo.matmul(a4, b3), nemo.matmul(a4:float(), b3:float()):to{dtype = dt}),
-            "matmul " .. dt .. " with a broadcast batch (2,3,7,33) @ (3,33,5): same bits")
+        check(nemo.matmul(a4, b3), nemo.matmul(a4:float(), b3:float()), dt,
+            "matmul " .. dt .. " with a broadcast batch (2,3,7,33) @ (3,33,5)")
         local bt = rounded({5, 33}, 904, dt):t()
         T.close(nemo.matmul(a, bt):float(), nemo.matmul(a:float(), bt:float()), 8e-3, 0,
             "matmul " .. dt .. " with a transposed operand view vs float32 (rtol 8e-3: one rounding)")
@@ -519,10 +533,10 @@ do
             bias:detach():float():requires_grad_()
         local yf = F.linear(xf, wf, bf)
         yf:backward(g:float())
-        T.ok(same(y, yf:to{dtype = dt}), "linear " .. dt .. " forward with bias: same bits as float32, rounded once")
-        T.ok(same(x.grad, xf.grad:to{dtype = dt}), "linear " .. dt .. " input gradient: same bits")
-        T.ok(same(w.grad, wf.grad:to{dtype = dt}), "linear " .. dt .. " weight gradient: same bits")
-        T.ok(same(bias.grad, bf.grad:to{dtype = dt}), "linear " .. dt .. " bias gradient: same bits")
+        check(y, yf:detach(), dt, "linear " .. dt .. " forward with bias")
+        check(x.grad, xf.grad, dt, "linear " .. dt .. " input gradient")
+        check(w.grad, wf.grad, dt, "linear " .. dt .. " weight gradient")
+        T.ok(same(bias.grad, bf.grad:to{dtype = dt}), "linear " .. dt .. " bias gradient: same bits (column sums)")
         -- matmul backward with a gradient summed over a broadcast batch dim (beta = 1 accumulation)
         local p = rounded({4, 6, 8}, 909, dt):requires_grad_()
         local q = rounded({8, 3}, 910, dt):requires_grad_()
@@ -530,8 +544,36 @@ do
         nemo.matmul(p, q):backward(gm)
         local pf, qf = p:detach():float():requires_grad_(), q:detach():float():requires_grad_()
         nemo.matmul(pf, qf):backward(gm:float())
-        T.ok(same(q.grad, qf.grad:to{dtype = dt}) and same(p.grad, pf.grad:to{dtype = dt}),
-            "matmul " .. dt .. " backward, weight summed over the batch: same bits as float32")
+        check(q.grad, qf.grad, dt, "matmul " .. dt .. " backward, weight summed over the batch")
+        check(p.grad, pf.grad, dt, "matmul " .. dt .. " backward, input")
+        -- small integers: every product and sum exact, so any order gives the same bits; shapes
+        -- with partial tiles (16 x 16 / 32 x 32 blocks, k chunks of 32), transposed operands
+        -- and batches (one per item side by side, and an accumulating one)
+        local bad = {}
+        for _, c in ipairs { {33, 65, 17}, {1, 64, 200}, {100, 3, 50}, {31, 33, 15}, {64, 32, 32}, {17, 1000, 47},
+                             {256, 512, 96} } do
+            for ta = 0, 1 do
+                for tb = 0, 1 do
+                    local ai = ta == 1 and ints({c[2], c[1]}, 920, dt):t() or ints({c[1], c[2]}, 920, dt)
+                    local bi = tb == 1 and ints({c[3], c[2]}, 921, dt):t() or ints({c[2], c[3]}, 921, dt)
+                    if not same(nemo.matmul(ai, bi), nemo.matmul(ai:float(), bi:float()):to{dtype = dt}) then
+                        bad[#bad + 1] = string.format("(%d,%d,%d) ta %d tb %d", c[1], c[2], c[3], ta, tb)
+                    end
+                end
+            end
+        end
+        T.ok(#bad == 0, "matmul " .. dt .. " of small integers equals the exact result bit for bit (7 shapes x 4 layouts)",
+            table.concat(bad, "; "))
+        local ab, bb = ints({5, 3, 40, 70}, 922, dt), ints({3, 70, 20}, 923, dt)
+        T.ok(same(nemo.matmul(ab, bb), nemo.matmul(ab:float(), bb:float()):to{dtype = dt}),
+            "bmm " .. dt .. " of small integers, (5,3,40,70) @ (3,70,20): exact")
+        local pi = ints({6, 40, 70}, 924, dt):requires_grad_()
+        local qi = ints({70, 20}, 925, dt):requires_grad_()
+        nemo.matmul(pi, qi):backward(ints({6, 40, 20}, 926, dt))
+        local pf2, qf2 = pi:detach():float():requires_grad_(), qi:detach():float():requires_grad_()
+        nemo.matmul(pf2, qf2):backward(ints({6, 40, 20}, 926, dt):float())
+        T.ok(same(qi.grad, qf2.grad:to{dtype = dt}), "matmul " .. dt .. " of small integers, the weight gradient " ..
+            "accumulated over a batch of 6: exact")
     end
 end
 
