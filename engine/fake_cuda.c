@@ -13,26 +13,63 @@
  * Non-obvious rules:
  * - The fake plugin replaces libnemo_cuda.so entirely (it is not loaded), so it also works
  *   where libnemo_cuda.so exists but finds no GPU.
+ * - NEMO_FAKE_CUDA_MEM=BYTES gives each device a capacity: an allocation past it fails as
+ *   cudaMalloc would, which exercises the caching allocator's release-and-retry path.
  * - The device-only kernels run the CPU code on a copy of the tensor header marked as CPU:
  *   the data pointer is the same, and no reference is taken (the header lives on the stack
  *   for the duration of one call).
  */
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 #include "cuda_plugin.h"
 
-static int ndev = 1;
+#define FAKE_MAXDEV 8
 
+static int ndev = 1;
+static size_t capacity;                  /* bytes per device, 0: unlimited (NEMO_FAKE_CUDA_MEM) */
+static size_t used[FAKE_MAXDEV];
+static pthread_mutex_t used_lock = PTHREAD_MUTEX_INITIALIZER;
+static char last_error[160];
+
+/* Blocks carry their size in a 256-byte header, so that free() can give it back to the device. */
 static int f_device_count(int *count) { *count = ndev; return 0; }
 static int f_malloc(int dev, size_t nbytes, void **p) {
-    (void)dev;
     *p = NULL;
-    if (posix_memalign(p, 256, nbytes ? nbytes : 1) != 0) { *p = NULL; return NEMO_ENOMEM; }
+    if (dev < 0 || dev >= ndev) return NEMO_EDEVICE;
+    pthread_mutex_lock(&used_lock);
+    int over = capacity && used[dev] + nbytes > capacity;
+    if (!over) used[dev] += nbytes;
+    pthread_mutex_unlock(&used_lock);
+    if (over) {
+        snprintf(last_error, sizeof last_error, "emulated cuda:%d has %zu of its %zu bytes in use (NEMO_FAKE_CUDA_MEM)",
+                 dev, used[dev], capacity);
+        return NEMO_ENOMEM;
+    }
+    void *block = NULL;
+    if (posix_memalign(&block, 256, nbytes + 256) != 0) {
+        pthread_mutex_lock(&used_lock);
+        used[dev] -= nbytes;
+        pthread_mutex_unlock(&used_lock);
+        snprintf(last_error, sizeof last_error, "emulated cuda:%d: host memory exhausted", dev);
+        return NEMO_ENOMEM;
+    }
+    *(size_t *)block = nbytes;
+    *p = (char *)block + 256;
     return 0;
 }
-static int f_free(int dev, void *p) { (void)dev; free(p); return 0; }
+static int f_free(int dev, void *p) {
+    if (!p) return 0;
+    char *block = (char *)p - 256;
+    pthread_mutex_lock(&used_lock);
+    if (dev >= 0 && dev < ndev) used[dev] -= *(size_t *)block;
+    pthread_mutex_unlock(&used_lock);
+    free(block);
+    return 0;
+}
 static int f_memcpy(void *dst, const void *src, size_t nbytes, int kind, int dev) {
     (void)kind; (void)dev;
     if (nbytes) memmove(dst, src, nbytes);
@@ -44,7 +81,7 @@ static int f_memset(int dev, void *p, int value, size_t nbytes) {
     return 0;
 }
 static int f_synchronize(int dev) { (void)dev; return 0; }
-static const char *f_error_text(void) { return "(emulated CUDA device: no CUDA error)"; }
+static const char *f_error_text(void) { return last_error[0] ? last_error : "emulated CUDA device"; }
 
 /* the same tensor header, marked as a CPU tensor */
 static nemo_tensor on_host(const nemo_tensor *t) {
@@ -99,11 +136,15 @@ static const nemo_cuda_plugin fake_plugin = {
     f_register_kernels,
 };
 
-/* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL. */
+/* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL.
+ * NEMO_FAKE_CUDA_MEM: each device's capacity in bytes (unset: unlimited), so that running out
+ * of device memory can be tested. */
 const nemo_cuda_plugin *nemo_fake_cuda_plugin(void) {
     const char *env = getenv("NEMO_FAKE_CUDA");
     if (!env || !*env || !strcmp(env, "0")) return NULL;
     int n = atoi(env);
-    ndev = n >= 1 && n <= 8 ? n : 1;
+    ndev = n >= 1 && n <= FAKE_MAXDEV ? n : 1;
+    const char *mem = getenv("NEMO_FAKE_CUDA_MEM");
+    capacity = mem && *mem ? (size_t)strtoull(mem, NULL, 10) : 0;
     return &fake_plugin;
 }

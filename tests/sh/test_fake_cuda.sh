@@ -4,6 +4,8 @@
 # so that CI covers them without a GPU:
 #   tests/fake/device_basics.lua   placement, copies within and between 2 devices, memory
 #                                  stats, errors, a training step equal to the CPU's
+#   tests/fake/device_memory.lua   the caching allocator on a 16 MiB device: reuse, empty_cache,
+#                                  release-and-retry, a clear out-of-memory error
 #   tests/gpu/check_train.lua      FLUX steps on cuda:1 vs the CPU, determinism, checkpointing,
 #                                  bf16, FSDP2 mixed precision, the recipe with --device cuda:1
 #   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
@@ -63,6 +65,8 @@ sub() {
 }
 
 sub "device basics on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/fake/device_basics.lua
+sub "the caching allocator on a 16 MiB emulated device" NEMO_FAKE_CUDA=1 NEMO_FAKE_CUDA_MEM=16777216 \
+    -- tests/fake/device_memory.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_DEVICE=cuda:1 NEMO_EXPECT_CUDA=1 \
     -- tests/gpu/check_train.lua
 sub "check_golden.lua on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
