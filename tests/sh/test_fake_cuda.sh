@@ -24,43 +24,19 @@ N="$(pwd)/nemo-lua"
 if [ ! -x "$N" ]; then echo "Bail out! $N is not built (run make)"; exit 1; fi
 unset NEMO_LIB LUA_PATH LUA_CPATH LUA_INIT NEMO_CUDA_LIB NEMO_GPU_DEVICE WORLD_SIZE RANK LOCAL_RANK
 
-n=0
-pass() { n=$((n + 1)); echo "ok $n - $1"; }
-fail() {
-    n=$((n + 1)); echo "not ok $n - $1"; shift
-    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
-}
+source tests/sh/lib/tap.sh
 
-# sub LABEL ENV... -- FILE: runs FILE under ENV, passes its TAP lines on, then one summary line
+# sub LABEL ENV... -- FILE: runs FILE under ENV and relays its TAP lines
 sub() {
     local label=$1; shift
     local envs=()
     while [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
-    local file=$1 out err rc plan count=0 bad=0 skip
+    local err out rc
     err=$(mktemp)
-    out=$(env "${envs[@]}" timeout 300 "$N" "$file" 2> "$err")
+    out=$(env "${envs[@]}" timeout 300 "$N" "$1" 2> "$err")
     rc=$?
-    plan=$(printf '%s\n' "$out" | sed -n 's/^1\.\.\([0-9][0-9]*\).*$/\1/p' | head -n 1)
-    skip=$(printf '%s\n' "$out" | sed -n 's/^1\.\.0 # SKIP \(.*\)$/\1/p' | head -n 1)
-    while IFS= read -r line; do
-        if [[ "$line" =~ ^(not\ )?ok\ [0-9]+\ -\ (.*)$ ]]; then
-            count=$((count + 1))
-            n=$((n + 1))
-            if [ -n "${BASH_REMATCH[1]}" ]; then echo "not ok $n - [fake cuda] ${BASH_REMATCH[2]}"; bad=$((bad + 1))
-            else echo "ok $n - [fake cuda] ${BASH_REMATCH[2]}"; fi
-        elif [[ "$line" =~ ^# ]]; then
-            echo "$line"
-        fi
-    done <<< "$out"
-    if [ -n "$skip" ] && [ "$rc" = 0 ]; then
-        pass "# SKIP $label: $skip"
-    elif [ "$rc" = 0 ] && [ -n "$plan" ] && [ "$plan" = "$count" ] && [ "$bad" = 0 ]; then
-        pass "$label: the whole run passed ($count checks, exit 0)"
-    else
-        fail "$label: the whole run passed (exit $rc, plan '${plan}', $count lines, $bad failed)" \
-            "stderr:" "$(tail -n 30 "$err")"
-    fi
+    ERR_TAIL=$(tail -n 30 "$err") relay "fake cuda" "$label" "$rc" "$out"
     rm -f "$err"
 }
 
@@ -91,15 +67,7 @@ if command -v mpirun > /dev/null 2>&1; then
         RC=$?
         OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
     }
-    losses() { sed -n 's/.*"loss":\([-0-9.e+]*\).*/\1/p' "$T/$1/metrics.jsonl"; }
-    close() {
-        paste <(printf '%s\n' "$1") <(printf '%s\n' "$2") | awk -v tol="$3" '
-            { n++; d = $1 - $2; if (d < 0) d = -d; m = $2 < 0 ? -$2 : $2; if (NF < 2 || d > tol * m) bad++ }
-            END { exit (n == 0 || bad > 0) }'
-    }
-    maxrel() { sed -n 's/^maxrel \([^ ]*\) n \([0-9]*\)$/\1/p' <<< "$1"; }
-    le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }'; }
-    compare() { "$N" tests/sh/lib/compare_ckpt.lua "$T/$1" "$T/$2" 2>&1; }
+    source tests/sh/lib/train.sh
 
     train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
     if [ "$RC" = 0 ]; then pass "reference: 1 CPU process, batch 8, 4 steps (float64)"; else fail "reference run" "$ERR"; fi

@@ -26,13 +26,7 @@ if [ "$(id -u)" = 0 ]; then
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 
-n=0
-pass() { n=$((n + 1)); echo "ok $n - $1"; }
-fail() {
-    n=$((n + 1)); echo "not ok $n - $1"; shift
-    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
-}
-skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
+source tests/sh/lib/tap.sh
 like() { if [[ "$1" =~ $2 ]]; then pass "$3"; else fail "$3" "got:" "$1" "expected to match: $2"; fi; }
 
 # run SECONDS CMD...: sets OUT (stdout), ERR (stderr), RC, SECS (wall seconds)
@@ -50,24 +44,7 @@ run() {
 sub() {
     local file=$1 np=$2; shift 2
     run 300 "${MPIRUN[@]}" -np "$np" "$@" "$N" "tests/lua/$file"
-    local plan count=0 bad=0
-    plan=$(printf '%s\n' "$OUT" | sed -n 's/^1\.\.\([0-9][0-9]*\)$/\1/p' | head -n 1)
-    while IFS= read -r line; do
-        if [[ "$line" =~ ^(not\ )?ok\ [0-9]+\ -\ (.*)$ ]]; then
-            count=$((count + 1))
-            n=$((n + 1))
-            if [ -n "${BASH_REMATCH[1]}" ]; then echo "not ok $n - [np $np] ${BASH_REMATCH[2]}"; bad=$((bad + 1))
-            else echo "ok $n - [np $np] ${BASH_REMATCH[2]}"; fi
-        elif [[ "$line" =~ ^# ]]; then
-            echo "$line"
-        fi
-    done <<< "$OUT"
-    if [ "$RC" = 0 ] && [ -n "$plan" ] && [ "$plan" = "$count" ] && [ "$bad" = 0 ]; then
-        pass "[np $np] $file: the whole run passed ($count checks, exit 0, ${SECS%.*} s)"
-    else
-        fail "[np $np] $file: the whole run passed (exit $RC, plan '${plan}', $count lines, $bad failed)" \
-            "stderr:" "$(printf '%s' "$ERR" | tail -n 30)"
-    fi
+    ERR_TAIL=$(printf '%s' "$ERR" | tail -n 30) relay "np $np" "[np $np] $file (${SECS%.*} s)" "$RC" "$OUT"
 }
 sub test_dist.lua 2
 sub test_dist.lua 4 --oversubscribe

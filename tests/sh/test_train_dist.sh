@@ -27,12 +27,8 @@ export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}"
 export XDG_CACHE_HOME="$T/cache"          # the demo's pipeline and latent cache, made once
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 
-n=0
-pass() { n=$((n + 1)); echo "ok $n - $1"; }
-fail() {
-    n=$((n + 1)); echo "not ok $n - $1"; shift
-    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
-}
+source tests/sh/lib/tap.sh
+source tests/sh/lib/train.sh
 
 # train NP STOP DIR ARGS...: the recipe on NP processes (1: no mpirun), stopping after STOP steps
 # (0: to the end); OUT, ERR, RC
@@ -47,17 +43,6 @@ train() {
     RC=$?
     OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
 }
-# losses DIR: the metrics.jsonl losses, one per line
-losses() { sed -n 's/.*"loss":\([-0-9.e+]*\).*/\1/p' "$T/$1/metrics.jsonl"; }
-# close A B TOL: every pair of lines within TOL relative
-close() {
-    paste <(printf '%s\n' "$1") <(printf '%s\n' "$2") | awk -v tol="$3" '
-        { n++; d = $1 - $2; if (d < 0) d = -d; m = $2 < 0 ? -$2 : $2; if (NF < 2 || d > tol * m) bad++ }
-        END { exit (n == 0 || bad > 0) }'
-}
-compare() { "$N" tests/sh/lib/compare_ckpt.lua "$T/$1" "$T/$2" 2>&1; }
-maxrel() { sed -n 's/^maxrel \([^ ]*\) n \([0-9]*\)$/\1/p' <<< "$1"; }
-le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }'; }
 
 # ==== the one-process references ====
 train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
