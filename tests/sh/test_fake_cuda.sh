@@ -53,21 +53,8 @@ if command -v mpirun > /dev/null 2>&1; then
     trap 'rm -rf "$T"' EXIT
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
     if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-    COMMON=(--model.torch_dtype float64 --model.compute_dtype float64 --step_scheduler.max_steps 4
-            --step_scheduler.ckpt_every_steps 2 --step_scheduler.log_remote_every_steps 1 --logging.progress false
-            --checkpoint.save_consolidated false)
-    # train NP STOP DIR ARGS...: NP ranks on emulated devices (NP devices each), or one CPU process
-    train() {
-        local np=$1 stop=$2 dir=$3; shift 3
-        local cmd=("$N" tests/sh/lib/train_run.lua "$stop" "${COMMON[@]}" --checkpoint.checkpoint_dir "$T/$dir" "$@")
-        if [ "$np" -gt 1 ]; then
-            cmd=(env NEMO_FAKE_CUDA="$np" mpirun -np "$np" --oversubscribe -x NEMO_FAKE_CUDA "${cmd[@]}" --device cuda)
-        fi
-        timeout 300 "${cmd[@]}" > "$T/out" 2> "$T/err"
-        RC=$?
-        OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
-    }
     source tests/sh/lib/train.sh
+    TRAIN_ON_FAKE_CUDA=1
 
     train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
     if [ "$RC" = 0 ]; then pass "reference: 1 CPU process, batch 8, 4 steps (float64)"; else fail "reference run" "$ERR"; fi

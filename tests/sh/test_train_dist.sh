@@ -30,20 +30,6 @@ if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 source tests/sh/lib/tap.sh
 source tests/sh/lib/train.sh
 
-# train NP STOP DIR ARGS...: the recipe on NP processes (1: no mpirun), stopping after STOP steps
-# (0: to the end); OUT, ERR, RC
-COMMON=(--model.torch_dtype float64 --model.compute_dtype float64 --step_scheduler.max_steps 4
-        --step_scheduler.ckpt_every_steps 2 --step_scheduler.log_remote_every_steps 1 --logging.progress false
-        --checkpoint.save_consolidated false)
-train() {
-    local np=$1 stop=$2 dir=$3; shift 3
-    local cmd=("$N" tests/sh/lib/train_run.lua "$stop" "${COMMON[@]}" --checkpoint.checkpoint_dir "$T/$dir" "$@")
-    if [ "$np" -gt 1 ]; then cmd=(mpirun -np "$np" --oversubscribe "${cmd[@]}"); fi
-    timeout 300 "${cmd[@]}" > "$T/out" 2> "$T/err"
-    RC=$?
-    OUT=$(cat "$T/out"); ERR=$(cat "$T/err")
-}
-
 # ==== the one-process references ====
 train 1 0 r1 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 if [ "$RC" = 0 ]; then pass "reference: 1 process, batch 8, 4 steps (float64)"; else fail "reference run" "$ERR"; fi
