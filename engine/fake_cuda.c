@@ -6,7 +6,7 @@
  * kernels, device memory statistics, FSDP2 and training on "cuda", checkpoints of device
  * tensors) can run in CI on a machine without a GPU. What it is not: a test of the CUDA
  * kernels. Device memory is host memory and every "cuda" kernel is the CPU kernel of the same
- * name (the four device-only ones are written here on top of the CPU code), so results equal
+ * name (the device-only ones are written here on top of the CPU code), so results equal
  * the CPU's bit for bit, and code that reads device memory from the host by mistake is not
  * caught. The CUDA kernels themselves are checked on a GPU by tests/gpu/run.sh.
  *
@@ -116,12 +116,46 @@ static int k_sum_squares(const nemo_tensor *t, double *out) {
     return nemo_sum_squares(&h, out);
 }
 
+/* the multi-tensor forms: host-marked header copies, then the CPU path */
+static int k_adamw_many(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
+                        nemo_tensor *const *v, double lr, double beta1, double beta2, double eps, double weight_decay,
+                        const int64_t *steps) {
+    nemo_tensor *h = malloc(sizeof(nemo_tensor) * 4 * (size_t)n);
+    nemo_tensor **ptr = malloc(sizeof(nemo_tensor *) * 4 * (size_t)n);
+    int rc = NEMO_ENOMEM;
+    if (h && ptr) {
+        for (int i = 0; i < n; i++) {
+            h[i] = on_host(p[i]); h[n + i] = on_host(g[i]); h[2 * n + i] = on_host(m[i]); h[3 * n + i] = on_host(v[i]);
+            for (int q = 0; q < 4; q++) ptr[q * n + i] = &h[q * n + i];
+        }
+        rc = nemo_adamw_step_many(n, ptr, (const nemo_tensor *const *)(ptr + n), ptr + 2 * n, ptr + 3 * n, lr, beta1,
+                                  beta2, eps, weight_decay, steps);
+    }
+    free(h);
+    free(ptr);
+    return rc;
+}
+static int k_sum_squares_many(int n, const nemo_tensor *const *ts, double *out) {
+    nemo_tensor *h = malloc(sizeof(nemo_tensor) * (size_t)n);
+    const nemo_tensor **ptr = malloc(sizeof(nemo_tensor *) * (size_t)n);
+    int rc = NEMO_ENOMEM;
+    if (h && ptr) {
+        for (int i = 0; i < n; i++) { h[i] = on_host(ts[i]); ptr[i] = &h[i]; }
+        rc = nemo_sum_squares_many(n, ptr, out);
+    }
+    free(h);
+    free(ptr);
+    return rc;
+}
+
 static void f_register_kernels(void (*reg)(const char *name, int devtype, void (*fn)(void))) {
     nemo_kernel_mirror_cpu(NEMO_CUDA);
     reg("copy", NEMO_CUDA, (nemo_kfn)k_copy);
     reg("fill", NEMO_CUDA, (nemo_kfn)k_fill);
     reg("adamw", NEMO_CUDA, (nemo_kfn)k_adamw);
     reg("sum_squares", NEMO_CUDA, (nemo_kfn)k_sum_squares);
+    reg("adamw_many", NEMO_CUDA, (nemo_kfn)k_adamw_many);
+    reg("sum_squares_many", NEMO_CUDA, (nemo_kfn)k_sum_squares_many);
 }
 
 static const nemo_cuda_plugin fake_plugin = {

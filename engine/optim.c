@@ -46,6 +46,36 @@ static void adamw_f64(double *p, const double *g, double *m, double *v, int64_t 
 #undef FMA
 }
 
+/* The same update over one range, on the calling thread (nemo_adamw_step_many's chunks). */
+#define ADAMW_RANGE(T)                                                                       \
+    T decay = (T)(1.0 - lr * wd), b1f = (T)b1, b2f = (T)b2, omb1 = (T)(1.0 - b1), omb2 = (T)(1.0 - b2); \
+    T step_size = (T)(-(lr / bc1)), bc2s = (T)sqrt(bc2), epsf = (T)eps;                       \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        T gi = g[i];                                                                         \
+        T pi = p[i] * decay;                                                                 \
+        T mi = FMA(gi, omb1, m[i] * b1f);                                                    \
+        T vi = FMA(omb2 * gi, gi, v[i] * b2f);                                               \
+        T denom = (T)(SQRT(vi) / bc2s); denom = denom + epsf;                                \
+        pi = pi + step_size * mi / denom;                                                    \
+        p[i] = pi; m[i] = mi; v[i] = vi;                                                     \
+    }
+static void adamw_f32_range(float *p, const float *g, float *m, float *v, int64_t n, double lr, double b1, double b2,
+                            double eps, double wd, double bc1, double bc2) {
+#define SQRT sqrtf
+#define FMA fmaf
+    ADAMW_RANGE(float)
+#undef SQRT
+#undef FMA
+}
+static void adamw_f64_range(double *p, const double *g, double *m, double *v, int64_t n, double lr, double b1,
+                            double b2, double eps, double wd, double bc1, double bc2) {
+#define SQRT sqrt
+#define FMA fma
+    ADAMW_RANGE(double)
+#undef SQRT
+#undef FMA
+}
+
 /* The device kernels' signatures (registered by the CUDA plugin under these names). */
 typedef int (*adamw_dev_k)(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
                            double beta1, double beta2, double eps, double weight_decay, int64_t step);
@@ -132,6 +162,109 @@ NEMO_API int nemo_sum_squares(const nemo_tensor *t, double *out) {
     *out = s;
 fail:
     nemo_tensor_release(c);
+    return rc;
+}
+
+/* ==== several tensors at once ==== */
+
+typedef int (*adamw_many_dev_k)(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
+                                nemo_tensor *const *v, double lr, double beta1, double beta2, double eps,
+                                double weight_decay, const int64_t *steps);
+typedef int (*sum_squares_many_dev_k)(int n, const nemo_tensor *const *ts, double *out);
+
+/* Can parameter i go into the fused CPU loop (contiguous float32 / float64 p and g, checked
+ * state)? Anything else takes nemo_adamw_step, which converts and checks. */
+static int adamw_plain(const nemo_tensor *p, const nemo_tensor *g, const nemo_tensor *m, const nemo_tensor *v) {
+    int64_t n = nemo_tensor_numel(p);
+    return p->devtype == NEMO_CPU && (p->dtype == NEMO_F32 || p->dtype == NEMO_F64) && g->dtype == p->dtype &&
+           m->dtype == p->dtype && v->dtype == p->dtype && g->devtype == NEMO_CPU && nemo_tensor_is_contiguous(p) &&
+           nemo_tensor_is_contiguous(g) && nemo_tensor_is_contiguous(m) && nemo_tensor_is_contiguous(v) &&
+           nemo_tensor_numel(g) == n && nemo_tensor_numel(m) == n && nemo_tensor_numel(v) == n &&
+           g->ndim == p->ndim && !memcmp(g->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim);
+}
+
+NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
+                                  nemo_tensor *const *v, double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, const int64_t *steps) {
+    int rc = 0;
+    int *plain = NULL;
+    int64_t *chunk = NULL;
+    if (n <= 0) return 0;
+    NEMO_CHECK(p && g && m && v && steps, NEMO_EINVAL, "adamw_many: NULL array");
+    for (int i = 0; i < n; i++)
+        NEMO_CHECK(steps[i] >= 1, NEMO_EINVAL, "adamw_many: parameter %d: step must be >= 1, got %lld", i,
+                   (long long)steps[i]);
+    /* one device kernel for all when every parameter lives on that device */
+    int dev = p[0]->devtype, same = 1;
+    for (int i = 1; i < n; i++) same = same && p[i]->devtype == dev && p[i]->devindex == p[0]->devindex;
+    if (dev != NEMO_CPU && same && nemo_kernel_has("adamw_many", dev)) {
+        int ok = 1;
+        for (int i = 0; i < n && ok; i++)
+            ok = nemo_tensor_is_contiguous(p[i]) && nemo_tensor_is_contiguous(g[i]) && g[i]->dtype == p[i]->dtype &&
+                 (p[i]->dtype == NEMO_F32 || p[i]->dtype == NEMO_F64);
+        if (ok) {
+            adamw_many_dev_k k;
+            NEMO_GET_KERNEL(k, adamw_many_dev_k, "adamw_many", dev);
+            NEMO_TRY(k(n, p, g, m, v, lr, beta1, beta2, eps, weight_decay, steps));
+            return 0;
+        }
+    }
+    /* CPU: the plain parameters in one parallel region over fixed chunks (each element's update is
+     * that of nemo_adamw_step), the rest one by one */
+    enum { CH = 16384 };
+    plain = malloc(sizeof(int) * (size_t)n);
+    chunk = malloc(sizeof(int64_t) * ((size_t)n + 1));
+    NEMO_CHECK(plain && chunk, NEMO_ENOMEM, "adamw_many: out of memory for %d parameters", n);
+    chunk[0] = 0;
+    for (int i = 0; i < n; i++) {
+        plain[i] = adamw_plain(p[i], g[i], m[i], v[i]);
+        int64_t len = plain[i] ? nemo_tensor_numel(p[i]) : 0;
+        chunk[i + 1] = chunk[i] + (len + CH - 1) / CH;
+    }
+    int64_t total = chunk[n];
+    #pragma omp parallel for schedule(static) if (total > 1)
+    for (int64_t c = 0; c < total; c++) {
+        int lo = 0, hi = n;   /* the parameter whose chunks hold c: chunk[i] <= c < chunk[i + 1] */
+        while (hi - lo > 1) { int mid = (lo + hi) / 2; if (chunk[mid] <= c) lo = mid; else hi = mid; }
+        int i = lo;
+        int64_t ne = nemo_tensor_numel(p[i]), s = (c - chunk[i]) * CH, len = ne - s < CH ? ne - s : CH;
+        double bc1 = 1.0 - pow(beta1, (double)steps[i]), bc2 = 1.0 - pow(beta2, (double)steps[i]);
+        if (p[i]->dtype == NEMO_F32)
+            adamw_f32_range((float *)nemo_tensor_data(p[i]) + s, (const float *)nemo_tensor_data(g[i]) + s,
+                            (float *)nemo_tensor_data(m[i]) + s, (float *)nemo_tensor_data(v[i]) + s, len, lr, beta1,
+                            beta2, eps, weight_decay, bc1, bc2);
+        else
+            adamw_f64_range((double *)nemo_tensor_data(p[i]) + s, (const double *)nemo_tensor_data(g[i]) + s,
+                            (double *)nemo_tensor_data(m[i]) + s, (double *)nemo_tensor_data(v[i]) + s, len, lr,
+                            beta1, beta2, eps, weight_decay, bc1, bc2);
+    }
+    for (int i = 0; i < n; i++)
+        if (!plain[i]) NEMO_TRY(nemo_adamw_step(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, weight_decay, steps[i]));
+fail:
+    free(plain);
+    free(chunk);
+    return rc;
+}
+
+NEMO_API int nemo_sum_squares_many(int n, const nemo_tensor *const *ts, double *out) {
+    int rc = 0;
+    if (n <= 0) return 0;
+    NEMO_CHECK(ts && out, NEMO_EINVAL, "sum_squares_many: NULL array");
+    int dev = ts[0]->devtype, same = 1;
+    for (int i = 1; i < n; i++) same = same && ts[i]->devtype == dev && ts[i]->devindex == ts[0]->devindex;
+    if (dev != NEMO_CPU && same && nemo_kernel_has("sum_squares_many", dev)) {
+        int ok = 1;
+        for (int i = 0; i < n && ok; i++)
+            ok = nemo_tensor_is_contiguous(ts[i]) && (ts[i]->dtype == NEMO_F32 || ts[i]->dtype == NEMO_F64);
+        if (ok) {
+            sum_squares_many_dev_k k;
+            NEMO_GET_KERNEL(k, sum_squares_many_dev_k, "sum_squares_many", dev);
+            NEMO_TRY(k(n, ts, out));
+            return 0;
+        }
+    }
+    for (int i = 0; i < n; i++) NEMO_TRY(nemo_sum_squares(ts[i], &out[i]));
+fail:
     return rc;
 }
 

@@ -222,6 +222,14 @@ NEMO_API void nemo_free(void *p);
 NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
                              double beta1, double beta2, double eps, double weight_decay, int64_t step);
 NEMO_API int nemo_sum_squares(const nemo_tensor *t, double *out);
+/* AdamW on n parameters at once (the update of nemo_adamw_step, bit for bit): steps[i] is
+ * parameter i's step count. On a device with a multi-tensor kernel one launch updates them all;
+ * on the CPU one parallel region does. */
+NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
+                                  nemo_tensor *const *v, double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, const int64_t *steps);
+/* out[i] = nemo_sum_squares(ts[i]) for n tensors of one device: on CUDA one wait for all. */
+NEMO_API int nemo_sum_squares_many(int n, const nemo_tensor *const *ts, double *out);
 NEMO_API int nemo_has_nonfinite(const nemo_tensor *t);   /* 1 if any NaN/Inf, 0 if none, < 0 on error */
 
 /* ==== Files and folders (engine/fs.c) ==== */

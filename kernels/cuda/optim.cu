@@ -138,3 +138,169 @@ static int sum_squares_cuda(const nemo_tensor *t, double *out) {
     return 0;
 }
 NEMO_CUDA_KERNEL("sum_squares", sum_squares_cuda)
+
+/* ==== several tensors at once ====
+ *
+ *   "adamw_many"        int (n, p[], g[], m[], v[], lr, beta1, beta2, eps, weight_decay, steps[])
+ *                       adamw on n parameters of one device in one launch: a table of the
+ *                       tensors (pointers, sizes, per-parameter step size and bias correction,
+ *                       formed on the host as adamw does) goes to the device, and each block
+ *                       takes chunks of AMW_CHUNK elements, finding its parameter by binary
+ *                       search; every element's update is adamw_k's, so the bits are the same.
+ *   "sum_squares_many"  int (n, ts[], double *out)   out[i] (host) = sum_squares(ts[i]): the same
+ *                       per-tensor kernels, their n results copied back with one wait.
+ */
+#define AMW_CHUNK 16384
+
+struct amw_item {
+    void *p;
+    const void *g;
+    void *m, *v;
+    int64_t n, c0;          /* elements; first chunk */
+    double step_size, bc2s; /* -(lr / bc1), sqrt(bc2): as adamw_launch forms them */
+    int f64;
+};
+
+template <typename T>
+__device__ __forceinline__ void amw_range(const amw_item &it, int64_t s, int64_t e, T decay, T b1f, T b2f, T omb1,
+                                          T omb2, T epsf) {
+    T *p = (T *)it.p, *m = (T *)it.m, *v = (T *)it.v;
+    const T *g = (const T *)it.g;
+    const T step_size = (T)it.step_size, bc2s = (T)it.bc2s;
+    for (int64_t i = s + threadIdx.x; i < e; i += blockDim.x) {
+        const T gi = g[i];
+        T pi = rn_mul(p[i], decay);
+        const T mi = k_fma(gi, omb1, rn_mul(m[i], b1f));
+        const T vi = k_fma(rn_mul(omb2, gi), gi, rn_mul(v[i], b2f));
+        T denom = k_sqrt(vi) / bc2s;
+        denom = rn_add(denom, epsf);
+        pi = rn_add(pi, rn_mul(step_size, mi) / denom);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+/* decay = 1 - lr wd, omb1 = 1 - b1, omb2 = 1 - b2: formed on the host (device code could contract
+ * 1 - lr wd into an fma), rounded to float here as adamw_launch rounds its double expressions */
+__global__ void adamw_many_k(const amw_item *items, int nitems, int64_t nchunks, double decay, double b1, double b2,
+                             double omb1, double omb2, double eps) {
+    for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        int lo = 0, hi = nitems;   /* the last item whose first chunk is <= c */
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) / 2;
+            if (items[mid].c0 <= c) lo = mid; else hi = mid;
+        }
+        const amw_item &it = items[lo];
+        const int64_t s = (c - it.c0) * AMW_CHUNK, e = s + AMW_CHUNK < it.n ? s + AMW_CHUNK : it.n;
+        if (it.f64)
+            amw_range<double>(it, s, e, decay, b1, b2, omb1, omb2, eps);
+        else
+            amw_range<float>(it, s, e, (float)decay, (float)b1, (float)b2, (float)omb1, (float)omb2, (float)eps);
+    }
+}
+
+static int adamw_many_cuda(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
+                           nemo_tensor *const *v, double lr, double beta1, double beta2, double eps, double weight_decay,
+                           const int64_t *steps) {
+    static const char op[] = "adamw_many";
+    if (n <= 0) return 0;
+    NEMO_CUDA_ENTER(op, p[0]);
+    const int dev = p[0]->devindex;
+    amw_item *items = (amw_item *)malloc(sizeof(amw_item) * (size_t)n);
+    if (!items) return nemo_cuda_error(NEMO_ENOMEM, "%s: out of host memory for %d parameters", op, n);
+    int64_t chunks = 0;
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const nemo_tensor *t[4] = {p[i], g[i], m[i], v[i]};
+        static const char *what[4] = {"parameter", "gradient", "exp_avg", "exp_avg_sq"};
+        const int64_t ne = nemo_cuda_numel(p[i]);
+        for (int q = 0; q < 4 && rc == 0; q++) {
+            if (t[q]->devtype != NEMO_CUDA || t[q]->devindex != dev)
+                rc = nemo_cuda_error(NEMO_EDEVICE, "%s: %s %d is not on cuda:%d", op, what[q], i, dev);
+            else if (t[q]->dtype != p[i]->dtype || (p[i]->dtype != NEMO_F32 && p[i]->dtype != NEMO_F64))
+                rc = nemo_cuda_error(NEMO_EDTYPE, "%s: %s %d is %s, expected float32 or float64 like its parameter", op,
+                                     what[q], i, nemo_cuda_dtype_name(t[q]->dtype));
+            else if (nemo_cuda_numel(t[q]) != ne)
+                rc = nemo_cuda_error(NEMO_ESHAPE, "%s: %s %d has %lld elements, its parameter %lld", op, what[q], i,
+                                     (long long)nemo_cuda_numel(t[q]), (long long)ne);
+        }
+        if (rc == 0 && steps[i] < 1)
+            rc = nemo_cuda_error(NEMO_EINVAL, "%s: parameter %d: step must be >= 1, got %lld", op, i, (long long)steps[i]);
+        if (rc) break;
+        const double bc1 = 1.0 - pow(beta1, (double)steps[i]), bc2 = 1.0 - pow(beta2, (double)steps[i]);
+        amw_item it;
+        it.p = nemo_cuda_data(p[i]);
+        it.g = nemo_cuda_data(g[i]);
+        it.m = nemo_cuda_data(m[i]);
+        it.v = nemo_cuda_data(v[i]);
+        it.n = ne;
+        it.c0 = chunks;
+        it.step_size = -(lr / bc1);
+        it.bc2s = sqrt(bc2);
+        it.f64 = p[i]->dtype == NEMO_F64;
+        if (!it.f64) { it.step_size = (float)it.step_size; it.bc2s = (float)sqrt(bc2); }
+        items[i] = it;
+        chunks += k_cdiv(ne, AMW_CHUNK);
+    }
+    if (rc == 0 && chunks > 0) {
+        void *dt = NULL;
+        rc = nemo_cuda_scratch(dev, sizeof(amw_item) * (size_t)n, &dt);
+        if (rc == 0) {
+            cudaStream_t st = nemo_cuda_stream(dev);
+            cudaError_t e = cudaMemcpyAsync(dt, items, sizeof(amw_item) * (size_t)n, cudaMemcpyHostToDevice, st);
+            if (e != cudaSuccess) {
+                rc = nemo_cuda_fail(e, "%s: copying the table of %d parameters to cuda:%d", op, n, dev);
+            } else {
+                const unsigned blocks = (unsigned)(chunks < 65535 * 8 ? chunks : 65535 * 8);
+                const double decay = 1.0 - lr * weight_decay, omb1 = 1.0 - beta1, omb2 = 1.0 - beta2;
+                adamw_many_k<<<blocks, NEMO_CUDA_THREADS, 0, st>>>((const amw_item *)dt, n, chunks, decay, beta1, beta2,
+                                                                  omb1, omb2, eps);
+                e = cudaGetLastError();
+                if (e != cudaSuccess) rc = nemo_cuda_fail(e, "%s: kernel launch on cuda:%d (%d parameters)", op, dev, n);
+            }
+        }
+    }
+    free(items);
+    return rc;
+}
+NEMO_CUDA_KERNEL("adamw_many", adamw_many_cuda)
+
+static int sum_squares_many_cuda(int n, const nemo_tensor *const *ts, double *out) {
+    static const char op[] = "sum_squares_many";
+    if (n <= 0) return 0;
+    NEMO_CUDA_ENTER(op, ts[0]);
+    if (!out) return nemo_cuda_error(NEMO_EINVAL, "%s: no output pointer", op);
+    const int dev = ts[0]->devindex;
+    int64_t parts = 0;
+    for (int i = 0; i < n; i++) {
+        if (ts[i]->devtype != NEMO_CUDA || ts[i]->devindex != dev)
+            return nemo_cuda_error(NEMO_EDEVICE, "%s: tensor %d is not on cuda:%d", op, i, dev);
+        NEMO_CUDA_RC(nemo_cuda_check_compute(op, ts[i]));
+        parts += k_cdiv(nemo_cuda_numel(ts[i]), SSQ_CHUNK);
+    }
+    void *scratch = NULL;
+    NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * (size_t)(n + parts + 1), &scratch));
+    double *sums = (double *)scratch, *part = sums + n;
+    cudaStream_t st = nemo_cuda_stream(dev);
+    NEMO_CUDA_TRY(cudaMemsetAsync(sums, 0, sizeof(double) * (size_t)n, st), "%s: clearing the sums", op);
+    for (int i = 0; i < n; i++) {
+        const int64_t ne = nemo_cuda_numel(ts[i]);
+        if (ne == 0) continue;
+        const int64_t nch = k_cdiv(ne, SSQ_CHUNK);
+        if (ts[i]->dtype == NEMO_F32)
+            ssq_part_k<float><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+                part, (const float *)nemo_cuda_data(ts[i]), ne, nch);
+        else
+            ssq_part_k<double><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+                part, (const double *)nemo_cuda_data(ts[i]), ne, nch);
+        ssq_fold_k<<<1, NEMO_CUDA_THREADS, 0, st>>>(sums + i, part, nch);
+        part += nch;
+    }
+    NEMO_CUDA_LAUNCHED("%s: kernel launches on cuda:%d (%d tensors)", op, dev, n);
+    NEMO_CUDA_TRY(cudaMemcpyAsync(out, sums, sizeof(double) * (size_t)n, cudaMemcpyDeviceToHost, st),
+                  "%s: copying the %d sums", op, n);
+    NEMO_CUDA_TRY(cudaStreamSynchronize(st), "%s: waiting for the sums", op);
+    return 0;
+}
+NEMO_CUDA_KERNEL("sum_squares_many", sum_squares_many_cuda)

@@ -84,10 +84,17 @@ function M.AdamW(params, opts)
     return setmetatable({param_groups = groups, defaults = defaults, state = {}}, AdamW)
 end
 
+-- One call per parameter group (nemo_adamw_step_many): one parallel region on the CPU, one
+-- kernel launch on a device with the multi-tensor kernel; the update of each parameter is
+-- nemo_adamw_step's, bit for bit.
+local tensor_array = ffi.typeof("nemo_tensor *[?]")
+local const_tensor_array = ffi.typeof("const nemo_tensor *[?]")
+local step_array = ffi.typeof("int64_t[?]")
 function AdamW:step()
     autograd.no_grad(function()
         for _, g in ipairs(self.param_groups) do
             local lr, b1, b2, eps, wd = g.lr, g.betas[1], g.betas[2], g.eps, g.weight_decay
+            local list = {}
             for _, p in ipairs(g.params) do
                 local grad = rawget(p, "grad")
                 if grad ~= nil then
@@ -99,8 +106,19 @@ function AdamW:step()
                         self.state[p] = st
                     end
                     st.step = st.step + 1
-                    check(C.nemo_adamw_step(p._c, grad._c, st.exp_avg._c, st.exp_avg_sq._c, lr, b1, b2, eps, wd, st.step))
+                    list[#list + 1] = {p, grad, st}
                 end
+            end
+            local n = #list
+            if n > 0 then
+                local ps, gs, ms, vs, steps = tensor_array(n), const_tensor_array(n), tensor_array(n), tensor_array(n),
+                    step_array(n)
+                for i, e in ipairs(list) do
+                    ps[i - 1], gs[i - 1] = e[1]._c, e[2]._c
+                    ms[i - 1], vs[i - 1] = e[3].exp_avg._c, e[3].exp_avg_sq._c
+                    steps[i - 1] = e[3].step
+                end
+                check(C.nemo_adamw_step_many(n, ps, gs, ms, vs, lr, b1, b2, eps, wd, steps))
             end
         end
     end)
@@ -180,17 +198,22 @@ end
 -- clip_grad_norm_(params, max_norm[, {norm_type=2}]) -> total norm (a number). Gradients are
 -- scaled in place by min(1, max_norm / (total + 1e-6)), as torch does. The norm is accumulated
 -- in float64 and does not depend on the thread count.
-local sumsq = ffi.new("double[1]")
+-- The per-tensor sums come from one nemo_sum_squares_many call (one wait on a device) and are
+-- added in parameter order.
 function M.grad_norm(params)
     params = param_list(params, "grad_norm")
-    local total = 0
+    local gs = {}
     for _, p in ipairs(params) do
         local g = rawget(p, "grad")
-        if g ~= nil then
-            check(C.nemo_sum_squares(g._c, sumsq))
-            total = total + sumsq[0]
-        end
+        if g ~= nil then gs[#gs + 1] = g end
     end
+    local n = #gs
+    if n == 0 then return 0 end
+    local arr, out = const_tensor_array(n), ffi.new("double[?]", n)
+    for i, g in ipairs(gs) do arr[i - 1] = g._c end
+    check(C.nemo_sum_squares_many(n, arr, out))
+    local total = 0
+    for i = 0, n - 1 do total = total + out[i] end
     return math.sqrt(total)
 end
 

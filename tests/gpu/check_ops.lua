@@ -1044,8 +1044,8 @@ for _, ip in ipairs(INTERP) do
     end
 end
 
--- adamw and sum_squares: engine/optim.c does not dispatch to CUDA yet, so the kernels are
--- called directly (their pointers from the plugin) and compared with the CPU engine call.
+-- adamw and sum_squares: the single-tensor kernels called directly (their pointers from the
+-- plugin) and compared with the CPU engine call.
 do
     local adamw_k = kernels.adamw and ffi.cast("int (*)(nemo_tensor *, const nemo_tensor *, nemo_tensor *, nemo_tensor *, "
         .. "double, double, double, double, double, int64_t)", kernels.adamw)
@@ -1082,6 +1082,45 @@ do
                                      got[0], ref[0], rel), rc ~= 0 and ffi.string(plugin.error_text()) or nil)
             record("sum_squares", dt, good, rel)
         end
+    end
+end
+
+-- adamw_many and sum_squares_many through the engine (optim.c dispatches to the multi-tensor
+-- kernels when every tensor is on one device): parameters of several sizes (one chunk, several,
+-- an empty one) and both dtypes, different step counts, against the CPU engine call bit for bit.
+do
+    local shapes = {{1000, 33}, {40000}, {0}, {17}, {300, 300}}
+    for _, dt in ipairs{"float32", "float64"} do
+        local ps, gs = {}, {}
+        for i, sh in ipairs(shapes) do ps[i], gs[i] = uniform(sh, dt, -1, 1), uniform(sh, dt, -1, 1) end
+        case("adamw_many", dt, "5 parameters (one to several chunks, an empty one), steps 1..5", 0, true, function(side)
+            local n = #shapes
+            local P, G, M, V = {}, {}, {}, {}
+            local pa, ga = ffi.new("nemo_tensor *[?]", n), ffi.new("const nemo_tensor *[?]", n)
+            local ma, va, sa = ffi.new("nemo_tensor *[?]", n), ffi.new("nemo_tensor *[?]", n), ffi.new("int64_t[?]", n)
+            for i, sh in ipairs(shapes) do
+                P[i], G[i] = ps[i]:clone(), gs[i]
+                M[i], V[i] = nemo.zeros(sh, {dtype = dt}), nemo.zeros(sh, {dtype = dt})
+                if side == 2 then P[i], G[i], M[i], V[i] = dev(P[i]), dev(G[i]), dev(M[i]), dev(V[i]) end
+                pa[i - 1], ga[i - 1], ma[i - 1], va[i - 1], sa[i - 1] = P[i]._c, G[i]._c, M[i]._c, V[i]._c, i
+            end
+            nffi.check(C.nemo_adamw_step_many(n, pa, ga, ma, va, 1e-2, 0.9, 0.999, 1e-8, 0.1, sa))
+            local out = {}
+            for i = 1, n do out[#out + 1] = P[i]; out[#out + 1] = M[i]; out[#out + 1] = V[i] end
+            return out
+        end)
+        local ts = {uniform({LARGE}, dt, -1, 1), uniform({33, 7}, dt, -1, 1), uniform({0}, dt, -1, 1)}
+        local arr, ref = ffi.new("const nemo_tensor *[?]", 3), ffi.new("double[3]")
+        local arrd, got = ffi.new("const nemo_tensor *[?]", 3), ffi.new("double[3]")
+        local keep = {}
+        for i, t in ipairs(ts) do arr[i - 1] = t._c; keep[i] = dev(t); arrd[i - 1] = keep[i]._c end
+        nffi.check(C.nemo_sum_squares_many(3, arr, ref))
+        local ok = pcall(function() nffi.check(C.nemo_sum_squares_many(3, arrd, got)) end)
+        local rel = 0
+        for i = 0, 2 do if ref[i] > 0 then rel = math.max(rel, math.abs(got[i] - ref[i]) / ref[i]) elseif got[i] ~= 0 then rel = 1 end end
+        local good = ok and rel <= 1e-12
+        T.ok(good, string.format("sum_squares_many %s (3 tensors, one empty): worst relative error %.2g <= 1e-12", dt, rel))
+        record("sum_squares_many", dt, good, rel)
     end
 end
 

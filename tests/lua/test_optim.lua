@@ -88,4 +88,65 @@ p2.grad = nil
 T.near(optim.clip_grad_norm_({p1, p2}, 1.0), 0.1, 1e-7, "small norm")
 T.close(p1.grad, {0.1, 0, 0}, 0, 1e-8, "no clipping below max_norm")
 T.raises(function() optim.clip_grad_norm_({p1}, 0) end, "max_norm must be a positive number", "bad max_norm")
+
+-- ==== several parameters at once (nemo_adamw_step_many, nemo_sum_squares_many) ====
+do
+    local ffi = require "ffi"
+    local nffi = require "nemo.ffi"
+    local C = nffi.C
+    local function same(x, y)
+        local a, b = x:contiguous(), y:contiguous()
+        local n = a:numel() * a:element_size()
+        return a.dtype == b.dtype and ffi.string(C.nemo_tensor_data(a._c), n) == ffi.string(C.nemo_tensor_data(b._c), n)
+    end
+    local function r(shape, seed, dt)
+        return nemo.randn(shape, {generator = nemo.Generator(seed), dtype = dt or "float32"})
+    end
+    -- parameters of every kind the fused loop takes or leaves: large float32 (several chunks),
+    -- float64, bf16 (updated in float32 and rounded), a transposed view, an empty one, steps 1..4
+    local function make()
+        local ps = {r({300, 200}, 1), r({7}, 2, "float64"), r({33, 5}, 3):to{dtype = "bfloat16"},
+                    r({40, 30}, 4):t(), r({0}, 5), r({16385}, 6)}
+        local gs = {r({300, 200}, 11), r({7}, 12, "float64"), r({33, 5}, 13):to{dtype = "bfloat16"},
+                    r({30, 40}, 14), r({0}, 15), r({16385}, 16)}
+        local ms, vs = {}, {}
+        for i, p in ipairs(ps) do
+            local cdt = p.dtype == "float64" and "float64" or "float32"
+            ms[i] = r(p.shape, 20 + i, cdt) * 0.1
+            vs[i] = (r(p.shape, 30 + i, cdt) * 0.01):abs()
+        end
+        return ps, gs, ms, vs
+    end
+    local steps = {1, 2, 3, 4, 1, 7}
+    local p1, g1, m1, v1 = make()
+    local p2, g2, m2, v2 = make()
+    for i = 1, #p1 do
+        nffi.check(C.nemo_adamw_step(p1[i]._c, g1[i]._c, m1[i]._c, v1[i]._c, 1e-3, 0.9, 0.999, 1e-8, 0.01, steps[i]))
+    end
+    local n = #p2
+    local pa, ga = ffi.new("nemo_tensor *[?]", n), ffi.new("const nemo_tensor *[?]", n)
+    local ma, va, sa = ffi.new("nemo_tensor *[?]", n), ffi.new("nemo_tensor *[?]", n), ffi.new("int64_t[?]", n)
+    for i = 1, n do pa[i - 1], ga[i - 1], ma[i - 1], va[i - 1], sa[i - 1] = p2[i]._c, g2[i]._c, m2[i]._c, v2[i]._c, steps[i] end
+    nffi.check(C.nemo_adamw_step_many(n, pa, ga, ma, va, 1e-3, 0.9, 0.999, 1e-8, 0.01, sa))
+    local bad = {}
+    for i = 1, n do
+        if not (same(p1[i], p2[i]) and same(m1[i], m2[i]) and same(v1[i], v2[i])) then bad[#bad + 1] = i end
+    end
+    T.ok(#bad == 0, "adamw_step_many equals nemo_adamw_step per parameter bit for bit (f32 in several chunks, f64, " ..
+        "bf16, a transposed view, an empty one, steps 1..7)", "differ: " .. table.concat(bad, ", "))
+    sa[2] = 0
+    T.raises(function() nffi.check(C.nemo_adamw_step_many(n, pa, ga, ma, va, 1e-3, 0.9, 0.999, 1e-8, 0.01, sa)) end,
+        "parameter 2: step must be >= 1", "adamw_step_many: a step below 1 names the parameter")
+    local ts = {r({300, 200}, 40), r({7}, 41, "float64"), r({33, 5}, 42):to{dtype = "bfloat16"}, r({40, 30}, 43):t()}
+    local arr, out = ffi.new("const nemo_tensor *[?]", #ts), ffi.new("double[?]", #ts)
+    for i, t in ipairs(ts) do arr[i - 1] = t._c end
+    nffi.check(C.nemo_sum_squares_many(#ts, arr, out))
+    local one = ffi.new("double[1]")
+    local eq = true
+    for i, t in ipairs(ts) do
+        nffi.check(C.nemo_sum_squares(t._c, one))
+        eq = eq and one[0] == out[i - 1]
+    end
+    T.ok(eq, "sum_squares_many equals nemo_sum_squares per tensor, bit for bit")
+end
 T.done()
