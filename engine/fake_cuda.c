@@ -28,6 +28,7 @@
 #include "cuda_plugin.h"
 
 #define FAKE_MAXDEV 8
+#define FAKE_MAGIC ((size_t)0x6e656d6f66616b65ull)   /* "nemofake" */
 
 static int ndev = 1;
 static size_t capacity;                  /* bytes per device, 0: unlimited (NEMO_FAKE_CUDA_MEM) */
@@ -35,7 +36,9 @@ static size_t used[FAKE_MAXDEV];
 static pthread_mutex_t used_lock = PTHREAD_MUTEX_INITIALIZER;
 static char last_error[160];
 
-/* Blocks carry their size in a 256-byte header, so that free() can give it back to the device. */
+/* Blocks carry their size and a magic number in a 256-byte header: free() gives the size back to
+ * the device, and a damaged header (a kernel that wrote before its buffer) ends the process
+ * with a message instead of corrupting the heap. */
 static int f_device_count(int *count) { *count = ndev; return 0; }
 static int f_malloc(int dev, size_t nbytes, void **p) {
     *p = NULL;
@@ -57,13 +60,19 @@ static int f_malloc(int dev, size_t nbytes, void **p) {
         snprintf(last_error, sizeof last_error, "emulated cuda:%d: host memory exhausted", dev);
         return NEMO_ENOMEM;
     }
-    *(size_t *)block = nbytes;
+    ((size_t *)block)[0] = nbytes;
+    ((size_t *)block)[1] = FAKE_MAGIC;
     *p = (char *)block + 256;
     return 0;
 }
 static int f_free(int dev, void *p) {
     if (!p) return 0;
     char *block = (char *)p - 256;
+    if (((size_t *)block)[1] != FAKE_MAGIC) {   /* a write before the start of a device buffer */
+        fprintf(stderr, "nemo: emulated cuda:%d: the header of device block %p was overwritten (a kernel wrote "
+                "before the start of its buffer) or the block was not allocated here\n", dev, p);
+        abort();
+    }
     pthread_mutex_lock(&used_lock);
     if (dev >= 0 && dev < ndev) used[dev] -= *(size_t *)block;
     pthread_mutex_unlock(&used_lock);

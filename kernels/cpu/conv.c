@@ -367,8 +367,25 @@ NEMO_REGISTER_KERNEL("conv_bwd", NEMO_CPU, conv_bwd_cpu)
 
 /* ==== Embedding ==== */
 
-/* y (n, D) = w[idx[i], :] for the n int64 indices (already range-checked); any dtype. */
+/* Every index in [0, V): the kernels check, as the CUDA ones do, so that a kernel never reads or
+ * writes outside its tensors whatever the front-end passes. */
+static int check_rows(const char *op, const nemo_tensor *idx, int64_t V) {
+    const int64_t *p = nemo_tensor_data(idx);
+    const int64_t n = nemo_tensor_numel(idx);
+    for (int64_t i = 0; i < n; i++)
+        if (p[i] < 0 || p[i] >= V) {
+            char b[160];
+            return NEMO_ERR(NEMO_EINVAL, "%s: index %lld (at flat position %lld of indices %s) is out of range for a "
+                            "weight with V = %lld rows (expected 0 <= index < %lld)", op, (long long)p[i], (long long)i,
+                            nemo_shape_str(idx, b, sizeof b), (long long)V, (long long)V);
+        }
+    return 0;
+}
+
+/* y (n, D) = w[idx[i], :] for the n int64 indices; any dtype. */
 static int embedding_fwd_cpu(nemo_tensor *y, const nemo_tensor *idx, const nemo_tensor *w) {
+    int rc = check_rows("embedding", idx, w->shape[0]);
+    if (rc < 0) return rc;
     const int64_t n = nemo_tensor_numel(idx), D = w->shape[1];
     const size_t row = (size_t)D * (size_t)nemo_dtype_size(w->dtype);
     const int64_t *ip = nemo_tensor_data(idx);
@@ -383,6 +400,8 @@ NEMO_REGISTER_KERNEL("embedding_fwd", NEMO_CPU, embedding_fwd_cpu)
 /* dw (V, D) = sum of g's rows per index. A counting sort lists each row's occurrences in index
  * order, so each dw row is summed by one thread in a fixed order (no atomics, no races). */
 static int embedding_bwd_cpu(nemo_tensor *dw, const nemo_tensor *g, const nemo_tensor *idx, int64_t padding_idx) {
+    int rc = check_rows("embedding backward", idx, dw->shape[0]);
+    if (rc < 0) return rc;
     const int64_t n = nemo_tensor_numel(idx), V = dw->shape[0], D = dw->shape[1];
     const int f64 = dw->dtype == NEMO_F64;
     const int64_t *ip = nemo_tensor_data(idx);

@@ -8,6 +8,8 @@
 #                                  release-and-retry, a clear out-of-memory error
 #   tests/gpu/check_train.lua      FLUX steps on cuda:1 vs the CPU, determinism, checkpointing,
 #                                  bf16, FSDP2 mixed precision, the recipe with --device cuda:1
+#   tests/gpu/check_ops.lua        every engine-level case of the GPU kernel check (a dry run of
+#                                  the script: both sides run the CPU kernels)
 #   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
 #                                  (skips without ../shared/golden)
 #   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on
@@ -45,6 +47,8 @@ sub "the caching allocator on a 16 MiB emulated device" NEMO_FAKE_CUDA=1 NEMO_FA
     -- tests/fake/device_memory.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_DEVICE=cuda:1 NEMO_EXPECT_CUDA=1 \
     -- tests/gpu/check_train.lua
+sub "check_ops.lua (a dry run: the engine-level cases, CPU kernels on both sides)" NEMO_FAKE_CUDA=1 \
+    -- tests/gpu/check_ops.lua
 sub "check_golden.lua on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
 
 # ==== the recipe on several ranks, each on its emulated device, over the emulated nccl backend ====
