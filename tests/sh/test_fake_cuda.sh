@@ -10,6 +10,7 @@
 #                                  bf16, FSDP2 mixed precision, the recipe with --device cuda:1
 #   tests/gpu/check_ops.lua        every engine-level case of the GPU kernel check (a dry run of
 #                                  the script: both sides run the CPU kernels)
+#   bench/gpu_block.lua --small    the GPU run's block benchmark, shrunk, without cuBLAS
 #   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
 #                                  (skips without ../shared/golden)
 #   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on
@@ -50,6 +51,16 @@ sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_
 sub "check_ops.lua (a dry run: the engine-level cases, CPU kernels on both sides)" NEMO_FAKE_CUDA=1 \
     -- tests/gpu/check_ops.lua
 sub "check_golden.lua on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
+
+# bench/gpu_block.lua (the GPU run's block benchmark) as a dry run: shrunk sizes, no cuBLAS
+out=$(NEMO_FAKE_CUDA=1 timeout 300 "$N" bench/gpu_block.lua --device cuda:0 --small --no-cublas --steps 2 2>&1)
+rc=$?
+if [ "$rc" = 0 ] && grep -q "bench: FLUX.1-dev double block fwd+bwd float32 on cuda:0" <<< "$out" &&
+   grep -q "bench: FLUX.1-dev double block fwd+bwd bfloat16 on cuda:0" <<< "$out"; then
+    pass "bench/gpu_block.lua --small runs on an emulated device (float32 and bf16 block lines)"
+else
+    fail "bench/gpu_block.lua --small runs on an emulated device" "exit $rc" "$out"
+fi
 
 # ==== the recipe on several ranks, each on its emulated device, over the emulated nccl backend ====
 if command -v mpirun > /dev/null 2>&1; then
