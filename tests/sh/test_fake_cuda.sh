@@ -17,7 +17,8 @@
 #                                  cuda:LOCAL_RANK, the nccl backend (emulated over MPI), FSDP2,
 #                                  DDP and HSDP (NCCL subgroups): float64 losses and final weights
 #                                  within 1e-6 of one CPU process with the whole batch; an FSDP2
-#                                  run stopped and resumed on the devices equals the whole run
+#                                  run stopped and resumed on the devices equals the whole run;
+#                                  FSDP2 mixed precision (bf16 compute) across 2 ranks
 # Their TAP lines are renumbered into this file's stream, prefixed with [fake cuda]. The GPU
 # scripts are the ones tests/gpu/run.sh runs on a real device; here they check the plumbing,
 # not the CUDA kernels. Every run is under `timeout`.
@@ -99,6 +100,18 @@ if command -v mpirun > /dev/null 2>&1; then
         --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --ddp.activation_checkpointing true
     case_eq "HSDP on cuda (dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches of 1" 4 racc hsdp4 \
         --fsdp.dp_size 4 --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
+    # FSDP2 mixed precision across ranks: bf16 compute copies all-gathered, float32 master shards
+    MP=(--fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+        --model.torch_dtype float32)
+    train 2 0 mp32 "${MP[@]}" --model.compute_dtype float32
+    RC32=$RC
+    train 2 0 mpbf "${MP[@]}" --model.compute_dtype bfloat16
+    if [ "$RC32" = 0 ] && [ "$RC" = 0 ] && grep -q "mixed precision: bfloat16 compute, float32 master weights" <<< "$OUT" &&
+       close "$(losses mpbf)" "$(losses mp32)" 2e-2; then
+        pass "fsdp2 mixed precision on cuda, 2 ranks: the 4 losses within 2e-2 of the float32 run"
+    else
+        fail "fsdp2 mixed precision on cuda, 2 ranks" "exit $RC32 / $RC" "bf16:" "$(losses mpbf)" "f32:" "$(losses mp32)" "$ERR"
+    fi
     train 2 2 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
     A_RC=$RC
     train 2 0 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
