@@ -69,6 +69,10 @@ static void tiles_begin(void) {
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
     for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    /* GCC's _tile_loadconfig tells the compiler it reads only a pointer's worth of the 64-byte
+     * configuration, so without this barrier the other stores may be dropped (seen in the
+     * -march-less build: a #GP on ldtilecfg) */
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 __attribute__((target("amx-tile")))
