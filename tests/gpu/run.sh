@@ -151,7 +151,7 @@ if [ "${NEMO_FAKE_CUDA:-0}" != 0 ]; then
     # a dry run on emulated devices (tests/sh/test_gpu_stage.sh): the two tests of the plugin
     # itself need a real device, and the block benchmark runs shrunk, without cuBLAS
     echo "# NEMO_FAKE_CUDA=$NEMO_FAKE_CUDA: a dry run on emulated devices"
-    steps=(tests/gpu/check_golden.lua:60 tests/gpu/check_train.lua:90 tests/gpu/check_ops.lua:300 bench/gpu_block.lua:60)
+    steps=(tests/gpu/check_golden.lua:120 tests/gpu/check_train.lua:180 tests/gpu/check_ops.lua:900 bench/gpu_block.lua:120)
     args=(--small --no-cublas --steps 2)
 fi
 for t in "${steps[@]}"; do

@@ -38,7 +38,7 @@ sub() {
     shift
     local err out rc
     err=$(mktemp)
-    out=$(env "${envs[@]}" timeout 300 "$N" "$1" 2> "$err")
+    out=$(env "${envs[@]}" timeout 900 "$N" "$1" 2> "$err")
     rc=$?
     ERR_TAIL=$(tail -n 30 "$err") relay "fake cuda" "$label" "$rc" "$out"
     rm -f "$err"

@@ -34,7 +34,7 @@ else
 fi
 rm -rf "$T/src"   # the device machine has only the checkout and build/gpurun
 
-out=$(NEMO_FAKE_CUDA=1 NO_RESULTS=1 BUDGET=600 timeout 900 tests/gpu/run.sh --staged 2>&1)
+out=$(NEMO_FAKE_CUDA=1 NO_RESULTS=1 BUDGET=1500 timeout 1600 tests/gpu/run.sh --staged 2>&1)
 rc=$?
 if [ "$rc" = 0 ] && grep -q "^# all GPU checks passed" <<< "$out"; then
     pass "run.sh --staged on an emulated device: every step passed"
