@@ -15,38 +15,8 @@
 
 #include "internal.h"
 
-#define ADAMW_BODY(T)                                                                        \
-    T decay = (T)(1.0 - lr * wd), b1f = (T)b1, b2f = (T)b2, omb1 = (T)(1.0 - b1), omb2 = (T)(1.0 - b2); \
-    T step_size = (T)(-(lr / bc1)), bc2s = (T)sqrt(bc2), epsf = (T)eps;                       \
-    _Pragma("omp parallel for if (n > NEMO_PAR_MIN)")                                        \
-    for (int64_t i = 0; i < n; i++) {                                                        \
-        T gi = g[i];                                                                         \
-        T pi = p[i] * decay;                                                                 \
-        T mi = FMA(gi, omb1, m[i] * b1f);                                                    \
-        T vi = FMA(omb2 * gi, gi, v[i] * b2f);                                               \
-        T denom = (T)(SQRT(vi) / bc2s); denom = denom + epsf;                                \
-        pi = pi + step_size * mi / denom;                                                    \
-        p[i] = pi; m[i] = mi; v[i] = vi;                                                     \
-    }
-
-static void adamw_f32(float *p, const float *g, float *m, float *v, int64_t n, double lr, double b1, double b2,
-                      double eps, double wd, double bc1, double bc2) {
-#define SQRT sqrtf
-#define FMA fmaf
-    ADAMW_BODY(float)
-#undef SQRT
-#undef FMA
-}
-static void adamw_f64(double *p, const double *g, double *m, double *v, int64_t n, double lr, double b1, double b2,
-                      double eps, double wd, double bc1, double bc2) {
-#define SQRT sqrt
-#define FMA fma
-    ADAMW_BODY(double)
-#undef SQRT
-#undef FMA
-}
-
-/* The same update over one range, on the calling thread (nemo_adamw_step_many's chunks). */
+/* The update of n elements on the calling thread; nemo_adamw_step and nemo_adamw_step_many share
+ * it out in chunks (an elementwise update: the chunking does not change a bit). */
 #define ADAMW_RANGE(T)                                                                       \
     T decay = (T)(1.0 - lr * wd), b1f = (T)b1, b2f = (T)b2, omb1 = (T)(1.0 - b1), omb2 = (T)(1.0 - b2); \
     T step_size = (T)(-(lr / bc1)), bc2s = (T)sqrt(bc2), epsf = (T)eps;                       \
@@ -106,12 +76,24 @@ NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *
         adamw_dev_k k;
         NEMO_GET_KERNEL(k, adamw_dev_k, "adamw", p->devtype);
         NEMO_TRY(k(pc, gc, m, v, lr, beta1, beta2, eps, weight_decay, step));
-    } else if (cdt == NEMO_F32)
-        adamw_f32(nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), n, lr, beta1,
-                  beta2, eps, weight_decay, bc1, bc2);
-    else
-        adamw_f64(nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), n, lr, beta1,
-                  beta2, eps, weight_decay, bc1, bc2);
+    } else {
+        enum { CH = 16384 };
+        int64_t nch = (n + CH - 1) / CH;
+        char *pp = nemo_tensor_data(pc), *mp = nemo_tensor_data(m), *vp = nemo_tensor_data(v);
+        const char *gp = nemo_tensor_data(gc);
+        size_t es = cdt == NEMO_F32 ? 4 : 8;
+        #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
+        for (int64_t c = 0; c < nch; c++) {
+            int64_t s = c * CH, len = n - s < CH ? n - s : CH;
+            size_t o = (size_t)s * es;
+            if (cdt == NEMO_F32)
+                adamw_f32_range((float *)(pp + o), (const float *)(gp + o), (float *)(mp + o), (float *)(vp + o), len, lr,
+                                beta1, beta2, eps, weight_decay, bc1, bc2);
+            else
+                adamw_f64_range((double *)(pp + o), (const double *)(gp + o), (double *)(mp + o), (double *)(vp + o), len,
+                                lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+        }
+    }
     if (pc != p) NEMO_TRY(nemo_copy_(p, pc));
 fail:
     nemo_tensor_release(pc);

@@ -28,21 +28,26 @@ template <> __device__ __forceinline__ double k_fma<double>(double a, double b, 
 __device__ __forceinline__ float k_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double k_sqrt(double v) { return sqrt(v); }
 
+/* element i of one AdamW update (engine/optim.c's order of operations) */
+template <typename T>
+__device__ __forceinline__ void adamw_elem(T *p, const T *g, T *m, T *v, int64_t i, T decay, T b1f, T b2f, T omb1,
+                                           T omb2, T step_size, T bc2s, T epsf) {
+    const T gi = g[i];
+    T pi = rn_mul(p[i], decay);
+    const T mi = k_fma(gi, omb1, rn_mul(m[i], b1f));
+    const T vi = k_fma(rn_mul(omb2, gi), gi, rn_mul(v[i], b2f));
+    T denom = k_sqrt(vi) / bc2s;
+    denom = rn_add(denom, epsf);
+    pi = rn_add(pi, rn_mul(step_size, mi) / denom);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+}
+
 template <typename T>
 __global__ void adamw_k(T *p, const T *g, T *m, T *v, int64_t n, T decay, T b1f, T b2f, T omb1, T omb2, T step_size,
                         T bc2s, T epsf) {
-    NEMO_CUDA_LOOP(i, n) {
-        const T gi = g[i];
-        T pi = rn_mul(p[i], decay);
-        const T mi = k_fma(gi, omb1, rn_mul(m[i], b1f));
-        const T vi = k_fma(rn_mul(omb2, gi), gi, rn_mul(v[i], b2f));
-        T denom = k_sqrt(vi) / bc2s;
-        denom = rn_add(denom, epsf);
-        pi = rn_add(pi, rn_mul(step_size, mi) / denom);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    NEMO_CUDA_LOOP(i, n) adamw_elem(p, g, m, v, i, decay, b1f, b2f, omb1, omb2, step_size, bc2s, epsf);
 }
 
 template <typename T>
@@ -167,18 +172,8 @@ __device__ __forceinline__ void amw_range(const amw_item &it, int64_t s, int64_t
     T *p = (T *)it.p, *m = (T *)it.m, *v = (T *)it.v;
     const T *g = (const T *)it.g;
     const T step_size = (T)it.step_size, bc2s = (T)it.bc2s;
-    for (int64_t i = s + threadIdx.x; i < e; i += blockDim.x) {
-        const T gi = g[i];
-        T pi = rn_mul(p[i], decay);
-        const T mi = k_fma(gi, omb1, rn_mul(m[i], b1f));
-        const T vi = k_fma(rn_mul(omb2, gi), gi, rn_mul(v[i], b2f));
-        T denom = k_sqrt(vi) / bc2s;
-        denom = rn_add(denom, epsf);
-        pi = rn_add(pi, rn_mul(step_size, mi) / denom);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    for (int64_t i = s + threadIdx.x; i < e; i += blockDim.x)
+        adamw_elem(p, g, m, v, i, decay, b1f, b2f, omb1, omb2, step_size, bc2s, epsf);
 }
 
 /* decay = 1 - lr wd, omb1 = 1 - b1, omb2 = 1 - b2: formed on the host (device code could contract

@@ -6,23 +6,15 @@
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
 package.path = here .. "/../lua/?.lua;" .. package.path
 local T = require "tap"
-local ffi = require "ffi"
 local nemo = require "nemo"
 local F = nemo.F
-local C = require("nemo.ffi").C
 
 if os.getenv("NEMO_FAKE_CUDA") ~= "2" then
     io.write("1..0 # SKIP run with NEMO_FAKE_CUDA=2 (tests/sh/test_fake_cuda.sh)\n")
     os.exit(0)
 end
 
-local function host(t) return t:detach():to{device = "cpu"} end
-local function bitwise(a, b)
-    local x, y = host(a):contiguous(), host(b):contiguous()
-    if x.dtype ~= y.dtype or x:numel() ~= y:numel() then return false end
-    local n = x:numel() * x:element_size()
-    return ffi.string(C.nemo_tensor_data(x._c), n) == ffi.string(C.nemo_tensor_data(y._c), n)
-end
+local bitwise = T.same_bits
 local function rnd(shape, seed, dtype)
     return nemo.randn(shape, {dtype = dtype or "float32", generator = nemo.Generator(seed)})
 end

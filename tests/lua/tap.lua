@@ -3,7 +3,8 @@
 --   T.plan(n) or T.done() at the end (prints the plan then); T.ok(cond, name); T.is(a, b, name);
 --   T.near(a, b, tol, name) for numbers; T.raises(fn, pattern, name) checks an error message;
 --   T.close(t, ref, rtol, atol, name) compares two tensors (or a tensor and a Lua table) by
---   max|a-ref| <= rtol*max|ref| + atol and prints the numbers.
+--   max|a-ref| <= rtol*max|ref| + atol and prints the numbers. T.same_bits(a, b): whether two
+--   tensors (on any device) have one dtype, one size and the same bytes.
 -- Accidental globals make the test fail (luafun's rule).
 local T = {}
 local n, failed, planned = 0, 0, nil
@@ -34,6 +35,14 @@ function T.raises(fn, pattern, name)
     err = tostring(err)
     local hit = (pattern == nil) or err:find(pattern, 1, false) ~= nil or err:find(pattern, 1, true) ~= nil
     return report(hit, name, "error was: " .. err .. "\nexpected pattern: " .. tostring(pattern))
+end
+function T.same_bits(a, b)
+    local ffi = require "ffi"
+    local C = require("nemo.ffi").C
+    local x, y = a:detach():to{device = "cpu"}:contiguous(), b:detach():to{device = "cpu"}:contiguous()
+    if x.dtype ~= y.dtype or x:numel() ~= y:numel() then return false end
+    local k = x:numel() * x:element_size()
+    return ffi.string(C.nemo_tensor_data(x._c), k) == ffi.string(C.nemo_tensor_data(y._c), k)
 end
 function T.skip(name, why) n = n + 1; io.write("ok ", n, " - ", name, " # SKIP ", why, "\n") end
 function T.diag(msg) for line in tostring(msg):gmatch("[^\n]+") do io.write("# ", line, "\n") end end

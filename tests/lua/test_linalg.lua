@@ -499,12 +499,7 @@ do
     local function ints(shape, seed, dt)
         return (rnd(shape, seed, "float32") * 3):clamp(-8, 8):to{dtype = "int32"}:to{dtype = dt}
     end
-    local function same(x, y)
-        local a, b = x:contiguous(), y:contiguous()
-        if a.dtype ~= b.dtype or a:numel() ~= b:numel() then return false end
-        local n = a:numel() * a:element_size()
-        return ffi.string(C.nemo_tensor_data(a._c), n) == ffi.string(C.nemo_tensor_data(b._c), n)
-    end
+    local same = T.same_bits
     -- got vs the float32 result ref rounded to dt: bitwise where the path is sgemm's
     local function check(got, ref, dt, name)
         if dt == "float16" or not AMX then

@@ -94,11 +94,7 @@ do
     local ffi = require "ffi"
     local nffi = require "nemo.ffi"
     local C = nffi.C
-    local function same(x, y)
-        local a, b = x:contiguous(), y:contiguous()
-        local n = a:numel() * a:element_size()
-        return a.dtype == b.dtype and ffi.string(C.nemo_tensor_data(a._c), n) == ffi.string(C.nemo_tensor_data(b._c), n)
-    end
+    local same = T.same_bits
     local function r(shape, seed, dt)
         return nemo.randn(shape, {generator = nemo.Generator(seed), dtype = dt or "float32"})
     end
