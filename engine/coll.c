@@ -973,6 +973,16 @@ NEMO_API double nemo_coll_wtime(void) { return now_s(); }
 
 /* ==== NCCL (from the CUDA plugin) ==== */
 
+/* A 1-D CPU tensor of count elements over borrowed host memory p (p outlives it). */
+static nemo_tensor *host_view(const void *p, size_t count, int dtype) {
+    nemo_storage *st = nemo_storage_wrap((void *)p, count * (size_t)nemo_dtype_size(dtype), NEMO_CPU, 0, NULL, NULL);
+    if (!st) return NULL;
+    int64_t shape[1] = {(int64_t)count}, stride[1] = {1};
+    nemo_tensor *t = nemo_tensor_from_storage(st, dtype, 1, shape, stride, 0);
+    nemo_storage_release(st);
+    return t;
+}
+
 static int nccl_probed;
 static const nemo_nccl_table *nccl_tab;
 static char nccl_reason[768] = "not probed";
@@ -994,29 +1004,20 @@ static int fk_comm_init(void **comm, int nranks, const void *id, int rank, int d
     return fake_enabling ? 0 : NEMO_EINTERNAL;
 }
 static int fk_comm_noop(void *comm) { (void)comm; return 0; }
-static nemo_tensor *fk_host(const void *p, size_t count, int dtype) {
-    nemo_storage *st = nemo_storage_wrap((void *)p, count * (size_t)nemo_dtype_size(dtype), NEMO_CPU, 0, NULL, NULL);
-    if (!st) return NULL;
-    int64_t shape[1] = {(int64_t)count}, stride[1] = {1};
-    nemo_tensor *t = nemo_tensor_from_storage(st, dtype, 1, shape, stride, 0);
-    nemo_storage_release(st);
-    return t;
-}
 /* kind 0 all_reduce, 1 reduce_scatter, 2 all_gather, 3 broadcast; n: the count NCCL was given */
 static int fk_run(int kind, nemo_comm *c, const void *send, void *recv, size_t n, int dtype, int op_or_root,
                   void **event) {
     *event = NULL;
-    size_t nin = kind == 2 ? n : (kind == 1 ? n * (size_t)c->size : n);
-    size_t nout = kind == 2 ? n * (size_t)c->size : n;
+    size_t nin = kind == 1 ? n * (size_t)c->size : n, nout = kind == 2 ? n * (size_t)c->size : n;
     nemo_coll_stats saved = g_stats;
     int rc = 0;
     nemo_tensor *in = NULL, *out = NULL;
     if ((kind == 0 || kind == 3) && send && send != recv)
         memcpy(recv, send, n * (size_t)nemo_dtype_size(dtype));
-    out = fk_host(recv, nout, dtype);
+    out = host_view(recv, nout, dtype);
     if (!out) { rc = nemo_last_status(); goto done; }
     if (kind == 1 || kind == 2) {
-        in = fk_host(send, nin, dtype);
+        in = host_view(send, nin, dtype);
         if (!in) { rc = nemo_last_status(); goto done; }
     }
     switch (kind) {
@@ -1115,11 +1116,7 @@ NEMO_API int nemo_comm_enable_nccl(nemo_comm *c, int dev) {
         return NEMO_ERR(NEMO_ECOMM, "enable_nccl on group '%s': ncclGetUniqueId: %s", c->name, t->error_text());
     if (c->size > 1) {
         /* the id travels over MPI, as a uint8 tensor over borrowed memory */
-        nemo_storage *s = nemo_storage_wrap(id, sizeof id, NEMO_CPU, 0, NULL, NULL);
-        if (!s) return nemo_last_status();
-        int64_t shape[1] = {NEMO_NCCL_ID_BYTES}, stride[1] = {1};
-        nemo_tensor *tid = nemo_tensor_from_storage(s, NEMO_BOOL, 1, shape, stride, 0);
-        nemo_storage_release(s);
+        nemo_tensor *tid = host_view(id, NEMO_NCCL_ID_BYTES, NEMO_BOOL);
         if (!tid) return nemo_last_status();
         rc = nemo_coll_broadcast(c, tid, 0);
         nemo_tensor_release(tid);

@@ -154,12 +154,14 @@ static pthread_once_t cuda_once = PTHREAD_ONCE_INIT;
 static const nemo_cuda_plugin *cuda;
 static char cuda_reason[512] = "not probed";
 static int cuda_count;
+static int cuda_fake;   /* the devices are engine/fake_cuda.c's */
 
 static void cuda_load(void) {
     const nemo_cuda_plugin *fake = nemo_fake_cuda_plugin();   /* NEMO_FAKE_CUDA: engine/fake_cuda.c */
     if (fake) {
         fake->device_count(&cuda_count);
         cuda = fake;
+        cuda_fake = 1;
         fake->register_kernels((void (*)(const char *, int, void (*)(void)))nemo_kernel_register);
         cuda_reason[0] = 0;
         return;
@@ -217,7 +219,7 @@ NEMO_API int nemo_device_count(int devtype) {
 
 int nemo_cuda_emulated(void) {
     pthread_once(&cuda_once, cuda_load);
-    return cuda != NULL && cuda == nemo_fake_cuda_plugin();
+    return cuda_fake;
 }
 
 NEMO_API const char *nemo_cuda_unavailable_reason(void) {
@@ -814,13 +816,20 @@ void nemo_iter_init(nemo_iter *it, int ndim, const int64_t *shape, int nops, con
 
 /* ==== Copy and conversion ==== */
 
-/* Fast contiguous conversions on the hot path (parameters cast to bf16 and back). */
-static int convert_dense(void *dst, int ddt, const void *src, int sdt, int64_t n) {
+/* Fast contiguous conversions on the hot path (parameters cast to bf16 and back, operands
+ * widened for products). */
+int nemo_convert_dense(void *dst, int ddt, const void *src, int sdt, int64_t n) {
     if (ddt == sdt) { memcpy(dst, src, (size_t)n * (size_t)nemo_dtype_size(ddt)); return 1; }
     if (ddt == NEMO_F32 && sdt == NEMO_BF16) {
         float *d = dst; const uint16_t *s = src;
         #pragma omp parallel for if (n > NEMO_PAR_MIN)
         for (int64_t i = 0; i < n; i++) d[i] = nemo_bf16_to_f32(s[i]);
+        return 1;
+    }
+    if (ddt == NEMO_F32 && sdt == NEMO_F16) {
+        float *d = dst; const uint16_t *s = src;
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) d[i] = nemo_f16_to_f32(s[i]);
         return 1;
     }
     if (ddt == NEMO_BF16 && sdt == NEMO_F32) {
@@ -851,14 +860,14 @@ static int copy_cpu(nemo_tensor *dst, const nemo_tensor *src, const int64_t *sst
     char *dp = nemo_tensor_data(dst);
     const char *sp = nemo_tensor_data(src);
     int64_t ds = nemo_iter_inner_stride(&it, 0), ss = nemo_iter_inner_stride(&it, 1);
-    if (it.nrows == 1 && ds == 1 && ss == 1 && convert_dense(dp, ddt, sp, sdt, it.inner)) return 0;
+    if (it.nrows == 1 && ds == 1 && ss == 1 && nemo_convert_dense(dp, ddt, sp, sdt, it.inner)) return 0;
     #pragma omp parallel for if (it.nrows * it.inner > NEMO_PAR_MIN)
     for (int64_t r = 0; r < it.nrows; r++) {
         int64_t off[2];
         nemo_iter_row(&it, r, off);
         char *d = dp + off[0] * dsz;
         const char *s = sp + off[1] * ssz;
-        if (ds == 1 && ss == 1 && convert_dense(d, ddt, s, sdt, it.inner)) continue;
+        if (ds == 1 && ss == 1 && nemo_convert_dense(d, ddt, s, sdt, it.inner)) continue;
         if (ddt == sdt && dsz == 4) {
             for (int64_t i = 0; i < it.inner; i++) ((int32_t *)d)[i * ds] = ((const int32_t *)s)[i * ss];
         } else if (ddt == sdt && dsz == 2) {

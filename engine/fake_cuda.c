@@ -126,6 +126,10 @@ static int k_sum_squares(const nemo_tensor *t, double *out) {
 }
 
 /* the multi-tensor forms: host-marked header copies, then the CPU path */
+/* h[i] = on_host(ts[i]) and ptr[i] = &h[i] for i < n */
+static void on_host_all(int n, const nemo_tensor *const *ts, nemo_tensor *h, nemo_tensor **ptr) {
+    for (int i = 0; i < n; i++) { h[i] = on_host(ts[i]); ptr[i] = &h[i]; }
+}
 static int k_adamw_many(int n, nemo_tensor *const *p, const nemo_tensor *const *g, nemo_tensor *const *m,
                         nemo_tensor *const *v, double lr, double beta1, double beta2, double eps, double weight_decay,
                         const int64_t *steps) {
@@ -133,10 +137,9 @@ static int k_adamw_many(int n, nemo_tensor *const *p, const nemo_tensor *const *
     nemo_tensor **ptr = malloc(sizeof(nemo_tensor *) * 4 * (size_t)n);
     int rc = NEMO_ENOMEM;
     if (h && ptr) {
-        for (int i = 0; i < n; i++) {
-            h[i] = on_host(p[i]); h[n + i] = on_host(g[i]); h[2 * n + i] = on_host(m[i]); h[3 * n + i] = on_host(v[i]);
-            for (int q = 0; q < 4; q++) ptr[q * n + i] = &h[q * n + i];
-        }
+        const nemo_tensor *const *src[4] = {(const nemo_tensor *const *)p, g, (const nemo_tensor *const *)m,
+                                            (const nemo_tensor *const *)v};
+        for (int q = 0; q < 4; q++) on_host_all(n, src[q], h + q * n, ptr + q * n);
         rc = nemo_adamw_step_many(n, ptr, (const nemo_tensor *const *)(ptr + n), ptr + 2 * n, ptr + 3 * n, lr, beta1,
                                   beta2, eps, weight_decay, steps);
     }
@@ -146,11 +149,11 @@ static int k_adamw_many(int n, nemo_tensor *const *p, const nemo_tensor *const *
 }
 static int k_sum_squares_many(int n, const nemo_tensor *const *ts, double *out) {
     nemo_tensor *h = malloc(sizeof(nemo_tensor) * (size_t)n);
-    const nemo_tensor **ptr = malloc(sizeof(nemo_tensor *) * (size_t)n);
+    nemo_tensor **ptr = malloc(sizeof(nemo_tensor *) * (size_t)n);
     int rc = NEMO_ENOMEM;
     if (h && ptr) {
-        for (int i = 0; i < n; i++) { h[i] = on_host(ts[i]); ptr[i] = &h[i]; }
-        rc = nemo_sum_squares_many(n, ptr, out);
+        on_host_all(n, ts, h, ptr);
+        rc = nemo_sum_squares_many(n, (const nemo_tensor *const *)ptr, out);
     }
     free(h);
     free(ptr);

@@ -127,8 +127,11 @@ void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn);
 nemo_kfn nemo_kernel_get(const char *name, int devtype);
 int nemo_kernel_has(const char *name, int devtype);   /* registered? (sets no error) */
 /* Give every CPU kernel that devtype lacks to devtype as well (the emulated CUDA device). */
-int nemo_cuda_emulated(void);   /* are the CUDA devices NEMO_FAKE_CUDA's? (engine/core.c) */
 void nemo_kernel_mirror_cpu(int devtype);
+int nemo_cuda_emulated(void);   /* are the CUDA devices NEMO_FAKE_CUDA's? (engine/core.c) */
+/* Dense conversion of n elements between two dtypes where a fast loop exists (same dtype,
+ * f32 <-> bf16, bf16 / f16 -> f32, f32 <-> f64); returns 0 for other pairs (engine/core.c). */
+int nemo_convert_dense(void *dst, int ddt, const void *src, int sdt, int64_t n);
 /* Look a kernel up inside a function with `int rc` and `fail:`; a miss is NEMO_EUNSUPPORTED. */
 #define NEMO_GET_KERNEL(var, type, name, devtype) do {                                   \
     (var) = (type)nemo_kernel_get((name), (devtype));                                     \

@@ -45,6 +45,17 @@ static void adamw_f64_range(double *p, const double *g, double *m, double *v, in
 #undef SQRT
 #undef FMA
 }
+/* Elements [s, s + len) of dense float32 / float64 (dt) buffers, on the calling thread. */
+static void adamw_range(int dt, void *p, const void *g, void *m, void *v, int64_t s, int64_t len, double lr,
+                        double b1, double b2, double eps, double wd, double bc1, double bc2) {
+    if (dt == NEMO_F32)
+        adamw_f32_range((float *)p + s, (const float *)g + s, (float *)m + s, (float *)v + s, len, lr, b1, b2, eps, wd,
+                        bc1, bc2);
+    else
+        adamw_f64_range((double *)p + s, (const double *)g + s, (double *)m + s, (double *)v + s, len, lr, b1, b2, eps,
+                        wd, bc1, bc2);
+}
+enum { ADAMW_CHUNK = 16384 };   /* elements per parallel task */
 
 /* The device kernels' signatures (registered by the CUDA plugin under these names). */
 typedef int (*adamw_dev_k)(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *m, nemo_tensor *v, double lr,
@@ -77,21 +88,12 @@ NEMO_API int nemo_adamw_step(nemo_tensor *p, const nemo_tensor *g, nemo_tensor *
         NEMO_GET_KERNEL(k, adamw_dev_k, "adamw", p->devtype);
         NEMO_TRY(k(pc, gc, m, v, lr, beta1, beta2, eps, weight_decay, step));
     } else {
-        enum { CH = 16384 };
-        int64_t nch = (n + CH - 1) / CH;
-        char *pp = nemo_tensor_data(pc), *mp = nemo_tensor_data(m), *vp = nemo_tensor_data(v);
-        const char *gp = nemo_tensor_data(gc);
-        size_t es = cdt == NEMO_F32 ? 4 : 8;
+        int64_t nch = (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
         #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
         for (int64_t c = 0; c < nch; c++) {
-            int64_t s = c * CH, len = n - s < CH ? n - s : CH;
-            size_t o = (size_t)s * es;
-            if (cdt == NEMO_F32)
-                adamw_f32_range((float *)(pp + o), (const float *)(gp + o), (float *)(mp + o), (float *)(vp + o), len, lr,
-                                beta1, beta2, eps, weight_decay, bc1, bc2);
-            else
-                adamw_f64_range((double *)(pp + o), (const double *)(gp + o), (double *)(mp + o), (double *)(vp + o), len,
-                                lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+            int64_t s = c * ADAMW_CHUNK, len = n - s < ADAMW_CHUNK ? n - s : ADAMW_CHUNK;
+            adamw_range(cdt, nemo_tensor_data(pc), nemo_tensor_data(gc), nemo_tensor_data(m), nemo_tensor_data(v), s,
+                        len, lr, beta1, beta2, eps, weight_decay, bc1, bc2);
         }
     }
     if (pc != p) NEMO_TRY(nemo_copy_(p, pc));
@@ -154,6 +156,13 @@ typedef int (*adamw_many_dev_k)(int n, nemo_tensor *const *p, const nemo_tensor 
                                 double weight_decay, const int64_t *steps);
 typedef int (*sum_squares_many_dev_k)(int n, const nemo_tensor *const *ts, double *out);
 
+/* Do the n tensors all live on one device (ts[0]'s)? */
+static int one_device(int n, const nemo_tensor *const *ts) {
+    for (int i = 1; i < n; i++)
+        if (ts[i]->devtype != ts[0]->devtype || ts[i]->devindex != ts[0]->devindex) return 0;
+    return 1;
+}
+
 /* Can parameter i go into the fused CPU loop (contiguous float32 / float64 p and g, checked
  * state)? Anything else takes nemo_adamw_step, which converts and checks. */
 static int adamw_plain(const nemo_tensor *p, const nemo_tensor *g, const nemo_tensor *m, const nemo_tensor *v) {
@@ -177,9 +186,8 @@ NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tenso
         NEMO_CHECK(steps[i] >= 1, NEMO_EINVAL, "adamw_many: parameter %d: step must be >= 1, got %lld", i,
                    (long long)steps[i]);
     /* one device kernel for all when every parameter lives on that device */
-    int dev = p[0]->devtype, same = 1;
-    for (int i = 1; i < n; i++) same = same && p[i]->devtype == dev && p[i]->devindex == p[0]->devindex;
-    if (dev != NEMO_CPU && same && nemo_kernel_has("adamw_many", dev)) {
+    int dev = p[0]->devtype;
+    if (dev != NEMO_CPU && one_device(n, (const nemo_tensor *const *)p) && nemo_kernel_has("adamw_many", dev)) {
         int ok = 1;
         for (int i = 0; i < n && ok; i++)
             ok = nemo_tensor_is_contiguous(p[i]) && nemo_tensor_is_contiguous(g[i]) && g[i]->dtype == p[i]->dtype &&
@@ -193,7 +201,6 @@ NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tenso
     }
     /* CPU: the plain parameters in one parallel region over fixed chunks (each element's update is
      * that of nemo_adamw_step), the rest one by one */
-    enum { CH = 16384 };
     plain = malloc(sizeof(int) * (size_t)n);
     chunk = malloc(sizeof(int64_t) * ((size_t)n + 1));
     NEMO_CHECK(plain && chunk, NEMO_ENOMEM, "adamw_many: out of memory for %d parameters", n);
@@ -201,7 +208,7 @@ NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tenso
     for (int i = 0; i < n; i++) {
         plain[i] = adamw_plain(p[i], g[i], m[i], v[i]);
         int64_t len = plain[i] ? nemo_tensor_numel(p[i]) : 0;
-        chunk[i + 1] = chunk[i] + (len + CH - 1) / CH;
+        chunk[i + 1] = chunk[i] + (len + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
     }
     int64_t total = chunk[n];
     #pragma omp parallel for schedule(static) if (total > 1)
@@ -209,16 +216,11 @@ NEMO_API int nemo_adamw_step_many(int n, nemo_tensor *const *p, const nemo_tenso
         int lo = 0, hi = n;   /* the parameter whose chunks hold c: chunk[i] <= c < chunk[i + 1] */
         while (hi - lo > 1) { int mid = (lo + hi) / 2; if (chunk[mid] <= c) lo = mid; else hi = mid; }
         int i = lo;
-        int64_t ne = nemo_tensor_numel(p[i]), s = (c - chunk[i]) * CH, len = ne - s < CH ? ne - s : CH;
+        int64_t ne = nemo_tensor_numel(p[i]), s = (c - chunk[i]) * ADAMW_CHUNK;
+        int64_t len = ne - s < ADAMW_CHUNK ? ne - s : ADAMW_CHUNK;
         double bc1 = 1.0 - pow(beta1, (double)steps[i]), bc2 = 1.0 - pow(beta2, (double)steps[i]);
-        if (p[i]->dtype == NEMO_F32)
-            adamw_f32_range((float *)nemo_tensor_data(p[i]) + s, (const float *)nemo_tensor_data(g[i]) + s,
-                            (float *)nemo_tensor_data(m[i]) + s, (float *)nemo_tensor_data(v[i]) + s, len, lr, beta1,
-                            beta2, eps, weight_decay, bc1, bc2);
-        else
-            adamw_f64_range((double *)nemo_tensor_data(p[i]) + s, (const double *)nemo_tensor_data(g[i]) + s,
-                            (double *)nemo_tensor_data(m[i]) + s, (double *)nemo_tensor_data(v[i]) + s, len, lr,
-                            beta1, beta2, eps, weight_decay, bc1, bc2);
+        adamw_range(p[i]->dtype, nemo_tensor_data(p[i]), nemo_tensor_data(g[i]), nemo_tensor_data(m[i]),
+                    nemo_tensor_data(v[i]), s, len, lr, beta1, beta2, eps, weight_decay, bc1, bc2);
     }
     for (int i = 0; i < n; i++)
         if (!plain[i]) NEMO_TRY(nemo_adamw_step(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, weight_decay, steps[i]));
@@ -232,9 +234,8 @@ NEMO_API int nemo_sum_squares_many(int n, const nemo_tensor *const *ts, double *
     int rc = 0;
     if (n <= 0) return 0;
     NEMO_CHECK(ts && out, NEMO_EINVAL, "sum_squares_many: NULL array");
-    int dev = ts[0]->devtype, same = 1;
-    for (int i = 1; i < n; i++) same = same && ts[i]->devtype == dev && ts[i]->devindex == ts[0]->devindex;
-    if (dev != NEMO_CPU && same && nemo_kernel_has("sum_squares_many", dev)) {
+    int dev = ts[0]->devtype;
+    if (dev != NEMO_CPU && one_device(n, ts) && nemo_kernel_has("sum_squares_many", dev)) {
         int ok = 1;
         for (int i = 0; i < n && ok; i++)
             ok = nemo_tensor_is_contiguous(ts[i]) && (ts[i]->dtype == NEMO_F32 || ts[i]->dtype == NEMO_F64);

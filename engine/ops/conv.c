@@ -228,10 +228,9 @@ fail:
 /* ==== Embedding ==== */
 
 /* Indices as a contiguous int64 tensor (every kernel checks the values against [0, V)). */
-static nemo_tensor *checked_indices(const char *op, const nemo_tensor *idx, int64_t V) {
+static nemo_tensor *int64_indices(const char *op, const nemo_tensor *idx) {
     int rc = 0;
     char b1[160];
-    NEMO_UNUSED(V);
     NEMO_CHECK(idx->dtype == NEMO_I64 || idx->dtype == NEMO_I32, NEMO_EDTYPE,
                "%s: indices must be int64 or int32, got %s (shape %s)", op, nemo_dtype_name(idx->dtype),
                nemo_shape_str(idx, b1, sizeof b1));
@@ -253,7 +252,7 @@ NEMO_API nemo_tensor *nemo_embedding(const nemo_tensor *indices, const nemo_tens
     NEMO_TRY(nemo_check_same_device("embedding", indices, weight));
     embed_fwd_k k;
     NEMO_GET_KERNEL(k, embed_fwd_k, "embedding_fwd", weight->devtype);
-    NEMO_TRYP(ic, checked_indices("embedding", indices, weight->shape[0]));
+    NEMO_TRYP(ic, int64_indices("embedding", indices));
     NEMO_TRYP(wc, nemo_contiguous(weight));
     int64_t shape[NEMO_MAXDIM];
     for (int d = 0; d < indices->ndim; d++) shape[d] = indices->shape[d];
@@ -287,7 +286,7 @@ NEMO_API nemo_tensor *nemo_embedding_backward(const nemo_tensor *g, const nemo_t
     embed_bwd_k k;
     NEMO_GET_KERNEL(k, embed_bwd_k, "embedding_bwd", g->devtype);
     int cdt = nemo_compute_dtype(g->dtype);
-    NEMO_TRYP(ic, checked_indices("embedding backward", indices, num_weights));
+    NEMO_TRYP(ic, int64_indices("embedding backward", indices));
     NEMO_TRYP(gc, nemo_prep(g, cdt));
     int64_t shape[2] = {num_weights, g->shape[g->ndim - 1]};
     NEMO_TRYP(dw, nemo_empty(2, shape, cdt, g->devtype, g->devindex));

@@ -199,6 +199,13 @@ static void rows_range(const uint16_t *a, int64_t lda, int ta, const uint16_t *b
     }
 }
 
+/* Thread t's share of the per-thread scratch thr (per bytes each): 32 packed rows of kp bf16,
+ * then one 64-byte aligned 32 x 32 float32 block. */
+static void thread_bufs(char *thr, size_t per, int t, int64_t kp, uint16_t **ap, float **blk) {
+    *ap = (uint16_t *)(thr + (size_t)t * per);
+    *blk = (float *)(((uintptr_t)((char *)*ap + (size_t)(32 * kp) * 2) + 63) & ~(uintptr_t)63);
+}
+
 int nemo_amx_gemm_bf16(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t *a,
                        int64_t lda, const uint16_t *b, int64_t ldb, float beta, float *c, int64_t ldc,
                        int64_t nbatch, const int64_t *offs, int c_distinct) {
@@ -222,9 +229,9 @@ int nemo_amx_gemm_bf16(int ta, int tb, int64_t m, int64_t n, int64_t k, float al
         {
             int t = omp_get_thread_num();
             uint16_t *bp = (uint16_t *)(work + (size_t)t * bsz);
-            uint16_t *ap = (uint16_t *)(thr + (size_t)t * per);
-            float *blk = (float *)((char *)ap + (size_t)(32 * kp) * 2);
-            blk = (float *)(((uintptr_t)blk + 63) & ~(uintptr_t)63);
+            uint16_t *ap;
+            float *blk;
+            thread_bufs(thr, per, t, kp, &ap, &blk);
             tiles_begin();
             #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < nbatch; i++) {
@@ -244,10 +251,9 @@ int nemo_amx_gemm_bf16(int ta, int tb, int64_t m, int64_t n, int64_t k, float al
             int use = mb > 1 ? nthr : 1;
             #pragma omp parallel num_threads(use) if (use > 1)
             {
-                int t = omp_get_thread_num();
-                uint16_t *ap = (uint16_t *)(thr + (size_t)t * per);
-                float *blk = (float *)((char *)ap + (size_t)(32 * kp) * 2);
-                blk = (float *)(((uintptr_t)blk + 63) & ~(uintptr_t)63);
+                uint16_t *ap;
+                float *blk;
+                thread_bufs(thr, per, omp_get_thread_num(), kp, &ap, &blk);
                 tiles_begin();
                 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < mb; r++)

@@ -282,17 +282,6 @@ static void span_of(const int64_t *offs, int64_t nbatch, int which, int64_t rows
     }
 }
 
-/* float32 copy of n bf16 / f16 values */
-static void widen(float *dst, const uint16_t *src, int64_t n, int dt) {
-    if (dt == NEMO_BF16) {
-        #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
-        for (int64_t i = 0; i < n; i++) dst[i] = nemo_bf16_to_f32(src[i]);
-    } else {
-        #pragma omp parallel for schedule(static) if (n > NEMO_PAR_MIN)
-        for (int64_t i = 0; i < n; i++) dst[i] = nemo_f16_to_f32(src[i]);
-    }
-}
-
 /* "gemm_lp": gemm's contract with bf16 or f16 operands (dt) and a float32 c: products of the
  * exact operand values summed in float32. bf16 on a CPU with AMX: tile products (amx.c, several
  * times sgemm's rate; the float32 sums in another fixed order). Otherwise the spans of a and b
@@ -318,8 +307,8 @@ static int gemm_lp_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
     float *wa = nemo_dev_alloc(NEMO_CPU, 0, (na + nb) * sizeof(float));
     if (!wa) return nemo_last_status();
     float *wb = wa + na;
-    widen(wa, (const uint16_t *)a + alo, (int64_t)na, dt);
-    widen(wb, (const uint16_t *)b + blo, (int64_t)nb, dt);
+    nemo_convert_dense(wa, NEMO_F32, (const uint16_t *)a + alo, dt, (int64_t)na);
+    nemo_convert_dense(wb, NEMO_F32, (const uint16_t *)b + blo, dt, (int64_t)nb);
     int64_t *o2 = NULL;
     if (nbatch > 1 || alo || blo) {
         o2 = malloc(sizeof(int64_t) * 3 * (size_t)nbatch);
