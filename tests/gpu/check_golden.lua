@@ -39,24 +39,14 @@
 -- "Bail out!" and exit 1 when NEMO_EXPECT_CUDA=1, as run.sh sets). NEMO_GPU_DEVICE=cpu runs the
 -- same script on the CPU (a dry run of the script itself; the host-memory check is skipped).
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-package.path = here .. "/../lua/?.lua;" .. package.path
+package.path = here .. "/?.lua;" .. here .. "/../lua/?.lua;" .. package.path
 local T = require "tap"
 local ffi = require "ffi"
 local nemo = require "nemo"
 local F = nemo.F
 local C = require("nemo.ffi").C
 
-local DEV = os.getenv("NEMO_GPU_DEVICE") or "cuda:0"
-local ON_CUDA = DEV:match("^cuda") ~= nil
-if ON_CUDA and not (nemo.cuda and nemo.cuda.is_available()) then
-    local why = tostring(nemo.cuda and nemo.cuda.unavailable_reason() or "no nemo.cuda")
-    if os.getenv("NEMO_EXPECT_CUDA") == "1" then
-        io.write("1..0\nBail out! no CUDA device: ", why, "\n")
-        os.exit(1)
-    end
-    io.write("1..0 # SKIP no CUDA device: ", why, "\n")
-    os.exit(0)
-end
+local DEV, ON_CUDA = require("gpu_device")(nemo)
 
 -- ==== where the golden cases are ====
 

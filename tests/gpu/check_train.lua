@@ -27,7 +27,7 @@
 -- NEMO_EXPECT_CUDA=1, as run.sh sets). NEMO_GPU_DEVICE=cpu runs the script with "cpu" as the
 -- device (a dry run of the script itself).
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
-package.path = here .. "/../lua/?.lua;" .. package.path
+package.path = here .. "/?.lua;" .. here .. "/../lua/?.lua;" .. package.path
 local T = require "tap"
 local ffi = require "ffi"
 local nemo = require "nemo"
@@ -35,17 +35,7 @@ local F = nemo.F
 local C = require("nemo.ffi").C
 local json = require "nemo.json"
 
-local DEV = os.getenv("NEMO_GPU_DEVICE") or "cuda:0"
-local ON_CUDA = DEV:match("^cuda") ~= nil
-if ON_CUDA and not (nemo.cuda and nemo.cuda.is_available()) then
-    local why = tostring(nemo.cuda and nemo.cuda.unavailable_reason() or "no nemo.cuda")
-    if os.getenv("NEMO_EXPECT_CUDA") == "1" then
-        io.write("1..0\nBail out! no CUDA device: ", why, "\n")
-        os.exit(1)
-    end
-    io.write("1..0 # SKIP no CUDA device: ", why, "\n")
-    os.exit(0)
-end
+local DEV, ON_CUDA = require("gpu_device")(nemo)
 local ROOT = here .. "/../.."
 local flux = require "nemo.models.flux"
 local Flux = flux.FluxTransformer2DModel
@@ -255,13 +245,7 @@ local function launcher()
         ROOT, ROOT, ROOT)
 end
 
-local function sh(cmd)
-    local p = io.popen(cmd .. " 2>&1; echo \"__rc=$?\"")
-    local out = p:read("*a")
-    p:close()
-    local rc = tonumber(out:match("__rc=(%d+)%s*$"))
-    return out:gsub("__rc=%d+%s*$", ""), rc
-end
+local sh = T.sh
 
 local function metrics(path)
     local out = {}

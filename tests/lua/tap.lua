@@ -4,7 +4,8 @@
 --   T.near(a, b, tol, name) for numbers; T.raises(fn, pattern, name) checks an error message;
 --   T.close(t, ref, rtol, atol, name) compares two tensors (or a tensor and a Lua table) by
 --   max|a-ref| <= rtol*max|ref| + atol and prints the numbers. T.same_bits(a, b): whether two
---   tensors (on any device) have one dtype, one size and the same bytes.
+--   tensors (on any device) have one dtype, one size and the same bytes. T.sh(cmd): a shell
+--   command's stdout and stderr together, and its exit status.
 -- Accidental globals make the test fail (luafun's rule).
 local T = {}
 local n, failed, planned = 0, 0, nil
@@ -43,6 +44,13 @@ function T.same_bits(a, b)
     if x.dtype ~= y.dtype or x:numel() ~= y:numel() then return false end
     local k = x:numel() * x:element_size()
     return ffi.string(C.nemo_tensor_data(x._c), k) == ffi.string(C.nemo_tensor_data(y._c), k)
+end
+function T.sh(cmd)
+    local p = io.popen(cmd .. " 2>&1; echo \"__rc=$?\"")
+    local out = p:read("*a")
+    p:close()
+    local rc = tonumber(out:match("__rc=(%d+)%s*$"))
+    return (out:gsub("__rc=%d+%s*$", "")), rc
 end
 function T.skip(name, why) n = n + 1; io.write("ok ", n, " - ", name, " # SKIP ", why, "\n") end
 function T.diag(msg) for line in tostring(msg):gmatch("[^\n]+") do io.write("# ", line, "\n") end end

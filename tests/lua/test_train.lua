@@ -77,13 +77,7 @@ local function read_metrics(path)
     return out
 end
 
-local function sh(cmd)
-    local p = io.popen(cmd .. " 2>&1; echo \"rc=$?\"")
-    local out = p:read("*a")
-    p:close()
-    local rc = tonumber(out:match("rc=(%d+)%s*$"))
-    return out:gsub("rc=%d+%s*$", ""), rc
-end
+local sh = T.sh
 
 local function file_eq(a, b) return fs.isfile(a) and fs.isfile(b) and fs.read(a) == fs.read(b) end
 local function ckpt_names(dir)
