@@ -195,8 +195,8 @@ local function run(dt)
     local temb = randn({1, D}, dt)
     collectgarbage(); collectgarbage()
     sync()
-    if on_gpu then nemo.cuda.reset_peak_memory_stats(dev) else nemo.reset_peak_memory_stats() end
-    local base = on_gpu and nemo.cuda.memory_stats(dev).current or nemo.memory_stats().current
+    nemo.reset_peak_memory_stats(dev)
+    local base = nemo.memory_stats(dev).current
     local times = {}
     for s = 1, opts.steps + 1 do
         sync()
@@ -208,7 +208,7 @@ local function run(dt)
         if s > 1 then times[#times + 1] = clock() - t0 end   -- the first step warms up caches and cuBLAS
         block:zero_grad(); hs.grad = nil; ehs.grad = nil
     end
-    local pk = (on_gpu and nemo.cuda.memory_stats(dev).peak or nemo.memory_stats().peak) - base
+    local pk = nemo.memory_stats(dev).peak - base
     local t = median(times)
     local tf = FLOPS / t / 1e12
     local ref_kind = dt == "bfloat16" and "bf16" or "f32"

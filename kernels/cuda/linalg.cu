@@ -11,13 +11,13 @@
  *             host. Through cuBLASLt.
  *   "colsum"  int (int dtype, int64_t m, int64_t n, const void *g, int64_t ldg, void *out)
  *             out[j] = sum_i g[i*ldg + j] (double accumulation), out (n) dense, g's dtype.
- *
  *   "gemm_lp" gemm's signature with bfloat16 / float16 operands (dtype) and a float32 c: the
  *             tensor cores multiply the exact operand values and accumulate in float32
  *             (CUBLAS_COMPUTE_32F), as the CPU twin's float32 sums of widened operands do.
- * gemm and colsum take float32 or float64; all find their device from the output pointer. They return 0 or a negative status with the
- * plugin's error text (cuBLASLt's status name and text included), launch on the device's
- * stream and do not synchronize.
+ *
+ * gemm and colsum take float32 or float64. All find their device from the output pointer,
+ * return 0 or a negative status with the plugin's error text (cuBLASLt's status name and
+ * text included), launch on the device's stream and do not synchronize.
  *
  * Non-obvious rules
  * - Row-major products are computed as the column-major transposed product: C^T = op(B)^T
@@ -157,17 +157,14 @@ static uint32_t align_of(const void *p, int64_t extra_bytes) {
 /* ==== kernel launchers ==== */
 
 /* "gemm" (dt float32 / float64: operands and c in dt) and "gemm_lp" (dt bfloat16 / float16
- * operands, c float32, float32 accumulation on the tensor cores): one implementation. */
+ * operands, c float32, float32 accumulation on the tensor cores): one implementation; the two
+ * registered wrappers below check dt. */
 static int gemm_lt(const char *name, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha,
                    const void *a, int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc,
                    int64_t nbatch, const int64_t *offs, int c_distinct) {
     nemo_cuda_clear_error();
     static const int64_t zero3[3] = {0, 0, 0};
-    int lp = dt == NEMO_BF16 || dt == NEMO_F16;
-    if (!lp && dt != NEMO_F32 && dt != NEMO_F64)
-        return nemo_cuda_error(NEMO_EDTYPE, "%s: cuda kernel expects %s, got %s", name,
-                               strcmp(name, "gemm") ? "bfloat16 or float16" : "float32 or float64",
-                               nemo_cuda_dtype_name(dt));
+    const int lp = dt == NEMO_BF16 || dt == NEMO_F16;
     if (!offs) { offs = zero3; nbatch = 1; }
     if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX)

@@ -116,6 +116,17 @@ __global__ void ssq_fold_k(double *out, const double *part, int64_t nch) {
     if (threadIdx.x == 0) out[0] = s;
 }
 
+/* *sum (device) = t's sum of squares: the chunk sums into part (nch doubles), then their tree */
+static void ssq_launch(double *sum, double *part, const nemo_tensor *t, int64_t n, int64_t nch, cudaStream_t st) {
+    if (t->dtype == NEMO_F32)
+        ssq_part_k<float><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+            part, (const float *)nemo_cuda_data(t), n, nch);
+    else
+        ssq_part_k<double><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
+            part, (const double *)nemo_cuda_data(t), n, nch);
+    ssq_fold_k<<<1, NEMO_CUDA_THREADS, 0, st>>>(sum, part, nch);
+}
+
 static int sum_squares_cuda(const nemo_tensor *t, double *out) {
     static const char op[] = "sum_squares";
     NEMO_CUDA_ENTER(op, t);
@@ -130,13 +141,7 @@ static int sum_squares_cuda(const nemo_tensor *t, double *out) {
     NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * (size_t)(nch + 1), &part));
     double *P = (double *)part;
     cudaStream_t st = nemo_cuda_stream(dev);
-    if (t->dtype == NEMO_F32)
-        ssq_part_k<float><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
-            P + 1, (const float *)nemo_cuda_data(t), n, nch);
-    else
-        ssq_part_k<double><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
-            P + 1, (const double *)nemo_cuda_data(t), n, nch);
-    ssq_fold_k<<<1, NEMO_CUDA_THREADS, 0, st>>>(P, P + 1, nch);
+    ssq_launch(P, P + 1, t, n, nch, st);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, dev, (long long)n);
     NEMO_CUDA_TRY(cudaMemcpyAsync(out, P, sizeof(double), cudaMemcpyDeviceToHost, st), "%s: copying the sum", op);
     NEMO_CUDA_TRY(cudaStreamSynchronize(st), "%s: waiting for the sum", op);
@@ -283,13 +288,7 @@ static int sum_squares_many_cuda(int n, const nemo_tensor *const *ts, double *ou
         const int64_t ne = nemo_cuda_numel(ts[i]);
         if (ne == 0) continue;
         const int64_t nch = k_cdiv(ne, SSQ_CHUNK);
-        if (ts[i]->dtype == NEMO_F32)
-            ssq_part_k<float><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
-                part, (const float *)nemo_cuda_data(ts[i]), ne, nch);
-        else
-            ssq_part_k<double><<<row_blocks(nch, NEMO_CUDA_THREADS), NEMO_CUDA_THREADS, 0, st>>>(
-                part, (const double *)nemo_cuda_data(ts[i]), ne, nch);
-        ssq_fold_k<<<1, NEMO_CUDA_THREADS, 0, st>>>(sums + i, part, nch);
+        ssq_launch(sums + i, part, ts[i], ne, nch, st);
         part += nch;
     }
     NEMO_CUDA_LAUNCHED("%s: kernel launches on cuda:%d (%d tensors)", op, dev, n);
