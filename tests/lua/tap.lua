@@ -15,7 +15,8 @@ local function report(ok, name, diag)
     if not ok then failed = failed + 1 end
     io.write(ok and "ok " or "not ok ", n, " - ", (tostring(name or ""):gsub("\n", " ")), "\n")
     if diag and not ok then
-        for line in tostring(diag):gmatch("[^\n]+") do io.write("# ", line, "\n") end
+        io.stdout:flush()   -- on stderr, where prove shows it, after the "not ok" line
+        for line in tostring(diag):gmatch("[^\n]+") do io.stderr:write("# ", line, "\n") end
     end
     io.flush()
     return ok

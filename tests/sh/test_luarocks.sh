@@ -15,12 +15,7 @@ unset NEMO_LIB LUA_PATH LUA_CPATH LUA_INIT
 # a make above us (make test) must not hand its jobserver to the make that luarocks runs
 unset MAKEFLAGS MFLAGS MAKELEVEL
 
-n=0
-pass() { n=$((n + 1)); echo "ok $n - $1"; }
-fail() {
-    n=$((n + 1)); echo "not ok $n - $1"; shift
-    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
-}
+source tests/sh/lib/tap.sh   # pass, fail (diagnostics on stderr)
 is() { if [ "$1" == "$2" ]; then pass "$3"; else fail "$3" "got:" "$1" "expected:" "$2"; fi; }
 
 # ==== copy the working tree (source files git knows of, plus the build outputs) ====

@@ -8,7 +8,7 @@ n=0
 pass() { n=$((n + 1)); echo "ok $n - $1"; }
 fail() {
     n=$((n + 1)); echo "not ok $n - $1"; shift
-    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
+    for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done >&2   # on stderr: prove shows it
 }
 skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
 
