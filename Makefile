@@ -89,7 +89,7 @@ nemo-lua: build/obj/engine/main.o
 
 # ==== TESTS ====
 # Debian packages the build and the tests need; `make deps` installs the missing ones.
-DEB_PKGS := luajit libluajit-5.1-dev lua-cjson libyaml-dev luarocks libopenblas-dev libedit-dev \
+DEB_PKGS := g++ luajit libluajit-5.1-dev lua-cjson libyaml-dev luarocks libopenblas-dev libedit-dev \
             libopenmpi-dev openmpi-bin pkg-config
 deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -105,6 +105,11 @@ TESTS_C := $(patsubst tests/c/%.c,build/tests/%,$(wildcard tests/c/test_*.c))
 build/tests/%: tests/c/%.c $(LIBNEMO)
 	@mkdir -p $(dir $@)
 	$(CC) $(NEMO_CFLAGS) -Itests -o $@ $< -Lbuild -lnemo -Wl,-rpath,'$$ORIGIN/..' -lm
+# C++ tests of device code compiled for the host (test_flash_emu: kernels/cuda/flash.cuh on an emulated warp)
+TESTS_C += $(patsubst tests/c/%.cc,build/tests/%,$(wildcard tests/c/test_*.cc))
+build/tests/%: tests/c/%.cc $(wildcard kernels/cuda/*.cuh)
+	@mkdir -p $(dir $@)
+	$(CXX) -std=c++17 -O2 -Wall -Wextra -Wshadow $(if $(filter 1,$(WERROR)),-Werror) -Itests -o $@ $<
 
 # One prove run over the C test binaries, the Lua tests (run by ./nemo-lua) and the shell tests.
 test-only: $(TESTS_C)

@@ -514,3 +514,176 @@ static int sdpa_bwd_cuda(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, cons
     return 0;
 }
 NEMO_CUDA_KERNEL("sdpa_bwd", sdpa_bwd_cuda)
+
+/* ==== Fused attention for bfloat16 / float16 (flash.cuh) ====
+ *
+ *   "sdpa_flash_fwd"  int (o, lse, q, k, v, is_causal, scale)
+ *   "sdpa_flash_bwd"  int (dq, dk, dv, g, q, k, v, o, lse, is_causal, scale)
+ *       q, k, v, o, g, dq, dk, dv: one dtype, bfloat16 or float16, head dim 64 or 128 (Dv = D),
+ *       last dim contiguous, 16-byte aligned rows, row and leading strides multiples of 8
+ *       elements (the front-end copies an operand that is not so); lse float32 (lead..., Sq)
+ *       dense. No mask: the front-end sends masked attention to "sdpa_fwd".
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+extern __shared__ __align__(16) char fl_smem_[];
+#define FL_GLOBAL __global__ __launch_bounds__(FL_T)
+#define FL_DEV __device__ __forceinline__
+#define FL_UNROLL _Pragma("unroll")
+#define FL_TID ((int)threadIdx.x)
+#define FL_BX ((int64_t)blockIdx.x)
+#define FL_BY ((int64_t)blockIdx.y)
+#define FL_GX ((int64_t)gridDim.x)
+#define FL_GY ((int64_t)gridDim.y)
+#define FL_SMEM fl_smem_
+__device__ __forceinline__ void fl_sync() { __syncthreads(); }
+__device__ __forceinline__ float fl_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float fl_exp2(float x) { return exp2f(x); }
+__device__ __forceinline__ float fl_log2(float x) { return log2f(x); }
+template <int E> __device__ __forceinline__ void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <> __device__ __forceinline__ void fl_mma<0>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void fl_mma<1>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <int E> __device__ __forceinline__ uint32_t fl_pack(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t fl_pack<0>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t *)&h;
+}
+template <> __device__ __forceinline__ uint32_t fl_pack<1>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&h;
+}
+template <int E> __device__ __forceinline__ float fl_f32(uint16_t h) {
+    return E == 0 ? nemo_cuda_bf16_to_f32(h) : __half2float(__ushort_as_half(h));
+}
+
+#include "flash.cuh"
+
+/* t as a flash operand (checks what the kernels rely on; see the header above). */
+static int fl_mat_of(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int64_t rows,
+                     int64_t d, fl_mat *m) {
+    NEMO_CUDA_RC(k_need(op, what, t));
+    NEMO_CUDA_RC(k_check(op, what, t, ref, ref->dtype));
+    const int nd = ref->ndim;
+    int ok = t->ndim == nd && t->shape[nd - 2] == rows && t->shape[nd - 1] == d;
+    for (int i = 0; ok && i < nd - 2; i++) ok = t->shape[i] == ref->shape[i];
+    if (!ok)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: %s has %d dims, expected (lead, %lld, %lld) with the query's lead dims",
+                               op, what, t->ndim, (long long)rows, (long long)d);
+    memset(m, 0, sizeof *m);
+    m->p = (uint16_t *)nemo_cuda_data(t);
+    m->ld = t->stride[nd - 2];
+    int aligned = t->stride[nd - 1] == 1 && m->ld % 8 == 0 && ((uintptr_t)m->p & 15) == 0;
+    for (int i = 0; i < nd - 2; i++) {
+        m->ls[i] = t->stride[i];
+        aligned = aligned && (t->stride[i] % 8 == 0 || t->shape[i] == 1);
+    }
+    if (!aligned)
+        return nemo_cuda_error(NEMO_EINVAL, "%s: %s must have a contiguous last dim, 16-byte aligned rows and strides "
+                               "that are multiples of 8 elements (the front-end copies it)", op, what);
+    return 0;
+}
+
+/* Geometry and q / k / v of both directions. */
+static int fl_setup(const char *op, fl_args *A, const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                    const nemo_tensor *lse, int causal, double scale) {
+    memset(A, 0, sizeof *A);
+    const int nd = q->ndim;
+    if (q->dtype != NEMO_BF16 && q->dtype != NEMO_F16)
+        return nemo_cuda_error(NEMO_EDTYPE, "%s: expects bfloat16 or float16, got %s", op, nemo_cuda_dtype_name(q->dtype));
+    if (nd < 2 || nd - 2 > FL_MAXLEAD)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: query has %d dims, expected 2 to %d", op, nd, FL_MAXLEAD + 2);
+    const int64_t d = q->shape[nd - 1];
+    if (d != 64 && d != 128) return nemo_cuda_error(NEMO_ESHAPE, "%s: head dim %lld, expected 64 or 128", op, (long long)d);
+    NEMO_CUDA_RC(k_need(op, "key", k));
+    A->nlead = nd - 2;
+    A->causal = causal != 0;
+    A->nbh = 1;
+    for (int i = 0; i < nd - 2; i++) A->nbh *= (A->lshape[i] = q->shape[i]);
+    A->sq = q->shape[nd - 2];
+    A->sk = k->ndim == nd ? k->shape[nd - 2] : 0;
+    A->scale = (float)scale;
+    A->scale_log2 = (float)(scale * 1.4426950408889634);
+    NEMO_CUDA_RC(fl_mat_of(op, "query", q, q, A->sq, d, &A->q));
+    NEMO_CUDA_RC(fl_mat_of(op, "key", k, q, A->sk, d, &A->k));
+    NEMO_CUDA_RC(fl_mat_of(op, "value", v, q, A->sk, d, &A->v));
+    NEMO_CUDA_RC(k_need(op, "logsumexp", lse));
+    NEMO_CUDA_RC(k_check(op, "logsumexp", lse, q, NEMO_F32));
+    int dense = nemo_cuda_numel(lse) == A->nbh * A->sq;
+    int64_t want = 1;
+    for (int i = lse->ndim - 1; dense && i >= 0; want *= lse->shape[i], i--)
+        dense = lse->shape[i] == 1 || lse->stride[i] == want;
+    if (!dense)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: logsumexp must be dense with %lld values", op, (long long)(A->nbh * A->sq));
+    A->lse = (float *)nemo_cuda_data(lse);
+    if (A->sq <= 0 || A->sk <= 0 || A->nbh > INT32_MAX || (A->sq + 63) / 64 > 65535 || (A->sk + 63) / 64 > 65535)
+        return nemo_cuda_error(NEMO_ESHAPE, "%s: sizes (pairs %lld, Sq %lld, Sk %lld) outside 1..2^31 pairs and "
+                               "1..4194240 rows", op, (long long)A->nbh, (long long)A->sq, (long long)A->sk);
+    return 0;
+}
+
+/* kernel<<<(nbh, tiles), 128, smem>>> after opting in to its shared memory. */
+static int fl_launch(const char *op, int dev, void (*kernel)(const fl_args), const fl_args &A, int64_t gx, int64_t gy,
+                     int smem, cudaStream_t st) {
+    NEMO_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                  "%s: %d bytes of shared memory on cuda:%d", op, smem, dev);
+    kernel<<<dim3((unsigned)gx, (unsigned)gy), FL_T, (size_t)smem, st>>>(A);
+    NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d", op, dev);
+    return 0;
+}
+
+template <int D, int E>
+static int fl_fwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {
+    return fl_launch(op, dev, fl_fwd_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_fwd_smem<D>(), st);
+}
+template <int D, int E>
+static int fl_bwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {
+    const int64_t pre = k_clamp(k_cdiv(A.nbh * A.sq, FL_W), 1, 1 << 20);
+    NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_pre_k<D, E>, A, pre, 1, 0, st));
+    NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_dkdv_k<D, E>, A, A.nbh, (A.sk + 63) / 64, fl_dkdv_smem<D>(), st));
+    return fl_launch(op, dev, fl_bwd_dq_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_dq_smem<D>(), st);
+}
+/* fn<head dim, element type>(op, A, dev, st) */
+#define FL_DISPATCH(fn, op, A, d, dt, dev, st)                                                   \
+    ((d) == 64 ? ((dt) == NEMO_BF16 ? fn<64, FL_BF16>(op, A, dev, st) : fn<64, FL_F16>(op, A, dev, st)) \
+               : ((dt) == NEMO_BF16 ? fn<128, FL_BF16>(op, A, dev, st) : fn<128, FL_F16>(op, A, dev, st)))
+
+static int sdpa_flash_fwd_cuda(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, const nemo_tensor *k,
+                               const nemo_tensor *v, int is_causal, double scale) {
+    static const char op[] = "scaled_dot_product_attention (flash)";
+    NEMO_CUDA_ENTER(op, q);
+    fl_args A;
+    NEMO_CUDA_RC(fl_setup(op, &A, q, k, v, lse, is_causal, scale));
+    const int64_t d = q->shape[q->ndim - 1];
+    NEMO_CUDA_RC(fl_mat_of(op, "output", o, q, A.sq, d, &A.o));
+    return FL_DISPATCH(fl_fwd, op, A, d, q->dtype, q->devindex, nemo_cuda_stream(q->devindex));
+}
+NEMO_CUDA_KERNEL("sdpa_flash_fwd", sdpa_flash_fwd_cuda)
+
+static int sdpa_flash_bwd_cuda(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                               const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *o,
+                               const nemo_tensor *lse, int is_causal, double scale) {
+    static const char op[] = "scaled_dot_product_attention backward (flash)";
+    NEMO_CUDA_ENTER(op, q);
+    fl_args A;
+    NEMO_CUDA_RC(fl_setup(op, &A, q, k, v, lse, is_causal, scale));
+    const int64_t d = q->shape[q->ndim - 1];
+    NEMO_CUDA_RC(fl_mat_of(op, "output", o, q, A.sq, d, &A.o));
+    NEMO_CUDA_RC(fl_mat_of(op, "gradient", g, q, A.sq, d, &A.g));
+    NEMO_CUDA_RC(fl_mat_of(op, "query gradient", dq, q, A.sq, d, &A.dq));
+    NEMO_CUDA_RC(fl_mat_of(op, "key gradient", dk, q, A.sk, d, &A.dk));
+    NEMO_CUDA_RC(fl_mat_of(op, "value gradient", dv, q, A.sk, d, &A.dv));
+    void *scratch = NULL;
+    NEMO_CUDA_RC(nemo_cuda_scratch(q->devindex, sizeof(float) * (size_t)(A.nbh * A.sq), &scratch));
+    A.dvec = (float *)scratch;
+    return FL_DISPATCH(fl_bwd, op, A, d, q->dtype, q->devindex, nemo_cuda_stream(q->devindex));
+}
+NEMO_CUDA_KERNEL("sdpa_flash_bwd", sdpa_flash_bwd_cuda)
