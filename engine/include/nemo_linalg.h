@@ -70,5 +70,12 @@ NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, cons
                                 const nemo_tensor *v, const nemo_tensor *mask, const nemo_tensor *out,
                                 const nemo_tensor *lse, const nemo_tensor *probs, int is_causal, double scale,
                                 nemo_tensor **dq, nemo_tensor **dk, nemo_tensor **dv);
+/* 1 when nemo_sdpa / nemo_sdpa_backward with these arguments, and no kept probabilities, run
+ * the fused low-precision kernels ("sdpa_flash_fwd" / "sdpa_flash_bwd"): q, k, v bfloat16 or
+ * float16, no mask, head dim 64 or 128 (Dv too), Sq and Sk > 0, on a device that has them. On
+ * CUDA they are flash attention on tensor cores; the CPU's twins compute as the float32 path
+ * does. 0 otherwise, also for arguments nemo_sdpa would refuse. */
+NEMO_API int nemo_sdpa_uses_flash(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                                  const nemo_tensor *mask);
 
 #endif /* NEMO_LINALG_H */

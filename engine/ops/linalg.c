@@ -42,6 +42,13 @@ typedef int (*sdpa_bwd_p_k)(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, c
                             const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
                             const nemo_tensor *o, const nemo_tensor *lse, const nemo_tensor *p,
                             const nemo_tensor *mask, int is_causal, double scale);
+/* Fused attention on bfloat16 / float16 operands and results with a float32 lse, no mask, head
+ * dim 64 or 128 ("sdpa_flash_fwd", "sdpa_flash_bwd"; optional per device; see flash_applies). */
+typedef int (*sdpa_flash_fwd_k)(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, const nemo_tensor *k,
+                                const nemo_tensor *v, int is_causal, double scale);
+typedef int (*sdpa_flash_bwd_k)(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                                const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                                const nemo_tensor *o, const nemo_tensor *lse, int is_causal, double scale);
 
 /* ==== Matrix views ==== */
 
@@ -600,8 +607,63 @@ static nemo_tensor *mask_view(const nemo_tensor *mask, const nemo_tensor *q, con
     return mv;
 }
 
+/* The fused low-precision kernels take the call: q, k, v bfloat16 or float16, no mask, head
+ * dim 64 or 128 for both products, non-empty, sizes the kernels' grids hold, and the device has
+ * both kernels. Checked by the forward and again by the backward (which also wants g in q's
+ * dtype), so a call runs one path in both directions. */
+static int flash_applies(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask) {
+    const int nd = q->ndim;
+    if ((q->dtype != NEMO_BF16 && q->dtype != NEMO_F16) || mask || nd > NEMO_MAXDIM) return 0;
+    const int64_t d = q->shape[nd - 1], sq = q->shape[nd - 2], sk = k->shape[nd - 2];
+    if ((d != 64 && d != 128) || v->shape[nd - 1] != d || sq <= 0 || sk <= 0) return 0;
+    int64_t nbh = 1;
+    for (int i = 0; i < nd - 2; i++) nbh *= q->shape[i];
+    if (nbh <= 0 || nbh > INT32_MAX || (sq + 63) / 64 > 65535 || (sk + 63) / 64 > 65535) return 0;
+    return nemo_kernel_has("sdpa_flash_fwd", q->devtype) && nemo_kernel_has("sdpa_flash_bwd", q->devtype);
+}
+/* t as the flash kernels read it: last dim contiguous, 16-byte aligned rows, row and leading
+ * strides multiples of 8 elements; a copy when it is not. */
+static nemo_tensor *flash_operand(const nemo_tensor *t) {
+    const int nd = t->ndim;
+    int ok = t->stride[nd - 1] == 1 && t->stride[nd - 2] % 8 == 0 && ((uintptr_t)nemo_tensor_data(t) & 15) == 0;
+    for (int i = 0; ok && i < nd - 2; i++) ok = t->stride[i] % 8 == 0 || t->shape[i] == 1;
+    if (ok) { nemo_tensor_retain((nemo_tensor *)t); return (nemo_tensor *)t; }
+    return nemo_contiguous(t);
+}
+
 static double sdpa_scale(double scale, const nemo_tensor *q) {
     return scale == scale ? scale : 1.0 / sqrt((double)q->shape[q->ndim - 1]);
+}
+
+NEMO_API int nemo_sdpa_uses_flash(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                                  const nemo_tensor *mask) {
+    if (!q || !k || !v || sdpa_check(SDPA, q, k, v, mask, 0) < 0) {
+        nemo_clear_error();
+        return 0;
+    }
+    return flash_applies(q, k, v, mask);
+}
+
+/* nemo_sdpa through the flash kernel: operands and output in q's dtype, lse float32. */
+static int sdpa_flash(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v, int is_causal, double scale,
+                      nemo_tensor **out, nemo_tensor **lse) {
+    int rc = 0;
+    nemo_tensor *qc = NULL, *kc = NULL, *vc = NULL, *oc = NULL, *lc = NULL;
+    sdpa_flash_fwd_k kern;
+    NEMO_GET_KERNEL(kern, sdpa_flash_fwd_k, "sdpa_flash_fwd", q->devtype);
+    NEMO_TRYP(qc, flash_operand(q));
+    NEMO_TRYP(kc, flash_operand(k));
+    NEMO_TRYP(vc, flash_operand(v));
+    NEMO_TRYP(oc, empty_like_order(q, q->shape, q->dtype));
+    NEMO_TRYP(lc, nemo_empty(q->ndim - 1, q->shape, NEMO_F32, q->devtype, q->devindex));
+    NEMO_TRY(kern(oc, lc, qc, kc, vc, is_causal, sdpa_scale(scale, q)));
+    *out = oc;
+    oc = NULL;
+    if (lse) { *lse = lc; lc = NULL; }
+fail:
+    nemo_tensor_release(qc); nemo_tensor_release(kc); nemo_tensor_release(vc);
+    nemo_tensor_release(oc); nemo_tensor_release(lc);
+    return rc;
 }
 
 NEMO_API int nemo_sdpa(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
@@ -616,6 +678,7 @@ NEMO_API int nemo_sdpa(const nemo_tensor *q, const nemo_tensor *k, const nemo_te
     NEMO_CHECK(!probs || lse, NEMO_EINVAL, SDPA ": keeping the probabilities needs the logsumexp output too");
     NEMO_TRY(sdpa_check(SDPA, q, k, v, mask, is_causal));
     int keep = probs && nemo_kernel_has("sdpa_fwd_p", q->devtype) && nemo_kernel_has("sdpa_bwd_p", q->devtype);
+    if (!keep && flash_applies(q, k, v, mask)) return sdpa_flash(q, k, v, is_causal, scale, out, lse);
     sdpa_fwd_k kern = NULL;
     sdpa_fwd_p_k kern_p = NULL;
     if (keep) NEMO_GET_KERNEL(kern_p, sdpa_fwd_p_k, "sdpa_fwd_p", q->devtype);
@@ -650,6 +713,35 @@ fail:
     nemo_tensor_release(mv); nemo_tensor_release(oc); nemo_tensor_release(lc); nemo_tensor_release(pc);
     if (rc < 0 && out && *out) { nemo_tensor_release(*out); *out = NULL; }
     if (rc < 0 && lse && *lse) { nemo_tensor_release(*lse); *lse = NULL; }
+    return rc;
+}
+
+/* nemo_sdpa_backward through the flash kernel (arguments already checked). */
+static int sdpa_flash_backward(const nemo_tensor *g, const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                               const nemo_tensor *out, const nemo_tensor *lse, int is_causal, double scale,
+                               nemo_tensor **dq, nemo_tensor **dk, nemo_tensor **dv) {
+    int rc = 0;
+    nemo_tensor *gc = NULL, *qc = NULL, *kc = NULL, *vc = NULL, *oc = NULL, *lc = NULL;
+    nemo_tensor *dqc = NULL, *dkc = NULL, *dvc = NULL;
+    sdpa_flash_bwd_k kern;
+    NEMO_GET_KERNEL(kern, sdpa_flash_bwd_k, "sdpa_flash_bwd", q->devtype);
+    NEMO_TRYP(gc, flash_operand(g));
+    NEMO_TRYP(qc, flash_operand(q));
+    NEMO_TRYP(kc, flash_operand(k));
+    NEMO_TRYP(vc, flash_operand(v));
+    NEMO_TRYP(oc, flash_operand(out));
+    NEMO_TRYP(lc, nemo_contiguous(lse));
+    NEMO_TRYP(dqc, empty_like_order(q, q->shape, q->dtype));
+    NEMO_TRYP(dkc, empty_like_order(k, k->shape, q->dtype));
+    NEMO_TRYP(dvc, empty_like_order(v, v->shape, q->dtype));
+    NEMO_TRY(kern(dqc, dkc, dvc, gc, qc, kc, vc, oc, lc, is_causal, sdpa_scale(scale, q)));
+    if (dq) { *dq = dqc; dqc = NULL; }
+    if (dk) { *dk = dkc; dkc = NULL; }
+    if (dv) { *dv = dvc; dvc = NULL; }
+fail:
+    nemo_tensor_release(gc); nemo_tensor_release(qc); nemo_tensor_release(kc); nemo_tensor_release(vc);
+    nemo_tensor_release(oc); nemo_tensor_release(lc);
+    nemo_tensor_release(dqc); nemo_tensor_release(dkc); nemo_tensor_release(dvc);
     return rc;
 }
 
@@ -690,6 +782,9 @@ NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, cons
                    nemo_dtype_name(probs->dtype), nemo_shape_str(probs, s1, sizeof s1));
         NEMO_TRY(nemo_check_same_device(op, probs, q));
     }
+    if (!probs && flash_applies(q, k, v, mask) && g->dtype == q->dtype && out->dtype == q->dtype &&
+        lse->dtype == NEMO_F32)
+        return sdpa_flash_backward(g, q, k, v, out, lse, is_causal, scale, dq, dk, dv);
     sdpa_bwd_k kern = NULL;
     sdpa_bwd_p_k kern_p = NULL;
     if (probs) NEMO_GET_KERNEL(kern_p, sdpa_bwd_p_k, "sdpa_bwd_p", q->devtype);

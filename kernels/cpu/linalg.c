@@ -848,3 +848,47 @@ static int sdpa_bwd_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const
 NEMO_REGISTER_KERNEL("sdpa_bwd", NEMO_CPU, sdpa_bwd_cpu)
 /* sdpa_bwd reading the forward's kept probabilities p (sdpa_fwd_p) instead of recomputing them. */
 NEMO_REGISTER_KERNEL("sdpa_bwd_p", NEMO_CPU, sdpa_bwd_probs_cpu)
+
+/* The twins of the CUDA flash kernels ("sdpa_flash_fwd" / "sdpa_flash_bwd": bfloat16 / float16
+ * operands and results, float32 lse, no mask). They widen the operands to float32, run the
+ * kernels above into float32 results and round those once, which is what the front-end's float32
+ * path does, so the CPU gives the same bits whichever path the front-end takes. */
+static nemo_tensor *f32_like(const nemo_tensor *t) { return nemo_empty(t->ndim, t->shape, NEMO_F32, t->devtype, t->devindex); }
+static int sdpa_flash_fwd_cpu(nemo_tensor *o, nemo_tensor *lse, const nemo_tensor *q, const nemo_tensor *k,
+                              const nemo_tensor *v, int is_causal, double scale) {
+    int rc = 0;
+    nemo_tensor *qw = NULL, *kw = NULL, *vw = NULL, *ow = NULL;
+    NEMO_TRYP(qw, nemo_prep(q, NEMO_F32));
+    NEMO_TRYP(kw, nemo_prep(k, NEMO_F32));
+    NEMO_TRYP(vw, nemo_prep(v, NEMO_F32));
+    NEMO_TRYP(ow, f32_like(o));
+    NEMO_TRY(sdpa_fwd_cpu(ow, lse, qw, kw, vw, NULL, is_causal, scale));
+    NEMO_TRY(nemo_copy_(o, ow));
+fail:
+    nemo_tensor_release(qw); nemo_tensor_release(kw); nemo_tensor_release(vw); nemo_tensor_release(ow);
+    return rc;
+}
+NEMO_REGISTER_KERNEL("sdpa_flash_fwd", NEMO_CPU, sdpa_flash_fwd_cpu)
+static int sdpa_flash_bwd_cpu(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv, const nemo_tensor *g,
+                              const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
+                              const nemo_tensor *o, const nemo_tensor *lse, int is_causal, double scale) {
+    int rc = 0;
+    nemo_tensor *gw = NULL, *qw = NULL, *kw = NULL, *vw = NULL, *ow = NULL, *dqw = NULL, *dkw = NULL, *dvw = NULL;
+    NEMO_TRYP(gw, nemo_prep(g, NEMO_F32));
+    NEMO_TRYP(qw, nemo_prep(q, NEMO_F32));
+    NEMO_TRYP(kw, nemo_prep(k, NEMO_F32));
+    NEMO_TRYP(vw, nemo_prep(v, NEMO_F32));
+    NEMO_TRYP(ow, nemo_prep(o, NEMO_F32));
+    NEMO_TRYP(dqw, f32_like(dq));
+    NEMO_TRYP(dkw, f32_like(dk));
+    NEMO_TRYP(dvw, f32_like(dv));
+    NEMO_TRY(sdpa_bwd_cpu(dqw, dkw, dvw, gw, qw, kw, vw, ow, lse, NULL, is_causal, scale));
+    NEMO_TRY(nemo_copy_(dq, dqw));
+    NEMO_TRY(nemo_copy_(dk, dkw));
+    NEMO_TRY(nemo_copy_(dv, dvw));
+fail:
+    nemo_tensor_release(gw); nemo_tensor_release(qw); nemo_tensor_release(kw); nemo_tensor_release(vw);
+    nemo_tensor_release(ow); nemo_tensor_release(dqw); nemo_tensor_release(dkw); nemo_tensor_release(dvw);
+    return rc;
+}
+NEMO_REGISTER_KERNEL("sdpa_flash_bwd", NEMO_CPU, sdpa_flash_bwd_cpu)

@@ -944,6 +944,49 @@ for _, at in ipairs(ATT) do
     end
 end
 
+-- the fused low-precision attention (kernels "sdpa_flash_fwd", "sdpa_flash_bwd"): bf16 / f16,
+-- head dim 64 or 128, no mask. The CPU side runs its twins (float32 computation, one rounding);
+-- the GPU rounds P and dS to the input type before their products, hence 1e-2.
+local FLASH = {   -- q shape, k (= v) shape, causal, layout, label
+    {{2, 3, 77, 64}, {2, 3, 45, 64}, 0, nil, "Sq 77, Sk 45, D 64"},
+    {{1, 2, 70, 128}, {1, 2, 130, 128}, 1, nil, "Sq 70, Sk 130, D 128, causal"},
+    {{1, 3, 130, 64}, {1, 3, 70, 64}, 1, "perm", "Sq 130 > Sk 70, D 64, causal, (B, S, H, D) buffers"},
+    {{2, 2, 65, 128}, {2, 2, 65, 128}, 0, "offset", "D 128, rows off 16-byte alignment (the front-end copies)"},
+    {{1, 4, 1100, 128}, {1, 4, 1100, 128}, 1, nil, "(1, 4, 1100, 128) causal: 18 query tiles"},
+}
+local function flash_operand(shape, dt, layout)
+    if layout == "perm" then return att_operand(shape, dt, true) end
+    if layout ~= "offset" then return pair(shape, dt, -1, 1, false) end
+    local base = uniform({shape[1], shape[2], shape[3], shape[4] + 4}, dt, -1, 1)
+    return base:narrow(3, 4, shape[4]), dev(base):narrow(3, 4, shape[4])
+end
+for _, fc in ipairs(FLASH) do
+    for _, dt in ipairs{"bfloat16", "float16"} do
+        local q, qd = flash_operand(fc[1], dt, fc[4])
+        local k, kd = flash_operand(fc[2], dt, fc[4])
+        local v, vd = flash_operand(fc[2], dt, fc[4])
+        local g, gd = pair(fc[1], dt, -1, 1, false)
+        local causal = fc[3]
+        T.ok(C.nemo_sdpa_uses_flash(qd._c, kd._c, vd._c, nil) ~= 0 and C.nemo_sdpa_uses_flash(q._c, k._c, v._c, nil) ~= 0,
+             string.format("sdpa %s %s: takes the flash kernels on both sides", dt, fc[5]))
+        local function fwd(side)
+            local o = outs(2)
+            nffi.check(C.nemo_sdpa(side_of(side, q, qd)._c, side_of(side, k, kd)._c, side_of(side, v, vd)._c, nil, causal,
+                                   0 / 0, o[1], o[2], nil))
+            return took(o)
+        end
+        case("sdpa_flash_fwd", dt, fc[5], 1e-2, false, fwd)
+        case("sdpa_flash_bwd", dt, fc[5], 1e-2, false, function(side)
+            local f = fwd(side)
+            local o = outs(3)
+            nffi.check(C.nemo_sdpa_backward(side_of(side, g, gd)._c, side_of(side, q, qd)._c, side_of(side, k, kd)._c,
+                                            side_of(side, v, vd)._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1],
+                                            o[2], o[3]))
+            return took(o)
+        end)
+    end
+end
+
 -- convolutions (kernels "conv_fwd", "conv_bwd")
 local CONV = {   -- nsp, x, w, stride, pad_lo, pad_hi, dilation, groups, bias, algo, label
     {2, {2, 4, 9, 11}, {6, 2, 3, 3}, {2, 1}, {1, 1}, {1, 1}, {1, 2}, 2, true, 0, "2-D 3x3 stride (2, 1) dil (1, 2) groups 2"},
@@ -1238,7 +1281,9 @@ if not FAKE then
                                  S, D, causal == 1 and " causal" or "", t * 1e3, 2.5 * flops / t / 1e12))
         end
         attn("float32", 4608, 24, 128, 0)
-        attn("bfloat16", 4608, 24, 128, 0)
+        attn("bfloat16", 4608, 24, 128, 0)   -- the flash kernels from here on
+        attn("bfloat16", 4608, 24, 128, 1)
+        attn("bfloat16", 4608, 24, 64, 0)
         local x = dev(uniform({8192, 3072}, "bfloat16", -1, 1))
         local w = dev(uniform({3072}, "float32", 0.5, 1.5))
         local t = timeit(10, function()

@@ -80,6 +80,9 @@ local SIGS = {
     sdpa_fwd = "int (*)(" .. T_ .. ", " .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT .. ", " .. CT .. ", int, double)",
     sdpa_bwd = "int (*)(" .. T_ .. ", " .. T_ .. ", " .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT .. ", " .. CT ..
         ", " .. CT .. ", " .. CT .. ", " .. CT .. ", int, double)",
+    sdpa_flash_fwd = "int (*)(" .. T_ .. ", " .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT .. ", int, double)",
+    sdpa_flash_bwd = "int (*)(" .. T_ .. ", " .. T_ .. ", " .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT .. ", " ..
+        CT .. ", " .. CT .. ", " .. CT .. ", int, double)",
     conv_fwd = "int (*)(" .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT ..
         ", const int64_t *, const int64_t *, const int64_t *, int64_t, int)",
     conv_bwd = "int (*)(" .. T_ .. ", " .. T_ .. ", " .. T_ .. ", " .. CT .. ", " .. CT .. ", " .. CT ..
@@ -130,6 +133,7 @@ local function calls(dev)
     local x5 = fake(dev, F32, {1, 2, 1, 4, 4})
     local w5 = fake(dev, F32, {2, 2, 1, 1, 1})
     local q = fake(dev, F32, {2, 4, 8})
+    local hq = fake(dev, C.NEMO_BF16, {2, 4, 64})
     local l = fake(dev, F32, {2, 4})
     local idx = fake(dev, I64, {4})
     local emb = fake(dev, F32, {10, 8})
@@ -150,6 +154,8 @@ local function calls(dev)
         gated_add_backward = function() return k.gated_add_backward(x3, gs, x3, gs, x3, 1, 4, 8, 8) end,
         sdpa_fwd = function() return k.sdpa_fwd(q, l, q, q, q, nil, 0, 0.5) end,
         sdpa_bwd = function() return k.sdpa_bwd(q, q, q, q, q, q, q, q, l, nil, 0, 0.5) end,
+        sdpa_flash_fwd = function() return k.sdpa_flash_fwd(hq, l, hq, hq, hq, 0, 0.5) end,
+        sdpa_flash_bwd = function() return k.sdpa_flash_bwd(hq, hq, hq, hq, hq, hq, hq, hq, l, 0, 0.5) end,
         conv_fwd = function() return k.conv_fwd(x5, x5, w5, nil, I3, Z3, I3, 1, 0) end,
         conv_bwd = function() return k.conv_bwd(x5, w5, nil, x5, x5, w5, I3, Z3, I3, 1, 0) end,
         embedding_fwd = function() return k.embedding_fwd(y2, idx, emb) end,

@@ -487,6 +487,69 @@ do
     end
 end
 
+-- ==== the fused low-precision attention path ("sdpa_flash_fwd" / "sdpa_flash_bwd") ====
+-- bf16 / f16 q, k, v with head dim 64 or 128 and no mask go to the flash kernels when the
+-- probabilities are not kept (budget 0 here; always on CUDA). The CPU twins widen, run the
+-- float32 kernels and round once, as the general path does: the same bits as a call that an
+-- all-true mask sends down the general path, and within bf16 rounding of float32.
+
+do
+    local prev = F.set_attention_probs_budget(0)
+    local same = T.same_bits
+    local function rounded(shape, seed, dt) return rnd(shape, seed, "float32"):to{dtype = dt} end
+    local cases = {
+        {"D 64", {1, 2, 37, 64}, {1, 2, 29, 64}, nil},
+        {"D 128 causal", {2, 1, 33, 128}, {2, 1, 40, 128}, {is_causal = true}},
+        {"D 64 (B, S, H, D) layout", {1, 9, 3, 64}, {1, 11, 3, 64}, nil, true},
+    }
+    for _, dt in ipairs { "bfloat16", "float16" } do
+        for ci, c in ipairs(cases) do
+            local name = "flash " .. dt .. " " .. c[1]
+            local function leaf_of(shape, seed)
+                local t = rounded(shape, seed, dt)
+                if c[5] then t = t:transpose(1, 2) end   -- stored (B, S, H, D), seen as (B, H, S, D)
+                return t:detach():requires_grad_()
+            end
+            local q, k, v = leaf_of(c[2], 960 + ci), leaf_of(c[3], 961 + ci), leaf_of(c[3], 962 + ci)
+            T.ok(F.sdpa_uses_flash(q, k, v), name .. ": takes the flash path")
+            local o = sdpa(q, k, v, c[4])
+            local g = rounded(o.shape, 963 + ci, dt)
+            o:backward(g)
+            -- the general path: an all-true mask (not for causal, whose kernel skips key blocks)
+            local o2, q2, k2, v2
+            if not c[4] then
+                q2, k2, v2 = q:detach():requires_grad_(), k:detach():requires_grad_(), v:detach():requires_grad_()
+                o2 = sdpa(q2, k2, v2, {attn_mask = nemo.ones({o.shape[3], k.shape[3]}, {dtype = "bool"})})
+                o2:backward(g)
+            end
+            local qf, kf, vf = q:float():detach():requires_grad_(), k:float():detach():requires_grad_(),
+                v:float():detach():requires_grad_()
+            local of = sdpa(qf, kf, vf, c[4])
+            of:backward(g:float())
+            T.is(o.dtype, dt, name .. ": result dtype")
+            if o2 then
+                T.ok(same(o, o2) and same(q.grad, q2.grad) and same(k.grad, k2.grad) and same(v.grad, v2.grad),
+                    name .. ": output, dq, dk, dv = the general path's (bitwise)")
+            end
+            T.ok(same(o, of:to{dtype = dt}), name .. ": output = float32 path rounded once (bitwise)")
+            for i, pair in ipairs { {q.grad, qf.grad}, {k.grad, kf.grad}, {v.grad, vf.grad} } do
+                T.close(pair[1], pair[2], 2e-2, 0, name .. ": " .. ({"dq", "dk", "dv"})[i] .. " vs float32 (rtol 2e-2)")
+            end
+        end
+    end
+    -- what stays on the general path
+    local q, k = rounded({1, 2, 5, 64}, 970, "bfloat16"), rounded({1, 2, 6, 64}, 971, "bfloat16")
+    local m = nemo.ones({5, 6}, {dtype = "bool"})
+    T.ok(not F.sdpa_uses_flash(q:float(), k:float(), k:float()), "flash path: not for float32")
+    T.ok(not F.sdpa_uses_flash(q, k, k, {attn_mask = m}), "flash path: not with a mask")
+    T.ok(not F.sdpa_uses_flash(q:narrow(3, 0, 32), k:narrow(3, 0, 32), k:narrow(3, 0, 32)),
+        "flash path: not for head dim 32")
+    T.ok(not F.sdpa_uses_flash(q, k, k:narrow(3, 0, 32)), "flash path: not when Dv differs from D")
+    T.ok(not F.sdpa_uses_flash(q, k:narrow(2, 0, 0), k:narrow(2, 0, 0)), "flash path: not with no keys")
+    T.ok(not F.sdpa_uses_flash(q, rounded({1, 2, 6, 32}, 972, "bfloat16"), k), "flash path: not for bad shapes")
+    F.set_attention_probs_budget(prev)
+end
+
 -- ==== bf16 / f16 operands go to the products as they are ("gemm_lp": float32 sums of exact
 -- products, one rounding). f16, and bf16 without AMX: the float32 product of the widened
 -- operands, bit for bit. bf16 on AMX tiles (kernels/cpu/amx.c) sums in another fixed order:

@@ -153,6 +153,15 @@ end
 -- F.attention_probs_kept(): bytes of attention probabilities held for backward passes now.
 function F.attention_probs_kept() return probs_live end
 
+-- F.sdpa_uses_flash(q, k, v[, {attn_mask=}]): true when scaled_dot_product_attention on these
+-- tensors runs the fused low-precision kernels (bf16 / f16, no mask, head dim 64 or 128) unless
+-- it keeps its probabilities (CPU, within the budget above). On CUDA: flash attention on tensor
+-- cores; on the CPU the same numbers as the float32 path.
+function F.sdpa_uses_flash(q, k, v, opts)
+    local mask = opts and opts.attn_mask
+    return C.nemo_sdpa_uses_flash(q._c, k._c, v._c, mask and mask._c or nil) ~= 0
+end
+
 -- bytes P would take, when it fits the budget
 local function keep_probs(q, k)
     if probs_budget <= 0 then return nil end
