@@ -85,4 +85,28 @@ for k, v in pairs(F) do
     if type(v) == "function" and k:sub(1, 1) ~= "_" and nemo[k] == nil then nemo[k] = v end
 end
 
+-- the model, pipeline and training layers, loaded on first use (they require nemo themselves):
+-- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
+-- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.lr_scheduler, nemo.flow_matching,
+-- nemo.data
+local LAZY = {
+    NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
+    PipelineSpec = {"nemo.pipeline", "PipelineSpec"},
+    pipeline = {"nemo.pipeline"},
+    models = {"nemo.models"},
+    FluxTransformer2DModel = {"nemo.models", "FluxTransformer2DModel"},
+    WanTransformer3DModel = {"nemo.models", "WanTransformer3DModel"},
+    lr_scheduler = {"nemo.lr_scheduler"},
+    flow_matching = {"nemo.flow_matching"},
+    data = {"nemo.data"},
+}
+setmetatable(nemo, {__index = function(t, key)
+    local where = LAZY[key]
+    if not where then return nil end
+    local mod = require(where[1])
+    local v = where[2] and mod[where[2]] or mod
+    rawset(t, key, v)
+    return v
+end})
+
 return nemo

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# tests/sh/test_bench.sh: the benchmark programs under bench/ run and print their tables (quick
+# settings; the numbers themselves are not checked: speed is measured by running bench/, never
+# by tests). Prints TAP.
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+source tests/sh/lib/tap.sh
+N=./nemo-lua
+if [ ! -x "$N" ]; then echo "Bail out! $N is not built (run make)"; exit 1; fi
+
+# bench ARGS...: runs ./nemo-lua ARGS with a time limit; sets OUT and RC
+bench() { OUT=$(timeout 300 "$N" "$@" 2>&1); RC=$?; }
+num='[0-9]+\.[0-9]+'
+
+bench bench/ops.lua --quick
+if [ "$RC" = 0 ]; then pass "bench/ops.lua --quick exits 0"; else fail "bench/ops.lua --quick exits 0" "rc $RC" "$OUT"; fi
+for row in "256x256x256 +$num +$num +$num" "layer_norm \(1024, 768\) +$num +$num" "attention B=1 H=4 S=256 D=64"; do
+    if [[ "$OUT" =~ $row ]]; then pass "bench/ops.lua prints a row matching '$row'"
+    else fail "bench/ops.lua prints a row matching '$row'" "$OUT"; fi
+done
+
+bench bench/wan_step.lua small --quick --flux
+if [ "$RC" = 0 ]; then pass "bench/wan_step.lua small --quick --flux exits 0"
+else fail "bench/wan_step.lua small --quick --flux exits 0" "rc $RC" "$OUT"; fi
+rows=$(printf '%s\n' "$OUT" | grep -cE "^ +(wan_)?small +(on|off) +[0-9]+ +$num")
+if [ "$rows" -ge 4 ]; then pass "wan_step and flux_step print their small rows with and without checkpointing ($rows rows)"
+else fail "wan_step and flux_step print their small rows with and without checkpointing" "$rows rows" "$OUT"; fi
+
+echo "1..$n"
