@@ -31,9 +31,9 @@
  * - Differences from the CPU are rounding only: row sums in double here (float there), CUDA's
  *   expf instead of the CPU's polynomial, cuBLAS's summation order; with whole-length query
  *   blocks the dK / dV products are also summed in one piece instead of 256-row pieces.
- * - This is the correct-first path (float32 CUDA-core products, O(Sq*Sk) score traffic per
- *   block); a fused flash-attention kernel on bf16 tensor cores needs bf16 operands, which the
- *   front-end does not pass (it converts to float32): see docs/cuda.md.
+ * - This is the general path (float32 / float64 CUDA-core products, O(Sq*Sk) score traffic per
+ *   block, masks, any head dim). bf16 / f16 attention without a mask at head dim 64 or 128 runs
+ *   the fused kernels of flash.cuh instead (at the end of this file; docs/cuda.md).
  */
 #include <algorithm>
 #include "util.cuh"
