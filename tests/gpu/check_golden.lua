@@ -32,10 +32,10 @@
 --   step is lr * g / (|g| + eps), so a float32-sized change of a gradient near eps moves it by
 --   up to lr.
 --
--- Where the golden cases are: $NEMO_GOLDEN, else ../shared/golden beside the checkout, else
--- shared/golden or .golden inside it (the device machine gets only the checkout: copy
--- flux_tiny, flux_tiny_guidance and flow_flux_tiny into an ignored .golden/ and carry it).
--- Without them every case SKIPs. Without a usable CUDA device: a SKIP plan and exit 0 (a
+-- Where the golden cases are: tests/lua/golden.lua decides, as for the CPU tests: $NEMO_GOLDEN
+-- (run.sh --staged points it at the unpacked golden.tar.gz), else tests/golden in the checkout,
+-- else ../shared/golden beside it. Without them every case FAILS (a check that did not run must
+-- not pass). Without a usable CUDA device: a SKIP plan and exit 0 (a
 -- "Bail out!" and exit 1 when NEMO_EXPECT_CUDA=1, as run.sh sets). NEMO_GPU_DEVICE=cpu runs the
 -- same script on the CPU (a dry run of the script itself; the host-memory check is skipped).
 local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
@@ -50,18 +50,10 @@ local DEV, ON_CUDA = require("gpu_device")(nemo)
 
 -- ==== where the golden cases are ====
 
-local ROOT = here .. "/../.."
-local function exists(p)
-    local f = io.open(p, "rb")
-    if f then f:close(); return true end
-    return false
-end
-local GOLDEN
-for _, d in ipairs {os.getenv("NEMO_GOLDEN") or false, ROOT .. "/../shared/golden", ROOT .. "/shared/golden",
-                    ROOT .. "/.golden"} do
-    if d and exists(d .. "/flux_tiny/config.json") then GOLDEN = d; break end
-end
-T.diag(string.format("device %s; golden cases %s", DEV, GOLDEN or "NOT FOUND (every case skips)"))
+local golden = require "golden"
+local GOLDEN, GOLDEN_WHY = golden.dir()
+T.diag(string.format("device %s; golden cases %s", DEV, GOLDEN and (GOLDEN .. " (" .. GOLDEN_WHY .. ")") or
+    "NOT FOUND (every case fails)"))
 
 -- ==== comparisons ====
 
@@ -288,22 +280,23 @@ local function guarded(label, fn, ...)
 end
 
 if not GOLDEN then
-    for _, s in ipairs {"flux_tiny", "flux_tiny_guidance", "flux_tiny AdamW", "flow_flux_tiny"} do
-        T.skip(s .. " on " .. DEV, "no golden cases (set NEMO_GOLDEN or copy them into .golden)")
-    end
+    T.ok(false, "golden FLUX cases on " .. DEV .. ": " .. GOLDEN_WHY)
 else
     for _, name in ipairs {"flux_tiny", "flux_tiny_guidance"} do
-        if exists(GOLDEN .. "/" .. name .. "/config.json") then
+        local dir, why = golden.case(name, "config.json")
+        if dir then
             guarded(name .. " float32 on " .. DEV, golden_case, name, "float32", "case.safetensors")
             guarded(name .. " float64 on " .. DEV, golden_case, name, "float64", "case_f64exact.safetensors")
         else
-            T.skip(name .. " on " .. DEV, "not in " .. GOLDEN)
+            T.ok(false, name .. " on " .. DEV .. ": " .. why)
         end
     end
-    if exists(GOLDEN .. "/flux_tiny/adamw.safetensors") then guarded("flux_tiny AdamW on " .. DEV, adamw_case)
-    else T.skip("flux_tiny AdamW on " .. DEV, "no adamw.safetensors in " .. GOLDEN .. "/flux_tiny") end
-    if exists(GOLDEN .. "/flow_flux_tiny/step.safetensors") then guarded("flow_flux_tiny on " .. DEV, flow_case)
-    else T.skip("flow_flux_tiny training step on " .. DEV, "not in " .. GOLDEN) end
+    local dir, why = golden.case("flux_tiny", "adamw.safetensors")
+    if dir then guarded("flux_tiny AdamW on " .. DEV, adamw_case)
+    else T.ok(false, "flux_tiny AdamW on " .. DEV .. ": " .. why) end
+    dir, why = golden.case("flow_flux_tiny", "step.safetensors")
+    if dir then guarded("flow_flux_tiny on " .. DEV, flow_case)
+    else T.ok(false, "flow_flux_tiny training step on " .. DEV .. ": " .. why) end
 end
 
 T.done()

@@ -17,8 +17,8 @@
 # 15 s of budget left and never runs past it (a step cut short counts as failed).
 # Cheap, valuable checks run first, so a short budget still gives the correctness answers.
 #
-# check_golden.lua needs the golden cases; on the device machine only the checkout exists, so
-# copy them into an ignored .golden/ here and carry it (see docs/cuda.md, "End-to-end checks").
+# check_golden.lua needs the golden cases: tests/lua/golden.lua finds them ($NEMO_GOLDEN, else
+# tests/golden, committed with the checkout, else ../shared/golden), and they fail without them.
 #
 # It prints TAP, then a summary table (per step: exit status, seconds, ok / not ok / skip), and
 # appends the "# bench: ..." lines of check_ops.lua and gpu_block.lua plus that summary to
@@ -34,7 +34,9 @@
 #                               and fills build/gpurun/ (ignored, ~15 MB): libnemo.so,
 #                               libnemo_cuda.so, nemo-lua, _cdef.lua, the non-system shared
 #                               libraries they load (libs.tar.gz) and the golden cases
-#                               (golden.tar.gz); then prints the device call to make.
+#                               (golden.tar.gz: flux_tiny, flux_tiny_guidance and flow_flux_tiny
+#                               from $NEMO_GOLDEN, else tests/golden, else ../shared/golden); then
+#                               prints the device call to make.
 #                               STAGE_BUILD=0 stages ./build as it is instead.
 #   tests/gpu/run.sh --staged   there (carry build/gpurun): installs those files into the
 #                               checkout, puts the libraries on LD_LIBRARY_PATH, points
@@ -76,13 +78,17 @@ if [ "$mode" = --stage ]; then
     done
     tar -C "$out/lib" -czf "$out/libs.tar.gz" .
     rm -rf "$out/lib"
-    gold=${NEMO_GOLDEN:-$root/../shared/golden}
-    if [ -d "$gold/flux_tiny" ]; then
-        tar -C "$gold" --exclude=activations.safetensors --exclude=case_f64.safetensors -czf "$out/golden.tar.gz" \
-            flux_tiny flux_tiny_guidance flow_flux_tiny
-    else
-        echo "# no golden cases at $gold: check_golden.lua will skip there"
-    fi
+    # the golden cases check_golden.lua reads, in the order of tests/lua/golden.lua
+    if [ -n "${NEMO_GOLDEN:-}" ]; then gold=$NEMO_GOLDEN
+    elif [ -d "$root/tests/golden" ]; then gold=$root/tests/golden
+    else gold=$root/../shared/golden; fi
+    for c in flux_tiny flux_tiny_guidance flow_flux_tiny; do
+        [ -d "$gold/$c" ] ||
+            { echo "Bail out! no golden case $c in $gold (searched: NEMO_GOLDEN, tests/golden, ../shared/golden)"; exit 1; }
+    done
+    echo "# golden cases from $gold"
+    tar -C "$gold" --exclude=activations.safetensors --exclude=case_f64.safetensors -czf "$out/golden.tar.gz" \
+        flux_tiny flux_tiny_guidance flow_flux_tiny
     ls -la "$out"
     echo "# staged $(du -sh "$out" | cut -f1) in $out (the whole call may carry 64 MiB with the checkout)"
     echo "# device call: carry [\"build/gpurun\"], timeout_s 540, command:"

@@ -367,8 +367,12 @@ end
 
 -- ==== the synthetic data is learnable ====
 
-local golden_flux = "../shared/golden/flow_flux_tiny"
-if fs.isfile("lua/nemo/models/flux.lua") and fs.isdir(golden_flux) then
+local golden_flux, golden_why = require("golden").case("flow_flux_tiny")
+if not fs.isfile("lua/nemo/models/flux.lua") then
+    T.skip("synthetic cache is learnable by a tiny FLUX", "lua/nemo/models/flux.lua is absent")
+elseif not golden_flux then
+    T.ok(false, "synthetic cache is learnable by a tiny FLUX: " .. golden_why)
+else
     local ok, err = pcall(function()
         local flux = require "nemo.models.flux"
         local FM = require "nemo.flow_matching"
@@ -404,8 +408,6 @@ if fs.isfile("lua/nemo/models/flux.lua") and fs.isdir(golden_flux) then
             "(%.3f -> %.3f, < 85%%)", before, after))
     end)
     if not ok then T.ok(false, "synthetic learnability run", err) end
-else
-    T.skip("synthetic cache is learnable by a tiny FLUX", "lua/nemo/models/flux.lua or " .. golden_flux .. " is absent")
 end
 
 fs.remove_tree(base)

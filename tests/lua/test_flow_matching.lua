@@ -1,15 +1,16 @@
 -- tests/lua/test_flow_matching.lua: nemo.flow_matching against Automodel's FlowMatchingPipeline:
 -- configuration, sigma sampling statistics and formulas, loss weights, Flux packing and ids,
 -- the draw order, and the golden training steps (golden/flow_flux_tiny, golden/flow_wan_tiny)
--- replayed from their stored draws.
+-- replayed from their stored draws (the golden folder is found by tests/lua/golden.lua; without
+-- it those checks fail).
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
 local FM = require "nemo.flow_matching"
 local fs = require "nemo.fs"
+local golden = require "golden"
 
 local F = nemo.F
-local GOLDEN = "../shared/golden"
 
 local function list(t) return t:double():contiguous():reshape{-1}:tolist() end
 local function mean_of(v) local s = 0 for _, x in ipairs(v) do s = s + x end return s / #v end
@@ -355,12 +356,6 @@ end
 
 -- ==== golden training steps ====
 
-local function golden_dir(name)
-    local d = GOLDEN .. "/" .. name
-    if fs.isdir(d) then return d end
-    return nil
-end
-
 local function keys_of(path)
     local h = nemo.safe_open(path)
     local k = h:keys()
@@ -427,7 +422,8 @@ local FLUX_CFG = {adapter_type = "flux", adapter_kwargs = {guidance_scale = 1.0,
 local WAN_CFG = {adapter_type = "simple", timestep_sampling = "uniform", flow_shift = 3.0, mix_uniform_ratio = 0.1,
                  use_loss_weighting = true, loss_weighting_scheme = "linear"}
 
-local flux_case, wan_case = golden_dir("flow_flux_tiny"), golden_dir("flow_wan_tiny")
+local flux_case, flux_why = golden.case("flow_flux_tiny")
+local wan_case, wan_why = golden.case("flow_wan_tiny")
 
 if flux_case then
     run_golden_stub(flux_case, "step.safetensors", FLUX_CFG, "float32", 1e-6, 1e-7, "flux golden f32")
@@ -437,13 +433,13 @@ if flux_case then
     cd.cfg_dropout_prob = 0.1
     run_golden_stub(flux_case, "step_cfgdrop.safetensors", cd, "float32", 1e-6, 1e-7, "flux golden cfgdrop")
 else
-    T.skip("flux golden steps", "no " .. GOLDEN .. "/flow_flux_tiny")
+    T.ok(false, "flux golden steps: " .. flux_why)
 end
 if wan_case then
     run_golden_stub(wan_case, "step.safetensors", WAN_CFG, "float32", 1e-6, 1e-7, "wan golden f32")
     run_golden_stub(wan_case, "step_f64exact.safetensors", WAN_CFG, "float64", 1e-12, 0, "wan golden f64exact")
 else
-    T.skip("wan golden steps", "no " .. GOLDEN .. "/flow_wan_tiny")
+    T.ok(false, "wan golden steps: " .. wan_why)
 end
 
 -- The full golden step with the real transformer: loss and every parameter gradient.
@@ -482,17 +478,21 @@ local function full_step(case, module, clsname, cfg)
         "embedder linear_1 weights); worst other %.2g (%s)", clsname, n, worst, tostring(worst_name)), table.concat(bad, "\n"))
 end
 
-if flux_case and fs.isfile("lua/nemo/models/flux.lua") then
+if not fs.isfile("lua/nemo/models/flux.lua") then
+    T.skip("flux full golden step", "lua/nemo/models/flux.lua is absent")
+elseif not flux_case then
+    T.ok(false, "flux full golden step: " .. flux_why)
+else
     local ok, err = pcall(full_step, flux_case, "nemo.models.flux", "FluxTransformer2DModel", FLUX_CFG)
     if not ok then T.ok(false, "flux full golden step ran", err) end
-else
-    T.skip("flux full golden step", "lua/nemo/models/flux.lua or the golden folder is absent")
 end
-if wan_case and fs.isfile("lua/nemo/models/wan.lua") then
+if not fs.isfile("lua/nemo/models/wan.lua") then
+    T.skip("wan full golden step", "lua/nemo/models/wan.lua is absent")
+elseif not wan_case then
+    T.ok(false, "wan full golden step: " .. wan_why)
+else
     local ok, err = pcall(full_step, wan_case, "nemo.models.wan", "WanTransformer3DModel", WAN_CFG)
     if not ok then T.ok(false, "wan full golden step ran", err) end
-else
-    T.skip("wan full golden step", "lua/nemo/models/wan.lua or the golden folder is absent")
 end
 
 T.done()

@@ -1,10 +1,11 @@
 -- tests/lua/test_flux.lua: FluxTransformer2DModel against diffusers' golden cases
--- (../shared/golden/flux_tiny and flux_tiny_guidance): parameter names, order and shapes;
--- float32 forward + mse loss + backward (output, loss, every parameter gradient, input
+-- (flux_tiny and flux_tiny_guidance, found by tests/lua/golden.lua): parameter names, order and
+-- shapes; float32 forward + mse loss + backward (output, loss, every parameter gradient, input
 -- gradients) against case.safetensors, and the same in float64 against
 -- case_f64exact.safetensors; (B,S,3) ids; gradient checkpointing (bitwise equal gradients, lower
 -- peak memory); config and weight-loading errors; save_pretrained / from_pretrained round trips
--- (single file and sharded); the model registry. Golden comparisons SKIP when the folder is absent.
+-- (single file and sharded); the model registry. Golden comparisons FAIL when the cases are
+-- absent.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
@@ -13,8 +14,7 @@ local models = require "nemo.models"
 local flux = require "nemo.models.flux"
 local json = require "nemo.json"
 local Flux = flux.FluxTransformer2DModel
-
-local GOLDEN = "../shared/golden"
+local golden = require "golden"
 
 -- ==== helpers ====
 
@@ -103,12 +103,10 @@ end
 
 -- ==== golden cases ====
 
-local have_golden = exists(GOLDEN .. "/flux_tiny/config.json")
-
 local function golden_case(name)
-    local dir = GOLDEN .. "/" .. name
-    if not have_golden then
-        T.skip(name .. ": golden comparisons", "no golden folder at " .. GOLDEN)
+    local dir, why = golden.case(name, "config.json")
+    if not dir then
+        T.ok(false, name .. ": golden comparisons: " .. why)
         return
     end
     local model = Flux.from_pretrained(dir)

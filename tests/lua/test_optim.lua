@@ -4,10 +4,10 @@ package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
 local optim = require "nemo.optim"
-local fs = require "nemo.fs"
+local golden_cases = require "golden"
 
-local golden = "../shared/golden/flux_tiny"
-if fs.isdir(golden) then
+local golden, why = golden_cases.case("flux_tiny", "adamw.safetensors")
+if golden then
     local start = nemo.load_file(golden .. "/diffusion_pytorch_model.safetensors")
     local case = nemo.load_file(golden .. "/case.safetensors")
     local ref = nemo.load_file(golden .. "/adamw.safetensors")
@@ -54,7 +54,7 @@ if fs.isdir(golden) then
     for i = 1, #params do same = math.max(same, maxdiff(params[i]:detach(), copy[i]:detach())) end
     T.ok(same == 0, "state_dict / load_state_dict continue bit for bit")
 else
-    T.skip("AdamW golden steps", "../shared/golden not present")
+    T.ok(false, "AdamW golden steps: " .. why)
 end
 
 -- param groups and zero_grad

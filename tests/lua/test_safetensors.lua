@@ -199,13 +199,11 @@ end
 
 -- ==== the diffusers golden file (written by torch + safetensors) ====
 do
-    local script = (arg and arg[0]) or ""
-    local root = script:match("^(.*)/tests/lua/[^/]*$") or "."
-    local golden = root .. "/../shared/golden/flux_tiny/diffusion_pytorch_model.safetensors"
-    if not exists(golden) then
-        for _ = 1, 6 do T.skip("golden flux_tiny file", "../shared/golden not present") end
+    local case, why = require("golden").case("flux_tiny", "diffusion_pytorch_model.safetensors")
+    if not case then
+        T.ok(false, "golden flux_tiny weight file: " .. why)
     else
-        local f = st.safe_open(golden)
+        local f = st.safe_open(case .. "/diffusion_pytorch_model.safetensors")
         T.is(#f:keys(), 62, "golden: 62 tensors")
         local meta = f:metadata() or {}
         T.ok(meta.format == "pt" and next(meta, next(meta)) == nil, "golden: metadata is exactly {format = pt}")

@@ -1,12 +1,13 @@
 -- tests/lua/test_wan.lua: WanTransformer3DModel against diffusers' golden cases
--- (../shared/golden/wan_tiny: forward + mse + backward in float32 vs case.safetensors and float64
--- vs case_f64exact.safetensors; flow_wan_tiny: Automodel's whole flow-matching step replayed from
--- its stored draws), then other configurations (patch (2,2,2), more frames, batch > 1,
+-- (wan_tiny, found by tests/lua/golden.lua: forward + mse + backward in float32 vs
+-- case.safetensors and float64 vs case_f64exact.safetensors; flow_wan_tiny: Automodel's whole
+-- flow-matching step replayed from its stored draws), then other configurations (patch (2,2,2), more frames, batch > 1,
 -- cross_attn_norm false, out_channels != in_channels, TI2V per-token timesteps) checked float32
 -- against float64, gradient checkpointing (bitwise gradients, lower peak), _keep_in_fp32_modules
 -- under torch_dtype bfloat16, config errors, save/load round trips, the WanPipeline folder through
 -- NeMoAutoDiffusionPipeline.from_pretrained / from_config, and the shipped 1.3B / 14B configs'
--- parameter counts (arithmetic: nothing that large is allocated). Golden parts SKIP without the folder.
+-- parameter counts (arithmetic: nothing that large is allocated). Golden parts FAIL without the
+-- cases.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
@@ -18,8 +19,7 @@ local fs = require "nemo.fs"
 local pipeline = require "nemo.pipeline"
 local FM = require "nemo.flow_matching"
 local Wan = wan.WanTransformer3DModel
-
-local GOLDEN = "../shared/golden"
+local golden = require "golden"
 
 -- ==== helpers ====
 
@@ -87,7 +87,7 @@ end
 
 -- ==== golden: wan_tiny ====
 
-local have_golden = fs.isfile(GOLDEN .. "/wan_tiny/config.json")
+local wan_dir, wan_why = golden.case("wan_tiny", "config.json")
 local DIFF_INPUTS = {"hidden_states", "encoder_hidden_states"}
 
 local function inputs_of(case, dtype)
@@ -100,8 +100,8 @@ local function inputs_of(case, dtype)
     return args
 end
 
-if have_golden then
-    local dir = GOLDEN .. "/wan_tiny"
+if wan_dir then
+    local dir = wan_dir
     local model = Wan.from_pretrained(dir)
     local meta = json.read_file(dir .. "/case.json")
     local sd, keys = model:state_dict()
@@ -151,7 +151,7 @@ if have_golden then
         close(a64[k].grad, c64["grad_input." .. k], 1e-9, 0, "wan_tiny f64 grad_input." .. k)
     end
 else
-    T.skip("wan_tiny golden comparisons", "no golden folder at " .. GOLDEN)
+    T.ok(false, "wan_tiny golden comparisons: " .. wan_why)
 end
 
 -- ==== golden: flow_wan_tiny (Automodel's flow-matching step with the SimpleAdapter) ====
@@ -159,8 +159,9 @@ end
 local WAN_FM = {adapter_type = "simple", timestep_sampling = "uniform", flow_shift = 3.0, mix_uniform_ratio = 0.1,
                 use_loss_weighting = true, loss_weighting_scheme = "linear"}
 
-if fs.isfile(GOLDEN .. "/flow_wan_tiny/config.json") then
-    local dir = GOLDEN .. "/flow_wan_tiny"
+local flow_dir, flow_why = golden.case("flow_wan_tiny", "config.json")
+if flow_dir then
+    local dir = flow_dir
     for _, v in ipairs {{"step.safetensors", "float32", 1e-5, 2e-5, 5e-5, 2e-3, 1e-7},
                         {"step_f64exact.safetensors", "float64", 1e-9, 1e-9, 1e-9, 1e-8, 0}} do
         local file, dt, lrel, prtol, grtol, w1tol, atol = v[1], v[2], v[3], v[4], v[5], v[6], v[7]
@@ -200,7 +201,7 @@ if fs.isfile(GOLDEN .. "/flow_wan_tiny/config.json") then
         end
     end
 else
-    T.skip("flow_wan_tiny golden step", "no golden folder at " .. GOLDEN)
+    T.ok(false, "flow_wan_tiny golden step: " .. flow_why)
 end
 
 -- ==== other configurations: float32 vs float64 of the same weights ====
@@ -371,10 +372,12 @@ do  -- save_pretrained / from_pretrained round trips, torch_dtype bfloat16
     m:save_pretrained(dir)
     local cfg = json.read_file(dir .. "/config.json")
     local same_keys = true
-    if have_golden then
-        local gold = json.read_file(GOLDEN .. "/wan_tiny/config.json")
+    if wan_dir then
+        local gold = json.read_file(wan_dir .. "/config.json")
         for k in pairs(gold) do if cfg[k] == nil then same_keys = false; T.diag("missing key " .. k) end end
         for k in pairs(cfg) do if gold[k] == nil then same_keys = false; T.diag("extra key " .. k) end end
+    else
+        same_keys = false; T.diag("no golden wan_tiny/config.json to compare the keys with: " .. wan_why)
     end
     T.ok(same_keys and cfg._class_name == "WanTransformer3DModel" and #cfg.patch_size == 3 and
         cfg.image_dim == json.null and cfg.qk_norm == "rms_norm_across_heads",

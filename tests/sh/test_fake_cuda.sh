@@ -12,7 +12,8 @@
 #                                  the script: both sides run the CPU kernels)
 #   bench/gpu_block.lua --small    the GPU run's block benchmark, shrunk, without cuBLAS
 #   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
-#                                  (skips without ../shared/golden)
+#                                  (tests/golden, or where tests/lua/golden.lua finds them; fails
+#                                  without them)
 #   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on
 #                                  cuda:LOCAL_RANK, the nccl backend (emulated over MPI), FSDP2,
 #                                  DDP and HSDP (NCCL subgroups): float64 losses and final weights

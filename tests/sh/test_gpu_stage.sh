@@ -3,10 +3,12 @@
 # emulated devices standing in for the GPU:
 #   1. in a copy of the checkout, `tests/gpu/run.sh --stage` builds the portable tree
 #      (PORTABLE=1 NO_NCCL=1: no -march, the build the device machine gets) and fills
-#      build/gpurun with it, its libraries and the golden cases;
+#      build/gpurun with it, its libraries and the golden cases (golden.tar.gz, from the copy's
+#      tests/golden, or from $NEMO_GOLDEN when set);
 #   2. there, `tests/gpu/run.sh --staged` with NEMO_FAKE_CUDA=1 NO_RESULTS=1 installs the staged
 #      files as the device machine would and runs the checks that do not need the plugin's own
-#      device (check_golden, check_train, check_ops and the shrunk block benchmark).
+#      device (check_golden, check_train, check_ops and the shrunk block benchmark); check_golden
+#      must read the unpacked golden.tar.gz and run every case (no skip).
 # This is where a bug of the portable build shows before a GPU session is spent on it (it found
 # one: amx.c's tile configuration). Skips without nvcc (no CUDA plugin to stage). Prints TAP.
 set -u
@@ -20,14 +22,17 @@ T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/tree"
 tar -C "$ROOT" --exclude=./build --exclude=./.git --exclude=./runs --exclude=./nemo-lua -cf - . | tar -C "$T/tree" -xf -
-gold=${NEMO_GOLDEN:-$ROOT/../shared/golden}
+# the golden cases: the copy's own tests/golden, unless NEMO_GOLDEN names others (made absolute:
+# the staging runs inside the copy)
+if [ -n "${NEMO_GOLDEN:-}" ] && [ -d "$NEMO_GOLDEN" ]; then export NEMO_GOLDEN="$(cd "$NEMO_GOLDEN" && pwd)"; fi
 export XDG_CACHE_HOME="$T/cache"
 
 cd "$T/tree" || exit 1
-out=$(NEMO_GOLDEN="$gold" STAGE_SRC="$T/src" JOBS=2 timeout 900 tests/gpu/run.sh --stage 2>&1)
+out=$(STAGE_SRC="$T/src" JOBS=2 timeout 900 tests/gpu/run.sh --stage 2>&1)
 rc=$?
-if [ "$rc" = 0 ] && [ -f build/gpurun/libnemo.so ] && [ -f build/gpurun/libnemo_cuda.so ] && [ -f build/gpurun/libs.tar.gz ]; then
-    pass "run.sh --stage: the portable build and its libraries are staged in build/gpurun"
+if [ "$rc" = 0 ] && [ -f build/gpurun/libnemo.so ] && [ -f build/gpurun/libnemo_cuda.so ] && [ -f build/gpurun/libs.tar.gz ] &&
+   [ -f build/gpurun/golden.tar.gz ]; then
+    pass "run.sh --stage: the portable build, its libraries and the golden cases are staged in build/gpurun"
 else
     fail "run.sh --stage" "exit $rc" "$(tail -n 30 <<< "$out")"
     echo "1..$n"; exit 0
@@ -47,4 +52,14 @@ for step in check_golden check_train check_ops gpu_block; do
     if [[ "$row" =~ \|\ 0\ \|\ [0-9]+\ \|\ [0-9]+\ \|\ 0\ \| ]]; then pass "staged $step.lua: exit 0, no failed check ($row)"
     else fail "staged $step.lua: exit 0, no failed check" "${row:-no summary row}"; fi
 done
+# the golden checks ran on the staged cases: check_golden read build/gpurun/golden (through
+# NEMO_GOLDEN, set by --staged) and skipped nothing
+row=$(grep -E "^# \| [^|]*check_golden\.lua \|" <<< "$out")
+if grep -q "^# device [^;]*; golden cases .*/build/gpurun/golden (\$NEMO_GOLDEN)" <<< "$out" &&
+   [[ "$row" =~ \|\ [1-9][0-9]*\ \|\ 0\ \|\ 0\ \|$ ]]; then
+    pass "staged check_golden.lua: read the unpacked golden.tar.gz and ran every case, none skipped"
+else
+    fail "staged check_golden.lua: read the unpacked golden.tar.gz and ran every case" "${row:-no summary row}" \
+        "$(grep '^# device' <<< "$out")"
+fi
 echo "1..$n"
