@@ -38,14 +38,42 @@ local M = {}
 -- ==== config: schema, removed keys, targets ====
 
 local ANY = "any"
+
+-- model.pipeline_spec: PipelineSpec's fields (lua/nemo/pipeline.lua), checked in every mode (a
+-- finetune does not use it, but a misspelt key is still an error).
+local PIPELINE_SPEC = {}
+for k, f in pairs(pipeline.PipelineSpec.FIELDS) do PIPELINE_SPEC[k] = f.type end
+
+-- profiling: the torch-profiler block Automodel's diffusion recipe read (TrainDiffusionRecipe.
+-- _build_torch_profiler, removed upstream in May 2026), flat or under `torch_profiler:`. nemo-lua
+-- has no profiler: `enabled: true` is noted as ignored.
+local PROFILER = {enabled = "boolean", output_dir = "string", wait_steps = "number", warmup_steps = "number",
+                  active_steps = "number", ["repeat"] = "number", ranks = ANY, record_shapes = "boolean",
+                  profile_memory = "boolean", with_stack = "boolean", with_flops = "boolean", row_limit = "number"}
+local PROFILING = {torch_profiler = PROFILER}
+for k, v in pairs(PROFILER) do PROFILING[k] = v end
+
+-- ci: Automodel's CI metadata (tests/ci_tests: generate_ci_tests.py, config_resolver.py,
+-- README.md "Recipe CI Configuration"), read by its CI tooling, never by the recipe. The scalar
+-- keys are checked by name; env_vars, checkpoint_robustness, downstream_eval and the per-phase
+-- override blocks (nightly, convergence, release: dotted config keys) are open mappings.
+local CI = {recipe_owner = ANY, time = ANY, nodes = "number", node_multiplier = ANY, max_steps = "number",
+            local_batch_size = "number", nproc_per_node = "number", ep_size = "number", cluster_tag = ANY,
+            known_issue_id = ANY, allow_failure = "boolean", env_vars = "table", checkpoint_robustness = "table",
+            downstream_eval = "table", vllm_deploy = "boolean", vllm_deploy_time = ANY, vllm_deploy_gpus = "number",
+            vllm_deploy_known_issue_id = ANY, vllm_enable_expert_parallel = "boolean", vllm_smoke_test = "boolean",
+            embed_eval = ANY, rerank_eval = ANY, nightly = "table", convergence = "table", release = "table"}
+
 -- section -> key -> type ("string", "number", "boolean", "table", ANY). Tables given as "table"
--- are checked by their own modules (flow_matching, lr_scheduler, PipelineSpec).
+-- are open here and checked by their own modules (flow_matching, lr_scheduler) or not read at all
+-- (peft is an error; ci's open blocks). demo.transformer is checked against the demo model's
+-- config fields (nemo.models.flux / nemo.models.wan CONFIG_FIELDS) by M.validate.
 local SCHEMA = {
     seed = "number",
     device = "string",
     model = {
         pretrained_model_name_or_path = "string", mode = "string", cache_dir = ANY, attention_backend = ANY,
-        torch_dtype = "string", compute_dtype = "string", pipeline_spec = "table",
+        torch_dtype = "string", compute_dtype = "string", pipeline_spec = PIPELINE_SPEC,
         transformer_engine_linear = "boolean", transformer_engine_fp8 = "boolean",
         transformer_engine_fp8_recipe = ANY, transformer_engine_fp8_amax_history_len = ANY,
         transformer_engine_fp8_amax_compute_algo = ANY, fuse_qkv_projections = "boolean",
@@ -84,8 +112,8 @@ local SCHEMA = {
     dist_env = {backend = "string", init_method = "string", timeout_minutes = "number"},
     wandb = {enable = "boolean", project = ANY, mode = ANY, name = ANY, entity = ANY, dir = ANY},
     peft = "table",
-    profiling = "table",
-    ci = "table",
+    profiling = PROFILING,
+    ci = CI,
     demo = {enabled = "boolean", model = "string", dir = "string", samples = "number", resolutions = "string",
             transformer = "table", text_len = "number"},
     logging = {log_every = "number", progress = "boolean", metrics_file = "string"},
@@ -360,10 +388,69 @@ function M.batch_math(cfg)
             grad_acc = global_bs / (local_bs * dp_size)}
 end
 
+-- The demo's model: "flux" (the default) or "wan"; nil without a demo block.
+local DEMO_MODELS = {flux = {module = "nemo.models.flux", class = "FluxTransformer2DModel"},
+                     wan = {module = "nemo.models.wan", class = "WanTransformer3DModel"}}
+local function demo_kind(cfg)
+    local d = cfg.demo
+    if type(d) ~= "table" then return nil end
+    local kind = d.model == nil and "flux" or d.model
+    if not DEMO_MODELS[kind] then
+        cfg_error(string.format("demo.model must be 'flux' or 'wan', got '%s'", tostring(kind)))
+    end
+    return kind
+end
+
+-- SCHEMA with demo.transformer's keys: the config fields of the demo model's transformer class
+-- (a misspelt key is an error here, on every run, not a warning when the assets are first made).
+local function schema_for(cfg)
+    local kind = demo_kind(cfg)
+    if not kind then return SCHEMA end
+    local fields = {}
+    for _, f in ipairs(require(DEMO_MODELS[kind].module).CONFIG_FIELDS) do fields[f[1]] = ANY end
+    local demo, s = {}, {}
+    for k, v in pairs(SCHEMA.demo) do demo[k] = v end
+    demo.transformer = fields
+    for k, v in pairs(SCHEMA) do s[k] = v end
+    s.demo = demo
+    return s
+end
+
+-- The floating-point dtypes a model can be stored or computed in, with the engine's aliases.
+local DTYPES_TEXT = "float32, bfloat16, float16 or float64 (aliases: fp32, float, bf16, fp16, half, fp64, " ..
+    "double; a 'torch.' prefix is allowed)"
+local FLOAT_DTYPES = {float32 = true, bfloat16 = true, float16 = true, float64 = true}
+
+-- dtype_name(value, key) -> the canonical name ("bf16" -> "bfloat16"), nil for nil; anything else
+-- is an error naming the key and the accepted names.
+function M.dtype_name(v, key)
+    if v == nil or v == yaml.null then return nil end
+    local name
+    if type(v) == "string" then
+        local id = nffi.C.nemo_dtype_from_name(v)
+        name = id >= 0 and require("nemo.tensor").dtype_names[id] or nil
+    end
+    if not FLOAT_DTYPES[name] then
+        cfg_error(string.format("%s: %s: use %s", key, v == "auto" and "'auto' is not supported (the trainer " ..
+            "decides mixed precision before the model loads)" or string.format("unknown dtype '%s'", tostring(v)),
+            DTYPES_TEXT))
+    end
+    return name
+end
+
+local DIST_BACKENDS = {"nccl", "mpi", "gloo"}
+
 function M.validate(cfg)
     if type(cfg) ~= "table" then cfg_error("expected a mapping, got " .. type(cfg)) end
     reject_removed(cfg)
-    check_section("", cfg, SCHEMA)
+    check_section("", cfg, schema_for(cfg))
+    local kind = demo_kind(cfg)
+    if kind and cfg.demo.transformer ~= nil then   -- the values too (types, ranges), before any demo lookup
+        local dm = DEMO_MODELS[kind]
+        local ok, err = pcall(require(dm.module).resolve_config, cfg.demo.transformer, "demo.transformer (" ..
+            dm.class .. ")")
+        if not ok then cfg_error(err) end
+    end
     local examples = {
         optimizer = "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 1.0e-4",
         checkpoint = "checkpoint:\n  enabled: true\n  checkpoint_dir: runs/my_run",
@@ -397,6 +484,29 @@ function M.validate(cfg)
     local mode = cfg.model.mode or "finetune"
     if mode ~= "finetune" and mode ~= "pretrain" then
         cfg_error("model.mode must be 'finetune' or 'pretrain', got '" .. tostring(mode) .. "'")
+    end
+    -- the dtype names first, then what they mean together
+    local torch_dtype = M.dtype_name(cfg.model.torch_dtype, "model.torch_dtype") or "bfloat16"
+    local compute_dtype = M.dtype_name(cfg.model.compute_dtype, "model.compute_dtype") or torch_dtype
+    if cfg.fsdp then M.dtype_name(cfg.fsdp.reduce_dtype, "fsdp.reduce_dtype") end
+    if compute_dtype ~= torch_dtype and not cfg.fsdp then
+        cfg_error(string.format("model.compute_dtype (%s) differs from model.torch_dtype (%s): mixed precision " ..
+            "(%s master weights, %s compute) runs through the FSDP2 manager's mp_policy; add an 'fsdp:' block " ..
+            "(it works on one process too: --fsdp.dp_size 1), or set them equal (Automodel refuses this for DDP as well)",
+            compute_dtype, torch_dtype, torch_dtype, compute_dtype))
+    end
+    local de = cfg.dist_env
+    if de and de.backend ~= nil then
+        local known = false
+        for _, b in ipairs(DIST_BACKENDS) do known = known or de.backend == b end
+        if not known then
+            cfg_error(string.format("dist_env.backend '%s' is not one of %s (nccl: between GPUs, Automodel's default; " ..
+                "mpi or gloo: between CPU processes, both run over MPI)", tostring(de.backend),
+                table.concat(DIST_BACKENDS, ", ")))
+        end
+    end
+    if de and de.timeout_minutes ~= nil and not (de.timeout_minutes > 0) then
+        cfg_error("dist_env.timeout_minutes must be > 0, got " .. tostring(de.timeout_minutes))
     end
     if cfg.wandb and cfg.wandb.enable then
         cfg_error("wandb.enable: Weights & Biases logging is not available in nemo-lua; metrics go to " ..
@@ -474,8 +584,6 @@ local function ensure_demo(cfg, log)
         cfg.model.pretrained_model_name_or_path = model_dir
         cfg.data.dataloader.cache_dir = cache_dir
         return
-    elseif kind ~= "flux" then
-        cfg_error("demo.model must be 'flux' or 'wan', got '" .. tostring(kind) .. "'")
     end
     local model_dir, cache_dir, base = M.demo_paths(cfg)
     if not fs.isfile(model_dir .. "/model_index.json") then
@@ -706,6 +814,27 @@ end
 
 local function nonfinite(x) return x ~= x or x == math.huge or x == -math.huge end
 
+-- The warmup must end before the decay does (Automodel's OptimizerParamScheduler asserts
+-- lr_warmup_steps < lr_decay_steps, and lr_decay_steps defaults to the run's steps), so a warmup
+-- longer than a short run is an error there too: say which key to change.
+local function check_warmup(l, total)
+    local w, d = l.lr_warmup_steps, l.lr_decay_steps
+    if (w ~= nil and type(w) ~= "number") or (d ~= nil and type(d) ~= "number") then return end   -- lr_scheduler's
+    local warm = w or math.min(1000, math.floor(total / 10))
+    local decay = d or total
+    if decay <= 0 or warm < decay then return end
+    local suggest = math.floor(decay / 10)
+    local wtext = w and tostring(w) or string.format("%d, its default min(1000, steps / 10)", warm)
+    if d then
+        cfg_error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_scheduler.lr_decay_steps (%d): " ..
+            "lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or raise --lr_scheduler.lr_decay_steps above %d " ..
+            "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, d, suggest, warm))
+    end
+    cfg_error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_decay_steps, which is not set and so " ..
+        "is this run's %d steps: lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or train more than %d steps " ..
+        "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, total, suggest, warm))
+end
+
 -- run(cfg, opts) -> summary {steps, total, first_loss, last_loss, losses = {[step] = loss},
 --   checkpoint, checkpoint_dir, diffusers, resumed_from, model, pipe, seconds}
 -- opts: log (function(msg)), progress (true/false: the progress bar; default: stdout is a
@@ -788,6 +917,7 @@ function M.run(cfg, opts)
     local total = epoch_len * num_epochs
     if ss.max_steps then total = math.min(total, ss.max_steps) end
     if lrs_cfg then   -- the schedule's checks (warmup below decay steps, ...) before a large model loads
+        check_warmup(lrs_cfg, total)
         local probe = nemo.optim.AdamW({nemo.zeros({1}):requires_grad_()}, {lr = cfg.optimizer.lr,
             weight_decay = cfg.optimizer.weight_decay or 0.01})
         local pok, perr = pcall(lrs.build, probe, lrs_cfg, total)
@@ -797,14 +927,9 @@ function M.run(cfg, opts)
     -- model
     nemo.manual_seed(seed)
     local mcfg = cfg.model
-    local torch_dtype = mcfg.torch_dtype or "bfloat16"
-    local compute_dtype = mcfg.compute_dtype or torch_dtype
-    if compute_dtype ~= torch_dtype and not cfg.fsdp then
-        cfg_error(string.format("model.compute_dtype (%s) differs from model.torch_dtype (%s): mixed precision " ..
-            "(float32 master weights, %s compute) runs through the FSDP2 manager's mp_policy; add an 'fsdp:' block " ..
-            "(it works on one process too), or set them equal (Automodel refuses this for DDP as well)",
-            compute_dtype, torch_dtype, compute_dtype))
-    end
+    -- canonical names ("bf16" -> "bfloat16"; validate checked them and the mixed-precision rule)
+    local torch_dtype = M.dtype_name(mcfg.torch_dtype, "model.torch_dtype") or "bfloat16"
+    local compute_dtype = M.dtype_name(mcfg.compute_dtype, "model.compute_dtype") or torch_dtype
     local block = cfg.fsdp or cfg.ddp or {}
     local ac = block.activation_checkpointing
     if ac == nil then ac = cfg.fsdp ~= nil end   -- Automodel: diffusion default true when the key is absent
@@ -815,7 +940,10 @@ function M.run(cfg, opts)
     if mcfg.attention_backend then ignored[#ignored + 1] = "model.attention_backend" end
     if block.enable_compile then ignored[#ignored + 1] = (cfg.fsdp and "fsdp" or "ddp") .. ".enable_compile" end
     if block.cpu_offload then ignored[#ignored + 1] = "fsdp.cpu_offload" end
-    if cfg.profiling and cfg.profiling.enabled then ignored[#ignored + 1] = "profiling" end
+    local prof = cfg.profiling
+    if prof and (prof.enabled or (prof.torch_profiler and prof.torch_profiler.enabled)) then
+        ignored[#ignored + 1] = "profiling"
+    end
     if ck.is_async then ignored[#ignored + 1] = "checkpoint.is_async" end
     if cfg.data.dataloader.dynamic_batch_size then ignored[#ignored + 1] = "data.dataloader.dynamic_batch_size" end
     if #ignored > 0 then

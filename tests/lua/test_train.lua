@@ -256,6 +256,81 @@ T.is(train.consolidated_mode("final"), "final", "save_consolidated final")
 T.is(train.consolidated_mode(nil), "final", "save_consolidated default final")
 T.is(train.consolidated_mode("every"), "every", "save_consolidated every")
 
+-- ==== the config audit: no key is silently ignored, no bad value reaches training ====
+
+-- profiling and ci: real schemas (Automodel's torch-profiler block; its CI metadata keys)
+raises_cfg({["profiling.typo_key"] = 1}, "unknown key 'profiling.typo_key'", "profiling: an unknown key is an error naming it")
+raises_cfg({["profiling.torch_profiler.enabledd"] = true}, "unknown key 'profiling.torch_profiler.enabledd'",
+    "profiling.torch_profiler: an unknown key is an error naming its path")
+raises_cfg({["ci.whatever"] = 1}, "unknown key 'ci.whatever'", "ci: an unknown key is an error naming it")
+raises_cfg({["profiling.enabled"] = "yes"}, "'profiling.enabled' must be a boolean", "profiling: a wrong type names the key")
+do
+    local cfg = tiny(tmp .. "/x", {profiling = {enabled = false, output_dir = "profile_default", wait_steps = 1,
+        warmup_steps = 1, active_steps = 3, ["repeat"] = 1, ranks = {0}, record_shapes = true, profile_memory = true,
+        with_stack = false, with_flops = false, row_limit = 40, torch_profiler = {enabled = false, ranks = "all"}},
+        ci = {recipe_owner = "someone", time = "00:30:00", nodes = 1, node_multiplier = true, max_steps = 5,
+              env_vars = {REQUIRE_FINITE_METRICS = "true"}, checkpoint_robustness = {hf_kl_threshold = 1e-3},
+              known_issue_id = "AM-1", allow_failure = true, vllm_deploy = false, nightly = {["step_scheduler.max_steps"] = 5}}})
+    local ok, err = pcall(train.validate, cfg)
+    T.ok(ok, "Automodel's profiling keys (flat and under torch_profiler) and ci keys validate", err)
+end
+
+-- demo.transformer: the demo model's config fields, checked on every run before any cache lookup
+raises_cfg({["demo.transformer.num_layerz"] = 2}, "unknown key 'demo.transformer.num_layerz'",
+    "demo.transformer (flux): an unknown key is an error naming it")
+raises_cfg({["demo.transformer.num_layers"] = "2"},
+    "demo.transformer (FluxTransformer2DModel): config key 'num_layers' must be a non-negative integer",
+    "demo.transformer: a wrong value type names the key")
+raises_cfg({["demo.model"] = "sd3"}, "demo.model must be 'flux' or 'wan', got 'sd3'", "demo.model: an unknown model")
+do
+    local dir = tmp .. "/typo_demo"
+    local cfg = tiny(dir, {["demo.transformer.num_layerz"] = 2})
+    local _, _, base = train.demo_paths(cfg)
+    for i = 1, 2 do
+        T.raises(function() run(tiny(dir, {["demo.transformer.num_layerz"] = 2})) end,
+            "unknown key 'demo.transformer.num_layerz'", "run " .. i .. " with demo.transformer.num_layerz: an error")
+    end
+    T.ok(not fs.exists(base) and not fs.exists(dir), "demo.transformer typo: no demo assets made, nothing trained")
+end
+for _, v in ipairs {{"--demo.transformer.num_layerz", "2", "unknown key 'demo.transformer.num_layerz'"},
+                    {"--demo.transformer.axes_dims_rope", "[2, 2, 4]", "unknown key 'demo.transformer.axes_dims_rope'"},
+                    {"--model.pipeline_spec.transformer_clss", "x", "unknown key 'model.pipeline_spec.transformer_clss'"}} do
+    T.raises(function() train.load_config("recipes/wan_finetune.yaml", train.parse_args {v[1], v[2]}.overrides) end,
+        v[3], "wan_finetune.yaml " .. v[1] .. " " .. v[2] .. ": an error naming the key")
+end
+
+-- model.pipeline_spec: checked in every mode (finetune does not use it)
+raises_cfg({["model.pipeline_spec.transformer_clss"] = "x"}, "unknown key 'model.pipeline_spec.transformer_clss'",
+    "finetune: a misspelt pipeline_spec key is an error naming it")
+raises_cfg({["model.pipeline_spec.load_full_pipeline"] = "no"}, "'model.pipeline_spec.load_full_pipeline' must be a boolean",
+    "pipeline_spec: a wrong type names the key")
+T.ok(pcall(train.validate, tiny(tmp .. "/x", {["model.pipeline_spec"] = {transformer_cls = "FluxTransformer2DModel",
+    subfolder = "transformer", load_full_pipeline = false}})), "finetune with a correct pipeline_spec validates")
+
+-- dist_env.backend: the supported values
+raises_cfg({["dist_env.backend"] = "nccll"}, "dist_env.backend 'nccll' is not one of nccl, mpi, gloo",
+    "dist_env.backend nccll: an error naming the key and the allowed values")
+raises_cfg({["dist_env.timeout_minutes"] = 0}, "dist_env.timeout_minutes must be > 0", "dist_env.timeout_minutes 0")
+do
+    local ok = true
+    for _, b in ipairs {"nccl", "mpi", "gloo"} do ok = ok and pcall(train.validate, tiny(tmp .. "/x", {["dist_env.backend"] = b})) end
+    T.ok(ok, "dist_env.backend nccl, mpi and gloo validate")
+end
+
+-- torch_dtype / compute_dtype: the names first (then the mixed-precision rule)
+raises_cfg({["model.torch_dtype"] = "float33"},
+    "model.torch_dtype: unknown dtype 'float33': use float32, bfloat16, float16 or float64",
+    "torch_dtype float33: says the dtype is unknown and lists the accepted names (not a mixed-precision error)")
+raises_cfg({["model.compute_dtype"] = "int64"}, "model.compute_dtype: unknown dtype 'int64'", "compute_dtype int64")
+raises_cfg({["model.torch_dtype"] = "auto"}, "model.torch_dtype: 'auto' is not supported", "torch_dtype auto")
+raises_cfg({["fsdp.dp_size"] = 1, ["fsdp.reduce_dtype"] = "bf17"}, "fsdp.reduce_dtype: unknown dtype 'bf17'", "fsdp.reduce_dtype bf17")
+raises_cfg({["model.compute_dtype"] = "bfloat16"}, "model.compute_dtype (bfloat16) differs from model.torch_dtype (float32)",
+    "mixed precision without an fsdp block: an error at validation")
+T.ok(train.dtype_name("bf16", "k") == "bfloat16" and train.dtype_name("torch.float32", "k") == "float32" and
+    train.dtype_name("half", "k") == "float16", "dtype aliases: bf16, torch.float32, half -> canonical names")
+T.ok(pcall(train.validate, tiny(tmp .. "/x", {["model.torch_dtype"] = "fp32", ["model.compute_dtype"] = "torch.float32"})),
+    "torch_dtype fp32 with compute_dtype torch.float32 is the same dtype, not mixed precision")
+
 -- ==== the demo: created once, cached; metrics; loss goes down ====
 
 local A = tmp .. "/A"
@@ -607,6 +682,23 @@ bad({["checkpoint.restore_from"] = A .. "/epoch_0_step_4", ["demo.transformer.nu
 bad({["flow_matching.adapter_type"] = "simple", ["flow_matching.adapter_kwargs"] = json.null}, "set flow_matching.adapter_type: flux", "the simple adapter with a FLUX model")
 bad(with(demo_off, {["model.pretrained_model_name_or_path"] = tmp .. "/no_model", ["data.dataloader.cache_dir"] = cache_dir}),
     "model.pretrained_model_name_or_path: model '" .. tmp .. "/no_model' not found", "a missing model folder")
+-- a warmup as long as the run (Automodel asserts warmup < decay steps too): the message names the key to change
+bad({["step_scheduler.max_steps"] = 2}, "lr_scheduler.lr_warmup_steps (2) must be below lr_decay_steps, which is not " ..
+    "set and so is this run's 2 steps: lower it (e.g. --lr_scheduler.lr_warmup_steps 0)",
+    "lr_warmup_steps 2 in a 2-step run: an error naming --lr_scheduler.lr_warmup_steps")
+bad({["lr_scheduler.lr_decay_steps"] = 2}, "or raise --lr_scheduler.lr_decay_steps above 2",
+    "lr_warmup_steps 2 with lr_decay_steps 2: an error naming both keys")
+-- the shipped Wan recipe as a 3-step smoke run: its warmup is the default (a tenth of the run)
+do
+    local wdir = tmp .. "/wan3"
+    local ok, s = pcall(function()
+        return run(train.load_config("recipes/wan_finetune.yaml", train.parse_args {"--step_scheduler.max_steps", "3",
+            "--demo.samples", "8", "--demo.dir", tmp .. "/wandemo", "--step_scheduler.local_batch_size", "2",
+            "--step_scheduler.global_batch_size", "2", "--checkpoint.checkpoint_dir", wdir,
+            "--checkpoint.save_consolidated", "false"}.overrides))
+    end)
+    T.ok(ok and s.steps == 3, "recipes/wan_finetune.yaml --step_scheduler.max_steps 3 trains 3 steps", not ok and s or nil)
+end
 
 -- ==== the NaN guard ====
 
