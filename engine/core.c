@@ -541,12 +541,14 @@ NEMO_API void nemo_memory_reset_peak(int devtype, int devindex) {
     mem_peak[s] = mem_cur[s];
     pthread_mutex_unlock(&mem_lock);
 }
+static void pin_cache_empty(void);   /* below, with nemo_pin_memory */
 NEMO_API void nemo_memory_empty_cache(int devtype, int devindex) {
     if (devtype == NEMO_CUDA) {
         if (cuda && devindex >= 0 && devindex < cuda_count) cuda_empty_cache(devindex);
         return;
     }
     if (devtype != NEMO_CPU) return;
+    if (cuda) pin_cache_empty();
     pthread_mutex_lock(&mem_lock);
     for (int i = 0; i < cpu_ncache; i++) free(cpu_cache[i].p);
     cpu_ncache = 0;
@@ -657,6 +659,94 @@ NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int 
     t->storage = s;
     return t;
 }
+
+/* ==== Pinned (page-locked) host memory ====
+ * CPU storages whose memory comes from the CUDA plugin's host_alloc: copies between them and a
+ * device are DMA transfers without a staging copy. Freed blocks of at least PIN_CACHE_MIN bytes
+ * are kept (exact rounded size, PIN_SLOTS of them) because cudaHostAlloc is slow, as a data
+ * loader pinning every batch would notice. They count in the CPU's memory statistics. */
+#define PIN_SLOTS 64
+static struct { void *p; size_t n; } pin_cache[PIN_SLOTS];
+static int pin_ncache;
+
+static void pinned_free_fn(void *ctx, void *data, size_t nbytes) {
+    (void)ctx;
+    if (!data) return;
+    size_t n = round_size(nbytes ? nbytes : 1);
+    pthread_mutex_lock(&mem_lock);
+    mem_cur[0] -= (int64_t)n;
+    if (pin_ncache < PIN_SLOTS) {
+        pin_cache[pin_ncache].p = data; pin_cache[pin_ncache].n = n; pin_ncache++;
+        mem_cached[0] += (int64_t)n;
+        data = NULL;
+    }
+    pthread_mutex_unlock(&mem_lock);
+    if (data) cuda->host_free(data);
+}
+static void pin_cache_empty(void) {
+    pthread_mutex_lock(&mem_lock);
+    for (int i = 0; i < pin_ncache; i++) {
+        cuda->host_free(pin_cache[i].p);
+        mem_cached[0] -= (int64_t)pin_cache[i].n;
+    }
+    pin_ncache = 0;
+    pthread_mutex_unlock(&mem_lock);
+}
+static void *pinned_alloc(size_t nbytes) {
+    size_t n = round_size(nbytes ? nbytes : 1);
+    void *p = NULL;
+    pthread_mutex_lock(&mem_lock);
+    for (int i = 0; i < pin_ncache; i++)
+        if (pin_cache[i].n == n) {
+            p = pin_cache[i].p;
+            pin_cache[i] = pin_cache[--pin_ncache];
+            mem_cached[0] -= (int64_t)n;
+            break;
+        }
+    pthread_mutex_unlock(&mem_lock);
+    if (!p && cuda->host_alloc(n, &p) < 0) {
+        pin_cache_empty();
+        if (cuda->host_alloc(n, &p) < 0) {
+            NEMO_ERR(NEMO_ENOMEM, "pin_memory: cannot allocate %zu bytes of page-locked memory: %s", n, cuda->error_text());
+            return NULL;
+        }
+    }
+    pthread_mutex_lock(&mem_lock);
+    mem_cur[0] += (int64_t)n;
+    if (mem_cur[0] > mem_peak[0]) mem_peak[0] = mem_cur[0];
+    pthread_mutex_unlock(&mem_lock);
+    return p;
+}
+
+NEMO_API int nemo_is_pinned(const nemo_tensor *t) {
+    return t && t->storage && t->storage->free_fn == pinned_free_fn;
+}
+
+NEMO_API nemo_tensor *nemo_pin_memory(const nemo_tensor *t) {
+    if (!t) { NEMO_ERR(NEMO_EINVAL, "pin_memory: tensor is NULL"); return NULL; }
+    if (t->devtype != NEMO_CPU) {
+        NEMO_ERR(NEMO_EDEVICE, "pin_memory: the tensor is on cuda:%d; only CPU tensors can be pinned", t->devindex);
+        return NULL;
+    }
+    if (nemo_is_pinned(t) && nemo_tensor_is_contiguous(t)) { nemo_tensor_retain((nemo_tensor *)t); return (nemo_tensor *)t; }
+    if (nemo_check_live("pin_memory", t) < 0) return NULL;
+    pthread_once(&cuda_once, cuda_load);
+    if (!cuda) { NEMO_ERR(NEMO_EDEVICE, "pin_memory: no CUDA device: %s", cuda_reason); return NULL; }
+    size_t nbytes = (size_t)nemo_tensor_numel(t) * (size_t)nemo_dtype_size(t->dtype);
+    void *p = pinned_alloc(nbytes);
+    if (!p) return NULL;
+    nemo_storage *s = nemo_storage_wrap(p, nbytes, NEMO_CPU, 0, pinned_free_fn, NULL);
+    if (!s) { pinned_free_fn(NULL, p, nbytes); return NULL; }
+    nemo_tensor *out = calloc(1, sizeof *out);
+    if (!out) { nemo_storage_release(s); NEMO_ERR(NEMO_ENOMEM, "out of memory (tensor header)"); return NULL; }
+    out->refcount = 1; out->dtype = t->dtype; out->devtype = NEMO_CPU; out->devindex = 0; out->ndim = t->ndim;
+    for (int d = 0; d < t->ndim; d++) out->shape[d] = t->shape[d];
+    contiguous_strides(t->ndim, t->shape, out->stride);
+    out->storage = s;
+    if (nemo_copy_(out, t) < 0) { nemo_tensor_release(out); out = NULL; }
+    return out;
+}
+
 
 NEMO_API nemo_tensor *nemo_zeros(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
     nemo_tensor *t = nemo_empty(ndim, shape, dtype, devtype, devindex);

@@ -11,7 +11,7 @@
 
 #include <stddef.h>
 
-#define NEMO_CUDA_PLUGIN_ABI 1
+#define NEMO_CUDA_PLUGIN_ABI 2
 
 typedef struct nemo_cuda_plugin {
     int abi;
@@ -24,6 +24,10 @@ typedef struct nemo_cuda_plugin {
     const char *(*error_text)(void);
     /* Registers the plugin's kernels with libnemo's registry. */
     void (*register_kernels)(void (*reg)(const char *name, int devtype, void (*fn)(void)));
+    /* Page-locked host memory (cudaHostAlloc / cudaFreeHost): copies from and to it are DMA
+     * transfers without a staging copy. Since ABI 2. */
+    int (*host_alloc)(size_t nbytes, void **p);
+    int (*host_free)(void *p);
 } nemo_cuda_plugin;
 
 /* The one symbol libnemo_cuda.so exports. */

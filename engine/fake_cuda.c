@@ -170,6 +170,20 @@ static void f_register_kernels(void (*reg)(const char *name, int devtype, void (
     reg("sum_squares_many", NEMO_CUDA, (nemo_kfn)k_sum_squares_many);
 }
 
+/* "Page-locked" host memory: ordinary host memory (the copies are host copies anyway). */
+static int f_host_alloc(size_t nbytes, void **p) {
+    *p = NULL;
+    if (posix_memalign(p, 256, nbytes ? nbytes : 1) != 0) {
+        snprintf(last_error, sizeof last_error, "emulated cudaHostAlloc(%zu bytes): host memory exhausted", nbytes);
+        return NEMO_ENOMEM;
+    }
+    return 0;
+}
+static int f_host_free(void *p) {
+    free(p);
+    return 0;
+}
+
 static const nemo_cuda_plugin fake_plugin = {
     NEMO_CUDA_PLUGIN_ABI,
     f_device_count,
@@ -180,6 +194,8 @@ static const nemo_cuda_plugin fake_plugin = {
     f_synchronize,
     f_error_text,
     f_register_kernels,
+    f_host_alloc,
+    f_host_free,
 };
 
 /* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL.

@@ -98,7 +98,7 @@ NEMO_API int64_t nemo_memory_current(int devtype, int devindex);
 NEMO_API int64_t nemo_memory_peak(int devtype, int devindex);
 NEMO_API void nemo_memory_reset_peak(int devtype, int devindex);
 NEMO_API int64_t nemo_memory_cached(int devtype, int devindex);  /* free blocks kept for reuse */
-NEMO_API void nemo_memory_empty_cache(int devtype, int devindex);
+NEMO_API void nemo_memory_empty_cache(int devtype, int devindex);   /* CPU: also the pinned blocks */
 
 /* ==== Devices ==== */
 /* Number of devices of a type: CPU is 1; CUDA loads libnemo_cuda on first use (0 if absent). */
@@ -138,6 +138,12 @@ NEMO_API void nemo_tensor_release(nemo_tensor *t);
 /* A new handle on the same view (shares the storage). */
 NEMO_API nemo_tensor *nemo_tensor_alias(const nemo_tensor *t);
 /* A view of t with a new shape/stride/offset over the same storage (bounds checked). */
+/* A contiguous copy of CPU tensor t in page-locked host memory (the CUDA plugin's cudaHostAlloc),
+ * from which copies to a device are DMA transfers; t itself when it already is one. An error
+ * without a CUDA device. Freed blocks are cached for reuse (nemo_memory_empty_cache(NEMO_CPU)
+ * frees them). */
+NEMO_API nemo_tensor *nemo_pin_memory(const nemo_tensor *t);
+NEMO_API int nemo_is_pinned(const nemo_tensor *t);
 NEMO_API nemo_tensor *nemo_tensor_view(const nemo_tensor *t, int ndim, const int64_t *shape,
                                        const int64_t *stride, int64_t offset);
 NEMO_API int64_t nemo_tensor_numel(const nemo_tensor *t);

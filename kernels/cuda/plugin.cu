@@ -116,6 +116,17 @@ static int p_memcpy(void *dst, const void *src, size_t nbytes, int kind, int dev
     return 0;
 }
 
+/* Page-locked host memory, usable from every device (cudaHostAllocPortable). */
+static int p_host_alloc(size_t nbytes, void **p) {
+    *p = NULL;
+    NEMO_CUDA_TRY(cudaHostAlloc(p, nbytes ? nbytes : 1, cudaHostAllocPortable), "cudaHostAlloc(%zu bytes)", nbytes);
+    return 0;
+}
+static int p_host_free(void *p) {
+    NEMO_CUDA_TRY(cudaFreeHost(p), "cudaFreeHost");
+    return 0;
+}
+
 static int p_memset(int dev, void *p, int value, size_t nbytes) {
     if (nbytes == 0) return 0;
     int rc = set_device(dev);
@@ -199,6 +210,8 @@ static const nemo_cuda_plugin plugin = {
     p_synchronize,
     p_error_text,
     p_register_kernels,
+    p_host_alloc,
+    p_host_free,
 };
 
 extern "C" __attribute__((visibility("default"))) const nemo_cuda_plugin *nemo_cuda_plugin_get(void) {

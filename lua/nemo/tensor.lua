@@ -511,6 +511,15 @@ function methods.contiguous(t)
     return t:clone()
 end
 
+-- t:pin_memory(): a contiguous copy of a CPU tensor in page-locked memory (copies to a CUDA
+-- device from it are DMA transfers), or t when it already is one; an error without a CUDA
+-- device, as in torch. t:is_pinned(). The copy is a new leaf (no gradient flows through it).
+function methods.pin_memory(t)
+    if C.nemo_is_pinned(t._c) ~= 0 and C.nemo_tensor_is_contiguous(t._c) ~= 0 then return t end
+    return wrap(C.nemo_pin_memory(t._c))
+end
+function methods.is_pinned(t) return C.nemo_is_pinned(t._c) ~= 0 end
+
 -- In-place ops on tensors that autograd tracks are refused, as in torch, for leaves that
 -- require grad while grad mode is on.
 local function check_inplace(t, what)

@@ -86,4 +86,27 @@ T.ok(q1.device == "cuda:1" and q1.grad.device == "cuda:1", "parameters and gradi
 local st = opt1.state[w1]
 T.ok(st and st.exp_avg.device == "cuda:1" and st.exp_avg_sq.device == "cuda:1", "AdamW's state lives on cuda:1")
 
+-- pinned (page-locked) host memory: a contiguous copy, counted and cached like other CPU memory
+do
+    local x = rnd({5, 7}, 20):t()   -- not contiguous
+    T.ok(not x:is_pinned(), "an ordinary CPU tensor is not pinned")
+    nemo.empty_cache("cpu")
+    local before = nemo.memory_stats("cpu").current
+    local p = x:pin_memory()
+    T.ok(p:is_pinned() and p:is_contiguous() and p.device == "cpu", "pin_memory gives a contiguous pinned CPU tensor")
+    T.ok(bitwise(p, x), "with the same values")
+    T.ok(p:pin_memory() == p, "pinning a pinned tensor gives it back")
+    T.ok(nemo.memory_stats("cpu").current >= before + 5 * 7 * 4, "pinned memory counts in the CPU's memory statistics")
+    local d = p:to{device = "cuda:1"}
+    T.ok(bitwise(d:cpu(), x), "a pinned tensor copies to a device")
+    p = nil
+    collectgarbage(); collectgarbage()
+    local cached = nemo.memory_stats("cpu").cached
+    T.ok(cached >= 5 * 7 * 4, "a freed pinned block is kept for reuse")
+    local p2 = rnd({7, 5}, 21):pin_memory()
+    T.ok(p2:is_pinned() and nemo.memory_stats("cpu").cached < cached, "a pin of the same size reuses it")
+    T.raises(function() return d:pin_memory() end, "only CPU tensors can be pinned", "pinning a device tensor is an error")
+    T.ok(not d:is_pinned(), "a device tensor is not pinned")
+end
+
 T.done()

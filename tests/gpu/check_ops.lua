@@ -118,19 +118,8 @@ local function numel(shape) local n = 1; for _, v in ipairs(shape) do n = n * v 
 
 -- ==== the fill kernel's pointer, from the plugin ====
 
+require "cuda_plugin"   -- the plugin struct (tests/lua/cuda_plugin.lua)
 ffi.cdef [[
-typedef struct nemo_cuda_plugin {
-    int abi;
-    int (*device_count)(int *count);
-    int (*malloc)(int dev, size_t nbytes, void **p);
-    int (*free)(int dev, void *p);
-    int (*memcpy)(void *dst, const void *src, size_t nbytes, int kind, int dev);
-    int (*memset)(int dev, void *p, int value, size_t nbytes);
-    int (*synchronize)(int dev);
-    const char *(*error_text)(void);
-    void (*register_kernels)(void (*reg)(const char *name, int devtype, void (*fn)(void)));
-} nemo_cuda_plugin;
-const nemo_cuda_plugin *nemo_cuda_plugin_get(void);
 typedef struct { long tv_sec; long tv_nsec; } nemo_gpu_timespec;
 int clock_gettime(int clk, nemo_gpu_timespec *ts);
 ]]
@@ -386,6 +375,18 @@ local function case(row, dt, name, rtol, exact, fn)
 end
 
 local FLOATS = {"float32", "bfloat16", "float16", "float64"}
+
+-- ==== pinned host memory (the plugin's host_alloc): copies to the device and back ====
+
+do
+    local ok, err = pcall(function()
+        local x = uniform({257, 1031}, "float32", -1, 1):t()
+        local p = x:pin_memory()
+        local back = p:to{device = DEV}:to{device = "cpu"}
+        return p:is_pinned() and T.same_bits(back, x)
+    end)
+    T.ok(ok and err, "pin_memory: a pinned copy goes to the device and back bit for bit", not ok and tostring(err) or nil)
+end
 
 -- ==== the copy kernel: every dtype pair, strided and broadcast ====
 
@@ -1280,6 +1281,15 @@ if not FAKE then
             T.diag(string.format("bench: attention bwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s (2.5x fwd flops)", dt, H,
                                  S, D, causal == 1 and " causal" or "", t * 1e3, 2.5 * flops / t / 1e12))
         end
+        -- host to device copies of 256 MiB from pageable and from pinned memory
+        local h = uniform({64, 1024, 1024}, "float32", -1, 1)
+        local hp = h:pin_memory()
+        for _, src in ipairs{{"pageable", h}, {"pinned", hp}} do
+            local tc = timeit(3, function() src[2]:to{device = DEV}:free() end)
+            T.diag(string.format("bench: copy to device from %s memory, 256 MiB: %.2f ms, %.1f GB/s", src[1], tc * 1e3,
+                                 256 * 2 ^ 20 / tc / 1e9))
+        end
+        h:free(); hp:free()
         attn("float32", 4608, 24, 128, 0)
         attn("bfloat16", 4608, 24, 128, 0)   -- the flash kernels from here on
         attn("bfloat16", 4608, 24, 128, 1)

@@ -109,21 +109,8 @@ if not have_plugin then
     T.done()
 end
 
-ffi.cdef [[
-typedef struct nemo_cuda_plugin {
-    int abi;
-    int (*device_count)(int *count);
-    int (*malloc)(int dev, size_t nbytes, void **p);
-    int (*free)(int dev, void *p);
-    int (*memcpy)(void *dst, const void *src, size_t nbytes, int kind, int dev);
-    int (*memset)(int dev, void *p, int value, size_t nbytes);
-    int (*synchronize)(int dev);
-    const char *(*error_text)(void);
-    void (*register_kernels)(void (*reg)(const char *name, int devtype, void (*fn)(void)));
-} nemo_cuda_plugin;
-const nemo_cuda_plugin *nemo_cuda_plugin_get(void);
-]]
 
+local PLUGIN = require "cuda_plugin"   -- the plugin struct (tests/lua/cuda_plugin.lua)
 local okl, lib = pcall(ffi.load, plugin_path)
 T.ok(okl, "ffi.load(" .. plugin_path .. ") pulls in libcudart and loads", tostring(lib))
 if not okl then
@@ -131,7 +118,7 @@ if not okl then
     T.done()
 end
 local okg, p = pcall(function() return lib.nemo_cuda_plugin_get() end)
-T.ok(okg and p ~= nil and p.abi == 1, "nemo_cuda_plugin_get() is exported and returns plugin ABI 1",
+T.ok(okg and p ~= nil and p.abi == PLUGIN.ABI, "nemo_cuda_plugin_get() is exported and returns plugin ABI " .. PLUGIN.ABI,
      okg and (p ~= nil and "abi " .. p.abi or "NULL") or tostring(p))
 local function text() return ffi.string(p.error_text()) end
 

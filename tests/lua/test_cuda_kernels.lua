@@ -33,20 +33,7 @@ if not file_exists(plugin_path) then
     os.exit(0)
 end
 
-ffi.cdef [[
-typedef struct nemo_cuda_plugin {
-    int abi;
-    int (*device_count)(int *count);
-    int (*malloc)(int dev, size_t nbytes, void **p);
-    int (*free)(int dev, void *p);
-    int (*memcpy)(void *dst, const void *src, size_t nbytes, int kind, int dev);
-    int (*memset)(int dev, void *p, int value, size_t nbytes);
-    int (*synchronize)(int dev);
-    const char *(*error_text)(void);
-    void (*register_kernels)(void (*reg)(const char *name, int devtype, void (*fn)(void)));
-} nemo_cuda_plugin;
-const nemo_cuda_plugin *nemo_cuda_plugin_get(void);
-]]
+require "cuda_plugin"   -- the plugin struct (tests/lua/cuda_plugin.lua)
 local p = ffi.load(plugin_path).nemo_cuda_plugin_get()
 local function text() return ffi.string(p.error_text()) end
 

@@ -68,6 +68,11 @@ local subs = nemo.tensor({2^-24, 3 * 2^-24, 6.103515625e-05 / 2, 2^-25, 1.5 * 2^
 T.ok(subs[1] == 2^-24 and subs[2] == 3 * 2^-24 and subs[3] == 6.103515625e-05 / 2 and subs[4] == 0 and subs[5] == 2 * 2^-24,
     "float16 subnormals exact, ties to even (2^-25 -> 0, 1.5*2^-24 -> 2^-23)")
 T.raises(function() f:to{device = "cuda:0"} end, "no CUDA device", "cuda request without a GPU is a clear error")
+if not nemo.cuda.is_available() then
+    T.raises(function() return f:pin_memory() end, "pin_memory: no CUDA device",
+        "pin_memory without a GPU is a clear error (as in torch)")
+end
+T.ok(not f:is_pinned(), "an ordinary CPU tensor is not pinned")
 
 -- clone, contiguous, copy_, fill_, zero_
 local c = f:clone()
