@@ -339,8 +339,19 @@ static int dev_slot(int devtype, int devindex) {
  * and giving them back to the kernel makes every step fault and zero its pages again. */
 #define CACHE_MIN (1u << 20)
 #define CACHE_SLOTS 256
-static struct { void *p; size_t n; } cpu_cache[CACHE_SLOTS];
+typedef struct { void *p; size_t n; } host_block;
+static host_block cpu_cache[CACHE_SLOTS];
 static int cpu_ncache;
+/* A cached host block of exactly n bytes out of cache (count entries), or NULL; mem_lock held. */
+static void *host_cache_take(host_block *cache, int *count, size_t n) {
+    for (int i = 0; i < *count; i++)
+        if (cache[i].n == n) {
+            void *p = cache[i].p;
+            cache[i] = cache[--*count];
+            return p;
+        }
+    return NULL;
+}
 
 static size_t round_size(size_t n) {
     if (n < CACHE_MIN) return (n + 63) & ~(size_t)63;
@@ -487,13 +498,7 @@ void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
         pthread_once(&tune_once, malloc_tune);
         if (n >= CACHE_MIN) {
             pthread_mutex_lock(&mem_lock);
-            for (int i = 0; i < cpu_ncache; i++)
-                if (cpu_cache[i].n == n) {
-                    p = cpu_cache[i].p;
-                    cpu_cache[i] = cpu_cache[--cpu_ncache];
-                    mem_cached[0] -= (int64_t)n;
-                    break;
-                }
+            if ((p = host_cache_take(cpu_cache, &cpu_ncache, n))) mem_cached[0] -= (int64_t)n;
             pthread_mutex_unlock(&mem_lock);
         }
         if (!p && posix_memalign(&p, 64, n) != 0) p = NULL;
@@ -666,7 +671,7 @@ NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int 
  * are kept (exact rounded size, PIN_SLOTS of them) because cudaHostAlloc is slow, as a data
  * loader pinning every batch would notice. They count in the CPU's memory statistics. */
 #define PIN_SLOTS 64
-static struct { void *p; size_t n; } pin_cache[PIN_SLOTS];
+static host_block pin_cache[PIN_SLOTS];
 static int pin_ncache;
 
 static void pinned_free_fn(void *ctx, void *data, size_t nbytes) {
@@ -696,13 +701,7 @@ static void *pinned_alloc(size_t nbytes) {
     size_t n = round_size(nbytes ? nbytes : 1);
     void *p = NULL;
     pthread_mutex_lock(&mem_lock);
-    for (int i = 0; i < pin_ncache; i++)
-        if (pin_cache[i].n == n) {
-            p = pin_cache[i].p;
-            pin_cache[i] = pin_cache[--pin_ncache];
-            mem_cached[0] -= (int64_t)n;
-            break;
-        }
+    if ((p = host_cache_take(pin_cache, &pin_ncache, n))) mem_cached[0] -= (int64_t)n;
     pthread_mutex_unlock(&mem_lock);
     if (!p && cuda->host_alloc(n, &p) < 0) {
         pin_cache_empty();

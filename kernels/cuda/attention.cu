@@ -592,9 +592,9 @@ static int fl_mat_of(const char *op, const char *what, const nemo_tensor *t, con
     return 0;
 }
 
-/* Geometry and q / k / v of both directions. */
-static int fl_setup(const char *op, fl_args *A, const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
-                    const nemo_tensor *lse, int causal, double scale) {
+/* Geometry and q / k / v / o of both directions. */
+static int fl_setup(const char *op, fl_args *A, const nemo_tensor *o, const nemo_tensor *q, const nemo_tensor *k,
+                    const nemo_tensor *v, const nemo_tensor *lse, int causal, double scale) {
     memset(A, 0, sizeof *A);
     const int nd = q->ndim;
     if (q->dtype != NEMO_BF16 && q->dtype != NEMO_F16)
@@ -615,6 +615,7 @@ static int fl_setup(const char *op, fl_args *A, const nemo_tensor *q, const nemo
     NEMO_CUDA_RC(fl_mat_of(op, "query", q, q, A->sq, d, &A->q));
     NEMO_CUDA_RC(fl_mat_of(op, "key", k, q, A->sk, d, &A->k));
     NEMO_CUDA_RC(fl_mat_of(op, "value", v, q, A->sk, d, &A->v));
+    NEMO_CUDA_RC(fl_mat_of(op, "output", o, q, A->sq, d, &A->o));
     NEMO_CUDA_RC(k_need(op, "logsumexp", lse));
     NEMO_CUDA_RC(k_check(op, "logsumexp", lse, q, NEMO_F32));
     int dense = nemo_cuda_numel(lse) == A->nbh * A->sq;
@@ -661,9 +662,8 @@ static int sdpa_flash_fwd_cuda(nemo_tensor *o, nemo_tensor *lse, const nemo_tens
     static const char op[] = "scaled_dot_product_attention (flash)";
     NEMO_CUDA_ENTER(op, q);
     fl_args A;
-    NEMO_CUDA_RC(fl_setup(op, &A, q, k, v, lse, is_causal, scale));
+    NEMO_CUDA_RC(fl_setup(op, &A, o, q, k, v, lse, is_causal, scale));
     const int64_t d = q->shape[q->ndim - 1];
-    NEMO_CUDA_RC(fl_mat_of(op, "output", o, q, A.sq, d, &A.o));
     return FL_DISPATCH(fl_fwd, op, A, d, q->dtype, q->devindex, nemo_cuda_stream(q->devindex));
 }
 NEMO_CUDA_KERNEL("sdpa_flash_fwd", sdpa_flash_fwd_cuda)
@@ -674,9 +674,8 @@ static int sdpa_flash_bwd_cuda(nemo_tensor *dq, nemo_tensor *dk, nemo_tensor *dv
     static const char op[] = "scaled_dot_product_attention backward (flash)";
     NEMO_CUDA_ENTER(op, q);
     fl_args A;
-    NEMO_CUDA_RC(fl_setup(op, &A, q, k, v, lse, is_causal, scale));
+    NEMO_CUDA_RC(fl_setup(op, &A, o, q, k, v, lse, is_causal, scale));
     const int64_t d = q->shape[q->ndim - 1];
-    NEMO_CUDA_RC(fl_mat_of(op, "output", o, q, A.sq, d, &A.o));
     NEMO_CUDA_RC(fl_mat_of(op, "gradient", g, q, A.sq, d, &A.g));
     NEMO_CUDA_RC(fl_mat_of(op, "query gradient", dq, q, A.sq, d, &A.dq));
     NEMO_CUDA_RC(fl_mat_of(op, "key gradient", dk, q, A.sk, d, &A.dk));

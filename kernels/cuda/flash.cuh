@@ -148,6 +148,33 @@ FL_DEV void fl_store_rows(uint16_t *dst, int64_t ld, int64_t n, int64_t r, int t
     }
 }
 
+/* The backward's two products over the head dim, for this warp's 16 rows (w): acc1 = A1 B1^T and
+ * acc2 = A2 B2^T (zeroed first), A1 / A2 16 rows of a1 / a2 and B1 / B2 N rows of b1 / b2, all
+ * row-major with row stride SD: S and dP (dK/dV kernel: K, V against Q, dO; dQ kernel: Q, dO
+ * against K, V). */
+template <int N, int D, int E, int SD>
+FL_DEV void fl_two_products(float (*acc1)[4], float (*acc2)[4], const uint16_t *a1, const uint16_t *a2,
+                            const uint16_t *b1, const uint16_t *b2, int w, int g, int t) {
+    FL_UNROLL
+    for (int j = 0; j < N / 8; j++)
+        FL_UNROLL
+        for (int e = 0; e < 4; e++) acc1[j][e] = acc2[j][e] = 0.f;
+    FL_UNROLL
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t fa1[4], fa2[4];
+        fl_frag_a<SD>(fa1, a1, w * 16, kk * 16, g, t);
+        fl_frag_a<SD>(fa2, a2, w * 16, kk * 16, g, t);
+        FL_UNROLL
+        for (int j = 0; j < N / 8; j++) {
+            uint32_t fb[2];
+            fl_frag_b<SD>(fb, b1, j * 8, kk * 16, g, t);
+            fl_mma<E>(acc1[j], fa1, fb);
+            fl_frag_b<SD>(fb, b2, j * 8, kk * 16, g, t);
+            fl_mma<E>(acc2[j], fa2, fb);
+        }
+    }
+}
+
 /* ==== Forward ==== */
 
 template <int D, int E>
@@ -305,26 +332,9 @@ FL_GLOBAL void fl_bwd_dkdv_k(const fl_args A) {
             sDv[i] = q < A.sq ? A.dvec[bh * A.sq + q] : 0.f;
         }
         fl_sync();
-        /* S^T = K Q^T, then P^T */
+        /* S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T */
         float st[BQ / 8][4], dp[BQ / 8][4];
-        FL_UNROLL
-        for (int j = 0; j < BQ / 8; j++)
-            FL_UNROLL
-            for (int e = 0; e < 4; e++) st[j][e] = dp[j][e] = 0.f;
-        FL_UNROLL
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4], av[4];
-            fl_frag_a<SD>(a, sK, w * 16, kk * 16, g, t);
-            fl_frag_a<SD>(av, sV, w * 16, kk * 16, g, t);
-            FL_UNROLL
-            for (int j = 0; j < BQ / 8; j++) {
-                uint32_t b[2], bo[2];
-                fl_frag_b<SD>(b, sQ, j * 8, kk * 16, g, t);
-                fl_mma<E>(st[j], a, b);
-                fl_frag_b<SD>(bo, sdO, j * 8, kk * 16, g, t);
-                fl_mma<E>(dp[j], av, bo);   /* dP^T = V dO^T */
-            }
-        }
+        fl_two_products<BQ, D, E, SD>(st, dp, sK, sV, sQ, sdO, w, g, t);
         FL_UNROLL
         for (int j = 0; j < BQ / 8; j++) {
             FL_UNROLL
@@ -381,24 +391,7 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
         fl_load<BK, D, SD, 1>(sV, nullptr, V, A.v.ld, k0, A.sk);
         fl_sync();
         float s[BK / 8][4], dp[BK / 8][4];
-        FL_UNROLL
-        for (int j = 0; j < BK / 8; j++)
-            FL_UNROLL
-            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
-        FL_UNROLL
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4], ao[4];
-            fl_frag_a<SD>(a, sQ, w * 16, kk * 16, g, t);
-            fl_frag_a<SD>(ao, sdO, w * 16, kk * 16, g, t);
-            FL_UNROLL
-            for (int j = 0; j < BK / 8; j++) {
-                uint32_t b[2], bv[2];
-                fl_frag_b<SD>(b, sK, j * 8, kk * 16, g, t);
-                fl_mma<E>(s[j], a, b);     /* S = Q K^T */
-                fl_frag_b<SD>(bv, sV, j * 8, kk * 16, g, t);
-                fl_mma<E>(dp[j], ao, bv);  /* dP = dO V^T */
-            }
-        }
+        fl_two_products<BK, D, E, SD>(s, dp, sQ, sdO, sK, sV, w, g, t);   /* S = Q K^T, dP = dO V^T */
         FL_UNROLL
         for (int j = 0; j < BK / 8; j++) {
             FL_UNROLL
