@@ -643,24 +643,31 @@ function FluxTransformer2DModel:forward(args)
     -- of each single block and splits the result at its end; one block's split and the next
     -- one's concatenation cancel, so the joint tensor goes from block to block (the same values
     -- and the same gradients, without two copies and a sum of sub-view gradients per block).
-    local x = F.cat({ehs, hs}, 1)
-    free(hs, ehs)
-    for _, block in self.single_transformer_blocks:iter() do
-        local y
-        if ckpt then
-            y = autograd.checkpoint_owned(function(xx, te, c, s)
-                if autograd.is_grad_enabled() and self.checkpoint_collect then collectgarbage() end
-                return block:forward_joint(xx, te, {c, s})
-            end, x, temb, cos, sin)
-            if self.checkpoint_collect then collectgarbage() end
-        else
-            y = block:forward_joint(x, temb, rope)
+    -- Without single blocks diffusers drops the text stream here, so the last double block's
+    -- text branch (attn.to_add_out, ff_context) gets no gradient at all rather than zeros: AdamW
+    -- skips a parameter without a gradient but decays one with a zero gradient.
+    if self.single_transformer_blocks:len() == 0 then
+        free(ehs, cos, sin)
+    else
+        local x = F.cat({ehs, hs}, 1)
+        free(hs, ehs)
+        for _, block in self.single_transformer_blocks:iter() do
+            local y
+            if ckpt then
+                y = autograd.checkpoint_owned(function(xx, te, c, s)
+                    if autograd.is_grad_enabled() and self.checkpoint_collect then collectgarbage() end
+                    return block:forward_joint(xx, te, {c, s})
+                end, x, temb, cos, sin)
+                if self.checkpoint_collect then collectgarbage() end
+            else
+                y = block:forward_joint(x, temb, rope)
+            end
+            free(x)
+            x = y
         end
-        free(x)
-        x = y
+        hs = x:narrow(1, T, x.shape[2] - T)
+        free(x, cos, sin)
     end
-    hs = x:narrow(1, T, x.shape[2] - T)
-    free(x, cos, sin)
 
     local n = self.norm_out(hs, temb)
     free(hs, temb)
