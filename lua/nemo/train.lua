@@ -378,11 +378,17 @@ function M.batch_math(cfg)
     local local_bs = ss.local_batch_size or 1
     local global_bs = ss.global_batch_size or local_bs * dp_size
     if global_bs % (local_bs * dp_size) ~= 0 then
+        local unit = local_bs * dp_size
+        local lo = math.max(1, math.floor(global_bs / unit)) * unit
+        local hi = math.ceil(global_bs / unit) * unit
+        local fixes = {string.format("global_batch_size %d", lo)}
+        if hi ~= lo then fixes[#fixes + 1] = string.format("global_batch_size %d", hi) end
+        if global_bs % dp_size == 0 and global_bs / dp_size < local_bs then
+            fixes[#fixes + 1] = string.format("local_batch_size %d", global_bs / dp_size)
+        end
         cfg_error(string.format("step_scheduler.global_batch_size (%d) must be a multiple of local_batch_size (%d) " ..
             "x data-parallel size (%d) = %d: gradient accumulation is global / (local x dp) micro-batches per step " ..
-            "(e.g. global_batch_size %d or %d)", global_bs, local_bs, dp_size, local_bs * dp_size,
-            math.max(1, math.floor(global_bs / (local_bs * dp_size))) * local_bs * dp_size,
-            math.ceil(global_bs / (local_bs * dp_size)) * local_bs * dp_size))
+            "(e.g. %s)", global_bs, local_bs, dp_size, unit, table.concat(fixes, " or ")))
     end
     return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, dp_rank = dp_rank,
             grad_acc = global_bs / (local_bs * dp_size)}

@@ -235,6 +235,10 @@ raises_cfg({["step_scheduler.max_steps"] = 0}, "step_scheduler.max_steps must be
 raises_cfg({["step_scheduler.global_batch_size"] = 3},
     "step_scheduler.global_batch_size (3) must be a multiple of local_batch_size (2) x data-parallel size (1)",
     "global batch not divisible by local x dp")
+raises_cfg({["step_scheduler.global_batch_size"] = 3}, "(e.g. global_batch_size 2 or global_batch_size 4)",
+    "global batch not divisible: suggests the two nearest global batch sizes")
+raises_cfg({["step_scheduler.global_batch_size"] = 1}, "(e.g. global_batch_size 2 or local_batch_size 1)",
+    "global batch below local x dp: suggests one global batch size and a smaller local batch")
 raises_cfg({["checkpoint.save_consolidated"] = "sometimes"}, "save_consolidated: 'sometimes' is not one of false, final, every",
     "bad save_consolidated")
 raises_cfg({["checkpoint.max_recent_checkpoints"] = 0}, "max_recent_checkpoints must be unset or a positive integer",
