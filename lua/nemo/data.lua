@@ -90,6 +90,11 @@ function Dataset:_open(path, opts)
     if not fs.isdir(path) then derr(path, "is not a folder (a latent cache is a folder holding index.json and shards)") end
     local index_path = path .. "/index.json"
     if not fs.isfile(index_path) then
+        if fs.isfile(path .. "/metadata.json") then
+            derr(path, "this is a NeMo Automodel cache (metadata.json), not a nemo-lua one: convert it once with " ..
+                "`nemo-lua tools/import_automodel_cache.lua --src " .. path .. " --out " .. path ..
+                "-nemo` and train on the converted folder (docs/data.md)")
+        end
         derr(path, "no index.json: this is not a nemo-lua latent cache (see docs/data.md; " ..
             "tools/make_synthetic_cache.lua writes one)")
     end

@@ -88,7 +88,7 @@ end
 -- the model, pipeline and training layers, loaded on first use (they require nemo themselves):
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.lr_scheduler, nemo.flow_matching,
--- nemo.data
+-- nemo.data, nemo.torchfile (torch.save files)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
     PipelineSpec = {"nemo.pipeline", "PipelineSpec"},
@@ -99,6 +99,7 @@ local LAZY = {
     lr_scheduler = {"nemo.lr_scheduler"},
     flow_matching = {"nemo.flow_matching"},
     data = {"nemo.data"},
+    torchfile = {"nemo.torchfile"},
 }
 setmetatable(nemo, {__index = function(t, key)
     local where = LAZY[key]
