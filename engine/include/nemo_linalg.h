@@ -77,5 +77,8 @@ NEMO_API int nemo_sdpa_backward(const nemo_tensor *g, const nemo_tensor *q, cons
  * does. 0 otherwise, also for arguments nemo_sdpa would refuse. */
 NEMO_API int nemo_sdpa_uses_flash(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v,
                                   const nemo_tensor *mask);
+/* Allow (on = 1) or forbid (0) the fused kernels; -1 only asks. Returns the previous setting.
+ * Initially on, unless NEMO_FLASH=0 is in the environment. */
+NEMO_API int nemo_sdpa_enable_flash(int on);
 
 #endif /* NEMO_LINALG_H */

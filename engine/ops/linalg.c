@@ -611,7 +611,21 @@ static nemo_tensor *mask_view(const nemo_tensor *mask, const nemo_tensor *q, con
  * dim 64 or 128 for both products, non-empty, sizes the kernels' grids hold, and the device has
  * both kernels. Checked by the forward and again by the backward (which also wants g in q's
  * dtype), so a call runs one path in both directions. */
+/* Whether the fused kernels may be used: on unless nemo_sdpa_enable_flash(0) or NEMO_FLASH=0 in
+ * the environment (read on first use), an escape hatch like torch.backends.cuda.enable_flash_sdp. */
+static int flash_enabled = -1;
+NEMO_API int nemo_sdpa_enable_flash(int on) {
+    if (flash_enabled < 0) {
+        const char *e = getenv("NEMO_FLASH");
+        flash_enabled = !(e && !strcmp(e, "0"));
+    }
+    int was = flash_enabled;
+    if (on >= 0) flash_enabled = on != 0;
+    return was;
+}
+
 static int flash_applies(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask) {
+    if (!nemo_sdpa_enable_flash(-1)) return 0;
     const int nd = q->ndim;
     if ((q->dtype != NEMO_BF16 && q->dtype != NEMO_F16) || mask || nd > NEMO_MAXDIM) return 0;
     const int64_t d = q->shape[nd - 1], sq = q->shape[nd - 2], sk = k->shape[nd - 2];

@@ -547,6 +547,13 @@ do
     T.ok(not F.sdpa_uses_flash(q, k, k:narrow(3, 0, 32)), "flash path: not when Dv differs from D")
     T.ok(not F.sdpa_uses_flash(q, k:narrow(2, 0, 0), k:narrow(2, 0, 0)), "flash path: not with no keys")
     T.ok(not F.sdpa_uses_flash(q, rounded({1, 2, 6, 32}, 972, "bfloat16"), k), "flash path: not for bad shapes")
+    T.ok(F.flash_sdp_enabled() and F.sdpa_uses_flash(q, k, k), "flash path: on by default")
+    T.is(F.enable_flash_sdp(false), true, "enable_flash_sdp(false) returns the previous setting")
+    T.ok(not F.flash_sdp_enabled() and not F.sdpa_uses_flash(q, k, k), "flash path: off after enable_flash_sdp(false)")
+    local o_general = sdpa(q, k, k)
+    F.enable_flash_sdp(true)
+    T.ok(T.same_bits(sdpa(q, k, k), o_general), "on the CPU both paths give the same bits")
+    T.raises(function() F.enable_flash_sdp(1) end, "expected a boolean", "enable_flash_sdp(1) is an error")
     F.set_attention_probs_budget(prev)
 end
 

@@ -161,6 +161,13 @@ function F.sdpa_uses_flash(q, k, v, opts)
     local mask = opts and opts.attn_mask
     return C.nemo_sdpa_uses_flash(q._c, k._c, v._c, mask and mask._c or nil) ~= 0
 end
+-- F.enable_flash_sdp(bool) allows or forbids the fused kernels (as torch.backends.cuda's); returns
+-- the previous setting. F.flash_sdp_enabled(). Environment: NEMO_FLASH=0 starts with them off.
+function F.enable_flash_sdp(on)
+    if type(on) ~= "boolean" then error("enable_flash_sdp: expected a boolean, got " .. type(on), 2) end
+    return C.nemo_sdpa_enable_flash(on and 1 or 0) ~= 0
+end
+function F.flash_sdp_enabled() return C.nemo_sdpa_enable_flash(-1) ~= 0 end
 
 -- bytes P would take, when it fits the budget
 local function keep_probs(q, k)
