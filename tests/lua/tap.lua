@@ -69,20 +69,29 @@ local function flat(x)
     return l
 end
 
--- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values.
-function T.close(a, ref, rtol, atol, name)
-    atol = atol or 0
+-- max|a - ref| and max|ref| over flattened values (tensors, numbers or nested tables); math.huge
+-- for a NaN difference; math.huge, 0 and a reason when the sizes differ.
+function T.maxdiff(a, ref)
     local fa, fr = flat(a), flat(ref)
-    if #fa ~= #fr then
-        return report(false, name, string.format("sizes differ: %d vs %d elements", #fa, #fr))
-    end
+    if #fa ~= #fr then return math.huge, 0, string.format("sizes differ: %d vs %d elements", #fa, #fr) end
     local maxd, maxr = 0, 0
     for i = 1, #fr do
         local d = math.abs(fa[i] - fr[i])
-        if d ~= d then maxd = math.huge end
+        if d ~= d then d = math.huge end
         if d > maxd then maxd = d end
         if math.abs(fr[i]) > maxr then maxr = math.abs(fr[i]) end
     end
+    return maxd, maxr
+end
+
+-- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values.
+function T.close(a, ref, rtol, atol, name)
+    atol = atol or 0
+    if a == nil or ref == nil then
+        return report(false, name, a == nil and "no tensor computed" or "no reference tensor")
+    end
+    local maxd, maxr, why = T.maxdiff(a, ref)
+    if why then return report(false, name, why) end
     local tol = rtol * maxr + atol
     return report(maxd <= tol, string.format("%s: max_abs %.3g <= %.3g (rtol %.1g * %.3g + atol %.1g)",
         name or "close", maxd, tol, rtol, maxr, atol))

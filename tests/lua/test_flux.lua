@@ -26,32 +26,7 @@ end
 
 local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
 
--- max|a - ref| and max|ref|
-local function diff(a, ref)
-    local fa, fr = flat(a), flat(ref)
-    if #fa ~= #fr then return math.huge, 0 end
-    local d, r = 0, 0
-    for i = 1, #fr do
-        local x = math.abs(fa[i] - fr[i])
-        if x ~= x then x = math.huge end
-        if x > d then d = x end
-        if math.abs(fr[i]) > r then r = math.abs(fr[i]) end
-    end
-    return d, r
-end
 
-local function close(a, ref, rtol, atol, name)
-    local as, rs = a.shape, ref.shape
-    local na, nr = 1, 1
-    for _, v in ipairs(as) do na = na * v end
-    for _, v in ipairs(rs) do nr = nr * v end
-    if na ~= nr then return T.ok(false, name .. ": sizes differ " .. nemo.Tensor.shape_str(as) .. " vs " ..
-        nemo.Tensor.shape_str(rs)) end
-    local d, r = diff(a, ref)
-    local tol = rtol * r + atol
-    return T.ok(d <= tol, string.format("%s: max_abs %.3g <= %.3g (rtol %g * %.3g + atol %g)", name, d, tol, rtol, r,
-        atol))
-end
 
 local function bitwise(a, b)
     local fa, fb = flat(a), flat(b)
@@ -136,7 +111,7 @@ local function golden_case(name)
     local case = nemo.load_file(dir .. "/case.safetensors")
     local args = inputs_of(case, "float32")
     local out, loss = step(model, args, case.target)
-    close(out, case.output, 2e-5, 1e-7, name .. " f32 output")
+    T.close(out, case.output, 2e-5, 1e-7, name .. " f32 output")
     local lref = case.loss:reshape{-1}:tolist()[1]
     local lv = loss:item()
     T.ok(math.abs(lv - lref) <= 5e-6 * math.abs(lref),
@@ -151,7 +126,7 @@ local function golden_case(name)
             all_ok = false
             T.ok(false, name .. " f32 grad." .. k .. ": no gradient")
         else
-            local d, r = diff(g, ref)
+            local d, r = T.maxdiff(g, ref)
             local ok = d <= rtol * r + 1e-7
             if not ok then
                 all_ok = false
@@ -163,7 +138,7 @@ local function golden_case(name)
     T.ok(all_ok, string.format("%s f32: all %d parameter gradients within 5e-5*max|ref| + 1e-7 (embedder " ..
         "linear_1.weight 2e-3); worst rel %.3g (%s)", name, #keys, worst, worst_name))
     for _, k in ipairs(DIFF_INPUTS) do
-        close(args[k].grad, case["grad_input." .. k], 2e-5, 1e-7, name .. " f32 grad_input." .. k)
+        T.close(args[k].grad, case["grad_input." .. k], 2e-5, 1e-7, name .. " f32 grad_input." .. k)
     end
 
     -- float64, against the fully float64 reference
@@ -172,7 +147,7 @@ local function golden_case(name)
     local a64 = inputs_of(c64, "float64")
     local out64, loss64 = step(model, a64, c64.target)
     T.is(out64.dtype, "float64", name .. " f64: output stays float64")
-    close(out64, c64.output, 1e-9, 0, name .. " f64 output")
+    T.close(out64, c64.output, 1e-9, 0, name .. " f64 output")
     local lref64 = c64.loss:reshape{-1}:tolist()[1]
     T.ok(math.abs(loss64:item() - lref64) <= 1e-9 * math.abs(lref64),
         string.format("%s f64 loss rel %.3g <= 1e-9", name, math.abs(loss64:item() - lref64) / math.abs(lref64)))
@@ -181,7 +156,7 @@ local function golden_case(name)
         local p = model:get_parameter(k)
         local ref = c64["grad." .. k]
         local rtol = is_embedder_w1(k) and 1e-8 or 1e-9
-        local d, r = diff(p.grad, ref)
+        local d, r = T.maxdiff(p.grad, ref)
         if not (d <= rtol * r) then
             all_ok = false
             T.ok(false, string.format("%s f64 grad.%s: max_abs %.3g <= %.3g", name, k, d, rtol * r))
@@ -191,7 +166,7 @@ local function golden_case(name)
     T.ok(all_ok, string.format("%s f64: all parameter gradients within 1e-9 relative (embedder linear_1.weight " ..
         "1e-8); worst rel %.3g (%s)", name, worst, worst_name))
     for _, k in ipairs(DIFF_INPUTS) do
-        close(a64[k].grad, c64["grad_input." .. k], 1e-9, 0, name .. " f64 grad_input." .. k)
+        T.close(a64[k].grad, c64["grad_input." .. k], 1e-9, 0, name .. " f64 grad_input." .. k)
     end
 end
 
@@ -306,10 +281,10 @@ do  -- another configuration: patch 2, out_channels != in_channels, batch 3, 7 i
     for k, v in pairs(args) do a64[k] = v:double() end
     local out64 = m(a64)
     F.mse_loss(out64, target:double()):backward()
-    close(out, out64, 1e-5, 0, "float32 output vs float64 output of the same model")
+    T.close(out, out64, 1e-5, 0, "float32 output vs float64 output of the same model")
     local worst, wname = 0, ""
     for name, p in m:named_parameters() do
-        local d, r = diff(g32[name], p.grad)
+        local d, r = T.maxdiff(g32[name], p.grad)
         if r > 0 and d / r > worst then worst, wname = d / r, name end
     end
     T.ok(worst < 1e-3, string.format("float32 gradients vs float64: worst rel %.3g < 1e-3 (%s)", worst, wname))
@@ -429,7 +404,7 @@ do  -- save_pretrained / from_pretrained round trips
     for _, k in ipairs {"timestep", "guidance"} do aq[k] = (args[k]:to{dtype = "bfloat16"} * 1000):float() / 1000 end
     T.near(aq.guidance:tolist()[1] * 1000, 3504, 1e-3, "bf16: guidance 3.5 is seen as 3504, as in diffusers")
     local refq = nemo.no_grad(function() return m(aq) end)
-    close(outb, refq, 3e-2, 0, "bf16 model output vs float32 with the same quantised timesteps (bf16 tolerance)")
+    T.close(outb, refq, 3e-2, 0, "bf16 model output vs float32 with the same quantised timesteps (bf16 tolerance)")
     rmtree(dir)
     rmtree(sdir)
 end

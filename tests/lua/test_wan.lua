@@ -25,26 +25,7 @@ local golden = require "golden"
 
 local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
 
--- max|a - ref| and max|ref|
-local function diff(a, ref)
-    local fa, fr = flat(a), flat(ref)
-    if #fa ~= #fr then return math.huge, 0 end
-    local d, r = 0, 0
-    for i = 1, #fr do
-        local x = math.abs(fa[i] - fr[i])
-        if x ~= x then x = math.huge end
-        if x > d then d = x end
-        if math.abs(fr[i]) > r then r = math.abs(fr[i]) end
-    end
-    return d, r
-end
 
-local function close(a, ref, rtol, atol, name)
-    local d, r = diff(a, ref)
-    local tol = rtol * r + atol
-    return T.ok(d <= tol, string.format("%s: max_abs %.3g <= %.3g (rtol %g * %.3g + atol %g)", name, d, tol, rtol, r,
-        atol))
-end
 
 local function bitwise(a, b)
     local fa, fb = flat(a), flat(b)
@@ -75,7 +56,7 @@ local function check_grads(model, ref, rtol, rtol_w1, atol, label)
             bad[#bad + 1] = name .. (g == nil and " (no golden grad)" or " (no gradient)")
         else
             local rt = is_embedder_w1(name) and rtol_w1 or rtol
-            local d, r = diff(p.grad, g)
+            local d, r = T.maxdiff(p.grad, g)
             if not (d <= rt * r + atol) then bad[#bad + 1] = string.format("%s: max_abs %.3g > %.3g", name, d, rt * r + atol) end
             if r > 0 and d / r > worst and not is_embedder_w1(name) then worst, worst_name = d / r, name end
         end
@@ -124,13 +105,13 @@ if wan_dir then
     local loss = F.mse_loss(out, case.target)
     loss:backward()
     T.is(shape(out), "(1, 4, 2, 16, 16)", "wan_tiny: output (B, C_out, F, H, W)")
-    close(out, case.output, 2e-5, 1e-7, "wan_tiny f32 output")
+    T.close(out, case.output, 2e-5, 1e-7, "wan_tiny f32 output")
     local lref = case.loss:reshape{-1}:tolist()[1]
     T.ok(math.abs(loss:item() - lref) <= 5e-6 * math.abs(lref),
         string.format("wan_tiny f32 loss %.9g vs %.9g: rel <= 5e-6", loss:item(), lref))
     check_grads(model, case, 5e-5, 2e-3, 1e-7, "wan_tiny f32")
     for _, k in ipairs(DIFF_INPUTS) do
-        close(args[k].grad, case["grad_input." .. k], 2e-5, 1e-7, "wan_tiny f32 grad_input." .. k)
+        T.close(args[k].grad, case["grad_input." .. k], 2e-5, 1e-7, "wan_tiny f32 grad_input." .. k)
     end
 
     -- float64 against the fully float64 reference
@@ -142,13 +123,13 @@ if wan_dir then
     local loss64 = F.mse_loss(out64, c64.target)
     loss64:backward()
     T.is(out64.dtype, "float64", "wan_tiny f64: output stays float64")
-    close(out64, c64.output, 1e-9, 0, "wan_tiny f64 output")
+    T.close(out64, c64.output, 1e-9, 0, "wan_tiny f64 output")
     local l64 = c64.loss:reshape{-1}:tolist()[1]
     T.ok(math.abs(loss64:item() - l64) <= 1e-9 * math.abs(l64),
         string.format("wan_tiny f64 loss rel %.3g <= 1e-9", math.abs(loss64:item() - l64) / math.abs(l64)))
     check_grads(model, c64, 1e-9, 1e-8, 0, "wan_tiny f64")
     for _, k in ipairs(DIFF_INPUTS) do
-        close(a64[k].grad, c64["grad_input." .. k], 1e-9, 0, "wan_tiny f64 grad_input." .. k)
+        T.close(a64[k].grad, c64["grad_input." .. k], 1e-9, 0, "wan_tiny f64 grad_input." .. k)
     end
 else
     T.ok(false, "wan_tiny golden comparisons: " .. wan_why)
@@ -177,8 +158,8 @@ if flow_dir then
         local lv, lr = loss:item(), st.loss:reshape{-1}:tolist()[1]
         T.ok(math.abs(lv - lr) <= lrel * math.abs(lr), string.format("%s: loss %.10g vs %.10g (rel %.2g <= %g)", label,
             lv, lr, math.abs(lv - lr) / math.abs(lr), lrel))
-        close(out.model_input.timestep, st["model_input.timestep"], 0, 0, label .. ": model timestep (raw t, no /1000)")
-        close(out.pred, st.model_pred, prtol, atol, label .. ": model_pred")
+        T.close(out.model_input.timestep, st["model_input.timestep"], 0, 0, label .. ": model timestep (raw t, no /1000)")
+        T.close(out.pred, st.model_pred, prtol, atol, label .. ": model_pred")
         loss:backward()
         check_grads(model, st, grtol, w1tol, atol, label)
         if dt == "float32" then
@@ -193,7 +174,7 @@ if flow_dir then
             nemo.optim.AdamW(params, {lr = 5e-6, weight_decay = 0.01, betas = {0.9, 0.999}, eps = 1e-8}):step()
             local worst, wname = 0, ""
             for i, p in ipairs(params) do
-                local d = diff(p, st["optim.param." .. names[i]])
+                local d = T.maxdiff(p, st["optim.param." .. names[i]])
                 if d > worst then worst, wname = d, names[i] end
             end
             T.ok(worst <= 5e-7, string.format("%s: every parameter after clipping + one AdamW step within 5e-7 " ..
@@ -237,14 +218,14 @@ local function f32_vs_f64(cfg, B, Fr, H, W, Tt, label, expect_shape)
     a64.hidden_states:requires_grad_(true)
     local out64 = m(a64)
     F.mse_loss(out64, target:double()):backward()
-    close(out, out64, 1e-5, 0, label .. ": float32 output vs float64")
+    T.close(out, out64, 1e-5, 0, label .. ": float32 output vs float64")
     local worst, wname = 0, ""
     for name, p in m:named_parameters() do
-        local d, r = diff(g32[name], p.grad)
+        local d, r = T.maxdiff(g32[name], p.grad)
         if r > 0 and d / r > worst and not is_embedder_w1(name) then worst, wname = d / r, name end
     end
     T.ok(worst < 1e-4, string.format("%s: float32 gradients vs float64: worst rel %.3g < 1e-4 (%s)", label, worst, wname))
-    close(gi32, a64.hidden_states.grad, 1e-4, 0, label .. ": float32 input gradient vs float64")
+    T.close(gi32, a64.hidden_states.grad, 1e-4, 0, label .. ": float32 input gradient vs float64")
     return m
 end
 
@@ -266,7 +247,7 @@ do  -- TI2V: a (B, L) timestep holding each sample's t for every token equals th
     local a2 = {hidden_states = args.hidden_states, encoder_hidden_states = args.encoder_hidden_states,
                 timestep = args.timestep:unsqueeze(1):expand(2, L):contiguous()}
     local out = nemo.no_grad(function() return m(a2) end)
-    close(out, ref, 1e-6, 0, "TI2V: per-token timestep (B, L) filled with t equals timestep (B)")
+    T.close(out, ref, 1e-6, 0, "TI2V: per-token timestep (B, L) filled with t equals timestep (B)")
     local pos = nemo.no_grad(function() return m(args.hidden_states, args.timestep, args.encoder_hidden_states) end)
     T.ok(bitwise(pos, ref), "positional call model(x, t, e) equals the named call (bitwise)")
     local a3 = {hidden_states = args.hidden_states, encoder_hidden_states = args.encoder_hidden_states,
@@ -412,7 +393,7 @@ do  -- save_pretrained / from_pretrained round trips, torch_dtype bfloat16
     ab.timestep = args.timestep
     local outb = nemo.no_grad(function() return mb(ab) end)
     T.is(outb.dtype, "bfloat16", "bf16 model with float32 keep modules: bf16 output")
-    close(outb, ref, 3e-2, 0, "bf16 model output vs float32 (bf16 tolerance)")
+    T.close(outb, ref, 3e-2, 0, "bf16 model output vs float32 (bf16 tolerance)")
     -- errors
     local bad = tmpdir()
     T.raises(function() return Wan.from_pretrained(bad) end, "missing config file", "from_pretrained without config.json")

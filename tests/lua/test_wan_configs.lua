@@ -46,29 +46,7 @@ local DIFF_INPUTS = {"hidden_states", "encoder_hidden_states"}
 
 local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
 
--- max|a - ref| and max|ref| (math.huge when the sizes differ or a is NaN)
-local function diff(a, ref)
-    local fa, fr = flat(a), flat(ref)
-    if #fa ~= #fr then return math.huge, 0 end
-    local d, r = 0, 0
-    for i = 1, #fr do
-        local x = math.abs(fa[i] - fr[i])
-        if x ~= x then x = math.huge end
-        if x > d then d = x end
-        if math.abs(fr[i]) > r then r = math.abs(fr[i]) end
-    end
-    return d, r
-end
 
-local function close(a, ref, rtol, atol, name)
-    if a == nil or ref == nil then
-        return T.ok(false, name, a == nil and "no tensor computed" or "no golden tensor")
-    end
-    local d, r = diff(a, ref)
-    local tol = rtol * r + atol
-    return T.ok(d <= tol, string.format("%s: max_abs %.3g <= %.3g (rtol %g * %.3g + atol %g)", name, d, tol, rtol, r,
-        atol))
-end
 
 local function shape(t) return nemo.Tensor.shape_str(t.shape) end
 
@@ -87,7 +65,7 @@ local function check_grads(model, ref, tol, label)
             bad[#bad + 1] = name .. (g == nil and " (no golden grad)" or " (no gradient)")
         else
             local rt = is_embedder_w1(name) and tol.w1 or tol.grads
-            local d, r = diff(p.grad, g)
+            local d, r = T.maxdiff(p.grad, g)
             if not (d <= rt * r + tol.atol) then
                 bad[#bad + 1] = string.format("%s: max_abs %.3g > %.3g (rel %.3g)", name, d, rt * r + tol.atol,
                     r > 0 and d / r or d)
@@ -148,13 +126,13 @@ local function run_case(name, want_shape, dir)
             loss:backward()
             T.ok(shape(out) == want_shape and out.dtype == dt,
                 string.format("%s: output %s %s (diffusers %s)", label, shape(out), out.dtype, want_shape))
-            close(out, case.output, tol.output, tol.atol, label .. " output")
+            T.close(out, case.output, tol.output, tol.atol, label .. " output")
             local lv, lr = loss:item(), case.loss:reshape{-1}:tolist()[1]
             local rel = math.abs(lv - lr) / math.abs(lr)
             T.ok(rel <= tol.loss, string.format("%s loss %.12g vs %.12g: rel %.3g <= %g", label, lv, lr, rel, tol.loss))
             check_grads(model, case, tol, label)
             for _, k in ipairs(DIFF_INPUTS) do
-                close(args[k].grad, case["grad_input." .. k], tol.grad_input, tol.atol, label .. " grad_input." .. k)
+                T.close(args[k].grad, case["grad_input." .. k], tol.grad_input, tol.atol, label .. " grad_input." .. k)
             end
         end
     end
