@@ -5,10 +5,11 @@
 --   local pipe = nemo.NeMoAutoDiffusionPipeline.from_config("black-forest-labs/FLUX.1-dev",
 --       {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float32"})
 --
--- A pipeline is a table of components. Components nemo-lua implements (the transformers) are
--- loaded as modules; the others (VAE, text encoders, tokenizers, scheduler) are listed, skipped
--- with a warning, and carried through save_pretrained by copying their folders, so a saved
--- pipeline is still complete for diffusers. parallel_scheme is handed to the parallel managers
+-- A pipeline is a table of components. Components nemo-lua implements (the classes in the
+-- nemo.models registry: the transformers and the AutoencoderKL VAE) are loaded as modules; the
+-- others (text encoders, tokenizers, scheduler, other VAEs) are listed, skipped with a warning,
+-- and carried through save_pretrained by copying their folders, so a saved pipeline is still
+-- complete for diffusers. parallel_scheme is handed to the parallel managers
 -- (lua/nemo/parallel: DDP today; FSDP2 is a clear "not available yet" error).
 local fs = require "nemo.fs"
 local hub = require "nemo.hub"

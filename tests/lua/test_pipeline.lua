@@ -79,16 +79,28 @@ T.ok(fs.isfile(out .. "/model_index.json") and fs.isfile(out .. "/transformer/co
 local idx = json.read_file(out .. "/model_index.json")
 T.is(idx._class_name, "FluxPipeline", "model_index _class_name")
 T.is(idx.transformer[2], "FluxTransformer2DModel", "model_index transformer entry")
--- add a component nemo-lua does not implement, as a real pipeline folder has
-fs.mkdirs(out .. "/vae")
-json.write_file(out .. "/vae/config.json", {_class_name = "AutoencoderKL", latent_channels = 16})
+-- add a VAE (implemented: a tiny AutoencoderKL) and a component nemo-lua does not implement,
+-- as a real pipeline folder has
+nemo.manual_seed(1)
+local vae_src = require("nemo.models.vae").AutoencoderKL({block_out_channels = {4, 8}, layers_per_block = 1,
+    norm_num_groups = 2, latent_channels = 4, down_block_types = {"DownEncoderBlock2D", "DownEncoderBlock2D"},
+    up_block_types = {"UpDecoderBlock2D", "UpDecoderBlock2D"}, use_quant_conv = false, use_post_quant_conv = false,
+    scaling_factor = 0.3611, shift_factor = 0.1159})
+vae_src:save_pretrained(out .. "/vae")
 idx.vae = {"diffusers", "AutoencoderKL"}
+fs.mkdirs(out .. "/text_encoder")
+json.write_file(out .. "/text_encoder/config.json", {architectures = {"CLIPTextModel"}, hidden_size = 32})
+idx.text_encoder = {"transformers", "CLIPTextModel"}
 idx.image_encoder = {json.null, json.null}
 json.write_file(out .. "/model_index.json", idx)
 
 local loaded = P.from_pretrained(out, {torch_dtype = "float32"})
 T.ok(loaded.transformer ~= nil, "from_pretrained loads the transformer")
-T.ok(loaded.skipped.vae ~= nil, "the VAE (no implementation yet) is listed as skipped")
+T.ok(loaded.vae ~= nil and loaded.skipped.vae == nil and loaded.vae.config.shift_factor == 0.1159,
+    "from_pretrained loads the VAE (AutoencoderKL) as a module, with its config")
+T.close(loaded.vae.decoder.conv_out.weight:detach(), vae_src.decoder.conv_out.weight:detach(), 0, 0,
+    "the VAE's weights are the saved ones")
+T.ok(loaded.skipped.text_encoder ~= nil, "the text encoder (no implementation yet) is listed as skipped")
 T.is(loaded.components.image_encoder, nil, "[null, null] components are absent")
 local frozen = true
 for _, p in loaded.transformer:named_parameters() do if p.requires_grad then frozen = false end end
@@ -103,19 +115,27 @@ T.is(bf.transformer.x_embedder.weight.dtype, "bfloat16", "torch_dtype default pa
 local a = pipe.transformer.proj_out.weight:detach()
 local b = loaded.transformer.proj_out.weight:detach()
 T.close(b, a, 0, 0, "weights round trip through save_pretrained / from_pretrained")
-T.raises(function() P.from_pretrained(out, {components_to_load = {"vae"}}) end, "no implementation of AutoencoderKL yet",
-    "asking for an unimplemented component is an error")
+T.raises(function() P.from_pretrained(out, {components_to_load = {"text_encoder"}}) end,
+    "no implementation of CLIPTextModel yet", "asking for an unimplemented component is an error")
+do
+    local only_vae = P.from_pretrained(out, {torch_dtype = "float32", components_to_load = {"vae"}})
+    T.ok(only_vae.vae ~= nil and only_vae.transformer == nil, "components_to_load = {'vae'} loads the VAE alone")
+end
 T.raises(function() P.from_pretrained(out, {components_to_load = {"unet"}}) end, "does not list",
     "asking for an absent component is an error")
 T.raises(function() P.from_pretrained(out, {torch_dtyp = "float32"}) end, "unknown option 'torch_dtyp'", "unknown option")
 T.raises(function() P.from_pretrained(tmp .. "/cfg") end, "no model_index.json", "a folder without model_index.json")
 T.raises(function() P.from_pretrained(out .. "/transformer") end, "single model folder", "a model folder hints at the model class")
 
--- save again: the VAE folder is carried through
+-- save again: the text encoder folder is carried through, the VAE is saved by its model
 local out2 = tmp .. "/saved2"
 loaded:save_pretrained(out2)
-T.ok(fs.isfile(out2 .. "/vae/config.json"), "save_pretrained copies components it did not load")
-T.is(json.read_file(out2 .. "/model_index.json").vae[2], "AutoencoderKL", "and lists them in model_index.json")
+T.ok(fs.isfile(out2 .. "/text_encoder/config.json"), "save_pretrained copies components it did not load")
+T.is(json.read_file(out2 .. "/model_index.json").text_encoder[2], "CLIPTextModel", "and lists them in model_index.json")
+T.ok(fs.isfile(out2 .. "/vae/diffusion_pytorch_model.safetensors") and
+     json.read_file(out2 .. "/model_index.json").vae[2] == "AutoencoderKL" and
+     json.read_file(out2 .. "/vae/config.json").scaling_factor == 0.3611,
+    "save_pretrained writes the loaded VAE (weights, config, model_index entry)")
 -- overwrite keeps a complete folder
 loaded:save_pretrained(out2)
 T.ok(fs.isfile(out2 .. "/transformer/diffusion_pytorch_model.safetensors"), "saving over an existing folder")

@@ -12,8 +12,12 @@ local M = {}
 local known = {
     FluxTransformer2DModel = "nemo.models.flux",
     WanTransformer3DModel = "nemo.models.wan",
+    AutoencoderKL = "nemo.models.vae",
 }
 M.known = known
+-- the order error messages list the names in: the transformers, then the other components,
+-- then what register() adds
+local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL"}
 M.registry = {}
 local load_errors = {}
 
@@ -36,9 +40,14 @@ local function load(name)
 end
 
 local function names()
-    local out = {}
-    for k in pairs(known) do out[#out + 1] = k end
-    table.sort(out)
+    local out, seen = {}, {}
+    for _, k in ipairs(order) do
+        if known[k] ~= nil and not seen[k] then out[#out + 1] = k; seen[k] = true end
+    end
+    local rest = {}
+    for k in pairs(known) do if not seen[k] then rest[#rest + 1] = k end end
+    table.sort(rest)
+    for _, k in ipairs(rest) do out[#out + 1] = k end
     return table.concat(out, ", ")
 end
 
@@ -47,6 +56,7 @@ function M.register(name, module_path)
     if type(name) ~= "string" or type(module_path) ~= "string" then
         error("models.register: expected (name, module_path) strings", 2)
     end
+    if known[name] == nil then order[#order + 1] = name end
     known[name] = module_path
     load_errors[name] = nil
     M.registry[name] = nil
