@@ -133,9 +133,10 @@ end
 -- the plugin's own kernels cannot run: the cases that call them directly are left out, and
 -- every engine-level case runs with the CPU kernels on both sides.
 local FAKE = (os.getenv("NEMO_FAKE_CUDA") or "0") ~= "0"
-local plugin, kernels = nil, {}
+local plugin, plugin_lib, kernels = nil, nil, {}
 if not FAKE then
-    plugin = ffi.load(plugin_path).nemo_cuda_plugin_get()
+    plugin_lib = ffi.load(plugin_path)   -- kept referenced: the kernel pointers live in it
+    plugin = plugin_lib.nemo_cuda_plugin_get()
     local reg = ffi.cast("void (*)(const char *, int, void (*)(void))", function(name, _, fn)
         kernels[ffi.string(name)] = fn
     end)

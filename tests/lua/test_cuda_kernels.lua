@@ -34,7 +34,10 @@ if not file_exists(plugin_path) then
 end
 
 require "cuda_plugin"   -- the plugin struct (tests/lua/cuda_plugin.lua)
-local p = ffi.load(plugin_path).nemo_cuda_plugin_get()
+-- the library stays referenced for the whole run: were it collected, dlclose would leave the
+-- kernel pointers below dangling (a crash that depended on the collector's timing)
+local plugin_lib = ffi.load(plugin_path)
+local p = plugin_lib.nemo_cuda_plugin_get()
 local function text() return ffi.string(p.error_text()) end
 
 local kernels = {}
@@ -185,4 +188,5 @@ end
 local rc = cpu.sum_squares()
 T.ok(rc < 0 and #text() > 0, "a refused call leaves its reason in error_text()")
 
+assert(plugin_lib)   -- alive to the end (see above)
 T.done()
