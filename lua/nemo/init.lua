@@ -87,7 +87,8 @@ end
 
 -- the model, pipeline and training layers, loaded on first use (they require nemo themselves):
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
--- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL, nemo.lr_scheduler, nemo.flow_matching,
+-- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
+-- nemo.FlowMatchEulerDiscreteScheduler, nemo.lr_scheduler, nemo.flow_matching,
 -- nemo.data, nemo.torchfile (torch.save files)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
@@ -97,6 +98,7 @@ local LAZY = {
     FluxTransformer2DModel = {"nemo.models", "FluxTransformer2DModel"},
     WanTransformer3DModel = {"nemo.models", "WanTransformer3DModel"},
     AutoencoderKL = {"nemo.models", "AutoencoderKL"},
+    FlowMatchEulerDiscreteScheduler = {"nemo.schedulers.flow_match_euler", "FlowMatchEulerDiscreteScheduler"},
     lr_scheduler = {"nemo.lr_scheduler"},
     flow_matching = {"nemo.flow_matching"},
     data = {"nemo.data"},

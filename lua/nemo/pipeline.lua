@@ -6,11 +6,13 @@
 --       {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float32"})
 --
 -- A pipeline is a table of components. Components nemo-lua implements (the classes in the
--- nemo.models registry: the transformers and the AutoencoderKL VAE) are loaded as modules; the
--- others (text encoders, tokenizers, scheduler, other VAEs) are listed, skipped with a warning,
--- and carried through save_pretrained by copying their folders, so a saved pipeline is still
--- complete for diffusers. parallel_scheme is handed to the parallel managers
--- (lua/nemo/parallel: DDP today; FSDP2 is a clear "not available yet" error).
+-- nemo.models registry: the transformers and the AutoencoderKL VAE) are loaded as modules, and
+-- the FlowMatchEulerDiscreteScheduler (also in that registry; not a module: no device, dtype or
+-- gradients) from its scheduler_config.json; the others (text encoders, tokenizers, other
+-- schedulers, other VAEs) are listed, skipped with a warning, and carried through
+-- save_pretrained by copying their folders, so a saved pipeline is still complete for diffusers.
+-- parallel_scheme is handed to the parallel managers (lua/nemo/parallel: DDP today; FSDP2 is a
+-- clear "not available yet" error).
 local fs = require "nemo.fs"
 local hub = require "nemo.hub"
 local json = require "nemo.json"
@@ -275,10 +277,12 @@ function Pipeline.from_pretrained(path_or_id, opts)
             else model = Cls.from_pretrained(folder, {torch_dtype = torch_dtype ~= "auto" and torch_dtype or nil}) end
             -- the dtype was applied while loading (keeping a model's float32-only modules, as
             -- diffusers does); only the device moves here
-            if move then M._move_module_to_device(model, device, nil) end
-            if opts.load_for_training then M._ensure_params_trainable(model)
-            else model:requires_grad_(false) end
-            if ckpt and model.enable_gradient_checkpointing then model:enable_gradient_checkpointing() end
+            if is_module(model) then   -- not the scheduler
+                if move then M._move_module_to_device(model, device, nil) end
+                if opts.load_for_training then M._ensure_params_trainable(model)
+                else model:requires_grad_(false) end
+                if ckpt and model.enable_gradient_checkpointing then model:enable_gradient_checkpointing() end
+            end
             pipe.components[name] = model
         else
             if want and want[name] then
@@ -327,6 +331,10 @@ function Pipeline.from_config(model_id, pipeline_spec, opts)
     local scheme = check_parallel_scheme(opts.parallel_scheme)
     local cfg, root, path = read_component_config(model_id, spec.subfolder)
     local Cls = M._import_diffusers_class(spec.transformer_cls)
+    if not (type(Cls) == "table" and tostring(Cls.__name):find("Transformer", 1, true)) then
+        error(string.format("from_config: transformer_cls '%s' is not a transformer model (FluxTransformer2DModel, " ..
+            "WanTransformer3DModel)", tostring(spec.transformer_cls)), 2)
+    end
     if type(cfg._class_name) == "string" and cfg._class_name ~= spec.transformer_cls then
         warn(string.format("from_config: %s describes a %s, building it as %s", path, cfg._class_name, spec.transformer_cls))
     end
@@ -381,6 +389,10 @@ function Pipeline:save_pretrained(dir, opts)
             if is_module(c) then
                 index[name] = {"diffusers", (tostring(c.__name or "?"):match("([^%.]+)$"))}
                 c:save_pretrained(tmp .. "/" .. name, {max_shard_size = opts.max_shard_size})
+            elseif type(c) == "table" and type(c.save_pretrained) == "function" and c.__name then
+                -- a loaded component that is not a module (the scheduler) writes its own config
+                index[name] = {"diffusers", (tostring(c.__name):match("([^%.]+)$"))}
+                c:save_pretrained(tmp .. "/" .. name)
             elseif skipped then
                 index[name] = skipped.spec
                 if fs.isdir(skipped.folder) then fs.copy_tree(skipped.folder, tmp .. "/" .. name) end

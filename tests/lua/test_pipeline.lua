@@ -48,6 +48,10 @@ local p2 = P.from_config(tmp .. "/cfg", {transformer_cls = "FluxTransformer2DMod
 T.is(p2.transformer.gradient_checkpointing, false, "spec enable_gradient_checkpointing = false")
 T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = "Nope"}, {torch_dtype = "float32"}) end,
     "unknown model class 'Nope'", "from_config with an unknown class")
+for _, cls in ipairs {"FlowMatchEulerDiscreteScheduler", "AutoencoderKL"} do
+    T.raises(function() P.from_config(tmp .. "/cfg", {transformer_cls = cls}, {torch_dtype = "float32"}) end,
+        "transformer_cls '" .. cls .. "' is not a transformer model", "from_config: " .. cls .. " is not a transformer_cls")
+end
 T.raises(function() P.from_config(tmp .. "/nowhere", {transformer_cls = "FluxTransformer2DModel"}) end,
     "not found; looked in", "from_config with a missing folder says where it looked")
 do

@@ -4,6 +4,8 @@
 --   local cls = models.get("FluxTransformer2DModel")    -- same; an unknown name is an error that
 --                                                        -- lists the known ones
 --   models.registry                                     -- name -> class, every implemented model
+--                                                        -- (and the non-module pipeline components
+--                                                        -- nemo-lua implements: the scheduler)
 -- `known` maps each diffusers class name to the module defining it (the module returns a table
 -- holding the class under that name). Requiring this file loads every known module that is
 -- installed; one that fails to load does not hide the others: get(name) raises its error.
@@ -13,11 +15,13 @@ local known = {
     FluxTransformer2DModel = "nemo.models.flux",
     WanTransformer3DModel = "nemo.models.wan",
     AutoencoderKL = "nemo.models.vae",
+    -- not a model (no weights, no nn.Module): the pipeline loads it from scheduler_config.json
+    FlowMatchEulerDiscreteScheduler = "nemo.schedulers.flow_match_euler",
 }
 M.known = known
 -- the order error messages list the names in: the transformers, then the other components,
 -- then what register() adds
-local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL"}
+local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "FlowMatchEulerDiscreteScheduler"}
 M.registry = {}
 local load_errors = {}
 
