@@ -1,0 +1,290 @@
+-- lua/nemo/sampling.lua: sampling loops of diffusers' pipelines, for precomputed text embeddings.
+--
+--   local sampling = require "nemo.sampling"
+--   local out = sampling.flux{transformer = pipe.components.transformer, scheduler = pipe.components.scheduler,
+--       vae = pipe.components.vae, prompt_embeds = pe, pooled_prompt_embeds = pooled,
+--       height = 1024, width = 1024, num_inference_steps = 28, guidance_scale = 3.5,
+--       generator = nemo.Generator(0), output_type = "image"}
+--   -- out.latents: the final packed latents [B, N, 4C]; out.image: the decoded image [B, 3, H, W]
+--   -- in [-1, 1]; sampling.to_uint8(out.image) -> [B, H, W, 3] values 0..255
+--
+-- M.flux mirrors diffusers 0.40 FluxPipeline.__call__ step by step for the path without true CFG
+-- (no negative prompt), given prompt_embeds and pooled_prompt_embeds:
+--   1. vae_scale_factor = 2 ^ (#vae.config.block_out_channels - 1) (8 without a VAE); the
+--      latent grid is h = 2 * (height // (vae_scale_factor * 2)) (likewise w); C = in_channels / 4;
+--   2. latents: opts.latents (packed [B, (h/2)(w/2), 4C] as FluxPipeline takes them, or unpacked
+--      [B, C, h, w], packed here), cast to prompt_embeds' dtype; else randn [B, C, h, w] from
+--      opts.generator (nemo's own Philox stream: NOT torch's numbers), packed;
+--      img_ids = _prepare_latent_image_ids (prompt_embeds' dtype), txt_ids = zeros(L, 3)
+--      (the transformer's dtype, as encode_prompt without a text encoder);
+--   3. sigmas = np.linspace(1, 1/N, N) unless opts.sigmas; mu = calculate_shift(image_seq_len,
+--      base_image_seq_len, max_image_seq_len, base_shift, max_shift) from the scheduler's config;
+--      retrieve_timesteps(scheduler, N, {sigmas =, mu =}) (with sigmas, N is their count);
+--   4. guidance = full([B], guidance_scale, float32) when transformer.config.guidance_embeds;
+--   5. scheduler:set_begin_index(0); for each t: timestep = full([B], t, latents' dtype) / 1000,
+--      noise_pred = transformer{...}, latents = scheduler:step(noise_pred, t, latents);
+--   6. output_type "latent": image = the packed latents (as diffusers); "image": unpack,
+--      latents / scaling_factor + shift_factor, vae:decode(...).sample (no postprocess; see
+--      M.postprocess and M.to_uint8).
+-- Everything runs under nemo.no_grad.
+--
+-- Where it differs from diffusers (on purpose): bad options are errors naming the option (an
+-- unknown key, wrong shapes, latents of the wrong size, sigmas whose count disagrees with an
+-- explicit num_inference_steps, output_type "image" without a VAE); a VAE config without
+-- shift_factor (null) adds 0 where diffusers would fail on `+ None`; opts.callback(i, t, latents)
+-- (i 0-based, t the timestep number, latents after the step) replaces callback_on_step_end.
+require "nemo"
+local Tensor = require "nemo.tensor"
+local autograd = require "nemo.autograd"
+local json = require "nemo.json"
+local FM = require "nemo.flow_matching"
+local sched = require "nemo.schedulers.flow_match_euler"
+
+local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
+
+local M = {}
+
+M.FLUX_OPTIONS = {"transformer", "scheduler", "vae", "prompt_embeds", "pooled_prompt_embeds", "height", "width",
+    "num_inference_steps", "guidance_scale", "latents", "generator", "sigmas", "output_type", "callback"}
+M.OUTPUT_TYPES = {"latent", "image"}
+M.FLUX_DEFAULTS = {num_inference_steps = 28, guidance_scale = 3.5, output_type = "image", default_sample_size = 128}
+
+local function err(msg, level) error("sampling.flux: " .. msg, (level or 1) + 1) end
+
+local function is_null(v) return v == nil or v == json.null end
+
+local function posint(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
+
+-- vae_scale_factor as FluxPipeline.__init__: 2 ** (len(block_out_channels) - 1) with a VAE, else 8
+function M.flux_vae_scale_factor(vae)
+    if vae == nil then return 8 end
+    local boc = type(vae.config) == "table" and vae.config.block_out_channels
+    if type(boc) ~= "table" or #boc < 1 then
+        err("vae has no config.block_out_channels (expected an AutoencoderKL)", 2)
+    end
+    return 2 ^ (#boc - 1)
+end
+
+-- FluxPipeline._unpack_latents(latents, height, width, vae_scale_factor): pixel height / width
+function M.flux_unpack_latents(latents, height, width, vsf)
+    local h = 2 * math.floor(height / (vsf * 2))
+    local w = 2 * math.floor(width / (vsf * 2))
+    return FM.unpack_latents(latents, h, w)
+end
+
+local function run_flux(o)
+    -- ---- the options ----
+    local known = {}
+    for _, k in ipairs(M.FLUX_OPTIONS) do known[k] = true end
+    for k in pairs(o) do
+        if not known[k] then
+            err(string.format("unknown option '%s' (known: %s)", tostring(k), table.concat(M.FLUX_OPTIONS, ", ")), 3)
+        end
+    end
+    local tr, sc, vae = o.transformer, o.scheduler, o.vae
+    if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
+        err("transformer is required (a FluxTransformer2DModel)", 3)
+    end
+    if type(sc) ~= "table" or type(sc.set_timesteps) ~= "function" or type(sc.step) ~= "function" then
+        err("scheduler is required (a FlowMatchEulerDiscreteScheduler)", 3)
+    end
+    if vae ~= nil and (type(vae) ~= "table" or type(vae.decode) ~= "function") then
+        err("vae must be an AutoencoderKL, got " .. type(vae), 3)
+    end
+    local pe, pooled = o.prompt_embeds, o.pooled_prompt_embeds
+    if not is_tensor(pe) or pe.ndim ~= 3 then
+        err("prompt_embeds is required: a [B, L, D] tensor" .. (is_tensor(pe) and ", got shape " .. shape_str(pe.shape) or
+            ", got " .. type(pe)), 3)
+    end
+    if not is_tensor(pooled) or pooled.ndim ~= 2 then
+        err("pooled_prompt_embeds is required: a [B, P] tensor" .. (is_tensor(pooled) and ", got shape " ..
+            shape_str(pooled.shape) or ", got " .. type(pooled)), 3)
+    end
+    local B = pe.shape[1]
+    if pooled.shape[1] ~= B then
+        err(string.format("prompt_embeds (batch %d) and pooled_prompt_embeds (batch %d) must have the same batch size",
+            B, pooled.shape[1]), 3)
+    end
+    local cfg = tr.config
+    if cfg.joint_attention_dim and pe.shape[3] ~= cfg.joint_attention_dim then
+        err(string.format("prompt_embeds must be [B, L, %d] (the transformer's joint_attention_dim), got %s",
+            cfg.joint_attention_dim, shape_str(pe.shape)), 3)
+    end
+    if cfg.pooled_projection_dim and pooled.shape[2] ~= cfg.pooled_projection_dim then
+        err(string.format("pooled_prompt_embeds must be [B, %d] (the transformer's pooled_projection_dim), got %s",
+            cfg.pooled_projection_dim, shape_str(pooled.shape)), 3)
+    end
+    local output_type = o.output_type == nil and M.FLUX_DEFAULTS.output_type or o.output_type
+    if output_type ~= "latent" and output_type ~= "image" then
+        err(string.format("output_type must be \"latent\" or \"image\", got %s", tostring(output_type)), 3)
+    end
+    if output_type == "image" and vae == nil then
+        err("output_type \"image\" needs a vae (pass vae=, or output_type = \"latent\")", 3)
+    end
+    local vsf = M.flux_vae_scale_factor(vae)
+    local height = o.height or M.FLUX_DEFAULTS.default_sample_size * vsf
+    local width = o.width or M.FLUX_DEFAULTS.default_sample_size * vsf
+    if not posint(height) then err("height must be a positive integer (pixels), got " .. tostring(height), 3) end
+    if not posint(width) then err("width must be a positive integer (pixels), got " .. tostring(width), 3) end
+    local h = 2 * math.floor(height / (vsf * 2))
+    local w = 2 * math.floor(width / (vsf * 2))
+    if h < 2 or w < 2 then
+        err(string.format("height x width %dx%d is too small: with vae_scale_factor %d it must be at least %d pixels " ..
+            "each (one packed 2x2 latent patch)", height, width, vsf, vsf * 2), 3)
+    end
+    if height % (vsf * 2) ~= 0 or width % (vsf * 2) ~= 0 then
+        io.stderr:write(string.format("nemo: warning: sampling.flux: height and width have to be divisible by %d but " ..
+            "are %d and %d; dimensions will be resized accordingly (as diffusers)\n", vsf * 2, height, width))
+    end
+    local nsteps = o.num_inference_steps
+    if nsteps ~= nil and not posint(nsteps) then
+        err("num_inference_steps must be a positive integer, got " .. tostring(nsteps), 3)
+    end
+    local gs = o.guidance_scale == nil and M.FLUX_DEFAULTS.guidance_scale or o.guidance_scale
+    if type(gs) ~= "number" or gs ~= gs then err("guidance_scale must be a number, got " .. tostring(gs), 3) end
+    if o.callback ~= nil and type(o.callback) ~= "function" then
+        err("callback must be a function(i, t, latents), got " .. type(o.callback), 3)
+    end
+    if o.generator ~= nil and getmetatable(o.generator) ~= Tensor.GeneratorClass then
+        err("generator must be a nemo.Generator, got " .. type(o.generator), 3)
+    end
+    if cfg.in_channels % 4 ~= 0 then
+        err(string.format("the transformer's in_channels (%d) is not a multiple of 4 (2x2 packed latents)", cfg.in_channels), 3)
+    end
+    local C = cfg.in_channels / 4
+    if vae ~= nil and vae.config.latent_channels and vae.config.latent_channels ~= C then
+        err(string.format("the vae has %d latent channels but the transformer takes %d (= in_channels / 4)",
+            vae.config.latent_channels, C), 3)
+    end
+
+    -- ---- 4. prepare latent variables ----
+    local dtype, device = pe.dtype, pe.device
+    local N = (h / 2) * (w / 2)
+    local latents
+    if o.latents ~= nil then
+        local l = o.latents
+        if not is_tensor(l) then err("latents must be a tensor, got " .. type(l), 3) end
+        if l.ndim == 4 then
+            if l.shape[1] ~= B or l.shape[2] ~= C or l.shape[3] ~= h or l.shape[4] ~= w then
+                err(string.format("unpacked latents must be [%d, %d, %d, %d] for %dx%d pixels, got %s", B, C, h, w,
+                    height, width, shape_str(l.shape)), 3)
+            end
+            l = FM.pack_latents(l)
+        elseif l.ndim == 3 then
+            if l.shape[1] ~= B or l.shape[2] ~= N or l.shape[3] ~= 4 * C then
+                err(string.format("packed latents must be [%d, %d, %d] for %dx%d pixels, got %s", B, N, 4 * C,
+                    height, width, shape_str(l.shape)), 3)
+            end
+        else
+            err("latents must be packed [B, N, 4C] or unpacked [B, C, h, w], got shape " .. shape_str(l.shape), 3)
+        end
+        latents = l:detach():to{dtype = dtype, device = device}
+    else
+        local x = Tensor.randn({B, C, h, w}, {dtype = dtype, device = device, generator = o.generator})
+        latents = FM.pack_latents(x)
+    end
+    local img_ids = FM.latent_image_ids(h, w, {dtype = dtype, device = device})
+    local tdt = type(tr.dtype) == "function" and tr:dtype() or dtype
+    local txt_ids = Tensor.zeros({pe.shape[2], 3}, {dtype = tdt, device = device})
+
+    -- ---- 5. timesteps ----
+    local sigmas = o.sigmas
+    if sigmas == nil then
+        sigmas = sched.flux_sigmas(nsteps or M.FLUX_DEFAULTS.num_inference_steps)
+    else
+        local n = is_tensor(sigmas) and sigmas:numel() or (type(sigmas) == "table" and #sigmas or nil)
+        if n == nil then err("sigmas must be a list of numbers or a 1-D tensor, got " .. type(sigmas), 3) end
+        if n < 1 then err("sigmas must not be empty", 3) end
+        if nsteps ~= nil and n ~= nsteps then
+            err(string.format("sigmas has %d values but num_inference_steps is %d (leave num_inference_steps out " ..
+                "to use the sigmas' count)", n, nsteps), 3)
+        end
+    end
+    local sc_cfg = sc.config or {}
+    local function c(k, d) local v = sc_cfg[k]; if is_null(v) then return d end; return v end
+    local mu = sched.calculate_shift(N, c("base_image_seq_len", 256), c("max_image_seq_len", 4096),
+        c("base_shift", 0.5), c("max_shift", 1.15))
+    local ok, timesteps = pcall(sched.retrieve_timesteps, sc, nsteps, {sigmas = sigmas, mu = mu})
+    if not ok then err(tostring(timesteps), 3) end
+    local ts = timesteps:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
+
+    -- ---- 6. the denoising loop ----
+    local guidance
+    if cfg.guidance_embeds then
+        guidance = Tensor.full({B}, gs, {dtype = "float32", device = device})
+    end
+    sc:set_begin_index(0)
+    for i, t in ipairs(ts) do
+        local timestep = Tensor.full({B}, t, {dtype = latents.dtype, device = device})
+        local noise_pred = tr{hidden_states = latents, timestep = timestep / 1000, guidance = guidance,
+            pooled_projections = pooled, encoder_hidden_states = pe, txt_ids = txt_ids, img_ids = img_ids}
+        if type(noise_pred) == "table" and not is_tensor(noise_pred) then noise_pred = noise_pred.sample or noise_pred[1] end
+        latents = sc:step(noise_pred, t, latents)
+        if o.callback then o.callback(i - 1, t, latents) end
+    end
+
+    -- ---- 7. decode ----
+    local out = {latents = latents, timesteps = timesteps, sigmas = sc.sigmas, mu = mu, vae_scale_factor = vsf,
+                 latent_height = h, latent_width = w}
+    if output_type == "latent" then
+        out.image = latents
+    else
+        local z = FM.unpack_latents(latents, h, w)
+        local vc = vae.config
+        z = z / vc.scaling_factor
+        if not is_null(vc.shift_factor) then z = z + vc.shift_factor end
+        if type(vae.dtype) == "function" and z.dtype ~= vae:dtype() then z = z:to{dtype = vae:dtype()} end
+        out.latents_unpacked = z
+        out.image = vae:decode(z).sample
+    end
+    return out
+end
+
+-- flux(opts) -> {latents = final packed latents [B, N, 4C], image = [B, 3, H, W] in [-1, 1] (or the
+-- packed latents for output_type "latent"), timesteps, sigmas, mu, vae_scale_factor,
+-- latent_height, latent_width, latents_unpacked (the VAE's input, "image" only)}
+function M.flux(opts)
+    if type(opts) ~= "table" or is_tensor(opts) then err("expected a table of options", 2) end
+    return autograd.no_grad(run_flux, opts)
+end
+
+-- postprocess(image): VaeImageProcessor.denormalize, (image * 0.5 + 0.5):clamp(0, 1): the
+-- output_type "pt" image in [0, 1].
+function M.postprocess(image)
+    if not is_tensor(image) then error("sampling.postprocess: expected an image tensor, got " .. type(image), 2) end
+    return autograd.no_grad(function() return (image * 0.5 + 0.5):clamp(0, 1) end)
+end
+
+local function round_half_even(x)
+    local f = math.floor(x)
+    local d = x - f
+    if d > 0.5 then return f + 1 elseif d < 0.5 then return f end
+    return (f % 2 == 0) and f or f + 1
+end
+
+-- to_uint8(image [B, C, H, W] in [-1, 1]) -> an int32 tensor [B, H, W, C] of 0..255 (nemo has no
+-- uint8 dtype) and the same bytes as a Lua string (B*H*W*C bytes, NHWC): diffusers'
+-- postprocess to PIL: denormalize, permute to NHWC, (x * 255).round() (numpy rounds half to
+-- even), astype uint8.
+function M.to_uint8(image)
+    if not is_tensor(image) or image.ndim ~= 4 then
+        error("sampling.to_uint8: expected an image tensor [B, C, H, W], got " ..
+            (is_tensor(image) and shape_str(image.shape) or type(image)), 2)
+    end
+    local vals = autograd.no_grad(function()
+        local x = M.postprocess(image:detach():to{device = "cpu"}:float()):permute{0, 2, 3, 1}:contiguous()
+        return (x * 255):double():reshape{-1}:tolist()
+    end)
+    local ints, bytes = {}, {}
+    for i, v in ipairs(vals) do
+        local r = round_half_even(v)
+        if r < 0 then r = 0 elseif r > 255 then r = 255 end
+        ints[i] = r
+        bytes[i] = string.char(r)
+    end
+    local s = image.shape
+    local t = Tensor.tensor(ints, {dtype = "int32"}):reshape{s[1], s[3], s[4], s[2]}
+    return t, table.concat(bytes)
+end
+
+return M

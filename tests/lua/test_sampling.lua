@@ -1,0 +1,157 @@
+-- tests/lua/test_sampling.lua: nemo.sampling.flux against diffusers 0.40 FluxPipeline.__call__ on the
+-- golden case flux_sampling (tests/golden/flux_sampling/make_golden.py: a tiny seeded transformer,
+-- VAE and FLUX.1-dev's scheduler config, 4 steps, batch 2, 32x32 pixels, stored initial latents).
+-- Loads the pipeline folder with NeMoAutoDiffusionPipeline.from_pretrained (float32), compares the
+-- schedule, every step's latents, the final latents, the VAE input, the decoded image, the [0, 1]
+-- postprocessed image and its uint8 conversion; then unpacked initial latents, output_type
+-- "latent", the generator path (shapes, determinism) and the option errors. The golden
+-- comparisons FAIL when the case is absent.
+package.path = "tests/lua/?.lua;" .. package.path
+local T = require "tap"
+local nemo = require "nemo"
+local json = require "nemo.json"
+local golden = require "golden"
+local sampling = require "nemo.sampling"
+local shape_str = nemo.Tensor.shape_str
+
+local function close(a, ref, rtol, atol, name)
+    if a == nil or ref == nil then return T.ok(false, name .. ": " .. (a == nil and "nothing computed" or "no reference")) end
+    if shape_str(a.shape) ~= shape_str(ref.shape) then
+        return T.ok(false, name .. ": shapes differ " .. shape_str(a.shape) .. " vs " .. shape_str(ref.shape))
+    end
+    return T.close(a:detach():float(), ref, rtol, atol, name)
+end
+
+-- pcall(fn) must fail with a message containing `pat` (plain text)
+local function raises(fn, pat, name)
+    local ok, e = pcall(fn)
+    if ok then return T.ok(false, name .. ": no error raised") end
+    local found = tostring(e):find(pat, 1, true) ~= nil
+    T.ok(found, name .. (found and "" or (": got '" .. tostring(e) .. "'")))
+end
+
+local dir, why = golden.case("flux_sampling", "case.safetensors")
+if not dir then
+    T.ok(false, "flux_sampling golden case: " .. why)
+    T.done()
+    return
+end
+
+local meta = json.read_file(dir .. "/case.json")
+local ref = nemo.load_file(dir .. "/case.safetensors")
+local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(dir, {torch_dtype = "float32", device = "cpu",
+    enable_gradient_checkpointing = false})
+local tr, sc, vae = pipe.components.transformer, pipe.components.scheduler, pipe.components.vae
+T.ok(tr ~= nil and sc ~= nil and vae ~= nil, "from_pretrained loads transformer, scheduler and vae")
+T.is(sampling.flux_vae_scale_factor(vae), meta.vae_scale_factor, "vae_scale_factor = 2^(#block_out_channels - 1)")
+
+local NIL = {}   -- base_opts{key = NIL} removes key (a nil value in a table constructor removes nothing)
+local function base_opts(extra)
+    local o = {transformer = tr, scheduler = sc, vae = vae, prompt_embeds = ref.prompt_embeds,
+               pooled_prompt_embeds = ref.pooled_prompt_embeds, height = meta.height, width = meta.width,
+               num_inference_steps = meta.num_inference_steps, guidance_scale = meta.guidance_scale,
+               latents = ref.latents_init, output_type = "image"}
+    for k, v in pairs(extra or {}) do if v == NIL then o[k] = nil else o[k] = v end end
+    return o
+end
+
+-- ==== the golden run ====
+local steps = {}
+local t0 = os.clock()
+local out = sampling.flux(base_opts{callback = function(i, t, lat) steps[#steps + 1] = {i = i, t = t, lat = lat} end})
+T.ok(os.clock() - t0 < 10, string.format("4 steps + decode run in %.2f s", os.clock() - t0))
+T.is(#steps, meta.num_inference_steps, "callback called once per step")
+T.is(steps[1] and steps[1].i, 0, "callback's step index is 0-based")
+T.ok(math.abs(out.mu - meta.mu) < 1e-12, string.format("mu = calculate_shift(%d) = %.12g (ref %.12g)",
+    meta.image_seq_len, out.mu, meta.mu))
+close(out.timesteps, ref.timesteps, 0, 0, "timesteps bitwise (float32) as diffusers' retrieve_timesteps")
+close(out.sigmas, ref.sigmas, 0, 0, "sigmas bitwise (float32, with the terminal 0)")
+for i = 1, meta.num_inference_steps do
+    local s = steps[i]
+    T.is(s and s.t, meta.timesteps[i], "step " .. i .. " timestep")
+    close(s and s.lat, ref["latents_step" .. i], 1e-5, 1e-5, string.format("latents after step %d (rtol 1e-5, atol 1e-5)", i))
+end
+close(out.latents, ref.latents_final, 1e-5, 1e-5, "final packed latents (rtol 1e-5, atol 1e-5)")
+close(out.latents_unpacked, ref.latents_unpacked, 1e-5, 1e-5,
+    "unpacked latents / scaling_factor + shift_factor (rtol 1e-5, atol 1e-5)")
+close(out.image, ref.image, 1e-5, 1e-5, "decoded image in [-1, 1] (rtol 1e-5, atol 1e-5)")
+close(sampling.postprocess(out.image), ref.image_pt, 1e-5, 1e-5, "postprocess = diffusers' output_type pt (rtol 1e-5, atol 1e-5)")
+
+-- uint8: the reference's own conversion of image_pt, compared allowing 1 level (rounding near .5)
+do
+    local u8, bytes = sampling.to_uint8(out.image)
+    local s = ref.image.shape
+    T.is(shape_str(u8.shape), shape_str({s[1], s[3], s[4], s[2]}), "to_uint8 gives NHWC")
+    T.is(#bytes, s[1] * s[2] * s[3] * s[4], "to_uint8 bytes string has B*H*W*C bytes")
+    local rv = (ref.image_pt:permute{0, 2, 3, 1}:contiguous() * 255):double():reshape{-1}:tolist()
+    local uv = u8:double():reshape{-1}:tolist()
+    local worst, mism = 0, 0
+    for i = 1, #rv do
+        local want = math.max(0, math.min(255, math.floor(rv[i] + 0.5)))
+        local d = math.abs(uv[i] - want)
+        if d > worst then worst = d end
+        if bytes:byte(i) ~= uv[i] then mism = mism + 1 end
+    end
+    T.ok(worst <= 1, "to_uint8 matches round(image_pt * 255) within 1 level (max diff " .. worst .. ")")
+    T.is(mism, 0, "to_uint8's bytes string equals its tensor")
+end
+
+-- ==== unpacked initial latents, output_type latent ====
+do
+    local o = sampling.flux(base_opts{latents = ref.latents_init_unpacked, output_type = "latent"})
+    close(o.latents, ref.latents_final, 1e-5, 1e-5, "unpacked initial latents are packed as FluxPipeline (rtol 1e-5, atol 1e-5)")
+    T.ok(rawequal(o.image, o.latents), "output_type latent: image is the packed latents (as diffusers)")
+    -- without a vae FluxPipeline's vae_scale_factor is 8 (not 2): 4x the pixels for the same latents
+    local o2 = sampling.flux(base_opts{vae = NIL, output_type = "latent", sigmas = meta.sigmas_in, num_inference_steps = NIL,
+        height = meta.height * 4, width = meta.width * 4})
+    T.is(o2.vae_scale_factor, 8, "no vae: vae_scale_factor 8 (as FluxPipeline)")
+    close(o2.latents, ref.latents_final, 1e-5, 1e-5,
+        "explicit sigmas = linspace(1, 1/N, N), no vae, 4x pixels: same latents (rtol 1e-5, atol 1e-5)")
+end
+
+-- height / width not divisible by vae_scale_factor * 2: resized down with a warning, as diffusers
+do
+    local o = sampling.flux(base_opts{height = meta.height + 2, width = meta.width + 3, output_type = "latent"})
+    close(o.latents, ref.latents_final, 1e-5, 1e-5, "34x35 pixels round down to the 32x32 latents (rtol 1e-5, atol 1e-5)")
+end
+
+-- ==== the generator path ====
+do
+    local function run(seed)
+        return sampling.flux(base_opts{latents = NIL, generator = nemo.Generator(seed), output_type = "latent",
+            num_inference_steps = 2}).latents
+    end
+    local a, b, c = run(7), run(7), run(8)
+    T.is(shape_str(a.shape), shape_str(ref.latents_init.shape), "generator path: packed latents shape")
+    T.close(a, b, 0, 0, "generator path: the same seed gives the same latents")
+    local differ = (a - c):abs():max():item() > 0
+    T.ok(differ, "generator path: another seed gives other latents")
+    T.ok(not a.requires_grad, "sampling runs under no_grad")
+end
+
+-- ==== errors ====
+raises(function() sampling.flux(base_opts{num_steps = 4}) end, "unknown option 'num_steps'", "unknown option named")
+raises(function() sampling.flux(base_opts{transformer = false}) end, "transformer is required", "missing transformer")
+raises(function() sampling.flux(base_opts{scheduler = NIL}) end, "scheduler is required", "missing scheduler")
+raises(function() sampling.flux(base_opts{prompt_embeds = NIL}) end, "prompt_embeds is required", "missing prompt_embeds")
+raises(function() sampling.flux(base_opts{pooled_prompt_embeds = ref.pooled_prompt_embeds:narrow(0, 0, 1)}) end,
+    "same batch size", "batch mismatch")
+raises(function() sampling.flux(base_opts{prompt_embeds = nemo.zeros({2, 8, 5})}) end, "joint_attention_dim",
+    "wrong text width")
+raises(function() sampling.flux(base_opts{output_type = "pil"}) end, "output_type must be", "bad output_type")
+raises(function() sampling.flux(base_opts{vae = NIL}) end, "needs a vae", "image without vae")
+raises(function() sampling.flux(base_opts{height = 64}) end, "packed latents must be", "latents of the wrong size")
+raises(function() sampling.flux(base_opts{latents = nemo.zeros({2, 4, 8, 8})}) end, "unpacked latents must be",
+    "unpacked latents of the wrong size")
+raises(function() sampling.flux(base_opts{height = 0}) end, "height must be a positive integer", "bad height")
+raises(function() sampling.flux(base_opts{height = 2}) end, "too small", "height below one patch")
+raises(function() sampling.flux(base_opts{num_inference_steps = 0}) end, "num_inference_steps must be",
+    "bad num_inference_steps")
+raises(function() sampling.flux(base_opts{sigmas = {1, 0.5}}) end, "sigmas has 2 values but num_inference_steps is 4",
+    "sigmas count mismatch")
+raises(function() sampling.flux(base_opts{generator = 3, latents = NIL}) end, "generator must be a nemo.Generator",
+    "bad generator")
+raises(function() sampling.flux(base_opts{guidance_scale = "x"}) end, "guidance_scale must be a number", "bad guidance")
+raises(function() sampling.flux(42) end, "expected a table of options", "non-table opts")
+
+T.done()
