@@ -382,6 +382,23 @@ local function run_block(owner, block, h)
     return block(h)
 end
 
+-- The mid block both ends of the VAE share (one attention head over all channels).
+local function vae_mid_block(boc, groups, act, opts, fo)
+    return UNetMidBlock2D(boc[#boc], {resnet_eps = 1e-6, resnet_act_fn = act, output_scale_factor = 1,
+        attention_head_dim = boc[#boc], resnet_groups = groups, add_attention = opts.mid_block_add_attention ~= false,
+        dtype = fo.dtype, device = fo.device})
+end
+-- conv_norm_out -> conv_act -> conv_out on h (released), as both ends finish.
+local function vae_head(self, h)
+    local n = self.conv_norm_out(h)
+    free(h)
+    local a = self.conv_act(n)
+    free(n)
+    local out = self.conv_out(a)
+    free(a)
+    return out
+end
+
 -- Encoder{in_channels=3, out_channels=3, down_block_types=, block_out_channels=, layers_per_block=2,
 -- norm_num_groups=32, act_fn="silu", double_z=true, mid_block_add_attention=true, dtype=, device=}:
 -- conv_in, down_blocks, mid_block, conv_norm_out, conv_act, conv_out.
@@ -407,9 +424,7 @@ function Encoder:__init(opts)
             resnet_groups = groups, dtype = fo.dtype, device = fo.device})
     end
     self.down_blocks = nn.ModuleList(blocks)
-    self.mid_block = UNetMidBlock2D(boc[#boc], {resnet_eps = 1e-6, resnet_act_fn = act, output_scale_factor = 1,
-        attention_head_dim = boc[#boc], resnet_groups = groups, add_attention = opts.mid_block_add_attention ~= false,
-        dtype = fo.dtype, device = fo.device})
+    self.mid_block = vae_mid_block(boc, groups, act, opts, fo)
     self.conv_norm_out = group_norm(groups, boc[#boc], 1e-6, fo)
     self.conv_act = nn.SiLU()
     local out_ch = opts.out_channels or 3
@@ -424,13 +439,7 @@ function Encoder:forward(x)
     end
     local y = run_block(self, self.mid_block, h)
     free(h)
-    local n = self.conv_norm_out(y)
-    free(y)
-    local a = self.conv_act(n)
-    free(n)
-    local out = self.conv_out(a)
-    free(a)
-    return out
+    return vae_head(self, y)
 end
 
 -- Decoder{in_channels=3, out_channels=3, up_block_types=, block_out_channels=, layers_per_block=2,
@@ -449,9 +458,7 @@ function Decoder:__init(opts)
     self.gradient_checkpointing = false
     self.conv_in = conv2d(opts.in_channels or 3, boc[#boc], 3, {padding = 1}, fo)
     self.up_blocks = nn.ModuleList{}
-    self.mid_block = UNetMidBlock2D(boc[#boc], {resnet_eps = 1e-6, resnet_act_fn = act, output_scale_factor = 1,
-        attention_head_dim = boc[#boc], resnet_groups = groups, add_attention = opts.mid_block_add_attention ~= false,
-        dtype = fo.dtype, device = fo.device})
+    self.mid_block = vae_mid_block(boc, groups, act, opts, fo)
     local rev = {}
     for i = #boc, 1, -1 do rev[#rev + 1] = boc[i] end
     local output_channel = rev[1]
@@ -476,13 +483,7 @@ function Decoder:forward(z)
         free(h)
         h = y
     end
-    local n = self.conv_norm_out(h)
-    free(h)
-    local a = self.conv_act(n)
-    free(n)
-    local out = self.conv_out(a)
-    free(a)
-    return out
+    return vae_head(self, h)
 end
 
 -- ==== DiagonalGaussianDistribution (autoencoders/vae.py) ====
