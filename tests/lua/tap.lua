@@ -5,7 +5,9 @@
 --   T.close(t, ref, rtol, atol, name) compares two tensors (or a tensor and a Lua table) by
 --   max|a-ref| <= rtol*max|ref| + atol and prints the numbers. T.same_bits(a, b): whether two
 --   tensors (on any device) have one dtype, one size and the same bytes. T.sh(cmd): a shell
---   command's stdout and stderr together, and its exit status.
+--   command's stdout and stderr together, and its exit status. T.read_bytes(path),
+--   T.write_bytes(path, s) -> path. T.scratch() -> tmp, cleanup: tmp(name) gives a unique
+--   scratch path, cleanup() removes every one given out.
 -- Accidental globals make the test fail (luafun's rule).
 local T = {}
 local n, failed, planned = 0, 0, nil
@@ -52,6 +54,29 @@ function T.sh(cmd)
     p:close()
     local rc = tonumber(out:match("__rc=(%d+)%s*$"))
     return (out:gsub("__rc=%d+%s*$", "")), rc
+end
+function T.read_bytes(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+function T.write_bytes(path, s)
+    local f = assert(io.open(path, "wb"))
+    f:write(s)
+    f:close()
+    return path
+end
+function T.scratch()
+    local base = os.tmpname()          -- a unique prefix; every scratch file is base .. "_<name>"
+    local created = {base}
+    local function tmp(name)
+        local p = base .. "_" .. name
+        created[#created + 1] = p
+        return p
+    end
+    local function cleanup() for _, p in ipairs(created) do os.remove(p) end end
+    return tmp, cleanup
 end
 function T.skip(name, why) n = n + 1; io.write("ok ", n, " - ", name, " # SKIP ", why, "\n") end
 function T.diag(msg) for line in tostring(msg):gmatch("[^\n]+") do io.write("# ", line, "\n") end end

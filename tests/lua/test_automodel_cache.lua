@@ -18,19 +18,10 @@ os.remove(tmp)
 fs.mkdirs(tmp)
 
 local function copy(src, dst)
-    local f = assert(io.open(src, "rb"))
-    local b = f:read("*a")
-    f:close()
     fs.mkdirs(fs.dirname(dst))
-    f = assert(io.open(dst, "wb"))
-    f:write(b)
-    f:close()
+    fs.copy_file(src, dst)
 end
-local function write_json(path, v)
-    local f = assert(io.open(path, "wb"))
-    f:write(json.encode(v))
-    f:close()
-end
+local function write_json(path, v) T.write_bytes(path, json.encode(v)) end
 local same = T.same_bits
 
 -- An Automodel cache at dir with the given sample files (name -> fixture), model_type mt.
@@ -141,17 +132,12 @@ end
 -- ==== the command line ====
 do
     local src = tmp .. "/am_flux"
-    local cmd = string.format("./nemo-lua tools/import_automodel_cache.lua --src %s --out %s/cli_out 2>&1", src, tmp)
-    local function sh(c)
-        local p = io.popen(c .. "; echo \"rc=$?\"")
-        local text = p:read("*a")
-        p:close()
-        return text, tonumber(text:match("rc=(%d+)%s*$"))
-    end
+    local cmd = string.format("./nemo-lua tools/import_automodel_cache.lua --src %s --out %s/cli_out", src, tmp)
+    local sh = T.sh   -- stdout and stderr, exit status
     local text, rc = sh(cmd)
     T.ok(rc == 0 and text:find("converted 2 samples", 1, true) and fs.isfile(tmp .. "/cli_out/index.json"),
          "tools/import_automodel_cache.lua converts from the command line", text)
-    text, rc = sh("./nemo-lua tools/import_automodel_cache.lua --src " .. src .. " 2>&1")
+    text, rc = sh("./nemo-lua tools/import_automodel_cache.lua --src " .. src)
     T.ok(rc == 2 and text:find("--src and --out are required", 1, true) and not text:find("traceback", 1, true),
          "a missing --out is a usage error (exit 2, no traceback)", text)
     text, rc = sh(cmd)

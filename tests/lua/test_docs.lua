@@ -5,12 +5,7 @@
 local T = require "tests.lua.tap"
 local nemo = require "nemo"
 
-local function read(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("*a")
-    f:close()
-    return s
-end
+local read = T.read_bytes
 local readme = read("README.md")
 
 -- ==== the README's Lua example ====

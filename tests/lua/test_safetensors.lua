@@ -9,25 +9,8 @@ local Tensor = require "nemo.tensor"
 local st = require "nemo.safetensors"
 local C = nffi.C
 
-local base = os.tmpname()          -- a unique prefix; every test file is base .. "_<name>"
-local created = {base}
-local function tmp(name)
-    local p = base .. "_" .. name
-    created[#created + 1] = p
-    return p
-end
-
-local function read_bytes(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("*a")
-    f:close()
-    return s
-end
-local function write_bytes(path, s)
-    local f = assert(io.open(path, "wb"))
-    f:write(s)
-    f:close()
-end
+local tmp, cleanup = T.scratch()
+local read_bytes, write_bytes = T.read_bytes, T.write_bytes
 local function exists(path)
     local f = io.open(path, "rb")
     if f then f:close() return true end
@@ -470,5 +453,5 @@ do
         "save_file with string metadata raises")
 end
 
-for _, p in ipairs(created) do os.remove(p) end
+cleanup()
 T.done()

@@ -13,25 +13,8 @@ local tf = require "nemo.torchfile"
 
 local DIR = "tests/golden/torch_save/"
 
-local base = os.tmpname()          -- a unique prefix; every scratch file is base .. "_<name>"
-local created = {base}
-local function tmp(name)
-    local p = base .. "_" .. name
-    created[#created + 1] = p
-    return p
-end
-local function read_bytes(path)
-    local f = assert(io.open(path, "rb"))
-    local s = f:read("*a")
-    f:close()
-    return s
-end
-local function write_bytes(path, s)
-    local f = assert(io.open(path, "wb"))
-    f:write(s)
-    f:close()
-    return path
-end
+local tmp, cleanup = T.scratch()
+local read_bytes, write_bytes = T.read_bytes, T.write_bytes
 local function u16le(n) return string.char(n % 256, math.floor(n / 256) % 256) end
 local function u32le(n)
     return string.char(n % 256, math.floor(n / 256) % 256, math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
@@ -422,5 +405,5 @@ do
     T.ok(okc and v.a == 3, "collections.Counter({'a': 3}) is a dict", not okc and tostring(v) or nil)
 end
 
-for _, p in ipairs(created) do os.remove(p) end
+cleanup()
 T.done()
