@@ -342,15 +342,26 @@ static int dev_slot(int devtype, int devindex) {
 typedef struct { void *p; size_t n; } host_block;
 static host_block cpu_cache[CACHE_SLOTS];
 static int cpu_ncache;
-/* A cached host block of exactly n bytes out of cache (count entries), or NULL; mem_lock held. */
+/* Host block caches (the CPU's, the pinned one), mem_lock held. take: a cached block of exactly
+ * n bytes, or NULL. put: keep block p of n bytes when there is room (1) or not (0). Both keep
+ * the CPU's cached-bytes statistic. */
 static void *host_cache_take(host_block *cache, int *count, size_t n) {
     for (int i = 0; i < *count; i++)
         if (cache[i].n == n) {
             void *p = cache[i].p;
             cache[i] = cache[--*count];
+            mem_cached[0] -= (int64_t)n;
             return p;
         }
     return NULL;
+}
+static int host_cache_put(host_block *cache, int *count, int cap, void *p, size_t n) {
+    if (*count >= cap) return 0;
+    cache[*count].p = p;
+    cache[*count].n = n;
+    ++*count;
+    mem_cached[0] += (int64_t)n;
+    return 1;
 }
 
 static size_t round_size(size_t n) {
@@ -489,6 +500,14 @@ static int cuda_cache_put(int s, void *p, size_t n) {
     return 1;
 }
 
+/* n more bytes in use on slot's device (its peak follows). */
+static void mem_charge(int slot, size_t n) {
+    pthread_mutex_lock(&mem_lock);
+    mem_cur[slot] += (int64_t)n;
+    if (mem_cur[slot] > mem_peak[slot]) mem_peak[slot] = mem_cur[slot];
+    pthread_mutex_unlock(&mem_lock);
+}
+
 void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
     if (nemo_check_device(devtype, devindex) < 0) return NULL;
     size_t n = devtype == NEMO_CUDA ? cuda_round_size(nbytes ? nbytes : 1) : round_size(nbytes ? nbytes : 1);
@@ -498,7 +517,7 @@ void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
         pthread_once(&tune_once, malloc_tune);
         if (n >= CACHE_MIN) {
             pthread_mutex_lock(&mem_lock);
-            if ((p = host_cache_take(cpu_cache, &cpu_ncache, n))) mem_cached[0] -= (int64_t)n;
+            p = host_cache_take(cpu_cache, &cpu_ncache, n);
             pthread_mutex_unlock(&mem_lock);
         }
         if (!p && posix_memalign(&p, 64, n) != 0) p = NULL;
@@ -511,10 +530,7 @@ void *nemo_dev_alloc(int devtype, int devindex, size_t nbytes) {
         p = cuda_alloc(devindex, n);
         if (!p) return NULL;
     }
-    pthread_mutex_lock(&mem_lock);
-    mem_cur[slot] += (int64_t)n;
-    if (mem_cur[slot] > mem_peak[slot]) mem_peak[slot] = mem_cur[slot];
-    pthread_mutex_unlock(&mem_lock);
+    mem_charge(slot, n);
     return p;
 }
 
@@ -524,9 +540,7 @@ void nemo_dev_free(int devtype, int devindex, void *p, size_t nbytes) {
     int slot = dev_slot(devtype, devindex);
     pthread_mutex_lock(&mem_lock);
     mem_cur[slot] -= (int64_t)n;
-    if (devtype == NEMO_CPU && n >= CACHE_MIN && cpu_ncache < CACHE_SLOTS) {
-        cpu_cache[cpu_ncache].p = p; cpu_cache[cpu_ncache].n = n; cpu_ncache++;
-        mem_cached[0] += (int64_t)n;
+    if (devtype == NEMO_CPU && n >= CACHE_MIN && host_cache_put(cpu_cache, &cpu_ncache, CACHE_SLOTS, p, n)) {
         p = NULL;
     } else if (devtype == NEMO_CUDA && cuda_cache_put(slot, p, n)) {
         p = NULL;
@@ -650,26 +664,31 @@ static int check_shape(const char *op, int ndim, const int64_t *shape) {
     return 0;
 }
 
-NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
-    if (check_shape("empty", ndim, shape) < 0) return NULL;
-    if (dtype < 0 || dtype >= NEMO_NDTYPE) { NEMO_ERR(NEMO_EDTYPE, "empty: unknown dtype %d", dtype); return NULL; }
-    size_t nbytes = nemo_numel_of(ndim, shape) * (size_t)nemo_dtype_size(dtype);
-    nemo_storage *s = nemo_storage_new(nbytes, devtype, devindex);
-    if (!s) return NULL;
+/* A contiguous tensor over the whole of storage s, taking over the caller's reference (released
+ * on failure). */
+static nemo_tensor *tensor_over(nemo_storage *s, int ndim, const int64_t *shape, int dtype) {
     nemo_tensor *t = calloc(1, sizeof *t);
     if (!t) { nemo_storage_release(s); NEMO_ERR(NEMO_ENOMEM, "out of memory (tensor header)"); return NULL; }
-    t->refcount = 1; t->dtype = dtype; t->devtype = devtype; t->devindex = devindex; t->ndim = ndim;
+    t->refcount = 1; t->dtype = dtype; t->devtype = s->devtype; t->devindex = s->devindex; t->ndim = ndim;
     for (int d = 0; d < ndim; d++) t->shape[d] = shape[d];
     contiguous_strides(ndim, shape, t->stride);
     t->storage = s;
     return t;
 }
 
+NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
+    if (check_shape("empty", ndim, shape) < 0) return NULL;
+    if (dtype < 0 || dtype >= NEMO_NDTYPE) { NEMO_ERR(NEMO_EDTYPE, "empty: unknown dtype %d", dtype); return NULL; }
+    size_t nbytes = nemo_numel_of(ndim, shape) * (size_t)nemo_dtype_size(dtype);
+    nemo_storage *s = nemo_storage_new(nbytes, devtype, devindex);
+    return s ? tensor_over(s, ndim, shape, dtype) : NULL;
+}
+
 /* ==== Pinned (page-locked) host memory ====
  * CPU storages whose memory comes from the CUDA plugin's host_alloc: copies between them and a
- * device are DMA transfers without a staging copy. Freed blocks of at least PIN_CACHE_MIN bytes
- * are kept (exact rounded size, PIN_SLOTS of them) because cudaHostAlloc is slow, as a data
- * loader pinning every batch would notice. They count in the CPU's memory statistics. */
+ * device are DMA transfers without a staging copy. Freed blocks are kept for reuse at their
+ * exact rounded size (PIN_SLOTS of them) because cudaHostAlloc is slow, as a data loader pinning
+ * every batch would notice. They count in the CPU's memory statistics. */
 #define PIN_SLOTS 64
 static host_block pin_cache[PIN_SLOTS];
 static int pin_ncache;
@@ -680,11 +699,7 @@ static void pinned_free_fn(void *ctx, void *data, size_t nbytes) {
     size_t n = round_size(nbytes ? nbytes : 1);
     pthread_mutex_lock(&mem_lock);
     mem_cur[0] -= (int64_t)n;
-    if (pin_ncache < PIN_SLOTS) {
-        pin_cache[pin_ncache].p = data; pin_cache[pin_ncache].n = n; pin_ncache++;
-        mem_cached[0] += (int64_t)n;
-        data = NULL;
-    }
+    if (host_cache_put(pin_cache, &pin_ncache, PIN_SLOTS, data, n)) data = NULL;
     pthread_mutex_unlock(&mem_lock);
     if (data) cuda->host_free(data);
 }
@@ -701,7 +716,7 @@ static void *pinned_alloc(size_t nbytes) {
     size_t n = round_size(nbytes ? nbytes : 1);
     void *p = NULL;
     pthread_mutex_lock(&mem_lock);
-    if ((p = host_cache_take(pin_cache, &pin_ncache, n))) mem_cached[0] -= (int64_t)n;
+    p = host_cache_take(pin_cache, &pin_ncache, n);
     pthread_mutex_unlock(&mem_lock);
     if (!p && cuda->host_alloc(n, &p) < 0) {
         pin_cache_empty();
@@ -710,10 +725,7 @@ static void *pinned_alloc(size_t nbytes) {
             return NULL;
         }
     }
-    pthread_mutex_lock(&mem_lock);
-    mem_cur[0] += (int64_t)n;
-    if (mem_cur[0] > mem_peak[0]) mem_peak[0] = mem_cur[0];
-    pthread_mutex_unlock(&mem_lock);
+    mem_charge(0, n);
     return p;
 }
 
@@ -736,16 +748,10 @@ NEMO_API nemo_tensor *nemo_pin_memory(const nemo_tensor *t) {
     if (!p) return NULL;
     nemo_storage *s = nemo_storage_wrap(p, nbytes, NEMO_CPU, 0, pinned_free_fn, NULL);
     if (!s) { pinned_free_fn(NULL, p, nbytes); return NULL; }
-    nemo_tensor *out = calloc(1, sizeof *out);
-    if (!out) { nemo_storage_release(s); NEMO_ERR(NEMO_ENOMEM, "out of memory (tensor header)"); return NULL; }
-    out->refcount = 1; out->dtype = t->dtype; out->devtype = NEMO_CPU; out->devindex = 0; out->ndim = t->ndim;
-    for (int d = 0; d < t->ndim; d++) out->shape[d] = t->shape[d];
-    contiguous_strides(t->ndim, t->shape, out->stride);
-    out->storage = s;
-    if (nemo_copy_(out, t) < 0) { nemo_tensor_release(out); out = NULL; }
+    nemo_tensor *out = tensor_over(s, t->ndim, t->shape, t->dtype);
+    if (out && nemo_copy_(out, t) < 0) { nemo_tensor_release(out); out = NULL; }
     return out;
 }
-
 
 NEMO_API nemo_tensor *nemo_zeros(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
     nemo_tensor *t = nemo_empty(ndim, shape, dtype, devtype, devindex);

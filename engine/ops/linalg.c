@@ -607,10 +607,6 @@ static nemo_tensor *mask_view(const nemo_tensor *mask, const nemo_tensor *q, con
     return mv;
 }
 
-/* The fused low-precision kernels take the call: q, k, v bfloat16 or float16, no mask, head
- * dim 64 or 128 for both products, non-empty, sizes the kernels' grids hold, and the device has
- * both kernels. Checked by the forward and again by the backward (which also wants g in q's
- * dtype), so a call runs one path in both directions. */
 /* Whether the fused kernels may be used: on unless nemo_sdpa_enable_flash(0) or NEMO_FLASH=0 in
  * the environment (read on first use), an escape hatch like torch.backends.cuda.enable_flash_sdp. */
 static int flash_enabled = -1;
@@ -624,6 +620,10 @@ NEMO_API int nemo_sdpa_enable_flash(int on) {
     return was;
 }
 
+/* The fused low-precision kernels take the call: they are switched on (above), q, k, v are
+ * bfloat16 or float16, no mask, head dim 64 or 128 for both products, non-empty, sizes the
+ * kernels' grids hold, and the device has both kernels. Checked by the forward and again by the
+ * backward (which also wants g in q's dtype), so a call runs one path in both directions. */
 static int flash_applies(const nemo_tensor *q, const nemo_tensor *k, const nemo_tensor *v, const nemo_tensor *mask) {
     if (!nemo_sdpa_enable_flash(-1)) return 0;
     const int nd = q->ndim;
