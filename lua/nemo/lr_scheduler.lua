@@ -67,8 +67,18 @@ function M.build(optimizer, cfg, total_steps)
     if s.max_lr < s.min_lr then error(string.format("lr_scheduler: max_lr (%g) is below min_lr (%g)", s.max_lr, s.min_lr), 2) end
     if s.init_lr > s.max_lr then error(string.format("lr_scheduler: init_lr (%g) is above max_lr (%g)", s.init_lr, s.max_lr), 2) end
     if s.lr_decay_steps <= 0 then error("lr_scheduler.lr_decay_steps must be positive", 2) end
-    if s.lr_warmup_steps >= s.lr_decay_steps then
-        error(string.format("lr_scheduler: lr_warmup_steps (%d) must be below lr_decay_steps (%d)", s.lr_warmup_steps, s.lr_decay_steps), 2)
+    if s.lr_warmup_steps >= s.lr_decay_steps then   -- Automodel's OptimizerParamScheduler asserts this too
+        local warm, decay = s.lr_warmup_steps, s.lr_decay_steps
+        local wtext = w and tostring(w) or string.format("%d, its default min(1000, steps / 10)", warm)
+        local suggest = math.floor(decay / 10)
+        if cfg.lr_decay_steps then
+            error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_scheduler.lr_decay_steps (%d): " ..
+                "lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or raise --lr_scheduler.lr_decay_steps above %d " ..
+                "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, decay, suggest, warm), 2)
+        end
+        error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_decay_steps, which is not set and so " ..
+            "is this run's %d steps: lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or train more than %d steps " ..
+            "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, decay, suggest, warm), 2)
     end
     if s.lr_decay_style == "WSD" and not s.wsd_decay_steps then error("lr_scheduler: WSD needs wsd_decay_steps", 2) end
     if s.end_wd < s.start_wd then error("lr_scheduler: end_wd must be >= start_wd", 2) end

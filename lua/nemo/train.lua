@@ -820,27 +820,6 @@ end
 
 local function nonfinite(x) return x ~= x or x == math.huge or x == -math.huge end
 
--- The warmup must end before the decay does (Automodel's OptimizerParamScheduler asserts
--- lr_warmup_steps < lr_decay_steps, and lr_decay_steps defaults to the run's steps), so a warmup
--- longer than a short run is an error there too: say which key to change.
-local function check_warmup(l, total)
-    local w, d = l.lr_warmup_steps, l.lr_decay_steps
-    if (w ~= nil and type(w) ~= "number") or (d ~= nil and type(d) ~= "number") then return end   -- lr_scheduler's
-    local warm = w or math.min(1000, math.floor(total / 10))
-    local decay = d or total
-    if decay <= 0 or warm < decay then return end
-    local suggest = math.floor(decay / 10)
-    local wtext = w and tostring(w) or string.format("%d, its default min(1000, steps / 10)", warm)
-    if d then
-        cfg_error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_scheduler.lr_decay_steps (%d): " ..
-            "lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or raise --lr_scheduler.lr_decay_steps above %d " ..
-            "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, d, suggest, warm))
-    end
-    cfg_error(string.format("lr_scheduler.lr_warmup_steps (%s) must be below lr_decay_steps, which is not set and so " ..
-        "is this run's %d steps: lower it (e.g. --lr_scheduler.lr_warmup_steps %d) or train more than %d steps " ..
-        "(Automodel's OptimizerParamScheduler requires warmup < decay steps too)", wtext, total, suggest, warm))
-end
-
 -- run(cfg, opts) -> summary {steps, total, first_loss, last_loss, losses = {[step] = loss},
 --   checkpoint, checkpoint_dir, diffusers, resumed_from, model, pipe, seconds}
 -- opts: log (function(msg)), progress (true/false: the progress bar; default: stdout is a
@@ -923,7 +902,6 @@ function M.run(cfg, opts)
     local total = epoch_len * num_epochs
     if ss.max_steps then total = math.min(total, ss.max_steps) end
     if lrs_cfg then   -- the schedule's checks (warmup below decay steps, ...) before a large model loads
-        check_warmup(lrs_cfg, total)
         local probe = nemo.optim.AdamW({nemo.zeros({1}):requires_grad_()}, {lr = cfg.optimizer.lr,
             weight_decay = cfg.optimizer.weight_decay or 0.01})
         local pok, perr = pcall(lrs.build, probe, lrs_cfg, total)
