@@ -673,20 +673,16 @@ local function unpickle(s, ctx)
         if type(l) ~= "table" or kind[l] ~= "list" then err("APPEND to something that is not a list") end
         l[#l + 1] = v
     end
-    H.e = function()
+    -- the items above the mark appended to the list / set (want) below it
+    local function extend(want, opname)
         local items = pop_mark()
         local l = top()
-        if type(l) ~= "table" or kind[l] ~= "list" then err("APPENDS to something that is not a list") end
+        if type(l) ~= "table" or kind[l] ~= want then err(opname .. " to something that is not a " .. want) end
         local k = #l
         for i = 1, #items do l[k + i] = items[i] end
     end
-    H["\144"] = function()                                               -- ADDITEMS
-        local items = pop_mark()
-        local l = top()
-        if type(l) ~= "table" or kind[l] ~= "set" then err("ADDITEMS to something that is not a set") end
-        local k = #l
-        for i = 1, #items do l[k + i] = items[i] end
-    end
+    H.e = function() extend("list", "APPENDS") end
+    H["\144"] = function() extend("set", "ADDITEMS") end                 -- ADDITEMS
     H.s = function()
         local v = pop()
         local k = pop()
