@@ -10,8 +10,8 @@
 --
 -- The goal's denominator is the hardware's bf16 rate, so the script measures it with cuBLAS
 -- itself (cublasGemmEx through the FFI, bf16 in and out, float32 accumulation, on the same
--- device memory), next to nemo's own bf16 products (the "gemm_lp" kernel: bf16 in, float32
--- accumulation and result, rounded to bf16 by the front-end). float32 is reported against
+-- device memory), next to nemo's own bf16 products (the "gemm_lp_out" kernel: bf16 in and out,
+-- float32 accumulation, the bias added in cuBLASLt's epilogue). float32 is reported against
 -- cuBLAS float32 without TF32 (what nemo's float32 products use) and TF32 for reference.
 --
 -- FLOPs counted (multiply-add = 2), per step: forward = 24 D^2 N (q, k, v, out and the 4x MLP

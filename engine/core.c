@@ -933,6 +933,12 @@ int nemo_convert_dense(void *dst, int ddt, const void *src, int sdt, int64_t n) 
         for (int64_t i = 0; i < n; i++) d[i] = nemo_f32_to_bf16(s[i]);
         return 1;
     }
+    if (ddt == NEMO_F16 && sdt == NEMO_F32) {
+        uint16_t *d = dst; const float *s = src;
+        #pragma omp parallel for if (n > NEMO_PAR_MIN)
+        for (int64_t i = 0; i < n; i++) d[i] = nemo_f32_to_f16(s[i]);
+        return 1;
+    }
     if (ddt == NEMO_F64 && sdt == NEMO_F32) {
         double *d = dst; const float *s = src;
         for (int64_t i = 0; i < n; i++) d[i] = s[i];

@@ -10,7 +10,10 @@
  * inner dimension when a gradient sums over them (dW = sum_b x_b^T g_b is one (K, B*S) x
  * (B*S, N) gemm). Batches that do not fold loop in the kernel; a gradient summed over a
  * broadcast dim accumulates there in batch order (beta = 1 on a zeroed output).
- * bf16/f16 operands are converted to float32 first and results rounded once to their dtype.
+ * bf16/f16 operands go to the products as they are where the device has "gemm_lp" (float32
+ * sums of the exact products), else are converted to float32 first; results are rounded once
+ * to their dtype, by the kernel itself where the device has "gemm_lp_out" (then no float32
+ * result is ever stored: on CUDA the tensor cores write bf16 with the bias added).
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -23,7 +26,13 @@
 typedef int (*gemm_k)(int dtype, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha,
                       const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
                       void *c, int64_t ldc, int64_t nbatch, const int64_t *offs, int c_distinct);
-/* out[j] = sum_i g[i*ldg + j] over a (m, n) g; out (n) contiguous; g's dtype. */
+/* The same with bf16 / f16 operands and c in that dtype: c_i = round(alpha op(a_i) op(b_i) +
+ * bias), the float32 result of gemm_lp onto the widened bias rounded once; bias (n) contiguous
+ * in dtype or NULL; the c_i distinct ("gemm_lp_out"; optional per device). */
+typedef int (*gemm_lp_out_k)(int dtype, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha,
+                             const void *a, int64_t lda, const void *b, int64_t ldb, const void *bias,
+                             void *c, int64_t ldc, int64_t nbatch, const int64_t *offs);
+/* out[j] = sum_i g[i*ldg + j] over a (m, n) g; out (n) contiguous in g's compute dtype. */
 typedef int (*colsum_k)(int dtype, int64_t m, int64_t n, const void *g, int64_t ldg, void *out);
 /* Attention over (lead..., S, D) tensors in the compute dtype with a contiguous last dim; mask
  * NULL or a (lead..., Sq, Sk) broadcast view (bool or compute dtype); lse contiguous. */
@@ -143,6 +152,13 @@ static nemo_tensor *operand(const nemo_tensor *t, int cdt, int vec) {
     return nemo_contiguous(t);
 }
 
+/* Whether products of dtype dt on devtype are written in dt by the kernel ("gemm_lp_out"):
+ * then results are allocated in dt and gemm_run is told so. */
+static int out_lp(int dt, int devtype) {
+    return operand_dtype(dt, devtype) == dt && (dt == NEMO_BF16 || dt == NEMO_F16) &&
+           nemo_kernel_has("gemm_lp_out", devtype);
+}
+
 /* Round a compute-dtype result to dtype dt (a new reference; tmp is consumed), contiguous. */
 static nemo_tensor *finish(nemo_tensor *tmp, int dt) {
     if (!tmp || tmp->dtype == dt) return tmp;
@@ -152,11 +168,13 @@ static nemo_tensor *finish(nemo_tensor *tmp, int dt) {
 }
 
 /* o (=, +=) alpha * a @ b for every index of the batch shape (nb dims); a and b in dtype dt,
- * o in dt's compute dtype (bf16 / f16 operands: the "gemm_lp" kernel). beta = 1 adds onto o
- * (which must then hold the values to add to, zeros for a gradient summed over a batch dim
- * where o's stride is 0). Folds what it can, then hands the rest of the batch to the kernel. */
+ * o in dt's compute dtype (bf16 / f16 operands: the "gemm_lp" kernel), or in dt itself when
+ * lpo (out_lp: the "gemm_lp_out" kernel, beta 0, bias (o's columns, contiguous dt) or NULL).
+ * beta = 1 adds onto o (which must then hold the values to add to, zeros for a gradient summed
+ * over a batch dim where o's stride is 0). Folds what it can, then hands the rest of the batch
+ * to the kernel. */
 static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *bshape_in,
-                    mat o, mat a, mat b, double alpha, double beta) {
+                    mat o, mat a, mat b, double alpha, double beta, int lpo, const void *bias) {
     int rc = 0;
     int64_t *offs = NULL;
     int64_t bshape[NEMO_MAXDIM];
@@ -170,7 +188,10 @@ static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *
     }
     if (o.r == 0 || o.c == 0) return 0;
     int64_t lda = 0, ldb = 0, ldc = 0;
+    NEMO_CHECK(!lpo || beta == 0.0, NEMO_EINTERNAL, "%s: a product rounded by its kernel cannot accumulate", op);
+    NEMO_CHECK(!bias || lpo, NEMO_EINTERNAL, "%s: a bias reached a gemm that has none", op);
     if (mat_layout(&o, &ldc) != 0) {   /* a column-major output: compute o^T = b^T a^T */
+        NEMO_CHECK(!bias, NEMO_EINTERNAL, "%s: a bias reached a column-major product", op);
         mat t = a;
         a = mat_t(b); b = mat_t(t); o = mat_t(o);
     }
@@ -195,8 +216,14 @@ static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *
     int distinct = 1;
     for (int d = 0; d < n; d++) { nbatch *= bshape[d]; if (o.bs[d] == 0) distinct = 0; }
     NEMO_CHECK(distinct || beta == 1.0, NEMO_EINTERNAL, "%s: summed batch dims need an accumulating gemm", op);
-    gemm_k kern;
-    NEMO_GET_KERNEL(kern, gemm_k, dt == NEMO_BF16 || dt == NEMO_F16 ? "gemm_lp" : "gemm", devtype);
+    gemm_k kern = NULL;
+    gemm_lp_out_k kern_lpo = NULL;
+    if (lpo) {
+        NEMO_CHECK(distinct, NEMO_EINTERNAL, "%s: a product rounded by its kernel cannot sum over a batch dim", op);
+        NEMO_GET_KERNEL(kern_lpo, gemm_lp_out_k, "gemm_lp_out", devtype);
+    } else {
+        NEMO_GET_KERNEL(kern, gemm_k, dt == NEMO_BF16 || dt == NEMO_F16 ? "gemm_lp" : "gemm", devtype);
+    }
     if (n > 0) {
         offs = malloc(sizeof(int64_t) * 3 * (size_t)nbatch);
         NEMO_CHECK(offs, NEMO_ENOMEM, "%s: out of memory for %lld batch offsets", op, (long long)nbatch);
@@ -211,8 +238,12 @@ static int gemm_run(const char *op, int devtype, int dt, int nb, const int64_t *
             }
         }
     }
-    NEMO_TRY(kern(dt, ta, tb, o.r, o.c, a.c, alpha, a.data, lda, b.data, ldb, beta, o.data, ldc,
-                  n > 0 ? nbatch : 1, offs, distinct));
+    if (lpo)
+        NEMO_TRY(kern_lpo(dt, ta, tb, o.r, o.c, a.c, alpha, a.data, lda, b.data, ldb, bias, o.data, ldc,
+                          n > 0 ? nbatch : 1, offs));
+    else
+        NEMO_TRY(kern(dt, ta, tb, o.r, o.c, a.c, alpha, a.data, lda, b.data, ldb, beta, o.data, ldc,
+                      n > 0 ? nbatch : 1, offs, distinct));
 fail:
     free(offs);
     return rc;
@@ -300,12 +331,13 @@ NEMO_API nemo_tensor *nemo_matmul(const nemo_tensor *a, const nemo_tensor *b, in
     nemo_tensor *ac = NULL, *bc = NULL, *oc = NULL;
     mm_geom G;
     NEMO_TRY(mm_check(kind, a, b, &G));
-    int cdt = nemo_compute_dtype(a->dtype), odt = operand_dtype(a->dtype, a->devtype);
+    int odt = operand_dtype(a->dtype, a->devtype), lpo = out_lp(a->dtype, a->devtype);
+    int rdt = lpo ? a->dtype : nemo_compute_dtype(a->dtype);   /* the result's dtype as computed */
     NEMO_TRYP(ac, operand(a, odt, G.va));
     NEMO_TRYP(bc, operand(b, odt, G.vb));
-    NEMO_TRYP(oc, (G.k == 0 ? nemo_zeros : nemo_empty)(G.ond, G.oshape, cdt, a->devtype, a->devindex));
+    NEMO_TRYP(oc, (G.k == 0 ? nemo_zeros : nemo_empty)(G.ond, G.oshape, rdt, a->devtype, a->devindex));
     NEMO_TRY(gemm_run(mm_name(kind), a->devtype, odt, G.nb, G.bshape, mat_of(oc, G.vo, G.nb, G.bshape),
-                      mat_of(ac, G.va, G.nb, G.bshape), mat_of(bc, G.vb, G.nb, G.bshape), 1.0, 0.0));
+                      mat_of(ac, G.va, G.nb, G.bshape), mat_of(bc, G.vb, G.nb, G.bshape), 1.0, 0.0, lpo, NULL));
     nemo_tensor_release(ac);
     nemo_tensor_release(bc);
     return finish(oc, a->dtype);
@@ -340,21 +372,24 @@ NEMO_API int nemo_matmul_backward(const nemo_tensor *g, const nemo_tensor *a, co
                nemo_shape_str(g, s1, sizeof s1), nemo_shape_str_n(G.ond, G.oshape, s2, sizeof s2));
     NEMO_TRY(nemo_check_same_device("matmul backward", g, a));
     int cdt = nemo_compute_dtype(a->dtype), odt = operand_dtype(a->dtype, a->devtype);
+    int lpo = out_lp(a->dtype, a->devtype);
     NEMO_TRYP(gc, operand(g, odt, G.vo));
     mat mg = mat_of(gc, G.vo, G.nb, G.bshape);
-    if (da) {   /* da = g b^T, summed over a's broadcast batch dims */
-        int sum = summed_over(a, a->ndim - (G.va ? 1 : 2), G.nb, G.bshape);
+    if (da) {   /* da = g b^T, summed over a's broadcast batch dims (accumulated in cdt) */
+        int sum = summed_over(a, a->ndim - (G.va ? 1 : 2), G.nb, G.bshape), lp = lpo && !sum;
         NEMO_TRYP(bc, operand(b, odt, G.vb));
-        NEMO_TRYP(dac, (sum || G.m == 0 ? nemo_zeros : nemo_empty)(a->ndim, a->shape, cdt, a->devtype, a->devindex));
+        NEMO_TRYP(dac, (sum || G.m == 0 ? nemo_zeros : nemo_empty)(a->ndim, a->shape, lp ? a->dtype : cdt, a->devtype,
+                                                                   a->devindex));
         NEMO_TRY(gemm_run("matmul backward", a->devtype, odt, G.nb, G.bshape, mat_of(dac, G.va, G.nb, G.bshape),
-                          mg, mat_t(mat_of(bc, G.vb, G.nb, G.bshape)), 1.0, sum ? 1.0 : 0.0));
+                          mg, mat_t(mat_of(bc, G.vb, G.nb, G.bshape)), 1.0, sum ? 1.0 : 0.0, lp, NULL));
     }
     if (db) {   /* db = a^T g, summed over b's broadcast batch dims */
-        int sum = summed_over(b, b->ndim - (G.vb ? 1 : 2), G.nb, G.bshape);
+        int sum = summed_over(b, b->ndim - (G.vb ? 1 : 2), G.nb, G.bshape), lp = lpo && !sum;
         NEMO_TRYP(ac, operand(a, odt, G.va));
-        NEMO_TRYP(dbc, (sum || G.n == 0 ? nemo_zeros : nemo_empty)(b->ndim, b->shape, cdt, b->devtype, b->devindex));
+        NEMO_TRYP(dbc, (sum || G.n == 0 ? nemo_zeros : nemo_empty)(b->ndim, b->shape, lp ? b->dtype : cdt, b->devtype,
+                                                                   b->devindex));
         NEMO_TRY(gemm_run("matmul backward", a->devtype, odt, G.nb, G.bshape, mat_of(dbc, G.vb, G.nb, G.bshape),
-                          mat_t(mat_of(ac, G.va, G.nb, G.bshape)), mg, 1.0, sum ? 1.0 : 0.0));
+                          mat_t(mat_of(ac, G.va, G.nb, G.bshape)), mg, 1.0, sum ? 1.0 : 0.0, lp, NULL));
     }
     if (da) { nemo_tensor *t = dac; dac = NULL; NEMO_TRYP(*da, finish(t, a->dtype)); }
     if (db) { nemo_tensor *t = dbc; dbc = NULL; NEMO_TRYP(*db, finish(t, b->dtype)); }
@@ -388,7 +423,7 @@ static int linear_check(const char *op, const nemo_tensor *x, const nemo_tensor 
 
 NEMO_API nemo_tensor *nemo_linear(const nemo_tensor *x, const nemo_tensor *w, const nemo_tensor *bias) {
     int rc = 0;
-    nemo_tensor *xc = NULL, *wc = NULL, *yc = NULL;
+    nemo_tensor *xc = NULL, *wc = NULL, *yc = NULL, *bc = NULL;
     char s1[128], s2[128];
     NEMO_TRY(linear_check("linear", x, w));
     int64_t nout = w->shape[0], kin = w->shape[1];
@@ -401,12 +436,17 @@ NEMO_API nemo_tensor *nemo_linear(const nemo_tensor *x, const nemo_tensor *w, co
         NEMO_TRY(nemo_check_same_device("linear", x, bias));
     }
     int cdt = nemo_compute_dtype(x->dtype), odt = operand_dtype(x->dtype, x->devtype);
+    int lpo = out_lp(x->dtype, x->devtype);
     int64_t yshape[NEMO_MAXDIM];
     for (int d = 0; d < x->ndim - 1; d++) yshape[d] = x->shape[d];
     yshape[x->ndim - 1] = nout;
     NEMO_TRYP(xc, operand(x, odt, -1));
     NEMO_TRYP(wc, operand(w, odt, 0));
-    if (bias) {
+    if (lpo) {   /* y = round(x W^T + bias) in the kernel */
+        if (bias) NEMO_TRYP(bc, bias->stride[0] == 1 || nout <= 1 ? (nemo_tensor_retain((nemo_tensor *)bias),
+                                                                      (nemo_tensor *)bias) : nemo_contiguous(bias));
+        NEMO_TRYP(yc, nemo_empty(x->ndim, yshape, x->dtype, x->devtype, x->devindex));
+    } else if (bias) {
         NEMO_TRYP(yc, nemo_empty(x->ndim, yshape, cdt, x->devtype, x->devindex));
         NEMO_TRY(nemo_copy_(yc, bias));
     } else {
@@ -416,13 +456,15 @@ NEMO_API nemo_tensor *nemo_linear(const nemo_tensor *x, const nemo_tensor *w, co
     flat_mat(yc, &my);
     flat_mat(xc, &mx);
     NEMO_TRY(gemm_run("linear", x->devtype, odt, 0, NULL, my, mx, mat_t(mat_of(wc, 0, 0, NULL)), 1.0,
-                      bias ? 1.0 : 0.0));
+                      bias && !lpo ? 1.0 : 0.0, lpo, bc ? nemo_tensor_data(bc) : NULL));
     nemo_tensor_release(xc);
     nemo_tensor_release(wc);
+    nemo_tensor_release(bc);
     return finish(yc, x->dtype);
 fail:
     nemo_tensor_release(xc);
     nemo_tensor_release(wc);
+    nemo_tensor_release(bc);
     nemo_tensor_release(yc);
     return NULL;
 }
@@ -444,34 +486,36 @@ NEMO_API int nemo_linear_backward(const nemo_tensor *g, const nemo_tensor *x, co
                nemo_shape_str(w, (char[128]){0}, 128));
     NEMO_TRY(nemo_check_same_device("linear backward", g, x));
     int cdt = nemo_compute_dtype(x->dtype), odt = operand_dtype(x->dtype, x->devtype);
+    int lpo = out_lp(x->dtype, x->devtype), rdt = lpo ? x->dtype : cdt;   /* dx's and dw's dtype as computed */
     NEMO_TRYP(gc, operand(g, odt, -1));
     mat mg;
     flat_mat(gc, &mg);
     if (dx) {   /* dx = g W */
         NEMO_TRYP(wc, operand(w, odt, 0));
-        NEMO_TRYP(dxc, (nout == 0 ? nemo_zeros : nemo_empty)(x->ndim, x->shape, cdt, x->devtype, x->devindex));
+        NEMO_TRYP(dxc, (nout == 0 ? nemo_zeros : nemo_empty)(x->ndim, x->shape, rdt, x->devtype, x->devindex));
         mat mdx;
         flat_mat(dxc, &mdx);
-        NEMO_TRY(gemm_run("linear backward", x->devtype, odt, 0, NULL, mdx, mg, mat_of(wc, 0, 0, NULL), 1.0, 0.0));
+        NEMO_TRY(gemm_run("linear backward", x->devtype, odt, 0, NULL, mdx, mg, mat_of(wc, 0, 0, NULL), 1.0, 0.0,
+                          lpo, NULL));
     }
     if (dw) {   /* dW = g^T x over all leading dims: one gemm with inner dimension prod(leading) */
         NEMO_TRYP(xc, operand(x, odt, -1));
         mat mx;
         flat_mat(xc, &mx);
-        NEMO_TRYP(dwc, (mg.r == 0 ? nemo_zeros : nemo_empty)(2, w->shape, cdt, w->devtype, w->devindex));
+        NEMO_TRYP(dwc, (mg.r == 0 ? nemo_zeros : nemo_empty)(2, w->shape, rdt, w->devtype, w->devindex));
         NEMO_TRY(gemm_run("linear backward", x->devtype, odt, 0, NULL, mat_of(dwc, 0, 0, NULL), mat_t(mg), mx,
-                          1.0, 0.0));
+                          1.0, 0.0, lpo, NULL));
     }
-    if (db) {   /* db = column sums of g */
+    if (db) {   /* db = column sums of g, read in g's dtype (colsum widens bf16 / f16 rows itself) */
         mat m2 = mg;
-        if (gc->dtype != cdt || (m2.cs != 1 && m2.c > 1)) {   /* colsum reads the compute dtype */
-            NEMO_TRYP(g2, nemo_prep(gc, cdt));
+        if (m2.cs != 1 && m2.c > 1) {   /* colsum reads rows with unit stride */
+            NEMO_TRYP(g2, nemo_contiguous(gc));
             flat_mat(g2, &m2);
         }
         colsum_k ck;
         NEMO_GET_KERNEL(ck, colsum_k, "colsum", x->devtype);
         NEMO_TRYP(dbc, nemo_empty(1, &nout, cdt, x->devtype, x->devindex));
-        NEMO_TRY(ck(cdt, m2.r, m2.c, m2.data, m2.r > 1 ? m2.rs : m2.c, nemo_tensor_data(dbc)));
+        NEMO_TRY(ck(gc->dtype, m2.r, m2.c, m2.data, m2.r > 1 ? m2.rs : m2.c, nemo_tensor_data(dbc)));
     }
     if (dx) { nemo_tensor *t = dxc; dxc = NULL; NEMO_TRYP(*dx, finish(t, x->dtype)); }
     if (dw) { nemo_tensor *t = dwc; dwc = NULL; NEMO_TRYP(*dw, finish(t, w->dtype)); }

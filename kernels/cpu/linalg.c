@@ -330,12 +330,58 @@ static int gemm_lp_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
 }
 NEMO_REGISTER_KERNEL("gemm_lp", NEMO_CPU, gemm_lp_cpu)
 
+/* "gemm_lp_out": c_i = round(alpha op(a_i) op(b_i) + bias) with bf16 or f16 operands and c in
+ * that dtype too; bias (n, dt) broadcast over the rows, or NULL; the c_i must not overlap. The
+ * contract is gemm_lp into float32 (onto the widened bias, beta = 1) rounded once to dt, and
+ * that is how the CPU computes it: the same bits as gemm_lp followed by a conversion. The CUDA
+ * twin writes dt straight from the tensor cores (bias epilogue), so the float32 result never
+ * goes through memory. */
+static int gemm_lp_out_cpu(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                           int64_t lda, const void *b, int64_t ldb, const void *bias, void *c, int64_t ldc,
+                           int64_t nbatch, const int64_t *offs) {
+    static const int64_t zero3[3] = {0, 0, 0};
+    if (dt != NEMO_BF16 && dt != NEMO_F16)
+        return NEMO_ERR(NEMO_EDTYPE, "gemm_lp_out: expects bfloat16 or float16 operands, got %s", nemo_dtype_name(dt));
+    if (!offs) { offs = zero3; nbatch = 1; }
+    if (m <= 0 || n <= 0 || nbatch <= 0) return 0;
+    int64_t per = m * n, rows = m * nbatch;
+    float *t = nemo_dev_alloc(NEMO_CPU, 0, (size_t)(per * nbatch) * sizeof(float));
+    if (!t) return nemo_last_status();
+    int64_t *o2 = malloc(sizeof(int64_t) * 3 * (size_t)nbatch);
+    if (!o2) {
+        nemo_dev_free(NEMO_CPU, 0, t, (size_t)(per * nbatch) * sizeof(float));
+        return NEMO_ERR(NEMO_ENOMEM, "gemm_lp_out: out of memory for %lld batch offsets", (long long)nbatch);
+    }
+    for (int64_t i = 0; i < nbatch; i++) {
+        o2[3 * i] = offs[3 * i];
+        o2[3 * i + 1] = offs[3 * i + 1];
+        o2[3 * i + 2] = i * per;
+    }
+    if (bias) {
+        nemo_convert_dense(t, NEMO_F32, bias, dt, n);
+        #pragma omp parallel for schedule(static) if (per * nbatch > NEMO_PAR_MIN)
+        for (int64_t r = 1; r < rows; r++) memcpy(t + r * n, t, sizeof(float) * (size_t)n);
+    }
+    int rc = gemm_lp_cpu(dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, bias ? 1.0 : 0.0, t, n, nbatch, o2, 1);
+    if (rc == 0) {
+        #pragma omp parallel for schedule(static) if (per * nbatch > NEMO_PAR_MIN)
+        for (int64_t r = 0; r < rows; r++)
+            nemo_convert_dense((uint16_t *)c + offs[3 * (r / m) + 2] + (r % m) * ldc, dt, t + r * n, NEMO_F32, n);
+    }
+    free(o2);
+    nemo_dev_free(NEMO_CPU, 0, t, (size_t)(per * nbatch) * sizeof(float));
+    return rc;
+}
+NEMO_REGISTER_KERNEL("gemm_lp_out", NEMO_CPU, gemm_lp_out_cpu)
+
 /* ==== column sums ==== */
 
-/* out[j] = sum_i g[i*ldg + j] for a (m, n) row-major g; out has g's dtype. Rows go in blocks
- * whose size depends on m only, each block summed into float64 partials in parallel, and the
- * partials added in block order. */
+/* out[j] = sum_i g[i*ldg + j] for a (m, n) row-major g; out has g's compute dtype (float32 for
+ * bf16 / f16 rows, read as they are). Rows go in blocks whose size depends on m only, each block
+ * summed into float64 partials in parallel, and the partials added in block order. */
 static int colsum_cpu(int dt, int64_t m, int64_t n, const void *g, int64_t ldg, void *out) {
+    if (!nemo_dtype_is_float(dt))
+        return NEMO_ERR(NEMO_EDTYPE, "colsum: expects a floating-point dtype, got %s", nemo_dtype_name(dt));
     if (n <= 0) return 0;
     int64_t rb = 256;
     if (m / rb > 64) rb = (m + 63) / 64;
@@ -353,6 +399,12 @@ static int colsum_cpu(int dt, int64_t m, int64_t n, const void *g, int64_t ldg, 
                 const float *row = (const float *)g + i * ldg;
                 #pragma omp simd
                 for (int64_t j = 0; j < n; j++) p[j] += (double)row[j];
+            } else if (dt == NEMO_BF16) {
+                const uint16_t *row = (const uint16_t *)g + i * ldg;
+                for (int64_t j = 0; j < n; j++) p[j] += (double)nemo_bf16_to_f32(row[j]);
+            } else if (dt == NEMO_F16) {
+                const uint16_t *row = (const uint16_t *)g + i * ldg;
+                for (int64_t j = 0; j < n; j++) p[j] += (double)nemo_f16_to_f32(row[j]);
             } else {
                 const double *row = (const double *)g + i * ldg;
                 #pragma omp simd
@@ -364,8 +416,8 @@ static int colsum_cpu(int dt, int64_t m, int64_t n, const void *g, int64_t ldg, 
     for (int64_t j = 0; j < n; j++) {
         double s = 0.0;
         for (int64_t blk = 0; blk < nblk; blk++) s += part[blk * n + j];
-        if (dt == NEMO_F32) ((float *)out)[j] = (float)s;
-        else ((double *)out)[j] = s;
+        if (dt == NEMO_F64) ((double *)out)[j] = s;
+        else ((float *)out)[j] = (float)s;
     }
     free(part);
     return 0;

@@ -695,6 +695,39 @@ do   -- a bias gradient over many rows: colsum's split into row chunks
     end)
 end
 
+-- bf16 / f16 products that round their own result ("gemm_lp_out"): aligned operands take
+-- cuBLASLt's bias epilogue with a bf16 / f16 output; a bias view at an odd element and
+-- in_features 0 take the staged path (float32 scratch, one rounding kernel)
+for _, dt in ipairs{"bfloat16", "float16"} do
+    local x, xd = pair({2, 256, 1024}, dt, -1, 1, false)
+    local w, wd = pair({768, 1024}, dt, -1, 1, false)
+    local b = uniform({769}, dt, -1, 1); local bd = dev(b)
+    local b0, b0d = b:slice(0, 0, 768), bd:slice(0, 0, 768)
+    local b1, b1d = b:slice(0, 1, 769), bd:slice(0, 1, 769)
+    local function lin(side, bias, biasd)
+        return wrap(C.nemo_linear((side == 1 and x or xd)._c, (side == 1 and w or wd)._c,
+                                  (side == 1 and bias or biasd)._c))
+    end
+    case("gemm (linear)", dt, "(2, 256, 1024) x (768, 1024)^T + bias: bias epilogue", GEMM_RTOL[dt], false,
+         function(side) return lin(side, b0, b0d) end)
+    case("gemm (linear)", dt, "(2, 256, 1024) x (768, 1024)^T + a bias at an odd element: staged", GEMM_RTOL[dt], false,
+         function(side) return lin(side, b1, b1d) end)
+    local g = uniform({2, 256, 768}, dt, -1, 1); local gd = dev(g)
+    case("gemm+colsum (linear bwd)", dt, "dx, dw, db of (2, 256, 1024) x (768, 1024)^T", GEMM_RTOL[dt], false,
+         function(side)
+             local o = {ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]"), ffi.new("nemo_tensor *[1]")}
+             nffi.check(C.nemo_linear_backward((side == 1 and g or gd)._c, (side == 1 and x or xd)._c,
+                                               (side == 1 and w or wd)._c, o[1], o[2], o[3]))
+             return {wrap(o[1][0]), wrap(o[2][0]), wrap(o[3][0])}
+         end)
+    local x0 = nemo.zeros({16, 0}, {dtype = dt}); local x0d = dev(x0)
+    local w0 = nemo.zeros({768, 0}, {dtype = dt}); local w0d = dev(w0)
+    case("gemm (linear)", dt, "(16, 0) x (768, 0)^T + bias: k = 0, the bias in every row", 0, true, function(side)
+        return wrap(C.nemo_linear((side == 1 and x0 or x0d)._c, (side == 1 and w0 or w0d)._c,
+                                  (side == 1 and b0 or b0d)._c))
+    end)
+end
+
 -- ==== training-step kernels: norms, fused DiT ops, attention, conv, embedding, interpolation ====
 -- Each case runs the engine call (front-end + kernel) on both sides. Tolerances: the norms,
 -- attention and the reductions of the fused backward sum in another order than the CPU (double
@@ -1251,6 +1284,15 @@ if not FAKE then
             T.diag(string.format("bench: matmul %s 4096^3 (float32 compute): %.3f ms, %.1f TFLOP/s", dt, t * 1e3,
                                  2 * 4096 ^ 3 / t / 1e12))
             a:free(); b:free()
+        end
+        do   -- FLUX.1-dev's MLP up-projection: (4608, 3072) x (12288, 3072)^T + bias in bf16
+            local xb = nemo.empty({4608, 3072}, {device = DEV, dtype = "bfloat16"}); xb:fill_(0.01)
+            local wb = nemo.empty({12288, 3072}, {device = DEV, dtype = "bfloat16"}); wb:fill_(0.02)
+            local bb = nemo.empty({12288}, {device = DEV, dtype = "bfloat16"}); bb:fill_(0.5)
+            t = timeit(5, function() wrap(C.nemo_linear(xb._c, wb._c, bb._c)):free() end)
+            T.diag(string.format("bench: linear bf16 + bias (4608, 3072) x (12288, 3072)^T: %.3f ms, %.1f TFLOP/s", t * 1e3,
+                                 2 * 4608 * 3072 * 12288 / t / 1e12))
+            xb:free(); wb:free(); bb:free()
         end
     end)
     if not ok then T.diag("bench: failed: " .. tostring(err)) end

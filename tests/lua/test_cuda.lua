@@ -176,6 +176,8 @@ local KERNELS = {
     softmax_backward = "int (*)(nemo_tensor *, const nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
     cumsum = "int (*)(nemo_tensor *, const nemo_tensor *, int64_t, int64_t, int64_t, int)",
     gemm = "int (*)(int, int, int, int64_t, int64_t, int64_t, double, const void *, int64_t, const void *, int64_t, double, void *, int64_t, int64_t, const int64_t *, int)",
+    gemm_lp = "int (*)(int, int, int, int64_t, int64_t, int64_t, double, const void *, int64_t, const void *, int64_t, double, void *, int64_t, int64_t, const int64_t *, int)",
+    gemm_lp_out = "int (*)(int, int, int, int64_t, int64_t, int64_t, double, const void *, int64_t, const void *, int64_t, const void *, void *, int64_t, int64_t, const int64_t *)",
     colsum = "int (*)(int, int64_t, int64_t, const void *, int64_t, void *)",
 }
 local names, missing = {}, {}
@@ -224,9 +226,17 @@ T.ok(rc == C.NEMO_EDTYPE and text():find("int64", 1, true),
      string.format("gemm kernel refuses int64: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
 rc = call("gemm", C.NEMO_F32, 0, 0, 0, 5, 3, 1.0, nil, 3, nil, 5, 0.0, nil, 5, 1, nil, 1)
 T.is(rc, 0, "gemm kernel with m = 0 is a no-op returning 0")
-rc = call("colsum", C.NEMO_BF16, 4, 4, nil, 4, nil)
-T.ok(rc == C.NEMO_EDTYPE and text():find("bfloat16", 1, true),
-     string.format("colsum kernel refuses bfloat16: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+rc = call("gemm_lp", C.NEMO_F32, 0, 0, 2, 2, 2, 1.0, nil, 2, nil, 2, 0.0, nil, 2, 1, nil, 1)
+T.ok(rc == C.NEMO_EDTYPE and text():find("float32", 1, true),
+     string.format("gemm_lp kernel refuses float32 operands: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+rc = call("gemm_lp_out", C.NEMO_F32, 0, 0, 2, 2, 2, 1.0, nil, 2, nil, 2, nil, nil, 2, 1, nil)
+T.ok(rc == C.NEMO_EDTYPE and text():find("float32", 1, true),
+     string.format("gemm_lp_out kernel refuses float32 operands: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+rc = call("gemm_lp_out", C.NEMO_BF16, 0, 0, 0, 5, 3, 1.0, nil, 3, nil, 5, nil, nil, 5, 1, nil)
+T.is(rc, 0, "gemm_lp_out kernel with m = 0 is a no-op returning 0")
+rc = call("colsum", C.NEMO_I64, 4, 4, nil, 4, nil)
+T.ok(rc == C.NEMO_EDTYPE and text():find("int64", 1, true),
+     string.format("colsum kernel refuses int64: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
 
 -- the error text is emptied when a kernel starts: a failure above, then a successful no-op
 rc = fill and fill(te, 2.5) or -999

@@ -602,6 +602,21 @@ do
         check(x.grad, xf.grad, dt, "linear " .. dt .. " input gradient")
         check(w.grad, wf.grad, dt, "linear " .. dt .. " weight gradient")
         T.ok(same(bias.grad, bf.grad:to{dtype = dt}), "linear " .. dt .. " bias gradient: same bits (column sums)")
+        -- the kernel that rounds its own result ("gemm_lp_out"): a strided bias view, an
+        -- unaligned one, in_features 0 (the result is the bias), no rows
+        local bias2 = rounded({34}, 912, dt):slice(0, 0, 34, 2)
+        local wb = bias2:detach():float()
+        check(F.linear(x, w, bias2), F.linear(x:detach():float(), w:detach():float(), wb), dt,
+            "linear " .. dt .. " with a strided bias view")
+        local bias3 = rounded({18}, 913, dt):slice(0, 1, 18)
+        check(F.linear(x, w, bias3), F.linear(x:detach():float(), w:detach():float(), bias3:float()), dt,
+            "linear " .. dt .. " with a bias view starting at an odd element")
+        local x0, w0 = nemo.zeros({4, 0}, {dtype = dt}), nemo.zeros({17, 0}, {dtype = dt})
+        T.ok(same(F.linear(x0, w0, bias:detach()), bias:detach():expand(4, 17):contiguous()),
+            "linear " .. dt .. " with in_features 0: every row is the bias, bit for bit")
+        T.ok(same(F.linear(x0, w0), nemo.zeros({4, 17}, {dtype = dt})), "linear " .. dt .. " with in_features 0, no bias: zeros")
+        local e = F.linear(nemo.zeros({0, 33}, {dtype = dt}), w:detach(), bias:detach())
+        T.is(table.concat(e:size(), ","), "0,17", "linear " .. dt .. " with no rows has shape (0, 17)")
         -- matmul backward with a gradient summed over a broadcast batch dim (beta = 1 accumulation)
         local p = rounded({4, 6, 8}, 909, dt):requires_grad_()
         local q = rounded({8, 3}, 910, dt):requires_grad_()
