@@ -252,6 +252,11 @@ NEMO_API int nemo_device_synchronize(int devtype, int devindex) {
 
 const char *nemo_cuda_error_text(void) { return cuda ? cuda->error_text() : cuda_reason; }
 
+const struct nemo_cuda_plugin *nemo_cuda_plugin_ptr(void) {
+    pthread_once(&cuda_once, cuda_load);
+    return cuda;
+}
+
 /* A front-end that calls a CUDA kernel may only propagate its status (NEMO_TRY(k(...))): the
  * message then lives in the plugin's error text. nemo_kernel_get clears this thread's message
  * when it hands out a CUDA kernel and remembers the name; every CUDA kernel empties the
@@ -380,17 +385,20 @@ static void malloc_tune(void) {
 static pthread_once_t tune_once = PTHREAD_ONCE_INIT;
 
 /* CUDA block cache: every CUDA block is cached on free and reused for a request of the same
- * size class, per device (cudaMalloc and cudaFree cost 10 us to ms and cudaFree synchronizes
- * the device). Size classes: multiples of 512 bytes up to 1 MiB, of 2 MiB above. A class's
- * free blocks are a stack in a bin; bins live in an open-addressing table keyed by the class
- * size, per device. Reusing a block at once is safe because every kernel and copy runs on one
- * stream per device (kernels/cuda/common.cuh: nemo_cuda_stream), so whatever read or wrote the
- * old tensor is queued before anything the new owner queues. When cudaMalloc fails, the
- * device's whole cache is released and the allocation tried once more. */
+ * size class on the same stream, per device (cudaMalloc and cudaFree cost 10 us to ms and
+ * cudaFree synchronizes the device). Size classes: multiples of 512 bytes up to 1 MiB, of 2 MiB
+ * above. A class's free blocks are a stack in a bin; bins live in an open-addressing table
+ * keyed by class size + stream id (ids are below 512, so the key is the size with the id in
+ * its low bits), per device. Reusing a block at once is safe because the new owner's work is
+ * queued on the stream the old owner's was; blocks also used on other streams
+ * (nemo_record_stream) wait until events on those streams completed (engine/cuda_stream.c).
+ * When cudaMalloc fails, the device's whole cache is released (waiting for such blocks) and
+ * the allocation tried once more. */
 #define CUDA_SMALL_MAX ((size_t)1 << 20)
 #define CUDA_SMALL_STEP ((size_t)512)
 #define CUDA_LARGE_STEP ((size_t)2 << 20)
-typedef struct { size_t size; int n, cap; void **p; } cuda_bin;
+typedef struct { size_t size; int n, cap; void **p; } cuda_bin;   /* size: the key, class size | stream id */
+#define BIN_BYTES(key) ((key) & ~(CUDA_SMALL_STEP - 1))
 static struct { cuda_bin *bins; int cap, used; } cuda_cache[MAX_DEV];
 
 static size_t cuda_round_size(size_t n) {
@@ -437,12 +445,24 @@ static cuda_bin *cuda_bin_find(int s, size_t n, int create) {
     return &cuda_cache[s].bins[i];
 }
 
-/* Gives every cached block of cuda:devindex back to the driver. */
+static int cuda_cache_put(int s, void *p, size_t n, int sid);
+
+/* A block that waited for other streams goes to its bin (mem_lock held; it already counts as
+ * cached). */
+static void pending_put(void *p, size_t n, int dev, int sid) {
+    int s = dev_slot(NEMO_CUDA, dev);
+    mem_cached[s] -= (int64_t)n;
+    if (!cuda_cache_put(s, p, n, sid)) cuda->free(dev, p);
+}
+
+/* Gives every cached block of cuda:devindex back to the driver (after the blocks waiting for
+ * other streams are done). */
 static void cuda_empty_cache(int devindex) {
     int s = dev_slot(NEMO_CUDA, devindex);
     void **list = NULL;
     size_t nlist = 0, cap = 0;
     pthread_mutex_lock(&mem_lock);
+    nemo_sblock_sweep(devindex, 1, pending_put);
     for (int i = 0; i < cuda_cache[s].cap; i++) {
         cuda_bin *b = &cuda_cache[s].bins[i];
         if (!b->n) continue;
@@ -454,7 +474,7 @@ static void cuda_empty_cache(int devindex) {
             cap = ncap;
         }
         for (int k = 0; k < b->n; k++) list[nlist++] = b->p[k];
-        mem_cached[s] -= (int64_t)b->size * b->n;
+        mem_cached[s] -= (int64_t)BIN_BYTES(b->size) * b->n;
         b->n = 0;
     }
     pthread_mutex_unlock(&mem_lock);
@@ -463,17 +483,17 @@ static void cuda_empty_cache(int devindex) {
 }
 
 static void *cuda_alloc(int devindex, size_t n) {
-    int s = dev_slot(NEMO_CUDA, devindex);
+    int s = dev_slot(NEMO_CUDA, devindex), sid = nemo_cuda_cur_sid(devindex);
     void *p = NULL;
     pthread_mutex_lock(&mem_lock);
-    cuda_bin *b = cuda_bin_find(s, n, 0);
+    nemo_sblock_sweep(devindex, 0, pending_put);
+    cuda_bin *b = cuda_bin_find(s, n | (size_t)sid, 0);
     if (b && b->n > 0) {
         p = b->p[--b->n];
         mem_cached[s] -= (int64_t)n;
     }
     pthread_mutex_unlock(&mem_lock);
-    if (p) return p;
-    if (cuda->malloc(devindex, n, &p) < 0) {
+    if (!p && cuda->malloc(devindex, n, &p) < 0) {
         cuda_empty_cache(devindex);
         if (cuda->malloc(devindex, n, &p) < 0) {
             NEMO_ERR(NEMO_ENOMEM, "out of memory on cuda:%d allocating %zu bytes (cache emptied and retried): %s",
@@ -481,12 +501,14 @@ static void *cuda_alloc(int devindex, size_t n) {
             return NULL;
         }
     }
+    nemo_sblock_alloc(p, devindex, sid);
     return p;
 }
 
-/* Caches a CUDA block of class size n; returns 0 when it could not (then the caller frees it). */
-static int cuda_cache_put(int s, void *p, size_t n) {
-    cuda_bin *b = cuda_bin_find(s, n, 1);
+/* Caches a CUDA block of class size n for stream sid; returns 0 when it could not (then the
+ * caller frees it). */
+static int cuda_cache_put(int s, void *p, size_t n, int sid) {
+    cuda_bin *b = cuda_bin_find(s, n | (size_t)sid, 1);
     if (!b) return 0;
     if (b->n == b->cap) {
         int ncap = b->cap ? 2 * b->cap : 4;
@@ -540,9 +562,13 @@ void nemo_dev_free(int devtype, int devindex, void *p, size_t nbytes) {
     int slot = dev_slot(devtype, devindex);
     pthread_mutex_lock(&mem_lock);
     mem_cur[slot] -= (int64_t)n;
+    int sid = 0;
     if (devtype == NEMO_CPU && n >= CACHE_MIN && host_cache_put(cpu_cache, &cpu_ncache, CACHE_SLOTS, p, n)) {
         p = NULL;
-    } else if (devtype == NEMO_CUDA && cuda_cache_put(slot, p, n)) {
+    } else if (devtype == NEMO_CUDA && nemo_sblock_free(p, devindex, n, &sid)) {
+        mem_cached[slot] += (int64_t)n;   /* waits for other streams, then joins its bin */
+        p = NULL;
+    } else if (devtype == NEMO_CUDA && cuda_cache_put(slot, p, n, sid)) {
         p = NULL;
     }
     pthread_mutex_unlock(&mem_lock);
@@ -581,6 +607,8 @@ static void dev_free_fn(void *ctx, void *data, size_t nbytes) {
     intptr_t dev = (intptr_t)ctx;
     nemo_dev_free((int)(dev >> 16), (int)(dev & 0xffff), data, nbytes);
 }
+
+int nemo_storage_is_engine(const nemo_storage *s) { return s && s->free_fn == dev_free_fn; }
 
 nemo_storage *nemo_storage_new(size_t nbytes, int devtype, int devindex) {
     void *p = nemo_dev_alloc(devtype, devindex, nbytes);
@@ -692,6 +720,22 @@ NEMO_API nemo_tensor *nemo_empty(int ndim, const int64_t *shape, int dtype, int 
 #define PIN_SLOTS 64
 static host_block pin_cache[PIN_SLOTS];
 static int pin_ncache;
+/* Freed pinned blocks that an asynchronous copy still reads or writes (nemo_copy_async_): they
+ * join pin_cache once it completed (counted as cached meanwhile). */
+static host_block pin_busy[PIN_SLOTS];
+static int pin_nbusy;
+
+/* Busy blocks whose copy completed (wait: wait for the copies) go to the cache (mem_lock held). */
+static void pin_sweep(int wait) {
+    int w = 0;
+    for (int i = 0; i < pin_nbusy; i++) {
+        host_block b = pin_busy[i];
+        if (nemo_pin_busy(b.p, wait)) { pin_busy[w++] = b; continue; }
+        mem_cached[0] -= (int64_t)b.n;
+        if (!host_cache_put(pin_cache, &pin_ncache, PIN_SLOTS, b.p, b.n)) cuda->host_free(b.p);
+    }
+    pin_nbusy = w;
+}
 
 static void pinned_free_fn(void *ctx, void *data, size_t nbytes) {
     (void)ctx;
@@ -699,12 +743,21 @@ static void pinned_free_fn(void *ctx, void *data, size_t nbytes) {
     size_t n = round_size(nbytes ? nbytes : 1);
     pthread_mutex_lock(&mem_lock);
     mem_cur[0] -= (int64_t)n;
-    if (host_cache_put(pin_cache, &pin_ncache, PIN_SLOTS, data, n)) data = NULL;
+    if (nemo_pin_busy(data, pin_nbusy == PIN_SLOTS)) {
+        pin_busy[pin_nbusy].p = data;
+        pin_busy[pin_nbusy].n = n;
+        pin_nbusy++;
+        mem_cached[0] += (int64_t)n;
+        data = NULL;
+    } else if (host_cache_put(pin_cache, &pin_ncache, PIN_SLOTS, data, n)) {
+        data = NULL;
+    }
     pthread_mutex_unlock(&mem_lock);
     if (data) cuda->host_free(data);
 }
 static void pin_cache_empty(void) {
     pthread_mutex_lock(&mem_lock);
+    pin_sweep(1);
     for (int i = 0; i < pin_ncache; i++) {
         cuda->host_free(pin_cache[i].p);
         mem_cached[0] -= (int64_t)pin_cache[i].n;
@@ -716,6 +769,7 @@ static void *pinned_alloc(size_t nbytes) {
     size_t n = round_size(nbytes ? nbytes : 1);
     void *p = NULL;
     pthread_mutex_lock(&mem_lock);
+    pin_sweep(0);
     p = host_cache_take(pin_cache, &pin_ncache, n);
     pthread_mutex_unlock(&mem_lock);
     if (!p && cuda->host_alloc(n, &p) < 0) {
@@ -741,16 +795,22 @@ NEMO_API nemo_tensor *nemo_pin_memory(const nemo_tensor *t) {
     }
     if (nemo_is_pinned(t) && nemo_tensor_is_contiguous(t)) { nemo_tensor_retain((nemo_tensor *)t); return (nemo_tensor *)t; }
     if (nemo_check_live("pin_memory", t) < 0) return NULL;
+    nemo_tensor *out = nemo_empty_pinned(t->ndim, t->shape, t->dtype);
+    if (out && nemo_copy_(out, t) < 0) { nemo_tensor_release(out); out = NULL; }
+    return out;
+}
+
+NEMO_API nemo_tensor *nemo_empty_pinned(int ndim, const int64_t *shape, int dtype) {
+    if (check_shape("empty_pinned", ndim, shape) < 0) return NULL;
+    if (dtype < 0 || dtype >= NEMO_NDTYPE) { NEMO_ERR(NEMO_EDTYPE, "empty_pinned: unknown dtype %d", dtype); return NULL; }
     pthread_once(&cuda_once, cuda_load);
     if (!cuda) { NEMO_ERR(NEMO_EDEVICE, "pin_memory: no CUDA device: %s", cuda_reason); return NULL; }
-    size_t nbytes = (size_t)nemo_tensor_numel(t) * (size_t)nemo_dtype_size(t->dtype);
+    size_t nbytes = nemo_numel_of(ndim, shape) * (size_t)nemo_dtype_size(dtype);
     void *p = pinned_alloc(nbytes);
     if (!p) return NULL;
     nemo_storage *s = nemo_storage_wrap(p, nbytes, NEMO_CPU, 0, pinned_free_fn, NULL);
     if (!s) { pinned_free_fn(NULL, p, nbytes); return NULL; }
-    nemo_tensor *out = tensor_over(s, t->ndim, t->shape, t->dtype);
-    if (out && nemo_copy_(out, t) < 0) { nemo_tensor_release(out); out = NULL; }
-    return out;
+    return tensor_over(s, ndim, shape, dtype);
 }
 
 NEMO_API nemo_tensor *nemo_zeros(int ndim, const int64_t *shape, int dtype, int devtype, int devindex) {
@@ -1095,6 +1155,33 @@ NEMO_API int nemo_copy_(nemo_tensor *dst, const nemo_tensor *src) {
 fail:
     nemo_tensor_release(tmp);
     nemo_tensor_release(tmp2);
+    return rc;
+}
+
+/* An asynchronous copy (PyTorch's non_blocking=True) where one exists: between a page-locked
+ * CPU tensor and a CUDA tensor of the same dtype and shape, both contiguous, the copy is queued
+ * on the device's current stream and this returns at once; the pinned block is guarded
+ * (engine/cuda_stream.c) so that freeing it early cannot hand it to someone else while the DMA
+ * runs. The host must not touch the CPU side before the stream has reached the copy (an event
+ * or a synchronize). Anything else is nemo_copy_, synchronous. */
+NEMO_API int nemo_copy_async_(nemo_tensor *dst, const nemo_tensor *src) {
+    int rc = 0;
+    const nemo_tensor *pinned = NULL, *dev = NULL;
+    int kind = -1;
+    if (dst->devtype == NEMO_CUDA && src->devtype == NEMO_CPU && nemo_is_pinned(src)) { pinned = src; dev = dst; kind = 0; }
+    if (dst->devtype == NEMO_CPU && src->devtype == NEMO_CUDA && nemo_is_pinned(dst)) { pinned = dst; dev = src; kind = 1; }
+    if (kind < 0 || src->dtype != dst->dtype || !same_shape(src, dst) || !nemo_tensor_is_contiguous(src) ||
+        !nemo_tensor_is_contiguous(dst) || nemo_tensor_numel(dst) == 0)
+        return nemo_copy_(dst, src);
+    NEMO_TRY(nemo_check_live("copy_ (source)", src));
+    NEMO_TRY(nemo_check_live("copy_ (destination)", dst));
+    NEMO_TRY(nemo_check_device(NEMO_CUDA, dev->devindex));
+    if (cuda->memcpy_async(nemo_tensor_data(dst), nemo_tensor_data(src), dense_bytes(dst), kind, dev->devindex) < 0)
+        return NEMO_ERR(NEMO_ECUDA, "non_blocking copy of %zu bytes: %s", dense_bytes(dst), cuda->error_text());
+    pthread_mutex_lock(&mem_lock);
+    rc = nemo_pin_guard(pinned->storage->data, dev->devindex, nemo_cuda_cur_sid(dev->devindex));
+    pthread_mutex_unlock(&mem_lock);
+fail:
     return rc;
 }
 

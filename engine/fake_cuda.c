@@ -18,9 +18,15 @@
  * - The device-only kernels run the CPU code on a copy of the tensor header marked as CPU:
  *   the data pointer is the same, and no reference is taken (the header lives on the stack
  *   for the duration of one call).
+ * - Streams and events: work runs at once whatever the stream, but an event counts as complete
+ *   only once something waited for it (event_synchronize, a synchronize of its stream or of its
+ *   device). That is the slowest device CUDA allows, so the allocator's waits for other streams
+ *   (engine/cuda_stream.c) are observable in tests: a block recorded on another stream stays
+ *   out of the cache until then. Elapsed times are host wall-clock times between records.
  */
 #include <pthread.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -89,7 +95,117 @@ static int f_memset(int dev, void *p, int value, size_t nbytes) {
     if (nbytes) memset(p, value, nbytes);
     return 0;
 }
-static int f_synchronize(int dev) { (void)dev; return 0; }
+/* ==== streams and events ==== */
+
+typedef struct fake_event {
+    int dev, sid, timing, recorded, done;
+    double t;
+    struct fake_event *prev, *next;   /* the list of live events */
+} fake_event;
+static fake_event *events;
+static pthread_mutex_t event_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int bad_stream(const char *what, int dev, int sid) {
+    if (dev < 0 || dev >= ndev) {
+        snprintf(last_error, sizeof last_error, "%s: emulated cuda:%d does not exist", what, dev);
+        return NEMO_EDEVICE;
+    }
+    if (sid < 0 || sid > NEMO_CUDA_MAX_STREAMS) {
+        snprintf(last_error, sizeof last_error, "%s: stream id %d out of range", what, sid);
+        return NEMO_EINVAL;
+    }
+    return 0;
+}
+/* Every recorded event of (dev, sid) (sid < 0: of any stream) is now complete. */
+static void complete(int dev, int sid) {
+    pthread_mutex_lock(&event_lock);
+    for (fake_event *e = events; e; e = e->next)
+        if (e->dev == dev && (sid < 0 || e->sid == sid)) e->done = 1;
+    pthread_mutex_unlock(&event_lock);
+}
+static int f_synchronize(int dev) { complete(dev, -1); return 0; }
+static int f_set_stream(int dev, int sid) {
+    return bad_stream("set_stream", dev, sid);   /* work runs at once on any stream */
+}
+static int f_stream_synchronize(int dev, int sid) {
+    int rc = bad_stream("stream synchronize", dev, sid);
+    if (rc == 0) complete(dev, sid);
+    return rc;
+}
+static int f_stream_query(int dev, int sid, int *done) {
+    *done = 1;
+    return bad_stream("stream query", dev, sid);
+}
+static int f_event_create(int dev, int timing, void **e) {
+    *e = NULL;
+    int rc = bad_stream("event create", dev, 0);
+    if (rc < 0) return rc;
+    fake_event *f = calloc(1, sizeof *f);
+    if (!f) return NEMO_ENOMEM;
+    f->dev = dev;
+    f->timing = timing;
+    pthread_mutex_lock(&event_lock);
+    f->next = events;
+    if (events) events->prev = f;
+    events = f;
+    pthread_mutex_unlock(&event_lock);
+    *e = f;
+    return 0;
+}
+static int f_event_destroy(void *e) {
+    fake_event *f = e;
+    if (!f) return 0;
+    pthread_mutex_lock(&event_lock);
+    if (f->prev) f->prev->next = f->next; else events = f->next;
+    if (f->next) f->next->prev = f->prev;
+    pthread_mutex_unlock(&event_lock);
+    free(f);
+    return 0;
+}
+static int f_event_record(void *e, int dev, int sid) {
+    fake_event *f = e;
+    int rc = bad_stream("event record", dev, sid);
+    if (rc < 0) return rc;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    pthread_mutex_lock(&event_lock);
+    f->sid = sid;
+    f->recorded = 1;
+    f->done = 0;
+    f->t = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    pthread_mutex_unlock(&event_lock);
+    return 0;
+}
+static int f_event_wait(int dev, int sid, void *e) {
+    (void)e;
+    return bad_stream("event wait", dev, sid);
+}
+static int f_event_query(void *e, int *done) {
+    fake_event *f = e;
+    pthread_mutex_lock(&event_lock);
+    *done = !f->recorded || f->done;
+    pthread_mutex_unlock(&event_lock);
+    return 0;
+}
+static int f_event_synchronize(void *e) {
+    fake_event *f = e;
+    pthread_mutex_lock(&event_lock);
+    f->done = 1;
+    pthread_mutex_unlock(&event_lock);
+    return 0;
+}
+static int f_event_elapsed(void *start, void *end, float *ms) {
+    fake_event *a = start, *b = end;
+    if (!a->timing || !b->timing || !a->recorded || !b->recorded) {
+        snprintf(last_error, sizeof last_error, "emulated cudaEventElapsedTime: an event without timing or not recorded");
+        return NEMO_ECUDA;
+    }
+    *ms = (float)((b->t - a->t) * 1e3);
+    return 0;
+}
+static int f_memcpy_async(void *dst, const void *src, size_t nbytes, int kind, int dev) {
+    return f_memcpy(dst, src, nbytes, kind, dev);
+}
 static const char *f_error_text(void) { return last_error[0] ? last_error : "emulated CUDA device"; }
 
 /* the same tensor header, marked as a CPU tensor */
@@ -196,6 +312,17 @@ static const nemo_cuda_plugin fake_plugin = {
     f_register_kernels,
     f_host_alloc,
     f_host_free,
+    f_set_stream,
+    f_stream_synchronize,
+    f_stream_query,
+    f_event_create,
+    f_event_destroy,
+    f_event_record,
+    f_event_wait,
+    f_event_query,
+    f_event_synchronize,
+    f_event_elapsed,
+    f_memcpy_async,
 };
 
 /* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL.

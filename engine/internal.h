@@ -152,6 +152,26 @@ int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex
 int nemo_check_device(int devtype, int devindex);
 /* The CUDA library's text for the last failure (or why CUDA is unavailable). */
 const char *nemo_cuda_error_text(void);
+/* The loaded CUDA plugin (NULL when there is none); call after nemo_check_device succeeded. */
+struct nemo_cuda_plugin;
+const struct nemo_cuda_plugin *nemo_cuda_plugin_ptr(void);
+/* Was the storage's memory allocated by nemo_dev_alloc (engine/core.c)? */
+int nemo_storage_is_engine(const nemo_storage *s);
+
+/* ==== Streams (engine/cuda_stream.c), for the allocators in engine/core.c ====
+ * The caller holds core.c's mem_lock. */
+int nemo_cuda_cur_sid(int devindex);                      /* current stream id of cuda:devindex */
+void nemo_sblock_alloc(void *p, int dev, int sid);          /* block p handed out on stream sid */
+/* Block p (n bytes) is being freed: 1 when it waits for other streams (kept, do not cache),
+ * else 0 with *sid its allocation stream (cache it there). */
+int nemo_sblock_free(void *p, int dev, size_t n, int *sid);
+/* Hands every waiting block of cuda:dev (dev < 0: all) whose streams are done (wait: waits for
+ * them) to put. */
+void nemo_sblock_sweep(int dev, int wait, void (*put)(void *p, size_t n, int dev, int sid));
+/* An asynchronous copy on (dev, sid) reads or writes pinned block p; nemo_pin_busy: does one
+ * still (wait: wait for it)? */
+int nemo_pin_guard(void *p, int dev, int sid);
+int nemo_pin_busy(void *p, int wait);
 
 /* ==== Threads ==== */
 /* Elements above which an elementwise loop runs on the thread pool. */

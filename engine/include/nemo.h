@@ -107,6 +107,26 @@ NEMO_API int nemo_device_count(int devtype);
 NEMO_API const char *nemo_cuda_unavailable_reason(void);
 NEMO_API int nemo_device_synchronize(int devtype, int devindex);
 
+/* ==== CUDA streams and events (engine/cuda_stream.c) ====
+ * A stream is an id per device: 0 the default stream, 1..32 a pool of streams that run
+ * concurrently with it (order them with events). The current stream of a device receives every
+ * kernel and copy on that device; the allocator caches blocks per stream. */
+typedef struct nemo_cuda_event nemo_cuda_event;
+NEMO_API int nemo_cuda_set_stream(int devindex, int sid);
+NEMO_API int nemo_cuda_current_stream(int devindex);                /* its id, or < 0 */
+NEMO_API int nemo_cuda_stream_synchronize(int devindex, int sid);
+NEMO_API int nemo_cuda_stream_query(int devindex, int sid);         /* 1 idle, 0 busy, < 0 error */
+NEMO_API nemo_cuda_event *nemo_cuda_event_new(int devindex, int timing);
+NEMO_API void nemo_cuda_event_free(nemo_cuda_event *e);
+NEMO_API int nemo_cuda_event_record(nemo_cuda_event *e, int devindex, int sid);
+NEMO_API int nemo_cuda_event_wait(nemo_cuda_event *e, int devindex, int sid);   /* sid waits for e */
+NEMO_API int nemo_cuda_event_query(nemo_cuda_event *e);             /* 1 done (or never recorded), 0 not yet */
+NEMO_API int nemo_cuda_event_synchronize(nemo_cuda_event *e);
+NEMO_API int nemo_cuda_event_elapsed(const nemo_cuda_event *start, const nemo_cuda_event *end, double *ms);
+/* t's memory is also used by work on stream sid of its device: when t's storage is freed, the
+ * block is reused only after that work (as queued at the time of the free) has finished. */
+NEMO_API int nemo_record_stream(const nemo_tensor *t, int sid);
+
 /* ==== dtypes ==== */
 NEMO_API const char *nemo_dtype_name(int dtype);      /* "float32", ... */
 NEMO_API int nemo_dtype_from_name(const char *name);  /* -1 if unknown; accepts torch aliases */
@@ -144,6 +164,13 @@ NEMO_API nemo_tensor *nemo_tensor_alias(const nemo_tensor *t);
  * frees them). */
 NEMO_API nemo_tensor *nemo_pin_memory(const nemo_tensor *t);
 NEMO_API int nemo_is_pinned(const nemo_tensor *t);
+/* An uninitialised contiguous CPU tensor in page-locked memory (as nemo_pin_memory's result). */
+NEMO_API nemo_tensor *nemo_empty_pinned(int ndim, const int64_t *shape, int dtype);
+/* nemo_copy_, asynchronous where it can be (non_blocking): a pinned CPU tensor and a CUDA tensor
+ * of the same dtype and shape, both contiguous, are copied on the device's current stream and
+ * the call returns at once (the host must not touch the CPU side until the stream reached the
+ * copy); any other pair is copied synchronously. */
+NEMO_API int nemo_copy_async_(nemo_tensor *dst, const nemo_tensor *src);
 NEMO_API nemo_tensor *nemo_tensor_view(const nemo_tensor *t, int ndim, const int64_t *shape,
                                        const int64_t *stride, int64_t offset);
 NEMO_API int64_t nemo_tensor_numel(const nemo_tensor *t);

@@ -12,8 +12,9 @@
  * - A leading dimension is only checked when its operand has more than one stored row (a
  *   single row may carry any stride, as views do); cuBLAS's own minimum is then substituted.
  * - k == 0: cuBLAS may leave c untouched, BLAS defines c = beta c; a small kernel does that.
- * - One cuBLAS handle per device, made on first use (on the current device, bound to
- *   nemo_cuda_stream(dev)) and kept; its workspace is cuBLAS's own, not counted by libnemo.
+ * - One cuBLAS handle per device, made on first use (on the current device) and kept, bound to
+ *   nemo_cuda_stream(dev) each time it is handed out; its workspace is cuBLAS's own, not
+ *   counted by libnemo.
  */
 #include <limits.h>
 #include <pthread.h>
@@ -52,6 +53,10 @@ static int blas_handle(const char *op, int dev, cublasHandle_t *h) {
         }
     }
     *h = handles[dev];
+    if (*h) {   /* bound to the device's current stream on every use */
+        cublasStatus_t s = cublasSetStream(*h, nemo_cuda_stream(dev));
+        if (s != CUBLAS_STATUS_SUCCESS) rc = blas_fail(s, op, "cublasSetStream");
+    }
     pthread_mutex_unlock(&handle_lock);
     return rc;
 }

@@ -76,12 +76,12 @@ void nemo_cuda_add_kernel(const char *name, nemo_cuda_kfn fn);
 
 /* ==== Launch configuration ==== */
 
-/* The stream kernels run on. The legacy default stream for now, so kernels are ordered with
- * the synchronous cudaMemcpy that libnemo uses for host <-> device copies, and a block freed
- * by libnemo's caching allocator can be handed to the next op without waiting: every reader
- * of the old tensor was queued before any writer of the new one. A kernel takes the stream
- * from here so that per-device streams later change one line. */
-static inline cudaStream_t nemo_cuda_stream(int dev) { (void)dev; return 0; }
+/* The stream kernels of device dev run on: the device's current stream (plugin.cu, set by
+ * libnemo through the plugin's set_stream; the legacy default stream until then). Every kernel
+ * launcher, cuBLAS / cuBLASLt call and NCCL collective takes its stream from here. */
+cudaStream_t nemo_cuda_stream(int dev);
+/* The current stream's id on dev (0 the default stream, 1..NEMO_CUDA_MAX_STREAMS the pool). */
+int nemo_cuda_stream_id(int dev);
 
 #define NEMO_CUDA_THREADS 256
 /* Blocks for n work items with a grid-stride loop (the cap keeps the grid legal for any n). */
@@ -98,9 +98,10 @@ static inline unsigned nemo_cuda_blocks(int64_t n) {
          i += (int64_t)gridDim.x * blockDim.x)
 
 /* A device buffer of at least nbytes for temporaries (partial sums, statistics), owned by the
- * plugin: one per device, grown on demand and kept (not counted in libnemo's memory
- * statistics). Valid until the next call on the same device: kernels of one op share it, and
- * the stream orders its reuse by the next op. One host thread per device. */
+ * plugin: one per device and stream, grown on demand and kept (not counted in libnemo's memory
+ * statistics). Valid until the next call on the same device and stream: kernels of one op
+ * share it, and the stream orders its reuse by the next op (ops on two streams have two
+ * buffers). One host thread per device. */
 int nemo_cuda_scratch(int dev, size_t nbytes, void **p);
 
 /* ==== dtypes (the same table as engine/core.c) ==== */

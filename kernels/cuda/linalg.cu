@@ -43,8 +43,8 @@
  * - gemm_lp_out falls back to its contract written out (the bias widened into a float32
  *   scratch block, gemm_lp onto it, one rounding kernel) when cuBLASLt has no algorithm for the
  *   bf16 output (or k == 0, or a bias pointer not 16-byte aligned): slower, the same numbers.
- * - Handles and the 32 MiB workspace are per device, made on first use and kept (the
- *   workspace is not counted in libnemo's memory statistics).
+ * - Handles are per device and the 32 MiB workspaces per device and stream, made on first use
+ *   and kept (not counted in libnemo's memory statistics).
  */
 #include <pthread.h>
 #include <cublasLt.h>
@@ -100,7 +100,8 @@ __global__ void round_rows(void *c, int64_t ldc, const float *s, int64_t m, int6
 
 #define LT_MAXDEV 64
 #define LT_WORKSPACE ((size_t)32 << 20)
-static struct { cublasLtHandle_t h; void *ws; } lt[LT_MAXDEV];
+/* a handle per device, a workspace per device and stream (two streams' products may run at once) */
+static struct { cublasLtHandle_t h; void *ws[NEMO_CUDA_MAX_STREAMS + 1]; } lt[LT_MAXDEV];
 static pthread_mutex_t lt_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int lt_fail(cublasStatus_t s, const char *what) {
@@ -125,24 +126,25 @@ static int pointer_device(const char *op, const void *p, int *dev) {
 
 static int lt_handle(int dev, cublasLtHandle_t *h, void **ws) {
     int rc = 0;
+    const int sid = nemo_cuda_stream_id(dev);
     pthread_mutex_lock(&lt_lock);
-    if (!lt[dev].h) {
-        cublasLtHandle_t nh = NULL;
+    if (!lt[dev].ws[sid]) {
         void *w = NULL;
         cudaError_t e = cudaMalloc(&w, LT_WORKSPACE);
         if (e != cudaSuccess) {
             rc = nemo_cuda_fail(e, "gemm: cudaMalloc of the %zu-byte cuBLASLt workspace on cuda:%d", LT_WORKSPACE, dev);
             goto done;
         }
+        lt[dev].ws[sid] = w;
+    }
+    if (!lt[dev].h) {
+        cublasLtHandle_t nh = NULL;
         LT_TRY(cublasLtCreate(&nh), "cublasLtCreate");
         lt[dev].h = nh;
-        lt[dev].ws = w;
-        w = NULL;
-    done:
-        if (w) cudaFree(w);
     }
+done:
     *h = lt[dev].h;
-    *ws = lt[dev].ws;
+    *ws = lt[dev].ws[sid];
     pthread_mutex_unlock(&lt_lock);
     return rc;
 }

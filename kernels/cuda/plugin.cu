@@ -1,8 +1,8 @@
 /*
  * kernels/cuda/plugin.cu: libnemo_cuda.so's one exported symbol, nemo_cuda_plugin_get(), and
- * the device services behind it: device count, malloc/free, memcpy/memset, synchronize, the
- * kernels' scratch buffer, and the list of CUDA kernels handed to libnemo's registry (contract:
- * engine/cuda_plugin.h).
+ * the device services behind it: device count, malloc/free, memcpy/memset, synchronize, streams
+ * and events, the kernels' scratch buffers, and the list of CUDA kernels handed to libnemo's
+ * registry (contract: engine/cuda_plugin.h).
  *
  * Non-obvious rules:
  * - Every function returns 0 or a negative nemo_status and never exits or aborts. The CUDA
@@ -18,6 +18,13 @@
  *   device is then unusable until the process ends.
  * - Every call selects its device first (cudaSetDevice is cheap when it is already current), so
  *   callers never depend on a per-thread current device.
+ * - Streams: id 0 is the legacy default stream; ids 1..NEMO_CUDA_MAX_STREAMS are created on
+ *   first use with cudaStreamNonBlocking (so they overlap with stream 0, as PyTorch's pool
+ *   streams do) and live as long as the process. The current stream is per device and
+ *   process-wide (libnemo drives a device from one host thread).
+ * - Synchronous copies keep their old form on stream 0 (cudaMemcpy). On a pool stream they are
+ *   cudaMemcpyAsync on it followed by a wait for that stream alone, so they are ordered after the
+ *   kernels that produced their source there; device to device copies do not wait.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -82,6 +89,103 @@ static int set_device(int dev) {
     return 0;
 }
 
+/* ==== Streams ==== */
+
+#define MAX_DEV 64
+static cudaStream_t pool[MAX_DEV][NEMO_CUDA_MAX_STREAMS + 1];   /* [dev][0] stays 0: the legacy stream */
+static int current_sid[MAX_DEV];
+
+static int check_sid(const char *what, int dev, int sid) {
+    if (dev < 0 || dev >= MAX_DEV)
+        return nemo_cuda_error(NEMO_EDEVICE, "%s: device %d out of range 0..%d", what, dev, MAX_DEV - 1);
+    if (sid < 0 || sid > NEMO_CUDA_MAX_STREAMS)
+        return nemo_cuda_error(NEMO_EINVAL, "%s: stream id %d out of range 0..%d", what, sid, NEMO_CUDA_MAX_STREAMS);
+    return 0;
+}
+
+/* The stream of (dev, sid), created on first use (dev selected). */
+static int get_stream(const char *what, int dev, int sid, cudaStream_t *st) {
+    *st = 0;
+    NEMO_CUDA_RC(check_sid(what, dev, sid));
+    NEMO_CUDA_RC(set_device(dev));
+    if (sid > 0 && !pool[dev][sid])
+        NEMO_CUDA_TRY(cudaStreamCreateWithFlags(&pool[dev][sid], cudaStreamNonBlocking),
+                      "%s: cudaStreamCreate for stream %d of cuda:%d", what, sid, dev);
+    *st = pool[dev][sid];
+    return 0;
+}
+
+cudaStream_t nemo_cuda_stream(int dev) { return dev >= 0 && dev < MAX_DEV ? pool[dev][current_sid[dev]] : 0; }
+int nemo_cuda_stream_id(int dev) { return dev >= 0 && dev < MAX_DEV ? current_sid[dev] : 0; }
+
+static int p_set_stream(int dev, int sid) {
+    cudaStream_t st;
+    NEMO_CUDA_RC(get_stream("set_stream", dev, sid, &st));
+    current_sid[dev] = sid;
+    return 0;
+}
+static int p_stream_synchronize(int dev, int sid) {
+    cudaStream_t st;
+    NEMO_CUDA_RC(get_stream("stream synchronize", dev, sid, &st));
+    NEMO_CUDA_TRY(cudaStreamSynchronize(st), "cudaStreamSynchronize(stream %d of cuda:%d)", sid, dev);
+    return 0;
+}
+static int p_stream_query(int dev, int sid, int *done) {
+    cudaStream_t st;
+    *done = 0;
+    NEMO_CUDA_RC(get_stream("stream query", dev, sid, &st));
+    cudaError_t e = cudaStreamQuery(st);
+    if (e == cudaErrorNotReady) { (void)cudaGetLastError(); return 0; }
+    NEMO_CUDA_TRY(e, "cudaStreamQuery(stream %d of cuda:%d)", sid, dev);
+    *done = 1;
+    return 0;
+}
+
+/* ==== Events ==== */
+
+static int p_event_create(int dev, int timing, void **e) {
+    *e = NULL;
+    NEMO_CUDA_RC(set_device(dev));
+    cudaEvent_t ev;
+    NEMO_CUDA_TRY(cudaEventCreateWithFlags(&ev, timing ? cudaEventDefault : cudaEventDisableTiming),
+                  "cudaEventCreate on cuda:%d", dev);
+    *e = (void *)ev;
+    return 0;
+}
+static int p_event_destroy(void *e) {
+    if (e) NEMO_CUDA_TRY(cudaEventDestroy((cudaEvent_t)e), "cudaEventDestroy");
+    return 0;
+}
+static int p_event_record(void *e, int dev, int sid) {
+    cudaStream_t st;
+    NEMO_CUDA_RC(get_stream("event record", dev, sid, &st));
+    NEMO_CUDA_TRY(cudaEventRecord((cudaEvent_t)e, st), "cudaEventRecord(stream %d of cuda:%d)", sid, dev);
+    return 0;
+}
+static int p_event_wait(int dev, int sid, void *e) {
+    cudaStream_t st;
+    NEMO_CUDA_RC(get_stream("event wait", dev, sid, &st));
+    NEMO_CUDA_TRY(cudaStreamWaitEvent(st, (cudaEvent_t)e, 0), "cudaStreamWaitEvent(stream %d of cuda:%d)", sid, dev);
+    return 0;
+}
+static int p_event_query(void *e, int *done) {
+    *done = 0;
+    cudaError_t r = cudaEventQuery((cudaEvent_t)e);
+    if (r == cudaErrorNotReady) { (void)cudaGetLastError(); return 0; }
+    NEMO_CUDA_TRY(r, "cudaEventQuery");
+    *done = 1;
+    return 0;
+}
+static int p_event_synchronize(void *e) {
+    NEMO_CUDA_TRY(cudaEventSynchronize((cudaEvent_t)e), "cudaEventSynchronize");
+    return 0;
+}
+static int p_event_elapsed(void *start, void *end, float *ms) {
+    *ms = 0;
+    NEMO_CUDA_TRY(cudaEventElapsedTime(ms, (cudaEvent_t)start, (cudaEvent_t)end), "cudaEventElapsedTime");
+    return 0;
+}
+
 static int p_malloc(int dev, size_t nbytes, void **p) {
     *p = NULL;
     int rc = set_device(dev);
@@ -102,17 +206,38 @@ static int p_free(int dev, void *p) {
  * stream: when it returns, a host source may be reused or freed and a host destination holds
  * the data, and it is ordered after every kernel queued before it. Device to device uses
  * cudaMemcpyDefault so that a copy between two GPUs works through UVA. */
+static const cudaMemcpyKind copy_kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDefault};
+static const char *copy_names[3] = {"host to device", "device to host", "device to device"};
+
 static int p_memcpy(void *dst, const void *src, size_t nbytes, int kind, int dev) {
-    static const cudaMemcpyKind kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
-                                            cudaMemcpyDefault};
-    static const char *names[3] = {"host to device", "device to host", "device to device"};
     if (kind < 0 || kind > 2)
         return nemo_cuda_error(NEMO_EINVAL, "cuda memcpy: kind %d, expected 0 (h2d), 1 (d2h) or 2 (d2d)", kind);
     if (nbytes == 0) return 0;
     int rc = set_device(dev);
     if (rc < 0) return rc;
-    NEMO_CUDA_TRY(cudaMemcpy(dst, src, nbytes, kinds[kind]), "cudaMemcpy(%zu bytes, %s) on cuda:%d",
-                  nbytes, names[kind], dev);
+    int sid = nemo_cuda_stream_id(dev);
+    if (sid == 0) {
+        NEMO_CUDA_TRY(cudaMemcpy(dst, src, nbytes, copy_kinds[kind]), "cudaMemcpy(%zu bytes, %s) on cuda:%d",
+                      nbytes, copy_names[kind], dev);
+        return 0;
+    }
+    cudaStream_t st = nemo_cuda_stream(dev);
+    NEMO_CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, copy_kinds[kind], st),
+                  "cudaMemcpyAsync(%zu bytes, %s) on stream %d of cuda:%d", nbytes, copy_names[kind], sid, dev);
+    if (kind != 2)
+        NEMO_CUDA_TRY(cudaStreamSynchronize(st), "cudaMemcpy (%s) waiting for stream %d of cuda:%d", copy_names[kind],
+                      sid, dev);
+    return 0;
+}
+
+static int p_memcpy_async(void *dst, const void *src, size_t nbytes, int kind, int dev) {
+    if (kind < 0 || kind > 2)
+        return nemo_cuda_error(NEMO_EINVAL, "cuda memcpy_async: kind %d, expected 0 (h2d), 1 (d2h) or 2 (d2d)", kind);
+    if (nbytes == 0) return 0;
+    NEMO_CUDA_RC(set_device(dev));
+    NEMO_CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, copy_kinds[kind], nemo_cuda_stream(dev)),
+                  "cudaMemcpyAsync(%zu bytes, %s) on stream %d of cuda:%d", nbytes, copy_names[kind],
+                  nemo_cuda_stream_id(dev), dev);
     return 0;
 }
 
@@ -145,36 +270,38 @@ static int p_synchronize(int dev) {
 
 /* ==== Scratch ==== */
 
-/* One buffer per device, grown to the largest request (rounded up to 1 MiB, at least doubling)
- * and never shrunk. Replacing it frees the old one with cudaFree, which waits for the device,
- * so no queued kernel still reads it. */
-#define MAX_SCRATCH_DEV 64
-static struct { void *p; size_t n; } scratch[MAX_SCRATCH_DEV];
+/* One buffer per device and stream, grown to the largest request (rounded up to 1 MiB, at least
+ * doubling) and never shrunk. Replacing it frees the old one with cudaFree, which waits for the
+ * device, so no queued kernel still reads it. */
+static struct { void *p; size_t n; } scratch_bufs[MAX_DEV][NEMO_CUDA_MAX_STREAMS + 1];
 
 int nemo_cuda_scratch(int dev, size_t nbytes, void **p) {
     *p = NULL;
-    if (dev < 0 || dev >= MAX_SCRATCH_DEV)
-        return nemo_cuda_error(NEMO_EDEVICE, "cuda scratch: device %d out of range 0..%d", dev, MAX_SCRATCH_DEV - 1);
+    if (dev < 0 || dev >= MAX_DEV)
+        return nemo_cuda_error(NEMO_EDEVICE, "cuda scratch: device %d out of range 0..%d", dev, MAX_DEV - 1);
     if (nbytes == 0) nbytes = 1;
-    if (scratch[dev].n < nbytes) {
-        size_t want = scratch[dev].n * 2 > nbytes ? scratch[dev].n * 2 : nbytes;
+    const int sid = current_sid[dev];
+    void **bp = &scratch_bufs[dev][sid].p;
+    size_t *bn = &scratch_bufs[dev][sid].n;
+    if (*bn < nbytes) {
+        size_t want = *bn * 2 > nbytes ? *bn * 2 : nbytes;
         want = (want + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
         int rc = set_device(dev);
         if (rc < 0) return rc;
-        if (scratch[dev].p) {
-            NEMO_CUDA_TRY(cudaFree(scratch[dev].p), "cuda scratch: cudaFree on cuda:%d", dev);
-            scratch[dev].p = NULL;
-            scratch[dev].n = 0;
+        if (*bp) {
+            NEMO_CUDA_TRY(cudaFree(*bp), "cuda scratch: cudaFree on cuda:%d", dev);
+            *bp = NULL;
+            *bn = 0;
         }
         void *q = NULL;
         cudaError_t e = cudaMalloc(&q, want);
         if (e != cudaSuccess && want > nbytes) { (void)cudaGetLastError(); want = nbytes; e = cudaMalloc(&q, want); }
         if (e != cudaSuccess)
             return nemo_cuda_fail(e, "cuda scratch: cudaMalloc(%zu bytes) on cuda:%d for temporaries", want, dev);
-        scratch[dev].p = q;
-        scratch[dev].n = want;
+        *bp = q;
+        *bn = want;
     }
-    *p = scratch[dev].p;
+    *p = *bp;
     return 0;
 }
 
@@ -212,6 +339,17 @@ static const nemo_cuda_plugin plugin = {
     p_register_kernels,
     p_host_alloc,
     p_host_free,
+    p_set_stream,
+    p_stream_synchronize,
+    p_stream_query,
+    p_event_create,
+    p_event_destroy,
+    p_event_record,
+    p_event_wait,
+    p_event_query,
+    p_event_synchronize,
+    p_event_elapsed,
+    p_memcpy_async,
 };
 
 extern "C" __attribute__((visibility("default"))) const nemo_cuda_plugin *nemo_cuda_plugin_get(void) {

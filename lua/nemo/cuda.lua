@@ -1,7 +1,9 @@
 -- lua/nemo/cuda.lua: nemo.cuda, the CUDA side of the device API (torch.cuda's names):
 --   is_available(), device_count(), unavailable_reason(), current_device(), set_device(i),
 --   synchronize([device]), memory_stats([device]) -> {current=, peak=, cached=} (bytes),
---   reset_peak_memory_stats([device]), memory_allocated([device]), max_memory_allocated([device]).
+--   reset_peak_memory_stats([device]), memory_allocated([device]), max_memory_allocated([device]);
+--   streams and events: Stream([device]), default_stream([device]), current_stream([device]),
+--   set_stream(s), stream(s, fn, ...), Event{enable_timing=, device=} (methods below).
 -- A device argument is an index (0, 1, ...), "cuda", "cuda:N" or a tensor on a CUDA device;
 -- nil means the current device.
 --
@@ -118,6 +120,133 @@ function M.synchronize(d)
     local idx = existing_device(d, "cuda.synchronize")
     check(C.nemo_device_synchronize(CUDA, idx))
 end
+
+-- ==== streams and events ====
+-- Streams are ids per device: 0 the default stream, 1..32 a pool of streams that run
+-- concurrently with it (libnemo, engine/cuda_stream.c). cuda.Stream() hands out the pool's
+-- streams in turn, as PyTorch's stream pool does: a 33rd Stream shares a stream with the 1st.
+
+local MAX_STREAMS = 32
+local next_sid = {}
+
+local Stream = {}
+Stream.__index = Stream
+local Event = {}
+Event.__index = Event
+
+local function is_stream(s) return getmetatable(s) == Stream end
+local function stream_of(s, what)
+    if not is_stream(s) then
+        error(string.format("%s: expected a cuda.Stream, got %s", what, type(s)), 3)
+    end
+    return s
+end
+
+-- cuda.Stream([device]): a stream of the pool on device (default: the current device).
+function M.Stream(d)
+    if type(d) == "table" and getmetatable(d) == nil and d.device ~= nil then d = d.device end
+    local idx = existing_device(d, "cuda.Stream")
+    local sid = (next_sid[idx] or 0) % MAX_STREAMS + 1
+    next_sid[idx] = sid
+    return setmetatable({device = idx, id = sid}, Stream)
+end
+
+-- The default stream (id 0) and the current stream of a device.
+function M.default_stream(d)
+    return setmetatable({device = existing_device(d, "cuda.default_stream"), id = 0}, Stream)
+end
+function M.current_stream(d)
+    local idx = existing_device(d, "cuda.current_stream")
+    local sid = C.nemo_cuda_current_stream(idx)
+    check(sid)
+    return setmetatable({device = idx, id = tonumber(sid)}, Stream)
+end
+
+-- Makes s the current stream of its device: kernels and copies on that device go to it.
+function M.set_stream(s)
+    stream_of(s, "cuda.set_stream")
+    check(C.nemo_cuda_set_stream(s.device, s.id))
+end
+
+local function pack(...) return {n = select("#", ...), ...} end
+
+-- cuda.stream(s, fn, ...): fn(...) with s the current stream of its device; the previous
+-- stream is current again afterwards, also when fn raises. Returns fn's results.
+function M.stream(s, fn, ...)
+    stream_of(s, "cuda.stream")
+    if type(fn) ~= "function" then error("cuda.stream: expected a function to run on the stream, got " .. type(fn), 2) end
+    local prev = M.current_stream(s.device)
+    M.set_stream(s)
+    local res = pack(pcall(fn, ...))
+    M.set_stream(prev)
+    if not res[1] then error(res[2], 0) end
+    return unpack(res, 2, res.n)
+end
+
+function Stream:synchronize() check(C.nemo_cuda_stream_synchronize(self.device, self.id)) end
+function Stream:query()
+    local r = C.nemo_cuda_stream_query(self.device, self.id)
+    check(r)
+    return r == 1
+end
+-- Work queued on this stream from now on waits for event e (or for stream s as it is now).
+function Stream:wait_event(e) Event.wait(e, self) end
+function Stream:wait_stream(s) self:wait_event(stream_of(s, "Stream:wait_stream"):record_event()) end
+function Stream:record_event(e)
+    e = e or M.Event{device = self.device}
+    e:record(self)
+    return e
+end
+function Stream.__eq(a, b) return a.device == b.device and a.id == b.id end
+function Stream.__tostring(s) return string.format("cuda.Stream(cuda:%d, id %d)", s.device, s.id) end
+M.is_stream = is_stream
+
+-- cuda.Event{enable_timing = false, device = current}: a CUDA event of that device.
+function M.Event(opts)
+    opts = opts or {}
+    if type(opts) ~= "table" then error("cuda.Event: expected a table of options, got " .. type(opts), 2) end
+    for k in pairs(opts) do
+        if k ~= "enable_timing" and k ~= "device" then
+            error("cuda.Event: unknown option '" .. tostring(k) .. "' (enable_timing, device)", 2)
+        end
+    end
+    local idx = existing_device(opts.device, "cuda.Event")
+    local h = C.nemo_cuda_event_new(idx, opts.enable_timing and 1 or 0)
+    if h == nil then check(-1) end
+    return setmetatable({device = idx, timing = opts.enable_timing and true or false,
+                         _h = ffi.gc(h, C.nemo_cuda_event_free)}, Event)
+end
+local function event_of(e, what)
+    if getmetatable(e) ~= Event then error(string.format("%s: expected a cuda.Event, got %s", what, type(e)), 3) end
+    return e
+end
+-- Captures the work queued on stream s (default: the current stream of the event's device).
+function Event:record(s)
+    event_of(self, "Event:record")
+    s = s and stream_of(s, "Event:record") or M.current_stream(self.device)
+    check(C.nemo_cuda_event_record(self._h, s.device, s.id))
+end
+-- Work queued on stream s (default: the current stream of the event's device) from now on
+-- waits for this event.
+function Event:wait(s)
+    event_of(self, "Event:wait")
+    s = s and stream_of(s, "Event:wait") or M.current_stream(self.device)
+    check(C.nemo_cuda_event_wait(self._h, s.device, s.id))
+end
+function Event:query()
+    local r = C.nemo_cuda_event_query(event_of(self, "Event:query")._h)
+    check(r)
+    return r == 1
+end
+function Event:synchronize() check(C.nemo_cuda_event_synchronize(event_of(self, "Event:synchronize")._h)) end
+-- Milliseconds from this event to end (both made with enable_timing = true, both recorded and
+-- complete: synchronize end first).
+function Event:elapsed_time(e)
+    local ms = ffi.new("double[1]")
+    check(C.nemo_cuda_event_elapsed(event_of(self, "Event:elapsed_time")._h, event_of(e, "Event:elapsed_time")._h, ms))
+    return ms[0]
+end
+function Event.__tostring(e) return string.format("cuda.Event(cuda:%d%s)", e.device, e.timing and ", timing" or "") end
 
 -- ==== memory ====
 

@@ -545,15 +545,26 @@ local DataLoader = class("nemo.data.DataLoader")
 M.DataLoader = DataLoader
 
 -- DataLoader(dataset, {batch_size=, seed=, shuffle=, drop_last=, dp_rank=, dp_size=, sampler=,
---                      device=, text_pad_multiple=})
--- for batch in dl:iter() do ... end yields collated batches (on `device` when given).
+--                      device=, text_pad_multiple=, pin_memory=false})
+-- for batch in dl:iter() do ... end yields collated batches (on `device` when given). pin_memory
+-- with a CUDA device: each batch tensor is staged in page-locked memory and uploaded with a
+-- non_blocking copy on the device's current stream, so the host goes on without waiting for the
+-- device to finish the previous step's work.
 function DataLoader:__init(ds, opts)
     opts = check_opts(opts, {batch_size = true, seed = true, shuffle = true, drop_last = true, dp_rank = true,
-                             dp_size = true, sampler = true, device = true, text_pad_multiple = true}, "DataLoader")
+                             dp_size = true, sampler = true, device = true, text_pad_multiple = true,
+                             pin_memory = true}, "DataLoader")
     self.dataset = ds
     self.sampler = opts.sampler or BucketSampler(ds, {batch_size = opts.batch_size, seed = opts.seed,
         shuffle = opts.shuffle, drop_last = opts.drop_last, dp_rank = opts.dp_rank, dp_size = opts.dp_size})
     self.device, self.text_pad_multiple = opts.device, opts.text_pad_multiple
+    self.pin_memory = opts.pin_memory and self.device ~= nil and tostring(self.device):match("^cuda") ~= nil
+end
+
+-- t on device: through pinned memory and a non_blocking copy when pin is true.
+local function upload(t, device, pin)
+    if pin then return t:pin_memory():to{device = device, non_blocking = true} end
+    return t:to{device = device}
 end
 
 function DataLoader:len() return self.sampler:len() end
@@ -575,7 +586,7 @@ function DataLoader:iter()
                                           pooled_dim = ds.pooled_dim})
         if self.device and self.device ~= "cpu" then
             for _, k in ipairs(TENSOR_KEYS) do
-                if batch[k] then batch[k] = batch[k]:to{device = self.device} end
+                if batch[k] then batch[k] = upload(batch[k], self.device, self.pin_memory) end
             end
         end
         return batch
@@ -583,16 +594,16 @@ function DataLoader:iter()
 end
 
 -- build_dataloader{cache_dir=, model_type=, batch_size=, seed=, shuffle=, drop_last=, dp_rank=,
--- dp_size=, device=, text_pad_multiple=} -> loader, dataset
+-- dp_size=, device=, text_pad_multiple=, pin_memory=} -> loader, dataset
 function M.build_dataloader(cfg)
     cfg = check_opts(cfg, {cache_dir = true, model_type = true, batch_size = true, seed = true, shuffle = true,
-                           drop_last = true, dp_rank = true, dp_size = true, device = true, text_pad_multiple = true},
-                     "build_dataloader")
+                           drop_last = true, dp_rank = true, dp_size = true, device = true, text_pad_multiple = true,
+                           pin_memory = true}, "build_dataloader")
     if type(cfg.cache_dir) ~= "string" then error("build_dataloader: cache_dir is required (a cache folder)", 2) end
     local ds = Dataset(cfg.cache_dir, {model_type = cfg.model_type})
     local loader = DataLoader(ds, {batch_size = cfg.batch_size, seed = cfg.seed, shuffle = cfg.shuffle,
         drop_last = cfg.drop_last, dp_rank = cfg.dp_rank, dp_size = cfg.dp_size, device = cfg.device,
-        text_pad_multiple = cfg.text_pad_multiple})
+        text_pad_multiple = cfg.text_pad_multiple, pin_memory = cfg.pin_memory})
     return loader, ds
 end
 

@@ -462,7 +462,10 @@ local function to_bw(node, g)
     return g:to{dtype = node.src_dtype, device = node.src_device}
 end
 
--- t:to{dtype=, device=, copy=} (also t:to("bfloat16"), t:to("cuda:0")).
+-- t:to{dtype=, device=, copy=, non_blocking=} (also t:to("bfloat16"), t:to("cuda:0")).
+-- non_blocking = true: a copy between a pinned CPU tensor (t:pin_memory()) and a CUDA device,
+-- same dtype, is queued on the device's current stream and returns at once (reading a pinned
+-- result on the host needs a synchronize or an event first); other copies are synchronous.
 function methods.to(t, opts, copy)
     if type(opts) == "string" then
         if C.nemo_dtype_from_name(opts) >= 0 then opts = {dtype = opts} else opts = {device = opts} end
@@ -477,8 +480,13 @@ function methods.to(t, opts, copy)
     if dt == c.dtype and devtype == c.devtype and devindex == c.devindex and not (opts.copy or copy) then
         return t
     end
-    local o = wrap(C.nemo_empty(c.ndim, c.shape, dt, devtype, devindex))
-    check(C.nemo_copy_(o._c, c))
+    local o
+    if opts.non_blocking and devtype == 0 and c.devtype ~= 0 and dt == c.dtype then   -- into pinned host memory
+        o = wrap(C.nemo_empty_pinned(c.ndim, c.shape, dt))
+    else
+        o = wrap(C.nemo_empty(c.ndim, c.shape, dt, devtype, devindex))
+    end
+    check((opts.non_blocking and C.nemo_copy_async_ or C.nemo_copy_)(o._c, c))
     local node = autograd.node("to", to_bw, o, t)
     if node then
         node.src_dtype = dtype_names[c.dtype]
@@ -520,6 +528,17 @@ function methods.pin_memory(t)
 end
 function methods.is_pinned(t) return C.nemo_is_pinned(t._c) ~= 0 end
 
+-- t:record_stream(s): t's memory is also used by work queued on cuda.Stream s (of t's device);
+-- when t is freed, its block is reused only once that work has finished (torch's record_stream).
+function methods.record_stream(t, s)
+    local cuda = require "nemo.cuda"
+    if not cuda.is_stream(s) then error("record_stream: expected a cuda.Stream, got " .. type(s), 2) end
+    if t._c.devtype ~= 1 or t._c.devindex ~= s.device then
+        error(string.format("record_stream: the tensor is on %s, the stream on cuda:%d", t.device, s.device), 2)
+    end
+    check(C.nemo_record_stream(t._c, s.id))
+end
+
 -- In-place ops on tensors that autograd tracks are refused, as in torch, for leaves that
 -- require grad while grad mode is on.
 local function check_inplace(t, what)
@@ -529,10 +548,11 @@ local function check_inplace(t, what)
 end
 Tensor.check_inplace = check_inplace
 
-function methods.copy_(t, src)
+-- t:copy_(src, non_blocking): non_blocking as in t:to (pinned CPU <-> CUDA, same dtype and shape).
+function methods.copy_(t, src, non_blocking)
     if not is_tensor(src) then error("copy_: expected a tensor, got " .. type(src), 2) end
     check_inplace(t, "copy_")
-    check(C.nemo_copy_(t._c, src._c))
+    check((non_blocking and C.nemo_copy_async_ or C.nemo_copy_)(t._c, src._c))
     return t
 end
 function methods.fill_(t, v)

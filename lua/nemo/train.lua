@@ -681,7 +681,7 @@ local function build_data(cfg, bm, dp_rank, seed, device)
     end
     local ok, loader = pcall(data.build_dataloader, {cache_dir = dir, model_type = dl.model_type, batch_size = bm.local_bs,
         seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank,
-        dp_size = bm.dp_size, device = device})
+        dp_size = bm.dp_size, device = device, pin_memory = dl.pin_memory})
     if not ok then raise("data.dataloader.cache_dir: ", loader) end
     return loader
 end

@@ -15,7 +15,18 @@ typedef struct nemo_cuda_plugin {
     void (*register_kernels)(void (*reg)(const char *name, int devtype, void (*fn)(void)));
     int (*host_alloc)(size_t nbytes, void **p);
     int (*host_free)(void *p);
+    int (*set_stream)(int dev, int sid);
+    int (*stream_synchronize)(int dev, int sid);
+    int (*stream_query)(int dev, int sid, int *done);
+    int (*event_create)(int dev, int timing, void **e);
+    int (*event_destroy)(void *e);
+    int (*event_record)(void *e, int dev, int sid);
+    int (*event_wait)(int dev, int sid, void *e);
+    int (*event_query)(void *e, int *done);
+    int (*event_synchronize)(void *e);
+    int (*event_elapsed)(void *start, void *end, float *ms);
+    int (*memcpy_async)(void *dst, const void *src, size_t nbytes, int kind, int dev);
 } nemo_cuda_plugin;
 const nemo_cuda_plugin *nemo_cuda_plugin_get(void);
 ]]
-return {ABI = 2}
+return {ABI = 3}

@@ -103,7 +103,7 @@ T.raises(function() cuda.memory_stats(99) end, "does not exist", "cuda.memory_st
 
 -- ==== libnemo_cuda.so through its plugin table ====
 
-local PLUGIN_TESTS = 29
+local PLUGIN_TESTS = 34
 if not have_plugin then
     for _ = 1, PLUGIN_TESTS do T.skip("libnemo_cuda.so checks", "built without CUDA (no " .. plugin_path .. ")") end
     T.done()
@@ -237,6 +237,14 @@ T.is(rc, 0, "gemm_lp_out kernel with m = 0 is a no-op returning 0")
 rc = call("colsum", C.NEMO_I64, 4, 4, nil, 4, nil)
 T.ok(rc == C.NEMO_EDTYPE and text():find("int64", 1, true),
      string.format("colsum kernel refuses int64: rc %d == NEMO_EDTYPE, '%s'", rc, text()))
+
+-- streams (ABI 3): an id outside 0..32 is refused before any CUDA call
+rc = p.set_stream(0, 40)
+T.ok(rc == C.NEMO_EINVAL and text():find("stream id 40 out of range", 1, true),
+     string.format("plugin set_stream(0, 40): rc %d == NEMO_EINVAL, '%s'", rc, text()))
+rc = p.stream_synchronize(0, -1)
+T.ok(rc == C.NEMO_EINVAL and text():find("stream id -1", 1, true),
+     string.format("plugin stream_synchronize(0, -1): rc %d == NEMO_EINVAL, '%s'", rc, text()))
 
 -- the error text is emptied when a kernel starts: a failure above, then a successful no-op
 rc = fill and fill(te, 2.5) or -999
