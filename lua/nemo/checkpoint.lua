@@ -2,7 +2,11 @@
 --
 -- <checkpoint_dir>/epoch_<E>_step_<S>/      S = the 0-based index of the last step taken, E its epoch
 --   model/model.safetensors                  the trained module's state_dict (names as diffusers), or,
---   model/shard-QQQQQ-of-SSSSS.safetensors   under FSDP2, each shard's rows (nemo.parallel.fsdp2)
+--   model/shard-QQQQQ-of-SSSSS.safetensors   under FSDP2, each shard's rows (nemo.parallel.fsdp2), or,
+--   model/adapter_model.safetensors          a LoRA run (s.peft): the adapters only, with
+--   model/adapter_config.json                adapter_config.json and automodel_peft_config.json
+--                                            (nemo.peft.save_adapter, Automodel's layout; under
+--                                            FSDP2 beside the shards of the adapters)
 --   model/config.json                        the model config (the resume compatibility check)
 --   optim/optim.safetensors                  AdamW moments: exp_avg.<i>, exp_avg_sq.<i> (i = torch's index)
 --                                            (optim/shard-QQQQQ-of-SSSSS.safetensors under FSDP2)
@@ -31,6 +35,8 @@ local function st() return require "nemo.safetensors" end
 -- checks that every shard is there).
 M.REQUIRED = {"model/model.safetensors", "optim/optim.safetensors", "optim/state.json", "trainer.json"}
 local SHARDED_ALT = {["model/model.safetensors"] = "model", ["optim/optim.safetensors"] = "optim"}
+-- a LoRA checkpoint holds the adapters instead of the whole model
+local ADAPTER_ALT = {["model/model.safetensors"] = "model/adapter_model.safetensors"}
 
 -- Is dir/<sub> a folder of FSDP2 shard files?
 local function has_shards(dir, sub)
@@ -45,7 +51,8 @@ M.is_sharded = function(dir) return has_shards(dir, "model") end
 local function missing_files(dir)
     local missing = {}
     for _, f in ipairs(M.REQUIRED) do
-        if not fs.isfile(dir .. "/" .. f) and not (SHARDED_ALT[f] and has_shards(dir, SHARDED_ALT[f])) then
+        if not fs.isfile(dir .. "/" .. f) and not (SHARDED_ALT[f] and has_shards(dir, SHARDED_ALT[f])) and
+           not (ADAPTER_ALT[f] and fs.isfile(dir .. "/" .. ADAPTER_ALT[f])) then
             missing[#missing + 1] = f
         end
     end
@@ -110,12 +117,11 @@ function M.latest(root)
 end
 
 -- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
---             extra = function(tmp_folder)}) -> the checkpoint folder.
--- extra (optional) writes more into the checkpoint before it is published (the diffusers export).
--- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
 --            extra = fn(tmp) (rank 0), extra_all = fn(tmp) (every rank: collective exports),
---            manager = the FSDP2 manager of a sharded run, group = nemo.dist group (several ranks)})
--- -> the checkpoint's folder. Every rank of group calls it.
+--            manager = the FSDP2 manager of a sharded run, group = nemo.dist group (several ranks),
+--            peft = {config = PeftConfig, base = model path} (a LoRA run: adapters only)})
+-- -> the checkpoint's folder. Every rank of group calls it. extra writes more into the checkpoint
+-- before it is published (the diffusers export).
 function M.save(root, s)
     local g = s.group
     local multi = g ~= nil and g:size() > 1
@@ -133,7 +139,13 @@ function M.save(root, s)
     end
     if multi then dist.barrier{group = g} end
     -- the parts every rank writes; a failure anywhere stops the job (the caller aborts it)
-    if sharded then s.manager:save_sharded(tmp, s.optimizer) end
+    local peft = s.peft and require "nemo.peft"
+    if sharded then s.manager:save_sharded(tmp, s.optimizer, {frozen = not s.peft}) end
+    if sharded and s.peft then   -- the whole adapters, gathered, for export and inference
+        s.manager:summon_full_params(function()
+            if main then peft.save_adapter(s.model, tmp .. "/model", s.peft.config, {base = s.peft.base}) end
+        end)
+    end
     if s.extra_all then s.extra_all(tmp) end
     if multi then dist.barrier{group = g} end
     if not main then
@@ -142,7 +154,9 @@ function M.save(root, s)
     end
     local ok, err = pcall(function()
         -- model
-        if not sharded then
+        if not sharded and s.peft then
+            peft.save_adapter(s.model, tmp .. "/model", s.peft.config, {base = s.peft.base})
+        elseif not sharded then
             local sd, keys = s.model:state_dict()
             local tensors = {}
             if keys then for _, k in ipairs(keys) do tensors[k] = sd[k] end else tensors = sd end
@@ -294,6 +308,10 @@ function M.load(dir, s)
     local missing = missing_files(dir)
     if #missing > 0 then error("checkpoint " .. dir .. " is incomplete: " .. missing[1] .. " is missing", 2) end
     local ck_sharded = has_shards(dir, "model")
+    if s.manager and not ck_sharded and not fs.isfile(dir .. "/model/model.safetensors") then
+        error("checkpoint " .. dir .. " holds LoRA adapters written without FSDP2 sharding; resume it without the " ..
+            "fsdp block (or with ddp), as it was written", 2)
+    end
     if s.manager or ck_sharded then
         local ostate = json.read_file(dir .. "/optim/state.json")
         local fsdp2 = require "nemo.parallel.fsdp2"
@@ -310,8 +328,13 @@ function M.load(dir, s)
         if s.scheduler and ostate.scheduler then s.scheduler:load_state_dict(ostate.scheduler) end
         return json.read_file(dir .. "/trainer.json")
     end
-    local weights = st().load_file(dir .. "/model/model.safetensors")
-    local ok, err = pcall(s.model.load_state_dict, s.model, weights, {strict = true})
+    local ok, err
+    if not fs.isfile(dir .. "/model/model.safetensors") then   -- a LoRA checkpoint: the adapters
+        ok, err = pcall(require("nemo.peft").load_adapter, s.model, dir .. "/model")
+    else
+        local weights = st().load_file(dir .. "/model/model.safetensors")
+        ok, err = pcall(s.model.load_state_dict, s.model, weights, {strict = true})
+    end
     if not ok then error("checkpoint " .. dir .. ": " .. tostring(err), 2) end
     local ostate = json.read_file(dir .. "/optim/state.json")
     local otensors = st().load_file(dir .. "/optim/optim.safetensors")

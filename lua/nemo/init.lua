@@ -89,7 +89,7 @@ end
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
 -- nemo.FlowMatchEulerDiscreteScheduler, nemo.lr_scheduler, nemo.flow_matching,
--- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop)
+-- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop), nemo.peft (LoRA)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
     PipelineSpec = {"nemo.pipeline", "PipelineSpec"},
@@ -104,6 +104,7 @@ local LAZY = {
     data = {"nemo.data"},
     torchfile = {"nemo.torchfile"},
     sampling = {"nemo.sampling"},
+    peft = {"nemo.peft"},
 }
 setmetatable(nemo, {__index = function(t, key)
     local where = LAZY[key]

@@ -65,8 +65,8 @@ local CI = {recipe_owner = ANY, time = ANY, nodes = "number", node_multiplier = 
             embed_eval = ANY, rerank_eval = ANY, nightly = "table", convergence = "table", release = "table"}
 
 -- section -> key -> type ("string", "number", "boolean", "table", ANY). Tables given as "table"
--- are open here and checked by their own modules (flow_matching, lr_scheduler) or not read at all
--- (peft is an error; ci's open blocks). demo.transformer is checked against the demo model's
+-- are open here and checked by their own modules (flow_matching, lr_scheduler, peft: nemo.peft's
+-- PeftConfig) or not read at all (ci's open blocks). demo.transformer is checked against the demo model's
 -- config fields (nemo.models.flux / nemo.models.wan CONFIG_FIELDS) by M.validate.
 local SCHEMA = {
     seed = "number",
@@ -90,9 +90,9 @@ local SCHEMA = {
             pp_size = "number", ep_size = "number", activation_checkpointing = "boolean", cpu_offload = "boolean",
             defer_fsdp_grad_sync = "boolean", enable_compile = "boolean", enable_fsdp2_prefetch = "boolean",
             fsdp2_backward_prefetch_depth = "number", fsdp2_forward_prefetch_depth = "number",
-            reduce_dtype = "string", cp_ring_degree = "number", cp_ulysses_degree = "number"},
+            reduce_dtype = "string", cp_ring_degree = "number", cp_ulysses_degree = "number", backend = "string"},
     ddp = {dp_size = "number", activation_checkpointing = "boolean", bucket_cap_mb = "number",
-           find_unused_parameters = "boolean", gradient_as_bucket_view = "boolean"},
+           find_unused_parameters = "boolean", gradient_as_bucket_view = "boolean", backend = "string"},
     flow_matching = "table",
     step_scheduler = {num_epochs = "number", local_batch_size = "number", global_batch_size = "number",
                       ckpt_every_steps = "number", log_remote_every_steps = "number", max_steps = "number",
@@ -130,6 +130,8 @@ local REMOVED = {
 M.REMOVED = REMOVED
 
 local OPTIMIZER_TARGETS = {["torch.optim.AdamW"] = true, ["nemo.optim.AdamW"] = true}
+-- model.model_type (required with peft) -> the transformer class it names
+local PEFT_MODEL_TYPES = {flux = "FluxTransformer2DModel", wan = "WanTransformer3DModel"}
 local DATALOADER_TARGETS = {
     ["nemo_automodel.components.datasets.diffusion.build_text_to_image_multiresolution_dataloader"] = "cache",
     ["nemo_automodel.components.datasets.diffusion.collate_fns.build_text_to_image_multiresolution_dataloader"] = "cache",
@@ -470,8 +472,21 @@ function M.validate(cfg)
         end
     end
     if cfg.fsdp and cfg.ddp then cfg_error("'fsdp' and 'ddp' are mutually exclusive: keep one") end
-    if cfg.peft then
-        cfg_error("peft: LoRA finetuning is not available in nemo-lua yet; remove the peft block for a full finetune")
+    if cfg.peft then   -- LoRA (nemo.peft): Automodel's rules
+        local ok, err = pcall(require("nemo.peft").PeftConfig, cfg.peft)
+        if not ok then cfg_error(err) end
+        if (cfg.model.mode or "finetune") ~= "finetune" then
+            cfg_error("peft: LoRA adapts a pretrained model: it needs model.mode finetune (a pretraining run trains " ..
+                "every weight; remove the peft block)")
+        end
+        local mt = cfg.model.model_type
+        if mt == nil then
+            cfg_error("model.model_type must be set when a peft block is given ('flux' or 'wan'), as Automodel requires")
+        end
+        if not PEFT_MODEL_TYPES[mt] then
+            cfg_error(string.format("model.model_type '%s' is not one nemo-lua trains (known: %s)", tostring(mt),
+                table.concat(sorted_keys(PEFT_MODEL_TYPES), ", ")))
+        end
     end
     if cfg.seed ~= nil and cfg.seed % 1 ~= 0 then cfg_error("seed must be an integer, got " .. tostring(cfg.seed)) end
     local t = cfg.optimizer._target_
@@ -495,6 +510,11 @@ function M.validate(cfg)
     local torch_dtype = M.dtype_name(cfg.model.torch_dtype, "model.torch_dtype") or "bfloat16"
     local compute_dtype = M.dtype_name(cfg.model.compute_dtype, "model.compute_dtype") or torch_dtype
     if cfg.fsdp then M.dtype_name(cfg.fsdp.reduce_dtype, "fsdp.reduce_dtype") end
+    if compute_dtype ~= torch_dtype and cfg.peft then
+        cfg_error(string.format("model.torch_dtype (%s) and model.compute_dtype (%s) must match for PEFT/LoRA " ..
+            "(Automodel's rule: split storage and compute dtypes need FSDP full-parameter training)", torch_dtype,
+            compute_dtype))
+    end
     if compute_dtype ~= torch_dtype and not cfg.fsdp then
         cfg_error(string.format("model.compute_dtype (%s) differs from model.torch_dtype (%s): mixed precision " ..
             "(%s master weights, %s compute) runs through the FSDP2 manager's mp_policy; add an 'fsdp:' block " ..
@@ -952,6 +972,30 @@ function M.run(cfg, opts)
     check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")
     local sig = model_signature(model)   -- before sharding: it reads the model's config only
     local nparams = model:num_parameters()
+    -- LoRA: adapters on the matched Linear layers, everything else frozen (before the manager:
+    -- FSDP2 keeps frozen parameters whole and shards the adapters)
+    local peft_cfg
+    if cfg.peft then
+        local peft = require "nemo.peft"
+        peft_cfg = peft.PeftConfig(cfg.peft)
+        if PEFT_MODEL_TYPES[mcfg.model_type] ~= class_name(model) then
+            cfg_error(string.format("model.model_type '%s' names a %s, but %s holds a %s", mcfg.model_type,
+                PEFT_MODEL_TYPES[mcfg.model_type], mcfg.pretrained_model_name_or_path, class_name(model)))
+        end
+        if not peft_cfg.lora_dtype then peft_cfg.lora_dtype = torch_dtype end   -- the base weights' dtype
+        local n = peft.apply_lora(model, peft_cfg, {generator = nemo.Generator(seed * 7919 + 3)})
+        if n == 0 then
+            cfg_error(string.format("peft: no Linear layer of the %s matches peft.target_modules (%s); check " ..
+                "target_modules against the model's module names (e.g. transformer_blocks.0.attn.to_q)",
+                class_name(model), table.concat(peft_cfg.target_modules, ", ")))
+        end
+        peft.freeze_base(model)
+        local ntrain = 0
+        for _, e in ipairs(peft.lora_parameters(model)) do ntrain = ntrain + e[2]:numel() end
+        sig.peft = {dim = peft_cfg.dim, alpha = peft_cfg.alpha, target_modules = peft.adapted_modules(model)}
+        log(string.format("LoRA: %d Linear layers adapted (dim %d, alpha %s, %s): %d trainable parameters of %d",
+            n, peft_cfg.dim, tostring(peft_cfg.alpha), peft_cfg.lora_dtype, ntrain, nparams + ntrain))
+    end
 
     -- the parallel manager from the fsdp: / ddp: block (nemo.parallel); FSDP2 on one process
     -- shards nothing unless mixed precision asks for float32 master weights
@@ -962,6 +1006,7 @@ function M.run(cfg, opts)
         margs.activation_checkpointing = ac
         margs.cpu_offload = nil            -- reported as ignored above
         margs.enable_compile = nil
+        margs.backend = nil                -- Automodel drops it too: the group's backend is dist_env's
         if cfg.fsdp and compute_dtype ~= torch_dtype then
             margs.mp_policy = {param_dtype = compute_dtype, reduce_dtype = margs.reduce_dtype or "float32"}
             margs.reduce_dtype = nil
@@ -1102,7 +1147,8 @@ function M.run(cfg, opts)
         if end_of_epoch then sampler.epoch, sampler.batch_index = at_epoch + 1, 0 end
         local tr = {sampler = sampler, rng = {flow = fm_gen:get_state(), default = nemo.default_generator:get_state()},
                     next_epoch = sampler.epoch, total_steps = total}
-        local export = consolidated == "every" or (consolidated == "final" and final)
+        -- a LoRA run's export is its adapter (model/adapter_model.safetensors, in every checkpoint)
+        local export = not peft_cfg and (consolidated == "every" or (consolidated == "final" and final))
         -- the consolidated export: rank 0 writes it; under FSDP2 every rank gathers the model for it
         local function export_fn(tmp) pipe:save_pretrained(tmp .. "/diffusers") end
         local extra, extra_all
@@ -1113,8 +1159,10 @@ function M.run(cfg, opts)
         end
         last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
             scheduler = sched, trainer = tr, config = cfg, model_config = sig, extra = extra, extra_all = extra_all,
-            manager = sharded and mgr or nil, group = ws > 1 and group or nil})
+            manager = sharded and mgr or nil, group = ws > 1 and group or nil,
+            peft = peft_cfg and {config = peft_cfg, base = mcfg.pretrained_model_name_or_path} or nil})
         if export then summary.diffusers = last_ckpt .. "/diffusers" end
+        if peft_cfg then summary.adapter = last_ckpt .. "/model" end
         if keep then
             for _, n in ipairs(checkpoint.prune(ck_dir, keep)) do say("removed " .. ck_dir .. "/" .. n .. " (max_recent_checkpoints)") end
             if summary.diffusers and not fs.isdir(summary.diffusers) then summary.diffusers = nil end
@@ -1237,6 +1285,10 @@ function M.run(cfg, opts)
     summary.seconds = now() - t_start
     summary.stopped = stopped
     if summary.diffusers then log("saved the trained pipeline for diffusers in " .. summary.diffusers) end
+    if summary.adapter then
+        log("saved the LoRA adapter in " .. summary.adapter .. " (nemo.peft.load_adapter(transformer, dir) applies it; " ..
+            "nemo.peft.merge folds it into the weights)")
+    end
     if stopped then
         log(string.format("stopped after %d steps (next step %d of %d); resume with the same command", steps_this_run,
             step, total))

@@ -106,7 +106,7 @@ T.raises(function() train.parse_args {"recipe.yaml"} end, "unexpected argument '
 T.raises(function() train.apply_override(tiny("x"), "seed.x", "1") end, "'seed' is a value, not a section",
     "an override below a value")
 
-for _, f in ipairs { "recipes/flux_finetune.yaml", "recipes/flux_pretrain.yaml" } do
+for _, f in ipairs { "recipes/flux_finetune.yaml", "recipes/flux_lora.yaml", "recipes/flux_pretrain.yaml" } do
     local ok, err = pcall(train.load_config, f, {})
     T.ok(ok, "the shipped " .. f .. " validates", err)
 end
@@ -244,7 +244,8 @@ raises_cfg({["checkpoint.save_consolidated"] = "sometimes"}, "save_consolidated:
 raises_cfg({["checkpoint.max_recent_checkpoints"] = 0}, "max_recent_checkpoints must be unset or a positive integer",
     "max_recent_checkpoints 0")
 raises_cfg({["wandb.enable"] = true}, "Weights & Biases logging is not available", "wandb.enable")
-raises_cfg({["peft.dim"] = 8}, "LoRA finetuning is not available", "peft block")
+raises_cfg({["peft.dim"] = 8}, "model.model_type must be set when a peft block is given",
+    "a peft block without model.model_type (LoRA itself: tests/lua/test_peft.lua)")
 raises_cfg({["fsdp.dp_size"] = 1, ["ddp.dp_size"] = 1}, "'fsdp' and 'ddp' are mutually exclusive", "fsdp + ddp")
 raises_cfg({["optimizer"] = json.null}, "the 'optimizer' section is required, for example:", "missing optimizer")
 raises_cfg({device = "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'", "a bad device")

@@ -8,6 +8,8 @@
 #     file per rank; the consolidated diffusers export equals the checkpoint's weights;
 #   - a stopped and resumed FSDP2 run continues bitwise; checkpoints load across world sizes and
 #     managers (FSDP2 shards on 4 ranks, DDP's consolidated file into FSDP2);
+#   - LoRA (a peft block) on DDP and FSDP2 equals one process; FSDP2 LoRA checkpoints hold the
+#     adapters only and resume bitwise;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -136,6 +138,38 @@ if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-
     pass "a 2-rank FSDP2 checkpoint resumed by one process without a manager ends within 1e-6 of the 1-process run ($C)"
 else
     fail "FSDP2 checkpoint into one process" "exit $RC" "$C" "$ERR"
+fi
+
+# ==== LoRA (peft block): DDP and FSDP2 equal one process; adapters only in the checkpoints ====
+LORA=(--model.model_type flux --peft.dim 4 --peft.alpha 8 --optimizer.lr 1e-2
+      --peft.target_modules '["*.attn.to_q", "*.attn.to_k", "*.attn.to_v", "*.ff.net.2", "*.ff_context.net.2"]')
+train 1 0 lora1 "${LORA[@]}" --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ] && grep -q "LoRA: .* Linear layers adapted" <<< "$OUT"; then
+    pass "LoRA reference: 1 process, batch 8"
+else
+    fail "LoRA reference run" "exit $RC" "$ERR"
+fi
+case_eq "LoRA, ddp, 2 ranks x batch 4" 2 lora1 loraddp "${LORA[@]}" --ddp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+case_eq "LoRA, fsdp2, 2 ranks x batch 4" 2 lora1 lorafsdp "${LORA[@]}" --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+SHARD0="$T/lorafsdp/epoch_0_step_3/model/shard-00000-of-00002.safetensors"
+K=$("$N" -e "local n, f = 0, 0
+for k in pairs(require('nemo').load_file('$SHARD0')) do n = n + 1; if not k:find('lora_', 1, true) then f = f + 1 end end
+print(n, f)" 2>&1)
+if [ -f "$T/lorafsdp/epoch_0_step_3/model/adapter_model.safetensors" ] && [[ "$K" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
+    pass "LoRA fsdp2 checkpoint: adapter shards only (no frozen weight) plus the gathered adapter ($K)"
+else
+    fail "LoRA fsdp2 checkpoint holds the adapters only" "$K" "$(ls "$T/lorafsdp/epoch_0_step_3/model" 2>&1)"
+fi
+train 2 2 lorastop "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+A_RC=$RC
+train 2 0 lorastop "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+C=$(compare lorastop/epoch_0_step_3 lorafsdp/epoch_0_step_3)
+if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
+    pass "LoRA fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
+else
+    fail "LoRA fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
 fi
 
 # ==== mixed precision and errors ====

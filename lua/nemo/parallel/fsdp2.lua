@@ -906,7 +906,9 @@ function FSDP:_entries_or_plain()
     return self.entries, self.S, self.shard_group:rank()
 end
 
-function FSDP:save_sharded(dir, optimizer)
+-- save_sharded(dir, optimizer, {frozen = true}): frozen = false leaves the frozen parameters out
+-- (a LoRA run: they are the pretrained weights, loaded again from the model folder).
+function FSDP:save_sharded(dir, optimizer, opts)
     local st = require "nemo.safetensors"
     local json = require "nemo.json"
     local entries, S, q = self:_entries_or_plain()
@@ -945,7 +947,7 @@ function FSDP:save_sharded(dir, optimizer)
         if ostate[e] then steps[e.name] = ostate[e].step end
     end
     -- frozen parameters are not sharded: the first shard file holds them whole
-    for _, f in ipairs(self.frozen or {}) do
+    for _, f in ipairs((opts and opts.frozen == false) and {} or self.frozen or {}) do
         local shape = {}
         for i, v in ipairs(f[2].shape) do shape[i] = v end
         layout[f[1]] = {shape = json.array(shape), whole = true}

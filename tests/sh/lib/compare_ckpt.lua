@@ -1,12 +1,16 @@
 -- tests/sh/lib/compare_ckpt.lua A B: prints "maxrel X n N" where X is the largest over trainable
 -- tensors of max|a - b| / max|b| between the weights of checkpoints A and B (each consolidated
--- model/model.safetensors or FSDP2 shards, any number of ranks), and N the tensors compared;
+-- model/model.safetensors, FSDP2 shards of any number of ranks, or a LoRA checkpoint's
+-- model/adapter_model.safetensors), and N the tensors compared;
 -- "missing NAME" for a tensor only B has. For test_train_dist.sh.
 local nemo = require "nemo"
 local fs = require "nemo.fs"
 local fsdp2 = require "nemo.parallel.fsdp2"
 local function weights(dir)
     if fs.isfile(dir .. "/model/model.safetensors") then return nemo.load_file(dir .. "/model/model.safetensors") end
+    if fs.isfile(dir .. "/model/adapter_model.safetensors") then   -- a LoRA checkpoint: its adapters
+        return nemo.load_file(dir .. "/model/adapter_model.safetensors")
+    end
     return (fsdp2.load_full(dir))
 end
 local a, b = weights(arg[1]), weights(arg[2])
