@@ -37,14 +37,20 @@ function M.read_json(path, who, what)
     return v
 end
 
--- read_weights(folder, who, device) -> name -> tensor (memory-mapped), single file or sharded.
-function M.read_weights(folder, who, device)
-    local single = folder .. "/" .. M.WEIGHTS_NAME
-    local index = folder .. "/" .. M.WEIGHTS_INDEX_NAME
+-- transformers' names for the same files (text encoders)
+M.TRANSFORMERS_WEIGHTS = {"model.safetensors", "model.safetensors.index.json"}
+
+-- read_weights(folder, who, device, names) -> name -> tensor (memory-mapped), single file or
+-- sharded. names: {single file, index file} (default diffusers' names).
+function M.read_weights(folder, who, device, names)
+    local wname, iname = M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME
+    if names then wname, iname = names[1], names[2] end
+    local single = folder .. "/" .. wname
+    local index = folder .. "/" .. iname
     local lopts = device and {device = device} or nil
     if fs.exists(single) then return nemo.load_file(single, lopts) end
     if not fs.exists(index) then
-        error(string.format("%s: '%s' has neither %s nor %s", who, folder, M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME), 3)
+        error(string.format("%s: '%s' has neither %s nor %s", who, folder, wname, iname), 3)
     end
     local idx = M.read_json(index, who, "weight index")
     if type(idx.weight_map) ~= "table" then
@@ -94,7 +100,9 @@ end
 -- load_folder(folder, opts, spec) -> model: what a class's from_pretrained does with a diffusers
 -- model folder (opts: torch_dtype | dtype = "float32", device, subfolder). spec: {class_name,
 -- build = fn(cfg, dtype) -> model (layers' random init skipped by the caller), ignore = {key
--- substrings dropped from the file}, dtype_of = fn(key, dtype) -> the dtype a tensor keeps}.
+-- substrings dropped from the file}, dtype_of = fn(key, dtype) -> the dtype a tensor keeps,
+-- weights = {single file, index file} names (default diffusers'; M.TRANSFORMERS_WEIGHTS for a
+-- transformers folder), remap = fn(sd) -> sd (e.g. tied embeddings) before the strict load}.
 -- Reads config.json (a warning when another class saved it) and the weights (single file or
 -- shards), and loads them strictly (every key present, none unexpected, shapes equal). Tensors
 -- already in their dtype are taken as they are (assign: the parameters share the memory-mapped
@@ -122,7 +130,8 @@ function M.load_folder(folder, opts, spec)
     if not ok then error(string.format("%s('%s'): %s", who, cfg_path, tostring(model)), 3) end
     local device = opts.device
     if device == "cpu" then device = nil end
-    local sd = M.read_weights(folder, who, device)
+    local sd = M.read_weights(folder, who, device, spec.weights)
+    if spec.remap then sd = spec.remap(sd) end
     for k in pairs(sd) do
         for _, pat in ipairs(spec.ignore or {}) do
             if k:find(pat, 1, true) then sd[k] = nil end
