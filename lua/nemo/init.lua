@@ -89,7 +89,8 @@ end
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
 -- nemo.FlowMatchEulerDiscreteScheduler, nemo.lr_scheduler, nemo.flow_matching,
--- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop), nemo.peft (LoRA)
+-- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop), nemo.peft (LoRA),
+-- nemo.tokenizers (CLIP, T5), nemo.image (PNG files)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
     PipelineSpec = {"nemo.pipeline", "PipelineSpec"},
@@ -105,6 +106,8 @@ local LAZY = {
     torchfile = {"nemo.torchfile"},
     sampling = {"nemo.sampling"},
     peft = {"nemo.peft"},
+    tokenizers = {"nemo.tokenizers"},
+    image = {"nemo.image"},
 }
 setmetatable(nemo, {__index = function(t, key)
     local where = LAZY[key]

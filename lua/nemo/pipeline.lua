@@ -6,11 +6,13 @@
 --       {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float32"})
 --
 -- A pipeline is a table of components. Components nemo-lua implements (the classes in the
--- nemo.models registry: the transformers and the AutoencoderKL VAE) are loaded as modules, and
--- the FlowMatchEulerDiscreteScheduler (also in that registry; not a module: no device, dtype or
--- gradients) from its scheduler_config.json; the others (text encoders, tokenizers, other
--- schedulers, other VAEs) are listed, skipped with a warning, and carried through
--- save_pretrained by copying their folders, so a saved pipeline is still complete for diffusers.
+-- nemo.models registry: the transformers, the AutoencoderKL VAE, the CLIP / T5 / UMT5 text
+-- encoders) are loaded as modules, and the FlowMatchEulerDiscreteScheduler and the CLIP / T5
+-- tokenizers (also in that registry; not modules: no device, dtype or gradients) from their
+-- folders; the others (other schedulers, other VAEs) are listed, skipped with a warning, and
+-- carried through save_pretrained by copying their folders, so a saved pipeline is still
+-- complete for diffusers. Components of the transformers library (text encoders, tokenizers)
+-- are saved by copying the folder they were loaded from: nemo-lua does not train them.
 -- parallel_scheme is handed to the parallel managers (lua/nemo/parallel: DDP today; FSDP2 is a
 -- clear "not available yet" error).
 local fs = require "nemo.fs"
@@ -259,12 +261,17 @@ function Pipeline.from_pretrained(path_or_id, opts)
     end
     table.sort(names)
     local pipe = new_pipeline({class_name = idx._class_name, root = root, config = idx, components = {},
-                               component_names = names, skipped = {}, managers = {}})
+                               component_names = names, skipped = {}, managers = {}, sources = {}})
     local skipped_names = {}
     for _, name in ipairs(names) do
         local lib, cls = idx[name][1], idx[name][2]
         if lib == json.null or cls == json.null then
             pipe.components[name] = nil
+        elseif want == nil and lib == "transformers" and implemented(cls) and not fs.isdir(root .. "/" .. name) then
+            -- a text encoder or tokenizer left out of the folder (training needs neither)
+            pipe.skipped[name] = {spec = {lib, cls}, folder = root .. "/" .. name}
+            warn(string.format("from_pretrained: %s lists %s (%s) but the folder %s/%s is missing; not loaded",
+                idx_path, name, cls, root, name))
         elseif (want == nil or want[name]) and implemented(cls) then
             local folder = root .. "/" .. name
             if not fs.isdir(folder) then
@@ -284,6 +291,7 @@ function Pipeline.from_pretrained(path_or_id, opts)
                 if ckpt and model.enable_gradient_checkpointing then model:enable_gradient_checkpointing() end
             end
             pipe.components[name] = model
+            pipe.sources[name] = folder
         else
             if want and want[name] then
                 error(string.format("from_pretrained: component '%s' (%s.%s) was asked for in components_to_load, " ..
@@ -386,7 +394,12 @@ function Pipeline:save_pretrained(dir, opts)
         for _, name in ipairs(self.component_names) do
             local c = self.components[name]
             local skipped = self.skipped[name]
-            if is_module(c) then
+            local spec = self.config and self.config[name]
+            local src = self.sources and self.sources[name]
+            if c ~= nil and type(spec) == "table" and spec[1] == "transformers" and src and fs.isdir(src) then
+                index[name] = spec   -- a text encoder or tokenizer: its folder as loaded
+                fs.copy_tree(src, tmp .. "/" .. name)
+            elseif is_module(c) then
                 index[name] = {"diffusers", (tostring(c.__name or "?"):match("([^%.]+)$"))}
                 c:save_pretrained(tmp .. "/" .. name, {max_shard_size = opts.max_shard_size})
             elseif type(c) == "table" and type(c.save_pretrained) == "function" and c.__name then

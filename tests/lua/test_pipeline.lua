@@ -93,8 +93,8 @@ local vae_src = require("nemo.models.vae").AutoencoderKL({block_out_channels = {
 vae_src:save_pretrained(out .. "/vae")
 idx.vae = {"diffusers", "AutoencoderKL"}
 fs.mkdirs(out .. "/text_encoder")
-json.write_file(out .. "/text_encoder/config.json", {architectures = {"CLIPTextModel"}, hidden_size = 32})
-idx.text_encoder = {"transformers", "CLIPTextModel"}
+json.write_file(out .. "/text_encoder/config.json", {architectures = {"CLIPTextModelWithProjection"}, hidden_size = 32})
+idx.text_encoder = {"transformers", "CLIPTextModelWithProjection"}   -- (SD3's; not in nemo-lua)
 idx.image_encoder = {json.null, json.null}
 json.write_file(out .. "/model_index.json", idx)
 
@@ -120,7 +120,7 @@ local a = pipe.transformer.proj_out.weight:detach()
 local b = loaded.transformer.proj_out.weight:detach()
 T.close(b, a, 0, 0, "weights round trip through save_pretrained / from_pretrained")
 T.raises(function() P.from_pretrained(out, {components_to_load = {"text_encoder"}}) end,
-    "no implementation of CLIPTextModel yet", "asking for an unimplemented component is an error")
+    "no implementation of CLIPTextModelWithProjection yet", "asking for an unimplemented component is an error")
 do
     local only_vae = P.from_pretrained(out, {torch_dtype = "float32", components_to_load = {"vae"}})
     T.ok(only_vae.vae ~= nil and only_vae.transformer == nil, "components_to_load = {'vae'} loads the VAE alone")
@@ -135,7 +135,8 @@ T.raises(function() P.from_pretrained(out .. "/transformer") end, "single model 
 local out2 = tmp .. "/saved2"
 loaded:save_pretrained(out2)
 T.ok(fs.isfile(out2 .. "/text_encoder/config.json"), "save_pretrained copies components it did not load")
-T.is(json.read_file(out2 .. "/model_index.json").text_encoder[2], "CLIPTextModel", "and lists them in model_index.json")
+T.is(json.read_file(out2 .. "/model_index.json").text_encoder[2], "CLIPTextModelWithProjection",
+    "and lists them in model_index.json")
 T.ok(fs.isfile(out2 .. "/vae/diffusion_pytorch_model.safetensors") and
      json.read_file(out2 .. "/model_index.json").vae[2] == "AutoencoderKL" and
      json.read_file(out2 .. "/vae/config.json").scaling_factor == 0.3611,

@@ -15,13 +15,23 @@ local known = {
     FluxTransformer2DModel = "nemo.models.flux",
     WanTransformer3DModel = "nemo.models.wan",
     AutoencoderKL = "nemo.models.vae",
-    -- not a model (no weights, no nn.Module): the pipeline loads it from scheduler_config.json
+    -- the text encoders (transformers' classes and folders)
+    CLIPTextModel = "nemo.models.clip",
+    T5EncoderModel = "nemo.models.t5",
+    UMT5EncoderModel = "nemo.models.t5",
+    -- not models (no weights, no nn.Module): the pipeline loads them from their folders
     FlowMatchEulerDiscreteScheduler = "nemo.schedulers.flow_match_euler",
+    CLIPTokenizer = "nemo.tokenizers",
+    CLIPTokenizerFast = "nemo.tokenizers",
+    T5Tokenizer = "nemo.tokenizers",
+    T5TokenizerFast = "nemo.tokenizers",
 }
 M.known = known
 -- the order error messages list the names in: the transformers, then the other components,
 -- then what register() adds
-local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "FlowMatchEulerDiscreteScheduler"}
+local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "CLIPTextModel", "T5EncoderModel",
+               "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
+               "T5Tokenizer", "T5TokenizerFast"}
 M.registry = {}
 local load_errors = {}
 

@@ -767,5 +767,9 @@ function M.from_pretrained(dir, o)
         "for CLIP, tokenizer.json for T5 / UMT5)", d), 2)
 end
 
+-- the names of transformers' classes, as model_index.json lists them
+M.CLIPTokenizerFast = CLIPTokenizer
+M.T5TokenizerFast = T5Tokenizer
+
 M._codepoints, M._utf8 = codepoints, utf8
 return M

@@ -1,0 +1,552 @@
+-- lua/nemo/models/clip.lua: CLIPTextModel, the CLIP text encoder FLUX.1 uses (`text_encoder`,
+-- openai/clip-vit-large-patch14's text tower), as Hugging Face transformers defines and computes
+-- it (models/clip/modeling_clip.py): the same module tree and parameter names, registered in the
+-- same order, so a transformers `text_encoder/` folder loads strictly.
+--
+--   local clip = require "nemo.models.clip"
+--   local te = clip.CLIPTextModel.from_pretrained("FLUX.1-dev", {subfolder = "text_encoder",
+--                                                 torch_dtype = "bfloat16", device = "cuda:0"})
+--   local out = te{input_ids = ids, attention_mask = mask, output_hidden_states = false}
+--   out.last_hidden_state (B, S, H), out.pooler_output (B, H) (what FLUX feeds its
+--   pooled_projections), out.hidden_states = {embeddings, layer 1, ..., layer N} when asked
+--   te(ids) is te{input_ids = ids}; te(ids, {attention_mask = mask}) works too.
+--
+-- The non-obvious rules:
+-- - Parameter names are the legacy (transformers 4) ones FLUX's checkpoints hold:
+--   text_model.embeddings.{token,position}_embedding.weight,
+--   text_model.encoder.layers.{i}.{self_attn.{k,v,q,out}_proj, layer_norm1, mlp.fc1, mlp.fc2,
+--   layer_norm2}.{weight,bias}, text_model.final_layer_norm.{weight,bias}. transformers 5 saves
+--   the same tensors without the `text_model.` prefix; such files load too (the prefix is added,
+--   as transformers' own PrefixChange does). A stored text_model.embeddings.position_ids buffer
+--   (older files) is ignored; so are the other towers of a full CLIPModel file (vision_model.*,
+--   visual_projection, text_projection, logit_scale), with a warning.
+-- - config.json is a CLIPTextConfig, or a full CLIPConfig whose "text_config" object is used.
+--   The six sizes (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+--   num_attention_heads, max_position_embeddings) are required; hidden_act, layer_norm_eps and
+--   the token ids default to CLIPTextConfig's defaults (quick_gelu, 1e-5, bos 49406, eos 49407,
+--   pad 1). Other keys are ignored.
+-- - Pre-LN layers: x + attn(ln1(x)), then x + mlp(ln2(x)); final_layer_norm on the last layer.
+--   Attention scale is head_dim^-0.5; attention is causal, and with an attention_mask that masks
+--   something it is causal AND the padding mask (transformers' sdpa path: a boolean mask). A
+--   query row whose every key is masked (only with left padding) gets a zero attention output,
+--   as torch's sdpa gives it (transformers' eager path would give a uniform average instead).
+-- - pooler_output: with eos_token_id == 2 (the legacy configs, FLUX.1's) the last hidden state
+--   at input_ids.argmax(-1) (the first maximum: the highest id, i.e. the end-of-text token of
+--   the real vocabulary, or an added token above it); otherwise at the first position where
+--   input_ids == eos_token_id (0 when the row has none), exactly as transformers does.
+-- - hidden_states[1] are the embeddings (token + position), hidden_states[k + 1] the output of
+--   layer k; the last one is before final_layer_norm (last_hidden_state is after it).
+-- - quick_gelu is x * sigmoid(1.702 x), gelu_new the tanh formula written out op by op as
+--   transformers does (so bf16 rounds where it rounds); gelu is exact erf gelu.
+-- - No dropout (attention_dropout is read and ignored: FLUX's text encoder is frozen and its
+--   value is 0). Inputs longer than max_position_embeddings are an error.
+-- Shapes: B batch, S tokens, H hidden_size, h heads, Dh = H / h.
+local nemo = require "nemo"
+local class = require "nemo.class"
+local nn = require "nemo.nn"
+local Tensor = require "nemo.tensor"
+local json = require "nemo.json"
+local common = require "nemo.models.common"
+local mio = require "nemo.models.io"
+
+local F = nemo.F
+local free, factory = common.free, common.factory
+local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
+local null = json.null
+local describe = mio.describe
+
+local M = {}
+
+-- ==== config ====
+
+local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= -2^53 and v < 2^53 end
+
+-- CLIPTextConfig's fields read here: {key, kind, default (nil: required)}. kind "int?" accepts null.
+local CONFIG = {
+    {"vocab_size", "size"},
+    {"hidden_size", "size"},
+    {"intermediate_size", "size"},
+    {"num_hidden_layers", "size"},
+    {"num_attention_heads", "size"},
+    {"max_position_embeddings", "size"},
+    {"hidden_act", "str", "quick_gelu"},
+    {"layer_norm_eps", "eps", 1e-5},
+    {"eos_token_id", "int", 49407},
+    {"bos_token_id", "int?", 49406},
+    {"pad_token_id", "int?", 1},
+    {"projection_dim", "int?", 512},
+    {"attention_dropout", "number", 0.0},
+}
+M.CONFIG_FIELDS = CONFIG
+
+-- transformers' ACT2FN names supported here
+local ACTIVATIONS = {quick_gelu = true, gelu = true, gelu_new = true, gelu_pytorch_tanh = true, relu = true,
+    silu = true, swish = true}
+M.ACTIVATIONS = {"quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish"}
+
+-- resolve_config(cfg, who, plain) -> the config the model uses: the CLIPTextConfig fields above (a
+-- full CLIPConfig's text_config when cfg has one), defaults filled in, unknown keys dropped.
+-- Errors name the key (text_config.<key> when nested), what was expected and what was found;
+-- they point at the constructor's caller, or carry no position with plain = true.
+local function resolve_config(cfg, who, plain)
+    -- levels: fail, [bad,] resolve_config, __init, class.lua's new, the caller
+    local function fail(msg, deeper) error(msg, plain and 0 or 5 + (deeper or 0)) end
+    if type(cfg) ~= "table" or is_tensor(cfg) then
+        fail(string.format("%s: config must be a table (CLIPTextConfig fields), got %s", who, type(cfg)))
+    end
+    local prefix = ""
+    if cfg.text_config ~= nil and cfg.text_config ~= null then
+        if type(cfg.text_config) ~= "table" then
+            fail(string.format("%s: config key 'text_config' must be an object (a CLIPConfig's text tower), got %s",
+                who, describe(cfg.text_config)))
+        end
+        cfg, prefix = cfg.text_config, "text_config."
+    end
+    local out = {}
+    for _, f in ipairs(CONFIG) do
+        local key, kind, default = f[1], f[2], f[3]
+        local v = cfg[key]
+        local function bad(what)
+            fail(string.format("%s: config key '%s%s' must be %s, got %s", who, prefix, key, what, describe(v)), 1)
+        end
+        if v == nil or (v == null and kind == "int?") then
+            if default == nil then
+                fail(string.format("%s: config key '%s%s' is missing (expected a positive integer)", who, prefix,
+                    key))
+            end
+            v = default
+        elseif kind == "size" then
+            if not is_int(v) or v < 1 then bad("a positive integer") end
+        elseif kind == "int" then
+            if not is_int(v) then bad("an integer") end
+        elseif kind == "int?" then
+            if not is_int(v) then bad("an integer or null") end
+        elseif kind == "str" then
+            if type(v) ~= "string" then bad("a string") end
+        elseif kind == "eps" then
+            if type(v) ~= "number" or not (v > 0) or v == math.huge then bad("a positive number") end
+        elseif kind == "number" then
+            if type(v) ~= "number" or v ~= v then bad("a number") end
+        end
+        out[key] = v
+    end
+    if not ACTIVATIONS[out.hidden_act] then
+        fail(string.format("%s: config key '%shidden_act' must be one of %s, got %s", who, prefix,
+            table.concat(M.ACTIVATIONS, ", "), describe(out.hidden_act)))
+    end
+    if out.hidden_size % out.num_attention_heads ~= 0 then
+        fail(string.format("%s: config key '%shidden_size' (%d) must be a multiple of num_attention_heads (%d)",
+            who, prefix, out.hidden_size, out.num_attention_heads))
+    end
+    return out
+end
+M.resolve_config = resolve_config
+
+-- ==== layers ====
+
+-- transformers' ACT2FN[name](x); x is not freed
+local function activation(name, x)
+    if name == "quick_gelu" then                       -- x * sigmoid(1.702 * x)
+        local s = x * 1.702
+        local g = F.sigmoid(s)
+        free(s)
+        local y = x * g
+        free(g)
+        return y
+    elseif name == "gelu" then
+        return F.gelu(x)
+    elseif name == "gelu_pytorch_tanh" then
+        return F.gelu(x, {approximate = "tanh"})
+    elseif name == "gelu_new" then
+        -- 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in that op order
+        local c3 = x:pow(3.0)
+        local t1 = c3 * 0.044715
+        free(c3)
+        local t2 = x + t1
+        free(t1)
+        local t3 = t2 * math.sqrt(2.0 / math.pi)
+        free(t2)
+        local th = F.tanh(t3)
+        free(t3)
+        local p = th + 1.0
+        free(th)
+        local half = x * 0.5
+        local y = half * p
+        free(half, p)
+        return y
+    elseif name == "relu" then
+        return F.relu(x)
+    elseif name == "silu" or name == "swish" then
+        return F.silu(x)
+    end
+    error("CLIPMLP: unsupported hidden_act '" .. tostring(name) .. "'", 2)
+end
+
+local function linear(i, o, fo) return nn.Linear(i, o, {dtype = fo.dtype, device = fo.device}) end
+local function layer_norm(d, eps, fo) return nn.LayerNorm(d, {eps = eps, dtype = fo.dtype, device = fo.device}) end
+
+-- CLIPTextEmbeddings(cfg, {dtype=, device=}): token_embedding (vocab, H), position_embedding
+-- (max_pos, H). forward(input_ids (B, S), position_ids (B, S) or (S) or nil = 0..S-1) -> (B, S, H)
+local CLIPTextEmbeddings = class("nemo.models.clip.CLIPTextEmbeddings", nn.Module)
+M.CLIPTextEmbeddings = CLIPTextEmbeddings
+function CLIPTextEmbeddings:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size, {dtype = fo.dtype, device = fo.device})
+    self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+        {dtype = fo.dtype, device = fo.device})
+end
+function CLIPTextEmbeddings:forward(input_ids, position_ids)
+    local S = input_ids.shape[input_ids:dim()]
+    local tok = self.token_embedding(input_ids)
+    local pos_ids = position_ids
+    if pos_ids == nil then
+        pos_ids = Tensor.arange(0, S, 1, {dtype = "int64", device = input_ids.device})
+    end
+    local pos = self.position_embedding(pos_ids)
+    if not rawequal(pos_ids, position_ids) then free(pos_ids) end
+    local emb = tok + pos
+    free(tok, pos)
+    return emb
+end
+
+-- CLIPAttention(cfg, {dtype=, device=}): k_proj, v_proj, q_proj, out_proj (transformers' order).
+-- forward(x (B, S, H), mask (B, 1, S, S) bool or nil) -> (B, S, H): causal attention, AND the
+-- mask when there is one.
+local CLIPAttention = class("nemo.models.clip.CLIPAttention", nn.Module)
+M.CLIPAttention = CLIPAttention
+function CLIPAttention:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local H = cfg.hidden_size
+    self.embed_dim = H
+    self.num_heads = cfg.num_attention_heads
+    self.head_dim = math.floor(H / self.num_heads)
+    self.scale = self.head_dim ^ -0.5
+    self.k_proj = linear(H, H, fo)
+    self.v_proj = linear(H, H, fo)
+    self.q_proj = linear(H, H, fo)
+    self.out_proj = linear(H, H, fo)
+end
+
+local function heads(self, y, B, S)
+    local y4 = y:view(B, S, self.num_heads, self.head_dim)
+    local t = y4:transpose(1, 2)                        -- (B, h, S, Dh)
+    free(y4)
+    return t
+end
+
+function CLIPAttention:forward(x, mask)
+    local B, S = x.shape[1], x.shape[2]
+    local q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    local qh, kh, vh = heads(self, q, B, S), heads(self, k, B, S), heads(self, v, B, S)
+    free(q, k, v)
+    local o
+    if mask ~= nil then
+        o = F.scaled_dot_product_attention(qh, kh, vh, {attn_mask = mask, scale = self.scale})
+    else
+        o = F.scaled_dot_product_attention(qh, kh, vh, {is_causal = true, scale = self.scale})
+    end
+    free(qh, kh, vh)
+    local ot = o:transpose(1, 2)
+    local of = ot:reshape(B, S, self.embed_dim)
+    free(o, ot)
+    local y = self.out_proj(of)
+    free(of)
+    return y
+end
+function CLIPAttention:extra_repr()
+    return string.format("embed_dim=%d, num_heads=%d, head_dim=%d", self.embed_dim, self.num_heads, self.head_dim)
+end
+
+-- CLIPMLP(cfg, {dtype=, device=}): fc1 (H -> I), activation, fc2 (I -> H).
+local CLIPMLP = class("nemo.models.clip.CLIPMLP", nn.Module)
+M.CLIPMLP = CLIPMLP
+function CLIPMLP:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.hidden_act = cfg.hidden_act
+    self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, fo)
+    self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, fo)
+end
+function CLIPMLP:forward(x)
+    local h = self.fc1(x)
+    local a = activation(self.hidden_act, h)
+    free(h)
+    local y = self.fc2(a)
+    free(a)
+    return y
+end
+function CLIPMLP:extra_repr() return "hidden_act='" .. self.hidden_act .. "'" end
+
+-- CLIPEncoderLayer(cfg, {dtype=, device=}): self_attn, layer_norm1, mlp, layer_norm2.
+-- forward(x, mask) -> h + mlp(ln2(h)) with h = x + attn(ln1(x)); x is not freed.
+local CLIPEncoderLayer = class("nemo.models.clip.CLIPEncoderLayer", nn.Module)
+M.CLIPEncoderLayer = CLIPEncoderLayer
+function CLIPEncoderLayer:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.self_attn = CLIPAttention(cfg, fo)
+    self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, fo)
+    self.mlp = CLIPMLP(cfg, fo)
+    self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, fo)
+end
+function CLIPEncoderLayer:forward(x, mask)
+    local n1 = self.layer_norm1(x)
+    local a = self.self_attn(n1, mask)
+    free(n1)
+    local h = x + a
+    free(a)
+    local n2 = self.layer_norm2(h)
+    local m = self.mlp(n2)
+    free(n2)
+    local y = h + m
+    free(h, m)
+    return y
+end
+
+-- CLIPEncoder(cfg, {dtype=, device=}): layers (num_hidden_layers CLIPEncoderLayer).
+-- forward(x, mask, keep) -> the last layer's output; keep (a list) receives every layer's output.
+local CLIPEncoder = class("nemo.models.clip.CLIPEncoder", nn.Module)
+M.CLIPEncoder = CLIPEncoder
+function CLIPEncoder:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local layers = {}
+    for i = 1, cfg.num_hidden_layers do layers[i] = CLIPEncoderLayer(cfg, fo) end
+    self.layers = nn.ModuleList(layers)
+end
+function CLIPEncoder:forward(x, mask, keep)
+    local h = x
+    for _, layer in self.layers:iter() do
+        local y = layer(h, mask)
+        if keep then keep[#keep + 1] = y
+        elseif not rawequal(h, x) then free(h) end
+        h = y
+    end
+    return h
+end
+
+-- CLIPTextTransformer(cfg, {dtype=, device=}): embeddings, encoder, final_layer_norm.
+local CLIPTextTransformer = class("nemo.models.clip.CLIPTextTransformer", nn.Module)
+M.CLIPTextTransformer = CLIPTextTransformer
+function CLIPTextTransformer:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.embeddings = CLIPTextEmbeddings(cfg, fo)
+    self.encoder = CLIPEncoder(cfg, fo)
+    self.final_layer_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, fo)
+end
+
+-- ==== the model ====
+
+local CLIPTextModel = class("nemo.models.CLIPTextModel", nn.Module)
+M.CLIPTextModel = CLIPTextModel
+CLIPTextModel._no_split_modules = {"CLIPTextEmbeddings", "CLIPEncoderLayer"}
+
+-- CLIPTextModel(config, {dtype=, device=}): config holds CLIPTextConfig's fields (or a
+-- CLIPConfig's, with text_config). Child: text_model (CLIPTextTransformer).
+function CLIPTextModel:__init(config, opts)
+    nn.Module.__init(self)
+    local cfg = resolve_config(config, "CLIPTextModel")
+    self.config = cfg
+    self.text_model = CLIPTextTransformer(cfg, factory(opts))
+end
+
+-- The dtype / device of the parameters (those of the token embedding).
+function CLIPTextModel:dtype() return self.text_model.embeddings.token_embedding.weight.dtype end
+function CLIPTextModel:device() return self.text_model.embeddings.token_embedding.weight.device end
+
+local FORWARD_KEYS = {input_ids = true, attention_mask = true, position_ids = true, output_hidden_states = true,
+    return_dict = true}
+
+local function int_ids(t, what)
+    if not is_tensor(t) then
+        error(string.format("CLIPTextModel:forward: %s must be an integer tensor, got %s", what, type(t)), 3)
+    end
+    if t:is_floating_point() or t.dtype == "bool" then
+        error(string.format("CLIPTextModel:forward: %s must hold integer ids (int64 or int32), got dtype %s", what,
+            t.dtype), 3)
+    end
+end
+
+-- the positions pooler_output reads, one per row (0-based), from the ids on the host; also
+-- checks every id is inside the vocabulary
+local function pooled_positions(self, ids)
+    local rows = ids:to{device = "cpu"}:tolist()
+    local eos, V = self.config.eos_token_id, self.config.vocab_size
+    local pos = {}
+    for b, row in ipairs(rows) do
+        local best, at, first = nil, 0, nil
+        for s, id in ipairs(row) do
+            id = tonumber(id)
+            if id < 0 or id >= V then
+                error(string.format("CLIPTextModel:forward: input_ids[%d][%d] = %d is outside the vocabulary " ..
+                    "(expected 0 <= id < vocab_size = %d)", b - 1, s - 1, id, V), 3)
+            end
+            if best == nil or id > best then best, at = id, s - 1 end   -- first maximum, as argmax
+            if first == nil and id == eos then first = s - 1 end
+        end
+        if eos == 2 then pos[b] = at else pos[b] = first or 0 end
+    end
+    return pos
+end
+
+-- model:forward{input_ids=, attention_mask=, position_ids=, output_hidden_states=false,
+-- return_dict=true} or model:forward(input_ids, {attention_mask=, ...}); model(...) is the same.
+-- input_ids (B, S) (or (S): batch 1) integer ids; attention_mask (B, S), nonzero = attend;
+-- position_ids (B, S) or (S), default 0..S-1. Returns {last_hidden_state = (B, S, H),
+-- pooler_output = (B, H), hidden_states = {embeddings, layer 1, ..., layer N} when asked};
+-- return_dict=false: {last_hidden_state, pooler_output[, hidden_states]} as a list.
+function CLIPTextModel:forward(args, more)
+    local opts
+    if is_tensor(args) then
+        if more ~= nil and type(more) ~= "table" then
+            error("CLIPTextModel:forward: options after input_ids must be a table, got " .. type(more), 2)
+        end
+        opts = {}
+        for k, v in pairs(more or {}) do opts[k] = v end
+        if opts.input_ids ~= nil then error("CLIPTextModel:forward: input_ids given twice", 2) end
+        opts.input_ids = args
+    elseif type(args) == "table" then
+        opts = args
+    else
+        error("CLIPTextModel:forward: expected input_ids (a tensor) or a table {input_ids=, attention_mask=, ...}, " ..
+            "got " .. type(args), 2)
+    end
+    for k in pairs(opts) do
+        if not FORWARD_KEYS[k] then
+            error(string.format("CLIPTextModel:forward: unknown argument '%s' (input_ids, attention_mask, " ..
+                "position_ids, output_hidden_states, return_dict)", tostring(k)), 2)
+        end
+    end
+    local cfg = self.config
+    local device = self:device()
+    local ids = opts.input_ids
+    if ids == nil then error("CLIPTextModel:forward: input_ids is required", 2) end
+    int_ids(ids, "input_ids")
+    if ids:dim() == 1 then ids = ids:unsqueeze(0) end
+    if ids:dim() ~= 2 then
+        error(string.format("CLIPTextModel:forward: input_ids must be (B, S) (or (S)), got shape %s",
+            shape_str(ids.shape)), 2)
+    end
+    local B, S = ids.shape[1], ids.shape[2]
+    if S < 1 or B < 1 then error("CLIPTextModel:forward: input_ids is empty: shape " .. shape_str(ids.shape), 2) end
+    if S > cfg.max_position_embeddings then
+        error(string.format("CLIPTextModel:forward: input_ids has %d tokens per row but max_position_embeddings " ..
+            "is %d (truncate the prompt to at most %d tokens)", S, cfg.max_position_embeddings,
+            cfg.max_position_embeddings), 2)
+    end
+    local pos = pooled_positions(self, ids)
+    if ids.device ~= device then ids = ids:to{device = device} end
+
+    local position_ids = opts.position_ids
+    if position_ids ~= nil then
+        int_ids(position_ids, "position_ids")
+        local ps = position_ids.shape
+        if not ((#ps == 1 and ps[1] == S) or (#ps == 2 and (ps[1] == B or ps[1] == 1) and ps[2] == S)) then
+            error(string.format("CLIPTextModel:forward: position_ids must be (%d), (1, %d) or (%d, %d), got %s", S, S,
+                B, S, shape_str(ps)), 2)
+        end
+        if position_ids.device ~= device then position_ids = position_ids:to{device = device} end
+    end
+
+    -- the attention mask: nil (plain causal attention) unless attention_mask masks something
+    local mask
+    local am = opts.attention_mask
+    if am ~= nil then
+        if not is_tensor(am) then
+            error("CLIPTextModel:forward: attention_mask must be a tensor (B, S) of 0/1, got " .. type(am), 2)
+        end
+        if am:dim() ~= 2 or am.shape[1] ~= B or am.shape[2] ~= S then
+            error(string.format("CLIPTextModel:forward: attention_mask must have input_ids' shape (%d, %d), got %s",
+                B, S, shape_str(am.shape)), 2)
+        end
+        if am.device ~= device then am = am:to{device = device} end
+        local keep = am.dtype == "bool" and am or F.ne(am, 0)
+        if not F.all(keep):item() then
+            local ar = Tensor.arange(0, S, 1, {dtype = "int64", device = device})
+            local causal = F.ge(ar:unsqueeze(1), ar:unsqueeze(0))           -- (S, S): key j <= query i
+            mask = F.logical_and(causal, keep:reshape(B, 1, 1, S))              -- (B, 1, S, S)
+            free(ar, causal)
+        end
+        if not rawequal(keep, am) then free(keep) end
+    end
+
+    local tm = self.text_model
+    local emb = tm.embeddings(ids, position_ids)
+    local hidden = opts.output_hidden_states and {emb} or nil
+    local h = tm.encoder(emb, mask, hidden)
+    if mask ~= nil then free(mask) end
+    local last = tm.final_layer_norm(h)
+    if not hidden then
+        if not rawequal(h, emb) then free(h) end
+        free(emb)
+    end
+
+    local rows = {}
+    for b = 1, B do rows[b] = last:select(0, b - 1):select(0, pos[b]) end
+    local pooled = F.stack(rows, 0)
+    if opts.return_dict == false then
+        return {last, pooled, hidden}
+    end
+    return {last_hidden_state = last, pooler_output = pooled, hidden_states = hidden}
+end
+
+-- ==== files ====
+
+-- Build without the layers' random initialisation (the weights are about to be overwritten).
+local function without_init(fn)
+    local classes = {nn.Linear, nn.Embedding}
+    local saved = {}
+    for i, L in ipairs(classes) do
+        saved[i] = rawget(L, "reset_parameters")
+        L.reset_parameters = function() end
+    end
+    local ok, res = pcall(fn)
+    for i, L in ipairs(classes) do L.reset_parameters = saved[i] end
+    if not ok then error(res, 0) end
+    return res
+end
+
+-- the prefixes of a full CLIPModel file that are not the text tower
+local OTHER_TOWERS = {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"}
+
+-- transformers 5's unprefixed names get `text_model.`; the other towers of a CLIPModel file go
+local function remap(sd)
+    local out, dropped = {}, 0
+    for k, t in pairs(sd) do
+        local other = false
+        for _, p in ipairs(OTHER_TOWERS) do
+            if k:sub(1, #p) == p then other = true end
+        end
+        if other then
+            dropped = dropped + 1
+        elseif k:match("^embeddings%.") or k:match("^encoder%.") or k:match("^final_layer_norm%.") then
+            out["text_model." .. k] = t
+        else
+            out[k] = t
+        end
+    end
+    if dropped > 0 then
+        io.stderr:write(string.format("warning: CLIPTextModel.from_pretrained: %d tensors of the other CLIPModel " ..
+            "parts (vision_model, projections, logit_scale) are not used\n", dropped))
+    end
+    return out
+end
+
+-- CLIPTextModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
+-- Reads folder/config.json (CLIPTextConfig, or CLIPConfig with text_config) and
+-- model.safetensors (or model.safetensors.index.json and its shards) and loads the weights
+-- strictly, cast to torch_dtype (nemo.models.io.load_folder).
+function CLIPTextModel.from_pretrained(folder, opts, more)
+    if rawequal(folder, CLIPTextModel) then folder, opts = opts, more end   -- CLIPTextModel:from_pretrained(...)
+    return mio.load_folder(folder, opts, {class_name = "CLIPTextModel",
+        weights = mio.TRANSFORMERS_WEIGHTS, ignore = {"position_ids"}, remap = remap,
+        build = function(cfg, dtype)
+            cfg = resolve_config(cfg, "CLIPTextModel", true)   -- errors without a position: load_folder names the file
+            return without_init(function() return CLIPTextModel(cfg, {dtype = dtype}) end)
+        end})
+end
+
+return M
