@@ -1,4 +1,10 @@
--- lua/nemo/sampling.lua: sampling loops of diffusers' pipelines, for precomputed text embeddings.
+-- lua/nemo/sampling.lua: sampling loops of diffusers' pipelines, from prompts (with the
+-- pipeline's tokenizers and text encoders) or from precomputed text embeddings.
+--
+--   local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")
+--   local out = nemo.sampling.flux{pipe = pipe, prompt = "a photo of a cat", height = 1024, width = 1024,
+--       generator = nemo.Generator(0)}
+--   nemo.image.save("cat.png", (nemo.sampling.to_uint8(out.image)))
 --
 --   local sampling = require "nemo.sampling"
 --   local out = sampling.flux{transformer = pipe.components.transformer, scheduler = pipe.components.scheduler,
@@ -45,7 +51,10 @@ local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
 local M = {}
 
 M.FLUX_OPTIONS = {"transformer", "scheduler", "vae", "prompt_embeds", "pooled_prompt_embeds", "height", "width",
-    "num_inference_steps", "guidance_scale", "latents", "generator", "sigmas", "output_type", "callback"}
+    "num_inference_steps", "guidance_scale", "latents", "generator", "sigmas", "output_type", "callback",
+    "pipe", "prompt", "prompt_2", "max_sequence_length", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
+M.ENCODE_OPTIONS = {"prompt", "prompt_2", "max_sequence_length", "tokenizer", "text_encoder", "tokenizer_2",
+    "text_encoder_2"}
 M.OUTPUT_TYPES = {"latent", "image"}
 M.FLUX_DEFAULTS = {num_inference_steps = 28, guidance_scale = 3.5, output_type = "image", default_sample_size = 128}
 
@@ -72,6 +81,59 @@ function M.flux_unpack_latents(latents, height, width, vsf)
     return FM.unpack_latents(latents, h, w)
 end
 
+-- The dtype and device of a module (its first parameter's).
+local function module_dtype_device(m)
+    for _, p in m:named_parameters() do return p.dtype, p.device end
+    return "float32", "cpu"
+end
+
+-- FluxPipeline.encode_prompt: {prompt = string or list, prompt_2 = (T5's; default prompt),
+-- tokenizer, text_encoder (CLIP), tokenizer_2, text_encoder_2 (T5), max_sequence_length = 512}
+-- -> prompt_embeds [B, L, D] (text_encoder_2's dtype), pooled_prompt_embeds [B, P] (text_encoder's
+-- dtype), the two tokenizations' input_ids. As diffusers: CLIP tokenized to its model_max_length
+-- (77) with padding and truncation, pooler_output; T5 to max_sequence_length, last_hidden_state;
+-- no attention masks are passed to either encoder.
+function M.flux_encode_prompt(o)
+    if type(o) ~= "table" then err("flux_encode_prompt: expected a table of options", 2) end
+    local known = {}
+    for _, k in ipairs(M.ENCODE_OPTIONS) do known[k] = true end
+    for k in pairs(o) do
+        if not known[k] then
+            err(string.format("flux_encode_prompt: unknown option '%s' (known: %s)", tostring(k),
+                table.concat(M.ENCODE_OPTIONS, ", ")), 2)
+        end
+    end
+    local prompt = o.prompt
+    if type(prompt) == "string" then prompt = {prompt} end
+    if type(prompt) ~= "table" or #prompt == 0 then err("prompt must be a string or a list of strings", 2) end
+    local prompt_2 = o.prompt_2 or prompt
+    if type(prompt_2) == "string" then prompt_2 = {prompt_2} end
+    if #prompt_2 ~= #prompt then
+        err(string.format("prompt_2 has %d prompts, prompt %d", #prompt_2, #prompt), 2)
+    end
+    for _, k in ipairs{"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"} do
+        if o[k] == nil then
+            err(string.format("%s is required to encode prompts (load the pipeline with its text encoders and " ..
+                "tokenizers, or pass prompt_embeds and pooled_prompt_embeds)", k), 2)
+        end
+    end
+    local msl = o.max_sequence_length or 512
+    if not posint(msl) or msl > 512 then err("max_sequence_length must be an integer in 1..512, got " .. tostring(msl), 2) end
+    return autograd.no_grad(function()
+        local dt1, dev1 = module_dtype_device(o.text_encoder)
+        local t1 = o.tokenizer(prompt, {padding = "max_length", max_length = o.tokenizer.model_max_length or 77,
+            truncation = true})
+        local c = o.text_encoder{input_ids = t1.input_ids:to{device = dev1}}
+        local pooled = (c.pooler_output or c[2]):to{dtype = dt1}
+        local dt2, dev2 = module_dtype_device(o.text_encoder_2)
+        local t2 = o.tokenizer_2(prompt_2, {padding = "max_length", max_length = msl, truncation = true})
+        local e = o.text_encoder_2{input_ids = t2.input_ids:to{device = dev2}}
+        local pe = (e.last_hidden_state or e[1]):to{dtype = dt2}
+        return {prompt_embeds = pe, pooled_prompt_embeds = pooled, clip_input_ids = t1.input_ids,
+                t5_input_ids = t2.input_ids}
+    end)
+end
+
 local function run_flux(o)
     -- ---- the options ----
     local known = {}
@@ -80,6 +142,33 @@ local function run_flux(o)
         if not known[k] then
             err(string.format("unknown option '%s' (known: %s)", tostring(k), table.concat(M.FLUX_OPTIONS, ", ")), 3)
         end
+    end
+    -- a pipeline fills in the components not given; a prompt is encoded with its text encoders
+    if o.pipe ~= nil then
+        local comps = type(o.pipe) == "table" and o.pipe.components
+        if type(comps) ~= "table" then err("pipe must be a NeMoAutoDiffusionPipeline", 3) end
+        local filled = {}
+        for k, v in pairs(o) do filled[k] = v end
+        for _, k in ipairs{"transformer", "scheduler", "vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"} do
+            if filled[k] == nil then filled[k] = comps[k] end
+        end
+        filled.pipe = nil
+        o = filled
+    end
+    if o.prompt ~= nil then
+        if o.prompt_embeds ~= nil or o.pooled_prompt_embeds ~= nil then
+            err("give prompt or prompt_embeds / pooled_prompt_embeds, not both", 3)
+        end
+        local enc = {}
+        for _, k in ipairs(M.ENCODE_OPTIONS) do enc[k] = o[k] end
+        local ok, r = pcall(M.flux_encode_prompt, enc)
+        if not ok then error(r, 0) end
+        local filled = {}
+        for k, v in pairs(o) do filled[k] = v end
+        filled.prompt_embeds, filled.pooled_prompt_embeds = r.prompt_embeds, r.pooled_prompt_embeds
+        o = filled
+    elseif o.prompt_2 ~= nil then
+        err("prompt_2 needs prompt", 3)
     end
     local tr, sc, vae = o.transformer, o.scheduler, o.vae
     if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then

@@ -154,4 +154,68 @@ raises(function() sampling.flux(base_opts{generator = 3, latents = NIL}) end, "g
 raises(function() sampling.flux(base_opts{guidance_scale = "x"}) end, "guidance_scale must be a number", "bad guidance")
 raises(function() sampling.flux(42) end, "expected a table of options", "non-table opts")
 
+-- ==== from prompts: tokenizers + CLIP + T5 (tests/golden/flux_prompt: diffusers' FluxPipeline
+-- with its text encoders, on flux_sampling's transformer / VAE / scheduler and the tokenizers of
+-- tests/golden/tokenizers) ====
+do
+    local fs = require "nemo.fs"
+    local g, gwhy = golden.case("flux_prompt", "case.safetensors")
+    local src = golden.case("flux_sampling")
+    local toks = golden.case("tokenizers")
+    if not (g and src and toks) then
+        T.ok(false, "flux_prompt golden case: " .. tostring(gwhy))
+    else
+        local root = os.tmpname()
+        os.remove(root)
+        fs.mkdirs(root)
+        for _, c in ipairs{"transformer", "vae", "scheduler"} do fs.copy_tree(src .. "/" .. c, root .. "/" .. c) end
+        fs.copy_tree(g .. "/text_encoder", root .. "/text_encoder")
+        fs.copy_tree(g .. "/text_encoder_2", root .. "/text_encoder_2")
+        fs.copy_tree(toks .. "/clip", root .. "/tokenizer")
+        fs.copy_tree(toks .. "/t5", root .. "/tokenizer_2")
+        json.write_file(root .. "/model_index.json", {_class_name = "FluxPipeline", _diffusers_version = "0.40.0",
+            transformer = {"diffusers", "FluxTransformer2DModel"}, vae = {"diffusers", "AutoencoderKL"},
+            scheduler = {"diffusers", "FlowMatchEulerDiscreteScheduler"},
+            text_encoder = {"transformers", "CLIPTextModel"}, text_encoder_2 = {"transformers", "T5EncoderModel"},
+            tokenizer = {"transformers", "CLIPTokenizer"}, tokenizer_2 = {"transformers", "T5TokenizerFast"}})
+        local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu"})
+        T.ok(pipe.components.text_encoder and pipe.components.text_encoder_2 and pipe.components.tokenizer and
+            pipe.components.tokenizer_2 and next(pipe.skipped) == nil,
+            "a FluxPipeline folder with its text encoders and tokenizers loads every component")
+        local gc = nemo.load_file(g .. "/case.safetensors")
+        local cj = json.read_file(g .. "/case.json")
+        local c = pipe.components
+        local enc = sampling.flux_encode_prompt{prompt = cj.prompts, tokenizer = c.tokenizer, text_encoder = c.text_encoder,
+            tokenizer_2 = c.tokenizer_2, text_encoder_2 = c.text_encoder_2, max_sequence_length = cj.max_sequence_length}
+        T.ok(T.same_bits(enc.clip_input_ids, gc.clip_input_ids) and T.same_bits(enc.t5_input_ids, gc.t5_input_ids),
+            "encode_prompt tokenizes as diffusers (CLIP to 77, T5 to max_sequence_length), ids equal")
+        T.close(enc.prompt_embeds, gc.prompt_embeds, 2e-6, 0, "encode_prompt: T5 prompt_embeds vs diffusers (rtol 2e-6)")
+        T.close(enc.pooled_prompt_embeds, gc.pooled_prompt_embeds, 2e-6, 0,
+            "encode_prompt: CLIP pooled_prompt_embeds vs diffusers (rtol 2e-6)")
+        local out = sampling.flux{pipe = pipe, prompt = cj.prompts, max_sequence_length = cj.max_sequence_length,
+            height = cj.height, width = cj.width, num_inference_steps = cj.num_inference_steps,
+            guidance_scale = cj.guidance_scale, latents = gc.latents_init}
+        T.close(out.latents, gc.latents_final, 3e-6, 0, "flux{pipe =, prompt =}: final latents vs FluxPipeline(prompt=) (rtol 3e-6)")
+        T.close(out.image, gc.image, 3e-6, 0, "flux{pipe =, prompt =}: the decoded image vs diffusers (rtol 3e-6)")
+        raises(function() sampling.flux{pipe = pipe, prompt = "a", prompt_embeds = gc.prompt_embeds} end,
+            "not both", "prompt and prompt_embeds together is an error")
+        raises(function() sampling.flux_encode_prompt{prompt = "a", tokenizer = c.tokenizer} end,
+            "text_encoder is required", "encoding without a text encoder names it")
+        raises(function() sampling.flux_encode_prompt{prompt = "a", tokenizer = c.tokenizer, text_encoder = c.text_encoder,
+            tokenizer_2 = c.tokenizer_2, text_encoder_2 = c.text_encoder_2, max_sequence_length = 1000} end,
+            "max_sequence_length must be", "max_sequence_length above 512")
+        -- the command-line tool writes one PNG per prompt
+        local out_png = root .. "/img.png"
+        local log, rc = T.sh("./nemo-lua tools/flux_sample.lua --model " .. root .. " --prompt 'a photo of a cat' " ..
+            "--prompt 'a dog' --height 32 --width 32 --steps 2 --dtype float32 --device cpu --seed 1 " ..
+            "--max-sequence-length 16 --out " .. out_png .. " 2>&1")
+        local im0 = fs.isfile(root .. "/img_0.png") and nemo.image.read_png(root .. "/img_0.png")
+        T.ok(rc == 0 and im0 and im0.width == 32 and im0.height == 32 and im0.channels == 3 and
+            fs.isfile(root .. "/img_1.png"), "tools/flux_sample.lua writes a 32 x 32 PNG per prompt", log)
+        local _, brc = T.sh("./nemo-lua tools/flux_sample.lua --model " .. root .. " 2>&1")
+        T.ok(brc ~= 0, "tools/flux_sample.lua without --prompt is an error")
+        fs.remove_tree(root)
+    end
+end
+
 T.done()

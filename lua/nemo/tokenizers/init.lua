@@ -126,6 +126,15 @@ local function split_added(text, added)
     return out
 end
 
+-- ==== printing ====
+
+local function vocab_size(self)
+    if self.pieces then local n = 0; for _ in pairs(self.pieces) do n = n + 1 end return n end
+    local n = 0
+    for _ in pairs(self.vocab or {}) do n = n + 1 end
+    return n
+end
+
 -- ==== the common __call: batches, truncation, padding, tensors ====
 
 local Base = {}
@@ -214,6 +223,9 @@ local BYTE_ENC = bytes_to_unicode()
 local CLIPTokenizer = setmetatable({}, {__index = Base})
 CLIPTokenizer.__index = CLIPTokenizer
 CLIPTokenizer.__call = Base.__call
+CLIPTokenizer.__tostring = function(self)
+    return string.format("CLIPTokenizer(vocab %d, model_max_length %d)", vocab_size(self), self.model_max_length)
+end
 M.CLIPTokenizer = CLIPTokenizer
 
 -- CLIP's pre-tokenizer on code points (already lower-cased, white space collapsed): the pieces
@@ -473,6 +485,10 @@ local METASPACE = "\226\150\129"   -- U+2581
 local T5Tokenizer = setmetatable({}, {__index = Base})
 T5Tokenizer.__index = T5Tokenizer
 T5Tokenizer.__call = Base.__call
+T5Tokenizer.__tostring = function(self)
+    return string.format("T5Tokenizer(Unigram, vocab %d%s, model_max_length %d)", vocab_size(self),
+        self.byte_fallback and ", byte fallback" or "", self.model_max_length)
+end
 M.T5Tokenizer = T5Tokenizer
 
 -- A normalizer of tokenizer.json as a function string -> string.
