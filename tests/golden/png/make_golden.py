@@ -31,3 +31,9 @@ for name, (im, kw) in cases.items():
         back = back.convert("RGBA" if "transparency" in back.info else "RGB")
     open(os.path.join(here, name + ".raw"), "wb").write(np.asarray(back).tobytes())
     print(name, back.mode, back.size)
+# Lanczos resizes (Image.LANCZOS, as Automodel's resize_and_crop): resize_<name>_<w>x<h>.raw
+for name, size in [("rgb", (64, 40)), ("noise", (20, 16)), ("rgb_fast", (48, 24)), ("rgb_fast", (100, 130))]:
+    im = Image.open(os.path.join(here, name + ".png")).convert("RGB")
+    out = im.resize(size, Image.LANCZOS)
+    open(os.path.join(here, "resize_%s_%dx%d.raw" % (name, size[0], size[1])), "wb").write(np.asarray(out).tobytes())
+    print("resize", name, size)
