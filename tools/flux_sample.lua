@@ -4,6 +4,7 @@
 --       [--prompt "..."]... [--out sample.png] [--height 1024] [--width 1024] [--steps 28]
 --       [--guidance 3.5] [--seed 0] [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
 --       [--lora runs/flux_lora/epoch_0_step_299/model] [--lora-scale 1.0]
+--       [--negative-prompt TEXT --true-cfg 4.0]   (FluxPipeline's true CFG: two passes per step)
 -- One PNG per prompt: --out itself for one prompt, else <out without .png>_<i>.png (i from 0).
 -- The pipeline must hold its text encoders and tokenizers (text_encoder, tokenizer, text_encoder_2,
 -- tokenizer_2) and its VAE. The initial noise comes from nemo's generator (--seed), so the images
@@ -14,14 +15,16 @@ local function usage(msg)
     io.stderr:write((msg and ("flux_sample: " .. msg .. "\n") or ""),
         "usage: nemo-lua tools/flux_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]\n",
         "       [--height N] [--width N] [--steps N] [--guidance X] [--seed N] [--max-sequence-length N]\n",
-        "       [--dtype bfloat16|float16|float32] [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]\n")
+        "       [--dtype bfloat16|float16|float32] [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]\n",
+        "       [--negative-prompt TEXT --true-cfg X]\n")
     os.exit(msg and 2 or 0)
 end
 
 local o = {prompts = {}, out = "sample.png", height = 1024, width = 1024, steps = 28, guidance = 3.5, seed = 0,
            msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0}
 local numeric = {["--height"] = "height", ["--width"] = "width", ["--steps"] = "steps", ["--guidance"] = "guidance",
-                 ["--seed"] = "seed", ["--max-sequence-length"] = "msl", ["--lora-scale"] = "lora_scale"}
+                 ["--seed"] = "seed", ["--max-sequence-length"] = "msl", ["--lora-scale"] = "lora_scale",
+                 ["--true-cfg"] = "true_cfg"}
 local i = 1
 while i <= #arg do
     local a, v = arg[i], arg[i + 1]
@@ -33,6 +36,7 @@ while i <= #arg do
     elseif a == "--dtype" then o.dtype = v
     elseif a == "--device" then o.device = v
     elseif a == "--lora" then o.lora = v
+    elseif a == "--negative-prompt" then o.negative = v
     elseif numeric[a] then
         local n = tonumber(v)
         if not n then usage(a .. " needs a number, got '" .. v .. "'") end
@@ -62,6 +66,11 @@ local ok, err = pcall(function()
     local t0 = os.clock()
     local out = nemo.sampling.flux{pipe = pipe, prompt = o.prompts, height = o.height, width = o.width,
         num_inference_steps = o.steps, guidance_scale = o.guidance, max_sequence_length = o.msl,
+        negative_prompt = o.negative and (function()
+            local t = {}
+            for k = 1, #o.prompts do t[k] = o.negative end
+            return t
+        end)() or nil, true_cfg_scale = o.true_cfg,
         generator = nemo.Generator(o.seed), callback = function(k)
             io.stdout:write(string.format("\rstep %d/%d", k + 1, o.steps)); io.stdout:flush()
         end}

@@ -14,8 +14,10 @@
 --   -- out.latents: the final packed latents [B, N, 4C]; out.image: the decoded image [B, 3, H, W]
 --   -- in [-1, 1]; sampling.to_uint8(out.image) -> [B, H, W, 3] values 0..255
 --
--- M.flux mirrors diffusers 0.40 FluxPipeline.__call__ step by step for the path without true CFG
--- (no negative prompt), given prompt_embeds and pooled_prompt_embeds:
+-- M.flux mirrors diffusers 0.40 FluxPipeline.__call__ step by step, given prompt_embeds and
+-- pooled_prompt_embeds (or prompts, encoded first); with negative prompts (or their embeddings)
+-- and true_cfg_scale > 1 every step runs the transformer twice and uses neg + true_cfg_scale *
+-- (pos - neg) (FluxPipeline's true CFG):
 --   1. vae_scale_factor = 2 ^ (#vae.config.block_out_channels - 1) (8 without a VAE); the
 --      latent grid is h = 2 * (height // (vae_scale_factor * 2)) (likewise w); C = in_channels / 4;
 --   2. latents: opts.latents (packed [B, (h/2)(w/2), 4C] as FluxPipeline takes them, or unpacked
@@ -52,7 +54,8 @@ local M = {}
 
 M.FLUX_OPTIONS = {"transformer", "scheduler", "vae", "prompt_embeds", "pooled_prompt_embeds", "height", "width",
     "num_inference_steps", "guidance_scale", "latents", "generator", "sigmas", "output_type", "callback",
-    "pipe", "prompt", "prompt_2", "max_sequence_length", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}
+    "pipe", "prompt", "prompt_2", "max_sequence_length", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2",
+    "negative_prompt", "negative_prompt_2", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale"}
 M.ENCODE_OPTIONS = {"prompt", "prompt_2", "max_sequence_length", "tokenizer", "text_encoder", "tokenizer_2",
     "text_encoder_2"}
 M.OUTPUT_TYPES = {"latent", "image"}
@@ -155,20 +158,48 @@ local function run_flux(o)
         filled.pipe = nil
         o = filled
     end
+    local function encode(prompt, prompt_2)
+        local enc = {}
+        for _, k in ipairs(M.ENCODE_OPTIONS) do enc[k] = o[k] end
+        enc.prompt, enc.prompt_2 = prompt, prompt_2
+        local ok, r = pcall(M.flux_encode_prompt, enc)
+        if not ok then error(r, 0) end
+        return r
+    end
     if o.prompt ~= nil then
         if o.prompt_embeds ~= nil or o.pooled_prompt_embeds ~= nil then
             err("give prompt or prompt_embeds / pooled_prompt_embeds, not both", 3)
         end
-        local enc = {}
-        for _, k in ipairs(M.ENCODE_OPTIONS) do enc[k] = o[k] end
-        local ok, r = pcall(M.flux_encode_prompt, enc)
-        if not ok then error(r, 0) end
+        local r = encode(o.prompt, o.prompt_2)
         local filled = {}
         for k, v in pairs(o) do filled[k] = v end
         filled.prompt_embeds, filled.pooled_prompt_embeds = r.prompt_embeds, r.pooled_prompt_embeds
         o = filled
     elseif o.prompt_2 ~= nil then
         err("prompt_2 needs prompt", 3)
+    end
+    -- true CFG (FluxPipeline's do_true_cfg): negative prompts and true_cfg_scale > 1
+    local tcs = o.true_cfg_scale == nil and 1.0 or o.true_cfg_scale
+    if type(tcs) ~= "number" or tcs ~= tcs then err("true_cfg_scale must be a number, got " .. tostring(tcs), 3) end
+    local neg_pe, neg_pooled = o.negative_prompt_embeds, o.negative_pooled_prompt_embeds
+    if o.negative_prompt ~= nil then
+        if neg_pe ~= nil or neg_pooled ~= nil then
+            err("give negative_prompt or negative_prompt_embeds / negative_pooled_prompt_embeds, not both", 3)
+        end
+        local np = o.negative_prompt
+        if type(np) == "string" then np = {np} end
+        local r = encode(np, o.negative_prompt_2)
+        neg_pe, neg_pooled = r.prompt_embeds, r.pooled_prompt_embeds
+    elseif o.negative_prompt_2 ~= nil then
+        err("negative_prompt_2 needs negative_prompt", 3)
+    end
+    local do_true_cfg = tcs > 1 and neg_pe ~= nil and neg_pooled ~= nil
+    if tcs > 1 and not do_true_cfg then
+        io.stderr:write(string.format("nemo: warning: sampling.flux: true_cfg_scale is %g but no negative prompt was " ..
+            "given; true CFG is off (as diffusers)\n", tcs))
+    end
+    if (neg_pe == nil) ~= (neg_pooled == nil) then
+        err("negative_prompt_embeds and negative_pooled_prompt_embeds go together", 3)
     end
     local tr, sc, vae = o.transformer, o.scheduler, o.vae
     if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
@@ -275,6 +306,16 @@ local function run_flux(o)
     local img_ids = FM.latent_image_ids(h, w, {dtype = dtype, device = device})
     local tdt = type(tr.dtype) == "function" and tr:dtype() or dtype
     local txt_ids = Tensor.zeros({pe.shape[2], 3}, {dtype = tdt, device = device})
+    local neg_txt_ids
+    if do_true_cfg then
+        if not is_tensor(neg_pe) or neg_pe.ndim ~= 3 or neg_pe.shape[1] ~= B or neg_pe.shape[3] ~= pe.shape[3] or
+           not is_tensor(neg_pooled) or neg_pooled.ndim ~= 2 or neg_pooled.shape[1] ~= B or
+           neg_pooled.shape[2] ~= pooled.shape[2] then
+            err(string.format("negative prompt embeddings must be [%d, L, %d] and [%d, %d] (as the prompt's)", B,
+                pe.shape[3], B, pooled.shape[2]), 3)
+        end
+        neg_txt_ids = Tensor.zeros({neg_pe.shape[2], 3}, {dtype = tdt, device = device})
+    end
 
     -- ---- 5. timesteps ----
     local sigmas = o.sigmas
@@ -308,6 +349,12 @@ local function run_flux(o)
         local noise_pred = tr{hidden_states = latents, timestep = timestep / 1000, guidance = guidance,
             pooled_projections = pooled, encoder_hidden_states = pe, txt_ids = txt_ids, img_ids = img_ids}
         if type(noise_pred) == "table" and not is_tensor(noise_pred) then noise_pred = noise_pred.sample or noise_pred[1] end
+        if do_true_cfg then   -- neg + true_cfg_scale * (pos - neg)
+            local neg = tr{hidden_states = latents, timestep = timestep / 1000, guidance = guidance,
+                pooled_projections = neg_pooled, encoder_hidden_states = neg_pe, txt_ids = neg_txt_ids, img_ids = img_ids}
+            if type(neg) == "table" and not is_tensor(neg) then neg = neg.sample or neg[1] end
+            noise_pred = neg + (noise_pred - neg) * tcs
+        end
         latents = sc:step(noise_pred, t, latents)
         if o.callback then o.callback(i - 1, t, latents) end
     end

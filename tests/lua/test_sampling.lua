@@ -197,6 +197,14 @@ do
             guidance_scale = cj.guidance_scale, latents = gc.latents_init}
         T.close(out.latents, gc.latents_final, 3e-6, 0, "flux{pipe =, prompt =}: final latents vs FluxPipeline(prompt=) (rtol 3e-6)")
         T.close(out.image, gc.image, 3e-6, 0, "flux{pipe =, prompt =}: the decoded image vs diffusers (rtol 3e-6)")
+        local cfg_out = sampling.flux{pipe = pipe, prompt = cj.prompts, negative_prompt = cj.negative_prompts,
+            true_cfg_scale = cj.true_cfg_scale, max_sequence_length = cj.max_sequence_length, height = cj.height,
+            width = cj.width, num_inference_steps = cj.num_inference_steps, guidance_scale = cj.guidance_scale,
+            latents = gc.latents_init, output_type = "latent"}
+        T.close(cfg_out.latents, gc.latents_final_true_cfg, 3e-6, 0,
+            "true CFG (negative prompts, true_cfg_scale 2.5): final latents vs diffusers (rtol 3e-6)")
+        raises(function() sampling.flux{pipe = pipe, prompt = "a", negative_prompt = "b",
+            negative_prompt_embeds = gc.prompt_embeds} end, "not both", "negative_prompt with its embeddings is an error")
         raises(function() sampling.flux{pipe = pipe, prompt = "a", prompt_embeds = gc.prompt_embeds} end,
             "not both", "prompt and prompt_embeds together is an error")
         raises(function() sampling.flux_encode_prompt{prompt = "a", tokenizer = c.tokenizer} end,

@@ -15,7 +15,8 @@ t5/ -> tokenizer_2), and two tiny random text encoders written here:
                   2 layers, 4 heads, gated-gelu; torch.manual_seed(11)
 (constant parameters perturbed as in flux_sampling). The run: FluxPipeline(...)(prompt=PROMPTS,
 max_sequence_length=16, height=width=32, num_inference_steps=4, guidance_scale=3.5, latents = the
-packed randn of torch.Generator(3)), output_type "latent" and "pt"; encode_prompt's outputs too.
+packed randn of torch.Generator(3)), output_type "latent" and "pt"; encode_prompt's outputs too;
+and once more with negative_prompt=NEGATIVE, true_cfg_scale=2.5 (true CFG) -> latents_final_true_cfg.
 
 Files: text_encoder/, text_encoder_2/ (save_pretrained, float32), case.safetensors (prompt_embeds,
 pooled_prompt_embeds, clip_input_ids, t5_input_ids, latents_init, latents_final, image (the
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLD = os.path.dirname(HERE)
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse on Mars, highly detailed"]
+NEGATIVE, TRUE_CFG = ["blurry", "low quality, ugly"], 2.5
 MAXLEN, HEIGHT, WIDTH, STEPS, GUIDANCE = 16, 32, 32, 4, 3.5
 
 def perturb_constants(model, seed):
@@ -82,11 +84,15 @@ def main():
         image = vae.decode(z).sample
         image_pt = pipe(prompt=PROMPTS, max_sequence_length=MAXLEN, height=HEIGHT, width=WIDTH,
                         num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=lat.clone(), output_type="pt").images
-    save_file({"prompt_embeds": pe.contiguous(), "pooled_prompt_embeds": pooled.contiguous(),
+        # true CFG (negative prompts, true_cfg_scale > 1): a second transformer pass per step
+        out_cfg = pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, max_sequence_length=MAXLEN,
+                       height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       latents=lat.clone(), output_type="latent").images
+    save_file({"latents_final_true_cfg": out_cfg.contiguous(), "prompt_embeds": pe.contiguous(), "pooled_prompt_embeds": pooled.contiguous(),
                "clip_input_ids": ids1.contiguous(), "t5_input_ids": ids2.contiguous(), "latents_init": lat.contiguous(),
                "latents_final": out.contiguous(), "image": image.contiguous(), "image_pt": image_pt.contiguous()},
               os.path.join(HERE, "case.safetensors"))
-    json.dump({"name": "flux_prompt", "prompts": PROMPTS, "max_sequence_length": MAXLEN, "height": HEIGHT,
+    json.dump({"name": "flux_prompt", "prompts": PROMPTS, "negative_prompts": NEGATIVE, "true_cfg_scale": TRUE_CFG, "max_sequence_length": MAXLEN, "height": HEIGHT,
                "width": WIDTH, "num_inference_steps": STEPS, "guidance_scale": GUIDANCE,
                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                             "transformers": transformers.__version__, "python": sys.version.split()[0]}},
