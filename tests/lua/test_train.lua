@@ -106,7 +106,8 @@ T.raises(function() train.parse_args {"recipe.yaml"} end, "unexpected argument '
 T.raises(function() train.apply_override(tiny("x"), "seed.x", "1") end, "'seed' is a value, not a section",
     "an override below a value")
 
-for _, f in ipairs { "recipes/flux_finetune.yaml", "recipes/flux_lora.yaml", "recipes/flux_pretrain.yaml" } do
+for _, f in ipairs { "recipes/flux_finetune.yaml", "recipes/flux_lora.yaml", "recipes/flux_pretrain.yaml",
+                     "recipes/wan_finetune.yaml", "recipes/wan_lora.yaml", "recipes/wan_pretrain.yaml" } do
     local ok, err = pcall(train.load_config, f, {})
     T.ok(ok, "the shipped " .. f .. " validates", err)
 end
