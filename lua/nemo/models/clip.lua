@@ -495,19 +495,7 @@ end
 
 -- ==== files ====
 
--- Build without the layers' random initialisation (the weights are about to be overwritten).
-local function without_init(fn)
-    local classes = {nn.Linear, nn.Embedding}
-    local saved = {}
-    for i, L in ipairs(classes) do
-        saved[i] = rawget(L, "reset_parameters")
-        L.reset_parameters = function() end
-    end
-    local ok, res = pcall(fn)
-    for i, L in ipairs(classes) do L.reset_parameters = saved[i] end
-    if not ok then error(res, 0) end
-    return res
-end
+local without_init = common.without_init
 
 -- the prefixes of a full CLIPModel file that are not the text tower
 local OTHER_TOWERS = {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"}

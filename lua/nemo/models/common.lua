@@ -37,6 +37,24 @@ end
 M.free = free
 
 -- diffusers' `.float()`: float32, except that float64 stays float64 (see the header).
+-- without_init(fn): fn() with the random initialisation of Linear, Embedding, Conv2d and Conv3d
+-- layers turned off (their reset_parameters do nothing), for building a model whose weights are
+-- about to be loaded: what diffusers' no_init_weights() and transformers' skipped init do. The
+-- classes get their reset_parameters back even when fn raises.
+function M.without_init(fn)
+    local nn = require "nemo.nn"
+    local classes = {nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d}
+    local saved = {}
+    for i, L in ipairs(classes) do
+        saved[i] = rawget(L, "reset_parameters")
+        L.reset_parameters = function() end
+    end
+    local ok, res = pcall(fn)
+    for i, L in ipairs(classes) do L.reset_parameters = saved[i] end
+    if not ok then error(res, 0) end
+    return res
+end
+
 local function upcast_dtype(dtype) return dtype == "float64" and "float64" or "float32" end
 M.upcast_dtype = upcast_dtype
 local function upcast(x) return x:to{dtype = upcast_dtype(x.dtype)} end

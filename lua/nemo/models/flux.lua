@@ -678,17 +678,7 @@ end
 
 -- ==== files ====
 
--- Build a model without running the layers' random initialisation (the weights are about to be
--- overwritten), as diffusers' no_init_weights() does.
-local function without_init(fn)
-    local L = nn.Linear
-    local saved = rawget(L, "reset_parameters")
-    L.reset_parameters = function() end
-    local ok, res = pcall(fn)
-    L.reset_parameters = saved
-    if not ok then error(res, 0) end
-    return res
-end
+local without_init = common.without_init
 
 local mio = require "nemo.models.io"
 M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME = mio.WEIGHTS_NAME, mio.WEIGHTS_INDEX_NAME

@@ -654,22 +654,7 @@ UMT5EncoderModel._no_split_modules = {"UMT5Block"}
 
 -- ==== files ====
 
--- Build a model without the layers' random initialisation (the weights are about to be
--- overwritten), as transformers' from_pretrained does.
-local function without_init(fn)
-    local classes = {nn.Linear, nn.Embedding}
-    local saved = {}
-    for i, L in ipairs(classes) do
-        saved[i] = rawget(L, "reset_parameters")
-        L.reset_parameters = function() end
-    end
-    skip_init = true
-    local ok, res = pcall(fn)
-    for i, L in ipairs(classes) do L.reset_parameters = saved[i] end
-    skip_init = false
-    if not ok then error(res, 0) end
-    return res
-end
+local without_init = common.without_init
 
 -- the tied embedding: shared.weight and encoder.embed_tokens.weight from whichever the file has
 -- (shared.weight when both are there, as transformers ties embed_tokens to shared)

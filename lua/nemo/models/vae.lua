@@ -888,20 +888,7 @@ end
 
 -- ==== files ====
 
--- Build a model without the layers' random initialisation (the weights are about to be
--- overwritten), as diffusers' no_init_weights() does.
-local function without_init(fn)
-    local classes = {nn.Linear, nn.Conv2d}
-    local saved = {}
-    for i, L in ipairs(classes) do
-        saved[i] = rawget(L, "reset_parameters")
-        L.reset_parameters = function() end
-    end
-    local ok, res = pcall(fn)
-    for i, L in ipairs(classes) do L.reset_parameters = saved[i] end
-    if not ok then error(res, 0) end
-    return res
-end
+local without_init = common.without_init
 
 -- AutoencoderKL.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
 -- Reads folder/config.json and diffusion_pytorch_model.safetensors (or the sharded index) and

@@ -722,20 +722,7 @@ end
 -- ==== files ====
 -- (The folder reading and writing is nemo.models.io's, shared with FluxTransformer2DModel.)
 
--- Build a model without running the layers' random initialisation (the weights are about to be
--- overwritten), as diffusers' no_init_weights() does.
-local function without_init(fn)
-    local L, C3 = nn.Linear, nn.Conv3d
-    local sl, sc = rawget(L, "reset_parameters"), rawget(C3, "reset_parameters")
-    L.reset_parameters = function() end
-    C3.reset_parameters = function() end
-    skip_init = true
-    local ok, res = pcall(fn)
-    L.reset_parameters, C3.reset_parameters = sl, sc
-    skip_init = false
-    if not ok then error(res, 0) end
-    return res
-end
+local without_init = common.without_init
 
 local mio = require "nemo.models.io"
 M.WEIGHTS_NAME, M.WEIGHTS_INDEX_NAME = mio.WEIGHTS_NAME, mio.WEIGHTS_INDEX_NAME
