@@ -391,12 +391,14 @@ function M.postprocess(image)
     return autograd.no_grad(function() return (image * 0.5 + 0.5):clamp(0, 1) end)
 end
 
+-- x rounded to the nearest integer, ties to even (numpy's and Python's round)
 local function round_half_even(x)
     local f = math.floor(x)
     local d = x - f
     if d > 0.5 then return f + 1 elseif d < 0.5 then return f end
     return (f % 2 == 0) and f or f + 1
 end
+M.round_half_even = round_half_even
 
 -- to_uint8(image [B, C, H, W] in [-1, 1]) -> an int32 tensor [B, H, W, C] of 0..255 (nemo has no
 -- uint8 dtype) and the same bytes as a Lua string (B*H*W*C bytes, NHWC): diffusers'

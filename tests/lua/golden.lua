@@ -62,4 +62,34 @@ function M.case(name, file)
     return p
 end
 
+-- tiny_flux_pipeline(root, {transformer = true, scheduler = true}) -> root: a complete, tiny
+-- FluxPipeline folder assembled from golden cases: flux_sampling's transformer, VAE and
+-- scheduler, flux_prompt's CLIP and T5 text encoders, the tokenizers case's CLIP and T5
+-- tokenizers (root is created). Raises when a case is missing.
+function M.tiny_flux_pipeline(root, o)
+    o = o or {}
+    local json = require "nemo.json"
+    local src, gp, toks = M.case("flux_sampling"), M.case("flux_prompt"), M.case("tokenizers")
+    if not (src and gp and toks) then error("tiny_flux_pipeline: the flux_sampling, flux_prompt or tokenizers case is missing", 2) end
+    fs.mkdirs(root)
+    local idx = {_class_name = "FluxPipeline", _diffusers_version = "0.40.0", vae = {"diffusers", "AutoencoderKL"},
+        text_encoder = {"transformers", "CLIPTextModel"}, text_encoder_2 = {"transformers", "T5EncoderModel"},
+        tokenizer = {"transformers", "CLIPTokenizer"}, tokenizer_2 = {"transformers", "T5TokenizerFast"}}
+    fs.copy_tree(src .. "/vae", root .. "/vae")
+    if o.transformer ~= false then
+        fs.copy_tree(src .. "/transformer", root .. "/transformer")
+        idx.transformer = {"diffusers", "FluxTransformer2DModel"}
+    end
+    if o.scheduler ~= false then
+        fs.copy_tree(src .. "/scheduler", root .. "/scheduler")
+        idx.scheduler = {"diffusers", "FlowMatchEulerDiscreteScheduler"}
+    end
+    fs.copy_tree(gp .. "/text_encoder", root .. "/text_encoder")
+    fs.copy_tree(gp .. "/text_encoder_2", root .. "/text_encoder_2")
+    fs.copy_tree(toks .. "/clip", root .. "/tokenizer")
+    fs.copy_tree(toks .. "/t5", root .. "/tokenizer_2")
+    json.write_file(root .. "/model_index.json", idx)
+    return root
+end
+
 return M

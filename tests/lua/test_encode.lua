@@ -76,22 +76,10 @@ T.raises(function() enc.captions(tmp .. "/imgs", {"a.png"}, {captions = tmp .. "
     "a broken captions file names the line")
 
 -- ==== the whole job on a tiny pipeline ====
-local src, gp, toks = golden.case("flux_sampling"), golden.case("flux_prompt"), golden.case("tokenizers")
-if not (src and gp and toks) then
+if not (golden.case("flux_sampling") and golden.case("flux_prompt") and golden.case("tokenizers")) then
     T.ok(false, "the tiny pipeline's golden folders are missing")
 else
-    local root = tmp .. "/pipe"
-    fs.mkdirs(root)
-    fs.copy_tree(src .. "/vae", root .. "/vae")
-    fs.copy_tree(src .. "/transformer", root .. "/transformer")
-    fs.copy_tree(gp .. "/text_encoder", root .. "/text_encoder")
-    fs.copy_tree(gp .. "/text_encoder_2", root .. "/text_encoder_2")
-    fs.copy_tree(toks .. "/clip", root .. "/tokenizer")
-    fs.copy_tree(toks .. "/t5", root .. "/tokenizer_2")
-    json.write_file(root .. "/model_index.json", {_class_name = "FluxPipeline", _diffusers_version = "0.40.0",
-        transformer = {"diffusers", "FluxTransformer2DModel"}, vae = {"diffusers", "AutoencoderKL"},
-        text_encoder = {"transformers", "CLIPTextModel"}, text_encoder_2 = {"transformers", "T5EncoderModel"},
-        tokenizer = {"transformers", "CLIPTokenizer"}, tokenizer_2 = {"transformers", "T5TokenizerFast"}})
+    local root = golden.tiny_flux_pipeline(tmp .. "/pipe", {scheduler = false})
     -- three images: 40x24 (-> 32x16 with 32 x 32 pixels, q 16), 30x30 (-> 32x32), a gray 20x44 (-> 16x32)
     local function img(name, w, h, c, seed)
         local t = {}

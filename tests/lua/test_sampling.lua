@@ -167,17 +167,7 @@ do
     else
         local root = os.tmpname()
         os.remove(root)
-        fs.mkdirs(root)
-        for _, c in ipairs{"transformer", "vae", "scheduler"} do fs.copy_tree(src .. "/" .. c, root .. "/" .. c) end
-        fs.copy_tree(g .. "/text_encoder", root .. "/text_encoder")
-        fs.copy_tree(g .. "/text_encoder_2", root .. "/text_encoder_2")
-        fs.copy_tree(toks .. "/clip", root .. "/tokenizer")
-        fs.copy_tree(toks .. "/t5", root .. "/tokenizer_2")
-        json.write_file(root .. "/model_index.json", {_class_name = "FluxPipeline", _diffusers_version = "0.40.0",
-            transformer = {"diffusers", "FluxTransformer2DModel"}, vae = {"diffusers", "AutoencoderKL"},
-            scheduler = {"diffusers", "FlowMatchEulerDiscreteScheduler"},
-            text_encoder = {"transformers", "CLIPTextModel"}, text_encoder_2 = {"transformers", "T5EncoderModel"},
-            tokenizer = {"transformers", "CLIPTokenizer"}, tokenizer_2 = {"transformers", "T5TokenizerFast"}})
+        golden.tiny_flux_pipeline(root)
         local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu"})
         T.ok(pipe.components.text_encoder and pipe.components.text_encoder_2 and pipe.components.tokenizer and
             pipe.components.tokenizer_2 and next(pipe.skipped) == nil,

@@ -37,12 +37,7 @@ local M = {}
 M.ASPECT_RATIOS = {{1, 2}, {9, 16}, {2, 3}, {3, 4}, {4, 5}, {1, 1}, {5, 4}, {4, 3}, {3, 2}, {16, 10}, {5, 3},
                    {16, 9}, {2, 1}, {21, 9}}
 
-local function round_half_even(x)
-    local f = math.floor(x)
-    local d = x - f
-    if d > 0.5 then return f + 1 elseif d < 0.5 then return f end
-    return (f % 2 == 0) and f or f + 1
-end
+local round_half_even = require("nemo.sampling").round_half_even   -- Python's round()
 
 -- buckets(max_pixels = 65536, q = 64) -> {{w, h, ratio}, ...} sorted by w / h
 function M.buckets(max_pixels, q)

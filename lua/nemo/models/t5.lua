@@ -58,8 +58,8 @@
 -- (128), layer_norm_epsilon (1e-6), feed_forward_proj ("relu" for t5, "gated-gelu" for umt5)
 -- default as in transformers; other keys are ignored (model_type other than the class's is a
 -- warning). Not implemented: the decoder, output_hidden_states / output_attentions,
--- save_pretrained, gradient checkpointing. The classes are not in nemo.models' registry (use
--- require "nemo.models.t5" or models.register("T5EncoderModel", "nemo.models.t5")).
+-- save_pretrained, gradient checkpointing. Both classes are in nemo.models' registry (pipelines
+-- load them for text_encoder / text_encoder_2).
 require "nemo"
 local ffi = require "ffi"
 local class = require "nemo.class"
