@@ -109,4 +109,28 @@ do
     T.ok(not d:is_pinned(), "a device tensor is not pinned")
 end
 
+-- FLUX from prompts on a device: tokenizers on the host, text encoders, transformer and VAE on
+-- cuda:1, true CFG; the same image as on the CPU
+do
+    local golden = require "golden"
+    local fs = require "nemo.fs"
+    local root = os.tmpname()
+    os.remove(root)
+    local ok, err = pcall(golden.tiny_flux_pipeline, root)
+    if not ok then
+        T.ok(false, "the tiny FLUX pipeline's golden cases: " .. tostring(err))
+    else
+        local function run(device)
+            local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = device})
+            return nemo.sampling.flux{pipe = pipe, prompt = {"a cat", "a dog"}, negative_prompt = {"blurry", "dark"},
+                true_cfg_scale = 2, height = 32, width = 32, num_inference_steps = 2, max_sequence_length = 16,
+                generator = nemo.Generator(5)}.image
+        end
+        local on_dev, on_cpu = run("cuda:1"), run("cpu")
+        T.ok(on_dev.device == "cuda:1" and bitwise(on_dev:cpu(), on_cpu),
+            "FLUX sampling from prompts (text encoders, true CFG) on cuda:1 equals the CPU's image")
+        fs.remove_tree(root)
+    end
+end
+
 T.done()
