@@ -11,6 +11,10 @@
 --   3. flow_flux_tiny/step.safetensors: Automodel's whole FLUX training step on the device,
 --      replayed from its stored draws: flow matching, loss, model_pred, gradients, the gradient
 --      norm, clipping and one AdamW step (optim.param.*).
+--   4. flux_prompt: diffusers' FluxPipeline from prompts (tiny CLIP and T5, tokenizers on the
+--      host) with true CFG off and on: the embeddings, final latents and image with the text
+--      encoders, transformer and VAE on the device (float32, rtol 1e-4: cuBLAS sums in another
+--      order over 4 denoising steps).
 --
 -- Tolerances, normwise: max|got - ref| <= rtol * max|ref| (per tensor; NaN fails).
 --   float32: output 5e-5, loss 2e-5 (relative), input gradients 5e-5, parameter gradients 1e-4,
@@ -272,6 +276,31 @@ local function flow_case()
         "Automodel's (worst %.2e: %s)", label, n, worst, wname))
 end
 
+-- ==== FLUX from prompts ====
+
+local function prompt_case()
+    local json = require "nemo.json"
+    local dir = golden.case("flux_prompt", "case.safetensors")
+    local root = os.tmpname()
+    os.remove(root)
+    golden.tiny_flux_pipeline(root)
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = DEV})
+    local gc = nemo.load_file(dir .. "/case.safetensors")
+    local cj = json.read_file(dir .. "/case.json")
+    local common = {pipe = pipe, prompt = cj.prompts, max_sequence_length = cj.max_sequence_length, height = cj.height,
+        width = cj.width, num_inference_steps = cj.num_inference_steps, guidance_scale = cj.guidance_scale,
+        latents = gc.latents_init:to{device = DEV}}
+    local out = nemo.sampling.flux(common)
+    T.ok(out.image.device == DEV, "flux_prompt: the image is computed on " .. DEV)
+    T.close(host(out.latents), gc.latents_final, 1e-4, 0, "flux_prompt on " .. DEV .. ": final latents vs diffusers (rtol 1e-4)")
+    T.close(host(out.image), gc.image, 1e-4, 0, "flux_prompt on " .. DEV .. ": decoded image vs diffusers (rtol 1e-4)")
+    common.negative_prompt, common.true_cfg_scale, common.output_type = cj.negative_prompts, cj.true_cfg_scale, "latent"
+    local cfg_out = nemo.sampling.flux(common)
+    T.close(host(cfg_out.latents), gc.latents_final_true_cfg, 1e-4, 0,
+        "flux_prompt true CFG on " .. DEV .. ": final latents vs diffusers (rtol 1e-4)")
+    require("nemo.fs").remove_tree(root)
+end
+
 -- ==== run ====
 
 local function guarded(label, fn, ...)
@@ -297,6 +326,9 @@ else
     dir, why = golden.case("flow_flux_tiny", "step.safetensors")
     if dir then guarded("flow_flux_tiny on " .. DEV, flow_case)
     else T.ok(false, "flow_flux_tiny training step on " .. DEV .. ": " .. why) end
+    dir, why = golden.case("flux_prompt", "case.safetensors")
+    if dir then guarded("flux_prompt on " .. DEV, prompt_case)
+    else T.ok(false, "flux_prompt on " .. DEV .. ": " .. why) end
 end
 
 T.done()
