@@ -56,17 +56,8 @@ end
 
 -- ==== writing ====
 
-function M.write_png(path, pixels, width, height, channels)
-    local ctype = ({[1] = 0, [2] = 4, [3] = 2, [4] = 6})[channels]
-    if not ctype then error("image.write_png: channels must be 1, 2, 3 or 4, got " .. tostring(channels), 2) end
-    if type(width) ~= "number" or type(height) ~= "number" or width < 1 or height < 1 or width % 1 ~= 0 or height % 1 ~= 0 then
-        error("image.write_png: width and height must be positive integers", 2)
-    end
-    if type(pixels) ~= "string" or #pixels ~= width * height * channels then
-        error(string.format("image.write_png: expected %d x %d x %d = %d bytes of pixels, got %s", width, height,
-            channels, width * height * channels, type(pixels) == "string" and tostring(#pixels) or type(pixels)), 2)
-    end
-    -- the raw scanlines (filter 0), then zlib with stored blocks of <= 65535 bytes
+-- the zlib stream (stored deflate blocks) of the filter-0 scanlines of pixels
+local function zlib_scanlines(pixels, width, height, channels)
     local stride = width * channels
     local rows = {}
     for y = 0, height - 1 do rows[#rows + 1] = "\0" .. pixels:sub(y * stride + 1, (y + 1) * stride) end
@@ -83,16 +74,64 @@ function M.write_png(path, pixels, width, height, channels)
     until pos > n
     local a, b = adler32(raw)
     parts[#parts + 1] = be32(b * 65536 + a)
-    local ihdr = be32(width) .. be32(height) .. string.char(8, ctype, 0, 0, 0)
-    local data = "\137PNG\r\n\26\n" .. chunk("IHDR", ihdr) .. chunk("IDAT", table.concat(parts)) .. chunk("IEND", "")
+    return table.concat(parts)
+end
+
+local function write_atomic(path, data, who)
     local tmp = path .. ".tmp"
     local f, err = io.open(tmp, "wb")
-    if not f then error("image.write_png: cannot write '" .. path .. "': " .. tostring(err), 2) end
+    if not f then error(who .. ": cannot write '" .. path .. "': " .. tostring(err), 3) end
     f:write(data)
     f:close()
     local ok, rerr = os.rename(tmp, path)
-    if not ok then os.remove(tmp); error("image.write_png: cannot write '" .. path .. "': " .. tostring(rerr), 2) end
+    if not ok then os.remove(tmp); error(who .. ": cannot write '" .. path .. "': " .. tostring(rerr), 3) end
     return path
+end
+
+function M.write_png(path, pixels, width, height, channels)
+    local ctype = ({[1] = 0, [2] = 4, [3] = 2, [4] = 6})[channels]
+    if not ctype then error("image.write_png: channels must be 1, 2, 3 or 4, got " .. tostring(channels), 2) end
+    if type(width) ~= "number" or type(height) ~= "number" or width < 1 or height < 1 or width % 1 ~= 0 or height % 1 ~= 0 then
+        error("image.write_png: width and height must be positive integers", 2)
+    end
+    if type(pixels) ~= "string" or #pixels ~= width * height * channels then
+        error(string.format("image.write_png: expected %d x %d x %d = %d bytes of pixels, got %s", width, height,
+            channels, width * height * channels, type(pixels) == "string" and tostring(#pixels) or type(pixels)), 2)
+    end
+    local ihdr = be32(width) .. be32(height) .. string.char(8, ctype, 0, 0, 0)
+    local data = "\137PNG\r\n\26\n" .. chunk("IHDR", ihdr) .. chunk("IDAT", zlib_scanlines(pixels, width, height, channels)) ..
+        chunk("IEND", "")
+    return write_atomic(path, data, "image.write_png")
+end
+
+-- write_apng(path, frames, width, height, channels, {fps = 16, loops = 0}): an animated PNG (each
+-- frame a string of H*W*C bytes), which browsers and most image viewers play; loops 0 = forever.
+function M.write_apng(path, frames, width, height, channels, o)
+    local ctype = ({[1] = 0, [2] = 4, [3] = 2, [4] = 6})[channels]
+    if not ctype then error("image.write_apng: channels must be 1, 2, 3 or 4, got " .. tostring(channels), 2) end
+    if type(frames) ~= "table" or #frames == 0 then error("image.write_apng: expected a non-empty list of frames", 2) end
+    for i, f in ipairs(frames) do
+        if type(f) ~= "string" or #f ~= width * height * channels then
+            error(string.format("image.write_apng: frame %d must be %d x %d x %d bytes", i, width, height, channels), 2)
+        end
+    end
+    local fps = (o and o.fps) or 16
+    if type(fps) ~= "number" or fps <= 0 or fps > 65535 then error("image.write_apng: fps must be in (0, 65535]", 2) end
+    local loops = (o and o.loops) or 0
+    local num, den = math.floor(1000 / fps + 0.5), 1000   -- each frame's delay in milliseconds
+    local parts = {"\137PNG\r\n\26\n", chunk("IHDR", be32(width) .. be32(height) .. string.char(8, ctype, 0, 0, 0)),
+                   chunk("acTL", be32(#frames) .. be32(loops))}
+    local seq = 0
+    for i, f in ipairs(frames) do
+        parts[#parts + 1] = chunk("fcTL", be32(seq) .. be32(width) .. be32(height) .. be32(0) .. be32(0) ..
+            string.char(math.floor(num / 256), num % 256, math.floor(den / 256), den % 256, 0, 0))
+        seq = seq + 1
+        local z = zlib_scanlines(f, width, height, channels)
+        if i == 1 then parts[#parts + 1] = chunk("IDAT", z)
+        else parts[#parts + 1] = chunk("fdAT", be32(seq) .. z); seq = seq + 1 end
+    end
+    parts[#parts + 1] = chunk("IEND", "")
+    return write_atomic(path, table.concat(parts), "image.write_apng")
 end
 
 -- save(path, t): see the header

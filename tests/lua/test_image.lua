@@ -60,6 +60,23 @@ do
         T.ok(g.shape[1] == 3 and T.same_bits(g[0], g[2]), "load() repeats a gray image over 3 channels")
     end
 end
+-- an animated PNG: frame 0 is what a plain PNG reader sees; one fcTL per frame, fdAT for the others
+do
+    local frames = {}
+    for f = 1, 4 do
+        local t = {}
+        for k = 1, 20 * 10 * 3 do t[k] = string.char((k * 7 + f * 60) % 256) end
+        frames[f] = table.concat(t)
+    end
+    image.write_apng(tmp, frames, 20, 10, 3, {fps = 8})
+    local s = fs.read(tmp)
+    local _, nfc = s:gsub("fcTL", "")
+    local _, nfd = s:gsub("fdAT", "")
+    local back = image.read_png(tmp)
+    T.ok(back.pixels == frames[1] and nfc == 4 and nfd == 3 and s:find("acTL", 1, true),
+        "write_apng: 4 frames (acTL, 4 fcTL, IDAT + 3 fdAT); a PNG reader sees the first (PIL plays all 4, checked by hand)")
+    T.raises(function() image.write_apng(tmp, {"ab"}, 20, 10, 3) end, "frame 1 must be", "write_apng with a short frame")
+end
 -- errors
 do
     local f = io.open(tmp, "wb"); f:write("not a png at all"); f:close()
