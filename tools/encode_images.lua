@@ -1,4 +1,4 @@
--- tools/encode_images.lua: a FLUX latent cache (docs/data.md) from a folder of PNG images and
+-- tools/encode_images.lua: a FLUX latent cache (docs/data.md) from a folder of PNG / JPEG images and
 -- captions, as Automodel's `preprocessing_multiprocess image --processor flux` makes one; no Python.
 --   nemo-lua tools/encode_images.lua --images DIR --model black-forest-labs/FLUX.1-dev --out CACHE
 --       [--resolution 256] [--quantization 64] [--captions captions.jsonl] [--mean] [--seed 0]

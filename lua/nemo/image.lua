@@ -6,6 +6,7 @@
 --                            in [0, 1]; written as an 8-bit PNG
 --   image.read_png(path) -> {width =, height =, channels =, pixels = string}   8-bit gray, gray +
 --                            alpha, RGB, RGBA and palette images, any filter, not interlaced
+--   image.read(path)         a PNG (read_png) or a JPEG (nemo.jpeg.read), by its first bytes
 --   image.load(path, {range = "0_1" | "-1_1"}) -> a float32 [3, H, W] tensor (alpha dropped,
 --                            gray repeated), in [0, 1] or [-1, 1] (the VAE's input range)
 --
@@ -380,12 +381,24 @@ function M.read_png(path)
     return {width = W, height = H, channels = C, pixels = pixels}
 end
 
--- load(path, {range = "0_1"}) -> float32 [3, H, W]
+-- read(path): a PNG or a JPEG (nemo.jpeg), told apart by their first bytes -> {width =, height =,
+-- channels =, pixels =}
+function M.read(path)
+    local f, err = io.open(path, "rb")
+    if not f then error("image.read: cannot read '" .. tostring(path) .. "': " .. tostring(err), 2) end
+    local head = f:read(8) or ""
+    f:close()
+    if head:sub(1, 2) == "\255\216" then return require("nemo.jpeg").read(path) end
+    if head == "\137PNG\r\n\26\n" then return M.read_png(path) end
+    error("image.read: '" .. path .. "' is neither a PNG nor a JPEG file", 2)
+end
+
+-- load(path, {range = "0_1"}) -> float32 [3, H, W] (PNG or JPEG)
 function M.load(path, o)
     local Tensor = require "nemo.tensor"
     local range = o and o.range or "0_1"
     if range ~= "0_1" and range ~= "-1_1" then error("image.load: range must be '0_1' or '-1_1', got " .. tostring(range), 2) end
-    local im = M.read_png(path)
+    local im = M.read(path)
     local W, H, C = im.width, im.height, im.channels
     local t = Tensor.empty({3, H, W}, {dtype = "float32"})
     local p = ffi.cast("float *", t:data_ptr())

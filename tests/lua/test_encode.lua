@@ -1,5 +1,5 @@
 -- tests/lua/test_encode.lua: nemo.data.encode and tools/encode_images.lua, a FLUX latent cache from
--- PNG images and captions: Automodel's buckets (its documented 256p and Wan 512p sets and three
+-- PNG / JPEG images and captions: Automodel's buckets (its documented 256p and Wan 512p sets and three
 -- more, computed by its MultiTierBucketCalculator), the nearest-ratio choice, the Lanczos resize
 -- against PIL's (tests/golden/png resize_*.raw: within one level, nearly all exact), caption
 -- sources (.txt, JSONL, file name), and the whole job on a tiny FLUX pipeline (tests/golden
@@ -89,18 +89,19 @@ else
     img("cat_on_mat.png", 40, 24, 3, 1)
     img("dog.png", 30, 30, 4, 2)
     img("big_red_ball.png", 20, 44, 1, 3)
-    write(tmp .. "/imgs/photo.jpg", "not decoded")
+    fs.copy_file(golden.case("jpeg") .. "/b420_q85_50x40.jpg", tmp .. "/imgs/photo.jpg")   -- 50x40 (5:4) -> 32x32
+    write(tmp .. "/imgs/anim.webp", "not decoded")
     local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu",
         components_to_load = {"vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}})
     local logs = {}
     local r = enc.flux_cache{images = tmp .. "/imgs", out = tmp .. "/cache", pipe = pipe, max_pixels = 32 * 32,
         quantization = 16, captions = tmp .. "/caps.jsonl", mean = true, max_sequence_length = 16,
         log = function(m) logs[#logs + 1] = m end}
-    T.ok(r.samples == 3 and #r.skipped == 1 and r.buckets["32x16"] == 1 and r.buckets["32x32"] == 1 and
-        r.buckets["16x32"] == 1, "3 PNGs encoded into their buckets, the JPEG skipped", table.concat(logs, "\n"))
-    T.ok(table.concat(logs, "\n"):find("not PNG are skipped", 1, true) ~= nil, "the skip is said")
+    T.ok(r.samples == 4 and #r.skipped == 1 and r.buckets["32x16"] == 1 and r.buckets["32x32"] == 2 and
+        r.buckets["16x32"] == 1, "3 PNGs and a JPEG encoded into their buckets, the WebP skipped", table.concat(logs, "\n"))
+    T.ok(table.concat(logs, "\n"):find("neither PNG nor JPEG are skipped", 1, true) ~= nil, "the skip is said")
     local ds = nemo.data.Dataset(tmp .. "/cache", {model_type = "flux"})
-    T.is(#ds.samples, 3, "the cache opens as a FLUX dataset with 3 samples")
+    T.is(#ds.samples, 4, "the cache opens as a FLUX dataset with 4 samples")
     -- sample 0 (big_red_ball.png, sorted first): latents = mean of the resized image, scaled
     local s = ds:get(1)
     local rgb, W, H = enc.read_rgb(tmp .. "/imgs/big_red_ball.png")
@@ -123,17 +124,17 @@ else
         "refusing to overwrite", "an existing cache is not overwritten without force")
     T.raises(function() enc.flux_cache{images = tmp .. "/nope", out = tmp .. "/c2", pipe = pipe} end,
         "must be a folder", "a missing images folder")
-    fs.mkdirs(tmp .. "/jpgs")
-    write(tmp .. "/jpgs/a.jpg", "x")
-    T.raises(function() enc.flux_cache{images = tmp .. "/jpgs", out = tmp .. "/c3", pipe = pipe} end,
-        "reads PNG only", "a folder of JPEGs only: the error says to convert them")
+    fs.mkdirs(tmp .. "/webps")
+    write(tmp .. "/webps/a.webp", "x")
+    T.raises(function() enc.flux_cache{images = tmp .. "/webps", out = tmp .. "/c3", pipe = pipe} end,
+        "reads PNG and JPEG", "a folder of WebP images only: the error says to convert them")
     T.raises(function() enc.flux_cache{images = tmp .. "/imgs", out = tmp .. "/c4", pipe = {components = {}}} end,
         "no loadable vae", "a pipeline without a VAE")
     T.ok(not fs.exists(tmp .. "/c3") and not fs.exists(tmp .. "/c4"), "failed jobs leave no cache behind")
     -- the command line, then a LoRA training run on the cache it wrote
     local out, rc = T.sh("./nemo-lua tools/encode_images.lua --images " .. tmp .. "/imgs --model " .. root .. " --out " ..
         tmp .. "/cache_cli --resolution 32 --quantization 16 --dtype float32 --device cpu --max-sequence-length 16")
-    T.ok(rc == 0 and out:find("wrote " .. tmp .. "/cache_cli: 3 samples", 1, true), "tools/encode_images.lua writes the cache", out)
+    T.ok(rc == 0 and out:find("wrote " .. tmp .. "/cache_cli: 4 samples", 1, true), "tools/encode_images.lua writes the cache", out)
     -- and the cache trains: a LoRA run of the recipe on it (the tiny pipeline as the pretrained model)
     local train = require "nemo.train"
     local sum = train.run({seed = 1, model = {pretrained_model_name_or_path = root, mode = "finetune", model_type = "flux",

@@ -77,6 +77,21 @@ do
         "write_apng: 4 frames (acTL, 4 fcTL, IDAT + 3 fdAT); a PNG reader sees the first (PIL plays all 4, checked by hand)")
     T.raises(function() image.write_apng(tmp, {"ab"}, 20, 10, 3) end, "frame 1 must be", "write_apng with a short frame")
 end
+-- image.read / load dispatch on the first bytes: a JPEG goes to nemo.jpeg
+do
+    local jd = golden.case("jpeg", "b444_q75_37x23.jpg")
+    if jd then
+        local im = image.read(jd .. "/b444_q75_37x23.jpg")
+        T.ok(im.width == 37 and im.height == 23 and im.pixels == fs.read(jd .. "/b444_q75_37x23.raw"),
+            "image.read of a JPEG decodes it (nemo.jpeg, PIL's pixels)")
+        local t = image.load(jd .. "/b444_q75_37x23.jpg")
+        T.ok(t.shape[1] == 3 and t.shape[2] == 23 and t.shape[3] == 37, "image.load of a JPEG: [3, H, W]")
+    else
+        T.ok(false, "jpeg golden case missing")
+    end
+    local f = io.open(tmp, "wb"); f:write("GIF89a......"); f:close()
+    T.raises(function() image.read(tmp) end, "neither a PNG nor a JPEG", "image.read of another format")
+end
 -- errors
 do
     local f = io.open(tmp, "wb"); f:write("not a png at all"); f:close()

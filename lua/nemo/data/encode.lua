@@ -18,8 +18,9 @@
 -- pooler_output [768] as FluxPipeline.encode_prompt (sampling.flux_encode_prompt), stored in
 -- bfloat16. Written by data.CacheWriter (complete or not at all).
 --
--- Where it differs from Automodel: images must be PNG files (nemo.image reads no JPEG: convert
--- them first, e.g. `mogrify -format png *.jpg`); the resize uses floating-point Lanczos
+-- Where it differs from Automodel: images must be PNG or JPEG files (nemo.image, nemo.jpeg; WebP,
+-- GIF, BMP, TIFF are skipped with a note), EXIF orientation is not applied (PIL does not either
+-- unless asked); the resize uses floating-point Lanczos
 -- coefficients where PIL uses 22-bit fixed point, so a pixel may differ by one level, and always
 -- runs the horizontal pass first, as PIL's C source says, while PIL 13 runs the vertical one
 -- first for some shapes (then pixels differ by a few levels: tests/lua/test_encode.lua); the VAE
@@ -154,9 +155,9 @@ function M.resize_crop(src, w, h, tw, th)
     return out, left, top
 end
 
--- An RGB uint8 buffer of a PNG (gray repeated, alpha dropped).
+-- An RGB uint8 buffer of a PNG or JPEG (gray repeated, alpha dropped).
 function M.read_rgb(path)
-    local im = image.read_png(path)
+    local im = image.read(path)
     local W, H, C = im.width, im.height, im.channels
     local px = ffi.cast("const uint8_t *", im.pixels)
     local out = ffi.new("uint8_t[?]", W * H * 3)
@@ -247,19 +248,20 @@ function M.flux_cache(o)
     local files, skipped = {}, {}
     for _, n in ipairs(fs.list(o.images)) do
         local low = n:lower()
-        if low:match("%.png$") then files[#files + 1] = n
-        elseif low:match("%.jpe?g$") or low:match("%.webp$") or low:match("%.bmp$") or low:match("%.gif$") or
-               low:match("%.tiff?$") then skipped[#skipped + 1] = n end
+        if low:match("%.png$") or low:match("%.jpe?g$") then files[#files + 1] = n
+        elseif low:match("%.webp$") or low:match("%.bmp$") or low:match("%.gif$") or low:match("%.tiff?$") then
+            skipped[#skipped + 1] = n
+        end
     end
     table.sort(files)
     if #files == 0 then
-        error(string.format("encode: no PNG file in '%s'%s", o.images, #skipped > 0 and string.format(
-            " (%d other images: nemo-lua reads PNG only; convert them first, e.g. mogrify -format png *.jpg)", #skipped)
-            or ""), 2)
+        error(string.format("encode: no PNG or JPEG file in '%s'%s", o.images, #skipped > 0 and string.format(
+            " (%d other images: nemo-lua reads PNG and JPEG; convert them first, e.g. mogrify -format png *.webp)",
+            #skipped) or ""), 2)
     end
     if #skipped > 0 then
-        log(string.format("note: %d images that are not PNG are skipped (nemo-lua reads PNG only; convert them, " ..
-            "e.g. mogrify -format png *.jpg)", #skipped))
+        log(string.format("note: %d images that are neither PNG nor JPEG are skipped (convert them, " ..
+            "e.g. mogrify -format png *.webp)", #skipped))
     end
     local caps, how = M.captions(o.images, files, {captions = o.captions})
     log(string.format("%d images; captions: %d from .txt files, %d from %s, %d from file names", #files, how.txt,
