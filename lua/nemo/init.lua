@@ -90,7 +90,7 @@ end
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
 -- nemo.FlowMatchEulerDiscreteScheduler, nemo.lr_scheduler, nemo.flow_matching,
 -- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop), nemo.peft (LoRA),
--- nemo.tokenizers (CLIP, T5), nemo.image (PNG files)
+-- nemo.tokenizers (CLIP, T5), nemo.image (PNG files), nemo.jpeg (JPEG decoding)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
     PipelineSpec = {"nemo.pipeline", "PipelineSpec"},
@@ -108,6 +108,7 @@ local LAZY = {
     peft = {"nemo.peft"},
     tokenizers = {"nemo.tokenizers"},
     image = {"nemo.image"},
+    jpeg = {"nemo.jpeg"},
 }
 setmetatable(nemo, {__index = function(t, key)
     local where = LAZY[key]

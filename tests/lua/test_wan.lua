@@ -415,6 +415,10 @@ do  -- a WanPipeline folder through NeMoAutoDiffusionPipeline
     nemo.manual_seed(41)
     local m = Wan(small_cfg)
     m:save_pretrained(root .. "/pipe/transformer")
+    local vsrc = require("golden").case("wan_vae_tiny", "config.json")   -- a tiny AutoencoderKLWan
+    fs.mkdirs(root .. "/pipe/vae")
+    fs.copy_file(vsrc .. "/config.json", root .. "/pipe/vae/config.json")
+    fs.copy_file(vsrc .. "/diffusion_pytorch_model.safetensors", root .. "/pipe/vae/diffusion_pytorch_model.safetensors")
     json.write_file(root .. "/pipe/model_index.json", {
         _class_name = "WanPipeline", _diffusers_version = "0.33.0.dev0",
         tokenizer = {"transformers", "T5TokenizerFast"}, text_encoder = {"transformers", "UMT5EncoderModel"},
@@ -433,8 +437,9 @@ do  -- a WanPipeline folder through NeMoAutoDiffusionPipeline
     pipe:save_pretrained(root .. "/saved")
     local idx = json.read_file(root .. "/saved/model_index.json")
     T.ok(idx._class_name == "WanPipeline" and idx.transformer[2] == "WanTransformer3DModel" and
-        idx.vae[2] == "AutoencoderKLWan" and fs.isfile(root .. "/saved/transformer/config.json"),
-        "pipeline save_pretrained writes a WanPipeline folder")
+        idx.vae[2] == "AutoencoderKLWan" and fs.isfile(root .. "/saved/transformer/config.json") and
+        fs.isfile(root .. "/saved/vae/diffusion_pytorch_model.safetensors"),
+        "pipeline save_pretrained writes a WanPipeline folder (the AutoencoderKLWan saved by its model)")
     fs.remove_tree(root)
     -- the shipped real configs, counted without allocating
     for _, v in ipairs {{"Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1418996800, 825},

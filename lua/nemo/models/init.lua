@@ -15,6 +15,7 @@ local known = {
     FluxTransformer2DModel = "nemo.models.flux",
     WanTransformer3DModel = "nemo.models.wan",
     AutoencoderKL = "nemo.models.vae",
+    AutoencoderKLWan = "nemo.models.wan_vae",
     -- the text encoders (transformers' classes and folders)
     CLIPTextModel = "nemo.models.clip",
     T5EncoderModel = "nemo.models.t5",
@@ -29,7 +30,8 @@ local known = {
 M.known = known
 -- the order error messages list the names in: the transformers, then the other components,
 -- then what register() adds
-local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "CLIPTextModel", "T5EncoderModel",
+local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "AutoencoderKLWan", "CLIPTextModel",
+               "T5EncoderModel",
                "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
                "T5Tokenizer", "T5TokenizerFast"}
 M.registry = {}

@@ -1,0 +1,928 @@
+-- lua/nemo/models/wan_vae.lua: AutoencoderKLWan, the Wan 2.1 video VAE (3D causal convolutions),
+-- as diffusers 0.40 defines and computes it (models/autoencoders/autoencoder_kl_wan.py): the
+-- same module tree and parameter names, registered in the same order (so state_dict order and a
+-- diffusers `vae/` folder's keys match), the same chunked encode / decode with the same feature
+-- caches, the same op order.
+--
+--   local wv = require("nemo.models.wan_vae")
+--   local vae = wv.AutoencoderKLWan.from_pretrained("Wan2.1-T2V-1.3B-Diffusers/vae")
+--   local post = vae:encode(video).latent_dist     -- video (B, 3, 1 + 4k, H, W) in [-1, 1], H, W % 8 == 0
+--   local z = post:mode()                          -- (B, 16, 1 + k, H/8, W/8); or post:sample(generator)
+--   local rec = vae:decode(z).sample               -- (B, 3, 1 + 4k, H, W), clamped to [-1, 1]
+--   vae:save_pretrained("out/vae")
+-- (pipelines normalise z with config.latents_mean / latents_std themselves; the model does not.)
+--
+-- The non-obvious rules (each one changes the numbers):
+-- - WanCausalConv3d pads time on the LEFT only, by 2 * padding_t (zeros), and H, W by padding on
+--   both sides. Called with a cache (the last frames of the previous chunk's input), it puts the
+--   cache in front of x and pads only 2 * padding_t - cache frames with zeros.
+-- - encode runs the encoder on frame 0 alone, then on frames 1-4, 5-8, ... (so F must be
+--   1 + 4k; diffusers silently drops other trailing frames, here it is an error), cats the
+--   chunks in time and applies quant_conv. decode applies post_quant_conv to all of z, then runs
+--   the decoder one latent frame at a time, cats and clamps to [-1, 1].
+-- - The feature cache (diffusers' feat_cache, CACHE_T = 2) lives for one encode / decode call.
+--   Every cached causal conv (conv_in, each resnet's conv1 / conv2, conv_out) stores the last
+--   2 frames of its input (after norm + SiLU); when the chunk has 1 frame, the last frame of the
+--   previous cache is put in front (none on the first chunk, so the second chunk sees 1 zero
+--   frame + 1 cached frame). The 1x1x1 convs (conv_shortcut, quant convs) use no cache.
+-- - downsample3d (encoder): per-frame zero pad (right 1, bottom 1) + stride-2 3x3 Conv2d; then,
+--   on the first chunk, no time conv at all (the output is cached); later chunks run time_conv
+--   (kernel 3, stride 2 in time, no padding) on [last cached frame, x] and cache x's last frame.
+-- - upsample3d (decoder): on the first frame no time conv (the cache becomes "Rep"); later frames
+--   run time_conv (kernel 3 in time, dim -> 2 dim): after "Rep" with 2 zero frames in front (the
+--   cache becomes [zeros, x]), else with the cached [previous, x] frames in front; the two
+--   channel halves become two frames, interleaved (frame t -> 2t, 2t + 1). Then the per-frame
+--   nearest x2 upsample (nearest-exact = nearest for x2) and a 3x3 Conv2d to dim / 2.
+-- - WanRMS_norm: F.normalize over channels (dim 1, eps 1e-12) * dim^0.5 * gamma (+ bias when it
+--   has one); bf16 / f16 inputs are normalised in float32 and cast back first.
+-- - WanAttentionBlock (mid blocks): per frame over H*W, one head of C channels: RMS norm
+--   (gamma (C, 1, 1)), to_qkv 1x1 Conv2d, SDPA (scale 1/sqrt(C)), proj 1x1 Conv2d, + x.
+-- - The decoder's up block i > 0 takes dims[i] / 2 channels (the previous resample halves them).
+-- - WanUpsample's `.float()` round trip is skipped (nearest is a copy: no difference for
+--   f32 / bf16 / f16; a float64 model stays float64 throughout).
+-- - DiagonalGaussianDistribution is nemo.models.vae's (mean, logvar clamped to [-30, 20], std).
+-- Not supported: the Wan 2.2 VAE (is_residual = true: AvgDown3D / DupUp3D, patch_size 2, its
+-- channels) raises "not supported yet"; tiled encode / decode (enable_tiling raises); encode
+-- with attn_scales non-empty (diffusers' own encoder raises a TypeError there; the model builds
+-- and decodes); gradient checkpointing.
+local class = require "nemo.class"
+local nn = require "nemo.nn"
+local Tensor = require "nemo.tensor"
+local F = require "nemo.functional"
+local json = require "nemo.json"
+local common = require "nemo.models.common"
+local mio = require "nemo.models.io"
+local vae = require "nemo.models.vae"
+require "nemo"
+
+local free, factory = common.free, common.factory
+local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
+local null = json.null
+local describe = mio.describe
+
+local M = {}
+
+M.DIFFUSERS_VERSION = "0.40.0"   -- written into saved config.json, as diffusers does
+M.CACHE_T = 2
+M.DiagonalGaussianDistribution = vae.DiagonalGaussianDistribution
+
+local function triple(v)
+    if type(v) == "number" then return {v, v, v} end
+    return {v[1], v[2], v[3]}
+end
+
+-- ==== WanCausalConv3d ====
+
+-- WanCausalConv3d(in, out, kernel, {stride=1, padding=0, dtype=, device=}): an nn.Conv3d
+-- (weight, bias) whose padding (t, h, w) becomes causal: time 2t zeros on the left, none on the
+-- right; h and w on both sides. forward(x, cache=nil) -> conv of [cache, x] with 2t - cache
+-- frames of zeros in front (the cache only counts when 2t > 0).
+local WanCausalConv3d = class("nemo.models.wan_vae.WanCausalConv3d", nn.Conv3d)
+M.WanCausalConv3d = WanCausalConv3d
+function WanCausalConv3d:__init(in_channels, out_channels, kernel_size, opts)
+    opts = opts or {}
+    local p = triple(opts.padding or 0)
+    nn.Conv3d.__init(self, in_channels, out_channels, kernel_size, {stride = opts.stride or 1, padding = 0,
+        dtype = opts.dtype, device = opts.device})
+    self.causal_padding = {2 * p[1], p[2], p[3]}   -- time (left only), height, width
+end
+function WanCausalConv3d:forward(x, cache)
+    local cp = self.causal_padding
+    local tpad, inp = cp[1], x
+    if cache ~= nil and tpad > 0 then
+        inp = F.cat({cache, x}, 2)
+        tpad = tpad - cache.shape[3]
+    end
+    local y = F.conv3d(inp, self.weight, self.bias, {stride = self.stride,
+        padding = {{tpad, 0}, {cp[2], cp[2]}, {cp[3], cp[3]}}})
+    if not rawequal(inp, x) then free(inp) end
+    return y
+end
+function WanCausalConv3d:extra_repr()
+    local cp = self.causal_padding
+    return nn.Conv3d.extra_repr(self) .. string.format(", causal_padding=(t %d left, h %d, w %d)", cp[1], cp[2], cp[3])
+end
+
+-- The last `n` frames of x (fewer when x has fewer), as a new tensor.
+local function last_frames(x, n)
+    local t = x.shape[3]
+    local k = math.min(t, n)
+    return x:narrow(2, t - k, k):clone()
+end
+
+-- A causal conv with diffusers' feature cache (see the header): ctx maps the conv to the cached
+-- frames of its input; ctx nil: no cache (zero padding).
+local function cached_conv(conv, x, ctx)
+    if ctx == nil then return conv(x) end
+    local old = ctx[conv]
+    local cache_x = last_frames(x, M.CACHE_T)
+    if cache_x.shape[3] < 2 and old ~= nil then
+        local prev = old:narrow(2, old.shape[3] - 1, 1)
+        local c2 = F.cat({prev, cache_x}, 2)
+        free(cache_x)
+        cache_x = c2
+    end
+    local y = conv(x, old)
+    ctx[conv] = cache_x
+    if old ~= nil then free(old) end
+    return y
+end
+M.cached_conv = cached_conv
+
+-- ==== WanRMS_norm ====
+
+-- WanRMS_norm(dim, {images=true, bias=false, dtype=, device=}): gamma (dim, 1, 1) for images
+-- (4-D inputs), (dim, 1, 1, 1) otherwise; bias of the same shape when asked (never in the Wan
+-- VAE). forward(x) = normalize(x, dim 1) * dim^0.5 * gamma (+ bias).
+local WanRMS_norm = class("nemo.models.wan_vae.WanRMS_norm", nn.Module)
+M.WanRMS_norm = WanRMS_norm
+function WanRMS_norm:__init(dim, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    local shape = opts.images == false and {dim, 1, 1, 1} or {dim, 1, 1}
+    self.dim = dim
+    self.scale = dim ^ 0.5                          -- Python's dim**0.5 (the same libm pow)
+    self.gamma = nn.Parameter(Tensor.ones(shape, fo))
+    if opts.bias then self.bias = nn.Parameter(Tensor.zeros(shape, fo)) end
+end
+function WanRMS_norm:forward(x)
+    local low = x.dtype == "bfloat16" or x.dtype == "float16"
+    local xin = low and x:to{dtype = "float32"} or x
+    local n = F.normalize(xin, 2, 1)
+    if low then
+        free(xin)
+        local c = n:to{dtype = x.dtype}
+        free(n)
+        n = c
+    end
+    local s = n * self.scale
+    free(n)
+    local y = s * self.gamma
+    free(s)
+    if self.bias ~= nil then
+        local b = y + self.bias
+        free(y)
+        y = b
+    end
+    return y
+end
+function WanRMS_norm:extra_repr() return string.format("dim=%d", self.dim) end
+
+-- ==== per-frame 2-D ops on (B, C, T, H, W) ====
+
+-- (B, C, T, H, W) -> (B*T, C, H, W) (a copy)
+local function frames_to_batch(x)
+    local s = x.shape
+    local p = x:permute(0, 2, 1, 3, 4)
+    return p:reshape(s[1] * s[3], s[2], s[4], s[5])
+end
+-- (B*T, C, H, W) -> (B, C, T, H, W) (a view)
+local function batch_to_frames(y, B, T)
+    local s = y.shape
+    return y:view(B, T, s[2], s[3], s[4]):permute(0, 2, 1, 3, 4)
+end
+
+-- ==== WanResample ====
+
+-- WanResample(dim, mode, {upsample_out_dim=dim/2, dtype=, device=}); mode "upsample2d",
+-- "upsample3d", "downsample2d", "downsample3d" or "none". Children as diffusers':
+-- resample = Sequential(Upsample | ZeroPad2d, Conv2d) (so resample.1.weight), time_conv (3d
+-- modes). forward(x (B, C, T, H, W), ctx) with the feature cache rules of the header.
+local ResampleOp = class("nemo.models.wan_vae.ResampleOp", nn.Module)   -- resample.0: no parameters
+function ResampleOp:__init(kind)
+    nn.Module.__init(self)
+    self.kind = kind
+end
+function ResampleOp:forward(x)
+    if self.kind == "upsample" then return F.interpolate(x, {scale_factor = {2.0, 2.0}, mode = "nearest-exact"}) end
+    return F.pad(x, {0, 1, 0, 1})
+end
+function ResampleOp:extra_repr()
+    return self.kind == "upsample" and "scale_factor=(2.0, 2.0), mode='nearest-exact'" or "ZeroPad2d((0, 1, 0, 1))"
+end
+
+local WanResample = class("nemo.models.wan_vae.WanResample", nn.Module)
+M.WanResample = WanResample
+function WanResample:__init(dim, mode, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    self.dim = dim
+    self.mode = mode
+    local up_out = opts.upsample_out_dim or math.floor(dim / 2)
+    local function conv2d(cin, cout, o)
+        return nn.Conv2d(cin, cout, 3, {stride = o.stride or 1, padding = o.padding or 0, dtype = fo.dtype,
+            device = fo.device})
+    end
+    if mode == "upsample2d" or mode == "upsample3d" then
+        self.resample = nn.Sequential(ResampleOp("upsample"), conv2d(dim, up_out, {padding = 1}))
+        if mode == "upsample3d" then
+            self.time_conv = WanCausalConv3d(dim, dim * 2, {3, 1, 1}, {padding = {1, 0, 0}, dtype = fo.dtype,
+                device = fo.device})
+        end
+    elseif mode == "downsample2d" or mode == "downsample3d" then
+        self.resample = nn.Sequential(ResampleOp("pad"), conv2d(dim, dim, {stride = 2}))
+        if mode == "downsample3d" then
+            self.time_conv = WanCausalConv3d(dim, dim, {3, 1, 1}, {stride = {2, 1, 1}, padding = 0, dtype = fo.dtype,
+                device = fo.device})
+        end
+    elseif mode == "none" then
+        self.resample = nn.Identity()
+    else
+        error(string.format("WanResample: unknown mode '%s' (upsample2d, upsample3d, downsample2d, downsample3d, none)",
+            tostring(mode)), 2)
+    end
+end
+
+-- the per-frame spatial part: resample.1 (Conv2d) after resample.0 (upsample or zero pad)
+function WanResample:spatial(x)
+    if self.mode == "none" then return x end
+    local B, T = x.shape[1], x.shape[3]
+    local xb = frames_to_batch(x)
+    local conv = self.resample:get(2)
+    local y
+    if self.mode == "downsample2d" or self.mode == "downsample3d" then
+        -- ZeroPad2d((0, 1, 0, 1)) inside the conv: the same sums
+        y = F.conv2d(xb, conv.weight, conv.bias, {stride = 2, padding = {{0, 1}, {0, 1}}})
+    else
+        local u = self.resample:get(1)(xb)
+        y = conv(u)
+        free(u)
+    end
+    free(xb)
+    return batch_to_frames(y, B, T)
+end
+
+function WanResample:forward(x, ctx)
+    local h = x
+    if self.mode == "upsample3d" and ctx ~= nil then
+        local tc = self.time_conv
+        local old = ctx[tc]
+        if old == nil then
+            ctx[tc] = "Rep"
+        else
+            local b, c, t, hh, ww = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
+            local cache_x = last_frames(x, M.CACHE_T)
+            if cache_x.shape[3] < 2 then
+                local front = old ~= "Rep" and old:narrow(2, old.shape[3] - 1, 1) or Tensor.zeros_like(cache_x)
+                local c2 = F.cat({front, cache_x}, 2)
+                free(cache_x)
+                if old == "Rep" then free(front) end
+                cache_x = c2
+            end
+            local y
+            if old == "Rep" then y = tc(x) else y = tc(x, old) end
+            ctx[tc] = cache_x
+            if old ~= "Rep" then free(old) end
+            -- (b, 2c, t) -> (b, 2, c, t) -> stack((y[:, 0], y[:, 1]), 3) -> (b, c, 2t)
+            local v = y:view(b, 2, c, t, hh, ww):permute(0, 2, 3, 1, 4, 5)
+            h = v:reshape(b, c, 2 * t, hh, ww)
+            free(y)
+        end
+    end
+    local s = self:spatial(h)
+    if not rawequal(h, x) then free(h) end
+    h = s
+    if self.mode == "downsample3d" and ctx ~= nil then
+        local tc = self.time_conv
+        local old = ctx[tc]
+        if old == nil then
+            ctx[tc] = h:clone()
+        else
+            local cache_x = last_frames(h, 1)
+            local inp = F.cat({old:narrow(2, old.shape[3] - 1, 1), h}, 2)
+            local y = tc(inp)
+            free(inp, h, old)
+            ctx[tc] = cache_x
+            h = y
+        end
+    end
+    return h
+end
+function WanResample:extra_repr() return string.format("dim=%d, mode=%s", self.dim, self.mode) end
+
+-- ==== WanResidualBlock ====
+
+-- WanResidualBlock(in_dim, out_dim, {dropout=0, non_linearity="silu", dtype=, device=}): norm1,
+-- conv1, norm2, dropout, conv2, conv_shortcut (1x1x1, when in_dim ~= out_dim).
+-- forward(x, ctx) = conv2(drop(act(norm2(conv1(act(norm1(x))))))) + shortcut(x), conv1 and
+-- conv2 cached.
+local WanResidualBlock = class("nemo.models.wan_vae.WanResidualBlock", nn.Module)
+M.WanResidualBlock = WanResidualBlock
+function WanResidualBlock:__init(in_dim, out_dim, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    self.in_dim, self.out_dim = in_dim, out_dim
+    self.nonlinearity = common.get_activation(opts.non_linearity or "silu")
+    self.norm1 = WanRMS_norm(in_dim, {images = false, dtype = fo.dtype, device = fo.device})
+    self.conv1 = WanCausalConv3d(in_dim, out_dim, 3, {padding = 1, dtype = fo.dtype, device = fo.device})
+    self.norm2 = WanRMS_norm(out_dim, {images = false, dtype = fo.dtype, device = fo.device})
+    self.dropout = nn.Dropout(opts.dropout or 0.0)
+    self.conv2 = WanCausalConv3d(out_dim, out_dim, 3, {padding = 1, dtype = fo.dtype, device = fo.device})
+    if in_dim ~= out_dim then
+        self.conv_shortcut = WanCausalConv3d(in_dim, out_dim, 1, {dtype = fo.dtype, device = fo.device})
+    end
+end
+function WanResidualBlock:forward(x, ctx)
+    local h = self.conv_shortcut ~= nil and self.conv_shortcut(x) or x
+    local n = self.norm1(x)
+    local a = self.nonlinearity(n)
+    free(n)
+    local y = cached_conv(self.conv1, a, ctx)
+    free(a)
+    n = self.norm2(y)
+    free(y)
+    a = self.nonlinearity(n)
+    free(n)
+    local d = self.dropout(a)
+    if not rawequal(d, a) then free(a) end
+    y = cached_conv(self.conv2, d, ctx)
+    free(d)
+    local out = y + h
+    free(y)
+    if not rawequal(h, x) then free(h) end
+    return out
+end
+
+-- ==== WanAttentionBlock ====
+
+-- WanAttentionBlock(dim, {dtype=, device=}): norm (RMS, gamma (dim, 1, 1)), to_qkv (1x1 Conv2d,
+-- dim -> 3 dim), proj (1x1 Conv2d). forward(x (B, C, T, H, W)) -> same shape: single-head
+-- attention over the H*W positions of each frame, + x.
+local WanAttentionBlock = class("nemo.models.wan_vae.WanAttentionBlock", nn.Module)
+M.WanAttentionBlock = WanAttentionBlock
+function WanAttentionBlock:__init(dim, opts)
+    local fo = factory(opts)
+    nn.Module.__init(self)
+    self.dim = dim
+    self.norm = WanRMS_norm(dim, {images = true, dtype = fo.dtype, device = fo.device})
+    self.to_qkv = nn.Conv2d(dim, dim * 3, 1, {dtype = fo.dtype, device = fo.device})
+    self.proj = nn.Conv2d(dim, dim, 1, {dtype = fo.dtype, device = fo.device})
+end
+function WanAttentionBlock:forward(x)
+    if not is_tensor(x) or x:dim() ~= 5 or x.shape[2] ~= self.dim then
+        error(string.format("WanAttentionBlock: expected (B, %d, T, H, W), got %s", self.dim,
+            is_tensor(x) and shape_str(x.shape) or type(x)), 2)
+    end
+    local B, C, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
+    local BT, HW = B * T, H * W
+    local xb = frames_to_batch(x)
+    local n = self.norm(xb)
+    free(xb)
+    local qkv = self.to_qkv(n)                                  -- (BT, 3C, H, W)
+    free(n)
+    local r = qkv:reshape(BT, 1, 3 * C, HW):permute(0, 1, 3, 2):contiguous()   -- (BT, 1, HW, 3C)
+    free(qkv)
+    local q, k, v = unpack(r:chunk(3, -1))
+    local o = F.scaled_dot_product_attention(q, k, v)           -- (BT, 1, HW, C)
+    free(r)
+    local ob = o:squeeze(1):permute(0, 2, 1):reshape(BT, C, H, W)
+    free(o)
+    local p = self.proj(ob)
+    free(ob)
+    local y = batch_to_frames(p, B, T)
+    local out = y + x
+    free(p)
+    return out
+end
+function WanAttentionBlock:extra_repr() return string.format("dim=%d", self.dim) end
+
+-- ==== WanMidBlock ====
+
+-- WanMidBlock(dim, {dropout=0, non_linearity="silu", num_layers=1, dtype=, device=}): attentions,
+-- resnets (registered in that order); resnets[1], then (attention, resnet) num_layers times.
+local WanMidBlock = class("nemo.models.wan_vae.WanMidBlock", nn.Module)
+M.WanMidBlock = WanMidBlock
+function WanMidBlock:__init(dim, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    self.dim = dim
+    local function resnet()
+        return WanResidualBlock(dim, dim, {dropout = opts.dropout, non_linearity = opts.non_linearity,
+            dtype = fo.dtype, device = fo.device})
+    end
+    local resnets, attentions = {resnet()}, {}
+    for i = 1, opts.num_layers or 1 do
+        attentions[i] = WanAttentionBlock(dim, fo)
+        resnets[#resnets + 1] = resnet()
+    end
+    self.attentions = nn.ModuleList(attentions)
+    self.resnets = nn.ModuleList(resnets)
+end
+function WanMidBlock:forward(x, ctx)
+    local h = self.resnets:get(1)(x, ctx)
+    for i = 2, self.resnets:len() do
+        local a = self.attentions:get(i - 1)(h)
+        free(h)
+        h = self.resnets:get(i)(a, ctx)
+        free(a)
+    end
+    return h
+end
+
+-- ==== encoder / decoder ====
+
+-- WanEncoder3d{in_channels=3, dim=, z_dim= (its output channels: 2 * the VAE's z_dim),
+-- dim_mult=, num_res_blocks=, attn_scales=, temperal_downsample=, dropout=, non_linearity=,
+-- dtype=, device=}: conv_in, down_blocks (a flat list: resnets, attention blocks at the
+-- attn_scales, resamples), mid_block, norm_out, conv_out. forward(x chunk, ctx).
+local WanEncoder3d = class("nemo.models.wan_vae.WanEncoder3d", nn.Module)
+M.WanEncoder3d = WanEncoder3d
+function WanEncoder3d:__init(o)
+    nn.Module.__init(self)
+    local fo = factory(o)
+    local dim, dim_mult = o.dim, o.dim_mult
+    self.dim, self.z_dim = dim, o.z_dim
+    self.nonlinearity = common.get_activation(o.non_linearity or "silu")
+    local dims = {dim}
+    for i, u in ipairs(dim_mult) do dims[i + 1] = dim * u end
+    local scale = 1.0
+    self.has_down_attention = false
+    self.conv_in = WanCausalConv3d(o.in_channels or 3, dims[1], 3, {padding = 1, dtype = fo.dtype, device = fo.device})
+    local blocks = {}
+    local out_dim
+    for i = 1, #dim_mult do
+        local in_dim
+        in_dim, out_dim = dims[i], dims[i + 1]
+        for _ = 1, o.num_res_blocks do
+            blocks[#blocks + 1] = WanResidualBlock(in_dim, out_dim, {dropout = o.dropout, dtype = fo.dtype,
+                device = fo.device})
+            for _, s in ipairs(o.attn_scales) do
+                if s == scale then
+                    blocks[#blocks + 1] = WanAttentionBlock(out_dim, fo)
+                    self.has_down_attention = true
+                    break
+                end
+            end
+            in_dim = out_dim
+        end
+        if i ~= #dim_mult then
+            local mode = o.temperal_downsample[i] and "downsample3d" or "downsample2d"
+            blocks[#blocks + 1] = WanResample(out_dim, mode, fo)
+            scale = scale / 2.0
+        end
+    end
+    self.down_blocks = nn.ModuleList(blocks)
+    self.mid_block = WanMidBlock(out_dim, {dropout = o.dropout, non_linearity = o.non_linearity, num_layers = 1,
+        dtype = fo.dtype, device = fo.device})
+    self.norm_out = WanRMS_norm(out_dim, {images = false, dtype = fo.dtype, device = fo.device})
+    self.conv_out = WanCausalConv3d(out_dim, o.z_dim, 3, {padding = 1, dtype = fo.dtype, device = fo.device})
+end
+function WanEncoder3d:forward(x, ctx)
+    local h = cached_conv(self.conv_in, x, ctx)
+    for _, layer in self.down_blocks:iter() do
+        local y
+        if class.isinstance(layer, WanAttentionBlock) then
+            if ctx ~= nil then
+                error("AutoencoderKLWan: attention blocks inside the encoder's down_blocks (attn_scales non-empty) " ..
+                    "are not supported: diffusers' encoder passes them feat_cache and fails with a TypeError", 0)
+            end
+            y = layer(h)
+        else
+            y = layer(h, ctx)
+        end
+        free(h)
+        h = y
+    end
+    local y = self.mid_block(h, ctx)
+    free(h)
+    local n = self.norm_out(y)
+    free(y)
+    local a = self.nonlinearity(n)
+    free(n)
+    local out = cached_conv(self.conv_out, a, ctx)
+    free(a)
+    return out
+end
+
+-- WanUpBlock(in_dim, out_dim, num_res_blocks, {dropout=, upsample_mode=nil, non_linearity=,
+-- dtype=, device=}): resnets (num_res_blocks + 1), upsamplers = {WanResample} when upsampling.
+local WanUpBlock = class("nemo.models.wan_vae.WanUpBlock", nn.Module)
+M.WanUpBlock = WanUpBlock
+function WanUpBlock:__init(in_dim, out_dim, num_res_blocks, opts)
+    nn.Module.__init(self)
+    opts = opts or {}
+    local fo = factory(opts)
+    self.in_dim, self.out_dim = in_dim, out_dim
+    local resnets, cur = {}, in_dim
+    for i = 1, num_res_blocks + 1 do
+        resnets[i] = WanResidualBlock(cur, out_dim, {dropout = opts.dropout, non_linearity = opts.non_linearity,
+            dtype = fo.dtype, device = fo.device})
+        cur = out_dim
+    end
+    self.resnets = nn.ModuleList(resnets)
+    if opts.upsample_mode ~= nil then
+        self.upsamplers = nn.ModuleList{WanResample(out_dim, opts.upsample_mode, fo)}
+    end
+end
+function WanUpBlock:forward(x, ctx)
+    local h = x
+    for _, r in self.resnets:iter() do
+        local y = r(h, ctx)
+        if not rawequal(h, x) then free(h) end
+        h = y
+    end
+    if self.upsamplers ~= nil then
+        local y = self.upsamplers:get(1)(h, ctx)
+        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
+        h = y
+    end
+    return h
+end
+
+-- WanDecoder3d{dim=, z_dim=, dim_mult=, num_res_blocks=, temperal_upsample=, dropout=,
+-- non_linearity=, out_channels=3, dtype=, device=}: conv_in, mid_block, up_blocks, norm_out,
+-- conv_out. forward(z frame, ctx).
+local WanDecoder3d = class("nemo.models.wan_vae.WanDecoder3d", nn.Module)
+M.WanDecoder3d = WanDecoder3d
+function WanDecoder3d:__init(o)
+    nn.Module.__init(self)
+    local fo = factory(o)
+    local dim, dim_mult = o.dim, o.dim_mult
+    self.dim, self.z_dim = dim, o.z_dim
+    self.nonlinearity = common.get_activation(o.non_linearity or "silu")
+    local dims = {dim * dim_mult[#dim_mult]}
+    for i = #dim_mult, 1, -1 do dims[#dims + 1] = dim * dim_mult[i] end
+    self.conv_in = WanCausalConv3d(o.z_dim, dims[1], 3, {padding = 1, dtype = fo.dtype, device = fo.device})
+    self.mid_block = WanMidBlock(dims[1], {dropout = o.dropout, non_linearity = o.non_linearity, num_layers = 1,
+        dtype = fo.dtype, device = fo.device})
+    local blocks = {}
+    local out_dim
+    for i = 1, #dim_mult do
+        local in_dim = dims[i]
+        out_dim = dims[i + 1]
+        if i > 1 then in_dim = math.floor(in_dim / 2) end   -- wan 2.1: the previous resample halved it
+        local mode
+        if i ~= #dim_mult then mode = o.temperal_upsample[i] and "upsample3d" or "upsample2d" end
+        blocks[i] = WanUpBlock(in_dim, out_dim, o.num_res_blocks, {dropout = o.dropout, upsample_mode = mode,
+            non_linearity = o.non_linearity, dtype = fo.dtype, device = fo.device})
+    end
+    self.up_blocks = nn.ModuleList(blocks)
+    self.norm_out = WanRMS_norm(out_dim, {images = false, dtype = fo.dtype, device = fo.device})
+    self.conv_out = WanCausalConv3d(out_dim, o.out_channels or 3, 3, {padding = 1, dtype = fo.dtype,
+        device = fo.device})
+end
+function WanDecoder3d:forward(x, ctx)
+    local h = cached_conv(self.conv_in, x, ctx)
+    local y = self.mid_block(h, ctx)
+    free(h)
+    h = y
+    for _, b in self.up_blocks:iter() do
+        y = b(h, ctx)
+        free(h)
+        h = y
+    end
+    local n = self.norm_out(h)
+    free(h)
+    local a = self.nonlinearity(n)
+    free(n)
+    local out = cached_conv(self.conv_out, a, ctx)
+    free(a)
+    return out
+end
+
+-- ==== config ====
+
+local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
+
+local WAN21_MEAN = {-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921}
+local WAN21_STD = {2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                   1.6382, 1.1253, 2.8251, 1.9160}
+
+-- diffusers' register_to_config fields of AutoencoderKLWan, in signature order.
+local CONFIG = {
+    {"base_dim", "int", 96},
+    {"decoder_base_dim", "int?", null},
+    {"z_dim", "int", 16},
+    {"dim_mult", "ints", {1, 2, 4, 4}},
+    {"num_res_blocks", "int", 2},
+    {"attn_scales", "numbers", {}},
+    {"temperal_downsample", "bools", {false, true, true}},
+    {"dropout", "number", 0.0},
+    {"latents_mean", "numbers", WAN21_MEAN},
+    {"latents_std", "numbers", WAN21_STD},
+    {"is_residual", "bool", false},
+    {"in_channels", "int", 3},
+    {"out_channels", "int", 3},
+    {"patch_size", "int?", null},
+    {"scale_factor_temporal", "int?", 4},
+    {"scale_factor_spatial", "int?", 8},
+}
+M.CONFIG_FIELDS = CONFIG
+
+-- a list (possibly empty) whose elements pass ok_elem, copied; nil when it is not one
+local function list_of(v, ok_elem)
+    if type(v) ~= "table" or is_tensor(v) or v == null then return nil end
+    local n = 0
+    for k in pairs(v) do
+        if type(k) ~= "number" then return nil end
+        n = n + 1
+    end
+    if n ~= #v then return nil end
+    local c = {}
+    for i = 1, #v do
+        if not ok_elem(v[i]) then return nil end
+        c[i] = v[i]
+    end
+    return c
+end
+
+-- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
+-- stderr, wrong types or values an error naming the key; the Wan 2.2 settings an error.
+local function resolve_config(cfg, who)
+    if cfg ~= nil and type(cfg) ~= "table" then
+        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
+    end
+    cfg = cfg or {}
+    local known, out = {}, {}
+    local function bad(key, what, v)
+        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what, describe(v)), 4)
+    end
+    for _, f in ipairs(CONFIG) do
+        local key, kind, default = f[1], f[2], f[3]
+        known[key] = true
+        local v = cfg[key]
+        if v == nil or (v == null and kind:sub(-1) == "?") then
+            if type(default) == "table" and default ~= null then
+                local c = {}
+                for i, x in ipairs(default) do c[i] = x end
+                v = c
+            else
+                v = default
+            end
+        elseif kind == "int" or kind == "int?" then
+            if not is_int(v) then bad(key, kind == "int" and "a non-negative integer" or "an integer or null", v) end
+        elseif kind == "bool" then
+            if type(v) ~= "boolean" then bad(key, "a boolean", v) end
+        elseif kind == "number" then
+            if type(v) ~= "number" or v ~= v then bad(key, "a number", v) end
+        elseif kind == "ints" then
+            v = list_of(v, is_int) or bad(key, "a list of non-negative integers", v)
+        elseif kind == "bools" then
+            v = list_of(v, function(x) return type(x) == "boolean" end) or bad(key, "a list of booleans", v)
+        elseif kind == "numbers" then
+            v = list_of(v, function(x) return type(x) == "number" end) or bad(key, "a list of numbers", v)
+        end
+        out[key] = v
+    end
+    local unknown = {}
+    for k in pairs(cfg) do
+        if type(k) ~= "string" then
+            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
+        end
+        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
+    end
+    table.sort(unknown)
+    for _, k in ipairs(unknown) do
+        io.stderr:write(string.format("warning: %s: config key '%s' is not an AutoencoderKLWan argument; it is " ..
+            "ignored\n", who, k))
+    end
+    -- what is not implemented: the Wan 2.2 VAE
+    if out.is_residual then
+        error(string.format("%s: the Wan 2.2 VAE (config is_residual = true: residual down/up blocks with " ..
+            "AvgDown3D / DupUp3D) is not supported yet; only the Wan 2.1 VAE (is_residual = false) is", who), 3)
+    end
+    if out.patch_size ~= null and out.patch_size ~= 1 then
+        error(string.format("%s: config patch_size = %d (the Wan 2.2 VAE's patchify) is not supported yet; " ..
+            "expected null or 1", who, out.patch_size), 3)
+    end
+    -- values
+    for _, key in ipairs {"base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"} do
+        if out[key] < 1 then error(string.format("%s: config key '%s' must be at least 1, got %d", who, key, out[key]), 3) end
+    end
+    if out.decoder_base_dim ~= null and out.decoder_base_dim < 1 then
+        error(string.format("%s: config key 'decoder_base_dim' must be at least 1 or null, got %d", who,
+            out.decoder_base_dim), 3)
+    end
+    if #out.dim_mult < 1 then error(who .. ": config key 'dim_mult' must have at least one entry", 3) end
+    for i, u in ipairs(out.dim_mult) do
+        if u < 1 then error(string.format("%s: config key 'dim_mult' entry %d must be at least 1, got %d", who, i, u), 3) end
+    end
+    if #out.temperal_downsample ~= #out.dim_mult - 1 then
+        error(string.format("%s: config key 'temperal_downsample' must have one entry per downsample, #dim_mult - 1 " ..
+            "= %d, got %d", who, #out.dim_mult - 1, #out.temperal_downsample), 3)
+    end
+    if out.dropout < 0 or out.dropout >= 1 then
+        error(string.format("%s: config key 'dropout' must be in [0, 1), got %s", who, tostring(out.dropout)), 3)
+    end
+    return out
+end
+M.resolve_config = resolve_config
+
+-- ==== the model ====
+
+local AutoencoderKLWan = class("nemo.models.AutoencoderKLWan", nn.Module)
+M.AutoencoderKLWan = AutoencoderKLWan
+AutoencoderKLWan._no_split_modules = {"WanResidualBlock"}
+
+-- AutoencoderKLWan(config, {dtype=, device=}): config holds diffusers' config fields (absent
+-- ones take diffusers' defaults: the Wan 2.1 VAE). Children: encoder, quant_conv,
+-- post_quant_conv, decoder (diffusers' order).
+function AutoencoderKLWan:__init(config, opts)
+    nn.Module.__init(self)
+    local cfg = resolve_config(config, "AutoencoderKLWan")
+    local fo = factory(opts)
+    self.config = cfg
+    self.z_dim = cfg.z_dim
+    self.temperal_downsample = cfg.temperal_downsample
+    local up = {}
+    for i = #cfg.temperal_downsample, 1, -1 do up[#up + 1] = cfg.temperal_downsample[i] end
+    self.temperal_upsample = up
+    local decoder_base_dim = cfg.decoder_base_dim ~= null and cfg.decoder_base_dim or cfg.base_dim
+    self.encoder = WanEncoder3d{in_channels = cfg.in_channels, dim = cfg.base_dim, z_dim = 2 * cfg.z_dim,
+        dim_mult = cfg.dim_mult, num_res_blocks = cfg.num_res_blocks, attn_scales = cfg.attn_scales,
+        temperal_downsample = cfg.temperal_downsample, dropout = cfg.dropout, dtype = fo.dtype, device = fo.device}
+    self.quant_conv = WanCausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, fo)
+    self.post_quant_conv = WanCausalConv3d(cfg.z_dim, cfg.z_dim, 1, fo)
+    self.decoder = WanDecoder3d{dim = decoder_base_dim, z_dim = cfg.z_dim, dim_mult = cfg.dim_mult,
+        num_res_blocks = cfg.num_res_blocks, temperal_upsample = up, dropout = cfg.dropout,
+        out_channels = cfg.out_channels, dtype = fo.dtype, device = fo.device}
+    -- video pixels per latent pixel (2^(number of downsamples)); frames per latent frame after the first
+    self.spatial_compression_ratio = 2 ^ (#cfg.dim_mult - 1)
+    local tf = 1
+    for _, t in ipairs(cfg.temperal_downsample) do if t then tf = tf * 2 end end
+    self.temporal_compression_ratio = tf
+    self.use_slicing = false
+    self.use_tiling = false
+end
+
+-- The dtype of the parameters (that of encoder.conv_in.weight).
+function AutoencoderKLWan:dtype() return self.encoder.conv_in.weight.dtype end
+
+-- slicing: encode / decode a batch one video at a time (less memory, the same values)
+function AutoencoderKLWan:enable_slicing() self.use_slicing = true; return self end
+function AutoencoderKLWan:disable_slicing() self.use_slicing = false; return self end
+function AutoencoderKLWan:enable_tiling()
+    error("AutoencoderKLWan:enable_tiling: tiled encode/decode is not implemented in nemo-lua yet " ..
+        "(use enable_slicing to save memory over the batch)", 2)
+end
+function AutoencoderKLWan:disable_tiling() self.use_tiling = false; return self end
+
+local function sliced(self, x, fn)
+    if self.use_slicing and x.shape[1] > 1 then
+        local parts, outs = x:split(1, 0), {}
+        for i, p in ipairs(parts) do outs[i] = fn(p) end
+        local y = F.cat(outs, 0)
+        free(unpack(outs))
+        return y
+    end
+    return fn(x)
+end
+
+-- release every tensor of a feature cache
+local function clear_cache(ctx)
+    for k, v in pairs(ctx) do
+        if is_tensor(v) then free(v) end
+        ctx[k] = nil
+    end
+end
+
+-- _encode(x (1 or B videos)) -> the moments (B, 2 z_dim, 1 + k, H/8, W/8): frame 0, then chunks
+-- of 4 frames through the encoder with one feature cache, cat in time, quant_conv.
+function AutoencoderKLWan:_encode(x)
+    local nf = x.shape[3]
+    local ctx, outs = {}, {}
+    local ok, err = pcall(function()
+        for i = 0, (nf - 1) / 4 do
+            local chunk = i == 0 and x:narrow(2, 0, 1) or x:narrow(2, 1 + 4 * (i - 1), 4)
+            outs[#outs + 1] = self.encoder(chunk, ctx)
+        end
+    end)
+    clear_cache(ctx)
+    if not ok then
+        free(unpack(outs))
+        error(err, 0)
+    end
+    local out = #outs == 1 and outs[1] or F.cat(outs, 2)
+    if #outs > 1 then free(unpack(outs)) end
+    local enc = self.quant_conv(out)
+    free(out)
+    return enc
+end
+
+local function check_video(self, x, who)
+    if not is_tensor(x) then error(string.format("AutoencoderKLWan:%s: expected a tensor, got %s", who, type(x)), 3) end
+    local c = self.config.in_channels
+    if x:dim() ~= 5 or x.shape[2] ~= c then
+        error(string.format("AutoencoderKLWan:%s: expected a video (B, %d, F, H, W), got shape %s", who, c,
+            shape_str(x.shape)), 3)
+    end
+    local nf = x.shape[3]
+    if nf < 1 or (nf - 1) % 4 ~= 0 then
+        error(string.format("AutoencoderKLWan:%s: expected F = 1 + 4k frames (1, 5, 9, ...: frame 0 alone, then " ..
+            "chunks of 4), got F = %d in shape %s", who, nf, shape_str(x.shape)), 3)
+    end
+    local r = self.spatial_compression_ratio
+    if x.shape[4] % r ~= 0 or x.shape[5] % r ~= 0 or x.shape[4] == 0 or x.shape[5] == 0 then
+        error(string.format("AutoencoderKLWan:%s: expected H and W to be positive multiples of %d, got %dx%d (shape %s)",
+            who, r, x.shape[4], x.shape[5], shape_str(x.shape)), 3)
+    end
+    if self.encoder.has_down_attention then
+        local sc = {}
+        for i, v in ipairs(self.config.attn_scales) do sc[i] = tostring(v) end
+        error(string.format("AutoencoderKLWan:%s: attn_scales = {%s} puts attention blocks in the encoder's " ..
+            "down_blocks, which diffusers' encoder cannot run (it passes them feat_cache: a TypeError); not " ..
+            "supported (expected attn_scales = {}, as in every Wan 2.1 checkpoint)", who, table.concat(sc, ", ")), 3)
+    end
+end
+
+-- encode(x (B, in_channels, 1 + 4k, H, W), {return_dict=true}) -> {latent_dist =
+-- DiagonalGaussianDistribution} (its mean and logvar (B, z_dim, 1 + k, H/8, W/8));
+-- return_dict=false: {posterior}, diffusers' tuple.
+function AutoencoderKLWan:encode(x, opts)
+    check_video(self, x, "encode")
+    local h = sliced(self, x, function(p) return self:_encode(p) end)
+    local posterior = M.DiagonalGaussianDistribution(h)
+    if type(opts) == "table" and opts.return_dict == false then return {posterior} end
+    return {latent_dist = posterior}
+end
+
+-- _decode(z) -> the video, clamped: post_quant_conv on all of z, then the decoder one latent
+-- frame at a time with one feature cache, cat in time, clamp to [-1, 1].
+function AutoencoderKLWan:_decode(z)
+    local x = self.post_quant_conv(z)
+    local ctx, outs = {}, {}
+    local ok, err = pcall(function()
+        for i = 0, z.shape[3] - 1 do
+            outs[#outs + 1] = self.decoder(x:narrow(2, i, 1), ctx)
+        end
+    end)
+    clear_cache(ctx)
+    free(x)
+    if not ok then
+        free(unpack(outs))
+        error(err, 0)
+    end
+    local out = #outs == 1 and outs[1] or F.cat(outs, 2)
+    if #outs > 1 then free(unpack(outs)) end
+    local c = out:clamp(-1.0, 1.0)
+    free(out)
+    return c
+end
+
+-- decode(z (B, z_dim, T, h, w), {return_dict=true}) -> {sample = (B, out_channels, 1 + 4 (T - 1),
+-- 8h, 8w)} in [-1, 1]; return_dict=false: {sample}. z is the raw latent (undo the pipeline's
+-- latents_mean / latents_std normalisation first).
+function AutoencoderKLWan:decode(z, opts)
+    if not is_tensor(z) then error("AutoencoderKLWan:decode: expected a tensor, got " .. type(z), 2) end
+    if z:dim() ~= 5 or z.shape[2] ~= self.config.z_dim or z.shape[3] < 1 then
+        error(string.format("AutoencoderKLWan:decode: expected latents (B, %d, T, h, w) with T >= 1, got shape %s",
+            self.config.z_dim, shape_str(z.shape)), 2)
+    end
+    local dec = sliced(self, z, function(p) return self:_decode(p) end)
+    if type(opts) == "table" and opts.return_dict == false then return {dec} end
+    return {sample = dec}
+end
+
+-- vae(sample, {sample_posterior=false, generator=, return_dict=true}) -> {sample = decoded}:
+-- encode, take the posterior's mode (or a sample), decode.
+function AutoencoderKLWan:forward(sample, opts)
+    opts = opts or {}
+    if type(opts) ~= "table" then error("AutoencoderKLWan:forward: options must be a table", 2) end
+    for k in pairs(opts) do
+        if k ~= "sample_posterior" and k ~= "generator" and k ~= "return_dict" then
+            error(string.format("AutoencoderKLWan:forward: unknown option '%s' (sample_posterior, generator, " ..
+                "return_dict)", tostring(k)), 2)
+        end
+    end
+    local posterior = self:encode(sample).latent_dist
+    local z
+    if opts.sample_posterior then z = posterior:sample(opts.generator) else z = posterior:mode() end
+    local dec = self:decode(z).sample
+    if opts.return_dict == false then return {dec} end
+    return {sample = dec}
+end
+
+-- ==== files ====
+
+-- AutoencoderKLWan.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=}):
+-- folder/config.json and diffusion_pytorch_model.safetensors (or the sharded index), loaded
+-- strictly, cast to torch_dtype (nemo.models.io.load_folder).
+function AutoencoderKLWan.from_pretrained(folder, opts, more)
+    if rawequal(folder, AutoencoderKLWan) then folder, opts = opts, more end   -- AutoencoderKLWan:from_pretrained(...)
+    return mio.load_folder(folder, opts, {class_name = "AutoencoderKLWan",
+        build = function(cfg, dtype)
+            return common.without_init(function() return AutoencoderKLWan(cfg, {dtype = dtype}) end)
+        end})
+end
+
+-- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (every field, with
+-- _class_name and _diffusers_version, lists as JSON arrays, absent values null) and the weights.
+function AutoencoderKLWan:save_pretrained(folder, opts)
+    local cfg = {_class_name = "AutoencoderKLWan", _diffusers_version = M.DIFFUSERS_VERSION}
+    for k, v in pairs(self.config) do
+        if type(v) == "table" and v ~= null then
+            local c = {}
+            for i, x in ipairs(v) do c[i] = x end
+            v = json.array(c)
+        end
+        cfg[k] = v
+    end
+    return mio.write_folder(self, folder, cfg, opts, "AutoencoderKLWan:save_pretrained")
+end
+
+return M
