@@ -144,7 +144,7 @@ else
         flow_matching = {adapter_type = "flux", adapter_kwargs = {guidance_scale = 1}},
         step_scheduler = {num_epochs = 2, local_batch_size = 1, global_batch_size = 1, max_steps = 3},
         data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = tmp .. "/cache_cli"}},
-        checkpoint = {enabled = false}}, {log = function() end, progress = false})
+        checkpoint = {enabled = false, checkpoint_dir = tmp .. "/ck"}}, {log = function() end, progress = false})
     T.ok(sum.steps == 3 and sum.last_loss == sum.last_loss, "the encoded cache trains: 3 LoRA steps of the recipe run on it")
     local _, brc = T.sh("./nemo-lua tools/encode_images.lua --images " .. tmp .. "/imgs")
     T.ok(brc ~= 0, "tools/encode_images.lua without --model / --out is an error")
