@@ -88,8 +88,8 @@ end
 -- the model, pipeline and training layers, loaded on first use (they require nemo themselves):
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
--- nemo.FlowMatchEulerDiscreteScheduler, nemo.lr_scheduler, nemo.flow_matching,
--- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (FluxPipeline's loop), nemo.peft (LoRA),
+-- nemo.FlowMatchEulerDiscreteScheduler, nemo.UniPCMultistepScheduler, nemo.lr_scheduler, nemo.flow_matching,
+-- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (Flux and Wan pipelines' loops), nemo.peft (LoRA),
 -- nemo.tokenizers (CLIP, T5), nemo.image (PNG files), nemo.jpeg (JPEG decoding)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
@@ -100,6 +100,7 @@ local LAZY = {
     WanTransformer3DModel = {"nemo.models", "WanTransformer3DModel"},
     AutoencoderKL = {"nemo.models", "AutoencoderKL"},
     FlowMatchEulerDiscreteScheduler = {"nemo.schedulers.flow_match_euler", "FlowMatchEulerDiscreteScheduler"},
+    UniPCMultistepScheduler = {"nemo.schedulers.unipc", "UniPCMultistepScheduler"},
     lr_scheduler = {"nemo.lr_scheduler"},
     flow_matching = {"nemo.flow_matching"},
     data = {"nemo.data"},

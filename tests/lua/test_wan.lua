@@ -419,6 +419,9 @@ do  -- a WanPipeline folder through NeMoAutoDiffusionPipeline
     fs.mkdirs(root .. "/pipe/vae")
     fs.copy_file(vsrc .. "/config.json", root .. "/pipe/vae/config.json")
     fs.copy_file(vsrc .. "/diffusion_pytorch_model.safetensors", root .. "/pipe/vae/diffusion_pytorch_model.safetensors")
+    fs.mkdirs(root .. "/pipe/scheduler")   -- Wan 2.1's UniPC config
+    fs.copy_file(require("golden").case("sched_unipc", "wan21_480/scheduler_config.json") .. "/wan21_480/scheduler_config.json",
+        root .. "/pipe/scheduler/scheduler_config.json")
     json.write_file(root .. "/pipe/model_index.json", {
         _class_name = "WanPipeline", _diffusers_version = "0.33.0.dev0",
         tokenizer = {"transformers", "T5TokenizerFast"}, text_encoder = {"transformers", "UMT5EncoderModel"},
@@ -438,8 +441,9 @@ do  -- a WanPipeline folder through NeMoAutoDiffusionPipeline
     local idx = json.read_file(root .. "/saved/model_index.json")
     T.ok(idx._class_name == "WanPipeline" and idx.transformer[2] == "WanTransformer3DModel" and
         idx.vae[2] == "AutoencoderKLWan" and fs.isfile(root .. "/saved/transformer/config.json") and
-        fs.isfile(root .. "/saved/vae/diffusion_pytorch_model.safetensors"),
-        "pipeline save_pretrained writes a WanPipeline folder (the AutoencoderKLWan saved by its model)")
+        fs.isfile(root .. "/saved/vae/diffusion_pytorch_model.safetensors") and idx.scheduler[2] == "UniPCMultistepScheduler" and
+        fs.isfile(root .. "/saved/scheduler/scheduler_config.json"),
+        "pipeline save_pretrained writes a WanPipeline folder (the AutoencoderKLWan saved by its model, UniPC's config)")
     fs.remove_tree(root)
     -- the shipped real configs, counted without allocating
     for _, v in ipairs {{"Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1418996800, 825},

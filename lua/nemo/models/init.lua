@@ -22,6 +22,7 @@ local known = {
     UMT5EncoderModel = "nemo.models.t5",
     -- not models (no weights, no nn.Module): the pipeline loads them from their folders
     FlowMatchEulerDiscreteScheduler = "nemo.schedulers.flow_match_euler",
+    UniPCMultistepScheduler = "nemo.schedulers.unipc",
     CLIPTokenizer = "nemo.tokenizers",
     CLIPTokenizerFast = "nemo.tokenizers",
     T5Tokenizer = "nemo.tokenizers",
@@ -32,7 +33,7 @@ M.known = known
 -- then what register() adds
 local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "AutoencoderKLWan", "CLIPTextModel",
                "T5EncoderModel",
-               "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
+               "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
                "T5Tokenizer", "T5TokenizerFast"}
 M.registry = {}
 local load_errors = {}
