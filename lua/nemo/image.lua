@@ -4,6 +4,8 @@
 --   image.save(path, t)      t: a [H, W, C] or [1, H, W, C] tensor of 0..255 values (what
 --                            nemo.sampling.to_uint8 gives), or [C, H, W] / [1, C, H, W] floats
 --                            in [0, 1]; written as an 8-bit PNG
+--   image.save_video(path, frames, {fps = 16})   a list of such images as one animated PNG
+--                            (image.write_apng; nemo.sampling.video_frames gives the frames)
 --   image.read_png(path) -> {width =, height =, channels =, pixels = string}   8-bit gray, gray +
 --                            alpha, RGB, RGBA and palette images, any filter, not interlaced
 --   image.read(path)         a PNG (read_png) or a JPEG (nemo.jpeg.read), by its first bytes
@@ -135,25 +137,25 @@ function M.write_apng(path, frames, width, height, channels, o)
     return write_atomic(path, table.concat(parts), "image.write_apng")
 end
 
--- save(path, t): see the header
-function M.save(path, t)
+-- (t) -> pixels as a string of H*W*C bytes, W, H, C: an image tensor as save takes it
+local function image_bytes(t, who)
     local Tensor = require "nemo.tensor"
-    if not Tensor.is_tensor(t) then error("image.save: expected an image tensor, got " .. type(t), 2) end
+    if not Tensor.is_tensor(t) then error(who .. ": expected an image tensor, got " .. type(t), 3) end
     local s = t.shape
     if #s == 4 then
-        if s[1] ~= 1 then error("image.save: a batch of " .. s[1] .. " images: save them one by one (t[i])", 2) end
+        if s[1] ~= 1 then error(who .. ": a batch of " .. s[1] .. " images: save them one by one (t[i])", 3) end
         t = t:reshape{s[2], s[3], s[4]}
         s = t.shape
     end
-    if #s ~= 3 then error("image.save: expected [H, W, C] 0..255 or [C, H, W] floats in [0, 1], got " .. Tensor.shape_str(s), 2) end
+    if #s ~= 3 then error(who .. ": expected [H, W, C] 0..255 or [C, H, W] floats in [0, 1], got " .. Tensor.shape_str(s), 3) end
     local hwc
     if t:is_floating_point() then
-        if s[1] < 1 or s[1] > 4 then error("image.save: a float image must be [C, H, W] with C in 1..4, got " .. Tensor.shape_str(s), 2) end
+        if s[1] < 1 or s[1] > 4 then error(who .. ": a float image must be [C, H, W] with C in 1..4, got " .. Tensor.shape_str(s), 3) end
         hwc = require("nemo.autograd").no_grad(function()
             return (t:detach():to{device = "cpu"}:float():clamp(0, 1) * 255):permute{1, 2, 0}:contiguous()
         end)
     else
-        if s[3] < 1 or s[3] > 4 then error("image.save: an integer image must be [H, W, C] with C in 1..4, got " .. Tensor.shape_str(s), 2) end
+        if s[3] < 1 or s[3] > 4 then error(who .. ": an integer image must be [H, W, C] with C in 1..4, got " .. Tensor.shape_str(s), 3) end
         hwc = t:to{device = "cpu"}:contiguous()
     end
     local H, W, C = hwc.shape[1], hwc.shape[2], hwc.shape[3]
@@ -165,7 +167,29 @@ function M.save(path, t)
         if v < 0 then v = 0 elseif v > 255 then v = 255 end
         bytes[i] = string.char(v)
     end
-    return M.write_png(path, table.concat(bytes), W, H, C)
+    return table.concat(bytes), W, H, C
+end
+
+-- save(path, t): see the header
+function M.save(path, t)
+    local pixels, W, H, C = image_bytes(t, "image.save")
+    return M.write_png(path, pixels, W, H, C)
+end
+
+-- save_video(path, frames, {fps = 16, loops = 0}): a list of image tensors (each as save takes
+-- it, all the same size; sampling.video_frames gives them) as one animated PNG.
+function M.save_video(path, frames, o)
+    if type(frames) ~= "table" or #frames == 0 then error("image.save_video: expected a non-empty list of frames", 2) end
+    local strs, W0, H0, C0 = {}
+    for i, f in ipairs(frames) do
+        local pixels, W, H, C = image_bytes(f, "image.save_video")
+        if i > 1 and (W ~= W0 or H ~= H0 or C ~= C0) then
+            error(string.format("image.save_video: frame %d is %d x %d x %d, frame 1 %d x %d x %d", i, W, H, C, W0, H0, C0), 2)
+        end
+        W0, H0, C0 = W, H, C
+        strs[i] = pixels
+    end
+    return M.write_apng(path, strs, W0, H0, C0, o)
 end
 
 -- ==== inflate (RFC 1951) ====

@@ -6,6 +6,10 @@
 --       generator = nemo.Generator(0)}
 --   nemo.image.save("cat.png", (nemo.sampling.to_uint8(out.image)))
 --
+--   local wan = nemo.NeMoAutoDiffusionPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+--   local v = nemo.sampling.wan{pipe = wan, prompt = "a cat walking on grass", generator = nemo.Generator(0)}
+--   nemo.image.save_video("cat.png", nemo.sampling.video_frames(v.video))   -- an animated PNG
+--
 --   local sampling = require "nemo.sampling"
 --   local out = sampling.flux{transformer = pipe.components.transformer, scheduler = pipe.components.scheduler,
 --       vae = pipe.components.vae, prompt_embeds = pe, pooled_prompt_embeds = pooled,
@@ -382,6 +386,206 @@ end
 function M.flux(opts)
     if type(opts) ~= "table" or is_tensor(opts) then err("expected a table of options", 2) end
     return autograd.no_grad(run_flux, opts)
+end
+
+-- ==== Wan (WanPipeline) ====
+
+M.WAN_OPTIONS = {"pipe", "transformer", "scheduler", "vae", "tokenizer", "text_encoder", "prompt", "negative_prompt",
+    "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps",
+    "guidance_scale", "max_sequence_length", "latents", "generator", "output_type", "callback"}
+M.WAN_DEFAULTS = {height = 480, width = 832, num_frames = 81, num_inference_steps = 50, guidance_scale = 5.0,
+    max_sequence_length = 512, output_type = "video"}
+
+local HTML_ENTITIES = {amp = "&", lt = "<", gt = ">", quot = '"', apos = "'", nbsp = "\194\160"}
+local function html_unescape(s)
+    return (s:gsub("&(#?[%w]+);", function(e)
+        local n = e:match("^#[xX](%x+)$")
+        if n then return require("nemo.tokenizers")._utf8(tonumber(n, 16)) end
+        n = e:match("^#(%d+)$")
+        if n then return require("nemo.tokenizers")._utf8(tonumber(n)) end
+        return HTML_ENTITIES[e] or ("&" .. e .. ";")
+    end))
+end
+
+-- WanPipeline's prompt_clean: html.unescape twice, strip, runs of white space to one space
+-- (ftfy.fix_text, which repairs mis-decoded text, is not applied: give clean UTF-8).
+function M.wan_prompt_clean(text)
+    text = html_unescape(html_unescape(text))
+    return (text:gsub("%s+", " "):gsub("^ ", ""):gsub(" $", ""))
+end
+
+-- WanPipeline._get_t5_prompt_embeds: {prompt, tokenizer, text_encoder, max_sequence_length = 512}
+-- -> [B, max_sequence_length, D] (the text encoder's dtype): each prompt cleaned, tokenized with
+-- padding to max_sequence_length and its attention mask, encoded WITH the mask, its real tokens
+-- kept and the rest set to zeros.
+function M.wan_encode_prompt(o)
+    local prompt = o.prompt
+    if type(prompt) == "string" then prompt = {prompt} end
+    if type(prompt) ~= "table" or #prompt == 0 then error("sampling.wan: prompt must be a string or a list of strings", 2) end
+    for _, k in ipairs{"tokenizer", "text_encoder"} do
+        if o[k] == nil then
+            error(string.format("sampling.wan: %s is required to encode prompts (load the pipeline with its text encoder " ..
+                "and tokenizer, or pass prompt_embeds)", k), 2)
+        end
+    end
+    local msl = o.max_sequence_length or 512
+    local clean = {}
+    for i, p in ipairs(prompt) do clean[i] = M.wan_prompt_clean(p) end
+    return autograd.no_grad(function()
+        local dt, dev = module_dtype_device(o.text_encoder)
+        local t = o.tokenizer(clean, {padding = "max_length", max_length = msl, truncation = true})
+        local e = o.text_encoder{input_ids = t.input_ids:to{device = dev}, attention_mask = t.attention_mask:to{device = dev}}
+        local h = (e.last_hidden_state or e[1]):to{dtype = dt}
+        local keep = t.attention_mask:to{dtype = dt, device = dev}:unsqueeze(2)   -- 1 on real tokens (mask = prefix)
+        return h * keep, t.input_ids
+    end)
+end
+
+local function run_wan(o)
+    local known = {}
+    for _, k in ipairs(M.WAN_OPTIONS) do known[k] = true end
+    for k in pairs(o) do
+        if not known[k] then
+            error(string.format("sampling.wan: unknown option '%s' (known: %s)", tostring(k), table.concat(M.WAN_OPTIONS, ", ")), 3)
+        end
+    end
+    local function werr(msg) error("sampling.wan: " .. msg, 4) end
+    local c = {}
+    if o.pipe ~= nil then
+        if type(o.pipe) ~= "table" or type(o.pipe.components) ~= "table" then werr("pipe must be a NeMoAutoDiffusionPipeline") end
+        c = o.pipe.components
+    end
+    local tr, sc, vae = o.transformer or c.transformer, o.scheduler or c.scheduler, o.vae or c.vae
+    local tok, te = o.tokenizer or c.tokenizer, o.text_encoder or c.text_encoder
+    if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
+        werr("transformer is required (a WanTransformer3DModel)")
+    end
+    if type(sc) ~= "table" or type(sc.set_timesteps) ~= "function" or type(sc.step) ~= "function" then
+        werr("scheduler is required (a UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler)")
+    end
+    local D = M.WAN_DEFAULTS
+    local output_type = o.output_type or D.output_type
+    if output_type ~= "latent" and output_type ~= "video" then werr("output_type must be \"latent\" or \"video\", got " .. tostring(output_type)) end
+    if output_type == "video" and (type(vae) ~= "table" or type(vae.decode) ~= "function") then
+        werr("output_type \"video\" needs a vae (an AutoencoderKLWan), or output_type = \"latent\"")
+    end
+    local height, width, nf = o.height or D.height, o.width or D.width, o.num_frames or D.num_frames
+    for k, v in pairs{height = height, width = width, num_frames = nf} do
+        if not posint(v) then werr(k .. " must be a positive integer, got " .. tostring(v)) end
+    end
+    if height % 16 ~= 0 or width % 16 ~= 0 then
+        werr(string.format("height and width must be multiples of 16, got %d x %d", height, width))
+    end
+    if (nf - 1) % 4 ~= 0 then werr(string.format("num_frames must be 4k + 1 (1, 5, 9, ..., 81), got %d", nf)) end
+    local nsteps = o.num_inference_steps or D.num_inference_steps
+    if not posint(nsteps) then werr("num_inference_steps must be a positive integer, got " .. tostring(nsteps)) end
+    local gs = o.guidance_scale == nil and D.guidance_scale or o.guidance_scale
+    if type(gs) ~= "number" or gs ~= gs then werr("guidance_scale must be a number, got " .. tostring(gs)) end
+    local cfg = gs > 1
+    local msl = o.max_sequence_length or D.max_sequence_length
+    if not posint(msl) then werr("max_sequence_length must be a positive integer, got " .. tostring(msl)) end
+
+    -- ---- prompts ----
+    local pe, npe = o.prompt_embeds, o.negative_prompt_embeds
+    if o.prompt ~= nil then
+        if pe ~= nil then werr("give prompt or prompt_embeds, not both") end
+        pe = M.wan_encode_prompt{prompt = o.prompt, tokenizer = tok, text_encoder = te, max_sequence_length = msl}
+    end
+    if not is_tensor(pe) or pe.ndim ~= 3 then werr("prompt (with a tokenizer and text encoder) or prompt_embeds [B, L, D] is required") end
+    local B = pe.shape[1]
+    if cfg and npe == nil then   -- WanPipeline: negative_prompt defaults to ""
+        local neg = o.negative_prompt or ""
+        if type(neg) == "string" then
+            local t = {}
+            for i = 1, B do t[i] = neg end
+            neg = t
+        end
+        if #neg ~= B then werr(string.format("negative_prompt has %d prompts, prompt %d", #neg, B)) end
+        npe = M.wan_encode_prompt{prompt = neg, tokenizer = tok, text_encoder = te, max_sequence_length = msl}
+    end
+    local tdt = type(tr.dtype) == "function" and tr:dtype() or pe.dtype
+    local device = pe.device
+    for _, p in tr:named_parameters() do device = p.device; break end
+    pe = pe:to{dtype = tdt, device = device}
+    if npe ~= nil then npe = npe:to{dtype = tdt, device = device} end
+
+    -- ---- latents ----
+    local C = tr.config.in_channels
+    local shape = {B, C, (nf - 1) / 4 + 1, height / 8, width / 8}
+    local latents
+    if o.latents ~= nil then
+        local l = o.latents
+        if not is_tensor(l) or shape_str(l.shape) ~= shape_str(shape) then
+            werr(string.format("latents must be %s for %d frames of %d x %d, got %s", shape_str(shape), nf, height, width,
+                is_tensor(l) and shape_str(l.shape) or type(l)))
+        end
+        latents = l:detach():to{dtype = "float32", device = device}
+    else
+        latents = Tensor.randn(shape, {dtype = "float32", device = device, generator = o.generator})
+    end
+
+    -- ---- the loop ----
+    sc:set_timesteps(nsteps)
+    local ts = sc.timesteps:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
+    for i, t in ipairs(ts) do
+        local x = latents:to{dtype = tdt}
+        local timestep = Tensor.full({B}, t, {dtype = "float32", device = device})
+        local function pred(emb)
+            local y = tr{hidden_states = x, timestep = timestep, encoder_hidden_states = emb}
+            if type(y) == "table" and not is_tensor(y) then y = y.sample or y[1] end
+            return y
+        end
+        local noise_pred = pred(pe)
+        if cfg then
+            local un = pred(npe)
+            noise_pred = un + (noise_pred - un) * gs
+        end
+        local step = sc:step(noise_pred, sc.timesteps[i - 1], latents)
+        if type(step) == "table" and not is_tensor(step) then step = step.prev_sample or step[1] end
+        latents = step
+        if o.callback then o.callback(i - 1, t, latents) end
+    end
+    local out = {latents = latents, timesteps = sc.timesteps, prompt_embeds = pe, negative_prompt_embeds = npe}
+    if output_type == "latent" then return out end
+    -- ---- decode: latents / (1 / std) + mean per channel ----
+    local vc = vae.config
+    local vdt = type(vae.dtype) == "function" and vae:dtype() or "float32"
+    local z = latents:to{dtype = vdt}
+    local zc = vc.z_dim or C
+    local mean = Tensor.tensor(vc.latents_mean, {dtype = vdt, device = device}):view(1, zc, 1, 1, 1)
+    local inv_std = (Tensor.tensor(vc.latents_std, {dtype = vdt, device = device}) ^ -1):view(1, zc, 1, 1, 1)
+    local dec = vae:decode(z / inv_std + mean)
+    out.video = (type(dec) == "table" and not is_tensor(dec)) and (dec.sample or dec[1]) or dec
+    return out
+end
+
+-- wan{pipe =, prompt =, negative_prompt = "", height = 480, width = 832, num_frames = 81,
+-- num_inference_steps = 50, guidance_scale = 5.0, max_sequence_length = 512, latents = |
+-- generator =, output_type = "video" | "latent", callback = fn(i, t, latents)} -> {latents =
+-- [B, C, F', H/8, W/8], video = [B, 3, F, H, W] in [-1, 1], timesteps, prompt_embeds,
+-- negative_prompt_embeds}: WanPipeline.__call__ (Wan 2.1, one transformer): prompts cleaned and
+-- encoded with the text encoder's mask (wan_encode_prompt), float32 latents, the scheduler's
+-- timesteps (UniPC for Wan), classifier-free guidance uncond + guidance_scale * (cond - uncond)
+-- when guidance_scale > 1, then the VAE decode of latents * latents_std + latents_mean. Any
+-- component may be given instead of pipe's. Under nemo.no_grad.
+function M.wan(opts)
+    if type(opts) ~= "table" or is_tensor(opts) then error("sampling.wan: expected a table of options", 2) end
+    return autograd.no_grad(run_wan, opts)
+end
+
+-- video_frames(video [B, 3, F, H, W] in [-1, 1], b = 1) -> a list of F [1, H, W, 3] uint8-valued
+-- images (sampling.to_uint8's rounding) of sample b, for nemo.image.save / write_apng.
+function M.video_frames(video, b)
+    if not is_tensor(video) or video.ndim ~= 5 then
+        error("sampling.video_frames: expected a video [B, 3, F, H, W], got " .. (is_tensor(video) and shape_str(video.shape) or type(video)), 2)
+    end
+    b = b or 1
+    local frames = {}
+    for f = 0, video.shape[3] - 1 do
+        local im = video:narrow(0, b - 1, 1):select(2, f)   -- [1, 3, H, W]
+        frames[#frames + 1] = (M.to_uint8(im:contiguous()))
+    end
+    return frames
 end
 
 -- postprocess(image): VaeImageProcessor.denormalize, (image * 0.5 + 0.5):clamp(0, 1): the

@@ -133,4 +133,28 @@ do
     end
 end
 
+-- Wan from prompts on a device: the T5 tokenizer on the host, UMT5, transformer, UniPC and the
+-- video VAE on cuda:1 with classifier-free guidance; the same video as on the CPU
+do
+    local golden = require "golden"
+    local fs = require "nemo.fs"
+    local root = os.tmpname()
+    os.remove(root)
+    local ok, err = pcall(golden.tiny_wan_pipeline, root)
+    if not ok then
+        T.ok(false, "the tiny Wan pipeline's golden cases: " .. tostring(err))
+    else
+        local function run(device)
+            local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = device})
+            return nemo.sampling.wan{pipe = pipe, prompt = {"a cat", "a dog"}, negative_prompt = "blurry",
+                height = 32, width = 32, num_frames = 5, num_inference_steps = 2, max_sequence_length = 16,
+                generator = nemo.Generator(5)}.video
+        end
+        local on_dev, on_cpu = run("cuda:1"), run("cpu")
+        T.ok(on_dev.device == "cuda:1" and bitwise(on_dev:cpu(), on_cpu),
+            "Wan sampling from prompts (UMT5, UniPC, CFG, the video VAE) on cuda:1 equals the CPU's video")
+        fs.remove_tree(root)
+    end
+end
+
 T.done()

@@ -1,4 +1,4 @@
--- tests/gpu/check_golden.lua: diffusers' / PyTorch's golden FLUX numbers reproduced with the model
+-- tests/gpu/check_golden.lua: diffusers' / PyTorch's golden FLUX and Wan numbers reproduced with the model
 -- and every input on a CUDA device (run by tests/gpu/run.sh; TAP).
 --
 --   1. flux_tiny and flux_tiny_guidance: FluxTransformer2DModel.from_pretrained on the device,
@@ -15,6 +15,9 @@
 --      host) with true CFG off and on: the embeddings, final latents and image with the text
 --      encoders, transformer and VAE on the device (float32, rtol 1e-4: cuBLAS sums in another
 --      order over 4 denoising steps).
+--   5. wan_prompt: diffusers' WanPipeline from prompts (tiny UMT5, transformer, UniPC and
+--      AutoencoderKLWan on the device, the T5 tokenizer on the host) with classifier-free
+--      guidance: the embeddings, final latents and video (float32, rtol 1e-4, as 4.).
 --
 -- Tolerances, normwise: max|got - ref| <= rtol * max|ref| (per tensor; NaN fails).
 --   float32: output 5e-5, loss 2e-5 (relative), input gradients 5e-5, parameter gradients 1e-4,
@@ -301,6 +304,28 @@ local function prompt_case()
     require("nemo.fs").remove_tree(root)
 end
 
+-- ==== Wan from prompts ====
+
+local function wan_prompt_case()
+    local json = require "nemo.json"
+    local dir = golden.case("wan_prompt", "case.safetensors")
+    local root = os.tmpname()
+    os.remove(root)
+    golden.tiny_wan_pipeline(root)
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = DEV})
+    local gc = nemo.load_file(dir .. "/case.safetensors")
+    local cj = json.read_file(dir .. "/case.json")
+    local out = nemo.sampling.wan{pipe = pipe, prompt = cj.prompts, negative_prompt = cj.negative_prompts,
+        height = cj.height, width = cj.width, num_frames = cj.num_frames, num_inference_steps = cj.num_inference_steps,
+        guidance_scale = cj.guidance_scale, max_sequence_length = cj.max_sequence_length,
+        latents = gc.latents_init:to{device = DEV}}
+    T.ok(out.video.device == DEV, "wan_prompt: the video is computed on " .. DEV)
+    T.close(host(out.prompt_embeds), gc.prompt_embeds, 1e-4, 0, "wan_prompt on " .. DEV .. ": UMT5 prompt_embeds vs diffusers (rtol 1e-4)")
+    T.close(host(out.latents), gc.latents_final, 1e-4, 0, "wan_prompt on " .. DEV .. ": final latents vs diffusers (rtol 1e-4)")
+    T.close(host(out.video), gc.video, 1e-4, 0, "wan_prompt on " .. DEV .. ": decoded video vs diffusers (rtol 1e-4)")
+    require("nemo.fs").remove_tree(root)
+end
+
 -- ==== run ====
 
 local function guarded(label, fn, ...)
@@ -329,6 +354,9 @@ else
     dir, why = golden.case("flux_prompt", "case.safetensors")
     if dir then guarded("flux_prompt on " .. DEV, prompt_case)
     else T.ok(false, "flux_prompt on " .. DEV .. ": " .. why) end
+    dir, why = golden.case("wan_prompt", "case.safetensors")
+    if dir then guarded("wan_prompt on " .. DEV, wan_prompt_case)
+    else T.ok(false, "wan_prompt on " .. DEV .. ": " .. why) end
 end
 
 T.done()

@@ -35,7 +35,7 @@
 #                               libnemo_cuda.so, nemo-lua, _cdef.lua, the non-system shared
 #                               libraries they load (libs.tar.gz) and the golden cases
 #                               (golden.tar.gz: flux_tiny, flux_tiny_guidance, flow_flux_tiny and,
-#                               for FLUX from prompts, flux_sampling, flux_prompt and tokenizers
+#                               for FLUX and Wan from prompts, flux_sampling, flux_prompt, wan_prompt and tokenizers
 #                               from $NEMO_GOLDEN, else tests/golden, else ../shared/golden); then
 #                               prints the device call to make.
 #                               STAGE_BUILD=0 stages ./build as it is instead.
@@ -83,13 +83,13 @@ if [ "$mode" = --stage ]; then
     if [ -n "${NEMO_GOLDEN:-}" ]; then gold=$NEMO_GOLDEN
     elif [ -d "$root/tests/golden" ]; then gold=$root/tests/golden
     else gold=$root/../shared/golden; fi
-    for c in flux_tiny flux_tiny_guidance flow_flux_tiny flux_sampling flux_prompt tokenizers; do
+    for c in flux_tiny flux_tiny_guidance flow_flux_tiny flux_sampling flux_prompt wan_prompt tokenizers; do
         [ -d "$gold/$c" ] ||
             { echo "Bail out! no golden case $c in $gold (searched: NEMO_GOLDEN, tests/golden, ../shared/golden)"; exit 1; }
     done
     echo "# golden cases from $gold"
     tar -C "$gold" --exclude=activations.safetensors --exclude=case_f64.safetensors -czf "$out/golden.tar.gz" \
-        flux_tiny flux_tiny_guidance flow_flux_tiny flux_sampling flux_prompt tokenizers
+        flux_tiny flux_tiny_guidance flow_flux_tiny flux_sampling flux_prompt wan_prompt tokenizers
     ls -la "$out"
     echo "# staged $(du -sh "$out" | cut -f1) in $out (the whole call may carry 64 MiB with the checkout)"
     echo "# device call: carry [\"build/gpurun\"], timeout_s 540, command:"

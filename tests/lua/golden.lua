@@ -92,4 +92,17 @@ function M.tiny_flux_pipeline(root, o)
     return root
 end
 
+-- tiny_wan_pipeline(root) -> root: the wan_prompt case's tiny WanPipeline folder (transformer,
+-- AutoencoderKLWan, UMT5, UniPC) with the tokenizers case's T5 tokenizer as its tokenizer (root
+-- is created). Raises when a case is missing.
+function M.tiny_wan_pipeline(root)
+    local g, toks = M.case("wan_prompt"), M.case("tokenizers")
+    if not (g and toks) then error("tiny_wan_pipeline: the wan_prompt or tokenizers case is missing", 2) end
+    fs.mkdirs(root)
+    for _, c in ipairs{"transformer", "vae", "text_encoder", "scheduler"} do fs.copy_tree(g .. "/" .. c, root .. "/" .. c) end
+    fs.copy_tree(toks .. "/t5", root .. "/tokenizer")
+    fs.copy_file(g .. "/model_index.json", root .. "/model_index.json")
+    return root
+end
+
 return M

@@ -216,4 +216,83 @@ do
     end
 end
 
+
+-- ==== Wan from prompts (tests/golden/wan_prompt: diffusers' WanPipeline with its UMT5 text
+-- encoder, UniPC scheduler and AutoencoderKLWan; its tokenizer is tests/golden/tokenizers/t5) ====
+do
+    local fs = require "nemo.fs"
+    local g, gwhy = golden.case("wan_prompt", "case.safetensors")
+    local toks = golden.case("tokenizers")
+    if not (g and toks) then
+        T.ok(false, "wan_prompt golden case: " .. tostring(gwhy))
+    else
+        local root = os.tmpname()
+        os.remove(root)
+        golden.tiny_wan_pipeline(root)
+        local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu"})
+        local c = pipe.components
+        T.ok(c.transformer and c.vae and c.scheduler and c.text_encoder and c.tokenizer and next(pipe.skipped) == nil,
+            "a WanPipeline folder loads transformer, vae (AutoencoderKLWan), UniPC scheduler, UMT5 and its tokenizer")
+        T.ok(c.scheduler and tostring(c.scheduler):find("UniPCMultistepScheduler", 1, true), "the scheduler is UniPC",
+            tostring(c.scheduler))
+        local gc = nemo.load_file(g .. "/case.safetensors")
+        local cj = json.read_file(g .. "/case.json")
+        local pe = sampling.wan_encode_prompt{prompt = cj.prompts, tokenizer = c.tokenizer, text_encoder = c.text_encoder,
+            max_sequence_length = cj.max_sequence_length}
+        T.close(pe, gc.prompt_embeds, 3e-6, 0, "wan_encode_prompt: UMT5 prompt_embeds (padding zeroed) vs diffusers (rtol 3e-6)")
+        local steps = 0
+        local out = sampling.wan{pipe = pipe, prompt = cj.prompts, negative_prompt = cj.negative_prompts,
+            height = cj.height, width = cj.width, num_frames = cj.num_frames, num_inference_steps = cj.num_inference_steps,
+            guidance_scale = cj.guidance_scale, max_sequence_length = cj.max_sequence_length, latents = gc.latents_init,
+            callback = function() steps = steps + 1 end}
+        T.is(table.concat(out.timesteps:tolist(), ","), table.concat(cj.timesteps, ","),
+            "UniPC's timesteps equal WanPipeline's (flow_shift from the scheduler config)")
+        T.is(steps, cj.num_inference_steps, "callback called once per step")
+        T.close(out.latents, gc.latents_final, 5e-6, 0, "wan{pipe =, prompt =}: final latents vs WanPipeline (CFG 5, rtol 5e-6)")
+        T.close(out.video, gc.video, 5e-6, 0, "wan: the decoded video [B, 3, F, H, W] vs diffusers (rtol 5e-6)")
+        local lat = sampling.wan{pipe = pipe, prompt_embeds = gc.prompt_embeds, height = cj.height, width = cj.width,
+            num_frames = cj.num_frames, num_inference_steps = 2, guidance_scale = 1, latents = gc.latents_init,
+            output_type = "latent"}
+        T.ok(lat.video == nil and lat.negative_prompt_embeds == nil and shape_str(lat.latents.shape) ==
+            shape_str(gc.latents_init.shape), "guidance_scale 1 with prompt_embeds: no negative pass, latents only")
+        T.is(sampling.wan_prompt_clean("  a &amp;amp; b\n\t c  "), "a & b c",
+            "wan_prompt_clean: html unescaped twice, white space collapsed and stripped")
+        raises(function() sampling.wan{pipe = pipe, prompt = "a", num_frames = 6} end, "num_frames must be 4k + 1",
+            "num_frames not 4k + 1")
+        raises(function() sampling.wan{pipe = pipe, prompt = "a", height = 40} end, "multiples of 16", "height not a multiple of 16")
+        raises(function() sampling.wan{pipe = pipe, prompt = "a", prompt_embeds = gc.prompt_embeds} end, "not both",
+            "prompt and prompt_embeds together")
+        raises(function() sampling.wan{pipe = pipe, prompt = {"a", "b"}, negative_prompt = {"c"}} end,
+            "negative_prompt has 1 prompts, prompt 2", "negative prompt count mismatch")
+        raises(function() sampling.wan{pipe = pipe, prompt = "a", latents = gc.latents_init} end, "latents must be",
+            "latents of the wrong shape")
+        raises(function() sampling.wan{pipe = pipe, prompt = "a", steps = 3} end, "unknown option 'steps'", "unknown option")
+        -- frames and the animated PNG
+        local frames = sampling.video_frames(out.video, 2)
+        T.is(#frames, cj.num_frames, "video_frames: one image per frame")
+        local apng = root .. "/v.png"
+        nemo.image.save_video(apng, frames, {fps = 8})
+        local bytes = T.read_bytes(apng)
+        local first = nemo.image.read_png(apng)
+        local ref0 = sampling.to_uint8(out.video:narrow(0, 1, 1):select(2, 0):contiguous())
+        T.ok(bytes:find("acTL", 1, true) and first.width == cj.width and first.height == cj.height and first.channels == 3,
+            "image.save_video writes an animated PNG whose default image is the first frame")
+        local px = {}
+        for k = 1, #first.pixels do px[k] = first.pixels:byte(k) end
+        T.ok(table.concat(px, ",") == table.concat(ref0:reshape{-1}:tolist(), ","), "the APNG's first frame holds frame 1's pixels")
+        raises(function() nemo.image.save_video(apng, {frames[1], frames[1]:narrow(1, 0, 8):narrow(2, 0, 8)}) end,
+            "frame 2 is 8 x 8 x 3", "frames of different sizes")
+        -- the command-line tool
+        local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --prompt 'a dog' " ..
+            "--height 32 --width 32 --frames 5 --steps 2 --dtype float32 --device cpu --seed 1 " ..
+            "--max-sequence-length 16 --out " .. root .. "/vid.png 2>&1")
+        local v0 = fs.isfile(root .. "/vid_0.png") and nemo.image.read_png(root .. "/vid_0.png")
+        T.ok(rc == 0 and v0 and v0.width == 32 and v0.height == 32 and fs.isfile(root .. "/vid_1.png"),
+            "tools/wan_sample.lua writes an animated 32 x 32 PNG per prompt", log)
+        local _, brc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt a --out x.gif 2>&1")
+        T.ok(brc ~= 0, "tools/wan_sample.lua with a non-PNG --out is an error")
+        fs.remove_tree(root)
+    end
+end
+
 T.done()

@@ -13,7 +13,7 @@
 #   tests/gpu/check_ops.lua        every engine-level case of the GPU kernel check (a dry run of
 #                                  the script: both sides run the CPU kernels)
 #   bench/gpu_block.lua --small    the GPU run's block benchmark, shrunk, without cuBLAS
-#   tests/gpu/check_golden.lua     the golden FLUX cases and Automodel's flow step on the device
+#   tests/gpu/check_golden.lua     the golden FLUX and Wan cases and Automodel's flow step on the device
 #                                  (tests/golden, or where tests/lua/golden.lua finds them; fails
 #                                  without them)
 #   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on

@@ -1,0 +1,84 @@
+-- tools/wan_sample.lua: videos from prompts with a Wan 2.1 pipeline folder (or hub id),
+-- optionally with a LoRA adapter trained by recipes/wan_lora.lua; no Python.
+--   nemo-lua tools/wan_sample.lua --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat walking" \
+--       [--prompt "..."]... [--out sample.png] [--height 480] [--width 832] [--frames 81]
+--       [--steps 50] [--guidance 5.0] [--negative-prompt TEXT] [--fps 16] [--seed 0]
+--       [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
+--       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0]
+-- One animated PNG per prompt (browsers play it): --out itself for one prompt, else
+-- <out without .png>_<i>.png (i from 0). The pipeline must hold its transformer, vae, scheduler,
+-- text_encoder and tokenizer. The initial noise comes from nemo's generator (--seed), so the
+-- videos differ from diffusers' for the same seed; everything after that is WanPipeline's.
+local nemo = require "nemo"
+
+local function usage(msg)
+    io.stderr:write((msg and ("wan_sample: " .. msg .. "\n") or ""),
+        "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]\n",
+        "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--negative-prompt TEXT]\n",
+        "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]\n",
+        "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]\n")
+    os.exit(msg and 2 or 0)
+end
+
+local o = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
+           fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""}
+local numeric = {["--height"] = "height", ["--width"] = "width", ["--frames"] = "frames", ["--steps"] = "steps",
+                 ["--guidance"] = "guidance", ["--fps"] = "fps", ["--seed"] = "seed",
+                 ["--max-sequence-length"] = "msl", ["--lora-scale"] = "lora_scale"}
+local i = 1
+while i <= #arg do
+    local a, v = arg[i], arg[i + 1]
+    if a == "-h" or a == "--help" then usage() end
+    if v == nil then usage("option " .. a .. " needs a value") end
+    if a == "--model" then o.model = v
+    elseif a == "--prompt" then o.prompts[#o.prompts + 1] = v
+    elseif a == "--out" then o.out = v
+    elseif a == "--dtype" then o.dtype = v
+    elseif a == "--device" then o.device = v
+    elseif a == "--lora" then o.lora = v
+    elseif a == "--negative-prompt" then o.negative = v
+    elseif numeric[a] then
+        local n = tonumber(v)
+        if not n then usage(a .. " needs a number, got '" .. v .. "'") end
+        o[numeric[a]] = n
+    else usage("unknown option " .. a) end
+    i = i + 2
+end
+if not o.model then usage("--model is required") end
+if #o.prompts == 0 then usage("at least one --prompt is required") end
+if not o.out:match("%.png$") then usage("--out must name a .png file (an animated PNG), got '" .. o.out .. "'") end
+
+local ok, err = pcall(function()
+    local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
+        enable_gradient_checkpointing = false})
+    for _, k in ipairs{"transformer", "vae", "scheduler", "text_encoder", "tokenizer"} do
+        if pipe.components[k] == nil then
+            error(string.format("%s has no loadable %s (Wan sampling needs transformer, vae, scheduler, text_encoder " ..
+                "and tokenizer)", o.model, k), 0)
+        end
+    end
+    if o.lora then
+        nemo.peft.load_adapter(pipe.transformer, o.lora, {scale = o.lora_scale})
+        io.stdout:write("applied the LoRA adapter ", o.lora, " (scale ", tostring(o.lora_scale), ")\n")
+    end
+    pipe.transformer:eval()
+    local t0 = os.clock()
+    local out = nemo.sampling.wan{pipe = pipe, prompt = o.prompts, negative_prompt = o.negative, height = o.height,
+        width = o.width, num_frames = o.frames, num_inference_steps = o.steps, guidance_scale = o.guidance,
+        max_sequence_length = o.msl, generator = nemo.Generator(o.seed), callback = function(k)
+            io.stdout:write(string.format("\rstep %d/%d", k + 1, o.steps)); io.stdout:flush()
+        end}
+    io.stdout:write("\n")
+    for b = 1, #o.prompts do
+        local path = #o.prompts == 1 and o.out or (o.out:gsub("%.png$", "") .. "_" .. (b - 1) .. ".png")
+        nemo.image.save_video(path, nemo.sampling.video_frames(out.video, b), {fps = o.fps})
+        io.stdout:write(string.format("wrote %s (%d frames of %d x %d, %g fps): %s\n", path, out.video.shape[3],
+            o.width, o.height, o.fps, o.prompts[b]))
+    end
+    io.stdout:write(string.format("%.1f s of CPU time\n", os.clock() - t0))
+end)
+if not ok then
+    io.stderr:write("wan_sample: ", tostring(err), "\n")
+    os.exit(1)
+end
