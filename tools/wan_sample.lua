@@ -2,19 +2,21 @@
 -- optionally with a LoRA adapter trained by recipes/wan_lora.lua; no Python.
 --   nemo-lua tools/wan_sample.lua --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat walking" \
 --       [--prompt "..."]... [--out sample.png] [--height 480] [--width 832] [--frames 81]
---       [--steps 50] [--guidance 5.0] [--negative-prompt TEXT] [--fps 16] [--seed 0]
+--       [--steps 50] [--guidance 5.0] [--guidance-2 X] [--negative-prompt TEXT] [--fps 16] [--seed 0]
 --       [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
 --       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0]
 -- One animated PNG per prompt (browsers play it): --out itself for one prompt, else
 -- <out without .png>_<i>.png (i from 0). The pipeline must hold its transformer, vae, scheduler,
 -- text_encoder and tokenizer. The initial noise comes from nemo's generator (--seed), so the
 -- videos differ from diffusers' for the same seed; everything after that is WanPipeline's.
+-- Wan 2.2 A14B folders (transformer_2, boundary_ratio) run both experts; --guidance-2 is the
+-- low-noise expert's guidance scale (default: --guidance).
 local nemo = require "nemo"
 
 local function usage(msg)
     io.stderr:write((msg and ("wan_sample: " .. msg .. "\n") or ""),
         "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]\n",
-        "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--negative-prompt TEXT]\n",
+        "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--guidance-2 X] [--negative-prompt TEXT]\n",
         "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]\n",
         "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]\n")
     os.exit(msg and 2 or 0)
@@ -23,7 +25,7 @@ end
 local o = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
            fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""}
 local numeric = {["--height"] = "height", ["--width"] = "width", ["--frames"] = "frames", ["--steps"] = "steps",
-                 ["--guidance"] = "guidance", ["--fps"] = "fps", ["--seed"] = "seed",
+                 ["--guidance"] = "guidance", ["--guidance-2"] = "guidance_2", ["--fps"] = "fps", ["--seed"] = "seed",
                  ["--max-sequence-length"] = "msl", ["--lora-scale"] = "lora_scale"}
 local i = 1
 while i <= #arg do
@@ -52,10 +54,16 @@ local ok, err = pcall(function()
     local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
     local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
         enable_gradient_checkpointing = false})
-    for _, k in ipairs{"transformer", "vae", "scheduler", "text_encoder", "tokenizer"} do
+    local needed = {"transformer", "vae", "scheduler", "text_encoder", "tokenizer"}
+    local br = pipe.config and pipe.config.boundary_ratio
+    if type(br) == "number" then needed[#needed + 1] = "transformer_2" end
+    if o.guidance_2 and type(br) ~= "number" then
+        error(o.model .. " has no boundary_ratio (not a Wan 2.2 two-expert pipeline): --guidance-2 does not apply", 0)
+    end
+    for _, k in ipairs(needed) do
         if pipe.components[k] == nil then
             error(string.format("%s has no loadable %s (Wan sampling needs transformer, vae, scheduler, text_encoder " ..
-                "and tokenizer)", o.model, k), 0)
+                "and tokenizer; Wan 2.2 A14B also transformer_2)", o.model, k), 0)
         end
     end
     if o.lora then
@@ -63,10 +71,11 @@ local ok, err = pcall(function()
         io.stdout:write("applied the LoRA adapter ", o.lora, " (scale ", tostring(o.lora_scale), ")\n")
     end
     pipe.transformer:eval()
+    if pipe.components.transformer_2 then pipe.components.transformer_2:eval() end
     local t0 = os.clock()
     local out = nemo.sampling.wan{pipe = pipe, prompt = o.prompts, negative_prompt = o.negative, height = o.height,
         width = o.width, num_frames = o.frames, num_inference_steps = o.steps, guidance_scale = o.guidance,
-        max_sequence_length = o.msl, generator = nemo.Generator(o.seed), callback = function(k)
+        guidance_scale_2 = o.guidance_2, max_sequence_length = o.msl, generator = nemo.Generator(o.seed), callback = function(k)
             io.stdout:write(string.format("\rstep %d/%d", k + 1, o.steps)); io.stdout:flush()
         end}
     io.stdout:write("\n")

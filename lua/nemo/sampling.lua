@@ -390,9 +390,10 @@ end
 
 -- ==== Wan (WanPipeline) ====
 
-M.WAN_OPTIONS = {"pipe", "transformer", "scheduler", "vae", "tokenizer", "text_encoder", "prompt", "negative_prompt",
-    "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps",
-    "guidance_scale", "max_sequence_length", "latents", "generator", "output_type", "callback"}
+M.WAN_OPTIONS = {"pipe", "transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder", "prompt",
+    "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps",
+    "guidance_scale", "guidance_scale_2", "boundary_ratio", "expand_timesteps", "max_sequence_length", "latents",
+    "generator", "output_type", "callback"}
 M.WAN_DEFAULTS = {height = 480, width = 832, num_frames = 81, num_inference_steps = 50, guidance_scale = 5.0,
     max_sequence_length = 512, output_type = "video"}
 
@@ -460,6 +461,28 @@ local function run_wan(o)
     if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
         werr("transformer is required (a WanTransformer3DModel)")
     end
+    -- Wan 2.2: the pipeline's boundary_ratio / expand_timesteps (model_index.json), or given
+    local pcfg = (o.pipe and type(o.pipe.config) == "table") and o.pipe.config or {}
+    local boundary = o.boundary_ratio
+    if boundary == nil then boundary = pcfg.boundary_ratio end
+    if is_null(boundary) then boundary = nil end
+    local tr2 = o.transformer_2 or c.transformer_2
+    if boundary ~= nil then
+        if type(boundary) ~= "number" or not (boundary > 0 and boundary <= 1) then
+            werr("boundary_ratio must be a number in (0, 1], got " .. tostring(boundary))
+        end
+        if type(tr2) ~= "table" or type(tr2.config) ~= "table" then
+            werr(string.format("boundary_ratio %g needs transformer_2 (Wan 2.2's low-noise transformer): load the " ..
+                "pipeline with it or pass transformer_2 =", boundary))
+        end
+    end
+    if o.guidance_scale_2 ~= nil and boundary == nil then
+        werr("guidance_scale_2 is only used with boundary_ratio (Wan 2.2's two transformers), as in diffusers")
+    end
+    local expand = o.expand_timesteps
+    if expand == nil then expand = pcfg.expand_timesteps end
+    if is_null(expand) then expand = false end
+    if type(expand) ~= "boolean" then werr("expand_timesteps must be true or false, got " .. tostring(expand)) end
     if type(sc) ~= "table" or type(sc.set_timesteps) ~= "function" or type(sc.step) ~= "function" then
         werr("scheduler is required (a UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler)")
     end
@@ -482,6 +505,8 @@ local function run_wan(o)
     local gs = o.guidance_scale == nil and D.guidance_scale or o.guidance_scale
     if type(gs) ~= "number" or gs ~= gs then werr("guidance_scale must be a number, got " .. tostring(gs)) end
     local cfg = gs > 1
+    local gs2 = o.guidance_scale_2 == nil and gs or o.guidance_scale_2
+    if type(gs2) ~= "number" or gs2 ~= gs2 then werr("guidance_scale_2 must be a number, got " .. tostring(gs2)) end
     local msl = o.max_sequence_length or D.max_sequence_length
     if not posint(msl) then werr("max_sequence_length must be a positive integer, got " .. tostring(msl)) end
 
@@ -526,19 +551,25 @@ local function run_wan(o)
 
     -- ---- the loop ----
     sc:set_timesteps(nsteps)
+    if type(sc.set_begin_index) == "function" then sc:set_begin_index(0) end
     local ts = sc.timesteps:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
+    local boundary_t = boundary and boundary * ((sc.config and sc.config.num_train_timesteps) or 1000)
+    -- expand_timesteps (Wan 2.2 TI2V): one timestep per token of a (1, 2, 2) patching, [B, F' * h/2 * w/2]
+    local tshape = expand and {B, shape[3] * math.ceil(shape[4] / 2) * math.ceil(shape[5] / 2)} or {B}
     for i, t in ipairs(ts) do
+        local model, scale = tr, gs       -- Wan 2.1, or Wan 2.2's high-noise stage
+        if boundary_t and t < boundary_t then model, scale = tr2, gs2 end
         local x = latents:to{dtype = tdt}
-        local timestep = Tensor.full({B}, t, {dtype = "float32", device = device})
+        local timestep = Tensor.full(tshape, t, {dtype = "float32", device = device})
         local function pred(emb)
-            local y = tr{hidden_states = x, timestep = timestep, encoder_hidden_states = emb}
+            local y = model{hidden_states = x, timestep = timestep, encoder_hidden_states = emb}
             if type(y) == "table" and not is_tensor(y) then y = y.sample or y[1] end
             return y
         end
         local noise_pred = pred(pe)
         if cfg then
             local un = pred(npe)
-            noise_pred = un + (noise_pred - un) * gs
+            noise_pred = un + (noise_pred - un) * scale
         end
         local step = sc:step(noise_pred, sc.timesteps[i - 1], latents)
         if type(step) == "table" and not is_tensor(step) then step = step.prev_sample or step[1] end
@@ -568,6 +599,10 @@ end
 -- timesteps (UniPC for Wan), classifier-free guidance uncond + guidance_scale * (cond - uncond)
 -- when guidance_scale > 1, then the VAE decode of latents * latents_std + latents_mean. Any
 -- component may be given instead of pipe's. Under nemo.no_grad.
+-- Wan 2.2 (from the pipeline's model_index.json, or given): boundary_ratio = r runs timesteps
+-- >= r * num_train_timesteps on transformer (guidance_scale) and the rest on transformer_2
+-- (guidance_scale_2, default guidance_scale); expand_timesteps = true gives the transformer one
+-- timestep per token ([B, F' * ceil(h/2) * ceil(w/2)], TI2V's layout).
 function M.wan(opts)
     if type(opts) ~= "table" or is_tensor(opts) then error("sampling.wan: expected a table of options", 2) end
     return autograd.no_grad(run_wan, opts)

@@ -295,4 +295,72 @@ do
     end
 end
 
+-- ==== Wan 2.2's modes (tests/golden/wan22_prompt: diffusers' WanPipeline with transformer_2 and
+-- boundary_ratio 0.875, and with expand_timesteps, on wan_prompt's tiny pipeline) ====
+do
+    local fs = require "nemo.fs"
+    local g, gwhy = golden.case("wan22_prompt", "case.safetensors")
+    if not g then
+        T.ok(false, "wan22_prompt golden case: " .. tostring(gwhy))
+    else
+        local root = os.tmpname()
+        os.remove(root)
+        golden.tiny_wan_pipeline(root)
+        fs.copy_tree(g .. "/transformer_2", root .. "/transformer_2")
+        fs.copy_file(g .. "/model_index_two_stage.json", root .. "/model_index.json")
+        local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu"})
+        local gc = nemo.load_file(g .. "/case.safetensors")
+        local cj = json.read_file(g .. "/case.json")
+        T.ok(pipe.components.transformer_2 ~= nil and pipe.config.boundary_ratio == cj.boundary_ratio,
+            "a Wan 2.2 pipeline folder loads transformer_2 and keeps boundary_ratio")
+        local used = {}
+        local function hook(name, m)   -- counts the module's forward calls (an instance field shadows the class's)
+            local f = m.forward
+            m.forward = function(self, ...) used[#used + 1] = name; return f(self, ...) end
+            return m
+        end
+        local common = {pipe = pipe, prompt = cj.prompts, negative_prompt = cj.negative_prompts, height = cj.height,
+            width = cj.width, num_frames = cj.num_frames, num_inference_steps = cj.num_inference_steps,
+            max_sequence_length = cj.max_sequence_length, latents = gc.latents_init, output_type = "latent"}
+        local function with(extra)
+            local t = {}
+            for k, v in pairs(common) do t[k] = v end
+            for k, v in pairs(extra) do t[k] = v end
+            return t
+        end
+        local out = sampling.wan(with{guidance_scale = cj.guidance_scale, guidance_scale_2 = cj.guidance_scale_2})
+        T.close(out.latents, gc.latents_final_two_stage, 5e-6, 0,
+            "two stages (boundary 875: transformer at 999, 900 with CFG 5, transformer_2 at 750, 500 with CFG 3) vs diffusers (rtol 5e-6)")
+        sampling.wan(with{guidance_scale = cj.guidance_scale, num_inference_steps = 4,
+            transformer = hook("high", pipe.components.transformer), transformer_2 = hook("low", pipe.components.transformer_2)})
+        pipe.components.transformer.forward, pipe.components.transformer_2.forward = nil, nil
+        T.is(table.concat(used, ","), "high,high,high,high,low,low,low,low",
+            "timesteps >= boundary_ratio * 1000 go to transformer, the rest to transformer_2 (two passes each with CFG)")
+        local one = sampling.wan(with{guidance_scale = cj.guidance_scale, boundary_ratio = json.null})
+        local ref1 = nemo.load_file(golden.case("wan_prompt") .. "/case.safetensors").latents_final
+        T.close(one.latents, ref1, 5e-6, 0, "boundary_ratio = json.null overrides the pipeline's: Wan 2.1's single transformer")
+        local ex = sampling.wan(with{guidance_scale = cj.guidance_scale_expand, boundary_ratio = json.null, expand_timesteps = true})
+        T.close(ex.latents, gc.latents_final_expand, 5e-6, 0,
+            "expand_timesteps (a timestep per token, Wan 2.2 TI2V) vs diffusers (CFG 4, rtol 5e-6)")
+        raises(function() sampling.wan(with{boundary_ratio = json.null, guidance_scale_2 = 2}) end,
+            "guidance_scale_2 is only used with boundary_ratio", "guidance_scale_2 without boundary_ratio")
+        raises(function() sampling.wan(with{transformer_2 = false, pipe = {components = {transformer = pipe.components.transformer,
+            scheduler = pipe.components.scheduler, vae = pipe.components.vae, tokenizer = pipe.components.tokenizer,
+            text_encoder = pipe.components.text_encoder}, config = pipe.config}}) end,
+            "boundary_ratio 0.875 needs transformer_2", "boundary_ratio without transformer_2")
+        raises(function() sampling.wan(with{boundary_ratio = 2}) end, "boundary_ratio must be a number in (0, 1]", "bad boundary_ratio")
+        raises(function() sampling.wan(with{expand_timesteps = "yes"}) end, "expand_timesteps must be true or false",
+            "bad expand_timesteps")
+        pipe:save_pretrained(root .. "/saved")
+        local idx = json.read_file(root .. "/saved/model_index.json")
+        T.ok(idx.boundary_ratio == cj.boundary_ratio and idx.transformer_2[2] == "WanTransformer3DModel" and
+            fs.isfile(root .. "/saved/transformer_2/config.json"), "save_pretrained keeps transformer_2 and boundary_ratio")
+        local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --height 32 " ..
+            "--width 32 --frames 5 --steps 2 --guidance 4 --guidance-2 2 --dtype float32 --device cpu " ..
+            "--max-sequence-length 16 --out " .. root .. "/v22.png 2>&1")
+        T.ok(rc == 0 and fs.isfile(root .. "/v22.png"), "tools/wan_sample.lua runs a Wan 2.2 two-expert folder (--guidance-2)", log)
+        fs.remove_tree(root)
+    end
+end
+
 T.done()
