@@ -1,4 +1,4 @@
--- tests/lua/test_encode.lua: nemo.data.encode and tools/encode_images.lua, a FLUX latent cache from
+-- tests/lua/test_encode.lua: nemo.data.encode, tools/encode_images.lua and encode_videos.lua: a FLUX latent cache from
 -- PNG / JPEG images and captions: Automodel's buckets (its documented 256p and Wan 512p sets and three
 -- more, computed by its MultiTierBucketCalculator), the nearest-ratio choice, the Lanczos resize
 -- against PIL's (tests/golden/png resize_*.raw: within one level, nearly all exact), caption
@@ -6,6 +6,9 @@
 -- flux_sampling's VAE, flux_prompt's text encoders, the tokenizers cases): the cache opens, its
 -- latents are the VAE's posterior mean of the resized image scaled as FLUX trains on it, its text
 -- embeddings are encode_prompt's, other image files are skipped, bad input is a clear error.
+-- Wan: the bilinear resize against cv2's (tests/golden/cv2_resize), frame choice, and a Wan cache
+-- from folders of frames on wan_prompt's tiny pipeline (latents and text bit for bit as computed
+-- by hand, errors, tools/encode_videos.lua, LoRA steps of the Wan recipe on the cache).
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local ffi = require "ffi"
@@ -150,4 +153,102 @@ else
     T.ok(brc ~= 0, "tools/encode_images.lua without --model / --out is an error")
 end
 fs.remove_tree(tmp)
+-- ==== Wan: cv2's bilinear resize, frames, a Wan cache from folders of frames ====
+do
+    local d = golden.case("cv2_resize", "cases.json")
+    if not d then
+        T.ok(false, "cv2_resize golden case is missing")
+    else
+        local cj = json.read_file(d .. "/cases.json")
+        local src, W, H = enc.read_rgb(d .. "/src.png")
+        for _, s in ipairs(cj.sizes) do
+            local out = enc.resize_bilinear(src, W, H, s[1], s[2])
+            local ref = T.read_bytes(string.format("%s/bilinear_%dx%d.raw", d, s[1], s[2]))
+            local maxd, nd = 0, 0
+            for i = 0, #ref - 1 do
+                local df = math.abs(out[i] - ref:byte(i + 1))
+                if df > 0 then nd = nd + 1 end
+                if df > maxd then maxd = df end
+            end
+            local down = s[1] <= W and s[2] <= H
+            T.ok(maxd <= 1 and nd <= 0.02 * #ref and (not down or nd == 0), string.format(
+                "resize_bilinear %dx%d -> %dx%d vs cv2 INTER_LINEAR: %d of %d values differ, by at most %d " ..
+                "(bound: downscales exact, else 1 level on <= 2%%)", W, H, s[1], s[2], nd, #ref, maxd))
+        end
+    end
+    T.is(table.concat(enc.frame_indices(7, 5), ","), "0,2,3,4,6", "frame_indices(7, 5): linspace rounded half to even")
+    T.is(table.concat(enc.frame_indices(81, 1), ","), "0", "one frame: the first")
+
+    local tmp = os.tmpname()
+    os.remove(tmp)
+    local root = golden.tiny_wan_pipeline(tmp .. "/pipe")
+    local function frame(path, w, h, seed)
+        local t = {}
+        for i = 1, w * h * 3 do t[i] = string.char((i * 37 + seed * 11 + math.floor(i / (w * 3)) * 5) % 256) end
+        nemo.image.write_png(path, table.concat(t), w, h, 3)
+    end
+    fs.mkdirs(tmp .. "/vids/cat_walk")
+    fs.mkdirs(tmp .. "/vids/ball")
+    for k = 0, 6 do frame(string.format("%s/vids/cat_walk/%03d.png", tmp, k), 40, 24, k) end
+    for k = 0, 4 do frame(string.format("%s/vids/ball/%03d.png", tmp, k), 20, 36, k + 10) end
+    local f = io.open(tmp .. "/vids/ball.txt", "wb"); f:write("a red ball bouncing\n"); f:close()
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu",
+        components_to_load = {"vae", "text_encoder", "tokenizer"}})
+    local logs = {}
+    local r = enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/cache", pipe = pipe, max_pixels = 32 * 32,
+        quantization = 16, max_sequence_length = 16, log = function(m) logs[#logs + 1] = m end}
+    T.ok(r.samples == 2 and r.buckets["16x32"] == 1 and r.buckets["32x16"] == 1,
+        "2 videos encoded into their buckets (20x36 -> 16x32, 40x24 -> 32x16)", table.concat(logs, "\n"))
+    local ds = nemo.data.Dataset(tmp .. "/cache", {model_type = "wan"})
+    local s1, s2 = ds:get(1), ds:get(2)
+    T.ok(s1.caption == "a red ball bouncing" and s2.caption == "cat walk", "captions: the .txt beside the folder, the folder name")
+    -- cat_walk: 7 frames -> the largest 4k + 1 = 5, frames 0, 2, 3, 4, 6; its latents by hand
+    local vae = pipe.components.vae
+    local per = {}
+    for k, i in ipairs{0, 2, 3, 4, 6} do
+        local rgb, w, h = enc.read_rgb(string.format("%s/vids/cat_walk/%03d.png", tmp, i))
+        per[k] = enc.to_tensor((enc.resize_crop(rgb, w, h, 32, 16, enc.resize_bilinear)), 32, 16)
+    end
+    local z = nemo.no_grad(function()
+        local m = vae:encode(nemo.stack(per, 2)).latent_dist:mode()
+        local mean = nemo.tensor(vae.config.latents_mean):view(1, 4, 1, 1, 1)
+        local std = nemo.tensor(vae.config.latents_std):view(1, 4, 1, 1, 1)
+        return ((m - mean) / std):to{dtype = "float16"}
+    end)
+    T.ok(T.same_bits(s2.latents, z[0]) and nemo.Tensor.shape_str(s2.latents.shape) == "(4, 2, 2, 4)",
+        "latents: (posterior mean - latents_mean) / latents_std of frames 0,2,3,4,6 resized and cropped, float16, bit for bit")
+    local pe = require("nemo.sampling").wan_encode_prompt{prompt = "cat walk", tokenizer = pipe.components.tokenizer,
+        text_encoder = pipe.components.text_encoder, max_sequence_length = 16}
+    T.ok(T.same_bits(s2.text_embeddings, pe[0]:to{dtype = "bfloat16"}), "text embeddings: wan_encode_prompt's (masked UMT5, padding zeroed), bfloat16")
+    T.raises(function() enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/c1", pipe = pipe, num_frames = 6} end,
+        "num_frames must be 4k + 1", "num_frames not 4k + 1")
+    T.raises(function() enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/c2", pipe = pipe, num_frames = 9} end,
+        "has 5 frames, fewer than num_frames 9", "more frames asked than a video has")
+    frame(tmp .. "/vids/ball/005.png", 22, 36, 1)
+    T.raises(function() enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/c3", pipe = pipe, num_frames = 5,
+        max_sequence_length = 16} end, "the video's first frame 20 x 36", "frames of different sizes")
+    os.remove(tmp .. "/vids/ball/005.png")
+    fs.mkdirs(tmp .. "/vids/empty")
+    T.raises(function() enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/c4", pipe = pipe} end,
+        "has no PNG or JPEG frames", "a video folder without frames")
+    fs.remove_tree(tmp .. "/vids/empty")
+    T.raises(function() enc.wan_cache{videos = tmp .. "/nope", out = tmp .. "/c5", pipe = pipe} end,
+        "folder of frame folders", "a missing videos folder")
+    T.ok(not fs.exists(tmp .. "/c1") and not fs.exists(tmp .. "/c3") and not fs.exists(tmp .. "/c4"),
+        "failed jobs leave no cache behind")
+    -- the command line, then LoRA steps of the Wan recipe on the cache it wrote
+    local out, rc = T.sh("./nemo-lua tools/encode_videos.lua --videos " .. tmp .. "/vids --model " .. root .. " --out " ..
+        tmp .. "/cache_cli --resolution 32 --dtype float32 --device cpu --max-sequence-length 16 2>&1")
+    T.ok(rc == 0 and out:find("wrote " .. tmp .. "/cache_cli: 2 videos", 1, true), "tools/encode_videos.lua writes the cache", out)
+    local sum = require("nemo.train").run({seed = 1, model = {pretrained_model_name_or_path = root, mode = "finetune",
+            model_type = "wan", torch_dtype = "float32", compute_dtype = "float32"},
+        peft = {dim = 2, alpha = 2, target_modules = {"*.to_q", "*.to_v"}},
+        optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3},
+        flow_matching = {adapter_type = "simple"},
+        step_scheduler = {num_epochs = 2, local_batch_size = 1, global_batch_size = 1, max_steps = 3},
+        data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = tmp .. "/cache_cli"}},
+        checkpoint = {enabled = false, checkpoint_dir = tmp .. "/ck"}}, {log = function() end, progress = false})
+    T.ok(sum.steps == 3 and sum.last_loss == sum.last_loss, "the encoded Wan cache trains: 3 LoRA steps of the recipe run on it")
+    fs.remove_tree(tmp)
+end
 T.done()

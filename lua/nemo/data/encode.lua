@@ -1,6 +1,7 @@
--- lua/nemo/data/encode.lua: a latent cache from a folder of images and captions, as Automodel's
--- `preprocessing_multiprocess image --processor flux` computes it, without Python
--- (tools/encode_images.lua is the command line):
+-- lua/nemo/data/encode.lua: a latent cache from a folder of images (or of videos as frame
+-- folders) and captions, as Automodel's `preprocessing_multiprocess image --processor flux`
+-- (`video --processor wan`) computes it, without Python (tools/encode_images.lua and
+-- tools/encode_videos.lua are the command lines):
 --   encode.buckets(max_pixels, q)  Automodel's MultiTierBucketCalculator: for 14 aspect ratios the
 --                                  largest w x h (multiples of q) within max_pixels, sorted by w/h
 --   encode.bucket_for(buckets, w, h)   the bucket whose aspect ratio is nearest the image's
@@ -10,6 +11,10 @@
 --                                  JSONL line naming it (caption, internvl, usr, text or prompt),
 --                                  else the stem with "_" -> " " (Automodel's fallback)
 --   encode.flux_cache{images =, out =, pipe =, ...}   the whole job (see the function)
+--   encode.resize_bilinear(rgb, w, h, nw, nh)   cv2.resize's INTER_LINEAR (half-pixel centers,
+--                                  no antialiasing, 11-bit fixed-point weights), for video frames
+--   encode.wan_cache{videos =, out =, pipe =, ...}   a Wan cache from videos given as folders
+--                                  of frames (see the function)
 --
 -- Per image (FLUX): RGB (gray repeated, alpha dropped) -> its bucket -> resize + crop -> x / 255
 -- * 2 - 1 -> the VAE's latent distribution -> a sample (Automodel's default, from the seeded
@@ -142,13 +147,13 @@ function M.resize(src, w, h, nw, nh)
     return out
 end
 
--- resize_crop(src, w, h, tw, th) -> uint8 RGB tw x th, the crop's (left, top)
-function M.resize_crop(src, w, h, tw, th)
+-- resize_crop(src, w, h, tw, th, resize = M.resize) -> uint8 RGB tw x th, the crop's (left, top)
+function M.resize_crop(src, w, h, tw, th, resize)
     local scale = math.max(tw / w, th / h)
     local nw, nh = math.floor(w * scale), math.floor(h * scale)
     if nw < tw then nw = tw end   -- float error in w * scale must not leave less than the crop
     if nh < th then nh = th end
-    local r = (nw == w and nh == h) and src or M.resize(src, w, h, nw, nh)
+    local r = (nw == w and nh == h) and src or (resize or M.resize)(src, w, h, nw, nh)
     local left, top = math.floor((nw - tw) / 2), math.floor((nh - th) / 2)
     local out = ffi.new("uint8_t[?]", tw * th * 3)
     for y = 0, th - 1 do ffi.copy(out + y * tw * 3, r + ((y + top) * nw + left) * 3, tw * 3) end
@@ -182,6 +187,56 @@ local function to_tensor(buf, tw, th)
 end
 M.to_tensor = to_tensor
 
+local f32box = ffi.new("float[1]")
+local function f32(x) f32box[0] = x; return f32box[0] end
+
+-- resize_bilinear(src (uint8 RGB, w x h), w, h, nw, nh) -> uint8 RGB nw x nh: cv2.resize with
+-- INTER_LINEAR as its C code computes it: source x = (dx + 0.5) * w / nw - 0.5, clamped to the
+-- edges; weights rounded to 11 bits (2048 = 1); the horizontal pass kept in integers, the
+-- vertical one in cv2's SIMD form (((r0 >> 4) * b0 >> 16) + ((r1 >> 4) * b1 >> 16) + 2) >> 2.
+-- Against opencv 5.0 (tests/golden/cv2_resize): downscales exact, upscales within one level
+-- on under 1% of the values (its IPP / HAL path rounds some otherwise).
+function M.resize_bilinear(src, w, h, nw, nh)
+    local function axis(insize, outsize)
+        local scale = 1 / (outsize / insize)   -- as cv2: 1 / inv_scale in double, then float math
+        local idx, a0 = ffi.new("int32_t[?]", outsize), ffi.new("int32_t[?]", outsize)
+        for d = 0, outsize - 1 do
+            local f = f32((d + 0.5) * scale - 0.5)
+            local i = math.floor(f)
+            f = f32(f - i)
+            if i < 0 then i, f = 0, 0 end
+            if i >= insize - 1 then i, f = insize - 1, 0 end
+            idx[d], a0[d] = i, round_half_even(f32(f32(1 - f) * 2048))
+        end
+        return idx, a0
+    end
+    local xi, xa = axis(w, nw)
+    local yi, ya = axis(h, nh)
+    local rows = ffi.new("int32_t[?]", nw * h * 3)
+    for y = 0, h - 1 do
+        for x = 0, nw - 1 do
+            local i0, a = xi[x], xa[x]
+            local i1 = i0 + 1 < w and i0 + 1 or i0
+            for ch = 0, 2 do
+                rows[(y * nw + x) * 3 + ch] = src[(y * w + i0) * 3 + ch] * a + src[(y * w + i1) * 3 + ch] * (2048 - a)
+            end
+        end
+    end
+    local out = ffi.new("uint8_t[?]", nw * nh * 3)
+    for y = 0, nh - 1 do
+        local j0, b = yi[y], ya[y]
+        local j1 = j0 + 1 < h and j0 + 1 or j0
+        for x = 0, nw - 1 do
+            for ch = 0, 2 do
+                local r0, r1 = math.floor(rows[(j0 * nw + x) * 3 + ch] / 16), math.floor(rows[(j1 * nw + x) * 3 + ch] / 16)
+                local v = math.floor((math.floor(r0 * b / 65536) + math.floor(r1 * (2048 - b) / 65536) + 2) / 4)
+                out[(y * nw + x) * 3 + ch] = v < 0 and 0 or (v > 255 and 255 or v)
+            end
+        end
+    end
+    return out
+end
+
 -- ==== captions ====
 
 local CAPTION_KEYS = {"caption", "internvl", "usr", "text", "prompt"}
@@ -203,7 +258,11 @@ function M.captions(dir, files, o)
                 local name = e.file_name or e.image or e.file
                 local cap
                 for _, k in ipairs(CAPTION_KEYS) do if type(e[k]) == "string" then cap = e[k]; break end end
-                if type(name) == "string" and cap then from_jsonl[fs.basename(name)] = cap end
+                if type(name) == "string" and cap then
+                    from_jsonl[fs.basename(name)] = cap
+                    local stem = fs.basename(name):gsub("%.[^.]*$", "")
+                    if from_jsonl[stem] == nil then from_jsonl[stem] = cap end   -- clip.mp4 names the folder clip
+                end
             end
         end
         f:close()
@@ -226,7 +285,21 @@ function M.captions(dir, files, o)
     return out, how
 end
 
--- ==== the job ====
+-- ==== the jobs ====
+
+-- list_images(dir) -> sorted PNG / JPEG names, other image names (skipped)
+local function list_images(dir)
+    local files, skipped = {}, {}
+    for _, n in ipairs(fs.list(dir)) do
+        local low = n:lower()
+        if low:match("%.png$") or low:match("%.jpe?g$") then files[#files + 1] = n
+        elseif low:match("%.webp$") or low:match("%.bmp$") or low:match("%.gif$") or low:match("%.tiff?$") then
+            skipped[#skipped + 1] = n
+        end
+    end
+    table.sort(files)
+    return files, skipped
+end
 
 -- flux_cache{images = dir, out = cache dir, pipe = a FLUX pipeline with vae, text_encoder,
 -- tokenizer, text_encoder_2, tokenizer_2, max_pixels = 65536 (256p), quantization = 64,
@@ -245,15 +318,7 @@ function M.flux_cache(o)
                 "encoders and tokenizers is needed)", 2)
         end
     end
-    local files, skipped = {}, {}
-    for _, n in ipairs(fs.list(o.images)) do
-        local low = n:lower()
-        if low:match("%.png$") or low:match("%.jpe?g$") then files[#files + 1] = n
-        elseif low:match("%.webp$") or low:match("%.bmp$") or low:match("%.gif$") or low:match("%.tiff?$") then
-            skipped[#skipped + 1] = n
-        end
-    end
-    table.sort(files)
+    local files, skipped = list_images(o.images)
     if #files == 0 then
         error(string.format("encode: no PNG or JPEG file in '%s'%s", o.images, #skipped > 0 and string.format(
             " (%d other images: nemo-lua reads PNG and JPEG; convert them first, e.g. mogrify -format png *.webp)",
@@ -306,6 +371,122 @@ function M.flux_cache(o)
         error(err, 0)
     end
     return {samples = #files, skipped = skipped, buckets = counts, out = o.out}
+end
+
+-- frame_indices(total, n) -> n 0-based indices evenly spaced over 0 .. total - 1 (rounded), as
+-- np.linspace(0, total - 1, n) rounded half to even
+function M.frame_indices(total, n)
+    local out = {}
+    if n == 1 then return {0} end
+    for k = 0, n - 1 do out[k + 1] = round_half_even(k * (total - 1) / (n - 1)) end
+    return out
+end
+
+-- wan_cache{videos = dir, out = cache dir, pipe = a Wan pipeline with vae (AutoencoderKLWan),
+-- text_encoder and tokenizer, max_pixels = 262144 (512p), quantization = 16, num_frames = nil,
+-- captions = jsonl path, max_sequence_length = 226, shard_size = 256, force = false,
+-- log = fn(msg)} -> {samples =, buckets = {"WxH" -> count}, out =}
+-- Each video is a subfolder of `videos` holding its frames as PNG / JPEG files in name order
+-- (ffmpeg -i clip.mp4 clip/%05d.png makes one). Per video, as Automodel's `--processor wan`:
+-- num_frames frames evenly spaced (default: as many as there are, down to the largest 4k + 1;
+-- a given num_frames must be 4k + 1), the bucket of the first frame's aspect ratio, each frame
+-- resized to cover it (cv2's bilinear) and center-cropped, x / 255 * 2 - 1 -> the VAE's
+-- posterior mean (Automodel's deterministic default) -> (z - latents_mean) / latents_std ->
+-- float16 latents [z_dim, (F - 1) / 4 + 1, th / 8, tw / 8]; the caption (<name>.txt beside the
+-- folder, the JSONL line naming it or its video file, else the name) -> UMT5 with its mask,
+-- padding zeroed (sampling.wan_encode_prompt), [max_sequence_length, D] bfloat16.
+function M.wan_cache(o)
+    local log = o.log or function() end
+    if type(o.videos) ~= "string" or not fs.isdir(o.videos) then
+        error("encode: videos must be a folder of frame folders (one per video), got '" .. tostring(o.videos) .. "'", 2)
+    end
+    local pipe = o.pipe
+    for _, k in ipairs{"vae", "text_encoder", "tokenizer"} do
+        if not (pipe and pipe.components and pipe.components[k]) then
+            error("encode: the pipeline has no loadable " .. k .. " (a Wan pipeline folder with its VAE, text " ..
+                "encoder and tokenizer is needed)", 2)
+        end
+    end
+    local vae = pipe.components.vae
+    if type(vae.config) ~= "table" or type(vae.config.latents_mean) ~= "table" then
+        error("encode: the pipeline's vae is not an AutoencoderKLWan (no latents_mean in its config)", 2)
+    end
+    local nf = o.num_frames
+    if nf ~= nil and (type(nf) ~= "number" or nf < 1 or nf % 1 ~= 0 or (nf - 1) % 4 ~= 0) then
+        error("encode: num_frames must be 4k + 1 (1, 5, 9, ..., 81), got " .. tostring(nf), 2)
+    end
+    local videos = {}
+    for _, n in ipairs(fs.list(o.videos)) do
+        if fs.isdir(o.videos .. "/" .. n) then videos[#videos + 1] = n end
+    end
+    table.sort(videos)
+    if #videos == 0 then
+        error(string.format("encode: no video folders in '%s' (each video is a folder of its frames as PNG or JPEG " ..
+            "files, e.g. ffmpeg -i clip.mp4 clip/%%05d.png)", o.videos), 2)
+    end
+    local plan = {}
+    for _, v in ipairs(videos) do
+        local frames = list_images(o.videos .. "/" .. v)
+        local want = nf or (#frames >= 1 and (#frames - (#frames - 1) % 4) or 0)
+        if #frames == 0 then error(string.format("encode: the video folder %s/%s has no PNG or JPEG frames", o.videos, v), 2) end
+        if want > #frames then
+            error(string.format("encode: %s/%s has %d frames, fewer than num_frames %d", o.videos, v, #frames, want), 2)
+        end
+        local pick = {}
+        for k, i in ipairs(M.frame_indices(#frames, want)) do pick[k] = frames[i + 1] end
+        plan[#plan + 1] = {name = v, frames = pick, total = #frames}
+    end
+    local caps, how = M.captions(o.videos, videos, {captions = o.captions})
+    log(string.format("%d videos; captions: %d from .txt files, %d from %s, %d from folder names", #videos, how.txt,
+        how.jsonl, o.captions or "a JSONL file", how.stem))
+    local buckets = M.buckets(o.max_pixels or 262144, o.quantization or 16)
+    local c = pipe.components
+    local vdt, vdev = vae:dtype(), "cpu"
+    for _, p in vae:named_parameters() do vdev = p.device; break end
+    local zc = vae.config.z_dim or #vae.config.latents_mean
+    local msl = o.max_sequence_length or 226
+    local writer = require("nemo.data").CacheWriter(o.out, {model_type = "wan", shard_size = o.shard_size, force = o.force})
+    local counts = {}
+    local sampling = require "nemo.sampling"
+    local ok, err = pcall(function()
+        for i, v in ipairs(plan) do
+            local dir = o.videos .. "/" .. v.name
+            local tw, th, W0, H0
+            local per = {}
+            for k, f in ipairs(v.frames) do
+                local rgb, W, H = M.read_rgb(dir .. "/" .. f)
+                if k == 1 then
+                    W0, H0 = W, H
+                    local b = M.bucket_for(buckets, W, H)
+                    tw, th = b[1], b[2]
+                elseif W ~= W0 or H ~= H0 then
+                    error(string.format("encode: %s/%s is %d x %d, the video's first frame %d x %d", dir, f, W, H, W0, H0), 0)
+                end
+                per[k] = to_tensor((M.resize_crop(rgb, W, H, tw, th, M.resize_bilinear)), tw, th)   -- [1, 3, th, tw]
+            end
+            local x = nemo.stack(per, 2):to{dtype = vdt, device = vdev}   -- [1, 3, F, th, tw]
+            local z = nemo.no_grad(function()
+                local m = vae:encode(x).latent_dist:mode()
+                local mean = nemo.tensor(vae.config.latents_mean, {dtype = m.dtype, device = m.device}):view(1, zc, 1, 1, 1)
+                local std = nemo.tensor(vae.config.latents_std, {dtype = m.dtype, device = m.device}):view(1, zc, 1, 1, 1)
+                return ((m - mean) / std):to{dtype = "float16", device = "cpu"}
+            end)
+            local pe = sampling.wan_encode_prompt{prompt = caps[i], tokenizer = c.tokenizer, text_encoder = c.text_encoder,
+                max_sequence_length = msl}
+            writer:add{id = string.format("%08d", i - 1), caption = caps[i], latents = z[0],
+                text_embeddings = pe[0]:to{dtype = "bfloat16", device = "cpu"}}
+            local key = tw .. "x" .. th
+            counts[key] = (counts[key] or 0) + 1
+            log(string.format("[%d/%d] %s (%d of %d frames, %d x %d) -> %s: %s", i, #plan, v.name, #v.frames, v.total,
+                W0, H0, key, caps[i]))
+        end
+        writer:finish()
+    end)
+    if not ok then
+        pcall(writer.abort, writer)
+        error(err, 0)
+    end
+    return {samples = #plan, buckets = counts, out = o.out}
 end
 
 return M
