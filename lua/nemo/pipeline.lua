@@ -6,15 +6,16 @@
 --       {transformer_cls = "FluxTransformer2DModel"}, {torch_dtype = "float32"})
 --
 -- A pipeline is a table of components. Components nemo-lua implements (the classes in the
--- nemo.models registry: the transformers, the AutoencoderKL VAE, the CLIP / T5 / UMT5 text
--- encoders) are loaded as modules, and the FlowMatchEulerDiscreteScheduler and the CLIP / T5
--- tokenizers (also in that registry; not modules: no device, dtype or gradients) from their
--- folders; the others (other schedulers, other VAEs) are listed, skipped with a warning, and
--- carried through save_pretrained by copying their folders, so a saved pipeline is still
--- complete for diffusers. Components of the transformers library (text encoders, tokenizers)
--- are saved by copying the folder they were loaded from: nemo-lua does not train them.
--- parallel_scheme is handed to the parallel managers (lua/nemo/parallel: DDP today; FSDP2 is a
--- clear "not available yet" error).
+-- nemo.models registry: the transformers, the AutoencoderKL and AutoencoderKLWan VAEs, the
+-- CLIP / T5 / UMT5 text encoders) are loaded as modules, and the FlowMatchEulerDiscrete and
+-- UniPCMultistep schedulers and the CLIP / T5 tokenizers (also in that registry; not modules:
+-- no device, dtype or gradients) from their folders; the others are listed, skipped with a
+-- warning, and carried through save_pretrained by copying their folders, so a saved pipeline is
+-- still complete for diffusers. Components of the transformers library (text encoders,
+-- tokenizers) are saved by copying the folder they were loaded from: nemo-lua does not train
+-- them. parallel_scheme is handed to the parallel managers (lua/nemo/parallel: DDP and FSDP2).
+-- active_transformer = "transformer" | "transformer_2" (Wan 2.2, as Automodel): the chosen
+-- expert is loaded as `transformer` and the other slot is left empty.
 local fs = require "nemo.fs"
 local hub = require "nemo.hub"
 local json = require "nemo.json"
@@ -233,13 +234,34 @@ function Pipeline.from_pretrained(path_or_id, opts)
     opts = opts or {}
     local known = {parallel_scheme = 1, device = 1, torch_dtype = 1, move_to_device = 1, load_for_training = 1,
                    components_to_load = 1, enable_gradient_checkpointing = 1, low_cpu_mem_usage = 1,
-                   transformer = 1, revision = 1}
+                   transformer = 1, revision = 1, active_transformer = 1}
     for k in pairs(opts) do
         if not known[k] then error("from_pretrained: unknown option '" .. tostring(k) .. "'", 2) end
     end
     local scheme = check_parallel_scheme(opts.parallel_scheme)
     local root = hub.resolve(path_or_id, {revision = opts.revision})
     local idx, idx_path = read_model_index(root)
+    local folders = {}   -- component -> its folder, when not root/<component>
+    local active = opts.active_transformer
+    if active ~= nil then
+        -- Wan 2.2: train one expert. The chosen one becomes `transformer`, the other slot none.
+        if active ~= "transformer" and active ~= "transformer_2" then
+            error("from_pretrained: active_transformer must be \"transformer\" or \"transformer_2\", got " .. tostring(active), 2)
+        end
+        local spec = idx[active]
+        if type(spec) ~= "table" or spec[2] == nil or spec[2] == json.null then
+            error(string.format("from_pretrained: active_transformer is '%s' but %s lists no %s%s", active, idx_path, active,
+                active == "transformer_2" and " (not a Wan 2.2 two-expert pipeline)" or ""), 2)
+        end
+        local copy = {}
+        for k, v in pairs(idx) do copy[k] = v end
+        copy.transformer = spec
+        if idx.transformer_2 ~= nil then copy.transformer_2 = {json.null, json.null} end
+        folders.transformer = root .. "/" .. active
+        active = {name = active, index = idx, root = root}
+        idx = copy
+    end
+    local function folder_of(name) return folders[name] or (root .. "/" .. name) end
     local torch_dtype = check_dtype(opts.torch_dtype == nil and "bfloat16" or opts.torch_dtype, "from_pretrained torch_dtype")
     local device = opts.device or M._choose_device()
     local move = opts.move_to_device ~= false
@@ -267,13 +289,13 @@ function Pipeline.from_pretrained(path_or_id, opts)
         local lib, cls = idx[name][1], idx[name][2]
         if lib == json.null or cls == json.null then
             pipe.components[name] = nil
-        elseif want == nil and lib == "transformers" and implemented(cls) and not fs.isdir(root .. "/" .. name) then
+        elseif want == nil and lib == "transformers" and implemented(cls) and not fs.isdir(folder_of(name)) then
             -- a text encoder or tokenizer left out of the folder (training needs neither)
-            pipe.skipped[name] = {spec = {lib, cls}, folder = root .. "/" .. name}
-            warn(string.format("from_pretrained: %s lists %s (%s) but the folder %s/%s is missing; not loaded",
-                idx_path, name, cls, root, name))
+            pipe.skipped[name] = {spec = {lib, cls}, folder = folder_of(name)}
+            warn(string.format("from_pretrained: %s lists %s (%s) but the folder %s is missing; not loaded",
+                idx_path, name, cls, folder_of(name)))
         elseif (want == nil or want[name]) and implemented(cls) then
-            local folder = root .. "/" .. name
+            local folder = folder_of(name)
             if not fs.isdir(folder) then
                 error(string.format("from_pretrained: %s lists component '%s' (%s) but the folder %s is missing",
                     idx_path, name, cls, folder), 2)
@@ -297,7 +319,7 @@ function Pipeline.from_pretrained(path_or_id, opts)
                 error(string.format("from_pretrained: component '%s' (%s.%s) was asked for in components_to_load, " ..
                     "but nemo-lua has no implementation of %s yet", name, tostring(lib), tostring(cls), tostring(cls)), 2)
             end
-            pipe.skipped[name] = {spec = {lib, cls}, folder = root .. "/" .. name}
+            pipe.skipped[name] = {spec = {lib, cls}, folder = folder_of(name)}
             if want == nil then skipped_names[#skipped_names + 1] = name .. " (" .. tostring(cls) .. ")" end
         end
     end
@@ -305,6 +327,7 @@ function Pipeline.from_pretrained(path_or_id, opts)
         warn("from_pretrained: not loaded (no nemo-lua implementation yet): " .. table.concat(skipped_names, ", "))
     end
     pipe.transformer = pipe.components.transformer
+    if type(active) == "table" then pipe.active_transformer = active end
     pipe.managers = M._apply_parallelization(pipe, scheme)
     return pipe, pipe.managers
 end
@@ -411,6 +434,24 @@ function Pipeline:save_pretrained(dir, opts)
                 if fs.isdir(skipped.folder) then fs.copy_tree(skipped.folder, tmp .. "/" .. name) end
             elseif self.config and self.config[name] then
                 index[name] = self.config[name]
+            end
+        end
+        local act = self.active_transformer
+        if act and type(act.index.transformer_2) == "table" and act.index.transformer_2[2] ~= json.null then
+            -- one Wan 2.2 expert was loaded: it goes back to its own slot, the other expert is
+            -- copied from the source, so the saved folder is the whole two-expert pipeline
+            local other = act.name == "transformer" and "transformer_2" or "transformer"
+            if act.name == "transformer_2" and fs.isdir(tmp .. "/transformer") then
+                fs.rename(tmp .. "/transformer", tmp .. "/transformer_2")
+                index.transformer_2 = index.transformer
+            end
+            if fs.isdir(act.root .. "/" .. other) then
+                fs.copy_tree(act.root .. "/" .. other, tmp .. "/" .. other)
+                index[other] = act.index[other]
+            else
+                index[other] = {json.null, json.null}
+                warn(string.format("save_pretrained: the other expert's folder %s/%s is gone; %s saved without it",
+                    act.root, other, dir))
             end
         end
         json.write_file(tmp .. "/model_index.json", index, {indent = 2})

@@ -488,6 +488,16 @@ function M.validate(cfg)
                 table.concat(sorted_keys(PEFT_MODEL_TYPES), ", ")))
         end
     end
+    local stage = cfg.model.stage
+    if stage ~= nil and stage ~= json.null then   -- Wan 2.2: one expert per run
+        if stage ~= "high_noise" and stage ~= "low_noise" then
+            cfg_error("model.stage must be high_noise or low_noise (Wan 2.2's two experts), got " .. tostring(stage))
+        end
+        local br = cfg.model.boundary_ratio
+        if br ~= nil and br ~= json.null and (type(br) ~= "number" or not (br > 0 and br < 1)) then
+            cfg_error("model.boundary_ratio must be a number in (0, 1), got " .. tostring(br))
+        end
+    end
     if cfg.seed ~= nil and cfg.seed % 1 ~= 0 then cfg_error("seed must be an integer, got " .. tostring(cfg.seed)) end
     local t = cfg.optimizer._target_
     if t and not OPTIMIZER_TARGETS[t] then
@@ -955,11 +965,13 @@ function M.run(cfg, opts)
     end
     local mode = mcfg.mode or "finetune"
     if not mcfg.pretrained_model_name_or_path then cfg_error("model.pretrained_model_name_or_path is required") end
+    local stage = mcfg.stage ~= json.null and mcfg.stage or nil
     local pok, pipe = pcall(function()
         if mode == "finetune" then
             return pipeline.NeMoAutoDiffusionPipeline.from_pretrained(mcfg.pretrained_model_name_or_path, {
                 torch_dtype = torch_dtype, device = device, load_for_training = true, components_to_load = {"transformer"},
-                enable_gradient_checkpointing = ac})
+                enable_gradient_checkpointing = ac,
+                active_transformer = stage and (stage == "low_noise" and "transformer_2" or "transformer") or nil})
         end
         return pipeline.NeMoAutoDiffusionPipeline.from_config(mcfg.pretrained_model_name_or_path, mcfg.pipeline_spec,
             {torch_dtype = torch_dtype, device = device, enable_gradient_checkpointing = ac})
@@ -967,6 +979,19 @@ function M.run(cfg, opts)
     if not pok then raise("model.pretrained_model_name_or_path: ", pipe) end
     local model = pipe.transformer
     if not model then error("the pipeline has no transformer to train", 0) end
+    if stage then
+        -- Wan 2.2 (Automodel): the expert's sigma window, [boundary, 1] (high noise) or [0, boundary]
+        local br = mcfg.boundary_ratio
+        if br == nil or br == json.null then br = pipe.config and pipe.config.boundary_ratio end
+        if type(br) ~= "number" or not (br > 0 and br < 1) then
+            cfg_error(string.format("model.stage %s needs a boundary_ratio in (0, 1): set model.boundary_ratio or use " ..
+                "a pipeline whose model_index.json has one (Wan 2.2: 0.875), got %s", stage, tostring(br)))
+        end
+        if stage == "high_noise" then fm.sigma_min, fm.sigma_max = br, 1
+        else fm.sigma_min, fm.sigma_max = 0, br end
+        log(string.format("Wan 2.2 stage %s: training %s, sigma in [%g, %g]", stage,
+            stage == "low_noise" and "transformer_2" or "transformer", fm.sigma_min, fm.sigma_max))
+    end
     if not ac and model.disable_gradient_checkpointing then model:disable_gradient_checkpointing() end
     model:train()
     check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")

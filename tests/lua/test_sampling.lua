@@ -359,6 +359,71 @@ do
             "--width 32 --frames 5 --steps 2 --guidance 4 --guidance-2 2 --dtype float32 --device cpu " ..
             "--max-sequence-length 16 --out " .. root .. "/v22.png 2>&1")
         T.ok(rc == 0 and fs.isfile(root .. "/v22.png"), "tools/wan_sample.lua runs a Wan 2.2 two-expert folder (--guidance-2)", log)
+
+        -- training one expert (Automodel's model.stage): active_transformer, the sigma window, the export
+        local P = nemo.NeMoAutoDiffusionPipeline
+        local low = P.from_pretrained(root, {torch_dtype = "float32", device = "cpu", components_to_load = {"transformer"},
+            active_transformer = "transformer_2"})
+        local ref2 = nemo.load_file(root .. "/transformer_2/diffusion_pytorch_model.safetensors")
+        local same = true
+        for name, p in low.transformer:named_parameters() do
+            if not T.same_bits(p, ref2[name]) then same = false end
+        end
+        T.ok(same and low.components.transformer_2 == nil, "active_transformer = transformer_2: that expert is loaded " ..
+            "as pipe.transformer, the other slot empty")
+        raises(function() P.from_pretrained(root, {active_transformer = "transformer_3"}) end,
+            "active_transformer must be", "a bad active_transformer")
+        local one = golden.tiny_wan_pipeline(root .. "/one")
+        raises(function() P.from_pretrained(one, {active_transformer = "transformer_2", components_to_load = {"transformer"}}) end,
+            "not a Wan 2.2 two-expert pipeline", "transformer_2 on a pipeline without one")
+        local Wan = require("nemo.models.wan").WanTransformer3DModel
+        local seen = {}
+        local fwd = Wan.forward
+        Wan.forward = function(self, a, ...)
+            for _, v in ipairs(a.timestep:double():reshape{-1}:tolist()) do seen[#seen + 1] = v end
+            return fwd(self, a, ...)
+        end
+        local function train(stage, dir)
+            seen = {}
+            return require("nemo.train").run({seed = 3, model = {pretrained_model_name_or_path = root, mode = "finetune",
+                    torch_dtype = "float32", stage = stage},
+                optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3},
+                flow_matching = {adapter_type = "simple", mix_uniform_ratio = 0},
+                step_scheduler = {num_epochs = 1, local_batch_size = 2, global_batch_size = 2, max_steps = 6},
+                data = {dataloader = {_target_ = "nemo.data.MockDataLoader", latent_shape = {4, 2, 4, 4}, text_len = 8,
+                    text_dim = 32, length = 12}},
+                checkpoint = {enabled = true, checkpoint_dir = dir, save_consolidated = "final"}},
+                {log = function() end, progress = false})
+        end
+        local ok, sum = pcall(train, "low_noise", root .. "/ck_low")
+        local lo, hi = math.huge, -math.huge
+        for _, v in ipairs(seen) do lo, hi = math.min(lo, v), math.max(hi, v) end
+        T.ok(ok and #seen == 12 and hi <= 875 + 1e-3 and lo >= 0, string.format("stage low_noise: every timestep in " ..
+            "[0, 875] (sigma window [0, boundary_ratio 0.875]; seen %d in [%.1f, %.1f])", #seen, lo, hi), tostring(sum))
+        local exp = ok and sum.diffusers
+        local idx = exp and json.read_file(exp .. "/model_index.json")
+        T.ok(idx and idx.boundary_ratio == 0.875 and idx.transformer_2[2] == "WanTransformer3DModel" and
+            T.read_bytes(exp .. "/transformer/diffusion_pytorch_model.safetensors") ==
+            T.read_bytes(root .. "/transformer/diffusion_pytorch_model.safetensors") and
+            T.read_bytes(exp .. "/transformer_2/diffusion_pytorch_model.safetensors") ~=
+            T.read_bytes(root .. "/transformer_2/diffusion_pytorch_model.safetensors"),
+            "the export is the whole Wan 2.2 pipeline: the trained transformer_2 in its slot, transformer copied as it was")
+        ok, sum = pcall(train, "high_noise", root .. "/ck_high")
+        lo, hi = math.huge, -math.huge
+        for _, v in ipairs(seen) do lo, hi = math.min(lo, v), math.max(hi, v) end
+        T.ok(ok and #seen == 12 and lo >= 875 - 1e-3 and hi <= 1000, string.format("stage high_noise: every timestep in " ..
+            "[875, 1000] (seen %d in [%.1f, %.1f])", #seen, lo, hi), tostring(sum))
+        Wan.forward = fwd
+        raises(function() train("mid_noise", root .. "/ck_x") end, "model.stage must be high_noise or low_noise", "a bad stage")
+        local ok2, e2 = pcall(require("nemo.train").run, {seed = 3, model = {pretrained_model_name_or_path = one,
+                mode = "finetune", torch_dtype = "float32", stage = "high_noise"},
+            optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3}, flow_matching = {adapter_type = "simple"},
+            step_scheduler = {num_epochs = 1, local_batch_size = 2, global_batch_size = 2, max_steps = 1},
+            data = {dataloader = {_target_ = "nemo.data.MockDataLoader", latent_shape = {4, 2, 4, 4}, text_len = 8,
+                text_dim = 32, length = 4}},
+            checkpoint = {enabled = false, checkpoint_dir = root .. "/ck_y"}}, {log = function() end, progress = false})
+        T.ok(not ok2 and tostring(e2):find("needs a boundary_ratio in (0, 1)", 1, true),
+            "stage on a pipeline without boundary_ratio (and none in the YAML) is an error", tostring(e2))
         fs.remove_tree(root)
     end
 end
