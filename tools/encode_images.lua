@@ -11,43 +11,23 @@
 -- The result trains with recipes/flux_finetune.lua or flux_lora.lua (--data.dataloader.cache_dir).
 local nemo = require "nemo"
 
-local function usage(msg)
-    io.stderr:write((msg and ("encode_images: " .. msg .. "\n") or ""),
-        "usage: nemo-lua tools/encode_images.lua --images DIR --model DIR_OR_ID --out CACHE [--resolution 256]\n",
-        "       [--quantization 64] [--captions FILE.jsonl] [--mean] [--seed N] [--dtype bfloat16|float32]\n",
-        "       [--device auto|cpu|cuda:N] [--max-sequence-length 512] [--shard-size 256] [--force]\n")
-    os.exit(msg and 2 or 0)
-end
+local cli = require "nemo.cliargs"
+local spec = {name = "encode_images", usage = {
+    "usage: nemo-lua tools/encode_images.lua --images DIR --model DIR_OR_ID --out CACHE [--resolution 256]",
+    "       [--quantization 64] [--captions FILE.jsonl] [--mean] [--seed N] [--dtype bfloat16|float32]",
+    "       [--device auto|cpu|cuda:N] [--max-sequence-length 512] [--shard-size 256] [--force]"},
+    defaults = {resolution = 256, quantization = 64, seed = 0, dtype = "bfloat16", device = "auto", msl = 512,
+                shard_size = 256},
+    strings = {["--images"] = "images", ["--model"] = "model", ["--out"] = "out", ["--captions"] = "captions",
+               ["--dtype"] = "dtype", ["--device"] = "device"},
+    numbers = {["--seed"] = "seed"},
+    counts = {["--resolution"] = "resolution", ["--quantization"] = "quantization",
+              ["--max-sequence-length"] = "msl", ["--shard-size"] = "shard_size"},
+    flags = {["--mean"] = "mean", ["--force"] = "force"}}
+local o = cli.parse(arg, spec)
+for _, k in ipairs{"images", "model", "out"} do if not o[k] then cli.usage(spec, "--" .. k .. " is required") end end
 
-local o = {resolution = 256, quantization = 64, seed = 0, dtype = "bfloat16", device = "auto", msl = 512,
-           shard_size = 256}
-local numeric = {["--resolution"] = "resolution", ["--quantization"] = "quantization", ["--seed"] = "seed",
-                 ["--max-sequence-length"] = "msl", ["--shard-size"] = "shard_size"}
-local i = 1
-while i <= #arg do
-    local a, v = arg[i], arg[i + 1]
-    if a == "-h" or a == "--help" then usage() end
-    if a == "--mean" then o.mean = true; i = i + 1
-    elseif a == "--force" then o.force = true; i = i + 1
-    else
-        if v == nil then usage("option " .. a .. " needs a value") end
-        if a == "--images" then o.images = v
-        elseif a == "--model" then o.model = v
-        elseif a == "--out" then o.out = v
-        elseif a == "--captions" then o.captions = v
-        elseif a == "--dtype" then o.dtype = v
-        elseif a == "--device" then o.device = v
-        elseif numeric[a] then
-            local n = tonumber(v)
-            if not n or n < 1 or n % 1 ~= 0 then usage(a .. " needs a positive integer, got '" .. v .. "'") end
-            o[numeric[a]] = n
-        else usage("unknown option " .. a) end
-        i = i + 2
-    end
-end
-for _, k in ipairs{"images", "model", "out"} do if not o[k] then usage("--" .. k .. " is required") end end
-
-local ok, err = pcall(function()
+cli.main("encode_images", function()
     local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
     local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
         components_to_load = {"vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}})
@@ -62,7 +42,3 @@ local ok, err = pcall(function()
     io.stdout:write(string.format("wrote %s: %d samples (%s) in %d s\n", r.out, r.samples, table.concat(parts, ", "),
         os.time() - t0))
 end)
-if not ok then
-    io.stderr:write("encode_images: ", tostring(err), "\n")
-    os.exit(1)
-end

@@ -13,44 +13,27 @@
 -- low-noise expert's guidance scale (default: --guidance).
 local nemo = require "nemo"
 
-local function usage(msg)
-    io.stderr:write((msg and ("wan_sample: " .. msg .. "\n") or ""),
-        "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]\n",
-        "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--guidance-2 X] [--negative-prompt TEXT]\n",
-        "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]\n",
-        "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]\n")
-    os.exit(msg and 2 or 0)
-end
+local cli = require "nemo.cliargs"
+local spec = {name = "wan_sample", usage = {
+    "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]",
+    "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--guidance-2 X] [--negative-prompt TEXT]",
+    "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]",
+    "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]"},
+    defaults = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
+                fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""},
+    strings = {["--model"] = "model", ["--out"] = "out", ["--dtype"] = "dtype", ["--device"] = "device",
+               ["--lora"] = "lora", ["--negative-prompt"] = "negative"},
+    lists = {["--prompt"] = "prompts"},
+    numbers = {["--guidance"] = "guidance", ["--guidance-2"] = "guidance_2", ["--fps"] = "fps", ["--seed"] = "seed",
+               ["--lora-scale"] = "lora_scale"},
+    counts = {["--height"] = "height", ["--width"] = "width", ["--frames"] = "frames", ["--steps"] = "steps",
+              ["--max-sequence-length"] = "msl"}}
+local o = cli.parse(arg, spec)
+if not o.model then cli.usage(spec, "--model is required") end
+if #o.prompts == 0 then cli.usage(spec, "at least one --prompt is required") end
+if not o.out:match("%.png$") then cli.usage(spec, "--out must name a .png file (an animated PNG), got '" .. o.out .. "'") end
 
-local o = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
-           fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""}
-local numeric = {["--height"] = "height", ["--width"] = "width", ["--frames"] = "frames", ["--steps"] = "steps",
-                 ["--guidance"] = "guidance", ["--guidance-2"] = "guidance_2", ["--fps"] = "fps", ["--seed"] = "seed",
-                 ["--max-sequence-length"] = "msl", ["--lora-scale"] = "lora_scale"}
-local i = 1
-while i <= #arg do
-    local a, v = arg[i], arg[i + 1]
-    if a == "-h" or a == "--help" then usage() end
-    if v == nil then usage("option " .. a .. " needs a value") end
-    if a == "--model" then o.model = v
-    elseif a == "--prompt" then o.prompts[#o.prompts + 1] = v
-    elseif a == "--out" then o.out = v
-    elseif a == "--dtype" then o.dtype = v
-    elseif a == "--device" then o.device = v
-    elseif a == "--lora" then o.lora = v
-    elseif a == "--negative-prompt" then o.negative = v
-    elseif numeric[a] then
-        local n = tonumber(v)
-        if not n then usage(a .. " needs a number, got '" .. v .. "'") end
-        o[numeric[a]] = n
-    else usage("unknown option " .. a) end
-    i = i + 2
-end
-if not o.model then usage("--model is required") end
-if #o.prompts == 0 then usage("at least one --prompt is required") end
-if not o.out:match("%.png$") then usage("--out must name a .png file (an animated PNG), got '" .. o.out .. "'") end
-
-local ok, err = pcall(function()
+cli.main("wan_sample", function()
     local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
     local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
         enable_gradient_checkpointing = false})
@@ -87,7 +70,3 @@ local ok, err = pcall(function()
     end
     io.stdout:write(string.format("%.1f s of CPU time\n", os.clock() - t0))
 end)
-if not ok then
-    io.stderr:write("wan_sample: ", tostring(err), "\n")
-    os.exit(1)
-end

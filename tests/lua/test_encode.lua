@@ -251,4 +251,18 @@ do
     T.ok(sum.steps == 3 and sum.last_loss == sum.last_loss, "the encoded Wan cache trains: 3 LoRA steps of the recipe run on it")
     fs.remove_tree(tmp)
 end
+-- ==== the tools' option parser (nemo.cliargs) ====
+do
+    local cli = require "nemo.cliargs"
+    local spec = {name = "t", usage = {"usage"}, defaults = {prompts = {}, steps = 4, out = "a.png"},
+        strings = {["--out"] = "out"}, lists = {["--prompt"] = "prompts"}, numbers = {["--seed"] = "seed"},
+        counts = {["--steps"] = "steps"}, flags = {["--force"] = "force"}}
+    local o = cli.parse({"--prompt", "a cat", "--seed", "-3", "--force", "--prompt", "b", "--steps", "7"}, spec)
+    T.ok(o.prompts[1] == "a cat" and o.prompts[2] == "b" and o.seed == -3 and o.force == true and o.steps == 7 and
+        o.out == "a.png" and #spec.defaults.prompts == 0, "cliargs.parse: lists, numbers, counts, flags, defaults (not modified)")
+    local _, rc = T.sh("./nemo-lua tools/encode_videos.lua --videos x --model y --out z --num-frames 2.5 2>&1")
+    local out2, rc2 = T.sh("./nemo-lua tools/encode_videos.lua --videos 2>&1")
+    T.ok(rc == 2 and rc2 == 2 and out2:find("option --videos needs a value", 1, true),
+        "a bad count or a missing value exits 2 with the reason and the usage", out2)
+end
 T.done()

@@ -301,6 +301,28 @@ local function list_images(dir)
     return files, skipped
 end
 
+-- need(pipe, keys, what): an error naming the first component of keys the pipeline lacks
+local function need(pipe, keys, what)
+    for _, k in ipairs(keys) do
+        if not (pipe and pipe.components and pipe.components[k]) then
+            error("encode: the pipeline has no loadable " .. k .. " (" .. what .. ")", 3)
+        end
+    end
+end
+
+-- write_cache(writer, fn): fn adds the samples, then the cache is finished; on an error the
+-- writer's temporary folder is removed (nothing half-written) and the error raised again
+local function write_cache(writer, fn)
+    local ok, err = pcall(function()
+        fn()
+        writer:finish()
+    end)
+    if not ok then
+        pcall(writer.abort, writer)
+        error(err, 0)
+    end
+end
+
 -- flux_cache{images = dir, out = cache dir, pipe = a FLUX pipeline with vae, text_encoder,
 -- tokenizer, text_encoder_2, tokenizer_2, max_pixels = 65536 (256p), quantization = 64,
 -- captions = jsonl path, mean = false, generator = nemo.Generator, max_sequence_length = 512,
@@ -312,12 +334,8 @@ function M.flux_cache(o)
         error("encode: images must be a folder of PNG files, got '" .. tostring(o.images) .. "'", 2)
     end
     local pipe = o.pipe
-    for _, k in ipairs{"vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"} do
-        if not (pipe and pipe.components and pipe.components[k]) then
-            error("encode: the pipeline has no loadable " .. k .. " (a FLUX pipeline folder with its VAE, text " ..
-                "encoders and tokenizers is needed)", 2)
-        end
-    end
+    need(pipe, {"vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"},
+        "a FLUX pipeline folder with its VAE, text encoders and tokenizers is needed")
     local files, skipped = list_images(o.images)
     if #files == 0 then
         error(string.format("encode: no PNG or JPEG file in '%s'%s", o.images, #skipped > 0 and string.format(
@@ -341,7 +359,7 @@ function M.flux_cache(o)
     local writer = require("nemo.data").CacheWriter(o.out, {model_type = "flux", shard_size = o.shard_size, force = o.force})
     local counts = {}
     local sampling = require "nemo.sampling"
-    local ok, err = pcall(function()
+    write_cache(writer, function()
         for i, file in ipairs(files) do
             local rgb, W, H = M.read_rgb(o.images .. "/" .. file)
             local b = M.bucket_for(buckets, W, H)
@@ -364,12 +382,7 @@ function M.flux_cache(o)
             counts[key] = (counts[key] or 0) + 1
             log(string.format("[%d/%d] %s (%d x %d) -> %s: %s", i, #files, file, W, H, key, caps[i]))
         end
-        writer:finish()
     end)
-    if not ok then
-        pcall(writer.abort, writer)
-        error(err, 0)
-    end
     return {samples = #files, skipped = skipped, buckets = counts, out = o.out}
 end
 
@@ -401,12 +414,7 @@ function M.wan_cache(o)
         error("encode: videos must be a folder of frame folders (one per video), got '" .. tostring(o.videos) .. "'", 2)
     end
     local pipe = o.pipe
-    for _, k in ipairs{"vae", "text_encoder", "tokenizer"} do
-        if not (pipe and pipe.components and pipe.components[k]) then
-            error("encode: the pipeline has no loadable " .. k .. " (a Wan pipeline folder with its VAE, text " ..
-                "encoder and tokenizer is needed)", 2)
-        end
-    end
+    need(pipe, {"vae", "text_encoder", "tokenizer"}, "a Wan pipeline folder with its VAE, text encoder and tokenizer is needed")
     local vae = pipe.components.vae
     if type(vae.config) ~= "table" or type(vae.config.latents_mean) ~= "table" then
         error("encode: the pipeline's vae is not an AutoencoderKLWan (no latents_mean in its config)", 2)
@@ -448,7 +456,7 @@ function M.wan_cache(o)
     local writer = require("nemo.data").CacheWriter(o.out, {model_type = "wan", shard_size = o.shard_size, force = o.force})
     local counts = {}
     local sampling = require "nemo.sampling"
-    local ok, err = pcall(function()
+    write_cache(writer, function()
         for i, v in ipairs(plan) do
             local dir = o.videos .. "/" .. v.name
             local tw, th, W0, H0
@@ -480,12 +488,7 @@ function M.wan_cache(o)
             log(string.format("[%d/%d] %s (%d of %d frames, %d x %d) -> %s: %s", i, #plan, v.name, #v.frames, v.total,
                 W0, H0, key, caps[i]))
         end
-        writer:finish()
     end)
-    if not ok then
-        pcall(writer.abort, writer)
-        error(err, 0)
-    end
     return {samples = #plan, buckets = counts, out = o.out}
 end
 
