@@ -349,4 +349,30 @@ function M.load(dir, s)
     return json.read_file(dir .. "/trainer.json")
 end
 
+-- load_weights(path, model) -> the checkpoint folder: a training checkpoint's transformer weights
+-- into model (for sampling): path is a checkpoint, a checkpoint_dir (its newest) or a LATEST
+-- file; model/model.safetensors or FSDP2 shards written by any number of ranks, loaded strictly.
+-- A LoRA checkpoint (adapters only) is an error pointing at peft.load_adapter.
+function M.load_weights(path, model)
+    local dir = M.resolve(path)
+    if not dir then error("checkpoint.load_weights: '" .. tostring(path) .. "' names no checkpoint (an empty checkpoint_dir?)", 2) end
+    if fs.isfile(dir .. "/model/adapter_model.safetensors") then
+        error(string.format("checkpoint %s holds LoRA adapters, not the model's weights: load them as an adapter " ..
+            "(model.lora_weights: %s/model, or nemo.peft.load_adapter)", dir, dir), 2)
+    end
+    local weights
+    if fs.isfile(dir .. "/model/model.safetensors") then
+        weights = st().load_file(dir .. "/model/model.safetensors")
+    elseif has_shards(dir, "model") then
+        local ok, w = pcall(require("nemo.parallel.fsdp2").load_full, dir)
+        if not ok then error("checkpoint " .. dir .. ": " .. tostring(w), 2) end
+        weights = w
+    else
+        error("checkpoint " .. dir .. ": no model/model.safetensors and no model shards", 2)
+    end
+    local ok, err = pcall(model.load_state_dict, model, weights, {strict = true})
+    if not ok then error("checkpoint " .. dir .. ": " .. tostring(err), 2) end
+    return dir
+end
+
 return M

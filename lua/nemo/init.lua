@@ -89,7 +89,7 @@ end
 -- nemo.NeMoAutoDiffusionPipeline, nemo.PipelineSpec, nemo.pipeline, nemo.models,
 -- nemo.FluxTransformer2DModel, nemo.WanTransformer3DModel, nemo.AutoencoderKL,
 -- nemo.FlowMatchEulerDiscreteScheduler, nemo.UniPCMultistepScheduler, nemo.lr_scheduler, nemo.flow_matching,
--- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (Flux and Wan pipelines' loops), nemo.peft (LoRA),
+-- nemo.data, nemo.torchfile (torch.save files), nemo.sampling (Flux and Wan pipelines' loops), nemo.generate (recipes/generate.lua), nemo.peft (LoRA),
 -- nemo.tokenizers (CLIP, T5), nemo.image (PNG files), nemo.jpeg (JPEG decoding)
 local LAZY = {
     NeMoAutoDiffusionPipeline = {"nemo.pipeline", "NeMoAutoDiffusionPipeline"},
@@ -106,6 +106,7 @@ local LAZY = {
     data = {"nemo.data"},
     torchfile = {"nemo.torchfile"},
     sampling = {"nemo.sampling"},
+    generate = {"nemo.generate"},
     peft = {"nemo.peft"},
     tokenizers = {"nemo.tokenizers"},
     image = {"nemo.image"},

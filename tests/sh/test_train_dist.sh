@@ -89,6 +89,21 @@ if [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
 else
     fail "fsdp2: the consolidated export equals the shards" "$C"
 fi
+# checkpoint.load_weights (recipes/generate.lua's model.checkpoint) assembles the shards too
+C=$("$N" -e "
+local nemo = require 'nemo'
+local m = nemo.FluxTransformer2DModel.from_pretrained('$EXP')
+local ref = {}
+nemo.no_grad(function() for k, p in m:named_parameters() do ref[k] = p:clone(); p:zero_() end end)
+require('nemo.checkpoint').load_weights('$T/fsdp2/epoch_0_step_3', m)
+local worst, n = 0, 0
+for k, p in m:named_parameters() do n = n + 1; worst = math.max(worst, (p:double() - ref[k]:double()):abs():max():item()) end
+print(n, worst)" 2>&1)
+if [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
+    pass "checkpoint.load_weights reads the 2-rank FSDP2 shards into a whole model, equal to the export ($C)"
+else
+    fail "checkpoint.load_weights of FSDP2 shards" "$C"
+fi
 case_eq "fsdp2, 2 ranks, 2 micro-batches of 2, activation checkpointing" 2 racc fsdp2acc --fsdp.dp_size 2 \
     --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --fsdp.activation_checkpointing true
 case_eq "ddp, 2 ranks, 2 micro-batches of 2, activation checkpointing" 2 racc ddp2acc --ddp.dp_size 2 \

@@ -1,0 +1,200 @@
+-- lua/nemo/generate.lua: sampling from a pretrained pipeline or a training checkpoint, driven by
+-- NeMo Automodel's generate configs (examples/diffusion/generate/configs/generate_*.yaml); what
+-- recipes/generate.lua runs:
+--
+--   nemo-lua recipes/generate.lua -c recipes/generate_wan.yaml \
+--       [--model.checkpoint runs/wan_finetune/LATEST] [--model.lora_weights runs/wan_lora/epoch_0_step_99/model] \
+--       [--inference.prompts '["a dog running on a beach"]']
+--
+-- Config (Automodel's keys): model.pretrained_model_name_or_path; model.checkpoint (a training
+-- checkpoint, its checkpoint_dir or a LATEST file: the transformer's weights) or, for Wan 2.2,
+-- model.checkpoint_high_noise (-> transformer) / checkpoint_low_noise (-> transformer_2);
+-- model.lora_weights (an adapter folder, <checkpoint>/model of a LoRA run) and lora_scale [1];
+-- inference.dtype [bfloat16], prompts, max_samples, num_inference_steps, guidance_scale, height,
+-- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
+-- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
+-- [16]; vae.enable_slicing; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
+-- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
+-- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
+-- encoder). Not supported (clear errors): a `distributed` block (one process samples),
+-- inference.input_images (image-conditioned pipelines), vae.enable_tiling; vae.enable_cpu_offload
+-- is noted and ignored.
+local fs = require "nemo.fs"
+local json = require "nemo.json"
+
+local M = {}
+
+M.SCHEMA = {
+    seed = "number", device = "string",
+    model = {pretrained_model_name_or_path = "string", checkpoint = "string", checkpoint_high_noise = "string",
+             checkpoint_low_noise = "string", lora_weights = "string", lora_scale = "number",
+             lora_adapter_name = "string"},
+    inference = {dtype = "string", prompts = "table", max_samples = "number", num_inference_steps = "number",
+                 guidance_scale = "number", height = "number", width = "number", pipeline_kwargs = "table",
+                 input_images = "table"},
+    output = {output_dir = "string", fps = "number"},
+    vae = {enable_slicing = "boolean", enable_tiling = "boolean", enable_cpu_offload = "boolean"},
+    distributed = "table",
+}
+
+local function cfg_error(msg) error("generate config: " .. msg, 0) end
+
+local function check(cfg, schema, prefix)
+    for k, v in pairs(cfg) do
+        local want = schema[k]
+        local name = prefix .. k
+        if want == nil then
+            local known = {}
+            for kk in pairs(schema) do known[#known + 1] = kk end
+            table.sort(known)
+            cfg_error(string.format("unknown key '%s' (known: %s)", name, table.concat(known, ", ")))
+        elseif type(want) == "table" then
+            if type(v) ~= "table" then cfg_error(string.format("'%s' must be a mapping, got %s", name, type(v))) end
+            check(v, want, name .. ".")
+        elseif type(v) ~= want then
+            cfg_error(string.format("'%s' must be a %s, got %s", name, want, type(v)))
+        end
+    end
+end
+
+-- validate(cfg): the schema, then the rules Automodel's generate.py applies
+function M.validate(cfg)
+    check(cfg, M.SCHEMA, "")
+    local m, inf = cfg.model or {}, cfg.inference or {}
+    if not m.pretrained_model_name_or_path then cfg_error("model.pretrained_model_name_or_path is required") end
+    if m.checkpoint and (m.checkpoint_high_noise or m.checkpoint_low_noise) then
+        cfg_error("model.checkpoint is mutually exclusive with model.checkpoint_high_noise / " ..
+            "model.checkpoint_low_noise (the pair is for Wan 2.2's two transformers, model.checkpoint for one)")
+    end
+    local prompts = inf.prompts
+    if type(prompts) ~= "table" or #prompts == 0 then cfg_error("inference.prompts must be a non-empty list of strings") end
+    for i, p in ipairs(prompts) do
+        if type(p) ~= "string" then cfg_error(string.format("inference.prompts[%d] must be a string, got %s", i, type(p))) end
+    end
+    if inf.max_samples ~= nil and (inf.max_samples < 1 or inf.max_samples % 1 ~= 0) then
+        cfg_error("inference.max_samples must be a positive integer, got " .. tostring(inf.max_samples))
+    end
+    if inf.input_images ~= nil then
+        cfg_error("inference.input_images: image-conditioned pipelines are not supported by nemo-lua yet")
+    end
+    if cfg.distributed ~= nil then
+        cfg_error("distributed: nemo-lua samples in one process (remove the distributed block)")
+    end
+    if cfg.vae and cfg.vae.enable_tiling then
+        cfg_error("vae.enable_tiling: tiled VAE decoding is not implemented in nemo-lua yet (enable_slicing is)")
+    end
+    if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
+        cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
+    end
+end
+
+-- load_config(path, overrides) -> cfg: the YAML, the --section.key overrides (train's syntax),
+-- nulls removed, validated
+function M.load_config(path, overrides)
+    local train = require "nemo.train"
+    local ok, cfg = pcall(require("nemo.yaml").load_file, path)
+    if not ok then cfg_error(tostring(cfg)) end
+    if type(cfg) ~= "table" then cfg_error(path .. ": expected a mapping at the top level") end
+    for _, o in ipairs(overrides or {}) do train.apply_override(cfg, o.key, o.text) end
+    local function strip(t)
+        for k, v in pairs(t) do
+            if v == json.null then t[k] = nil
+            elseif type(v) == "table" then strip(v) end
+        end
+    end
+    strip(cfg)
+    -- Automodel's command lines write Python's None (--model.checkpoint_low_noise None)
+    for _, k in ipairs{"checkpoint", "checkpoint_high_noise", "checkpoint_low_noise", "lora_weights"} do
+        if type(cfg.model) == "table" and cfg.model[k] == "None" then cfg.model[k] = nil end
+    end
+    M.validate(cfg)
+    return cfg
+end
+
+-- the file name Automodel gives sample i: alphanumerics, space, _ and - kept, 50 characters,
+-- stripped, spaces -> _
+function M.sample_name(i, prompt, ext)
+    local safe = prompt:gsub("[^%w _%-]", ""):sub(1, 50):gsub("^%s+", ""):gsub("%s+$", ""):gsub(" ", "_")
+    return string.format("sample_%03d_%s.%s", i, safe, ext)
+end
+
+-- run(cfg, {log = fn}) -> {files = {...}, pipe = pipe}
+function M.run(cfg, opts)
+    opts = opts or {}
+    local log = opts.log or function(msg) io.stdout:write(msg, "\n"); io.stdout:flush() end
+    M.validate(cfg)
+    local nemo = require "nemo"
+    local m, inf, out = cfg.model, cfg.inference, cfg.output or {}
+    local device = cfg.device or "auto"
+    if device == "auto" then device = nemo.pipeline._choose_device() end
+    if cfg.vae and cfg.vae.enable_cpu_offload then log("note: vae.enable_cpu_offload is ignored (a PyTorch hook)") end
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(m.pretrained_model_name_or_path,
+        {torch_dtype = inf.dtype or "bfloat16", device = device, enable_gradient_checkpointing = false})
+    local c = pipe.components
+    local kind = pipe.class_name == "FluxPipeline" and "image" or pipe.class_name == "WanPipeline" and "video" or nil
+    if not kind then
+        error(string.format("generate: %s is a %s; nemo-lua samples FluxPipeline and WanPipeline", m.pretrained_model_name_or_path,
+            tostring(pipe.class_name)), 0)
+    end
+    local ck = require "nemo.checkpoint"
+    local function load_into(slot, path, key)
+        if not c[slot] then
+            error(string.format("generate: model.%s is set but the pipeline has no %s (it applies to two-transformer " ..
+                "pipelines such as Wan2.2-T2V-A14B)", key, slot), 0)
+        end
+        local dir = ck.load_weights(path, c[slot])
+        log(string.format("loaded %s's weights from %s", slot, dir))
+    end
+    if m.checkpoint then load_into("transformer", m.checkpoint, "checkpoint") end
+    if m.checkpoint_high_noise then load_into("transformer", m.checkpoint_high_noise, "checkpoint_high_noise") end
+    if m.checkpoint_low_noise then load_into("transformer_2", m.checkpoint_low_noise, "checkpoint_low_noise") end
+    if m.lora_weights then
+        if not fs.isdir(m.lora_weights) then error("generate: model.lora_weights: no folder at " .. m.lora_weights, 0) end
+        nemo.peft.load_adapter(c.transformer, m.lora_weights, {scale = m.lora_scale or 1.0})
+        log(string.format("applied the LoRA adapter %s (scale %g)", m.lora_weights, m.lora_scale or 1.0))
+    end
+    if cfg.vae and cfg.vae.enable_slicing and c.vae and c.vae.enable_slicing then c.vae:enable_slicing() end
+    for _, k in ipairs{"transformer", "transformer_2"} do if c[k] then c[k]:eval() end end
+    local kwargs = {}
+    for _, k in ipairs{"num_inference_steps", "guidance_scale", "height", "width"} do kwargs[k] = inf[k] end
+    for k, v in pairs(inf.pipeline_kwargs or {}) do kwargs[k] = v end
+    local prompts = inf.prompts
+    local n = math.min(#prompts, inf.max_samples or #prompts)
+    local dir = out.output_dir or "./inference_outputs"
+    fs.mkdirs(dir)
+    local seed = cfg.seed or 42
+    local files = {}
+    local sampling = nemo.sampling
+    for i = 0, n - 1 do
+        local p = prompts[i + 1]
+        log(string.format("[%d/%d] %s", i + 1, n, p:sub(1, 80)))
+        local o = {pipe = pipe, prompt = p, generator = nemo.Generator(seed + i)}
+        for k, v in pairs(kwargs) do o[k] = v end
+        local path = dir .. "/" .. M.sample_name(i, p, "png")
+        if kind == "image" then
+            local r = sampling.flux(o)
+            nemo.image.save(path, (sampling.to_uint8(r.image)))
+        else
+            local r = sampling.wan(o)
+            nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16})
+        end
+        files[#files + 1] = path
+        log("saved " .. path)
+    end
+    return {files = files, pipe = pipe}
+end
+
+-- main(args): recipes/generate.lua's command line (-c config, --section.key value overrides)
+function M.main(args, o)
+    local train = require "nemo.train"
+    local a = train.parse_args(args)
+    if a.help then
+        io.stdout:write("usage: nemo-lua recipes/generate.lua -c CONFIG.yaml [--section.key value ...]\n")
+        return
+    end
+    local path = a.config or (o and o.default_config)
+    if not path then cfg_error("-c CONFIG.yaml is required (recipes/generate_flux.yaml, generate_wan.yaml)") end
+    return M.run(M.load_config(path, a.overrides))
+end
+
+return M
