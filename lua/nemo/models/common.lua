@@ -3,7 +3,8 @@
 -- and Wan transformers: get_timestep_embedding + Timesteps, TimestepEmbedding,
 -- PixArtAlphaTextProjection, get_1d_rotary_pos_embed, apply_rotary_emb, AdaLayerNormZero,
 -- AdaLayerNormZeroSingle, AdaLayerNormContinuous, FP32LayerNorm, FeedForward with diffusers'
--- GELU / GEGLU modules (the ones holding a `proj` Linear).
+-- GELU / GEGLU modules (the ones holding a `proj` Linear); and what the VAEs share: the config
+-- check (check_config), the saved config.json (config_json), batch slicing and forward.
 --
 -- The non-obvious rule: every explicit float32 cast that diffusers writes (`.float()`,
 -- `dtype=torch.float32`) is done here as `upcast(x)`: float32 for float32/bf16/f16 inputs, but a
@@ -21,6 +22,8 @@ local class = require "nemo.class"
 local nn = require "nemo.nn"
 local Tensor = require "nemo.tensor"
 local F = require "nemo.functional"
+local json = require "nemo.json"
+local mio = require "nemo.models.io"
 
 local M = {}
 
@@ -80,6 +83,158 @@ function M.get_activation(name)
     if name == "relu" then return nn.ReLU() end
     error(string.format("get_activation: unsupported activation function '%s' (silu, swish, gelu, gelu_tanh, relu)",
         tostring(name)), 2)
+end
+
+-- ==== model configs, files and batch slicing (shared by the VAEs) ====
+
+local null = json.null
+local describe = mio.describe
+
+local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
+
+-- a list whose elements pass ok_elem, copied; nil when v is not one (a table with other keys, a
+-- tensor, json.null), or when it is empty and nonempty is set
+local function list_of(v, ok_elem, nonempty)
+    if type(v) ~= "table" or Tensor.is_tensor(v) or v == null or (nonempty and #v == 0) then return nil end
+    local n = 0
+    for k in pairs(v) do
+        if type(k) ~= "number" then return nil end
+        n = n + 1
+    end
+    if n ~= #v then return nil end
+    local c = {}
+    for i = 1, #v do
+        if not ok_elem(v[i]) then return nil end
+        c[i] = v[i]
+    end
+    return c
+end
+
+-- the list kinds: element test and what the elements are called in errors
+local LIST_KINDS = {
+    ints = {is_int, "non-negative integers"},
+    strs = {function(x) return type(x) == "string" end, "strings"},
+    bools = {function(x) return type(x) == "boolean" end, "booleans"},
+    numbers = {function(x) return type(x) == "number" end, "numbers"},
+}
+
+-- check_config(fields, cfg, {who=, class=, nonempty=false, level=1}) -> the full config of a
+-- model whose diffusers config fields are `fields`, a list of {key, kind, default} in signature
+-- order: absent keys take the default (a table default is copied), "_"-keys are dropped, unknown
+-- keys are warned about on stderr (not a `class` argument; ignored), wrong types are an error
+-- "<who>: config key '<key>' must be ..." naming the key. Kinds: "int" (non-negative), "bool",
+-- "str", "number" (not NaN), "size" (an int or a non-empty list of ints), the lists "ints",
+-- "strs", "bools", "numbers" (empty allowed unless nonempty), and any of these with "?": json.null
+-- also takes the default. level is the error level as the caller would pass it to error(); the
+-- caller must not tail-call this (the levels count its frame).
+function M.check_config(fields, cfg, opts)
+    local who, level = opts.who, opts.level or 1
+    if cfg ~= nil and type(cfg) ~= "table" then
+        error(string.format("%s: config must be a table, got %s", who, type(cfg)), level + 1)
+    end
+    cfg = cfg or {}
+    local known, out = {}, {}
+    local function bad(key, what, v)
+        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what, describe(v)), level + 2)
+    end
+    for _, f in ipairs(fields) do
+        local key, kind, default = f[1], f[2], f[3]
+        known[key] = true
+        local nullable = kind:sub(-1) == "?"
+        local base = nullable and kind:sub(1, -2) or kind
+        local v = cfg[key]
+        if v == nil or (v == null and nullable) then
+            if type(default) == "table" then
+                local c = {}
+                for i, x in ipairs(default) do c[i] = x end
+                v = c
+            else
+                v = default
+            end
+        elseif base == "int" then
+            if not is_int(v) then bad(key, nullable and "an integer or null" or "a non-negative integer", v) end
+        elseif base == "bool" then
+            if type(v) ~= "boolean" then bad(key, nullable and "a boolean or null" or "a boolean", v) end
+        elseif base == "str" then
+            if type(v) ~= "string" then bad(key, nullable and "a string or null" or "a string", v) end
+        elseif base == "number" then
+            if type(v) ~= "number" or v ~= v then bad(key, nullable and "a number or null" or "a number", v) end
+        elseif base == "size" then
+            if not is_int(v) then
+                v = list_of(v, is_int, true) or bad(key, "an integer or a list of integers", v)
+            end
+        elseif LIST_KINDS[base] then
+            local ok_elem, what = LIST_KINDS[base][1], LIST_KINDS[base][2]
+            v = list_of(v, ok_elem, opts.nonempty) or bad(key, (nullable and "a list of %s or null" or
+                opts.nonempty and "a non-empty list of %s" or "a list of %s"):format(what), v)
+        else
+            error(string.format("check_config: field '%s' has an unknown kind '%s'", key, kind), 2)
+        end
+        out[key] = v
+    end
+    local unknown = {}
+    for k in pairs(cfg) do
+        if type(k) ~= "string" then
+            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), level + 1)
+        end
+        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
+    end
+    table.sort(unknown)
+    for _, k in ipairs(unknown) do
+        io.stderr:write(string.format("warning: %s: config key '%s' is not an %s argument; it is ignored\n",
+            who, k, opts.class))
+    end
+    return out
+end
+
+-- config_json(config, class_name, diffusers_version) -> what save_pretrained writes to
+-- config.json: every field, with _class_name and _diffusers_version, lists (copied) as JSON
+-- arrays, absent values json.null.
+function M.config_json(config, class_name, diffusers_version)
+    local cfg = {_class_name = class_name, _diffusers_version = diffusers_version}
+    for k, v in pairs(config) do
+        if type(v) == "table" and v ~= null then
+            local c = {}
+            for i, x in ipairs(v) do c[i] = x end
+            v = json.array(c)
+        end
+        cfg[k] = v
+    end
+    return cfg
+end
+
+-- sliced(model, x, fn) -> fn(x), or with model.use_slicing and a batch of more than one,
+-- fn of each sample (B = 1) concatenated over the batch: less memory, the same values.
+function M.sliced(model, x, fn)
+    if model.use_slicing and x.shape[1] > 1 then
+        local parts, outs = x:split(1, 0), {}
+        for i, p in ipairs(parts) do outs[i] = fn(p) end
+        local y = F.cat(outs, 0)
+        free(unpack(outs))
+        return y
+    end
+    return fn(x)
+end
+
+-- autoencoder_forward(vae, sample, opts, class_name): what an autoencoder's forward(sample,
+-- {sample_posterior=false, generator=, return_dict=true}) does: encode, take the posterior's mode
+-- (or a sample), decode -> {sample = decoded} ({decoded} with return_dict=false). Its errors
+-- name the caller of forward, which must not tail-call this.
+function M.autoencoder_forward(vae, sample, opts, class_name)
+    opts = opts or {}
+    if type(opts) ~= "table" then error(class_name .. ":forward: options must be a table", 3) end
+    for k in pairs(opts) do
+        if k ~= "sample_posterior" and k ~= "generator" and k ~= "return_dict" then
+            error(string.format("%s:forward: unknown option '%s' (sample_posterior, generator, return_dict)",
+                class_name, tostring(k)), 3)
+        end
+    end
+    local posterior = vae:encode(sample).latent_dist
+    local z
+    if opts.sample_posterior then z = posterior:sample(opts.generator) else z = posterior:mode() end
+    local dec = vae:decode(z).sample
+    if opts.return_dict == false then return {dec} end
+    return {sample = dec}
 end
 
 -- ==== sinusoidal timestep embedding ====

@@ -579,8 +579,6 @@ end
 
 -- ==== config ====
 
-local function is_null(v) return v == nil or v == null end
-local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
 local describe = mio.describe
 
 local DOWN_TYPES = {DownEncoderBlock2D = true}
@@ -609,78 +607,11 @@ local CONFIG = {
 }
 M.CONFIG_FIELDS = CONFIG
 
-local function list_of(v, ok_elem)
-    if type(v) ~= "table" or is_tensor(v) or #v == 0 then return nil end
-    local n = 0
-    for k in pairs(v) do
-        if type(k) ~= "number" then return nil end
-        n = n + 1
-    end
-    if n ~= #v then return nil end
-    local c = {}
-    for i = 1, #v do
-        if not ok_elem(v[i]) then return nil end
-        c[i] = v[i]
-    end
-    return c
-end
-
 -- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
--- stderr, wrong types or values an error naming the key.
+-- stderr, wrong types or values an error naming the key (common.check_config; every list must
+-- be non-empty).
 local function resolve_config(cfg, who)
-    if cfg ~= nil and type(cfg) ~= "table" then
-        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
-    end
-    cfg = cfg or {}
-    local known, out = {}, {}
-    local function bad(key, what, v)
-        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what, describe(v)), 4)
-    end
-    for _, f in ipairs(CONFIG) do
-        local key, kind, default = f[1], f[2], f[3]
-        known[key] = true
-        local v = cfg[key]
-        if v == nil or (v == null and kind:sub(-1) == "?") then
-            if type(default) == "table" then
-                local c = {}
-                for i, x in ipairs(default) do c[i] = x end
-                v = c
-            else
-                v = default
-            end
-        elseif kind == "int" then
-            if not is_int(v) then bad(key, "a non-negative integer", v) end
-        elseif kind == "bool" then
-            if type(v) ~= "boolean" then bad(key, "a boolean", v) end
-        elseif kind == "str" then
-            if type(v) ~= "string" then bad(key, "a string", v) end
-        elseif kind == "number" or kind == "number?" then
-            if type(v) ~= "number" or v ~= v then bad(key, kind == "number" and "a number" or "a number or null", v) end
-        elseif kind == "ints" then
-            v = list_of(v, is_int) or bad(key, "a non-empty list of non-negative integers", v)
-        elseif kind == "strs" then
-            v = list_of(v, function(x) return type(x) == "string" end) or bad(key, "a non-empty list of strings", v)
-        elseif kind == "numbers?" then
-            v = list_of(v, function(x) return type(x) == "number" end) or bad(key, "a list of numbers or null", v)
-        elseif kind == "size" then
-            if not is_int(v) then
-                v = list_of(v, is_int) or bad(key, "an integer or a list of integers", v)
-            end
-        end
-        out[key] = v
-    end
-    local unknown = {}
-    for k in pairs(cfg) do
-        if type(k) ~= "string" then
-            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
-        end
-        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-    end
-    table.sort(unknown)
-    for _, k in ipairs(unknown) do
-        io.stderr:write(string.format("warning: %s: config key '%s' is not an AutoencoderKL argument; it is ignored\n",
-            who, k))
-    end
+    local out = common.check_config(CONFIG, cfg, {who = who, class = "AutoencoderKL", nonempty = true, level = 3})
     -- values
     for _, key in ipairs {"in_channels", "out_channels", "latent_channels", "norm_num_groups", "layers_per_block"} do
         if out[key] < 1 then error(string.format("%s: config key '%s' must be at least 1, got %d", who, key, out[key]), 3) end
@@ -791,17 +722,6 @@ local function check_image(self, x, who, channels, what)
     end
 end
 
-local function sliced(self, x, fn)
-    if self.use_slicing and x.shape[1] > 1 then
-        local parts, outs = x:split(1, 0), {}
-        for i, p in ipairs(parts) do outs[i] = fn(p) end
-        local y = F.cat(outs, 0)
-        free(unpack(outs))
-        return y
-    end
-    return fn(x)
-end
-
 -- _encode(x) -> the moments (B, 2*latent_channels, h, w) (quant_conv applied when present)
 function AutoencoderKL:_encode(x)
     local enc = self.encoder(x)
@@ -817,7 +737,7 @@ end
 -- (return_dict=false: {posterior}, diffusers' tuple)
 function AutoencoderKL:encode(x, opts)
     check_image(self, x, "encode", self.config.in_channels, "an image batch")
-    local h = sliced(self, x, function(p) return self:_encode(p) end)
+    local h = common.sliced(self, x, function(p) return self:_encode(p) end)
     local posterior = DiagonalGaussianDistribution(h)
     if type(opts) == "table" and opts.return_dict == false then return {posterior} end
     return {latent_dist = posterior}
@@ -836,7 +756,7 @@ end
 -- (return_dict=false: {sample}). z is the raw latent: undo scaling_factor / shift_factor first.
 function AutoencoderKL:decode(z, opts)
     check_image(self, z, "decode", self.config.latent_channels, "latents")
-    local dec = sliced(self, z, function(p) return self:_decode(p) end)
+    local dec = common.sliced(self, z, function(p) return self:_decode(p) end)
     if type(opts) == "table" and opts.return_dict == false then return {dec} end
     return {sample = dec}
 end
@@ -844,20 +764,8 @@ end
 -- vae(sample, {sample_posterior=false, generator=, return_dict=true}) -> {sample = decoded}:
 -- encode, take the posterior's mode (or a sample), decode.
 function AutoencoderKL:forward(sample, opts)
-    opts = opts or {}
-    if type(opts) ~= "table" then error("AutoencoderKL:forward: options must be a table", 2) end
-    for k in pairs(opts) do
-        if k ~= "sample_posterior" and k ~= "generator" and k ~= "return_dict" then
-            error(string.format("AutoencoderKL:forward: unknown option '%s' (sample_posterior, generator, return_dict)",
-                tostring(k)), 2)
-        end
-    end
-    local posterior = self:encode(sample).latent_dist
-    local z
-    if opts.sample_posterior then z = posterior:sample(opts.generator) else z = posterior:mode() end
-    local dec = self:decode(z).sample
-    if opts.return_dict == false then return {dec} end
-    return {sample = dec}
+    local out = common.autoencoder_forward(self, sample, opts, "AutoencoderKL")   -- no tail call: error levels
+    return out
 end
 
 -- diffusers' _fix_state_dict_keys_on_load: the mid-block attentions of old checkpoints name
@@ -903,15 +811,7 @@ end
 -- _diffusers_version, lists as JSON arrays, absent values null) and the weights (one file, or
 -- shards plus the index beyond max_shard_size).
 function AutoencoderKL:save_pretrained(folder, opts)
-    local cfg = {_class_name = "AutoencoderKL", _diffusers_version = M.DIFFUSERS_VERSION}
-    for k, v in pairs(self.config) do
-        if type(v) == "table" and v ~= null then
-            local c = {}
-            for i, x in ipairs(v) do c[i] = x end
-            v = json.array(c)
-        end
-        cfg[k] = v
-    end
+    local cfg = common.config_json(self.config, "AutoencoderKL", M.DIFFUSERS_VERSION)
     return mio.write_folder(self, folder, cfg, opts, "AutoencoderKL:save_pretrained")
 end
 

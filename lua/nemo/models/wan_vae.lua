@@ -58,7 +58,6 @@ require "nemo"
 local free, factory = common.free, common.factory
 local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
 local null = json.null
-local describe = mio.describe
 
 local M = {}
 
@@ -586,8 +585,6 @@ end
 
 -- ==== config ====
 
-local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
-
 local WAN21_MEAN = {-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921}
 local WAN21_STD = {2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
@@ -614,73 +611,11 @@ local CONFIG = {
 }
 M.CONFIG_FIELDS = CONFIG
 
--- a list (possibly empty) whose elements pass ok_elem, copied; nil when it is not one
-local function list_of(v, ok_elem)
-    if type(v) ~= "table" or is_tensor(v) or v == null then return nil end
-    local n = 0
-    for k in pairs(v) do
-        if type(k) ~= "number" then return nil end
-        n = n + 1
-    end
-    if n ~= #v then return nil end
-    local c = {}
-    for i = 1, #v do
-        if not ok_elem(v[i]) then return nil end
-        c[i] = v[i]
-    end
-    return c
-end
-
 -- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
--- stderr, wrong types or values an error naming the key; the Wan 2.2 settings an error.
+-- stderr, wrong types or values an error naming the key (common.check_config; lists may be
+-- empty); the Wan 2.2 settings an error.
 local function resolve_config(cfg, who)
-    if cfg ~= nil and type(cfg) ~= "table" then
-        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
-    end
-    cfg = cfg or {}
-    local known, out = {}, {}
-    local function bad(key, what, v)
-        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what, describe(v)), 4)
-    end
-    for _, f in ipairs(CONFIG) do
-        local key, kind, default = f[1], f[2], f[3]
-        known[key] = true
-        local v = cfg[key]
-        if v == nil or (v == null and kind:sub(-1) == "?") then
-            if type(default) == "table" and default ~= null then
-                local c = {}
-                for i, x in ipairs(default) do c[i] = x end
-                v = c
-            else
-                v = default
-            end
-        elseif kind == "int" or kind == "int?" then
-            if not is_int(v) then bad(key, kind == "int" and "a non-negative integer" or "an integer or null", v) end
-        elseif kind == "bool" then
-            if type(v) ~= "boolean" then bad(key, "a boolean", v) end
-        elseif kind == "number" then
-            if type(v) ~= "number" or v ~= v then bad(key, "a number", v) end
-        elseif kind == "ints" then
-            v = list_of(v, is_int) or bad(key, "a list of non-negative integers", v)
-        elseif kind == "bools" then
-            v = list_of(v, function(x) return type(x) == "boolean" end) or bad(key, "a list of booleans", v)
-        elseif kind == "numbers" then
-            v = list_of(v, function(x) return type(x) == "number" end) or bad(key, "a list of numbers", v)
-        end
-        out[key] = v
-    end
-    local unknown = {}
-    for k in pairs(cfg) do
-        if type(k) ~= "string" then
-            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
-        end
-        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-    end
-    table.sort(unknown)
-    for _, k in ipairs(unknown) do
-        io.stderr:write(string.format("warning: %s: config key '%s' is not an AutoencoderKLWan argument; it is " ..
-            "ignored\n", who, k))
-    end
+    local out = common.check_config(CONFIG, cfg, {who = who, class = "AutoencoderKLWan", level = 3})
     -- what is not implemented: the Wan 2.2 VAE
     if out.is_residual then
         error(string.format("%s: the Wan 2.2 VAE (config is_residual = true: residual down/up blocks with " ..
@@ -762,17 +697,6 @@ function AutoencoderKLWan:enable_tiling()
 end
 function AutoencoderKLWan:disable_tiling() self.use_tiling = false; return self end
 
-local function sliced(self, x, fn)
-    if self.use_slicing and x.shape[1] > 1 then
-        local parts, outs = x:split(1, 0), {}
-        for i, p in ipairs(parts) do outs[i] = fn(p) end
-        local y = F.cat(outs, 0)
-        free(unpack(outs))
-        return y
-    end
-    return fn(x)
-end
-
 -- release every tensor of a feature cache
 local function clear_cache(ctx)
     for k, v in pairs(ctx) do
@@ -835,7 +759,7 @@ end
 -- return_dict=false: {posterior}, diffusers' tuple.
 function AutoencoderKLWan:encode(x, opts)
     check_video(self, x, "encode")
-    local h = sliced(self, x, function(p) return self:_encode(p) end)
+    local h = common.sliced(self, x, function(p) return self:_encode(p) end)
     local posterior = M.DiagonalGaussianDistribution(h)
     if type(opts) == "table" and opts.return_dict == false then return {posterior} end
     return {latent_dist = posterior}
@@ -873,7 +797,7 @@ function AutoencoderKLWan:decode(z, opts)
         error(string.format("AutoencoderKLWan:decode: expected latents (B, %d, T, h, w) with T >= 1, got shape %s",
             self.config.z_dim, shape_str(z.shape)), 2)
     end
-    local dec = sliced(self, z, function(p) return self:_decode(p) end)
+    local dec = common.sliced(self, z, function(p) return self:_decode(p) end)
     if type(opts) == "table" and opts.return_dict == false then return {dec} end
     return {sample = dec}
 end
@@ -881,20 +805,8 @@ end
 -- vae(sample, {sample_posterior=false, generator=, return_dict=true}) -> {sample = decoded}:
 -- encode, take the posterior's mode (or a sample), decode.
 function AutoencoderKLWan:forward(sample, opts)
-    opts = opts or {}
-    if type(opts) ~= "table" then error("AutoencoderKLWan:forward: options must be a table", 2) end
-    for k in pairs(opts) do
-        if k ~= "sample_posterior" and k ~= "generator" and k ~= "return_dict" then
-            error(string.format("AutoencoderKLWan:forward: unknown option '%s' (sample_posterior, generator, " ..
-                "return_dict)", tostring(k)), 2)
-        end
-    end
-    local posterior = self:encode(sample).latent_dist
-    local z
-    if opts.sample_posterior then z = posterior:sample(opts.generator) else z = posterior:mode() end
-    local dec = self:decode(z).sample
-    if opts.return_dict == false then return {dec} end
-    return {sample = dec}
+    local out = common.autoencoder_forward(self, sample, opts, "AutoencoderKLWan")   -- no tail call: error levels
+    return out
 end
 
 -- ==== files ====
@@ -913,15 +825,7 @@ end
 -- model:save_pretrained(folder, {max_shard_size="10GB"}): config.json (every field, with
 -- _class_name and _diffusers_version, lists as JSON arrays, absent values null) and the weights.
 function AutoencoderKLWan:save_pretrained(folder, opts)
-    local cfg = {_class_name = "AutoencoderKLWan", _diffusers_version = M.DIFFUSERS_VERSION}
-    for k, v in pairs(self.config) do
-        if type(v) == "table" and v ~= null then
-            local c = {}
-            for i, x in ipairs(v) do c[i] = x end
-            v = json.array(c)
-        end
-        cfg[k] = v
-    end
+    local cfg = common.config_json(self.config, "AutoencoderKLWan", M.DIFFUSERS_VERSION)
     return mio.write_folder(self, folder, cfg, opts, "AutoencoderKLWan:save_pretrained")
 end
 
