@@ -35,42 +35,26 @@
 -- step()'s per_token_timesteps. stochastic_sampling is implemented: its noise is opts.noise
 -- (pass torch's draw to reproduce diffusers) or a draw from nemo's generator (not torch's).
 local json = require "nemo.json"
-local fs = require "nemo.fs"
 local class = require "nemo.class"
-local ffi = require "ffi"
+local common = require "nemo.schedulers.common"
 
 local M = {}
 M.DIFFUSERS_VERSION = "0.40.0.dev0"   -- written into a saved scheduler_config.json
 M.CONFIG_NAME = "scheduler_config.json"
+local NAME = "FlowMatchEulerDiscreteScheduler"
 
 local function tensor_lib() return require "nemo.tensor" end
 local function nemo_lib() return require "nemo" end
 
--- ==== float32 rounding ====
+-- ==== float32 rounding, lists of numbers ====
 
-local f32buf = ffi.new("float[1]")
--- the float32 nearest to x (round to nearest even), as a Lua number
-local function f32(x) f32buf[0] = x; return f32buf[0] end
+-- f32(x): the float32 nearest to x; f64: the identity; linspace: numpy's, in float64 (common.lua)
+local f32, f64, linspace = common.f32, common.f64, common.linspace
 M._f32 = f32
-local function f64(x) return x end
-
--- numpy.linspace(start, stop, num) in float64, operation for operation: step = (stop-start)/(num-1),
--- y[i] = i*step + start, the last value exactly stop.
-local function linspace(start, stop, num)
-    local out = {}
-    if num <= 0 then return out end
-    if num == 1 then out[1] = start; return out end
-    local div = num - 1
-    local step = (stop - start) / div
-    if step == 0 then
-        for i = 0, num - 1 do out[i + 1] = (i / div) * (stop - start) + start end
-    else
-        for i = 0, num - 1 do out[i + 1] = i * step + start end
-    end
-    out[num] = stop
-    return out
-end
 M._linspace = linspace
+-- number_list(v, "set_timesteps: what", true): a Lua list of numbers from a list or a 1-D
+-- tensor of numbers (nil stays nil)
+local number_list = common.number_list
 
 -- ==== FluxPipeline's helpers ====
 
@@ -115,66 +99,21 @@ M.DEFAULTS = {num_train_timesteps = 1000, shift = 1.0, use_dynamic_shifting = fa
     max_shift = 1.15, base_image_seq_len = 256, max_image_seq_len = 4096, invert_sigmas = false,
     shift_terminal = nil, use_karras_sigmas = false, use_exponential_sigmas = false, use_beta_sigmas = false,
     time_shift_type = "exponential", stochastic_sampling = false}
--- kind of each key; "number?" may be null / absent
-local KIND = {num_train_timesteps = "integer", shift = "number", use_dynamic_shifting = "boolean",
+-- kind of each key (common.WANT names them); "number?" may be null / absent
+local KIND = {num_train_timesteps = "count", shift = "number", use_dynamic_shifting = "boolean",
     base_shift = "number?", max_shift = "number?", base_image_seq_len = "number", max_image_seq_len = "number",
     invert_sigmas = "boolean", shift_terminal = "number?", use_karras_sigmas = "boolean",
     use_exponential_sigmas = "boolean", use_beta_sigmas = "boolean", time_shift_type = "string",
     stochastic_sampling = "boolean"}
 local UNSUPPORTED = {use_karras_sigmas = "Karras", use_exponential_sigmas = "exponential", use_beta_sigmas = "beta"}
 
-local function known_keys() return table.concat(M.CONFIG_KEYS, ", ") end
-
 -- check_config(tbl, {unknown = "error"|"warn"}) -> a full config table (defaults filled in).
 -- Keys starting with "_" (_class_name, _diffusers_version) are metadata and skipped; other
 -- unknown keys are an error (from_config) or a warning (from_pretrained: diffusers ignores them).
+-- common.check_keys checks each value's kind; the checks between values are here.
 local function check_config(tbl, opts, level)
     level = (level or 1) + 1
-    opts = opts or {}
-    if tbl ~= nil and type(tbl) ~= "table" then
-        error("FlowMatchEulerDiscreteScheduler: expected a config table, got " .. type(tbl), level)
-    end
-    local cfg = {}
-    for _, k in ipairs(M.CONFIG_KEYS) do cfg[k] = M.DEFAULTS[k] end
-    local unknown = {}
-    for k, v in pairs(tbl or {}) do
-        if type(k) ~= "string" then
-            error("FlowMatchEulerDiscreteScheduler: config keys must be strings, got " .. tostring(k), level)
-        end
-        local kind = KIND[k]
-        if kind == nil then
-            if k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-        else
-            if v == json.null then
-                if kind ~= "number?" then
-                    error(string.format("FlowMatchEulerDiscreteScheduler: config '%s' is null; it must be a %s",
-                        k, kind == "integer" and "positive integer" or kind), level)
-                end
-                v = nil
-            end
-            local ok
-            if v == nil then ok = kind == "number?"
-            elseif kind == "integer" then ok = type(v) == "number" and v % 1 == 0 and v >= 1
-            elseif kind == "number" or kind == "number?" then ok = type(v) == "number" and v == v
-            else ok = type(v) == kind end
-            if not ok then
-                local want = kind == "integer" and "positive integer" or kind == "number?" and "number or null" or kind
-                error(string.format("FlowMatchEulerDiscreteScheduler: config '%s' must be a %s, got %s (%s)",
-                    k, want, type(v), tostring(v)), level)
-            end
-            cfg[k] = v
-        end
-    end
-    if #unknown > 0 then
-        table.sort(unknown)
-        local msg = string.format("FlowMatchEulerDiscreteScheduler: unknown config key%s %s (known keys: %s)",
-            #unknown > 1 and "s" or "", table.concat(unknown, ", "), known_keys())
-        if opts.unknown == "warn" then
-            io.stderr:write("nemo: warning: ", msg, "; ignored, as diffusers does\n")
-        else
-            error(msg, level)
-        end
-    end
+    local cfg = common.check_keys(NAME, M, KIND, tbl, opts, level + 1)
     if not (cfg.shift > 0 and cfg.shift < math.huge) then
         error(string.format("FlowMatchEulerDiscreteScheduler: config 'shift' must be a positive number, got %s",
             tostring(cfg.shift)), level)
@@ -251,79 +190,13 @@ function Scheduler.from_config(tbl, more)
 end
 
 -- from_pretrained(path[, {subfolder=, revision=}]): path is a scheduler_config.json file, a
--- folder holding one, a pipeline folder (its scheduler/ subfolder is used when the folder itself
--- has no scheduler_config.json), or an "org/name" id in the Hugging Face cache. Keys diffusers
--- does not know are skipped with a warning, as diffusers does; a config of another
--- _class_name is an error.
-function Scheduler.from_pretrained(path, opts, more)
-    if rawequal(path, Scheduler) then path, opts = opts, more end   -- Scheduler:from_pretrained(...)
-    opts = opts or {}
-    if type(path) ~= "string" or path == "" then
-        error("FlowMatchEulerDiscreteScheduler.from_pretrained: expected a folder or a scheduler_config.json path, got " ..
-            tostring(path), 2)
-    end
-    if type(opts) ~= "table" then error("FlowMatchEulerDiscreteScheduler.from_pretrained: opts must be a table", 2) end
-    for k in pairs(opts) do
-        -- torch_dtype / device: passed by the pipeline loader to every component; a scheduler
-        -- holds float32 schedules on the CPU whatever they say
-        if k ~= "subfolder" and k ~= "revision" and k ~= "torch_dtype" and k ~= "device" then
-            error("FlowMatchEulerDiscreteScheduler.from_pretrained: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
-    local file
-    if fs.isfile(path) then
-        file = path
-    else
-        local root
-        if fs.isdir(path) then root = path
-        else
-            local ok, r = pcall(require("nemo.hub").resolve, path, {revision = opts.revision})
-            if not ok then error("FlowMatchEulerDiscreteScheduler.from_pretrained: " .. tostring(r), 2) end
-            root = r
-        end
-        local tried = {}
-        local cands = {}
-        if opts.subfolder and opts.subfolder ~= "" then cands[1] = root .. "/" .. opts.subfolder .. "/" .. M.CONFIG_NAME
-        else cands = {root .. "/" .. M.CONFIG_NAME, root .. "/scheduler/" .. M.CONFIG_NAME} end
-        for _, c in ipairs(cands) do
-            if fs.isfile(c) then file = c; break end
-            tried[#tried + 1] = c
-        end
-        if not file then
-            error("FlowMatchEulerDiscreteScheduler.from_pretrained: no " .. M.CONFIG_NAME .. "; looked for " ..
-                table.concat(tried, ", "), 2)
-        end
-    end
-    local cfg = json.read_file(file)
-    if type(cfg) ~= "table" then
-        error(string.format("FlowMatchEulerDiscreteScheduler.from_pretrained: %s does not hold a JSON object", file), 2)
-    end
-    if type(cfg._class_name) == "string" and cfg._class_name ~= "FlowMatchEulerDiscreteScheduler" then
-        error(string.format("FlowMatchEulerDiscreteScheduler.from_pretrained: %s describes a %s, not a " ..
-            "FlowMatchEulerDiscreteScheduler", file, cfg._class_name), 2)
-    end
-    local ok, s = pcall(Scheduler, cfg, {unknown = "warn"})
-    if not ok then error(string.format("%s (in %s)", tostring(s), file), 2) end
-    s.config_path = file
-    return s
-end
+-- folder holding one, a pipeline folder (its scheduler/ subfolder), or an "org/name" id in the
+-- Hugging Face cache; unknown keys are skipped with a warning (common.from_pretrained).
+Scheduler.from_pretrained = common.from_pretrained(Scheduler, NAME, M)
 
 -- save_config(folder) / save_pretrained(folder): folder/scheduler_config.json as diffusers
 -- writes it (sorted keys, _class_name, _diffusers_version, shift_terminal null when unset).
-function Scheduler:save_pretrained(folder)
-    if type(folder) ~= "string" or folder == "" then
-        error("FlowMatchEulerDiscreteScheduler:save_pretrained: expected a folder path", 2)
-    end
-    fs.mkdirs(folder)
-    local out = {_class_name = "FlowMatchEulerDiscreteScheduler", _diffusers_version = M.DIFFUSERS_VERSION}
-    for _, k in ipairs(M.CONFIG_KEYS) do
-        local v = self.config[k]
-        if v == nil then v = json.null end
-        out[k] = v
-    end
-    json.write_file(folder .. "/" .. M.CONFIG_NAME, out, {indent = 2})
-    return folder
-end
+Scheduler.save_pretrained = common.save_pretrained(NAME, M)
 Scheduler.save_config = Scheduler.save_pretrained
 
 function Scheduler:__tostring()
@@ -351,15 +224,10 @@ function Scheduler:set_shift(shift)
     end
     self._shift = shift
 end
-function Scheduler:step_index() return self._step_index end
-function Scheduler:begin_index() return self._begin_index end
-function Scheduler:set_begin_index(i)
-    i = i == nil and 0 or i
-    if type(i) ~= "number" or i < 0 or i % 1 ~= 0 then
-        error("set_begin_index: expected a non-negative integer, got " .. tostring(i), 2)
-    end
-    self._begin_index = i
-end
+-- step_index() / begin_index() / set_begin_index([i]): as diffusers (common.lua)
+Scheduler.step_index = common.step_index
+Scheduler.begin_index = common.begin_index
+Scheduler.set_begin_index = common.set_begin_index
 
 -- mu for an image of image_seq_len tokens from this scheduler's config (FluxPipeline passes
 -- base_image_seq_len, max_image_seq_len, base_shift, max_shift from it)
@@ -369,29 +237,6 @@ function Scheduler:calculate_shift(image_seq_len)
         error("calculate_shift: this scheduler's config has no base_shift / max_shift", 2)
     end
     return M.calculate_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-end
-
--- a Lua list of numbers from a list or a 1-D tensor (nil stays nil)
-local function number_list(v, what)
-    if v == nil or v == json.null then return nil end
-    local Tensor = tensor_lib()
-    if Tensor.is_tensor(v) then
-        if not v:is_floating_point() and v.dtype ~= "int64" and v.dtype ~= "int32" then
-            error(string.format("set_timesteps: %s must be numbers, got a %s tensor", what, v.dtype), 3)
-        end
-        return v:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
-    end
-    if type(v) ~= "table" then
-        error(string.format("set_timesteps: %s must be a list of numbers or a tensor, got %s", what, type(v)), 3)
-    end
-    local out = {}
-    for i = 1, #v do
-        if type(v[i]) ~= "number" then
-            error(string.format("set_timesteps: %s[%d] is not a number (%s)", what, i, tostring(v[i])), 3)
-        end
-        out[i] = v[i]
-    end
-    return out
 end
 
 -- time_shift(mu, sigma, t, R): the exponential or linear resolution-dependent shift of one value;
@@ -411,7 +256,7 @@ end
 -- time_shift(mu, sigma, t): diffusers' method on a number, a list or a tensor (float64 math)
 function Scheduler:time_shift(mu, sigma, t)
     if type(t) == "number" then return self:_time_shift(mu, sigma, t, f64) end
-    local l = number_list(t, "t")
+    local l = number_list(t, "set_timesteps: t", true)
     local out = {}
     for i, v in ipairs(l) do out[i] = self:_time_shift(mu, sigma, v, f64) end
     return out
@@ -432,8 +277,8 @@ function Scheduler:set_timesteps(num_inference_steps, opts)
         end
     end
     local cfg = self.config
-    local sigmas_in = number_list(opts.sigmas, "sigmas")
-    local ts_in = number_list(opts.timesteps, "timesteps")
+    local sigmas_in = number_list(opts.sigmas, "set_timesteps: sigmas", true)
+    local ts_in = number_list(opts.timesteps, "set_timesteps: timesteps", true)
     local mu = opts.mu
     if mu == json.null then mu = nil end
     if mu ~= nil and (type(mu) ~= "number" or mu ~= mu) then
@@ -515,60 +360,13 @@ function Scheduler:set_timesteps(num_inference_steps, opts)
     return self
 end
 
--- a timestep as a number (a Lua number, or a one-element float tensor); integer tensors are
--- refused as diffusers refuses them (an index from enumerate(), not a timestep)
-local function timestep_number(t, who)
-    local Tensor = tensor_lib()
-    if type(t) == "number" then return t end
-    if Tensor.is_tensor(t) then
-        if not t:is_floating_point() then
-            error(who .. ": passing integer indices (e.g. a loop counter) as timesteps is not supported; pass one of " ..
-                "scheduler.timesteps as the timestep (got a " .. t.dtype .. " tensor)", 3)
-        end
-        if t:numel() ~= 1 then
-            error(string.format("%s: expected one timestep, got a tensor of %d values", who, t:numel()), 3)
-        end
-        return t:detach():to{device = "cpu"}:double():item()
-    end
-    error(who .. ": expected a timestep (a number or a one-element tensor), got " .. type(t), 3)
-end
-
-local function fmt_list(l, max)
-    local out = {}
-    for i = 1, math.min(#l, max or 8) do out[i] = string.format("%.9g", l[i]) end
-    if #l > (max or 8) then out[#out + 1] = "..." end
-    return "[" .. table.concat(out, ", ") .. "]"
-end
-
--- index_for_timestep(t): the 0-based index of t (compared as float32, as torch's
+-- index_for_timestep(t[, schedule]): the 0-based index of t (compared as float32, as torch's
 -- `schedule_timesteps == timestep` does) in the schedule: its second match when there are
--- several. A timestep that is not in the schedule is an error.
-function Scheduler:index_for_timestep(timestep, schedule)
-    local t = timestep_number(timestep, "index_for_timestep")
-    local ts = schedule and number_list(schedule, "schedule_timesteps") or self._ts
-    local tf = f32(t)
-    local first, second
-    for i = 1, #ts do
-        if ts[i] == tf then
-            if first == nil then first = i elseif second == nil then second = i; break end
-        end
-    end
-    if first == nil then
-        error(string.format("FlowMatchEulerDiscreteScheduler: timestep %.9g is not in the schedule (%d timesteps: %s); " ..
-            "pass one of scheduler.timesteps (and call set_timesteps first)", t, #ts, fmt_list(ts)), 2)
-    end
-    return (second or first) - 1
-end
-
-function Scheduler:_init_step_index(timestep)
-    if self._begin_index == nil then
-        local ok, r = pcall(self.index_for_timestep, self, timestep)
-        if not ok then error(r, 0) end
-        self._step_index = r
-    else
-        self._step_index = self._begin_index
-    end
-end
+-- several. A timestep that is not in the schedule is an error. Integer tensors are refused as
+-- diffusers refuses them (an index from enumerate(), not a timestep).
+Scheduler.index_for_timestep = common.index_for_timestep(NAME, {round = f32, refuse_int = true,
+    schedule = "set_timesteps: schedule_timesteps", numeric_only = true})
+Scheduler._init_step_index = common._init_step_index
 
 local STEP_OPTS = {generator = true, noise = true, s_churn = true, s_tmin = true, s_tmax = true, s_noise = true,
                    per_token_timesteps = true}
@@ -589,7 +387,7 @@ function Scheduler:step(model_output, timestep, sample, opts)
     if not Tensor.is_tensor(model_output) or not Tensor.is_tensor(sample) then
         error("step: model_output and sample must be tensors", 2)
     end
-    local ok, t = pcall(timestep_number, timestep, "step")
+    local ok, t = pcall(common.timestep_number, timestep, "step", true)
     if not ok then error(t, 2) end
     if self._step_index == nil then
         local iok, err = pcall(self._init_step_index, self, t)
@@ -638,17 +436,9 @@ function Scheduler:scale_noise(sample, timestep, noise)
                 " tensor", 2)
         end
         tvals = timestep:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
-    elseif type(timestep) == "table" then tvals = number_list(timestep, "timestep")
+    elseif type(timestep) == "table" then tvals = number_list(timestep, "set_timesteps: timestep", true)
     else error("scale_noise: timestep must be a number, a list or a tensor, got " .. type(timestep), 2) end
-    local idx = {}
-    for k, t in ipairs(tvals) do
-        if self._begin_index == nil then
-            local ok, r = pcall(self.index_for_timestep, self, t)
-            if not ok then error("scale_noise: " .. tostring(r), 2) end
-            idx[k] = r
-        elseif self._step_index ~= nil then idx[k] = self._step_index
-        else idx[k] = self._begin_index end
-    end
+    local idx = common.schedule_indices(self, tvals, "scale_noise")
     local vals = {}
     for k, j in ipairs(idx) do vals[k] = self._sig[j + 1] end
     local shape = {#vals}

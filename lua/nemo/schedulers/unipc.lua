@@ -59,8 +59,8 @@
 --   solver_p may be a Lua scheduler object (its step(model_output, t, sample) returns the sample)
 --   but is not written by save_pretrained; step() returns prev_sample itself, not a table.
 local json = require "nemo.json"
-local fs = require "nemo.fs"
 local class = require "nemo.class"
+local common = require "nemo.schedulers.common"
 local ffi = require "ffi"
 
 local M = {}
@@ -79,33 +79,17 @@ for _, decl in ipairs { "double expm1(double);", "double log(double);", "double 
 end
 local C = ffi.C
 
-local f32buf = ffi.new("float[1]")
--- the float32 nearest to x (round to nearest even), as a Lua number
-local function f32(x) f32buf[0] = x; return f32buf[0] end
+-- f32(x): the float32 nearest to x; f64: the identity (common.lua)
+local f32, f64 = common.f32, common.f64
 M._f32 = f32
-local function f64(x) return x end
 local function flog(x) return f32(C.log(x)) end        -- float32 log of a float32 value
 local function fexpm1(x) return f32(C.expm1(x)) end    -- float32 expm1
 local function fmaf(a, b, c) return C.fmaf(a, b, c) end -- float32 a*b + c, one rounding
 local function rint(x) return C.rint(x) end            -- numpy round(): half to even
 local function trunc(x) if x >= 0 then return math.floor(x) end return math.ceil(x) end
 
--- numpy.linspace(start, stop, num) in float64, operation for operation: step = (stop-start)/(num-1),
--- y[i] = i*step + start, the last value exactly stop.
-local function linspace(start, stop, num)
-    local out = {}
-    if num <= 0 then return out end
-    if num == 1 then out[1] = start; return out end
-    local div = num - 1
-    local step = (stop - start) / div
-    if step == 0 then
-        for i = 0, num - 1 do out[i + 1] = (i / div) * (stop - start) + start end
-    else
-        for i = 0, num - 1 do out[i + 1] = i * step + start end
-    end
-    out[num] = stop
-    return out
-end
+-- numpy.linspace(start, stop, num) in float64, operation for operation (common.lua)
+local linspace = common.linspace
 M._linspace = linspace
 
 -- torch.linspace(start, end, steps, dtype=float32) as its CPU kernel computes it: start and end
@@ -204,7 +188,7 @@ M.DEFAULTS = {num_train_timesteps = 1000, beta_start = 0.0001, beta_end = 0.02, 
     timestep_spacing = "linspace", steps_offset = 0, final_sigmas_type = "zero", rescale_betas_zero_snr = false,
     use_dynamic_shifting = false, time_shift_type = "exponential", sigma_min = nil, sigma_max = nil,
     shift_terminal = nil}
--- kind of each key; a "?" kind may be null / absent
+-- kind of each key (common.WANT names them); a "?" kind may be null / absent
 local KIND = {num_train_timesteps = "count", beta_start = "number", beta_end = "number", beta_schedule = "string",
     trained_betas = "numbers?", solver_order = "count", prediction_type = "string", thresholding = "boolean",
     dynamic_thresholding_ratio = "number", sample_max_value = "number", predict_x0 = "boolean",
@@ -213,9 +197,6 @@ local KIND = {num_train_timesteps = "count", beta_start = "number", beta_end = "
     use_flow_sigmas = "boolean", flow_shift = "number", timestep_spacing = "string", steps_offset = "integer",
     final_sigmas_type = "string", rescale_betas_zero_snr = "boolean", use_dynamic_shifting = "boolean",
     time_shift_type = "string", sigma_min = "number?", sigma_max = "number?", shift_terminal = "number?"}
-local WANT = {count = "positive integer", integer = "integer", number = "number", ["number?"] = "number or null",
-    ["numbers?"] = "list of numbers or null", integers = "list of integers", ["scheduler?"] = "scheduler object or null",
-    boolean = "boolean", string = "string"}
 local ENUMS = {
     beta_schedule = {"linear", "scaled_linear", "squaredcos_cap_v2"},
     prediction_type = {"epsilon", "sample", "v_prediction", "flow_prediction"},
@@ -225,90 +206,18 @@ local ENUMS = {
 -- solver types diffusers maps to bh2 (registered into the config as "bh2")
 local BH2_ALIASES = {midpoint = true, heun = true, logrho = true}
 
-local function in_list(v, list)
-    for _, x in ipairs(list) do if x == v then return true end end
-    return false
-end
-
-local function quoted(list)
-    local out = {}
-    for i, v in ipairs(list) do out[i] = "'" .. v .. "'" end
-    return table.concat(out, ", ")
-end
-
-local function check_value(k, kind, v)
-    if v == nil then return kind:sub(-1) == "?" end
-    if kind == "count" then return type(v) == "number" and v % 1 == 0 and v >= 1 end
-    if kind == "integer" then return type(v) == "number" and v % 1 == 0 end
-    if kind == "number" or kind == "number?" then return type(v) == "number" and v == v end
-    if kind == "numbers?" or kind == "integers" then
-        if type(v) ~= "table" or getmetatable(v) ~= nil and getmetatable(v).__name ~= "json.array" then return false end
-        local n = 0
-        for key in pairs(v) do
-            if type(key) ~= "number" then return false end
-            n = n + 1
-        end
-        if n ~= #v then return false end
-        for i = 1, #v do
-            if type(v[i]) ~= "number" or v[i] ~= v[i] or (kind == "integers" and v[i] % 1 ~= 0) then return false end
-        end
-        return kind == "integers" or #v > 0
-    end
-    if kind == "scheduler?" then return type(v) == "table" and type(v.step) == "function" end
-    return type(v) == kind
-end
+-- in_list(v, list): v is one of list; quoted(list): 'a', 'b' for a message (common.lua)
+local in_list, quoted = common.in_list, common.quoted
 
 -- check_config(tbl, {unknown = "error"|"warn"}) -> a full config table (defaults filled in).
 -- Keys starting with "_" (_class_name, _diffusers_version, _use_default_values) are metadata and
 -- skipped; other unknown keys are an error (the constructor, from_config) or a warning
 -- (from_pretrained: diffusers ignores them). Values are checked here, at construction, also
--- those diffusers only checks when it uses them (set_timesteps, step).
+-- those diffusers only checks when it uses them (set_timesteps, step): each one's kind by
+-- common.check_keys, the rest here.
 local function check_config(tbl, opts, level)
     level = (level or 1) + 1
-    opts = opts or {}
-    if tbl ~= nil and type(tbl) ~= "table" then
-        error(NAME .. ": expected a config table, got " .. type(tbl), level)
-    end
-    local cfg = {}
-    for _, k in ipairs(M.CONFIG_KEYS) do cfg[k] = M.DEFAULTS[k] end
-    cfg.disable_corrector = {}
-    local unknown = {}
-    for k, v in pairs(tbl or {}) do
-        if type(k) ~= "string" then
-            error(NAME .. ": config keys must be strings, got " .. tostring(k), level)
-        end
-        local kind = KIND[k]
-        if kind == nil then
-            if k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-        else
-            if v == json.null then
-                if kind:sub(-1) ~= "?" then
-                    error(string.format("%s: config '%s' is null; it must be a %s", NAME, k, WANT[kind]), level)
-                end
-                v = nil
-            end
-            if not check_value(k, kind, v) then
-                error(string.format("%s: config '%s' must be a %s, got %s (%s)", NAME, k, WANT[kind], type(v),
-                    tostring(v)), level)
-            end
-            if v ~= nil and (kind == "numbers?" or kind == "integers") then
-                local copy = {}
-                for i = 1, #v do copy[i] = v[i] end
-                v = copy
-            end
-            cfg[k] = v
-        end
-    end
-    if #unknown > 0 then
-        table.sort(unknown)
-        local msg = string.format("%s: unknown config key%s %s (known keys: %s)", NAME, #unknown > 1 and "s" or "",
-            table.concat(unknown, ", "), table.concat(M.CONFIG_KEYS, ", "))
-        if opts.unknown == "warn" then
-            io.stderr:write("nemo: warning: ", msg, "; ignored, as diffusers does\n")
-        else
-            error(msg, level)
-        end
-    end
+    local cfg = common.check_keys(NAME, M, KIND, tbl, opts, level + 1)
     for k, list in pairs(ENUMS) do
         if not in_list(cfg[k], list) and not (k == "beta_schedule" and cfg.trained_betas) then
             error(string.format("%s: config '%s' must be one of %s, got '%s'", NAME, k, quoted(list), cfg[k]), level)
@@ -445,83 +354,18 @@ function Scheduler.from_config(tbl, more, more2)
 end
 
 -- from_pretrained(path[, {subfolder=, revision=}]): path is a scheduler_config.json file, a
--- folder holding one, a pipeline folder (its scheduler/ subfolder is used when the folder itself
--- has no scheduler_config.json), or an "org/name" id in the Hugging Face cache. Keys diffusers
--- does not know are skipped with a warning, as diffusers does; a config of another
--- _class_name is an error.
-function Scheduler.from_pretrained(path, opts, more)
-    if rawequal(path, Scheduler) then path, opts = opts, more end   -- Scheduler:from_pretrained(...)
-    opts = opts or {}
-    if type(path) ~= "string" or path == "" then
-        error(NAME .. ".from_pretrained: expected a folder or a scheduler_config.json path, got " .. tostring(path), 2)
-    end
-    if type(opts) ~= "table" then error(NAME .. ".from_pretrained: opts must be a table", 2) end
-    for k in pairs(opts) do
-        -- torch_dtype / device: passed by the pipeline loader to every component; a scheduler
-        -- holds its schedules on the CPU whatever they say
-        if k ~= "subfolder" and k ~= "revision" and k ~= "torch_dtype" and k ~= "device" then
-            error(NAME .. ".from_pretrained: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
-    local file
-    if fs.isfile(path) then
-        file = path
-    else
-        local root
-        if fs.isdir(path) then root = path
-        else
-            local ok, r = pcall(require("nemo.hub").resolve, path, {revision = opts.revision})
-            if not ok then error(NAME .. ".from_pretrained: " .. tostring(r), 2) end
-            root = r
-        end
-        local tried, cands = {}, {}
-        if opts.subfolder and opts.subfolder ~= "" then cands[1] = root .. "/" .. opts.subfolder .. "/" .. M.CONFIG_NAME
-        else cands = {root .. "/" .. M.CONFIG_NAME, root .. "/scheduler/" .. M.CONFIG_NAME} end
-        for _, c in ipairs(cands) do
-            if fs.isfile(c) then file = c; break end
-            tried[#tried + 1] = c
-        end
-        if not file then
-            error(NAME .. ".from_pretrained: no " .. M.CONFIG_NAME .. "; looked for " .. table.concat(tried, ", "), 2)
-        end
-    end
-    local cfg = json.read_file(file)
-    if type(cfg) ~= "table" then
-        error(string.format("%s.from_pretrained: %s does not hold a JSON object", NAME, file), 2)
-    end
-    if type(cfg._class_name) == "string" and cfg._class_name ~= NAME then
-        error(string.format("%s.from_pretrained: %s describes a %s, not a %s", NAME, file, cfg._class_name, NAME), 2)
-    end
-    local ok, s = pcall(Scheduler, cfg, {unknown = "warn"})
-    if not ok then error(string.format("%s (in %s)", tostring(s), file), 2) end
-    s.config_path = file
-    return s
-end
+-- folder holding one, a pipeline folder (its scheduler/ subfolder), or an "org/name" id in the
+-- Hugging Face cache; unknown keys are skipped with a warning (common.from_pretrained).
+Scheduler.from_pretrained = common.from_pretrained(Scheduler, NAME, M)
 
 -- save_config(folder) / save_pretrained(folder): folder/scheduler_config.json as diffusers
--- writes it (every key, sorted, _class_name, _diffusers_version, null for unset values).
-function Scheduler:save_pretrained(folder)
-    if type(folder) ~= "string" or folder == "" then
-        error(NAME .. ":save_pretrained: expected a folder path", 2)
-    end
+-- writes it (every key, sorted, _class_name, _diffusers_version, null for unset values); a
+-- solver_p object cannot be written.
+Scheduler.save_pretrained = common.save_pretrained(NAME, M, function(self)
     if self.config.solver_p ~= nil then
-        error(NAME .. ":save_pretrained: solver_p (a scheduler object) cannot be written to a JSON config", 2)
+        error(NAME .. ":save_pretrained: solver_p (a scheduler object) cannot be written to a JSON config", 3)
     end
-    fs.mkdirs(folder)
-    local out = {_class_name = NAME, _diffusers_version = M.DIFFUSERS_VERSION}
-    for _, k in ipairs(M.CONFIG_KEYS) do
-        local v = self.config[k]
-        if v == nil then v = json.null
-        elseif type(v) == "table" then
-            local copy = {}
-            for i = 1, #v do copy[i] = v[i] end
-            v = json.array(copy)
-        end
-        out[k] = v
-    end
-    json.write_file(folder .. "/" .. M.CONFIG_NAME, out, {indent = 2})
-    return folder
-end
+end)
 Scheduler.save_config = Scheduler.save_pretrained
 
 function Scheduler:__tostring()
@@ -541,36 +385,13 @@ end
 
 function Scheduler:__len() return self.config.num_train_timesteps end
 
-function Scheduler:step_index() return self._step_index end
-function Scheduler:begin_index() return self._begin_index end
-function Scheduler:set_begin_index(i)
-    i = i == nil and 0 or i
-    if type(i) ~= "number" or i < 0 or i % 1 ~= 0 then
-        error("set_begin_index: expected a non-negative integer, got " .. tostring(i), 2)
-    end
-    self._begin_index = i
-end
+-- step_index() / begin_index() / set_begin_index([i]): as diffusers (common.lua)
+Scheduler.step_index = common.step_index
+Scheduler.begin_index = common.begin_index
+Scheduler.set_begin_index = common.set_begin_index
 
--- a Lua list of numbers from a list or a 1-D tensor (nil stays nil)
-local function number_list(v, what, level)
-    level = (level or 2) + 1
-    if v == nil or v == json.null then return nil end
-    local Tensor = tensor_lib()
-    if Tensor.is_tensor(v) then
-        return v:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
-    end
-    if type(v) ~= "table" then
-        error(string.format("%s must be a list of numbers or a tensor, got %s", what, type(v)), level)
-    end
-    local out = {}
-    for i = 1, #v do
-        if type(v[i]) ~= "number" then
-            error(string.format("%s[%d] is not a number (%s)", what, i, tostring(v[i])), level)
-        end
-        out[i] = v[i]
-    end
-    return out
-end
+-- number_list(v, "who: what"): a Lua list of numbers from a list or a 1-D tensor (nil stays nil)
+local number_list = common.number_list
 
 -- time_shift(mu, sigma, t): the exponential or linear shift of a number or a list (float64)
 function Scheduler:time_shift(mu, sigma, t)
@@ -771,54 +592,11 @@ function Scheduler:set_timesteps(num_inference_steps, opts)
     return self
 end
 
--- a timestep as a number: a Lua number or a one-element tensor (int64 as scheduler.timesteps,
--- or a float)
-local function timestep_number(t, who)
-    local Tensor = tensor_lib()
-    if type(t) == "number" then return t end
-    if Tensor.is_tensor(t) then
-        if t:numel() ~= 1 then
-            error(string.format("%s: expected one timestep, got a tensor of %d values", who, t:numel()), 3)
-        end
-        return t:detach():to{device = "cpu"}:double():item()
-    end
-    error(who .. ": expected a timestep (a number or a one-element tensor), got " .. type(t), 3)
-end
-
-local function fmt_list(l, max)
-    local out = {}
-    for i = 1, math.min(#l, max or 8) do out[i] = string.format("%.9g", l[i]) end
-    if #l > (max or 8) then out[#out + 1] = "..." end
-    return "[" .. table.concat(out, ", ") .. "]"
-end
-
--- index_for_timestep(t[, schedule]): the 0-based index of t in the schedule (scheduler.timesteps
--- unless given): its second match when there are several. Not in the schedule: an error.
-function Scheduler:index_for_timestep(timestep, schedule)
-    local t = timestep_number(timestep, "index_for_timestep")
-    local ts = schedule and number_list(schedule, "index_for_timestep: schedule") or self._ts
-    local first, second
-    for i = 1, #ts do
-        if ts[i] == t then
-            if first == nil then first = i elseif second == nil then second = i; break end
-        end
-    end
-    if first == nil then
-        error(string.format("%s: timestep %.9g is not in the schedule (%d timesteps: %s); pass one of " ..
-            "scheduler.timesteps (and call set_timesteps first)", NAME, t, #ts, fmt_list(ts)), 2)
-    end
-    return (second or first) - 1
-end
-
-function Scheduler:_init_step_index(timestep)
-    if self._begin_index == nil then
-        local ok, r = pcall(self.index_for_timestep, self, timestep)
-        if not ok then error(r, 0) end
-        self._step_index = r
-    else
-        self._step_index = self._begin_index
-    end
-end
+-- index_for_timestep(t[, schedule]): the 0-based index of t (a number or a one-element tensor,
+-- int64 as scheduler.timesteps, or a float) in the schedule (scheduler.timesteps unless given):
+-- its second match when there are several. Not in the schedule: an error.
+Scheduler.index_for_timestep = common.index_for_timestep(NAME, {round = f64, schedule = "index_for_timestep: schedule"})
+Scheduler._init_step_index = common._init_step_index
 
 -- _threshold_sample(x0): diffusers' dynamic thresholding: per sample, s = the
 -- dynamic_thresholding_ratio quantile of |x0| (torch.quantile, linear), clamped to
@@ -1112,7 +890,7 @@ function Scheduler:step(model_output, timestep, sample, opts)
     if not Tensor.is_tensor(model_output) or not Tensor.is_tensor(sample) then
         error("step: model_output and sample must be tensors", 2)
     end
-    local ok, t = pcall(timestep_number, timestep, "step")
+    local ok, t = pcall(common.timestep_number, timestep, "step")
     if not ok then error(t, 2) end
     if self._step_index == nil then
         local iok, err = pcall(self._init_step_index, self, t)
@@ -1164,15 +942,7 @@ function Scheduler:add_noise(original, noise, timesteps)
         tvals = timesteps:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
     elseif type(timesteps) == "table" then tvals = number_list(timesteps, "add_noise: timesteps")
     else error("add_noise: timesteps must be a number, a list or a tensor, got " .. type(timesteps), 2) end
-    local idx = {}
-    for k, t in ipairs(tvals) do
-        if self._begin_index == nil then
-            local ok, r = pcall(self.index_for_timestep, self, t)
-            if not ok then error("add_noise: " .. tostring(r), 2) end
-            idx[k] = r
-        elseif self._step_index ~= nil then idx[k] = self._step_index
-        else idx[k] = self._begin_index end
-    end
+    local idx = common.schedule_indices(self, tvals, "add_noise")
     local dtype = original.dtype
     local R = rounder(dtype)
     local av, sv = {}, {}
