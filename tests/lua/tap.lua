@@ -2,12 +2,12 @@
 --   local T = require "tap"      (tests put tests/lua on package.path via the first line below)
 --   T.plan(n) or T.done() at the end (prints the plan then); T.ok(cond, name); T.is(a, b, name);
 --   T.near(a, b, tol, name) for numbers; T.raises(fn, pattern, name) checks an error message;
---   T.close(t, ref, rtol, atol, name) compares two tensors (or a tensor and a Lua table) by
---   max|a-ref| <= rtol*max|ref| + atol and prints the numbers. T.same_bits(a, b): whether two
---   tensors (on any device) have one dtype, one size and the same bytes. T.sh(cmd): a shell
---   command's stdout and stderr together, and its exit status. T.read_bytes(path),
---   T.write_bytes(path, s) -> path. T.scratch() -> tmp, cleanup: tmp(name) gives a unique
---   scratch path, cleanup() removes every one given out.
+--   T.close(t, ref, rtol, atol, name) compares two tensors of one shape (a scalar may be () or
+--   (1); or a tensor and a Lua table) by max|a-ref| <= rtol*max|ref| + atol and prints the
+--   numbers. T.same_bits(a, b): whether two tensors (on any device) have one dtype, one size and
+--   the same bytes. T.sh(cmd): a shell command's stdout and stderr together, and its exit
+--   status. T.read_bytes(path), T.write_bytes(path, s) -> path. T.scratch() -> tmp, cleanup:
+--   tmp(name) gives a unique scratch path, cleanup() removes every one given out.
 -- Accidental globals make the test fail (luafun's rule).
 local T = {}
 local n, failed, planned = 0, 0, nil
@@ -109,11 +109,19 @@ function T.maxdiff(a, ref)
     return maxd, maxr
 end
 
--- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values.
+-- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values; tensors
+-- of different shapes fail.
 function T.close(a, ref, rtol, atol, name)
     atol = atol or 0
     if a == nil or ref == nil then
         return report(false, name, a == nil and "no tensor computed" or "no reference tensor")
+    end
+    if type(a.shape) == "table" and type(ref.shape) == "table" then
+        local sa, sr = table.concat(a.shape, ", "), table.concat(ref.shape, ", ")
+        local function numel(sh) local k = 1; for _, d in ipairs(sh) do k = k * d end; return k end
+        if sa ~= sr and not (numel(a.shape) == 1 and numel(ref.shape) == 1) then   -- a scalar may be () or (1)
+            return report(false, name, string.format("shapes differ: (%s) vs (%s)", sa, sr))
+        end
     end
     local maxd, maxr, why = T.maxdiff(a, ref)
     if why then return report(false, name, why) end

@@ -22,13 +22,7 @@ local shape_str = nemo.Tensor.shape_str
 
 local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
 
-local function close(a, ref, rtol, atol, name)
-    if a == nil or ref == nil then return T.ok(false, name .. ": " .. (a == nil and "nothing computed" or "no reference")) end
-    if shape_str(a.shape) ~= shape_str(ref.shape) then
-        return T.ok(false, name .. ": shapes differ " .. shape_str(a.shape) .. " vs " .. shape_str(ref.shape))
-    end
-    return T.close(a, ref, rtol, atol, name)
-end
+local close = T.close   -- (it fails on a missing tensor and on differing shapes)
 
 local function bitwise(a, b)
     if shape_str(a.shape) ~= shape_str(b.shape) then return false end
