@@ -20,7 +20,6 @@
 -- inference.input_images (image-conditioned pipelines), vae.enable_tiling; vae.enable_cpu_offload
 -- is noted and ignored.
 local fs = require "nemo.fs"
-local json = require "nemo.json"
 
 local M = {}
 
@@ -39,27 +38,9 @@ M.SCHEMA = {
 
 local function cfg_error(msg) error("generate config: " .. msg, 0) end
 
-local function check(cfg, schema, prefix)
-    for k, v in pairs(cfg) do
-        local want = schema[k]
-        local name = prefix .. k
-        if want == nil then
-            local known = {}
-            for kk in pairs(schema) do known[#known + 1] = kk end
-            table.sort(known)
-            cfg_error(string.format("unknown key '%s' (known: %s)", name, table.concat(known, ", ")))
-        elseif type(want) == "table" then
-            if type(v) ~= "table" then cfg_error(string.format("'%s' must be a mapping, got %s", name, type(v))) end
-            check(v, want, name .. ".")
-        elseif type(v) ~= want then
-            cfg_error(string.format("'%s' must be a %s, got %s", name, want, type(v)))
-        end
-    end
-end
-
 -- validate(cfg): the schema, then the rules Automodel's generate.py applies
 function M.validate(cfg)
-    check(cfg, M.SCHEMA, "")
+    require("nemo.train").check_section("", cfg, M.SCHEMA)   -- unknown keys and types, as the training configs
     local m, inf = cfg.model or {}, cfg.inference or {}
     if not m.pretrained_model_name_or_path then cfg_error("model.pretrained_model_name_or_path is required") end
     if m.checkpoint and (m.checkpoint_high_noise or m.checkpoint_low_noise) then
@@ -88,21 +69,10 @@ function M.validate(cfg)
     end
 end
 
--- load_config(path, overrides) -> cfg: the YAML, the --section.key overrides (train's syntax),
--- nulls removed, validated
+-- load_config(path, overrides) -> cfg: train.read_config's (YAML, --section.key overrides, nulls
+-- removed), validated
 function M.load_config(path, overrides)
-    local train = require "nemo.train"
-    local ok, cfg = pcall(require("nemo.yaml").load_file, path)
-    if not ok then cfg_error(tostring(cfg)) end
-    if type(cfg) ~= "table" then cfg_error(path .. ": expected a mapping at the top level") end
-    for _, o in ipairs(overrides or {}) do train.apply_override(cfg, o.key, o.text) end
-    local function strip(t)
-        for k, v in pairs(t) do
-            if v == json.null then t[k] = nil
-            elseif type(v) == "table" then strip(v) end
-        end
-    end
-    strip(cfg)
+    local cfg = require("nemo.train").read_config(path, overrides)
     -- Automodel's command lines write Python's None (--model.checkpoint_low_noise None)
     for _, k in ipairs{"checkpoint", "checkpoint_high_noise", "checkpoint_low_noise", "lora_weights"} do
         if type(cfg.model) == "table" and cfg.model[k] == "None" then cfg.model[k] = nil end

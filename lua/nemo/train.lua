@@ -218,6 +218,8 @@ local function check_section(path, value, schema)
     check_types(path, value, schema)
 end
 
+M.check_section = check_section
+
 -- Removed keys first, all of them in one message (a config using `optim:` uses several).
 local function reject_removed(cfg)
     local found = {}
@@ -303,14 +305,20 @@ local function strip_nulls(t)
     return t
 end
 
--- load_config(path, overrides) -> the validated config table.
-function M.load_config(path, overrides)
+-- read_config(path, overrides) -> the YAML with the --section.key overrides applied and nulls
+-- removed, not validated (recipes/generate.lua validates its own keys)
+function M.read_config(path, overrides)
     local ok, cfg = pcall(yaml.load_file, path)
     if not ok then cfg_error(cfg) end
     cfg = cfg or {}
     if type(cfg) ~= "table" then cfg_error(path .. ": expected a mapping at the top level") end
     for _, o in ipairs(overrides or {}) do M.apply_override(cfg, o.key, o.text) end
-    strip_nulls(cfg)
+    return strip_nulls(cfg)
+end
+
+-- load_config(path, overrides) -> the validated config table.
+function M.load_config(path, overrides)
+    local cfg = M.read_config(path, overrides)
     M.validate(cfg)
     return cfg
 end
