@@ -7,7 +7,8 @@
 --   numbers. T.same_bits(a, b): whether two tensors (on any device) have one dtype, one size and
 --   the same bytes. T.sh(cmd): a shell command's stdout and stderr together, and its exit
 --   status. T.read_bytes(path), T.write_bytes(path, s) -> path. T.scratch() -> tmp, cleanup:
---   tmp(name) gives a unique scratch path, cleanup() removes every one given out.
+--   tmp(name) gives a unique scratch path, cleanup() removes every one given out. T.tmpdir(),
+--   T.rmtree(path): scratch folders. T.same_values(a, b): one shape, equal values.
 -- Accidental globals make the test fail (luafun's rule).
 local T = {}
 local n, failed, planned = 0, 0, nil
@@ -78,6 +79,14 @@ function T.scratch()
     local function cleanup() for _, p in ipairs(created) do os.remove(p) end end
     return tmp, cleanup
 end
+-- T.tmpdir() -> a new empty folder; T.rmtree(path) removes a folder and what it holds
+function T.tmpdir()
+    local p = os.tmpname()
+    os.remove(p)
+    os.execute("mkdir -p '" .. p .. "'")
+    return p
+end
+function T.rmtree(p) os.execute("rm -rf '" .. p .. "'") end
 function T.skip(name, why) n = n + 1; io.write("ok ", n, " - ", name, " # SKIP ", why, "\n") end
 function T.diag(msg) for line in tostring(msg):gmatch("[^\n]+") do io.write("# ", line, "\n") end end
 
@@ -107,6 +116,17 @@ function T.maxdiff(a, ref)
         if math.abs(fr[i]) > maxr then maxr = math.abs(fr[i]) end
     end
     return maxd, maxr
+end
+
+-- same_values(a, b): two tensors of one shape (a scalar may be () or (1)) whose values are equal
+-- (compared as float64, so of any dtypes); false when either is missing
+function T.same_values(a, b)
+    if a == nil or b == nil then return false end
+    local sa, sb = table.concat(a.shape, ", "), table.concat(b.shape, ", ")
+    local fa, fb = flat(a), flat(b)
+    if #fa ~= #fb or (sa ~= sb and #fa ~= 1) then return false end
+    for i = 1, #fa do if fa[i] ~= fb[i] then return false end end
+    return true
 end
 
 -- max|a - ref| <= rtol * max|ref| + atol, element by element over flattened values; tensors

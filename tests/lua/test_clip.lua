@@ -22,22 +22,9 @@ local shape_str = nemo.Tensor.shape_str
 -- ==== helpers ====
 
 local close = T.close   -- (it fails on a missing tensor and on differing shapes)
-
-local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
-local function bitwise(a, b)
-    if shape_str(a.shape) ~= shape_str(b.shape) then return false end
-    local fa, fb = flat(a), flat(b)
-    for i = 1, #fa do if fa[i] ~= fb[i] then return false end end
-    return true
-end
-
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    fs.mkdirs(p)
-    return p
-end
-local function rmtree(p) fs.remove_tree(p) end
+local bitwise = T.same_values
+local tmpdir = T.tmpdir
+local rmtree = T.rmtree
 
 local function copy(t)
     local c = {}

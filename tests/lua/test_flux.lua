@@ -24,24 +24,9 @@ local function exists(p)
     return false
 end
 
-local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
-
-
-
-local function bitwise(a, b)
-    local fa, fb = flat(a), flat(b)
-    if #fa ~= #fb then return false end
-    for i = 1, #fa do if fa[i] ~= fb[i] then return false end end
-    return true
-end
-
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    os.execute("mkdir -p '" .. p .. "'")
-    return p
-end
-local function rmtree(p) os.execute("rm -rf '" .. p .. "'") end
+local bitwise = T.same_values
+local tmpdir = T.tmpdir
+local rmtree = T.rmtree
 
 local function write(path, text)
     local f = assert(io.open(path, "wb"))

@@ -210,7 +210,6 @@ do
     end
 end
 
-
 -- ==== Wan from prompts (tests/golden/wan_prompt: diffusers' WanPipeline with its UMT5 text
 -- encoder, UniPC scheduler and AutoencoderKLWan; its tokenizer is tests/golden/tokenizers/t5) ====
 do

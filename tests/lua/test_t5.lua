@@ -25,13 +25,8 @@ local function rel(a, b)
     return d / b:double():abs():max():item()
 end
 
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    os.execute("mkdir -p '" .. p .. "'")
-    return p
-end
-local function rmtree(p) os.execute("rm -rf '" .. p .. "'") end
+local tmpdir = T.tmpdir
+local rmtree = T.rmtree
 
 local function copy_table(t)
     local c = {}

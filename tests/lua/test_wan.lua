@@ -23,25 +23,11 @@ local golden = require "golden"
 
 -- ==== helpers ====
 
-local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
-
-
-
-local function bitwise(a, b)
-    local fa, fb = flat(a), flat(b)
-    if #fa ~= #fb then return false end
-    for i = 1, #fa do if fa[i] ~= fb[i] then return false end end
-    return true
-end
+local bitwise = T.same_values
 
 local function shape(t) return nemo.Tensor.shape_str(t.shape) end
 
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    fs.mkdirs(p)
-    return p
-end
+local tmpdir = T.tmpdir
 
 local function is_embedder_w1(name) return name == "condition_embedder.time_embedder.linear_1.weight" end
 

@@ -23,13 +23,7 @@ local shape_str = nemo.Tensor.shape_str
 local function flat(t) return t:detach():double():contiguous():reshape{-1}:tolist() end
 
 local close = T.close   -- (it fails on a missing tensor and on differing shapes)
-
-local function bitwise(a, b)
-    if shape_str(a.shape) ~= shape_str(b.shape) then return false end
-    local fa, fb = flat(a), flat(b)
-    for i = 1, #fa do if fa[i] ~= fb[i] then return false end end
-    return true
-end
+local bitwise = T.same_values
 
 -- the fraction of elements of a and b that are exactly equal
 local function equal_fraction(a, b)
@@ -39,13 +33,8 @@ local function equal_fraction(a, b)
     return k / #fa
 end
 
-local function tmpdir()
-    local p = os.tmpname()
-    os.remove(p)
-    os.execute("mkdir -p '" .. p .. "'")
-    return p
-end
-local function rmtree(p) os.execute("rm -rf '" .. p .. "'") end
+local tmpdir = T.tmpdir
+local rmtree = T.rmtree
 
 local function ng(fn) return nemo.no_grad(fn) end
 
