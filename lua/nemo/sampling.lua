@@ -69,6 +69,27 @@ local function err(msg, level) error("sampling.flux: " .. msg, (level or 1) + 1)
 
 local function is_null(v) return v == nil or v == json.null end
 
+-- with_pipe(o, options, components, who, level) -> o's options checked against the known list,
+-- and, given a pipe, a copy of o with the pipe's components filled in where o gives none (the
+-- pipe itself stays, for its config)
+local function with_pipe(o, options, components, who, level)
+    local function fail(msg) error(who .. ": " .. msg, level + 1) end
+    local known = {}
+    for _, k in ipairs(options) do known[k] = true end
+    for k in pairs(o) do
+        if not known[k] then fail(string.format("unknown option '%s' (known: %s)", tostring(k), table.concat(options, ", "))) end
+    end
+    if o.pipe == nil then return o end
+    local comps = type(o.pipe) == "table" and o.pipe.components
+    if type(comps) ~= "table" then fail("pipe must be a NeMoAutoDiffusionPipeline") end
+    local filled = {}
+    for k, v in pairs(o) do filled[k] = v end
+    for _, k in ipairs(components) do
+        if filled[k] == nil then filled[k] = comps[k] end
+    end
+    return filled
+end
+
 local function posint(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
 
 -- vae_scale_factor as FluxPipeline.__init__: 2 ** (len(block_out_channels) - 1) with a VAE, else 8
@@ -142,26 +163,9 @@ function M.flux_encode_prompt(o)
 end
 
 local function run_flux(o)
-    -- ---- the options ----
-    local known = {}
-    for _, k in ipairs(M.FLUX_OPTIONS) do known[k] = true end
-    for k in pairs(o) do
-        if not known[k] then
-            err(string.format("unknown option '%s' (known: %s)", tostring(k), table.concat(M.FLUX_OPTIONS, ", ")), 3)
-        end
-    end
-    -- a pipeline fills in the components not given; a prompt is encoded with its text encoders
-    if o.pipe ~= nil then
-        local comps = type(o.pipe) == "table" and o.pipe.components
-        if type(comps) ~= "table" then err("pipe must be a NeMoAutoDiffusionPipeline", 3) end
-        local filled = {}
-        for k, v in pairs(o) do filled[k] = v end
-        for _, k in ipairs{"transformer", "scheduler", "vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"} do
-            if filled[k] == nil then filled[k] = comps[k] end
-        end
-        filled.pipe = nil
-        o = filled
-    end
+    -- ---- the options; a pipeline fills in the components not given ----
+    o = with_pipe(o, M.FLUX_OPTIONS, {"transformer", "scheduler", "vae", "tokenizer", "text_encoder", "tokenizer_2",
+        "text_encoder_2"}, "sampling.flux", 4)
     local function encode(prompt, prompt_2)
         local enc = {}
         for _, k in ipairs(M.ENCODE_OPTIONS) do enc[k] = o[k] end
@@ -443,21 +447,10 @@ function M.wan_encode_prompt(o)
 end
 
 local function run_wan(o)
-    local known = {}
-    for _, k in ipairs(M.WAN_OPTIONS) do known[k] = true end
-    for k in pairs(o) do
-        if not known[k] then
-            error(string.format("sampling.wan: unknown option '%s' (known: %s)", tostring(k), table.concat(M.WAN_OPTIONS, ", ")), 3)
-        end
-    end
+    o = with_pipe(o, M.WAN_OPTIONS, {"transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder"},
+        "sampling.wan", 4)
     local function werr(msg) error("sampling.wan: " .. msg, 4) end
-    local c = {}
-    if o.pipe ~= nil then
-        if type(o.pipe) ~= "table" or type(o.pipe.components) ~= "table" then werr("pipe must be a NeMoAutoDiffusionPipeline") end
-        c = o.pipe.components
-    end
-    local tr, sc, vae = o.transformer or c.transformer, o.scheduler or c.scheduler, o.vae or c.vae
-    local tok, te = o.tokenizer or c.tokenizer, o.text_encoder or c.text_encoder
+    local tr, sc, vae, tok, te = o.transformer, o.scheduler, o.vae, o.tokenizer, o.text_encoder
     if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
         werr("transformer is required (a WanTransformer3DModel)")
     end
@@ -466,7 +459,7 @@ local function run_wan(o)
     local boundary = o.boundary_ratio
     if boundary == nil then boundary = pcfg.boundary_ratio end
     if is_null(boundary) then boundary = nil end
-    local tr2 = o.transformer_2 or c.transformer_2
+    local tr2 = o.transformer_2
     if boundary ~= nil then
         if type(boundary) ~= "number" or not (boundary > 0 and boundary <= 1) then
             werr("boundary_ratio must be a number in (0, 1], got " .. tostring(boundary))
