@@ -126,24 +126,34 @@ local LIST_KINDS = {
 -- "str", "number" (not NaN), "size" (an int or a non-empty list of ints), the lists "ints",
 -- "strs", "bools", "numbers" (empty allowed unless nonempty), and any of these with "?": json.null
 -- also takes the default. level is the error level as the caller would pass it to error(); the
--- caller must not tail-call this (the levels count its frame).
+-- caller must not tail-call this (the levels count its frame). For the older wordings of some
+-- models: describe= (how values and keys are shown; default mio.describe), what= (kind -> the
+-- "must be ..." text, replacing the built-in one), kinds= (kind -> check(v) returning true and the
+-- value to keep, or false, the "must be ..." text and optionally how v is shown; these take
+-- precedence over the built-in kinds), keep_null=true (json.null for a "?" kind stays null
+-- instead of taking the default) and article= ("an": the warning's "is not an <class> argument").
 function M.check_config(fields, cfg, opts)
     local who, level = opts.who, opts.level or 1
+    local describe = opts.describe or describe
+    local kinds, what_of = opts.kinds or {}, opts.what or {}
     if cfg ~= nil and type(cfg) ~= "table" then
         error(string.format("%s: config must be a table, got %s", who, type(cfg)), level + 1)
     end
     cfg = cfg or {}
-    local known, out = {}, {}
-    local function bad(key, what, v)
-        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what, describe(v)), level + 2)
+    local known, out, kinds_of = {}, {}, {}
+    local function bad(key, what, v, shown)
+        error(string.format("%s: config key '%s' must be %s, got %s", who, key, what_of[kinds_of[key]] or what,
+            shown or describe(v)), level + 2)
     end
     for _, f in ipairs(fields) do
         local key, kind, default = f[1], f[2], f[3]
-        known[key] = true
+        known[key], kinds_of[key] = true, kind
         local nullable = kind:sub(-1) == "?"
         local base = nullable and kind:sub(1, -2) or kind
         local v = cfg[key]
-        if v == nil or (v == null and nullable) then
+        if v == null and nullable and opts.keep_null then
+            v = null
+        elseif v == nil or (v == null and nullable) then
             if type(default) == "table" then
                 local c = {}
                 for i, x in ipairs(default) do c[i] = x end
@@ -151,6 +161,9 @@ function M.check_config(fields, cfg, opts)
             else
                 v = default
             end
+        elseif kinds[base] then
+            local ok, r, shown = kinds[base](v)
+            if ok then v = r else bad(key, r, v, shown) end
         elseif base == "int" then
             if not is_int(v) then bad(key, nullable and "an integer or null" or "a non-negative integer", v) end
         elseif base == "bool" then
@@ -181,8 +194,8 @@ function M.check_config(fields, cfg, opts)
     end
     table.sort(unknown)
     for _, k in ipairs(unknown) do
-        io.stderr:write(string.format("warning: %s: config key '%s' is not an %s argument; it is ignored\n",
-            who, k, opts.class))
+        io.stderr:write(string.format("warning: %s: config key '%s' is not %s %s argument; it is ignored\n",
+            who, k, opts.article or "an", opts.class))
     end
     return out
 end

@@ -382,66 +382,30 @@ end
 
 local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
 
+-- "ints": a non-empty list of non-negative integers (numeric keys only), copied; a table that is
+-- not one is shown as its list part
+local function int_list(v)
+    local ok = type(v) == "table" and #v > 0
+    if ok then for i = 1, #v do ok = ok and is_int(v[i]) end end
+    if ok then for k in pairs(v) do ok = ok and type(k) == "number" end end
+    if not ok then
+        if type(v) ~= "table" then return false, "a list of non-negative integers", describe(v) end
+        local s = {}
+        for i, x in ipairs(v) do s[i] = describe(x) end
+        return false, "a list of non-negative integers", "{" .. table.concat(s, ", ") .. "}"
+    end
+    local c = {}
+    for i, x in ipairs(v) do c[i] = x end
+    return true, c
+end
+
 -- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
--- stderr, wrong types an error naming the key. out_channels stays null when not given (as
--- diffusers' config does); the model resolves it to in_channels.
+-- stderr, wrong types an error naming the key (common.check_config). out_channels stays null when
+-- not given (as diffusers' config does); the model resolves it to in_channels.
 local function resolve_config(cfg, who)
-    if cfg ~= nil and type(cfg) ~= "table" then
-        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
-    end
-    cfg = cfg or {}
-    local known, out = {}, {}
-    for _, f in ipairs(CONFIG) do
-        local key, kind, default = f[1], f[2], f[3]
-        known[key] = true
-        local v = cfg[key]
-        if v == nil or (v == null and kind == "int?") then
-            if type(default) == "table" then
-                local c = {}
-                for i, x in ipairs(default) do c[i] = x end
-                v = c
-            else
-                v = default
-            end
-        elseif kind == "int" or kind == "int?" then
-            if not is_int(v) then
-                error(string.format("%s: config key '%s' must be a non-negative integer%s, got %s", who, key,
-                    kind == "int?" and " or null" or "", describe(v)), 3)
-            end
-        elseif kind == "bool" then
-            if type(v) ~= "boolean" then
-                error(string.format("%s: config key '%s' must be a boolean, got %s", who, key, describe(v)), 3)
-            end
-        elseif kind == "ints" then
-            local ok = type(v) == "table" and #v > 0
-            if ok then for i = 1, #v do ok = ok and is_int(v[i]) end end
-            if ok then for k in pairs(v) do ok = ok and type(k) == "number" end end
-            if not ok then
-                error(string.format("%s: config key '%s' must be a list of non-negative integers, got %s", who, key,
-                    type(v) == "table" and ("{" .. table.concat((function()
-                        local s = {}
-                        for i, x in ipairs(v) do s[i] = describe(x) end
-                        return s
-                    end)(), ", ") .. "}") or describe(v)), 3)
-            end
-            local c = {}
-            for i, x in ipairs(v) do c[i] = x end
-            v = c
-        end
-        out[key] = v
-    end
-    local unknown = {}
-    for k in pairs(cfg) do
-        if type(k) ~= "string" then
-            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
-        end
-        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-    end
-    table.sort(unknown)
-    for _, k in ipairs(unknown) do
-        io.stderr:write(string.format("warning: %s: config key '%s' is not a FluxTransformer2DModel argument; " ..
-            "it is ignored\n", who, k))
-    end
+    local out = common.check_config(CONFIG, cfg, {who = who, class = "FluxTransformer2DModel", article = "a",
+        level = 3, describe = describe, kinds = {ints = int_list},
+        what = {["int?"] = "a non-negative integer or null"}})
     for _, key in ipairs { "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
                            "joint_attention_dim", "pooled_projection_dim" } do
         if out[key] < 1 then error(string.format("%s: config key '%s' must be at least 1, got %d", who, key, out[key]), 3) end

@@ -396,82 +396,28 @@ local CONFIG = {
 }
 M.CONFIG_FIELDS = CONFIG
 
-local function describe(v)
-    if type(v) == "string" then return string.format("string %q", v) end
-    if v == null then return "null" end
-    if type(v) == "table" then
-        local s = {}
-        for i, x in ipairs(v) do s[i] = describe(x) end
-        return "{" .. table.concat(s, ", ") .. "}"
-    end
-    return type(v) .. " " .. tostring(v)
-end
-
 local function is_int(v) return type(v) == "number" and v % 1 == 0 and v >= 0 and v < 2^53 end
 
+-- "ints3": the patch size, a list of 3 positive integers (numeric keys only), copied
+local function ints3(v)
+    local ok = type(v) == "table" and #v == 3
+    if ok then for i = 1, 3 do ok = ok and is_int(v[i]) and v[i] >= 1 end end
+    if ok then for k in pairs(v) do ok = ok and type(k) == "number" end end
+    if not ok then return false, "a list of 3 positive integers (p_t, p_h, p_w)" end
+    return true, {v[1], v[2], v[3]}
+end
+local function str(v)
+    if type(v) == "string" then return true, v end
+    return false, "a string or null"
+end
+
 -- The full config: defaults for absent keys, "_"-keys dropped, unknown keys warned about on
--- stderr, wrong types an error naming the key. Image-to-video keys are an error (not supported).
+-- stderr, wrong types an error naming the key (common.check_config; json.null stays null; "string?"
+-- is the string-or-null kind). Image-to-video keys are an error (not supported).
 local function resolve_config(cfg, who)
-    if cfg ~= nil and type(cfg) ~= "table" then
-        error(string.format("%s: config must be a table, got %s", who, type(cfg)), 3)
-    end
-    cfg = cfg or {}
-    local known, out = {}, {}
-    for _, f in ipairs(CONFIG) do
-        local key, kind, default = f[1], f[2], f[3]
-        known[key] = true
-        local v = cfg[key]
-        if v == nil then
-            if type(default) == "table" then
-                local c = {}
-                for i, x in ipairs(default) do c[i] = x end
-                v = c
-            else
-                v = default
-            end
-        elseif v == null and (kind == "int?" or kind == "string?") then
-            v = null
-        elseif kind == "int" or kind == "int?" then
-            if not is_int(v) then
-                error(string.format("%s: config key '%s' must be a non-negative integer%s, got %s", who, key,
-                    kind == "int?" and " or null" or "", describe(v)), 3)
-            end
-        elseif kind == "number" then
-            if type(v) ~= "number" or v ~= v then
-                error(string.format("%s: config key '%s' must be a number, got %s", who, key, describe(v)), 3)
-            end
-        elseif kind == "bool" then
-            if type(v) ~= "boolean" then
-                error(string.format("%s: config key '%s' must be a boolean, got %s", who, key, describe(v)), 3)
-            end
-        elseif kind == "string?" then
-            if type(v) ~= "string" then
-                error(string.format("%s: config key '%s' must be a string or null, got %s", who, key, describe(v)), 3)
-            end
-        elseif kind == "ints3" then
-            local ok = type(v) == "table" and #v == 3
-            if ok then for i = 1, 3 do ok = ok and is_int(v[i]) and v[i] >= 1 end end
-            if ok then for k in pairs(v) do ok = ok and type(k) == "number" end end
-            if not ok then
-                error(string.format("%s: config key '%s' must be a list of 3 positive integers (p_t, p_h, p_w), got %s",
-                    who, key, describe(v)), 3)
-            end
-            v = {v[1], v[2], v[3]}
-        end
-        out[key] = v
-    end
-    local unknown = {}
-    for k in pairs(cfg) do
-        if type(k) ~= "string" then
-            error(string.format("%s: config keys must be strings, got %s", who, describe(k)), 3)
-        end
-        if not known[k] and k:sub(1, 1) ~= "_" then unknown[#unknown + 1] = k end
-    end
-    table.sort(unknown)
-    for _, k in ipairs(unknown) do
-        io.stderr:write(string.format("warning: %s: config key '%s' is not a WanTransformer3DModel argument; " ..
-            "it is ignored\n", who, k))
-    end
+    local out = common.check_config(CONFIG, cfg, {who = who, class = "WanTransformer3DModel", article = "a",
+        level = 3, keep_null = true, kinds = {ints3 = ints3, string = str},
+        what = {["int?"] = "a non-negative integer or null"}})
     for _, key in ipairs { "num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
                            "ffn_dim", "rope_max_seq_len" } do
         if out[key] < 1 then
