@@ -74,6 +74,25 @@ $(info [$(if $(NCCL_LIB),+,-)] NCCL $(if $(NCCL_LIB),$(NCCL_LIB),off: no libnccl
 build/libnemo_cuda.so: $(CU_OBJ)
 	$(CC) -shared -o $@ $(CU_OBJ) -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas $(if $(NCCL_LIB),$(NCCL_LDFLAGS)) -lstdc++
 
+# The CUDA emulator (tests/cuda_emu): the plugin's own sources compiled for the CPU against an
+# emulated runtime, cuBLAS and cuBLASLt, so `make test` runs every CUDA kernel without a GPU
+# (tests/sh/test_cuda_emu.sh). A launch `k<<<g, b>>>(x)` becomes `k << nemo_emu_cfg(g, b)(x)`.
+EMU_OBJ := $(patsubst kernels/cuda/%.cu,build/emu/%.o,$(CU)) build/emu/emu.o
+LIBCUDA_EMU := build/libnemo_cuda_emu.so
+EMU_CXXFLAGS := -std=c++17 -O1 -g -fPIC -ffp-contract=off -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas \
+                $(if $(filter 1,$(WERROR)),-Werror) -Itests/cuda_emu -Ikernels/cuda -Iengine/include -Iengine -MMD -MP
+build/emu/%.cc: kernels/cuda/%.cu
+	@mkdir -p $(dir $@)
+	sed -e 's/<<</ << nemo_emu_cfg(/g' -e 's/>>>/)/g' $< > $@
+build/emu/%.o: build/emu/%.cc
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+build/emu/emu.o: tests/cuda_emu/emu.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(LIBCUDA_EMU): $(EMU_OBJ)
+	$(CXX) -shared -o $@ $(EMU_OBJ) -lopenblas -ldl -lpthread
+.PRECIOUS: build/emu/%.cc
+
 # The FFI declarations, generated from the one public header (no hand-copied layouts).
 $(CDEF): $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -111,8 +130,13 @@ build/tests/%: tests/c/%.cc $(wildcard kernels/cuda/*.cuh)
 	@mkdir -p $(dir $@)
 	$(CXX) -std=c++17 -O2 -Wall -Wextra -Wshadow $(if $(filter 1,$(WERROR)),-Werror) -Itests -o $@ $<
 
+# The emulator's own test (tests/c/test_cuda_emu.cc), built against it
+build/tests/test_cuda_emu: tests/c/test_cuda_emu.cc build/emu/emu.o $(wildcard tests/cuda_emu/*.h)
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -Itests -o $@ $< build/emu/emu.o -lopenblas -ldl -lpthread
+
 # One prove run over the C test binaries, the Lua tests (run by ./nemo-lua) and the shell tests.
-test-only: $(TESTS_C)
+test-only: $(TESTS_C) $(LIBCUDA_EMU)
 	prove -f --exec tests/run-one $(TESTS_C) $(wildcard tests/lua/test_*.lua) $(wildcard tests/sh/*.sh)
 
 bench: all
@@ -140,4 +164,4 @@ print-config:
 clean:
 	rm -rf build nemo-lua $(CDEF)
 
--include $(OBJ:.o=.d) $(CU_OBJ:.o=.d) build/obj/engine/main.d
+-include $(OBJ:.o=.d) $(CU_OBJ:.o=.d) $(EMU_OBJ:.o=.d) build/obj/engine/main.d

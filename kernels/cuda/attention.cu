@@ -527,7 +527,11 @@ NEMO_CUDA_KERNEL("sdpa_bwd", sdpa_bwd_cuda)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#ifdef NEMO_CUDA_EMU   /* tests/cuda_emu: the launch's dynamic shared memory, an emulated warp's mma */
+#define fl_smem_ (nemo_emu::dyn_smem())
+#else
 extern __shared__ __align__(16) char fl_smem_[];
+#endif
 #define FL_GLOBAL __global__ __launch_bounds__(FL_T)
 #define FL_DEV __device__ __forceinline__
 #define FL_UNROLL _Pragma("unroll")
@@ -542,6 +546,9 @@ __device__ __forceinline__ float fl_shfl_xor(float v, int m) { return __shfl_xor
 __device__ __forceinline__ float fl_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ float fl_log2(float x) { return log2f(x); }
 template <int E> __device__ __forceinline__ void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]);
+#ifdef NEMO_CUDA_EMU
+template <int E> void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]) { nemo_emu::mma(E, d, a, b); }
+#else
 template <> __device__ __forceinline__ void fl_mma<0>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -552,6 +559,7 @@ template <> __device__ __forceinline__ void fl_mma<1>(float d[4], const uint32_t
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 template <int E> __device__ __forceinline__ uint32_t fl_pack(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t fl_pack<0>(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);

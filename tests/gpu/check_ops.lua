@@ -13,7 +13,8 @@
 --   indices, max values, max backward, cumsum). A failure prints the first mismatching element.
 -- - otherwise by max|cuda - cpu| <= rtol * max|cpu| over the whole result (NaN and inf must sit
 --   at the same places): rtol 1e-6 for float32 (CUDA's libm is within 1-4 ulp of glibc),
---   1e-5 for float32 products (cuBLASLt adds in another order than OpenBLAS), 1e-12 for
+--   1e-5 for float32 products (cuBLASLt adds in another order than OpenBLAS; a matmul's error
+--   is relative to max (|a| |b|) when that is larger, since a dot product may cancel), 1e-12 for
 --   float64, 1e-2 for bfloat16 / float16 (computed in float32, rounded once: a 1-ulp float32
 --   difference may flip the last bf16 bit).
 -- Shapes are odd (7, 33, 1000, 5000, 1048579), inputs are often non-contiguous (transposed
@@ -47,7 +48,10 @@ local ndev = cuda.device_count()
 T.diag(string.format("%d CUDA device(s)", ndev))
 
 local DTYPES = {"float32", "bfloat16", "float16", "float64", "int64", "int32", "bool"}
-local LARGE = 1048576 + 3       -- several blocks, a 16-byte vector body and a tail
+-- NEMO_CUDA_EMU=1: the plugin is the CUDA emulator (tests/cuda_emu, run by tests/sh/test_cuda_emu.sh),
+-- which runs every thread of every block on the CPU: smaller "large" shapes, no throughput lines.
+local EMU = (os.getenv("NEMO_CUDA_EMU") or "0") ~= "0"
+local LARGE = EMU and 65536 + 3 or 1048576 + 3   -- several blocks, a 16-byte vector body and a tail
 
 -- ==== helpers ====
 
@@ -322,8 +326,9 @@ local function values(t)
     return buf, n
 end
 
--- got (CUDA) against ref (CPU): ok, normwise error, diagnostic.
-local function compare(got, ref, rtol, exact)
+-- got (CUDA) against ref (CPU): ok, normwise error, diagnostic. scale (optional) is a floor for
+-- max|cpu|: a product's error is relative to max (|a| |b|), not to a result that cancelled.
+local function compare(got, ref, rtol, exact, scale)
     if Tensor.shape_str(shape_of(got)) ~= Tensor.shape_str(shape_of(ref)) or got.dtype ~= ref.dtype then
         return false, nil, string.format("got %s %s, expected %s %s", got.dtype, Tensor.shape_str(shape_of(got)),
                                          ref.dtype, Tensor.shape_str(shape_of(ref)))
@@ -347,6 +352,7 @@ local function compare(got, ref, rtol, exact)
             if e > maxerr then maxerr, where = e, i end
         end
     end
+    if scale and scale > maxref then maxref = scale end
     local rel = maxref > 0 and maxerr / maxref or maxerr
     local ok = maxerr <= rtol * maxref
     return ok, rel, ok and nil or string.format("max|cuda - cpu| = %.3g at element %d (cuda %.9g, cpu %.9g), max|cpu| = %.3g, rtol %g",
@@ -355,14 +361,14 @@ end
 
 -- One case: fn(side) runs the engine call with side = 1 (CPU tensors) or 2 (CUDA tensors) and
 -- returns the result tensor(s) (a table of results for several outputs).
-local function case(row, dt, name, rtol, exact, fn)
+local function case(row, dt, name, rtol, exact, fn, scale)
     local ok, res = pcall(function()
         local ref = fn(1)
         local got = fn(2)
         if type(ref) ~= "table" or ref._c then ref, got = {ref}, {got} end
         local allok, worst, diags = true, 0, {}
         for i = 1, #ref do
-            local o, e, d = compare(got[i], ref[i], rtol, exact)
+            local o, e, d = compare(got[i], ref[i], rtol, exact, scale)
             if not o then allok = false; diags[#diags + 1] = string.format("output %d: %s", i, tostring(d)) end
             if e and e > worst then worst = e end
         end
@@ -678,9 +684,11 @@ for _, mm in ipairs(MM) do
         local a, ad = pair(mm[1], dt, -1, 1, mm[4])
         local b, bd = pair(mm[2], dt, -1, 1, mm[5])
         local kind = C["NEMO_MM_" .. mm[3]]
+        local a64, b64 = a:to{dtype = "float64"}:abs(), b:to{dtype = "float64"}:abs()
+        local bound = wrap(C.nemo_matmul(a64._c, b64._c, kind)):max():item()   -- max (|a| |b|)
         case("gemm (matmul)", dt, mm[6], GEMM_RTOL[dt], false, function(side)
             return wrap(C.nemo_matmul((side == 1 and a or ad)._c, (side == 1 and b or bd)._c, kind))
-        end)
+        end, bound)
         if mm[3] == "MATMUL" or mm[3] == "BMM" then
             local c = wrap(C.nemo_matmul(a._c, b._c, kind))
             local g = uniform(shape_of(c), dt, -1, 1); local gd = dev(g)
@@ -964,6 +972,8 @@ local ATT = {   -- q, k, v shapes, causal, mask, permuted layout, label, dtypes
      {"float32", "float64"}},
     {{2, 3, 33, 16}, {2, 3, 33, 16}, {2, 3, 33, 16}, 1, nil, true, "(B, S, H, D) buffers seen as (B, H, S, D), causal",
      FLOATS},
+    {{2, 3, 5, 16}, {2, 3, 0, 16}, {2, 3, 0, 8}, 0, nil, false, "no keys (Sk 0): zeros, lse -inf", FLOATS},
+    {{2, 3, 5, 0}, {2, 3, 7, 0}, {2, 3, 7, 8}, 0, nil, false, "head dim 0 (D 0): uniform weights", FLOATS},
     {{8, 16, 512, 32}, {8, 16, 512, 32}, {8, 16, 512, 32}, 0, nil, false, "(8, 16, 512, 32): 2 chunks of heads",
      {"float32"}},
     {{1, 1, 4200, 32}, {1, 1, 4200, 32}, {1, 1, 4200, 32}, 0, nil, false, "(1, 1, 4200, 32): 2 query blocks",
@@ -1278,8 +1288,8 @@ local function timeit(reps, fn)
     cuda.synchronize(0)
     return (now_s() - t0) / reps
 end
-if FAKE then T.diag("emulated devices: the throughput lines are left out (they would time the CPU)") end
-if not FAKE then
+if FAKE or EMU then T.diag("emulated devices: the throughput lines are left out (they would time the CPU)") end
+if not FAKE and not EMU then
     local ok, err = pcall(function()
         local n = 64 * 1024 * 1024
         local x = nemo.empty({n}, {device = DEV}); x:fill_(1.25)
@@ -1324,7 +1334,7 @@ if not FAKE then
 end
 
 -- throughput of the training-step kernels ("bench:" lines)
-if not FAKE then
+if not FAKE and not EMU then
     local ok, err = pcall(function()
         local function attn(dt, S, H, D, causal)
             local q = dev(uniform({1, H, S, D}, dt, -1, 1))

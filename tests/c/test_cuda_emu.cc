@@ -1,0 +1,256 @@
+/*
+ * tests/c/test_cuda_emu.cc: the CUDA emulator (tests/cuda_emu) finds what it is there to find.
+ * tests/sh/test_cuda_emu.sh runs the plugin's kernels on it and trusts a pass; this checks that
+ * a pass means something: correct kernels give the right numbers (block reductions, the
+ * shuffle variants with widths, atomics, dynamic shared memory), and broken ones fail the
+ * way a GPU would fail, or more loudly: a barrier that part of the block skips, a shuffle
+ * after some lanes exited, a block of 2048 threads, 64 KiB of shared memory without
+ * cudaFuncSetAttribute, copies past an allocation, a double free, cuBLAS and cuBLASLt
+ * calls with sizes that do not agree or pointers not aligned as promised; fresh device memory
+ * reads as NaN and a write past an allocation faults.
+ *
+ * Launches are written as the Makefile rewrites them: k<<<g, b, s>>>(x) is
+ * k << nemo_emu_cfg(g, b, s)(x).
+ */
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cublasLt.h>
+
+extern "C" {
+#include "tap.h"
+}
+
+/* ==== kernels that are right ==== */
+
+__global__ void block_sum(const float *x, float *out, int n) {
+    __shared__ float part[8];
+    float v = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v += x[i];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0;
+        for (int w = 0; w < 8; w++) s += part[w];
+        atomicAdd(out, s);
+    }
+}
+
+/* out[4 * lane + j]: xor 1, down 3 within 16, up 2, idx 5 within 8 */
+__global__ void shuffles(int *out) {
+    const int l = threadIdx.x;
+    out[4 * l + 0] = __shfl_xor_sync(0xffffffffu, l, 1);
+    out[4 * l + 1] = __shfl_down_sync(0xffffffffu, l, 3, 16);
+    out[4 * l + 2] = __shfl_up_sync(0xffffffffu, l, 2);
+    out[4 * l + 3] = __shfl_sync(0xffffffffu, l, 5, 8);
+}
+
+__global__ void reverse_smem(const int *x, int *y, int n) {
+    int *buf = (int *)nemo_emu::dyn_smem();
+    buf[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    y[threadIdx.x] = buf[n - 1 - threadIdx.x];
+}
+
+__global__ void copy_k(const float *x, float *y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i];
+}
+
+/* ==== kernels that are wrong ==== */
+
+__global__ void half_barrier(float *x) {
+    if (threadIdx.x < 128) __syncthreads();   /* the other half never arrives */
+    x[threadIdx.x] = 1;
+}
+
+__global__ void early_exit_shuffle(float *x) {
+    if (threadIdx.x % 32 >= 16) return;       /* half of each warp leaves */
+    x[threadIdx.x] = __shfl_down_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+
+__global__ void nothing(float *x) { (void)x; }
+
+/* ==== helpers ==== */
+
+static float *dev_floats(const float *h, int n) {
+    float *d = NULL;
+    cudaMalloc((void **)&d, sizeof(float) * (size_t)n);
+    if (h) cudaMemcpy(d, h, sizeof(float) * (size_t)n, cudaMemcpyHostToDevice);
+    return d;
+}
+
+int main(void) {
+    setenv("NEMO_EMU_CUDA_DEVICES", "2", 1);
+    int n = 0;
+    TAP_OK(cudaGetDeviceCount(&n) == cudaSuccess && n == 2, "NEMO_EMU_CUDA_DEVICES=2 gives two devices");
+    TAP_OK(cudaSetDevice(2) == cudaErrorInvalidDevice, "cudaSetDevice(2) of 2 devices is cudaErrorInvalidDevice");
+    (void)cudaGetLastError();
+    cudaSetDevice(0);
+
+    /* ---- right kernels ---- */
+    {
+        const int N = 5000;
+        float *h = (float *)malloc(sizeof(float) * N);
+        double ref = 0;
+        for (int i = 0; i < N; i++) { h[i] = (float)((i % 7) - 3) * 0.25f; ref += h[i]; }
+        float *x = dev_floats(h, N), *out = dev_floats(NULL, 1), zero = 0, got = -1;
+        cudaMemcpy(out, &zero, 4, cudaMemcpyHostToDevice);
+        block_sum << nemo_emu_cfg(dim3(3), dim3(256))(x, out, N);
+        TAP_OK(cudaGetLastError() == cudaSuccess, "block_sum launches (3 blocks of 256)");
+        cudaMemcpy(&got, out, 4, cudaMemcpyDeviceToHost);
+        TAP_OK(fabs(got - ref) < 1e-3, "block sum with shuffles, shared memory and atomicAdd: %g, expected %g", got, ref);
+        cudaFree(x);
+        cudaFree(out);
+        free(h);
+    }
+    {
+        int *d = NULL, h[128];
+        cudaMalloc((void **)&d, sizeof h);
+        shuffles << nemo_emu_cfg(dim3(1), dim3(32))(d);
+        cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost);
+        int bad = 0;
+        for (int l = 0; l < 32; l++) {
+            const int xr = l ^ 1, dn = (l % 16) + 3 < 16 ? l + 3 : l, up = l >= 2 ? l - 2 : l, ix = l / 8 * 8 + 5;
+            bad += h[4 * l] != xr || h[4 * l + 1] != dn || h[4 * l + 2] != up || h[4 * l + 3] != ix;
+        }
+        TAP_OK(bad == 0, "__shfl_xor / down (width 16) / up / idx (width 8) give CUDA's lanes (%d lanes wrong)", bad);
+        cudaFree(d);
+    }
+    {
+        int h[64], back[64], *x = NULL, *y = NULL;
+        for (int i = 0; i < 64; i++) h[i] = i * 3;
+        cudaMalloc((void **)&x, sizeof h);
+        cudaMalloc((void **)&y, sizeof h);
+        cudaMemcpy(x, h, sizeof h, cudaMemcpyHostToDevice);
+        reverse_smem << nemo_emu_cfg(dim3(1), dim3(64), 64 * sizeof(int))(x, y, 64);
+        cudaMemcpy(back, y, sizeof back, cudaMemcpyDeviceToHost);
+        int bad = 0;
+        for (int i = 0; i < 64; i++) bad += back[i] != h[63 - i];
+        TAP_OK(cudaGetLastError() == cudaSuccess && bad == 0, "dynamic shared memory reverses 64 ints across a barrier");
+        cudaFree(x);
+        cudaFree(y);
+    }
+
+    /* ---- wrong kernels fail ---- */
+    float *buf = dev_floats(NULL, 1024);
+    half_barrier << nemo_emu_cfg(dim3(2), dim3(256))(buf);
+    TAP_OK(cudaGetLastError() == cudaErrorLaunchFailure, "a barrier half of the block never reaches: launch failure");
+    early_exit_shuffle << nemo_emu_cfg(dim3(1), dim3(64))(buf);
+    TAP_OK(cudaGetLastError() == cudaErrorLaunchFailure, "a full-warp shuffle after half the lanes exited: launch failure");
+    nothing << nemo_emu_cfg(dim3(1), dim3(2048))(buf);
+    TAP_OK(cudaGetLastError() == cudaErrorInvalidConfiguration, "a block of 2048 threads: invalid configuration");
+    nothing << nemo_emu_cfg(dim3(1), dim3(32), 65536)(buf);
+    TAP_OK(cudaGetLastError() == cudaErrorInvalidConfiguration, "64 KiB of dynamic shared memory without cudaFuncSetAttribute");
+    TAP_OK(cudaFuncSetAttribute(nothing, cudaFuncAttributeMaxDynamicSharedMemorySize, 65536) == cudaSuccess,
+       "cudaFuncSetAttribute allows 64 KiB");
+    nothing << nemo_emu_cfg(dim3(1), dim3(32), 65536)(buf);
+    TAP_OK(cudaGetLastError() == cudaSuccess, "... and then the launch goes");
+    nothing << nemo_emu_cfg(dim3(1, 70000), dim3(32))(buf);
+    TAP_OK(cudaGetLastError() == cudaErrorInvalidConfiguration, "gridDim.y of 70000: invalid configuration");
+
+    /* streams belong to a device */
+    {
+        cudaStream_t s1 = NULL;
+        cudaSetDevice(1);
+        cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking);
+        cudaSetDevice(0);
+        nothing << nemo_emu_cfg(dim3(1), dim3(32), 0, s1)(buf);
+        TAP_OK(cudaGetLastError() == cudaErrorInvalidResourceHandle, "a launch on device 1's stream while device 0 is current fails");
+        cudaStreamDestroy(s1);
+    }
+
+    /* ---- memory ---- */
+    {
+        float *f = dev_floats(NULL, 16), h[16];
+        cudaMemcpy(h, f, sizeof h, cudaMemcpyDeviceToHost);
+        int nans = 0;
+        for (int i = 0; i < 16; i++) nans += isnan(h[i]);
+        TAP_OK(nans == 16, "fresh device memory reads as NaN (%d of 16)", nans);
+        TAP_OK(cudaMemcpy(f, h, sizeof h + 4, cudaMemcpyHostToDevice) == cudaErrorInvalidValue,
+           "a copy 4 bytes past the end of an allocation is refused");
+        (void)cudaGetLastError();
+        TAP_OK(cudaMemcpy(h, f, sizeof h, cudaMemcpyHostToDevice) == cudaErrorInvalidValue,
+           "a copy whose kind says host to device but whose destination is host memory is refused");
+        (void)cudaGetLastError();
+        TAP_OK(cudaMemset(f + 8, 0, 33 * sizeof(float)) == cudaErrorInvalidValue, "a memset past the end is refused");
+        (void)cudaGetLastError();
+        TAP_OK(cudaFree(f) == cudaSuccess && cudaFree(f) == cudaErrorInvalidDevicePointer, "a second cudaFree is refused");
+        (void)cudaGetLastError();
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            float *g = dev_floats(NULL, 1000);
+            copy_k << nemo_emu_cfg(dim3(8), dim3(256))(g, g + 1000 + 1024, 2048);   /* writes ~1 page past the end */
+            _exit(0);
+        }
+        int st = 0;
+        waitpid(pid, &st, 0);
+        TAP_OK(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "a kernel writing a page past its allocation faults");
+    }
+
+    /* ---- cuBLAS / cuBLASLt argument checks ---- */
+    {
+        cublasHandle_t h = NULL;
+        cublasCreate(&h);
+        float *a = dev_floats(NULL, 64), *b = dev_floats(NULL, 64), *c = dev_floats(NULL, 64), one = 1, zero = 0;
+        TAP_OK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 8, 8, 8, &one, a, CUDA_R_32F, 4, b, CUDA_R_32F, 8, &zero, c,
+                        CUDA_R_32F, 8, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE,
+           "cublasGemmEx with lda 4 < m 8: CUBLAS_STATUS_INVALID_VALUE");
+        TAP_OK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 8, 8, 9, &one, a, CUDA_R_32F, 8, b, CUDA_R_32F, 9, &zero, c,
+                        CUDA_R_32F, 8, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_EXECUTION_FAILED,
+           "cublasGemmEx reading past an allocation (k 9 of 8): execution failed");
+        /* a known product: A = 2 I (8 x 8), B = ones -> C = 2 everywhere; C not read with beta 0 */
+        float ha[64], hb[64], hc[64];
+        for (int i = 0; i < 64; i++) { ha[i] = i % 9 == 0 ? 2.0f : 0.0f; hb[i] = 1; }
+        cudaMemcpy(a, ha, sizeof ha, cudaMemcpyHostToDevice);
+        cudaMemcpy(b, hb, sizeof hb, cudaMemcpyHostToDevice);
+        cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, 8, 8, 8, &one, a, CUDA_R_32F, 8, b, CUDA_R_32F, 8, &zero, c, CUDA_R_32F,
+                     8, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        cudaMemcpy(hc, c, sizeof hc, cudaMemcpyDeviceToHost);
+        int bad = 0;
+        for (int i = 0; i < 64; i++) bad += hc[i] != 2.0f;
+        TAP_OK(bad == 0, "cublasGemmEx: 2 I x ones = 2 with beta 0 over NaN-filled C (%d wrong)", bad);
+
+        cublasLtHandle_t lt = NULL;
+        cublasLtCreate(&lt);
+        cublasLtMatmulDesc_t d = NULL;
+        cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+        cublasLtMatrixLayout_t la, lb, lc;
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, 8, 4, 8);   /* A 8 x 4 */
+        cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, 8, 8, 8);   /* B 8 x 8: k disagrees */
+        cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, 8, 8, 8);
+        cublasLtMatmulPreference_t p = NULL;
+        cublasLtMatmulPreferenceCreate(&p);
+        cublasLtMatmulHeuristicResult_t res;
+        int nres = 0;
+        TAP_OK(cublasLtMatmulAlgoGetHeuristic(lt, d, la, lb, lc, lc, p, 1, &res, &nres) == CUBLAS_STATUS_INVALID_VALUE,
+           "cuBLASLt: op(A) 8 x 4 times op(B) 8 x 8 is refused");
+        cublasLtMatrixLayoutDestroy(la);
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, 8, 8, 8);
+        TAP_OK(cublasLtMatmulAlgoGetHeuristic(lt, d, la, lb, lc, lc, p, 1, &res, &nres) == CUBLAS_STATUS_SUCCESS && nres == 1,
+           "cuBLASLt: an 8 x 8 x 8 product gets an algorithm (256-byte alignment by default)");
+        TAP_OK(cublasLtMatmul(lt, d, &one, a + 1, la, b, lb, &zero, c, lc, c, lc, &res.algo, NULL, 0, 0) ==
+               CUBLAS_STATUS_EXECUTION_FAILED,
+           "cuBLASLt: A 4 bytes off the alignment the algorithm was chosen for fails");
+        TAP_OK(cublasLtMatmul(lt, d, &one, a, la, b, lb, &zero, c, lc, c, lc, &res.algo, NULL, 0, 0) == CUBLAS_STATUS_SUCCESS,
+           "cuBLASLt: the aligned product runs");
+        cublasLtMatmulPreferenceDestroy(p);
+        cublasLtMatrixLayoutDestroy(la);
+        cublasLtMatrixLayoutDestroy(lb);
+        cublasLtMatrixLayoutDestroy(lc);
+        cublasLtMatmulDescDestroy(d);
+        cublasLtDestroy(lt);
+        cublasDestroy(h);
+        cudaFree(a);
+        cudaFree(b);
+        cudaFree(c);
+    }
+    cudaFree(buf);
+    return TAP_DONE();
+}
