@@ -7,7 +7,8 @@
  * after some lanes exited, a block of 2048 threads, 64 KiB of shared memory without
  * cudaFuncSetAttribute, copies past an allocation, a double free, cuBLAS and cuBLASLt
  * calls with sizes that do not agree or pointers not aligned as promised; fresh device memory
- * reads as NaN and a write past an allocation faults.
+ * reads as NaN, a write past an allocation faults, and so does host code reading device memory
+ * (where the CPU has protection keys).
  *
  * Launches are written as the Makefile rewrites them: k<<<g, b, s>>>(x) is
  * k << nemo_emu_cfg(g, b, s)(x).
@@ -20,6 +21,8 @@
 #include <unistd.h>
 
 #include <cublasLt.h>
+
+extern "C" int nemo_emu_device_protected(void);   /* emu.cc: 1 when device memory is closed to the host */
 
 extern "C" {
 #include "tap.h"
@@ -192,6 +195,25 @@ int main(void) {
         int st = 0;
         waitpid(pid, &st, 0);
         TAP_OK(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "a kernel writing a page past its allocation faults");
+        if (nemo_emu_device_protected()) {
+            fflush(stdout);
+            pid = fork();
+            if (pid == 0) {
+                float *g = dev_floats(NULL, 16);
+                volatile float v = g[3];   /* host code reading device memory */
+                (void)v;
+                _exit(0);
+            }
+            waitpid(pid, &st, 0);
+            TAP_OK(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "host code reading device memory faults (protection keys)");
+            float *g = dev_floats(NULL, 16), h[16];
+            TAP_OK(cudaMemcpy(h, g, sizeof h, cudaMemcpyDeviceToHost) == cudaSuccess && isnan(h[0]),
+                   "... while copies still reach it");
+            cudaFree(g);
+        } else {
+            printf("ok %d - host reads of device memory fault # SKIP no memory protection keys (PKU) here\n", ++tap_n);
+            printf("ok %d - ... while copies still reach it # SKIP no PKU\n", ++tap_n);
+        }
     }
 
     /* ---- cuBLAS / cuBLASLt argument checks ---- */

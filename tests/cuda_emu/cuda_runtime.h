@@ -139,6 +139,9 @@ uint64_t shfl(unsigned mask, uint64_t bits, int kind, int arg, int width);
 void mma(int e, float d[4], const uint32_t a[4], const uint32_t b[2]);
 /* The launch's dynamic shared memory. */
 char *dyn_smem();
+/* Opens (1) or closes (0) device memory to this thread: emulated device work on the host
+ * (cub's sort) runs between the two. */
+void device_access(int open);
 }
 #define threadIdx (nemo_emu::tid)
 #define blockIdx (nemo_emu::bid)

@@ -8,7 +8,11 @@
  * - Memory: each cudaMalloc is its own mapping, filled with 0xff bytes (NaN in every float
  *   type) and placed against a guard page, so a read of memory nobody wrote shows up as NaN
  *   and a write past the end faults. Copies and memsets must stay inside one allocation and
- *   name the right direction.
+ *   name the right direction. Device memory is closed to the host: its pages carry a memory
+ *   protection key (x86 PKU) whose access is opened only while emulated device work runs (a
+ *   launch, a copy, a memset, a cuBLAS call: `device_open` below), so host code that reads or
+ *   writes device memory by mistake faults with a message naming the allocation, as it would
+ *   on a GPU. Without PKU (pkey_alloc fails) memory stays open.
  * - Execution: in order, at once (streams and events keep their API, not their concurrency).
  *   A launch runs its blocks one after the other; a block's threads are fibers that run until
  *   they reach __syncthreads, a warp collective, or their end. A warp collective is carried
@@ -18,6 +22,7 @@
  * - cuBLAS / cuBLASLt: the products their documentation defines, with their argument checks.
  */
 #include <cxxabi.h>
+#include <signal.h>
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,6 +147,55 @@ static std::mutex alloc_lock;
 
 static size_t page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
 
+/* ---- device memory closed to the host (protection keys) ---- */
+
+static int pkey = -2;        /* -2: not tried yet, -1: unavailable */
+static int open_depth;
+
+static void on_segv(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    char msg[256];
+    int n;
+    if (si->si_code == SEGV_PKUERR)
+        n = snprintf(msg, sizeof msg, "cuda emulator: host code touched device memory at %p (device memory is only "
+                     "reachable through kernels, copies and cuBLAS)\n", si->si_addr);
+    else
+        n = snprintf(msg, sizeof msg, "cuda emulator: segmentation fault at %p (a guard page: an access past a "
+                     "device allocation?)\n", si->si_addr);
+    if (n > 0) { ssize_t w = write(2, msg, (size_t)n); (void)w; }
+    signal(sig, SIG_DFL);   /* the faulting access runs again and ends the process */
+}
+static void pkey_init(void) {
+    if (pkey != -2) return;
+    pkey = -1;
+    const char *e = getenv("NEMO_EMU_CUDA_PKEY");
+    if (e && strcmp(e, "0") == 0) return;
+    int k = pkey_alloc(0, PKEY_DISABLE_ACCESS);
+    if (k < 0) return;
+    pkey = k;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, NULL);
+}
+/* Device work starts (open) and ends (close); nests. */
+static void device_open(void) {
+    if (open_depth++ == 0 && pkey >= 0) pkey_set(pkey, 0);
+}
+static void device_close(void) {
+    if (--open_depth == 0 && pkey >= 0) pkey_set(pkey, PKEY_DISABLE_ACCESS);
+}
+struct device_window {
+    device_window() { device_open(); }
+    ~device_window() { device_close(); }
+};
+extern "C" EXPORT int nemo_emu_device_protected(void) { pkey_init(); return pkey >= 0; }
+namespace nemo_emu {
+void device_access(int open) { if (open) device_open(); else device_close(); }
+}
+
 static cudaError_t map_alloc(void **p, size_t n, int dev) {
     *p = NULL;
     if (n == 0) return cudaSuccess;
@@ -152,6 +206,10 @@ static cudaError_t map_alloc(void **p, size_t n, int dev) {
     if (mprotect(m + pg, rw, PROT_READ | PROT_WRITE) != 0) { munmap(m, len); return fail(cudaErrorMemoryAllocation); }
     char *q = m + pg + rw - body;   /* 256-byte aligned: rw and body are multiples of 256 */
     memset(q, 0xff, body);
+    if (dev >= 0) {
+        pkey_init();
+        if (pkey >= 0) pkey_mprotect(m + pg, rw, PROT_READ | PROT_WRITE, pkey);
+    }
     std::lock_guard<std::mutex> g(alloc_lock);
     allocs[(uintptr_t)q] = alloc{n, dev, m, len};
     *p = q;
@@ -248,7 +306,8 @@ static cudaError_t copy(void *dst, const void *src, size_t n, enum cudaMemcpyKin
         break;
     default: return fail(cudaErrorInvalidMemcpyDirection);
     }
-    if (!ok) return fail(kind == cudaMemcpyDefault ? cudaErrorInvalidValue : cudaErrorInvalidValue);
+    if (!ok) return fail(cudaErrorInvalidValue);
+    device_window w;
     if (n) memmove(dst, src, n);
     return cudaSuccess;
 }
@@ -283,6 +342,7 @@ EXPORT cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cu
 }
 EXPORT cudaError_t cudaMemset(void *p, int value, size_t n) {
     if (!side_ok("cudaMemset", p, n, true)) return fail(cudaErrorInvalidValue);
+    device_window w;
     if (n) memset(p, value, n);
     return cudaSuccess;
 }
@@ -635,6 +695,7 @@ cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream
                               -1, 0);
         if (stacks == MAP_FAILED) { stacks = NULL; delete[] th; th = NULL; return fail(cudaErrorMemoryAllocation); }
     }
+    device_window win;
     char *buf = (char *)aligned_alloc(128, (smem_bytes + 127) / 128 * 128 + 128);
     smem = buf;
     body = fbody;
@@ -846,6 +907,7 @@ EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
     (void)algo;
     cublasStatus_t s = gemm_check("cublasGemmEx", h, ta, tb, m, n, k, at, lda, bt, ldb, ct, ldc, compute);
     if (s != CUBLAS_STATUS_SUCCESS || m == 0 || n == 0) return s;
+    device_window w;
     return gemm_one("cublasGemmEx", ta, tb, m, n, k, scalar(h, alpha, compute), A, at, lda, B, bt, ldb,
                     scalar(h, beta, compute), C, ct, ldc, compute);
 }
@@ -865,6 +927,7 @@ EXPORT cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta
         report("%s: the arrays of %d pointers must live in device memory", fn, batch);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
+    device_window w;
     for (int i = 0; i < batch; i++) {
         s = gemm_one(fn, ta, tb, m, n, k, scalar(h, alpha, compute), A[i], at, lda, B[i], bt, ldb, scalar(h, beta, compute),
                      C[i], ct, ldc, compute);
@@ -981,9 +1044,10 @@ static cublasStatus_t lt_check(const char *fn, cublasLtMatmulDesc_t d, cublasLtM
     else ok = (a->type == CUDA_R_16BF || a->type == CUDA_R_16F) && (c->type == a->type || c->type == CUDA_R_32F);
     if (!ok) { report("%s: type combination not supported", fn); return CUBLAS_STATUS_NOT_SUPPORTED; }
     if (d->epi != CUBLASLT_EPILOGUE_DEFAULT && d->epi != CUBLASLT_EPILOGUE_BIAS) return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (d->epi == CUBLASLT_EPILOGUE_BIAS && d->bias_type != -1 && d->bias_type != (int)c->type &&
-        d->bias_type != (int)a->type) {
-        report("%s: bias type %d is neither D's nor A's", fn, d->bias_type);
+    /* cuBLASLt: "bias vector elements are the same type as the elements of the output matrix
+     * (Dtype)", with exceptions for integer and FP8 kernels only */
+    if (d->epi == CUBLASLT_EPILOGUE_BIAS && d->bias_type != -1 && d->bias_type != (int)c->type) {
+        report("%s: bias type %d is not D's type %d", fn, d->bias_type, (int)c->type);
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     return CUBLAS_STATUS_SUCCESS;
@@ -1049,6 +1113,7 @@ EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
         report("%s: the bias (%llu elements) is not inside one device allocation", fn, (unsigned long long)m);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
+    device_window w;
     const double a_ = d->compute == CUBLAS_COMPUTE_64F ? *(const double *)alpha : *(const float *)alpha;
     const double b_ = d->compute == CUBLAS_COMPUTE_64F ? *(const double *)beta : *(const float *)beta;
     for (int32_t q = 0; q < dl->batch; q++) {

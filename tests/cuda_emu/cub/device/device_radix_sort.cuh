@@ -15,6 +15,7 @@ struct DeviceRadixSort {
         (void)st;
         if (!temp) { temp_bytes = 256; return cudaSuccess; }
         if (n < 0 || begin_bit < 0 || end_bit > (int)(sizeof(K) * 8) || begin_bit > end_bit) return cudaErrorInvalidValue;
+        nemo_emu::device_access(1);
         const int nb = end_bit - begin_bit;
         auto bits = [&](K k) { return nb >= (int)(sizeof(K) * 8) ? k : (K)((k >> begin_bit) & (((K)1 << nb) - 1)); };
         std::vector<int> ix((size_t)n);
@@ -25,6 +26,7 @@ struct DeviceRadixSort {
         for (int i = 0; i < n; i++) { ko[(size_t)i] = keys_in[ix[(size_t)i]]; if (vals_in) vo[(size_t)i] = vals_in[ix[(size_t)i]]; }
         if (keys_out) std::copy(ko.begin(), ko.end(), keys_out);
         if (vals_out) std::copy(vo.begin(), vo.end(), vals_out);
+        nemo_emu::device_access(0);
         return cudaSuccess;
     }
 };
