@@ -5,6 +5,15 @@ local ffi = require "ffi"
 
 local M = {}
 
+-- LuaJIT's allocation sinking is turned off while nemo is loaded. The LuaJIT that Debian 12
+-- ships (2.1.0-beta3, a 2022 snapshot) corrupts its own heap when a trace sinks a
+-- variable-length cdata (`ffi.new("double[?]", n)`) that escapes to C only on another path:
+-- tests/gpu/check_ops.lua crashed in LuaJIT's allocator, in about half the runs, once it
+-- compared zero-size results (its buffer went to C only when n > 0); every variant stopped
+-- crashing with `-sink` and with the JIT off. Sinking saves little here (the work is in C;
+-- the Lua-heavy tests time the same without it). NEMO_JIT_SINK=1 leaves the option alone.
+if jit and jit.opt and os.getenv("NEMO_JIT_SINK") ~= "1" then jit.opt.start("-sink") end
+
 ffi.cdef(require "nemo._cdef")
 
 local function find_lib()

@@ -6,8 +6,8 @@
  *   8 GiB); the limits of an sm_90 device for launches (1024 threads a block, 227 KiB of
  *   dynamic shared memory after cudaFuncSetAttribute, 48 KiB without).
  * - Memory: each cudaMalloc is its own mapping, filled with 0xff bytes (NaN in every float
- *   type) and placed against a guard page, so a read of memory nobody wrote shows up as NaN
- *   and a write past the end faults. Copies and memsets must stay inside one allocation and
+ *   type) and placed between 64 MiB guard regions, so a read of memory nobody wrote shows up as
+ *   NaN and an access past either end faults. Copies and memsets must stay inside one allocation and
  *   name the right direction. Device memory is closed to the host: its pages carry a memory
  *   protection key (x86 PKU) whose access is opened only while emulated device work runs (a
  *   launch, a copy, a memset, a cuBLAS call: `device_open` below), so host code that reads or
@@ -160,7 +160,7 @@ static void on_segv(int sig, siginfo_t *si, void *uc) {
         n = snprintf(msg, sizeof msg, "cuda emulator: host code touched device memory at %p (device memory is only "
                      "reachable through kernels, copies and cuBLAS)\n", si->si_addr);
     else
-        n = snprintf(msg, sizeof msg, "cuda emulator: segmentation fault at %p (a guard page: an access past a "
+        n = snprintf(msg, sizeof msg, "cuda emulator: segmentation fault at %p (a guard region: an access past a "
                      "device allocation?)\n", si->si_addr);
     if (n > 0) { ssize_t w = write(2, msg, (size_t)n); (void)w; }
     signal(sig, SIG_DFL);   /* the faulting access runs again and ends the process */
@@ -199,16 +199,19 @@ void device_access(int open) { if (open) device_open(); else device_close(); }
 static cudaError_t map_alloc(void **p, size_t n, int dev) {
     *p = NULL;
     if (n == 0) return cudaSuccess;
-    const size_t pg = page_size(), body = (n + 255) & ~(size_t)255, rw = (body + pg - 1) / pg * pg;
-    const size_t len = rw + 2 * pg;
+    /* guard regions of 64 MiB on both sides (address space only): an index that runs off an
+     * allocation faults instead of landing in some other mapping (a LuaJIT heap, say) */
+    const size_t pg = page_size(), guard = (size_t)64 << 20;
+    const size_t body = (n + 255) & ~(size_t)255, rw = (body + pg - 1) / pg * pg;
+    const size_t len = rw + 2 * guard;
     char *m = (char *)mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) return fail(cudaErrorMemoryAllocation);
-    if (mprotect(m + pg, rw, PROT_READ | PROT_WRITE) != 0) { munmap(m, len); return fail(cudaErrorMemoryAllocation); }
-    char *q = m + pg + rw - body;   /* 256-byte aligned: rw and body are multiples of 256 */
+    if (mprotect(m + guard, rw, PROT_READ | PROT_WRITE) != 0) { munmap(m, len); return fail(cudaErrorMemoryAllocation); }
+    char *q = m + guard + rw - body;   /* 256-byte aligned: rw and body are multiples of 256 */
     memset(q, 0xff, body);
     if (dev >= 0) {
         pkey_init();
-        if (pkey >= 0) pkey_mprotect(m + pg, rw, PROT_READ | PROT_WRITE, pkey);
+        if (pkey >= 0) pkey_mprotect(m + guard, rw, PROT_READ | PROT_WRITE, pkey);
     }
     std::lock_guard<std::mutex> g(alloc_lock);
     allocs[(uintptr_t)q] = alloc{n, dev, m, len};
