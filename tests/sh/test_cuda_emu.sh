@@ -4,15 +4,17 @@
 # cuBLASLt, into build/libnemo_cuda_emu.so, loaded through NEMO_CUDA_LIB). Where
 # tests/sh/test_fake_cuda.sh checks the engine's device plumbing with the CPU kernels, this runs
 # the CUDA kernels, launchers and cuBLAS calls themselves, with the scripts a GPU run uses:
-#   tests/gpu/check_ops.lua     every CUDA kernel against the CPU kernel (NEMO_CUDA_EMU=1:
-#                               "large" shapes of 65539 elements, no throughput lines)
+#   tests/gpu/check_ops.lua     every CUDA kernel against the CPU kernel and copies between 2
+#                               devices (NEMO_CUDA_EMU=1: "large" shapes of 65539 elements, no
+#                               throughput lines)
 #   tests/gpu/check_golden.lua  the golden FLUX and Wan cases on the emulated device
 #   tests/gpu/check_train.lua   FLUX training steps on cuda:1 of 2 emulated devices vs the CPU
 #   coverage                    every __global__ function of kernels/cuda ran at least once
 #                               (NEMO_EMU_CUDA_TRACE), except the ones listed below with why
 # A kernel that breaks a CUDA rule (a barrier not reached by the whole block, a shuffle with
-# lanes missing, a launch over the device's limits, a copy past an allocation) fails its case
-# and prints "cuda emulator: ..." on stderr. What this cannot check: timing, races between
+# lanes missing, a launch over the device's limits, a copy past an allocation) fails its case,
+# and host code that reads device memory faults (x86 protection keys); either prints
+# "cuda emulator: ..." on stderr. What this cannot check: timing, races between
 # streams, the PTX of the flash kernels' mma (tests/gpu/run.sh on a real GPU does).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
@@ -39,7 +41,8 @@ sub() {
     ERR_TAIL=$(grep "cuda emulator" "$T/err" | head -n 20; tail -n 20 "$T/err") relay "cuda emu" "$label" "$rc" "$out"
 }
 
-sub "check_ops.lua: every CUDA kernel against the CPU" NEMO_CUDA_EMU=1 -- tests/gpu/check_ops.lua
+sub "check_ops.lua on 2 emulated devices: every CUDA kernel against the CPU" NEMO_CUDA_EMU=1 NEMO_EMU_CUDA_DEVICES=2 \
+    -- tests/gpu/check_ops.lua
 sub "check_golden.lua on the emulated device" NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 NEMO_GPU_DEVICE=cuda:1 \
     NEMO_EXPECT_CUDA=1 -- tests/gpu/check_train.lua
