@@ -126,7 +126,7 @@ build/tests/%: tests/c/%.c $(LIBNEMO)
 	$(CC) $(NEMO_CFLAGS) -Itests -o $@ $< -Lbuild -lnemo -Wl,-rpath,'$$ORIGIN/..' -lm
 # C++ tests of device code compiled for the host (test_flash_emu: kernels/cuda/flash.cuh on an emulated warp)
 TESTS_C += $(patsubst tests/c/%.cc,build/tests/%,$(wildcard tests/c/test_*.cc))
-build/tests/%: tests/c/%.cc $(wildcard kernels/cuda/*.cuh)
+build/tests/%: tests/c/%.cc $(wildcard kernels/cuda/*.cuh) tests/cuda_emu/warp_mma.h
 	@mkdir -p $(dir $@)
 	$(CXX) -std=c++17 -O2 -Wall -Wextra -Wshadow $(if $(filter 1,$(WERROR)),-Werror) -Itests -o $@ $<
 

@@ -100,41 +100,10 @@ template <> uint16_t to_e<1>(float f) { _Float16 x = (_Float16)f; uint16_t h; me
 template <int E> static uint32_t fl_pack(float lo, float hi) { return (uint32_t)to_e<E>(lo) | ((uint32_t)to_e<E>(hi) << 16); }
 
 #include "../../kernels/cuda/flash.cuh"
+#include "../cuda_emu/warp_mma.h"
 
-static float elem(int e, uint32_t word, int hi) {
-    const uint16_t h = (uint16_t)(word >> (hi ? 16 : 0));
-    return e == 0 ? fl_f32<0>(h) : fl_f32<1>(h);
-}
 /* One warp's m16n8k16: fragments in the PTX ISA layout (lane = 4 g + t). */
-static void emu_mma(emu_slot *w) {
-    float A[16][16], B[16][8], C[16][8];
-    for (int l = 0; l < 32; l++) {
-        const int g = l / 4, t = l % 4, e = w[l].e;
-        for (int h = 0; h < 2; h++) {
-            A[g][2 * t + h] = elem(e, w[l].a[0], h);
-            A[g + 8][2 * t + h] = elem(e, w[l].a[1], h);
-            A[g][2 * t + 8 + h] = elem(e, w[l].a[2], h);
-            A[g + 8][2 * t + 8 + h] = elem(e, w[l].a[3], h);
-            B[2 * t + h][g] = elem(e, w[l].b[0], h);
-            B[2 * t + 8 + h][g] = elem(e, w[l].b[1], h);
-            C[g][2 * t + h] = w[l].d[h];
-            C[g + 8][2 * t + h] = w[l].d[2 + h];
-        }
-    }
-    for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 8; j++) {
-            float acc = C[i][j];
-            for (int k = 0; k < 16; k++) acc += A[i][k] * B[k][j];
-            C[i][j] = acc;
-        }
-    for (int l = 0; l < 32; l++) {
-        const int g = l / 4, t = l % 4;
-        for (int h = 0; h < 2; h++) {
-            w[l].d[h] = C[g][2 * t + h];
-            w[l].d[2 + h] = C[g + 8][2 * t + h];
-        }
-    }
-}
+static void emu_mma(emu_slot *w) { nemo_emu_warp_mma(w); }
 
 static void (*emu_kernel)(const fl_args);
 static fl_args emu_args;

@@ -41,6 +41,7 @@
 #include <cblas.h>
 
 #include "cublasLt.h"
+#include "warp_mma.h"
 
 #define EXPORT __attribute__((visibility("default")))
 #if defined(__x86_64__)
@@ -523,43 +524,8 @@ static void entry() {
 #endif
 }
 
-static float elem(int e, uint32_t word, int hi) {
-    const uint16_t h = (uint16_t)(word >> (hi ? 16 : 0));
-    if (e == 0) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-    _Float16 x;
-    memcpy(&x, &h, 2);
-    return (float)x;
-}
-/* One warp's m16n8k16 in the PTX ISA's fragment layout (lane = 4 g + t). */
-static void warp_mma(thread *w) {
-    float A[16][16], B[16][8], C[16][8];
-    for (int l = 0; l < 32; l++) {
-        const int g = l / 4, t = l % 4, e = w[l].e;
-        for (int h = 0; h < 2; h++) {
-            A[g][2 * t + h] = elem(e, w[l].a[0], h);
-            A[g + 8][2 * t + h] = elem(e, w[l].a[1], h);
-            A[g][2 * t + 8 + h] = elem(e, w[l].a[2], h);
-            A[g + 8][2 * t + 8 + h] = elem(e, w[l].a[3], h);
-            B[2 * t + h][g] = elem(e, w[l].b[0], h);
-            B[2 * t + 8 + h][g] = elem(e, w[l].b[1], h);
-            C[g][2 * t + h] = w[l].d[h];
-            C[g + 8][2 * t + h] = w[l].d[2 + h];
-        }
-    }
-    for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 8; j++) {
-            float acc = C[i][j];
-            for (int k = 0; k < 16; k++) acc += A[i][k] * B[k][j];
-            C[i][j] = acc;
-        }
-    for (int l = 0; l < 32; l++) {
-        const int g = l / 4, t = l % 4;
-        for (int h = 0; h < 2; h++) {
-            w[l].d[h] = C[g][2 * t + h];
-            w[l].d[2 + h] = C[g + 8][2 * t + h];
-        }
-    }
-}
+/* One warp's m16n8k16 in the PTX ISA's fragment layout (warp_mma.h). */
+static void warp_mma(thread *w) { nemo_emu_warp_mma(w); }
 static void warp_shfl(thread *w) {
     for (int l = 0; l < 32; l++) {
         const int wd = w[l].width, seg = l / wd * wd, arg = w[l].arg;
