@@ -4,6 +4,8 @@
 # cuBLASLt, into build/libnemo_cuda_emu.so, loaded through NEMO_CUDA_LIB). Where
 # tests/sh/test_fake_cuda.sh checks the engine's device plumbing with the CPU kernels, this runs
 # the CUDA kernels, launchers and cuBLAS calls themselves, with the scripts a GPU run uses:
+#   tests/lua/test_cuda.lua, test_cuda_kernels.lua   the device layer and every kernel's entry
+#                               checks, with a device present (NEMO_EXPECT_CUDA=1, as on a GPU)
 #   tests/gpu/check_ops.lua     every CUDA kernel against the CPU kernel and copies between 2
 #                               devices (NEMO_CUDA_EMU=1: "large" shapes of 65539 elements, no
 #                               throughput lines)
@@ -41,6 +43,8 @@ sub() {
     ERR_TAIL=$(grep "cuda emulator" "$T/err" | head -n 20; tail -n 20 "$T/err") relay "cuda emu" "$label" "$rc" "$out"
 }
 
+sub "test_cuda.lua with a device (as tests/gpu/run.sh runs it)" NEMO_EXPECT_CUDA=1 -- tests/lua/test_cuda.lua
+sub "test_cuda_kernels.lua with a device" NEMO_EXPECT_CUDA=1 -- tests/lua/test_cuda_kernels.lua
 sub "check_ops.lua on 2 emulated devices: every CUDA kernel against the CPU" NEMO_CUDA_EMU=1 NEMO_EMU_CUDA_DEVICES=2 \
     -- tests/gpu/check_ops.lua
 sub "check_golden.lua on the emulated device" NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
