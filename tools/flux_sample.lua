@@ -25,25 +25,20 @@ local spec = {name = "flux_sample", usage = {
     numbers = {["--guidance"] = "guidance", ["--seed"] = "seed", ["--lora-scale"] = "lora_scale", ["--true-cfg"] = "true_cfg"},
     counts = {["--height"] = "height", ["--width"] = "width", ["--steps"] = "steps", ["--max-sequence-length"] = "msl"}}
 local o = cli.parse(arg, spec)
+local function say(msg) io.stdout:write(msg, "\n") end
 if not o.model then cli.usage(spec, "--model is required") end
 if #o.prompts == 0 then cli.usage(spec, "at least one --prompt is required") end
 if not o.out:match("%.png$") then cli.usage(spec, "--out must name a .png file, got '" .. o.out .. "'") end
 
 cli.main("flux_sample", function()
-    local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
-    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
-        enable_gradient_checkpointing = false})
+    local pipe = nemo.sampling.open_pipeline(o.model, {dtype = o.dtype, device = o.device})
     for _, k in ipairs{"transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"} do
         if pipe.components[k] == nil then
             error(string.format("%s has no loadable %s (FLUX sampling needs transformer, vae, scheduler and both text " ..
                 "encoders and tokenizers)", o.model, k), 0)
         end
     end
-    if o.lora then
-        nemo.peft.load_adapter(pipe.transformer, o.lora, {scale = o.lora_scale})
-        io.stdout:write("applied the LoRA adapter ", o.lora, " (scale ", tostring(o.lora_scale), ")\n")
-    end
-    pipe.transformer:eval()
+    nemo.sampling.ready_pipeline(pipe, {lora = o.lora, lora_scale = o.lora_scale, log = say})
     local t0 = os.clock()
     local out = nemo.sampling.flux{pipe = pipe, prompt = o.prompts, height = o.height, width = o.width,
         num_inference_steps = o.steps, guidance_scale = o.guidance, max_sequence_length = o.msl,

@@ -29,14 +29,13 @@ local spec = {name = "wan_sample", usage = {
     counts = {["--height"] = "height", ["--width"] = "width", ["--frames"] = "frames", ["--steps"] = "steps",
               ["--max-sequence-length"] = "msl"}}
 local o = cli.parse(arg, spec)
+local function say(msg) io.stdout:write(msg, "\n") end
 if not o.model then cli.usage(spec, "--model is required") end
 if #o.prompts == 0 then cli.usage(spec, "at least one --prompt is required") end
 if not o.out:match("%.png$") then cli.usage(spec, "--out must name a .png file (an animated PNG), got '" .. o.out .. "'") end
 
 cli.main("wan_sample", function()
-    local device = o.device == "auto" and nemo.pipeline._choose_device() or o.device
-    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(o.model, {torch_dtype = o.dtype, device = device,
-        enable_gradient_checkpointing = false})
+    local pipe = nemo.sampling.open_pipeline(o.model, {dtype = o.dtype, device = o.device})
     local needed = {"transformer", "vae", "scheduler", "text_encoder", "tokenizer"}
     local br = pipe.config and pipe.config.boundary_ratio
     if type(br) == "number" then needed[#needed + 1] = "transformer_2" end
@@ -49,12 +48,7 @@ cli.main("wan_sample", function()
                 "and tokenizer; Wan 2.2 A14B also transformer_2)", o.model, k), 0)
         end
     end
-    if o.lora then
-        nemo.peft.load_adapter(pipe.transformer, o.lora, {scale = o.lora_scale})
-        io.stdout:write("applied the LoRA adapter ", o.lora, " (scale ", tostring(o.lora_scale), ")\n")
-    end
-    pipe.transformer:eval()
-    if pipe.components.transformer_2 then pipe.components.transformer_2:eval() end
+    nemo.sampling.ready_pipeline(pipe, {lora = o.lora, lora_scale = o.lora_scale, log = say})
     local t0 = os.clock()
     local out = nemo.sampling.wan{pipe = pipe, prompt = o.prompts, negative_prompt = o.negative, height = o.height,
         width = o.width, num_frames = o.frames, num_inference_steps = o.steps, guidance_scale = o.guidance,

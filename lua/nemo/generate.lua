@@ -95,11 +95,9 @@ function M.run(cfg, opts)
     M.validate(cfg)
     local nemo = require "nemo"
     local m, inf, out = cfg.model, cfg.inference, cfg.output or {}
-    local device = cfg.device or "auto"
-    if device == "auto" then device = nemo.pipeline._choose_device() end
     if cfg.vae and cfg.vae.enable_cpu_offload then log("note: vae.enable_cpu_offload is ignored (a PyTorch hook)") end
-    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(m.pretrained_model_name_or_path,
-        {torch_dtype = inf.dtype or "bfloat16", device = device, enable_gradient_checkpointing = false})
+    local pipe = nemo.sampling.open_pipeline(m.pretrained_model_name_or_path,
+        {dtype = inf.dtype or "bfloat16", device = cfg.device})
     local c = pipe.components
     local kind = pipe.class_name == "FluxPipeline" and "image" or pipe.class_name == "WanPipeline" and "video" or nil
     if not kind then
@@ -118,13 +116,11 @@ function M.run(cfg, opts)
     if m.checkpoint then load_into("transformer", m.checkpoint, "checkpoint") end
     if m.checkpoint_high_noise then load_into("transformer", m.checkpoint_high_noise, "checkpoint_high_noise") end
     if m.checkpoint_low_noise then load_into("transformer_2", m.checkpoint_low_noise, "checkpoint_low_noise") end
-    if m.lora_weights then
-        if not fs.isdir(m.lora_weights) then error("generate: model.lora_weights: no folder at " .. m.lora_weights, 0) end
-        nemo.peft.load_adapter(c.transformer, m.lora_weights, {scale = m.lora_scale or 1.0})
-        log(string.format("applied the LoRA adapter %s (scale %g)", m.lora_weights, m.lora_scale or 1.0))
+    if m.lora_weights and not fs.isdir(m.lora_weights) then
+        error("generate: model.lora_weights: no folder at " .. m.lora_weights, 0)
     end
+    nemo.sampling.ready_pipeline(pipe, {lora = m.lora_weights, lora_scale = m.lora_scale, log = log})
     if cfg.vae and cfg.vae.enable_slicing and c.vae and c.vae.enable_slicing then c.vae:enable_slicing() end
-    for _, k in ipairs{"transformer", "transformer_2"} do if c[k] then c[k]:eval() end end
     local kwargs = {}
     for _, k in ipairs{"num_inference_steps", "guidance_scale", "height", "width"} do kwargs[k] = inf[k] end
     for k, v in pairs(inf.pipeline_kwargs or {}) do kwargs[k] = v end

@@ -657,4 +657,30 @@ function M.to_uint8(image)
     return t, table.concat(bytes)
 end
 
+-- ==== pipelines for sampling (tools/flux_sample.lua, tools/wan_sample.lua, nemo.generate) ====
+
+-- open_pipeline(model, {dtype=, device="auto"}): the pipeline at model (a folder or a hub id)
+-- for sampling: device "auto" is nemo.pipeline._choose_device(), gradient checkpointing off.
+function M.open_pipeline(model, o)
+    local nemo = require "nemo"
+    local device = o.device or "auto"
+    if device == "auto" then device = nemo.pipeline._choose_device() end
+    return nemo.NeMoAutoDiffusionPipeline.from_pretrained(model, {torch_dtype = o.dtype, device = device,
+        enable_gradient_checkpointing = false})
+end
+
+-- ready_pipeline(pipe, {lora=, lora_scale=1, log=}): applies the LoRA adapter folder lora (if
+-- given) to pipe.transformer, saying so through log(msg), then puts transformer and
+-- transformer_2 in eval mode.
+function M.ready_pipeline(pipe, o)
+    local c = pipe.components
+    if o.lora then
+        local scale = o.lora_scale or 1.0
+        require("nemo.peft").load_adapter(c.transformer, o.lora, {scale = scale})
+        o.log(string.format("applied the LoRA adapter %s (scale %g)", o.lora, scale))
+    end
+    for _, k in ipairs{"transformer", "transformer_2"} do if c[k] then c[k]:eval() end end
+    return pipe
+end
+
 return M

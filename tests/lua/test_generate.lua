@@ -127,6 +127,12 @@ local nl = 0
 for name in lr.pipe.transformer:named_parameters() do if name:find("lora_A", 1, true) then nl = nl + 1 end end
 T.ok(nl == 8 and table.concat(logs, "\n"):find("applied the LoRA adapter", 1, true) and fs.isfile(lr.files[1]),
     "model.lora_weights applies the LoRA run's adapter (2 blocks x attn1, attn2 x to_q, to_v) and samples", table.concat(logs, "\n"))
+-- the same adapter through tools/wan_sample.lua --lora (nemo.sampling.ready_pipeline, as gen.run)
+local tlog, trc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. one .. " --prompt 'a cat' --height 32 --width 32 " ..
+    "--frames 5 --steps 2 --dtype float32 --device cpu --seed 1 --max-sequence-length 16 --lora " .. lora.checkpoint ..
+    "/model --lora-scale 0.5 --out " .. tmp .. "/tool_lora.png 2>&1")
+T.ok(trc == 0 and tlog:find("applied the LoRA adapter " .. lora.checkpoint .. "/model (scale 0.5)", 1, true) and
+    fs.isfile(tmp .. "/tool_lora.png"), "tools/wan_sample.lua --lora applies the adapter and samples", tlog)
 raises(with(c1, {"model", "checkpoint"}, lora.checkpoint), "holds LoRA adapters, not the model's weights",
     "a LoRA checkpoint given as model.checkpoint points at lora_weights")
 
