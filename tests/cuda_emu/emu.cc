@@ -852,8 +852,8 @@ static cublasStatus_t gemm_check(const char *fn, cublasHandle_t h, cublasOperati
     }
     return CUBLAS_STATUS_SUCCESS;
 }
-static double scalar(cublasHandle_t h, const void *p, cublasComputeType_t compute) {
-    (void)h;
+/* alpha or beta (host pointer mode) in the compute type's precision. */
+static double scalar(const void *p, cublasComputeType_t compute) {
     return compute == CUBLAS_COMPUTE_64F ? *(const double *)p : *(const float *)p;
 }
 static cublasStatus_t gemm_one(const char *fn, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -877,8 +877,8 @@ EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cubla
     cublasStatus_t s = gemm_check("cublasGemmEx", h, ta, tb, m, n, k, at, lda, bt, ldb, ct, ldc, compute);
     if (s != CUBLAS_STATUS_SUCCESS || m == 0 || n == 0) return s;
     device_window w;
-    return gemm_one("cublasGemmEx", ta, tb, m, n, k, scalar(h, alpha, compute), A, at, lda, B, bt, ldb,
-                    scalar(h, beta, compute), C, ct, ldc, compute);
+    return gemm_one("cublasGemmEx", ta, tb, m, n, k, scalar(alpha, compute), A, at, lda, B, bt, ldb,
+                    scalar(beta, compute), C, ct, ldc, compute);
 }
 EXPORT cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                           int k, const void *alpha, const void *const A[], cudaDataType_t at, int lda,
@@ -898,7 +898,7 @@ EXPORT cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta
     }
     device_window w;
     for (int i = 0; i < batch; i++) {
-        s = gemm_one(fn, ta, tb, m, n, k, scalar(h, alpha, compute), A[i], at, lda, B[i], bt, ldb, scalar(h, beta, compute),
+        s = gemm_one(fn, ta, tb, m, n, k, scalar(alpha, compute), A[i], at, lda, B[i], bt, ldb, scalar(beta, compute),
                      C[i], ct, ldc, compute);
         if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
@@ -1066,7 +1066,8 @@ EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
             return CUBLAS_STATUS_EXECUTION_FAILED;
         }
         const cublasLtMatrixLayout_t l = lay[i];
-        if (l->batch > 1 && l->stride % (int64_t)(algo->data[i] / (uint64_t)type_size(l->type) ? algo->data[i] / (uint64_t)type_size(l->type) : 1)) {
+        const int64_t per = (int64_t)(algo->data[i] / (uint64_t)type_size(l->type));   /* elements per alignment */
+        if (l->batch > 1 && per > 1 && l->stride % per) {
             report("%s: the batch stride of %s breaks the %llu-byte alignment", fn, names[i], (unsigned long long)algo->data[i]);
             return CUBLAS_STATUS_EXECUTION_FAILED;
         }
@@ -1083,8 +1084,7 @@ EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
     device_window w;
-    const double a_ = d->compute == CUBLAS_COMPUTE_64F ? *(const double *)alpha : *(const float *)alpha;
-    const double b_ = d->compute == CUBLAS_COMPUTE_64F ? *(const double *)beta : *(const float *)beta;
+    const double a_ = scalar(alpha, d->compute), b_ = scalar(beta, d->compute);
     for (int32_t q = 0; q < dl->batch; q++) {
         const char *Aq = (const char *)A + q * al->stride * type_size(al->type);
         const char *Bq = (const char *)B + q * bl->stride * type_size(bl->type);
