@@ -8,7 +8,8 @@
  * cudaFuncSetAttribute, copies past an allocation, a double free, cuBLAS and cuBLASLt
  * calls with sizes that do not agree or pointers not aligned as promised; fresh device memory
  * reads as NaN, a write past an allocation faults, and so does host code reading device memory
- * (where the CPU has protection keys).
+ * (where the CPU has protection keys). Work is deferred as CUDA allows: a stream that does not
+ * wait for another, or host code that does not wait for a copy, sees stale data.
  *
  * Launches are written as the Makefile rewrites them: k<<<g, b, s>>>(x) is
  * k << nemo_emu_cfg(g, b, s)(x).
@@ -79,6 +80,11 @@ __global__ void early_exit_shuffle(float *x) {
 
 __global__ void nothing(float *x) { (void)x; }
 
+__global__ void fill_k(float *y, float v, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = v;
+}
+
 /* ==== helpers ==== */
 
 static float *dev_floats(const float *h, int n) {
@@ -143,9 +149,12 @@ int main(void) {
     /* ---- wrong kernels fail ---- */
     float *buf = dev_floats(NULL, 1024);
     half_barrier << nemo_emu_cfg(dim3(2), dim3(256))(buf);
-    TAP_OK(cudaGetLastError() == cudaErrorLaunchFailure, "a barrier half of the block never reaches: launch failure");
+    TAP_OK(cudaGetLastError() == cudaSuccess && cudaDeviceSynchronize() == cudaErrorLaunchFailure,
+           "a barrier half of the block never reaches: launch failure, returned by the synchronize that ran it");
+    (void)cudaGetLastError();
     early_exit_shuffle << nemo_emu_cfg(dim3(1), dim3(64))(buf);
-    TAP_OK(cudaGetLastError() == cudaErrorLaunchFailure, "a full-warp shuffle after half the lanes exited: launch failure");
+    TAP_OK(cudaStreamSynchronize(0) == cudaErrorLaunchFailure, "a full-warp shuffle after half the lanes exited: launch failure");
+    (void)cudaGetLastError();
     nothing << nemo_emu_cfg(dim3(1), dim3(2048))(buf);
     TAP_OK(cudaGetLastError() == cudaErrorInvalidConfiguration, "a block of 2048 threads: invalid configuration");
     nothing << nemo_emu_cfg(dim3(1), dim3(32), 65536)(buf);
@@ -190,6 +199,7 @@ int main(void) {
         if (pid == 0) {
             float *g = dev_floats(NULL, 1000);
             copy_k << nemo_emu_cfg(dim3(8), dim3(256))(g, g + 1000 + 1024, 2048);   /* writes ~1 page past the end */
+            cudaDeviceSynchronize();
             _exit(0);
         }
         int st = 0;
@@ -274,5 +284,106 @@ int main(void) {
         cudaFree(c);
     }
     cudaFree(buf);
+
+    /* ---- deferred execution: work runs when the host must see it, other streams stay queued ---- */
+    {
+        const int N = 256;
+        cudaStream_t s1, s2, blk;
+        cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking);
+        cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking);
+        cudaStreamCreate(&blk);
+        float *x = dev_floats(NULL, N), *y = dev_floats(NULL, N), h[256];
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(x, 1.0f, N);
+        copy_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s2)(x, y, N);
+        cudaStreamSynchronize(s2);
+        cudaMemcpy(h, y, sizeof h, cudaMemcpyDeviceToHost);
+        TAP_OK(isnan(h[0]) && isnan(h[N - 1]), "a stream that reads without waiting for another's write sees the old bytes (NaN)");
+        cudaEvent_t ev;
+        cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(x, 2.0f, N);
+        cudaEventRecord(ev, s1);
+        TAP_OK(cudaEventQuery(ev) == cudaErrorNotReady && cudaStreamQuery(s1) == cudaErrorNotReady,
+               "queued work: cudaEventQuery and cudaStreamQuery answer cudaErrorNotReady");
+        cudaStreamWaitEvent(s2, ev, 0);
+        copy_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s2)(x, y, N);
+        cudaStreamSynchronize(s2);
+        cudaMemcpy(h, y, sizeof h, cudaMemcpyDeviceToHost);
+        TAP_OK(h[0] == 2.0f && h[N - 1] == 2.0f, "after cudaStreamWaitEvent it sees the write (%g)", h[0]);
+        TAP_OK(cudaEventQuery(ev) == cudaSuccess, "... and the event is complete");
+        int polls = 0;
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(x, 3.0f, N);
+        while (cudaStreamQuery(s1) == cudaErrorNotReady && polls < 1000) polls++;
+        TAP_OK(polls > 0 && polls < 100, "a loop polling cudaStreamQuery ends (%d polls)", polls);
+
+        /* the legacy stream waits for blocking streams, not for non-blocking ones */
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, blk)(x, 4.0f, N);
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(y, 5.0f, N);
+        float hx = 0, hy = 0;
+        cudaMemcpy(&hx, x, 4, cudaMemcpyDeviceToHost);
+        cudaMemcpy(&hy, y, 4, cudaMemcpyDeviceToHost);
+        TAP_OK(hx == 4.0f && hy == 2.0f, "cudaMemcpy on the legacy stream waits for a blocking stream (%g), not for a "
+               "non-blocking one (%g)", hx, hy);
+        cudaStreamSynchronize(s1);
+
+        /* copies against the host */
+        float *pin = NULL, src[256];
+        cudaMallocHost((void **)&pin, sizeof h);
+        for (int i = 0; i < N; i++) { pin[i] = -1; src[i] = 7; }
+        cudaMemcpyAsync(pin, y, sizeof h, cudaMemcpyDeviceToHost, s1);
+        TAP_OK(pin[0] == -1, "an async copy into pinned memory has not landed before its stream is synchronized");
+        cudaStreamSynchronize(s1);
+        TAP_OK(pin[0] == 5.0f, "... and has after (%g)", pin[0]);
+        cudaMemcpyAsync(x, src, sizeof src, cudaMemcpyHostToDevice, s1);
+        src[0] = 8;
+        for (int i = 0; i < N; i++) pin[i] = 9;
+        cudaMemcpyAsync(y, pin, sizeof h, cudaMemcpyHostToDevice, s1);
+        pin[0] = 10;
+        cudaMemcpyAsync(&hx, x, 4, cudaMemcpyDeviceToHost, s1);
+        TAP_OK(hx == 7.0f, "an async copy from pageable memory takes the source at the call; one into pageable "
+               "memory returns with the data (%g)", hx);
+        cudaMemcpyAsync(&hy, y, 4, cudaMemcpyDeviceToHost, s1);
+        TAP_OK(hy == 10.0f, "an async copy from pinned memory reads it when it runs: a change made after the call "
+               "shows (%g)", hy);
+
+        /* cudaDeviceSynchronize runs the newest stream first: a write on s2 to memory that s1
+         * still reads lands before s1's read */
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(y, 11.0f, N);
+        cudaStreamSynchronize(s1);
+        copy_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(y, x, N);   /* s1 reads y */
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s2)(y, 12.0f, N);   /* s2 overwrites it without waiting */
+        cudaDeviceSynchronize();
+        cudaMemcpy(&hx, x, 4, cudaMemcpyDeviceToHost);
+        TAP_OK(hx == 12.0f, "cudaDeviceSynchronize drains the newest stream first: an unordered overwrite wins (%g)", hx);
+
+        /* cudaFree lets queued work finish */
+        float *z = dev_floats(NULL, N);
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(z, 13.0f, N);
+        copy_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(z, x, N);
+        TAP_OK(cudaFree(z) == cudaSuccess, "cudaFree of memory that queued kernels use runs them first");
+        cudaMemcpy(&hx, x, 4, cudaMemcpyDeviceToHost);
+        TAP_OK(hx == 13.0f, "... which finished before it was unmapped (%g)", hx);
+
+        /* timing events: elapsed time needs both complete */
+        cudaEvent_t t0, t1;
+        cudaEventCreate(&t0);
+        cudaEventCreate(&t1);
+        cudaEventRecord(t0, s1);
+        fill_k << nemo_emu_cfg(dim3(1), dim3(N), 0, s1)(x, 1.0f, N);
+        cudaEventRecord(t1, s1);
+        float ms = -1;
+        TAP_OK(cudaEventElapsedTime(&ms, t0, t1) == cudaErrorNotReady, "cudaEventElapsedTime of queued events: not ready");
+        (void)cudaGetLastError();
+        cudaEventSynchronize(t1);
+        TAP_OK(cudaEventElapsedTime(&ms, t0, t1) == cudaSuccess && ms >= 0, "... and a time once synchronized (%g ms)", ms);
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+        cudaEventDestroy(ev);
+        cudaFreeHost(pin);
+        cudaFree(x);
+        cudaFree(y);
+        cudaStreamDestroy(s1);
+        cudaStreamDestroy(s2);
+        cudaStreamDestroy(blk);
+    }
     return TAP_DONE();
 }

@@ -11,12 +11,19 @@
  * kernels' mma), blocks one after the other. `__shared__` variables are static (one block runs
  * at a time); threadIdx / blockIdx / blockDim / gridDim name the running fiber's values.
  *
+ * Host side: work is queued per stream and runs only when the host must see it (a
+ * synchronize, a copy to pageable memory, a free), with other streams' work left queued as
+ * long as CUDA allows (emu.cc, "deferred execution").
+ *
  * What this catches: wrong indexing and launch geometry (the block and shared-memory limits
  * of an sm_90 device are checked), reductions that depend on lanes that did not take part,
  * divergent barriers and shuffles (a launch failure naming the kernel), reads of device
  * memory nobody wrote (cudaMalloc fills with NaN bytes), writes far past an allocation (guard
- * pages), wrong cuBLAS / cuBLASLt arguments (dimensions checked as the libraries document).
- * What it cannot: timing, races between streams (everything runs at once, in order), PTX.
+ * pages), wrong cuBLAS / cuBLASLt arguments (dimensions checked as the libraries document),
+ * missing synchronization between streams and with the host (work runs late, so a reader
+ * that does not wait sees what was there before).
+ * What it cannot: timing, two streams' kernels interleaving (queued work runs one op at a
+ * time), PTX.
  */
 #ifndef NEMO_CUDA_EMU_RUNTIME_H
 #define NEMO_CUDA_EMU_RUNTIME_H
@@ -139,9 +146,6 @@ uint64_t shfl(unsigned mask, uint64_t bits, int kind, int arg, int width);
 void mma(int e, float d[4], const uint32_t a[4], const uint32_t b[2]);
 /* The launch's dynamic shared memory. */
 char *dyn_smem();
-/* Opens (1) or closes (0) device memory to this thread: emulated device work on the host
- * (cub's sort) runs between the two. */
-void device_access(int open);
 }
 #define threadIdx (nemo_emu::tid)
 #define blockIdx (nemo_emu::bid)
@@ -198,14 +202,19 @@ template <class T> static inline T atomicCAS(T *p, T cmp, T v) { T o = *p; if (o
 
 /* ==== launches: `k<<<g, b, s, st>>>(args)` is rewritten to `k << nemo_emu_cfg(g, b, s, st)(args)` ==== */
 
+#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 
 namespace nemo_emu {
-/* Runs body(ctx) for every thread of a grid; returns the launch's status (also kept for
- * cudaGetLastError). fn names the kernel in error messages. */
-cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem, cudaStream_t st, void (*body)(void *), void *ctx);
+/* Checks a launch and queues it on st: body(ctx) will run for every thread of the grid, then
+ * drop(ctx). Returns the launch's status (also kept for cudaGetLastError); a failure while it
+ * runs is returned by the call that made it run (a synchronize, say). fn names the kernel. */
+cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem, cudaStream_t st, void (*body)(void *),
+                   void (*drop)(void *), void *ctx);
+/* Queues other emulated device work (cub's sort) on st, run with device memory open. */
+cudaError_t enqueue(cudaStream_t st, const char *what, std::function<cudaError_t()> work);
 /* A launch argument as captured: converts to the kernel's parameter type at the call, as nvcc
  * converts launch arguments (NULL, an integer, becomes a null pointer). */
 template <class A> struct arg {
@@ -226,11 +235,12 @@ template <class... A> struct pending {
 };
 template <class F, class Tup> struct call_ctx {
     F *fn;
-    Tup *args;
+    Tup args;   /* captured by value at the launch, as CUDA copies kernel parameters */
     static void run(void *p) {
         call_ctx *c = (call_ctx *)p;
-        std::apply(*c->fn, *c->args);
+        std::apply(*c->fn, c->args);
     }
+    static void drop(void *p) { delete (call_ctx *)p; }
 };
 }
 struct nemo_emu_cfg {
@@ -245,8 +255,8 @@ struct nemo_emu_cfg {
 template <class... P, class... A> static inline void operator<<(void (*fn)(P...), nemo_emu::pending<A...> p) {
     typedef void F(P...);
     typedef std::tuple<nemo_emu::arg<A>...> Tup;
-    nemo_emu::call_ctx<F, Tup> c = {fn, &p.args};
-    nemo_emu::launch((const void *)fn, p.g, p.b, p.smem, p.st, &nemo_emu::call_ctx<F, Tup>::run, &c);
+    typedef nemo_emu::call_ctx<F, Tup> Ctx;
+    nemo_emu::launch((const void *)fn, p.g, p.b, p.smem, p.st, &Ctx::run, &Ctx::drop, new Ctx{fn, std::move(p.args)});
 }
 
 #endif

@@ -13,8 +13,8 @@
  *   launch, a copy, a memset, a cuBLAS call: `device_open` below), so host code that reads or
  *   writes device memory by mistake faults with a message naming the allocation, as it would
  *   on a GPU. Without PKU (pkey_alloc fails) memory stays open.
- * - Execution: in order, at once (streams and events keep their API, not their concurrency).
- *   A launch runs its blocks one after the other; a block's threads are fibers that run until
+ * - Execution: deferred, per stream, until the host must see the result (see "deferred
+ *   execution" below). A launch runs its blocks one after the other; a block's threads are fibers that run until
  *   they reach __syncthreads, a warp collective, or their end. A warp collective is carried
  *   out when all 32 lanes of the warp reached one; a barrier is passed when every thread of
  *   the block reached it. Anything else (a barrier some threads skip or exit before, a
@@ -32,7 +32,10 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <vector>
 #include <mutex>
 #include <set>
@@ -133,7 +136,6 @@ EXPORT cudaError_t cudaSetDevice(int dev) {
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaGetDevice(int *dev) { init(); *dev = cur_dev; return cudaSuccess; }
-EXPORT cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 /* ==== memory ==== */
 
@@ -188,14 +190,7 @@ static void device_open(void) {
 static void device_close(void) {
     if (--open_depth == 0 && pkey >= 0) pkey_set(pkey, PKEY_DISABLE_ACCESS);
 }
-struct device_window {
-    device_window() { device_open(); }
-    ~device_window() { device_close(); }
-};
 extern "C" EXPORT int nemo_emu_device_protected(void) { pkey_init(); return pkey >= 0; }
-namespace nemo_emu {
-void device_access(int open) { if (open) device_open(); else device_close(); }
-}
 
 static cudaError_t map_alloc(void **p, size_t n, int dev) {
     *p = NULL;
@@ -244,8 +239,16 @@ EXPORT cudaError_t cudaMalloc(void **p, size_t n) {
     if (e == cudaSuccess) dev_used[cur_dev] += n;
     return e;
 }
+static cudaError_t drain(int dev);
+/* cudaFree and cudaFreeHost synchronize: the owner's device (pinned memory: every device)
+ * finishes its queued work first. */
 static cudaError_t free_map(void *p, bool host) {
     if (!p) return cudaSuccess;
+    {
+        const alloc *a = find(p, 0);
+        cudaError_t e = drain(a && a->dev >= 0 ? a->dev : -1);
+        if (e != cudaSuccess) return e;
+    }
     alloc a;
     {
         std::lock_guard<std::mutex> g(alloc_lock);
@@ -288,44 +291,70 @@ EXPORT cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *at, co
     return cudaSuccess;
 }
 
-/* A copy's side that claims to be device memory must be [p, p + n) of one device allocation;
- * a side that claims to be host memory must not be device memory. */
-static bool side_ok(const char *what, const void *p, size_t n, bool device) {
-    if (n == 0) return true;
-    if (device ? is_device(p, n) : !is_device(p, 1)) return true;
-    report("%s: %p (%zu bytes) is %s", what, p, n,
-           device ? "not inside one device allocation" : "device memory, but the copy kind says host");
-    return false;
-}
-static cudaError_t copy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
-    bool ok = true;
-    switch (kind) {
-    case cudaMemcpyHostToHost: ok = side_ok("cudaMemcpy dst", dst, n, false) && side_ok("cudaMemcpy src", src, n, false); break;
-    case cudaMemcpyHostToDevice: ok = side_ok("cudaMemcpy dst", dst, n, true) && side_ok("cudaMemcpy src", src, n, false); break;
-    case cudaMemcpyDeviceToHost: ok = side_ok("cudaMemcpy dst", dst, n, false) && side_ok("cudaMemcpy src", src, n, true); break;
-    case cudaMemcpyDeviceToDevice: ok = side_ok("cudaMemcpy dst", dst, n, true) && side_ok("cudaMemcpy src", src, n, true); break;
-    case cudaMemcpyDefault:
-        ok = (!is_device(dst, 1) || is_device(dst, n)) && (!is_device(src, 1) || is_device(src, n));
-        if (!ok) report("cudaMemcpy (default kind): %zu bytes run past a device allocation", n);
-        break;
-    default: return fail(cudaErrorInvalidMemcpyDirection);
-    }
-    if (!ok) return fail(cudaErrorInvalidValue);
-    device_window w;
-    if (n) memmove(dst, src, n);
-    return cudaSuccess;
-}
+/* ==== deferred execution: streams, events ====
+ *
+ * Device work (a launch, a copy, a memset, a cuBLAS product, cub's sort) is an op queued on
+ * its stream and runs only when the host has to see it:
+ * - cudaStreamSynchronize, cudaEventSynchronize, cudaDeviceSynchronize;
+ * - a copy into pageable host memory (CUDA returns from it once the data is there), a
+ *   synchronous cudaMemcpy, a host-to-host copy;
+ * - cudaFree / cudaFreeHost (CUDA synchronizes the device there).
+ * A stream runs its ops in order; an op runs the ops it depends on first: the record an
+ * earlier cudaStreamWaitEvent named, and for the legacy default stream (NULL) and blocking
+ * streams (cudaStreamCreate) the implicit order between them. Nothing else of another stream
+ * runs, so a reader that forgot to wait sees what was there before (fresh memory: NaN).
+ * cudaDeviceSynchronize drains the device's streams newest first (the stream whose last op
+ * came last), which exposes both a reader that did not wait for a writer on another stream and
+ * a writer that reused memory another stream still reads.
+ * Queries (cudaStreamQuery, cudaEventQuery) answer "not ready" while work is queued, and let
+ * the work run only after many asks, so a polling loop still ends.
+ * What is read when: kernel arguments, cuBLAS scalars (host pointer mode) and a pageable
+ * source of cudaMemcpyAsync are taken at the call, as CUDA takes them; device memory and
+ * pinned host memory when the op runs. A failure while an op runs (a broken kernel) is
+ * reported then and returned by the call that made it run.
+ * NEMO_EMU_CUDA_DEFER=0 runs every op at once instead (the old in-order emulation). */
 
-/* ==== streams, events ==== */
-
-struct nemo_emu_stream { int dev; unsigned flags; };
-struct nemo_emu_event { int dev; unsigned flags; int recorded; double t; };
+struct dep { nemo_emu_stream *s; uint64_t seq; };
+struct op {
+    uint64_t seq;
+    std::vector<dep> deps;
+    std::function<cudaError_t()> work;   /* empty for a record or a wait */
+    nemo_emu_event *rec;                 /* cudaEventRecord's event */
+};
+struct nemo_emu_stream {
+    int dev;
+    unsigned flags;
+    bool live;
+    std::deque<op> q;
+    uint64_t last;   /* seq of the newest op queued */
+};
+/* An event refers to its newest record: that op of that stream. */
+struct nemo_emu_event { int dev; unsigned flags; bool live; nemo_emu_stream *rs; uint64_t rseq; double t; };
+/* Streams and events are never deleted (a queued op or an event may still name them): a
+ * destroyed one is marked dead. */
+static std::vector<nemo_emu_stream *> all_streams;
 static std::set<void *> streams, events;
+static nemo_emu_stream *legacy[64];
+static std::recursive_mutex q_lock;
+static uint64_t next_seq = 1;
+static int defer = -1;
+static unsigned polls;
 
 static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+static nemo_emu_stream *new_stream(int dev, unsigned flags) {
+    nemo_emu_stream *s = new nemo_emu_stream{dev, flags, true, {}, 0};
+    all_streams.push_back(s);
+    return s;
+}
+/* The stream an API call means: NULL is the current device's legacy stream. */
+static nemo_emu_stream *resolve(cudaStream_t st) {
+    if (st) return st;
+    if (!legacy[cur_dev]) legacy[cur_dev] = new_stream(cur_dev, cudaStreamDefault);
+    return legacy[cur_dev];
 }
 /* A stream argument: the legacy default (NULL) or a live stream of the current device. */
 static bool stream_ok(const char *what, cudaStream_t st) {
@@ -337,79 +366,252 @@ static bool stream_ok(const char *what, cudaStream_t st) {
     }
     return true;
 }
-EXPORT cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
-    return copy(dst, src, n, kind);
+static bool reached(const nemo_emu_stream *s, uint64_t seq) { return s->q.empty() || s->q.front().seq > seq; }
+
+/* Runs s's ops up to seq (and what they wait for); the first failure. */
+static cudaError_t run_to(nemo_emu_stream *s, uint64_t seq) {
+    cudaError_t err = cudaSuccess;
+    while (!s->q.empty() && s->q.front().seq <= seq) {
+        op o = std::move(s->q.front());
+        s->q.pop_front();
+        for (const dep &d : o.deps) {
+            cudaError_t e = run_to(d.s, d.seq);
+            if (err == cudaSuccess) err = e;
+        }
+        if (o.work) {
+            device_open();
+            cudaError_t e = o.work();
+            device_close();
+            if (err == cudaSuccess) err = e;
+        }
+        if (o.rec && o.rec->rs == s && o.rec->rseq == o.seq) o.rec->t = now_ms();
+    }
+    return err == cudaSuccess ? cudaSuccess : fail(err);
 }
-EXPORT cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind, cudaStream_t st) {
-    if (!stream_ok("cudaMemcpyAsync", st)) return fail(cudaErrorInvalidResourceHandle);
-    return copy(dst, src, n, kind);
+static cudaError_t run_all(nemo_emu_stream *s) { return run_to(s, s->last); }
+/* Drains every stream of dev (-1: of every device), newest first. */
+static cudaError_t drain(int dev) {
+    cudaError_t err = cudaSuccess;
+    for (;;) {
+        nemo_emu_stream *best = NULL;
+        for (nemo_emu_stream *s : all_streams)
+            if (!s->q.empty() && (dev < 0 || s->dev == dev) && (!best || s->last > best->last)) best = s;
+        if (!best) return err;
+        cudaError_t e = run_all(best);
+        if (err == cudaSuccess) err = e;
+    }
 }
-EXPORT cudaError_t cudaMemset(void *p, int value, size_t n) {
-    if (!side_ok("cudaMemset", p, n, true)) return fail(cudaErrorInvalidValue);
-    device_window w;
-    if (n) memset(p, value, n);
-    return cudaSuccess;
+static bool deferring(void) {
+    if (defer < 0) {
+        const char *e = getenv("NEMO_EMU_CUDA_DEFER");
+        defer = !(e && strcmp(e, "0") == 0);
+    }
+    return defer;
 }
-EXPORT cudaError_t cudaMemsetAsync(void *p, int value, size_t n, cudaStream_t st) {
-    if (!stream_ok("cudaMemsetAsync", st)) return fail(cudaErrorInvalidResourceHandle);
-    return cudaMemset(p, value, n);
+/* Queues an op on st (already checked); its seq. Ops of the legacy stream come after the
+ * device's blocking streams' ops, and a blocking stream's after the legacy stream's. */
+static uint64_t push(cudaStream_t st, std::function<cudaError_t()> work, std::vector<dep> deps = {},
+                     nemo_emu_event *rec = NULL) {
+    nemo_emu_stream *s = resolve(st);
+    if (!st) {
+        for (nemo_emu_stream *b : all_streams)
+            if (b != s && b->live && b->dev == s->dev && !(b->flags & cudaStreamNonBlocking) && !reached(b, b->last))
+                deps.push_back(dep{b, b->last});
+    } else if (!(st->flags & cudaStreamNonBlocking)) {
+        nemo_emu_stream *l = legacy[st->dev];
+        if (l && !reached(l, l->last)) deps.push_back(dep{l, l->last});
+    }
+    const uint64_t seq = next_seq++;
+    s->q.push_back(op{seq, std::move(deps), std::move(work), rec});
+    s->last = seq;
+    if (rec) { rec->rs = s; rec->rseq = seq; }
+    return seq;
+}
+/* Queues work on st; runs it at once when not deferring. The launch's status. */
+static cudaError_t submit(cudaStream_t st, std::function<cudaError_t()> work) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    const uint64_t seq = push(st, std::move(work));
+    return deferring() ? cudaSuccess : run_to(resolve(st), seq);
+}
+/* Queues work on st and waits for it (and for everything before it on st). */
+static cudaError_t submit_wait(cudaStream_t st, std::function<cudaError_t()> work) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    const uint64_t seq = push(st, std::move(work));
+    return run_to(resolve(st), seq);
+}
+namespace nemo_emu {
+cudaError_t enqueue(cudaStream_t st, const char *what, std::function<cudaError_t()> work) {
+    init();
+    if (!stream_ok(what, st)) return fail(cudaErrorInvalidResourceHandle);
+    return submit(st, std::move(work));
+}
+}
+/* A query's answer for work not yet done: "not ready", except every 64th time, when the work
+ * runs (so that a loop polling it ends). */
+static cudaError_t not_ready(nemo_emu_stream *s, uint64_t seq) {
+    if (++polls % 64) return cudaErrorNotReady;   /* not an error: not kept for cudaGetLastError */
+    return run_to(s, seq);
+}
+
+EXPORT cudaError_t cudaDeviceSynchronize(void) {
+    init();
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    return drain(cur_dev);
 }
 EXPORT cudaError_t cudaStreamCreateWithFlags(cudaStream_t *st, unsigned flags) {
     init();
-    *st = new nemo_emu_stream{cur_dev, flags};
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    *st = new_stream(cur_dev, flags);
     streams.insert(*st);
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaStreamCreate(cudaStream_t *st) { return cudaStreamCreateWithFlags(st, 0); }
 EXPORT cudaError_t cudaStreamDestroy(cudaStream_t st) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!streams.erase(st)) return fail(cudaErrorInvalidResourceHandle);
-    delete st;
-    return cudaSuccess;
+    st->live = false;
+    return run_all(st);   /* CUDA lets queued work finish */
 }
 EXPORT cudaError_t cudaStreamSynchronize(cudaStream_t st) {
+    init();
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (st && !streams.count(st)) return fail(cudaErrorInvalidResourceHandle);
-    return cudaSuccess;
+    return run_all(resolve(st));
 }
-EXPORT cudaError_t cudaStreamQuery(cudaStream_t st) { return cudaStreamSynchronize(st); }
+EXPORT cudaError_t cudaStreamQuery(cudaStream_t st) {
+    init();
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    if (st && !streams.count(st)) return fail(cudaErrorInvalidResourceHandle);
+    nemo_emu_stream *s = resolve(st);
+    return reached(s, s->last) ? cudaSuccess : not_ready(s, s->last);
+}
 EXPORT cudaError_t cudaEventCreateWithFlags(cudaEvent_t *ev, unsigned flags) {
     init();
-    *ev = new nemo_emu_event{cur_dev, flags, 0, 0};
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    *ev = new nemo_emu_event{cur_dev, flags, true, NULL, 0, 0};
     events.insert(*ev);
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaEventCreate(cudaEvent_t *ev) { return cudaEventCreateWithFlags(ev, 0); }
 EXPORT cudaError_t cudaEventDestroy(cudaEvent_t ev) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!events.erase(ev)) return fail(cudaErrorInvalidResourceHandle);
-    delete ev;
+    ev->live = false;
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!events.count(ev)) return fail(cudaErrorInvalidResourceHandle);
     if (!stream_ok("cudaEventRecord", st)) return fail(cudaErrorInvalidResourceHandle);
     if (ev->dev != cur_dev) {   /* CUDA: the event and the stream must belong to the same device */
         report("cudaEventRecord: the event belongs to device %d, the current device is %d", ev->dev, cur_dev);
         return fail(cudaErrorInvalidResourceHandle);
     }
-    ev->recorded = 1;
-    ev->t = now_ms();
-    return cudaSuccess;
+    const uint64_t seq = push(st, nullptr, {}, ev);
+    return deferring() ? cudaSuccess : run_to(resolve(st), seq);
 }
 EXPORT cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t ev, unsigned flags) {
     (void)flags;
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!events.count(ev) || !stream_ok("cudaStreamWaitEvent", st)) return fail(cudaErrorInvalidResourceHandle);
+    /* the event's newest record at this call (none: nothing to wait for) */
+    if (ev->rs && !reached(ev->rs, ev->rseq)) push(st, nullptr, {dep{ev->rs, ev->rseq}});
     return cudaSuccess;
 }
+static bool event_done(cudaEvent_t ev) { return !ev->rs || reached(ev->rs, ev->rseq); }
 EXPORT cudaError_t cudaEventQuery(cudaEvent_t ev) {
-    return events.count(ev) ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    if (!events.count(ev)) return fail(cudaErrorInvalidResourceHandle);
+    return event_done(ev) ? cudaSuccess : not_ready(ev->rs, ev->rseq);
 }
-EXPORT cudaError_t cudaEventSynchronize(cudaEvent_t ev) { return cudaEventQuery(ev); }
+EXPORT cudaError_t cudaEventSynchronize(cudaEvent_t ev) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
+    if (!events.count(ev)) return fail(cudaErrorInvalidResourceHandle);
+    return ev->rs ? run_to(ev->rs, ev->rseq) : cudaSuccess;
+}
 EXPORT cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!events.count(a) || !events.count(b)) return fail(cudaErrorInvalidResourceHandle);
-    if ((a->flags | b->flags) & cudaEventDisableTiming || !a->recorded || !b->recorded)
-        return fail(cudaErrorInvalidResourceHandle);
+    if ((a->flags | b->flags) & cudaEventDisableTiming || !a->rs || !b->rs) return fail(cudaErrorInvalidResourceHandle);
+    if (!event_done(a) || !event_done(b)) return fail(cudaErrorNotReady);
     *ms = (float)(b->t - a->t);
     return cudaSuccess;
 }
+
+/* ==== copies, memsets ==== */
+
+/* A copy's side that claims to be device memory must be [p, p + n) of one device allocation;
+ * a side that claims to be host memory must not be device memory. */
+static bool side_ok(const char *what, const void *p, size_t n, bool device) {
+    if (n == 0) return true;
+    if (device ? is_device(p, n) : !is_device(p, 1)) return true;
+    report("%s: %p (%zu bytes) is %s", what, p, n,
+           device ? "not inside one device allocation" : "device memory, but the copy kind says host");
+    return false;
+}
+static bool is_pinned(const void *p, size_t n) {
+    const alloc *a = find(p, n);
+    return a && a->dev < 0;
+}
+/* Checks a copy; the kind it is (cudaMemcpyDefault resolved), or -1. */
+static int copy_kind(const char *fn, void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
+    char d[64], s[64];
+    snprintf(d, sizeof d, "%s dst", fn);
+    snprintf(s, sizeof s, "%s src", fn);
+    bool ok = true;
+    switch (kind) {
+    case cudaMemcpyHostToHost: ok = side_ok(d, dst, n, false) && side_ok(s, src, n, false); break;
+    case cudaMemcpyHostToDevice: ok = side_ok(d, dst, n, true) && side_ok(s, src, n, false); break;
+    case cudaMemcpyDeviceToHost: ok = side_ok(d, dst, n, false) && side_ok(s, src, n, true); break;
+    case cudaMemcpyDeviceToDevice: ok = side_ok(d, dst, n, true) && side_ok(s, src, n, true); break;
+    case cudaMemcpyDefault: {
+        const bool dd = is_device(dst, 1), sd = is_device(src, 1);
+        ok = (!dd || is_device(dst, n)) && (!sd || is_device(src, n));
+        if (!ok) { report("%s (default kind): %zu bytes run past a device allocation", fn, n); break; }
+        return dd ? (sd ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
+                  : (sd ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
+    }
+    default: fail(cudaErrorInvalidMemcpyDirection); return -1;
+    }
+    if (!ok) { fail(cudaErrorInvalidValue); return -1; }
+    return kind;
+}
+/* The copy as CUDA orders it against the host (see "API synchronization behavior"): from
+ * pageable memory the source is taken at the call; into pageable memory, or host to host, the
+ * call returns once the data is there; device to device and pinned copies are queued. sync:
+ * cudaMemcpy, which also returns once a copy from or to the host is done. */
+static cudaError_t copy(const char *fn, void *dst, const void *src, size_t n, enum cudaMemcpyKind kind0,
+                        cudaStream_t st, bool sync) {
+    init();
+    const int kind = copy_kind(fn, dst, src, n, kind0);
+    if (kind < 0) return last_error;
+    if (n == 0) return cudaSuccess;
+    if (kind == cudaMemcpyHostToDevice && !is_pinned(src, n)) {
+        std::shared_ptr<std::vector<char>> snap = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
+        auto w = [=]() { memcpy(dst, snap->data(), n); return cudaSuccess; };
+        return sync ? submit_wait(st, w) : submit(st, w);
+    }
+    auto w = [=]() { memmove(dst, src, n); return cudaSuccess; };
+    const bool wait = kind == cudaMemcpyHostToHost || (kind == cudaMemcpyDeviceToHost && !is_pinned(dst, n)) ||
+                      (sync && kind != cudaMemcpyDeviceToDevice);
+    return wait ? submit_wait(st, w) : submit(st, w);
+}
+EXPORT cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
+    return copy("cudaMemcpy", dst, src, n, kind, NULL, true);
+}
+EXPORT cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind, cudaStream_t st) {
+    if (!stream_ok("cudaMemcpyAsync", st)) return fail(cudaErrorInvalidResourceHandle);
+    return copy("cudaMemcpyAsync", dst, src, n, kind, st, false);
+}
+EXPORT cudaError_t cudaMemsetAsync(void *p, int value, size_t n, cudaStream_t st) {
+    init();
+    if (!stream_ok("cudaMemsetAsync", st)) return fail(cudaErrorInvalidResourceHandle);
+    if (!side_ok("cudaMemset", p, n, true)) return fail(cudaErrorInvalidValue);
+    if (n == 0) return cudaSuccess;
+    return submit(st, [=]() { memset(p, value, n); return cudaSuccess; });
+}
+/* cudaMemset of device memory is asynchronous too, on the legacy stream */
+EXPORT cudaError_t cudaMemset(void *p, int value, size_t n) { return cudaMemsetAsync(p, value, n, NULL); }
 
 /* ==== launches ==== */
 
@@ -634,37 +836,16 @@ static void __attribute__((destructor)) write_trace(void) {
     fclose(o);
 }
 
-cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream_t st, void (*fbody)(void *), void *ctx) {
-    init();
+/* Runs a checked launch now: every block, each one's threads as fibers. */
+static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, void (*fbody)(void *), void *ctx) {
     std::lock_guard<std::mutex> lk(launch_lock);
     const uint64_t nt = (uint64_t)b.x * b.y * b.z;
-    auto bad = [&](const std::string &why) {
-        report("launch of %s: %s", kernel_name(fn).c_str(), why.c_str());
-        return fail(cudaErrorInvalidConfiguration);
-    };
-    if (n_devices == 0) return fail(cudaErrorNoDevice);
-    if (!g.x || !g.y || !g.z || !b.x || !b.y || !b.z) return bad("a zero grid or block dimension");
-    if (g.x > 2147483647u || g.y > 65535 || g.z > 65535)
-        return bad("grid (" + std::to_string(g.x) + ", " + std::to_string(g.y) + ", " + std::to_string(g.z) +
-                   ") exceeds (2^31 - 1, 65535, 65535)");
-    if (nt > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64)
-        return bad("block (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) +
-                   ") exceeds 1024 threads");
-    auto ms = max_dyn_smem.find(fn);
-    const size_t lim = ms == max_dyn_smem.end() ? 49152 : (size_t)ms->second;
-    if (smem_bytes > lim)
-        return bad(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " + std::to_string(lim) +
-                   " allowed" + (ms == max_dyn_smem.end() ? " without cudaFuncSetAttribute" : ""));
-    if (!stream_ok("kernel launch", st)) return fail(cudaErrorInvalidResourceHandle);
-    if (!launched) launched = new std::map<const void *, uint64_t>;
-    (*launched)[fn]++;
     if (!th) {
         th = new thread[1024];
         stacks = (char *)mmap(NULL, STACK * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                               -1, 0);
         if (stacks == MAP_FAILED) { stacks = NULL; delete[] th; th = NULL; return fail(cudaErrorMemoryAllocation); }
     }
-    device_window win;
     char *buf = (char *)aligned_alloc(128, (smem_bytes + 127) / 128 * 128 + 128);
     smem = buf;
     body = fbody;
@@ -707,6 +888,36 @@ cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream
         return fail(cudaErrorLaunchFailure);
     }
     return cudaSuccess;
+}
+
+cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream_t st, void (*fbody)(void *),
+                   void (*drop)(void *), void *ctx) {
+    init();
+    std::lock_guard<std::recursive_mutex> ql(q_lock);
+    const uint64_t nt = (uint64_t)b.x * b.y * b.z;
+    auto bad = [&](const std::string &why) {
+        report("launch of %s: %s", kernel_name(fn).c_str(), why.c_str());
+        drop(ctx);
+        return fail(cudaErrorInvalidConfiguration);
+    };
+    if (n_devices == 0) { drop(ctx); return fail(cudaErrorNoDevice); }
+    if (!g.x || !g.y || !g.z || !b.x || !b.y || !b.z) return bad("a zero grid or block dimension");
+    if (g.x > 2147483647u || g.y > 65535 || g.z > 65535)
+        return bad("grid (" + std::to_string(g.x) + ", " + std::to_string(g.y) + ", " + std::to_string(g.z) +
+                   ") exceeds (2^31 - 1, 65535, 65535)");
+    if (nt > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64)
+        return bad("block (" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) +
+                   ") exceeds 1024 threads");
+    auto ms = max_dyn_smem.find(fn);
+    const size_t lim = ms == max_dyn_smem.end() ? 49152 : (size_t)ms->second;
+    if (smem_bytes > lim)
+        return bad(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " + std::to_string(lim) +
+                   " allowed" + (ms == max_dyn_smem.end() ? " without cudaFuncSetAttribute" : ""));
+    if (!stream_ok("kernel launch", st)) { drop(ctx); return fail(cudaErrorInvalidResourceHandle); }
+    if (!launched) launched = new std::map<const void *, uint64_t>;
+    (*launched)[fn]++;
+    std::shared_ptr<void> keep(ctx, drop);   /* dropped with the queued op */
+    return submit(st, [=]() { return run_grid(fn, g, b, smem_bytes, fbody, keep.get()); });
 }
 }   /* namespace nemo_emu */
 
@@ -856,29 +1067,41 @@ static cublasStatus_t gemm_check(const char *fn, cublasHandle_t h, cublasOperati
 static double scalar(const void *p, cublasComputeType_t compute) {
     return compute == CUBLAS_COMPUTE_64F ? *(const double *)p : *(const float *)p;
 }
-static cublasStatus_t gemm_one(const char *fn, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                               double alpha, const void *A, cudaDataType_t at, int lda, const void *B, cudaDataType_t bt,
-                               int ldb, double beta, void *C, cudaDataType_t ct, int ldc, cublasComputeType_t compute) {
+static bool gemm_operands_ok(const char *fn, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                             const void *A, cudaDataType_t at, int lda, const void *B, cudaDataType_t bt, int ldb,
+                             const void *C, cudaDataType_t ct, int ldc) {
     const bool TA = ta == CUBLAS_OP_T, TB = tb == CUBLAS_OP_T;
-    if (!operand_ok(fn, "A", A, TA ? k : m, TA ? m : k, lda, at) || !operand_ok(fn, "B", B, TB ? n : k, TB ? k : n, ldb, bt) ||
-        !operand_ok(fn, "C", C, m, n, ldc, ct))
-        return CUBLAS_STATUS_EXECUTION_FAILED;
+    return operand_ok(fn, "A", A, TA ? k : m, TA ? m : k, lda, at) && operand_ok(fn, "B", B, TB ? n : k, TB ? k : n, ldb, bt) &&
+           operand_ok(fn, "C", C, m, n, ldc, ct);
+}
+static void gemm_one(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, double alpha, const void *A,
+                     cudaDataType_t at, int lda, const void *B, cudaDataType_t bt, int ldb, double beta, void *C,
+                     cudaDataType_t ct, int ldc, cublasComputeType_t compute) {
+    const bool TA = ta == CUBLAS_OP_T, TB = tb == CUBLAS_OP_T;
     if (compute == CUBLAS_COMPUTE_64F)
         product<double>(TA, TB, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, C, ct, ldc, NULL, ct);
     else
         product<float>(TA, TB, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, C, ct, ldc, NULL, ct);
-    return CUBLAS_STATUS_SUCCESS;
+}
+/* Queues a checked product on the handle's stream: CUBLAS_STATUS_SUCCESS, or
+ * CUBLAS_STATUS_EXECUTION_FAILED when it cannot be queued. */
+static cublasStatus_t blas_submit(cublasHandle_t h, std::function<cudaError_t()> work) {
+    return submit(h->st, std::move(work)) == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }
 EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                    const void *alpha, const void *A, cudaDataType_t at, int lda, const void *B,
                                    cudaDataType_t bt, int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc,
                                    cublasComputeType_t compute, cublasGemmAlgo_t algo) {
     (void)algo;
-    cublasStatus_t s = gemm_check("cublasGemmEx", h, ta, tb, m, n, k, at, lda, bt, ldb, ct, ldc, compute);
+    static const char fn[] = "cublasGemmEx";
+    cublasStatus_t s = gemm_check(fn, h, ta, tb, m, n, k, at, lda, bt, ldb, ct, ldc, compute);
     if (s != CUBLAS_STATUS_SUCCESS || m == 0 || n == 0) return s;
-    device_window w;
-    return gemm_one("cublasGemmEx", ta, tb, m, n, k, scalar(alpha, compute), A, at, lda, B, bt, ldb,
-                    scalar(beta, compute), C, ct, ldc, compute);
+    if (!gemm_operands_ok(fn, ta, tb, m, n, k, A, at, lda, B, bt, ldb, C, ct, ldc)) return CUBLAS_STATUS_EXECUTION_FAILED;
+    const double al = scalar(alpha, compute), be = scalar(beta, compute);   /* host pointer mode: read now */
+    return blas_submit(h, [=]() {
+        gemm_one(ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, compute);
+        return cudaSuccess;
+    });
 }
 EXPORT cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                           int k, const void *alpha, const void *const A[], cudaDataType_t at, int lda,
@@ -896,13 +1119,16 @@ EXPORT cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta
         report("%s: the arrays of %d pointers must live in device memory", fn, batch);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
-    device_window w;
-    for (int i = 0; i < batch; i++) {
-        s = gemm_one(fn, ta, tb, m, n, k, scalar(alpha, compute), A[i], at, lda, B[i], bt, ldb, scalar(beta, compute),
-                     C[i], ct, ldc, compute);
-        if (s != CUBLAS_STATUS_SUCCESS) return s;
-    }
-    return CUBLAS_STATUS_SUCCESS;
+    const double al = scalar(alpha, compute), be = scalar(beta, compute);
+    /* the pointer arrays are device memory: read when the product runs */
+    return blas_submit(h, [=]() {
+        for (int i = 0; i < batch; i++) {
+            if (!gemm_operands_ok(fn, ta, tb, m, n, k, A[i], at, lda, B[i], bt, ldb, C[i], ct, ldc))
+                return fail(cudaErrorLaunchFailure);
+            gemm_one(ta, tb, m, n, k, al, A[i], at, lda, B[i], bt, ldb, be, C[i], ct, ldc, compute);
+        }
+        return cudaSuccess;
+    });
 }
 
 /* ==== cuBLASLt ==== */
@@ -1083,19 +1309,24 @@ EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
         report("%s: the bias (%llu elements) is not inside one device allocation", fn, (unsigned long long)m);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
-    device_window w;
+    /* queued on st: the descriptor and layouts as they are now, alpha and beta read now */
+    const nemo_emu_lt_desc dd = *d;
+    const nemo_emu_lt_layout A_ = *al, B_ = *bl, C_ = *cl, D_ = *dl;
     const double a_ = scalar(alpha, d->compute), b_ = scalar(beta, d->compute);
-    for (int32_t q = 0; q < dl->batch; q++) {
-        const char *Aq = (const char *)A + q * al->stride * type_size(al->type);
-        const char *Bq = (const char *)B + q * bl->stride * type_size(bl->type);
-        const char *Cq = (const char *)C + q * cl->stride * type_size(cl->type);
-        char *Dq = (char *)D + q * dl->stride * type_size(dl->type);
-        if (d->compute == CUBLAS_COMPUTE_64F)
-            product<double>(d->ta == CUBLAS_OP_T, d->tb == CUBLAS_OP_T, m, n, k, a_, Aq, al->type, al->ld, Bq, bl->type,
-                            bl->ld, b_, Cq, cl->type, cl->ld, Dq, dl->type, dl->ld, bias ? d->bias : NULL, biast);
-        else
-            product<float>(d->ta == CUBLAS_OP_T, d->tb == CUBLAS_OP_T, m, n, k, a_, Aq, al->type, al->ld, Bq, bl->type,
-                           bl->ld, b_, Cq, cl->type, cl->ld, Dq, dl->type, dl->ld, bias ? d->bias : NULL, biast);
-    }
-    return CUBLAS_STATUS_SUCCESS;
+    const cudaError_t e = submit(st, [=]() {
+        for (int32_t q = 0; q < D_.batch; q++) {
+            const char *Aq = (const char *)A + q * A_.stride * type_size(A_.type);
+            const char *Bq = (const char *)B + q * B_.stride * type_size(B_.type);
+            const char *Cq = (const char *)C + q * C_.stride * type_size(C_.type);
+            char *Dq = (char *)D + q * D_.stride * type_size(D_.type);
+            if (dd.compute == CUBLAS_COMPUTE_64F)
+                product<double>(dd.ta == CUBLAS_OP_T, dd.tb == CUBLAS_OP_T, m, n, k, a_, Aq, A_.type, A_.ld, Bq, B_.type,
+                                B_.ld, b_, Cq, C_.type, C_.ld, Dq, D_.type, D_.ld, bias ? dd.bias : NULL, biast);
+            else
+                product<float>(dd.ta == CUBLAS_OP_T, dd.tb == CUBLAS_OP_T, m, n, k, a_, Aq, A_.type, A_.ld, Bq, B_.type,
+                               B_.ld, b_, Cq, C_.type, C_.ld, Dq, D_.type, D_.ld, bias ? dd.bias : NULL, biast);
+        }
+        return cudaSuccess;
+    });
+    return e == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }

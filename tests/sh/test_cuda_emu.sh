@@ -11,13 +11,19 @@
 #                               throughput lines)
 #   tests/gpu/check_golden.lua  the golden FLUX and Wan cases on the emulated device
 #   tests/gpu/check_train.lua   FLUX training steps on cuda:1 of 2 emulated devices vs the CPU
+#   tests/fake/device_streams.lua  streams, events, non_blocking copies, record_stream and the
+#                               pinned-block guard, with each stream's work deferred until the
+#                               host must see it, so a missing wait shows in the values
 #   coverage                    every __global__ function of kernels/cuda ran at least once
 #                               (NEMO_EMU_CUDA_TRACE), except the ones listed below with why
 # A kernel that breaks a CUDA rule (a barrier not reached by the whole block, a shuffle with
 # lanes missing, a launch over the device's limits, a copy past an allocation) fails its case,
 # and host code that reads device memory faults (x86 protection keys); either prints
-# "cuda emulator: ..." on stderr. What this cannot check: timing, races between
-# streams, the PTX of the flash kernels' mma (tests/gpu/run.sh on a real GPU does).
+# "cuda emulator: ..." on stderr. Every script runs with the emulator's deferred execution:
+# work waits in its stream's queue until a synchronize, a copy to pageable memory or a free
+# needs it, so a read that does not wait for its writer (on another stream, or on the host)
+# sees stale bytes. What this cannot check: timing, kernels of two streams interleaving, the
+# PTX of the flash kernels' mma (tests/gpu/run.sh on a real GPU does).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 N="$(pwd)/nemo-lua"
@@ -50,6 +56,8 @@ sub "check_ops.lua on 2 emulated devices: every CUDA kernel against the CPU" NEM
 sub "check_golden.lua on the emulated device" NEMO_EXPECT_CUDA=1 -- tests/gpu/check_golden.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 NEMO_GPU_DEVICE=cuda:1 \
     NEMO_EXPECT_CUDA=1 -- tests/gpu/check_train.lua
+sub "streams, events, non_blocking copies and record_stream on 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 \
+    -- tests/fake/device_streams.lua
 
 # ==== coverage: which kernels never ran ====
 # Not reachable through the engine, on purpose:
