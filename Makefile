@@ -77,7 +77,7 @@ build/libnemo_cuda.so: $(CU_OBJ)
 # The CUDA emulator (tests/cuda_emu): the plugin's own sources compiled for the CPU against an
 # emulated runtime, cuBLAS and cuBLASLt, so `make test` runs every CUDA kernel without a GPU
 # (tests/sh/test_cuda_emu.sh). A launch `k<<<g, b>>>(x)` becomes `k << nemo_emu_cfg(g, b)(x)`.
-EMU_OBJ := $(patsubst kernels/cuda/%.cu,build/emu/%.o,$(CU)) build/emu/emu.o
+EMU_OBJ := $(patsubst kernels/cuda/%.cu,build/emu/%.o,$(CU)) build/emu/emu.o build/emu/nccl_emu.o
 LIBCUDA_EMU := build/libnemo_cuda_emu.so
 EMU_CXXFLAGS := -std=c++17 -O1 -g -fPIC -ffp-contract=off -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas \
                 $(if $(filter 1,$(WERROR)),-Werror) -Itests/cuda_emu -Ikernels/cuda -Iengine/include -Iengine -MMD -MP
@@ -89,8 +89,11 @@ build/emu/%.o: build/emu/%.cc
 build/emu/emu.o: tests/cuda_emu/emu.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+build/emu/nccl_emu.o: tests/cuda_emu/nccl_emu.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 $(LIBCUDA_EMU): $(EMU_OBJ)
-	$(CXX) -shared -o $@ $(EMU_OBJ) -lopenblas -ldl -lpthread
+	$(CXX) -shared -o $@ $(EMU_OBJ) -lopenblas -ldl -lpthread -lrt
 .PRECIOUS: build/emu/%.cc
 
 # The FFI declarations, generated from the one public header (no hand-copied layouts).

@@ -175,6 +175,11 @@ static int n_query(void *comm, void *event) {
     cudaError_t e = cudaEventQuery((cudaEvent_t)event);
     if (e == cudaSuccess) return 1;
     if (e == cudaErrorNotReady) return 0;
+    /* the stream failed: NCCL's own error, when it has one by now, says why */
+    if (comm && ncclCommGetAsyncError((ncclComm_t)comm, &async) == ncclSuccess && async != ncclSuccess &&
+        async != ncclInProgress)
+        return nccl_error(NEMO_ECOMM, "NCCL asynchronous error: %s (then cudaEventQuery: %s)", ncclGetErrorString(async),
+                          cudaGetErrorString(e));
     return nccl_error(NEMO_ECUDA, "cudaEventQuery: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
 }
 

@@ -1,6 +1,5 @@
-/* tests/cuda_emu/nccl.h: NCCL's declarations for the CUDA emulator (cuda_runtime.h). The
- * emulator defines none of these functions: kernels/cuda/nccl.cu declares them weak and then
- * reports the nccl backend as not linked (emulated devices use engine/coll.c's emulated NCCL). */
+/* tests/cuda_emu/nccl.h: NCCL's declarations for the CUDA emulator (cuda_runtime.h), defined by
+ * nccl_emu.cc over POSIX shared memory between the ranks' processes. */
 #ifndef NEMO_CUDA_EMU_NCCL_H
 #define NEMO_CUDA_EMU_NCCL_H
 #include "cuda_runtime.h"

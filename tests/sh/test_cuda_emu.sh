@@ -14,6 +14,12 @@
 #   tests/fake/device_streams.lua  streams, events, non_blocking copies, record_stream and the
 #                               pinned-block guard, with each stream's work deferred until the
 #                               host must see it, so a missing wait shows in the values
+#   tests/fake/dist_nccl.lua    nemo.dist's collectives through the plugin's NCCL backend
+#                               (kernels/cuda/nccl.cu) on the emulator's NCCL (ranks are mpirun
+#                               processes sharing memory), on 2 and 3 ranks; ranks that issue
+#                               different collectives fail with a message
+#   the recipe on cuda          FSDP2, DDP, HSDP (4 ranks), mixed precision and a bitwise resume
+#                               over nccl.cu, each against one CPU process (tests/sh/lib/train.sh)
 #   coverage                    every __global__ function of kernels/cuda ran at least once
 #                               (NEMO_EMU_CUDA_TRACE), except the ones listed below with why
 # A kernel that breaks a CUDA rule (a barrier not reached by the whole block, a shuffle with
@@ -58,6 +64,45 @@ sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 NE
     NEMO_EXPECT_CUDA=1 -- tests/gpu/check_train.lua
 sub "streams, events, non_blocking copies and record_stream on 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 \
     -- tests/fake/device_streams.lua
+
+# ==== several ranks: the plugin's NCCL backend (kernels/cuda/nccl.cu) on the emulator's NCCL ====
+if command -v mpirun > /dev/null 2>&1; then
+    export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
+    if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+    for np in 2 3; do
+        out=$(NEMO_EMU_CUDA_DEVICES=$np timeout 300 mpirun -np $np --oversubscribe -x NEMO_CUDA_LIB \
+              -x NEMO_EMU_CUDA_DEVICES "$N" tests/fake/dist_nccl.lua 2> "$T/err")
+        rc=$?
+        ERR_TAIL=$(tail -n 30 "$T/err") relay "cuda emu" "nemo.dist's collectives over nccl.cu on $np ranks" "$rc" "$out"
+    done
+    # ranks that issue different collectives: an error naming it on every rank, not a hang
+    cat > "$T/mismatch.lua" <<'LUA'
+local nemo, dist = require "nemo", require "nemo.dist"
+dist.init_process_group{backend = "nccl", timeout = 60}
+local r = dist.get_rank()
+local ok, err = pcall(dist.all_reduce, nemo.ones({4 + r}, {device = "cuda:" .. r}))
+io.write(string.format("rank %d: %s %s\n", r, tostring(ok), tostring(err)))
+os.exit(ok and 0 or 3)
+LUA
+    start=$SECONDS
+    out=$(NEMO_EMU_CUDA_DEVICES=2 timeout 120 mpirun -np 2 -x NEMO_CUDA_LIB -x NEMO_EMU_CUDA_DEVICES "$N" "$T/mismatch.lua" \
+          2> "$T/err")
+    rc=$?
+    if [ "$rc" != 0 ] && [ $((SECONDS - start)) -lt 60 ] && grep -q "rank 0: false .*NCCL.*different collectives" <<< "$out" &&
+       grep -q "the ranks must issue the same collectives" "$T/err"; then
+        pass "ranks issuing different collectives over nccl: an NCCL error naming it, after $((SECONDS - start)) s"
+    else
+        fail "ranks issuing different collectives over nccl: an error, not a hang" "exit $rc" "$out" "$(tail -n 20 "$T/err")"
+    fi
+    source tests/sh/lib/train.sh
+    TRAIN_ON_CUDA_EMU="$LIB"
+    device_recipe_cases
+    left=$(ls /dev/shm 2> /dev/null | grep -c '^nemo-emu-nccl' || true)
+    if [ "$left" = 0 ]; then pass "the emulated NCCL left nothing in /dev/shm"
+    else fail "the emulated NCCL left nothing in /dev/shm" "$left objects: $(ls /dev/shm | grep '^nemo-emu-nccl' | head -n 5)"; fi
+else
+    skip "several ranks on the emulator" "mpirun not found"
+fi
 
 # ==== coverage: which kernels never ran ====
 # Not reachable through the engine, on purpose:
