@@ -8,7 +8,8 @@
  * cudaFuncSetAttribute, copies past an allocation, a double free, cuBLAS and cuBLASLt
  * calls with sizes that do not agree or pointers not aligned as promised; fresh device memory
  * reads as NaN, a write past an allocation faults, and so does host code reading device memory
- * (where the CPU has protection keys). Work is deferred as CUDA allows: a stream that does not
+ * (where the CPU has protection keys), and so does a read past a block's dynamic shared memory;
+ * a read that misses its barrier gives a wrong result. Work is deferred as CUDA allows: a stream that does not
  * wait for another, or host code that does not wait for a copy, sees stale data.
  *
  * Launches are written as the Makefile rewrites them: k<<<g, b, s>>>(x) is
@@ -79,6 +80,19 @@ __global__ void early_exit_shuffle(float *x) {
 }
 
 __global__ void nothing(float *x) { (void)x; }
+
+/* y[t] = x[t + 1 (mod n)] through shared memory, without the barrier between the write and
+ * the read */
+__global__ void rotate_no_barrier(const int *x, int *y, int n) {
+    __shared__ int buf[256];
+    buf[threadIdx.x] = x[threadIdx.x];
+    y[threadIdx.x] = buf[(threadIdx.x + 1) % n];
+}
+
+__global__ void past_dyn_smem(float *out, int n) {
+    float *buf = (float *)nemo_emu::dyn_smem();
+    out[threadIdx.x] = buf[n + 1024 * threadIdx.x];   /* n floats were asked for */
+}
 
 __global__ void fill_k(float *y, float v, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -165,6 +179,40 @@ int main(void) {
     TAP_OK(cudaGetLastError() == cudaSuccess, "... and then the launch goes");
     nothing << nemo_emu_cfg(dim3(1, 70000), dim3(32))(buf);
     TAP_OK(cudaGetLastError() == cudaErrorInvalidConfiguration, "gridDim.y of 70000: invalid configuration");
+
+    /* a missing barrier: the threads of a block run first to last in one launch and last to
+     * first in the next, so the rotation is wrong in one of them */
+    {
+        int h[256], back[2][256], *x = NULL, *y = NULL;
+        for (int i = 0; i < 256; i++) h[i] = i;
+        cudaMalloc((void **)&x, sizeof h);
+        cudaMalloc((void **)&y, sizeof h);
+        cudaMemcpy(x, h, sizeof h, cudaMemcpyHostToDevice);
+        for (int k = 0; k < 2; k++) {
+            rotate_no_barrier << nemo_emu_cfg(dim3(1), dim3(256))(x, y, 256);
+            cudaMemcpy(back[k], y, sizeof h, cudaMemcpyDeviceToHost);
+        }
+        int bad[2] = {0, 0};
+        for (int k = 0; k < 2; k++)
+            for (int i = 0; i < 256; i++) bad[k] += back[k][i] != (i + 1) % 256;
+        TAP_OK((bad[0] > 0) != (bad[1] > 0), "a read of shared memory that misses its barrier is wrong in one of two "
+               "launches (%d and %d of 256 wrong)", bad[0], bad[1]);
+        cudaFree(x);
+        cudaFree(y);
+    }
+    {
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            float *o = dev_floats(NULL, 64);
+            past_dyn_smem << nemo_emu_cfg(dim3(1), dim3(64), 64 * sizeof(float))(o, 64);
+            cudaDeviceSynchronize();
+            _exit(0);
+        }
+        int st = 0;
+        waitpid(pid, &st, 0);
+        TAP_OK(WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "a read past the dynamic shared memory a launch asked for faults");
+    }
 
     /* streams belong to a device */
     {

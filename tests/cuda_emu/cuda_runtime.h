@@ -17,7 +17,9 @@
  *
  * What this catches: wrong indexing and launch geometry (the block and shared-memory limits
  * of an sm_90 device are checked), reductions that depend on lanes that did not take part,
- * divergent barriers and shuffles (a launch failure naming the kernel), reads of device
+ * divergent barriers and shuffles (a launch failure naming the kernel), reads that miss a
+ * barrier (threads run in a different order every other block and launch), accesses past the
+ * dynamic shared memory (a fault), reads of device
  * memory nobody wrote (cudaMalloc fills with NaN bytes), writes far past an allocation (guard
  * pages), wrong cuBLAS / cuBLASLt arguments (dimensions checked as the libraries document),
  * missing synchronization between streams and with the host (work runs late, so a reader

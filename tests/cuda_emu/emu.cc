@@ -14,7 +14,9 @@
  *   writes device memory by mistake faults with a message naming the allocation, as it would
  *   on a GPU. Without PKU (pkey_alloc fails) memory stays open.
  * - Execution: deferred, per stream, until the host must see the result (see "deferred
- *   execution" below). A launch runs its blocks one after the other; a block's threads are fibers that run until
+ *   execution" below). A launch runs its blocks one after the other (dynamic shared memory
+ *   ends at an inaccessible page; every other block and launch runs its threads last to
+ *   first, so a read that misses a barrier is wrong in one of the two orders); a block's threads are fibers that run until
  *   they reach __syncthreads, a warp collective, or their end. A warp collective is carried
  *   out when all 32 lanes of the warp reached one; a barrier is passed when every thread of
  *   the block reached it. Anything else (a barrier some threads skip or exit before, a
@@ -164,7 +166,7 @@ static void on_segv(int sig, siginfo_t *si, void *uc) {
                      "reachable through kernels, copies and cuBLAS)\n", si->si_addr);
     else
         n = snprintf(msg, sizeof msg, "cuda emulator: segmentation fault at %p (a guard region: an access past a "
-                     "device allocation?)\n", si->si_addr);
+                     "device allocation, or past a block's dynamic shared memory?)\n", si->si_addr);
     if (n > 0) { ssize_t w = write(2, msg, (size_t)n); (void)w; }
     signal(sig, SIG_DFL);   /* the faulting access runs again and ends the process */
 }
@@ -836,18 +838,35 @@ static void __attribute__((destructor)) write_trace(void) {
     fclose(o);
 }
 
+static char *smem_region;
+static const size_t SMEM_REGION = 232448 + 4096;   /* the most dynamic shared memory a block may have */
+static uint64_t n_launches;
+/* NEMO_EMU_CUDA_ORDER=forward: every block's threads run first to last (0: alternate). */
+static int order_mode = -1;
+
 /* Runs a checked launch now: every block, each one's threads as fibers. */
 static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, void (*fbody)(void *), void *ctx) {
     std::lock_guard<std::mutex> lk(launch_lock);
     const uint64_t nt = (uint64_t)b.x * b.y * b.z;
+    if (order_mode < 0) {
+        const char *e = getenv("NEMO_EMU_CUDA_ORDER");
+        order_mode = e && strcmp(e, "forward") == 0;
+    }
     if (!th) {
         th = new thread[1024];
         stacks = (char *)mmap(NULL, STACK * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                               -1, 0);
         if (stacks == MAP_FAILED) { stacks = NULL; delete[] th; th = NULL; return fail(cudaErrorMemoryAllocation); }
     }
-    char *buf = (char *)aligned_alloc(128, (smem_bytes + 127) / 128 * 128 + 128);
-    smem = buf;
+    /* dynamic shared memory ends where an inaccessible page starts, so a read or write past
+     * it faults (CUDA leaves such an access undefined; it often reads another block's data) */
+    if (!smem_region) {
+        smem_region = (char *)mmap(NULL, SMEM_REGION + page_size(), PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (smem_region == MAP_FAILED) { smem_region = NULL; return fail(cudaErrorMemoryAllocation); }
+        mprotect(smem_region + SMEM_REGION, page_size(), PROT_NONE);
+    }
+    smem = smem_region + SMEM_REGION - (smem_bytes + 15) / 16 * 16;   /* 16-byte aligned, as CUDA's */
     body = fbody;
     body_ctx = ctx;
     gdim = g;
@@ -859,8 +878,12 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
                 bid = uint3{bx, by, bz};
                 memset(smem, 0xff, smem_bytes);
                 for (uint64_t i = 0; i < nt; i++) start_fiber(i, b);
+                /* every other block (and launch) runs its threads last to first between two
+                 * barriers: a read that misses a barrier sees stale data in one of the orders */
+                const bool rev = order_mode == 0 && ((bx + by + bz + n_launches) & 1);
                 for (;;) {
-                    for (uint64_t i = 0; i < nt; i++)
+                    for (uint64_t j = 0; j < nt; j++) {
+                        const uint64_t i = rev ? nt - 1 - j : j;
                         if (th[i].state == S_RUN) {
                             cur = (int)i;
                             tid = th[i].t;
@@ -870,6 +893,7 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
                             swapcontext(&sched, &th[i].ctx);
 #endif
                         }
+                    }
                     int done = 0;
                     for (uint64_t i = 0; i < nt; i++) done += th[i].state == S_DONE;
                     if (done == (int)nt) break;
@@ -881,8 +905,8 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
                     }
                 }
             }
-    free(buf);
     smem = NULL;
+    n_launches++;
     if (!why.empty()) {
         report("%s failed: %s", kernel_name(fn).c_str(), why.c_str());
         return fail(cudaErrorLaunchFailure);
