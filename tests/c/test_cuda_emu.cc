@@ -89,9 +89,14 @@ __global__ void rotate_no_barrier(const int *x, int *y, int n) {
     y[threadIdx.x] = buf[(threadIdx.x + 1) % n];
 }
 
+/* block b reads what block b - 1 wrote: blocks have no order on a GPU */
+__global__ void chain_blocks(int *x) {
+    if (threadIdx.x == 0) x[blockIdx.x + 1] = x[blockIdx.x] + 1;
+}
+
 __global__ void past_dyn_smem(float *out, int n) {
     float *buf = (float *)nemo_emu::dyn_smem();
-    out[threadIdx.x] = buf[n + 1024 * threadIdx.x];   /* n floats were asked for */
+    out[threadIdx.x] = buf[n + threadIdx.x];   /* n floats were asked for */
 }
 
 __global__ void fill_k(float *y, float v, int n) {
@@ -199,6 +204,19 @@ int main(void) {
                "launches (%d and %d of 256 wrong)", bad[0], bad[1]);
         cudaFree(x);
         cudaFree(y);
+    }
+    {
+        int *x = NULL, zero = 0, got[2] = {0, 0};
+        cudaMalloc((void **)&x, 9 * sizeof(int));
+        for (int k = 0; k < 2; k++) {
+            cudaMemcpy(x, &zero, sizeof zero, cudaMemcpyHostToDevice);
+            cudaMemset(x + 1, 0xff, 8 * sizeof(int));
+            chain_blocks << nemo_emu_cfg(dim3(8), dim3(32))(x);
+            cudaMemcpy(&got[k], x + 8, sizeof(int), cudaMemcpyDeviceToHost);
+        }
+        TAP_OK((got[0] == 8) != (got[1] == 8), "a block that reads another block's output is wrong in one of two "
+               "launches (blocks run last to first in every other one): %d, %d", got[0], got[1]);
+        cudaFree(x);
     }
     {
         fflush(stdout);

@@ -16,7 +16,8 @@
  * - Execution: deferred, per stream, until the host must see the result (see "deferred
  *   execution" below). A launch runs its blocks one after the other (dynamic shared memory
  *   ends at an inaccessible page; every other block and launch runs its threads last to
- *   first, so a read that misses a barrier is wrong in one of the two orders); a block's threads are fibers that run until
+ *   first, so a read that misses a barrier is wrong in one of the two orders; odd launches
+ *   run their blocks last to first, so a block that reads another's output is caught too); a block's threads are fibers that run until
  *   they reach __syncthreads, a warp collective, or their end. A warp collective is carried
  *   out when all 32 lanes of the warp reached one; a barrier is passed when every thread of
  *   the block reached it. Anything else (a barrier some threads skip or exit before, a
@@ -839,7 +840,7 @@ static void __attribute__((destructor)) write_trace(void) {
 }
 
 static char *smem_region;
-static const size_t SMEM_REGION = 232448 + 4096;   /* the most dynamic shared memory a block may have */
+static const size_t SMEM_REGION = 256 * 1024;   /* page-aligned, above the 227 KiB a block may have */
 static uint64_t n_launches;
 /* NEMO_EMU_CUDA_ORDER=forward: every block's threads run first to last (0: alternate). */
 static int order_mode = -1;
@@ -864,7 +865,7 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
         smem_region = (char *)mmap(NULL, SMEM_REGION + page_size(), PROT_READ | PROT_WRITE,
                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (smem_region == MAP_FAILED) { smem_region = NULL; return fail(cudaErrorMemoryAllocation); }
-        mprotect(smem_region + SMEM_REGION, page_size(), PROT_NONE);
+        if (mprotect(smem_region + SMEM_REGION, page_size(), PROT_NONE) != 0) return fail(cudaErrorMemoryAllocation);
     }
     smem = smem_region + SMEM_REGION - (smem_bytes + 15) / 16 * 16;   /* 16-byte aligned, as CUDA's */
     body = fbody;
@@ -872,15 +873,19 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
     gdim = g;
     bdim = b;
     std::string why;
-    for (unsigned bz = 0; bz < g.z && why.empty(); bz++)
-        for (unsigned by = 0; by < g.y && why.empty(); by++)
-            for (unsigned bx = 0; bx < g.x && why.empty(); bx++) {
+    /* odd launches run their blocks last to first: blocks are unordered on a GPU */
+    const bool rev_blocks = order_mode == 0 && (n_launches & 1);
+    for (unsigned bz0 = 0; bz0 < g.z && why.empty(); bz0++)
+        for (unsigned by0 = 0; by0 < g.y && why.empty(); by0++)
+            for (unsigned bx0 = 0; bx0 < g.x && why.empty(); bx0++) {
+                const unsigned bx = rev_blocks ? g.x - 1 - bx0 : bx0, by = rev_blocks ? g.y - 1 - by0 : by0,
+                               bz = rev_blocks ? g.z - 1 - bz0 : bz0;
                 bid = uint3{bx, by, bz};
                 memset(smem, 0xff, smem_bytes);
                 for (uint64_t i = 0; i < nt; i++) start_fiber(i, b);
                 /* every other block (and launch) runs its threads last to first between two
                  * barriers: a read that misses a barrier sees stale data in one of the orders */
-                const bool rev = order_mode == 0 && ((bx + by + bz + n_launches) & 1);
+                const bool rev = order_mode == 0 && ((bx0 + by0 + bz0 + n_launches) & 1);
                 for (;;) {
                     for (uint64_t j = 0; j < nt; j++) {
                         const uint64_t i = rev ? nt - 1 - j : j;
