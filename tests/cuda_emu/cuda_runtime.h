@@ -215,6 +215,8 @@ namespace nemo_emu {
  * runs is returned by the call that made it run (a synchronize, say). fn names the kernel. */
 cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem, cudaStream_t st, void (*body)(void *),
                    void (*drop)(void *), void *ctx);
+/* Prints what the emulator found wrong on stderr ("cuda emulator: ..."). */
+void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Queues other emulated device work (cub's sort) on st, run with device memory open. */
 cudaError_t enqueue(cudaStream_t st, const char *what, std::function<cudaError_t()> work);
 /* A launch argument as captured: converts to the kernel's parameter type at the call, as nvcc

@@ -47,6 +47,8 @@
 #include <cblas.h>
 
 #include "cublasLt.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 #include "warp_mma.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -75,8 +77,8 @@ static cudaError_t fail(cudaError_t e) {
     return e;
 }
 /* Prints what the emulator found wrong (the CUDA status alone would not say). */
-static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void report(const char *fmt, ...) {
+namespace nemo_emu {
+void report(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("cuda emulator: ", stderr);
@@ -84,6 +86,8 @@ static void report(const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
 }
+}
+using nemo_emu::report;
 
 EXPORT const char *cudaGetErrorName(cudaError_t e) {
     switch (e) {
@@ -1006,23 +1010,16 @@ static double load(const void *p, int64_t i, cudaDataType_t t) {
     switch (t) {
     case CUDA_R_32F: return ((const float *)p)[i];
     case CUDA_R_64F: return ((const double *)p)[i];
-    case CUDA_R_16BF: { uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
-    default: { _Float16 h; memcpy(&h, (const uint16_t *)p + i, 2); return (float)h; }
+    case CUDA_R_16BF: return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    default: return __half2float(((const __half *)p)[i]);
     }
 }
 static void store(void *p, int64_t i, cudaDataType_t t, double v) {
     switch (t) {
     case CUDA_R_32F: ((float *)p)[i] = (float)v; break;
     case CUDA_R_64F: ((double *)p)[i] = v; break;
-    case CUDA_R_16BF: {
-        float f = (float)v;
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
-                                                              : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        break;
-    }
-    default: { _Float16 h = (_Float16)(float)v; memcpy((uint16_t *)p + i, &h, 2); break; }
+    case CUDA_R_16BF: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v); break;
+    default: ((__half *)p)[i] = __float2half_rn((float)v); break;
     }
 }
 

@@ -38,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 #include "nccl.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -61,15 +63,8 @@ struct ncclComm {
     std::atomic<int> async;
 };
 
-static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void report(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("cuda emulator: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
+using nemo_emu::report;
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -157,8 +152,8 @@ static double load(const void *p, size_t i, int t) {
     case ncclUint32: return ((const uint32_t *)p)[i];
     case ncclFloat32: return ((const float *)p)[i];
     case ncclFloat64: return ((const double *)p)[i];
-    case ncclBfloat16: { uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
-    case ncclFloat16: { _Float16 h; memcpy(&h, (const uint16_t *)p + i, 2); return (float)h; }
+    case ncclBfloat16: return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    case ncclFloat16: return __half2float(((const __half *)p)[i]);
     default: return 0;
     }
 }
@@ -177,15 +172,8 @@ static void store(void *p, size_t i, int t, double v, int64_t iv) {
     case ncclUint64: ((uint64_t *)p)[i] = (uint64_t)iv; break;
     case ncclFloat32: ((float *)p)[i] = (float)v; break;
     case ncclFloat64: ((double *)p)[i] = v; break;
-    case ncclBfloat16: {
-        float f = (float)v;
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
-                                                              : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        break;
-    }
-    case ncclFloat16: { _Float16 h = (_Float16)(float)v; memcpy((uint16_t *)p + i, &h, 2); break; }
+    case ncclBfloat16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v); break;
+    case ncclFloat16: ((__half *)p)[i] = __float2half_rn((float)v); break;
     }
 }
 

@@ -20,20 +20,8 @@ end
 dist.init_process_group{backend = "nccl", timeout = 120}
 local rank, world = dist.get_rank(), dist.get_world_size()
 local D = "cuda:" .. rank
-local main = rank == 0
-local failures = 0
-
-local function agree(cond)
-    local t = nemo.tensor({cond and 1 or 0}, {dtype = "int32"})   -- a CPU tensor: over MPI
-    dist.all_reduce(t, "min")
-    return t:item() == 1
-end
-local function ok(cond, name, diag)
-    if not cond then io.stderr:write(string.format("# rank %d: FAILED %s%s\n", rank, name, diag and (": " .. diag) or "")) end
-    local all = agree(not not cond)
-    if not all then failures = failures + 1 end
-    if main then T.ok(all, name) end
-end
+local R = require("dist_tap").new(T, dist)
+local ok = R.ok
 local function same(a, b)
     return a.dtype == b.dtype and T.same_bits(a:cpu():to{dtype = "float64"}, b:to{dtype = "float64"})
 end
@@ -118,6 +106,5 @@ local t = input(rank, "float64"):to(D)
 dist.all_reduce(t, "max")
 ok(same(t, fold("float64", "max")), "the world's communicator after the subgroup's")
 
-if main then T.done() end
 dist.destroy_process_group()
-os.exit(failures == 0 and 0 or 1)
+R.done()

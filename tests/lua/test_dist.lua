@@ -21,43 +21,10 @@ local env = dist.env()
 dist.init_process_group{timeout = 60}
 local rank, world = dist.get_rank(), dist.get_world_size()
 local main = rank == 0
-local all_ok = true
+local R = require("dist_tap").new(T, dist)
+local agree, ok, raises = R.agree, R.ok, R.raises
 
--- ==== checks decided on every rank ====
-
-local function agree(cond)
-    if world == 1 then return cond end
-    local t = nemo.tensor({cond and 1 or 0}, {dtype = "int32"})
-    dist.all_reduce(t, "min")
-    return t:item() == 1
-end
-
-local function ok(cond, name, diag)
-    if not cond then io.stderr:write(string.format("# rank %d: FAILED %s%s\n", rank, name, diag and (": " .. diag) or "")) end
-    local all = agree(not not cond)
-    if not all then all_ok = false end
-    if main then T.ok(all, name) end
-end
-
-local function raises(fn, pattern, name)
-    local pok, err = pcall(fn)
-    err = tostring(err)
-    ok(not pok and err:find(pattern, 1, true) ~= nil, name, pok and "no error" or ("error was: " .. err))
-end
-
--- max|a - ref| <= rtol * max|ref| over flattened values
-local function rel_diff(a, ref)
-    local fa = a:double():contiguous():reshape{-1}:tolist()
-    local fr = ref:double():contiguous():reshape{-1}:tolist()
-    local d, m = 0, 0
-    for i = 1, #fr do
-        local x = math.abs(fa[i] - fr[i])
-        if x ~= x then x = math.huge end
-        if x > d then d = x end
-        if math.abs(fr[i]) > m then m = math.abs(fr[i]) end
-    end
-    return m > 0 and d / m or d
-end
+local rel_diff = R.rel_diff
 
 local function list_eq(a, b)
     if #a ~= #b then return false end
@@ -70,10 +37,7 @@ local function fmt(l)
     return "{" .. table.concat(parts, ", ") .. "}"
 end
 
-local function done()
-    if main then T.done() end
-    os.exit(all_ok and 0 or 1)
-end
+local done = R.done
 
 -- ==== the process group ====
 
