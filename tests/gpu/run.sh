@@ -6,13 +6,15 @@
 #   build (make -j$JOBS all)            150 s    60-90 s              skipped with SKIP_BUILD=1
 #   tests/lua/test_cuda.lua              30 s    < 5 s                the device layer (nemo.cuda, plugin table)
 #   tests/lua/test_cuda_kernels.lua      30 s    < 5 s                every CUDA kernel registered, refuses CPU tensors
+#   tests/gpu/check_streams.lua          30 s    < 5 s                streams, events, non_blocking copies and
+#                                                                     record_stream with real concurrency
 #   tests/gpu/check_golden.lua           60 s    ~10 s                golden FLUX cases (diffusers, torch AdamW,
 #                                                                     Automodel's step) with everything on cuda:0
 #   tests/gpu/check_train.lua            90 s    ~20-30 s             training steps on cuda:0 vs the CPU, determinism,
 #                                                                     checkpointing, bf16, the recipe --device cuda:0
 #   tests/gpu/check_ops.lua             150 s    ~40-90 s             every CUDA kernel against the CPU, bench lines
 #   bench/gpu_block.lua                 120 s    ~30-60 s             FLUX.1-dev double block fwd+bwd vs matmul rates
-# Expected total: about 2.5 minutes without the build, 4 with it; the caps add up to 630 s, so
+# Expected total: about 2.5 minutes without the build, 4 with it; the caps add up to 660 s, so
 # the overall budget is what keeps the script under 8 minutes: a step starts only with at least
 # 15 s of budget left and never runs past it (a step cut short counts as failed).
 # Cheap, valuable checks run first, so a short budget still gives the correctness answers.
@@ -151,7 +153,8 @@ fi
 
 log=$(mktemp)
 steplog=$(mktemp)
-steps=(tests/lua/test_cuda.lua:30 tests/lua/test_cuda_kernels.lua:30 tests/gpu/check_golden.lua:60
+steps=(tests/lua/test_cuda.lua:30 tests/lua/test_cuda_kernels.lua:30 tests/gpu/check_streams.lua:30
+       tests/gpu/check_golden.lua:60
        tests/gpu/check_train.lua:90 tests/gpu/check_ops.lua:150 bench/gpu_block.lua:120)
 args=()
 if [ "${NEMO_FAKE_CUDA:-0}" != 0 ]; then

@@ -11,7 +11,7 @@
 #                               throughput lines)
 #   tests/gpu/check_golden.lua  the golden FLUX and Wan cases on the emulated device
 #   tests/gpu/check_train.lua   FLUX training steps on cuda:1 of 2 emulated devices vs the CPU
-#   tests/fake/device_streams.lua  streams, events, non_blocking copies, record_stream and the
+#   tests/gpu/check_streams.lua streams, events, non_blocking copies, record_stream and the
 #                               pinned-block guard, with each stream's work deferred until the
 #                               host must see it, so a missing wait shows in the values
 #   tests/fake/dist_nccl.lua    nemo.dist's collectives through the plugin's NCCL backend
@@ -63,7 +63,9 @@ sub "check_golden.lua on the emulated device" NEMO_EXPECT_CUDA=1 -- tests/gpu/ch
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 NEMO_GPU_DEVICE=cuda:1 \
     NEMO_EXPECT_CUDA=1 -- tests/gpu/check_train.lua
 sub "streams, events, non_blocking copies and record_stream on 2 emulated devices" NEMO_EMU_CUDA_DEVICES=2 \
-    -- tests/fake/device_streams.lua
+    -- tests/gpu/check_streams.lua
+sub "check_streams.lua on 1 emulated device, as on a GPU (NEMO_EXPECT_CUDA=1)" NEMO_EXPECT_CUDA=1 \
+    -- tests/gpu/check_streams.lua
 
 # ==== several ranks: the plugin's NCCL backend (kernels/cuda/nccl.cu) on the emulator's NCCL ====
 if command -v mpirun > /dev/null 2>&1; then

@@ -4,7 +4,7 @@
 # so that CI covers them without a GPU:
 #   tests/fake/device_basics.lua   placement, copies within and between 2 devices, memory
 #                                  stats, errors, a training step equal to the CPU's
-#   tests/fake/device_streams.lua  streams, events, non_blocking copies, record_stream and the
+#   tests/gpu/check_streams.lua    streams, events, non_blocking copies, record_stream and the
 #                                  allocator's per-stream caching
 #   tests/fake/device_memory.lua   the caching allocator on a 16 MiB device: reuse, empty_cache,
 #                                  release-and-retry, a clear out-of-memory error
@@ -48,7 +48,7 @@ sub() {
 }
 
 sub "device basics on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/fake/device_basics.lua
-sub "streams and events on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/fake/device_streams.lua
+sub "streams and events on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/gpu/check_streams.lua
 sub "the caching allocator on a 16 MiB emulated device" NEMO_FAKE_CUDA=1 NEMO_FAKE_CUDA_MEM=16777216 \
     -- tests/fake/device_memory.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_DEVICE=cuda:1 NEMO_EXPECT_CUDA=1 \
