@@ -319,6 +319,18 @@ nemo_kfn nemo_kernel_get(const char *name, int devtype) {
 
 int nemo_kernel_has(const char *name, int devtype) { return kernel_index(name, devtype) >= 0; }
 
+int nemo_io_dtype(const char *name, int devtype, int dt, int cdt) {
+    static int off = -1;
+    if (off < 0) {
+        const char *e = getenv("NEMO_LOWP_IO");
+        off = e && strcmp(e, "0") == 0;
+    }
+    if (off || cdt != NEMO_F32 || (dt != NEMO_BF16 && dt != NEMO_F16)) return cdt;
+    char key[64];
+    snprintf(key, sizeof key, "%s.lp", name);
+    return nemo_kernel_has(key, devtype) ? dt : cdt;
+}
+
 void nemo_kernel_mirror_cpu(int devtype) {
     if (devtype <= NEMO_CPU || devtype >= NEMO_NDEVTYPE) return;
     pthread_mutex_lock(&kernel_lock);

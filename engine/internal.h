@@ -126,6 +126,11 @@ typedef void (*nemo_kfn)(void);
 void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn);
 nemo_kfn nemo_kernel_get(const char *name, int devtype);
 int nemo_kernel_has(const char *name, int devtype);   /* registered? (sets no error) */
+/* The dtype the large operands of kernel `name` should reach it in: dt itself when dt is
+ * bfloat16 / float16, cdt is float32 and the kernel on devtype also registered as "<name>.lp"
+ * (it reads bf16 / f16 into float32 and rounds its result once: the numbers of converting
+ * first, in one pass over memory); else cdt, the compute dtype. NEMO_LOWP_IO=0: always cdt. */
+int nemo_io_dtype(const char *name, int devtype, int dt, int cdt);
 /* Give every CPU kernel that devtype lacks to devtype as well (the emulated CUDA device). */
 void nemo_kernel_mirror_cpu(int devtype);
 int nemo_cuda_emulated(void);   /* are the CUDA devices NEMO_FAKE_CUDA's? (engine/core.c) */

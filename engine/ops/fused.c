@@ -6,6 +6,13 @@
  * compute dtype (float32 for f32/bf16/f16, float64 for f64) with nemo_prep, runs the kernel into a
  * compute-dtype result and rounds it once into the output dtype. Kernels see contiguous tensors
  * of the compute dtype plus the (B, S, D) sizes, never user input they must validate.
+ *
+ * bfloat16 / float16 operands: where the device's kernel is also registered as "<name>.lp"
+ * (the CUDA ones), the large operands (x, a, g and the result) stay bfloat16 / float16 and the
+ * kernel reads them into float32 and rounds its result once: the same numbers as converting
+ * and rounding here, in one pass over memory instead of three, without the float32 copies.
+ * The small per-sample vectors and rope tables are still converted. NEMO_LOWP_IO=0 turns this
+ * off (for comparisons).
  */
 #include "../internal.h"
 
@@ -124,10 +131,11 @@ static nemo_tensor *rope_common(const char *op, const nemo_tensor *x, const nemo
     rope_k k;
     NEMO_GET_KERNEL(k, rope_k, "rope", x->devtype);
     int cdt = nemo_compute_dtype(nemo_promote(nemo_promote(x->dtype, cos->dtype), sin->dtype));
-    NEMO_TRYP(xc, nemo_prep(x, cdt));
+    int xdt = x->dtype == out_dtype ? nemo_io_dtype("rope", x->devtype, x->dtype, cdt) : cdt;
+    NEMO_TRYP(xc, nemo_prep(x, xdt));
     NEMO_TRYP(cc, nemo_prep(cos, cdt));
     NEMO_TRYP(sc, nemo_prep(sin, cdt));
-    NEMO_TRYP(y, nemo_empty(x->ndim, x->shape, cdt, x->devtype, x->devindex));
+    NEMO_TRYP(y, nemo_empty(x->ndim, x->shape, xdt, x->devtype, x->devindex));
     NEMO_TRY(k(y, xc, cc, sc, nb, x->shape[seq_dim], nh, x->shape[x->ndim - 1], backward));
     nemo_tensor_release(xc); nemo_tensor_release(cc); nemo_tensor_release(sc);
     return finish(y, out_dtype);
@@ -170,10 +178,11 @@ NEMO_API nemo_tensor *nemo_modulate(const nemo_tensor *x, const nemo_tensor *sca
     int odt = nemo_promote(x->dtype, scale->dtype);
     if (shift) odt = nemo_promote(odt, shift->dtype);
     int cdt = nemo_compute_dtype(odt);
-    NEMO_TRYP(xc, nemo_prep(x, cdt));
+    int xdt = x->dtype == odt ? nemo_io_dtype("modulate", x->devtype, odt, cdt) : cdt;
+    NEMO_TRYP(xc, nemo_prep(x, xdt));
     NEMO_TRYP(sc, nemo_prep(scale, cdt));
     if (shift) NEMO_TRYP(hc, nemo_prep(shift, cdt));
-    NEMO_TRYP(y, nemo_empty(3, x->shape, cdt, x->devtype, x->devindex));
+    NEMO_TRYP(y, nemo_empty(3, x->shape, xdt, x->devtype, x->devindex));
     NEMO_TRY(k(y, xc, sc, hc, x->shape[0], x->shape[1], x->shape[2], sb));
     nemo_tensor_release(xc); nemo_tensor_release(sc); nemo_tensor_release(hc);
     return finish(y, odt);
@@ -205,10 +214,11 @@ NEMO_API int nemo_modulate_backward(const nemo_tensor *g, const nemo_tensor *x, 
     modulate_bwd_k k;
     NEMO_GET_KERNEL(k, modulate_bwd_k, "modulate_backward", x->devtype);
     int cdt = nemo_compute_dtype(nemo_promote(nemo_promote(g->dtype, x->dtype), scale->dtype));
-    NEMO_TRYP(gc, nemo_prep(g, cdt));
-    NEMO_TRYP(xc, nemo_prep(x, cdt));
+    int xdt = g->dtype == x->dtype ? nemo_io_dtype("modulate_backward", x->devtype, x->dtype, cdt) : cdt;
+    NEMO_TRYP(gc, nemo_prep(g, xdt));
+    NEMO_TRYP(xc, nemo_prep(x, xdt));
     NEMO_TRYP(sc, nemo_prep(scale, cdt));
-    if (dx) NEMO_TRYP(tdx, nemo_empty(3, x->shape, cdt, x->devtype, x->devindex));
+    if (dx) NEMO_TRYP(tdx, nemo_empty(3, x->shape, xdt, x->devtype, x->devindex));
     if (dscale) NEMO_TRYP(tds, nemo_empty(2, scale->shape, cdt, x->devtype, x->devindex));
     if (dshift) NEMO_TRYP(tdh, nemo_empty(2, scale->shape, cdt, x->devtype, x->devindex));
     NEMO_TRY(k(tdx, tds, tdh, gc, xc, sc, x->shape[0], x->shape[1], x->shape[2], sb));
@@ -243,10 +253,11 @@ NEMO_API nemo_tensor *nemo_gated_add(const nemo_tensor *x, const nemo_tensor *ga
     NEMO_GET_KERNEL(k, gated_add_k, "gated_add", x->devtype);
     int odt = nemo_promote(nemo_promote(x->dtype, gate->dtype), a->dtype);
     int cdt = nemo_compute_dtype(odt);
-    NEMO_TRYP(xc, nemo_prep(x, cdt));
+    int xdt = x->dtype == odt && a->dtype == odt ? nemo_io_dtype("gated_add", x->devtype, odt, cdt) : cdt;
+    NEMO_TRYP(xc, nemo_prep(x, xdt));
     NEMO_TRYP(gc, nemo_prep(gate, cdt));
-    NEMO_TRYP(ac, nemo_prep(a, cdt));
-    NEMO_TRYP(y, nemo_empty(3, x->shape, cdt, x->devtype, x->devindex));
+    NEMO_TRYP(ac, nemo_prep(a, xdt));
+    NEMO_TRYP(y, nemo_empty(3, x->shape, xdt, x->devtype, x->devindex));
     NEMO_TRY(k(y, xc, gc, ac, x->shape[0], x->shape[1], x->shape[2], gb));
     nemo_tensor_release(xc); nemo_tensor_release(gc); nemo_tensor_release(ac);
     return finish(y, odt);
@@ -273,10 +284,11 @@ NEMO_API int nemo_gated_add_backward(const nemo_tensor *g, const nemo_tensor *ga
     gated_add_bwd_k k;
     NEMO_GET_KERNEL(k, gated_add_bwd_k, "gated_add_backward", a->devtype);
     int cdt = nemo_compute_dtype(nemo_promote(nemo_promote(g->dtype, gate->dtype), a->dtype));
-    NEMO_TRYP(gc, nemo_prep(g, cdt));
+    int xdt = g->dtype == a->dtype ? nemo_io_dtype("gated_add_backward", a->devtype, a->dtype, cdt) : cdt;
+    NEMO_TRYP(gc, nemo_prep(g, xdt));
     NEMO_TRYP(tc, nemo_prep(gate, cdt));
-    NEMO_TRYP(ac, nemo_prep(a, cdt));
-    if (da) NEMO_TRYP(tda, nemo_empty(3, a->shape, cdt, a->devtype, a->devindex));
+    NEMO_TRYP(ac, nemo_prep(a, xdt));
+    if (da) NEMO_TRYP(tda, nemo_empty(3, a->shape, xdt, a->devtype, a->devindex));
     if (dgate) NEMO_TRYP(tdg, nemo_empty(2, gate->shape, cdt, a->devtype, a->devindex));
     NEMO_TRY(k(tda, tdg, gc, tc, ac, a->shape[0], a->shape[1], a->shape[2], gb));
     if (da) NEMO_TRY(take(da, &tda, a->dtype));

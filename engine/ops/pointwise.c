@@ -4,6 +4,9 @@
  * Each front-end checks devices and shapes, converts inputs to the compute dtype (float32 for
  * f32/bf16/f16, float64 for f64 and integers), runs the device kernel into a contiguous
  * compute-dtype result and rounds once into the output dtype, as PyTorch's "opmath" does.
+ * Where every operand and the result are bfloat16 (or all float16) and the device's kernel
+ * takes them directly (nemo_io_dtype: the CUDA kernels), the conversions are the kernel's own:
+ * the same numbers, one pass over memory.
  */
 #include "../internal.h"
 
@@ -39,12 +42,13 @@ NEMO_API nemo_tensor *nemo_unary(const nemo_tensor *x, int op, double a, double 
     NEMO_CHECK(op >= 0 && op < NEMO_NUOP, NEMO_EINVAL, "unary: unknown op %d", op);
     unary_k k;
     NEMO_GET_KERNEL(k, unary_k, "unary", x->devtype);
-    int cdt = nemo_compute_dtype(x->dtype);
+    int cdt = nemo_compute_dtype(x->dtype), odt = unary_out_dtype(op, x->dtype);
+    if (odt == x->dtype) cdt = nemo_io_dtype("unary", x->devtype, x->dtype, cdt);
     NEMO_TRYP(xc, nemo_prep(x, cdt));
     NEMO_TRYP(y, nemo_empty(x->ndim, x->shape, cdt, x->devtype, x->devindex));
     NEMO_TRY(k(y, xc, op, a, b));
     nemo_tensor_release(xc);
-    return finish(y, unary_out_dtype(op, x->dtype));
+    return finish(y, odt);
 fail:
     nemo_tensor_release(xc);
     nemo_tensor_release(y);
@@ -64,6 +68,7 @@ NEMO_API nemo_tensor *nemo_unary_backward(const nemo_tensor *g, const nemo_tenso
     unary_bwd_k k;
     NEMO_GET_KERNEL(k, unary_bwd_k, "unary_backward", x->devtype);
     int cdt = nemo_compute_dtype(nemo_promote(g->dtype, x->dtype));
+    if (g->dtype == x->dtype) cdt = nemo_io_dtype("unary_backward", x->devtype, x->dtype, cdt);
     NEMO_TRYP(gc, nemo_prep(g, cdt));
     NEMO_TRYP(xc, nemo_prep(x, cdt));
     NEMO_TRYP(dx, nemo_empty(x->ndim, x->shape, cdt, x->devtype, x->devindex));
@@ -107,6 +112,8 @@ static nemo_tensor *binary_into(nemo_tensor *dst, const nemo_tensor *a, const ne
     int cmp = op >= NEMO_BOP_EQ;
     if (out_dtype < 0) out_dtype = cmp ? NEMO_BOOL : (op == NEMO_BOP_DIV && !nemo_dtype_is_float(rdt) ? NEMO_F32 : rdt);
     int cdt = nemo_compute_dtype(cmp ? rdt : (dst ? nemo_promote(rdt, dst->dtype) : out_dtype));
+    if (!cmp && a->dtype == out_dtype && b->dtype == out_dtype && (!dst || dst->dtype == out_dtype))
+        cdt = nemo_io_dtype("binary", a->devtype, out_dtype, cdt);
     binary_k k;
     NEMO_GET_KERNEL(k, binary_k, "binary", a->devtype);
     NEMO_TRYP(ac, nemo_prep(a, cdt));

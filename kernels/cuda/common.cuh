@@ -73,6 +73,13 @@ void nemo_cuda_add_kernel(const char *name, nemo_cuda_kfn fn);
 #define NEMO_CUDA_KERNEL(name, fn)                                                          \
     static void __attribute__((constructor)) nemo_cuda_reg_##fn(void) {                     \
         nemo_cuda_add_kernel(name, (nemo_cuda_kfn)(fn)); }
+/* A kernel that also takes bfloat16 / float16 operands where the front-end would otherwise
+ * convert them to float32 (kernels/cuda/fused.cu says which): registered as name and as
+ * name ".lp", the entry the front-end looks for before it converts (engine/ops/fused.c). */
+#define NEMO_CUDA_KERNEL_LP(name, fn)                                                       \
+    static void __attribute__((constructor)) nemo_cuda_reg_##fn(void) {                     \
+        nemo_cuda_add_kernel(name, (nemo_cuda_kfn)(fn));                                     \
+        nemo_cuda_add_kernel(name ".lp", (nemo_cuda_kfn)(fn)); }
 
 /* ==== Launch configuration ==== */
 
@@ -246,6 +253,37 @@ template <> struct nemo_dt<NEMO_BOOL> {
     static NEMO_HD double load(S v) { return v ? 1.0 : 0.0; }
     static NEMO_HD S store(double v) { return v != 0.0; }
 };
+
+/* Element storage of a kernel's large operands (engine's "<name>.lp" kernels, see
+ * nemo_io_dtype in engine/internal.h): IO<T> stores T itself; IO_BF16 / IO_F16 store 16 bits,
+ * read into float and rounded once on store, with the conversions above. */
+template <typename T> struct IO {
+    typedef T S;
+    static __device__ __forceinline__ T ld(S v) { return v; }
+    static __device__ __forceinline__ S st(T v) { return v; }
+};
+struct IO_BF16 {
+    typedef uint16_t S;
+    static __device__ __forceinline__ float ld(S v) { return nemo_cuda_bf16_to_f32(v); }
+    static __device__ __forceinline__ S st(float v) { return nemo_cuda_f32_to_bf16(v); }
+};
+struct IO_F16 {
+    typedef uint16_t S;
+    static __device__ __forceinline__ float ld(S v) { return nemo_cuda_f16_to_f32(v); }
+    static __device__ __forceinline__ S st(float v) { return nemo_cuda_f32_to_f16(v); }
+};
+
+/* The compute dtype for large operands of dtype dt. */
+static inline int compute_of(int dt) { return dt == NEMO_F64 ? NEMO_F64 : NEMO_F32; }
+/* Runs L::template go<T, X>(args...) for the (compute, storage) pair of dtype dt. */
+template <typename L, typename... A> static void by_io(int dt, A... args) {
+    switch (dt) {
+    case NEMO_F64: L::template go<double, IO<double>>(args...); break;
+    case NEMO_BF16: L::template go<float, IO_BF16>(args...); break;
+    case NEMO_F16: L::template go<float, IO_F16>(args...); break;
+    default: L::template go<float, IO<float>>(args...); break;
+    }
+}
 
 /* Any dtype, chosen at run time (the slow generic path of the copy kernel). */
 NEMO_HD double nemo_cuda_load_any(const void *p, int dt) {

@@ -14,10 +14,14 @@
  *       x, g, a, y, dx, da (B, S, D); scale, shift, gate and their gradients rows of D with row
  *       stride sb / gb = D (one row per sample: (B, D)) or 0 (one row shared: (1, D)).
  *
- * Every tensor is dense, float32 or float64 (the compute dtype; the front-end converts and
- * rounds), on one CUDA device; shift, and each gradient output, may be NULL. Launchers return
- * 0 or a negative status with the plugin's error text, run on the device's stream and do not
- * synchronize.
+ * Every tensor is dense, on one CUDA device; shift, and each gradient output, may be NULL. The
+ * small ones (cos, sin, scale, shift, gate and their gradients) are the compute dtype, float32
+ * or float64. The large ones (x, g, a, y, dx, da) are the compute dtype too, or all bfloat16 or
+ * all float16 with a float32 compute dtype: the kernels also register as "<name>.lp", which
+ * tells the front-end that they read bf16 / f16 operands into float32 and round the result
+ * once, the numbers of converting, computing in float32 and rounding, in one pass over memory
+ * instead of three. Launchers return 0 or a negative status with the plugin's error text, run
+ * on the device's stream and do not synchronize.
  *
  * Non-obvious rules
  * - The elementwise results use the CPU's operations in the CPU's order, never fused (rn_*),
@@ -33,70 +37,72 @@
 #include <algorithm>
 #include "util.cuh"
 
+
 /* ==== rope ==== */
 
-template <typename T>
-__global__ void rope_k(T *y, const T *x, const T *cs, const T *sn, int64_t npairs, int64_t S, int64_t nh,
-                       int64_t half, int backward) {
+template <typename T, typename X>
+__global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, const T *sn, int64_t npairs, int64_t S,
+                       int64_t nh, int64_t half, int backward) {
     NEMO_CUDA_LOOP(p, npairs) {
         const int64_t i = p % half, q = p / half, srow = (q / nh) % S;
         const int64_t o = q * (2 * half) + 2 * i, t = srow * (2 * half) + 2 * i;
-        const T v0 = x[o], v1 = x[o + 1], c0 = cs[t], c1 = cs[t + 1], s0 = sn[t], s1 = sn[t + 1];
+        const T v0 = X::ld(x[o]), v1 = X::ld(x[o + 1]), c0 = cs[t], c1 = cs[t + 1], s0 = sn[t], s1 = sn[t + 1];
         if (!backward) {
-            y[o] = rn_add(rn_mul(v0, c0), rn_mul(-v1, s0));
-            y[o + 1] = rn_add(rn_mul(v1, c1), rn_mul(v0, s1));
+            y[o] = X::st(rn_add(rn_mul(v0, c0), rn_mul(-v1, s0)));
+            y[o + 1] = X::st(rn_add(rn_mul(v1, c1), rn_mul(v0, s1)));
         } else {
-            y[o] = rn_add(rn_mul(v0, c0), rn_mul(v1, s1));
-            y[o + 1] = rn_add(rn_mul(v1, c1), rn_mul(-v0, s0));
+            y[o] = X::st(rn_add(rn_mul(v0, c0), rn_mul(v1, s1)));
+            y[o + 1] = X::st(rn_add(rn_mul(v1, c1), rn_mul(-v0, s0)));
         }
     }
 }
 
 /* ==== modulate / gated_add ==== */
 
-template <typename T>
-__global__ void modulate_k(T *y, const T *x, const T *sc, const T *sh, int64_t total, int64_t S, int64_t D,
-                           int64_t sb) {
+template <typename T, typename X>
+__global__ void modulate_k(typename X::S *y, const typename X::S *x, const T *sc, const T *sh, int64_t total,
+                           int64_t S, int64_t D, int64_t sb) {
     NEMO_CUDA_LOOP(i, total) {
         const int64_t r = i / D, d = i % D, v = (r / S) * sb + d;
-        const T m = rn_mul(x[i], rn_add((T)1, sc[v]));
-        y[i] = sh ? rn_add(m, sh[v]) : m;
+        const T m = rn_mul(X::ld(x[i]), rn_add((T)1, sc[v]));
+        y[i] = X::st(sh ? rn_add(m, sh[v]) : m);
     }
 }
 
-template <typename T>
-__global__ void gated_add_k(T *y, const T *x, const T *gate, const T *a, int64_t total, int64_t S, int64_t D,
-                            int64_t gb) {
+template <typename T, typename X>
+__global__ void gated_add_k(typename X::S *y, const typename X::S *x, const T *gate, const typename X::S *a,
+                            int64_t total, int64_t S, int64_t D, int64_t gb) {
     NEMO_CUDA_LOOP(i, total) {
         const int64_t r = i / D, d = i % D;
-        y[i] = rn_add(x[i], rn_mul(gate[(r / S) * gb + d], a[i]));
+        y[i] = X::st(rn_add(X::ld(x[i]), rn_mul(gate[(r / S) * gb + d], X::ld(a[i]))));
     }
 }
 
 /* out = g * (1 + v) (plus_one: dx of modulate) or g * v (da of gated_add). */
-template <typename T>
-__global__ void vec_out_k(T *out, const T *g, const T *v, int plus_one, int64_t total, int64_t S, int64_t D,
-                          int64_t sb) {
+template <typename T, typename X>
+__global__ void vec_out_k(typename X::S *out, const typename X::S *g, const T *v, int plus_one, int64_t total,
+                          int64_t S, int64_t D, int64_t sb) {
     NEMO_CUDA_LOOP(i, total) {
         const int64_t r = i / D, d = i % D;
         const T vv = v[(r / S) * sb + d];
-        out[i] = rn_mul(g[i], plus_one ? rn_add((T)1, vv) : vv);
+        out[i] = X::st(rn_mul(X::ld(g[i]), plus_one ? rn_add((T)1, vv) : vv));
     }
 }
 
 /* Group grp owns rows [grp*R, (grp+1)*R); chunk c of it rows [c*chunk, ...) of those.
  * part1[(grp*nk + c)*D + d] = sum (double)(g*x), part2[...] = sum (double)g, rows in order. */
-template <typename T>
-__global__ void vec_part_k(double *part1, double *part2, const T *g, const T *x, int64_t ngroups, int64_t R,
-                           int64_t D, int64_t nk, int64_t chunk) {
+template <typename T, typename X>
+__global__ void vec_part_k(double *part1, double *part2, const typename X::S *g, const typename X::S *x,
+                           int64_t ngroups, int64_t R, int64_t D, int64_t nk, int64_t chunk) {
     NEMO_CUDA_LOOP(t, ngroups * nk * D) {
         const int64_t d = t % D, gc = t / D, c = gc % nk, grp = gc / nk;
         const int64_t r0 = c * chunk, r1 = r0 + chunk < R ? r0 + chunk : R;
         double s1 = 0.0, s2 = 0.0;
         for (int64_t r = r0; r < r1; r++) {
             const int64_t o = (grp * R + r) * D + d;
-            if (part1) s1 = __dadd_rn(s1, (double)rn_mul(g[o], x[o]));
-            if (part2) s2 = __dadd_rn(s2, (double)g[o]);
+            const T go = X::ld(g[o]);
+            if (part1) s1 = __dadd_rn(s1, (double)rn_mul(go, X::ld(x[o])));
+            if (part2) s2 = __dadd_rn(s2, (double)go);
         }
         if (part1) part1[t] = s1;
         if (part2) part2[t] = s2;
@@ -120,14 +126,31 @@ __global__ void vec_fold_k(T *d1, T *d2, const double *part1, const double *part
 
 /* ==== launchers ==== */
 
-/* Every given tensor on ref's device in ref's dtype (float32 / float64) with count elements. */
-static int check_t(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int64_t count) {
+/* The large operands' dtype: float32 / float64, or bfloat16 / float16 computed in float32. */
+static int check_io(const char *op, const nemo_tensor *t) {
+    if (t->dtype != NEMO_F32 && t->dtype != NEMO_F64 && t->dtype != NEMO_BF16 && t->dtype != NEMO_F16)
+        return nemo_cuda_error(NEMO_EDTYPE, "%s: cuda kernel expects float32, float64, bfloat16 or float16, got %s", op,
+                               nemo_cuda_dtype_name(t->dtype));
+    return 0;
+}
+
+/* t on ref's device, of dtype dt, with at least count elements (NULL passes). */
+static int check_dt(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int dt,
+                    int64_t count) {
     if (!t) return 0;
-    NEMO_CUDA_RC(k_check(op, what, t, ref, ref->dtype));
+    NEMO_CUDA_RC(k_check(op, what, t, ref, dt));
     if (nemo_cuda_numel(t) < count)
         return nemo_cuda_error(NEMO_ESHAPE, "%s: %s has %lld elements, expected %lld", op, what,
                                (long long)nemo_cuda_numel(t), (long long)count);
     return 0;
+}
+/* A large operand: ref's dtype. */
+static int check_t(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int64_t count) {
+    return check_dt(op, what, t, ref, ref->dtype, count);
+}
+/* A small one: the compute dtype of ref's. */
+static int check_v(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int64_t count) {
+    return check_dt(op, what, t, ref, compute_of(ref->dtype), count);
 }
 /* Rows of a per-sample vector: B when its row stride is D, 1 when it is 0. */
 static int vec_rows(const char *op, int64_t B, int64_t D, int64_t sb, int64_t *rows) {
@@ -138,11 +161,40 @@ static int vec_rows(const char *op, int64_t B, int64_t D, int64_t sb, int64_t *r
     return 0;
 }
 
+/* The launches by (compute, storage) type, for by_io. */
+struct RopeL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *cos, const nemo_tensor *sin, int64_t np,
+                   int64_t S, int64_t nh, int64_t half, int backward) {
+        rope_k<T, X><<<k_blocks(np), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
+            (const T *)nemo_cuda_data(cos), (const T *)nemo_cuda_data(sin), np, S, nh, half, backward);
+    }
+};
+struct ModulateL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *scale, const nemo_tensor *shift,
+                   int64_t total, int64_t S, int64_t D, int64_t sb) {
+        modulate_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
+            (const T *)nemo_cuda_data(scale), (const T *)k_data(shift), total, S, D, sb);
+    }
+};
+struct GatedAddL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *gate, const nemo_tensor *a,
+                   int64_t total, int64_t S, int64_t D, int64_t gb) {
+        gated_add_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
+            (const T *)nemo_cuda_data(gate), (const typename X::S *)nemo_cuda_data(a), total, S, D, gb);
+    }
+};
+
 static int rope_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *cos, const nemo_tensor *sin, int64_t nb,
                      int64_t S, int64_t nh, int64_t D, int backward) {
     static const char op[] = "rope";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "cos", cos));
     NEMO_CUDA_RC(k_need(op, "sin", sin));
@@ -151,29 +203,20 @@ static int rope_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *co
     const int64_t total = nb * S * nh * D;
     NEMO_CUDA_RC(check_t(op, "output", y, y, total));
     NEMO_CUDA_RC(check_t(op, "input", x, y, total));
-    NEMO_CUDA_RC(check_t(op, "cos", cos, y, S * D));
-    NEMO_CUDA_RC(check_t(op, "sin", sin, y, S * D));
+    NEMO_CUDA_RC(check_v(op, "cos", cos, y, S * D));
+    NEMO_CUDA_RC(check_v(op, "sin", sin, y, S * D));
     if (total == 0) return 0;
-    cudaStream_t st = nemo_cuda_stream(y->devindex);
-    const int64_t np = total / 2;
-    if (y->dtype == NEMO_F32)
-        rope_k<float><<<k_blocks(np), NEMO_CUDA_THREADS, 0, st>>>(
-            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(cos),
-            (const float *)nemo_cuda_data(sin), np, S, nh, D / 2, backward);
-    else
-        rope_k<double><<<k_blocks(np), NEMO_CUDA_THREADS, 0, st>>>(
-            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(cos),
-            (const double *)nemo_cuda_data(sin), np, S, nh, D / 2, backward);
+    by_io<RopeL>(y->dtype, y, x, cos, sin, total / 2, S, nh, D / 2, backward);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
     return 0;
 }
-NEMO_CUDA_KERNEL("rope", rope_cuda)
+NEMO_CUDA_KERNEL_LP("rope", rope_cuda)
 
 static int modulate_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *scale, const nemo_tensor *shift,
                          int64_t B, int64_t S, int64_t D, int64_t sb) {
     static const char op[] = "modulate";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "scale", scale));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -182,31 +225,24 @@ static int modulate_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor
     const int64_t total = B * S * D;
     NEMO_CUDA_RC(check_t(op, "output", y, y, total));
     NEMO_CUDA_RC(check_t(op, "input", x, y, total));
-    NEMO_CUDA_RC(check_t(op, "scale", scale, y, vr * D));
-    NEMO_CUDA_RC(check_t(op, "shift", shift, y, vr * D));
+    NEMO_CUDA_RC(check_v(op, "scale", scale, y, vr * D));
+    NEMO_CUDA_RC(check_v(op, "shift", shift, y, vr * D));
     if (total == 0) return 0;
-    cudaStream_t st = nemo_cuda_stream(y->devindex);
-    if (y->dtype == NEMO_F32)
-        modulate_k<float><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
-            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(scale),
-            (const float *)k_data(shift), total, S, D, sb);
-    else
-        modulate_k<double><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
-            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(scale),
-            (const double *)k_data(shift), total, S, D, sb);
+    by_io<ModulateL>(y->dtype, y, x, scale, shift, total, S, D, sb);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
     return 0;
 }
-NEMO_CUDA_KERNEL("modulate", modulate_cuda)
+NEMO_CUDA_KERNEL_LP("modulate", modulate_cuda)
 
 /* The backward shared by modulate and gated_add: out (elementwise), d1 = sums of g*x, d2 =
  * sums of g, each optional. */
-template <typename T>
-static int vec_bwd_launch(const char *op, int dev, T *out, T *d1, T *d2, const T *g, const T *x, const T *v,
-                          int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb, cudaStream_t st) {
+template <typename T, typename X>
+static int vec_bwd_launch(const char *op, int dev, typename X::S *out, T *d1, T *d2, const typename X::S *g,
+                          const typename X::S *x, const T *v, int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb,
+                          cudaStream_t st) {
     const int64_t total = B * S * D;
     if (out)
-        vec_out_k<T><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
+        vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
     if (!d1 && !d2) return 0;
     const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
     /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */
@@ -217,18 +253,29 @@ static int vec_bwd_launch(const char *op, int dev, T *out, T *d1, T *d2, const T
     void *part = NULL;
     NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * np * 2, &part));
     double *p1 = d1 ? (double *)part : NULL, *p2 = d2 ? (double *)part + np : NULL;
-    vec_part_k<T><<<k_blocks(ngroups * nk * D), NEMO_CUDA_THREADS, 0, st>>>(p1, p2, g, x, ngroups, R, D, nk, chunk);
+    vec_part_k<T, X><<<k_blocks(ngroups * nk * D), NEMO_CUDA_THREADS, 0, st>>>(p1, p2, g, x, ngroups, R, D, nk, chunk);
     vec_fold_k<T><<<k_blocks(ngroups * D), NEMO_CUDA_THREADS, 0, st>>>(d1, d2, p1, p2, ngroups, D, nk);
     (void)op;
     return 0;
 }
+/* vec_bwd_launch for the dtype of g (large operands) through by_io; rc receives its status. */
+struct VecBwd {
+    template <typename T, typename X>
+    static void go(int *rc, const char *op, nemo_tensor *out, nemo_tensor *d1, nemo_tensor *d2, const nemo_tensor *g,
+                   const nemo_tensor *x, const nemo_tensor *v, int plus_one, int64_t B, int64_t S, int64_t D,
+                   int64_t sb) {
+        *rc = vec_bwd_launch<T, X>(op, g->devindex, (typename X::S *)k_data(out), (T *)k_data(d1), (T *)k_data(d2),
+                                   (const typename X::S *)nemo_cuda_data(g), (const typename X::S *)nemo_cuda_data(x),
+                                   (const T *)nemo_cuda_data(v), plus_one, B, S, D, sb, nemo_cuda_stream(g->devindex));
+    }
+};
 
 static int modulate_backward_cuda(nemo_tensor *dx, nemo_tensor *dscale, nemo_tensor *dshift, const nemo_tensor *g,
                                   const nemo_tensor *x, const nemo_tensor *scale, int64_t B, int64_t S, int64_t D,
                                   int64_t sb) {
     static const char op[] = "modulate backward";
     NEMO_CUDA_ENTER(op, g);
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, g));
+    NEMO_CUDA_RC(check_io(op, g));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "scale", scale));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -237,32 +284,24 @@ static int modulate_backward_cuda(nemo_tensor *dx, nemo_tensor *dscale, nemo_ten
     const int64_t total = B * S * D;
     NEMO_CUDA_RC(check_t(op, "gradient", g, g, total));
     NEMO_CUDA_RC(check_t(op, "input", x, g, total));
-    NEMO_CUDA_RC(check_t(op, "scale", scale, g, vr * D));
+    NEMO_CUDA_RC(check_v(op, "scale", scale, g, vr * D));
     NEMO_CUDA_RC(check_t(op, "input gradient", dx, g, total));
-    NEMO_CUDA_RC(check_t(op, "scale gradient", dscale, g, vr * D));
-    NEMO_CUDA_RC(check_t(op, "shift gradient", dshift, g, vr * D));
+    NEMO_CUDA_RC(check_v(op, "scale gradient", dscale, g, vr * D));
+    NEMO_CUDA_RC(check_v(op, "shift gradient", dshift, g, vr * D));
     if (vr * D == 0) return 0;
-    cudaStream_t st = nemo_cuda_stream(g->devindex);
-    if (g->dtype == NEMO_F32)
-        NEMO_CUDA_RC(vec_bwd_launch<float>(op, g->devindex, (float *)k_data(dx), (float *)k_data(dscale),
-                                           (float *)k_data(dshift), (const float *)nemo_cuda_data(g),
-                                           (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(scale), 1, B,
-                                           S, D, sb, st));
-    else
-        NEMO_CUDA_RC(vec_bwd_launch<double>(op, g->devindex, (double *)k_data(dx), (double *)k_data(dscale),
-                                            (double *)k_data(dshift), (const double *)nemo_cuda_data(g),
-                                            (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(scale), 1,
-                                            B, S, D, sb, st));
+    int rc = 0;
+    by_io<VecBwd>(g->dtype, &rc, op, dx, dscale, dshift, g, x, scale, 1, B, S, D, sb);
+    NEMO_CUDA_RC(rc);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
     return 0;
 }
-NEMO_CUDA_KERNEL("modulate_backward", modulate_backward_cuda)
+NEMO_CUDA_KERNEL_LP("modulate_backward", modulate_backward_cuda)
 
 static int gated_add_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *gate, const nemo_tensor *a,
                           int64_t B, int64_t S, int64_t D, int64_t gb) {
     static const char op[] = "gated_add";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "gate", gate));
     NEMO_CUDA_RC(k_need(op, "addend", a));
@@ -273,27 +312,19 @@ static int gated_add_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tenso
     NEMO_CUDA_RC(check_t(op, "output", y, y, total));
     NEMO_CUDA_RC(check_t(op, "input", x, y, total));
     NEMO_CUDA_RC(check_t(op, "addend", a, y, total));
-    NEMO_CUDA_RC(check_t(op, "gate", gate, y, vr * D));
+    NEMO_CUDA_RC(check_v(op, "gate", gate, y, vr * D));
     if (total == 0) return 0;
-    cudaStream_t st = nemo_cuda_stream(y->devindex);
-    if (y->dtype == NEMO_F32)
-        gated_add_k<float><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
-            (float *)nemo_cuda_data(y), (const float *)nemo_cuda_data(x), (const float *)nemo_cuda_data(gate),
-            (const float *)nemo_cuda_data(a), total, S, D, gb);
-    else
-        gated_add_k<double><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(
-            (double *)nemo_cuda_data(y), (const double *)nemo_cuda_data(x), (const double *)nemo_cuda_data(gate),
-            (const double *)nemo_cuda_data(a), total, S, D, gb);
+    by_io<GatedAddL>(y->dtype, y, x, gate, a, total, S, D, gb);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)total);
     return 0;
 }
-NEMO_CUDA_KERNEL("gated_add", gated_add_cuda)
+NEMO_CUDA_KERNEL_LP("gated_add", gated_add_cuda)
 
 static int gated_add_backward_cuda(nemo_tensor *da, nemo_tensor *dgate, const nemo_tensor *g, const nemo_tensor *gate,
                                    const nemo_tensor *a, int64_t B, int64_t S, int64_t D, int64_t gb) {
     static const char op[] = "gated_add backward";
     NEMO_CUDA_ENTER(op, g);
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, g));
+    NEMO_CUDA_RC(check_io(op, g));
     NEMO_CUDA_RC(k_need(op, "gate", gate));
     NEMO_CUDA_RC(k_need(op, "addend", a));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -302,20 +333,14 @@ static int gated_add_backward_cuda(nemo_tensor *da, nemo_tensor *dgate, const ne
     const int64_t total = B * S * D;
     NEMO_CUDA_RC(check_t(op, "gradient", g, g, total));
     NEMO_CUDA_RC(check_t(op, "addend", a, g, total));
-    NEMO_CUDA_RC(check_t(op, "gate", gate, g, vr * D));
+    NEMO_CUDA_RC(check_v(op, "gate", gate, g, vr * D));
     NEMO_CUDA_RC(check_t(op, "addend gradient", da, g, total));
-    NEMO_CUDA_RC(check_t(op, "gate gradient", dgate, g, vr * D));
+    NEMO_CUDA_RC(check_v(op, "gate gradient", dgate, g, vr * D));
     if (vr * D == 0) return 0;
-    cudaStream_t st = nemo_cuda_stream(g->devindex);
-    if (g->dtype == NEMO_F32)
-        NEMO_CUDA_RC(vec_bwd_launch<float>(op, g->devindex, (float *)k_data(da), (float *)k_data(dgate), NULL,
-                                           (const float *)nemo_cuda_data(g), (const float *)nemo_cuda_data(a),
-                                           (const float *)nemo_cuda_data(gate), 0, B, S, D, gb, st));
-    else
-        NEMO_CUDA_RC(vec_bwd_launch<double>(op, g->devindex, (double *)k_data(da), (double *)k_data(dgate), NULL,
-                                            (const double *)nemo_cuda_data(g), (const double *)nemo_cuda_data(a),
-                                            (const double *)nemo_cuda_data(gate), 0, B, S, D, gb, st));
+    int rc = 0;
+    by_io<VecBwd>(g->dtype, &rc, op, da, dgate, (nemo_tensor *)NULL, g, a, gate, 0, B, S, D, gb);
+    NEMO_CUDA_RC(rc);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
     return 0;
 }
-NEMO_CUDA_KERNEL("gated_add_backward", gated_add_backward_cuda)
+NEMO_CUDA_KERNEL_LP("gated_add_backward", gated_add_backward_cuda)

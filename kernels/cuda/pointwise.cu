@@ -11,8 +11,10 @@
  *                          const nemo_tensor *b, const int64_t *const *strides)
  *
  * As on the CPU, the front-end (engine/ops/pointwise.c) hands over tensors in the compute
- * dtype (float32 or float64: bfloat16/float16 were converted by the copy kernel and the result
- * is rounded by it once more), unary inputs and every output dense; binary and where read
+ * dtype (float32 or float64), unary inputs and every output dense; unary, unary_backward and
+ * binary also take all-bfloat16 or all-float16 operands, read into float32 and rounded once
+ * on store (registered as "<name>.lp" too: the front-end then skips its conversions, and the
+ * numbers are those of converting first); binary and where read
  * their inputs through broadcast strides on the output's shape (where: strides[0..3] for y, c,
  * a, b). Each returns 0, or a negative status with the plugin's error text; launches on the
  * device's stream without synchronizing.
@@ -57,9 +59,9 @@ __device__ __forceinline__ double m_pow(double a, double b) { return pow(a, b); 
 /* ==== Kernels ==== */
 
 /* y[i] = f(x[i]); LOOP runs expr with v = x[i]. */
-#define LOOP(expr) NEMO_CUDA_LOOP(i, n) { T v = x[i]; y[i] = (expr); }
-template <typename T>
-__global__ void unary_kernel(T *y, const T *x, int64_t n, int op, double a, double b) {
+#define LOOP(expr) NEMO_CUDA_LOOP(i, n) { T v = X::ld(x[i]); y[i] = X::st(expr); }
+template <typename T, typename X>
+__global__ void unary_kernel(typename X::S *y, const typename X::S *x, int64_t n, int op, double a, double b) {
     switch (op) {
     case NEMO_UOP_NEG: LOOP(-v); break;
     case NEMO_UOP_ABS: LOOP(m_abs(v)); break;
@@ -106,9 +108,10 @@ __global__ void unary_kernel(T *y, const T *x, int64_t n, int op, double a, doub
  * for term (PyTorch's backward kernels), each transcendental evaluated once (BLOCK holds the
  * shared terms). */
 #define LOOP(BLOCK, expr) NEMO_CUDA_LOOP(i, n) {                                              \
-        T gv = g[i], xv = x[i]; (void)gv; (void)xv; BLOCK; dx[i] = (expr); }
-template <typename T>
-__global__ void unary_backward_kernel(T *dx, const T *g, const T *x, int64_t n, int op, double a, double b) {
+        T gv = X::ld(g[i]), xv = X::ld(x[i]); (void)gv; (void)xv; BLOCK; dx[i] = X::st(expr); }
+template <typename T, typename X>
+__global__ void unary_backward_kernel(typename X::S *dx, const typename X::S *g, const typename X::S *x, int64_t n,
+                                      int op, double a, double b) {
     switch (op) {
     case NEMO_UOP_NEG: LOOP(, -gv); break;
     case NEMO_UOP_ABS: LOOP(, mul(gv, (T)((xv > 0) - (xv < 0)))); break;
@@ -162,9 +165,10 @@ __global__ void unary_backward_kernel(T *dx, const T *g, const T *x, int64_t n, 
 /* y[o0] = a[o1] op b[o2] over the broadcast shape; offsets from the index mode. */
 #define LOOP(expr) NEMO_CUDA_LOOP(i, n) {                                                     \
         int64_t off[3]; nemo_cuda_offsets<MODE, 3>(it, i, off);                              \
-        T av = A[off[1]], bv = B[off[2]]; y[off[0]] = (expr); }
-template <typename T, int MODE>
-__global__ void binary_kernel(T *y, const T *A, const T *B, nemo_cuda_iter<3> it, int64_t n, int op, double alpha) {
+        T av = X::ld(A[off[1]]), bv = X::ld(B[off[2]]); y[off[0]] = X::st(expr); }
+template <typename T, typename X, int MODE>
+__global__ void binary_kernel(typename X::S *y, const typename X::S *A, const typename X::S *B, nemo_cuda_iter<3> it,
+                              int64_t n, int op, double alpha) {
     switch (op) {
     case NEMO_BOP_ADD: { const T al = (T)alpha; if (alpha == 1.0) LOOP(add(av, bv)) else LOOP(add(av, mul(al, bv))) break; }
     case NEMO_BOP_SUB: { const T al = (T)alpha; if (alpha == 1.0) LOOP(sub(av, bv)) else LOOP(sub(av, mul(al, bv))) break; }
@@ -198,8 +202,8 @@ __global__ void where_kernel(T *y, const T *C, const T *A, const T *B, nemo_cuda
 /* ==== kernel launchers ==== */
 
 /* Checks shared by the launchers: every tensor on y's device, in y's dtype. */
-static int check_operands(const char *op, const nemo_tensor *y, const nemo_tensor *const *ins, int nin) {
-    NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+static int check_operands(const char *op, const nemo_tensor *y, const nemo_tensor *const *ins, int nin, int lowp) {
+    if (!lowp || (y->dtype != NEMO_BF16 && y->dtype != NEMO_F16)) NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
     if (y->ndim < 0 || y->ndim > NEMO_MAXDIM)
         return nemo_cuda_error(NEMO_EINVAL, "%s: %d dims, expected 0 to %d", op, y->ndim, NEMO_MAXDIM);
     for (int k = 0; k < nin; k++) {
@@ -214,70 +218,74 @@ static int check_operands(const char *op, const nemo_tensor *y, const nemo_tenso
     return 0;
 }
 
+struct UnaryL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *y, const nemo_tensor *x, int64_t n, int op, double a, double b) {
+        unary_kernel<T, X><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x), n, op, a, b);
+    }
+};
+struct UnaryBwdL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *dx, const nemo_tensor *g, const nemo_tensor *x, int64_t n, int op, double a, double b) {
+        unary_backward_kernel<T, X><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(dx->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(dx), (const typename X::S *)nemo_cuda_data(g),
+            (const typename X::S *)nemo_cuda_data(x), n, op, a, b);
+    }
+};
+
 static int unary_cuda(nemo_tensor *y, const nemo_tensor *x, int op, double a, double b) {
     NEMO_CUDA_ENTER("unary", y);
     const nemo_tensor *ins[1] = {x};
-    NEMO_CUDA_RC(check_operands("unary", y, ins, 1));
+    NEMO_CUDA_RC(check_operands("unary", y, ins, 1, 1));
     if (op < 0 || op >= NEMO_NUOP) return nemo_cuda_error(NEMO_EINVAL, "unary: unknown op %d", op);
     int64_t n = nemo_cuda_numel(x);
     if (n <= 0) return 0;
-    unsigned nb = nemo_cuda_blocks(n);
-    cudaStream_t st = nemo_cuda_stream(y->devindex);
-    if (y->dtype == NEMO_F32)
-        unary_kernel<float><<<nb, NEMO_CUDA_THREADS, 0, st>>>((float *)nemo_cuda_data(y),
-                                                              (const float *)nemo_cuda_data(x), n, op, a, b);
-    else
-        unary_kernel<double><<<nb, NEMO_CUDA_THREADS, 0, st>>>((double *)nemo_cuda_data(y),
-                                                               (const double *)nemo_cuda_data(x), n, op, a, b);
+    by_io<UnaryL>(y->dtype, y, x, n, op, a, b);
     NEMO_CUDA_LAUNCHED("unary op %d: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)n);
     return 0;
 }
-NEMO_CUDA_KERNEL("unary", unary_cuda)
+NEMO_CUDA_KERNEL_LP("unary", unary_cuda)
 
 static int unary_backward_cuda(nemo_tensor *dx, const nemo_tensor *g, const nemo_tensor *x, int op, double a,
                                double b) {
     NEMO_CUDA_ENTER("unary backward", dx);
     const nemo_tensor *ins[2] = {g, x};
-    NEMO_CUDA_RC(check_operands("unary backward", dx, ins, 2));
+    NEMO_CUDA_RC(check_operands("unary backward", dx, ins, 2, 1));
     if (op < 0 || op >= NEMO_NUOP || op == NEMO_UOP_LOGICAL_NOT)
         return nemo_cuda_error(NEMO_EINVAL, "unary backward: op %d has no gradient", op);
     int64_t n = nemo_cuda_numel(x);
     if (n <= 0) return 0;
-    unsigned nb = nemo_cuda_blocks(n);
-    cudaStream_t st = nemo_cuda_stream(dx->devindex);
-    if (dx->dtype == NEMO_F32)
-        unary_backward_kernel<float><<<nb, NEMO_CUDA_THREADS, 0, st>>>(
-            (float *)nemo_cuda_data(dx), (const float *)nemo_cuda_data(g), (const float *)nemo_cuda_data(x), n, op, a, b);
-    else
-        unary_backward_kernel<double><<<nb, NEMO_CUDA_THREADS, 0, st>>>(
-            (double *)nemo_cuda_data(dx), (const double *)nemo_cuda_data(g), (const double *)nemo_cuda_data(x), n, op,
-            a, b);
+    by_io<UnaryBwdL>(dx->dtype, dx, g, x, n, op, a, b);
     NEMO_CUDA_LAUNCHED("unary backward op %d: kernel launch on cuda:%d (%lld elements)", op, dx->devindex,
                        (long long)n);
     return 0;
 }
-NEMO_CUDA_KERNEL("unary_backward", unary_backward_cuda)
+NEMO_CUDA_KERNEL_LP("unary_backward", unary_backward_cuda)
 
-template <typename T>
-static void launch_binary(nemo_tensor *y, const nemo_tensor *a, const nemo_tensor *b, const nemo_cuda_iter<3> &it,
-                          int64_t n, int mode, int op, double alpha) {
-    unsigned nb = nemo_cuda_blocks(n);
-    cudaStream_t st = nemo_cuda_stream(y->devindex);
-    T *yp = (T *)nemo_cuda_data(y);
-    const T *ap = (const T *)nemo_cuda_data(a), *bp = (const T *)nemo_cuda_data(b);
-    if (mode == NEMO_CUDA_FLAT)
-        binary_kernel<T, NEMO_CUDA_FLAT><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, it, n, op, alpha);
-    else if (mode == NEMO_CUDA_STR32)
-        binary_kernel<T, NEMO_CUDA_STR32><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, it, n, op, alpha);
-    else
-        binary_kernel<T, NEMO_CUDA_STR64><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, it, n, op, alpha);
-}
+struct BinaryL {
+    template <typename T, typename X>
+    static void go(nemo_tensor *y, const nemo_tensor *a, const nemo_tensor *b, const nemo_cuda_iter<3> *it, int64_t n,
+                   int mode, int op, double alpha) {
+        unsigned nb = nemo_cuda_blocks(n);
+        cudaStream_t st = nemo_cuda_stream(y->devindex);
+        typedef typename X::S S;
+        S *yp = (S *)nemo_cuda_data(y);
+        const S *ap = (const S *)nemo_cuda_data(a), *bp = (const S *)nemo_cuda_data(b);
+        if (mode == NEMO_CUDA_FLAT)
+            binary_kernel<T, X, NEMO_CUDA_FLAT><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+        else if (mode == NEMO_CUDA_STR32)
+            binary_kernel<T, X, NEMO_CUDA_STR32><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+        else
+            binary_kernel<T, X, NEMO_CUDA_STR64><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+    }
+};
 
 static int binary_cuda(nemo_tensor *y, const nemo_tensor *a, const nemo_tensor *b, const int64_t *astride,
                        const int64_t *bstride, int op, double alpha) {
     NEMO_CUDA_ENTER("binary", y);
     const nemo_tensor *ins[2] = {a, b};
-    NEMO_CUDA_RC(check_operands("binary", y, ins, 2));
+    NEMO_CUDA_RC(check_operands("binary", y, ins, 2, 1));
     if (op < 0 || op >= NEMO_NBOP) return nemo_cuda_error(NEMO_EINVAL, "binary: unknown op %d", op);
     const int64_t *strides[3] = {y->stride, astride, bstride};
     nemo_cuda_iter<3> it;
@@ -285,12 +293,11 @@ static int binary_cuda(nemo_tensor *y, const nemo_tensor *a, const nemo_tensor *
     int64_t n = nemo_cuda_iter_make<3>(&it, y->ndim, y->shape, strides, &flat);
     if (n <= 0) return 0;
     int mode = nemo_cuda_mode(flat, n);
-    if (y->dtype == NEMO_F32) launch_binary<float>(y, a, b, it, n, mode, op, alpha);
-    else launch_binary<double>(y, a, b, it, n, mode, op, alpha);
+    by_io<BinaryL>(y->dtype, y, a, b, (const nemo_cuda_iter<3> *)&it, n, mode, op, alpha);
     NEMO_CUDA_LAUNCHED("binary op %d: kernel launch on cuda:%d (%lld elements)", op, y->devindex, (long long)n);
     return 0;
 }
-NEMO_CUDA_KERNEL("binary", binary_cuda)
+NEMO_CUDA_KERNEL_LP("binary", binary_cuda)
 
 template <typename T>
 static void launch_where(nemo_tensor *y, const nemo_tensor *c, const nemo_tensor *a, const nemo_tensor *b,
@@ -311,7 +318,7 @@ static int where_cuda(nemo_tensor *y, const nemo_tensor *c, const nemo_tensor *a
                       const int64_t *const *strides) {
     NEMO_CUDA_ENTER("where", y);
     const nemo_tensor *ins[3] = {c, a, b};
-    NEMO_CUDA_RC(check_operands("where", y, ins, 3));
+    NEMO_CUDA_RC(check_operands("where", y, ins, 3, 0));
     nemo_cuda_iter<4> it;
     int flat = 0;
     int64_t n = nemo_cuda_iter_make<4>(&it, y->ndim, y->shape, strides, &flat);

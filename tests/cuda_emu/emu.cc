@@ -949,6 +949,14 @@ cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream
     if (!stream_ok("kernel launch", st)) { drop(ctx); return fail(cudaErrorInvalidResourceHandle); }
     if (!launched) launched = new std::map<const void *, uint64_t>;
     (*launched)[fn]++;
+    static FILE *log = NULL;
+    static int log_init;
+    if (!log_init) {   /* NEMO_EMU_CUDA_LOG=FILE: every launch in order (kernel, grid, block), for profiling */
+        log_init = 1;
+        const char *f = getenv("NEMO_EMU_CUDA_LOG");
+        if (f && *f) log = fopen(f, "w");
+    }
+    if (log) fprintf(log, "%s grid(%u,%u,%u) block(%u,%u,%u)\n", kernel_name(fn).c_str(), g.x, g.y, g.z, b.x, b.y, b.z);
     std::shared_ptr<void> keep(ctx, drop);   /* dropped with the queued op */
     return submit(st, [=]() { return run_grid(fn, g, b, smem_bytes, fbody, keep.get()); });
 }

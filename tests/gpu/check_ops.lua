@@ -1245,6 +1245,59 @@ do
     end
 end
 
+-- ==== bfloat16 operands stay bfloat16 ====
+-- The CUDA kernels of the elementwise and fused DiT ops read bf16 operands and round their
+-- result once (registered "<name>.lp", engine nemo_io_dtype): no float32 copies. Measured as
+-- the peak device memory an op adds over its inputs: its bf16 result (2 MiB here); converting
+-- first would add float32 copies of every input and of the result (4 MiB each).
+if os.getenv("NEMO_FAKE_CUDA") == nil then
+    local F = nemo.F
+    local N, Dm = 1048576, 1024
+    local function bf(shape, lo, hi)
+        return nemo.rand(shape, {generator = nemo.Generator(7)}):mul(hi - lo):add(lo):to{device = DEV, dtype = "bfloat16"}
+    end
+    local x, a, g = bf({1, N / Dm, Dm}, -2, 2), bf({1, N / Dm, Dm}, -2, 2), bf({1, N / Dm, Dm}, -1, 1)
+    local sc, sh = bf({1, Dm}, -0.5, 0.5), bf({1, Dm}, -0.5, 0.5)
+    local cs, sn = nemo.rand({N / Dm, Dm}):to(DEV), nemo.rand({N / Dm, Dm}):to(DEV)
+    local function added(fn)
+        collectgarbage("collect"); collectgarbage("collect")
+        cuda.synchronize(DEV)
+        local base = cuda.memory_stats(0).current
+        cuda.reset_peak_memory_stats(DEV)
+        local out = {fn()}
+        cuda.synchronize(DEV)
+        local peak = cuda.memory_stats(0).peak - base
+        for _, t in ipairs(out) do if Tensor.is_tensor(t) then t:free() end end
+        return peak
+    end
+    local OUT = 2 * N
+    local function kept(name, fn, outs)
+        local p = added(fn)
+        T.ok(p <= (outs or 1) * OUT + 65536, string.format("bf16 %s on %s: +%.2f MiB at peak for %.0f MiB of bf16 results "
+             .. "(no float32 copies)", name, DEV, p / 1048576, (outs or 1) * OUT / 1048576))
+    end
+    kept("gelu (tanh)", function() return F.gelu(x, "tanh") end)
+    kept("add", function() return F.add(x, a) end)
+    kept("mul", function() return F.mul(x, a) end)
+    kept("unary backward (gelu tanh)", function()
+        return wrap(C.nemo_unary_backward(g._c, x._c, nil, C.NEMO_UOP_GELU_TANH, 0, 0))
+    end)
+    kept("modulate", function() return wrap(C.nemo_modulate(x._c, sc._c, sh._c)) end)
+    kept("gated_add", function() return wrap(C.nemo_gated_add(x._c, sc._c, a._c)) end)
+    kept("rope", function() return wrap(C.nemo_rope(x._c, cs._c, sn._c, 1)) end)
+    kept("modulate backward (dx)", function()
+        local o = outs(1)
+        nffi.check(C.nemo_modulate_backward(g._c, x._c, sc._c, -1, o[1], nil, nil))
+        return unpack(took(o))
+    end)
+    kept("gated_add backward (da)", function()
+        local o = outs(1)
+        nffi.check(C.nemo_gated_add_backward(g._c, sc._c, a._c, o[1], nil))
+        return unpack(took(o))
+    end)
+    for _, t in ipairs{x, a, g, sc, sh, cs, sn} do t:free() end
+end
+
 -- ==== the caching allocator ====
 
 do
