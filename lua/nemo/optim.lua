@@ -207,14 +207,23 @@ function M.grad_norm(params)
         local g = rawget(p, "grad")
         if g ~= nil then gs[#gs + 1] = g end
     end
-    local n = #gs
-    if n == 0 then return 0 end
-    local arr, out = const_tensor_array(n), ffi.new("double[?]", n)
-    for i, g in ipairs(gs) do arr[i - 1] = g._c end
-    check(C.nemo_sum_squares_many(n, arr, out))
     local total = 0
-    for i = 0, n - 1 do total = total + out[i] end
+    for _, v in ipairs(M.sum_squares(gs)) do total = total + v end
     return math.sqrt(total)
+end
+
+-- sum_squares({t1, t2, ...}) -> {s1, s2, ...}: each tensor's sum of squares (float64), from one
+-- nemo_sum_squares_many call: one wait per device instead of one per tensor, which on a GPU is
+-- a synchronization per parameter.
+function M.sum_squares(ts)
+    local n = #ts
+    if n == 0 then return {} end
+    local arr, out = const_tensor_array(n), ffi.new("double[?]", n)
+    for i, t in ipairs(ts) do arr[i - 1] = t._c end
+    check(C.nemo_sum_squares_many(n, arr, out))
+    local r = {}
+    for i = 0, n - 1 do r[i + 1] = out[i] end
+    return r
 end
 
 function M.clip_grad_norm_(params, max_norm, opts)

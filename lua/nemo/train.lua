@@ -810,16 +810,15 @@ local function signature_diff(saved, mine)
     return table.concat(diffs, "; ")
 end
 
-local sumsq = ffi.new("double[1]")
 -- The first parameter holding a NaN or an infinity (its name), or nil.
 -- The name of the first non-finite trainable parameter ({{name, tensor}...}: the optimizer's, so
 -- this rank's shards under FSDP2), decided on every rank together.
 local function nonfinite_parameter(named)
     local bad
-    for _, e in ipairs(named) do
-        nffi.check(nffi.C.nemo_sum_squares(e[2]._c, sumsq))
-        local v = sumsq[0]
-        if v ~= v or v == math.huge then bad = e[1]; break end
+    local ts = {}
+    for i, e in ipairs(named) do ts[i] = e[2] end
+    for i, v in ipairs(require("nemo.optim").sum_squares(ts)) do
+        if v ~= v or v == math.huge then bad = named[i][1]; break end
     end
     if dist.is_initialized() and dist.get_world_size() > 1 then
         local any = dist.all_reduce_number(bad and 1 or 0, "max")

@@ -797,7 +797,6 @@ function FSDP:named_parameters()
     return out
 end
 
-local sumsq = ffi.new("double[1]")
 
 -- The global 2-norm of the gradients over every shard of every rank; scales the shards' gradients
 -- by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_ does. Returns the norm.
@@ -809,14 +808,13 @@ function FSDP:clip_grad_norm_(max_norm, opts)
     end
     local norm_type = opts and opts.norm_type or 2
     if norm_type ~= 2 then error("clip_grad_norm_: only norm_type 2 is supported, got " .. tostring(norm_type), 2) end
-    local total = 0
+    local gs = {}
     for _, e in ipairs(self.entries) do
         local g = rawget(e.sp, "grad")
-        if g ~= nil then
-            check(C.nemo_sum_squares(g._c, sumsq))
-            total = total + sumsq[0]
-        end
+        if g ~= nil then gs[#gs + 1] = g end
     end
+    local total = 0
+    for _, v in ipairs(optim.sum_squares(gs)) do total = total + v end   -- one wait, not one per shard
     total = math.sqrt(dist.all_reduce_number(total, "sum", self.shard_group))
     local coef = max_norm / (total + 1e-6)
     if coef < 1 then
