@@ -8,6 +8,12 @@
 -- --small shrinks every size for a dry run of the script (with --device cpu on a CPU). Without a
 -- usable CUDA device it prints one line saying so and exits 0.
 --
+-- The host's share: on the CUDA emulator with NEMO_EMU_CUDA_NOEXEC=1 nothing runs on the
+-- "device", so the block's ms/step is what the host (Lua, autograd, the engine, launches) spends
+-- issuing one step, at the real sizes, on this machine's CPU; the script then prints it as a
+-- "host cost" line instead of a rate (bench/RESULTS.md has the command). A GPU step faster than
+-- that waits for the host.
+--
 -- The goal's denominator is the hardware's bf16 rate, so the script measures it with cuBLAS
 -- itself (cublasGemmEx through the FFI, bf16 in and out, float32 accumulation, on the same
 -- device memory), next to nemo's own bf16 products (the "gemm_lp_out" kernel: bf16 in and out,
@@ -223,6 +229,13 @@ local function run(dt)
     if peak["nemo_" .. dt] then
         vs[#vs + 1] = string.format("%.0f%% of nemo's own %s linear %s", 100 * tf / peak["nemo_" .. dt], dt,
             fmt(peak["nemo_" .. dt]))
+    end
+    if os.getenv("NEMO_EMU_CUDA_NOEXEC") == "1" then
+        bench(string.format("host cost of a FLUX.1-dev double block fwd+bwd %s (CUDA emulator, kernels not run): %.1f " ..
+            "ms/step (median of %d); the model FLOPs at 60%% of an H200's ~700 bf16 TFLOP/s would take %.1f ms", dt,
+            t * 1e3, #times, FLOPS / (0.6 * 700e12) * 1e3))
+        hs:free(); ehs:free(); temb:free()
+        return
     end
     bench(string.format("FLUX.1-dev double block fwd+bwd %s on %s: %.1f ms/step (median of %d), %.1f TFLOP/s = %s; " ..
         "peak %.2f GiB above the weights%s", dt, dev, t * 1e3, #times, tf, table.concat(vs, ", "), pk / 2 ^ 30,

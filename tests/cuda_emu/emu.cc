@@ -59,6 +59,31 @@
 /* ==== devices, errors ==== */
 
 static int n_devices = -1, cur_dev = 0;
+/* NEMO_EMU_CUDA_NOEXEC=1: launches, cuBLAS products, memsets, sorts and device-to-device copies
+ * are checked and queued but do nothing, and fresh memory is not filled: what is left is the
+ * host's own cost of issuing a step's work (bench/gpu_block.lua on it measures that), at any
+ * size that fits the address space. Copies to and from the host still run. The numbers
+ * computed are garbage. */
+static int noexec = -1;
+/* NEMO_EMU_CUDA_LOG=FILE: every launch and copy in order (kernel, grid, block; copy kind and
+ * bytes), for profiling what a step issues. */
+static FILE *launch_log(void) {
+    static FILE *log = NULL;
+    static int done;
+    if (!done) {
+        done = 1;
+        const char *f = getenv("NEMO_EMU_CUDA_LOG");
+        if (f && *f) log = fopen(f, "w");
+    }
+    return log;
+}
+static bool no_exec(void) {
+    if (noexec < 0) {
+        const char *e = getenv("NEMO_EMU_CUDA_NOEXEC");
+        noexec = e && strcmp(e, "1") == 0;
+    }
+    return noexec;
+}
 static size_t dev_capacity;
 static size_t dev_used[64];
 static cudaError_t last_error = cudaSuccess;
@@ -211,7 +236,7 @@ static cudaError_t map_alloc(void **p, size_t n, int dev) {
     if (m == MAP_FAILED) return fail(cudaErrorMemoryAllocation);
     if (mprotect(m + guard, rw, PROT_READ | PROT_WRITE) != 0) { munmap(m, len); return fail(cudaErrorMemoryAllocation); }
     char *q = m + guard + rw - body;   /* 256-byte aligned: rw and body are multiples of 256 */
-    memset(q, 0xff, body);
+    if (!no_exec()) memset(q, 0xff, body);
     if (dev >= 0) {
         pkey_init();
         if (pkey >= 0) pkey_mprotect(m + guard, rw, PROT_READ | PROT_WRITE, pkey);
@@ -450,6 +475,7 @@ namespace nemo_emu {
 cudaError_t enqueue(cudaStream_t st, const char *what, std::function<cudaError_t()> work) {
     init();
     if (!stream_ok(what, st)) return fail(cudaErrorInvalidResourceHandle);
+    if (no_exec()) work = []() { return cudaSuccess; };
     return submit(st, std::move(work));
 }
 }
@@ -593,11 +619,16 @@ static cudaError_t copy(const char *fn, void *dst, const void *src, size_t n, en
     const int kind = copy_kind(fn, dst, src, n, kind0);
     if (kind < 0) return last_error;
     if (n == 0) return cudaSuccess;
+    if (FILE *log = launch_log()) {
+        static const char *kinds[] = {"host to host", "host to device", "device to host", "device to device"};
+        fprintf(log, "%s %s %zu bytes\n", fn, kinds[kind], n);
+    }
     if (kind == cudaMemcpyHostToDevice && !is_pinned(src, n)) {
         std::shared_ptr<std::vector<char>> snap = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
         auto w = [=]() { memcpy(dst, snap->data(), n); return cudaSuccess; };
         return sync ? submit_wait(st, w) : submit(st, w);
     }
+    if (no_exec() && kind == cudaMemcpyDeviceToDevice) return submit(st, []() { return cudaSuccess; });
     auto w = [=]() { memmove(dst, src, n); return cudaSuccess; };
     const bool wait = kind == cudaMemcpyHostToHost || (kind == cudaMemcpyDeviceToHost && !is_pinned(dst, n)) ||
                       (sync && kind != cudaMemcpyDeviceToDevice);
@@ -615,6 +646,7 @@ EXPORT cudaError_t cudaMemsetAsync(void *p, int value, size_t n, cudaStream_t st
     if (!stream_ok("cudaMemsetAsync", st)) return fail(cudaErrorInvalidResourceHandle);
     if (!side_ok("cudaMemset", p, n, true)) return fail(cudaErrorInvalidValue);
     if (n == 0) return cudaSuccess;
+    if (no_exec()) return submit(st, []() { return cudaSuccess; });
     return submit(st, [=]() { memset(p, value, n); return cudaSuccess; });
 }
 /* cudaMemset of device memory is asynchronous too, on the legacy stream */
@@ -949,15 +981,10 @@ cudaError_t launch(const void *fn, dim3 g, dim3 b, size_t smem_bytes, cudaStream
     if (!stream_ok("kernel launch", st)) { drop(ctx); return fail(cudaErrorInvalidResourceHandle); }
     if (!launched) launched = new std::map<const void *, uint64_t>;
     (*launched)[fn]++;
-    static FILE *log = NULL;
-    static int log_init;
-    if (!log_init) {   /* NEMO_EMU_CUDA_LOG=FILE: every launch in order (kernel, grid, block), for profiling */
-        log_init = 1;
-        const char *f = getenv("NEMO_EMU_CUDA_LOG");
-        if (f && *f) log = fopen(f, "w");
-    }
-    if (log) fprintf(log, "%s grid(%u,%u,%u) block(%u,%u,%u)\n", kernel_name(fn).c_str(), g.x, g.y, g.z, b.x, b.y, b.z);
+    if (FILE *log = launch_log())
+        fprintf(log, "%s grid(%u,%u,%u) block(%u,%u,%u)\n", kernel_name(fn).c_str(), g.x, g.y, g.z, b.x, b.y, b.z);
     std::shared_ptr<void> keep(ctx, drop);   /* dropped with the queued op */
+    if (no_exec()) return submit(st, [keep]() { return cudaSuccess; });
     return submit(st, [=]() { return run_grid(fn, g, b, smem_bytes, fbody, keep.get()); });
 }
 }   /* namespace nemo_emu */
@@ -1120,6 +1147,7 @@ static void gemm_one(cublasOperation_t ta, cublasOperation_t tb, int m, int n, i
 /* Queues a checked product on the handle's stream: CUBLAS_STATUS_SUCCESS, or
  * CUBLAS_STATUS_EXECUTION_FAILED when it cannot be queued. */
 static cublasStatus_t blas_submit(cublasHandle_t h, std::function<cudaError_t()> work) {
+    if (no_exec()) work = []() { return cudaSuccess; };
     return submit(h->st, std::move(work)) == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
 }
 EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -1347,7 +1375,7 @@ EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
     const nemo_emu_lt_desc dd = *d;
     const nemo_emu_lt_layout A_ = *al, B_ = *bl, C_ = *cl, D_ = *dl;
     const double a_ = scalar(alpha, d->compute), b_ = scalar(beta, d->compute);
-    const cudaError_t e = submit(st, [=]() {
+    const cudaError_t e = no_exec() ? submit(st, []() { return cudaSuccess; }) : submit(st, [=]() {
         for (int32_t q = 0; q < D_.batch; q++) {
             const char *Aq = (const char *)A + q * A_.stride * type_size(A_.type);
             const char *Bq = (const char *)B + q * B_.stride * type_size(B_.type);

@@ -67,6 +67,13 @@ sub "streams, events, non_blocking copies and record_stream on 2 emulated device
 sub "check_streams.lua on 1 emulated device, as on a GPU (NEMO_EXPECT_CUDA=1)" NEMO_EXPECT_CUDA=1 \
     -- tests/gpu/check_streams.lua
 
+# the host's cost of a step: kernels not run (NEMO_EMU_CUDA_NOEXEC), the benchmark says so
+out=$(NEMO_EMU_CUDA_NOEXEC=1 timeout 300 "$N" bench/gpu_block.lua --small --no-cublas --steps 2 2>&1)
+rc=$?
+if [ "$rc" = 0 ] && grep -q "host cost of a FLUX.1-dev double block fwd+bwd bfloat16 (CUDA emulator, kernels not run)" <<< "$out"
+then pass "bench/gpu_block.lua on the emulator with NEMO_EMU_CUDA_NOEXEC=1 reports the host's cost per step"
+else fail "bench/gpu_block.lua with NEMO_EMU_CUDA_NOEXEC=1 reports the host's cost" "exit $rc" "$out"; fi
+
 # ==== several ranks: the plugin's NCCL backend (kernels/cuda/nccl.cu) on the emulator's NCCL ====
 if command -v mpirun > /dev/null 2>&1; then
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
