@@ -282,17 +282,31 @@ int nemo_dev_memcpy(void *dst, const void *src, size_t n, int kind, int devindex
 /* ==== Kernel registry ==== */
 
 #define MAX_KERNELS 1024
-static struct { const char *name; nemo_kfn fn[NEMO_NDEVTYPE]; } kernels[MAX_KERNELS];
+/* lp[devtype]: the kernel was also registered as "<name>.lp" (see nemo_io_dtype). */
+static struct { const char *name; nemo_kfn fn[NEMO_NDEVTYPE]; unsigned char lp[NEMO_NDEVTYPE]; } kernels[MAX_KERNELS];
 static int nkernels;
 static pthread_mutex_t kernel_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* "<base>.lp" is not an entry of its own: it marks base's kernel on devtype as one that takes
+ * bfloat16 / float16 operands (the name of a new entry is kept, so it must outlive the process:
+ * a literal, or the copy made here for a ".lp" that comes before its base). */
 void nemo_kernel_register(const char *name, int devtype, nemo_kfn fn) {
     if (devtype < 0 || devtype >= NEMO_NDEVTYPE) return;
+    const size_t len = strlen(name);
+    const int lp = len > 3 && !strcmp(name + len - 3, ".lp");
+    const size_t blen = lp ? len - 3 : len;
     pthread_mutex_lock(&kernel_lock);
     int i;
-    for (i = 0; i < nkernels; i++) if (!strcmp(kernels[i].name, name)) break;
-    if (i == nkernels && nkernels < MAX_KERNELS) { kernels[i].name = name; nkernels++; }
-    if (i < MAX_KERNELS) kernels[i].fn[devtype] = fn;
+    for (i = 0; i < nkernels; i++)
+        if (!strncmp(kernels[i].name, name, blen) && kernels[i].name[blen] == 0) break;
+    if (i == nkernels && nkernels < MAX_KERNELS) {
+        kernels[i].name = lp ? strndup(name, blen) : name;
+        if (kernels[i].name) nkernels++;
+    }
+    if (i < nkernels) {
+        if (lp) kernels[i].lp[devtype] = 1;
+        else kernels[i].fn[devtype] = fn;
+    }
     pthread_mutex_unlock(&kernel_lock);
 }
 
@@ -326,9 +340,8 @@ int nemo_io_dtype(const char *name, int devtype, int dt, int cdt) {
         off = e && strcmp(e, "0") == 0;
     }
     if (off || cdt != NEMO_F32 || (dt != NEMO_BF16 && dt != NEMO_F16)) return cdt;
-    char key[64];
-    snprintf(key, sizeof key, "%s.lp", name);
-    return nemo_kernel_has(key, devtype) ? dt : cdt;
+    int i = kernel_index(name, devtype);
+    return i >= 0 && kernels[i].lp[devtype] ? dt : cdt;
 }
 
 void nemo_kernel_mirror_cpu(int devtype) {

@@ -75,7 +75,7 @@ void nemo_cuda_add_kernel(const char *name, nemo_cuda_kfn fn);
         nemo_cuda_add_kernel(name, (nemo_cuda_kfn)(fn)); }
 /* A kernel that also takes bfloat16 / float16 operands where the front-end would otherwise
  * convert them to float32 (kernels/cuda/fused.cu says which): registered as name and as
- * name ".lp", the entry the front-end looks for before it converts (engine/ops/fused.c). */
+ * name ".lp", which marks it for the front-end (nemo_io_dtype in engine/core.c). */
 #define NEMO_CUDA_KERNEL_LP(name, fn)                                                       \
     static void __attribute__((constructor)) nemo_cuda_reg_##fn(void) {                     \
         nemo_cuda_add_kernel(name, (nemo_cuda_kfn)(fn));                                     \
