@@ -138,6 +138,11 @@ static inline int nemo_cuda_check_compute(const char *op, const nemo_tensor *t) 
                                nemo_cuda_dtype_name(t->dtype));
     return 0;
 }
+/* The same for a "<name>.lp" kernel's large operands, which may also be bfloat16 / float16. */
+static inline int nemo_cuda_check_io(const char *op, const nemo_tensor *t) {
+    if (t->dtype == NEMO_BF16 || t->dtype == NEMO_F16) return 0;
+    return nemo_cuda_check_compute(op, t);
+}
 
 /* ==== Element conversions: the bit patterns libnemo's CPU code stores ==== */
 /* These mirror nemo_bf16_to_f32 / nemo_f32_to_bf16 / nemo_f16_to_f32 / nemo_f32_to_f16 and

@@ -37,7 +37,6 @@
 #include <algorithm>
 #include "util.cuh"
 
-
 /* ==== rope ==== */
 
 template <typename T, typename X>
@@ -126,14 +125,6 @@ __global__ void vec_fold_k(T *d1, T *d2, const double *part1, const double *part
 
 /* ==== launchers ==== */
 
-/* The large operands' dtype: float32 / float64, or bfloat16 / float16 computed in float32. */
-static int check_io(const char *op, const nemo_tensor *t) {
-    if (t->dtype != NEMO_F32 && t->dtype != NEMO_F64 && t->dtype != NEMO_BF16 && t->dtype != NEMO_F16)
-        return nemo_cuda_error(NEMO_EDTYPE, "%s: cuda kernel expects float32, float64, bfloat16 or float16, got %s", op,
-                               nemo_cuda_dtype_name(t->dtype));
-    return 0;
-}
-
 /* t on ref's device, of dtype dt, with at least count elements (NULL passes). */
 static int check_dt(const char *op, const char *what, const nemo_tensor *t, const nemo_tensor *ref, int dt,
                     int64_t count) {
@@ -194,7 +185,7 @@ static int rope_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *co
                      int64_t S, int64_t nh, int64_t D, int backward) {
     static const char op[] = "rope";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(check_io(op, y));
+    NEMO_CUDA_RC(nemo_cuda_check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "cos", cos));
     NEMO_CUDA_RC(k_need(op, "sin", sin));
@@ -216,7 +207,7 @@ static int modulate_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor
                          int64_t B, int64_t S, int64_t D, int64_t sb) {
     static const char op[] = "modulate";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(check_io(op, y));
+    NEMO_CUDA_RC(nemo_cuda_check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "scale", scale));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -234,39 +225,37 @@ static int modulate_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor
 }
 NEMO_CUDA_KERNEL_LP("modulate", modulate_cuda)
 
-/* The backward shared by modulate and gated_add: out (elementwise), d1 = sums of g*x, d2 =
- * sums of g, each optional. */
-template <typename T, typename X>
-static int vec_bwd_launch(const char *op, int dev, typename X::S *out, T *d1, T *d2, const typename X::S *g,
-                          const typename X::S *x, const T *v, int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb,
-                          cudaStream_t st) {
-    const int64_t total = B * S * D;
-    if (out)
-        vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
-    if (!d1 && !d2) return 0;
-    const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
-    /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */
-    int64_t nk = k_clamp(std::min(k_cdiv(262144, ngroups * (D > 0 ? D : 1)), R / 32), 1, 1024);
-    const int64_t chunk = R > 0 ? k_cdiv(R, nk) : 1;
-    nk = R > 0 ? k_cdiv(R, chunk) : 1;
-    const size_t np = (size_t)(ngroups * nk * D);
-    void *part = NULL;
-    NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * np * 2, &part));
-    double *p1 = d1 ? (double *)part : NULL, *p2 = d2 ? (double *)part + np : NULL;
-    vec_part_k<T, X><<<k_blocks(ngroups * nk * D), NEMO_CUDA_THREADS, 0, st>>>(p1, p2, g, x, ngroups, R, D, nk, chunk);
-    vec_fold_k<T><<<k_blocks(ngroups * D), NEMO_CUDA_THREADS, 0, st>>>(d1, d2, p1, p2, ngroups, D, nk);
-    (void)op;
-    return 0;
-}
-/* vec_bwd_launch for the dtype of g (large operands) through by_io; rc receives its status. */
+/* The backward shared by modulate and gated_add (through by_io, for g's dtype): out
+ * (elementwise), d1 = sums of g*x, d2 = sums of g, each optional; *rc receives the status. */
 struct VecBwd {
     template <typename T, typename X>
-    static void go(int *rc, const char *op, nemo_tensor *out, nemo_tensor *d1, nemo_tensor *d2, const nemo_tensor *g,
-                   const nemo_tensor *x, const nemo_tensor *v, int plus_one, int64_t B, int64_t S, int64_t D,
+    static void go(int *rc, nemo_tensor *out_t, nemo_tensor *d1_t, nemo_tensor *d2_t, const nemo_tensor *g_t,
+                   const nemo_tensor *x_t, const nemo_tensor *v_t, int plus_one, int64_t B, int64_t S, int64_t D,
                    int64_t sb) {
-        *rc = vec_bwd_launch<T, X>(op, g->devindex, (typename X::S *)k_data(out), (T *)k_data(d1), (T *)k_data(d2),
-                                   (const typename X::S *)nemo_cuda_data(g), (const typename X::S *)nemo_cuda_data(x),
-                                   (const T *)nemo_cuda_data(v), plus_one, B, S, D, sb, nemo_cuda_stream(g->devindex));
+        *rc = run<T, X>(g_t->devindex, (typename X::S *)k_data(out_t), (T *)k_data(d1_t), (T *)k_data(d2_t),
+                        (const typename X::S *)nemo_cuda_data(g_t), (const typename X::S *)nemo_cuda_data(x_t),
+                        (const T *)nemo_cuda_data(v_t), plus_one, B, S, D, sb, nemo_cuda_stream(g_t->devindex));
+    }
+    template <typename T, typename X>
+    static int run(int dev, typename X::S *out, T *d1, T *d2, const typename X::S *g, const typename X::S *x,
+                   const T *v, int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb, cudaStream_t st) {
+        const int64_t total = B * S * D;
+        if (out)
+            vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
+        if (!d1 && !d2) return 0;
+        const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
+        /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */
+        int64_t nk = k_clamp(std::min(k_cdiv(262144, ngroups * (D > 0 ? D : 1)), R / 32), 1, 1024);
+        const int64_t chunk = R > 0 ? k_cdiv(R, nk) : 1;
+        nk = R > 0 ? k_cdiv(R, chunk) : 1;
+        const size_t np = (size_t)(ngroups * nk * D);
+        void *part = NULL;
+        NEMO_CUDA_RC(nemo_cuda_scratch(dev, sizeof(double) * np * 2, &part));
+        double *p1 = d1 ? (double *)part : NULL, *p2 = d2 ? (double *)part + np : NULL;
+        vec_part_k<T, X><<<k_blocks(ngroups * nk * D), NEMO_CUDA_THREADS, 0, st>>>(p1, p2, g, x, ngroups, R, D, nk,
+                                                                                   chunk);
+        vec_fold_k<T><<<k_blocks(ngroups * D), NEMO_CUDA_THREADS, 0, st>>>(d1, d2, p1, p2, ngroups, D, nk);
+        return 0;
     }
 };
 
@@ -275,7 +264,7 @@ static int modulate_backward_cuda(nemo_tensor *dx, nemo_tensor *dscale, nemo_ten
                                   int64_t sb) {
     static const char op[] = "modulate backward";
     NEMO_CUDA_ENTER(op, g);
-    NEMO_CUDA_RC(check_io(op, g));
+    NEMO_CUDA_RC(nemo_cuda_check_io(op, g));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "scale", scale));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -290,7 +279,7 @@ static int modulate_backward_cuda(nemo_tensor *dx, nemo_tensor *dscale, nemo_ten
     NEMO_CUDA_RC(check_v(op, "shift gradient", dshift, g, vr * D));
     if (vr * D == 0) return 0;
     int rc = 0;
-    by_io<VecBwd>(g->dtype, &rc, op, dx, dscale, dshift, g, x, scale, 1, B, S, D, sb);
+    by_io<VecBwd>(g->dtype, &rc, dx, dscale, dshift, g, x, scale, 1, B, S, D, sb);
     NEMO_CUDA_RC(rc);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
     return 0;
@@ -301,7 +290,7 @@ static int gated_add_cuda(nemo_tensor *y, const nemo_tensor *x, const nemo_tenso
                           int64_t B, int64_t S, int64_t D, int64_t gb) {
     static const char op[] = "gated_add";
     NEMO_CUDA_ENTER(op, y);
-    NEMO_CUDA_RC(check_io(op, y));
+    NEMO_CUDA_RC(nemo_cuda_check_io(op, y));
     NEMO_CUDA_RC(k_need(op, "input", x));
     NEMO_CUDA_RC(k_need(op, "gate", gate));
     NEMO_CUDA_RC(k_need(op, "addend", a));
@@ -324,7 +313,7 @@ static int gated_add_backward_cuda(nemo_tensor *da, nemo_tensor *dgate, const ne
                                    const nemo_tensor *a, int64_t B, int64_t S, int64_t D, int64_t gb) {
     static const char op[] = "gated_add backward";
     NEMO_CUDA_ENTER(op, g);
-    NEMO_CUDA_RC(check_io(op, g));
+    NEMO_CUDA_RC(nemo_cuda_check_io(op, g));
     NEMO_CUDA_RC(k_need(op, "gate", gate));
     NEMO_CUDA_RC(k_need(op, "addend", a));
     NEMO_CUDA_RC(k_sizes(op, B, S, D));
@@ -338,7 +327,7 @@ static int gated_add_backward_cuda(nemo_tensor *da, nemo_tensor *dgate, const ne
     NEMO_CUDA_RC(check_v(op, "gate gradient", dgate, g, vr * D));
     if (vr * D == 0) return 0;
     int rc = 0;
-    by_io<VecBwd>(g->dtype, &rc, op, da, dgate, (nemo_tensor *)NULL, g, a, gate, 0, B, S, D, gb);
+    by_io<VecBwd>(g->dtype, &rc, da, dgate, (nemo_tensor *)NULL, g, a, gate, 0, B, S, D, gb);
     NEMO_CUDA_RC(rc);
     NEMO_CUDA_LAUNCHED("%s: kernel launch on cuda:%d (%lld elements)", op, g->devindex, (long long)total);
     return 0;

@@ -203,7 +203,7 @@ __global__ void where_kernel(T *y, const T *C, const T *A, const T *B, nemo_cuda
 
 /* Checks shared by the launchers: every tensor on y's device, in y's dtype. */
 static int check_operands(const char *op, const nemo_tensor *y, const nemo_tensor *const *ins, int nin, int lowp) {
-    if (!lowp || (y->dtype != NEMO_BF16 && y->dtype != NEMO_F16)) NEMO_CUDA_RC(nemo_cuda_check_compute(op, y));
+    NEMO_CUDA_RC(lowp ? nemo_cuda_check_io(op, y) : nemo_cuda_check_compute(op, y));
     if (y->ndim < 0 || y->ndim > NEMO_MAXDIM)
         return nemo_cuda_error(NEMO_EINVAL, "%s: %d dims, expected 0 to %d", op, y->ndim, NEMO_MAXDIM);
     for (int k = 0; k < nin; k++) {

@@ -361,7 +361,7 @@ struct nemo_emu_stream {
     uint64_t last;   /* seq of the newest op queued */
 };
 /* An event refers to its newest record: that op of that stream. */
-struct nemo_emu_event { int dev; unsigned flags; bool live; nemo_emu_stream *rs; uint64_t rseq; double t; };
+struct nemo_emu_event { int dev; unsigned flags; nemo_emu_stream *rs; uint64_t rseq; double t; };
 /* Streams and events are never deleted (a queued op or an event may still name them): a
  * destroyed one is marked dead. */
 static std::vector<nemo_emu_stream *> all_streams;
@@ -459,17 +459,12 @@ static uint64_t push(cudaStream_t st, std::function<cudaError_t()> work, std::ve
     if (rec) { rec->rs = s; rec->rseq = seq; }
     return seq;
 }
-/* Queues work on st; runs it at once when not deferring. The launch's status. */
-static cudaError_t submit(cudaStream_t st, std::function<cudaError_t()> work) {
+/* Queues work on st; runs it (and everything before it on st) at once when wait is set or
+ * nothing is deferred. The launch's status, or the run's. */
+static cudaError_t submit(cudaStream_t st, std::function<cudaError_t()> work, bool wait = false) {
     std::lock_guard<std::recursive_mutex> g(q_lock);
     const uint64_t seq = push(st, std::move(work));
-    return deferring() ? cudaSuccess : run_to(resolve(st), seq);
-}
-/* Queues work on st and waits for it (and for everything before it on st). */
-static cudaError_t submit_wait(cudaStream_t st, std::function<cudaError_t()> work) {
-    std::lock_guard<std::recursive_mutex> g(q_lock);
-    const uint64_t seq = push(st, std::move(work));
-    return run_to(resolve(st), seq);
+    return wait || !deferring() ? run_to(resolve(st), seq) : cudaSuccess;
 }
 namespace nemo_emu {
 cudaError_t enqueue(cudaStream_t st, const char *what, std::function<cudaError_t()> work) {
@@ -521,7 +516,7 @@ EXPORT cudaError_t cudaStreamQuery(cudaStream_t st) {
 EXPORT cudaError_t cudaEventCreateWithFlags(cudaEvent_t *ev, unsigned flags) {
     init();
     std::lock_guard<std::recursive_mutex> g(q_lock);
-    *ev = new nemo_emu_event{cur_dev, flags, true, NULL, 0, 0};
+    *ev = new nemo_emu_event{cur_dev, flags, NULL, 0, 0};
     events.insert(*ev);
     return cudaSuccess;
 }
@@ -529,7 +524,6 @@ EXPORT cudaError_t cudaEventCreate(cudaEvent_t *ev) { return cudaEventCreateWith
 EXPORT cudaError_t cudaEventDestroy(cudaEvent_t ev) {
     std::lock_guard<std::recursive_mutex> g(q_lock);
     if (!events.erase(ev)) return fail(cudaErrorInvalidResourceHandle);
-    ev->live = false;
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
@@ -626,13 +620,13 @@ static cudaError_t copy(const char *fn, void *dst, const void *src, size_t n, en
     if (kind == cudaMemcpyHostToDevice && !is_pinned(src, n)) {
         std::shared_ptr<std::vector<char>> snap = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
         auto w = [=]() { memcpy(dst, snap->data(), n); return cudaSuccess; };
-        return sync ? submit_wait(st, w) : submit(st, w);
+        return submit(st, w, sync);
     }
     if (no_exec() && kind == cudaMemcpyDeviceToDevice) return submit(st, []() { return cudaSuccess; });
     auto w = [=]() { memmove(dst, src, n); return cudaSuccess; };
     const bool wait = kind == cudaMemcpyHostToHost || (kind == cudaMemcpyDeviceToHost && !is_pinned(dst, n)) ||
                       (sync && kind != cudaMemcpyDeviceToDevice);
-    return wait ? submit_wait(st, w) : submit(st, w);
+    return submit(st, w, wait);
 }
 EXPORT cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
     return copy("cudaMemcpy", dst, src, n, kind, NULL, true);

@@ -797,7 +797,6 @@ function FSDP:named_parameters()
     return out
 end
 
-
 -- The global 2-norm of the gradients over every shard of every rank; scales the shards' gradients
 -- by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_ does. Returns the norm.
 function FSDP:clip_grad_norm_(max_norm, opts)
