@@ -5,6 +5,7 @@
 --       [--guidance 3.5] [--seed 0] [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
 --       [--lora runs/flux_lora/epoch_0_step_299/model] [--lora-scale 1.0]
 --       [--negative-prompt TEXT --true-cfg 4.0]   (FluxPipeline's true CFG: two passes per step)
+--       [--vae-tiling]   (decode large images in overlapping tiles: the memory of one tile)
 -- One PNG per prompt: --out itself for one prompt, else <out without .png>_<i>.png (i from 0).
 -- The pipeline must hold its text encoders and tokenizers (text_encoder, tokenizer, text_encoder_2,
 -- tokenizer_2) and its VAE. The initial noise comes from nemo's generator (--seed), so the images
@@ -16,7 +17,8 @@ local spec = {name = "flux_sample", usage = {
     "usage: nemo-lua tools/flux_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]",
     "       [--height N] [--width N] [--steps N] [--guidance X] [--seed N] [--max-sequence-length N]",
     "       [--dtype bfloat16|float16|float32] [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]",
-    "       [--negative-prompt TEXT --true-cfg X]"},
+    "       [--negative-prompt TEXT --true-cfg X] [--vae-tiling]"},
+    flags = {["--vae-tiling"] = "vae_tiling"},
     defaults = {prompts = {}, out = "sample.png", height = 1024, width = 1024, steps = 28, guidance = 3.5, seed = 0,
                 msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0},
     strings = {["--model"] = "model", ["--out"] = "out", ["--dtype"] = "dtype", ["--device"] = "device",
@@ -39,6 +41,7 @@ cli.main("flux_sample", function()
         end
     end
     nemo.sampling.ready_pipeline(pipe, {lora = o.lora, lora_scale = o.lora_scale, log = say})
+    if o.vae_tiling then pipe.components.vae:enable_tiling(); say("VAE tiling on (tiled decode of large outputs)") end
     local t0 = os.clock()
     local out = nemo.sampling.flux{pipe = pipe, prompt = o.prompts, height = o.height, width = o.width,
         num_inference_steps = o.steps, guidance_scale = o.guidance, max_sequence_length = o.msl,

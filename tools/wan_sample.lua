@@ -4,7 +4,7 @@
 --       [--prompt "..."]... [--out sample.png] [--height 480] [--width 832] [--frames 81]
 --       [--steps 50] [--guidance 5.0] [--guidance-2 X] [--negative-prompt TEXT] [--fps 16] [--seed 0]
 --       [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
---       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0]
+--       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0] [--vae-tiling]
 -- One animated PNG per prompt (browsers play it): --out itself for one prompt, else
 -- <out without .png>_<i>.png (i from 0). The pipeline must hold its transformer, vae, scheduler,
 -- text_encoder and tokenizer. The initial noise comes from nemo's generator (--seed), so the
@@ -18,7 +18,8 @@ local spec = {name = "wan_sample", usage = {
     "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]",
     "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--guidance-2 X] [--negative-prompt TEXT]",
     "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]",
-    "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X]"},
+    "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X] [--vae-tiling]"},
+    flags = {["--vae-tiling"] = "vae_tiling"},
     defaults = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
                 fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""},
     strings = {["--model"] = "model", ["--out"] = "out", ["--dtype"] = "dtype", ["--device"] = "device",
@@ -49,6 +50,7 @@ cli.main("wan_sample", function()
         end
     end
     nemo.sampling.ready_pipeline(pipe, {lora = o.lora, lora_scale = o.lora_scale, log = say})
+    if o.vae_tiling then pipe.components.vae:enable_tiling(); say("VAE tiling on (tiled decode of large outputs)") end
     local t0 = os.clock()
     local out = nemo.sampling.wan{pipe = pipe, prompt = o.prompts, negative_prompt = o.negative, height = o.height,
         width = o.width, num_frames = o.frames, num_inference_steps = o.steps, guidance_scale = o.guidance,

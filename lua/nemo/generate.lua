@@ -13,11 +13,11 @@
 -- inference.dtype [bfloat16], prompts, max_samples, num_inference_steps, guidance_scale, height,
 -- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
 -- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
--- [16]; vae.enable_slicing; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
+-- [16]; vae.enable_slicing, vae.enable_tiling; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
 -- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
 -- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
 -- encoder). Not supported (clear errors): a `distributed` block (one process samples),
--- inference.input_images (image-conditioned pipelines), vae.enable_tiling; vae.enable_cpu_offload
+-- inference.input_images (image-conditioned pipelines); vae.enable_cpu_offload
 -- is noted and ignored.
 local fs = require "nemo.fs"
 
@@ -60,9 +60,6 @@ function M.validate(cfg)
     end
     if cfg.distributed ~= nil then
         cfg_error("distributed: nemo-lua samples in one process (remove the distributed block)")
-    end
-    if cfg.vae and cfg.vae.enable_tiling then
-        cfg_error("vae.enable_tiling: tiled VAE decoding is not implemented in nemo-lua yet (enable_slicing is)")
     end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
@@ -121,6 +118,7 @@ function M.run(cfg, opts)
     end
     nemo.sampling.ready_pipeline(pipe, {lora = m.lora_weights, lora_scale = m.lora_scale, log = log})
     if cfg.vae and cfg.vae.enable_slicing and c.vae and c.vae.enable_slicing then c.vae:enable_slicing() end
+    if cfg.vae and cfg.vae.enable_tiling and c.vae and c.vae.enable_tiling then c.vae:enable_tiling() end
     local kwargs = {}
     for _, k in ipairs{"num_inference_steps", "guidance_scale", "height", "width"} do kwargs[k] = inf[k] end
     for k, v in pairs(inf.pipeline_kwargs or {}) do kwargs[k] = v end

@@ -58,7 +58,13 @@ raises(with(fcfg, {"model", "checkpoint_dir"}, "a"), "unknown key 'model.checkpo
 raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png"}), "image-conditioned pipelines are not supported",
     "inference.input_images")
 raises(with(fcfg, {"distributed", "backend"}, "nccl"), "samples in one process", "a distributed block")
-raises(with(fcfg, {"vae", "enable_tiling"}, true), "tiled VAE decoding is not implemented", "vae.enable_tiling")
+do  -- vae.enable_tiling reaches the VAE (its numbers: tests/lua/test_vae_tiling.lua)
+    local c = with(fcfg, {"vae", "enable_tiling"}, true)
+    c.inference.max_samples = 1
+    c.output.output_dir = tmp .. "/out_tiled"
+    local rt = gen.run(c, quiet)
+    T.ok(rt.pipe.components.vae.use_tiling == true and #rt.files == 1, "vae.enable_tiling turns the VAE's tiling on")
+end
 raises(with(fcfg, {"inference", "prompts"}, {}), "inference.prompts must be a non-empty list", "no prompts")
 raises(with(fcfg, {"model", "checkpoint"}, tmp .. "/nope"), "no checkpoint at", "a checkpoint that does not exist")
 raises(with(fcfg, {"inference", "pipeline_kwargs", "num_frames"}, 5), "unknown option 'num_frames'",

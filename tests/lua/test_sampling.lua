@@ -200,10 +200,11 @@ do
         local out_png = root .. "/img.png"
         local log, rc = T.sh("./nemo-lua tools/flux_sample.lua --model " .. root .. " --prompt 'a photo of a cat' " ..
             "--prompt 'a dog' --height 32 --width 32 --steps 2 --dtype float32 --device cpu --seed 1 " ..
-            "--max-sequence-length 16 --out " .. out_png .. " 2>&1")
+            "--max-sequence-length 16 --vae-tiling --out " .. out_png .. " 2>&1")
         local im0 = fs.isfile(root .. "/img_0.png") and nemo.image.read_png(root .. "/img_0.png")
         T.ok(rc == 0 and im0 and im0.width == 32 and im0.height == 32 and im0.channels == 3 and
-            fs.isfile(root .. "/img_1.png"), "tools/flux_sample.lua writes a 32 x 32 PNG per prompt", log)
+            fs.isfile(root .. "/img_1.png") and log:find("VAE tiling on", 1, true),
+            "tools/flux_sample.lua writes a 32 x 32 PNG per prompt (--vae-tiling taken)", log)
         local _, brc = T.sh("./nemo-lua tools/flux_sample.lua --model " .. root .. " 2>&1")
         T.ok(brc ~= 0, "tools/flux_sample.lua without --prompt is an error")
         fs.remove_tree(root)
@@ -278,10 +279,11 @@ do
         -- the command-line tool
         local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --prompt 'a dog' " ..
             "--height 32 --width 32 --frames 5 --steps 2 --dtype float32 --device cpu --seed 1 " ..
-            "--max-sequence-length 16 --out " .. root .. "/vid.png 2>&1")
+            "--max-sequence-length 16 --vae-tiling --out " .. root .. "/vid.png 2>&1")
         local v0 = fs.isfile(root .. "/vid_0.png") and nemo.image.read_png(root .. "/vid_0.png")
         T.ok(rc == 0 and v0 and v0.width == 32 and v0.height == 32 and fs.isfile(root .. "/vid_1.png"),
-            "tools/wan_sample.lua writes an animated 32 x 32 PNG per prompt", log)
+            log:find("VAE tiling on", 1, true), "tools/wan_sample.lua writes an animated 32 x 32 PNG per prompt " ..
+            "(--vae-tiling taken)", log)
         local _, brc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt a --out x.gif 2>&1")
         T.ok(brc ~= 0, "tools/wan_sample.lua with a non-PNG --out is an error")
         fs.remove_tree(root)

@@ -185,7 +185,7 @@ if dir then
     m:disable_slicing()
     close(slp.mean, post.mean, 1e-6, 0, "enable_slicing: the same posterior mean, one video at a time")
     close(sl, r1, 1e-6, 0, "enable_slicing: the same reconstruction")
-    T.raises(function() m:enable_tiling() end, "not implemented", "enable_tiling: a clear not-implemented error")
+    -- tiling: tests/lua/test_vae_tiling.lua
 
     -- errors: frame counts, sizes, channels
     local function vid(f, h, w, c) return nemo.zeros(1, c or 3, f, h or 16, w or 16) end

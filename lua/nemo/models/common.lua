@@ -229,6 +229,101 @@ function M.sliced(model, x, fn)
     return fn(x)
 end
 
+-- blend(a, b, dim, extent) -> b with its first e = min(extent, |a|, |b|) slices along dim
+-- faded in from a's last e: b[y] = a[|a| - e + y] (1 - y/e) + b[y] (y/e), diffusers' blend_v /
+-- blend_h (which write into b; here b is replaced and freed). The weights are rounded to the
+-- tiles' dtype as torch rounds a Python float multiplier; bf16 / f16 tiles blend in float32.
+local function blend(a, b, dim, extent)
+    local e = math.min(extent, a.shape[dim + 1], b.shape[dim + 1])
+    if e <= 0 then return b end
+    local wshape, wa, wb = {}, {}, {}
+    for d = 1, b:dim() do wshape[d] = 1 end
+    wshape[dim + 1] = e
+    for y = 0, e - 1 do wa[y + 1] = 1 - y / e; wb[y + 1] = y / e end
+    local cdt = upcast_dtype(b.dtype)
+    local topts = {dtype = cdt, device = b.device}
+    local tw_a = Tensor.tensor(wa, topts):reshape(wshape)
+    local tw_b = Tensor.tensor(wb, topts):reshape(wshape)
+    local ta = a:narrow(dim, a.shape[dim + 1] - e, e):to{dtype = cdt}
+    local tb = b:narrow(dim, 0, e):to{dtype = cdt}
+    local pa, pb = F.mul(ta, tw_a), F.mul(tb, tw_b)
+    local head = F.add(pa, pb)
+    free(pa, pb, tw_a, tw_b, ta, tb)   -- ta, tb: narrow views or their float32 copies
+    if head.dtype ~= b.dtype then
+        local h = head:to{dtype = b.dtype}
+        free(head)
+        head = h
+    end
+    local out = head
+    if e < b.shape[dim + 1] then
+        out = F.cat({head, b:narrow(dim, e, b.shape[dim + 1] - e)}, dim)
+        free(head)
+    end
+    free(b)
+    return out
+end
+
+-- tiled(grid, opts) -> one tensor from a grid of overlapping tiles, as diffusers' tiled_encode /
+-- tiled_decode assemble theirs. grid.rows, grid.cols: the tile origins (input coordinates);
+-- grid.run(r, c) -> the tile's output (fresh tensors, released here). opts: hdim, wdim (0-based
+-- dims of height and width in the outputs), blend_h, blend_w (the blend extents), keep_h, keep_w
+-- (what each tile keeps after blending), out_h, out_w (optional: a final crop). In diffusers'
+-- order: tile (i, j) blends from the tile above, then from the one to its left, each already
+-- blended itself; each then keeps its first keep_h x keep_w; rows concatenate along wdim, the
+-- result along hdim. Every tile output is kept until the end, as diffusers keeps them.
+function M.tiled(grid, opts)
+    local rows = {}
+    local ok, err = pcall(function()
+        for i, r in ipairs(grid.rows) do
+            local row = {}
+            rows[i] = row
+            for j, c in ipairs(grid.cols) do row[j] = grid.run(r, c) end
+        end
+    end)
+    if not ok then
+        for _, row in ipairs(rows) do free(unpack(row)) end
+        error(err, 0)
+    end
+    local hd, wd = opts.hdim, opts.wdim
+    for i, row in ipairs(rows) do
+        for j = 1, #row do
+            if i > 1 then row[j] = blend(rows[i - 1][j], row[j], hd, opts.blend_h) end
+            if j > 1 then row[j] = blend(row[j - 1], row[j], wd, opts.blend_w) end
+        end
+    end
+    local line = {}
+    for i, row in ipairs(rows) do
+        local parts = {}
+        for j, t in ipairs(row) do
+            parts[j] = t:narrow(hd, 0, math.min(opts.keep_h, t.shape[hd + 1]))
+                :narrow(wd, 0, math.min(opts.keep_w, t.shape[wd + 1]))
+        end
+        line[i] = #parts == 1 and parts[1]:contiguous() or F.cat(parts, wd)
+        free(unpack(row))
+    end
+    local out = #line == 1 and line[1] or F.cat(line, hd)
+    if #line > 1 then free(unpack(line)) end
+    local oh, ow = opts.out_h or out.shape[hd + 1], opts.out_w or out.shape[wd + 1]
+    if oh < out.shape[hd + 1] or ow < out.shape[wd + 1] then
+        local c = out:narrow(hd, 0, math.min(oh, out.shape[hd + 1])):narrow(wd, 0, math.min(ow, out.shape[wd + 1]))
+            :contiguous()
+        free(out)
+        out = c
+    end
+    return out
+end
+
+-- origins(n, stride) -> {0, stride, 2 stride, ...} below n: Python's range(0, n, stride).
+function M.origins(n, stride)
+    if stride < 1 then
+        error(string.format("tiling: tiles step by %s, less than one (the tile is too small for its overlap)",
+            tostring(stride)), 3)
+    end
+    local t = {}
+    for v = 0, n - 1, stride do t[#t + 1] = v end
+    return t
+end
+
 -- autoencoder_forward(vae, sample, opts, class_name): what an autoencoder's forward(sample,
 -- {sample_posterior=false, generator=, return_dict=true}) does: encode, take the posterior's mode
 -- (or a sample), decode -> {sample = decoded} ({decoded} with return_dict=false). Its errors

@@ -29,7 +29,9 @@
 -- - No dtype upcasts: a bf16 VAE computes in bf16 (force_upcast is config only, for pipelines).
 -- - DiagonalGaussianDistribution: mean, logvar = chunk(moments, 2, dim=1); logvar clamped to
 --   [-30, 20]; std = exp(0.5 * logvar); var = exp(logvar).
--- Not implemented: tiled encode/decode (enable_tiling raises), the spatial-norm decoder
+-- - Tiling (enable_tiling) follows diffusers' _tiled_encode / tiled_decode: tile (i, j) blends
+--   from the tile above and then the one to its left, each already blended (common.tiled).
+-- Not implemented: the spatial-norm decoder
 -- (MoVQ), block types other than DownEncoderBlock2D / UpDecoderBlock2D.
 local class = require "nemo.class"
 local nn = require "nemo.nn"
@@ -688,6 +690,12 @@ function AutoencoderKL:__init(config, opts)
     self.use_tiling = false
     -- 2^(number of blocks - 1): image pixels per latent pixel (pipelines' vae_scale_factor)
     self.vae_scale_factor = 2 ^ (#cfg.block_out_channels - 1)
+    -- tiling's sizes, as diffusers sets them: image tiles of config.sample_size pixels (its first
+    -- entry when a list), latent tiles of that / vae_scale_factor, a quarter of each overlapping
+    local ss = type(cfg.sample_size) == "table" and cfg.sample_size[1] or cfg.sample_size
+    self.tile_sample_min_size = ss
+    self.tile_latent_min_size = math.floor(ss / self.vae_scale_factor)
+    self.tile_overlap_factor = 0.25
 end
 
 -- The dtype of the parameters (that of encoder.conv_in.weight).
@@ -708,9 +716,35 @@ end
 -- slicing: encode / decode a batch one sample at a time (less memory, the same values)
 function AutoencoderKL:enable_slicing() self.use_slicing = true; return self end
 function AutoencoderKL:disable_slicing() self.use_slicing = false; return self end
-function AutoencoderKL:enable_tiling()
-    error("AutoencoderKL:enable_tiling: tiled encode/decode is not implemented in nemo-lua yet " ..
-        "(use enable_slicing to save memory over the batch)", 2)
+-- tiling: encode images wider or taller than tile_sample_min_size, and decode latents wider or
+-- taller than tile_latent_min_size, in overlapping tiles blended together (diffusers'
+-- _tiled_encode / tiled_decode): the memory of one tile whatever the image size; the result
+-- differs slightly from a whole pass (each tile sees only itself). opts (optional):
+-- {tile_sample_min_size = pixels (a multiple of vae_scale_factor), tile_overlap_factor = 0.25};
+-- the latent tile follows the image tile.
+function AutoencoderKL:enable_tiling(opts)
+    if opts ~= nil then
+        if type(opts) ~= "table" then error("AutoencoderKL:enable_tiling: options must be a table", 2) end
+        for k in pairs(opts) do
+            if k ~= "tile_sample_min_size" and k ~= "tile_overlap_factor" then
+                error(string.format("AutoencoderKL:enable_tiling: unknown option '%s' (tile_sample_min_size, " ..
+                    "tile_overlap_factor)", tostring(k)), 2)
+            end
+        end
+        local ts, f = opts.tile_sample_min_size or self.tile_sample_min_size, opts.tile_overlap_factor or self.tile_overlap_factor
+        local r = self.vae_scale_factor
+        if type(ts) ~= "number" or ts % r ~= 0 or ts < r then
+            error(string.format("AutoencoderKL:enable_tiling: tile_sample_min_size must be a positive multiple of %d " ..
+                "(the VAE's scale factor), got %s", r, tostring(ts)), 2)
+        end
+        if type(f) ~= "number" or not (f >= 0 and f < 1) then
+            error("AutoencoderKL:enable_tiling: tile_overlap_factor must be a number in [0, 1), got " .. tostring(f), 2)
+        end
+        self.tile_sample_min_size, self.tile_overlap_factor = ts, f
+        self.tile_latent_min_size = math.floor(ts / r)
+    end
+    self.use_tiling = true
+    return self
 end
 function AutoencoderKL:disable_tiling() self.use_tiling = false; return self end
 
@@ -722,8 +756,36 @@ local function check_image(self, x, who, channels, what)
     end
 end
 
--- _encode(x) -> the moments (B, 2*latent_channels, h, w) (quant_conv applied when present)
+-- tile(x, i, j, size) -> a contiguous copy of x's size x size tile at (i, j) (smaller at the edges)
+local function tile2d(x, i, j, size)
+    local v = x:narrow(2, i, math.min(size, x.shape[3] - i)):narrow(3, j, math.min(size, x.shape[4] - j))
+    return v:contiguous()
+end
+
+-- diffusers' _tiled_encode: image tiles of tile_sample_min_size every (1 - overlap) of it, each
+-- encoded (and quant_conv'd) alone; latent tiles blended over tile_latent_min_size * overlap rows
+-- and columns, each keeping tile_latent_min_size minus that.
+function AutoencoderKL:_tiled_encode(x)
+    local ts, tl, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
+    local step, be = math.floor(ts * (1 - f)), math.floor(tl * f)
+    return common.tiled({rows = common.origins(x.shape[3], step), cols = common.origins(x.shape[4], step),
+        run = function(i, j)
+            local t = tile2d(x, i, j, ts)
+            local enc = self:_encode_whole(t)
+            free(t)
+            return enc
+        end}, {hdim = 2, wdim = 3, blend_h = be, blend_w = be, keep_h = tl - be, keep_w = tl - be})
+end
+
+-- _encode(x) -> the moments (B, 2*latent_channels, h, w) (quant_conv applied when present);
+-- tiled when tiling is on and x is larger than a tile.
 function AutoencoderKL:_encode(x)
+    if self.use_tiling and (x.shape[4] > self.tile_sample_min_size or x.shape[3] > self.tile_sample_min_size) then
+        return self:_tiled_encode(x)
+    end
+    return self:_encode_whole(x)
+end
+function AutoencoderKL:_encode_whole(x)
     local enc = self.encoder(x)
     if self.quant_conv ~= nil then
         local q = self.quant_conv(enc)
@@ -743,8 +805,30 @@ function AutoencoderKL:encode(x, opts)
     return {latent_dist = posterior}
 end
 
--- _decode(z) -> the image (post_quant_conv applied when present)
+-- diffusers' tiled_decode: latent tiles of tile_latent_min_size every (1 - overlap) of it, each
+-- decoded alone (post_quant_conv first when present); image tiles blended over
+-- tile_sample_min_size * overlap rows and columns, each keeping tile_sample_min_size minus that.
+function AutoencoderKL:_tiled_decode(z)
+    local ts, tl, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
+    local step, be = math.floor(tl * (1 - f)), math.floor(ts * f)
+    return common.tiled({rows = common.origins(z.shape[3], step), cols = common.origins(z.shape[4], step),
+        run = function(i, j)
+            local t = tile2d(z, i, j, tl)
+            local dec = self:_decode_whole(t)
+            free(t)
+            return dec
+        end}, {hdim = 2, wdim = 3, blend_h = be, blend_w = be, keep_h = ts - be, keep_w = ts - be})
+end
+
+-- _decode(z) -> the image (post_quant_conv applied when present); tiled when tiling is on and z
+-- is larger than a latent tile.
 function AutoencoderKL:_decode(z)
+    if self.use_tiling and (z.shape[4] > self.tile_latent_min_size or z.shape[3] > self.tile_latent_min_size) then
+        return self:_tiled_decode(z)
+    end
+    return self:_decode_whole(z)
+end
+function AutoencoderKL:_decode_whole(z)
     local zz = z
     if self.post_quant_conv ~= nil then zz = self.post_quant_conv(z) end
     local dec = self.decoder(zz)

@@ -41,9 +41,10 @@
 -- - WanUpsample's `.float()` round trip is skipped (nearest is a copy: no difference for
 --   f32 / bf16 / f16; a float64 model stays float64 throughout).
 -- - DiagonalGaussianDistribution is nemo.models.vae's (mean, logvar clamped to [-30, 20], std).
+-- - Tiling (enable_tiling) is diffusers' spatial tiling: each tile runs all its frames through
+--   its own causal caches; tiles blend unclamped, the decoded whole is clamped once.
 -- Not supported: the Wan 2.2 VAE (is_residual = true: AvgDown3D / DupUp3D, patch_size 2, its
--- channels) raises "not supported yet"; tiled encode / decode (enable_tiling raises); encode
--- with attn_scales non-empty (diffusers' own encoder raises a TypeError there; the model builds
+-- channels) raises "not supported yet"; encode with attn_scales non-empty (diffusers' own encoder raises a TypeError there; the model builds
 -- and decodes); gradient checkpointing.
 local class = require "nemo.class"
 local nn = require "nemo.nn"
@@ -683,6 +684,9 @@ function AutoencoderKLWan:__init(config, opts)
     self.temporal_compression_ratio = tf
     self.use_slicing = false
     self.use_tiling = false
+    -- tiling's sizes (diffusers' defaults): 256 x 256-pixel tiles every 192 pixels
+    self.tile_sample_min_height, self.tile_sample_min_width = 256, 256
+    self.tile_sample_stride_height, self.tile_sample_stride_width = 192, 192
 end
 
 -- The dtype of the parameters (that of encoder.conv_in.weight).
@@ -691,9 +695,48 @@ function AutoencoderKLWan:dtype() return self.encoder.conv_in.weight.dtype end
 -- slicing: encode / decode a batch one video at a time (less memory, the same values)
 function AutoencoderKLWan:enable_slicing() self.use_slicing = true; return self end
 function AutoencoderKLWan:disable_slicing() self.use_slicing = false; return self end
-function AutoencoderKLWan:enable_tiling()
-    error("AutoencoderKLWan:enable_tiling: tiled encode/decode is not implemented in nemo-lua yet " ..
-        "(use enable_slicing to save memory over the batch)", 2)
+-- tiling: encode videos wider or taller than a tile, and decode latents wider or taller than a
+-- tile / 8, in overlapping spatial tiles blended together (diffusers' tiled_encode /
+-- tiled_decode; every frame of a tile goes through the causal caches of that tile): the memory
+-- of one tile whatever the frame size; the result differs slightly from a whole pass.
+-- enable_tiling(tile_sample_min_height, tile_sample_min_width, tile_sample_stride_height,
+-- tile_sample_stride_width) as diffusers (nil keeps the current value: 256, 256, 192, 192), or
+-- the same as one table. Sizes and strides are pixels, multiples of spatial_compression_ratio,
+-- each stride at most its tile.
+local TILE_KEYS = {"tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height",
+                   "tile_sample_stride_width"}
+function AutoencoderKLWan:enable_tiling(...)
+    local args = {...}
+    if type(args[1]) == "table" then
+        for k in pairs(args[1]) do
+            local known = false
+            for _, key in ipairs(TILE_KEYS) do known = known or k == key end
+            if not known then
+                error(string.format("AutoencoderKLWan:enable_tiling: unknown option '%s' (%s)", tostring(k),
+                    table.concat(TILE_KEYS, ", ")), 2)
+            end
+        end
+        local t = args[1]
+        args = {}
+        for i, key in ipairs(TILE_KEYS) do args[i] = t[key] end
+    end
+    local v, r = {}, self.spatial_compression_ratio
+    for i, key in ipairs(TILE_KEYS) do
+        v[i] = args[i] == nil and self[key] or args[i]
+        if type(v[i]) ~= "number" or v[i] < r or v[i] % r ~= 0 then
+            error(string.format("AutoencoderKLWan:enable_tiling: %s must be a positive multiple of %d (the " ..
+                "spatial compression), got %s", key, r, tostring(v[i])), 2)
+        end
+    end
+    for i = 3, 4 do
+        if v[i] > v[i - 2] then
+            error(string.format("AutoencoderKLWan:enable_tiling: %s (%d) is larger than %s (%d): tiles would leave " ..
+                "gaps", TILE_KEYS[i], v[i], TILE_KEYS[i - 2], v[i - 2]), 2)
+        end
+    end
+    for i, key in ipairs(TILE_KEYS) do self[key] = v[i] end
+    self.use_tiling = true
+    return self
 end
 function AutoencoderKLWan:disable_tiling() self.use_tiling = false; return self end
 
@@ -705,9 +748,42 @@ local function clear_cache(ctx)
     end
 end
 
--- _encode(x (1 or B videos)) -> the moments (B, 2 z_dim, 1 + k, H/8, W/8): frame 0, then chunks
--- of 4 frames through the encoder with one feature cache, cat in time, quant_conv.
+-- a contiguous copy of video x's (.., i:i+h, j:j+w) tile (smaller at the edges)
+local function tile_hw(x, i, j, h, w)
+    local v = x:narrow(3, i, math.min(h, x.shape[4] - i)):narrow(4, j, math.min(w, x.shape[5] - j))
+    return v:contiguous()
+end
+
+-- diffusers' tiled_encode: tiles of tile_sample_min_* pixels every tile_sample_stride_*, each
+-- encoded alone with its own caches; latent tiles blended over (tile - stride) / 8 rows and
+-- columns, each keeping stride / 8, the whole cropped to H/8 x W/8.
+function AutoencoderKLWan:_tiled_encode(x)
+    local r = self.spatial_compression_ratio
+    local th, tw = self.tile_sample_min_height, self.tile_sample_min_width
+    local sh, sw = self.tile_sample_stride_height, self.tile_sample_stride_width
+    local lsh, lsw = math.floor(sh / r), math.floor(sw / r)
+    return common.tiled({rows = common.origins(x.shape[4], sh), cols = common.origins(x.shape[5], sw),
+        run = function(i, j)
+            local t = tile_hw(x, i, j, th, tw)
+            local enc = self:_encode_whole(t)
+            free(t)
+            return enc
+        end}, {hdim = 3, wdim = 4, blend_h = math.floor(th / r) - lsh, blend_w = math.floor(tw / r) - lsw,
+        keep_h = lsh, keep_w = lsw, out_h = math.floor(x.shape[4] / r), out_w = math.floor(x.shape[5] / r)})
+end
+
+-- _encode(x (1 or B videos)) -> the moments (B, 2 z_dim, 1 + k, H/8, W/8); tiled when tiling is
+-- on and a frame is larger than a tile.
 function AutoencoderKLWan:_encode(x)
+    if self.use_tiling and (x.shape[5] > self.tile_sample_min_width or x.shape[4] > self.tile_sample_min_height) then
+        return self:_tiled_encode(x)
+    end
+    return self:_encode_whole(x)
+end
+
+-- frame 0, then chunks of 4 frames through the encoder with one feature cache, cat in time,
+-- quant_conv.
+function AutoencoderKLWan:_encode_whole(x)
     local nf = x.shape[3]
     local ctx, outs = {}, {}
     local ok, err = pcall(function()
@@ -765,9 +841,44 @@ function AutoencoderKLWan:encode(x, opts)
     return {latent_dist = posterior}
 end
 
--- _decode(z) -> the video, clamped: post_quant_conv on all of z, then the decoder one latent
--- frame at a time with one feature cache, cat in time, clamp to [-1, 1].
+-- diffusers' tiled_decode: latent tiles of tile_sample_min_* / 8 every tile_sample_stride_* / 8,
+-- each decoded alone with its own caches (not clamped); video tiles blended over tile - stride
+-- rows and columns, each keeping stride, the whole cropped to 8h x 8w, then clamped.
+function AutoencoderKLWan:_tiled_decode(z)
+    local r = self.spatial_compression_ratio
+    local th, tw = self.tile_sample_min_height, self.tile_sample_min_width
+    local sh, sw = self.tile_sample_stride_height, self.tile_sample_stride_width
+    local out = common.tiled({rows = common.origins(z.shape[4], math.floor(sh / r)),
+        cols = common.origins(z.shape[5], math.floor(sw / r)),
+        run = function(i, j)
+            local t = tile_hw(z, i, j, math.floor(th / r), math.floor(tw / r))
+            local dec = self:_decode_frames(t)
+            free(t)
+            return dec
+        end}, {hdim = 3, wdim = 4, blend_h = th - sh, blend_w = tw - sw, keep_h = sh, keep_w = sw,
+        out_h = z.shape[4] * r, out_w = z.shape[5] * r})
+    local c = out:clamp(-1.0, 1.0)
+    free(out)
+    return c
+end
+
+-- _decode(z) -> the video, clamped to [-1, 1]; tiled when tiling is on and z is larger than a
+-- tile / 8.
 function AutoencoderKLWan:_decode(z)
+    local r = self.spatial_compression_ratio
+    if self.use_tiling and (z.shape[5] > math.floor(self.tile_sample_min_width / r) or
+                            z.shape[4] > math.floor(self.tile_sample_min_height / r)) then
+        return self:_tiled_decode(z)
+    end
+    local out = self:_decode_frames(z)
+    local c = out:clamp(-1.0, 1.0)
+    free(out)
+    return c
+end
+
+-- the video, not clamped: post_quant_conv on all of z, then the decoder one latent frame at a
+-- time with one feature cache, cat in time.
+function AutoencoderKLWan:_decode_frames(z)
     local x = self.post_quant_conv(z)
     local ctx, outs = {}, {}
     local ok, err = pcall(function()
@@ -783,9 +894,7 @@ function AutoencoderKLWan:_decode(z)
     end
     local out = #outs == 1 and outs[1] or F.cat(outs, 2)
     if #outs > 1 then free(unpack(outs)) end
-    local c = out:clamp(-1.0, 1.0)
-    free(out)
-    return c
+    return out
 end
 
 -- decode(z (B, z_dim, T, h, w), {return_dict=true}) -> {sample = (B, out_channels, 1 + 4 (T - 1),
