@@ -283,18 +283,20 @@ static int mm_check(int kind, const nemo_tensor *a, const nemo_tensor *b, mm_geo
     const char *op = mm_name(kind);
     char s1[128], s2[128];
     int na = a->ndim, nb = b->ndim;
-    nemo_shape_str(a, s1, sizeof s1);
-    nemo_shape_str(b, s2, sizeof s2);
+    /* the shapes are formatted only for an error message */
+#define SA nemo_shape_str(a, s1, sizeof s1)
+#define SB nemo_shape_str(b, s2, sizeof s2)
     if (kind < NEMO_MM_MATMUL || kind > NEMO_MM_DOT)
         return NEMO_ERR(NEMO_EINVAL, "matmul: unknown kind %d", kind);
     if (na == 0 || nb == 0)
-        return NEMO_ERR(NEMO_ESHAPE, "%s: both arguments need at least 1 dimension, got shapes %s and %s", op, s1, s2);
+        return NEMO_ERR(NEMO_ESHAPE, "%s: both arguments need at least 1 dimension, got shapes %s and %s", op, SA,
+                        SB);
     static const int want_a[] = {0, 2, 3, 2, 1}, want_b[] = {0, 2, 3, 1, 1};
     if (kind != NEMO_MM_MATMUL && (na != want_a[kind] || nb != want_b[kind]))
         return NEMO_ERR(NEMO_ESHAPE, "%s: expected a %d-D and a %d-D tensor, got shapes %s and %s", op,
-                        want_a[kind], want_b[kind], s1, s2);
+                        want_a[kind], want_b[kind], SA, SB);
     if (kind == NEMO_MM_BMM && a->shape[0] != b->shape[0])
-        return NEMO_ERR(NEMO_ESHAPE, "bmm: batch sizes differ: shapes %s and %s", s1, s2);
+        return NEMO_ERR(NEMO_ESHAPE, "bmm: batch sizes differ: shapes %s and %s", SA, SB);
     int rc = check_floats(op, a, b);
     if (rc < 0) return rc;
     G->va = na == 1 ? 1 : 0;
@@ -305,7 +307,7 @@ static int mm_check(int kind, const nemo_tensor *a, const nemo_tensor *b, mm_geo
     int64_t kb = nb == 1 ? b->shape[0] : b->shape[nb - 2];
     G->m = nb == 1 ? 1 : b->shape[nb - 1];
     if (G->k != kb)
-        return NEMO_ERR(NEMO_ESHAPE, "%s: shapes %s and %s cannot be multiplied (%lld != %lld)", op, s1, s2,
+        return NEMO_ERR(NEMO_ESHAPE, "%s: shapes %s and %s cannot be multiplied (%lld != %lld)", op, SA, SB,
                         (long long)G->k, (long long)kb);
     int ba = na > 2 ? na - 2 : 0, bb = nb > 2 ? nb - 2 : 0;
     G->nb = ba > bb ? ba : bb;
@@ -314,7 +316,7 @@ static int mm_check(int kind, const nemo_tensor *a, const nemo_tensor *b, mm_geo
         int64_t x = ia >= 0 ? a->shape[ia] : 1, y = ib >= 0 ? b->shape[ib] : 1;
         if (x != y && x != 1 && y != 1)
             return NEMO_ERR(NEMO_ESHAPE, "%s: batch dims of shapes %s and %s cannot be broadcast (%lld vs %lld)",
-                            op, s1, s2, (long long)x, (long long)y);
+                            op, SA, SB, (long long)x, (long long)y);
         G->bshape[d] = x == 1 ? y : x;
     }
     G->ond = 0;
@@ -324,6 +326,8 @@ static int mm_check(int kind, const nemo_tensor *a, const nemo_tensor *b, mm_geo
     if (G->ond > NEMO_MAXDIM)
         return NEMO_ERR(NEMO_ESHAPE, "%s: result would have %d dims (at most %d)", op, G->ond, NEMO_MAXDIM);
     return 0;
+#undef SA
+#undef SB
 }
 
 NEMO_API nemo_tensor *nemo_matmul(const nemo_tensor *a, const nemo_tensor *b, int kind) {
@@ -409,15 +413,16 @@ static int linear_check(const char *op, const nemo_tensor *x, const nemo_tensor 
     char s1[128], s2[128];
     int rc = check_floats(op, x, w);
     if (rc < 0) return rc;
-    nemo_shape_str(x, s1, sizeof s1);
-    nemo_shape_str(w, s2, sizeof s2);
     if (w->ndim != 2)
-        return NEMO_ERR(NEMO_ESHAPE, "%s: weight must be 2-D (out_features, in_features), got shape %s", op, s2);
+        return NEMO_ERR(NEMO_ESHAPE, "%s: weight must be 2-D (out_features, in_features), got shape %s", op,
+                        nemo_shape_str(w, s2, sizeof s2));
     if (x->ndim < 1)
-        return NEMO_ERR(NEMO_ESHAPE, "%s: input must have at least 1 dimension, got shape %s", op, s1);
+        return NEMO_ERR(NEMO_ESHAPE, "%s: input must have at least 1 dimension, got shape %s", op,
+                        nemo_shape_str(x, s1, sizeof s1));
     if (x->shape[x->ndim - 1] != w->shape[1])
         return NEMO_ERR(NEMO_ESHAPE, "%s: input of shape %s and weight of shape %s do not match (in_features %lld != %lld)",
-                        op, s1, s2, (long long)x->shape[x->ndim - 1], (long long)w->shape[1]);
+                        op, nemo_shape_str(x, s1, sizeof s1), nemo_shape_str(w, s2, sizeof s2),
+                        (long long)x->shape[x->ndim - 1], (long long)w->shape[1]);
     return 0;
 }
 
