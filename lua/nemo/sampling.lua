@@ -489,10 +489,20 @@ local function run_wan(o)
     for k, v in pairs{height = height, width = width, num_frames = nf} do
         if not posint(v) then werr(k .. " must be a positive integer, got " .. tostring(v)) end
     end
-    if height % 16 ~= 0 or width % 16 ~= 0 then
-        werr(string.format("height and width must be multiples of 16, got %d x %d", height, width))
+    -- the VAE's compression (WanPipeline: vae.config.scale_factor_spatial / _temporal, else 8 and 4;
+    -- 16 for Wan 2.2's patchifying VAE) times the transformer's patch
+    local vcfg = type(vae) == "table" and type(vae.config) == "table" and vae.config or {}
+    local vsf_s = type(vcfg.scale_factor_spatial) == "number" and vcfg.scale_factor_spatial or 8
+    local vsf_t = type(vcfg.scale_factor_temporal) == "number" and vcfg.scale_factor_temporal or 4
+    local tp = type(tr.config.patch_size) == "table" and tr.config.patch_size or {1, 2, 2}
+    local hm, wm = vsf_s * tp[2], vsf_s * tp[3]
+    if height % hm ~= 0 or width % wm ~= 0 then
+        werr(string.format("height and width must be multiples of %d and %d (the VAE's %d x the transformer's patch), " ..
+            "got %d x %d", hm, wm, vsf_s, height, width))
     end
-    if (nf - 1) % 4 ~= 0 then werr(string.format("num_frames must be 4k + 1 (1, 5, 9, ..., 81), got %d", nf)) end
+    if (nf - 1) % vsf_t ~= 0 then
+        werr(string.format("num_frames must be %dk + 1 (1, %d, %d, ...), got %d", vsf_t, vsf_t + 1, 2 * vsf_t + 1, nf))
+    end
     local nsteps = o.num_inference_steps or D.num_inference_steps
     if not posint(nsteps) then werr("num_inference_steps must be a positive integer, got " .. tostring(nsteps)) end
     local gs = o.guidance_scale == nil and D.guidance_scale or o.guidance_scale
@@ -529,7 +539,7 @@ local function run_wan(o)
 
     -- ---- latents ----
     local C = tr.config.in_channels
-    local shape = {B, C, (nf - 1) / 4 + 1, height / 8, width / 8}
+    local shape = {B, C, (nf - 1) / vsf_t + 1, height / vsf_s, width / vsf_s}
     local latents
     if o.latents ~= nil then
         local l = o.latents
@@ -586,7 +596,8 @@ end
 -- wan{pipe =, prompt =, negative_prompt = "", height = 480, width = 832, num_frames = 81,
 -- num_inference_steps = 50, guidance_scale = 5.0, max_sequence_length = 512, latents = |
 -- generator =, output_type = "video" | "latent", callback = fn(i, t, latents)} -> {latents =
--- [B, C, F', H/8, W/8], video = [B, 3, F, H, W] in [-1, 1], timesteps, prompt_embeds,
+-- [B, C, F', H/r, W/r] (r: the VAE's scale_factor_spatial, 8; 16 for Wan 2.2's VAE), video = [B,
+-- 3, F, H, W] in [-1, 1], timesteps, prompt_embeds,
 -- negative_prompt_embeds}: WanPipeline.__call__ (Wan 2.1, one transformer): prompts cleaned and
 -- encoded with the text encoder's mask (wan_encode_prompt), float32 latents, the scheduler's
 -- timesteps (UniPC for Wan), classifier-free guidance uncond + guidance_scale * (cond - uncond)

@@ -250,8 +250,11 @@ do
         return c
     end
     local function bad(changes, pattern, name) T.raises(function() return VAE(with(changes)) end, pattern, name) end
-    bad({is_residual = true}, "Wan 2.2 VAE .-not supported yet", "is_residual = true (Wan 2.2): not supported yet")
-    bad({patch_size = 2}, "patch_size = 2 .-not supported yet", "patch_size 2 (Wan 2.2): not supported yet")
+    -- (Wan 2.2's is_residual / patch_size: tests/lua/test_wan22_vae.lua)
+    bad({patch_size = 2}, "'in_channels' %(3%) must be a multiple of patch_size%^2 = 4",
+        "patch_size 2 with 3 input channels: error names the key")
+    bad({scale_factor_spatial = 16}, "'scale_factor_spatial' is 16 but the model downsamples by 8",
+        "scale_factor_spatial that disagrees with dim_mult: error")
     bad({temperal_downsample = {true, true}}, "'temperal_downsample' must have one entry per downsample, #dim_mult %- 1 = 3, got 2",
         "temperal_downsample of the wrong length: error")
     bad({base_dim = "96"}, "config key 'base_dim' must be a non%-negative integer", "base_dim a string: error names the key")

@@ -405,7 +405,8 @@ end
 -- a given num_frames must be 4k + 1), the bucket of the first frame's aspect ratio, each frame
 -- resized to cover it (cv2's bilinear) and center-cropped, x / 255 * 2 - 1 -> the VAE's
 -- posterior mean (Automodel's deterministic default) -> (z - latents_mean) / latents_std ->
--- float16 latents [z_dim, (F - 1) / 4 + 1, th / 8, tw / 8]; the caption (<name>.txt beside the
+-- float16 latents [z_dim, (F - 1) / 4 + 1, th / r, tw / r] (r: the VAE's spatial compression, 8;
+-- 16 for Wan 2.2's VAE, whose buckets quantization must be a multiple of); the caption (<name>.txt beside the
 -- folder, the JSONL line naming it or its video file, else the name) -> UMT5 with its mask,
 -- padding zeroed (sampling.wan_encode_prompt), [max_sequence_length, D] bfloat16.
 function M.wan_cache(o)
@@ -447,7 +448,13 @@ function M.wan_cache(o)
     local caps, how = M.captions(o.videos, videos, {captions = o.captions})
     log(string.format("%d videos; captions: %d from .txt files, %d from %s, %d from folder names", #videos, how.txt,
         how.jsonl, o.captions or "a JSONL file", how.stem))
-    local buckets = M.buckets(o.max_pixels or 262144, o.quantization or 16)
+    local q = o.quantization or 16
+    local ratio = vae.spatial_compression_ratio or 8
+    if q % ratio ~= 0 then
+        error(string.format("encode: quantization %d is not a multiple of the VAE's spatial compression %d (frame " ..
+            "sizes must divide into latent pixels)", q, ratio), 2)
+    end
+    local buckets = M.buckets(o.max_pixels or 262144, q)
     local c = pipe.components
     local vdt, vdev = vae:dtype(), "cpu"
     for _, p in vae:named_parameters() do vdev = p.device; break end

@@ -1,4 +1,4 @@
--- lua/nemo/models/wan_vae.lua: AutoencoderKLWan, the Wan 2.1 video VAE (3D causal convolutions),
+-- lua/nemo/models/wan_vae.lua: AutoencoderKLWan, the Wan 2.1 and Wan 2.2 video VAEs (3D causal convolutions),
 -- as diffusers 0.40 defines and computes it (models/autoencoders/autoencoder_kl_wan.py): the
 -- same module tree and parameter names, registered in the same order (so state_dict order and a
 -- diffusers `vae/` folder's keys match), the same chunked encode / decode with the same feature
@@ -43,8 +43,15 @@
 -- - DiagonalGaussianDistribution is nemo.models.vae's (mean, logvar clamped to [-30, 20], std).
 -- - Tiling (enable_tiling) is diffusers' spatial tiling: each tile runs all its frames through
 --   its own causal caches; tiles blend unclamped, the decoded whole is clamped once.
--- Not supported: the Wan 2.2 VAE (is_residual = true: AvgDown3D / DupUp3D, patch_size 2, its
--- channels) raises "not supported yet"; encode with attn_scales non-empty (diffusers' own encoder raises a TypeError there; the model builds
+-- - Wan 2.2's VAE (TI2V-5B: is_residual = true, patch_size = 2): the video is patchified (2 x 2
+--   pixels -> 12 channels, width offset before height) before the encoder and unpatchified after
+--   the decoder; each encoder level is a WanResidualDownBlock (resnets, downsample, + AvgDown3D of
+--   the block's input: zero frames in front to a multiple of factor_t, blocks of positions to
+--   channels, group means), each decoder level a WanResidualUpBlock (resnets, upsample to out_dim,
+--   + DupUp3D of its input: repeat_interleave over channels spread to positions, the first
+--   factor_t - 1 frames dropped on the first chunk), with no channel halving between levels.
+--   spatial_compression_ratio is 2^(#dim_mult - 1) x patch_size (16).
+-- Not supported: encode with attn_scales non-empty (diffusers' own encoder raises a TypeError there; the model builds
 -- and decodes); gradient checkpointing.
 local class = require "nemo.class"
 local nn = require "nemo.nn"
@@ -423,10 +430,170 @@ function WanMidBlock:forward(x, ctx)
     return h
 end
 
+-- ==== Wan 2.2's residual down / up blocks ====
+
+-- AvgDown3D(in_channels, out_channels, factor_t, factor_s): no parameters. forward(x (B, C, T, H,
+-- W)): zero frames in FRONT up to a multiple of factor_t, then each factor_t x factor_s x
+-- factor_s block of positions becomes channels (c, t, h, w order), and groups of in * factor /
+-- out of those channels are averaged: (B, out, T / ft, H / fs, W / fs).
+local AvgDown3D = class("nemo.models.wan_vae.AvgDown3D", nn.Module)
+M.AvgDown3D = AvgDown3D
+function AvgDown3D:__init(in_channels, out_channels, factor_t, factor_s)
+    nn.Module.__init(self)
+    self.in_channels, self.out_channels = in_channels, out_channels
+    self.factor_t, self.factor_s = factor_t, factor_s or 1
+    self.factor = self.factor_t * self.factor_s * self.factor_s
+    if (in_channels * self.factor) % out_channels ~= 0 then
+        error(string.format("AvgDown3D: in_channels * factor (%d * %d) is not a multiple of out_channels %d",
+            in_channels, self.factor, out_channels), 2)
+    end
+    self.group_size = in_channels * self.factor / out_channels
+end
+function AvgDown3D:forward(x)
+    local ft, fs = self.factor_t, self.factor_s
+    local pad_t = (ft - x.shape[3] % ft) % ft
+    local xp = pad_t > 0 and F.pad(x, {0, 0, 0, 0, pad_t, 0}) or x
+    local B, C, T, H, W = xp.shape[1], xp.shape[2], xp.shape[3], xp.shape[4], xp.shape[5]
+    local p = xp:view(B, C, T / ft, ft, H / fs, fs, W / fs, fs):permute(0, 1, 3, 5, 7, 2, 4, 6):contiguous()
+    if not rawequal(xp, x) then free(xp) end
+    local g = p:view(B, self.out_channels, self.group_size, T / ft, H / fs, W / fs)
+    local y = g:mean(2)
+    free(p)
+    return y
+end
+function AvgDown3D:extra_repr()
+    return string.format("in=%d, out=%d, factor_t=%d, factor_s=%d", self.in_channels, self.out_channels,
+        self.factor_t, self.factor_s)
+end
+
+-- DupUp3D(in_channels, out_channels, factor_t, factor_s): no parameters. forward(x, first_chunk):
+-- each channel repeated out * factor / in times (repeat_interleave), the repeats spread over
+-- factor_t x factor_s x factor_s positions: (B, out, T ft, H fs, W fs); on the first chunk the
+-- first factor_t - 1 frames are dropped (matching upsample3d's single first frame).
+local DupUp3D = class("nemo.models.wan_vae.DupUp3D", nn.Module)
+M.DupUp3D = DupUp3D
+function DupUp3D:__init(in_channels, out_channels, factor_t, factor_s)
+    nn.Module.__init(self)
+    self.in_channels, self.out_channels = in_channels, out_channels
+    self.factor_t, self.factor_s = factor_t, factor_s or 1
+    self.factor = self.factor_t * self.factor_s * self.factor_s
+    if (out_channels * self.factor) % in_channels ~= 0 then
+        error(string.format("DupUp3D: out_channels * factor (%d * %d) is not a multiple of in_channels %d",
+            out_channels, self.factor, in_channels), 2)
+    end
+    self.repeats = out_channels * self.factor / in_channels
+end
+function DupUp3D:forward(x, first_chunk)
+    local ft, fs = self.factor_t, self.factor_s
+    local B, C, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
+    -- repeat_interleave(repeats, dim 1): channel c -> c * repeats .. c * repeats + repeats - 1
+    local r = x:unsqueeze(2):expand(B, C, self.repeats, T, H, W):reshape(B, C * self.repeats, T, H, W)
+    local v = r:view(B, self.out_channels, ft, fs, fs, T, H, W):permute(0, 1, 5, 2, 6, 3, 7, 4)
+        :reshape(B, self.out_channels, T * ft, H * fs, W * fs)
+    free(r)
+    if first_chunk and ft > 1 then
+        local c = v:narrow(2, ft - 1, T * ft - (ft - 1)):contiguous()
+        free(v)
+        v = c
+    end
+    return v
+end
+function DupUp3D:extra_repr()
+    return string.format("in=%d, out=%d, factor_t=%d, factor_s=%d", self.in_channels, self.out_channels,
+        self.factor_t, self.factor_s)
+end
+
+-- WanResidualDownBlock(in_dim, out_dim, dropout, num_res_blocks, temperal_downsample, down_flag,
+-- {dtype=, device=}): avg_shortcut (AvgDown3D: factor_t 2 when temperal_downsample, factor_s 2
+-- when down_flag), resnets, downsampler (WanResample downsample3d / downsample2d when
+-- down_flag). forward(x, ctx) = downsampler(resnets(x)) + avg_shortcut(x).
+local WanResidualDownBlock = class("nemo.models.wan_vae.WanResidualDownBlock", nn.Module)
+M.WanResidualDownBlock = WanResidualDownBlock
+function WanResidualDownBlock:__init(in_dim, out_dim, dropout, num_res_blocks, temperal_downsample, down_flag, fo)
+    nn.Module.__init(self)
+    self.avg_shortcut = AvgDown3D(in_dim, out_dim, temperal_downsample and 2 or 1, down_flag and 2 or 1)
+    local resnets = {}
+    for i = 1, num_res_blocks do
+        resnets[i] = WanResidualBlock(in_dim, out_dim, {dropout = dropout, dtype = fo.dtype, device = fo.device})
+        in_dim = out_dim
+    end
+    self.resnets = nn.ModuleList(resnets)
+    if down_flag then
+        self.downsampler = WanResample(out_dim, temperal_downsample and "downsample3d" or "downsample2d", fo)
+    end
+end
+function WanResidualDownBlock:forward(x, ctx)
+    local h = x
+    for _, r in self.resnets:iter() do
+        local y = r(h, ctx)
+        if not rawequal(h, x) then free(h) end
+        h = y
+    end
+    if self.downsampler ~= nil then
+        local y = self.downsampler(h, ctx)
+        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
+        h = y
+    end
+    local s = self.avg_shortcut(x)
+    local out = h + s
+    free(s)
+    if not rawequal(h, x) then free(h) end
+    return out
+end
+
+-- WanResidualUpBlock(in_dim, out_dim, num_res_blocks, {dropout=, temperal_upsample=false,
+-- up_flag=false, non_linearity=, dtype=, device=}): avg_shortcut (DupUp3D, factor_t 2 when
+-- temperal_upsample, factor_s 2; only when up_flag), resnets (num_res_blocks + 1), upsampler
+-- (WanResample upsample3d / upsample2d to out_dim channels, when up_flag).
+-- forward(x, ctx, first_chunk) = upsampler(resnets(x)) + avg_shortcut(x, first_chunk).
+local WanResidualUpBlock = class("nemo.models.wan_vae.WanResidualUpBlock", nn.Module)
+M.WanResidualUpBlock = WanResidualUpBlock
+function WanResidualUpBlock:__init(in_dim, out_dim, num_res_blocks, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.in_dim, self.out_dim = in_dim, out_dim
+    if opts.up_flag then
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, opts.temperal_upsample and 2 or 1, 2)
+    end
+    local resnets, cur = {}, in_dim
+    for i = 1, num_res_blocks + 1 do
+        resnets[i] = WanResidualBlock(cur, out_dim, {dropout = opts.dropout, non_linearity = opts.non_linearity,
+            dtype = fo.dtype, device = fo.device})
+        cur = out_dim
+    end
+    self.resnets = nn.ModuleList(resnets)
+    if opts.up_flag then
+        self.upsampler = WanResample(out_dim, opts.temperal_upsample and "upsample3d" or "upsample2d",
+            {upsample_out_dim = out_dim, dtype = fo.dtype, device = fo.device})
+    end
+end
+function WanResidualUpBlock:forward(x, ctx, first_chunk)
+    local h = x
+    for _, r in self.resnets:iter() do
+        local y = r(h, ctx)
+        if not rawequal(h, x) then free(h) end
+        h = y
+    end
+    if self.upsampler ~= nil then
+        local y = self.upsampler(h, ctx)
+        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
+        h = y
+    end
+    if self.avg_shortcut ~= nil then
+        local s = self.avg_shortcut(x, first_chunk)
+        local out = h + s
+        free(s)
+        if not rawequal(h, x) then free(h) end
+        h = out
+    end
+    return h
+end
+
 -- ==== encoder / decoder ====
 
 -- WanEncoder3d{in_channels=3, dim=, z_dim= (its output channels: 2 * the VAE's z_dim),
 -- dim_mult=, num_res_blocks=, attn_scales=, temperal_downsample=, dropout=, non_linearity=,
+-- is_residual=false (Wan 2.2: one WanResidualDownBlock per level instead of the flat list),
 -- dtype=, device=}: conv_in, down_blocks (a flat list: resnets, attention blocks at the
 -- attn_scales, resamples), mid_block, norm_out, conv_out. forward(x chunk, ctx).
 local WanEncoder3d = class("nemo.models.wan_vae.WanEncoder3d", nn.Module)
@@ -447,6 +614,12 @@ function WanEncoder3d:__init(o)
     for i = 1, #dim_mult do
         local in_dim
         in_dim, out_dim = dims[i], dims[i + 1]
+        if o.is_residual then   -- Wan 2.2: one residual down block per level
+            local last = i == #dim_mult
+            blocks[#blocks + 1] = WanResidualDownBlock(in_dim, out_dim, o.dropout, o.num_res_blocks,
+                not last and o.temperal_downsample[i] or false, not last, fo)
+            goto continue
+        end
         for _ = 1, o.num_res_blocks do
             blocks[#blocks + 1] = WanResidualBlock(in_dim, out_dim, {dropout = o.dropout, dtype = fo.dtype,
                 device = fo.device})
@@ -464,6 +637,7 @@ function WanEncoder3d:__init(o)
             blocks[#blocks + 1] = WanResample(out_dim, mode, fo)
             scale = scale / 2.0
         end
+        ::continue::
     end
     self.down_blocks = nn.ModuleList(blocks)
     self.mid_block = WanMidBlock(out_dim, {dropout = o.dropout, non_linearity = o.non_linearity, num_layers = 1,
@@ -534,8 +708,9 @@ function WanUpBlock:forward(x, ctx)
 end
 
 -- WanDecoder3d{dim=, z_dim=, dim_mult=, num_res_blocks=, temperal_upsample=, dropout=,
--- non_linearity=, out_channels=3, dtype=, device=}: conv_in, mid_block, up_blocks, norm_out,
--- conv_out. forward(z frame, ctx).
+-- non_linearity=, out_channels=3, is_residual=false (Wan 2.2: WanResidualUpBlocks, no channel
+-- halving between levels), dtype=, device=}: conv_in, mid_block, up_blocks, norm_out,
+-- conv_out. forward(z frame, ctx, first_chunk).
 local WanDecoder3d = class("nemo.models.wan_vae.WanDecoder3d", nn.Module)
 M.WanDecoder3d = WanDecoder3d
 function WanDecoder3d:__init(o)
@@ -554,24 +729,31 @@ function WanDecoder3d:__init(o)
     for i = 1, #dim_mult do
         local in_dim = dims[i]
         out_dim = dims[i + 1]
-        if i > 1 then in_dim = math.floor(in_dim / 2) end   -- wan 2.1: the previous resample halved it
-        local mode
-        if i ~= #dim_mult then mode = o.temperal_upsample[i] and "upsample3d" or "upsample2d" end
-        blocks[i] = WanUpBlock(in_dim, out_dim, o.num_res_blocks, {dropout = o.dropout, upsample_mode = mode,
-            non_linearity = o.non_linearity, dtype = fo.dtype, device = fo.device})
+        if i > 1 and not o.is_residual then in_dim = math.floor(in_dim / 2) end   -- wan 2.1: the resample halved it
+        local up_flag = i ~= #dim_mult
+        if o.is_residual then
+            blocks[i] = WanResidualUpBlock(in_dim, out_dim, o.num_res_blocks, {dropout = o.dropout,
+                temperal_upsample = up_flag and o.temperal_upsample[i] or false, up_flag = up_flag,
+                non_linearity = o.non_linearity, dtype = fo.dtype, device = fo.device})
+        else
+            local mode
+            if up_flag then mode = o.temperal_upsample[i] and "upsample3d" or "upsample2d" end
+            blocks[i] = WanUpBlock(in_dim, out_dim, o.num_res_blocks, {dropout = o.dropout, upsample_mode = mode,
+                non_linearity = o.non_linearity, dtype = fo.dtype, device = fo.device})
+        end
     end
     self.up_blocks = nn.ModuleList(blocks)
     self.norm_out = WanRMS_norm(out_dim, {images = false, dtype = fo.dtype, device = fo.device})
     self.conv_out = WanCausalConv3d(out_dim, o.out_channels or 3, 3, {padding = 1, dtype = fo.dtype,
         device = fo.device})
 end
-function WanDecoder3d:forward(x, ctx)
+function WanDecoder3d:forward(x, ctx, first_chunk)
     local h = cached_conv(self.conv_in, x, ctx)
     local y = self.mid_block(h, ctx)
     free(h)
     h = y
     for _, b in self.up_blocks:iter() do
-        y = b(h, ctx)
+        y = b(h, ctx, first_chunk)
         free(h)
         h = y
     end
@@ -617,15 +799,6 @@ M.CONFIG_FIELDS = CONFIG
 -- empty); the Wan 2.2 settings an error.
 local function resolve_config(cfg, who)
     local out = common.check_config(CONFIG, cfg, {who = who, class = "AutoencoderKLWan", level = 3})
-    -- what is not implemented: the Wan 2.2 VAE
-    if out.is_residual then
-        error(string.format("%s: the Wan 2.2 VAE (config is_residual = true: residual down/up blocks with " ..
-            "AvgDown3D / DupUp3D) is not supported yet; only the Wan 2.1 VAE (is_residual = false) is", who), 3)
-    end
-    if out.patch_size ~= null and out.patch_size ~= 1 then
-        error(string.format("%s: config patch_size = %d (the Wan 2.2 VAE's patchify) is not supported yet; " ..
-            "expected null or 1", who, out.patch_size), 3)
-    end
     -- values
     for _, key in ipairs {"base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"} do
         if out[key] < 1 then error(string.format("%s: config key '%s' must be at least 1, got %d", who, key, out[key]), 3) end
@@ -644,6 +817,19 @@ local function resolve_config(cfg, who)
     end
     if out.dropout < 0 or out.dropout >= 1 then
         error(string.format("%s: config key 'dropout' must be in [0, 1), got %s", who, tostring(out.dropout)), 3)
+    end
+    local p = out.patch_size ~= null and out.patch_size or 1
+    if p < 1 then error(string.format("%s: config key 'patch_size' must be at least 1 or null, got %d", who, p), 3) end
+    for _, key in ipairs {"in_channels", "out_channels"} do
+        if out[key] % (p * p) ~= 0 then
+            error(string.format("%s: config key '%s' (%d) must be a multiple of patch_size^2 = %d (patchify makes " ..
+                "channels of p x p pixels)", who, key, out[key], p * p), 3)
+        end
+    end
+    local ratio = 2 ^ (#out.dim_mult - 1) * p
+    if out.scale_factor_spatial ~= null and out.scale_factor_spatial ~= ratio then
+        error(string.format("%s: config key 'scale_factor_spatial' is %d but the model downsamples by %d " ..
+            "(2^(#dim_mult - 1) x patch_size)", who, out.scale_factor_spatial, ratio), 3)
     end
     return out
 end
@@ -671,14 +857,17 @@ function AutoencoderKLWan:__init(config, opts)
     local decoder_base_dim = cfg.decoder_base_dim ~= null and cfg.decoder_base_dim or cfg.base_dim
     self.encoder = WanEncoder3d{in_channels = cfg.in_channels, dim = cfg.base_dim, z_dim = 2 * cfg.z_dim,
         dim_mult = cfg.dim_mult, num_res_blocks = cfg.num_res_blocks, attn_scales = cfg.attn_scales,
-        temperal_downsample = cfg.temperal_downsample, dropout = cfg.dropout, dtype = fo.dtype, device = fo.device}
+        temperal_downsample = cfg.temperal_downsample, dropout = cfg.dropout, is_residual = cfg.is_residual,
+        dtype = fo.dtype, device = fo.device}
     self.quant_conv = WanCausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, fo)
     self.post_quant_conv = WanCausalConv3d(cfg.z_dim, cfg.z_dim, 1, fo)
     self.decoder = WanDecoder3d{dim = decoder_base_dim, z_dim = cfg.z_dim, dim_mult = cfg.dim_mult,
         num_res_blocks = cfg.num_res_blocks, temperal_upsample = up, dropout = cfg.dropout,
-        out_channels = cfg.out_channels, dtype = fo.dtype, device = fo.device}
-    -- video pixels per latent pixel (2^(number of downsamples)); frames per latent frame after the first
-    self.spatial_compression_ratio = 2 ^ (#cfg.dim_mult - 1)
+        out_channels = cfg.out_channels, is_residual = cfg.is_residual, dtype = fo.dtype, device = fo.device}
+    -- Wan 2.2's patchify: p x p pixels become channels around the encoder and decoder
+    self.patch_size = cfg.patch_size ~= null and cfg.patch_size or 1
+    -- video pixels per latent pixel (2^(number of downsamples) x patch); frames per latent frame after the first
+    self.spatial_compression_ratio = 2 ^ (#cfg.dim_mult - 1) * self.patch_size
     local tf = 1
     for _, t in ipairs(cfg.temperal_downsample) do if t then tf = tf * 2 end end
     self.temporal_compression_ratio = tf
@@ -754,11 +943,25 @@ local function tile_hw(x, i, j, h, w)
     return v:contiguous()
 end
 
--- diffusers' tiled_encode: tiles of tile_sample_min_* pixels every tile_sample_stride_*, each
--- encoded alone with its own caches; latent tiles blended over (tile - stride) / 8 rows and
--- columns, each keeping stride / 8, the whole cropped to H/8 x W/8.
+-- diffusers' patchify / unpatchify (Wan 2.2, patch_size p > 1): (B, C, F, H, W) <-> (B, C p p, F,
+-- H / p, W / p), the channel index c * p * p + pw * p + ph (width's offset before height's).
+local function patchify(x, p)
+    local B, C, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
+    return x:view(B, C, T, H / p, p, W / p, p):permute(0, 1, 6, 4, 2, 3, 5):reshape(B, C * p * p, T, H / p, W / p)
+end
+local function unpatchify(x, p)
+    local B, CP, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
+    local C = CP / (p * p)
+    return x:view(B, C, p, p, T, H, W):permute(0, 1, 4, 5, 3, 6, 2):reshape(B, C, T, H * p, W * p)
+end
+M.patchify, M.unpatchify = patchify, unpatchify
+
+-- diffusers' tiled_encode of a (patchified) video: tiles of tile_sample_min_* every
+-- tile_sample_stride_* (patchified pixels, as diffusers counts them), each encoded alone with its
+-- own caches; latent tiles blended over (tile - stride) / r' rows and columns, each keeping
+-- stride / r', the whole cropped to H / r' x W / r' (r' = spatial_compression_ratio / patch_size).
 function AutoencoderKLWan:_tiled_encode(x)
-    local r = self.spatial_compression_ratio
+    local r = self.spatial_compression_ratio / self.patch_size
     local th, tw = self.tile_sample_min_height, self.tile_sample_min_width
     local sh, sw = self.tile_sample_stride_height, self.tile_sample_stride_width
     local lsh, lsw = math.floor(sh / r), math.floor(sw / r)
@@ -772,13 +975,14 @@ function AutoencoderKLWan:_tiled_encode(x)
         keep_h = lsh, keep_w = lsw, out_h = math.floor(x.shape[4] / r), out_w = math.floor(x.shape[5] / r)})
 end
 
--- _encode(x (1 or B videos)) -> the moments (B, 2 z_dim, 1 + k, H/8, W/8); tiled when tiling is
--- on and a frame is larger than a tile.
+-- _encode(x (1 or B videos)) -> the moments (B, 2 z_dim, 1 + k, H/r, W/r): patchified first
+-- (Wan 2.2), tiled when tiling is on and a frame is larger than a tile.
 function AutoencoderKLWan:_encode(x)
-    if self.use_tiling and (x.shape[5] > self.tile_sample_min_width or x.shape[4] > self.tile_sample_min_height) then
-        return self:_tiled_encode(x)
-    end
-    return self:_encode_whole(x)
+    local tiled = self.use_tiling and (x.shape[5] > self.tile_sample_min_width or x.shape[4] > self.tile_sample_min_height)
+    local xp = self.patch_size > 1 and patchify(x, self.patch_size) or x
+    local enc = tiled and self:_tiled_encode(xp) or self:_encode_whole(xp)
+    if not rawequal(xp, x) then free(xp) end
+    return enc
 end
 
 -- frame 0, then chunks of 4 frames through the encoder with one feature cache, cat in time,
@@ -806,7 +1010,7 @@ end
 
 local function check_video(self, x, who)
     if not is_tensor(x) then error(string.format("AutoencoderKLWan:%s: expected a tensor, got %s", who, type(x)), 3) end
-    local c = self.config.in_channels
+    local c = self.config.in_channels / (self.patch_size * self.patch_size)
     if x:dim() ~= 5 or x.shape[2] ~= c then
         error(string.format("AutoencoderKLWan:%s: expected a video (B, %d, F, H, W), got shape %s", who, c,
             shape_str(x.shape)), 3)
@@ -841,13 +1045,15 @@ function AutoencoderKLWan:encode(x, opts)
     return {latent_dist = posterior}
 end
 
--- diffusers' tiled_decode: latent tiles of tile_sample_min_* / 8 every tile_sample_stride_* / 8,
--- each decoded alone with its own caches (not clamped); video tiles blended over tile - stride
--- rows and columns, each keeping stride, the whole cropped to 8h x 8w, then clamped.
+-- diffusers' tiled_decode: latent tiles of tile_sample_min_* / r every tile_sample_stride_* / r,
+-- each decoded alone with its own caches (not clamped); decoded tiles (patchified: strides and
+-- tiles / patch_size) blended over tile - stride rows and columns, each keeping stride, the whole
+-- cropped to h r x w r (/ patch_size), unpatchified, then clamped.
 function AutoencoderKLWan:_tiled_decode(z)
-    local r = self.spatial_compression_ratio
+    local r, p = self.spatial_compression_ratio, self.patch_size
     local th, tw = self.tile_sample_min_height, self.tile_sample_min_width
     local sh, sw = self.tile_sample_stride_height, self.tile_sample_stride_width
+    local psh, psw = math.floor(sh / p), math.floor(sw / p)
     local out = common.tiled({rows = common.origins(z.shape[4], math.floor(sh / r)),
         cols = common.origins(z.shape[5], math.floor(sw / r)),
         run = function(i, j)
@@ -855,25 +1061,32 @@ function AutoencoderKLWan:_tiled_decode(z)
             local dec = self:_decode_frames(t)
             free(t)
             return dec
-        end}, {hdim = 3, wdim = 4, blend_h = th - sh, blend_w = tw - sw, keep_h = sh, keep_w = sw,
-        out_h = z.shape[4] * r, out_w = z.shape[5] * r})
+        end}, {hdim = 3, wdim = 4, blend_h = math.floor(th / p) - psh, blend_w = math.floor(tw / p) - psw,
+        keep_h = psh, keep_w = psw, out_h = math.floor(z.shape[4] * r / p), out_w = math.floor(z.shape[5] * r / p)})
+    return self:_finish_decode(out)
+end
+
+-- the decoder's output -> the video: unpatchified (Wan 2.2), clamped to [-1, 1]
+function AutoencoderKLWan:_finish_decode(out)
+    if self.patch_size > 1 then
+        local u = unpatchify(out, self.patch_size)
+        free(out)
+        out = u
+    end
     local c = out:clamp(-1.0, 1.0)
     free(out)
     return c
 end
 
 -- _decode(z) -> the video, clamped to [-1, 1]; tiled when tiling is on and z is larger than a
--- tile / 8.
+-- tile / r.
 function AutoencoderKLWan:_decode(z)
     local r = self.spatial_compression_ratio
     if self.use_tiling and (z.shape[5] > math.floor(self.tile_sample_min_width / r) or
                             z.shape[4] > math.floor(self.tile_sample_min_height / r)) then
         return self:_tiled_decode(z)
     end
-    local out = self:_decode_frames(z)
-    local c = out:clamp(-1.0, 1.0)
-    free(out)
-    return c
+    return self:_finish_decode(self:_decode_frames(z))
 end
 
 -- the video, not clamped: post_quant_conv on all of z, then the decoder one latent frame at a
@@ -883,7 +1096,7 @@ function AutoencoderKLWan:_decode_frames(z)
     local ctx, outs = {}, {}
     local ok, err = pcall(function()
         for i = 0, z.shape[3] - 1 do
-            outs[#outs + 1] = self.decoder(x:narrow(2, i, 1), ctx)
+            outs[#outs + 1] = self.decoder(x:narrow(2, i, 1), ctx, i == 0)
         end
     end)
     clear_cache(ctx)

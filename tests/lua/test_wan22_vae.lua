@@ -1,0 +1,174 @@
+-- tests/lua/test_wan22_vae.lua: the Wan 2.2 VAE (AutoencoderKLWan with is_residual = true and
+-- patch_size = 2, TI2V-5B's) against diffusers' golden case wan22_vae_tiny
+-- (tests/golden/wan22_vae_tiny/make_golden.py): parameter names and order; encode (mean,
+-- logvar) and decode of a 5-frame and a batch-2 9-frame video, and a tiled encode / decode
+-- (patch_size changes the tile arithmetic), in float32 and float64; the real Wan 2.2 VAE's
+-- parameter names, shapes and count; patchify / unpatchify; bf16; shapes and errors; a
+-- save_pretrained round trip. Golden comparisons FAIL when the case is absent.
+package.path = "tests/lua/?.lua;" .. package.path
+local T = require "tap"
+local nemo = require "nemo"
+local json = require "nemo.json"
+local golden = require "golden"
+local common = require "nemo.models.common"
+local wv = require "nemo.models.wan_vae"
+local VAE = wv.AutoencoderKLWan
+local shape_str = nemo.Tensor.shape_str
+local close = T.close
+
+local dir, why = golden.case("wan22_vae_tiny", "case.safetensors")
+if not dir then
+    T.ok(false, "wan22_vae_tiny golden comparisons: " .. why)
+    T.done()
+end
+local meta = json.read_file(dir .. "/golden.json")
+local case = nemo.load_file(dir .. "/case.safetensors")
+local c64 = nemo.load_file(dir .. "/case_f64exact.safetensors")
+local function ng(fn) return nemo.no_grad(fn) end
+
+-- ==== the golden case ====
+
+do
+    local m = VAE.from_pretrained(dir)
+    local _, keys = m:state_dict()
+    local same = #keys == #meta.state_dict_keys
+    for i, k in ipairs(meta.state_dict_keys) do
+        if keys[i] ~= k then same = false; T.diag(string.format("key %d: %s vs diffusers %s", i, tostring(keys[i]), k)) end
+    end
+    T.ok(same, string.format("the %d state_dict keys in diffusers' order (residual down / up blocks, avg_shortcut " ..
+        "without parameters)", #meta.state_dict_keys))
+    T.is(m:num_parameters(), meta.num_params, "parameter count equals diffusers'")
+    T.ok(m.spatial_compression_ratio == 16 and m.patch_size == 2 and m.temporal_compression_ratio == 4,
+        "spatial compression 16 (8 x patch 2), temporal 4")
+end
+
+-- Tolerances: float64 runs agree to rounding (rtol 1e-12: the same ops in the same order);
+-- float32: diffusers' float32 run is within 1.5e-6 of float64 relative to max|ref| (golden.json
+-- f32_vs_f64exact), nemo's float32 convolutions round differently again: rtol 1e-5.
+for _, dt in ipairs {"float32", "float64"} do
+    local f64 = dt == "float64"
+    local ref = f64 and c64 or case
+    local rtol = f64 and 1e-12 or 1e-5
+    local m = VAE.from_pretrained(dir, {torch_dtype = dt})
+    ng(function()
+        for _, v in ipairs {"v5", "v9", "tl"} do
+            local what = v == "tl" and "tiled " or ""
+            if v == "tl" then m:enable_tiling(unpack(meta.tiling)) else m:disable_tiling() end
+            local post = m:encode(case[v .. ".input"]:to{dtype = dt}).latent_dist
+            close(post.mean, ref[v .. ".mean"], rtol, 0, string.format("%s %sencode %s: mean", v, what, dt))
+            close(post.logvar, ref[v .. ".logvar"], rtol, 0, string.format("%s %sencode %s: logvar", v, what, dt))
+            local d = m:decode(ref[v .. ".mean"]:to{dtype = dt}).sample
+            close(d, ref[v .. ".decode"], rtol, 0, string.format("%s %sdecode %s (%.1f%% clamped)", v, what, dt,
+                100 * meta.fraction_clamped[v .. ".decode"]))
+        end
+    end)
+end
+
+-- ==== pieces ====
+
+do
+    local x = nemo.randn({2, 3, 5, 8, 12}, {generator = nemo.Generator(1)})
+    local p = wv.patchify(x, 2)
+    T.is(shape_str(p.shape), "(2, 12, 5, 4, 6)", "patchify: 2 x 2 pixels -> 12 channels")
+    -- diffusers' channel order: c * 4 + pw * 2 + ph
+    local ok = true
+    for _, c in ipairs {{0, 1, 0, 3, 2}, {2, 0, 1, 2, 5}} do   -- (channel, ph, pw, h, w)
+        local ch, ph, pw, h, w = unpack(c)
+        local a = p[{1, ch * 4 + pw * 2 + ph, 2, h, w}]:item()
+        local b = x[{1, ch, 2, 2 * h + ph, 2 * w + pw}]:item()
+        ok = ok and a == b
+    end
+    T.ok(ok, "patchify: channel c * 4 + pw * 2 + ph holds pixel (2h + ph, 2w + pw), as diffusers")
+    T.ok(T.same_values(wv.unpatchify(p, 2), x), "unpatchify undoes patchify, bit for bit")
+
+    local down = wv.AvgDown3D(2, 4, 2, 2)
+    local y = down(nemo.ones(1, 2, 3, 4, 4))
+    -- one frame of zeros in front (3 -> 4 frames); output channel 0 averages the even frames of
+    -- input channel 0 (ft = 0), channel 1 its odd ones: frame 0 of channel 0 is the zero frame
+    T.ok(shape_str(y.shape) == "(1, 4, 2, 2, 2)" and y[{0, 0, 0, 0, 0}]:item() == 0 and y[{0, 1, 0, 0, 0}]:item() == 1 and
+        y[{0, 0, 1, 1, 1}]:item() == 1, "AvgDown3D: zero frames in front to a multiple of factor_t, then group means")
+    local up = wv.DupUp3D(4, 2, 2, 2)
+    local u = up(nemo.randn({1, 4, 2, 3, 3}, {generator = nemo.Generator(2)}), true)
+    T.is(shape_str(u.shape), "(1, 2, 3, 6, 6)", "DupUp3D: x2 in time and space, the first frame dropped on the first chunk")
+    T.raises(function() return wv.AvgDown3D(3, 4, 1, 1) end, "not a multiple of out_channels 4",
+        "AvgDown3D with channels that do not group: error")
+end
+
+-- the real Wan 2.2 VAE (TI2V-5B): parameter names, shapes and count (built without init, bf16)
+do
+    local m = common.without_init(function()
+        return VAE({base_dim = 160, decoder_base_dim = 256, z_dim = 48, dim_mult = {1, 2, 4, 4}, num_res_blocks = 2,
+            temperal_downsample = {false, true, true}, is_residual = true, in_channels = 12, out_channels = 12,
+            patch_size = 2, scale_factor_spatial = 16, latents_mean = {}, latents_std = {}}, {dtype = "bfloat16"})
+    end)
+    local ref = meta.default_config_params
+    local sd, keys = m:state_dict()
+    local ok, nref = true, 0
+    for k, s in pairs(ref) do
+        if k ~= "_count" then
+            nref = nref + 1
+            local t = sd[k]
+            local got = t and table.concat(t.shape, "x") or "missing"
+            if got ~= s then ok = false; T.diag(string.format("Wan 2.2 VAE %s: %s vs diffusers %s", k, got, s)) end
+        end
+    end
+    T.ok(ok and nref == #keys, string.format("the Wan 2.2 VAE's %d parameter names and shapes equal diffusers'", #keys))
+    T.is(m:num_parameters(), ref._count, string.format("the Wan 2.2 VAE: %d parameters (diffusers' count)", ref._count))
+end
+
+-- ==== bf16, shapes, errors, files ====
+
+do
+    local m = VAE.from_pretrained(dir, {torch_dtype = "bfloat16"})
+    local post = ng(function() return m:encode(case["v5.input"]:bfloat16()).latent_dist end)
+    close(post.mean, case["v5.mean"], 3e-2, 0, "bf16 encode near float32 (rtol 3e-2)")
+    local d = ng(function() return m:decode(case["v5.mean"]:bfloat16()).sample end)
+    T.is(d.dtype, "bfloat16", "bf16 decode stays bf16")
+    close(d, case["v5.decode"], 5e-2, 0, "bf16 decode near float32 (rtol 5e-2)")
+
+    local f = VAE.from_pretrained(dir)
+    T.raises(function() return f:encode(nemo.zeros(1, 12, 5, 32, 32)) end, "expected a video %(B, 3, F, H, W%)",
+        "encode takes 3-channel video (patchify makes the 12 channels)")
+    T.raises(function() return f:encode(nemo.zeros(1, 3, 5, 24, 32)) end, "positive multiples of 16",
+        "encode: H and W must be multiples of 16")
+    T.raises(function() return f:enable_tiling(24) end, "multiple of 16", "enable_tiling: tiles are multiples of 16")
+
+    local tmp = T.tmpdir()
+    f:save_pretrained(tmp .. "/vae")
+    local cfg = json.read_file(tmp .. "/vae/config.json")
+    T.ok(cfg.is_residual == true and cfg.patch_size == 2 and cfg.scale_factor_spatial == 16,
+        "save_pretrained writes is_residual, patch_size and scale_factor_spatial")
+    local back = VAE.from_pretrained(tmp .. "/vae")
+    local a = ng(function() return back:encode(case["v5.input"]).latent_dist.mean end)
+    T.ok(T.same_values(a, ng(function() return f:encode(case["v5.input"]).latent_dist.mean end)),
+        "save_pretrained -> from_pretrained: the same encoding, bit for bit")
+    T.rmtree(tmp)
+end
+
+-- a TI2V-shaped pipeline: the tiny Wan pipeline with this VAE (z_dim 4, like its transformer)
+-- loads through from_pretrained and samples with expand_timesteps at 16x compression
+do
+    local fs = require "nemo.fs"
+    local tmp = T.tmpdir()
+    local root = golden.tiny_wan_pipeline(tmp .. "/ti2v")
+    fs.remove_tree(root .. "/vae")
+    fs.copy_tree(dir, root .. "/vae")
+    for _, n in ipairs {"case.safetensors", "case_f64exact.safetensors", "golden.json", "make_golden.py"} do
+        os.remove(root .. "/vae/" .. n)
+    end
+    local pipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32"})
+    local vae = pipe.components.vae
+    T.ok(vae ~= nil and vae.config.is_residual == true and vae.spatial_compression_ratio == 16,
+        "a pipeline folder with the Wan 2.2 VAE loads it (no longer skipped)")
+    local out = nemo.sampling.wan{pipe = pipe, prompt_embeds = nemo.randn({1, 16, 32}, {generator = nemo.Generator(3)}),
+        negative_prompt_embeds = nemo.zeros(1, 16, 32), height = 64, width = 32, num_frames = 5,
+        num_inference_steps = 2, guidance_scale = 2.0, expand_timesteps = true, generator = nemo.Generator(4)}
+    T.ok(shape_str(out.latents.shape) == "(1, 4, 2, 4, 2)" and shape_str(out.video.shape) == "(1, 3, 5, 64, 32)",
+        "sampling.wan with the Wan 2.2 VAE: latents at 1/16 (1, 4, 2, 4, 2), video (1, 3, 5, 64, 32)",
+        shape_str(out.latents.shape) .. " " .. shape_str(out.video.shape))
+    T.raises(function() nemo.sampling.wan{pipe = pipe, prompt_embeds = nemo.zeros(1, 16, 32), height = 48, width = 32,
+        num_frames = 5} end, "multiples of 32 and 32", "sampling.wan: sizes are multiples of 16 x the transformer's patch")
+    T.rmtree(tmp)
+end
+
+T.done()
