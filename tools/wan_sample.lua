@@ -5,6 +5,7 @@
 --       [--steps 50] [--guidance 5.0] [--guidance-2 X] [--negative-prompt TEXT] [--fps 16] [--seed 0]
 --       [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
 --       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0] [--vae-tiling]
+--       [--image first.png]   (Wan 2.2 TI2V image-to-video: the image is the first frame)
 -- One animated PNG per prompt (browsers play it): --out itself for one prompt, else
 -- <out without .png>_<i>.png (i from 0). The pipeline must hold its transformer, vae, scheduler,
 -- text_encoder and tokenizer. The initial noise comes from nemo's generator (--seed), so the
@@ -18,12 +19,12 @@ local spec = {name = "wan_sample", usage = {
     "usage: nemo-lua tools/wan_sample.lua --model DIR_OR_ID --prompt TEXT [--prompt TEXT]... [--out FILE.png]",
     "       [--height N] [--width N] [--frames N] [--steps N] [--guidance X] [--guidance-2 X] [--negative-prompt TEXT]",
     "       [--fps N] [--seed N] [--max-sequence-length N] [--dtype bfloat16|float16|float32]",
-    "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X] [--vae-tiling]"},
+    "       [--device auto|cpu|cuda:N] [--lora DIR] [--lora-scale X] [--vae-tiling] [--image FIRST_FRAME.png]"},
     flags = {["--vae-tiling"] = "vae_tiling"},
     defaults = {prompts = {}, out = "sample.png", height = 480, width = 832, frames = 81, steps = 50, guidance = 5.0,
                 fps = 16, seed = 0, msl = 512, dtype = "bfloat16", device = "auto", lora_scale = 1.0, negative = ""},
     strings = {["--model"] = "model", ["--out"] = "out", ["--dtype"] = "dtype", ["--device"] = "device",
-               ["--lora"] = "lora", ["--negative-prompt"] = "negative"},
+               ["--lora"] = "lora", ["--negative-prompt"] = "negative", ["--image"] = "image"},
     lists = {["--prompt"] = "prompts"},
     numbers = {["--guidance"] = "guidance", ["--guidance-2"] = "guidance_2", ["--fps"] = "fps", ["--seed"] = "seed",
                ["--lora-scale"] = "lora_scale"},
@@ -54,7 +55,8 @@ cli.main("wan_sample", function()
     local t0 = os.clock()
     local out = nemo.sampling.wan{pipe = pipe, prompt = o.prompts, negative_prompt = o.negative, height = o.height,
         width = o.width, num_frames = o.frames, num_inference_steps = o.steps, guidance_scale = o.guidance,
-        guidance_scale_2 = o.guidance_2, max_sequence_length = o.msl, generator = nemo.Generator(o.seed), callback = function(k)
+        guidance_scale_2 = o.guidance_2, max_sequence_length = o.msl, image = o.image,
+        generator = nemo.Generator(o.seed), callback = function(k)
             io.stdout:write(string.format("\rstep %d/%d", k + 1, o.steps)); io.stdout:flush()
         end}
     io.stdout:write("\n")

@@ -16,9 +16,10 @@
 -- [16]; vae.enable_slicing, vae.enable_tiling; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
 -- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
 -- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
--- encoder). Not supported (clear errors): a `distributed` block (one process samples),
--- inference.input_images (image-conditioned pipelines); vae.enable_cpu_offload
--- is noted and ignored.
+-- encoder). inference.input_images: one image path, or one per prompt, for Wan 2.2 TI2V's
+-- image-to-video (the image is the first frame). Not supported (clear errors): a `distributed`
+-- block (one process samples), other image-conditioned pipelines; vae.enable_cpu_offload is
+-- noted and ignored.
 local fs = require "nemo.fs"
 
 local M = {}
@@ -56,7 +57,14 @@ function M.validate(cfg)
         cfg_error("inference.max_samples must be a positive integer, got " .. tostring(inf.max_samples))
     end
     if inf.input_images ~= nil then
-        cfg_error("inference.input_images: image-conditioned pipelines are not supported by nemo-lua yet")
+        local ii = inf.input_images
+        local ok = type(ii) == "table" and #ii >= 1
+        for _, v in ipairs(type(ii) == "table" and ii or {}) do ok = ok and type(v) == "string" end
+        if not ok then cfg_error("inference.input_images must be a non-empty list of image paths (PNG or JPEG)") end
+        if type(inf.prompts) == "table" and #ii ~= 1 and #ii ~= #inf.prompts then
+            cfg_error(string.format("inference.input_images has %d images for %d prompts (give one image, or one per " ..
+                "prompt)", #ii, #inf.prompts))
+        end
     end
     if cfg.distributed ~= nil then
         cfg_error("distributed: nemo-lua samples in one process (remove the distributed block)")
@@ -135,6 +143,15 @@ function M.run(cfg, opts)
         local o = {pipe = pipe, prompt = p, generator = nemo.Generator(seed + i)}
         for k, v in pairs(kwargs) do o[k] = v end
         local path = dir .. "/" .. M.sample_name(i, p, "png")
+        if inf.input_images then
+            if kind ~= "video" or not (pipe.config and pipe.config.expand_timesteps == true) then
+                error(string.format("generate: inference.input_images needs an image-to-video pipeline: Wan 2.2 TI2V " ..
+                    "(model_index.json expand_timesteps = true); %s is a %s without it", m.pretrained_model_name_or_path,
+                    tostring(pipe.class_name)), 0)
+            end
+            local ii = inf.input_images
+            o.image = ii[#ii == 1 and 1 or i + 1]
+        end
         if kind == "image" then
             local r = sampling.flux(o)
             nemo.image.save(path, (sampling.to_uint8(r.image)))

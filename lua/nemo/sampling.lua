@@ -48,6 +48,7 @@
 require "nemo"
 local Tensor = require "nemo.tensor"
 local autograd = require "nemo.autograd"
+local F = require "nemo.functional"
 local json = require "nemo.json"
 local FM = require "nemo.flow_matching"
 local sched = require "nemo.schedulers.flow_match_euler"
@@ -397,7 +398,7 @@ end
 M.WAN_OPTIONS = {"pipe", "transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder", "prompt",
     "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps",
     "guidance_scale", "guidance_scale_2", "boundary_ratio", "expand_timesteps", "max_sequence_length", "latents",
-    "generator", "output_type", "callback"}
+    "generator", "output_type", "callback", "image"}
 M.WAN_DEFAULTS = {height = 480, width = 832, num_frames = 81, num_inference_steps = 50, guidance_scale = 5.0,
     max_sequence_length = 512, output_type = "video"}
 
@@ -444,6 +445,57 @@ function M.wan_encode_prompt(o)
         local keep = t.attention_mask:to{dtype = dt, device = dev}:unsqueeze(2)   -- 1 on real tokens (mask = prefix)
         return h * keep, t.input_ids
     end)
+end
+
+-- The first frame's latent of WanImageToVideoPipeline in TI2V mode (expand_timesteps):
+-- image (a tensor (1 or B, 3, height, width) in [0, 1], diffusers' tensor convention, or a PNG /
+-- JPEG path, resized to width x height with PIL's Lanczos) -> 2 x - 1 -> one frame through the
+-- VAE -> the posterior's mode (argmax) -> float32 (z - latents_mean) / latents_std, repeated to
+-- the batch: (B, z_dim, 1, h, w).
+local function wan_image_latent(img, vae, B, height, width, device, werr)
+    local x
+    if type(img) == "string" then
+        local encode = require "nemo.data.encode"
+        local ok, rgb, w, h = pcall(encode.read_rgb, img)
+        if not ok then werr("image: " .. tostring(rgb)) end
+        if w ~= width or h ~= height then rgb = encode.resize(rgb, w, h, width, height) end
+        x = Tensor.empty({1, 3, height, width}, {dtype = "float32"})
+        local p = require("ffi").cast("float *", x:data_ptr())
+        for yy = 0, height - 1 do
+            for xx = 0, width - 1 do
+                for ch = 0, 2 do p[(ch * height + yy) * width + xx] = rgb[(yy * width + xx) * 3 + ch] / 255 end
+            end
+        end
+        x = x:to{device = device}
+    elseif is_tensor(img) then
+        if img:dim() ~= 4 or img.shape[2] ~= 3 or img.shape[3] ~= height or img.shape[4] ~= width or
+            (img.shape[1] ~= 1 and img.shape[1] ~= B) then
+            werr(string.format("image must be (1 or %d, 3, %d, %d) in [0, 1] (height x width), got %s", B, height, width,
+                shape_str(img.shape)))
+        end
+        x = img:detach():to{dtype = "float32", device = device}
+    else
+        werr("image must be a tensor (1 or B, 3, H, W) in [0, 1] or a PNG / JPEG path, got " .. type(img))
+    end
+    local vdt = type(vae.dtype) == "function" and vae:dtype() or "float32"
+    local vdev = device
+    for _, p in vae:named_parameters() do vdev = p.device; break end
+    local video = (x * 2 - 1):unsqueeze(2):to{dtype = vdt, device = vdev}
+    local lc = vae:encode(video).latent_dist:mode():to{dtype = "float32", device = device}
+    if lc.shape[1] ~= B then lc = lc:expand(B, lc.shape[2], lc.shape[3], lc.shape[4], lc.shape[5]):contiguous() end
+    local vc = vae.config
+    local zc = lc.shape[2]
+    local mean = Tensor.tensor(vc.latents_mean, {dtype = "float32", device = device}):view(1, zc, 1, 1, 1)
+    local inv_std = (Tensor.tensor(vc.latents_std, {dtype = "float32", device = device}) ^ -1):view(1, zc, 1, 1, 1)
+    return (lc - mean) * inv_std
+end
+
+-- latents with frame 0 replaced by cond: (1 - mask) * cond + mask * latents for a 0/1 mask that
+-- is 0 on frame 0 only (WanImageToVideoPipeline's first_frame_mask), the same values.
+local function with_first_frame(latents, cond)
+    local nt = latents.shape[3]
+    if nt == 1 then return cond:clone() end
+    return F.cat({cond, latents:narrow(2, 1, nt - 1)}, 2)
 end
 
 local function run_wan(o)
@@ -552,18 +604,36 @@ local function run_wan(o)
         latents = Tensor.randn(shape, {dtype = "float32", device = device, generator = o.generator})
     end
 
+    -- ---- the image (Wan 2.2 TI2V: WanImageToVideoPipeline with expand_timesteps) ----
+    local cond
+    if o.image ~= nil then
+        if not expand then
+            werr("image = needs expand_timesteps (Wan 2.2 TI2V's image-to-video); Wan 2.1's image-to-video (a CLIP " ..
+                "image encoder, the transformer's image_dim) is not supported yet")
+        end
+        if type(vae) ~= "table" or type(vae.encode) ~= "function" then werr("image = needs a vae to encode the image") end
+        cond = wan_image_latent(o.image, vae, B, height, width, device, werr)
+        if cond.shape[2] ~= C or cond.shape[4] ~= shape[4] or cond.shape[5] ~= shape[5] then
+            werr(string.format("the image's latent %s does not fit the latents %s (the VAE's z_dim must equal the " ..
+                "transformer's in_channels)", shape_str(cond.shape), shape_str(shape)))
+        end
+    end
+
     -- ---- the loop ----
     sc:set_timesteps(nsteps)
     if type(sc.set_begin_index) == "function" then sc:set_begin_index(0) end
     local ts = sc.timesteps:detach():to{device = "cpu"}:double():contiguous():reshape{-1}:tolist()
     local boundary_t = boundary and boundary * ((sc.config and sc.config.num_train_timesteps) or 1000)
     -- expand_timesteps (Wan 2.2 TI2V): one timestep per token of a (1, 2, 2) patching, [B, F' * h/2 * w/2]
-    local tshape = expand and {B, shape[3] * math.ceil(shape[4] / 2) * math.ceil(shape[5] / 2)} or {B}
+    -- (with an image: 0 on frame 0's tokens, which hold the image's latent)
+    local per_frame = math.ceil(shape[4] / 2) * math.ceil(shape[5] / 2)
+    local tshape = expand and {B, shape[3] * per_frame} or {B}
     for i, t in ipairs(ts) do
         local model, scale = tr, gs       -- Wan 2.1, or Wan 2.2's high-noise stage
         if boundary_t and t < boundary_t then model, scale = tr2, gs2 end
-        local x = latents:to{dtype = tdt}
+        local x = (cond and with_first_frame(latents, cond) or latents):to{dtype = tdt}
         local timestep = Tensor.full(tshape, t, {dtype = "float32", device = device})
+        if cond then timestep:narrow(1, 0, per_frame):fill_(0) end
         local function pred(emb)
             local y = model{hidden_states = x, timestep = timestep, encoder_hidden_states = emb}
             if type(y) == "table" and not is_tensor(y) then y = y.sample or y[1] end
@@ -579,6 +649,7 @@ local function run_wan(o)
         latents = step
         if o.callback then o.callback(i - 1, t, latents) end
     end
+    if cond then latents = with_first_frame(latents, cond) end
     local out = {latents = latents, timesteps = sc.timesteps, prompt_embeds = pe, negative_prompt_embeds = npe}
     if output_type == "latent" then return out end
     -- ---- decode: latents / (1 / std) + mean per channel ----
@@ -606,7 +677,12 @@ end
 -- Wan 2.2 (from the pipeline's model_index.json, or given): boundary_ratio = r runs timesteps
 -- >= r * num_train_timesteps on transformer (guidance_scale) and the rest on transformer_2
 -- (guidance_scale_2, default guidance_scale); expand_timesteps = true gives the transformer one
--- timestep per token ([B, F' * ceil(h/2) * ceil(w/2)], TI2V's layout).
+-- timestep per token ([B, F' * ceil(h/2) * ceil(w/2)], TI2V's layout). image = (with
+-- expand_timesteps: Wan 2.2 TI2V's image-to-video, WanImageToVideoPipeline): a tensor (1 or B, 3,
+-- H, W) in [0, 1] or a PNG / JPEG path (resized to width x height, PIL's Lanczos); its VAE latent
+-- (posterior mode, normalised) is frame 0 of the model's input at every step, with timestep 0 on
+-- frame 0's tokens, and of the final latents. Wan 2.1's image-to-video (a CLIP image encoder) is
+-- not supported.
 function M.wan(opts)
     if type(opts) ~= "table" or is_tensor(opts) then error("sampling.wan: expected a table of options", 2) end
     return autograd.no_grad(run_wan, opts)

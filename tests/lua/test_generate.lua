@@ -55,8 +55,10 @@ local both = with(fcfg, {"model", "checkpoint"}, "a")
 both.model.checkpoint_high_noise = "b"
 raises(both, "mutually exclusive", "model.checkpoint with checkpoint_high_noise is an error")
 raises(with(fcfg, {"model", "checkpoint_dir"}, "a"), "unknown key 'model.checkpoint_dir'", "an unknown key names itself")
-raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png"}), "image-conditioned pipelines are not supported",
-    "inference.input_images")
+raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png"}), "needs an image-to-video pipeline",
+    "inference.input_images on a FLUX pipeline (image-to-video is Wan 2.2 TI2V's; tests/lua/test_wan22_vae.lua)")
+raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png", "c.png"}), "3 images for 2 prompts",
+    "inference.input_images: one image or one per prompt")
 raises(with(fcfg, {"distributed", "backend"}, "nccl"), "samples in one process", "a distributed block")
 do  -- vae.enable_tiling reaches the VAE (its numbers: tests/lua/test_vae_tiling.lua)
     local c = with(fcfg, {"vae", "enable_tiling"}, true)

@@ -4,7 +4,9 @@
 -- logvar) and decode of a 5-frame and a batch-2 9-frame video, and a tiled encode / decode
 -- (patch_size changes the tile arithmetic), in float32 and float64; the real Wan 2.2 VAE's
 -- parameter names, shapes and count; patchify / unpatchify; bf16; shapes and errors; a
--- save_pretrained round trip. Golden comparisons FAIL when the case is absent.
+-- save_pretrained round trip; a TI2V-shaped pipeline with this VAE, and TI2V image-to-video
+-- sampling against diffusers' WanImageToVideoPipeline (tests/golden/wan_ti2v). Golden
+-- comparisons FAIL when the case is absent.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
@@ -168,6 +170,59 @@ do
         shape_str(out.latents.shape) .. " " .. shape_str(out.video.shape))
     T.raises(function() nemo.sampling.wan{pipe = pipe, prompt_embeds = nemo.zeros(1, 16, 32), height = 48, width = 32,
         num_frames = 5} end, "multiples of 32 and 32", "sampling.wan: sizes are multiples of 16 x the transformer's patch")
+
+    -- TI2V image-to-video against diffusers' WanImageToVideoPipeline (expand_timesteps) on this
+    -- pipeline (tests/golden/wan_ti2v/make_golden.py). Tolerance: the float32 sampling loop of
+    -- tests/lua/test_sampling.lua's Wan cases (rtol 5e-6 on latents), 2e-5 on the decoded video.
+    local tdir, twhy = golden.case("wan_ti2v", "case.json")
+    if not tdir then
+        T.ok(false, "wan_ti2v golden comparisons: " .. twhy)
+    else
+        local cj = json.read_file(tdir .. "/case.json")
+        local tc = nemo.load_file(tdir .. "/case.safetensors")
+        local args = {pipe = pipe, prompt = cj.prompts, negative_prompt = cj.negative_prompts, image = tc.image,
+            latents = tc.latents_init, height = cj.height, width = cj.width, num_frames = cj.num_frames,
+            num_inference_steps = cj.num_inference_steps, guidance_scale = cj.guidance_scale,
+            max_sequence_length = cj.max_sequence_length, expand_timesteps = true}
+        local r = nemo.sampling.wan(args)
+        close(r.latents, tc.latents_final, 5e-6, 0, "TI2V image-to-video (image latent on frame 0, timestep 0 on its " ..
+            "tokens): final latents vs diffusers' WanImageToVideoPipeline")
+        close(r.video, tc.video, 2e-5, 0, "TI2V image-to-video: decoded video vs diffusers")
+        -- the image as a PNG file of the same pixels (8-bit: the latents move a little)
+        local u8 = nemo.sampling.to_uint8(tc.image * 2 - 1)
+        nemo.image.save(tmp .. "/first.png", u8)
+        args.image = tmp .. "/first.png"
+        args.output_type = "latent"
+        local rp = nemo.sampling.wan(args)
+        args.image = (u8:float() / 255):permute(0, 3, 1, 2):contiguous()
+        local rq = nemo.sampling.wan(args)
+        T.ok(T.same_values(rp.latents, rq.latents), "image = a PNG path gives the same latents as its pixels / 255")
+        args.image = tc.image
+        args.expand_timesteps = false
+        T.raises(function() nemo.sampling.wan(args) end, "needs expand_timesteps",
+            "image = without expand_timesteps (Wan 2.1 I2V, an image encoder): a clear error")
+        args.expand_timesteps = true
+        args.image = nemo.zeros(1, 3, 32, 32)
+        T.raises(function() nemo.sampling.wan(args) end, "image must be %(1 or 2, 3, 64, 32%)", "an image of the wrong size")
+
+        -- recipes/generate.lua: inference.input_images on a TI2V pipeline (expand_timesteps in model_index.json)
+        local mi = json.read_file(root .. "/model_index.json")
+        mi.expand_timesteps = true
+        json.write_file(root .. "/model_index.json", mi)
+        local gen = require "nemo.generate"
+        local g = gen.run({seed = 3, device = "cpu", model = {pretrained_model_name_or_path = root},
+            inference = {dtype = "float32", prompts = {"a cat"}, num_inference_steps = 2, guidance_scale = 2.0,
+                height = 64, width = 32, input_images = {tmp .. "/first.png"},
+                pipeline_kwargs = {num_frames = 5, max_sequence_length = 16}},
+            output = {output_dir = tmp .. "/gen"}}, {log = function() end})
+        local im = g.files[1] and nemo.image.read_png(g.files[1])
+        T.ok(im and im.width == 32 and im.height == 64, "generate: inference.input_images samples TI2V image-to-video " ..
+            "(an animated 32 x 64 PNG)")
+        local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --height 64 " ..
+            "--width 32 --frames 5 --steps 2 --dtype float32 --device cpu --max-sequence-length 16 --image " .. tmp ..
+            "/first.png --out " .. tmp .. "/ti2v.png 2>&1")
+        T.ok(rc == 0 and nemo.image.read_png(tmp .. "/ti2v.png").height == 64, "tools/wan_sample.lua --image: TI2V", log)
+    end
     T.rmtree(tmp)
 end
 
