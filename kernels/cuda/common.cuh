@@ -356,6 +356,28 @@ NEMO_HD uint32_t nemo_cuda_div(const nemo_cuda_divmod &v, uint32_t n) {
     return (t + n) >> v.s;
 }
 
+/* Division by a launch constant d for per-element index splits: the magic multiply above when
+ * every dividend stays below 2^31 (nmax, which the launcher knows) and d fits, else 64-bit
+ * division. 64-bit integer division is a long instruction sequence on NVIDIA GPUs: an
+ * elementwise kernel that splits its index with it per element is compute-bound, several times
+ * slower than its memory traffic. The branch is uniform across the grid. */
+struct nemo_cuda_fdiv {
+    nemo_cuda_divmod m;
+    int64_t d;
+    int fast;
+};
+static inline nemo_cuda_fdiv nemo_cuda_fdiv_make(int64_t d, int64_t nmax) {
+    nemo_cuda_fdiv f;
+    f.d = d > 0 ? d : 1;
+    f.fast = f.d < 0x7fffffff && nmax < 0x7fffffff;
+    f.m = nemo_cuda_divmod_make(f.fast ? (uint32_t)f.d : 1u);
+    return f;
+}
+/* n / d for 0 <= n <= nmax */
+NEMO_HD int64_t nemo_cuda_fdiv_q(const nemo_cuda_fdiv &f, int64_t n) {
+    return f.fast ? (int64_t)nemo_cuda_div(f.m, (uint32_t)n) : n / f.d;
+}
+
 /* Up to N operands over one iteration shape, after coalescing (size-1 dims dropped, dims
  * contiguous in every operand merged), innermost dim first. Offsets are in elements of each
  * operand (negative strides allowed). */

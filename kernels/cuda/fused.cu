@@ -40,10 +40,12 @@
 /* ==== rope ==== */
 
 template <typename T, typename X>
-__global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, const T *sn, int64_t npairs, int64_t S,
-                       int64_t nh, int64_t half, int backward) {
+__global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, const T *sn, int64_t npairs,
+                       nemo_cuda_fdiv S, nemo_cuda_fdiv nh, nemo_cuda_fdiv hf, int backward) {
+    const int64_t half = hf.d;
     NEMO_CUDA_LOOP(p, npairs) {
-        const int64_t i = p % half, q = p / half, srow = (q / nh) % S;
+        const int64_t q = nemo_cuda_fdiv_q(hf, p), i = p - q * half, qh = nemo_cuda_fdiv_q(nh, q);
+        const int64_t srow = qh - nemo_cuda_fdiv_q(S, qh) * S.d;
         const int64_t o = q * (2 * half) + 2 * i, t = srow * (2 * half) + 2 * i;
         const T v0 = X::ld(x[o]), v1 = X::ld(x[o + 1]), c0 = cs[t], c1 = cs[t + 1], s0 = sn[t], s1 = sn[t + 1];
         if (!backward) {
@@ -60,9 +62,9 @@ __global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, co
 
 template <typename T, typename X>
 __global__ void modulate_k(typename X::S *y, const typename X::S *x, const T *sc, const T *sh, int64_t total,
-                           int64_t S, int64_t D, int64_t sb) {
+                           nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb) {
     NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = i / D, d = i % D, v = (r / S) * sb + d;
+        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d, v = nemo_cuda_fdiv_q(S, r) * sb + d;
         const T m = rn_mul(X::ld(x[i]), rn_add((T)1, sc[v]));
         y[i] = X::st(sh ? rn_add(m, sh[v]) : m);
     }
@@ -70,20 +72,20 @@ __global__ void modulate_k(typename X::S *y, const typename X::S *x, const T *sc
 
 template <typename T, typename X>
 __global__ void gated_add_k(typename X::S *y, const typename X::S *x, const T *gate, const typename X::S *a,
-                            int64_t total, int64_t S, int64_t D, int64_t gb) {
+                            int64_t total, nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t gb) {
     NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = i / D, d = i % D;
-        y[i] = X::st(rn_add(X::ld(x[i]), rn_mul(gate[(r / S) * gb + d], X::ld(a[i]))));
+        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d;
+        y[i] = X::st(rn_add(X::ld(x[i]), rn_mul(gate[nemo_cuda_fdiv_q(S, r) * gb + d], X::ld(a[i]))));
     }
 }
 
 /* out = g * (1 + v) (plus_one: dx of modulate) or g * v (da of gated_add). */
 template <typename T, typename X>
 __global__ void vec_out_k(typename X::S *out, const typename X::S *g, const T *v, int plus_one, int64_t total,
-                          int64_t S, int64_t D, int64_t sb) {
+                          nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb) {
     NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = i / D, d = i % D;
-        const T vv = v[(r / S) * sb + d];
+        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d;
+        const T vv = v[nemo_cuda_fdiv_q(S, r) * sb + d];
         out[i] = X::st(rn_mul(X::ld(g[i]), plus_one ? rn_add((T)1, vv) : vv));
     }
 }
@@ -159,7 +161,8 @@ struct RopeL {
                    int64_t S, int64_t nh, int64_t half, int backward) {
         rope_k<T, X><<<k_blocks(np), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
             (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
-            (const T *)nemo_cuda_data(cos), (const T *)nemo_cuda_data(sin), np, S, nh, half, backward);
+            (const T *)nemo_cuda_data(cos), (const T *)nemo_cuda_data(sin), np, nemo_cuda_fdiv_make(S, np / half),
+            nemo_cuda_fdiv_make(nh, np / half), nemo_cuda_fdiv_make(half, np), backward);
     }
 };
 struct ModulateL {
@@ -168,7 +171,8 @@ struct ModulateL {
                    int64_t total, int64_t S, int64_t D, int64_t sb) {
         modulate_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
             (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
-            (const T *)nemo_cuda_data(scale), (const T *)k_data(shift), total, S, D, sb);
+            (const T *)nemo_cuda_data(scale), (const T *)k_data(shift), total, nemo_cuda_fdiv_make(S, total / D),
+            nemo_cuda_fdiv_make(D, total), sb);
     }
 };
 struct GatedAddL {
@@ -177,7 +181,8 @@ struct GatedAddL {
                    int64_t total, int64_t S, int64_t D, int64_t gb) {
         gated_add_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
             (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
-            (const T *)nemo_cuda_data(gate), (const typename X::S *)nemo_cuda_data(a), total, S, D, gb);
+            (const T *)nemo_cuda_data(gate), (const typename X::S *)nemo_cuda_data(a), total,
+            nemo_cuda_fdiv_make(S, total / D), nemo_cuda_fdiv_make(D, total), gb);
     }
 };
 
@@ -240,8 +245,10 @@ struct VecBwd {
     static int run(int dev, typename X::S *out, T *d1, T *d2, const typename X::S *g, const typename X::S *x,
                    const T *v, int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb, cudaStream_t st) {
         const int64_t total = B * S * D;
-        if (out)
-            vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total, S, D, sb);
+        if (out && total > 0)
+            vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total,
+                                                                        nemo_cuda_fdiv_make(S, D ? total / D : 0),
+                                                                        nemo_cuda_fdiv_make(D, total), sb);
         if (!d1 && !d2) return 0;
         const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
         /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */

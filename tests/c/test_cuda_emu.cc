@@ -24,6 +24,8 @@
 
 #include <cublasLt.h>
 
+#include "common.cuh"   /* kernels/cuda: nemo_cuda_fdiv, checked below on the host */
+
 extern "C" int nemo_emu_device_protected(void);   /* emu.cc: 1 when device memory is closed to the host */
 
 extern "C" {
@@ -113,7 +115,34 @@ static float *dev_floats(const float *h, int n) {
     return d;
 }
 
+/* nemo_cuda_fdiv (the kernels' per-element index splits) against 64-bit division: divisors from
+ * 1 to 2^31 - 2, dividends up to the 2^31 - 1 that the fast path allows (and its 64-bit
+ * fallback beyond). */
+static void check_fdiv(void) {
+    const int64_t ds[] = {1, 2, 3, 7, 24, 64, 100, 3071, 3072, 4096, 12288, 65537, 1000003, 0x40000000, 0x7ffffffe};
+    uint64_t z = 88172645463325252ull;
+    long bad = 0, checked = 0;
+    for (int64_t d : ds) {
+        const nemo_cuda_fdiv f = nemo_cuda_fdiv_make(d, 0x7ffffffe);
+        const nemo_cuda_fdiv slow = nemo_cuda_fdiv_make(d, (int64_t)1 << 40);
+        for (int k = 0; k < 20000; k++) {
+            z ^= z << 13; z ^= z >> 7; z ^= z << 17;
+            int64_t n = k < 8 ? (int64_t[]){0, 1, d - 1, d, d + 1, 2 * d - 1, 0x7ffffffe, 0x7fffffff - d}[k]
+                              : (int64_t)(z % 0x7fffffff);
+            if (n < 0 || n > 0x7ffffffe) continue;
+            checked++;
+            if (nemo_cuda_fdiv_q(f, n) != n / d) bad++;
+            const int64_t big = n * 1024 + (int64_t)(z % 1024);
+            if (nemo_cuda_fdiv_q(slow, big) != big / d) bad++;
+        }
+        if (!f.fast || slow.fast) bad++;
+    }
+    TAP_OK(bad == 0, "nemo_cuda_fdiv: %ld dividends by 15 divisors equal 64-bit division (fast path below 2^31, "
+           "64-bit beyond): %ld wrong", checked, bad);
+}
+
 int main(void) {
+    check_fdiv();
     setenv("NEMO_EMU_CUDA_DEVICES", "2", 1);
     int n = 0;
     TAP_OK(cudaGetDeviceCount(&n) == cudaSuccess && n == 2, "NEMO_EMU_CUDA_DEVICES=2 gives two devices");
