@@ -1,7 +1,7 @@
 -- tools/encode_videos.lua: a Wan latent cache (docs/data.md) from videos given as folders of frames,
 -- as Automodel's `preprocessing_multiprocess video --processor wan` makes one; no Python.
 --   nemo-lua tools/encode_videos.lua --videos DIR --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --out CACHE
---       [--resolution 512] [--quantization 16] [--num-frames 81] [--captions captions.jsonl]
+--       [--resolution 512] [--quantization 16 (32 with Wan 2.2's VAE)] [--num-frames 81] [--captions captions.jsonl]
 --       [--dtype bfloat16] [--device auto] [--max-sequence-length 226] [--shard-size 256] [--force]
 -- Each video is a subfolder of DIR with its frames as PNG or JPEG files in name order; make them
 -- with e.g. `ffmpeg -i clip.mp4 DIR/clip/%05d.png`. --num-frames (4k + 1) frames are taken evenly
@@ -16,9 +16,9 @@ local nemo = require "nemo"
 local cli = require "nemo.cliargs"
 local spec = {name = "encode_videos", usage = {
     "usage: nemo-lua tools/encode_videos.lua --videos DIR --model DIR_OR_ID --out CACHE [--resolution 512]",
-    "       [--quantization 16] [--num-frames N] [--captions FILE.jsonl] [--dtype bfloat16|float32]",
+    "       [--quantization 16 (32 with Wan 2.2's VAE)] [--num-frames N] [--captions FILE.jsonl] [--dtype bfloat16|float32]",
     "       [--device auto|cpu|cuda:N] [--max-sequence-length 226] [--shard-size 256] [--force]"},
-    defaults = {resolution = 512, quantization = 16, dtype = "bfloat16", device = "auto", msl = 226, shard_size = 256},
+    defaults = {resolution = 512, dtype = "bfloat16", device = "auto", msl = 226, shard_size = 256},
     strings = {["--videos"] = "videos", ["--model"] = "model", ["--out"] = "out", ["--captions"] = "captions",
                ["--dtype"] = "dtype", ["--device"] = "device"},
     counts = {["--resolution"] = "resolution", ["--quantization"] = "quantization", ["--num-frames"] = "num_frames",

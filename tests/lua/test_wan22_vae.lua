@@ -222,6 +222,33 @@ do
             "--width 32 --frames 5 --steps 2 --dtype float32 --device cpu --max-sequence-length 16 --image " .. tmp ..
             "/first.png --out " .. tmp .. "/ti2v.png 2>&1")
         T.ok(rc == 0 and nemo.image.read_png(tmp .. "/ti2v.png").height == 64, "tools/wan_sample.lua --image: TI2V", log)
+
+        -- a video cache through the 16x VAE (buckets of 32), and LoRA steps of the Wan recipe on it
+        local enc = require "nemo.data.encode"
+        fs.mkdirs(tmp .. "/vids/clip")
+        for k = 0, 4 do
+            local t = {}
+            for i = 1, 64 * 40 * 3 do t[i] = string.char((i * 37 + k * 11 + math.floor(i / 192) * 5) % 256) end
+            nemo.image.write_png(string.format("%s/vids/clip/%03d.png", tmp, k), table.concat(t), 64, 40, 3)
+        end
+        local cpipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(root, {torch_dtype = "float32", device = "cpu",
+            components_to_load = {"vae", "text_encoder", "tokenizer"}})
+        T.raises(function() enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/c16", pipe = cpipe, quantization = 16,
+            max_pixels = 64 * 32} end, "quantization 16 is not a multiple of 32",
+            "a 16x VAE's cache needs buckets of 32 (latents even for the 2 x 2 patches)")
+        local r2 = enc.wan_cache{videos = tmp .. "/vids", out = tmp .. "/cache", pipe = cpipe, max_pixels = 64 * 32,
+            max_sequence_length = 16}
+        local ds = nemo.data.Dataset(tmp .. "/cache", {model_type = "wan"})
+        T.ok(r2.samples == 1 and r2.buckets["64x32"] == 1 and shape_str(ds:get(1).latents.shape) == "(4, 2, 2, 4)",
+            "the Wan cache through the 16x VAE: a 64 x 32 bucket, latents (4, 2, 2, 4)")
+        local sum = require("nemo.train").run({seed = 1, model = {pretrained_model_name_or_path = root, mode = "finetune",
+                model_type = "wan", torch_dtype = "float32", compute_dtype = "float32"},
+            peft = {dim = 2, alpha = 2, target_modules = {"*.to_q", "*.to_v"}},
+            optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3}, flow_matching = {adapter_type = "simple"},
+            step_scheduler = {num_epochs = 2, local_batch_size = 1, global_batch_size = 1, max_steps = 2},
+            data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = tmp .. "/cache"}},
+            checkpoint = {enabled = false, checkpoint_dir = tmp .. "/ck"}}, {log = function() end, progress = false})
+        T.ok(sum.steps == 2 and sum.last_loss == sum.last_loss, "the TI2V-shaped pipeline trains on that cache (2 LoRA steps)")
     end
     T.rmtree(tmp)
 end

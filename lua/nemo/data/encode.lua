@@ -396,7 +396,8 @@ function M.frame_indices(total, n)
 end
 
 -- wan_cache{videos = dir, out = cache dir, pipe = a Wan pipeline with vae (AutoencoderKLWan),
--- text_encoder and tokenizer, max_pixels = 262144 (512p), quantization = 16, num_frames = nil,
+-- text_encoder and tokenizer, max_pixels = 262144 (512p), quantization = 16 (2 x the VAE's
+-- spatial compression: 32 with Wan 2.2's VAE; must be a multiple of that), num_frames = nil,
 -- captions = jsonl path, max_sequence_length = 226, shard_size = 256, force = false,
 -- log = fn(msg)} -> {samples =, buckets = {"WxH" -> count}, out =}
 -- Each video is a subfolder of `videos` holding its frames as PNG / JPEG files in name order
@@ -406,7 +407,7 @@ end
 -- resized to cover it (cv2's bilinear) and center-cropped, x / 255 * 2 - 1 -> the VAE's
 -- posterior mean (Automodel's deterministic default) -> (z - latents_mean) / latents_std ->
 -- float16 latents [z_dim, (F - 1) / 4 + 1, th / r, tw / r] (r: the VAE's spatial compression, 8;
--- 16 for Wan 2.2's VAE, whose buckets quantization must be a multiple of); the caption (<name>.txt beside the
+-- 16 for Wan 2.2's VAE); the caption (<name>.txt beside the
 -- folder, the JSONL line naming it or its video file, else the name) -> UMT5 with its mask,
 -- padding zeroed (sampling.wan_encode_prompt), [max_sequence_length, D] bfloat16.
 function M.wan_cache(o)
@@ -448,11 +449,12 @@ function M.wan_cache(o)
     local caps, how = M.captions(o.videos, videos, {captions = o.captions})
     log(string.format("%d videos; captions: %d from .txt files, %d from %s, %d from folder names", #videos, how.txt,
         how.jsonl, o.captions or "a JSONL file", how.stem))
-    local q = o.quantization or 16
+    -- frame sizes must divide into the VAE's latent pixels and the transformer's 2 x 2 patches
     local ratio = vae.spatial_compression_ratio or 8
-    if q % ratio ~= 0 then
-        error(string.format("encode: quantization %d is not a multiple of the VAE's spatial compression %d (frame " ..
-            "sizes must divide into latent pixels)", q, ratio), 2)
+    local q = o.quantization or 2 * ratio
+    if q % (2 * ratio) ~= 0 then
+        error(string.format("encode: quantization %d is not a multiple of %d (the VAE's spatial compression %d x the " ..
+            "transformer's 2 x 2 patches)", q, 2 * ratio, ratio), 2)
     end
     local buckets = M.buckets(o.max_pixels or 262144, q)
     local c = pipe.components
