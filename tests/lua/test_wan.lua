@@ -248,8 +248,8 @@ do  -- TI2V: a (B, L) timestep holding each sample's t for every token equals th
     T.raises(function() return m{hidden_states = args.hidden_states, encoder_hidden_states = nemo.zeros(2, 3, 7),
         timestep = args.timestep} end, "text_dim", "encoder_hidden_states of the wrong width: error")
     T.raises(function() return m{hidden_states = args.hidden_states, encoder_hidden_states = args.encoder_hidden_states,
-        timestep = args.timestep, encoder_hidden_states_image = nemo.zeros(2, 1, 4)} end, "not supported yet",
-        "encoder_hidden_states_image: not supported error")
+        timestep = args.timestep, encoder_hidden_states_image = nemo.zeros(2, 1, 4)} end,
+        "is given but this is a text%-to%-video model", "encoder_hidden_states_image on a text-to-video model: error")
 end
 
 -- ==== gradient checkpointing ====
@@ -294,9 +294,18 @@ end
 -- ==== config ====
 
 do
-    T.raises(function() return Wan{image_dim = 1280} end, "'image_dim' = 1280: image%-to%-video",
-        "image_dim set: 'not supported yet' error naming the key")
-    T.raises(function() return Wan{added_kv_proj_dim = 5120} end, "added_kv_proj_dim", "added_kv_proj_dim set: error")
+    -- image-to-video keys (their numbers: test_wan_configs.lua's wan_i2v / wan_flf2v)
+    T.raises(function() return Wan{image_dim = 1280} end, "'image_dim' %(1280%) and 'added_kv_proj_dim' %(null%) " ..
+        "must be set together", "image_dim without added_kv_proj_dim: error naming both keys")
+    T.raises(function() return Wan{added_kv_proj_dim = 5120} end, "added_kv_proj_dim", "added_kv_proj_dim alone: error")
+    T.raises(function() return Wan{image_dim = 1280, added_kv_proj_dim = 1024} end,
+        "'added_kv_proj_dim' %(1024%) must equal the inner dim 5120", "added_kv_proj_dim other than the inner dim: error")
+    T.raises(function() return Wan{pos_embed_seq_len = 514} end, "'pos_embed_seq_len' needs image_dim",
+        "pos_embed_seq_len without image_dim: error")
+    do
+        local n = wan.count_parameters{image_dim = 1280, added_kv_proj_dim = 5120, in_channels = 36}
+        T.is(n, 16394878784, "Wan2.1-I2V-14B's config: 16,394,878,784 parameters (diffusers' count, built on meta)")
+    end
     T.raises(function() return Wan{num_layers = "2"} end, "config key 'num_layers' must be a non%-negative integer",
         "wrong-typed config field: error names the key")
     T.raises(function() return Wan{patch_size = {1, 2}} end, "'patch_size' must be a list of 3 positive integers",

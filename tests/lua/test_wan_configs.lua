@@ -7,6 +7,9 @@
 --   wan_out_ne_in           in_channels 3, out_channels 5
 --   wan_ti2v_misc           per-token (B, L) timestep, batch 2, patch (2,1,2), out_channels null,
 --                           qk_norm null, eps 1e-5
+--   wan_i2v                 Wan 2.1 I2V: image_dim / added_kv_proj_dim (the image embedder, attn2's
+--                           image K/V), 5 image tokens before 512 text tokens, batch 2
+--   wan_flf2v               FLF2V: pos_embed_seq_len (two images' tokens per sample)
 -- They run through tests/lua/golden_configs.lua (tolerances and checks there): output, loss, every
 -- parameter gradient and the input gradients in float32 and float64, and the parameter count
 -- against count_parameters(config) too.
@@ -22,6 +25,8 @@ require("golden_configs").run{
         {"wan_no_cross_attn_norm", "(1, 4, 3, 8, 8)"},
         {"wan_out_ne_in", "(1, 5, 2, 6, 10)"},
         {"wan_ti2v_misc", "(2, 2, 4, 3, 4)"},
+        {"wan_i2v", "(2, 4, 2, 4, 4)"},
+        {"wan_flf2v", "(1, 4, 2, 4, 6)"},
     },
     diff_inputs = {"hidden_states", "encoder_hidden_states"},
     embedder_w1 = {["condition_embedder.time_embedder.linear_1.weight"] = true},

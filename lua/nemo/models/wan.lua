@@ -36,8 +36,12 @@
 -- - Gradient checkpointing (enable_gradient_checkpointing) wraps each block call in
 --   nemo.autograd.checkpoint while grad mode is on, with the same block-boundary collection as
 --   Flux (model.checkpoint_collect = false turns it off); gradients are bitwise those without it.
--- - Image-to-video (image_dim / added_kv_proj_dim / pos_embed_seq_len set) is not supported yet:
---   such a config is an error naming the key.
+-- - Image-to-video (image_dim and added_kv_proj_dim set, Wan 2.1 I2V; pos_embed_seq_len for
+--   FLF2V): condition_embedder.image_embedder embeds encoder_hidden_states_image (the CLIP image
+--   encoder's penultimate tokens), which go in front of the text tokens; each attn2 splits them
+--   off again (the text is its last 512 tokens, diffusers' hard-coded length), attends to the
+--   image tokens through add_k_proj / add_v_proj / norm_added_k, and adds that to the text
+--   attention before to_out.
 -- Shapes: hidden_states (B, C_in, F, H, W); timestep (B) or (B, L); encoder_hidden_states
 -- (B, T, text_dim); output (B, C_out, F, H, W). F' H' W' = F/p_t, H/p_h, W/p_w; L = F' H' W'.
 local nemo = require "nemo"
@@ -225,11 +229,41 @@ function WanAttention:__init(dim, heads, dim_head, eps, opts)
     local nopts = {eps = eps, elementwise_affine = true, dtype = fo.dtype, device = fo.device}
     self.norm_q = nn.RMSNorm(self.inner_dim, nopts)
     self.norm_k = nn.RMSNorm(self.inner_dim, nopts)
+    -- image-to-video (attn2 of an I2V model): K / V of the image tokens, their K normalised
+    local akv = opts and opts.added_kv_proj_dim
+    if akv ~= nil then
+        self.add_k_proj = lin(akv, self.inner_dim)
+        self.add_v_proj = lin(akv, self.inner_dim)
+        self.norm_added_k = nn.RMSNorm(self.inner_dim, nopts)
+    end
+end
+
+-- (B, S, H, Dh) q, k, v -> SDPA over heads -> (B, S, H Dh) in q's dtype
+local function attend(q, k, v)
+    local qt, kt, vt = q:transpose(1, 2), k:transpose(1, 2), v:transpose(1, 2)
+    local o = F.scaled_dot_product_attention(qt, kt, vt)
+    free(qt, kt, vt)
+    local ot = o:transpose(1, 2)
+    local of = ot:flatten(2, 3)
+    free(o, ot)
+    return cast_own(of, q.dtype)           -- hidden_states.type_as(query)
 end
 
 -- WanAttnProcessor: forward(hs (B,L,D), ehs (B,T,D) or nil (self-attention), rope {cos, sin} (L, Dh)
--- or nil) -> (B, L, D).
+-- or nil) -> (B, L, D). With add_k_proj (I2V), ehs holds the image tokens first and the 512 text
+-- tokens last (diffusers hard-codes 512): the query attends to each separately and the two
+-- results are added.
 function WanAttention:forward(hs, ehs, rope)
+    local img
+    if self.add_k_proj ~= nil then
+        if ehs == nil or ehs.shape[2] <= 512 then
+            error(string.format("WanAttention: an image-to-video cross-attention expects the image tokens followed by " ..
+                "512 text tokens, got %s", ehs and shape_str(ehs.shape) or "none"), 3)
+        end
+        local n_img = ehs.shape[2] - 512
+        img = ehs:narrow(1, 0, n_img)
+        ehs = ehs:narrow(1, n_img, 512)
+    end
     local kv = ehs or hs
     local q0, k0, v0 = self.to_q(hs), self.to_k(kv), self.to_v(kv)
     local qn, kn = self.norm_q(q0), self.norm_k(k0)
@@ -244,14 +278,23 @@ function WanAttention:forward(hs, ehs, rope)
         q, k = qr, kr
     end
     -- native backend: (B, S, H, Dh) -> (B, H, S, Dh) views, SDPA, back to (B, S, H, Dh)
-    local qt, kt, vt = q:transpose(1, 2), k:transpose(1, 2), v:transpose(1, 2)
-    local o = F.scaled_dot_product_attention(qt, kt, vt)
-    free(qt, kt, vt, k, v)
-    local ot = o:transpose(1, 2)
-    local of = ot:flatten(2, 3)
-    free(o, ot)
-    of = cast_own(of, q.dtype)           -- hidden_states.type_as(query)
-    free(q)
+    local of_img
+    if img ~= nil then
+        local ki0, vi0 = self.add_k_proj(img), self.add_v_proj(img)
+        local kin = self.norm_added_k(ki0)
+        free(ki0)
+        local ki, vi = kin:unflatten(-1, {self.heads, -1}), vi0:unflatten(-1, {self.heads, -1})
+        free(kin, vi0)
+        of_img = attend(q, ki, vi)
+        free(ki, vi)
+    end
+    local of = attend(q, k, v)
+    free(k, v, q)
+    if of_img ~= nil then
+        local sum = of + of_img
+        free(of, of_img)
+        of = sum
+    end
     local out = self.to_out:get(1)(of)
     free(of)
     local d = self.to_out:get(2)(out)
@@ -263,8 +306,42 @@ end
 
 -- WanTimeTextImageEmbedding(dim, time_freq_dim, time_proj_dim, text_embed_dim, {dtype=, device=}):
 -- timesteps_proj (no params), time_embedder, act_fn, time_proj, text_embedder.
--- forward(timestep (N), ehs (B,T,text), ts_seq_len) -> temb (B,D) [(B,L,D)], tproj (B,6D) [(B,L,6D)],
--- ctx (B,T,D).
+-- image_embedder (WanImageEmbedding, when image_embed_dim is given in the options).
+-- forward(timestep (N), ehs (B,T,text), ts_seq_len, ehs_image (B,I,image_dim) or nil) -> temb (B,D)
+-- [(B,L,D)], tproj (B,6D) [(B,L,6D)], ctx (B,T,D), image tokens (B,I,D) or nil.
+-- WanImageEmbedding(in_features, out_features, pos_embed_seq_len, {dtype=, device=}): norm1
+-- (FP32LayerNorm, eps 1e-5, affine), ff (FeedForward: Linear in -> in, exact GELU, Linear in ->
+-- out), norm2, pos_embed (1, pos_embed_seq_len, in) when pos_embed_seq_len is set (FLF2V: the
+-- tokens of two images, (B, S, in) viewed as (B/2, 2S, in), + pos_embed).
+local WanImageEmbedding = class("nemo.models.WanImageEmbedding", nn.Module)
+M.WanImageEmbedding = WanImageEmbedding
+function WanImageEmbedding:__init(in_features, out_features, pos_embed_seq_len, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local lo = {eps = 1e-5, elementwise_affine = true, dtype = fo.dtype, device = fo.device}
+    self.norm1 = common.FP32LayerNorm(in_features, lo)
+    self.ff = common.FeedForward(in_features, {dim_out = out_features, mult = 1, activation_fn = "gelu",
+        dtype = fo.dtype, device = fo.device})
+    self.norm2 = common.FP32LayerNorm(out_features, lo)
+    if pos_embed_seq_len ~= nil then
+        self:register_parameter("pos_embed", Tensor.zeros({1, pos_embed_seq_len, in_features}, fo))
+    end
+end
+function WanImageEmbedding:forward(x)
+    local h = x
+    if self.pos_embed ~= nil then
+        local v = x:view(-1, 2 * x.shape[2], x.shape[3])
+        h = v + self.pos_embed
+    end
+    local n1 = self.norm1(h)
+    if not rawequal(h, x) then free(h) end
+    local f = self.ff(n1)
+    free(n1)
+    local out = self.norm2(f)
+    free(f)
+    return out
+end
+
 local WanTimeTextImageEmbedding = class("nemo.models.WanTimeTextImageEmbedding", nn.Module)
 M.WanTimeTextImageEmbedding = WanTimeTextImageEmbedding
 function WanTimeTextImageEmbedding:__init(dim, time_freq_dim, time_proj_dim, text_embed_dim, opts)
@@ -276,8 +353,11 @@ function WanTimeTextImageEmbedding:__init(dim, time_freq_dim, time_proj_dim, tex
     self.time_proj = nn.Linear(dim, time_proj_dim, fo)
     self.text_embedder = common.PixArtAlphaTextProjection(text_embed_dim, dim,
         {act_fn = "gelu_tanh", dtype = fo.dtype, device = fo.device})
+    if opts and opts.image_embed_dim ~= nil then
+        self.image_embedder = WanImageEmbedding(opts.image_embed_dim, dim, opts.pos_embed_seq_len, fo)
+    end
 end
-function WanTimeTextImageEmbedding:forward(timestep, ehs, ts_seq_len)
+function WanTimeTextImageEmbedding:forward(timestep, ehs, ts_seq_len, ehs_image)
     local tp = self.timesteps_proj(timestep)
     if ts_seq_len then
         local u = tp:unflatten(0, {-1, ts_seq_len})
@@ -293,13 +373,16 @@ function WanTimeTextImageEmbedding:forward(timestep, ehs, ts_seq_len)
     local tproj = self.time_proj(a)
     free(a)
     local ctx = self.text_embedder(ehs)
-    return temb, tproj, ctx
+    local img
+    if ehs_image ~= nil then img = self.image_embedder(ehs_image) end
+    return temb, tproj, ctx, img
 end
 
 -- ==== WanTransformerBlock ====
 
--- WanTransformerBlock(dim, ffn_dim, num_heads, cross_attn_norm, eps, {dtype=, device=}): norm1,
--- attn1, attn2, norm2 (affine FP32LayerNorm, or Identity), ffn, norm3, scale_shift_table [1,6,D].
+-- WanTransformerBlock(dim, ffn_dim, num_heads, cross_attn_norm, eps, {added_kv_proj_dim=, dtype=,
+-- device=}): norm1, attn1, attn2 (with the image K/V projections when added_kv_proj_dim is set),
+-- norm2 (affine FP32LayerNorm, or Identity), ffn, norm3, scale_shift_table [1,6,D].
 local WanTransformerBlock = class("nemo.models.WanTransformerBlock", nn.Module)
 M.WanTransformerBlock = WanTransformerBlock
 function WanTransformerBlock:__init(dim, ffn_dim, num_heads, cross_attn_norm, eps, opts)
@@ -311,7 +394,8 @@ function WanTransformerBlock:__init(dim, ffn_dim, num_heads, cross_attn_norm, ep
     end
     self.norm1 = ln(false)
     self.attn1 = WanAttention(dim, num_heads, dh, eps, fo)
-    self.attn2 = WanAttention(dim, num_heads, dh, eps, fo)
+    self.attn2 = WanAttention(dim, num_heads, dh, eps, {added_kv_proj_dim = opts and opts.added_kv_proj_dim,
+        dtype = fo.dtype, device = fo.device})
     if cross_attn_norm then
         self.norm2 = ln(true)
     else
@@ -435,12 +519,24 @@ local function resolve_config(cfg, who)
         error(string.format("%s: attention_head_dim = %d must be even (rope rotates pairs of head dims)", who,
             out.attention_head_dim), 3)
     end
+    -- image-to-video: the image embedder and the cross-attentions' image K/V come together
+    if is_null(out.image_dim) ~= is_null(out.added_kv_proj_dim) then
+        local function show(v) return is_null(v) and "null" or tostring(v) end
+        error(string.format("%s: config keys 'image_dim' (%s) and 'added_kv_proj_dim' (%s) must be set together " ..
+            "(image-to-video) or both be null", who, show(out.image_dim), show(out.added_kv_proj_dim)), 3)
+    end
     for _, key in ipairs { "image_dim", "added_kv_proj_dim", "pos_embed_seq_len" } do
-        if not is_null(out[key]) then
-            error(string.format("%s: config key '%s' = %s: image-to-video Wan models (image embedder, added K/V " ..
-                "projections) are not supported yet; only text-to-video configs (%s null) load", who, key,
-                tostring(out[key]), key), 3)
+        if not is_null(out[key]) and out[key] < 1 then
+            error(string.format("%s: config key '%s' must be at least 1 or null, got %d", who, key, out[key]), 3)
         end
+    end
+    if not is_null(out.pos_embed_seq_len) and is_null(out.image_dim) then
+        error(string.format("%s: config key 'pos_embed_seq_len' needs image_dim (it positions image tokens)", who), 3)
+    end
+    local D = out.num_attention_heads * out.attention_head_dim
+    if not is_null(out.added_kv_proj_dim) and out.added_kv_proj_dim ~= D then
+        error(string.format("%s: config key 'added_kv_proj_dim' (%d) must equal the inner dim %d (the image " ..
+            "tokens are embedded to it)", who, out.added_kv_proj_dim, D), 3)
     end
     return out
 end
@@ -461,11 +557,21 @@ function M.count_parameters(config)
     lin(c.freq_dim, D); lin(D, D)                               -- time_embedder
     lin(D, 6 * D)                                               -- time_proj
     lin(c.text_dim, D); lin(D, D)                               -- text_embedder
+    local i2v = not is_null(c.image_dim)
+    if i2v then                                                 -- image_embedder
+        n = n + 2 * c.image_dim + 2 * D; t = t + 4              -- norm1, norm2
+        lin(c.image_dim, c.image_dim); lin(c.image_dim, D)      -- ff
+        if not is_null(c.pos_embed_seq_len) then n = n + c.pos_embed_seq_len * c.image_dim; t = t + 1 end
+    end
     for _ = 1, c.num_layers do
         n = n + 6 * D; t = t + 1                                -- scale_shift_table
         for _ = 1, 2 do                                         -- attn1, attn2
             for _ = 1, 4 do lin(D, D) end
             n = n + 2 * D; t = t + 2                            -- norm_q, norm_k
+        end
+        if i2v then                                             -- attn2's add_k_proj, add_v_proj, norm_added_k
+            lin(c.added_kv_proj_dim, D); lin(c.added_kv_proj_dim, D)
+            n = n + D; t = t + 1
         end
         if c.cross_attn_norm then n = n + 2 * D; t = t + 2 end  -- norm2
         lin(D, c.ffn_dim); lin(c.ffn_dim, D)                    -- ffn
@@ -523,10 +629,15 @@ function WanTransformer3DModel:__init(config, opts)
     local p = cfg.patch_size
     self.rope = WanRotaryPosEmbed(cfg.attention_head_dim, p, cfg.rope_max_seq_len)
     self.patch_embedding = nn.Conv3d(cfg.in_channels, D, p, {stride = p, dtype = fo.dtype, device = fo.device})
-    self.condition_embedder = WanTimeTextImageEmbedding(D, cfg.freq_dim, 6 * D, cfg.text_dim, fo)
+    self.condition_embedder = WanTimeTextImageEmbedding(D, cfg.freq_dim, 6 * D, cfg.text_dim,
+        {image_embed_dim = not is_null(cfg.image_dim) and cfg.image_dim or nil,
+         pos_embed_seq_len = not is_null(cfg.pos_embed_seq_len) and cfg.pos_embed_seq_len or nil,
+         dtype = fo.dtype, device = fo.device})
+    local akv = not is_null(cfg.added_kv_proj_dim) and cfg.added_kv_proj_dim or nil
     local blocks = {}
     for i = 1, cfg.num_layers do
-        blocks[i] = WanTransformerBlock(D, cfg.ffn_dim, cfg.num_attention_heads, cfg.cross_attn_norm, cfg.eps, fo)
+        blocks[i] = WanTransformerBlock(D, cfg.ffn_dim, cfg.num_attention_heads, cfg.cross_attn_norm, cfg.eps,
+            {added_kv_proj_dim = akv, dtype = fo.dtype, device = fo.device})
     end
     self.blocks = nn.ModuleList(blocks)
     self.norm_out = common.FP32LayerNorm(D, {eps = cfg.eps, elementwise_affine = false, dtype = fo.dtype,
@@ -590,10 +701,20 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
                 "timestep, encoder_hidden_states, attention_kwargs, return_dict)", tostring(k)), 2)
         end
     end
-    if args.encoder_hidden_states_image ~= nil then
-        error("WanTransformer3DModel:forward: encoder_hidden_states_image (image-to-video) is not supported yet", 2)
-    end
     local cfg = self.config
+    local eimg = args.encoder_hidden_states_image
+    if is_null(cfg.image_dim) then
+        if eimg ~= nil then
+            error("WanTransformer3DModel:forward: encoder_hidden_states_image is given but this is a text-to-video " ..
+                "model (config image_dim null)", 2)
+        end
+    else
+        if not is_tensor(eimg) or eimg:dim() ~= 3 or eimg.shape[3] ~= cfg.image_dim then
+            error(string.format("WanTransformer3DModel:forward: this image-to-video model needs " ..
+                "encoder_hidden_states_image (B, I, %d) (the image encoder's tokens), got %s", cfg.image_dim,
+                is_tensor(eimg) and shape_str(eimg.shape) or type(eimg)), 2)
+        end
+    end
     local x = want(args, "hidden_states", 5)
     local e = want(args, "encoder_hidden_states", 3)
     local B, Cin, Fr, Hh, Ww = x.shape[1], x.shape[2], x.shape[3], x.shape[4], x.shape[5]
@@ -624,7 +745,20 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
     if not rawequal(pt_, hs) then free(pt_) end
     local dt = hs.dtype
 
-    local temb, tproj, ctx = self.condition_embedder(t, e, ts_len)
+    if eimg ~= nil and e.shape[2] ~= 512 then
+        error(string.format("WanTransformer3DModel:forward: an image-to-video model needs encoder_hidden_states of " ..
+            "512 text tokens (diffusers splits image and text tokens there), got %s", shape_str(e.shape)), 2)
+    end
+    local temb, tproj, ctx, img = self.condition_embedder(t, e, ts_len, eimg)
+    if img ~= nil then   -- image tokens first, then the text's
+        if img.shape[1] ~= B then
+            error(string.format("WanTransformer3DModel:forward: encoder_hidden_states_image has %d rows after the " ..
+                "image embedder, the batch is %d", img.shape[1], B), 2)
+        end
+        local both = F.cat({img, ctx}, 1)
+        free(img, ctx)
+        ctx = both
+    end
     local tp6
     if ts_len then tp6 = tproj:unflatten(2, {6, -1}) else tp6 = tproj:unflatten(1, {6, -1}) end
     free(tproj)

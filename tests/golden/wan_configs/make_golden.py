@@ -128,6 +128,31 @@ CASES = [
         weights_seed=15, input_seed=1015,
         input_spec=dict(batch=2, frames=4, height=3, width=4, txt_len=3, timestep="per_token_uniform1000"),
     ),
+    dict(
+        name="wan_i2v",
+        note="Wan 2.1 I2V: image_dim 12 (condition_embedder.image_embedder: FP32LayerNorm, FeedForward "
+             "with exact GELU and mult 1, FP32LayerNorm), added_kv_proj_dim 16 (every attn2 gets "
+             "add_k_proj, add_v_proj, norm_added_k); 5 image tokens in front of 512 text tokens (the "
+             "processor splits at len - 512); in_channels 12 (latents + mask + condition), out 4; batch 2",
+        init=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=8, in_channels=12,
+                  out_channels=4, text_dim=8, freq_dim=16, ffn_dim=24, num_layers=2, cross_attn_norm=True,
+                  rope_max_seq_len=16, image_dim=12, added_kv_proj_dim=16, **BASE),
+        weights_seed=16, input_seed=1016,
+        input_spec=dict(batch=2, frames=2, height=4, width=4, txt_len=512, img_len=5, img_sets=1,
+                        timestep="uniform1000"),
+    ),
+    dict(
+        name="wan_flf2v",
+        note="Wan 2.1 FLF2V: pos_embed_seq_len 10 (image_embedder.pos_embed): the image tokens of the "
+             "first and the last frame, (2B, 5, image_dim), are viewed as (B, 10, image_dim) and "
+             "positioned before the embedder; otherwise as wan_i2v with one layer and batch 1",
+        init=dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=8, in_channels=12,
+                  out_channels=4, text_dim=8, freq_dim=16, ffn_dim=24, num_layers=1, cross_attn_norm=True,
+                  rope_max_seq_len=16, image_dim=12, added_kv_proj_dim=16, pos_embed_seq_len=10, **BASE),
+        weights_seed=17, input_seed=1017,
+        input_spec=dict(batch=1, frames=2, height=4, width=6, txt_len=512, img_len=5, img_sets=2,
+                        timestep="uniform1000"),
+    ),
 ]
 
 # wan_tiny's recorded recipe (tests/golden/wan_tiny/case.json), for --check-wan-tiny
@@ -217,6 +242,9 @@ def make_inputs(model, case):
         "hidden_states": torch.randn(B, cfg.in_channels, Fr, H, W, generator=g),
         "encoder_hidden_states": torch.randn(B, T, cfg.text_dim, generator=g),
     }
+    if cfg.image_dim is not None:   # the image encoder's tokens (FLF2V: two images per sample)
+        inputs["encoder_hidden_states_image"] = torch.randn(B * s["img_sets"], s["img_len"], cfg.image_dim,
+                                                            generator=g)
     if s["timestep"] == "uniform1000":
         inputs["timestep"] = torch.rand(B, generator=g) * 1000
     elif s["timestep"] == "per_token_uniform1000":
