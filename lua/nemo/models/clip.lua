@@ -1,7 +1,15 @@
 -- lua/nemo/models/clip.lua: CLIPTextModel, the CLIP text encoder FLUX.1 uses (`text_encoder`,
--- openai/clip-vit-large-patch14's text tower), as Hugging Face transformers defines and computes
--- it (models/clip/modeling_clip.py): the same module tree and parameter names, registered in the
--- same order, so a transformers `text_encoder/` folder loads strictly.
+-- openai/clip-vit-large-patch14's text tower), and CLIPVisionModel, the image tower Wan 2.1's
+-- image-to-video pipelines use (`image_encoder`), as Hugging Face transformers defines and
+-- computes them (models/clip/modeling_clip.py): the same module trees and parameter names,
+-- registered in the same order, so transformers folders load strictly.
+--
+--   local ie = clip.CLIPVisionModel.from_pretrained("Wan2.1-I2V-14B-480P-Diffusers", {subfolder = "image_encoder"})
+--   local out = ie{pixel_values = px, output_hidden_states = true}   -- px (B, 3, 224, 224), CLIP-normalised
+--   out.hidden_states[#out.hidden_states - 1]                         -- the penultimate layer (Wan's image tokens)
+-- The image tower: [class embedding; Conv2d patches (no bias)] + position embeddings, pre_layrnorm,
+-- the same encoder layers without the causal mask, post_layernorm on the class token only
+-- (pooler_output); last_hidden_state is the last layer's output without a final norm.
 --
 --   local clip = require "nemo.models.clip"
 --   local te = clip.CLIPTextModel.from_pretrained("FLUX.1-dev", {subfolder = "text_encoder",
@@ -88,22 +96,24 @@ M.ACTIVATIONS = {"quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", 
 -- full CLIPConfig's text_config when cfg has one), defaults filled in, unknown keys dropped.
 -- Errors name the key (text_config.<key> when nested), what was expected and what was found;
 -- they point at the constructor's caller, or carry no position with plain = true.
-local function resolve_config(cfg, who, plain)
-    -- levels: fail, [bad,] resolve_config, __init, class.lua's new, the caller
-    local function fail(msg, deeper) error(msg, plain and 0 or 5 + (deeper or 0)) end
+local function resolve_fields(fields, tower, cfg, who, plain)
+    -- levels: fail, [bad,] resolve_fields, resolve_*config, __init, class.lua's new, the caller
+    local function fail(msg, deeper) error(msg, plain and 0 or 6 + (deeper or 0)) end
+    local sub = tower .. "_config"
     if type(cfg) ~= "table" or is_tensor(cfg) then
-        fail(string.format("%s: config must be a table (CLIPTextConfig fields), got %s", who, type(cfg)))
+        fail(string.format("%s: config must be a table (CLIP%sConfig fields), got %s", who,
+            tower == "text" and "Text" or "Vision", type(cfg)))
     end
     local prefix = ""
-    if cfg.text_config ~= nil and cfg.text_config ~= null then
-        if type(cfg.text_config) ~= "table" then
-            fail(string.format("%s: config key 'text_config' must be an object (a CLIPConfig's text tower), got %s",
-                who, describe(cfg.text_config)))
+    if cfg[sub] ~= nil and cfg[sub] ~= null then
+        if type(cfg[sub]) ~= "table" then
+            fail(string.format("%s: config key '%s' must be an object (a CLIPConfig's %s tower), got %s",
+                who, sub, tower, describe(cfg[sub])))
         end
-        cfg, prefix = cfg.text_config, "text_config."
+        cfg, prefix = cfg[sub], sub .. "."
     end
     local out = {}
-    for _, f in ipairs(CONFIG) do
+    for _, f in ipairs(fields) do
         local key, kind, default = f[1], f[2], f[3]
         local v = cfg[key]
         local function bad(what)
@@ -138,9 +148,40 @@ local function resolve_config(cfg, who, plain)
         fail(string.format("%s: config key '%shidden_size' (%d) must be a multiple of num_attention_heads (%d)",
             who, prefix, out.hidden_size, out.num_attention_heads))
     end
+    if out.image_size ~= nil and out.image_size % out.patch_size ~= 0 then
+        fail(string.format("%s: config key '%simage_size' (%d) must be a multiple of patch_size (%d)", who, prefix,
+            out.image_size, out.patch_size))
+    end
+    return out
+end
+local function resolve_config(cfg, who, plain)
+    local out = resolve_fields(CONFIG, "text", cfg, who, plain)
+    out.causal = true
     return out
 end
 M.resolve_config = resolve_config
+
+-- CLIPVisionConfig's fields read here (the image tower: CLIPVisionModel, Wan I2V's image_encoder).
+local VISION_CONFIG = {
+    {"hidden_size", "size"},
+    {"intermediate_size", "size"},
+    {"num_hidden_layers", "size"},
+    {"num_attention_heads", "size"},
+    {"image_size", "size"},
+    {"patch_size", "size"},
+    {"num_channels", "size", 3},
+    {"hidden_act", "str", "quick_gelu"},
+    {"layer_norm_eps", "eps", 1e-5},
+    {"projection_dim", "int?", 512},
+    {"attention_dropout", "number", 0.0},
+}
+M.VISION_CONFIG_FIELDS = VISION_CONFIG
+local function resolve_vision_config(cfg, who, plain)
+    local out = resolve_fields(VISION_CONFIG, "vision", cfg, who, plain)
+    out.causal = false
+    return out
+end
+M.resolve_vision_config = resolve_vision_config
 
 -- ==== layers ====
 
@@ -211,8 +252,8 @@ function CLIPTextEmbeddings:forward(input_ids, position_ids)
 end
 
 -- CLIPAttention(cfg, {dtype=, device=}): k_proj, v_proj, q_proj, out_proj (transformers' order).
--- forward(x (B, S, H), mask (B, 1, S, S) bool or nil) -> (B, S, H): causal attention, AND the
--- mask when there is one.
+-- forward(x (B, S, H), mask (B, 1, S, S) bool or nil) -> (B, S, H): causal attention (the text
+-- tower; cfg.causal false: the image tower attends everywhere), or the mask when there is one.
 local CLIPAttention = class("nemo.models.clip.CLIPAttention", nn.Module)
 M.CLIPAttention = CLIPAttention
 function CLIPAttention:__init(cfg, opts)
@@ -223,6 +264,7 @@ function CLIPAttention:__init(cfg, opts)
     self.num_heads = cfg.num_attention_heads
     self.head_dim = math.floor(H / self.num_heads)
     self.scale = self.head_dim ^ -0.5
+    self.causal = cfg.causal ~= false
     self.k_proj = linear(H, H, fo)
     self.v_proj = linear(H, H, fo)
     self.q_proj = linear(H, H, fo)
@@ -245,7 +287,7 @@ function CLIPAttention:forward(x, mask)
     if mask ~= nil then
         o = F.scaled_dot_product_attention(qh, kh, vh, {attn_mask = mask, scale = self.scale})
     else
-        o = F.scaled_dot_product_attention(qh, kh, vh, {is_causal = true, scale = self.scale})
+        o = F.scaled_dot_product_attention(qh, kh, vh, {is_causal = self.causal, scale = self.scale})
     end
     free(qh, kh, vh)
     local ot = o:transpose(1, 2)
@@ -534,6 +576,148 @@ function CLIPTextModel.from_pretrained(folder, opts, more)
         build = function(cfg, dtype)
             cfg = resolve_config(cfg, "CLIPTextModel", true)   -- errors without a position: load_folder names the file
             return without_init(function() return CLIPTextModel(cfg, {dtype = dtype}) end)
+        end})
+end
+
+-- ==== CLIPVisionModel (the image tower) ====
+
+-- CLIPVisionEmbeddings(cfg, {dtype=, device=}): class_embedding (H), patch_embedding (Conv2d C ->
+-- H, kernel = stride = patch_size, no bias), position_embedding ((image/patch)^2 + 1, H).
+-- forward(pixel_values (B, C, image, image)) -> (B, 1 + P, H): [class; patches] + positions.
+local CLIPVisionEmbeddings = class("nemo.models.clip.CLIPVisionEmbeddings", nn.Module)
+M.CLIPVisionEmbeddings = CLIPVisionEmbeddings
+function CLIPVisionEmbeddings:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    local H = cfg.hidden_size
+    self.num_patches = (cfg.image_size / cfg.patch_size) ^ 2
+    self:register_parameter("class_embedding", Tensor.randn({H}, {dtype = fo.dtype, device = fo.device}))
+    self.patch_embedding = nn.Conv2d(cfg.num_channels, H, cfg.patch_size, {stride = cfg.patch_size, bias = false,
+        dtype = fo.dtype, device = fo.device})
+    self.position_embedding = nn.Embedding(self.num_patches + 1, H, {dtype = fo.dtype, device = fo.device})
+end
+function CLIPVisionEmbeddings:forward(pixel_values)
+    local B = pixel_values.shape[1]
+    local x = pixel_values.dtype == self.patch_embedding.weight.dtype and pixel_values
+        or pixel_values:to{dtype = self.patch_embedding.weight.dtype}
+    local pe = self.patch_embedding(x)                       -- (B, H, g, g)
+    if not rawequal(x, pixel_values) then free(x) end
+    local pf = pe:flatten(2)
+    local patches = pf:transpose(1, 2)                       -- (B, P, H)
+    local cls = self.class_embedding:reshape(1, 1, -1):expand(B, 1, self.class_embedding.shape[1])
+    local emb = F.cat({cls, patches}, 1)
+    free(pe, pf, patches)
+    local out = emb + self.position_embedding.weight         -- position_ids 0..P: the whole table
+    free(emb)
+    return out
+end
+
+-- CLIPVisionTransformer(cfg, {dtype=, device=}): embeddings, pre_layrnorm (transformers' spelling),
+-- encoder, post_layernorm.
+local CLIPVisionTransformer = class("nemo.models.clip.CLIPVisionTransformer", nn.Module)
+M.CLIPVisionTransformer = CLIPVisionTransformer
+function CLIPVisionTransformer:__init(cfg, opts)
+    nn.Module.__init(self)
+    local fo = factory(opts)
+    self.embeddings = CLIPVisionEmbeddings(cfg, fo)
+    self.pre_layrnorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, fo)
+    self.encoder = CLIPEncoder(cfg, fo)
+    self.post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, fo)
+end
+
+local CLIPVisionModel = class("nemo.models.CLIPVisionModel", nn.Module)
+M.CLIPVisionModel = CLIPVisionModel
+CLIPVisionModel._no_split_modules = {"CLIPEncoderLayer"}
+
+-- CLIPVisionModel(config, {dtype=, device=}): config holds CLIPVisionConfig's fields (or a
+-- CLIPConfig's, with vision_config). Child: vision_model (CLIPVisionTransformer).
+function CLIPVisionModel:__init(config, opts)
+    nn.Module.__init(self)
+    local cfg = resolve_vision_config(config, "CLIPVisionModel")
+    self.config = cfg
+    self.vision_model = CLIPVisionTransformer(cfg, factory(opts))
+end
+function CLIPVisionModel:dtype() return self.vision_model.embeddings.patch_embedding.weight.dtype end
+function CLIPVisionModel:device() return self.vision_model.embeddings.patch_embedding.weight.device end
+
+-- model:forward{pixel_values=, output_hidden_states=false, return_dict=true} or
+-- model:forward(pixel_values, {output_hidden_states=}); pixel_values (B, C, image_size,
+-- image_size), normalised as CLIPImageProcessor does. Returns {last_hidden_state = (B, 1 + P, H)
+-- (the last layer's output; no final norm), pooler_output = post_layernorm(last_hidden_state[:, 0])
+-- (B, H), hidden_states = {pre_layrnorm(embeddings), layer 1, ..., layer N} when asked}
+-- (Wan I2V reads hidden_states[N], the penultimate layer's output); return_dict=false: a list.
+function CLIPVisionModel:forward(args, more)
+    local opts
+    if is_tensor(args) then
+        opts = {}
+        for k, v in pairs(more or {}) do opts[k] = v end
+        opts.pixel_values = args
+    elseif type(args) == "table" then
+        opts = args
+    else
+        error("CLIPVisionModel:forward: expected pixel_values (a tensor) or a table {pixel_values=, ...}, got " ..
+            type(args), 2)
+    end
+    for k in pairs(opts) do
+        if k ~= "pixel_values" and k ~= "output_hidden_states" and k ~= "return_dict" then
+            error(string.format("CLIPVisionModel:forward: unknown argument '%s' (pixel_values, output_hidden_states, " ..
+                "return_dict)", tostring(k)), 2)
+        end
+    end
+    local cfg = self.config
+    local px = opts.pixel_values
+    if not is_tensor(px) or px:dim() ~= 4 or px.shape[2] ~= cfg.num_channels or px.shape[3] ~= cfg.image_size or
+        px.shape[4] ~= cfg.image_size then
+        error(string.format("CLIPVisionModel:forward: pixel_values must be (B, %d, %d, %d), got %s", cfg.num_channels,
+            cfg.image_size, cfg.image_size, is_tensor(px) and shape_str(px.shape) or type(px)), 2)
+    end
+    if px.device ~= self:device() then px = px:to{device = self:device()} end
+    local vm = self.vision_model
+    local emb = vm.embeddings(px)
+    local h0 = vm.pre_layrnorm(emb)
+    free(emb)
+    local hidden = opts.output_hidden_states and {h0} or nil
+    local last = vm.encoder(h0, nil, hidden)
+    if not hidden and not rawequal(last, h0) then free(h0) end
+    local cls = last:select(1, 0)
+    local pooled = vm.post_layernorm(cls)
+    free(cls)
+    if opts.return_dict == false then return {last, pooled, hidden} end
+    return {last_hidden_state = last, pooler_output = pooled, hidden_states = hidden}
+end
+
+-- transformers 5's unprefixed names get `vision_model.`; the text tower and projections of a full
+-- CLIPModel file are dropped (with a warning)
+local function remap_vision(sd)
+    local out, dropped = {}, 0
+    for k, t in pairs(sd) do
+        if k:match("^text_model%.") or k:match("^visual_projection%.") or k:match("^text_projection%.") or
+            k == "logit_scale" then
+            dropped = dropped + 1
+        elseif k:match("^embeddings%.") or k:match("^encoder%.") or k:match("^pre_layrnorm%.") or
+            k:match("^post_layernorm%.") then
+            out["vision_model." .. k] = t
+        else
+            out[k] = t
+        end
+    end
+    if dropped > 0 then
+        io.stderr:write(string.format("warning: CLIPVisionModel.from_pretrained: %d tensors of the other CLIPModel " ..
+            "parts (text_model, projections, logit_scale) are not used\n", dropped))
+    end
+    return out
+end
+
+-- CLIPVisionModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=}):
+-- config.json (CLIPVisionConfig, or CLIPConfig with vision_config) and model.safetensors (or its
+-- sharded index), loaded strictly (vision_model.* names, or transformers 5's unprefixed ones).
+function CLIPVisionModel.from_pretrained(folder, opts, more)
+    if rawequal(folder, CLIPVisionModel) then folder, opts = opts, more end
+    return mio.load_folder(folder, opts, {class_name = "CLIPVisionModel",
+        weights = mio.TRANSFORMERS_WEIGHTS, ignore = {"position_ids"}, remap = remap_vision,
+        build = function(cfg, dtype)
+            cfg = resolve_vision_config(cfg, "CLIPVisionModel", true)
+            return without_init(function() return CLIPVisionModel(cfg, {dtype = dtype}) end)
         end})
 end
 

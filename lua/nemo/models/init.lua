@@ -18,6 +18,7 @@ local known = {
     AutoencoderKLWan = "nemo.models.wan_vae",
     -- the text encoders (transformers' classes and folders)
     CLIPTextModel = "nemo.models.clip",
+    CLIPVisionModel = "nemo.models.clip",   -- Wan 2.1 I2V's image_encoder
     T5EncoderModel = "nemo.models.t5",
     UMT5EncoderModel = "nemo.models.t5",
     -- not models (no weights, no nn.Module): the pipeline loads them from their folders
@@ -32,7 +33,7 @@ M.known = known
 -- the order error messages list the names in: the transformers, then the other components,
 -- then what register() adds
 local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "AutoencoderKLWan", "CLIPTextModel",
-               "T5EncoderModel",
+               "CLIPVisionModel", "T5EncoderModel",
                "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
                "T5Tokenizer", "T5TokenizerFast"}
 M.registry = {}
