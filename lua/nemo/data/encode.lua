@@ -5,8 +5,9 @@
 --   encode.buckets(max_pixels, q)  Automodel's MultiTierBucketCalculator: for 14 aspect ratios the
 --                                  largest w x h (multiples of q) within max_pixels, sorted by w/h
 --   encode.bucket_for(buckets, w, h)   the bucket whose aspect ratio is nearest the image's
---   encode.resize_crop(rgb, w, h, tw, th)  "cover" Lanczos resize (PIL's Image.LANCZOS: a = 3,
---                                  antialiased by the scale; two 8-bit passes) and a center crop
+--   encode.resize(rgb, w, h, nw, nh, filter)   PIL's resize ("lanczos": Image.LANCZOS, a = 3;
+--                                  "bicubic": Image.BICUBIC; antialiased by the scale; two 8-bit passes)
+--   encode.resize_crop(rgb, w, h, tw, th)  "cover" Lanczos resize and a center crop
 --   encode.captions(dir, files, {captions = jsonl})  per image: <stem>.txt beside it, else the
 --                                  JSONL line naming it (caption, internvl, usr, text or prompt),
 --                                  else the stem with "_" -> " " (Automodel's fallback)
@@ -25,8 +26,7 @@
 --
 -- Where it differs from Automodel: images must be PNG or JPEG files (nemo.image, nemo.jpeg; WebP,
 -- GIF, BMP, TIFF are skipped with a note), EXIF orientation is not applied (PIL does not either
--- unless asked); the resize uses floating-point Lanczos
--- coefficients where PIL uses 22-bit fixed point, so a pixel may differ by one level, and always
+-- unless asked); the resize is PIL's (22-bit fixed-point weights, the same bytes) and always
 -- runs the horizontal pass first, as PIL's C source says, while PIL 13 runs the vertical one
 -- first for some shapes (then pixels differ by a few levels: tests/lua/test_encode.lua); the VAE
 -- sample's noise is nemo's, not torch's; the cache is nemo-lua's format (docs/data.md).
@@ -75,72 +75,109 @@ function M.bucket_for(buckets, w, h)
     return best
 end
 
--- ==== Lanczos resize (PIL's ImagingResample, float coefficients) ====
+-- ==== PIL's resize (ImagingResample for 8-bit images: Lanczos, bicubic) ====
 
 local function sinc(x)
     if x == 0 then return 1 end
     x = x * math.pi
     return math.sin(x) / x
 end
-local function lanczos(x)
-    if x > -3 and x < 3 then return sinc(x) * sinc(x / 3) end
-    return 0
-end
+local FILTERS = {
+    lanczos = {support = 3, fn = function(x)
+        if x >= -3 and x < 3 then return sinc(x) * sinc(x / 3) end
+        return 0
+    end},
+    bicubic = {support = 2, fn = function(x)   -- a = -0.5
+        if x < 0 then x = -x end
+        if x < 1 then return (1.5 * x - 2.5) * x * x + 1 end
+        if x < 2 then return (((x - 5) * x + 8) * x - 4) * -0.5 end
+        return 0
+    end},
+}
+M.FILTERS = FILTERS
 
--- coefficients of one axis: for each output index, its first input index, count and weights
-local function coeffs(insize, outsize)
+local PREC = 4194304   -- 2^22: PIL's PRECISION_BITS for 8-bit images
+local function trunc(v) return v < 0 and math.ceil(v) or math.floor(v) end   -- C's (int) cast
+
+-- coefficients of one axis, as PIL's precompute_coeffs + normalize_coeffs_8bpc: for each output
+-- index its first input index and the weights in 22-bit fixed point
+local function coeffs(insize, outsize, filter)
+    local f = FILTERS[filter]
     local scale = insize / outsize
-    local fs_ = math.max(scale, 1)
-    local support = 3 * fs_
+    local filterscale = scale < 1 and 1 or scale
+    local support = f.support * filterscale
+    local ss = 1.0 / filterscale
     local out = {}
     for xx = 0, outsize - 1 do
         local center = (xx + 0.5) * scale
-        local xmin = math.max(math.floor(center - support + 0.5), 0)
-        local xmax = math.min(math.floor(center + support + 0.5), insize)
-        local w, total = {}, 0
-        for x = xmin, xmax - 1 do
-            local v = lanczos((x - center + 0.5) / fs_)
-            w[#w + 1] = v
-            total = total + v
+        local xmin = trunc(center - support + 0.5)
+        if xmin < 0 then xmin = 0 end
+        local xmax = trunc(center + support + 0.5)
+        if xmax > insize then xmax = insize end
+        local w, ww = {}, 0
+        for x = 0, xmax - xmin - 1 do
+            local v = f.fn((x + xmin - center + 0.5) * ss)
+            w[x + 1] = v
+            ww = ww + v
         end
-        if total ~= 0 then for i = 1, #w do w[i] = w[i] / total end end
+        for i = 1, #w do
+            local v = (ww ~= 0 and w[i] / ww or w[i]) * PREC
+            w[i] = v < 0 and trunc(-0.5 + v) or trunc(0.5 + v)
+        end
         out[xx] = {xmin, w}
     end
     return out
 end
 
-local function clip8(v)
-    v = math.floor(v + 0.5)
+-- PIL's clip8 of a fixed-point sum that started at 2^21: floor(s / 2^22) clamped to 0..255
+local function clip8(s)
+    local v = math.floor(s / PREC)
     if v < 0 then return 0 elseif v > 255 then return 255 end
     return v
 end
 
--- resize(src (uint8 RGB, w x h), w, h, nw, nh) -> uint8 RGB nw x nh (horizontal pass first, then
--- vertical, each rounded to 8 bits, as PIL)
-function M.resize(src, w, h, nw, nh)
-    local tmp = ffi.new("uint8_t[?]", nw * h * 3)
-    local cx = coeffs(w, nw)
-    for y = 0, h - 1 do
-        for xx = 0, nw - 1 do
-            local c = cx[xx]
-            local x0, wt = c[1], c[2]
-            for ch = 0, 2 do
-                local s = 0
-                for k = 1, #wt do s = s + src[((y * w) + x0 + k - 1) * 3 + ch] * wt[k] end
-                tmp[(y * nw + xx) * 3 + ch] = clip8(s)
+-- resize(src (uint8 RGB, w x h), w, h, nw, nh, filter = "lanczos") -> uint8 RGB nw x nh, as PIL's
+-- Image.resize with Image.LANCZOS ("bicubic": Image.BICUBIC): horizontal pass first, then
+-- vertical, each rounded to 8 bits, with PIL's fixed-point weights (the same bytes); an axis
+-- whose size does not change is not resampled.
+function M.resize(src, w, h, nw, nh, filter)
+    filter = filter or "lanczos"
+    if not FILTERS[filter] then error("resize: unknown filter '" .. tostring(filter) .. "' (lanczos, bicubic)", 2) end
+    local tmp, tw = src, w
+    if nw ~= w then
+        tmp = ffi.new("uint8_t[?]", nw * h * 3)
+        tw = nw
+        local cx = coeffs(w, nw, filter)
+        for y = 0, h - 1 do
+            for xx = 0, nw - 1 do
+                local c = cx[xx]
+                local x0, wt = c[1], c[2]
+                for ch = 0, 2 do
+                    local s = 2097152
+                    for k = 1, #wt do s = s + src[((y * w) + x0 + k - 1) * 3 + ch] * wt[k] end
+                    tmp[(y * nw + xx) * 3 + ch] = clip8(s)
+                end
             end
         end
     end
-    local out = ffi.new("uint8_t[?]", nw * nh * 3)
-    local cy = coeffs(h, nh)
+    if nh == h then
+        if rawequal(tmp, src) then
+            local c = ffi.new("uint8_t[?]", w * h * 3)
+            ffi.copy(c, src, w * h * 3)
+            return c
+        end
+        return tmp
+    end
+    local out = ffi.new("uint8_t[?]", tw * nh * 3)
+    local cy = coeffs(h, nh, filter)
     for yy = 0, nh - 1 do
         local c = cy[yy]
         local y0, wt = c[1], c[2]
-        for xx = 0, nw - 1 do
+        for xx = 0, tw - 1 do
             for ch = 0, 2 do
-                local s = 0
-                for k = 1, #wt do s = s + tmp[((y0 + k - 1) * nw + xx) * 3 + ch] * wt[k] end
-                out[(yy * nw + xx) * 3 + ch] = clip8(s)
+                local s = 2097152
+                for k = 1, #wt do s = s + tmp[((y0 + k - 1) * tw + xx) * 3 + ch] * wt[k] end
+                out[(yy * tw + xx) * 3 + ch] = clip8(s)
             end
         end
     end
