@@ -5,7 +5,7 @@
 --       [--steps 50] [--guidance 5.0] [--guidance-2 X] [--negative-prompt TEXT] [--fps 16] [--seed 0]
 --       [--max-sequence-length 512] [--dtype bfloat16] [--device auto]
 --       [--lora runs/wan_lora/epoch_0_step_299/model] [--lora-scale 1.0] [--vae-tiling]
---       [--image first.png]   (Wan 2.2 TI2V image-to-video: the image is the first frame)
+--       [--image first.png]   (image-to-video: a Wan I2V pipeline, or Wan 2.2 TI2V; the first frame)
 -- One animated PNG per prompt (browsers play it): --out itself for one prompt, else
 -- <out without .png>_<i>.png (i from 0). The pipeline must hold its transformer, vae, scheduler,
 -- text_encoder and tokenizer. The initial noise comes from nemo's generator (--seed), so the

@@ -16,8 +16,8 @@
 -- [16]; vae.enable_slicing, vae.enable_tiling; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
 -- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
 -- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
--- encoder). inference.input_images: one image path, or one per prompt, for Wan 2.2 TI2V's
--- image-to-video (the image is the first frame). Not supported (clear errors): a `distributed`
+-- encoder). inference.input_images: one image path, or one per prompt, for image-to-video (a
+-- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): a `distributed`
 -- block (one process samples), other image-conditioned pipelines; vae.enable_cpu_offload is
 -- noted and ignored.
 local fs = require "nemo.fs"
@@ -104,9 +104,10 @@ function M.run(cfg, opts)
     local pipe = nemo.sampling.open_pipeline(m.pretrained_model_name_or_path,
         {dtype = inf.dtype or "bfloat16", device = cfg.device})
     local c = pipe.components
-    local kind = pipe.class_name == "FluxPipeline" and "image" or pipe.class_name == "WanPipeline" and "video" or nil
+    local kind = pipe.class_name == "FluxPipeline" and "image" or
+        (pipe.class_name == "WanPipeline" or pipe.class_name == "WanImageToVideoPipeline") and "video" or nil
     if not kind then
-        error(string.format("generate: %s is a %s; nemo-lua samples FluxPipeline and WanPipeline", m.pretrained_model_name_or_path,
+        error(string.format("generate: %s is a %s; nemo-lua samples FluxPipeline, WanPipeline and WanImageToVideoPipeline", m.pretrained_model_name_or_path,
             tostring(pipe.class_name)), 0)
     end
     local ck = require "nemo.checkpoint"
@@ -144,10 +145,11 @@ function M.run(cfg, opts)
         for k, v in pairs(kwargs) do o[k] = v end
         local path = dir .. "/" .. M.sample_name(i, p, "png")
         if inf.input_images then
-            if kind ~= "video" or not (pipe.config and pipe.config.expand_timesteps == true) then
-                error(string.format("generate: inference.input_images needs an image-to-video pipeline: Wan 2.2 TI2V " ..
-                    "(model_index.json expand_timesteps = true); %s is a %s without it", m.pretrained_model_name_or_path,
-                    tostring(pipe.class_name)), 0)
+            if kind ~= "video" or not (pipe.class_name == "WanImageToVideoPipeline" or
+                (pipe.config and pipe.config.expand_timesteps == true)) then
+                error(string.format("generate: inference.input_images needs an image-to-video pipeline: a " ..
+                    "WanImageToVideoPipeline, or Wan 2.2 TI2V (model_index.json expand_timesteps = true); %s is a %s",
+                    m.pretrained_model_name_or_path, tostring(pipe.class_name)), 0)
             end
             local ii = inf.input_images
             o.image = ii[#ii == 1 and 1 or i + 1]

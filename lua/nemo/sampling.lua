@@ -398,7 +398,7 @@ end
 M.WAN_OPTIONS = {"pipe", "transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder", "prompt",
     "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps",
     "guidance_scale", "guidance_scale_2", "boundary_ratio", "expand_timesteps", "max_sequence_length", "latents",
-    "generator", "output_type", "callback", "image"}
+    "generator", "output_type", "callback", "image", "last_image", "image_encoder", "image_processor"}
 M.WAN_DEFAULTS = {height = 480, width = 832, num_frames = 81, num_inference_steps = 50, guidance_scale = 5.0,
     max_sequence_length = 512, output_type = "video"}
 
@@ -447,12 +447,10 @@ function M.wan_encode_prompt(o)
     end)
 end
 
--- The first frame's latent of WanImageToVideoPipeline in TI2V mode (expand_timesteps):
--- image (a tensor (1 or B, 3, height, width) in [0, 1], diffusers' tensor convention, or a PNG /
--- JPEG path, resized to width x height with PIL's Lanczos) -> 2 x - 1 -> one frame through the
--- VAE -> the posterior's mode (argmax) -> float32 (z - latents_mean) / latents_std, repeated to
--- the batch: (B, z_dim, 1, h, w).
-local function wan_image_latent(img, vae, B, height, width, device, werr)
+-- The image of WanImageToVideoPipeline's video_processor.preprocess: a tensor (1 or B, 3,
+-- height, width) in [0, 1] (diffusers' tensor convention), or a PNG / JPEG path resized to width
+-- x height with PIL's Lanczos and divided by 255 -> 2 x - 1, float32 on device.
+local function wan_image_pixels(img, B, height, width, device, werr)
     local x
     if type(img) == "string" then
         local encode = require "nemo.data.encode"
@@ -477,17 +475,92 @@ local function wan_image_latent(img, vae, B, height, width, device, werr)
     else
         werr("image must be a tensor (1 or B, 3, H, W) in [0, 1] or a PNG / JPEG path, got " .. type(img))
     end
-    local vdt = type(vae.dtype) == "function" and vae:dtype() or "float32"
-    local vdev = device
-    for _, p in vae:named_parameters() do vdev = p.device; break end
-    local video = (x * 2 - 1):unsqueeze(2):to{dtype = vdt, device = vdev}
-    local lc = vae:encode(video).latent_dist:mode():to{dtype = "float32", device = device}
-    if lc.shape[1] ~= B then lc = lc:expand(B, lc.shape[2], lc.shape[3], lc.shape[4], lc.shape[5]):contiguous() end
+    return x * 2 - 1
+end
+
+-- the latent normalisation of WanPipeline / WanImageToVideoPipeline: (z - latents_mean) / latents_std
+local function wan_normalize(lc, vae, device)
     local vc = vae.config
     local zc = lc.shape[2]
     local mean = Tensor.tensor(vc.latents_mean, {dtype = "float32", device = device}):view(1, zc, 1, 1, 1)
     local inv_std = (Tensor.tensor(vc.latents_std, {dtype = "float32", device = device}) ^ -1):view(1, zc, 1, 1, 1)
     return (lc - mean) * inv_std
+end
+
+-- the VAE's posterior mode (argmax) of a video (1, 3, F, H, W) in [-1, 1], float32, repeated to B
+local function wan_encode_mode(vae, video, B, device)
+    local vdt = type(vae.dtype) == "function" and vae:dtype() or "float32"
+    local vdev = device
+    for _, p in vae:named_parameters() do vdev = p.device; break end
+    local lc = vae:encode(video:to{dtype = vdt, device = vdev}).latent_dist:mode():to{dtype = "float32", device = device}
+    if lc.shape[1] ~= B then lc = lc:expand(B, lc.shape[2], lc.shape[3], lc.shape[4], lc.shape[5]):contiguous() end
+    return lc
+end
+
+-- TI2V (expand_timesteps): the image as one frame through the VAE -> the posterior's mode
+-- (argmax) -> float32 (z - latents_mean) / latents_std, repeated to the batch: (B, z_dim, 1, h, w).
+local function wan_image_latent(img, vae, B, height, width, device, werr)
+    local x = wan_image_pixels(img, B, height, width, device, werr)
+    return wan_normalize(wan_encode_mode(vae, x:unsqueeze(2), B, device), vae, device)
+end
+
+-- WanImageToVideoPipeline without expand_timesteps (Wan 2.1 I2V / FLF2V, Wan 2.2 I2V-A14B): the
+-- condition channels (B, 4 + z, F', h, w): the mask (a frame of the video that is given is 1:
+-- frame 0, and the last with last_image; frame 0 stands for the first 4 latent-frame slots) then
+-- the normalised latent of the video [image, zeros..., (last_image)].
+local function wan_i2v_condition(o, vae, B, height, width, nf, vsf_t, device, werr)
+    local first = wan_image_pixels(o.image, 1, height, width, device, werr)
+    local last = o.last_image ~= nil and wan_image_pixels(o.last_image, 1, height, width, device, werr) or nil
+    if first.shape[1] ~= 1 or (last and last.shape[1] ~= 1) then
+        werr("image (and last_image) must be one image here (1, 3, H, W): the condition is shared by the batch")
+    end
+    local parts = {first:unsqueeze(2)}
+    local nzero = nf - 1 - (last and 1 or 0)
+    if nzero > 0 then parts[#parts + 1] = Tensor.zeros({1, 3, nzero, height, width}, {device = device}) end
+    if last then parts[#parts + 1] = last:unsqueeze(2) end
+    local video = #parts == 1 and parts[1] or F.cat(parts, 2)
+    local lc = wan_normalize(wan_encode_mode(vae, video, B, device), vae, device)
+    -- mask: the F frames' 0/1 with frame 0 repeated vsf_t times, regrouped as (vsf_t, F')
+    local seq = {}
+    for _ = 1, vsf_t do seq[#seq + 1] = 1 end
+    for f = 1, nf - 1 do seq[#seq + 1] = (last and f == nf - 1) and 1 or 0 end
+    local nl = #seq / vsf_t
+    local rows = {}
+    for k = 1, vsf_t do
+        rows[k] = {}
+        for f = 1, nl do rows[k][f] = seq[(f - 1) * vsf_t + k] end
+    end
+    local h, w = lc.shape[4], lc.shape[5]
+    local mask = Tensor.tensor(rows, {dtype = "float32", device = device}):view(1, vsf_t, nl, 1, 1)
+        :expand(B, vsf_t, nl, h, w)
+    return F.cat({mask, lc}, 1)
+end
+
+-- Wan 2.1 I2V's image tokens: the CLIP image encoder's penultimate hidden states of the image
+-- (and last_image), tiled over the batch as torch's .repeat(B, 1, 1).
+local function wan_image_embeds(o, B, tdt, device, werr)
+    local ie, ip = o.image_encoder, o.image_processor
+    if type(ie) ~= "table" or type(ip) ~= "table" or type(ip.preprocess) ~= "function" then
+        werr("this image-to-video transformer (image_dim set) needs image_encoder (a CLIPVisionModel) and " ..
+            "image_processor (a CLIPImageProcessor): load the pipeline with them or pass them")
+    end
+    local imgs = {o.image}
+    if o.last_image ~= nil then imgs[2] = o.last_image end
+    local px = {}
+    for i, im in ipairs(imgs) do
+        if type(im) ~= "string" and not (type(im) == "table" and im.pixels) then
+            werr("with an image encoder, image (and last_image) must be a PNG / JPEG path (the CLIP processor reads " ..
+                "8-bit pixels), got " .. (is_tensor(im) and "a tensor" or type(im)))
+        end
+        px[i] = ip:preprocess(im).pixel_values
+    end
+    local pv = #px == 1 and px[1] or F.cat(px, 0)
+    local out = ie{pixel_values = pv:to{dtype = type(ie.dtype) == "function" and ie:dtype() or "float32"},
+        output_hidden_states = true}
+    local e = out.hidden_states[#out.hidden_states - 1]      -- hidden_states[-2]
+    local n, I, Dm = e.shape[1], e.shape[2], e.shape[3]
+    if B > 1 then e = e:unsqueeze(0):expand(B, n, I, Dm):reshape(B * n, I, Dm) end
+    return e:to{dtype = tdt, device = device}
 end
 
 -- latents with frame 0 replaced by cond: (1 - mask) * cond + mask * latents for a 0/1 mask that
@@ -499,8 +572,8 @@ local function with_first_frame(latents, cond)
 end
 
 local function run_wan(o)
-    o = with_pipe(o, M.WAN_OPTIONS, {"transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder"},
-        "sampling.wan", 4)
+    o = with_pipe(o, M.WAN_OPTIONS, {"transformer", "transformer_2", "scheduler", "vae", "tokenizer", "text_encoder",
+        "image_encoder", "image_processor"}, "sampling.wan", 4)
     local function werr(msg) error("sampling.wan: " .. msg, 4) end
     local tr, sc, vae, tok, te = o.transformer, o.scheduler, o.vae, o.tokenizer, o.text_encoder
     if type(tr) ~= "table" or type(tr.config) ~= "table" or tr.config.in_channels == nil then
@@ -591,6 +664,24 @@ local function run_wan(o)
 
     -- ---- latents ----
     local C = tr.config.in_channels
+    -- image-to-video without expand_timesteps: the transformer reads [latents; mask; condition]
+    local i2v = o.image ~= nil and not expand
+    if not is_null(tr.config.image_dim) and o.image == nil then
+        werr("this transformer is image-to-video (image_dim set): give image = (the first frame)")
+    end
+    if i2v then
+        if type(vae) ~= "table" or type(vae.encode) ~= "function" or type(vae.config) ~= "table" then
+            werr("image = needs a vae to encode the image")
+        end
+        C = vae.config.z_dim
+        if tr.config.in_channels ~= 2 * C + vsf_t then
+            werr(string.format("image = (image-to-video) needs a transformer with in_channels = 2 x the VAE's z_dim + %d " ..
+                "(latents, mask, condition) = %d, got %d (a text-to-video model?)", vsf_t, 2 * C + vsf_t,
+                tr.config.in_channels))
+        end
+    elseif o.last_image ~= nil then
+        werr("last_image needs image (first and last frames) on an image-to-video model without expand_timesteps")
+    end
     local shape = {B, C, (nf - 1) / vsf_t + 1, height / vsf_s, width / vsf_s}
     local latents
     if o.latents ~= nil then
@@ -605,12 +696,12 @@ local function run_wan(o)
     end
 
     -- ---- the image (Wan 2.2 TI2V: WanImageToVideoPipeline with expand_timesteps) ----
-    local cond
-    if o.image ~= nil then
-        if not expand then
-            werr("image = needs expand_timesteps (Wan 2.2 TI2V's image-to-video); Wan 2.1's image-to-video (a CLIP " ..
-                "image encoder, the transformer's image_dim) is not supported yet")
-        end
+    local cond, i2v_cond, image_embeds
+    local with_image = not is_null(tr.config.image_dim)
+    if i2v then
+        i2v_cond = wan_i2v_condition(o, vae, B, height, width, nf, vsf_t, device, werr)
+        if with_image then image_embeds = wan_image_embeds(o, B, tdt, device, werr) end
+    elseif o.image ~= nil then
         if type(vae) ~= "table" or type(vae.encode) ~= "function" then werr("image = needs a vae to encode the image") end
         cond = wan_image_latent(o.image, vae, B, height, width, device, werr)
         if cond.shape[2] ~= C or cond.shape[4] ~= shape[4] or cond.shape[5] ~= shape[5] then
@@ -631,11 +722,17 @@ local function run_wan(o)
     for i, t in ipairs(ts) do
         local model, scale = tr, gs       -- Wan 2.1, or Wan 2.2's high-noise stage
         if boundary_t and t < boundary_t then model, scale = tr2, gs2 end
-        local x = (cond and with_first_frame(latents, cond) or latents):to{dtype = tdt}
+        local x
+        if i2v_cond then
+            x = F.cat({latents, i2v_cond}, 1):to{dtype = tdt}
+        else
+            x = (cond and with_first_frame(latents, cond) or latents):to{dtype = tdt}
+        end
         local timestep = Tensor.full(tshape, t, {dtype = "float32", device = device})
         if cond then timestep:narrow(1, 0, per_frame):fill_(0) end
         local function pred(emb)
-            local y = model{hidden_states = x, timestep = timestep, encoder_hidden_states = emb}
+            local y = model{hidden_states = x, timestep = timestep, encoder_hidden_states = emb,
+                encoder_hidden_states_image = image_embeds}
             if type(y) == "table" and not is_tensor(y) then y = y.sample or y[1] end
             return y
         end
@@ -681,8 +778,12 @@ end
 -- expand_timesteps: Wan 2.2 TI2V's image-to-video, WanImageToVideoPipeline): a tensor (1 or B, 3,
 -- H, W) in [0, 1] or a PNG / JPEG path (resized to width x height, PIL's Lanczos); its VAE latent
 -- (posterior mode, normalised) is frame 0 of the model's input at every step, with timestep 0 on
--- frame 0's tokens, and of the final latents. Wan 2.1's image-to-video (a CLIP image encoder) is
--- not supported.
+-- frame 0's tokens, and of the final latents. Without expand_timesteps (Wan 2.1 I2V / FLF2V,
+-- Wan 2.2 I2V-A14B: WanImageToVideoPipeline's other mode) the transformer reads [latents; mask;
+-- condition] (the condition: the video [image, zeros..., last_image] through the VAE) and, when
+-- it has image_dim, the image_encoder's penultimate tokens of image_processor(image) (and
+-- last_image) in its cross-attentions: image must then be a path; image_encoder /
+-- image_processor come from the pipeline or the options.
 function M.wan(opts)
     if type(opts) ~= "table" or is_tensor(opts) then error("sampling.wan: expected a table of options", 2) end
     return autograd.no_grad(run_wan, opts)

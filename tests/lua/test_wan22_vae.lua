@@ -199,8 +199,8 @@ do
         T.ok(T.same_values(rp.latents, rq.latents), "image = a PNG path gives the same latents as its pixels / 255")
         args.image = tc.image
         args.expand_timesteps = false
-        T.raises(function() nemo.sampling.wan(args) end, "needs expand_timesteps",
-            "image = without expand_timesteps (Wan 2.1 I2V, an image encoder): a clear error")
+        T.raises(function() nemo.sampling.wan(args) end, "needs a transformer with in_channels = 2 x the VAE's z_dim",
+            "image = without expand_timesteps on a text-to-video transformer (in_channels 4): a clear error")
         args.expand_timesteps = true
         args.image = nemo.zeros(1, 3, 32, 32)
         T.raises(function() nemo.sampling.wan(args) end, "image must be %(1 or 2, 3, 64, 32%)", "an image of the wrong size")

@@ -721,4 +721,114 @@ function CLIPVisionModel.from_pretrained(folder, opts, more)
         end})
 end
 
+-- ==== CLIPImageProcessor (what CLIPVisionModel reads) ====
+
+-- CLIPImageProcessor(cfg): transformers' image processor config (preprocessor_config.json):
+-- size {shortest_edge = n} (or {height =, width =}), crop_size {height =, width =} (or a number),
+-- do_resize, do_center_crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+-- resample (PIL's codes: 3 bicubic, the default; 1 Lanczos). proc:preprocess(image) -> {pixel_values
+-- = (1, 3, crop_h, crop_w) float32}; image is a PNG / JPEG path or nemo.image.read's table. As
+-- transformers' PIL backend (CLIPImageProcessorPil) computes it: the shortest edge resized to
+-- size (the other to int(size * long / short)) with PIL's filter, the center crop (top, left =
+-- floor of the margins / 2), x * rescale_factor, (x - mean) / std per channel. (transformers' default
+-- torchvision backend resizes with torch's antialiased bicubic, a level or two apart.)
+local CLIPImageProcessor = {}
+CLIPImageProcessor.__index = CLIPImageProcessor
+M.CLIPImageProcessor = CLIPImageProcessor
+local RESAMPLE = {[1] = "lanczos", [3] = "bicubic"}
+function CLIPImageProcessor.new(cfg)
+    if type(cfg) ~= "table" then error("CLIPImageProcessor: config must be a table, got " .. type(cfg), 2) end
+    local function flag(k, d) if cfg[k] == nil or cfg[k] == null then return d end return cfg[k] == true end
+    local self = setmetatable({config = cfg}, CLIPImageProcessor)
+    local size = cfg.size == nil and {shortest_edge = 224} or cfg.size
+    if type(size) == "number" then size = {shortest_edge = size} end
+    self.size = size
+    local crop = cfg.crop_size == nil and {height = 224, width = 224} or cfg.crop_size
+    if type(crop) == "number" then crop = {height = crop, width = crop} end
+    self.crop = crop
+    self.do_resize, self.do_center_crop = flag("do_resize", true), flag("do_center_crop", true)
+    self.do_rescale, self.do_normalize = flag("do_rescale", true), flag("do_normalize", true)
+    self.rescale_factor = type(cfg.rescale_factor) == "number" and cfg.rescale_factor or 1 / 255
+    self.mean = type(cfg.image_mean) == "table" and cfg.image_mean or {0.48145466, 0.4578275, 0.40821073}
+    self.std = type(cfg.image_std) == "table" and cfg.image_std or {0.26862954, 0.26130258, 0.27577711}
+    local r = cfg.resample == nil and 3 or cfg.resample
+    self.filter = RESAMPLE[r]
+    if not self.filter then
+        error(string.format("CLIPImageProcessor: resample %s is not supported (3 bicubic, 1 lanczos)", tostring(r)), 2)
+    end
+    if self.do_resize and not (type(size.shortest_edge) == "number" or (type(size.height) == "number" and
+        type(size.width) == "number")) then
+        error("CLIPImageProcessor: size must be {shortest_edge = n} or {height =, width =}", 2)
+    end
+    if self.do_center_crop and not (type(crop.height) == "number" and type(crop.width) == "number") then
+        error("CLIPImageProcessor: crop_size must be {height =, width =} or a number", 2)
+    end
+    return self
+end
+setmetatable(CLIPImageProcessor, {__call = function(_, cfg) return CLIPImageProcessor.new(cfg) end})
+
+-- CLIPImageProcessor.from_pretrained(folder) (or its parent with {subfolder =}): preprocessor_config.json
+function CLIPImageProcessor.from_pretrained(folder, opts, more)
+    if rawequal(folder, CLIPImageProcessor) then folder, opts = opts, more end
+    if type(opts) == "table" and opts.subfolder then folder = folder .. "/" .. opts.subfolder end
+    local path = folder .. "/preprocessor_config.json"
+    local ok, cfg = pcall(json.read_file, path)
+    if not ok then error("CLIPImageProcessor.from_pretrained: cannot read " .. path .. ": " .. tostring(cfg), 2) end
+    return CLIPImageProcessor.new(cfg)
+end
+
+function CLIPImageProcessor:preprocess(image)
+    local ffi = require "ffi"
+    local enc = require "nemo.data.encode"
+    local rgb, w, h
+    if type(image) == "string" then
+        rgb, w, h = enc.read_rgb(image)
+    elseif type(image) == "table" and image.width and image.pixels then
+        local C = image.channels or 3
+        w, h = image.width, image.height
+        local px = ffi.cast("const uint8_t *", image.pixels)
+        rgb = ffi.new("uint8_t[?]", w * h * 3)
+        for i = 0, w * h - 1 do
+            for ch = 0, 2 do rgb[i * 3 + ch] = px[i * C + ((C <= 2) and 0 or ch)] end
+        end
+    else
+        error("CLIPImageProcessor:preprocess: expected a PNG / JPEG path or an image table {width, height, pixels}, " ..
+            "got " .. type(image), 2)
+    end
+    if self.do_resize then
+        local nw, nh
+        if self.size.shortest_edge then
+            local sz = self.size.shortest_edge
+            if w <= h then nw, nh = sz, math.floor(sz * h / w) else nw, nh = math.floor(sz * w / h), sz end
+        else
+            nw, nh = self.size.width, self.size.height
+        end
+        if nw ~= w or nh ~= h then rgb, w, h = enc.resize(rgb, w, h, nw, nh, self.filter), nw, nh end
+    end
+    local top, left, ch_, cw = 0, 0, h, w
+    if self.do_center_crop then
+        ch_, cw = self.crop.height, self.crop.width
+        if ch_ > h or cw > w then
+            error(string.format("CLIPImageProcessor:preprocess: the %dx%d image is smaller than the %dx%d crop", w, h, cw,
+                ch_), 2)
+        end
+        top, left = math.floor((h - ch_) / 2), math.floor((w - cw) / 2)
+    end
+    local t = Tensor.empty({1, 3, ch_, cw}, {dtype = "float32"})
+    local p = ffi.cast("float *", t:data_ptr())
+    local f32 = ffi.new("float[1]")
+    for c = 0, 2 do
+        local m, sd = self.mean[c + 1], self.std[c + 1]
+        for y = 0, ch_ - 1 do
+            for x = 0, cw - 1 do
+                local v = rgb[((y + top) * w + x + left) * 3 + c]
+                if self.do_rescale then f32[0] = v * self.rescale_factor; v = f32[0] end
+                if self.do_normalize then v = (v - m) / sd end
+                p[(c * ch_ + y) * cw + x] = v
+            end
+        end
+    end
+    return {pixel_values = t}
+end
+
 return M

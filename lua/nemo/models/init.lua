@@ -24,6 +24,7 @@ local known = {
     -- not models (no weights, no nn.Module): the pipeline loads them from their folders
     FlowMatchEulerDiscreteScheduler = "nemo.schedulers.flow_match_euler",
     UniPCMultistepScheduler = "nemo.schedulers.unipc",
+    CLIPImageProcessor = "nemo.models.clip",   -- Wan 2.1 I2V's image_processor
     CLIPTokenizer = "nemo.tokenizers",
     CLIPTokenizerFast = "nemo.tokenizers",
     T5Tokenizer = "nemo.tokenizers",
@@ -34,7 +35,8 @@ M.known = known
 -- then what register() adds
 local order = {"FluxTransformer2DModel", "WanTransformer3DModel", "AutoencoderKL", "AutoencoderKLWan", "CLIPTextModel",
                "CLIPVisionModel", "T5EncoderModel",
-               "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "CLIPTokenizer", "CLIPTokenizerFast",
+               "UMT5EncoderModel", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "CLIPImageProcessor",
+               "CLIPTokenizer", "CLIPTokenizerFast",
                "T5Tokenizer", "T5TokenizerFast"}
 M.registry = {}
 local load_errors = {}
