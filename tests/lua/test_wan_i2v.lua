@@ -2,7 +2,8 @@
 -- expand_timesteps) against tests/golden/wan_i2v (made by its make_golden.py): the CLIP image
 -- processor (PIL's bicubic resize, byte for byte; the pixel values), the image encoder's
 -- penultimate tokens, and the whole sampling loop (the mask + first-frame condition channels, the
--- image tokens in every cross-attention) to the final latents and the decoded video; a pipeline
+-- image tokens in every cross-attention) to the final latents and the decoded video, and FLF2V's
+-- first-and-last-frame run; a pipeline
 -- folder with image_encoder / image_processor components; generate's inference.input_images and
 -- wan_sample --image on it; the errors. Golden comparisons FAIL when the case is absent.
 package.path = "tests/lua/?.lua;" .. package.path
@@ -75,6 +76,16 @@ local r = nemo.sampling.wan(args)
 -- tolerance: the float32 sampling loop of the other Wan cases (rtol 5e-6 on latents; 2e-5 video)
 T.close(r.latents, case.latents_final, 5e-6, 0, "Wan I2V: final latents vs diffusers' WanImageToVideoPipeline")
 T.close(r.video, case.video, 2e-5, 0, "Wan I2V: decoded video vs diffusers")
+
+-- FLF2V: first and last frames (a transformer with pos_embed_seq_len: both images' tokens)
+do
+    local tflf = require("nemo.models.wan").WanTransformer3DModel.from_pretrained(dir .. "/transformer_flf2v")
+    local a = {}
+    for k, v in pairs(args) do a[k] = v end
+    a.transformer, a.last_image, a.output_type = tflf, dir .. "/last_image.png", "latent"
+    local rf = nemo.sampling.wan(a)
+    T.close(rf.latents, case.latents_final_flf2v, 5e-6, 0, "Wan FLF2V (last_image =): final latents vs diffusers")
+end
 
 -- errors
 local function raises(changes, pat, name)

@@ -23,8 +23,12 @@ and text tokens at len - 512), latents = randn (2, 4, 2, 4, 4) of Generator(33),
 "latent"; the decoded video is the pipeline's own decode of those latents. Also PIL's bicubic
 resizes of image.png (what CLIP's processor uses for other sizes): bicubic_<w>x<h>.raw.
 
-Files: transformer/, image_processor/preprocessor_config.json, image.png, case.safetensors
-(latents_init, latents_final, video, image_embeds, pixel_values), bicubic_*.raw, case.json.
+FLF2V: a second transformer (transformer_flf2v/: the same config with pos_embed_seq_len 10, seeds
+34 / 35) run with last_image = last_image.png (numpy seed 7's second draw): latents_final_flf2v.
+
+Files: transformer/, transformer_flf2v/, image_processor/preprocessor_config.json, image.png,
+last_image.png, case.safetensors (latents_init, latents_final, video, image_embeds, pixel_values,
+latents_final_flf2v), bicubic_*.raw, case.json.
 """
 import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -73,14 +77,27 @@ def main():
             flat = p.reshape(-1)
             if flat.numel() > 0 and bool((flat == flat[0]).all()):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    for sub in ("transformer", "image_processor"):
+    # FLF2V: the same with pos_embed_seq_len 10 (two images' 5 tokens), seeds 34 / 35
+    torch.manual_seed(34)
+    tr_flf = WanTransformer3DModel(**dict(tr.config, pos_embed_seq_len=10)).eval()
+    g2 = torch.Generator().manual_seed(35)
+    with torch.no_grad():
+        for _, p in tr_flf.named_parameters():
+            flat = p.reshape(-1)
+            if flat.numel() > 0 and bool((flat == flat[0]).all()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g2))
+    for sub in ("transformer", "transformer_flf2v", "image_processor"):
         shutil.rmtree(os.path.join(HERE, sub), ignore_errors=True)
     tr.save_pretrained(os.path.join(HERE, "transformer"))
+    tr_flf.save_pretrained(os.path.join(HERE, "transformer_flf2v"))
+    tr_flf = WanTransformer3DModel.from_pretrained(os.path.join(HERE, "transformer_flf2v")).eval()
     ip.save_pretrained(os.path.join(HERE, "image_processor"))
     tr = WanTransformer3DModel.from_pretrained(os.path.join(HERE, "transformer")).eval()
 
     rng = np.random.RandomState(7)
     Image.fromarray(rng.randint(0, 256, (28, 32, 3)).astype(np.uint8)).save(os.path.join(HERE, "image.png"))
+    Image.fromarray(rng.randint(0, 256, (28, 32, 3)).astype(np.uint8)).save(os.path.join(HERE, "last_image.png"))
+    last_image = Image.open(os.path.join(HERE, "last_image.png")).convert("RGB")
     image = Image.open(os.path.join(HERE, "image.png")).convert("RGB")
     for (w, h) in BICUBIC:
         open(os.path.join(HERE, "bicubic_%dx%d.raw" % (w, h)), "wb").write(
@@ -98,8 +115,14 @@ def main():
         mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
         video = vae.decode(out / inv_std + mean, return_dict=False)[0]
+        flf = WanImageToVideoPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, image_processor=ip,
+                                      image_encoder=ie, transformer=tr_flf)
+        out_flf = flf(image=image, last_image=last_image, prompt=PROMPTS, negative_prompt=NEGATIVE, height=H, width=W,
+                      num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=G, max_sequence_length=MAXLEN,
+                      latents=lat.clone(), output_type="latent").frames
     save_file({"latents_init": lat.contiguous(), "latents_final": out.contiguous(), "video": video.contiguous(),
-               "image_embeds": emb.contiguous(), "pixel_values": px.contiguous()},
+               "image_embeds": emb.contiguous(), "pixel_values": px.contiguous(),
+               "latents_final_flf2v": out_flf.contiguous()},
               os.path.join(HERE, "case.safetensors"))
     for root, _, files in os.walk(HERE):
         for n in files:
