@@ -442,7 +442,9 @@ do  -- a WanPipeline folder through NeMoAutoDiffusionPipeline
     fs.remove_tree(root)
     -- the shipped real configs, counted without allocating
     for _, v in ipairs {{"Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1418996800, 825},
-                        {"Wan-AI/Wan2.1-T2V-14B-Diffusers", 14288491584, 1095}} do
+                        {"Wan-AI/Wan2.1-T2V-14B-Diffusers", 14288491584, 1095},
+                        {"Wan-AI/Wan2.2-TI2V-5B-Diffusers", 4999787712, 825},
+                        {"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", 16394878784, 1303}} do
         local cfg = pipeline._read_component_config(v[1], "transformer")
         local n, t = wan.count_parameters(cfg)
         T.ok(n == v[2] and t == v[3], string.format("shipped %s config: %d parameters in %d tensors (diffusers: %d)",
