@@ -105,4 +105,22 @@ function M.tiny_wan_pipeline(root)
     return root
 end
 
+-- param_shapes(T, model, ref, label): one check that model's parameter names and shapes are
+-- exactly ref's ({name = "AxB", ..., _count = n}, a golden.json default_config_params table), and
+-- one that the parameter count is ref._count; a mismatch is named in the diagnostics.
+function M.param_shapes(T, model, ref, label)
+    local sd, keys = model:state_dict()
+    local ok, nref = true, 0
+    for k, s in pairs(ref) do
+        if k ~= "_count" then
+            nref = nref + 1
+            local t = sd[k]
+            local got = t and table.concat(t.shape, "x") or "missing"
+            if got ~= s then ok = false; T.diag(string.format("%s %s: %s vs diffusers %s", label, k, got, s)) end
+        end
+    end
+    T.ok(ok and nref == #keys, string.format("%s: the %d parameter names and shapes equal diffusers'", label, #keys))
+    T.is(model:num_parameters(), ref._count, string.format("%s: %d parameters (diffusers' count)", label, ref._count))
+end
+
 return M

@@ -103,19 +103,7 @@ do
             temperal_downsample = {false, true, true}, is_residual = true, in_channels = 12, out_channels = 12,
             patch_size = 2, scale_factor_spatial = 16, latents_mean = {}, latents_std = {}}, {dtype = "bfloat16"})
     end)
-    local ref = meta.default_config_params
-    local sd, keys = m:state_dict()
-    local ok, nref = true, 0
-    for k, s in pairs(ref) do
-        if k ~= "_count" then
-            nref = nref + 1
-            local t = sd[k]
-            local got = t and table.concat(t.shape, "x") or "missing"
-            if got ~= s then ok = false; T.diag(string.format("Wan 2.2 VAE %s: %s vs diffusers %s", k, got, s)) end
-        end
-    end
-    T.ok(ok and nref == #keys, string.format("the Wan 2.2 VAE's %d parameter names and shapes equal diffusers'", #keys))
-    T.is(m:num_parameters(), ref._count, string.format("the Wan 2.2 VAE: %d parameters (diffusers' count)", ref._count))
+    golden.param_shapes(T, m, meta.default_config_params, "the real Wan 2.2 VAE")
 end
 
 -- ==== bf16, shapes, errors, files ====

@@ -290,20 +290,7 @@ do  -- the default config: the Wan 2.1 VAE's parameter names and shapes (built w
         m.config.latents_std[16] == 1.9160 and m.spatial_compression_ratio == 8 and m.temporal_compression_ratio == 4,
         "defaults: base_dim 96, z_dim 16, latents_mean/std of 16, compression 8 (space) and 4 (time)")
     if meta then
-        local ref = meta.default_config_params
-        local sd, keys = m:state_dict()
-        local ok, nref = true, 0
-        for k, s in pairs(ref) do
-            if k ~= "_count" then
-                nref = nref + 1
-                local t = sd[k]
-                local got = t and table.concat(t.shape, "x") or "missing"
-                if got ~= s then ok = false; T.diag(string.format("default config %s: %s vs diffusers %s", k, got, s)) end
-            end
-        end
-        T.ok(ok and nref == #keys, string.format("default config: the %d parameter names and shapes equal diffusers' " ..
-            "AutoencoderKLWan()", #keys))
-        T.is(m:num_parameters(), ref._count, string.format("default config: %d parameters (diffusers' count)", ref._count))
+        golden.param_shapes(T, m, meta.default_config_params, "default config (diffusers' AutoencoderKLWan())")
     else
         T.ok(false, "default config: no golden.json to compare with")
     end

@@ -539,31 +539,30 @@ end
 
 local without_init = common.without_init
 
--- the prefixes of a full CLIPModel file that are not the text tower
-local OTHER_TOWERS = {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"}
-
--- transformers 5's unprefixed names get `text_model.`; the other towers of a CLIPModel file go
-local function remap(sd)
-    local out, dropped = {}, 0
-    for k, t in pairs(sd) do
-        local other = false
-        for _, p in ipairs(OTHER_TOWERS) do
-            if k:sub(1, #p) == p then other = true end
-        end
-        if other then
-            dropped = dropped + 1
-        elseif k:match("^embeddings%.") or k:match("^encoder%.") or k:match("^final_layer_norm%.") then
-            out["text_model." .. k] = t
-        else
-            out[k] = t
-        end
+-- tower_remap(class_name, prefix, roots, others, what): the remap of a tower's from_pretrained:
+-- transformers 5's unprefixed names (starting with one of roots) get `prefix`; the names of a full
+-- CLIPModel file's other parts (starting with one of others) are dropped with a warning.
+local function tower_remap(class_name, prefix, roots, others, what)
+    local function starts(k, list)
+        for _, p in ipairs(list) do if k:sub(1, #p) == p then return true end end
+        return false
     end
-    if dropped > 0 then
-        io.stderr:write(string.format("warning: CLIPTextModel.from_pretrained: %d tensors of the other CLIPModel " ..
-            "parts (vision_model, projections, logit_scale) are not used\n", dropped))
+    return function(sd)
+        local out, dropped = {}, 0
+        for k, t in pairs(sd) do
+            if starts(k, others) then dropped = dropped + 1
+            elseif starts(k, roots) then out[prefix .. k] = t
+            else out[k] = t end
+        end
+        if dropped > 0 then
+            io.stderr:write(string.format("warning: %s.from_pretrained: %d tensors of the other CLIPModel parts (%s) " ..
+                "are not used\n", class_name, dropped, what))
+        end
+        return out
     end
-    return out
 end
+local remap = tower_remap("CLIPTextModel", "text_model.", {"embeddings.", "encoder.", "final_layer_norm."},
+    {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"}, "vision_model, projections, logit_scale")
 
 -- CLIPTextModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=})
 -- Reads folder/config.json (CLIPTextConfig, or CLIPConfig with text_config) and
@@ -686,27 +685,9 @@ function CLIPVisionModel:forward(args, more)
     return {last_hidden_state = last, pooler_output = pooled, hidden_states = hidden}
 end
 
--- transformers 5's unprefixed names get `vision_model.`; the text tower and projections of a full
--- CLIPModel file are dropped (with a warning)
-local function remap_vision(sd)
-    local out, dropped = {}, 0
-    for k, t in pairs(sd) do
-        if k:match("^text_model%.") or k:match("^visual_projection%.") or k:match("^text_projection%.") or
-            k == "logit_scale" then
-            dropped = dropped + 1
-        elseif k:match("^embeddings%.") or k:match("^encoder%.") or k:match("^pre_layrnorm%.") or
-            k:match("^post_layernorm%.") then
-            out["vision_model." .. k] = t
-        else
-            out[k] = t
-        end
-    end
-    if dropped > 0 then
-        io.stderr:write(string.format("warning: CLIPVisionModel.from_pretrained: %d tensors of the other CLIPModel " ..
-            "parts (text_model, projections, logit_scale) are not used\n", dropped))
-    end
-    return out
-end
+local remap_vision = tower_remap("CLIPVisionModel", "vision_model.",
+    {"embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."},
+    {"text_model.", "visual_projection.", "text_projection.", "logit_scale"}, "text_model, projections, logit_scale")
 
 -- CLIPVisionModel.from_pretrained(folder, {torch_dtype="float32", device="cpu", subfolder=}):
 -- config.json (CLIPVisionConfig, or CLIPConfig with vision_config) and model.safetensors (or its

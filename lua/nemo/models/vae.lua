@@ -762,19 +762,23 @@ local function tile2d(x, i, j, size)
     return v:contiguous()
 end
 
--- diffusers' _tiled_encode: image tiles of tile_sample_min_size every (1 - overlap) of it, each
--- encoded (and quant_conv'd) alone; latent tiles blended over tile_latent_min_size * overlap rows
--- and columns, each keeping tile_latent_min_size minus that.
-function AutoencoderKL:_tiled_encode(x)
-    local ts, tl, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
-    local step, be = math.floor(ts * (1 - f)), math.floor(tl * f)
+-- diffusers' _tiled_encode / tiled_decode: input tiles of tin every (1 - overlap) of it, each run
+-- alone; output tiles (tout) blended over tout * overlap rows and columns, each keeping tout minus that.
+local function tiled_2d(x, tin, tout, overlap, run)
+    local step, be = math.floor(tin * (1 - overlap)), math.floor(tout * overlap)
     return common.tiled({rows = common.origins(x.shape[3], step), cols = common.origins(x.shape[4], step),
         run = function(i, j)
-            local t = tile2d(x, i, j, ts)
-            local enc = self:_encode_whole(t)
+            local t = tile2d(x, i, j, tin)
+            local out = run(t)
             free(t)
-            return enc
-        end}, {hdim = 2, wdim = 3, blend_h = be, blend_w = be, keep_h = tl - be, keep_w = tl - be})
+            return out
+        end}, {hdim = 2, wdim = 3, blend_h = be, blend_w = be, keep_h = tout - be, keep_w = tout - be})
+end
+
+-- image tiles of tile_sample_min_size, encoded (and quant_conv'd), blended as latent tiles
+function AutoencoderKL:_tiled_encode(x)
+    return tiled_2d(x, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor,
+        function(t) return self:_encode_whole(t) end)
 end
 
 -- _encode(x) -> the moments (B, 2*latent_channels, h, w) (quant_conv applied when present);
@@ -805,19 +809,10 @@ function AutoencoderKL:encode(x, opts)
     return {latent_dist = posterior}
 end
 
--- diffusers' tiled_decode: latent tiles of tile_latent_min_size every (1 - overlap) of it, each
--- decoded alone (post_quant_conv first when present); image tiles blended over
--- tile_sample_min_size * overlap rows and columns, each keeping tile_sample_min_size minus that.
+-- latent tiles of tile_latent_min_size, decoded (post_quant_conv first when present), blended as image tiles
 function AutoencoderKL:_tiled_decode(z)
-    local ts, tl, f = self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
-    local step, be = math.floor(tl * (1 - f)), math.floor(ts * f)
-    return common.tiled({rows = common.origins(z.shape[3], step), cols = common.origins(z.shape[4], step),
-        run = function(i, j)
-            local t = tile2d(z, i, j, tl)
-            local dec = self:_decode_whole(t)
-            free(t)
-            return dec
-        end}, {hdim = 2, wdim = 3, blend_h = be, blend_w = be, keep_h = ts - be, keep_w = ts - be})
+    return tiled_2d(z, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor,
+        function(t) return self:_decode_whole(t) end)
 end
 
 -- _decode(z) -> the image (post_quant_conv applied when present); tiled when tiling is on and z

@@ -438,16 +438,27 @@ end
 -- out of those channels are averaged: (B, out, T / ft, H / fs, W / fs).
 local AvgDown3D = class("nemo.models.wan_vae.AvgDown3D", nn.Module)
 M.AvgDown3D = AvgDown3D
-function AvgDown3D:__init(in_channels, out_channels, factor_t, factor_s)
+-- the fields AvgDown3D and DupUp3D share: channels, factors, and many * factor / few, the channels
+-- grouped (AvgDown3D: in -> out) or repeated (DupUp3D: out from in), which must divide
+local function shuffle_init(self, cls, in_channels, out_channels, factor_t, factor_s, many, few)
     nn.Module.__init(self)
     self.in_channels, self.out_channels = in_channels, out_channels
     self.factor_t, self.factor_s = factor_t, factor_s or 1
     self.factor = self.factor_t * self.factor_s * self.factor_s
-    if (in_channels * self.factor) % out_channels ~= 0 then
-        error(string.format("AvgDown3D: in_channels * factor (%d * %d) is not a multiple of out_channels %d",
-            in_channels, self.factor, out_channels), 2)
+    local nm, fw = many == "in" and in_channels or out_channels, few == "in" and in_channels or out_channels
+    if (nm * self.factor) % fw ~= 0 then
+        error(string.format("%s: %s_channels * factor (%d * %d) is not a multiple of %s_channels %d", cls, many, nm,
+            self.factor, few, fw), 3)
     end
-    self.group_size = in_channels * self.factor / out_channels
+    return nm * self.factor / fw
+end
+local function shuffle_repr(self)
+    return string.format("in=%d, out=%d, factor_t=%d, factor_s=%d", self.in_channels, self.out_channels,
+        self.factor_t, self.factor_s)
+end
+
+function AvgDown3D:__init(in_channels, out_channels, factor_t, factor_s)
+    self.group_size = shuffle_init(self, "AvgDown3D", in_channels, out_channels, factor_t, factor_s, "in", "out")
 end
 function AvgDown3D:forward(x)
     local ft, fs = self.factor_t, self.factor_s
@@ -461,10 +472,7 @@ function AvgDown3D:forward(x)
     free(p)
     return y
 end
-function AvgDown3D:extra_repr()
-    return string.format("in=%d, out=%d, factor_t=%d, factor_s=%d", self.in_channels, self.out_channels,
-        self.factor_t, self.factor_s)
-end
+AvgDown3D.extra_repr = shuffle_repr
 
 -- DupUp3D(in_channels, out_channels, factor_t, factor_s): no parameters. forward(x, first_chunk):
 -- each channel repeated out * factor / in times (repeat_interleave), the repeats spread over
@@ -473,15 +481,7 @@ end
 local DupUp3D = class("nemo.models.wan_vae.DupUp3D", nn.Module)
 M.DupUp3D = DupUp3D
 function DupUp3D:__init(in_channels, out_channels, factor_t, factor_s)
-    nn.Module.__init(self)
-    self.in_channels, self.out_channels = in_channels, out_channels
-    self.factor_t, self.factor_s = factor_t, factor_s or 1
-    self.factor = self.factor_t * self.factor_s * self.factor_s
-    if (out_channels * self.factor) % in_channels ~= 0 then
-        error(string.format("DupUp3D: out_channels * factor (%d * %d) is not a multiple of in_channels %d",
-            out_channels, self.factor, in_channels), 2)
-    end
-    self.repeats = out_channels * self.factor / in_channels
+    self.repeats = shuffle_init(self, "DupUp3D", in_channels, out_channels, factor_t, factor_s, "out", "in")
 end
 function DupUp3D:forward(x, first_chunk)
     local ft, fs = self.factor_t, self.factor_s
@@ -498,10 +498,7 @@ function DupUp3D:forward(x, first_chunk)
     end
     return v
 end
-function DupUp3D:extra_repr()
-    return string.format("in=%d, out=%d, factor_t=%d, factor_s=%d", self.in_channels, self.out_channels,
-        self.factor_t, self.factor_s)
-end
+DupUp3D.extra_repr = shuffle_repr
 
 -- WanResidualDownBlock(in_dim, out_dim, dropout, num_res_blocks, temperal_downsample, down_flag,
 -- {dtype=, device=}): avg_shortcut (AvgDown3D: factor_t 2 when temperal_downsample, factor_s 2
