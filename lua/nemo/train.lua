@@ -960,7 +960,7 @@ function M.run(cfg, opts)
     end
     if mcfg.attention_backend then ignored[#ignored + 1] = "model.attention_backend" end
     if block.enable_compile then ignored[#ignored + 1] = (cfg.fsdp and "fsdp" or "ddp") .. ".enable_compile" end
-    if block.cpu_offload then ignored[#ignored + 1] = "fsdp.cpu_offload" end
+    if cfg.ddp and block.cpu_offload then ignored[#ignored + 1] = "ddp.cpu_offload" end
     local prof = cfg.profiling
     if prof and (prof.enabled or (prof.torch_profiler and prof.torch_profiler.enabled)) then
         ignored[#ignored + 1] = "profiling"
@@ -1036,7 +1036,7 @@ function M.run(cfg, opts)
         local margs = {_manager_type = cfg.fsdp and "fsdp2" or "ddp"}
         for k, v in pairs(cfg.fsdp or cfg.ddp) do margs[k] = v end
         margs.activation_checkpointing = ac
-        margs.cpu_offload = nil            -- reported as ignored above
+        if cfg.ddp then margs.cpu_offload = nil end   -- reported as ignored above (FSDP2 offloads)
         margs.enable_compile = nil
         margs.backend = nil                -- Automodel drops it too: the group's backend is dist_env's
         if cfg.fsdp and compute_dtype ~= torch_dtype then
@@ -1147,11 +1147,12 @@ function M.run(cfg, opts)
         num_epochs == 1 and "" or "s", epoch_len, bm.global_bs, bm.local_bs, grad_acc, dp_size, metrics_path))
     if ws > 1 or mgr then
         local info = mgr and mgr:info() or {}
-        log(string.format("data parallel: %d process%s (%s backend), %s manager%s%s", ws, ws == 1 and "" or "es",
+        log(string.format("data parallel: %d process%s (%s backend), %s manager%s%s%s", ws, ws == 1 and "" or "es",
             dist.get_backend(), mgr and mgr.manager_type or "no",
             sharded and string.format(", %d units sharded over %d ranks%s", info.units or 0, info.shard or 1,
                 (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate) or "") or "",
-            mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or ""))
+            mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or "",
+            mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
     end
 
     local t_start = now()

@@ -58,7 +58,14 @@
 --   cast before the all-gather; floating-point inputs of the root forward are cast too.
 -- - One process (dp_shard x dp_replicate = 1) shards nothing, as in Automodel: the manager
 --   then only applies activation checkpointing and hands out the model's parameters (with mixed
---   precision it runs with one shard, so the model still computes in param_dtype).
+--   precision it runs with one shard, so the model still computes in param_dtype; so it does
+--   with CPU offload).
+-- - CPU offload (cpu_offload = true, or offload_policy = {pin_memory = true}): for a model on a
+--   CUDA device, each shard (master weights), its gradient and so the optimizer's state live in
+--   host memory (page-locked unless pin_memory = false) and AdamW steps there; each all-gather
+--   copies the shard to the device first (cast to param_dtype on the host), and each reduced
+--   gradient shard comes back to the host before it is added. Device memory then holds only the
+--   units being computed and their activations. stats.offload_bytes counts the copies.
 local ffi = require "ffi"
 local nffi = require "nemo.ffi"
 local Tensor = require "nemo.tensor"
@@ -131,8 +138,21 @@ function M.FSDP2Manager(opts)
     end
     if opts.sequence_parallel then error("FSDP2Manager: sequence_parallel needs tensor parallelism, which nemo-lua " ..
         "does not have yet", 2) end
-    if opts.cpu_offload or not is_null(opts.offload_policy) then
-        error("FSDP2Manager: CPU offload (cpu_offload / offload_policy) is not available yet in nemo-lua", 2)
+    -- CPU offload (Automodel: cpu_offload -> CPUOffloadPolicy(pin_memory=True)): the shards, their
+    -- gradients and the optimizer state live in host memory; see _build_unit
+    local offload, pin = opts.cpu_offload == true, true
+    if not is_null(opts.offload_policy) then
+        local op = opts.offload_policy
+        if type(op) ~= "table" then
+            error("FSDP2Manager: offload_policy must be a table {pin_memory = true|false} (torch's CPUOffloadPolicy), " ..
+                "got " .. type(op), 2)
+        end
+        for k in pairs(op) do
+            if k ~= "pin_memory" and k ~= "_target_" then
+                error(string.format("FSDP2Manager: offload_policy: unknown key '%s' (pin_memory)", tostring(k)), 2)
+            end
+        end
+        offload, pin = true, op.pin_memory ~= false
     end
     local mp = opts.mp_policy
     local param_dtype, reduce_dtype
@@ -154,13 +174,14 @@ function M.FSDP2Manager(opts)
         end
     end
     local self = setmetatable({opts = opts, manager_type = "fsdp2", sharded = true, sync = true,
+                               offload = offload, pin = pin,
                                param_dtype = param_dtype, reduce_dtype = reduce_dtype,
                                defer = opts.defer_fsdp_grad_sync ~= false,
                                prefetch = opts.enable_fsdp2_prefetch ~= false,
                                fwd_depth = opts.fsdp2_forward_prefetch_depth or 1,
                                bwd_depth = opts.fsdp2_backward_prefetch_depth or 1,
                                stats = {all_gather_bytes = 0, reduce_scatter_bytes = 0, all_reduce_bytes = 0,
-                                        comm_seconds = 0}}, FSDP)
+                                        comm_seconds = 0, offload_bytes = 0}}, FSDP)
     return self
 end
 
@@ -218,7 +239,9 @@ function FSDP:_build_unit(u, S, rank)
         local g = by_dtype[p.dtype]
         if not g then
             local rdt = self.reduce_dtype or (p.dtype == "float64" and "float64" or "float32")
-            g = {dtype = p.dtype, gdt = self.param_dtype or p.dtype, rdt = rdt, device = p.device, entries = {}, N = 0}
+            -- device: where the unit computes; sdev: where its shard, gradient and optimizer state live
+            g = {dtype = p.dtype, gdt = self.param_dtype or p.dtype, rdt = rdt, device = p.device,
+                 sdev = self.offload and "cpu" or p.device, entries = {}, N = 0}
             by_dtype[p.dtype] = g
             groups[#groups + 1] = g
         end
@@ -234,7 +257,12 @@ function FSDP:_build_unit(u, S, rank)
         g.entries[#g.entries + 1] = e
     end
     for _, g in ipairs(groups) do
-        g.shard = Tensor.zeros({g.N}, {dtype = g.dtype, device = g.device})
+        g.shard = Tensor.zeros({g.N}, {dtype = g.dtype, device = g.sdev})
+        if g.sdev ~= g.device and self.pin and g.device:match("^cuda") then   -- page-locked: DMA transfers
+            local pinned = g.shard:pin_memory()
+            g.shard:free()
+            g.shard = pinned
+        end
         for _, e in ipairs(g.entries) do
             local p = e.p
             local sshape = {e.R}
@@ -302,12 +330,15 @@ function FSDP:parallelize(model)
                 "(make it shape (1))", names[i]), 2)
         end
     end
-    if S * R == 1 and not self.mixed then   -- nothing to shard (Automodel skips FSDP on one rank)
+    -- CPU offload means something only for a model on a device (a CPU model's shards are in host memory anyway)
+    if self.offload and (#params == 0 or params[1].device == "cpu") then self.offload = false end
+    if S * R == 1 and not self.mixed and not self.offload then   -- nothing to shard (Automodel skips FSDP on one rank)
         self.plain = params
         return model
     end
-    -- (one rank with mixed precision runs the same machinery with one shard: float32 master
-    -- weights, a param_dtype copy gathered for each forward and backward)
+    -- (one rank with mixed precision or CPU offload runs the same machinery with one shard:
+    -- float32 master weights in host or device memory, a param_dtype copy gathered onto the
+    -- device for each forward and backward)
     self.shard_group, self.rep_group = dm:get_group("dp_shard"), R > 1 and dm:get_group("dp_replicate") or nil
     local rank = self.shard_group:rank()
     -- every rank starts from rank 0's weights and buffers (whatever each rank's initialization was)
@@ -384,8 +415,15 @@ function FSDP:_start_gather(u)
     u.gather = {}
     for gi, g in ipairs(u.groups) do
         local out = Tensor.empty({g.N * self.S}, {dtype = g.gdt, device = g.device})
-        -- mixed precision: the shard is cast to param_dtype first, so the all-gather moves half the bytes
-        local input = g.gdt ~= g.dtype and g.shard:to{dtype = g.gdt} or nil
+        -- mixed precision: the shard is cast to param_dtype first, so the all-gather moves half the bytes;
+        -- CPU offload: cast on the host, then copied to the device
+        local input
+        if g.sdev ~= g.device then
+            input = g.shard:to{dtype = g.gdt, device = g.device}
+            self.stats.offload_bytes = self.stats.offload_bytes + g.N * input:element_size()
+        elseif g.gdt ~= g.dtype then
+            input = g.shard:to{dtype = g.gdt}
+        end
         local w = C.nemo_coll_all_gather_async(self.shard_group._c, out._c, (input or g.shard)._c)
         if w == nil then out:free(); nffi.raise() end
         u.gather[gi] = {out = out, work = w, input = input}
@@ -495,19 +533,25 @@ function FSDP:_drain()
     for _, it in ipairs(pend.items) do
         local g = it.group
         local fresh = false
-        if not g.gbuf then g.gbuf = Tensor.empty({g.N}, {dtype = g.dtype, device = g.device}) end
+        if not g.gbuf then g.gbuf = Tensor.empty({g.N}, {dtype = g.dtype, device = g.sdev}) end
+        local red = it.out
+        if g.sdev ~= g.device then   -- CPU offload: the reduced shard gradient goes to the host
+            red = it.out:to{device = g.sdev}
+            self.stats.offload_bytes = self.stats.offload_bytes + g.N * red:element_size()
+        end
         -- a shard gradient is fresh when the optimizer dropped it (zero_grad sets it to nil)
         for _, e in ipairs(g.entries) do if rawget(e.sp, "grad") == nil then fresh = true end end
         if fresh then
-            check(C.nemo_copy_(g.gbuf._c, it.out._c))
+            check(C.nemo_copy_(g.gbuf._c, red._c))
             for _, e in ipairs(g.entries) do
                 local piece = g.gbuf:narrow(0, e.off, e.R * e.rowsize)
                 e.sp.grad = piece:view(e.sp.shape)
                 piece:free()
             end
         else
-            check(C.nemo_binary_(g.gbuf._c, it.out._c, C.NEMO_BOP_ADD, 1))
+            check(C.nemo_binary_(g.gbuf._c, red._c, C.NEMO_BOP_ADD, 1))
         end
+        if not rawequal(red, it.out) then red:free() end
         it.out:free()
         it.input:free()
     end
@@ -821,7 +865,7 @@ function FSDP:clip_grad_norm_(max_norm, opts)
             for _, g in ipairs(u.groups) do
                 if g.gbuf and rawget(g.entries[1].sp, "grad") ~= nil then
                     local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32",
-                                                     device = g.device})
+                                                     device = g.sdev})
                     check(C.nemo_binary_(g.gbuf._c, s._c, C.NEMO_BOP_MUL, 1))
                 end
             end
@@ -865,7 +909,9 @@ function FSDP:full_state_dict()
     for _, u in ipairs(self.units) do
         for _, g in ipairs(u.groups) do
             local out = Tensor.empty({g.N * S}, {dtype = g.dtype, device = g.device})
-            check(C.nemo_coll_all_gather(self.shard_group._c, out._c, g.shard._c))
+            local src = g.sdev ~= g.device and g.shard:to{device = g.device} or g.shard
+            check(C.nemo_coll_all_gather(self.shard_group._c, out._c, src._c))
+            if not rawequal(src, g.shard) then src:free() end
             for _, e in ipairs(g.entries) do
                 local full = Tensor.empty(e.p.shape, {dtype = g.dtype, device = g.device})
                 copy_from_gathered(e, g, S, out, full)

@@ -9,7 +9,8 @@
 #                         the plugin's kernels and its NCCL backend, --device cuda).
 #   device_recipe_cases   the recipe on cuda over the nccl backend, in the mode above (pass /
 #                         fail lines): FSDP2, DDP with accumulation and checkpointing, HSDP on 4
-#                         ranks, each against one CPU process; FSDP2 mixed precision; a bitwise
+#                         ranks, FSDP2 with CPU offload, each against one CPU process; FSDP2
+#                         mixed precision; a bitwise
 #                         resume from device shards (needs tap.sh's pass / fail)
 #   losses DIR            the metrics.jsonl losses of $T/DIR, one per line
 #   close A B TOL         every pair of lines of A and B within TOL relative (exit status)
@@ -76,6 +77,25 @@ device_recipe_cases() {
         --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --ddp.activation_checkpointing true
     case_eq "HSDP on cuda (dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches of 1" 4 racc hsdp4 \
         --fsdp.dp_size 4 --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
+    # FSDP2 with CPU offload: host shards, gradients and AdamW state; the same numbers
+    case_eq "fsdp2 with cpu_offload on cuda, 2 ranks x batch 4" 2 r1 offl --fsdp.dp_size 2 --fsdp.cpu_offload true \
+        --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+    if grep -q "CPU offload: shards, gradients and optimizer state in host memory" <<< "$OUT"; then
+        pass "fsdp2 cpu_offload: the recipe says the shards live in host memory"
+    else
+        fail "fsdp2 cpu_offload is on" "$OUT"
+    fi
+    local OFF=(--fsdp.dp_size 2 --fsdp.cpu_offload true --step_scheduler.local_batch_size 4
+               --step_scheduler.global_batch_size 8)
+    train 2 2 stopo "${OFF[@]}"
+    local O_RC=$RC
+    train 2 0 stopo "${OFF[@]}"
+    local CO; CO=$(compare stopo/epoch_0_step_3 offl/epoch_0_step_3)
+    if [ "$O_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$CO")" = "0.000e+00" ]; then
+        pass "fsdp2 cpu_offload, 2 ranks: stop after 2 steps, resume from the host shards, == 4 steps bitwise"
+    else
+        fail "fsdp2 cpu_offload: resume is bitwise" "exit $O_RC / $RC" "$CO" "$ERR"
+    fi
     # FSDP2 mixed precision across ranks: bf16 compute copies all-gathered, float32 master shards
     local MP=(--fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
               --model.torch_dtype float32)
