@@ -8,6 +8,8 @@
 #   tests/lua/test_cuda_kernels.lua      30 s    < 5 s                every CUDA kernel registered, refuses CPU tensors
 #   tests/gpu/check_streams.lua          30 s    < 5 s                streams, events, non_blocking copies and
 #                                                                     record_stream with real concurrency
+#   tests/gpu/check_offload.lua          30 s    < 5 s                FSDP2 CPU offload: pinned host shards, a lower
+#                                                                       device peak, the weights of the run without it
 #   tests/gpu/check_golden.lua           60 s    ~10 s                golden FLUX cases (diffusers, torch AdamW,
 #                                                                     Automodel's step) with everything on cuda:0
 #   tests/gpu/check_train.lua            90 s    ~20-30 s             training steps on cuda:0 vs the CPU, determinism,
@@ -154,14 +156,15 @@ fi
 log=$(mktemp)
 steplog=$(mktemp)
 steps=(tests/lua/test_cuda.lua:30 tests/lua/test_cuda_kernels.lua:30 tests/gpu/check_streams.lua:30
-       tests/gpu/check_golden.lua:60
+       tests/gpu/check_golden.lua:60 tests/gpu/check_offload.lua:30
        tests/gpu/check_train.lua:90 tests/gpu/check_ops.lua:150 bench/gpu_block.lua:120)
 args=()
 if [ "${NEMO_FAKE_CUDA:-0}" != 0 ]; then
     # a dry run on emulated devices (tests/sh/test_gpu_stage.sh): the two tests of the plugin
     # itself need a real device, and the block benchmark runs shrunk, without cuBLAS
     echo "# NEMO_FAKE_CUDA=$NEMO_FAKE_CUDA: a dry run on emulated devices"
-    steps=(tests/gpu/check_golden.lua:120 tests/gpu/check_train.lua:180 tests/gpu/check_ops.lua:900 bench/gpu_block.lua:120)
+    steps=(tests/gpu/check_golden.lua:120 tests/gpu/check_offload.lua:60 tests/gpu/check_train.lua:180
+           tests/gpu/check_ops.lua:900 bench/gpu_block.lua:120)
     args=(--small --no-cublas --steps 2)
 fi
 for t in "${steps[@]}"; do

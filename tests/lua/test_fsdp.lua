@@ -36,7 +36,7 @@ raises(function() create{mp_policy = {param_dtype = "bfloat16", bogus = true}} e
 raises(function() create{mp_policy = {reduce_dtype = "float17"}} end, "unknown dtype 'float17'",
     "fsdp2: a bad mp_policy dtype is an error naming it")
 raises(function() create{offload_policy = "yes"} end, "offload_policy must be a table",
-    "fsdp2: an offload_policy that is not a table is an error (cpu_offload itself: tests/fake/fsdp_offload.lua)")
+    "fsdp2: an offload_policy that is not a table is an error (cpu_offload itself: tests/gpu/check_offload.lua)")
 ok(getmetatable(create{}) == parallel.fsdp2.FSDP2ManagerClass,
     "_create_parallel_manager{} gives an FSDP2 manager (the default _manager_type)")
 

@@ -6,7 +6,7 @@
 #                                  stats, errors, a training step equal to the CPU's
 #   tests/gpu/check_streams.lua    streams, events, non_blocking copies, record_stream and the
 #                                  allocator's per-stream caching
-#   tests/fake/fsdp_offload.lua    FSDP2 cpu_offload: host shards, gradients and AdamW state, lower
+#   tests/gpu/check_offload.lua    FSDP2 cpu_offload: host shards, gradients and AdamW state, lower
 #                                  device memory, the same weights bit for bit
 #   tests/fake/device_memory.lua   the caching allocator on a 16 MiB device: reuse, empty_cache,
 #                                  release-and-retry, a clear out-of-memory error
@@ -53,7 +53,7 @@ sub "device basics on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/fake/device_
 sub "streams and events on 2 emulated devices" NEMO_FAKE_CUDA=2 -- tests/gpu/check_streams.lua
 sub "the caching allocator on a 16 MiB emulated device" NEMO_FAKE_CUDA=1 NEMO_FAKE_CUDA_MEM=16777216 \
     -- tests/fake/device_memory.lua
-sub "FSDP2 CPU offload on an emulated device" NEMO_FAKE_CUDA=1 -- tests/fake/fsdp_offload.lua
+sub "FSDP2 CPU offload on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1 -- tests/gpu/check_offload.lua
 sub "check_train.lua on cuda:1 of 2 emulated devices" NEMO_FAKE_CUDA=2 NEMO_GPU_DEVICE=cuda:1 NEMO_EXPECT_CUDA=1 \
     -- tests/gpu/check_train.lua
 sub "check_ops.lua (a dry run: the engine-level cases, CPU kernels on both sides)" NEMO_FAKE_CUDA=1 \

@@ -7,7 +7,7 @@
 #      tests/golden, or from $NEMO_GOLDEN when set);
 #   2. there, `tests/gpu/run.sh --staged` with NEMO_FAKE_CUDA=1 NO_RESULTS=1 installs the staged
 #      files as the device machine would and runs the checks that do not need the plugin's own
-#      device (check_golden, check_train, check_ops and the shrunk block benchmark); check_golden
+#      device (check_golden, check_offload, check_train, check_ops and the shrunk block benchmark); check_golden
 #      must read the unpacked golden.tar.gz and run every case (no skip).
 # This is where a bug of the portable build shows before a GPU session is spent on it (it found
 # one: amx.c's tile configuration). Skips without nvcc (no CUDA plugin to stage). Prints TAP.
@@ -47,7 +47,7 @@ else
     fail "run.sh --staged on an emulated device: every step passed" "exit $rc" "$(grep -E '^# (\||FAILED|TIMED)' <<< "$out")" \
         "$(grep -A5 '^not ok' <<< "$out" | head -n 40)"
 fi
-for step in check_golden check_train check_ops gpu_block; do
+for step in check_golden check_offload check_train check_ops gpu_block; do
     row=$(grep -E "^# \| [^|]*$step\.lua \|" <<< "$out")
     if [[ "$row" =~ \|\ 0\ \|\ [0-9]+\ \|\ [0-9]+\ \|\ 0\ \| ]]; then pass "staged $step.lua: exit 0, no failed check ($row)"
     else fail "staged $step.lua: exit 0, no failed check" "${row:-no summary row}"; fi
