@@ -159,7 +159,8 @@ T.ok(rc == 0 and fs.isfile(tmp .. "/out_cli/sample_000_x_y.png") and fs.isfile(t
 local _, brc = T.sh("./nemo-lua recipes/generate.lua -c " .. yml .. " --model.nope 1 2>&1")
 T.ok(brc ~= 0, "an unknown key on the command line is an error")
 -- the shipped configs are valid
-for _, f in ipairs{"recipes/generate_flux.yaml", "recipes/generate_wan.yaml", "recipes/generate_wan22.yaml"} do
+for _, f in ipairs{"recipes/generate_flux.yaml", "recipes/generate_wan.yaml", "recipes/generate_wan22.yaml",
+                   "recipes/generate_wan_i2v.yaml"} do
     local okc, e = pcall(gen.load_config, f)
     T.ok(okc, f .. " is a valid generate config", tostring(e))
 end
