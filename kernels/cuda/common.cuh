@@ -356,6 +356,25 @@ NEMO_HD uint32_t nemo_cuda_div(const nemo_cuda_divmod &v, uint32_t n) {
     return (t + n) >> v.s;
 }
 
+/* ==== 16-byte vectors for elementwise kernels ====
+ * An elementwise kernel over 16-bit data that loads one element per thread keeps too few bytes in
+ * flight to reach the memory's bandwidth (by Little's law about a fifth of an H100 / H200's at
+ * full occupancy); PyTorch's vectorized_elementwise_kernel moves 16 bytes per operand per step for
+ * this reason. nemo_cuda_pack<S> is such a vector of 16 / sizeof(S) elements. A kernel takes its
+ * vector path only when the launcher saw every operand 16-byte aligned (nemo_cuda_vec_ok); the
+ * values are the same either way (the same per-element formula). */
+template <typename S> union nemo_cuda_pack {
+    uint4 u;
+    S s[16 / sizeof(S)];
+};
+static inline int nemo_cuda_vec_ok(const void *a, const void *b = NULL, const void *c = NULL) {
+    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) & 15) == 0;
+}
+/* blocks for n elements, V of them per thread-step on the vector path */
+static inline unsigned nemo_cuda_vec_blocks(int64_t n, int vec, int V) {
+    return nemo_cuda_blocks(vec ? (n + V - 1) / V : n);
+}
+
 /* Division by a launch constant d for per-element index splits: the magic multiply above when
  * every dividend stays below 2^31 (nmax, which the launcher knows) and d fits, else 64-bit
  * division. 64-bit integer division is a long instruction sequence on NVIDIA GPUs: an

@@ -60,34 +60,70 @@ __global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, co
 
 /* ==== modulate / gated_add ==== */
 
+/* The elementwise loop of the (B, S, D) kernels below: BODY(i, e, xv...) computes element i of
+ * its row's vector index e (= (i / D / S) * stride + i % D). With vec (D a multiple of the vector
+ * width and every large operand 16-byte aligned: the launcher's rows_vec) each thread-step loads
+ * 16 bytes of every large operand (IN names them, OUT the output) and the V elements share a row;
+ * otherwise one element at a time. */
+#define ROWS_LOOP1(OUT, IN, BODY) {                                                            \
+        typedef typename X::S S_;                                                              \
+        constexpr int V_ = 16 / (int)sizeof(S_);                                               \
+        if (vec) {                                                                             \
+            NEMO_CUDA_LOOP(k_, total / V_) {                                                   \
+                const int64_t i0 = k_ * V_, r = nemo_cuda_fdiv_q(D, i0), e0 = nemo_cuda_fdiv_q(S, r) * sb + (i0 - r * D.d); \
+                nemo_cuda_pack<S_> p1_, po_;                                                   \
+                p1_.u = ((const uint4 *)IN)[k_];                                               \
+                NEMO_UNROLL for (int j_ = 0; j_ < V_; j_++) {                                  \
+                    const int64_t e = e0 + j_; const T in1 = X::ld(p1_.s[j_]); po_.s[j_] = X::st(BODY); } \
+                ((uint4 *)OUT)[k_] = po_.u;                                                    \
+            }                                                                                  \
+        } else NEMO_CUDA_LOOP(i, total) {                                                      \
+            const int64_t r = nemo_cuda_fdiv_q(D, i), e = nemo_cuda_fdiv_q(S, r) * sb + (i - r * D.d); \
+            const T in1 = X::ld(IN[i]); OUT[i] = X::st(BODY); } }
+
 template <typename T, typename X>
 __global__ void modulate_k(typename X::S *y, const typename X::S *x, const T *sc, const T *sh, int64_t total,
-                           nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb) {
-    NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d, v = nemo_cuda_fdiv_q(S, r) * sb + d;
-        const T m = rn_mul(X::ld(x[i]), rn_add((T)1, sc[v]));
-        y[i] = X::st(sh ? rn_add(m, sh[v]) : m);
-    }
+                           nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb, int vec) {
+    if (sh) ROWS_LOOP1(y, x, rn_add(rn_mul(in1, rn_add((T)1, sc[e])), sh[e]))
+    else ROWS_LOOP1(y, x, rn_mul(in1, rn_add((T)1, sc[e])))
 }
 
 template <typename T, typename X>
 __global__ void gated_add_k(typename X::S *y, const typename X::S *x, const T *gate, const typename X::S *a,
-                            int64_t total, nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t gb) {
-    NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d;
-        y[i] = X::st(rn_add(X::ld(x[i]), rn_mul(gate[nemo_cuda_fdiv_q(S, r) * gb + d], X::ld(a[i]))));
+                            int64_t total, nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t gb, int vec) {
+    typedef typename X::S S_;
+    constexpr int V_ = 16 / (int)sizeof(S_);
+    const int64_t sb = gb;
+    if (vec) {
+        NEMO_CUDA_LOOP(k_, total / V_) {
+            const int64_t i0 = k_ * V_, r = nemo_cuda_fdiv_q(D, i0), e0 = nemo_cuda_fdiv_q(S, r) * sb + (i0 - r * D.d);
+            nemo_cuda_pack<S_> px, pa, po;
+            px.u = ((const uint4 *)x)[k_];
+            pa.u = ((const uint4 *)a)[k_];
+            NEMO_UNROLL for (int j = 0; j < V_; j++)
+                po.s[j] = X::st(rn_add(X::ld(px.s[j]), rn_mul(gate[e0 + j], X::ld(pa.s[j]))));
+            ((uint4 *)y)[k_] = po.u;
+        }
+    } else {
+        NEMO_CUDA_LOOP(i, total) {
+            const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d;
+            y[i] = X::st(rn_add(X::ld(x[i]), rn_mul(gate[nemo_cuda_fdiv_q(S, r) * sb + d], X::ld(a[i]))));
+        }
     }
 }
 
 /* out = g * (1 + v) (plus_one: dx of modulate) or g * v (da of gated_add). */
 template <typename T, typename X>
 __global__ void vec_out_k(typename X::S *out, const typename X::S *g, const T *v, int plus_one, int64_t total,
-                          nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb) {
-    NEMO_CUDA_LOOP(i, total) {
-        const int64_t r = nemo_cuda_fdiv_q(D, i), d = i - r * D.d;
-        const T vv = v[nemo_cuda_fdiv_q(S, r) * sb + d];
-        out[i] = X::st(rn_mul(X::ld(g[i]), plus_one ? rn_add((T)1, vv) : vv));
-    }
+                          nemo_cuda_fdiv S, nemo_cuda_fdiv D, int64_t sb, int vec) {
+    if (plus_one) ROWS_LOOP1(out, g, rn_mul(in1, rn_add((T)1, v[e])))
+    else ROWS_LOOP1(out, g, rn_mul(in1, v[e]))
+}
+#undef ROWS_LOOP1
+
+/* the (B, S, D) kernels' vector path: D a multiple of the vector width, the large operands aligned */
+template <typename S> static int rows_vec(int64_t D, const void *a, const void *b, const void *c = NULL) {
+    return D % (16 / (int)sizeof(S)) == 0 && nemo_cuda_vec_ok(a, b, c);
 }
 
 /* Group grp owns rows [grp*R, (grp+1)*R); chunk c of it rows [c*chunk, ...) of those.
@@ -169,20 +205,26 @@ struct ModulateL {
     template <typename T, typename X>
     static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *scale, const nemo_tensor *shift,
                    int64_t total, int64_t S, int64_t D, int64_t sb) {
-        modulate_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
-            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
+        typedef typename X::S St;
+        const int vec = rows_vec<St>(D, nemo_cuda_data(y), nemo_cuda_data(x));
+        modulate_k<T, X><<<nemo_cuda_vec_blocks(total, vec, 16 / (int)sizeof(St)), NEMO_CUDA_THREADS, 0,
+                           nemo_cuda_stream(y->devindex)>>>(
+            (St *)nemo_cuda_data(y), (const St *)nemo_cuda_data(x),
             (const T *)nemo_cuda_data(scale), (const T *)k_data(shift), total, nemo_cuda_fdiv_make(S, total / D),
-            nemo_cuda_fdiv_make(D, total), sb);
+            nemo_cuda_fdiv_make(D, total), sb, vec);
     }
 };
 struct GatedAddL {
     template <typename T, typename X>
     static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *gate, const nemo_tensor *a,
                    int64_t total, int64_t S, int64_t D, int64_t gb) {
-        gated_add_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
-            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
-            (const T *)nemo_cuda_data(gate), (const typename X::S *)nemo_cuda_data(a), total,
-            nemo_cuda_fdiv_make(S, total / D), nemo_cuda_fdiv_make(D, total), gb);
+        typedef typename X::S St;
+        const int vec = rows_vec<St>(D, nemo_cuda_data(y), nemo_cuda_data(x), nemo_cuda_data(a));
+        gated_add_k<T, X><<<nemo_cuda_vec_blocks(total, vec, 16 / (int)sizeof(St)), NEMO_CUDA_THREADS, 0,
+                            nemo_cuda_stream(y->devindex)>>>(
+            (St *)nemo_cuda_data(y), (const St *)nemo_cuda_data(x),
+            (const T *)nemo_cuda_data(gate), (const St *)nemo_cuda_data(a), total,
+            nemo_cuda_fdiv_make(S, total / D), nemo_cuda_fdiv_make(D, total), gb, vec);
     }
 };
 
@@ -245,10 +287,12 @@ struct VecBwd {
     static int run(int dev, typename X::S *out, T *d1, T *d2, const typename X::S *g, const typename X::S *x,
                    const T *v, int plus_one, int64_t B, int64_t S, int64_t D, int64_t sb, cudaStream_t st) {
         const int64_t total = B * S * D;
-        if (out && total > 0)
-            vec_out_k<T, X><<<k_blocks(total), NEMO_CUDA_THREADS, 0, st>>>(out, g, v, plus_one, total,
-                                                                        nemo_cuda_fdiv_make(S, D ? total / D : 0),
-                                                                        nemo_cuda_fdiv_make(D, total), sb);
+        if (out && total > 0) {
+            const int vec = rows_vec<typename X::S>(D, out, g);
+            vec_out_k<T, X><<<nemo_cuda_vec_blocks(total, vec, 16 / (int)sizeof(typename X::S)), NEMO_CUDA_THREADS, 0,
+                              st>>>(out, g, v, plus_one, total, nemo_cuda_fdiv_make(S, D ? total / D : 0),
+                                    nemo_cuda_fdiv_make(D, total), sb, vec);
+        }
         if (!d1 && !d2) return 0;
         const int64_t ngroups = sb ? B : 1, R = (sb ? 1 : B) * S;
         /* chunks of rows: about 256K threads in all, at least 32 rows per chunk */

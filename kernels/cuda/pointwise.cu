@@ -58,10 +58,27 @@ __device__ __forceinline__ double m_pow(double a, double b) { return pow(a, b); 
 
 /* ==== Kernels ==== */
 
-/* y[i] = f(x[i]); LOOP runs expr with v = x[i]. */
-#define LOOP(expr) NEMO_CUDA_LOOP(i, n) { T v = X::ld(x[i]); y[i] = X::st(expr); }
+/* y[i] = f(x[i]); LOOP runs expr with v = x[i]: with vec (16-byte aligned operands, the
+ * launcher's nemo_cuda_vec_ok) one 16-byte vector per operand per thread-step, the tail one
+ * element at a time; without, one element at a time. */
+#define LOOP(expr) {                                                                          \
+        typedef typename X::S S_;                                                             \
+        constexpr int V_ = 16 / (int)sizeof(S_);                                              \
+        int64_t i0_ = 0;                                                                      \
+        if (vec) {                                                                            \
+            NEMO_CUDA_LOOP(k_, n / V_) {                                                      \
+                nemo_cuda_pack<S_> pi_, po_;                                                  \
+                pi_.u = ((const uint4 *)x)[k_];                                               \
+                NEMO_UNROLL for (int j_ = 0; j_ < V_; j_++) {                                 \
+                    T v = X::ld(pi_.s[j_]); po_.s[j_] = X::st(expr); }                        \
+                ((uint4 *)y)[k_] = po_.u;                                                     \
+            }                                                                                 \
+            i0_ = n / V_ * V_;                                                                \
+        }                                                                                     \
+        NEMO_CUDA_LOOP(t_, n - i0_) { const int64_t i = i0_ + t_; T v = X::ld(x[i]); y[i] = X::st(expr); } }
 template <typename T, typename X>
-__global__ void unary_kernel(typename X::S *y, const typename X::S *x, int64_t n, int op, double a, double b) {
+__global__ void unary_kernel(typename X::S *y, const typename X::S *x, int64_t n, int op, double a, double b,
+                             int vec) {
     switch (op) {
     case NEMO_UOP_NEG: LOOP(-v); break;
     case NEMO_UOP_ABS: LOOP(m_abs(v)); break;
@@ -107,11 +124,28 @@ __global__ void unary_kernel(typename X::S *y, const typename X::S *x, int64_t n
 /* dx[i] = g[i] * d op / dx at x[i]: the formulas of kernels/cpu/pointwise.c's BWD_BODY term
  * for term (PyTorch's backward kernels), each transcendental evaluated once (BLOCK holds the
  * shared terms). */
-#define LOOP(BLOCK, expr) NEMO_CUDA_LOOP(i, n) {                                              \
-        T gv = X::ld(g[i]), xv = X::ld(x[i]); (void)gv; (void)xv; BLOCK; dx[i] = X::st(expr); }
+#define LOOP(BLOCK, expr) {                                                                   \
+        typedef typename X::S S_;                                                             \
+        constexpr int V_ = 16 / (int)sizeof(S_);                                              \
+        int64_t i0_ = 0;                                                                      \
+        if (vec) {                                                                            \
+            NEMO_CUDA_LOOP(k_, n / V_) {                                                      \
+                nemo_cuda_pack<S_> pg_, px_, po_;                                             \
+                pg_.u = ((const uint4 *)g)[k_];                                               \
+                px_.u = ((const uint4 *)x)[k_];                                               \
+                NEMO_UNROLL for (int j_ = 0; j_ < V_; j_++) {                                 \
+                    T gv = X::ld(pg_.s[j_]), xv = X::ld(px_.s[j_]); (void)gv; (void)xv;       \
+                    BLOCK; po_.s[j_] = X::st(expr); }                                         \
+                ((uint4 *)dx)[k_] = po_.u;                                                    \
+            }                                                                                 \
+            i0_ = n / V_ * V_;                                                                \
+        }                                                                                     \
+        NEMO_CUDA_LOOP(t_, n - i0_) {                                                         \
+            const int64_t i = i0_ + t_;                                                       \
+            T gv = X::ld(g[i]), xv = X::ld(x[i]); (void)gv; (void)xv; BLOCK; dx[i] = X::st(expr); } }
 template <typename T, typename X>
 __global__ void unary_backward_kernel(typename X::S *dx, const typename X::S *g, const typename X::S *x, int64_t n,
-                                      int op, double a, double b) {
+                                      int op, double a, double b, int vec) {
     switch (op) {
     case NEMO_UOP_NEG: LOOP(, -gv); break;
     case NEMO_UOP_ABS: LOOP(, mul(gv, (T)((xv > 0) - (xv < 0)))); break;
@@ -162,13 +196,29 @@ __global__ void unary_backward_kernel(typename X::S *dx, const typename X::S *g,
 }
 #undef LOOP
 
-/* y[o0] = a[o1] op b[o2] over the broadcast shape; offsets from the index mode. */
-#define LOOP(expr) NEMO_CUDA_LOOP(i, n) {                                                     \
-        int64_t off[3]; nemo_cuda_offsets<MODE, 3>(it, i, off);                              \
-        T av = X::ld(A[off[1]]), bv = X::ld(B[off[2]]); y[off[0]] = X::st(expr); }
+/* y[o0] = a[o1] op b[o2] over the broadcast shape; offsets from the index mode (FLAT with vec:
+ * 16-byte vectors, as the unary LOOP). */
+#define LOOP(expr) {                                                                          \
+        if (MODE == NEMO_CUDA_FLAT && vec) {                                                  \
+            typedef typename X::S S_;                                                         \
+            constexpr int V_ = 16 / (int)sizeof(S_);                                          \
+            NEMO_CUDA_LOOP(k_, n / V_) {                                                      \
+                nemo_cuda_pack<S_> pa_, pb_, po_;                                             \
+                pa_.u = ((const uint4 *)A)[k_];                                               \
+                pb_.u = ((const uint4 *)B)[k_];                                               \
+                NEMO_UNROLL for (int j_ = 0; j_ < V_; j_++) {                                 \
+                    T av = X::ld(pa_.s[j_]), bv = X::ld(pb_.s[j_]); po_.s[j_] = X::st(expr); } \
+                ((uint4 *)y)[k_] = po_.u;                                                     \
+            }                                                                                 \
+            const int64_t i0_ = n / V_ * V_;                                                  \
+            NEMO_CUDA_LOOP(t_, n - i0_) {                                                     \
+                const int64_t i = i0_ + t_; T av = X::ld(A[i]), bv = X::ld(B[i]); y[i] = X::st(expr); } \
+        } else NEMO_CUDA_LOOP(i, n) {                                                         \
+            int64_t off[3]; nemo_cuda_offsets<MODE, 3>(it, i, off);                          \
+            T av = X::ld(A[off[1]]), bv = X::ld(B[off[2]]); y[off[0]] = X::st(expr); } }
 template <typename T, typename X, int MODE>
 __global__ void binary_kernel(typename X::S *y, const typename X::S *A, const typename X::S *B, nemo_cuda_iter<3> it,
-                              int64_t n, int op, double alpha) {
+                              int64_t n, int op, double alpha, int vec) {
     switch (op) {
     case NEMO_BOP_ADD: { const T al = (T)alpha; if (alpha == 1.0) LOOP(add(av, bv)) else LOOP(add(av, mul(al, bv))) break; }
     case NEMO_BOP_SUB: { const T al = (T)alpha; if (alpha == 1.0) LOOP(sub(av, bv)) else LOOP(sub(av, mul(al, bv))) break; }
@@ -221,16 +271,20 @@ static int check_operands(const char *op, const nemo_tensor *y, const nemo_tenso
 struct UnaryL {
     template <typename T, typename X>
     static void go(nemo_tensor *y, const nemo_tensor *x, int64_t n, int op, double a, double b) {
-        unary_kernel<T, X><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
-            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x), n, op, a, b);
+        const int vec = nemo_cuda_vec_ok(nemo_cuda_data(y), nemo_cuda_data(x));
+        unary_kernel<T, X><<<nemo_cuda_vec_blocks(n, vec, 16 / (int)sizeof(typename X::S)), NEMO_CUDA_THREADS, 0,
+                             nemo_cuda_stream(y->devindex)>>>(
+            (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x), n, op, a, b, vec);
     }
 };
 struct UnaryBwdL {
     template <typename T, typename X>
     static void go(nemo_tensor *dx, const nemo_tensor *g, const nemo_tensor *x, int64_t n, int op, double a, double b) {
-        unary_backward_kernel<T, X><<<nemo_cuda_blocks(n), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(dx->devindex)>>>(
+        const int vec = nemo_cuda_vec_ok(nemo_cuda_data(dx), nemo_cuda_data(g), nemo_cuda_data(x));
+        unary_backward_kernel<T, X><<<nemo_cuda_vec_blocks(n, vec, 16 / (int)sizeof(typename X::S)), NEMO_CUDA_THREADS,
+                                      0, nemo_cuda_stream(dx->devindex)>>>(
             (typename X::S *)nemo_cuda_data(dx), (const typename X::S *)nemo_cuda_data(g),
-            (const typename X::S *)nemo_cuda_data(x), n, op, a, b);
+            (const typename X::S *)nemo_cuda_data(x), n, op, a, b, vec);
     }
 };
 
@@ -267,17 +321,18 @@ struct BinaryL {
     template <typename T, typename X>
     static void go(nemo_tensor *y, const nemo_tensor *a, const nemo_tensor *b, const nemo_cuda_iter<3> *it, int64_t n,
                    int mode, int op, double alpha) {
-        unsigned nb = nemo_cuda_blocks(n);
         cudaStream_t st = nemo_cuda_stream(y->devindex);
         typedef typename X::S S;
         S *yp = (S *)nemo_cuda_data(y);
         const S *ap = (const S *)nemo_cuda_data(a), *bp = (const S *)nemo_cuda_data(b);
+        const int vec = mode == NEMO_CUDA_FLAT && nemo_cuda_vec_ok(yp, ap, bp);
+        const unsigned nb = nemo_cuda_vec_blocks(n, vec, 16 / (int)sizeof(S));
         if (mode == NEMO_CUDA_FLAT)
-            binary_kernel<T, X, NEMO_CUDA_FLAT><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+            binary_kernel<T, X, NEMO_CUDA_FLAT><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha, vec);
         else if (mode == NEMO_CUDA_STR32)
-            binary_kernel<T, X, NEMO_CUDA_STR32><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+            binary_kernel<T, X, NEMO_CUDA_STR32><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha, 0);
         else
-            binary_kernel<T, X, NEMO_CUDA_STR64><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha);
+            binary_kernel<T, X, NEMO_CUDA_STR64><<<nb, NEMO_CUDA_THREADS, 0, st>>>(yp, ap, bp, *it, n, op, alpha, 0);
     }
 };
 

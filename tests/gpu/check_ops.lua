@@ -482,6 +482,25 @@ for _, u in ipairs(U) do
         end
     end
 end
+do   -- views that start 1 element into their storage: not 16-byte aligned, so the kernels take
+     -- their one-element path (aligned dense operands take the 16-byte vector path above)
+    for _, dt in ipairs(FLOATS) do
+        local base, bb = uniform({1001}, dt, -4, 4), uniform({1001}, dt, -4, 4)
+        local based, bbd = dev(base), dev(bb)
+        local function view(t) return t:narrow(0, 1, 1000) end
+        case("unary", dt, "exp of a (1000,) view 1 element into its storage", RTOL[dt], false, function(side)
+            return wrap(C.nemo_unary(view(side == 1 and base or based)._c, C.NEMO_UOP_EXP, 0, 0))
+        end)
+        case("unary_backward", dt, "tanh of (1000,) views 1 element in", RTOL[dt], false, function(side)
+            return wrap(C.nemo_unary_backward(view(side == 1 and bb or bbd)._c, view(side == 1 and base or based)._c,
+                nil, C.NEMO_UOP_TANH, 0, 0))
+        end)
+        case("binary", dt, "mul of (1000,) views 1 element in", RTOL[dt], true, function(side)
+            return wrap(C.nemo_binary(view(side == 1 and base or based)._c, view(side == 1 and bb or bbd)._c,
+                C.NEMO_BOP_MUL, 1, -1))
+        end)
+    end
+end
 do   -- a large dense unary (tail past a multiple of the block and grid)
     local x = uniform({LARGE}, "float32", -4, 4)
     local xd = dev(x)
