@@ -35,14 +35,33 @@ __global__ void copy_words(W *dst, const W *src, nemo_cuda_iter<2> it, int64_t n
     }
 }
 
-/* A float-to-float conversion specialised on both dtypes. */
+/* A float-to-float conversion specialised on both dtypes. FLAT (two dense runs): each thread
+ * converts CONVERT_U elements a block-width apart, loads first, so that a thread keeps CONVERT_U
+ * loads in flight (PyTorch's unrolled_elementwise_kernel; the two dtypes' widths differ, so no
+ * common vector type), still coalesced per load; the grid covers n / CONVERT_U threads. */
+#define CONVERT_U 4
 template <int SD, int DD, int MODE>
 __global__ void copy_convert(typename nemo_dt<DD>::S *dst, const typename nemo_dt<SD>::S *src,
                              nemo_cuda_iter<2> it, int64_t n) {
-    NEMO_CUDA_LOOP(i, n) {
-        int64_t off[2];
-        nemo_cuda_offsets<MODE, 2>(it, i, off);
-        dst[off[0]] = nemo_dt<DD>::store(nemo_dt<SD>::load(src[off[1]]));
+    if constexpr (MODE == NEMO_CUDA_FLAT) {
+        const int64_t span = (int64_t)blockDim.x * CONVERT_U;
+        for (int64_t base = (int64_t)blockIdx.x * span; base < n; base += (int64_t)gridDim.x * span) {
+            typename nemo_dt<SD>::S v[CONVERT_U];
+            NEMO_UNROLL for (int j = 0; j < CONVERT_U; j++) {
+                const int64_t i = base + threadIdx.x + (int64_t)j * blockDim.x;
+                if (i < n) v[j] = src[i];
+            }
+            NEMO_UNROLL for (int j = 0; j < CONVERT_U; j++) {
+                const int64_t i = base + threadIdx.x + (int64_t)j * blockDim.x;
+                if (i < n) dst[i] = nemo_dt<DD>::store(nemo_dt<SD>::load(v[j]));
+            }
+        }
+    } else {
+        NEMO_CUDA_LOOP(i, n) {
+            int64_t off[2];
+            nemo_cuda_offsets<MODE, 2>(it, i, off);
+            dst[off[0]] = nemo_dt<DD>::store(nemo_dt<SD>::load(src[off[1]]));
+        }
     }
 }
 
@@ -76,7 +95,8 @@ static void launch_convert(void *dst, const void *src, const nemo_cuda_iter<2> &
     typedef typename nemo_dt<SD>::S SS;
     unsigned nb = nemo_cuda_blocks(n);
     if (mode == NEMO_CUDA_FLAT)
-        copy_convert<SD, DD, NEMO_CUDA_FLAT><<<nb, NEMO_CUDA_THREADS, 0, st>>>((DS *)dst, (const SS *)src, it, n);
+        copy_convert<SD, DD, NEMO_CUDA_FLAT><<<nemo_cuda_blocks((n + CONVERT_U - 1) / CONVERT_U), NEMO_CUDA_THREADS, 0,
+                                              st>>>((DS *)dst, (const SS *)src, it, n);
     else if (mode == NEMO_CUDA_STR32)
         copy_convert<SD, DD, NEMO_CUDA_STR32><<<nb, NEMO_CUDA_THREADS, 0, st>>>((DS *)dst, (const SS *)src, it, n);
     else

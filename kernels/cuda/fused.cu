@@ -39,22 +39,54 @@
 
 /* ==== rope ==== */
 
+/* One rotated pair (v0, v1) with table entries c0, c1, s0, s1 -> (r0, r1). */
+template <typename T>
+__device__ __forceinline__ void rope_pair(T v0, T v1, T c0, T c1, T s0, T s1, int backward, T &r0, T &r1) {
+    if (!backward) {
+        r0 = rn_add(rn_mul(v0, c0), rn_mul(-v1, s0));
+        r1 = rn_add(rn_mul(v1, c1), rn_mul(v0, s1));
+    } else {
+        r0 = rn_add(rn_mul(v0, c0), rn_mul(v1, s1));
+        r1 = rn_add(rn_mul(v1, c1), rn_mul(-v0, s0));
+    }
+}
+
+/* Pair p: row q = p / half of the (nb S nh) rows, i = p % half; its table row is (q / nh) % S.
+ * With vec (half a multiple of the pairs in 16 bytes, x and y aligned) a thread-step rotates the
+ * pairs of one 16-byte vector, which share their row. */
 template <typename T, typename X>
 __global__ void rope_k(typename X::S *y, const typename X::S *x, const T *cs, const T *sn, int64_t npairs,
-                       nemo_cuda_fdiv S, nemo_cuda_fdiv nh, nemo_cuda_fdiv hf, int backward) {
+                       nemo_cuda_fdiv S, nemo_cuda_fdiv nh, nemo_cuda_fdiv hf, int backward, int vec) {
     const int64_t half = hf.d;
+    if (vec) {
+        typedef typename X::S S_;
+        constexpr int V_ = 16 / (int)sizeof(S_), P_ = V_ / 2;
+        NEMO_CUDA_LOOP(k, npairs / P_) {
+            const int64_t p = k * P_;
+            const int64_t q = nemo_cuda_fdiv_q(hf, p), i = p - q * half, qh = nemo_cuda_fdiv_q(nh, q);
+            const int64_t srow = qh - nemo_cuda_fdiv_q(S, qh) * S.d;
+            const int64_t t = srow * (2 * half) + 2 * i;
+            nemo_cuda_pack<S_> pi, po;
+            pi.u = ((const uint4 *)x)[k];   /* elements 2p .. 2p + V_ - 1 */
+            NEMO_UNROLL for (int j = 0; j < P_; j++) {
+                T r0, r1;
+                rope_pair<T>(X::ld(pi.s[2 * j]), X::ld(pi.s[2 * j + 1]), cs[t + 2 * j], cs[t + 2 * j + 1], sn[t + 2 * j],
+                             sn[t + 2 * j + 1], backward, r0, r1);
+                po.s[2 * j] = X::st(r0);
+                po.s[2 * j + 1] = X::st(r1);
+            }
+            ((uint4 *)y)[k] = po.u;
+        }
+        return;
+    }
     NEMO_CUDA_LOOP(p, npairs) {
         const int64_t q = nemo_cuda_fdiv_q(hf, p), i = p - q * half, qh = nemo_cuda_fdiv_q(nh, q);
         const int64_t srow = qh - nemo_cuda_fdiv_q(S, qh) * S.d;
         const int64_t o = q * (2 * half) + 2 * i, t = srow * (2 * half) + 2 * i;
-        const T v0 = X::ld(x[o]), v1 = X::ld(x[o + 1]), c0 = cs[t], c1 = cs[t + 1], s0 = sn[t], s1 = sn[t + 1];
-        if (!backward) {
-            y[o] = X::st(rn_add(rn_mul(v0, c0), rn_mul(-v1, s0)));
-            y[o + 1] = X::st(rn_add(rn_mul(v1, c1), rn_mul(v0, s1)));
-        } else {
-            y[o] = X::st(rn_add(rn_mul(v0, c0), rn_mul(v1, s1)));
-            y[o + 1] = X::st(rn_add(rn_mul(v1, c1), rn_mul(-v0, s0)));
-        }
+        T r0, r1;
+        rope_pair<T>(X::ld(x[o]), X::ld(x[o + 1]), cs[t], cs[t + 1], sn[t], sn[t + 1], backward, r0, r1);
+        y[o] = X::st(r0);
+        y[o + 1] = X::st(r1);
     }
 }
 
@@ -195,10 +227,12 @@ struct RopeL {
     template <typename T, typename X>
     static void go(nemo_tensor *y, const nemo_tensor *x, const nemo_tensor *cos, const nemo_tensor *sin, int64_t np,
                    int64_t S, int64_t nh, int64_t half, int backward) {
-        rope_k<T, X><<<k_blocks(np), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
+        const int P = 8 / (int)sizeof(typename X::S);   /* pairs per 16-byte vector */
+        const int vec = half % P == 0 && nemo_cuda_vec_ok(nemo_cuda_data(y), nemo_cuda_data(x));
+        rope_k<T, X><<<nemo_cuda_vec_blocks(np, vec, P), NEMO_CUDA_THREADS, 0, nemo_cuda_stream(y->devindex)>>>(
             (typename X::S *)nemo_cuda_data(y), (const typename X::S *)nemo_cuda_data(x),
             (const T *)nemo_cuda_data(cos), (const T *)nemo_cuda_data(sin), np, nemo_cuda_fdiv_make(S, np / half),
-            nemo_cuda_fdiv_make(nh, np / half), nemo_cuda_fdiv_make(half, np), backward);
+            nemo_cuda_fdiv_make(nh, np / half), nemo_cuda_fdiv_make(half, np), backward, vec);
     }
 };
 struct ModulateL {
