@@ -430,6 +430,31 @@ function WanMidBlock:forward(x, ctx)
     return h
 end
 
+-- ==== the shared body of the up / down blocks ====
+
+-- resnets(x) in order, then resample (a WanResample or nil); x itself is never freed
+local function resnets_then(x, ctx, resnets, resample)
+    local h = x
+    for _, r in resnets:iter() do
+        local y = r(h, ctx)
+        if not rawequal(h, x) then free(h) end
+        h = y
+    end
+    if resample ~= nil then
+        local y = resample(h, ctx)
+        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
+        h = y
+    end
+    return h
+end
+-- h + shortcut s, both released (h unless it is x)
+local function add_shortcut(h, s, x)
+    local out = h + s
+    free(s)
+    if not rawequal(h, x) then free(h) end
+    return out
+end
+
 -- ==== Wan 2.2's residual down / up blocks ====
 
 -- AvgDown3D(in_channels, out_channels, factor_t, factor_s): no parameters. forward(x (B, C, T, H,
@@ -520,22 +545,7 @@ function WanResidualDownBlock:__init(in_dim, out_dim, dropout, num_res_blocks, t
     end
 end
 function WanResidualDownBlock:forward(x, ctx)
-    local h = x
-    for _, r in self.resnets:iter() do
-        local y = r(h, ctx)
-        if not rawequal(h, x) then free(h) end
-        h = y
-    end
-    if self.downsampler ~= nil then
-        local y = self.downsampler(h, ctx)
-        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
-        h = y
-    end
-    local s = self.avg_shortcut(x)
-    local out = h + s
-    free(s)
-    if not rawequal(h, x) then free(h) end
-    return out
+    return add_shortcut(resnets_then(x, ctx, self.resnets, self.downsampler), self.avg_shortcut(x), x)
 end
 
 -- WanResidualUpBlock(in_dim, out_dim, num_res_blocks, {dropout=, temperal_upsample=false,
@@ -565,25 +575,9 @@ function WanResidualUpBlock:__init(in_dim, out_dim, num_res_blocks, opts)
     end
 end
 function WanResidualUpBlock:forward(x, ctx, first_chunk)
-    local h = x
-    for _, r in self.resnets:iter() do
-        local y = r(h, ctx)
-        if not rawequal(h, x) then free(h) end
-        h = y
-    end
-    if self.upsampler ~= nil then
-        local y = self.upsampler(h, ctx)
-        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
-        h = y
-    end
-    if self.avg_shortcut ~= nil then
-        local s = self.avg_shortcut(x, first_chunk)
-        local out = h + s
-        free(s)
-        if not rawequal(h, x) then free(h) end
-        h = out
-    end
-    return h
+    local h = resnets_then(x, ctx, self.resnets, self.upsampler)
+    if self.avg_shortcut == nil then return h end
+    return add_shortcut(h, self.avg_shortcut(x, first_chunk), x)
 end
 
 -- ==== encoder / decoder ====
@@ -690,18 +684,7 @@ function WanUpBlock:__init(in_dim, out_dim, num_res_blocks, opts)
     end
 end
 function WanUpBlock:forward(x, ctx)
-    local h = x
-    for _, r in self.resnets:iter() do
-        local y = r(h, ctx)
-        if not rawequal(h, x) then free(h) end
-        h = y
-    end
-    if self.upsamplers ~= nil then
-        local y = self.upsamplers:get(1)(h, ctx)
-        if not rawequal(h, x) and not rawequal(y, h) then free(h) end
-        h = y
-    end
-    return h
+    return resnets_then(x, ctx, self.resnets, self.upsamplers and self.upsamplers:get(1))
 end
 
 -- WanDecoder3d{dim=, z_dim=, dim_mult=, num_res_blocks=, temperal_upsample=, dropout=,
