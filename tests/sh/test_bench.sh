@@ -26,4 +26,10 @@ rows=$(printf '%s\n' "$OUT" | grep -cE "^ +(wan_)?small +(on|off) +[0-9]+ +$num"
 if [ "$rows" -ge 4 ]; then pass "wan_step and flux_step print their small rows with and without checkpointing ($rows rows)"
 else fail "wan_step and flux_step print their small rows with and without checkpointing" "$rows rows" "$OUT"; fi
 
+bench bench/vae.lua --quick
+if [ "$RC" = 0 ]; then pass "bench/vae.lua --quick exits 0"; else fail "bench/vae.lua --quick exits 0" "rc $RC" "$OUT"; fi
+rows=$(printf '%s\n' "$OUT" | grep -cE "^Autoencoder.* (whole|tiled) +\(.*\) +$num s +$num MiB")
+if [ "$rows" -eq 4 ]; then pass "bench/vae.lua prints whole and tiled rows for both VAEs"
+else fail "bench/vae.lua prints whole and tiled rows for both VAEs" "$rows rows" "$OUT"; fi
+
 echo "1..$n"

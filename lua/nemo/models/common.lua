@@ -277,7 +277,12 @@ function M.tiled(grid, opts)
         for i, r in ipairs(grid.rows) do
             local row = {}
             rows[i] = row
-            for j, c in ipairs(grid.cols) do row[j] = grid.run(r, c) end
+            for j, c in ipairs(grid.cols) do
+                row[j] = grid.run(r, c)
+                -- a tile's intermediates that nothing freed explicitly are garbage now: collect
+                -- them before the next tile, or they pile up and undo what tiling saves
+                collectgarbage()
+            end
         end
     end)
     if not ok then
