@@ -120,6 +120,23 @@ nemo.no_grad(function()
     local whole, tiled = peak(false), peak(true)
     T.ok(tiled < 0.5 * whole, "AutoencoderKL: tiled decode of a 192 x 192 image peaks below half the whole pass",
         string.format("peak %.1f MiB tiled, %.1f MiB whole", tiled / 2 ^ 20, whole / 2 ^ 20))
+    -- the Wan VAE too: its tiles' intermediates must not pile up across tiles (common.tiled
+    -- collects after each tile; without that this peak was 9 tiles' garbage)
+    local w = wan()
+    local zw = nemo.randn({1, 4, 2, 24, 24}, {generator = nemo.Generator(6)})
+    local function wpeak(t)
+        if t then w:enable_tiling(64, 64, 48, 48) else w:disable_tiling() end
+        collectgarbage(); collectgarbage()
+        nemo.reset_peak_memory_stats()
+        local base = nemo.memory_stats().current
+        local out = w:decode(zw).sample
+        local p = nemo.memory_stats().peak - base
+        out:free()
+        return p
+    end
+    local ww, wt = wpeak(false), wpeak(true)
+    T.ok(wt < 0.5 * ww, "AutoencoderKLWan: tiled decode of 2 latent frames of 24 x 24 peaks below half the whole pass",
+        string.format("peak %.1f MiB tiled, %.1f MiB whole", wt / 2 ^ 20, ww / 2 ^ 20))
 end)
 
 -- ==== options and errors ====
