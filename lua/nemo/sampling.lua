@@ -457,14 +457,7 @@ local function wan_image_pixels(img, B, height, width, device, werr)
         local ok, rgb, w, h = pcall(encode.read_rgb, img)
         if not ok then werr("image: " .. tostring(rgb)) end
         if w ~= width or h ~= height then rgb = encode.resize(rgb, w, h, width, height) end
-        x = Tensor.empty({1, 3, height, width}, {dtype = "float32"})
-        local p = require("ffi").cast("float *", x:data_ptr())
-        for yy = 0, height - 1 do
-            for xx = 0, width - 1 do
-                for ch = 0, 2 do p[(ch * height + yy) * width + xx] = rgb[(yy * width + xx) * 3 + ch] / 255 end
-            end
-        end
-        x = x:to{device = device}
+        x = encode.to_tensor(rgb, width, height, "0_1"):to{device = device}
     elseif is_tensor(img) then
         if img:dim() ~= 4 or img.shape[2] ~= 3 or img.shape[3] ~= height or img.shape[4] ~= width or
             (img.shape[1] ~= 1 and img.shape[1] ~= B) then

@@ -105,36 +105,27 @@ end)
 
 -- the point of tiling: a large decode's peak memory is that of one tile (plus the output)
 nemo.no_grad(function()
-    local m = kl()
-    local z = nemo.randn({1, 4, 96, 96}, {generator = nemo.Generator(5)})
-    local function peak(tiled)
-        if tiled then m:enable_tiling() else m:disable_tiling() end
+    -- the peak memory above what was live before one decode of z, with tiling (tile(model)) or without
+    local function decode_peak(model, z, tile)
+        if tile then tile(model) else model:disable_tiling() end
         collectgarbage(); collectgarbage()
         nemo.reset_peak_memory_stats()
         local base = nemo.memory_stats().current
-        local out = m:decode(z).sample
+        local out = model:decode(z).sample
         local p = nemo.memory_stats().peak - base
         out:free()
         return p
     end
-    local whole, tiled = peak(false), peak(true)
+    local m = kl()
+    local z = nemo.randn({1, 4, 96, 96}, {generator = nemo.Generator(5)})
+    local whole, tiled = decode_peak(m, z), decode_peak(m, z, function(v) v:enable_tiling() end)
     T.ok(tiled < 0.5 * whole, "AutoencoderKL: tiled decode of a 192 x 192 image peaks below half the whole pass",
         string.format("peak %.1f MiB tiled, %.1f MiB whole", tiled / 2 ^ 20, whole / 2 ^ 20))
     -- the Wan VAE too: its tiles' intermediates must not pile up across tiles (common.tiled
     -- collects after each tile; without that this peak was 9 tiles' garbage)
     local w = wan()
     local zw = nemo.randn({1, 4, 2, 24, 24}, {generator = nemo.Generator(6)})
-    local function wpeak(t)
-        if t then w:enable_tiling(64, 64, 48, 48) else w:disable_tiling() end
-        collectgarbage(); collectgarbage()
-        nemo.reset_peak_memory_stats()
-        local base = nemo.memory_stats().current
-        local out = w:decode(zw).sample
-        local p = nemo.memory_stats().peak - base
-        out:free()
-        return p
-    end
-    local ww, wt = wpeak(false), wpeak(true)
+    local ww, wt = decode_peak(w, zw), decode_peak(w, zw, function(v) v:enable_tiling(64, 64, 48, 48) end)
     T.ok(wt < 0.5 * ww, "AutoencoderKLWan: tiled decode of 2 latent frames of 24 x 24 peaks below half the whole pass",
         string.format("peak %.1f MiB tiled, %.1f MiB whole", wt / 2 ^ 20, ww / 2 ^ 20))
 end)

@@ -197,10 +197,10 @@ function M.resize_crop(src, w, h, tw, th, resize)
     return out, left, top
 end
 
--- An RGB uint8 buffer of a PNG or JPEG (gray repeated, alpha dropped).
-function M.read_rgb(path)
-    local im = image.read(path)
-    local W, H, C = im.width, im.height, im.channels
+-- rgb_of(im) -> an RGB uint8 buffer, width, height of an image table {width, height, channels,
+-- pixels} (nemo.image.read's): gray repeated, alpha dropped.
+function M.rgb_of(im)
+    local W, H, C = im.width, im.height, im.channels or 3
     local px = ffi.cast("const uint8_t *", im.pixels)
     local out = ffi.new("uint8_t[?]", W * H * 3)
     for i = 0, W * H - 1 do
@@ -209,14 +209,21 @@ function M.read_rgb(path)
     return out, W, H
 end
 
--- [1, 3, th, tw] float32 in [-1, 1] from an RGB buffer (x / 255 - 0.5) / 0.5, as Automodel
-local function to_tensor(buf, tw, th)
+-- An RGB uint8 buffer of a PNG or JPEG (gray repeated, alpha dropped).
+function M.read_rgb(path) return M.rgb_of(image.read(path)) end
+
+-- to_tensor(buf, tw, th, range) -> [1, 3, th, tw] float32 from an RGB buffer: range "-1_1" (the
+-- default) (x / 255 - 0.5) / 0.5, as Automodel; "0_1" x / 255 (diffusers' image processors, which
+-- then take 2 x - 1 themselves)
+local function to_tensor(buf, tw, th, range)
     local t = nemo.empty({1, 3, th, tw})
     local p = ffi.cast("float *", t:data_ptr())
+    local unit = range == "0_1"
     for y = 0, th - 1 do
         for x = 0, tw - 1 do
             for ch = 0, 2 do
-                p[(ch * th + y) * tw + x] = (buf[(y * tw + x) * 3 + ch] / 255 - 0.5) / 0.5
+                local v = buf[(y * tw + x) * 3 + ch] / 255
+                p[(ch * th + y) * tw + x] = unit and v or (v - 0.5) / 0.5
             end
         end
     end

@@ -765,13 +765,7 @@ function CLIPImageProcessor:preprocess(image)
     if type(image) == "string" then
         rgb, w, h = enc.read_rgb(image)
     elseif type(image) == "table" and image.width and image.pixels then
-        local C = image.channels or 3
-        w, h = image.width, image.height
-        local px = ffi.cast("const uint8_t *", image.pixels)
-        rgb = ffi.new("uint8_t[?]", w * h * 3)
-        for i = 0, w * h - 1 do
-            for ch = 0, 2 do rgb[i * 3 + ch] = px[i * C + ((C <= 2) and 0 or ch)] end
-        end
+        rgb, w, h = enc.rgb_of(image)
     else
         error("CLIPImageProcessor:preprocess: expected a PNG / JPEG path or an image table {width, height, pixels}, " ..
             "got " .. type(image), 2)

@@ -311,6 +311,14 @@ function WanResample:extra_repr() return string.format("dim=%d, mode=%s", self.d
 
 -- ==== WanResidualBlock ====
 
+-- h + s with s released, and h too unless it is x (the block input the caller still owns)
+local function add_shortcut(h, s, x)
+    local out = h + s
+    free(s)
+    if not rawequal(h, x) then free(h) end
+    return out
+end
+
 -- WanResidualBlock(in_dim, out_dim, {dropout=0, non_linearity="silu", dtype=, device=}): norm1,
 -- conv1, norm2, dropout, conv2, conv_shortcut (1x1x1, when in_dim ~= out_dim).
 -- forward(x, ctx) = conv2(drop(act(norm2(conv1(act(norm1(x))))))) + shortcut(x), conv1 and
@@ -347,10 +355,7 @@ function WanResidualBlock:forward(x, ctx)
     if not rawequal(d, a) then free(a) end
     y = cached_conv(self.conv2, d, ctx)
     free(d)
-    local out = y + h
-    free(y)
-    if not rawequal(h, x) then free(h) end
-    return out
+    return add_shortcut(h, y, x)
 end
 
 -- ==== WanAttentionBlock ====
@@ -446,13 +451,6 @@ local function resnets_then(x, ctx, resnets, resample)
         h = y
     end
     return h
-end
--- h + shortcut s, both released (h unless it is x)
-local function add_shortcut(h, s, x)
-    local out = h + s
-    free(s)
-    if not rawequal(h, x) then free(h) end
-    return out
 end
 
 -- ==== Wan 2.2's residual down / up blocks ====
