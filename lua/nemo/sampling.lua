@@ -471,12 +471,18 @@ local function wan_image_pixels(img, B, height, width, device, werr)
     return x * 2 - 1
 end
 
+-- the VAE's latents_mean and 1 / latents_std as (1, zc, 1, 1, 1) tensors of dtype on device, as
+-- WanPipeline / WanImageToVideoPipeline build them
+local function wan_latent_stats(vae, zc, dtype, device)
+    local vc = vae.config
+    local mean = Tensor.tensor(vc.latents_mean, {dtype = dtype, device = device}):view(1, zc, 1, 1, 1)
+    local inv_std = (Tensor.tensor(vc.latents_std, {dtype = dtype, device = device}) ^ -1):view(1, zc, 1, 1, 1)
+    return mean, inv_std
+end
+
 -- the latent normalisation of WanPipeline / WanImageToVideoPipeline: (z - latents_mean) / latents_std
 local function wan_normalize(lc, vae, device)
-    local vc = vae.config
-    local zc = lc.shape[2]
-    local mean = Tensor.tensor(vc.latents_mean, {dtype = "float32", device = device}):view(1, zc, 1, 1, 1)
-    local inv_std = (Tensor.tensor(vc.latents_std, {dtype = "float32", device = device}) ^ -1):view(1, zc, 1, 1, 1)
+    local mean, inv_std = wan_latent_stats(vae, lc.shape[2], "float32", device)
     return (lc - mean) * inv_std
 end
 
@@ -747,8 +753,7 @@ local function run_wan(o)
     local vdt = type(vae.dtype) == "function" and vae:dtype() or "float32"
     local z = latents:to{dtype = vdt}
     local zc = vc.z_dim or C
-    local mean = Tensor.tensor(vc.latents_mean, {dtype = vdt, device = device}):view(1, zc, 1, 1, 1)
-    local inv_std = (Tensor.tensor(vc.latents_std, {dtype = vdt, device = device}) ^ -1):view(1, zc, 1, 1, 1)
+    local mean, inv_std = wan_latent_stats(vae, zc, vdt, device)
     local dec = vae:decode(z / inv_std + mean)
     out.video = (type(dec) == "table" and not is_tensor(dec)) and (dec.sample or dec[1]) or dec
     return out
