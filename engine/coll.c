@@ -78,6 +78,8 @@ typedef struct ompi_status_public_t ompi_status;
                                    ompi_comm comm, ompi_request *req))                            \
     X(int, Iallgather, (const void *s, int sn, ompi_dtype sdt, void *r, int rn, ompi_dtype rdt,   \
                         ompi_comm comm, ompi_request *req))                                       \
+    X(int, Ialltoall, (const void *s, int sn, ompi_dtype sdt, void *r, int rn, ompi_dtype rdt,    \
+                       ompi_comm comm, ompi_request *req))                                        \
     X(int, Ibcast, (void *buf, int n, ompi_dtype dt, int root, ompi_comm comm, ompi_request *req)) \
     X(int, Ibarrier, (ompi_comm comm, ompi_request *req))                                         \
     X(int, Test, (ompi_request *req, int *flag, ompi_status *status))                             \
@@ -857,6 +859,62 @@ NEMO_API nemo_coll_work *nemo_coll_all_gather_async(nemo_comm *c, nemo_tensor *o
     return w;
 }
 
+NEMO_API nemo_coll_work *nemo_coll_all_to_all_async(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in) {
+    const char *opn = "all_to_all";
+    int nccl_o, nccl_i, rc = ready(opn, c);
+    if (rc < 0 || check_tensor(opn, "output", out, c, &nccl_o) < 0 || check_tensor(opn, "input", in, c, &nccl_i) < 0)
+        return NULL;
+    if (out->dtype != in->dtype) {
+        NEMO_ERR(NEMO_EDTYPE, "%s: output is %s, input %s (they must match)", opn, nemo_dtype_name(out->dtype),
+                 nemo_dtype_name(in->dtype));
+        return NULL;
+    }
+    if (nccl_o != nccl_i || out->devtype != in->devtype) {
+        NEMO_ERR(NEMO_EDEVICE, "%s: output and input are on different devices", opn);
+        return NULL;
+    }
+    int64_t n = nemo_tensor_numel(in), nout = nemo_tensor_numel(out);
+    if (nout != n) {
+        char a[96], b[96];
+        NEMO_ERR(NEMO_ESHAPE, "%s: output %s has %lld elements, input %s has %lld (they must have the same number)",
+                 opn, nemo_shape_str(out, a, sizeof a), (long long)nout, nemo_shape_str(in, b, sizeof b), (long long)n);
+        return NULL;
+    }
+    if (n % c->size != 0) {
+        char a[96];
+        NEMO_ERR(NEMO_ESHAPE, "%s: input %s has %lld elements, not divisible by group size %d (every rank sends "
+                 "every rank an equal chunk)", opn, nemo_shape_str(in, a, sizeof a), (long long)n, c->size);
+        return NULL;
+    }
+    int64_t chunk = n / c->size;   /* elements to and from each rank */
+    double t0 = now_s();
+    nemo_coll_work *w = NULL;
+    int64_t bytes = n * nemo_dtype_size(in->dtype);
+    if (nccl_o) {
+        void *ev = NULL;
+        const nemo_nccl_table *nt = nccl_table();
+        int r = nt->all_to_all(c->nccl, nemo_tensor_data(in), nemo_tensor_data(out), (size_t)chunk, in->dtype,
+                               c->nccl_dev, &ev);
+        w = nccl_start(opn, c, in->dtype, n, bytes, out, in, r, ev);
+    } else if (c->backend == NEMO_COLL_SELF || c->size == 1) {
+        if (copy_flat(out, in) < 0) return NULL;
+        w = new_work(opn, c, W_SELF, in->dtype, n);
+        if (w) w = started(w, OMPI_SUCCESS, bytes);
+    } else {
+        COUNT_CHECK(opn, n);
+        w = new_work(opn, c, W_MPI, in->dtype, n);
+        if (!w) return NULL;
+        keep(w, 0, out);
+        keep(w, 1, in);
+        ompi_dtype dt = wire_type(in->dtype);
+        int e = mpi.Ialltoall(nemo_tensor_data(in), (int)chunk, dt, nemo_tensor_data(out), (int)chunk, dt, c->mc,
+                              &w->req);
+        w = started(w, e, bytes);
+    }
+    g_stats.seconds += now_s() - t0;
+    return w;
+}
+
 NEMO_API nemo_coll_work *nemo_coll_broadcast_async(nemo_comm *c, nemo_tensor *t, int root) {
     const char *opn = "broadcast";
     int nccl, rc = ready(opn, c);
@@ -922,6 +980,9 @@ NEMO_API int nemo_coll_reduce_scatter(nemo_comm *c, nemo_tensor *out, const nemo
 }
 NEMO_API int nemo_coll_all_gather(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in) {
     return run_blocking(nemo_coll_all_gather_async(c, out, in));
+}
+NEMO_API int nemo_coll_all_to_all(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in) {
+    return run_blocking(nemo_coll_all_to_all_async(c, out, in));
 }
 NEMO_API int nemo_coll_broadcast(nemo_comm *c, nemo_tensor *t, int root) {
     return run_blocking(nemo_coll_broadcast_async(c, t, root));
@@ -1004,11 +1065,13 @@ static int fk_comm_init(void **comm, int nranks, const void *id, int rank, int d
     return fake_enabling ? 0 : NEMO_EINTERNAL;
 }
 static int fk_comm_noop(void *comm) { (void)comm; return 0; }
-/* kind 0 all_reduce, 1 reduce_scatter, 2 all_gather, 3 broadcast; n: the count NCCL was given */
+/* kind 0 all_reduce, 1 reduce_scatter, 2 all_gather, 3 broadcast, 4 all_to_all; n: the count NCCL
+ * was given (all_to_all: the elements to and from each rank) */
 static int fk_run(int kind, nemo_comm *c, const void *send, void *recv, size_t n, int dtype, int op_or_root,
                   void **event) {
     *event = NULL;
-    size_t nin = kind == 1 ? n * (size_t)c->size : n, nout = kind == 2 ? n * (size_t)c->size : n;
+    size_t nin = kind == 1 || kind == 4 ? n * (size_t)c->size : n;
+    size_t nout = kind == 2 || kind == 4 ? n * (size_t)c->size : n;
     nemo_coll_stats saved = g_stats;
     int rc = 0;
     nemo_tensor *in = NULL, *out = NULL;
@@ -1016,7 +1079,7 @@ static int fk_run(int kind, nemo_comm *c, const void *send, void *recv, size_t n
         memcpy(recv, send, n * (size_t)nemo_dtype_size(dtype));
     out = host_view(recv, nout, dtype);
     if (!out) { rc = nemo_last_status(); goto done; }
-    if (kind == 1 || kind == 2) {
+    if (kind == 1 || kind == 2 || kind == 4) {
         in = host_view(send, nin, dtype);
         if (!in) { rc = nemo_last_status(); goto done; }
     }
@@ -1024,6 +1087,7 @@ static int fk_run(int kind, nemo_comm *c, const void *send, void *recv, size_t n
     case 0: rc = nemo_coll_all_reduce(c, out, op_or_root); break;
     case 1: rc = nemo_coll_reduce_scatter(c, out, in, op_or_root); break;
     case 2: rc = nemo_coll_all_gather(c, out, in); break;
+    case 4: rc = nemo_coll_all_to_all(c, out, in); break;
     default: rc = nemo_coll_broadcast(c, out, op_or_root); break;
     }
 done:
@@ -1051,12 +1115,17 @@ static int fk_broadcast(void *comm, void *buf, size_t count, int dtype, int root
     (void)dev;
     return fk_run(3, comm, buf, buf, count, dtype, root, event);
 }
+static int fk_all_to_all(void *comm, const void *send, void *recv, size_t count_per_rank, int dtype, int dev,
+                         void **event) {
+    (void)dev;
+    return fk_run(4, comm, send, recv, count_per_rank, dtype, 0, event);
+}
 static int fk_query(void *comm, void *event) { (void)comm; (void)event; return 1; }
 static void fk_event_free(void *event) { (void)event; }
 
 static const nemo_nccl_table fake_nccl = {
     NEMO_NCCL_ABI, fk_error_text, fk_version, fk_get_unique_id, fk_comm_init, fk_comm_noop, fk_comm_noop,
-    fk_all_reduce, fk_reduce_scatter, fk_all_gather, fk_broadcast, fk_query, fk_event_free,
+    fk_all_reduce, fk_reduce_scatter, fk_all_gather, fk_broadcast, fk_query, fk_event_free, fk_all_to_all,
 };
 
 static const nemo_nccl_table *nccl_table(void) {

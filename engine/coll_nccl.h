@@ -14,7 +14,7 @@
 
 #include <stddef.h>
 
-#define NEMO_NCCL_ABI 1
+#define NEMO_NCCL_ABI 2
 #define NEMO_NCCL_ID_BYTES 128   /* sizeof(ncclUniqueId) */
 
 typedef struct nemo_nccl_table {
@@ -35,6 +35,11 @@ typedef struct nemo_nccl_table {
     int (*broadcast)(void *comm, void *buf, size_t count, int dtype, int root, int dev, void **event);
     int (*query)(void *comm, void *event);
     void (*event_free)(void *event);
+    /* ABI 2: send holds nranks blocks of count_per_rank elements, block j for rank j; recv gets
+     * rank i's block for this rank at block i (ncclSend / ncclRecv to and from every rank, in a
+     * group). */
+    int (*all_to_all)(void *comm, const void *send, void *recv, size_t count_per_rank, int dtype, int dev,
+                      void **event);
 } nemo_nccl_table;
 
 /* The registry entry "coll.nccl" is a function of this type. */

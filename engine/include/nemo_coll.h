@@ -1,14 +1,14 @@
 /*
  * nemo_coll.h: collectives between processes (engine/coll.c): the process group, communicators
- * for device-mesh groups, and all_reduce / reduce_scatter / all_gather / broadcast / barrier on
- * tensors, blocking or asynchronous, with a deadline.
+ * for device-mesh groups, and all_reduce / reduce_scatter / all_gather / all_to_all / broadcast /
+ * barrier on tensors, blocking or asynchronous, with a deadline.
  *
  * Backends
  * - NEMO_COLL_MPI: Open MPI between CPU processes (and the bootstrap of NCCL). libmpi.so.40 is
  *   opened at run time (dlopen), never linked, so libnemo loads on machines without Open MPI;
  *   nemo_coll_mpi_available() says whether it can be used and why not.
- * - NEMO_COLL_SELF: one process, no MPI: every collective is the identity (all_gather and
- *   reduce_scatter copy), so single-process runs use the same code path.
+ * - NEMO_COLL_SELF: one process, no MPI: every collective is the identity (all_gather,
+ *   reduce_scatter and all_to_all copy), so single-process runs use the same code path.
  * - NCCL between GPUs comes from the CUDA plugin (kernels/cuda/nccl.cu): a communicator gets an
  *   NCCL communicator with nemo_comm_enable_nccl, and then CUDA tensors go through NCCL and CPU
  *   tensors through MPI.
@@ -17,9 +17,12 @@
  * - Tensors are contiguous. MPI moves CPU tensors; float32 and float64 reduce natively;
  *   bfloat16 and float16 are reduced in float32 (converted once in, rounded once out);
  *   int64 / int32 / bool reduce with SUM, MAX, MIN. AVG divides the sum by the group size.
- *   all_gather and broadcast copy bits, any dtype.
+ *   all_gather, all_to_all and broadcast copy bits, any dtype.
  * - Shapes: reduce_scatter's input holds size x the output's elements (rank r gets the r-th
- *   block); all_gather's output holds size x the input's elements, blocks in rank order.
+ *   block); all_gather's output holds size x the input's elements, blocks in rank order;
+ *   all_to_all's input and output hold the same number of elements N, a multiple of size:
+ *   block j of the input (elements [j N/size, (j+1) N/size)) goes to rank j, and block i of
+ *   the output is what rank i sent to this rank.
  * - Every rank of a communicator must issue the same collectives in the same order.
  * - Deadline: a wait that sees no completion within the timeout (nemo_coll_set_timeout) fails
  *   with NEMO_ECOMM and a message naming the operation, the group and the ranks; the process
@@ -85,6 +88,8 @@ NEMO_API nemo_coll_work *nemo_coll_reduce_scatter_async(nemo_comm *c, nemo_tenso
                                                         const nemo_tensor *in, int op);
 NEMO_API nemo_coll_work *nemo_coll_all_gather_async(nemo_comm *c, nemo_tensor *out,
                                                     const nemo_tensor *in);
+NEMO_API nemo_coll_work *nemo_coll_all_to_all_async(nemo_comm *c, nemo_tensor *out,
+                                                    const nemo_tensor *in);
 NEMO_API nemo_coll_work *nemo_coll_broadcast_async(nemo_comm *c, nemo_tensor *t, int root);
 NEMO_API nemo_coll_work *nemo_coll_barrier_async(nemo_comm *c);
 /* 1 done, 0 still running, < 0 failed. Drives MPI's progress. */
@@ -102,6 +107,7 @@ NEMO_API int nemo_coll_progress(void);
 NEMO_API int nemo_coll_all_reduce(nemo_comm *c, nemo_tensor *t, int op);
 NEMO_API int nemo_coll_reduce_scatter(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in, int op);
 NEMO_API int nemo_coll_all_gather(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in);
+NEMO_API int nemo_coll_all_to_all(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in);
 NEMO_API int nemo_coll_broadcast(nemo_comm *c, nemo_tensor *t, int root);
 NEMO_API int nemo_coll_barrier(nemo_comm *c);
 

@@ -12,6 +12,10 @@
  *   query() reports the event and NCCL's asynchronous error (ncclCommGetAsyncError), so a
  *   failed peer shows up as an error instead of an event that never completes.
  * - bfloat16 and float16 reduce natively in NCCL (AVG is ncclAvg, NCCL >= 2.10).
+ * - all_to_all is one group (ncclGroupStart / ncclGroupEnd) of an ncclSend and an ncclRecv with
+ *   every rank, itself included (NCCL has no all-to-all collective; ncclSend / ncclRecv need
+ *   NCCL >= 2.7, below the 2.10 version() requires). A failed call inside the group still ends
+ *   the group, so the thread is not left inside one.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -33,6 +37,11 @@ extern "C" {
 #pragma weak ncclReduceScatter
 #pragma weak ncclAllGather
 #pragma weak ncclBroadcast
+#pragma weak ncclCommCount
+#pragma weak ncclGroupStart
+#pragma weak ncclGroupEnd
+#pragma weak ncclSend
+#pragma weak ncclRecv
 
 static thread_local char nccl_err[768] = "no NCCL error";
 
@@ -167,6 +176,32 @@ static int n_broadcast(void *comm, void *buf, size_t count, int dtype, int root,
     return record(dev, event);
 }
 
+static int n_all_to_all(void *comm, const void *send, void *recv, size_t count_per_rank, int dtype, int dev,
+                        void **event) {
+    ncclDataType_t t = ncclFloat32;
+    if (nccl_dtype(dtype, &t) < 0) return NEMO_EDTYPE;
+    NEMO_CUDA_TRY(cudaSetDevice(dev), "cudaSetDevice(%d)", dev);
+    int nranks = 0;
+    NCCL_TRY(ncclCommCount((ncclComm_t)comm, &nranks), "ncclCommCount");
+    const size_t block = count_per_rank * (size_t)nemo_cuda_dtype_size(dtype);
+    cudaStream_t st = nemo_cuda_stream(dev);
+    NCCL_TRY(ncclGroupStart(), "ncclGroupStart");
+    ncclResult_t r = ncclSuccess;
+    const char *what = "ncclSend";
+    for (int p = 0; p < nranks && r == ncclSuccess; p++) {
+        what = "ncclSend";
+        r = ncclSend((const char *)send + (size_t)p * block, count_per_rank, t, p, (ncclComm_t)comm, st);
+        if (r != ncclSuccess) break;
+        what = "ncclRecv";
+        r = ncclRecv((char *)recv + (size_t)p * block, count_per_rank, t, p, (ncclComm_t)comm, st);
+    }
+    ncclResult_t e = ncclGroupEnd();   /* always: the group must be closed */
+    if (r != ncclSuccess)
+        return nccl_error(NEMO_ECOMM, "%s (all_to_all): %s (ncclResult %d)", what, ncclGetErrorString(r), (int)r);
+    NCCL_TRY(e, "ncclGroupEnd (all_to_all)");
+    return record(dev, event);
+}
+
 static int n_query(void *comm, void *event) {
     ncclResult_t async = ncclSuccess;
     if (comm) NCCL_TRY(ncclCommGetAsyncError((ncclComm_t)comm, &async), "ncclCommGetAsyncError");
@@ -201,6 +236,7 @@ static const nemo_nccl_table table = {
     n_broadcast,
     n_query,
     n_event_free,
+    n_all_to_all,
 };
 
 static const nemo_nccl_table *nemo_nccl_get(void) { return &table; }

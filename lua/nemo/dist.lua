@@ -3,6 +3,7 @@
 --   dist.get_rank(), dist.get_world_size(), dist.get_local_rank(), dist.is_initialized()
 --   dist.all_reduce(t, {op = "avg", group = g, async_op = true}) -> Work (or nil when blocking)
 --   dist.reduce_scatter_tensor(out, input, opts), dist.all_gather_into_tensor(out, input, opts)
+--   dist.all_to_all_single(out, input, opts) (equal splits)
 --   dist.broadcast(t, {src = 0, group = g}), dist.barrier(opts), dist.new_subgroup(color, key, name)
 --   dist.destroy_process_group(), dist.abort(code), dist.stats()
 --
@@ -354,6 +355,21 @@ function M.all_gather_into_tensor(out, input, opts)
     tensor_arg(out, "all_gather_into_tensor", "output"); tensor_arg(input, "all_gather_into_tensor", "input")
     local g = group_of(opts, "all_gather_into_tensor")
     local w = finish(C.nemo_coll_all_gather_async(g._c, out._c, input._c), opts)
+    return w
+end
+
+-- all_to_all_single(out, input, opts): input and out hold the same number of elements N, a multiple
+-- of the group size P; block j of input (elements [j N/P, (j+1) N/P)) goes to rank j, and block i
+-- of out receives what rank i sent to this rank. Equal splits only: torch's output_split_sizes /
+-- input_split_sizes are refused.
+function M.all_to_all_single(out, input, opts)
+    opts = parse_opts(opts, "all_to_all_single")
+    tensor_arg(out, "all_to_all_single", "output"); tensor_arg(input, "all_to_all_single", "input")
+    if opts.output_split_sizes ~= nil or opts.input_split_sizes ~= nil then
+        error("all_to_all_single: output_split_sizes / input_split_sizes are not supported (equal splits only)", 2)
+    end
+    local g = group_of(opts, "all_to_all_single")
+    local w = finish(C.nemo_coll_all_to_all_async(g._c, out._c, input._c), opts)
     return w
 end
 

@@ -18,6 +18,17 @@
  *   NEMO_EMU_NCCL_TIMEOUT seconds (default 300) with a message; the communicator's asynchronous
  *   error (ncclCommGetAsyncError) is then ncclSystemError, as a real NCCL reports a failed peer.
  *   Different collectives on the ranks are ncclInvalidUsage.
+ * - Point-to-point: the ncclSend / ncclRecv calls between ncclGroupStart and ncclGroupEnd (or one
+ *   such call outside a group) become one step of the communicator, queued on their stream at
+ *   ncclGroupEnd and counted like a collective. Each rank writes every send into an object of
+ *   its own (<id>.<k>.<from>.<to>.<j> for its j-th send to that rank in the step, with the type
+ *   and count in front), waits for every rank, then fills each receive from the matching object
+ *   of its peer (the j-th receive from a rank takes that rank's j-th send to it), and checks
+ *   that types and counts agree and that no send to it went unreceived (ncclInvalidUsage
+ *   otherwise, with a message). Unlike NCCL, every rank of the communicator must take part in
+ *   the step (a group with nothing for a rank still needs that rank to issue a group), which
+ *   holds for all-to-all; and the sends and receives of a group must use one communicator and
+ *   one stream. Collectives issued inside a group are queued at once, not aggregated.
  * A collective runs only when its stream is made to run on that rank: on a GPU it would run
  * without the host. A program whose ranks wait for each other on the host while one of them
  * synchronizes a stream with a collective queued could block here where a GPU would not; the
@@ -45,8 +56,9 @@
 #define EXPORT __attribute__((visibility("default")))
 #define NMAX 64
 
-enum { C_ALLREDUCE, C_REDUCESCATTER, C_ALLGATHER, C_BROADCAST };
-static const char *coll_name[] = {"ncclAllReduce", "ncclReduceScatter", "ncclAllGather", "ncclBroadcast"};
+enum { C_ALLREDUCE, C_REDUCESCATTER, C_ALLGATHER, C_BROADCAST, C_P2P, C_NKINDS };
+static const char *coll_name[C_NKINDS] = {"ncclAllReduce", "ncclReduceScatter", "ncclAllGather", "ncclBroadcast",
+                                          "ncclSend/ncclRecv group"};
 
 struct desc { uint64_t k; int32_t op, type, redop, root; uint64_t count; };
 struct header {
@@ -243,7 +255,7 @@ static cudaError_t run(ncclComm *c, int op, const void *send, void *recv, size_t
             (op == C_BROADCAST && d.root != root)) {
             report("%s (collective %llu of the communicator, %zu elements) on rank %d: rank %zu issued %s (collective "
                    "%llu, %llu elements, type %d): the ranks must issue the same collectives in the same order",
-                   coll_name[op], (unsigned long long)k, count, c->rank, r, d.op >= 0 && d.op < 4 ? coll_name[d.op] : "?",
+                   coll_name[op], (unsigned long long)k, count, c->rank, r, d.op >= 0 && d.op < C_NKINDS ? coll_name[d.op] : "?",
                    (unsigned long long)d.k, (unsigned long long)d.count, d.type);
             c->async = ncclInvalidUsage;
             err = cudaErrorLaunchFailure;
@@ -316,4 +328,158 @@ EXPORT ncclResult_t ncclAllGather(const void *s, void *r, size_t n, ncclDataType
 EXPORT ncclResult_t ncclBroadcast(const void *s, void *r, size_t n, ncclDataType_t t, int root, ncclComm_t c,
                                   cudaStream_t st) {
     return submit(C_BROADCAST, s, r, n, t, ncclSum, root, c, st);
+}
+
+EXPORT ncclResult_t ncclCommCount(const ncclComm_t c, int *count) {
+    if (!c || !count) return ncclInvalidArgument;
+    *count = c->n;
+    return ncclSuccess;
+}
+
+/* ==== point-to-point: ncclSend / ncclRecv, grouped ==== */
+
+struct p2p_op { bool send; const void *sbuf; void *rbuf; size_t count; int type; int peer; };
+struct p2p_hdr { int32_t type, pad; uint64_t count; };   /* in front of each send's bytes */
+struct p2p_group {
+    int depth = 0;
+    ncclComm *comm = NULL;
+    cudaStream_t st = NULL;
+    bool bad = false;            /* a call of the group failed: ncclGroupEnd drops it */
+    std::vector<p2p_op> ops;
+};
+static thread_local p2p_group grp;
+
+static std::string p2p_name(const ncclComm *c, uint64_t k, int from, int to, int j) {
+    char b[192];
+    snprintf(b, sizeof b, "%s.%llu.%d.%d.%d", c->name.c_str(), (unsigned long long)k, from, to, j);
+    return b;
+}
+
+/* One rank's part of a step of sends and receives, run when its stream runs. */
+static cudaError_t run_p2p(ncclComm *c, const std::vector<p2p_op> &ops) {
+    if (c->async.load() != ncclSuccess) return cudaErrorLaunchFailure;
+    const char *what = coll_name[C_P2P];
+    const uint64_t k = c->k++;
+    const int n = c->n;
+    std::vector<std::string> mine;
+    std::vector<int> sent(n, 0), received(n, 0);
+    bool ok = true;
+    for (const p2p_op &o : ops) {
+        if (!o.send || !ok) continue;
+        const size_t bytes = o.count * type_size(o.type), len = sizeof(p2p_hdr) + bytes;
+        std::string name = p2p_name(c, k, c->rank, o.peer, sent[o.peer]++);
+        int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+        if (fd < 0) { report("ncclSend: shm_open(%s): %s", name.c_str(), strerror(errno)); ok = false; break; }
+        mine.push_back(name);
+        void *m = ftruncate(fd, (off_t)len) == 0 ? mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+        close(fd);
+        if (m == MAP_FAILED) { report("ncclSend: writing %zu bytes to shared memory failed", len); ok = false; break; }
+        p2p_hdr h = {o.type, 0, (uint64_t)o.count};
+        memcpy(m, &h, sizeof h);
+        if (bytes) memcpy((char *)m + sizeof h, o.sbuf, bytes);
+        munmap(m, len);
+    }
+    c->h->slot[c->rank] = desc{k, ok ? C_P2P : -1, 0, 0, 0, (uint64_t)ops.size()};
+    cudaError_t err = ok ? cudaSuccess : cudaErrorLaunchFailure;
+    if (!barrier(c, what)) {
+        for (const std::string &m : mine) shm_unlink(m.c_str());
+        return cudaErrorLaunchFailure;
+    }
+    for (int r = 0; r < n && err == cudaSuccess; r++) {
+        const desc &d = c->h->slot[r];
+        if (d.k != k || d.op != C_P2P) {
+            report("%s (step %llu of the communicator) on rank %d: rank %d issued %s (step %llu): the ranks must issue "
+                   "the same collectives in the same order", what, (unsigned long long)k, c->rank, r,
+                   d.op >= 0 && d.op < C_NKINDS ? coll_name[d.op] : "?", (unsigned long long)d.k);
+            err = cudaErrorLaunchFailure;
+        }
+    }
+    for (size_t i = 0; i < ops.size() && err == cudaSuccess; i++) {
+        const p2p_op &o = ops[i];
+        if (o.send) continue;
+        std::string name = p2p_name(c, k, o.peer, c->rank, received[o.peer]++);
+        int fd = shm_open(name.c_str(), O_RDONLY, 0);
+        if (fd < 0) {
+            report("ncclRecv of %zu elements from rank %d on rank %d: rank %d has no ncclSend to rank %d left to match it",
+                   o.count, o.peer, c->rank, o.peer, c->rank);
+            err = cudaErrorLaunchFailure;
+            break;
+        }
+        struct stat sb;
+        const size_t bytes = o.count * type_size(o.type), len = sizeof(p2p_hdr) + bytes;
+        void *m = fstat(fd, &sb) == 0 && (size_t)sb.st_size >= sizeof(p2p_hdr)
+                      ? mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+        close(fd);
+        if (m == MAP_FAILED) { report("ncclRecv: rank %d's data (%s) is not readable", o.peer, name.c_str()); err = cudaErrorLaunchFailure; break; }
+        p2p_hdr h;
+        memcpy(&h, m, sizeof h);
+        if (h.type != o.type || h.count != (uint64_t)o.count || (size_t)sb.st_size != len) {
+            report("ncclRecv of %zu elements of type %d from rank %d on rank %d: the matching ncclSend has %llu elements "
+                   "of type %d", o.count, o.type, o.peer, c->rank, (unsigned long long)h.count, h.type);
+            err = cudaErrorLaunchFailure;
+        } else if (bytes) {
+            memcpy(o.rbuf, (const char *)m + sizeof h, bytes);
+        }
+        munmap(m, (size_t)sb.st_size);
+    }
+    for (int p = 0; p < n && err == cudaSuccess; p++) {   /* a send to this rank that nothing received */
+        std::string name = p2p_name(c, k, p, c->rank, received[p]);
+        int fd = shm_open(name.c_str(), O_RDONLY, 0);
+        if (fd >= 0) {
+            close(fd);
+            report("ncclSend from rank %d to rank %d (its send #%d to it in step %llu) has no matching ncclRecv on rank %d",
+                   p, c->rank, received[p] + 1, (unsigned long long)k, c->rank);
+            err = cudaErrorLaunchFailure;
+        }
+    }
+    if (err != cudaSuccess) c->async = ncclInvalidUsage;
+    const bool ok2 = barrier(c, what);   /* nobody reads this rank's objects any more */
+    for (const std::string &m : mine) shm_unlink(m.c_str());
+    return err == cudaSuccess && ok2 ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
+static ncclResult_t submit_p2p(ncclComm *c, cudaStream_t st, std::vector<p2p_op> ops) {
+    if (nemo_emu::enqueue(st, coll_name[C_P2P], [=]() { return run_p2p(c, ops); }) != cudaSuccess)
+        return ncclUnhandledCudaError;
+    return ncclSuccess;
+}
+
+static ncclResult_t add_p2p(const p2p_op &o, ncclComm_t c, cudaStream_t st) {
+    const char *fn = o.send ? "ncclSend" : "ncclRecv";
+    if (!c) { if (grp.depth) grp.bad = true; return ncclInvalidArgument; }
+    if ((int)o.type < 0 || (int)o.type > ncclBfloat16 || o.peer < 0 || o.peer >= c->n) {
+        report("%s: type %d, peer %d of %d ranks: not valid", fn, o.type, o.peer, c->n);
+        if (grp.depth) grp.bad = true;
+        return ncclInvalidArgument;
+    }
+    if (c->async.load() != ncclSuccess) { if (grp.depth) grp.bad = true; return (ncclResult_t)c->async.load(); }
+    if (grp.depth == 0) return submit_p2p(c, st, std::vector<p2p_op>{o});
+    if (!grp.ops.empty() && (grp.comm != c || grp.st != st)) {
+        report("%s in a group: the emulator runs a group's sends and receives on one communicator and one stream", fn);
+        grp.bad = true;
+        return ncclInvalidUsage;
+    }
+    grp.comm = c;
+    grp.st = st;
+    grp.ops.push_back(o);
+    return ncclSuccess;
+}
+
+EXPORT ncclResult_t ncclGroupStart(void) { grp.depth++; return ncclSuccess; }
+EXPORT ncclResult_t ncclGroupEnd(void) {
+    if (grp.depth == 0) { report("ncclGroupEnd without ncclGroupStart"); return ncclInvalidUsage; }
+    if (--grp.depth > 0) return ncclSuccess;
+    std::vector<p2p_op> ops;
+    ops.swap(grp.ops);
+    const bool bad = grp.bad;
+    grp.bad = false;
+    if (bad) return ncclInvalidUsage;   /* a call of the group failed (and said why): nothing runs */
+    if (ops.empty()) return ncclSuccess;
+    return submit_p2p(grp.comm, grp.st, std::move(ops));
+}
+EXPORT ncclResult_t ncclSend(const void *s, size_t n, ncclDataType_t t, int peer, ncclComm_t c, cudaStream_t st) {
+    return add_p2p(p2p_op{true, s, NULL, n, (int)t, peer}, c, st);
+}
+EXPORT ncclResult_t ncclRecv(void *r, size_t n, ncclDataType_t t, int peer, ncclComm_t c, cudaStream_t st) {
+    return add_p2p(p2p_op{false, NULL, r, n, (int)t, peer}, c, st);
 }

@@ -1,19 +1,23 @@
 -- tests/fake/dist_nccl.lua: nemo.dist's collectives over the nccl backend, through the CUDA
 -- plugin's NCCL code (kernels/cuda/nccl.cu) on the CUDA emulator's NCCL (tests/cuda_emu/
 -- nccl_emu.cc). Run by tests/sh/test_cuda_emu.sh under mpirun with 2 and 3 ranks, each process
--- with as many emulated devices as ranks (rank r on cuda:r). Every check is decided on all
--- ranks (over MPI, with CPU tensors) and rank 0 prints TAP.
+-- with as many emulated devices as ranks (rank r on cuda:r); and by tests/sh/test_fake_cuda.sh
+-- on 2 ranks with NEMO_FAKE_CUDA devices, where libnemo's emulated NCCL (engine/coll.c) carries
+-- each NCCL call out as the MPI collective. Every check is decided on all ranks (over MPI, with
+-- CPU tensors) and rank 0 prints TAP.
 --
 -- Each rank builds every rank's input itself, so the expected results need no communication:
 -- small integers, exact in every dtype, for sum / avg / max / min, reduce-scatter, all-gather,
--- broadcast from every source, an async work, and a subgroup with its own communicator.
+-- all-to-all, broadcast from every source, an async work, and a subgroup with its own
+-- communicator.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
 local dist = require "nemo.dist"
 
-if not os.getenv("NEMO_EMU_CUDA_DEVICES") or not os.getenv("OMPI_COMM_WORLD_SIZE") then
-    io.write("1..0 # SKIP run under mpirun on the CUDA emulator (tests/sh/test_cuda_emu.sh)\n")
+if not (os.getenv("NEMO_EMU_CUDA_DEVICES") or os.getenv("NEMO_FAKE_CUDA")) or not os.getenv("OMPI_COMM_WORLD_SIZE") then
+    io.write("1..0 # SKIP run under mpirun on the CUDA emulator (tests/sh/test_cuda_emu.sh) or on NEMO_FAKE_CUDA " ..
+             "devices (tests/sh/test_fake_cuda.sh)\n")
     os.exit(0)
 end
 
@@ -75,6 +79,41 @@ for _, dtype in ipairs{"float32", "bfloat16"} do
     local parts = {}
     for r = 0, world - 1 do parts[r + 1] = input(r, dtype) end
     ok(same(g, nemo.cat(parts, 0)), string.format("all_gather_into_tensor of %s: every rank's input in rank order", dtype))
+end
+
+-- all_to_all_single: block j of rank r's input (input(r) of n * world elements) goes to rank j, so
+-- rank r receives block r of every rank's input, in rank order
+for _, dtype in ipairs{"float32", "bfloat16", "float16", "int64"} do
+    local out = nemo.empty({world, n}, {dtype = dtype, device = D})
+    dist.all_to_all_single(out, input(rank, dtype, n * world):to(D))
+    local parts = {}
+    for r = 0, world - 1 do parts[r + 1] = input(r, dtype, n, n * rank) end
+    ok(out.device == D and same(out:reshape{-1}, nemo.cat(parts, 0)),
+       string.format("all_to_all_single of %s on cuda:RANK: block i of rank r's output is rank i's block r", dtype))
+end
+do   -- async, in a subgroup (ranks 0, 2, ... and 1, 3, ...): blocks of the members, by group rank
+    local color = rank % 2
+    local g = dist.new_subgroup(color, rank, "a2a_parity")
+    local members = {}
+    for r = color, world - 1, 2 do members[#members + 1] = r end
+    local gs, gr = g:size(), g:rank()
+    local out = nemo.empty({n * gs}, {device = D})
+    local w = dist.all_to_all_single(out, input(rank, "float32", n * gs):to(D), {group = g, async_op = true})
+    w:wait()
+    local parts = {}
+    for i = 1, gs do parts[i] = input(members[i], "float32", n, n * gr) end
+    ok(gs == #members and same(out, nemo.cat(parts, 0)),
+       "all_to_all_single{async_op = true} in the subgroups of even and odd ranks (group ranks, not world ranks)")
+    g:destroy()
+end
+do   -- refused before anything is sent, on every rank: the group goes on
+    local okk, err = pcall(dist.all_to_all_single, nemo.empty({n * world + 1}, {device = D}),
+                           nemo.empty({n * world + 1}, {device = D}))
+    ok(not okk and tostring(err):find("not divisible by group size " .. world, 1, true) ~= nil,
+       "all_to_all_single of a size the group does not divide: an error naming it", tostring(err))
+    okk, err = pcall(dist.all_to_all_single, nemo.empty({n * world}, {device = D}), nemo.empty({n * world}))
+    ok(not okk and tostring(err):find("different devices", 1, true) ~= nil,
+       "all_to_all_single of a cuda output and a cpu input: an error", tostring(err))
 end
 
 for src = 0, world - 1 do

@@ -125,6 +125,90 @@ end
 raises(function() dist.all_gather_into_tensor(nemo.zeros({2 * n}), nemo.zeros({2}, {dtype = "float64"})) end,
     "they must match", "all_gather with different dtypes is an error")
 
+-- all_to_all_single: rank r's input holds n blocks of K; element k of block j is code(r, j, k).
+-- Rank r must end with block i = what rank i sent it: code(i, r, k). Codes are distinct small
+-- integers (exact in bfloat16 for up to 4 ranks), so a block from the wrong rank, the wrong block
+-- of the right rank, or a shifted element shows.
+do
+    local K = 3
+    local function code(src, blk, k) return (src * n + blk) * K + k - 7 end
+    local function a2a_input(r, dt)
+        local v = {}
+        for j = 0, n - 1 do for k = 0, K - 1 do v[#v + 1] = code(r, j, k) end end
+        return nemo.tensor(v, {dtype = dt})
+    end
+    local function a2a_want(r)
+        local v = {}
+        for i = 0, n - 1 do for k = 0, K - 1 do v[#v + 1] = code(i, r, k) end end
+        return v
+    end
+    for _, dt in ipairs { "float32", "bfloat16", "float16", "float64", "int64", "int32" } do
+        local out = nemo.full({n, K}, -99, {dtype = dt})     -- another shape, the same number of elements
+        local input = a2a_input(rank, dt)
+        local r = dist.all_to_all_single(out, input)
+        local got = out:reshape{-1}:tolist()
+        ok(r == nil and out.dtype == dt and list_eq(got, a2a_want(rank)),
+            "all_to_all_single " .. dt .. ": block i of the output is rank i's block for this rank", fmt(got))
+        ok(list_eq(input:tolist(), a2a_input(rank, "float64"):tolist()), "all_to_all_single " .. dt .. ": the input is untouched")
+    end
+    do   -- async_op, and the statistics
+        local before = dist.stats()
+        local out = nemo.zeros({n * K}, {dtype = "float64"})
+        local input = a2a_input(rank, "float64")
+        local w = dist.all_to_all_single(out, input, {async_op = true})
+        local is_work = getmetatable(w) == dist.Work
+        while is_work and not w:is_completed() do dist.progress() end
+        if is_work then w:wait() end
+        local s = dist.stats()   -- before ok(), whose agreement is a collective too
+        ok(is_work, "all_to_all_single{async_op = true} returns a Work")
+        ok(list_eq(out:tolist(), a2a_want(rank)), "async all_to_all_single: the result is there after wait()",
+            fmt(out:tolist()))
+        ok(s.calls == before.calls + 1 and s.bytes == before.bytes + n * K * 8,
+            string.format("stats count all_to_all_single and its %d payload bytes (%d calls, %d bytes)", n * K * 8,
+                s.calls - before.calls, s.bytes - before.bytes))
+    end
+    if world >= 2 then   -- within a subgroup: ranks of the same parity, in rank order
+        local color = rank % 2
+        local g = dist.new_subgroup(color, rank, "parity")
+        local gs, gr = g:size(), g:rank()
+        local members = {}
+        for r = color, n - 1, 2 do members[#members + 1] = r end
+        local v, want = {}, {}
+        for j = 0, gs - 1 do for k = 0, K - 1 do v[#v + 1] = code(rank, j, k) end end
+        for i = 0, gs - 1 do for k = 0, K - 1 do want[#want + 1] = code(members[i + 1], gr, k) end end
+        local out = nemo.zeros({gs * K}, {dtype = "float32"})
+        dist.all_to_all_single(out, nemo.tensor(v, {dtype = "float32"}), {group = g})
+        ok(gs == #members and list_eq(out:tolist(), want),
+            string.format("all_to_all_single in a subgroup of %d ranks (group = g): blocks from its members", gs),
+            fmt(out:tolist()))
+        g:destroy()
+    elseif main then
+        T.skip("all_to_all_single in a subgroup", "one rank")
+    end
+    raises(function() dist.all_to_all_single(nemo.zeros({n * K + n}), nemo.zeros({n * K})) end,
+        "output (" .. (n * K + n) .. ",) has " .. (n * K + n) .. " elements, input (" .. (n * K) .. ",) has " .. (n * K),
+        "all_to_all_single with different numbers of elements is an error naming both shapes")
+    raises(function() dist.all_to_all_single(nemo.zeros({n * K}), nemo.zeros({n * K}, {dtype = "float64"})) end,
+        "output is float32, input float64 (they must match)", "all_to_all_single with different dtypes is an error")
+    raises(function() dist.all_to_all_single(nemo.zeros({n * K}), nemo.zeros({n * K, 2}):t()) end,
+        "must be contiguous", "all_to_all_single of a non-contiguous input is an error")
+    raises(function() dist.all_to_all_single(nemo.zeros({n * K}), nemo.zeros({n * K}), {input_split_sizes = {K}}) end,
+        "are not supported (equal splits only)", "all_to_all_single with split sizes is an error")
+    if world >= 2 then
+        raises(function() dist.all_to_all_single(nemo.zeros({n * K + 1}), nemo.zeros({n * K + 1})) end,
+            "input (" .. (n * K + 1) .. ",) has " .. (n * K + 1) .. " elements, not divisible by group size " .. n,
+            "all_to_all_single: a number of elements the group size does not divide is an error naming both")
+    else
+        local out = nemo.zeros({7})
+        dist.all_to_all_single(out, nemo.arange(0, 7):to{dtype = "float32"})
+        ok(list_eq(out:tolist(), {0, 1, 2, 3, 4, 5, 6}), "all_to_all_single on one rank: any size, a copy")
+    end
+    -- the group goes on after the refused calls
+    local out = nemo.zeros({n * K}, {dtype = "int64"})
+    dist.all_to_all_single(out, a2a_input(rank, "int64"))
+    ok(list_eq(out:tolist(), a2a_want(rank)), "all_to_all_single after the errors: the group still works")
+end
+
 do
     local t = nemo.tensor({rank, rank + 0.5}, {dtype = "float64"})
     dist.broadcast(t, {src = n - 1})

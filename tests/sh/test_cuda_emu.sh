@@ -16,8 +16,9 @@
 #                               host must see it, so a missing wait shows in the values
 #   tests/fake/dist_nccl.lua    nemo.dist's collectives through the plugin's NCCL backend
 #                               (kernels/cuda/nccl.cu) on the emulator's NCCL (ranks are mpirun
-#                               processes sharing memory), on 2 and 3 ranks; ranks that issue
-#                               different collectives fail with a message
+#                               processes sharing memory), on 2 and 3 ranks (all-to-all: a
+#                               group of ncclSend / ncclRecv); ranks that issue different
+#                               collectives, or all-to-alls of different sizes, fail with a message
 #   the recipe on cuda          FSDP2, DDP, HSDP (4 ranks), mixed precision and a bitwise resume
 #                               over nccl.cu, each against one CPU process (tests/sh/lib/train.sh)
 #   coverage                    every __global__ function of kernels/cuda ran at least once
@@ -102,6 +103,26 @@ LUA
         pass "ranks issuing different collectives over nccl: an NCCL error naming it, after $((SECONDS - start)) s"
     else
         fail "ranks issuing different collectives over nccl: an error, not a hang" "exit $rc" "$out" "$(tail -n 20 "$T/err")"
+    fi
+    # an all-to-all whose sizes differ between the ranks: the sends and receives do not match
+    cat > "$T/a2a_mismatch.lua" <<'LUA'
+local nemo, dist = require "nemo", require "nemo.dist"
+dist.init_process_group{backend = "nccl", timeout = 60}
+local r = dist.get_rank()
+local D = "cuda:" .. r
+local ok, err = pcall(dist.all_to_all_single, nemo.zeros({2 * (2 + r)}, {device = D}), nemo.ones({2 * (2 + r)}, {device = D}))
+io.write(string.format("rank %d: %s %s\n", r, tostring(ok), tostring(err)))
+os.exit(ok and 0 or 3)
+LUA
+    start=$SECONDS
+    out=$(NEMO_EMU_CUDA_DEVICES=2 timeout 120 mpirun -np 2 -x NEMO_CUDA_LIB -x NEMO_EMU_CUDA_DEVICES "$N" \
+          "$T/a2a_mismatch.lua" 2> "$T/err")
+    rc=$?
+    if [ "$rc" != 0 ] && [ $((SECONDS - start)) -lt 60 ] && grep -q "rank 0: false .*all_to_all.*NCCL" <<< "$out" &&
+       grep -q "ncclRecv of 2 elements of type 7 from rank 1 on rank 0: the matching ncclSend has 3 elements" "$T/err"; then
+        pass "an all-to-all of different sizes on the ranks over nccl: an NCCL error naming the unmatched ncclRecv, after $((SECONDS - start)) s"
+    else
+        fail "an all-to-all of different sizes over nccl: an error, not a hang" "exit $rc" "$out" "$(tail -n 20 "$T/err")"
     fi
     source tests/sh/lib/train.sh
     TRAIN_ON_CUDA_EMU="$LIB"

@@ -18,6 +18,9 @@
 #   tests/gpu/check_golden.lua     the golden FLUX and Wan cases and Automodel's flow step on the device
 #                                  (tests/golden, or where tests/lua/golden.lua finds them; fails
 #                                  without them)
+#   tests/fake/dist_nccl.lua       (mpirun; skipped without it) nemo.dist's collectives on cuda
+#                                  tensors over the emulated nccl backend on 2 ranks: every NCCL
+#                                  call (all-to-all included) carried out by MPI over the same bytes
 #   the recipe on 2 and 4 ranks    (mpirun; skipped without it) with --device cuda: each rank on
 #                                  cuda:LOCAL_RANK, the nccl backend (emulated over MPI), FSDP2,
 #                                  DDP and HSDP (NCCL subgroups): float64 losses and final weights
@@ -76,6 +79,11 @@ if command -v mpirun > /dev/null 2>&1; then
     trap 'rm -rf "$T"' EXIT
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
     if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+    out=$(NEMO_FAKE_CUDA=2 timeout 300 mpirun -np 2 --oversubscribe -x NEMO_FAKE_CUDA "$N" tests/fake/dist_nccl.lua \
+          2> "$T/err")
+    rc=$?
+    ERR_TAIL=$(tail -n 30 "$T/err") relay "fake cuda" "nemo.dist's collectives over the emulated nccl backend on 2 ranks" \
+        "$rc" "$out"
     source tests/sh/lib/train.sh
     TRAIN_ON_FAKE_CUDA=1
 
