@@ -2,6 +2,7 @@
 -- into compute and communication, and the bytes the collectives move per step.
 --   nemo-lua bench/dist_step.lua [--manager ddp|fsdp2] [--ranks 1,2,4] [--model mlp|flux]
 --                                [--steps N] [--warmup N] [--batch B] [--bucket-mb X]
+--                                [--cp [--tokens N]] [--probs-mb X]
 -- Run without a launcher, it starts itself under mpirun once per rank count (as
 -- `nemo-lua --nproc-per-node N` does: --bind-to none, OMP_NUM_THREADS = cores / N, and
 -- --oversubscribe beyond the core count) and prints one table; under mpirun it is one worker.
@@ -13,7 +14,8 @@
 --             the gradient hooks, the final wait): communication that compute did not hide
 --   compute   step - comm
 --   payload   DDP: bytes each rank hands to all-reduce (float32 gradients + DDP's bookkeeping);
---             FSDP2: bytes of the all-gather outputs + reduce-scatter inputs (+ HSDP all-reduce)
+--             FSDP2: bytes of the all-gather outputs + reduce-scatter inputs (+ HSDP all-reduce);
+--             with --cp also the attention's all-to-alls and the output's all-gather
 --   wire      bytes each rank sends: ring all-reduce 2 (N-1)/N x payload; all-gather and
 --             reduce-scatter (N-1)/N x their full size
 --   early     DDP: buckets started while backward still ran, of all buckets; FSDP2: units
@@ -22,6 +24,13 @@
 --             AdamW state, activations): FSDP2 shards the first three
 -- On a machine with fewer cores than ranks x threads, ranks share cores: more ranks do not
 -- add compute there, and the table shows what the collectives cost on top.
+--
+-- --cp (FSDP2, --model flux): context parallelism instead: every rank trains the same batch of
+-- --tokens image tokens (default 1024) with the sequence split over the N ranks (cp_size N,
+-- Ulysses attention), so the rows show how step time and peak memory per rank fall as the
+-- tokens spread (strong scaling over the sequence; samples/s counts each sample once).
+-- --probs-mb X: the budget of attention probabilities kept for backward per process
+-- (F.set_attention_probs_budget; default 512): 0 shows the activations alone.
 local nemo = require "nemo"
 local dist = require "nemo.dist"
 local json = require "nemo.json"
@@ -32,7 +41,7 @@ local F = nemo.F
 -- ==== arguments ====
 
 local opts = {ranks = {1, 2, 4}, model = "mlp", steps = 8, warmup = 2, batch = 32, bucket_mb = 25, worker = false,
-              manager = "ddp"}
+              manager = "ddp", cp = false, tokens = 1024}
 local argv = arg or {}
 local i = 1
 while i <= #argv do
@@ -48,15 +57,26 @@ while i <= #argv do
     elseif a == "--batch" then opts.batch = tonumber(v); i = i + 1
     elseif a == "--bucket-mb" then opts.bucket_mb = tonumber(v); i = i + 1
     elseif a == "--worker" then opts.worker = true
+    elseif a == "--cp" then opts.cp = true
+    elseif a == "--tokens" then opts.tokens = tonumber(v); i = i + 1
+    elseif a == "--probs-mb" then opts.probs_mb = tonumber(v); i = i + 1
     else
         error("dist_step: unknown argument '" .. tostring(a) .. "' (--manager ddp|fsdp2, --ranks 1,2,4, " ..
               "--model mlp|flux, --steps N, " ..
-              "--warmup N, --batch B, --bucket-mb X)", 0)
+              "--warmup N, --batch B, --bucket-mb X, --cp, --tokens N, --probs-mb X)", 0)
     end
     i = i + 1
 end
 if opts.model ~= "mlp" and opts.model ~= "flux" then error("dist_step: --model is mlp or flux", 0) end
 if opts.manager ~= "ddp" and opts.manager ~= "fsdp2" then error("dist_step: --manager is ddp or fsdp2", 0) end
+if opts.cp then
+    if opts.model ~= "flux" then error("dist_step: --cp runs --model flux", 0) end
+    opts.manager = "fsdp2"
+    local side = math.floor(math.sqrt(opts.tokens) + 0.5)
+    if side * side ~= opts.tokens or opts.tokens % 4 ~= 0 then
+        error("dist_step: --tokens must be a square and a multiple of 4 (e.g. 1024)", 0)
+    end
+end
 
 local function median(t)
     local s = {}
@@ -91,9 +111,12 @@ local function flux_model()
                  guidance_embeds = true, axes_dims_rope = {8, 12, 12}}
     local model = flux.FluxTransformer2DModel(cfg)
     local B, img, txt = math.max(1, math.floor(opts.batch / 16)), 64, 16
-    local g = nemo.Generator(1000 + dist.get_rank())
+    -- context parallel: one batch for all ranks (the cp ranks share it), a longer sequence
+    if opts.cp then img, txt = opts.tokens, 64 end
+    local side = math.floor(math.sqrt(img) + 0.5)
+    local g = nemo.Generator(opts.cp and 1000 or 1000 + dist.get_rank())
     local ids = nemo.zeros(img, 3)
-    for r = 0, img - 1 do ids[{r, 1}] = math.floor(r / 8); ids[{r, 2}] = r % 8 end
+    for r = 0, img - 1 do ids[{r, 1}] = math.floor(r / side); ids[{r, 2}] = r % side end
     local args = {
         hidden_states = nemo.randn({B, img, 64}, {generator = g}),
         encoder_hidden_states = nemo.randn({B, txt, 256}, {generator = g}),
@@ -103,19 +126,21 @@ local function flux_model()
     }
     local target = nemo.randn({B, img, 64}, {generator = g})
     opts.batch = B
-    return model, function() return F.mse_loss(model(args), target) end, "FLUX (D 128, 1 + 2 blocks)"
+    return model, function() return F.mse_loss(model(args), target) end,
+        string.format("FLUX (D 128, 1 + 2 blocks, %d image + %d text tokens)", img, txt)
 end
 
 -- ==== one worker (a rank) ====
 
 local function worker()
     dist.init_process_group{backend = "mpi", timeout = 300}
+    if opts.probs_mb then F.set_attention_probs_budget(opts.probs_mb * 2 ^ 20) end
     local rank, world = dist.get_rank(), dist.get_world_size()
     nemo.manual_seed(0)
     local model, loss_fn, desc
     if opts.model == "mlp" then model, loss_fn, desc = mlp_model() else model, loss_fn, desc = flux_model() end
     local fsdp = opts.manager == "fsdp2"
-    local mgr = fsdp and parallel._create_parallel_manager{} or
+    local mgr = fsdp and parallel._create_parallel_manager{cp_size = opts.cp and world or nil} or
         parallel._create_parallel_manager{_manager_type = "ddp", bucket_cap_mb = opts.bucket_mb}
     mgr:parallelize(model)
     local opt = nemo.optim.AdamW(mgr.parameters and mgr:parameters() or model:parameters(), {lr = 1e-4, weight_decay = 0.01})
@@ -125,7 +150,7 @@ local function worker()
         if s == opts.warmup + 1 then nemo.reset_peak_memory_stats() end
         collectgarbage()
         dist.barrier()
-        local c0 = dist.stats().seconds
+        local c0, b0 = dist.stats().seconds, dist.stats().bytes
         if fsdp then mgr:reset_stats() end
         local t0 = dist.wtime()
         opt:zero_grad()
@@ -144,6 +169,11 @@ local function worker()
                 local f = (world - 1) / world
                 bytes[#bytes + 1] = st.all_gather_bytes + st.reduce_scatter_bytes + st.all_reduce_bytes
                 wire[#wire + 1] = f * (st.all_gather_bytes + st.reduce_scatter_bytes) + 2 * f * st.all_reduce_bytes
+                if opts.cp then   -- plus the all-to-alls and the output's all-gather (every collective's bytes)
+                    local extra = dist.stats().bytes - b0 - bytes[#bytes]
+                    bytes[#bytes] = bytes[#bytes] + extra
+                    wire[#wire] = wire[#wire] + f * extra
+                end
                 early[#early + 1] = mgr:info().units
             else
                 early[#early + 1] = (mgr:info().last.early or 0)
@@ -156,7 +186,7 @@ local function worker()
     local peak = dist.all_reduce_number(nemo.memory_stats().peak, "max")
     if rank == 0 then
         io.write("RESULT ", json.encode({ranks = world, model = desc, params = model:num_parameters(),
-            batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm,
+            batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm, cp = opts.cp,
             payload = fsdp and median(bytes) or info.bytes_per_step, wire = fsdp and median(wire) or nil,
             buckets = fsdp and info.units or info.buckets, early = median(early), peak = peak,
             library = dist.library_version()}), "\n")
@@ -187,16 +217,20 @@ do
 end
 local root = io.popen("id -u"):read("*l") == "0"
 
-print(string.format("%s step on CPU ranks (weak scaling%s, %d timed steps after %d warmup; %d cores)",
-    opts.manager == "fsdp2" and "FSDP2" or "DDP", opts.manager == "ddp" and string.format(", bucket_cap_mb %g",
-    opts.bucket_mb) or "", opts.steps, opts.warmup, cores))
+print(string.format("%s step on CPU ranks (%s%s, %d timed steps after %d warmup; %d cores)",
+    opts.cp and "FSDP2 + context parallel (cp_size = ranks)" or (opts.manager == "fsdp2" and "FSDP2" or "DDP"),
+    opts.cp and "strong scaling over the sequence: one batch, its tokens split" or "weak scaling",
+    opts.manager == "ddp" and string.format(", bucket_cap_mb %g", opts.bucket_mb) or "", opts.steps, opts.warmup,
+    cores))
 local rows = {}
 for _, n in ipairs(opts.ranks) do
     local threads = math.max(1, math.floor(cores / n))
     local cmd = string.format("OMP_NUM_THREADS=%d OMPI_MCA_btl=${OMPI_MCA_btl:-self,vader} mpirun -np %d %s%s" ..
         "--bind-to none -x OMP_NUM_THREADS %s %s --worker --manager %s --model %s --steps %d --warmup %d --batch %d " ..
-        "--bucket-mb %g 2>&1", threads, n, n > cores and "--oversubscribe " or "", root and "--allow-run-as-root " or "",
-        nemo_lua, script, opts.manager, opts.model, opts.steps, opts.warmup, opts.batch, opts.bucket_mb)
+        "--bucket-mb %g%s 2>&1", threads, n, n > cores and "--oversubscribe " or "",
+        root and "--allow-run-as-root " or "", nemo_lua, script, opts.manager, opts.model, opts.steps, opts.warmup,
+        opts.batch, opts.bucket_mb, (opts.cp and (" --cp --tokens " .. opts.tokens) or "") ..
+        (opts.probs_mb and (" --probs-mb " .. opts.probs_mb) or ""))
     local p = io.popen(cmd)
     local out = p:read("*a")
     p:close()
@@ -218,5 +252,5 @@ for _, r in ipairs(rows) do
     local payload = n > 1 and r.payload or 0
     print(string.format("%5d %7d %9.1f %9.1f %9.1f %5.1f%% %10.2f %10.2f %3d/%-3d %10.1f %9.1f", n, r.threads,
         r.step * 1e3, (r.step - r.comm) * 1e3, r.comm * 1e3, 100 * r.comm / r.step, payload / 2 ^ 20, wire / 2 ^ 20,
-        math.floor(r.early + 0.5), r.buckets, n * r.batch / r.step, (r.peak or 0) / 2 ^ 20))
+        math.floor(r.early + 0.5), r.buckets, (r.cp and 1 or n) * r.batch / r.step, (r.peak or 0) / 2 ^ 20))
 end

@@ -351,11 +351,22 @@ local function data_parallel_size(cfg)
     local ws = world()
     local block = cfg.fsdp or cfg.ddp
     local name = cfg.fsdp and "fsdp" or "ddp"
+    local cpn = 1
     if block then
-        for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
+        for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
             if block[k] and block[k] > 1 then
-                cfg_error(string.format("%s.%s = %d: tensor/context/pipeline/expert parallelism is not supported yet",
+                cfg_error(string.format("%s.%s = %d: tensor/pipeline/expert parallelism is not supported yet",
                     name, k, block[k]))
+            end
+        end
+        if block.cp_size and block.cp_size > 1 then
+            if cfg.ddp then
+                cfg_error(string.format("ddp.cp_size = %d: context parallelism runs under FSDP2 (an 'fsdp:' block), " ..
+                    "as in Automodel", block.cp_size))
+            end
+            cpn = block.cp_size
+            if cpn % 1 ~= 0 or ws % cpn ~= 0 then
+                cfg_error(string.format("fsdp.cp_size = %s must divide the world size %d", tostring(cpn), ws))
             end
         end
     end
@@ -364,11 +375,13 @@ local function data_parallel_size(cfg)
             "(e.g. 'fsdp:\n  dp_size: %d' or 'ddp:\n  dp_size: %d') to choose the data-parallel manager", ws, ws, ws))
     end
     if block then
-        -- dp_size counts every data-parallel rank (HSDP's replicas included, as Automodel's mesh)
-        local dp = block.dp_size or ws
-        if dp ~= ws then
-            cfg_error(string.format("%s.dp_size = %d does not match the world size %d (this run has %d process%s; " ..
-                "pass --%s.dp_size %d)", name, dp, ws, ws, ws == 1 and "" or "es", name, ws))
+        -- dp_size counts every data-parallel rank (HSDP's replicas included, as Automodel's mesh);
+        -- the cp ranks of a data-parallel rank share its batch
+        local dp = block.dp_size or ws / cpn
+        if dp * cpn ~= ws then
+            cfg_error(string.format("%s.dp_size = %d does not match the world size %d%s (this run has %d process%s; " ..
+                "pass --%s.dp_size %d)", name, dp, ws, cpn > 1 and (" / cp_size " .. cpn) or "", ws,
+                ws == 1 and "" or "es", name, ws / cpn))
         end
         local rep = block.dp_replicate_size or 1
         if rep > 1 and (dp % rep ~= 0 or rep >= dp) then
@@ -376,15 +389,16 @@ local function data_parallel_size(cfg)
                 "(HSDP shards over dp_size / dp_replicate_size ranks)", name, rep, dp))
         end
     end
-    -- tp = cp = pp = 1: the data-parallel group is the world, rank for rank
+    -- tp = pp = 1: the mesh is (dp_replicate, dp_shard, cp) with cp fastest, so the cp ranks of
+    -- data-parallel rank d are d x cp .. d x cp + cp - 1
     local _, rank = world()
-    return ws, rank
+    return ws / cpn, math.floor(rank / cpn), cpn
 end
 
 -- batch_math(cfg) -> {local_bs, global_bs, dp_size, grad_acc}: global = local x dp x grad_acc exactly.
 function M.batch_math(cfg)
     local ss = cfg.step_scheduler
-    local dp_size, dp_rank = data_parallel_size(cfg)
+    local dp_size, dp_rank, cp_size = data_parallel_size(cfg)
     local local_bs = ss.local_batch_size or 1
     local global_bs = ss.global_batch_size or local_bs * dp_size
     if global_bs % (local_bs * dp_size) ~= 0 then
@@ -400,7 +414,7 @@ function M.batch_math(cfg)
             "x data-parallel size (%d) = %d: gradient accumulation is global / (local x dp) micro-batches per step " ..
             "(e.g. %s)", global_bs, local_bs, dp_size, unit, table.concat(fixes, " or ")))
     end
-    return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, dp_rank = dp_rank,
+    return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, dp_rank = dp_rank, cp_size = cp_size,
             grad_acc = global_bs / (local_bs * dp_size)}
 end
 
@@ -870,7 +884,7 @@ function M.run(cfg, opts)
     local bm = M.batch_math(cfg)
     -- several processes: rank 0 alone prints, writes metrics and publishes checkpoints
     local ws = world()
-    local main = bm.dp_rank == 0
+    local main = select(2, world()) == 0
     if not main then log = function() end end
     local fmok, fm = pcall(require("nemo.flow_matching").FlowMatching, cfg.flow_matching)
     if not fmok then cfg_error(tostring(fm)) end
@@ -1153,6 +1167,10 @@ function M.run(cfg, opts)
                 (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate) or "") or "",
             mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or "",
             mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
+    end
+    if bm.cp_size > 1 then
+        log(string.format("context parallel: %d ranks split each sample's tokens (Ulysses attention); %d " ..
+            "data-parallel rank%s", bm.cp_size, dp_size, dp_size == 1 and "" or "s"))
     end
 
     local t_start = now()

@@ -240,8 +240,12 @@ do
     ok(m:get_group("dp"):size() == n and m:get_local_rank("dp") == rank, "DeviceMesh{}: the dp group is the world")
     raises(function() mesh{tp_size = 2} end, "tp_size = 2: tensor parallelism is not supported yet",
         "DeviceMesh: tp_size > 1 is a clear 'not supported yet' error naming the key")
-    raises(function() mesh{cp_size = 2} end, "cp_size = 2: context parallelism is not supported yet",
-        "DeviceMesh: cp_size > 1 names cp_size")
+    local mc = mesh{cp_size = n}
+    ok(mc:size("cp") == n and mc.dp_size == 1 and mc:get_group("cp"):size() == n and
+       mc:get_local_rank("cp") == rank and mc:size("dp_shard_cp") == n,
+        "DeviceMesh{cp_size = world}: context parallelism is accepted: dp inferred 1, the cp group is the world",
+        tostring(mc))
+    mc:destroy()
     raises(function() mesh{pp_size = 4} end, "pp_size = 4", "DeviceMesh: pp_size > 1 names pp_size")
     raises(function() mesh{ep_size = 2} end, "ep_size = 2", "DeviceMesh: ep_size > 1 names ep_size")
     raises(function() mesh{dp_size = n + 1} end, "does not match the world size " .. n,

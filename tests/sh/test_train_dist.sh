@@ -10,6 +10,8 @@
 #     managers (FSDP2 shards on 4 ranks, DDP's consolidated file into FSDP2);
 #   - LoRA (a peft block) on DDP and FSDP2 equals one process; FSDP2 LoRA checkpoints hold the
 #     adapters only and resume bitwise;
+#   - context parallelism (fsdp.cp_size 2: cp x dp = 2 x 1 and 2 x 2) equals one process and
+#     resumes bitwise;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -112,6 +114,23 @@ case_eq "HSDP (fsdp2 dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches o
     --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
 case_eq "ddp, 4 ranks x batch 2" 4 r1 ddp4 --ddp.dp_size 4 --step_scheduler.local_batch_size 2 \
     --step_scheduler.global_batch_size 8
+# context parallelism: the cp ranks share a batch and split its tokens (FSDP2 over dp_shard_cp)
+case_eq "fsdp2 context parallel (cp_size 2, dp 1), 2 ranks x the whole batch 8" 2 r1 cp2 --fsdp.cp_size 2 \
+    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+STEPLINES=$(grep -c '^step ' <<< "$OUT")
+if [ "$STEPLINES" = 4 ] && [ "$(wc -l < "$T/cp2/metrics.jsonl")" = 4 ] && grep -q "context parallel: 2" <<< "$OUT"; then
+    pass "context parallel: only rank 0 prints the 4 step lines (both ranks are data-parallel rank 0); the log names cp"
+else
+    fail "context parallel: rank 0 alone prints" "step lines: $STEPLINES" "$OUT"
+fi
+case_eq "fsdp2 dp 2 x cp 2, 4 ranks, 2 micro-batches of 2, activation checkpointing" 4 racc cp2dp2 --fsdp.cp_size 2 \
+    --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --fsdp.activation_checkpointing true
+train 2 0 cpbad --fsdp.cp_size 2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+if [ "$RC" != 0 ] && grep -q "fsdp.dp_size = 2 does not match the world size 2 / cp_size 2" <<< "$ERR"; then
+    pass "fsdp.dp_size x cp_size above the world size is an error naming both"
+else
+    fail "dp_size x cp_size must be the world size" "exit $RC" "$ERR"
+fi
 
 # ==== resume ====
 train 2 2 fsdp2stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
@@ -123,6 +142,15 @@ if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$
     pass "fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise (weights and logged losses)"
 else
     fail "fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+fi
+train 2 2 cp2stop --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+A_RC=$RC
+train 2 0 cp2stop --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+C=$(compare cp2stop/epoch_0_step_3 cp2/epoch_0_step_3)
+if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
+    pass "fsdp2 cp_size 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
+else
+    fail "context-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
 fi
 # FSDP2 shards of 2 ranks resumed on 4 ranks (HSDP 2 x 2 reads 2 shards; dp_shard 4 reshards)
 cp -r "$T/fsdp2stop" "$T/reshard4"

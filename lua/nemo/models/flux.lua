@@ -37,6 +37,7 @@ local F = require "nemo.functional"
 local autograd = require "nemo.autograd"
 local json = require "nemo.json"
 local common = require "nemo.models.common"
+local cp = require "nemo.parallel.context"
 
 local free, factory = common.free, common.factory
 local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
@@ -223,7 +224,8 @@ function FluxAttention:forward(hs, ehs, rope)
     end
     -- native backend: (B, S, H, Dh) -> (B, H, S, Dh) views, SDPA, back to (B, S, H, Dh)
     local qt, kt, vt = q:transpose(1, 2), k:transpose(1, 2), v:transpose(1, 2)
-    local o = F.scaled_dot_product_attention(qt, kt, vt)
+    local cpg = rawget(self, "_cp_group")
+    local o = cpg and cp.attention(qt, kt, vt, cpg) or F.scaled_dot_product_attention(qt, kt, vt)
     free(qt, kt, vt, k, v)
     local ot = o:transpose(1, 2)
     local of = ot:flatten(2, 3)
@@ -553,7 +555,14 @@ function FluxTransformer2DModel:forward(args)
             "do not pass guidance", 2)
     end
 
-    local hs = self.x_embedder(x)
+    -- context parallelism: this rank's slice of the image and of the text tokens (diffusers' _cp_plan)
+    local cpg = rawget(self, "_cp_group")
+    local xl, el = x, e
+    if cpg then
+        xl = cp.split(x, 1, cpg, "hidden_states (the image tokens)")
+        el = cp.split(e, 1, cpg, "encoder_hidden_states (the text tokens)")
+    end
+    local hs = self.x_embedder(xl)
     local dt = hs.dtype
     local function scaled(key)
         local v = per_sample(args, key, B, dt, x.device)
@@ -572,11 +581,16 @@ function FluxTransformer2DModel:forward(args)
         temb = self.time_text_embed(t, pooled)
     end
     free(t)
-    local ehs = self.context_embedder(e)
+    local ehs = self.context_embedder(el)
+    if cpg then free(xl, el) end
 
     local txt_ids = ids_of(args, "txt_ids", T, "text")
     local img_ids = ids_of(args, "img_ids", N, "image")
     local ids_dtype = dt == "float64" and "float64" or "float32"
+    if cpg then
+        txt_ids, img_ids = cp.split(txt_ids, 0, cpg, "txt_ids"), cp.split(img_ids, 0, cpg, "img_ids")
+        T = ehs.shape[2]
+    end
     local ids = F.cat({txt_ids:to{dtype = ids_dtype}, img_ids:to{dtype = ids_dtype}}, 0)
     local cos, sin = self.pos_embed(ids)
     free(ids)
@@ -637,7 +651,22 @@ function FluxTransformer2DModel:forward(args)
     free(hs, temb)
     local out = self.proj_out(n)
     free(n)
+    if cpg then   -- every rank's tokens, in order (diffusers' ContextParallelOutput on proj_out)
+        local full = cp.gather(out, 1, cpg)
+        free(out)
+        out = full
+    end
     return out
+end
+
+-- model:enable_context_parallel(group): split the image and text tokens over the ranks of
+-- `group` (a nemo.dist group; nil turns it off) and run every attention as Ulysses attention
+-- (nemo.parallel.context). The output is gathered, the same on every rank. Sequence lengths and
+-- the head count must be multiples of the group's size. Each rank's parameter gradients are
+-- then its tokens' share: sum them over the group (the FSDP2 manager with cp_size does).
+function FluxTransformer2DModel:enable_context_parallel(group)
+    cp.enable(self, group, FluxAttention)
+    return self
 end
 
 -- ==== files ====

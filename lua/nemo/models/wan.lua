@@ -52,6 +52,7 @@ local F = require "nemo.functional"
 local autograd = require "nemo.autograd"
 local json = require "nemo.json"
 local common = require "nemo.models.common"
+local cp = require "nemo.parallel.context"
 
 local free, factory, upcast, upcast_dtype = common.free, common.factory, common.upcast, common.upcast_dtype
 local is_tensor, shape_str = Tensor.is_tensor, Tensor.shape_str
@@ -239,9 +240,10 @@ function WanAttention:__init(dim, heads, dim_head, eps, opts)
 end
 
 -- (B, S, H, Dh) q, k, v -> SDPA over heads -> (B, S, H Dh) in q's dtype
-local function attend(q, k, v)
+-- (Ulysses attention over the cp group when the model runs context-parallel: self-attention only)
+local function attend(q, k, v, cpg)
     local qt, kt, vt = q:transpose(1, 2), k:transpose(1, 2), v:transpose(1, 2)
-    local o = F.scaled_dot_product_attention(qt, kt, vt)
+    local o = cpg and cp.attention(qt, kt, vt, cpg) or F.scaled_dot_product_attention(qt, kt, vt)
     free(qt, kt, vt)
     local ot = o:transpose(1, 2)
     local of = ot:flatten(2, 3)
@@ -288,7 +290,7 @@ function WanAttention:forward(hs, ehs, rope)
         of_img = attend(q, ki, vi)
         free(ki, vi)
     end
-    local of = attend(q, k, v)
+    local of = attend(q, k, v, rawget(self, "_cp_group"))
     free(k, v, q)
     if of_img ~= nil then
         local sum = of + of_img
@@ -734,6 +736,17 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
     local Fp, Hp, Wp = Fr / pt, Hh / ph, Ww / pw
     local L = Fp * Hp * Wp
     local t, ts_len = timestep_of(args, B, L)
+    -- context parallelism: this rank's slice of the patch tokens (diffusers' _cp_plan splits the
+    -- first block's input, the rotary tables and a per-token timestep; the text stays whole: the
+    -- cross-attention of a slice of queries needs no exchange)
+    local cpg = rawget(self, "_cp_group")
+    if cpg and ts_len then
+        cp.check_len(L, cpg:size(), "the video's patch sequence")
+        local t2 = t:reshape{B, L}
+        local tl = cp.split(t2, 1, cpg, "timestep")
+        t, ts_len = tl:reshape{B * tl.shape[2]}, tl.shape[2]
+        free(t2, tl)
+    end
 
     local rope = self.rope(x, upcast_dtype(self.patch_embedding.weight.dtype))
     local cos, sin = rope[1], rope[2]
@@ -743,6 +756,12 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
     local hs = pt_:contiguous()                              -- (B, L, D), tokens (f, y, x), f slowest
     free(pe, pf)
     if not rawequal(pt_, hs) then free(pt_) end
+    if cpg then
+        local hl = cp.split(hs, 1, cpg, "the video's patch sequence")
+        cos, sin = cp.split(cos, 0, cpg, "rope"), cp.split(sin, 0, cpg, "rope")
+        free(hs)
+        hs = hl
+    end
     local dt = hs.dtype
 
     if eimg ~= nil and e.shape[2] ~= 512 then
@@ -791,12 +810,30 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
     free(hs, c[1], c[2])
     local o = self.proj_out(n)
     free(n)
+    if cpg then   -- every rank's tokens, in order (diffusers' ContextParallelOutput on proj_out)
+        local full = cp.gather(o, 1, cpg)
+        free(o, cos, sin)
+        o = full
+    end
     -- unpatchify: (B, L, p_t p_h p_w C_out) -> (B, C_out, F, H, W), C_out fastest in the last axis
     local o8 = o:reshape{B, Fp, Hp, Wp, pt, ph, pw, self.out_channels}
     local op = o8:permute{0, 7, 1, 4, 2, 5, 3, 6}
     local out = op:reshape{B, self.out_channels, Fr, Hh, Ww}
     free(o, o8, op)
     return out
+end
+
+-- model:enable_context_parallel(group): split the patch tokens over the ranks of `group` (a
+-- nemo.dist group; nil turns it off) and run each self-attention (attn1) as Ulysses attention
+-- (nemo.parallel.context); the cross-attention's queries attend the whole text locally. The output
+-- is gathered, the same on every rank. The patch count and the head count must be multiples of
+-- the group's size. Each rank's parameter gradients are its tokens' share: sum them over the
+-- group (the FSDP2 manager with cp_size does).
+function WanTransformer3DModel:enable_context_parallel(group)
+    local blocks = {}
+    for _, b in self.blocks:iter() do blocks[b.attn1] = true end
+    cp.enable(self, group, function(m) return blocks[m] == true end)
+    return self
 end
 
 -- ==== files ====

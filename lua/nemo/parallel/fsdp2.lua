@@ -128,13 +128,25 @@ function M.FSDP2Manager(opts)
             error(string.format("FSDP2Manager: %s must be a %s, got %s", k, want, type(v)), 2)
         end
     end
-    for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
+    for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
         local v = opts[k]
         if type(v) == "number" and v > 1 then
             error(string.format("FSDP2Manager: %s = %d: %s parallelism is not supported yet in nemo-lua (set %s " ..
-                "to 1; data parallelism with dp_size / dp_replicate_size is)", k, v,
-                ({tp_size = "tensor", cp_size = "context", pp_size = "pipeline", ep_size = "expert"})[k], k), 2)
+                "to 1; data parallelism with dp_size / dp_replicate_size is, and context parallelism with cp_size)",
+                k, v, ({tp_size = "tensor", pp_size = "pipeline", ep_size = "expert"})[k], k), 2)
         end
+    end
+    -- context parallelism is Ulysses (Automodel: ring x ulysses = cp_size, ring must be 1)
+    local cpn = type(opts.cp_size) == "number" and opts.cp_size > 1 and opts.cp_size or 1
+    local ring = is_null(opts.cp_ring_degree) and 1 or opts.cp_ring_degree
+    if ring ~= 1 then
+        error(string.format("FSDP2Manager: cp_ring_degree = %s: ring attention is not supported (Automodel rejects " ..
+            "it too); context parallelism is Ulysses: set cp_ring_degree to 1 and cp_ulysses_degree to cp_size",
+            tostring(ring)), 2)
+    end
+    if not is_null(opts.cp_ulysses_degree) and opts.cp_ulysses_degree ~= cpn then
+        error(string.format("FSDP2Manager: cp_ring_degree x cp_ulysses_degree = 1 x %s must equal cp_size = %d",
+            tostring(opts.cp_ulysses_degree), cpn), 2)
     end
     if opts.sequence_parallel then error("FSDP2Manager: sequence_parallel needs tensor parallelism, which nemo-lua " ..
         "does not have yet", 2) end
@@ -296,12 +308,23 @@ function FSDP:parallelize(model)
     for _, k in ipairs(mesh.KEYS) do mopts[k] = self.opts[k] end
     local ok, dm = pcall(mesh.DeviceMesh, mopts)
     if not ok then error(dm, 2) end
-    local S, R = dm:size("dp_shard"), dm:size("dp_replicate")
+    -- with context parallelism the cp ranks shard too (Automodel's dp_shard_cp): their gradients
+    -- are each a part of the sum, so the reduce-scatter's average is multiplied back by cp
+    local CP = dm:size("cp")
+    local S, R = dm:size(CP > 1 and "dp_shard_cp" or "dp_shard"), dm:size("dp_replicate")
     if R > 1 and S == 1 then
         error(string.format("FSDP2Manager: dp_replicate_size = %d with dp_shard = 1 is plain replication; use the " ..
             "ddp manager for that (FSDP2 needs dp_size / dp_replicate_size >= 2)", R), 2)
     end
-    self.mesh, self.S, self.R = dm, S, R
+    self.mesh, self.S, self.R, self.CP = dm, S, R, CP
+    if CP > 1 then
+        if type(model.enable_context_parallel) ~= "function" then
+            error(string.format("FSDP2Manager: cp_size = %d but the model (%s) has no enable_context_parallel " ..
+                "(context parallelism runs FluxTransformer2DModel and WanTransformer3DModel)", CP,
+                tostring(getmetatable(model) and getmetatable(model).__name or type(model))), 2)
+        end
+        model:enable_context_parallel(dm:get_group("cp"))
+    end
     local param_dtype = self.param_dtype
     if self.opts.activation_checkpointing and model.enable_gradient_checkpointing then
         model:enable_gradient_checkpointing()
@@ -339,7 +362,8 @@ function FSDP:parallelize(model)
     -- (one rank with mixed precision or CPU offload runs the same machinery with one shard:
     -- float32 master weights in host or device memory, a param_dtype copy gathered onto the
     -- device for each forward and backward)
-    self.shard_group, self.rep_group = dm:get_group("dp_shard"), R > 1 and dm:get_group("dp_replicate") or nil
+    self.shard_group = dm:get_group(CP > 1 and "dp_shard_cp" or "dp_shard")
+    self.rep_group = R > 1 and dm:get_group("dp_replicate") or nil
     local rank = self.shard_group:rank()
     -- every rank starts from rank 0's weights and buffers (whatever each rank's initialization was)
     local world = dist.group_world()
@@ -535,6 +559,9 @@ function FSDP:_drain()
         local fresh = false
         if not g.gbuf then g.gbuf = Tensor.empty({g.N}, {dtype = g.dtype, device = g.sdev}) end
         local red = it.out
+        if self.CP > 1 then   -- the average over dp_shard x cp, times cp: summed over cp, averaged over dp
+            autograd.no_grad(red.mul_, red, self.CP)
+        end
         if g.sdev ~= g.device then   -- CPU offload: the reduced shard gradient goes to the host
             red = it.out:to{device = g.sdev}
             self.stats.offload_bytes = self.stats.offload_bytes + g.N * red:element_size()

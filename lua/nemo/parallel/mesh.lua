@@ -10,8 +10,9 @@
 -- Non-obvious rules:
 -- - A size left out, nil, or <= 0 means 1, as in Automodel; dp_size left out is inferred as
 --   world / (tp x cp x pp). The product of the grid must equal the world size.
--- - tp, cp, pp and ep > 1 are refused with an error naming the key: nemo-lua cannot run them
---   yet, and a dimension is never silently ignored.
+-- - tp, pp and ep > 1 are refused with an error naming the key: nemo-lua cannot run them yet,
+--   and a dimension is never silently ignored. cp (context parallelism) runs under FSDP2, which
+--   then shards over dp_shard_cp (nemo.parallel.context).
 -- - Groups are created at construction, in one fixed order on every rank (MPI_Comm_split is
 --   collective). Axes with the same member ranks share one group; an axis that spans the whole
 --   world uses the world group.
@@ -25,7 +26,7 @@ local KEYS = {"dp_size", "dp_replicate_size", "tp_size", "cp_size", "pp_size", "
 M.DIMS, M.KEYS = DIMS, KEYS
 
 local UNSUPPORTED = {
-    tp_size = "tensor parallelism", cp_size = "context parallelism", pp_size = "pipeline parallelism",
+    tp_size = "tensor parallelism", pp_size = "pipeline parallelism",
     ep_size = "expert parallelism",
 }
 
@@ -62,7 +63,7 @@ function M.DeviceMesh(opts)
     local rank = opts.rank or dist.get_rank()
     local s = {}
     for _, k in ipairs(KEYS) do s[k] = size_of(opts, k, what) end
-    for _, k in ipairs { "tp_size", "cp_size", "pp_size", "ep_size" } do
+    for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
         if s[k] > 1 then
             error(string.format("%s: %s = %d: %s is not supported yet in nemo-lua (set %s to 1; data parallelism " ..
                 "with dp_size / dp_replicate_size is)", what, k, s[k], UNSUPPORTED[k], k), 2)

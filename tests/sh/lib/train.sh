@@ -9,7 +9,7 @@
 #                         the plugin's kernels and its NCCL backend, --device cuda).
 #   device_recipe_cases   the recipe on cuda over the nccl backend, in the mode above (pass /
 #                         fail lines): FSDP2, DDP with accumulation and checkpointing, HSDP on 4
-#                         ranks, FSDP2 with CPU offload, each against one CPU process; FSDP2
+#                         ranks, FSDP2 context parallel (cp 2), FSDP2 with CPU offload, each against one CPU process; FSDP2
 #                         mixed precision; a bitwise
 #                         resume from device shards (needs tap.sh's pass / fail)
 #   losses DIR            the metrics.jsonl losses of $T/DIR, one per line
@@ -77,6 +77,9 @@ device_recipe_cases() {
         --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --ddp.activation_checkpointing true
     case_eq "HSDP on cuda (dp_size 4, dp_replicate_size 2), 4 ranks, 2 micro-batches of 1" 4 racc hsdp4 \
         --fsdp.dp_size 4 --fsdp.dp_replicate_size 2 --step_scheduler.local_batch_size 1 --step_scheduler.global_batch_size 8
+    # context parallelism: the tokens split over 2 ranks, Ulysses all-to-alls through the nccl backend
+    case_eq "fsdp2 context parallel (cp_size 2) on cuda, 2 ranks x the whole batch 8" 2 r1 cp2 --fsdp.cp_size 2 \
+        --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
     # FSDP2 with CPU offload: host shards, gradients and AdamW state; the same numbers
     case_eq "fsdp2 with cpu_offload on cuda, 2 ranks x batch 4" 2 r1 offl --fsdp.dp_size 2 --fsdp.cpu_offload true \
         --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
