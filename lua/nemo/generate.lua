@@ -17,9 +17,15 @@
 -- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
 -- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
 -- encoder). inference.input_images: one image path, or one per prompt, for image-to-video (a
--- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): a `distributed`
--- block (one process samples), other image-conditioned pipelines; vae.enable_cpu_offload is
--- noted and ignored.
+-- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): other
+-- image-conditioned pipelines, tp_size / pp_size; vae.enable_cpu_offload is noted and ignored.
+--
+-- Several processes (mpirun / srun / nemo-lua --nproc-per-node N, with a `distributed:` block
+-- as Automodel's generate.py: backend, timeout_minutes, parallel_scheme.<component>.cp_size /
+-- dp_size): the processes form dp = N / cp groups of cp ranks; group d samples prompts d, d + dp,
+-- ... (the same Generator(seed + i) as one process), its cp ranks splitting each sample's tokens
+-- (nemo.parallel.context: the named transformers run enable_context_parallel); the group's first
+-- rank writes the files. Every rank loads the whole pipeline.
 local fs = require "nemo.fs"
 
 local M = {}
@@ -34,8 +40,13 @@ M.SCHEMA = {
                  input_images = "table"},
     output = {output_dir = "string", fps = "number"},
     vae = {enable_slicing = "boolean", enable_tiling = "boolean", enable_cpu_offload = "boolean"},
-    distributed = "table",
+    distributed = {backend = "string", timeout_minutes = "number", parallel_scheme = "table"},
 }
+
+-- the keys a distributed.parallel_scheme component takes (Automodel's generate.py copies the sizes
+-- and adds backend, world_size and use_hf_tp_plan itself; nemo-lua accepts and ignores those three)
+local SCHEME_KEYS = {cp_size = true, dp_size = true, dp_replicate_size = true, tp_size = true, pp_size = true,
+                     backend = true, world_size = true, use_hf_tp_plan = true}
 
 local function cfg_error(msg) error("generate config: " .. msg, 0) end
 
@@ -66,8 +77,31 @@ function M.validate(cfg)
                 "prompt)", #ii, #inf.prompts))
         end
     end
-    if cfg.distributed ~= nil then
-        cfg_error("distributed: nemo-lua samples in one process (remove the distributed block)")
+    local d = cfg.distributed
+    if d ~= nil then
+        if d.backend ~= nil and not ({nccl = 1, mpi = 1, gloo = 1})[d.backend] then
+            cfg_error("distributed.backend must be nccl, mpi or gloo, got " .. tostring(d.backend))
+        end
+        if d.timeout_minutes ~= nil and not (d.timeout_minutes > 0) then
+            cfg_error("distributed.timeout_minutes must be > 0, got " .. tostring(d.timeout_minutes))
+        end
+        for name, sc in pairs(d.parallel_scheme or {}) do
+            if type(sc) ~= "table" then
+                cfg_error(string.format("distributed.parallel_scheme.%s must be a table of sizes (cp_size, dp_size)",
+                    tostring(name)))
+            end
+            for k, v in pairs(sc) do
+                if not SCHEME_KEYS[k] then
+                    cfg_error(string.format("unknown key 'distributed.parallel_scheme.%s.%s' (known: cp_size, " ..
+                        "dp_size, dp_replicate_size, tp_size, pp_size)", tostring(name), tostring(k)))
+                end
+                if (k == "tp_size" or k == "pp_size") and type(v) == "number" and v > 1 then
+                    cfg_error(string.format("distributed.parallel_scheme.%s.%s = %d: tensor / pipeline parallelism " ..
+                        "is not supported in nemo-lua; cp_size (context parallelism) splits a sample over ranks",
+                        tostring(name), k, v))
+                end
+            end
+        end
     end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
@@ -93,16 +127,78 @@ function M.sample_name(i, prompt, ext)
     return string.format("sample_%03d_%s.%s", i, safe, ext)
 end
 
--- run(cfg, {log = fn}) -> {files = {...}, pipe = pipe}
+-- The distributed: block -> the process group and the layout {world, cp, dp, cp_rank, dp_rank,
+-- group (the cp group), components (the names with cp_size > 1)}, or nil without the block.
+-- The ranks form dp groups of cp ranks (nemo.parallel.mesh: cp fastest); each dp group samples
+-- its share of the prompts, its cp ranks together, one token slice each.
+local function distributed_layout(cfg, device)
+    local d = cfg.distributed
+    if d == nil then return nil end
+    local dist = require "nemo.dist"
+    local env = dist.env()
+    if not dist.is_initialized() then
+        local backend = "self"
+        if env.world_size > 1 then
+            backend = (device ~= "cpu" and (d.backend or "nccl") ~= "gloo") and "nccl" or "mpi"
+        end
+        local ok, err = pcall(dist.init_process_group, {backend = backend, timeout_minutes = d.timeout_minutes or 10})
+        if not ok then error("generate: distributed: " .. tostring(err), 0) end
+    end
+    local world = dist.get_world_size()
+    local cp, dp, names = 1, nil, {}
+    local comps = {}
+    for name in pairs(d.parallel_scheme or {}) do comps[#comps + 1] = name end
+    table.sort(comps)
+    for _, name in ipairs(comps) do
+        local sc = d.parallel_scheme[name]
+        local c = type(sc.cp_size) == "number" and sc.cp_size > 1 and sc.cp_size or 1
+        if c > 1 then
+            if cp > 1 and c ~= cp then
+                cfg_error(string.format("distributed.parallel_scheme: the components' cp_size differ (%d and %d); " ..
+                    "the transformers of a pipeline sample together, so give them one cp_size", cp, c))
+            end
+            cp = c
+            names[#names + 1] = name
+        end
+        if type(sc.dp_size) == "number" and sc.dp_size > 0 then dp = sc.dp_size end
+    end
+    if world % cp ~= 0 then
+        cfg_error(string.format("distributed.parallel_scheme: cp_size %d does not divide the %d processes", cp, world))
+    end
+    if dp ~= nil and dp * cp ~= world then
+        cfg_error(string.format("distributed.parallel_scheme: dp_size %d x cp_size %d does not match the %d " ..
+            "processes (leave dp_size out to infer it)", dp, cp, world))
+    end
+    local mesh = require("nemo.parallel.mesh").DeviceMesh{cp_size = cp}
+    return {world = world, cp = cp, dp = mesh:size("dp"), cp_rank = mesh:get_local_rank("cp"),
+            dp_rank = mesh:get_local_rank("dp"), group = mesh:get_group("cp"), components = names, mesh = mesh}
+end
+
+-- run(cfg, {log = fn}) -> {files = {...}, pipe = pipe}: the files this process wrote (with a
+-- distributed: block, each dp group's first cp rank writes its prompts' samples)
 function M.run(cfg, opts)
     opts = opts or {}
     local log = opts.log or function(msg) io.stdout:write(msg, "\n"); io.stdout:flush() end
     M.validate(cfg)
     local nemo = require "nemo"
     local m, inf, out = cfg.model, cfg.inference, cfg.output or {}
+    local device = cfg.device
+    if cfg.distributed and (device == nil or device == "auto" or device == "cuda") then
+        -- one device per process: cuda:LOCAL_RANK from the launcher (mpirun, srun, torchrun)
+        local cuda_ok = nemo.cuda and nemo.cuda.is_available()
+        device = cuda_ok and ("cuda:" .. require("nemo.dist").env().local_rank) or (device == "cuda" and device or "cpu")
+    end
+    local lay = distributed_layout(cfg, device or "auto")
+    local writer = lay == nil or lay.cp_rank == 0
+    if not writer then log = function() end end
+    if lay and lay.world > 1 then
+        log(string.format("distributed: %d processes, %d prompt group%s of %d (context parallel over %s)", lay.world,
+            lay.dp, lay.dp == 1 and "" or "s", lay.cp, #lay.components > 0 and table.concat(lay.components, ", ") or
+            "nothing: each process samples its own prompts"))
+    end
     if cfg.vae and cfg.vae.enable_cpu_offload then log("note: vae.enable_cpu_offload is ignored (a PyTorch hook)") end
     local pipe = nemo.sampling.open_pipeline(m.pretrained_model_name_or_path,
-        {dtype = inf.dtype or "bfloat16", device = cfg.device})
+        {dtype = inf.dtype or "bfloat16", device = device})
     local c = pipe.components
     local kind = pipe.class_name == "FluxPipeline" and "image" or
         (pipe.class_name == "WanPipeline" or pipe.class_name == "WanImageToVideoPipeline") and "video" or nil
@@ -126,6 +222,15 @@ function M.run(cfg, opts)
         error("generate: model.lora_weights: no folder at " .. m.lora_weights, 0)
     end
     nemo.sampling.ready_pipeline(pipe, {lora = m.lora_weights, lora_scale = m.lora_scale, log = log})
+    for _, name in ipairs(lay and lay.components or {}) do
+        local comp = c[name]
+        if comp == nil or type(comp.enable_context_parallel) ~= "function" then
+            error(string.format("generate: distributed.parallel_scheme.%s has cp_size %d but the pipeline's %s %s",
+                name, lay.cp, name, comp == nil and "does not exist" or "cannot run context-parallel (the " ..
+                "transformers FluxTransformer2DModel and WanTransformer3DModel can)"), 0)
+        end
+        comp:enable_context_parallel(lay.group)
+    end
     if cfg.vae and cfg.vae.enable_slicing and c.vae and c.vae.enable_slicing then c.vae:enable_slicing() end
     if cfg.vae and cfg.vae.enable_tiling and c.vae and c.vae.enable_tiling then c.vae:enable_tiling() end
     local kwargs = {}
@@ -138,7 +243,8 @@ function M.run(cfg, opts)
     local seed = cfg.seed or 42
     local files = {}
     local sampling = nemo.sampling
-    for i = 0, n - 1 do
+    -- sample i: prompt i + 1 with Generator(seed + i), written by the writer ranks
+    local function sample(i)
         local p = prompts[i + 1]
         log(string.format("[%d/%d] %s", i + 1, n, p:sub(1, 80)))
         local o = {pipe = pipe, prompt = p, generator = nemo.Generator(seed + i)}
@@ -156,14 +262,21 @@ function M.run(cfg, opts)
         end
         if kind == "image" then
             local r = sampling.flux(o)
-            nemo.image.save(path, (sampling.to_uint8(r.image)))
+            if writer then nemo.image.save(path, (sampling.to_uint8(r.image))) end
         else
             local r = sampling.wan(o)
-            nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16})
+            if writer then nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16}) end
         end
-        files[#files + 1] = path
-        log("saved " .. path)
+        if writer then
+            files[#files + 1] = path
+            log("saved " .. path)
+        end
     end
+    for i = 0, n - 1 do
+        if lay == nil or i % lay.dp == lay.dp_rank then sample(i) end   -- this dp group's share
+    end
+    -- every sample is on disk when any process returns
+    if lay and lay.world > 1 then require("nemo.dist").barrier() end
     return {files = files, pipe = pipe}
 end
 

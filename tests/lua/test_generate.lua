@@ -59,7 +59,22 @@ raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png"}), "needs an 
     "inference.input_images on a FLUX pipeline (image-to-video is Wan 2.2 TI2V's; tests/lua/test_wan22_vae.lua)")
 raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png", "c.png"}), "3 images for 2 prompts",
     "inference.input_images: one image or one per prompt")
-raises(with(fcfg, {"distributed", "backend"}, "nccl"), "samples in one process", "a distributed block")
+raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {tp_size = 2}}), "tensor / pipeline parallelism " ..
+    "is not supported", "distributed.parallel_scheme: tp_size > 1 is an error naming it")
+raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {cp_degree = 2}}),
+    "unknown key 'distributed.parallel_scheme.transformer.cp_degree'", "distributed.parallel_scheme: an unknown key")
+raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {cp_size = 2}}),
+    "cp_size 2 does not divide the 1 processes", "distributed: a cp_size above the number of processes is an error")
+raises(with(with(fcfg, {"distributed", "parallel_scheme"}, {vae = {cp_size = 1}, text_encoder = {cp_size = 1}}),
+    {"distributed", "backend"}, "ucx"), "distributed.backend must be nccl, mpi or gloo", "distributed.backend is checked")
+do   -- one process with Automodel's distributed block (its generate.py adds backend / world_size): as without it
+    local d = with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {cp_size = 1, backend = "nccl", world_size = 1}})
+    d.inference.prompts = {"A red fox, in snow!"}
+    d.output.output_dir = tmp .. "/out_flux_dist1"
+    local rd = gen.run(d, quiet)
+    T.ok(#rd.files == 1 and T.read_bytes(rd.files[1]) == T.read_bytes(tmp .. "/out_flux/sample_000_A_red_fox_in_snow.png"),
+        "a distributed block on one process samples as without it (the same PNG bytes)")
+end
 do  -- vae.enable_tiling reaches the VAE (its numbers: tests/lua/test_vae_tiling.lua)
     local c = with(fcfg, {"vae", "enable_tiling"}, true)
     c.inference.max_samples = 1

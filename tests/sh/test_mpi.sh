@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# tests/sh/test_mpi.sh: distributed training on several processes: tests/lua/test_dist.lua,
-# tests/lua/test_fsdp.lua and tests/lua/test_context_parallel.lua under
+# tests/sh/test_mpi.sh: distributed training and generation on several processes:
+# tests/lua/test_dist.lua, test_fsdp.lua, test_context_parallel.lua and test_generate_dist.lua under
 # `mpirun -np 2` and `mpirun -np 4 --oversubscribe` (its TAP lines renumbered into this file's
 # stream, prefixed with [np N]); engine/coll.c's Open MPI declarations checked against mpi.h;
 # libnemo without a link to libmpi; `nemo-lua --nproc-per-node N`; the launcher's variables;
@@ -52,6 +52,8 @@ sub test_fsdp.lua 2
 sub test_fsdp.lua 4 --oversubscribe
 sub test_context_parallel.lua 2
 sub test_context_parallel.lua 4 --oversubscribe
+sub test_generate_dist.lua 2
+sub test_generate_dist.lua 4 --oversubscribe
 
 # ==== build: Open MPI's ABI, no link to libmpi ====
 if command -v mpicc > /dev/null 2>&1; then
