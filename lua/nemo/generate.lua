@@ -13,10 +13,10 @@
 -- inference.dtype [bfloat16], prompts, max_samples, num_inference_steps, guidance_scale, height,
 -- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
 -- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
--- [16]; vae.enable_slicing, vae.enable_tiling; seed [42]; device [auto] (nemo-lua's). Prompt i samples with
--- nemo.Generator(seed + i) and is written as output_dir/sample_<iii>_<prompt>.png: a PNG for
--- FluxPipeline, an animated PNG for WanPipeline (Automodel writes .mp4; nemo-lua has no video
--- encoder). inference.input_images: one image path, or one per prompt, for image-to-video (a
+-- [16], output.video_format [mp4] (nemo-lua's: mp4 or apng); vae.enable_slicing, vae.enable_tiling; seed
+-- [42]; device [auto] (nemo-lua's). Prompt i samples with nemo.Generator(seed + i) and is written as
+-- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
+-- (H.264 of I_PCM macroblocks, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
 -- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): other
 -- image-conditioned pipelines, tp_size / pp_size; vae.enable_cpu_offload is noted and ignored.
 --
@@ -38,7 +38,7 @@ M.SCHEMA = {
     inference = {dtype = "string", prompts = "table", max_samples = "number", num_inference_steps = "number",
                  guidance_scale = "number", height = "number", width = "number", pipeline_kwargs = "table",
                  input_images = "table"},
-    output = {output_dir = "string", fps = "number"},
+    output = {output_dir = "string", fps = "number", video_format = "string"},
     vae = {enable_slicing = "boolean", enable_tiling = "boolean", enable_cpu_offload = "boolean"},
     distributed = {backend = "string", timeout_minutes = "number", parallel_scheme = "table"},
 }
@@ -102,6 +102,11 @@ function M.validate(cfg)
                 end
             end
         end
+    end
+    local vf = cfg.output and cfg.output.video_format
+    if vf ~= nil and vf ~= "mp4" and vf ~= "apng" then
+        cfg_error("output.video_format must be mp4 (H.264, Automodel's format) or apng (an animated PNG), got " ..
+            tostring(vf))
     end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
@@ -249,7 +254,8 @@ function M.run(cfg, opts)
         log(string.format("[%d/%d] %s", i + 1, n, p:sub(1, 80)))
         local o = {pipe = pipe, prompt = p, generator = nemo.Generator(seed + i)}
         for k, v in pairs(kwargs) do o[k] = v end
-        local path = dir .. "/" .. M.sample_name(i, p, "png")
+        local ext = (kind == "video" and (out.video_format or "mp4") == "mp4") and "mp4" or "png"
+        local path = dir .. "/" .. M.sample_name(i, p, ext)
         if inf.input_images then
             if kind ~= "video" or not (pipe.class_name == "WanImageToVideoPipeline" or
                 (pipe.config and pipe.config.expand_timesteps == true)) then

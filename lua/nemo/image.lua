@@ -4,8 +4,10 @@
 --   image.save(path, t)      t: a [H, W, C] or [1, H, W, C] tensor of 0..255 values (what
 --                            nemo.sampling.to_uint8 gives), or [C, H, W] / [1, C, H, W] floats
 --                            in [0, 1]; written as an 8-bit PNG
---   image.save_video(path, frames, {fps = 16})   a list of such images as one animated PNG
---                            (image.write_apng; nemo.sampling.video_frames gives the frames)
+--   image.save_video(path, frames, {fps = 16})   a list of such images as one video: an MP4
+--                            (H.264 in I_PCM macroblocks, nemo.mp4) for a .mp4 path, else an
+--                            animated PNG (image.write_apng); nemo.sampling.video_frames gives
+--                            the frames
 --   image.read_png(path) -> {width =, height =, channels =, pixels = string}   8-bit gray, gray +
 --                            alpha, RGB, RGBA and palette images, any filter, not interlaced
 --   image.read(path)         a PNG (read_png) or a JPEG (nemo.jpeg.read), by its first bytes
@@ -137,6 +139,14 @@ function M.write_apng(path, frames, width, height, channels, o)
     return write_atomic(path, table.concat(parts), "image.write_apng")
 end
 
+-- write_mp4(path, frames, width, height, channels, {fps = 16}): an MP4 (H.264, nemo.mp4) of the
+-- frames (strings of H*W*C bytes); width and height even.
+function M.write_mp4(path, frames, width, height, channels, o)
+    local ok, data = pcall(require("nemo.mp4").encode, frames, width, height, channels, o)
+    if not ok then error((tostring(data):gsub("^mp4%.encode", "image.write_mp4")), 2) end
+    return write_atomic(path, data, "image.write_mp4")
+end
+
 -- (t) -> pixels as a string of H*W*C bytes, W, H, C: an image tensor as save takes it
 local function image_bytes(t, who)
     local Tensor = require "nemo.tensor"
@@ -176,8 +186,10 @@ function M.save(path, t)
     return M.write_png(path, pixels, W, H, C)
 end
 
--- save_video(path, frames, {fps = 16, loops = 0}): a list of image tensors (each as save takes
--- it, all the same size; sampling.video_frames gives them) as one animated PNG.
+-- save_video(path, frames, {fps = 16, loops = 0, format =}): a list of image tensors (each as
+-- save takes it, all the same size; sampling.video_frames gives them) as one video: an MP4
+-- (H.264, nemo.mp4) when path ends in .mp4 or format is "mp4", else an animated PNG (loops: its
+-- repeat count, 0 = forever).
 function M.save_video(path, frames, o)
     if type(frames) ~= "table" or #frames == 0 then error("image.save_video: expected a non-empty list of frames", 2) end
     local strs, W0, H0, C0 = {}
@@ -189,6 +201,9 @@ function M.save_video(path, frames, o)
         W0, H0, C0 = W, H, C
         strs[i] = pixels
     end
+    local fmt = o and o.format or (path:lower():match("%.mp4$") and "mp4" or "apng")
+    if fmt == "mp4" then return M.write_mp4(path, strs, W0, H0, C0, o) end
+    if fmt ~= "apng" then error("image.save_video: format must be mp4 or apng, got " .. tostring(fmt), 2) end
     return M.write_apng(path, strs, W0, H0, C0, o)
 end
 

@@ -122,9 +122,10 @@ for name, p in wr.pipe.components.transformer:named_parameters() do
     if not T.same_bits(p, base1[name]) then ok1 = false end
 end
 T.ok(ok2 and ok1, "checkpoint_low_noise (a checkpoint_dir: its newest) loads into transformer_2; transformer keeps its weights")
-local v = nemo.image.read_png(wr.files[1])
-T.ok(wr.files[1]:match("sample_000_a_cat_walking%.png$") and v.width == 32 and
-    T.read_bytes(wr.files[1]):find("acTL", 1, true), "a WanPipeline sample is an animated PNG")
+local wb = T.read_bytes(wr.files[1])
+T.ok(wr.files[1]:match("sample_000_a_cat_walking%.mp4$") and wb:sub(5, 12) == "ftypisom" and
+    wb:find("avc1", 1, true) and wb:find("mdat", 1, true), "a WanPipeline sample is an MP4 (H.264), named as Automodel")
+raises(with(wcfg, {"output", "video_format"}, "gif"), "output.video_format must be mp4", "output.video_format is checked")
 local one = golden.tiny_wan_pipeline(tmp .. "/wan21")
 local c21 = with(wcfg, {"model", "pretrained_model_name_or_path"}, one)
 c21.inference.pipeline_kwargs.guidance_scale_2 = nil
@@ -134,7 +135,12 @@ local full = train_run({model = {pretrained_model_name_or_path = one}}, tmp .. "
 local c1 = with(wcfg, {"model"}, {pretrained_model_name_or_path = one, checkpoint = tmp .. "/ck_full/LATEST"})
 c1.inference.pipeline_kwargs.guidance_scale_2 = nil
 c1.output.output_dir = tmp .. "/out_full"
+c1.output.video_format = "apng"
 local fr = gen.run(c1, quiet)
+local v = nemo.image.read_png(fr.files[1])
+T.ok(fr.files[1]:match("sample_000_a_cat_walking%.png$") and v.width == 32 and
+    T.read_bytes(fr.files[1]):find("acTL", 1, true), "output.video_format apng: the sample is an animated PNG")
+c1.output.video_format = nil
 local fsaved = nemo.load_file(full.checkpoint .. "/model/model.safetensors")
 local okf = true
 for name, p in fr.pipe.transformer:named_parameters() do if not T.same_bits(p, fsaved[name]) then okf = false end end
@@ -169,7 +175,7 @@ T.write_bytes(yml, table.concat({
     "output:", "  output_dir: " .. tmp .. "/out_cli", ""}, "\n"))
 local out, rc = T.sh("./nemo-lua recipes/generate.lua -c " .. yml ..
     " --model.checkpoint None --inference.prompts '[\"x y\", \"z\"]' 2>&1")
-T.ok(rc == 0 and fs.isfile(tmp .. "/out_cli/sample_000_x_y.png") and fs.isfile(tmp .. "/out_cli/sample_001_z.png"),
+T.ok(rc == 0 and fs.isfile(tmp .. "/out_cli/sample_000_x_y.mp4") and fs.isfile(tmp .. "/out_cli/sample_001_z.mp4"),
     "recipes/generate.lua -c CONFIG with overrides (prompts, Python's None) writes the samples", out)
 local _, brc = T.sh("./nemo-lua recipes/generate.lua -c " .. yml .. " --model.nope 1 2>&1")
 T.ok(brc ~= 0, "an unknown key on the command line is an error")
