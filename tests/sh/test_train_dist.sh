@@ -125,6 +125,20 @@ else
 fi
 case_eq "fsdp2 dp 2 x cp 2, 4 ranks, 2 micro-batches of 2, activation checkpointing" 4 racc cp2dp2 --fsdp.cp_size 2 \
     --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8 --fsdp.activation_checkpointing true
+# the Wan recipe (its demo: 192 patch tokens, 16 text tokens kept whole) with cp_size 2 == one process
+WAN=(--step_scheduler.max_steps 3 --step_scheduler.log_remote_every_steps 1 --logging.progress false
+     --checkpoint.save_consolidated false --model.torch_dtype float64 --model.compute_dtype float64
+     --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4)
+WAN1=$(timeout 300 "$N" recipes/wan_finetune.lua "${WAN[@]}" --checkpoint.checkpoint_dir "$T/wan1" 2>&1 |
+       sed -n 's/^step \([0-9]*\)\/3 epoch 0 loss \([0-9.]*\) .* grad_norm \([0-9.]*\) .*/\1 \2 \3/p')
+WANCP=$(timeout 300 mpirun -np 2 --oversubscribe "$N" recipes/wan_finetune.lua "${WAN[@]}" --fsdp.cp_size 2 \
+        --checkpoint.checkpoint_dir "$T/wancp" 2>&1 |
+        sed -n 's/^step \([0-9]*\)\/3 epoch 0 loss \([0-9.]*\) .* grad_norm \([0-9.]*\) .*/\1 \2 \3/p')
+if [ "$(wc -l <<< "$WAN1")" = 3 ] && [ "$WAN1" = "$WANCP" ]; then
+    pass "recipes/wan_finetune.lua with --fsdp.cp_size 2 on 2 ranks prints the one-process losses and gradient norms"
+else
+    fail "Wan recipe, context parallel" "one process:" "$WAN1" "cp 2:" "$WANCP"
+fi
 train 2 0 cpbad --fsdp.cp_size 2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
 if [ "$RC" != 0 ] && grep -q "fsdp.dp_size = 2 does not match the world size 2 / cp_size 2" <<< "$ERR"; then
     pass "fsdp.dp_size x cp_size above the world size is an error naming both"
@@ -196,6 +210,8 @@ case_eq "LoRA, ddp, 2 ranks x batch 4" 2 lora1 loraddp "${LORA[@]}" --ddp.dp_siz
     --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
 case_eq "LoRA, fsdp2, 2 ranks x batch 4" 2 lora1 lorafsdp "${LORA[@]}" --fsdp.dp_size 2 \
     --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+case_eq "LoRA, fsdp2 context parallel (cp_size 2), 2 ranks x the whole batch 8" 2 lora1 loracp "${LORA[@]}" \
+    --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 SHARD0="$T/lorafsdp/epoch_0_step_3/model/shard-00000-of-00002.safetensors"
 K=$("$N" -e "local n, f = 0, 0
 for k in pairs(require('nemo').load_file('$SHARD0')) do n = n + 1; if not k:find('lora_', 1, true) then f = f + 1 end end
@@ -223,6 +239,17 @@ if [ "$RC" = 0 ] && grep -q "mixed precision: bfloat16 compute, float32 master w
     pass "fsdp2 with compute_dtype bfloat16 over torch_dtype float32: mixed precision runs on 2 ranks"
 else
     fail "fsdp2 mixed precision run" "exit $RC" "$OUT" "$ERR"
+fi
+train 2 0 mixedcp --fsdp.cp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 \
+    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+MIXED_RC=$RC
+train 1 0 f32one --model.torch_dtype float32 --model.compute_dtype float32 --step_scheduler.local_batch_size 8 \
+    --step_scheduler.global_batch_size 8
+if [ "$MIXED_RC" = 0 ] && [ "$RC" = 0 ] && close "$(losses mixedcp)" "$(losses f32one)" 2e-2; then
+    pass "fsdp2 context parallel with bfloat16 compute over float32 master weights: the 4 losses within 2e-2 of one float32 process"
+else
+    fail "fsdp2 context parallel with mixed precision" "exit $MIXED_RC / $RC" "cp bf16:" "$(losses mixedcp)" "f32:" \
+        "$(losses f32one)" "$ERR"
 fi
 train 2 0 bad --fsdp.dp_size 3 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
 if [ "$RC" != 0 ] && grep -q "fsdp.dp_size = 3 does not match the world size 2" <<< "$ERR"; then
