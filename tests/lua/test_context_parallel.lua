@@ -1,7 +1,7 @@
 -- tests/lua/test_context_parallel.lua: context parallelism (lua/nemo/parallel/context.lua,
 -- Ulysses): the sequence split over the cp ranks, attention through all-to-alls, the output
 -- gathered. Runs on one process (prove: the option checks and the one-rank paths) and under
--- mpirun with 2 and 4 ranks (tests/sh/test_mpi.sh). Every check is decided on all ranks; rank 0
+-- mpirun with 2, 4 and 8 ranks (tests/sh/test_mpi.sh; on 8, cp groups of 4 and HSDP with cp). Every check is decided on all ranks; rank 0
 -- prints TAP. Every rank computes the one-process reference itself.
 --
 -- The key tests, all float64 and within 1e-10 (1e-6 after AdamW steps) relative:
@@ -10,7 +10,8 @@
 -- - the tiny FLUX and Wan transformers with enable_context_parallel: the output == the model on one
 --   process, and the parameter gradients summed over the group == the one-process gradients;
 -- - FSDP2 with cp_size (sharding over dp_shard_cp): N ranks == one process, losses and weights after
---   two AdamW steps, with dp x cp = 1 x 2 and 2 x 2 (FLUX) and 1 x N (Wan).
+--   two AdamW steps, with dp x cp = 1 x 2, 2 x 2 and 4 x 2 (FLUX), 1 x N (Wan) and on 8 ranks HSDP
+--   2 replicas x 2 shards x cp 2 (Wan).
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
@@ -63,8 +64,12 @@ if world == 1 then
     R.done()
 end
 
-local group = dist.group_world()
-local P = world
+-- the model-level checks run over the world, or over cp groups of 4 beyond 4 ranks (the tiny
+-- models have 4 heads)
+local cp_mesh = world > 4 and parallel.DeviceMesh{cp_size = 4} or nil
+local group = cp_mesh and cp_mesh:get_group("cp") or dist.group_world()
+local P = group:size()
+local crank = group:rank()
 
 -- ==== the collectives and the attention ====
 
@@ -79,7 +84,7 @@ do   -- gather's gradient is this rank's slice; split's lands at its place
     ok(rel_diff(y, full * 2) == 0, "gather(split(x)) == x on every rank, in rank order")
     F.sum(y * w):backward()
     local want = nemo.zeros({2, 4 * P, 3}, {dtype = "float64"})
-    want:narrow(1, 4 * rank, 4):copy_((w * 2):narrow(1, 4 * rank, 4))
+    want:narrow(1, 4 * crank, 4):copy_((w * 2):narrow(1, 4 * crank, 4))
     ok(rel_diff(x.grad, want) == 0, "the gradient through split and gather is this rank's slice of the output's, " ..
         "zeros elsewhere (so the sum over ranks is the whole gradient)")
     raises(function() cp.split(nemo.zeros(2, 4 * P + 1), 1, group, "the test's tokens") end,
@@ -98,7 +103,7 @@ do   -- Ulysses attention == attention over the whole sequence, forward and back
     local ro = F.scaled_dot_product_attention(rq, rk, rv)
     F.sum(ro * w):backward()
     local s = S / P
-    local function mine(t) return t:narrow(2, rank * s, s):contiguous() end
+    local function mine(t) return t:narrow(2, crank * s, s):contiguous() end
     local lq, lk, lv = leaf(mine(q)), leaf(mine(k)), leaf(mine(v))
     local lo = cp.attention(lq, lk, lv, group)
     F.sum(lo * mine(w)):backward()
@@ -126,7 +131,7 @@ local function grads_match(ref, model, what)
     for n, p in ref:named_parameters() do rp[n] = p end
     for n, p in model:named_parameters() do
         local gsum = p.grad and p.grad:clone() or nemo.zeros(p.shape, {dtype = p.dtype})
-        dist.all_reduce(gsum)
+        dist.all_reduce(gsum, {group = group})
         local d = rel_diff(gsum, rp[n].grad)
         if d > worst then worst, wname = d, n end
     end
@@ -264,19 +269,19 @@ do   -- FLUX: cp 2 (dp = world / 2), checkpointed blocks
     end, 4, {cp_size = 2, activation_checkpointing = true})
 end
 
-do   -- Wan: cp = world
+do   -- Wan: cp = world; on 8 ranks HSDP: 2 replicas x 2 shards x cp 2
     local g = nemo.Generator(31)
     local o = {generator = g, dtype = "float64"}
     local GB = 4
     local x, e = nemo.randn({GB, 4, 2, 8, 8}, o), nemo.randn({GB, 6, 16}, o)
     local t, y = nemo.rand({GB}, o) * 1000, nemo.randn({GB, 4, 2, 8, 8}, o)
-    fsdp_case("tiny Wan float64", function(first)
+    fsdp_case(world == 8 and "(HSDP 2 replicas x 2 shards) tiny Wan float64" or "tiny Wan float64", function(first)
         nemo.manual_seed(first and 3 or 30 + rank)
         return wan.WanTransformer3DModel(WAN_CFG):double()
     end, function(model, _, lo, len)
         return F.mse_loss(model{hidden_states = x:narrow(0, lo, len), timestep = t:narrow(0, lo, len),
             encoder_hidden_states = e:narrow(0, lo, len)}, y:narrow(0, lo, len))
-    end, GB, {cp_size = world})
+    end, GB, world == 8 and {cp_size = 2, dp_replicate_size = 2} or {cp_size = world})
 end
 
 R.done()
