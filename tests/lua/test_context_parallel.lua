@@ -208,7 +208,28 @@ do
             "(32 patch tokens split, 6 text tokens whole): output == one process (%.1e), summed gradients == one " ..
             "process (%.1e at %s), float64, tolerance 1e-10", case[1], P, df, dg, gname))
     end
-    local model = build()
+    -- Wan 2.1 image-to-video: 257-like image tokens and 512 text tokens in the cross-attention, both whole
+    local i2v = {added_kv_proj_dim = 32, attention_head_dim = 8, cross_attn_norm = true, eps = 1e-6, ffn_dim = 24,
+                 freq_dim = 16, image_dim = 12, in_channels = 12, num_attention_heads = 4, num_layers = 2,
+                 out_channels = 4, patch_size = {1, 2, 2}, qk_norm = "rms_norm_across_heads", rope_max_seq_len = 16,
+                 text_dim = 8}
+    local xi, ei, ii = nemo.randn({1, 12, 2, 8, 8}, o), nemo.randn({1, 512, 8}, o), nemo.randn({1, 5, 12}, o)
+    local yi = nemo.randn({1, 4, 2, 8, 8}, o)
+    local function bi() nemo.manual_seed(4); return wan.WanTransformer3DModel(i2v):double() end
+    local ref, model = bi(), bi()
+    local args = {hidden_states = xi, timestep = tt:narrow(0, 0, 1), encoder_hidden_states = ei,
+                  encoder_hidden_states_image = ii}
+    local rout = ref(args)
+    F.mse_loss(rout, yi):backward()
+    model:enable_context_parallel(group)
+    local out = model(args)
+    F.mse_loss(out, yi):backward()
+    local df = rel_diff(out, rout)
+    local dg, gname = grads_match(ref, model)
+    ok(df <= 1e-10 and dg <= 1e-10, string.format("tiny Wan 2.1 I2V (5 image + 512 text tokens in attn2) with " ..
+        "enable_context_parallel over %d ranks: output == one process (%.1e), summed gradients (%.1e at %s), " ..
+        "float64, tolerance 1e-10", P, df, dg, gname))
+    model = build()
     model:enable_context_parallel(group)
     local odd = nemo.randn({1, 4, 1, 6, 6}, o)   -- 9 patch tokens
     raises(function() model{hidden_states = odd, timestep = tt:narrow(0, 0, 1), encoder_hidden_states =
