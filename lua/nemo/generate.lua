@@ -16,7 +16,7 @@
 -- [16], output.video_format [mp4] (nemo-lua's: mp4 or apng); vae.enable_slicing, vae.enable_tiling; seed
 -- [42]; device [auto] (nemo-lua's). Prompt i samples with nemo.Generator(seed + i) and is written as
 -- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
--- (H.264 of I_PCM macroblocks, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
+-- (H.264 intra pictures, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
 -- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): other
 -- image-conditioned pipelines, tp_size / pp_size; vae.enable_cpu_offload is noted and ignored.
 --

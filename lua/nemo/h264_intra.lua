@@ -1,0 +1,490 @@
+-- lua/nemo/h264_intra.lua: H.264 intra slices that compress (nemo.mp4's default): every
+-- macroblock Intra_16x16 (vertical, horizontal or DC prediction of the luma, whichever is closest;
+-- DC prediction of the chroma), the 4x4 integer transform, flat quantization at one QP, CAVLC.
+-- The encoder reconstructs each macroblock exactly as a decoder does (ITU-T H.264 8.3.3, 8.3.4,
+-- 8.5.10 - 8.5.12), so predictions come from the decoded picture and nothing drifts.
+--
+--   local slice_nal = require("nemo.h264_intra").slice(Y, Cb, Cr, mbw, mbh, idr_id, qp)
+--
+-- Y: (16 mbw) x (16 mbh) bytes, Cb / Cr: (8 mbw) x (8 mbh), row-major (padded planes, nemo.mp4).
+-- The slice header is nemo.mp4's (an IDR I slice, deblocking off) with slice_qp_delta = qp - 26.
+-- qp in 0..29 (the chroma QP then equals the luma's); lower is better and larger.
+local ffi = require "ffi"
+local bit = require "bit"
+
+local M = {}
+
+local band, rshift, lshift, arshift = bit.band, bit.rshift, bit.lshift, bit.arshift
+
+-- ==== CAVLC tables (ITU-T H.264 Tables 9-5, 9-7, 9-8, 9-9, 9-10), as lengths and code values ====
+
+local COEFF_TOKEN_LEN = {
+    {1, 0, 0, 0, 6, 2, 0, 0, 8, 6, 3, 0, 9, 8, 7, 5, 10, 9, 8, 6, 11, 10, 9, 7, 13, 11, 10, 8, 13, 13, 11, 9,
+     13, 13, 13, 10, 14, 14, 13, 11, 14, 14, 14, 13, 15, 15, 14, 14, 15, 15, 15, 14, 16, 15, 15, 15, 16, 16, 16, 15,
+     16, 16, 16, 16, 16, 16, 16, 16},
+    {2, 0, 0, 0, 6, 2, 0, 0, 6, 5, 3, 0, 7, 6, 6, 4, 8, 6, 6, 4, 8, 7, 7, 5, 9, 8, 8, 6, 11, 9, 9, 6,
+     11, 11, 11, 7, 12, 11, 11, 9, 12, 12, 12, 11, 12, 12, 12, 11, 13, 13, 13, 12, 13, 13, 13, 13, 13, 14, 13, 13,
+     14, 14, 14, 13, 14, 14, 14, 14},
+    {4, 0, 0, 0, 6, 4, 0, 0, 6, 5, 4, 0, 6, 5, 5, 4, 7, 5, 5, 4, 7, 5, 5, 4, 7, 6, 6, 4, 7, 6, 6, 4,
+     8, 7, 7, 5, 8, 8, 7, 6, 9, 8, 8, 7, 9, 9, 8, 8, 9, 9, 9, 8, 10, 9, 9, 9, 10, 10, 10, 10,
+     10, 10, 10, 10, 10, 10, 10, 10},
+}
+local COEFF_TOKEN_BITS = {
+    {1, 0, 0, 0, 5, 1, 0, 0, 7, 4, 1, 0, 7, 6, 5, 3, 7, 6, 5, 3, 7, 6, 5, 4, 15, 6, 5, 4, 11, 14, 5, 4,
+     8, 10, 13, 4, 15, 14, 9, 4, 11, 10, 13, 12, 15, 14, 9, 12, 11, 10, 13, 8, 15, 1, 9, 12, 11, 14, 13, 8,
+     7, 10, 9, 12, 4, 6, 5, 8},
+    {3, 0, 0, 0, 11, 2, 0, 0, 7, 7, 3, 0, 7, 10, 9, 5, 7, 6, 5, 4, 4, 6, 5, 6, 7, 6, 5, 8, 15, 6, 5, 4,
+     11, 14, 13, 4, 15, 10, 9, 4, 11, 14, 13, 12, 8, 10, 9, 8, 15, 14, 13, 12, 11, 10, 9, 12, 7, 11, 6, 8,
+     9, 8, 10, 1, 7, 6, 5, 4},
+    {15, 0, 0, 0, 15, 14, 0, 0, 11, 15, 13, 0, 8, 12, 14, 12, 15, 10, 11, 11, 11, 8, 9, 10, 9, 14, 13, 9,
+     8, 10, 9, 8, 15, 14, 13, 13, 11, 14, 10, 12, 15, 10, 13, 12, 11, 14, 9, 12, 8, 10, 13, 8, 13, 7, 9, 12,
+     9, 12, 11, 10, 5, 8, 7, 6, 1, 4, 3, 2},
+}
+local CHROMA_DC_TOKEN_LEN = {2, 0, 0, 0, 6, 1, 0, 0, 6, 6, 3, 0, 6, 7, 7, 6, 6, 8, 8, 7}
+local CHROMA_DC_TOKEN_BITS = {1, 0, 0, 0, 7, 1, 0, 0, 4, 6, 1, 0, 3, 3, 2, 5, 2, 3, 2, 0}
+local TOTAL_ZEROS_LEN = {
+    {1, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 9}, {3, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 6, 6, 6, 6},
+    {4, 3, 3, 3, 4, 4, 3, 3, 4, 5, 5, 6, 5, 6}, {5, 3, 4, 4, 3, 3, 3, 4, 3, 4, 5, 5, 5},
+    {4, 4, 4, 3, 3, 3, 3, 3, 4, 5, 4, 5}, {6, 5, 3, 3, 3, 3, 3, 3, 4, 3, 6}, {6, 5, 3, 3, 3, 2, 3, 4, 3, 6},
+    {6, 4, 5, 3, 2, 2, 3, 3, 6}, {6, 6, 4, 2, 2, 3, 2, 5}, {5, 5, 3, 2, 2, 2, 4}, {4, 4, 3, 3, 1, 3},
+    {4, 4, 2, 1, 3}, {3, 3, 1, 2}, {2, 2, 1}, {1, 1},
+}
+local TOTAL_ZEROS_BITS = {
+    {1, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 1}, {7, 6, 5, 4, 3, 5, 4, 3, 2, 3, 2, 3, 2, 1, 0},
+    {5, 7, 6, 5, 4, 3, 4, 3, 2, 3, 2, 1, 1, 0}, {3, 7, 5, 4, 6, 5, 4, 3, 3, 2, 2, 1, 0},
+    {5, 4, 3, 7, 6, 5, 4, 3, 2, 1, 1, 0}, {1, 1, 7, 6, 5, 4, 3, 2, 1, 1, 0}, {1, 1, 5, 4, 3, 3, 2, 1, 1, 0},
+    {1, 1, 1, 3, 3, 2, 2, 1, 0}, {1, 0, 1, 3, 2, 1, 1, 1}, {1, 0, 1, 3, 2, 1, 1}, {0, 1, 1, 2, 1, 3},
+    {0, 1, 1, 1, 1}, {0, 1, 1, 1}, {0, 1, 1}, {0, 1},
+}
+local CHROMA_DC_ZEROS_LEN = {{1, 2, 3, 3}, {1, 2, 2}, {1, 1}}
+local CHROMA_DC_ZEROS_BITS = {{1, 1, 1, 0}, {1, 1, 0}, {1, 0}}
+local RUN_LEN = {{1, 1}, {1, 2, 2}, {2, 2, 2, 2}, {2, 2, 2, 3, 3}, {2, 2, 3, 3, 3, 3}, {2, 3, 3, 3, 3, 3, 3},
+                 {3, 3, 3, 3, 3, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11}}
+local RUN_BITS = {{1, 0}, {1, 1, 0}, {3, 2, 1, 0}, {3, 2, 1, 1, 0}, {3, 2, 3, 2, 1, 0}, {3, 0, 1, 3, 2, 5, 4},
+                  {7, 6, 5, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1}}
+
+-- zig-zag scan of a 4x4 block (frame macroblocks): scan index -> row * 4 + column
+local ZIGZAG = {0, 1, 4, 8, 5, 2, 3, 6, 9, 12, 13, 10, 7, 11, 14, 15}
+
+-- quantization (forward, encoder's choice) and LevelScale (decoder, flat matrices: 16 x v)
+local MF = {{13107, 5243, 8066}, {11916, 4660, 7490}, {10082, 4194, 6554}, {9362, 3647, 5825}, {8192, 3355, 5243},
+            {7282, 2893, 4559}}
+local V = {{10, 16, 13}, {11, 18, 14}, {13, 20, 16}, {14, 23, 18}, {16, 25, 20}, {18, 29, 23}}
+local function pos_class(k)   -- k = row * 4 + col
+    local r, c = rshift(k, 2), band(k, 3)
+    if r % 2 == 0 and c % 2 == 0 then return 1 end
+    if r % 2 == 1 and c % 2 == 1 then return 2 end
+    return 3
+end
+local CLASS = {}
+for k = 0, 15 do CLASS[k] = pos_class(k) end
+
+-- ==== the bit writer (the slice's) ====
+
+local function writer()
+    local buf = ffi.new("uint8_t[?]", 65536)
+    local w = {cap = 65536, len = 0, cur = 0, n = 0}
+    local function put(byte)
+        if w.len == w.cap then
+            local nb = ffi.new("uint8_t[?]", w.cap * 2)
+            ffi.copy(nb, buf, w.len)
+            buf, w.cap = nb, w.cap * 2
+        end
+        buf[w.len] = byte
+        w.len = w.len + 1
+    end
+    function w.u(nbits, v)
+        for i = nbits - 1, 0, -1 do
+            w.cur = w.cur * 2 + band(rshift(v, i), 1)
+            w.n = w.n + 1
+            if w.n == 8 then put(w.cur); w.cur, w.n = 0, 0 end
+        end
+    end
+    function w.ue(v)
+        local x = v + 1
+        local len = 0
+        while rshift(x, len + 1) > 0 do len = len + 1 end
+        w.u(len, 0)
+        w.u(len + 1, x)
+    end
+    function w.se(v) w.ue(v > 0 and 2 * v - 1 or -2 * v) end
+    function w.trailing() w.u(1, 1); while w.n ~= 0 do w.u(1, 0) end end
+    function w.string() return ffi.string(buf, w.len) end
+    return w
+end
+
+-- ==== residual_block_cavlc (7.3.5.3.2, 9.2) ====
+
+-- coeffs: Lua array [1..maxn] in scan order; nC: the coeff_token context (-1: chroma DC).
+-- Returns TotalCoeff.
+local idx, lev = {}, {}   -- scratch: positions and values of the non-zero coefficients, last first
+local function residual_block(w, coeffs, maxn, nC)
+    local total = 0
+    for i = maxn, 1, -1 do
+        local c = coeffs[i]
+        if c ~= 0 then total = total + 1; idx[total] = i; lev[total] = c end
+    end
+    local t1 = 0
+    for i = 1, math.min(3, total) do
+        if lev[i] == 1 or lev[i] == -1 then t1 = t1 + 1 else break end
+    end
+    local k = 4 * total + t1 + 1
+    if nC == -1 then
+        w.u(CHROMA_DC_TOKEN_LEN[k], CHROMA_DC_TOKEN_BITS[k])
+    elseif nC >= 8 then
+        w.u(6, total == 0 and 3 or (lshift(total - 1, 2) + t1))   -- a 6-bit fixed-length code
+    else
+        local t = nC < 2 and 1 or nC < 4 and 2 or 3
+        w.u(COEFF_TOKEN_LEN[t][k], COEFF_TOKEN_BITS[t][k])
+    end
+    if total == 0 then return 0 end
+    for i = 1, t1 do w.u(1, lev[i] < 0 and 1 or 0) end
+    local sl = (total > 10 and t1 < 3) and 1 or 0
+    for i = t1 + 1, total do
+        local v = lev[i]
+        local code = v > 0 and 2 * v - 2 or -2 * v - 1
+        if i == t1 + 1 and t1 < 3 then code = code - 2 end
+        if sl == 0 then
+            if code < 14 then
+                w.u(code + 1, 1)
+            elseif code < 30 then
+                w.u(15, 1); w.u(4, code - 14)
+            else
+                w.u(16, 1); w.u(12, code - 30)
+            end
+        else
+            if code < lshift(15, sl) then
+                w.u(rshift(code, sl) + 1, 1); w.u(sl, band(code, lshift(1, sl) - 1))
+            else
+                w.u(16, 1); w.u(12, code - lshift(15, sl))
+            end
+        end
+        if sl == 0 then sl = 1 end
+        if math.abs(v) > lshift(3, sl - 1) and sl < 6 then sl = sl + 1 end
+    end
+    if total < maxn then
+        local zeros = idx[1] - total            -- zeros below the last non-zero coefficient
+        if nC == -1 then
+            w.u(CHROMA_DC_ZEROS_LEN[total][zeros + 1], CHROMA_DC_ZEROS_BITS[total][zeros + 1])
+        else
+            w.u(TOTAL_ZEROS_LEN[total][zeros + 1], TOTAL_ZEROS_BITS[total][zeros + 1])
+        end
+        local left = zeros
+        for i = 1, total - 1 do
+            if left <= 0 then break end
+            local run = idx[i] - idx[i + 1] - 1
+            local t = math.min(left, 7)
+            w.u(RUN_LEN[t][run + 1], RUN_BITS[t][run + 1])
+            left = left - run
+        end
+    end
+    return total
+end
+M._residual_block = residual_block
+
+-- ==== transforms ====
+
+-- forward core transform of a 4x4 residual (int array [0..15], row-major) into out
+local T16 = ffi.new("int32_t[16]")
+local function fdct(r, out)
+    local t = T16
+    for i = 0, 3 do
+        local a, b, c, d = r[i * 4], r[i * 4 + 1], r[i * 4 + 2], r[i * 4 + 3]
+        local s0, s1, d0, d1 = a + d, b + c, a - d, b - c
+        t[i * 4], t[i * 4 + 1], t[i * 4 + 2], t[i * 4 + 3] = s0 + s1, 2 * d0 + d1, s0 - s1, d0 - 2 * d1
+    end
+    for j = 0, 3 do
+        local a, b, c, d = t[j], t[4 + j], t[8 + j], t[12 + j]
+        local s0, s1, d0, d1 = a + d, b + c, a - d, b - c
+        out[j], out[4 + j], out[8 + j], out[12 + j] = s0 + s1, 2 * d0 + d1, s0 - s1, d0 - 2 * d1
+    end
+end
+
+-- the decoder's inverse transform (8.5.12.2) of scaled coefficients d[0..15] into residuals r
+local F16 = ffi.new("int32_t[16]")
+local function idct(d, r)
+    local f = F16
+    for i = 0, 3 do
+        local d0, d1, d2, d3 = d[i * 4], d[i * 4 + 1], d[i * 4 + 2], d[i * 4 + 3]
+        local e0, e1, e2, e3 = d0 + d2, d0 - d2, arshift(d1, 1) - d3, d1 + arshift(d3, 1)
+        f[i * 4], f[i * 4 + 1], f[i * 4 + 2], f[i * 4 + 3] = e0 + e3, e1 + e2, e1 - e2, e0 - e3
+    end
+    for j = 0, 3 do
+        local f0, f1, f2, f3 = f[j], f[4 + j], f[8 + j], f[12 + j]
+        local g0, g1, g2, g3 = f0 + f2, f0 - f2, arshift(f1, 1) - f3, f1 + arshift(f3, 1)
+        r[j], r[4 + j], r[8 + j], r[12 + j] = arshift(g0 + g3 + 32, 6), arshift(g1 + g2 + 32, 6),
+            arshift(g1 - g2 + 32, 6), arshift(g0 - g3 + 32, 6)
+    end
+end
+
+local function quant(v, mf, qbits, f)
+    if v >= 0 then return rshift(v * mf + f, qbits) end
+    return -rshift(-v * mf + f, qbits)
+end
+
+-- scaling of a non-DC coefficient (8.5.12.1), qp < 24 here or not
+local function scale_ac(c, k, qp)
+    local ls = 16 * V[qp % 6 + 1][CLASS[k]]
+    local q6 = math.floor(qp / 6)
+    if qp >= 24 then return lshift(c * ls, q6 - 4) end
+    return arshift(c * ls + lshift(1, 3 - q6), 4 - q6)
+end
+
+local function clip(v) if v < 0 then return 0 elseif v > 255 then return 255 end return v end
+
+-- ==== one plane's macroblock part: prediction, residual, reconstruction ====
+
+-- scratch of code_block: coefficients and AC levels per 4x4 block (luma 16 blocks, each chroma
+-- plane 4), residuals
+local function blocks(n, len) local t = {}; for b = 0, n - 1 do t[b] = ffi.new("int32_t[?]", len) end; return t end
+local COEF_Y, COEF_C = blocks(16, 16), blocks(4, 16)
+local AC_Y, AC_CB, AC_CR = blocks(16, 16), blocks(4, 16), blocks(4, 16)
+local RES, D16, R16 = ffi.new("int32_t[16]"), ffi.new("int32_t[16]"), ffi.new("int32_t[16]")
+
+-- encode the residual of a (n x n, n = 16 or 8) block of plane P (stride S) at (x0, y0) against
+-- prediction pred[0..n*n-1]; returns dc levels (4x4 or 2x2, scan order), the AC levels of each
+-- 4x4 block (block raster order, 15 each, scan order 1..15), and reconstructs into R.
+local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
+    local nb = n / 4                         -- 4x4 blocks per side
+    local q6, qbits = math.floor(qp / 6), 15 + math.floor(qp / 6)
+    local fq = math.floor(lshift(1, qbits) / 3)
+    local mfrow = MF[qp % 6 + 1]
+    local coef = is_luma and COEF_Y or COEF_C    -- per block: 16 transform coefficients
+    local res = RES
+    for by = 0, nb - 1 do
+        for bx = 0, nb - 1 do
+            for y = 0, 3 do
+                for x = 0, 3 do
+                    local px, py = bx * 4 + x, by * 4 + y
+                    res[y * 4 + x] = P[(y0 + py) * S + x0 + px] - pred[py * n + px]
+                end
+            end
+            fdct(res, coef[by * nb + bx])
+        end
+    end
+    -- DC: Hadamard of the blocks' DC terms, quantized (luma: 4x4, /2; chroma: 2x2)
+    local dcq = {}
+    local ndc = nb * nb
+    local wd = {}
+    for b = 0, ndc - 1 do wd[b] = coef[b][0] end
+    local yd = {}
+    if nb == 4 then
+        local t = {}
+        for i = 0, 3 do
+            local a, b, c, d = wd[i * 4], wd[i * 4 + 1], wd[i * 4 + 2], wd[i * 4 + 3]
+            t[i * 4], t[i * 4 + 1], t[i * 4 + 2], t[i * 4 + 3] = a + b + c + d, a + b - c - d, a - b - c + d, a - b + c - d
+        end
+        for j = 0, 3 do
+            local a, b, c, d = t[j], t[4 + j], t[8 + j], t[12 + j]
+            yd[j], yd[4 + j], yd[8 + j], yd[12 + j] = arshift(a + b + c + d, 1), arshift(a + b - c - d, 1),
+                arshift(a - b - c + d, 1), arshift(a - b + c - d, 1)
+        end
+    else
+        local a, b, c, d = wd[0], wd[1], wd[2], wd[3]
+        yd[0], yd[1], yd[2], yd[3] = a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d
+    end
+    for k = 0, ndc - 1 do dcq[k] = quant(yd[k], mfrow[1], qbits + 1, 2 * fq) end
+    -- the decoder's DC scaling (8.5.10 luma, 8.5.11.2 chroma 4:2:0)
+    local dcs = {}
+    local ls0 = 16 * V[qp % 6 + 1][1]
+    if nb == 4 then
+        local t, f = {}, {}
+        for i = 0, 3 do
+            local a, b, c, d = dcq[i * 4], dcq[i * 4 + 1], dcq[i * 4 + 2], dcq[i * 4 + 3]
+            t[i * 4], t[i * 4 + 1], t[i * 4 + 2], t[i * 4 + 3] = a + b + c + d, a + b - c - d, a - b - c + d, a - b + c - d
+        end
+        for j = 0, 3 do
+            local a, b, c, d = t[j], t[4 + j], t[8 + j], t[12 + j]
+            f[j], f[4 + j], f[8 + j], f[12 + j] = a + b + c + d, a + b - c - d, a - b - c + d, a - b + c - d
+        end
+        for k = 0, 15 do
+            if qp >= 36 then dcs[k] = lshift(f[k] * ls0, q6 - 6)
+            else dcs[k] = arshift(f[k] * ls0 + lshift(1, 5 - q6), 6 - q6) end
+        end
+    else
+        local a, b, c, d = dcq[0], dcq[1], dcq[2], dcq[3]
+        local f = {[0] = a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d}
+        for k = 0, 3 do dcs[k] = arshift(lshift(f[k] * ls0, q6), 5) end
+    end
+    -- AC levels, reconstruction
+    local d, r = D16, R16
+    local any_ac = false
+    for b = 0, ndc - 1 do
+        local c = coef[b]
+        local levels = ac[b]
+        for s = 2, 16 do
+            local k = ZIGZAG[s]
+            local l = quant(c[k], mfrow[CLASS[k]], qbits, fq)
+            if l > 2047 then l = 2047 elseif l < -2047 then l = -2047 end
+            levels[s - 1] = l
+            if l ~= 0 then any_ac = true end
+        end
+    end
+    for b = 0, ndc - 1 do
+        d[0] = dcs[b]
+        local levels = ac[b]
+        for s = 2, 16 do
+            local k = ZIGZAG[s]
+            d[k] = scale_ac(levels[s - 1], k, qp)
+        end
+        idct(d, r)
+        local bx, by = b % nb, math.floor(b / nb)
+        for y = 0, 3 do
+            for x = 0, 3 do
+                local px, py = bx * 4 + x, by * 4 + y
+                R[(y0 + py) * S + x0 + px] = clip(pred[py * n + px] + r[y * 4 + x])
+            end
+        end
+    end
+    -- the DC levels in scan order (luma: zig-zag of the 4x4 DC array; chroma: raster c00 c01 c10 c11)
+    local dcl = {}
+    if nb == 4 then
+        for s = 1, 16 do dcl[s] = dcq[ZIGZAG[s]] end
+    else
+        for s = 1, 4 do dcl[s] = dcq[s - 1] end
+    end
+    return dcl, ac, any_ac
+end
+
+-- Intra 16x16 luma predictions (8.3.3) from the reconstructed plane R: mode 0 vertical, 1
+-- horizontal, 2 DC; nil when the mode's neighbours are missing.
+local PRED = {[0] = ffi.new("int32_t[256]"), ffi.new("int32_t[256]"), ffi.new("int32_t[256]")}
+local function luma_pred(R, S, x0, y0, mode, top, left)
+    local p = PRED[mode]
+    if mode == 0 then
+        if not top then return nil end
+        for y = 0, 15 do for x = 0, 15 do p[y * 16 + x] = R[(y0 - 1) * S + x0 + x] end end
+    elseif mode == 1 then
+        if not left then return nil end
+        for y = 0, 15 do local v = R[(y0 + y) * S + x0 - 1]; for x = 0, 15 do p[y * 16 + x] = v end end
+    else
+        local v
+        local st, sl = 0, 0
+        if top then for x = 0, 15 do st = st + R[(y0 - 1) * S + x0 + x] end end
+        if left then for y = 0, 15 do sl = sl + R[(y0 + y) * S + x0 - 1] end end
+        if top and left then v = rshift(st + sl + 16, 5)
+        elseif left then v = rshift(sl + 8, 4)
+        elseif top then v = rshift(st + 8, 4)
+        else v = 128 end
+        for k = 0, 255 do p[k] = v end
+    end
+    return p
+end
+
+-- chroma DC prediction (8.3.4.1 - 8.3.4.3) of an 8x8 block, per 4x4 sub-block, into p
+local CPRED_U, CPRED_V = ffi.new("int32_t[64]"), ffi.new("int32_t[64]")
+local function chroma_pred(R, S, x0, y0, top, left, p)
+    for cb = 0, 3 do
+        local xo, yo = (cb % 2) * 4, math.floor(cb / 2) * 4
+        local st, sl = 0, 0
+        if top then for x = 0, 3 do st = st + R[(y0 - 1) * S + x0 + xo + x] end end
+        if left then for y = 0, 3 do sl = sl + R[(y0 + yo + y) * S + x0 - 1] end end
+        local v
+        if (xo == 0 and yo == 0) or (xo > 0 and yo > 0) then
+            if top and left then v = rshift(st + sl + 4, 3)
+            elseif left then v = rshift(sl + 2, 2)
+            elseif top then v = rshift(st + 2, 2)
+            else v = 128 end
+        elseif xo > 0 then   -- top right: the top row first
+            if top then v = rshift(st + 2, 2) elseif left then v = rshift(sl + 2, 2) else v = 128 end
+        else                 -- bottom left: the left column first
+            if left then v = rshift(sl + 2, 2) elseif top then v = rshift(st + 2, 2) else v = 128 end
+        end
+        for y = 0, 3 do for x = 0, 3 do p[(yo + y) * 8 + xo + x] = v end end
+    end
+    return p
+end
+
+local function sad(P, S, x0, y0, p, n)
+    local s = 0
+    for y = 0, n - 1 do
+        for x = 0, n - 1 do s = s + math.abs(P[(y0 + y) * S + x0 + x] - p[y * n + x]) end
+    end
+    return s
+end
+
+-- luma4x4BlkIdx -> block raster index (row * 4 + column) within the macroblock
+local BLK_RASTER = {}
+for blk = 0, 15 do
+    local b8, b4 = math.floor(blk / 4), blk % 4
+    local x = (b8 % 2) * 2 + (b4 % 2)
+    local y = math.floor(b8 / 2) * 2 + math.floor(b4 / 2)
+    BLK_RASTER[blk] = y * 4 + x
+end
+
+-- slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header) -> the slice's RBSP (header(w) writes the slice
+-- header's fields first), not yet escaped, and the decoded picture's planes Y, Cb, Cr (what a
+-- decoder reconstructs from it)
+function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
+    local w = writer()
+    header(w)
+    local SY, SC = mbw * 16, mbw * 8
+    local RY = ffi.new("uint8_t[?]", SY * mbh * 16)
+    local RCb, RCr = ffi.new("uint8_t[?]", SC * mbh * 8), ffi.new("uint8_t[?]", SC * mbh * 8)
+    -- total_coeff of each 4x4 block, for the coeff_token contexts: luma (4 mbw) x (4 mbh), chroma 2x2 per MB
+    local nzY = ffi.new("uint8_t[?]", mbw * 4 * mbh * 4)
+    local nzU, nzV = ffi.new("uint8_t[?]", mbw * 2 * mbh * 2), ffi.new("uint8_t[?]", mbw * 2 * mbh * 2)
+    local function nc(nz, stride, bx, by)
+        local left, top = bx > 0, by > 0
+        local a = left and nz[by * stride + bx - 1] or 0
+        local b = top and nz[(by - 1) * stride + bx] or 0
+        if left and top then return rshift(a + b + 1, 1) end
+        if left then return a end
+        if top then return b end
+        return 0
+    end
+    for my = 0, mbh - 1 do
+        for mx = 0, mbw - 1 do
+            local top, left = my > 0, mx > 0
+            local x0, y0 = mx * 16, my * 16
+            -- the luma mode closest to the source
+            local best, mode, bsad = nil, 2, math.huge
+            for m = 0, 2 do
+                local p = luma_pred(RY, SY, x0, y0, m, top, left)
+                if p then
+                    local s = sad(Y, SY, x0, y0, p, 16)
+                    if s < bsad then best, mode, bsad = p, m, s end
+                end
+            end
+            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, true, AC_Y)
+            local cx0, cy0 = mx * 8, my * 8
+            local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
+            local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
+            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qp, false, AC_CB)
+            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qp, false, AC_CR)
+            local any_dc = false
+            for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
+            local cbp_c = (u_any or v_any) and 2 or (any_dc and 1 or 0)
+            local cbp_l = any_ac and 15 or 0
+            w.ue(1 + mode + 4 * cbp_c + (cbp_l == 15 and 12 or 0))   -- mb_type I_16x16_<mode>_<cbp>
+            w.ue(0)                                                  -- intra_chroma_pred_mode: DC
+            w.se(0)                                                  -- mb_qp_delta
+            -- Intra16x16DCLevel: nC of block 0
+            residual_block(w, dcl, 16, nc(nzY, mbw * 4, mx * 4, my * 4))
+            for blk = 0, 15 do
+                local rb = BLK_RASTER[blk]
+                local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
+                local t = 0
+                if cbp_l == 15 then t = residual_block(w, ac[rb], 15, nc(nzY, mbw * 4, bx, by)) end
+                nzY[by * mbw * 4 + bx] = t
+            end
+            if cbp_c > 0 then
+                residual_block(w, udc, 4, -1)
+                residual_block(w, vdc, 4, -1)
+            end
+            for comp = 1, 2 do
+                local nz, acs = comp == 1 and nzU or nzV, comp == 1 and uac or vac
+                for b = 0, 3 do
+                    local bx, by = mx * 2 + b % 2, my * 2 + math.floor(b / 2)
+                    local t = 0
+                    if cbp_c == 2 then t = residual_block(w, acs[b], 15, nc(nz, mbw * 2, bx, by)) end
+                    nz[by * mbw * 2 + bx] = t
+                end
+            end
+        end
+    end
+    w.trailing()
+    return w.string(), RY, RCb, RCr
+end
+
+return M

@@ -1,0 +1,33 @@
+-- tests/golden/h264/inputs.lua: the RGB clips of the h264 golden case, from integers only (the
+-- same bytes on every machine): {name, width, height, qp, frames = {H*W*3 strings}}.
+--   noise: pseudo-random bytes (large levels: CAVLC's escapes, every coeff_token table)
+--   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
+local M = {}
+
+local function lcg(seed)
+    return function() seed = (seed * 1103515245 + 12345) % 2147483648; return math.floor(seed / 65536) % 256 end
+end
+
+local function clip(name, W, H, qp, n, px)
+    local frames = {}
+    for f = 1, n do
+        local t = {}
+        for y = 0, H - 1 do for x = 0, W - 1 do t[#t + 1] = string.char(px(f, x, y)) end end
+        frames[f] = table.concat(t)
+    end
+    return {name = name, width = W, height = H, qp = qp, frames = frames}
+end
+
+function M.clips()
+    local r = lcg(7)
+    local noise = clip("noise", 32, 32, 0, 1, function() return r(), r(), r() end)
+    local r2 = lcg(11)
+    local mix = clip("mix", 88, 40, 20, 2, function(f, x, y)
+        if (math.floor(x / 16) + math.floor(y / 16) + f) % 4 == 0 then return r2(), r2(), r2() end
+        if math.floor(x / 16) % 2 == 0 then return (x * 3 + f * 17) % 256, (y * 5) % 256, 200 end
+        return 90, (x + y * 2) % 256, (255 - x * 2) % 256
+    end)
+    return {noise, mix}
+end
+
+return M
