@@ -728,6 +728,21 @@ NEMO_API nemo_coll_work *nemo_coll_all_reduce_async(nemo_comm *c, nemo_tensor *t
     return w;
 }
 
+/* The checks every collective with an output and an input makes: the group is ready, both
+ * tensors are usable on it, of one dtype and on one device; *nccl: whether they go through NCCL. */
+static int check_io(const char *opn, nemo_comm *c, const nemo_tensor *out, const nemo_tensor *in, int *nccl) {
+    int nccl_i, rc = ready(opn, c);
+    if (rc < 0) return rc;
+    if ((rc = check_tensor(opn, "output", out, c, nccl)) < 0 || (rc = check_tensor(opn, "input", in, c, &nccl_i)) < 0)
+        return rc;
+    if (out->dtype != in->dtype)
+        return NEMO_ERR(NEMO_EDTYPE, "%s: output is %s, input %s (they must match)", opn, nemo_dtype_name(out->dtype),
+                        nemo_dtype_name(in->dtype));
+    if (*nccl != nccl_i || out->devtype != in->devtype)
+        return NEMO_ERR(NEMO_EDEVICE, "%s: output and input are on different devices", opn);
+    return 0;
+}
+
 /* A view of `big` with small's shape at element offset 0 (both contiguous). */
 static int copy_flat(nemo_tensor *dst, const nemo_tensor *src) {
     int64_t stride[NEMO_MAXDIM];
@@ -743,19 +758,8 @@ static int copy_flat(nemo_tensor *dst, const nemo_tensor *src) {
 NEMO_API nemo_coll_work *nemo_coll_reduce_scatter_async(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in,
                                                         int op) {
     const char *opn = "reduce_scatter";
-    int nccl_o, nccl_i, rc = ready(opn, c);
-    if (rc < 0 || check_tensor(opn, "output", out, c, &nccl_o) < 0 || check_tensor(opn, "input", in, c, &nccl_i) < 0)
-        return NULL;
-    if (check_reduction(opn, in->dtype, op) < 0) return NULL;
-    if (out->dtype != in->dtype) {
-        NEMO_ERR(NEMO_EDTYPE, "%s: output is %s, input %s (they must match)", opn, nemo_dtype_name(out->dtype),
-                 nemo_dtype_name(in->dtype));
-        return NULL;
-    }
-    if (nccl_o != nccl_i || out->devtype != in->devtype) {
-        NEMO_ERR(NEMO_EDEVICE, "%s: output and input are on different devices", opn);
-        return NULL;
-    }
+    int nccl_o;
+    if (check_io(opn, c, out, in, &nccl_o) < 0 || check_reduction(opn, in->dtype, op) < 0) return NULL;
     int64_t n = nemo_tensor_numel(out), nin = nemo_tensor_numel(in);
     if (nin != n * c->size) {
         char a[96], b[96];
@@ -812,18 +816,8 @@ NEMO_API nemo_coll_work *nemo_coll_reduce_scatter_async(nemo_comm *c, nemo_tenso
 
 NEMO_API nemo_coll_work *nemo_coll_all_gather_async(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in) {
     const char *opn = "all_gather";
-    int nccl_o, nccl_i, rc = ready(opn, c);
-    if (rc < 0 || check_tensor(opn, "output", out, c, &nccl_o) < 0 || check_tensor(opn, "input", in, c, &nccl_i) < 0)
-        return NULL;
-    if (out->dtype != in->dtype) {
-        NEMO_ERR(NEMO_EDTYPE, "%s: output is %s, input %s (they must match)", opn, nemo_dtype_name(out->dtype),
-                 nemo_dtype_name(in->dtype));
-        return NULL;
-    }
-    if (nccl_o != nccl_i || out->devtype != in->devtype) {
-        NEMO_ERR(NEMO_EDEVICE, "%s: output and input are on different devices", opn);
-        return NULL;
-    }
+    int nccl_o;
+    if (check_io(opn, c, out, in, &nccl_o) < 0) return NULL;
     int64_t n = nemo_tensor_numel(in), nout = nemo_tensor_numel(out);
     if (nout != n * c->size) {
         char a[96], b[96];
@@ -861,18 +855,8 @@ NEMO_API nemo_coll_work *nemo_coll_all_gather_async(nemo_comm *c, nemo_tensor *o
 
 NEMO_API nemo_coll_work *nemo_coll_all_to_all_async(nemo_comm *c, nemo_tensor *out, const nemo_tensor *in) {
     const char *opn = "all_to_all";
-    int nccl_o, nccl_i, rc = ready(opn, c);
-    if (rc < 0 || check_tensor(opn, "output", out, c, &nccl_o) < 0 || check_tensor(opn, "input", in, c, &nccl_i) < 0)
-        return NULL;
-    if (out->dtype != in->dtype) {
-        NEMO_ERR(NEMO_EDTYPE, "%s: output is %s, input %s (they must match)", opn, nemo_dtype_name(out->dtype),
-                 nemo_dtype_name(in->dtype));
-        return NULL;
-    }
-    if (nccl_o != nccl_i || out->devtype != in->devtype) {
-        NEMO_ERR(NEMO_EDEVICE, "%s: output and input are on different devices", opn);
-        return NULL;
-    }
+    int nccl_o;
+    if (check_io(opn, c, out, in, &nccl_o) < 0) return NULL;
     int64_t n = nemo_tensor_numel(in), nout = nemo_tensor_numel(out);
     if (nout != n) {
         char a[96], b[96];

@@ -79,8 +79,10 @@ end
 local CLASS = {}
 for k = 0, 15 do CLASS[k] = pos_class(k) end
 
--- ==== the bit writer (the slice's) ====
+-- ==== the bit writer (the slices' and nemo.mp4's parameter sets) ====
 
+-- writer() -> w: w.u(nbits, v), w.ue(v) / w.se(v) (Exp-Golomb), w.align_zero(), w.trailing()
+-- (rbsp_trailing_bits), w.string() (the whole bytes so far)
 local function writer()
     local buf = ffi.new("uint8_t[?]", 65536)
     local w = {cap = 65536, len = 0, cur = 0, n = 0}
@@ -108,10 +110,12 @@ local function writer()
         w.u(len + 1, x)
     end
     function w.se(v) w.ue(v > 0 and 2 * v - 1 or -2 * v) end
-    function w.trailing() w.u(1, 1); while w.n ~= 0 do w.u(1, 0) end end
+    function w.align_zero() while w.n ~= 0 do w.u(1, 0) end end
+    function w.trailing() w.u(1, 1); w.align_zero() end
     function w.string() return ffi.string(buf, w.len) end
     return w
 end
+M.writer = writer
 
 -- ==== residual_block_cavlc (7.3.5.3.2, 9.2) ====
 

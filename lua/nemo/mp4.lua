@@ -27,35 +27,12 @@ local M = {}
 
 M.DEFAULT_QP = 20
 
-local band, bor, lshift, rshift = bit.band, bit.bor, bit.lshift, bit.rshift
+local band, rshift = bit.band, bit.rshift
 
 -- ==== bits ====
 
-local function bitwriter()
-    local w = {bytes = {}, cur = 0, n = 0}
-    function w.u(nbits, v)
-        for i = nbits - 1, 0, -1 do
-            w.cur = bor(lshift(w.cur, 1), band(rshift(v, i), 1))
-            w.n = w.n + 1
-            if w.n == 8 then
-                w.bytes[#w.bytes + 1] = string.char(w.cur)
-                w.cur, w.n = 0, 0
-            end
-        end
-    end
-    function w.ue(v)   -- Exp-Golomb: (len zeros) 1 (len bits of v + 1 - 2^len)
-        local x = v + 1
-        local len = 0
-        while rshift(x, len + 1) > 0 do len = len + 1 end
-        w.u(len, 0)
-        w.u(len + 1, x)
-    end
-    function w.se(v) w.ue(v > 0 and 2 * v - 1 or -2 * v) end
-    function w.align_zero() while w.n ~= 0 do w.u(1, 0) end end
-    function w.trailing() w.u(1, 1); w.align_zero() end   -- rbsp_trailing_bits
-    function w.string() return table.concat(w.bytes) end
-    return w
-end
+local intra = require "nemo.h264_intra"
+local bitwriter = intra.writer
 M._bitwriter = bitwriter
 
 -- NAL unit payload with emulation prevention: 0x03 after two zero bytes before a byte <= 3
@@ -211,7 +188,7 @@ end
 
 -- one IDR slice of Intra_16x16 macroblocks at qp (nemo.h264_intra)
 local function intra_slice(Y, Cb, Cr, mbw, mbh, idr_id, qp)
-    local rbsp = require("nemo.h264_intra").slice_rbsp(Y, Cb, Cr, mbw, mbh, qp,
+    local rbsp = intra.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp,
         function(w) slice_header(w, idr_id, qp) end)
     return "\101" .. escape(rbsp)   -- nal_ref_idc 3, nal_unit_type 5 (IDR)
 end

@@ -456,6 +456,15 @@ function methods.free(t)
     end
 end
 
+-- Tensor.free_all(...): free each tensor given (nil and already freed ones are skipped): the
+-- dead intermediates of a function, released as soon as they are dead.
+function Tensor.free_all(...)
+    for i = 1, select("#", ...) do
+        local t = select(i, ...)
+        if t ~= nil and rawget(t, "_c") ~= nil then methods.free(t) end
+    end
+end
+
 -- ==== conversion ====
 
 local function to_bw(node, g)

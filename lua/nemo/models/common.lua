@@ -31,12 +31,7 @@ local M = {}
 
 -- Release the engine references of dead intermediates now (see the header). Only tensors a
 -- function made itself, and never one of its inputs or outputs, may be passed here.
-local function free(...)
-    for i = 1, select("#", ...) do
-        local t = select(i, ...)
-        if t ~= nil and rawget(t, "_c") ~= nil then t:free() end
-    end
-end
+local free = Tensor.free_all
 M.free = free
 
 -- diffusers' `.float()`: float32, except that float64 stays float64 (see the header).

@@ -30,12 +30,7 @@ local dist = require "nemo.dist"
 
 local M = {}
 
-local function free(...)
-    for i = 1, select("#", ...) do
-        local t = select(i, ...)
-        if t ~= nil and rawget(t, "_c") ~= nil then t:free() end
-    end
-end
+local free = Tensor.free_all
 
 -- The {group, size, rank} of a cp group (a nemo.dist group, or nil for the world).
 local function info(group)
