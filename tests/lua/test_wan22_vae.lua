@@ -202,7 +202,7 @@ do
             inference = {dtype = "float32", prompts = {"a cat"}, num_inference_steps = 2, guidance_scale = 2.0,
                 height = 64, width = 32, input_images = {tmp .. "/first.png"},
                 pipeline_kwargs = {num_frames = 5, max_sequence_length = 16}},
-            output = {output_dir = tmp .. "/gen"}}, {log = function() end})
+            output = {output_dir = tmp .. "/gen", video_format = "apng"}}, {log = function() end})
         local im = g.files[1] and nemo.image.read_png(g.files[1])
         T.ok(im and im.width == 32 and im.height == 64, "generate: inference.input_images samples TI2V image-to-video " ..
             "(an animated 32 x 64 PNG)")

@@ -110,7 +110,7 @@ do
         inference = {dtype = "float32", prompts = {"a cat"}, num_inference_steps = 2, guidance_scale = 2.0,
             height = 32, width = 32, input_images = {dir .. "/image.png"},
             pipeline_kwargs = {num_frames = 5, max_sequence_length = 512}},
-        output = {output_dir = tmp .. "/gen"}}, {log = function() end})
+        output = {output_dir = tmp .. "/gen", video_format = "apng"}}, {log = function() end})
     local im = g.files[1] and nemo.image.read_png(g.files[1])
     T.ok(im and im.width == 32 and im.height == 32, "generate: inference.input_images on a Wan I2V pipeline")
     local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --height 32 " ..
