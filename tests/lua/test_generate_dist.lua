@@ -76,10 +76,11 @@ do
     ok(#r.files == #want and table.concat(r.files, "|") == table.concat(want, "|"), string.format("generate with " ..
         "cp_size 2 on %d processes: each of the %d prompt groups' first rank writes its prompts (i mod %d), the " ..
         "others nothing", world, dp, dp), table.concat(r.files, " "))
-    -- at least this group's prompts x 2 steps x 2 attentions (one double, one single block) x 4 all-to-alls
+    -- at least this group's prompts x 2 steps x 2 attentions (one double, one single block) x 2
+    -- all-to-alls (q, k and v together; the output back)
     local mine_n = 0
     for i = 0, #prompts - 1 do if i % dp == dp_rank then mine_n = mine_n + 1 end end
-    ok(calls >= mine_n * 2 * 2 * 4, string.format("the samples ran context-parallel (%d collectives on this rank " ..
+    ok(calls >= mine_n * 2 * 2 * 2, string.format("the samples ran context-parallel (%d collectives on this rank " ..
         "for %d prompts)", calls, mine_n))
     local worst, differing = 0, 0
     for i, p in ipairs(ref.files) do
@@ -119,8 +120,9 @@ do
     pipe.components.transformer:enable_context_parallel(mesh:get_group("cp"))
     local calls0 = dist.stats().calls
     local got = run().video
-    ok(dist.stats().calls - calls0 >= 2 * 2 * 4, string.format("the transformer ran context-parallel (%d collectives)",
-        dist.stats().calls - calls0))
+    -- 2 steps x 2 guidance passes x 2 blocks x 2 all-to-alls at least
+    ok(dist.stats().calls - calls0 >= 2 * 2 * 2 * 2, string.format("the transformer ran context-parallel (%d " ..
+        "collectives)", dist.stats().calls - calls0))
     local d = R.rel_diff(got, ref)
     ok(d <= 1e-5, string.format("sampling.wan (CFG, 2 steps, 5 frames) with the transformer context-parallel " ..
         "over 2 ranks == one process within 1e-5 relative (%.1e)", d))
