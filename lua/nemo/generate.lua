@@ -196,7 +196,7 @@ function M.run(cfg, opts)
     local lay = distributed_layout(cfg, device or "auto")
     local writer = lay == nil or lay.cp_rank == 0
     if not writer then log = function() end end
-    if lay and lay.world > 1 then
+    if lay and lay.world > 1 and require("nemo.dist").get_rank() == 0 then   -- once, not once per group
         log(string.format("distributed: %d processes, %d prompt group%s of %d (context parallel over %s)", lay.world,
             lay.dp, lay.dp == 1 and "" or "s", lay.cp, #lay.components > 0 and table.concat(lay.components, ", ") or
             "nothing: each process samples its own prompts"))
