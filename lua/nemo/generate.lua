@@ -13,7 +13,8 @@
 -- inference.dtype [bfloat16], prompts, max_samples, num_inference_steps, guidance_scale, height,
 -- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
 -- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
--- [16], output.video_format [mp4] (nemo-lua's: mp4 or apng); vae.enable_slicing, vae.enable_tiling; seed
+-- [16], output.video_format [mp4] and output.video_qp [20] (nemo-lua's: mp4 or apng; the MP4's
+-- quantizer 0..29); vae.enable_slicing, vae.enable_tiling; seed
 -- [42]; device [auto] (nemo-lua's). Prompt i samples with nemo.Generator(seed + i) and is written as
 -- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
 -- (H.264 intra pictures, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
@@ -38,7 +39,7 @@ M.SCHEMA = {
     inference = {dtype = "string", prompts = "table", max_samples = "number", num_inference_steps = "number",
                  guidance_scale = "number", height = "number", width = "number", pipeline_kwargs = "table",
                  input_images = "table"},
-    output = {output_dir = "string", fps = "number", video_format = "string"},
+    output = {output_dir = "string", fps = "number", video_format = "string", video_qp = "number"},
     vae = {enable_slicing = "boolean", enable_tiling = "boolean", enable_cpu_offload = "boolean"},
     distributed = {backend = "string", timeout_minutes = "number", parallel_scheme = "table"},
 }
@@ -107,6 +108,11 @@ function M.validate(cfg)
     if vf ~= nil and vf ~= "mp4" and vf ~= "apng" then
         cfg_error("output.video_format must be mp4 (H.264, Automodel's format) or apng (an animated PNG), got " ..
             tostring(vf))
+    end
+    local vq = cfg.output and cfg.output.video_qp
+    if vq ~= nil and (vq % 1 ~= 0 or vq < 0 or vq > 29) then
+        cfg_error("output.video_qp must be an integer in 0..29 (the MP4's quantizer: lower is better and larger), got " ..
+            tostring(vq))
     end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
@@ -271,7 +277,8 @@ function M.run(cfg, opts)
             if writer then nemo.image.save(path, (sampling.to_uint8(r.image))) end
         else
             local r = sampling.wan(o)
-            if writer then nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16}) end
+            if writer then nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16,
+                qp = out.video_qp}) end
         end
         if writer then
             files[#files + 1] = path
