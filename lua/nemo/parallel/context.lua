@@ -2,12 +2,12 @@
 -- diffusers' ContextParallelConfig(ulysses_degree = cp) does and Automodel's fsdp.cp_size turns on).
 -- The cp ranks of a group each hold a contiguous 1/P slice of the token sequence; everything but
 -- attention is token-wise, so each rank computes only its own tokens. Attention exchanges heads
--- for tokens with one all-to-all on each of q, k, v (each rank then sees every token for H/P of
--- the heads), attends, and exchanges back. The model's output is gathered along the sequence, so
+-- for tokens with one all-to-all of q, k and v together (each rank then sees every token for H/P
+-- of the heads), attends, and exchanges the output back with a second one. The model's output is gathered along the sequence, so
 -- a context-parallel model returns what the model on one process returns.
 --
 --   local cp = require "nemo.parallel.context"
---   local x_local = cp.split(x, 1, group)            -- this rank's slice of dim 1 (a view)
+--   local x_local = cp.split(x, 1, group)            -- this rank's slice of dim 1 (contiguous)
 --   local o = cp.attention(q, k, v, group)           -- (B, H, S/P, Dh) in and out, SDPA over all S
 --   local y = cp.gather(y_local, 1, group)           -- every rank's slice, in rank order
 --
