@@ -196,6 +196,16 @@ if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-
 else
     fail "FSDP2 checkpoint into one process" "exit $RC" "$C" "$ERR"
 fi
+# a context-parallel checkpoint (shards over dp_shard x cp) resumed by plain FSDP2 data parallelism
+cp -r "$T/cp2stop" "$T/cp2dp"
+rm -rf "$T/cp2dp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/cp2dp/LATEST"
+train 2 0 cp2dp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+C=$(compare cp2dp/epoch_0_step_3 r1/epoch_0_step_3)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "a cp_size 2 checkpoint resumed as 2-rank data parallelism (no cp) ends within 1e-6 of the 1-process run ($C)"
+else
+    fail "context-parallel checkpoint into data parallelism" "exit $RC" "$C" "$ERR"
+fi
 
 # ==== LoRA (peft block): DDP and FSDP2 equal one process; adapters only in the checkpoints ====
 LORA=(--model.model_type flux --peft.dim 4 --peft.alpha 8 --optimizer.lr 1e-2
