@@ -244,11 +244,14 @@ local function blocks(n, len) local t = {}; for b = 0, n - 1 do t[b] = ffi.new("
 local COEF_Y, COEF_C = blocks(16, 16), blocks(4, 16)
 local AC_Y, AC_CB, AC_CR = blocks(16, 16), blocks(4, 16), blocks(4, 16)
 local RES, D16, R16 = ffi.new("int32_t[16]"), ffi.new("int32_t[16]"), ffi.new("int32_t[16]")
+local DCQ, WD, YD, DCS = ffi.new("int32_t[16]"), ffi.new("int32_t[16]"), ffi.new("int32_t[16]"), ffi.new("int32_t[16]")
+-- the DC levels in scan order, [1..16] (luma) or [1..4] (each chroma plane)
+local DCL_Y, DCL_CB, DCL_CR = ffi.new("int32_t[17]"), ffi.new("int32_t[17]"), ffi.new("int32_t[17]")
 
 -- encode the residual of a (n x n, n = 16 or 8) block of plane P (stride S) at (x0, y0) against
 -- prediction pred[0..n*n-1]; returns dc levels (4x4 or 2x2, scan order), the AC levels of each
 -- 4x4 block (block raster order, 15 each, scan order 1..15), and reconstructs into R.
-local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
+local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac, dcl)
     local nb = n / 4                         -- 4x4 blocks per side
     local q6, qbits = math.floor(qp / 6), 15 + math.floor(qp / 6)
     local fq = math.floor(lshift(1, qbits) / 3)
@@ -267,13 +270,13 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
         end
     end
     -- DC: Hadamard of the blocks' DC terms, quantized (luma: 4x4, /2; chroma: 2x2)
-    local dcq = {}
+    local dcq = DCQ
     local ndc = nb * nb
-    local wd = {}
+    local wd = WD
     for b = 0, ndc - 1 do wd[b] = coef[b][0] end
-    local yd = {}
+    local yd = YD
     if nb == 4 then
-        local t = {}
+        local t = T16
         for i = 0, 3 do
             local a, b, c, d = wd[i * 4], wd[i * 4 + 1], wd[i * 4 + 2], wd[i * 4 + 3]
             t[i * 4], t[i * 4 + 1], t[i * 4 + 2], t[i * 4 + 3] = a + b + c + d, a + b - c - d, a - b - c + d, a - b + c - d
@@ -289,10 +292,10 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
     end
     for k = 0, ndc - 1 do dcq[k] = quant(yd[k], mfrow[1], qbits + 1, 2 * fq) end
     -- the decoder's DC scaling (8.5.10 luma, 8.5.11.2 chroma 4:2:0)
-    local dcs = {}
+    local dcs = DCS
     local ls0 = 16 * V[qp % 6 + 1][1]
     if nb == 4 then
-        local t, f = {}, {}
+        local t, f = T16, F16
         for i = 0, 3 do
             local a, b, c, d = dcq[i * 4], dcq[i * 4 + 1], dcq[i * 4 + 2], dcq[i * 4 + 3]
             t[i * 4], t[i * 4 + 1], t[i * 4 + 2], t[i * 4 + 3] = a + b + c + d, a + b - c - d, a - b - c + d, a - b + c - d
@@ -307,8 +310,8 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
         end
     else
         local a, b, c, d = dcq[0], dcq[1], dcq[2], dcq[3]
-        local f = {[0] = a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d}
-        for k = 0, 3 do dcs[k] = arshift(lshift(f[k] * ls0, q6), 5) end
+        dcs[0], dcs[1] = arshift(lshift((a + b + c + d) * ls0, q6), 5), arshift(lshift((a - b + c - d) * ls0, q6), 5)
+        dcs[2], dcs[3] = arshift(lshift((a + b - c - d) * ls0, q6), 5), arshift(lshift((a - b - c + d) * ls0, q6), 5)
     end
     -- AC levels, reconstruction
     local d, r = D16, R16
@@ -341,7 +344,6 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac)
         end
     end
     -- the DC levels in scan order (luma: zig-zag of the 4x4 DC array; chroma: raster c00 c01 c10 c11)
-    local dcl = {}
     if nb == 4 then
         for s = 1, 16 do dcl[s] = dcq[ZIGZAG[s]] end
     else
@@ -450,12 +452,12 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
                     if s < bsad then best, mode, bsad = p, m, s end
                 end
             end
-            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, true, AC_Y)
+            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, true, AC_Y, DCL_Y)
             local cx0, cy0 = mx * 8, my * 8
             local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
             local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
-            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qp, false, AC_CB)
-            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qp, false, AC_CR)
+            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qp, false, AC_CB, DCL_CB)
+            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qp, false, AC_CR, DCL_CR)
             local any_dc = false
             for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
             local cbp_c = (u_any or v_any) and 2 or (any_dc and 1 or 0)
