@@ -14,7 +14,7 @@
 -- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
 -- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
 -- [16], output.video_format [mp4] and output.video_qp [20] (nemo-lua's: mp4 or apng; the MP4's
--- quantizer 0..29); vae.enable_slicing, vae.enable_tiling; seed
+-- quantizer 0..51); vae.enable_slicing, vae.enable_tiling; seed
 -- [42]; device [auto] (nemo-lua's). Prompt i samples with nemo.Generator(seed + i) and is written as
 -- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
 -- (H.264 intra pictures, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
@@ -110,8 +110,8 @@ function M.validate(cfg)
             tostring(vf))
     end
     local vq = cfg.output and cfg.output.video_qp
-    if vq ~= nil and (vq % 1 ~= 0 or vq < 0 or vq > 29) then
-        cfg_error("output.video_qp must be an integer in 0..29 (the MP4's quantizer: lower is better and larger), got " ..
+    if vq ~= nil and (vq % 1 ~= 0 or vq < 0 or vq > 51) then
+        cfg_error("output.video_qp must be an integer in 0..51 (the MP4's quantizer: lower is better and larger), got " ..
             tostring(vq))
     end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then

@@ -8,7 +8,7 @@
 --
 -- Y: (16 mbw) x (16 mbh) bytes, Cb / Cr: (8 mbw) x (8 mbh), row-major (padded planes, nemo.mp4).
 -- The slice header is nemo.mp4's (an IDR I slice, deblocking off) with slice_qp_delta = qp - 26.
--- qp in 0..29 (the chroma QP then equals the luma's); lower is better and larger.
+-- qp in 0..51, lower is better and larger; the chroma's QP follows Table 8-15 (equal up to 29).
 local ffi = require "ffi"
 local bit = require "bit"
 
@@ -409,6 +409,9 @@ local function sad(P, S, x0, y0, p, n)
     return s
 end
 
+-- QPc for qPi = 30..51 (Table 8-15)
+local QPC = {29, 30, 31, 32, 32, 33, 34, 34, 35, 35, 36, 36, 37, 37, 37, 38, 38, 38, 39, 39, 39, 39}
+
 -- luma4x4BlkIdx -> block raster index (row * 4 + column) within the macroblock
 local BLK_RASTER = {}
 for blk = 0, 15 do
@@ -425,6 +428,7 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
     local w = writer()
     header(w)
     local SY, SC = mbw * 16, mbw * 8
+    local qpc = qp < 30 and qp or QPC[qp - 29]   -- chroma_qp_index_offset 0
     local RY = ffi.new("uint8_t[?]", SY * mbh * 16)
     local RCb, RCr = ffi.new("uint8_t[?]", SC * mbh * 8), ffi.new("uint8_t[?]", SC * mbh * 8)
     -- total_coeff of each 4x4 block, for the coeff_token contexts: luma (4 mbw) x (4 mbh), chroma 2x2 per MB
@@ -456,8 +460,8 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
             local cx0, cy0 = mx * 8, my * 8
             local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
             local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
-            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qp, false, AC_CB, DCL_CB)
-            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qp, false, AC_CR, DCL_CR)
+            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qpc, false, AC_CB, DCL_CB)
+            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qpc, false, AC_CR, DCL_CR)
             local any_dc = false
             for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
             local cbp_c = (u_any or v_any) and 2 or (any_dc and 1 or 0)

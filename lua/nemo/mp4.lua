@@ -6,7 +6,7 @@
 --   nemo.image.write_mp4("out.mp4", frames, width, height, channels, {fps = 16})
 --
 -- The stream: Constrained Baseline, 4:2:0, 8 bits, every frame one IDR slice. By default its
--- macroblocks are Intra_16x16 with CAVLC at one QP (nemo.h264_intra: qp 0..29, default 20, luma
+-- macroblocks are Intra_16x16 with CAVLC at one QP (nemo.h264_intra: qp 0..51, default 20, luma
 -- PSNR around 50 dB on smooth frames); {pcm = true} stores I_PCM macroblocks instead (the samples
 -- as they are: 1.5 bytes per pixel per frame). The size is padded to whole macroblocks by
 -- repeating the last column and row, and cropped back in the SPS; colours BT.709 limited range,
@@ -288,8 +288,8 @@ function M.encode(frames, W, H, C, o)
     local qp = o and o.qp
     if o and o.pcm then qp = nil
     elseif qp == nil then qp = M.DEFAULT_QP
-    elseif type(qp) ~= "number" or qp % 1 ~= 0 or qp < 0 or qp > 29 then
-        error("mp4.encode: qp must be an integer in 0..29 (lower: better and larger), got " .. tostring(qp), 2)
+    elseif type(qp) ~= "number" or qp % 1 ~= 0 or qp < 0 or qp > 51 then
+        error("mp4.encode: qp must be an integer in 0..51 (lower: better and larger), got " .. tostring(qp), 2)
     end
     local mbw, mbh = math.ceil(W / 16), math.ceil(H / 16)
     local Wp, Hp = mbw * 16, mbh * 16

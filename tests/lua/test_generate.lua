@@ -126,7 +126,7 @@ local wb = T.read_bytes(wr.files[1])
 T.ok(wr.files[1]:match("sample_000_a_cat_walking%.mp4$") and wb:sub(5, 12) == "ftypisom" and
     wb:find("avc1", 1, true) and wb:find("mdat", 1, true), "a WanPipeline sample is an MP4 (H.264), named as Automodel")
 raises(with(wcfg, {"output", "video_format"}, "gif"), "output.video_format must be mp4", "output.video_format is checked")
-raises(with(wcfg, {"output", "video_qp"}, 30), "output.video_qp must be an integer in 0..29", "output.video_qp is checked")
+raises(with(wcfg, {"output", "video_qp"}, 52), "output.video_qp must be an integer in 0..51", "output.video_qp is checked")
 do   -- output.video_qp reaches the encoder: a lower quantizer writes more bytes
     local q = with(wcfg, {"output", "video_qp"}, 4)
     q.output.output_dir = tmp .. "/out_wan_qp4"

@@ -270,8 +270,8 @@ raises(function() mp4.encode({string.rep("\0", 15 * 8 * 3)}, 15, 8, 3) end, "wid
 raises(function() mp4.encode({"abc"}, 16, 16, 3) end, "frame 1 must be 16 x 16 x 3 bytes", "a frame of the wrong size")
 raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {fps = 0}) end, "fps must be in (0, 1000]",
     "fps 0 is an error")
-raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {qp = 30}) end, "qp must be an integer in 0..29",
-    "qp above 29 is an error (the chroma QP would differ from the luma's)")
+raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {qp = 52}) end, "qp must be an integer in 0..51",
+    "qp above 51 is an error (H.264's range)")
 
 do   -- image.save_video: .mp4 by the path, tensors in
     local tmp = os.tmpname()

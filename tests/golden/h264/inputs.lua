@@ -2,6 +2,7 @@
 -- same bytes on every machine): {name, width, height, qp, frames = {H*W*3 strings}}.
 --   noise: pseudo-random bytes (large levels: CAVLC's escapes, every coeff_token table)
 --   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
+--   coarse: the same kind of picture at qp 40 (the chroma QP table, the luma DC scaling above 36)
 local M = {}
 
 local function lcg(seed)
@@ -27,7 +28,12 @@ function M.clips()
         if math.floor(x / 16) % 2 == 0 then return (x * 3 + f * 17) % 256, (y * 5) % 256, 200 end
         return 90, (x + y * 2) % 256, (255 - x * 2) % 256
     end)
-    return {noise, mix}
+    local r3 = lcg(13)
+    local coarse = clip("coarse", 48, 32, 40, 1, function(f, x, y)
+        if (math.floor(x / 16) + math.floor(y / 16)) % 3 == 0 then return r3(), r3(), r3() end
+        return (x * 5) % 256, (y * 7 + 30) % 256, (x + y) % 256
+    end)
+    return {noise, mix, coarse}
 end
 
 return M

@@ -14,6 +14,6 @@ for _, c in ipairs(require("inputs").clips()) do
     f:write(mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp}))
     f:close()
 end'
-for n in noise mix; do
+for n in noise mix coarse; do
     "$FFMPEG" -v error -i "tests/golden/h264/$n.mp4" -f rawvideo -pix_fmt yuv420p "tests/golden/h264/$n.yuv" -y
 done
