@@ -34,9 +34,8 @@ local o = cli.parse(arg, spec)
 local function say(msg) io.stdout:write(msg, "\n") end
 if not o.model then cli.usage(spec, "--model is required") end
 if #o.prompts == 0 then cli.usage(spec, "at least one --prompt is required") end
-if o.qp % 1 ~= 0 or o.qp < 0 or o.qp > 51 then
-    cli.usage(spec, "--qp must be an integer in 0..51 (the MP4's quantizer: lower is better and larger), got " .. o.qp)
-end
+local qp_why = require("nemo.mp4").qp_problem(o.qp, "--qp")
+if qp_why then cli.usage(spec, qp_why) end
 local ext = o.out:lower():match("%.(mp4)$") or o.out:lower():match("%.(png)$")
 if not ext then
     cli.usage(spec, "--out must name a .mp4 file (H.264) or a .png file (an animated PNG), got '" .. o.out .. "'")

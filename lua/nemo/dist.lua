@@ -128,6 +128,19 @@ local function auto_backend(env)
     return "mpi"
 end
 
+-- init_for_device(device, {backend =, timeout_minutes = 10}): the recipes' process group, unless
+-- one is up already: itself for one process; between processes NCCL on CUDA devices (unless the
+-- backend is "gloo"), MPI on the CPU (where "nccl", Automodel's default, means MPI).
+function M.init_for_device(device, o)
+    if state.initialized then return world end
+    o = o or {}
+    local backend = "self"
+    if M.env().world_size > 1 then
+        backend = (device ~= "cpu" and (o.backend or "nccl") ~= "gloo") and "nccl" or "mpi"
+    end
+    return M.init_process_group{backend = backend, timeout_minutes = o.timeout_minutes or 10}
+end
+
 -- init_process_group{backend=, timeout_minutes=, timeout=(seconds), device=(CUDA index for nccl)}
 -- Returns the world group. Calling it again with the same backend returns the same group.
 function M.init_process_group(opts)

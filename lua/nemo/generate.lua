@@ -110,10 +110,8 @@ function M.validate(cfg)
             tostring(vf))
     end
     local vq = cfg.output and cfg.output.video_qp
-    if vq ~= nil and (vq % 1 ~= 0 or vq < 0 or vq > 51) then
-        cfg_error("output.video_qp must be an integer in 0..51 (the MP4's quantizer: lower is better and larger), got " ..
-            tostring(vq))
-    end
+    local vq_why = vq ~= nil and require("nemo.mp4").qp_problem(vq, "output.video_qp")
+    if vq_why then cfg_error(vq_why) end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
     end
@@ -146,15 +144,8 @@ local function distributed_layout(cfg, device)
     local d = cfg.distributed
     if d == nil then return nil end
     local dist = require "nemo.dist"
-    local env = dist.env()
-    if not dist.is_initialized() then
-        local backend = "self"
-        if env.world_size > 1 then
-            backend = (device ~= "cpu" and (d.backend or "nccl") ~= "gloo") and "nccl" or "mpi"
-        end
-        local ok, err = pcall(dist.init_process_group, {backend = backend, timeout_minutes = d.timeout_minutes or 10})
-        if not ok then error("generate: distributed: " .. tostring(err), 0) end
-    end
+    local ok, err = pcall(dist.init_for_device, device, d)
+    if not ok then error("generate: distributed: " .. tostring(err), 0) end
     local world = dist.get_world_size()
     local cp, dp, names = 1, nil, {}
     local comps = {}

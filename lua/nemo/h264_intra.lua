@@ -184,7 +184,6 @@ local function residual_block(w, coeffs, maxn, nC)
     end
     return total
 end
-M._residual_block = residual_block
 
 -- ==== transforms ====
 
@@ -251,12 +250,12 @@ local DCL_Y, DCL_CB, DCL_CR = ffi.new("int32_t[17]"), ffi.new("int32_t[17]"), ff
 -- encode the residual of a (n x n, n = 16 or 8) block of plane P (stride S) at (x0, y0) against
 -- prediction pred[0..n*n-1]; returns dc levels (4x4 or 2x2, scan order), the AC levels of each
 -- 4x4 block (block raster order, 15 each, scan order 1..15), and reconstructs into R.
-local function code_block(P, R, S, x0, y0, n, pred, qp, is_luma, ac, dcl)
+local function code_block(P, R, S, x0, y0, n, pred, qp, ac, dcl)
     local nb = n / 4                         -- 4x4 blocks per side
     local q6, qbits = math.floor(qp / 6), 15 + math.floor(qp / 6)
     local fq = math.floor(lshift(1, qbits) / 3)
     local mfrow = MF[qp % 6 + 1]
-    local coef = is_luma and COEF_Y or COEF_C    -- per block: 16 transform coefficients
+    local coef = nb == 4 and COEF_Y or COEF_C     -- per block: 16 transform coefficients
     local res = RES
     for by = 0, nb - 1 do
         for bx = 0, nb - 1 do
@@ -456,12 +455,12 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
                     if s < bsad then best, mode, bsad = p, m, s end
                 end
             end
-            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, true, AC_Y, DCL_Y)
+            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, AC_Y, DCL_Y)
             local cx0, cy0 = mx * 8, my * 8
             local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
             local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
-            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qpc, false, AC_CB, DCL_CB)
-            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qpc, false, AC_CR, DCL_CR)
+            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qpc, AC_CB, DCL_CB)
+            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qpc, AC_CR, DCL_CR)
             local any_dc = false
             for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
             local cbp_c = (u_any or v_any) and 2 or (any_dc and 1 or 0)

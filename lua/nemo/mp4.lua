@@ -25,7 +25,15 @@ local bit = require "bit"
 
 local M = {}
 
-M.DEFAULT_QP = 20
+M.DEFAULT_QP, M.MAX_QP = 20, 51
+
+-- qp_problem(qp, name) -> nil when qp is a quantizer, else the message saying why not (for the
+-- callers' own errors: mp4.encode, generate's output.video_qp, wan_sample's --qp)
+function M.qp_problem(qp, name)
+    if type(qp) == "number" and qp % 1 == 0 and qp >= 0 and qp <= M.MAX_QP then return nil end
+    return string.format("%s must be an integer in 0..%d (the MP4's quantizer: lower is better and larger), got %s",
+        name, M.MAX_QP, tostring(qp))
+end
 
 local band, rshift = bit.band, bit.rshift
 
@@ -33,7 +41,6 @@ local band, rshift = bit.band, bit.rshift
 
 local intra = require "nemo.h264_intra"
 local bitwriter = intra.writer
-M._bitwriter = bitwriter
 
 -- NAL unit payload with emulation prevention: 0x03 after two zero bytes before a byte <= 3
 local function escape(rbsp)
@@ -288,8 +295,9 @@ function M.encode(frames, W, H, C, o)
     local qp = o and o.qp
     if o and o.pcm then qp = nil
     elseif qp == nil then qp = M.DEFAULT_QP
-    elseif type(qp) ~= "number" or qp % 1 ~= 0 or qp < 0 or qp > 51 then
-        error("mp4.encode: qp must be an integer in 0..51 (lower: better and larger), got " .. tostring(qp), 2)
+    else
+        local why = M.qp_problem(qp, "qp")
+        if why then error("mp4.encode: " .. why, 2) end
     end
     local mbw, mbh = math.ceil(W / 16), math.ceil(H / 16)
     local Wp, Hp = mbw * 16, mbh * 16

@@ -907,15 +907,9 @@ function M.run(cfg, opts)
     end
     -- the process group: MPI between CPU processes, NCCL between GPUs (dist_env.backend "nccl",
     -- Automodel's default, means MPI when the tensors are on the CPU), itself for one process
-    local group
-    if not dist.is_initialized() then
-        local de = cfg.dist_env or {}
-        local backend = "self"
-        if ws > 1 then backend = (device ~= "cpu" and (de.backend or "nccl") ~= "gloo") and "nccl" or "mpi" end
-        local iok, ierr = pcall(dist.init_process_group, {backend = backend, timeout_minutes = de.timeout_minutes or 10})
-        if not iok then raise("dist_env: ", ierr) end
-    end
-    group = dist.group_world()
+    local iok, ierr = pcall(dist.init_for_device, device, cfg.dist_env)
+    if not iok then raise("dist_env: ", ierr) end
+    local group = dist.group_world()
     local function barrier() if ws > 1 then dist.barrier() end end
 
     if cfg.demo and cfg.demo.enabled then

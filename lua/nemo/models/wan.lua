@@ -741,9 +741,8 @@ function WanTransformer3DModel:forward(args, timestep, ehs)
     -- cross-attention of a slice of queries needs no exchange)
     local cpg = rawget(self, "_cp_group")
     if cpg and ts_len then
-        cp.check_len(L, cpg:size(), "the video's patch sequence")
         local t2 = t:reshape{B, L}
-        local tl = cp.split(t2, 1, cpg, "timestep")
+        local tl = cp.split(t2, 1, cpg, "the video's patch sequence")
         t, ts_len = tl:reshape{B * tl.shape[2]}, tl.shape[2]
         free(t2, tl)
     end

@@ -87,7 +87,6 @@ local function check_len(n, P, what)
             "evenly (it must be a multiple of cp_size = %d)", what, n, P, P), 3)
     end
 end
-M.check_len = check_len
 
 -- split(x, dim, group, what) -> this rank's slice of x along dim, contiguous (a copy unless it
 -- already is; its gradient lands at the slice's place). `what` names x in the error for an uneven length.
