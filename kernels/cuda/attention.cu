@@ -546,8 +546,13 @@ __device__ __forceinline__ float fl_shfl_xor(float v, int m) { return __shfl_xor
 __device__ __forceinline__ float fl_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ float fl_log2(float x) { return log2f(x); }
 template <int E> __device__ __forceinline__ void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <int TRANS> __device__ __forceinline__ void fl_ldsm(uint32_t r[4], const uint16_t *row);
 #ifdef NEMO_CUDA_EMU
 template <int E> void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]) { nemo_emu::mma(E, d, a, b); }
+template <int TRANS> void fl_ldsm(uint32_t r[4], const uint16_t *row) { nemo_emu::ldmatrix(r, row, TRANS); }
+static inline void fl_cp16(uint16_t *dst, const uint16_t *src, bool full) { nemo_emu::cp_async(dst, src, full ? 16 : 0); }
+static inline void fl_cp_commit() { nemo_emu::cp_commit(); }
+template <int N> void fl_cp_wait() { nemo_emu::cp_wait(N); }
 #else
 template <> __device__ __forceinline__ void fl_mma<0>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -559,6 +564,26 @@ template <> __device__ __forceinline__ void fl_mma<1>(float d[4], const uint32_t
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+/* Shared-memory operands as 32-bit shared-window addresses. The ldmatrix / cp.async asm is
+ * volatile and the waits clobber memory, so the compiler keeps them in program order with the
+ * barriers around them. */
+__device__ __forceinline__ uint32_t fl_saddr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+template <> __device__ __forceinline__ void fl_ldsm<0>(uint32_t r[4], const uint16_t *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fl_saddr(row)));
+}
+template <> __device__ __forceinline__ void fl_ldsm<1>(uint32_t r[4], const uint16_t *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fl_saddr(row)));
+}
+__device__ __forceinline__ void fl_cp16(uint16_t *dst, const uint16_t *src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fl_saddr(dst)), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void fl_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void fl_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 template <int E> __device__ __forceinline__ uint32_t fl_pack(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t fl_pack<0>(float lo, float hi) {
@@ -649,9 +674,17 @@ static int fl_launch(const char *op, int dev, void (*kernel)(const fl_args), con
     return 0;
 }
 
+/* Query rows per forward block: 128 (MT = 2, the default) or 64 (MT = 1) when
+ * NEMO_FLASH_FWD_ROWS=64, read at each call (tests/gpu/check_ops.lua checks and times both). */
+static int fl_fwd_rows(void) {
+    const char *e = getenv("NEMO_FLASH_FWD_ROWS");
+    return e && atoi(e) == 64 ? 64 : 128;
+}
 template <int D, int E>
 static int fl_fwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {
-    return fl_launch(op, dev, fl_fwd_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_fwd_smem<D>(), st);
+    if (fl_fwd_rows() == 64)
+        return fl_launch(op, dev, fl_fwd_k<D, E, 1>, A, A.nbh, (A.sq + 63) / 64, fl_fwd_smem<D, 1>(), st);
+    return fl_launch(op, dev, fl_fwd_k<D, E, 2>, A, A.nbh, (A.sq + 127) / 128, fl_fwd_smem<D, 2>(), st);
 }
 template <int D, int E>
 static int fl_bwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {

@@ -3,12 +3,15 @@
  * key and value with head dim 64 or 128, forward and backward. Launched by
  * kernels/cuda/attention.cu ("sdpa_flash_fwd", "sdpa_flash_bwd"); the same source also runs on
  * the CPU under tests/c/test_flash_emu.cc, which executes the 128 threads of a block in lockstep
- * and carries out each warp's mma and shuffles itself, so that the indexing is tested in CI.
+ * and carries out each warp's mma, ldmatrix and shuffles itself, so that the indexing is tested
+ * in CI.
  *
- *   forward   one block per (64 query rows, batch-head pair); each warp owns 16 rows and walks
- *             the keys in tiles of 64: S = Q K^T (mma), online softmax in float32 (running max
- *             and sum per row, in log2 units), O = O * alpha + P V with P rounded to the input
- *             type; O and lse = log(sum exp(scale S)) written at the end.
+ *   forward   one block per (64 MT query rows, batch-head pair), MT = 1 or 2; each warp owns
+ *             16 MT rows and walks the keys in tiles of 64: S = Q K^T (mma), online softmax in
+ *             float32 (running max and sum per row, in log2 units), O = O * alpha + P V with P
+ *             rounded to the input type; O and lse = log(sum exp(scale S)) written at the end.
+ *             MT = 2 reads each K / V fragment once for two row tiles (half the shared-memory
+ *             traffic per mma); MT = 1 keeps Q in registers.
  *   backward  three deterministic kernels, no atomics: Dv = rowsum(dO * O); one block per 64
  *             keys accumulates dV += P^T dO and dK += scale dS^T Q over all query tiles; one
  *             block per 64 query rows accumulates dQ += scale dS K over all key tiles, where
@@ -18,15 +21,24 @@
  * holds rows g and g + 8 at columns 2t, 2t + 1 and 2t + 8, 2t + 9; a B fragment (16 x 8, k x n)
  * holds column g at rows 2t, 2t + 1, 2t + 8, 2t + 9; an accumulator (16 x 8) holds rows g and
  * g + 8 at columns 2t, 2t + 1. Two accumulator tiles side by side are therefore an A fragment
- * once rounded (P and dS never leave registers). A B operand is read from shared memory where
- * its k index is contiguous: K and dO row-major for Q K^T and dO V^T, V / Q / dO / K transposed
- * (d-major) where the product runs over keys or queries. Rows are padded by 8 elements, which
- * keeps the 32-bit fragment reads free of bank conflicts.
+ * once rounded (P and dS never leave registers). Every operand sits in shared memory row-major
+ * as it is in global memory (rows of D elements padded by 8, so the eight 16-byte rows of an
+ * 8 x 8 matrix fall in different banks); fragments are read with ldmatrix.x4, transposing
+ * (.trans) where the product runs over the rows: V in P V, dO and Q in P^T dO and dS^T Q, K in
+ * dS K.
+ *
+ * Tiles move from global to shared memory with cp.async (16 bytes a thread, zero-filled past
+ * Sq / Sk), overlapped with the products: the forward loads V_j during S = Q K_j^T and K_j+1
+ * during P V_j (one buffer each); the backward kernels double-buffer the tiles they loop over
+ * and load tile i + 1 while computing tile i.
  *
  * Non-obvious rules
- * - Every thread of a block passes the same sequence of barriers, shuffles and mma: causal
- *   masking and the tails of Sq / Sk change values (-inf, zeros), never control flow inside a
- *   tile loop, and the loops' bounds are per block. The emulator checks this.
+ * - Every thread of a block passes the same sequence of barriers, shuffles, ldmatrix and mma:
+ *   causal masking and the tails of Sq / Sk change values (-inf, zeros), never control flow
+ *   inside a tile loop, and the loops' bounds are per block. The emulator checks this.
+ * - A thread's cp.async lands when the thread waits for its group; other threads see it only
+ *   after the barrier that follows (fl_cp_wait<0>(); fl_sync();). A buffer is refilled only
+ *   after a barrier that every reader of its previous contents has passed.
  * - The global operands must be 16-byte aligned with rows and (batch, head) strides that are
  *   multiples of 8 elements, last dim contiguous (the launcher checks; the front-end copies an
  *   operand that is not). Rows past Sq / Sk are read as zeros and never written.
@@ -37,8 +49,12 @@
  * (threadIdx.x, blockIdx.x, blockIdx.y, gridDim.y), FL_SMEM (the block's dynamic shared memory,
  * 16-byte aligned), FL_UNROLL, fl_sync(), fl_shfl_xor(float, int), fl_exp2, fl_log2,
  * fl_mma<E>(float d[4], const uint32_t a[4], const uint32_t b[2]) (d += a b),
- * fl_pack<E>(float lo, float hi) (two values rounded to E, lo in the low half) and
- * fl_f32<E>(uint16_t). E: FL_BF16 or FL_F16.
+ * fl_ldsm<TRANS>(uint32_t r[4], const uint16_t *row) (ldmatrix.sync.aligned.m8n8.x4[.trans]
+ * .shared.b16: lane l names row l % 8 of matrix l / 8 and receives r[i] of matrix i),
+ * fl_cp16(uint16_t *dst, const uint16_t *src, bool full) (cp.async.cg of 16 bytes into shared
+ * memory, zeros when !full), fl_cp_commit(), fl_cp_wait<N>() (cp.async.commit_group /
+ * wait_group N), fl_pack<E>(float lo, float hi) (two values rounded to E, lo in the low half)
+ * and fl_f32<E>(uint16_t). E: FL_BF16 or FL_F16.
  */
 #ifndef NEMO_FLASH_CUH
 #define NEMO_FLASH_CUH
@@ -72,16 +88,17 @@ struct alignas(16) fl_v4 {
 };
 
 /* Shared memory of each kernel, in bytes (the launcher opts in above 48 KiB). */
-template <int D> constexpr int fl_fwd_smem() { return 2 * (64 * (D + 8) * 2 + D * (64 + 8)); }
+template <int D, int MT> constexpr int fl_fwd_smem() { return 2 * (64 * MT + 2 * 64) * (D + 8); }   /* Q, K, V */
 template <int D> struct fl_tile { static constexpr int bq = D > 64 ? 32 : 64; };   /* inner tile of the backward */
-template <int D> constexpr int fl_dkdv_smem() {
-    return 2 * (2 * 64 * (D + 8) + 2 * fl_tile<D>::bq * (D + 8) + 2 * D * (fl_tile<D>::bq + 8)) + 2 * 4 * fl_tile<D>::bq;
+template <int D> constexpr int fl_dkdv_smem() {   /* K, V; two stages of Q, dO, lse, Dv */
+    return 2 * (2 * 64 * (D + 8) + 2 * 2 * fl_tile<D>::bq * (D + 8)) + 2 * 2 * 4 * fl_tile<D>::bq;
 }
-template <int D> constexpr int fl_dq_smem() {
-    return 2 * (2 * 64 * (D + 8) + 2 * fl_tile<D>::bq * (D + 8) + D * (fl_tile<D>::bq + 8));
+template <int D> constexpr int fl_dq_smem() {   /* Q, dO; two stages of K, V */
+    return 2 * (2 * 64 * (D + 8) + 2 * 2 * fl_tile<D>::bq * (D + 8));
 }
 
 FL_DEV int64_t fl_min(int64_t a, int64_t b) { return a < b ? a : b; }
+FL_DEV uint32_t fl_ld32(const uint16_t *p) { return *(const uint32_t *)p; }
 
 /* Pair bh's element 0 of operand m. */
 FL_DEV uint16_t *fl_pair(const fl_args &A, const fl_mat &m, int64_t bh) {
@@ -94,39 +111,32 @@ FL_DEV uint16_t *fl_pair(const fl_args &A, const fl_mat &m, int64_t bh) {
     return m.p + off;
 }
 
-/* Rows [r0, r0 + R) of an (n, D) operand (row stride ld) into shared memory: row-major into s
- * (row stride SD) and / or transposed into st (st[d * ST + r]); zeros past row n. Consecutive
- * threads take consecutive rows, so the transposed 16-bit stores hit consecutive addresses. */
-template <int R, int D, int SD, int ST>
-FL_DEV void fl_load(uint16_t *s, uint16_t *st, const uint16_t *src, int64_t ld, int64_t r0, int64_t n) {
+/* Issues the cp.async of rows [r0, r0 + R) of an (n, D) operand (row stride ld) into s (row
+ * stride D + 8), zeros past row n; the caller commits. Consecutive threads take consecutive
+ * 16-byte chunks of a row. */
+template <int R, int D>
+FL_DEV void fl_load(uint16_t *s, const uint16_t *src, int64_t ld, int64_t r0, int64_t n) {
     constexpr int CH = D / 8;
     for (int c = FL_TID; c < R * CH; c += FL_T) {
-        const int r = c % R, cc = c / R;
-        fl_v4 v = {0u, 0u, 0u, 0u};
-        if (r0 + r < n) v = *(const fl_v4 *)(src + (r0 + r) * ld + cc * 8);
-        if (s) *(fl_v4 *)(s + r * SD + cc * 8) = v;
-        if (st) {
-            const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
-            FL_UNROLL
-            for (int j = 0; j < 8; j++) st[(cc * 8 + j) * ST + r] = (uint16_t)(w4[j / 2] >> (16 * (j % 2)));
-        }
+        const int r = c / CH, cc = c % CH;
+        const bool full = r0 + r < n;
+        fl_cp16(s + r * (D + 8) + cc * 8, full ? src + (r0 + r) * ld + cc * 8 : src, full);
     }
 }
 
-FL_DEV uint32_t fl_ld32(const uint16_t *p) { return *(const uint32_t *)p; }
-/* A fragment: rows r0.. r0 + 15, columns c0 .. c0 + 15 of s (row stride SD). */
+/* A fragment: rows r0 .. r0 + 15, columns c0 .. c0 + 15 of s (row stride SD). */
 template <int SD>
-FL_DEV void fl_frag_a(uint32_t a[4], const uint16_t *s, int r0, int c0, int g, int t) {
-    a[0] = fl_ld32(s + (r0 + g) * SD + c0 + 2 * t);
-    a[1] = fl_ld32(s + (r0 + g + 8) * SD + c0 + 2 * t);
-    a[2] = fl_ld32(s + (r0 + g) * SD + c0 + 8 + 2 * t);
-    a[3] = fl_ld32(s + (r0 + g + 8) * SD + c0 + 8 + 2 * t);
+FL_DEV void fl_frag_a(uint32_t a[4], const uint16_t *s, int r0, int c0, int lane) {
+    fl_ldsm<0>(a, s + (r0 + lane % 16) * SD + c0 + lane / 16 * 8);
 }
-/* B fragment with B[k][n] = s[(n0 + n) * SD + k0 + k]. */
-template <int SD>
-FL_DEV void fl_frag_b(uint32_t b[2], const uint16_t *s, int n0, int k0, int g, int t) {
-    b[0] = fl_ld32(s + (n0 + g) * SD + k0 + 2 * t);
-    b[1] = fl_ld32(s + (n0 + g) * SD + k0 + 8 + 2 * t);
+/* B fragments of two n tiles, n0 .. n0 + 7 in b[0..1] and n0 + 8 .. n0 + 15 in b[2..3], over
+ * k0 .. k0 + 15. TRANS 0: B[k][n] = s[(n0 + n) * SD + k0 + k] (k contiguous, as K in Q K^T);
+ * TRANS 1: B[k][n] = s[(k0 + k) * SD + n0 + n] (n contiguous, as V in P V). */
+template <int SD, int TRANS>
+FL_DEV void fl_frag_b(uint32_t b[4], const uint16_t *s, int n0, int k0, int lane) {
+    const int i = lane % 8, m = lane / 8;
+    if (TRANS) fl_ldsm<1>(b, s + (k0 + i + m % 2 * 8) * SD + n0 + m / 2 * 8);
+    else fl_ldsm<0>(b, s + (n0 + i + m / 2 * 8) * SD + k0 + m % 2 * 8);
 }
 /* A fragment from two accumulator tiles (columns 0-7 in c0, 8-15 in c1), rounded to E. */
 template <int E>
@@ -135,6 +145,12 @@ FL_DEV void fl_frag_acc(uint32_t a[4], const float c0[4], const float c1[4]) {
     a[1] = fl_pack<E>(c0[2], c0[3]);
     a[2] = fl_pack<E>(c1[0], c1[1]);
     a[3] = fl_pack<E>(c1[2], c1[3]);
+}
+/* acc[n] += a b for the n tiles n0 / 8 .. n0 / 8 + 1 of acc: one ldmatrix, two mma. */
+template <int E>
+FL_DEV void fl_mma2(float (*acc)[4], const uint32_t a[4], const uint32_t b[4]) {
+    fl_mma<E>(acc[0], a, b);
+    fl_mma<E>(acc[1], a, b + 2);
 }
 /* Rows r and r + 8 (accumulator layout) of an (n, D) operand: x scale, rounded, stored. */
 template <int D, int E>
@@ -150,11 +166,12 @@ FL_DEV void fl_store_rows(uint16_t *dst, int64_t ld, int64_t n, int64_t r, int t
 
 /* The backward's two products over the head dim, for this warp's 16 rows (w): acc1 = A1 B1^T and
  * acc2 = A2 B2^T (zeroed first), A1 / A2 16 rows of a1 / a2 and B1 / B2 N rows of b1 / b2, all
- * row-major with row stride SD: S and dP (dK/dV kernel: K, V against Q, dO; dQ kernel: Q, dO
+ * row-major with row stride D + 8: S and dP (dK/dV kernel: K, V against Q, dO; dQ kernel: Q, dO
  * against K, V). */
-template <int N, int D, int E, int SD>
+template <int N, int D, int E>
 FL_DEV void fl_two_products(float (*acc1)[4], float (*acc2)[4], const uint16_t *a1, const uint16_t *a2,
-                            const uint16_t *b1, const uint16_t *b2, int w, int g, int t) {
+                            const uint16_t *b1, const uint16_t *b2, int w, int lane) {
+    constexpr int SD = D + 8;
     FL_UNROLL
     for (int j = 0; j < N / 8; j++)
         FL_UNROLL
@@ -162,119 +179,162 @@ FL_DEV void fl_two_products(float (*acc1)[4], float (*acc2)[4], const uint16_t *
     FL_UNROLL
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t fa1[4], fa2[4];
-        fl_frag_a<SD>(fa1, a1, w * 16, kk * 16, g, t);
-        fl_frag_a<SD>(fa2, a2, w * 16, kk * 16, g, t);
+        fl_frag_a<SD>(fa1, a1, w * 16, kk * 16, lane);
+        fl_frag_a<SD>(fa2, a2, w * 16, kk * 16, lane);
         FL_UNROLL
-        for (int j = 0; j < N / 8; j++) {
-            uint32_t fb[2];
-            fl_frag_b<SD>(fb, b1, j * 8, kk * 16, g, t);
-            fl_mma<E>(acc1[j], fa1, fb);
-            fl_frag_b<SD>(fb, b2, j * 8, kk * 16, g, t);
-            fl_mma<E>(acc2[j], fa2, fb);
+        for (int j = 0; j < N / 16; j++) {
+            uint32_t fb[4];
+            fl_frag_b<SD, 0>(fb, b1, j * 16, kk * 16, lane);
+            fl_mma2<E>(acc1 + 2 * j, fa1, fb);
+            fl_frag_b<SD, 0>(fb, b2, j * 16, kk * 16, lane);
+            fl_mma2<E>(acc2 + 2 * j, fa2, fb);
         }
     }
 }
 
 /* ==== Forward ==== */
 
-template <int D, int E>
+template <int D, int E, int MT>
 FL_GLOBAL void fl_fwd_k(const fl_args A) {
-    constexpr int BR = 64, BC = 64, SD = D + 8, SV = BC + 8;
-    uint16_t *sQ = (uint16_t *)FL_SMEM, *sK = sQ + BR * SD, *sVt = sK + BC * SD;
-    const int tid = FL_TID, w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    constexpr int BR = 64 * MT, BC = 64, SD = D + 8;
+    uint16_t *sQ = (uint16_t *)FL_SMEM, *sK = sQ + BR * SD, *sV = sK + BC * SD;
+    const int tid = FL_TID, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int64_t bh = FL_BX, q0 = (A.causal ? FL_GY - 1 - FL_BY : FL_BY) * BR;   /* causal: long rows first */
     const uint16_t *K = fl_pair(A, A.k, bh), *V = fl_pair(A, A.v, bh);
-    fl_load<BR, D, SD, 1>(sQ, nullptr, fl_pair(A, A.q, bh), A.q.ld, q0, A.sq);
-    fl_sync();
-    uint32_t qa[D / 16][4];
-    FL_UNROLL
-    for (int kk = 0; kk < D / 16; kk++) fl_frag_a<SD>(qa[kk], sQ, w * 16, kk * 16, g, t);
-    float o[D / 8][4];
-    FL_UNROLL
-    for (int dn = 0; dn < D / 8; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    const int64_t r0 = q0 + w * 16 + g, r1 = r0 + 8;
     const int64_t kend = A.causal ? fl_min(A.sk, q0 + BR) : A.sk;
-    for (int64_t k0 = 0; k0 < kend; k0 += BC) {
-        fl_sync();   /* every warp is done with the previous tile */
-        fl_load<BC, D, SD, 1>(sK, nullptr, K, A.k.ld, k0, A.sk);
-        fl_load<BC, D, 1, SV>(nullptr, sVt, V, A.v.ld, k0, A.sk);
+    fl_load<BR, D>(sQ, fl_pair(A, A.q, bh), A.q.ld, q0, A.sq);
+    fl_load<BC, D>(sK, K, A.k.ld, 0, A.sk);
+    fl_cp_commit();
+    uint32_t qa[MT == 1 ? D / 16 : 1][4];   /* MT = 1: this warp's Q fragments stay in registers */
+    if (MT == 1) {
+        fl_cp_wait<0>();
         fl_sync();
-        float s[BC / 8][4];
         FL_UNROLL
-        for (int j = 0; j < BC / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int kk = 0; kk < (MT == 1 ? D / 16 : 0); kk++) fl_frag_a<SD>(qa[kk], sQ, w * 16, kk * 16, lane);
+    }
+    float o[MT][D / 8][4], m[MT][2], l[MT][2];
+    FL_UNROLL
+    for (int mt = 0; mt < MT; mt++) {
+        FL_UNROLL
+        for (int dn = 0; dn < D / 8; dn++) o[mt][dn][0] = o[mt][dn][1] = o[mt][dn][2] = o[mt][dn][3] = 0.f;
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+    const int64_t rw = q0 + w * 16 * MT + g;   /* row of m[0][0]; m[mt][h] is row rw + 16 mt + 8 h */
+    for (int64_t k0 = 0; k0 < kend; k0 += BC) {
+        fl_cp_wait<0>();
+        fl_sync();   /* K_j is in; every warp is done with V_j-1 */
+        fl_load<BC, D>(sV, V, A.v.ld, k0, A.sk);
+        fl_cp_commit();
+        float s[MT][BC / 8][4];
+        FL_UNROLL
+        for (int mt = 0; mt < MT; mt++)
+            FL_UNROLL
+            for (int j = 0; j < BC / 8; j++) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
         FL_UNROLL
         for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t qf[MT][4];
+            FL_UNROLL
+            for (int mt = 0; mt < MT; mt++) {
+                if (MT == 1) {
+                    FL_UNROLL
+                    for (int e = 0; e < 4; e++) qf[mt][e] = qa[MT == 1 ? kk : 0][e];
+                } else {
+                    fl_frag_a<SD>(qf[mt], sQ, (w * MT + mt) * 16, kk * 16, lane);
+                }
+            }
+            FL_UNROLL
+            for (int j = 0; j < BC / 16; j++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 0>(b, sK, j * 16, kk * 16, lane);
+                FL_UNROLL
+                for (int mt = 0; mt < MT; mt++) fl_mma2<E>(s[mt] + 2 * j, qf[mt], b);
+            }
+        }
+        /* columns c of the tile (key k0 + c) are kept when c < ncol and, causal, c <= diag +
+         * (row - rw); small ints, so the masks below need no 64-bit registers */
+        const int ncol = (int)fl_min(A.sk - k0, BC);
+        const int diag = A.causal ? (int)fl_min(rw - k0, 2 * BC) : 2 * BC;   /* rw - k0 >= 64 - BR here */
+        FL_UNROLL
+        for (int mt = 0; mt < MT; mt++) {
+            /* scaled scores in log2 units, masked, and the tile's row maxima */
+            float x[2] = {-INFINITY, -INFINITY};
             FL_UNROLL
             for (int j = 0; j < BC / 8; j++) {
-                uint32_t b[2];
-                fl_frag_b<SD>(b, sK, j * 8, kk * 16, g, t);
-                fl_mma<E>(s[j], qa[kk], b);
+                FL_UNROLL
+                for (int e = 0; e < 4; e++) {
+                    const int c = j * 8 + 2 * t + (e & 1);
+                    float v = s[mt][j][e] * A.scale_log2;
+                    if (c >= ncol || c > diag + 16 * mt + 8 * (e >> 1)) v = -INFINITY;
+                    s[mt][j][e] = v;
+                    x[e >> 1] = fmaxf(x[e >> 1], v);
+                }
             }
-        }
-        /* scaled scores in log2 units, masked, and the tile's row maxima */
-        float x0 = -INFINITY, x1 = -INFINITY;
-        FL_UNROLL
-        for (int j = 0; j < BC / 8; j++) {
+            float al[2];
             FL_UNROLL
-            for (int e = 0; e < 4; e++) {
-                const int64_t col = k0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
-                float x = s[j][e] * A.scale_log2;
-                if (col >= A.sk || (A.causal && col > row)) x = -INFINITY;
-                s[j][e] = x;
-                if (e < 2) x0 = fmaxf(x0, x);
-                else x1 = fmaxf(x1, x);
+            for (int h = 0; h < 2; h++) {
+                x[h] = fmaxf(x[h], fl_shfl_xor(x[h], 1));
+                x[h] = fmaxf(x[h], fl_shfl_xor(x[h], 2));
+                const float n = fmaxf(m[mt][h], x[h]), base = n == -INFINITY ? 0.f : n;
+                al[h] = fl_exp2(m[mt][h] - base);
+                m[mt][h] = n;
+                x[h] = base;
             }
-        }
-        x0 = fmaxf(x0, fl_shfl_xor(x0, 1));
-        x0 = fmaxf(x0, fl_shfl_xor(x0, 2));
-        x1 = fmaxf(x1, fl_shfl_xor(x1, 1));
-        x1 = fmaxf(x1, fl_shfl_xor(x1, 2));
-        const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
-        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
-        const float al0 = fl_exp2(m0 - b0), al1 = fl_exp2(m1 - b1);
-        m0 = n0;
-        m1 = n1;
-        float rs0 = 0.f, rs1 = 0.f;
-        FL_UNROLL
-        for (int j = 0; j < BC / 8; j++) {
-            s[j][0] = fl_exp2(s[j][0] - b0);
-            s[j][1] = fl_exp2(s[j][1] - b0);
-            s[j][2] = fl_exp2(s[j][2] - b1);
-            s[j][3] = fl_exp2(s[j][3] - b1);
-            rs0 += s[j][0] + s[j][1];
-            rs1 += s[j][2] + s[j][3];
-        }
-        l0 = l0 * al0 + rs0;   /* this thread's part of the row sums; added across the 4 at the end */
-        l1 = l1 * al1 + rs1;
-        FL_UNROLL
-        for (int dn = 0; dn < D / 8; dn++) {
-            o[dn][0] *= al0;
-            o[dn][1] *= al0;
-            o[dn][2] *= al1;
-            o[dn][3] *= al1;
-        }
-        FL_UNROLL
-        for (int kq = 0; kq < BC / 16; kq++) {
-            uint32_t pa[4];
-            fl_frag_acc<E>(pa, s[2 * kq], s[2 * kq + 1]);
+            float rs[2] = {0.f, 0.f};
+            FL_UNROLL
+            for (int j = 0; j < BC / 8; j++) {
+                FL_UNROLL
+                for (int e = 0; e < 4; e++) {
+                    s[mt][j][e] = fl_exp2(s[mt][j][e] - x[e >> 1]);
+                    rs[e >> 1] += s[mt][j][e];
+                }
+            }
+            FL_UNROLL
+            for (int h = 0; h < 2; h++) l[mt][h] = l[mt][h] * al[h] + rs[h];   /* this thread's part; summed over the 4 at the end */
             FL_UNROLL
             for (int dn = 0; dn < D / 8; dn++) {
-                uint32_t b[2];
-                fl_frag_b<SV>(b, sVt, dn * 8, kq * 16, g, t);
-                fl_mma<E>(o[dn], pa, b);
+                o[mt][dn][0] *= al[0];
+                o[mt][dn][1] *= al[0];
+                o[mt][dn][2] *= al[1];
+                o[mt][dn][3] *= al[1];
+            }
+        }
+        fl_cp_wait<0>();
+        fl_sync();   /* V_j is in; every warp is done with K_j */
+        if (k0 + BC < kend) fl_load<BC, D>(sK, K, A.k.ld, k0 + BC, A.sk);
+        fl_cp_commit();
+        FL_UNROLL
+        for (int kq = 0; kq < BC / 16; kq++) {
+            uint32_t pa[MT][4];
+            FL_UNROLL
+            for (int mt = 0; mt < MT; mt++) fl_frag_acc<E>(pa[mt], s[mt][2 * kq], s[mt][2 * kq + 1]);
+            FL_UNROLL
+            for (int dn = 0; dn < D / 16; dn++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 1>(b, sV, dn * 16, kq * 16, lane);
+                FL_UNROLL
+                for (int mt = 0; mt < MT; mt++) fl_mma2<E>(o[mt] + 2 * dn, pa[mt], b);
             }
         }
     }
-    l0 += fl_shfl_xor(l0, 1);
-    l0 += fl_shfl_xor(l0, 2);
-    l1 += fl_shfl_xor(l1, 1);
-    l1 += fl_shfl_xor(l1, 2);
-    fl_store_rows<D, E>(fl_pair(A, A.o, bh), A.o.ld, A.sq, r0, t, o, l0 > 0.f ? 1.f / l0 : 0.f,
-                        l1 > 0.f ? 1.f / l1 : 0.f);
-    if (t == 0) {
-        if (r0 < A.sq) A.lse[bh * A.sq + r0] = l0 > 0.f ? (m0 + fl_log2(l0)) * FL_LN2 : -INFINITY;
-        if (r1 < A.sq) A.lse[bh * A.sq + r1] = l1 > 0.f ? (m1 + fl_log2(l1)) * FL_LN2 : -INFINITY;
+    FL_UNROLL
+    for (int mt = 0; mt < MT; mt++) {
+        float inv[2];
+        FL_UNROLL
+        for (int h = 0; h < 2; h++) {
+            l[mt][h] += fl_shfl_xor(l[mt][h], 1);
+            l[mt][h] += fl_shfl_xor(l[mt][h], 2);
+            inv[h] = l[mt][h] > 0.f ? 1.f / l[mt][h] : 0.f;
+        }
+        const int64_t r = rw + 16 * mt;
+        fl_store_rows<D, E>(fl_pair(A, A.o, bh), A.o.ld, A.sq, r, t, o[mt], inv[0], inv[1]);
+        if (t == 0) {
+            FL_UNROLL
+            for (int h = 0; h < 2; h++)
+                if (r + 8 * h < A.sq)
+                    A.lse[bh * A.sq + r + 8 * h] =
+                        l[mt][h] > 0.f ? (m[mt][h] + fl_log2(l[mt][h])) * FL_LN2 : -INFINITY;
+        }
     }
 }
 
@@ -304,79 +364,95 @@ FL_GLOBAL void fl_bwd_pre_k(const fl_args A) {
     }
 }
 
-/* dK and dV for 64 keys of one pair (each warp: 16 keys), over the query tiles that see them. */
+/* dK and dV for 64 keys of one pair (each warp: 16 keys), over the query tiles that see them;
+ * query tile i + 1 (Q, dO, lse, Dv) loads into the other stage while tile i is used. */
 template <int D, int E>
 FL_GLOBAL void fl_bwd_dkdv_k(const fl_args A) {
-    constexpr int BC = 64, BQ = fl_tile<D>::bq, SD = D + 8, ST = BQ + 8;
-    uint16_t *sK = (uint16_t *)FL_SMEM, *sV = sK + BC * SD, *sQ = sV + BC * SD, *sdO = sQ + BQ * SD;
-    uint16_t *sQt = sdO + BQ * SD, *sdOt = sQt + D * ST;
-    float *sL = (float *)(sdOt + D * ST), *sDv = sL + BQ;
-    const int tid = FL_TID, w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    constexpr int BC = 64, BQ = fl_tile<D>::bq, SD = D + 8;
+    uint16_t *sK = (uint16_t *)FL_SMEM, *sV = sK + BC * SD, *sQ0 = sV + BC * SD;   /* stage s: sQ0 + 2 s BQ SD */
+    float *sL0 = (float *)(sQ0 + 4 * BQ * SD);                                   /* stage s: lse at sL0 + 2 s BQ, Dv after */
+    const int tid = FL_TID, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int64_t bh = FL_BX, k0 = FL_BY * BC;
     const uint16_t *Q = fl_pair(A, A.q, bh), *G = fl_pair(A, A.g, bh);
-    fl_load<BC, D, SD, 1>(sK, nullptr, fl_pair(A, A.k, bh), A.k.ld, k0, A.sk);
-    fl_load<BC, D, SD, 1>(sV, nullptr, fl_pair(A, A.v, bh), A.v.ld, k0, A.sk);
+    const int64_t qfirst = A.causal ? k0 / BQ * BQ : 0;
+    fl_load<BC, D>(sK, fl_pair(A, A.k, bh), A.k.ld, k0, A.sk);
+    fl_load<BC, D>(sV, fl_pair(A, A.v, bh), A.v.ld, k0, A.sk);
     float dk[D / 8][4], dv[D / 8][4];
     FL_UNROLL
     for (int dn = 0; dn < D / 8; dn++)
         FL_UNROLL
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
     const int64_t kr0 = k0 + w * 16 + g, kr1 = kr0 + 8;
-    for (int64_t q0 = A.causal ? k0 / BQ * BQ : 0; q0 < A.sq; q0 += BQ) {
-        fl_sync();
-        fl_load<BQ, D, SD, ST>(sQ, sQt, Q, A.q.ld, q0, A.sq);
-        fl_load<BQ, D, SD, ST>(sdO, sdOt, G, A.g.ld, q0, A.sq);
-        for (int i = tid; i < BQ; i += FL_T) {
-            const int64_t q = q0 + i;
-            sL[i] = q < A.sq ? A.lse[bh * A.sq + q] * FL_LOG2E : INFINITY;   /* +inf: P = 0 past Sq */
-            sDv[i] = q < A.sq ? A.dvec[bh * A.sq + q] : 0.f;
+    int st = 0;
+    for (int64_t q0 = qfirst; q0 < A.sq + BQ; q0 += BQ, st ^= 1) {
+        /* tile q0 into stage st (the pass with q0 = qfirst loads only; the others use stage st ^ 1) */
+        if (q0 < A.sq) {
+            uint16_t *sQ = sQ0 + 2 * st * BQ * SD;
+            float *sL = sL0 + 2 * st * BQ;
+            fl_load<BQ, D>(sQ, Q, A.q.ld, q0, A.sq);
+            fl_load<BQ, D>(sQ + BQ * SD, G, A.g.ld, q0, A.sq);
+            for (int i = tid; i < BQ; i += FL_T) {
+                const int64_t q = q0 + i;
+                sL[i] = q < A.sq ? A.lse[bh * A.sq + q] * FL_LOG2E : INFINITY;   /* +inf: P = 0 past Sq */
+                sL[BQ + i] = q < A.sq ? A.dvec[bh * A.sq + q] : 0.f;
+            }
         }
-        fl_sync();
+        fl_cp_commit();
+        if (q0 == qfirst) {
+            fl_cp_wait<0>();
+            fl_sync();
+            continue;
+        }
+        const int64_t qc = q0 - BQ;   /* the tile in stage st ^ 1 */
+        const uint16_t *sQ = sQ0 + 2 * (st ^ 1) * BQ * SD, *sdO = sQ + BQ * SD;
+        const float *sL = sL0 + 2 * (st ^ 1) * BQ, *sDv = sL + BQ;
         /* S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T */
-        float st[BQ / 8][4], dp[BQ / 8][4];
-        fl_two_products<BQ, D, E, SD>(st, dp, sK, sV, sQ, sdO, w, g, t);
+        float sp[BQ / 8][4], dp[BQ / 8][4];
+        fl_two_products<BQ, D, E>(sp, dp, sK, sV, sQ, sdO, w, lane);
         FL_UNROLL
         for (int j = 0; j < BQ / 8; j++) {
             FL_UNROLL
             for (int e = 0; e < 4; e++) {
                 const int qi = j * 8 + 2 * t + (e & 1);
                 const int64_t key = e < 2 ? kr0 : kr1;
-                float p = fl_exp2(st[j][e] * A.scale_log2 - sL[qi]);
-                if (key >= A.sk || (A.causal && key > q0 + qi)) p = 0.f;   /* rows past Sk: never stored */
-                st[j][e] = p;
+                float p = fl_exp2(sp[j][e] * A.scale_log2 - sL[qi]);
+                if (key >= A.sk || (A.causal && key > qc + qi)) p = 0.f;   /* rows past Sk: never stored */
+                sp[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - sDv[qi]);   /* dS^T */
             }
         }
         FL_UNROLL
         for (int kq = 0; kq < BQ / 16; kq++) {
             uint32_t pa[4], da[4];
-            fl_frag_acc<E>(pa, st[2 * kq], st[2 * kq + 1]);
+            fl_frag_acc<E>(pa, sp[2 * kq], sp[2 * kq + 1]);
             fl_frag_acc<E>(da, dp[2 * kq], dp[2 * kq + 1]);
             FL_UNROLL
-            for (int dn = 0; dn < D / 8; dn++) {
-                uint32_t b[2];
-                fl_frag_b<ST>(b, sdOt, dn * 8, kq * 16, g, t);
-                fl_mma<E>(dv[dn], pa, b);   /* dV += P^T dO */
-                fl_frag_b<ST>(b, sQt, dn * 8, kq * 16, g, t);
-                fl_mma<E>(dk[dn], da, b);   /* dK += dS^T Q */
+            for (int dn = 0; dn < D / 16; dn++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 1>(b, sdO, dn * 16, kq * 16, lane);
+                fl_mma2<E>(dv + 2 * dn, pa, b);   /* dV += P^T dO */
+                fl_frag_b<SD, 1>(b, sQ, dn * 16, kq * 16, lane);
+                fl_mma2<E>(dk + 2 * dn, da, b);   /* dK += dS^T Q */
             }
         }
+        fl_cp_wait<0>();
+        fl_sync();   /* tile q0 is in; every warp is done with stage st ^ 1 */
     }
     fl_store_rows<D, E>(fl_pair(A, A.dk, bh), A.dk.ld, A.sk, kr0, t, dk, A.scale, A.scale);
     fl_store_rows<D, E>(fl_pair(A, A.dv, bh), A.dv.ld, A.sk, kr0, t, dv, 1.f, 1.f);
 }
 
-/* dQ for 64 query rows of one pair (each warp: 16 rows), over the key tiles they see. */
+/* dQ for 64 query rows of one pair (each warp: 16 rows), over the key tiles they see; key tile
+ * i + 1 (K, V) loads into the other stage while tile i is used. */
 template <int D, int E>
 FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
-    constexpr int BR = 64, BK = fl_tile<D>::bq, SD = D + 8, ST = BK + 8;
-    uint16_t *sQ = (uint16_t *)FL_SMEM, *sdO = sQ + BR * SD, *sK = sdO + BR * SD, *sV = sK + BK * SD;
-    uint16_t *sKt = sV + BK * SD;
-    const int tid = FL_TID, w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    constexpr int BR = 64, BK = fl_tile<D>::bq, SD = D + 8;
+    uint16_t *sQ = (uint16_t *)FL_SMEM, *sdO = sQ + BR * SD, *sK0 = sdO + BR * SD;   /* stage s: sK0 + 2 s BK SD */
+    const int tid = FL_TID, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int64_t bh = FL_BX, q0 = (A.causal ? FL_GY - 1 - FL_BY : FL_BY) * BR;
     const uint16_t *K = fl_pair(A, A.k, bh), *V = fl_pair(A, A.v, bh);
-    fl_load<BR, D, SD, 1>(sQ, nullptr, fl_pair(A, A.q, bh), A.q.ld, q0, A.sq);
-    fl_load<BR, D, SD, 1>(sdO, nullptr, fl_pair(A, A.g, bh), A.g.ld, q0, A.sq);
+    fl_load<BR, D>(sQ, fl_pair(A, A.q, bh), A.q.ld, q0, A.sq);
+    fl_load<BR, D>(sdO, fl_pair(A, A.g, bh), A.g.ld, q0, A.sq);
     const int64_t r0 = q0 + w * 16 + g, r1 = r0 + 8;
     const float L0 = r0 < A.sq ? A.lse[bh * A.sq + r0] * FL_LOG2E : INFINITY;
     const float L1 = r1 < A.sq ? A.lse[bh * A.sq + r1] * FL_LOG2E : INFINITY;
@@ -385,18 +461,29 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
     FL_UNROLL
     for (int dn = 0; dn < D / 8; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
     const int64_t kend = A.causal ? fl_min(A.sk, q0 + BR) : A.sk;
-    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
-        fl_sync();
-        fl_load<BK, D, SD, ST>(sK, sKt, K, A.k.ld, k0, A.sk);
-        fl_load<BK, D, SD, 1>(sV, nullptr, V, A.v.ld, k0, A.sk);
-        fl_sync();
+    int st = 0;
+    for (int64_t k0 = 0; k0 < kend + BK; k0 += BK, st ^= 1) {
+        /* tile k0 into stage st (the pass with k0 = 0 loads only; the others use stage st ^ 1) */
+        if (k0 < kend) {
+            uint16_t *sK = sK0 + 2 * st * BK * SD;
+            fl_load<BK, D>(sK, K, A.k.ld, k0, A.sk);
+            fl_load<BK, D>(sK + BK * SD, V, A.v.ld, k0, A.sk);
+        }
+        fl_cp_commit();
+        if (k0 == 0) {
+            fl_cp_wait<0>();
+            fl_sync();
+            continue;
+        }
+        const int64_t kc = k0 - BK;   /* the tile in stage st ^ 1 */
+        const uint16_t *sK = sK0 + 2 * (st ^ 1) * BK * SD, *sV = sK + BK * SD;
         float s[BK / 8][4], dp[BK / 8][4];
-        fl_two_products<BK, D, E, SD>(s, dp, sQ, sdO, sK, sV, w, g, t);   /* S = Q K^T, dP = dO V^T */
+        fl_two_products<BK, D, E>(s, dp, sQ, sdO, sK, sV, w, lane);   /* S = Q K^T, dP = dO V^T */
         FL_UNROLL
         for (int j = 0; j < BK / 8; j++) {
             FL_UNROLL
             for (int e = 0; e < 4; e++) {
-                const int64_t key = k0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                const int64_t key = kc + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
                 const float p = (key >= A.sk || (A.causal && key > row))
                                     ? 0.f : fl_exp2(s[j][e] * A.scale_log2 - (e < 2 ? L0 : L1));
                 s[j][e] = p * (dp[j][e] - (e < 2 ? D0 : D1));   /* dS */
@@ -407,12 +494,14 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
             uint32_t da[4];
             fl_frag_acc<E>(da, s[2 * kq], s[2 * kq + 1]);
             FL_UNROLL
-            for (int dn = 0; dn < D / 8; dn++) {
-                uint32_t b[2];
-                fl_frag_b<ST>(b, sKt, dn * 8, kq * 16, g, t);
-                fl_mma<E>(dq[dn], da, b);   /* dQ += dS K */
+            for (int dn = 0; dn < D / 16; dn++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 1>(b, sK, dn * 16, kq * 16, lane);
+                fl_mma2<E>(dq + 2 * dn, da, b);   /* dQ += dS K */
             }
         }
+        fl_cp_wait<0>();
+        fl_sync();   /* tile k0 is in; every warp is done with stage st ^ 1 */
     }
     fl_store_rows<D, E>(fl_pair(A, A.dq, bh), A.dq.ld, A.sq, r0, t, dq, A.scale, A.scale);
 }

@@ -9,7 +9,8 @@
  * calls with sizes that do not agree or pointers not aligned as promised; fresh device memory
  * reads as NaN, a write past an allocation faults, and so does host code reading device memory
  * (where the CPU has protection keys), and so does a read past a block's dynamic shared memory;
- * a read that misses its barrier gives a wrong result. Work is deferred as CUDA allows: a stream that does not
+ * a read that misses its barrier gives a wrong result; ldmatrix gives the PTX ISA's fragments, and a
+ * cp.async lands at its wait and is seen by other warps only after a barrier. Work is deferred as CUDA allows: a stream that does not
  * wait for another, or host code that does not wait for a copy, sees stale data.
  *
  * Launches are written as the Makefile rewrites them: k<<<g, b, s>>>(x) is
@@ -99,6 +100,36 @@ __global__ void chain_blocks(int *x) {
 __global__ void past_dyn_smem(float *out, int n) {
     float *buf = (float *)nemo_emu::dyn_smem();
     out[threadIdx.x] = buf[n + threadIdx.x];   /* n floats were asked for */
+}
+
+/* one warp: 32 rows of 8 16-bit values (row r, column c holds 8 r + c) in dynamic shared
+ * memory, read back with ldmatrix.x4 (lane l names row l); out[4 l + i] = register i */
+__global__ void ldsm_k(uint32_t *out, int trans, int offset) {
+    uint16_t *s = (uint16_t *)nemo_emu::dyn_smem();
+    for (int c = 0; c < 8; c++) s[8 * threadIdx.x + c] = (uint16_t)(8 * threadIdx.x + c);
+    __syncthreads();
+    uint32_t r[4];
+    nemo_emu::ldmatrix(r, s + 8 * threadIdx.x + offset, trans);
+    for (int i = 0; i < 4; i++) out[4 * threadIdx.x + i] = r[i];
+}
+
+/* two warps: thread t copies 16 bytes of x into chunk t of shared memory with cp.async, waits,
+ * then reads chunk (t + shift) % 64, with or without a barrier in between */
+__global__ void cp_async_k(const uint16_t *x, uint16_t *y, int shift, int barrier) {
+    uint16_t *s = (uint16_t *)nemo_emu::dyn_smem();
+    nemo_emu::cp_async(s + 8 * threadIdx.x, x + 8 * threadIdx.x, threadIdx.x % 2 ? 16 : 0);   /* odd: zeros */
+    nemo_emu::cp_commit();
+    nemo_emu::cp_wait(0);
+    if (barrier) __syncthreads();
+    for (int c = 0; c < 8; c++) y[8 * threadIdx.x + c] = s[8 * ((threadIdx.x + shift) % 64) + c];
+}
+/* reads its own chunk before waiting for it */
+__global__ void cp_async_nowait(const uint16_t *x, uint16_t *y) {
+    uint16_t *s = (uint16_t *)nemo_emu::dyn_smem();
+    nemo_emu::cp_async(s + 8 * threadIdx.x, x + 8 * threadIdx.x, 16);
+    nemo_emu::cp_commit();
+    y[threadIdx.x] = s[8 * threadIdx.x];
+    nemo_emu::cp_wait(0);
 }
 
 __global__ void fill_k(float *y, float v, int n) {
@@ -246,6 +277,63 @@ int main(void) {
         TAP_OK((got[0] == 8) != (got[1] == 8), "a block that reads another block's output is wrong in one of two "
                "launches (blocks run last to first in every other one): %d, %d", got[0], got[1]);
         cudaFree(x);
+    }
+    /* ldmatrix: the registers of the PTX ISA's m8n8.x4 layout; a row outside the launch's
+     * shared memory is a launch failure */
+    {
+        uint32_t *o = NULL, h[128];
+        cudaMalloc((void **)&o, sizeof h);
+        for (int trans = 0; trans < 2; trans++) {
+            ldsm_k << nemo_emu_cfg(dim3(1), dim3(32), 512)(o, trans, 0);
+            cudaMemcpy(h, o, sizeof h, cudaMemcpyDeviceToHost);
+            int bad = 0;
+            for (int l = 0; l < 32; l++)
+                for (int i = 0; i < 4; i++) {
+                    const int g = l / 4, t = l % 4;
+                    /* matrix i is rows 8 i .. 8 i + 7; (row, col) holds 8 row + col */
+                    const uint32_t lo = trans ? 8 * (8 * i + 2 * t) + g : 8 * (8 * i + g) + 2 * t;
+                    const uint32_t hi = trans ? lo + 8 : lo + 1;
+                    bad += h[4 * l + i] != (lo | hi << 16);
+                }
+            TAP_OK(cudaGetLastError() == cudaSuccess && bad == 0, "ldmatrix.x4%s gives the PTX ISA's fragments (%d wrong)",
+                   trans ? ".trans" : "", bad);
+        }
+        ldsm_k << nemo_emu_cfg(dim3(1), dim3(32), 512)(o, 0, 8);   /* lane 31 names row 32: past the 512 bytes */
+        TAP_OK(cudaDeviceSynchronize() == cudaErrorLaunchFailure, "ldmatrix of a row past the launch's shared memory: launch failure");
+        ldsm_k << nemo_emu_cfg(dim3(1), dim3(32), 512)(o, 1, 4);   /* 8-byte aligned rows */
+        TAP_OK(cudaDeviceSynchronize() == cudaErrorLaunchFailure, "ldmatrix of rows not 16-byte aligned: launch failure");
+        cudaFree(o);
+    }
+    /* cp.async: lands at the wait, zeros for a source size of 0; another warp's copy needs the
+     * barrier after the wait, and the thread's own copy needs the wait */
+    {
+        uint16_t hx[512], hy[512], *x = NULL, *y = NULL;
+        for (int i = 0; i < 512; i++) hx[i] = (uint16_t)(i + 1);
+        cudaMalloc((void **)&x, sizeof hx);
+        cudaMalloc((void **)&y, sizeof hy);
+        cudaMemcpy(x, hx, sizeof hx, cudaMemcpyHostToDevice);
+        int bad[3] = {0, 0, 0};
+        for (int k = 0; k < 3; k++) {   /* barrier twice (both thread orders), then without */
+            cp_async_k << nemo_emu_cfg(dim3(1), dim3(64), 1024)(x, y, 32, k < 2);
+            cudaMemcpy(hy, y, sizeof hy, cudaMemcpyDeviceToHost);
+            for (int t = 0; t < 64; t++)
+                for (int c = 0; c < 8; c++) {
+                    const int src = (t + 32) % 64;
+                    bad[k] += hy[8 * t + c] != (src % 2 ? hx[8 * src + c] : 0);
+                }
+        }
+        TAP_OK(bad[0] == 0 && bad[1] == 0, "cp.async then wait_group and a barrier: every thread reads the other warp's "
+               "bytes, zeros where the source size was 0 (%d, %d wrong)", bad[0], bad[1]);
+        TAP_OK(bad[2] > 0, "cp.async without the barrier: another warp's bytes are missing (%d wrong)", bad[2]);
+        cp_async_nowait << nemo_emu_cfg(dim3(1), dim3(64), 1024)(x, y);
+        cudaMemcpy(hy, y, 64 * sizeof(uint16_t), cudaMemcpyDeviceToHost);
+        int stale = 0;
+        for (int t = 0; t < 64; t++) stale += hy[t] == 0xffff;
+        TAP_OK(stale == 64, "cp.async read before its wait_group: NaN bytes (%d of 64)", stale);
+        cp_async_k << nemo_emu_cfg(dim3(1), dim3(64), 512)(x, y, 0, 1);   /* 1024 bytes into 512 */
+        TAP_OK(cudaDeviceSynchronize() == cudaErrorLaunchFailure, "cp.async past the launch's shared memory: launch failure");
+        cudaFree(x);
+        cudaFree(y);
     }
     {
         fflush(stdout);

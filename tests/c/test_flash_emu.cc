@@ -2,20 +2,28 @@
  * tests/c/test_flash_emu.cc: the flash-attention kernels of kernels/cuda/flash.cuh, compiled for
  * the CPU and run by a small SIMT emulator, against float64 attention on the same inputs.
  *
- * The emulator runs the 128 threads of a block as fibers (ucontext) in lockstep: each thread
- * runs until its next barrier, shuffle or mma and records it; when all have, the scheduler
- * checks that they reached the same kind of operation (a divergent barrier is a test failure)
- * and carries it out for each warp: shuffles exchange the recorded values, an mma assembles the
- * 16x16 A and 16x8 B tiles from the 32 lanes' fragments in the PTX ISA's m16n8k16 layout,
- * multiplies in float32 and hands each lane its accumulators back. Shared memory starts filled
- * with NaN bit patterns, so a read before a write shows up in the results. Blocks run one after
- * the other. What this does not test: the PTX itself, timing, or the fragment layout (the
- * emulator and the kernels share the layout as documented; tests/gpu/check_ops.lua checks the
- * real thing on a GPU).
+ * The emulator runs the 128 threads of a block as fibers (ucontext): each warp in turn runs
+ * until all its lanes wait at a barrier (or are done), its lanes in lockstep from one warp
+ * collective to the next; the barrier is passed when every thread of the block reached it.
+ * The scheduler checks that the lanes of a warp reached the same collective, and the threads
+ * of a block the same barrier (anything else is a test failure), and carries out each
+ * collective: shuffles exchange the recorded values, ldmatrix
+ * gathers the 8 x 8 matrices from the rows the lanes name, an mma assembles the 16x16 A and
+ * 16x8 B tiles from the 32 lanes' fragments in the PTX ISA's m16n8k16 layout, multiplies in
+ * float32 and hands each lane its accumulators back (tests/cuda_emu/warp_mma.h). A cp.async
+ * lands when its thread waits for its group and reads as NaN until then. Shared memory starts
+ * filled with NaN bit patterns, so a read before a write shows up in the results; every other
+ * block runs its warps (and lanes) last to first, and a warp runs ahead to the next barrier
+ * before the next warp starts, so a read of another warp's data that misses its barrier is
+ * wrong in one of the two orders; a shared-memory address outside the launch's
+ * dynamic shared memory or a misaligned one is a failure. Blocks run one after the other. What
+ * this does not test: the PTX itself, timing, or the fragment layout (the emulator and the
+ * kernels share the layout as documented; tests/gpu/check_ops.lua checks the real thing on a
+ * GPU).
  *
- * Cases: bf16 and f16, head dims 64 and 128, causal and not, Sq and Sk not multiples of the
- * tiles (and smaller than one tile), Sq > Sk and Sq < Sk, a query laid out as (S, H, D) and a
- * key with padded rows. Tolerances (normwise, max|x - ref| <= tol * max|ref|): output and
+ * Cases: bf16 and f16, head dims 64 and 128, forward blocks of 64 and 128 rows, causal and
+ * not, Sq and Sk not multiples of the tiles (and smaller than one tile), Sq > Sk and Sq < Sk, a
+ * query laid out as (S, H, D) and a key with padded rows. Tolerances (normwise, max|x - ref| <= tol * max|ref|): output and
  * gradients 1e-2 for bf16 and 3e-3 for f16 (P and dS are rounded to the input type before
  * their products, as on the GPU); lse 1e-4 absolute.
  */
@@ -47,12 +55,17 @@ static int emu_tid;
 static int64_t emu_bx, emu_by, emu_gx, emu_gy;
 static char *emu_smem;
 
-enum { OP_NONE, OP_SYNC, OP_SHFL, OP_MMA, OP_DONE };
+#include "../cuda_emu/warp_mma.h"
+
+enum { OP_NONE, OP_SYNC, OP_SHFL, OP_MMA, OP_LDSM, OP_DONE };
 struct emu_slot {
     int op, e, m;
     float f, out;
     uint32_t a[4], b[2];
     float d[4];
+    const uint16_t *lrow;   /* ldmatrix */
+    int ltrans;
+    uint32_t lr[4];
 };
 #define EMU_T 128
 #define EMU_STACK (256 * 1024)
@@ -60,6 +73,9 @@ static emu_slot slot[EMU_T];
 static ucontext_t sched_ctx, fib_ctx[EMU_T];
 static char *stacks;
 static int divergent;   /* set when the threads of a block reached different operations */
+static int bad_smem;    /* set by a shared-memory address outside the launch's or misaligned */
+static size_t emu_smem_bytes;
+static nemo_emu_cp_queue cpq[EMU_T];
 
 static void emu_yield(int op) {
     slot[emu_tid].op = op;
@@ -82,6 +98,26 @@ static void fl_mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     emu_yield(OP_MMA);
     memcpy(d, slot[emu_tid].d, sizeof s.d);
 }
+static bool in_smem(const void *p, size_t n) {
+    const char *c = (const char *)p;
+    return c >= emu_smem && c + n <= emu_smem + emu_smem_bytes && (uintptr_t)c % 16 == 0;
+}
+template <int TRANS> static void fl_ldsm(uint32_t r[4], const uint16_t *row) {
+    if (!in_smem(row, 16)) bad_smem++;
+    slot[emu_tid].lrow = row;
+    slot[emu_tid].ltrans = TRANS;
+    emu_yield(OP_LDSM);
+    memcpy(r, slot[emu_tid].lr, sizeof slot[emu_tid].lr);
+}
+static void fl_cp16(uint16_t *dst, const uint16_t *src, bool full) {
+    if (!in_smem(dst, 16) || (uintptr_t)src % 16) {
+        bad_smem++;
+        return;
+    }
+    cpq[emu_tid].issue(dst, src, full ? 16 : 0);
+}
+static void fl_cp_commit() { cpq[emu_tid].commit(); }
+template <int N> static void fl_cp_wait() { cpq[emu_tid].wait(N); }
 static float fl_exp2(float x) { return exp2f(x); }
 static float fl_log2(float x) { return log2f(x); }
 
@@ -100,7 +136,6 @@ template <> uint16_t to_e<1>(float f) { _Float16 x = (_Float16)f; uint16_t h; me
 template <int E> static uint32_t fl_pack(float lo, float hi) { return (uint32_t)to_e<E>(lo) | ((uint32_t)to_e<E>(hi) << 16); }
 
 #include "../../kernels/cuda/flash.cuh"
-#include "../cuda_emu/warp_mma.h"
 
 /* One warp's m16n8k16: fragments in the PTX ISA layout (lane = 4 g + t). */
 static void emu_mma(emu_slot *w) { nemo_emu_warp_mma(w); }
@@ -120,8 +155,11 @@ static void emu_launch(void (*kernel)(const fl_args), const fl_args &args, int64
     emu_gx = gx;
     emu_gy = gy;
     emu_smem = (char *)(((uintptr_t)shared.data() + 15) & ~(uintptr_t)15);
+    emu_smem_bytes = smem;
+    int64_t nblock = 0;
     for (emu_by = 0; emu_by < gy; emu_by++)
         for (emu_bx = 0; emu_bx < gx; emu_bx++) {
+            const bool reverse = nblock++ % 2;   /* threads last to first between collectives */
             memset(emu_smem, 0xff, smem);   /* NaN in both bf16 and f16 */
             for (int i = 0; i < EMU_T; i++) {
                 getcontext(&fib_ctx[i]);
@@ -130,30 +168,47 @@ static void emu_launch(void (*kernel)(const fl_args), const fl_args &args, int64
                 fib_ctx[i].uc_link = &sched_ctx;
                 makecontext(&fib_ctx[i], emu_trampoline, 0);
                 slot[i].op = OP_NONE;
+                cpq[i].clear();
             }
             for (;;) {
-                for (int i = 0; i < EMU_T; i++) {
-                    if (slot[i].op == OP_DONE) continue;
-                    emu_tid = i;
-                    swapcontext(&sched_ctx, &fib_ctx[i]);
+                /* each warp in turn runs until all its lanes wait at a barrier or are done,
+                 * carrying out its collectives as its 32 lanes reach them */
+                for (int wk = 0; wk < EMU_T / 32 && !divergent; wk++) {
+                    emu_slot *s = slot + 32 * (reverse ? EMU_T / 32 - 1 - wk : wk);
+                    for (;;) {
+                        for (int k = 0; k < 32; k++) {
+                            const int l = reverse ? 31 - k : k;
+                            if (s[l].op != OP_NONE) continue;
+                            emu_tid = (int)(s - slot) + l;
+                            swapcontext(&sched_ctx, &fib_ctx[emu_tid]);
+                        }
+                        const int op = s[0].op;
+                        if (op == OP_SYNC || op == OP_DONE) break;   /* the block-level check below */
+                        for (int l = 1; l < 32; l++)
+                            if (s[l].op != op) divergent++;
+                        if (divergent) break;
+                        if (op == OP_SHFL) {
+                            for (int l = 0; l < 32; l++) {
+                                if (s[l].m != s[0].m) divergent++;
+                                s[l].out = s[l ^ s[l].m].f;
+                            }
+                        } else if (op == OP_MMA) {
+                            for (int l = 1; l < 32; l++)
+                                if (s[l].e != s[0].e) divergent++;
+                            emu_mma(s);
+                        } else {
+                            for (int l = 1; l < 32; l++)
+                                if (s[l].ltrans != s[0].ltrans) divergent++;
+                            if (nemo_emu_warp_ldsm(s) >= 0) bad_smem++;
+                        }
+                        for (int l = 0; l < 32; l++) s[l].op = OP_NONE;
+                    }
                 }
                 const int op = slot[0].op;
                 for (int i = 1; i < EMU_T; i++)
                     if (slot[i].op != op) divergent++;
                 if (op == OP_DONE || divergent) break;
-                for (int w = 0; w < EMU_T / 32; w++) {
-                    emu_slot *s = slot + 32 * w;
-                    if (op == OP_SHFL) {
-                        for (int l = 0; l < 32; l++) {
-                            if (s[l].m != s[0].m) divergent++;
-                            s[l].out = s[l ^ s[l].m].f;
-                        }
-                    } else if (op == OP_MMA) {
-                        for (int l = 1; l < 32; l++)
-                            if (s[l].e != s[0].e) divergent++;
-                        emu_mma(s);
-                    }
-                }
+                for (int i = 0; i < EMU_T; i++) slot[i].op = OP_NONE;   /* the barrier is passed */
             }
             if (divergent) return;
         }
@@ -225,8 +280,10 @@ static double normwise(const operand &o, int H, const std::vector<double> &ref) 
     return num / (den > 0 ? den : 1);
 }
 
-template <int D, int E>
-static void run_case(int64_t sq, int64_t sk, int causal, const char *name) {
+template <int D, int E, int MT>
+static void run_case(int64_t sq, int64_t sk, int causal, const char *label) {
+    char name[160];
+    snprintf(name, sizeof name, "%s, forward blocks of %d rows", label, 64 * MT);
     const int H = 2;
     const double tol = E == 0 ? 1e-2 : 3e-3;
     const double scale = 1.0 / sqrt((double)D);
@@ -251,12 +308,13 @@ static void run_case(int64_t sq, int64_t sk, int causal, const char *name) {
     A.lse = lse.data();
     A.dvec = dvec.data();
 
-    divergent = 0;
-    emu_launch(fl_fwd_k<D, E>, A, H, (sq + 63) / 64, fl_fwd_smem<D>());
+    divergent = bad_smem = 0;
+    emu_launch(fl_fwd_k<D, E, MT>, A, H, (sq + 64 * MT - 1) / (64 * MT), fl_fwd_smem<D, MT>());
     emu_launch(fl_bwd_pre_k<D, E>, A, (H * sq + 3) / 4, 1, 0);
     emu_launch(fl_bwd_dkdv_k<D, E>, A, H, (sk + 63) / 64, fl_dkdv_smem<D>());
     emu_launch(fl_bwd_dq_k<D, E>, A, H, (sq + 63) / 64, fl_dq_smem<D>());
-    TAP_OK(!divergent, "%s: every thread of a block passes the same barriers, shuffles and mma", name);
+    TAP_OK(!divergent, "%s: every thread of a block passes the same barriers, shuffles, ldmatrix and mma", name);
+    TAP_OK(!bad_smem, "%s: ldmatrix and cp.async stay inside the launch's shared memory, 16-byte aligned", name);
 
     /* float64 reference on the same (rounded) inputs */
     std::vector<double> ro((size_t)(H * sq * D), 0), rlse((size_t)(H * sq)), rdq((size_t)(H * sq * D), 0);
@@ -319,11 +377,17 @@ static void run_case(int64_t sq, int64_t sk, int causal, const char *name) {
 int main(void) {
     stacks = (char *)malloc((size_t)EMU_T * EMU_STACK);
     if (!stacks) return 1;
-    run_case<64, FL_BF16>(77, 45, 0, "bf16 D 64, Sq 77, Sk 45");
-    run_case<128, FL_BF16>(70, 130, 1, "bf16 D 128, Sq 70, Sk 130, causal");
-    run_case<128, FL_F16>(100, 66, 0, "f16 D 128, Sq 100, Sk 66");
-    run_case<64, FL_F16>(130, 70, 1, "f16 D 64, Sq 130, Sk 70, causal");
-    run_case<128, FL_BF16>(9, 3, 1, "bf16 D 128, Sq 9, Sk 3, causal");
+    run_case<64, FL_BF16, 2>(77, 45, 0, "bf16 D 64, Sq 77, Sk 45");
+    run_case<64, FL_BF16, 1>(77, 45, 0, "bf16 D 64, Sq 77, Sk 45");
+    run_case<128, FL_BF16, 2>(70, 130, 1, "bf16 D 128, Sq 70, Sk 130, causal");
+    run_case<128, FL_BF16, 1>(70, 130, 1, "bf16 D 128, Sq 70, Sk 130, causal");
+    run_case<128, FL_F16, 2>(100, 66, 0, "f16 D 128, Sq 100, Sk 66");
+    run_case<128, FL_F16, 1>(100, 66, 0, "f16 D 128, Sq 100, Sk 66");
+    run_case<64, FL_F16, 2>(130, 70, 1, "f16 D 64, Sq 130, Sk 70, causal");
+    run_case<64, FL_F16, 1>(130, 70, 1, "f16 D 64, Sq 130, Sk 70, causal");
+    run_case<128, FL_BF16, 2>(9, 3, 1, "bf16 D 128, Sq 9, Sk 3, causal");
+    run_case<128, FL_BF16, 2>(300, 200, 1, "bf16 D 128, Sq 300, Sk 200, causal");
+    run_case<128, FL_F16, 1>(200, 300, 0, "f16 D 128, Sq 200, Sk 300");
     free(stacks);
     return TAP_DONE();
 }

@@ -7,8 +7,9 @@
  * CPU kernels without a GPU.
  *
  * Device side: __global__ functions are plain functions; a launch runs each block's threads as
- * fibers in lockstep at every __syncthreads and warp collective (__shfl_*_sync, the flash
- * kernels' mma), blocks one after the other. `__shared__` variables are static (one block runs
+ * fibers, blocks one after the other: each warp runs ahead to its next __syncthreads, its lanes
+ * in lockstep at every warp collective (__shfl_*_sync, the flash kernels' mma and ldmatrix);
+ * a cp.async lands at its thread's wait_group. `__shared__` variables are static (one block runs
  * at a time); threadIdx / blockIdx / blockDim / gridDim name the running fiber's values.
  *
  * Host side: work is queued per stream and runs only when the host must see it (a
@@ -146,6 +147,14 @@ void syncthreads();
 uint64_t shfl(unsigned mask, uint64_t bits, int kind, int arg, int width);
 /* One warp's mma.sync m16n8k16 (e: 0 bf16, 1 f16), float32 accumulators. */
 void mma(int e, float d[4], const uint32_t a[4], const uint32_t b[2]);
+/* One warp's ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (warp_mma.h): row is this lane's
+ * row address in the launch's dynamic shared memory. */
+void ldmatrix(uint32_t r[4], const uint16_t *row, int trans);
+/* This thread's cp.async.cg of 16 bytes (n of them read from src, zeros after), commit_group
+ * and wait_group n: the bytes land at the wait (warp_mma.h). */
+void cp_async(void *dst, const void *src, int n);
+void cp_commit();
+void cp_wait(int n);
 /* The launch's dynamic shared memory. */
 char *dyn_smem();
 }

@@ -17,10 +17,11 @@
  *   execution" below). A launch runs its blocks one after the other (dynamic shared memory
  *   ends at an inaccessible page; every other block and launch runs its threads last to
  *   first, so a read that misses a barrier is wrong in one of the two orders; odd launches
- *   run their blocks last to first, so a block that reads another's output is caught too); a block's threads are fibers that run until
- *   they reach __syncthreads, a warp collective, or their end. A warp collective is carried
- *   out when all 32 lanes of the warp reached one; a barrier is passed when every thread of
- *   the block reached it. Anything else (a barrier some threads skip or exit before, a
+ *   run their blocks last to first, so a block that reads another's output is caught too); a
+ *   block's threads are fibers, and each warp in turn runs until its lanes reach
+ *   __syncthreads or their end, carrying out a warp collective (shuffle, mma, ldmatrix) when all
+ *   32 lanes of the warp reached one; a barrier is passed when every thread of the block
+ *   reached it. A cp.async lands at its thread's wait_group (warp_mma.h). Anything else (a barrier some threads skip or exit before, a
  *   shuffle with lanes missing) is a launch failure naming the kernel.
  * - cuBLAS / cuBLASLt: the products their documentation defines, with their argument checks.
  */
@@ -671,7 +672,7 @@ uint3 tid, bid;
 dim3 bdim, gdim;
 
 enum { S_RUN, S_BAR, S_WARP, S_DONE };
-enum { W_SHFL, W_MMA };
+enum { W_SHFL, W_MMA, W_LDSM };
 struct thread {
 #ifdef FAST_SWITCH
     void *sp;
@@ -685,6 +686,10 @@ struct thread {
     uint64_t v, out;
     uint32_t a[4], b[2];
     float d[4];
+    const uint16_t *lrow;   /* ldmatrix: this lane's row, .trans, the registers it receives */
+    int ltrans;
+    uint32_t lr[4];
+    nemo_emu_cp_queue cpq;  /* this thread's cp.async copies (warp_mma.h) */
 };
 /* Fibers switch with nemo_emu_switch on x86-64 (callee-saved registers, MXCSR and the x87
  * control word: no system call, unlike swapcontext's signal mask) and with ucontext
@@ -715,6 +720,8 @@ static void *sched_sp;
 static ucontext_t sched;
 #endif
 static char *smem;
+static size_t smem_size;
+static std::string thread_fault;   /* what a thread did wrong outside a collective (cp.async) */
 static void (*body)(void *);
 static void *body_ctx;
 
@@ -749,6 +756,32 @@ void mma(int e, float d[4], const uint32_t a[4], const uint32_t b[2]) {
     memcpy(d, th[cur].d, sizeof th[cur].d);
 }
 char *dyn_smem() { return smem; }
+static bool in_dyn_smem(const void *p) {
+    const char *c = (const char *)p;
+    return c >= smem && c + 16 <= smem + smem_size && (uintptr_t)c % 16 == 0;
+}
+void ldmatrix(uint32_t r[4], const uint16_t *row, int trans) {
+    thread &t = th[cur];
+    t.wop = W_LDSM;
+    t.mask = 0xffffffffu;
+    t.lrow = row;
+    t.ltrans = trans;
+    yield(S_WARP);
+    memcpy(r, th[cur].lr, sizeof th[cur].lr);
+}
+void cp_async(void *dst, const void *src, int n) {
+    if (!in_dyn_smem(dst) || (uintptr_t)src % 16) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "cp.async of 16 bytes to %p from %p: the destination must lie in the launch's dynamic shared memory "
+                 "and both be 16-byte aligned", dst, src);
+        if (thread_fault.empty()) thread_fault = msg;
+        return;
+    }
+    th[cur].cpq.issue(dst, src, n);
+}
+void cp_commit() { th[cur].cpq.commit(); }
+void cp_wait(int n) { th[cur].cpq.wait(n); }
 
 static void entry() {
     body(body_ctx);
@@ -775,33 +808,53 @@ static void warp_shfl(thread *w) {
     }
 }
 
+/* Carries out warp w's collective when all its lanes reached one: true when it did; *why
+ * says what is wrong when the lanes disagree. */
+static bool warp_collective(int w, int nt, std::string *why) {
+    thread *l = th + 32 * w;
+    const int nl = nt - 32 * w < 32 ? nt - 32 * w : 32;
+    int at = 0;
+    for (int i = 0; i < nl; i++) at += l[i].state == S_WARP;
+    if (at != 32) return false;   /* decided by step, once nothing else can move */
+    for (int i = 1; i < 32; i++)
+        if (l[i].wop != l[0].wop || l[i].mask != l[0].mask || (l[0].wop == W_MMA && l[i].e != l[0].e) ||
+            (l[0].wop == W_SHFL && (l[i].kind != l[0].kind || l[i].width != l[0].width)) ||
+            (l[0].wop == W_LDSM && l[i].ltrans != l[0].ltrans)) {
+            *why = "the lanes of warp " + std::to_string(w) + " reached different warp collectives";
+            return false;
+        }
+    if (l[0].wop == W_SHFL) {
+        if (l[0].mask != 0xffffffffu || l[0].width < 1 || l[0].width > 32 || (l[0].width & (l[0].width - 1))) {
+            *why = "a shuffle with mask " + std::to_string(l[0].mask) + " and width " + std::to_string(l[0].width) +
+                   " (the kernels use full warps)";
+            return false;
+        }
+        warp_shfl(l);
+    } else if (l[0].wop == W_LDSM) {
+        for (int i = 0; i < 32; i++)
+            if (!in_dyn_smem(l[i].lrow)) {
+                *why = "ldmatrix in warp " + std::to_string(w) + ": lane " + std::to_string(i) +
+                       "'s row address is outside the launch's dynamic shared memory or not 16-byte aligned";
+                return false;
+            }
+        nemo_emu_warp_ldsm(l);
+    } else {
+        warp_mma(l);
+    }
+    for (int i = 0; i < 32; i++) l[i].state = S_RUN;
+    return true;
+}
+
 /* Why the block at (bx, by, bz) cannot go on, or "" when it can (a collective was done or the
  * barrier passed). */
 static std::string step(int nt) {
     bool progressed = false;
     int waiting_warp = 0, done = 0;
+    std::string why;
     for (int w = 0; w * 32 < nt; w++) {
-        thread *l = th + 32 * w;
-        const int nl = nt - 32 * w < 32 ? nt - 32 * w : 32;
-        int at = 0;
-        for (int i = 0; i < nl; i++) at += l[i].state == S_WARP;
-        waiting_warp += at;
-        if (at == 0) continue;
-        if (at != 32) continue;   /* decided below, once nothing else can move */
-        for (int i = 1; i < 32; i++)
-            if (l[i].wop != l[0].wop || l[i].mask != l[0].mask || (l[0].wop == W_MMA && l[i].e != l[0].e) ||
-                (l[0].wop == W_SHFL && (l[i].kind != l[0].kind || l[i].width != l[0].width)))
-                return "the lanes of warp " + std::to_string(w) + " reached different warp collectives";
-        if (l[0].wop == W_SHFL) {
-            if (l[0].mask != 0xffffffffu || l[0].width < 1 || l[0].width > 32 || (l[0].width & (l[0].width - 1)))
-                return "a shuffle with mask " + std::to_string(l[0].mask) + " and width " + std::to_string(l[0].width) +
-                       " (the kernels use full warps)";
-            warp_shfl(l);
-        } else {
-            warp_mma(l);
-        }
-        for (int i = 0; i < 32; i++) l[i].state = S_RUN;
-        progressed = true;
+        for (int i = 32 * w; i < nt && i < 32 * w + 32; i++) waiting_warp += th[i].state == S_WARP;
+        progressed |= warp_collective(w, nt, &why);
+        if (!why.empty()) return why;
     }
     if (progressed) return "";
     int bar = 0;
@@ -852,6 +905,7 @@ static void __attribute__((noinline)) start_fiber(uint64_t i, dim3 b) {
     makecontext(&t.ctx, entry, 0);
 #endif
     t.state = S_RUN;
+    t.cpq.clear();
     t.t = uint3{(unsigned)(i % b.x), (unsigned)(i / b.x % b.y), (unsigned)(i / ((uint64_t)b.x * b.y))};
 }
 
@@ -898,6 +952,8 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
         if (mprotect(smem_region + SMEM_REGION, page_size(), PROT_NONE) != 0) return fail(cudaErrorMemoryAllocation);
     }
     smem = smem_region + SMEM_REGION - (smem_bytes + 15) / 16 * 16;   /* 16-byte aligned, as CUDA's */
+    smem_size = smem_bytes;
+    thread_fault.clear();
     body = fbody;
     body_ctx = ctx;
     gdim = g;
@@ -917,22 +973,32 @@ static cudaError_t run_grid(const void *fn, dim3 g, dim3 b, size_t smem_bytes, v
                  * barriers: a read that misses a barrier sees stale data in one of the orders */
                 const bool rev = order_mode == 0 && ((bx0 + by0 + bz0 + n_launches) & 1);
                 for (;;) {
-                    for (uint64_t j = 0; j < nt; j++) {
-                        const uint64_t i = rev ? nt - 1 - j : j;
-                        if (th[i].state == S_RUN) {
-                            cur = (int)i;
-                            tid = th[i].t;
+                    /* each warp in turn runs ahead to its next barrier (or its end), carrying
+                     * out its collectives as its lanes reach them: another warp's data read
+                     * without a barrier is then missing in one of the two orders */
+                    const uint64_t nw = (nt + 31) / 32;
+                    for (uint64_t wj = 0; wj < nw && why.empty(); wj++) {
+                        const uint64_t w = rev ? nw - 1 - wj : wj, lo = 32 * w, n = nt - lo < 32 ? nt - lo : 32;
+                        do {
+                            for (uint64_t j = 0; j < n; j++) {
+                                const uint64_t i = lo + (rev ? n - 1 - j : j);
+                                if (th[i].state == S_RUN) {
+                                    cur = (int)i;
+                                    tid = th[i].t;
 #ifdef FAST_SWITCH
-                            nemo_emu_switch(&sched_sp, th[i].sp);
+                                    nemo_emu_switch(&sched_sp, th[i].sp);
 #else
-                            swapcontext(&sched, &th[i].ctx);
+                                    swapcontext(&sched, &th[i].ctx);
 #endif
-                        }
+                                }
+                            }
+                            if (!thread_fault.empty()) why.swap(thread_fault);
+                        } while (why.empty() && warp_collective((int)w, (int)nt, &why));
                     }
                     int done = 0;
                     for (uint64_t i = 0; i < nt; i++) done += th[i].state == S_DONE;
-                    if (done == (int)nt) break;
-                    why = step((int)nt);
+                    if (why.empty() && done == (int)nt) break;
+                    if (why.empty()) why = step((int)nt);
                     if (!why.empty()) {
                         why = "block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
                               "): " + why;

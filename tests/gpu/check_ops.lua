@@ -1044,6 +1044,11 @@ local FLASH = {   -- q shape, k (= v) shape, causal, layout, label
     {{2, 2, 65, 128}, {2, 2, 65, 128}, 0, "offset", "D 128, rows off 16-byte alignment (the front-end copies)"},
     {{1, 4, 1100, 128}, {1, 4, 1100, 128}, 1, nil, "(1, 4, 1100, 128) causal: 18 query tiles"},
 }
+-- NEMO_FLASH_FWD_ROWS (read by the CUDA forward at each call): "64", "128" or nil (default)
+ffi.cdef[[int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);]]
+local function set_fwd_rows(rows)
+    if rows then ffi.C.setenv("NEMO_FLASH_FWD_ROWS", rows, 1) else ffi.C.unsetenv("NEMO_FLASH_FWD_ROWS") end
+end
 local function flash_operand(shape, dt, layout)
     if layout == "perm" then return att_operand(shape, dt, true) end
     if layout ~= "offset" then return pair(shape, dt, -1, 1, false) end
@@ -1065,7 +1070,11 @@ for _, fc in ipairs(FLASH) do
                                    0 / 0, o[1], o[2], nil))
             return took(o)
         end
-        case("sdpa_flash_fwd", dt, fc[5], 1e-2, false, fwd)
+        for _, rows in ipairs{"128", "64"} do   -- the two forward kernels (query rows per block)
+            set_fwd_rows(rows)
+            case("sdpa_flash_fwd", dt, fc[5] .. ", blocks of " .. rows .. " rows", 1e-2, false, fwd)
+        end
+        set_fwd_rows(nil)
         case("sdpa_flash_bwd", dt, fc[5], 1e-2, false, function(side)
             local f = fwd(side)
             local o = outs(3)
@@ -1421,10 +1430,15 @@ if not FAKE and not EMU then
             local f = fwd()
             local g = dev(uniform({1, H, S, D}, dt, -1, 1))
             local flops = 4 * S * S * D * H * (causal == 1 and 0.5 or 1)
-            local t = timeit(3, function() local r = fwd(); r[1]:free(); r[2]:free() end)
-            T.diag(string.format("bench: attention fwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s", dt, H, S, D,
-                                 causal == 1 and " causal" or "", t * 1e3, flops / t / 1e12))
-            t = timeit(3, function()
+            for _, rows in ipairs(dt == "float32" and {false} or {"128", "64"}) do
+                set_fwd_rows(rows or nil)
+                local t = timeit(3, function() local r = fwd(); r[1]:free(); r[2]:free() end)
+                T.diag(string.format("bench: attention fwd %s (1, %d, %d, %d)%s%s: %.2f ms, %.1f TFLOP/s", dt, H, S, D,
+                                     causal == 1 and " causal" or "", rows and ", blocks of " .. rows .. " rows" or "",
+                                     t * 1e3, flops / t / 1e12))
+            end
+            set_fwd_rows(nil)
+            local t = timeit(3, function()
                 local o = outs(3)
                 nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1], o[2], o[3]))
                 for _, r in ipairs(took(o)) do r:free() end
