@@ -674,15 +674,17 @@ static int fl_launch(const char *op, int dev, void (*kernel)(const fl_args), con
     return 0;
 }
 
-/* Query rows per forward block: 128 (MT = 2, the default) or 64 (MT = 1) when
- * NEMO_FLASH_FWD_ROWS=64, read at each call (tests/gpu/check_ops.lua checks and times both). */
-static int fl_fwd_rows(void) {
-    const char *e = getenv("NEMO_FLASH_FWD_ROWS");
-    return e && atoi(e) == 64 ? 64 : 128;
+/* The kernel family: rows a warp owns, 32 (the default: 128-row forward blocks, 32 x 32 warp
+ * tiles in the backward) or 16 when NEMO_FLASH_WARP_ROWS=16 (64-row forward blocks with Q in
+ * registers, 16-key / 16-query warps in the backward), read at each call; tests/gpu/check_ops.lua
+ * checks and times both. */
+static int fl_warp_rows(void) {
+    const char *e = getenv("NEMO_FLASH_WARP_ROWS");
+    return e && atoi(e) == 16 ? 16 : 32;
 }
 template <int D, int E>
 static int fl_fwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {
-    if (fl_fwd_rows() == 64)
+    if (fl_warp_rows() == 16)
         return fl_launch(op, dev, fl_fwd_k<D, E, 1>, A, A.nbh, (A.sq + 63) / 64, fl_fwd_smem<D, 1>(), st);
     return fl_launch(op, dev, fl_fwd_k<D, E, 2>, A, A.nbh, (A.sq + 127) / 128, fl_fwd_smem<D, 2>(), st);
 }
@@ -690,8 +692,12 @@ template <int D, int E>
 static int fl_bwd(const char *op, const fl_args &A, int dev, cudaStream_t st) {
     const int64_t pre = k_clamp(k_cdiv(A.nbh * A.sq, FL_W), 1, 1 << 20);
     NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_pre_k<D, E>, A, pre, 1, 0, st));
-    NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_dkdv_k<D, E>, A, A.nbh, (A.sk + 63) / 64, fl_dkdv_smem<D>(), st));
-    return fl_launch(op, dev, fl_bwd_dq_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_dq_smem<D>(), st);
+    if (fl_warp_rows() == 16) {
+        NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_dkdv_k<D, E>, A, A.nbh, (A.sk + 63) / 64, fl_dkdv_smem<D>(), st));
+        return fl_launch(op, dev, fl_bwd_dq_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_dq_smem<D>(), st);
+    }
+    NEMO_CUDA_RC(fl_launch(op, dev, fl_bwd_dkdv32_k<D, E>, A, A.nbh, (A.sk + 63) / 64, fl_dkdv32_smem<D>(), st));
+    return fl_launch(op, dev, fl_bwd_dq32_k<D, E>, A, A.nbh, (A.sq + 63) / 64, fl_dq32_smem<D>(), st);
 }
 /* fn<head dim, element type>(op, A, dev, st) */
 #define FL_DISPATCH(fn, op, A, d, dt, dev, st)                                                   \

@@ -15,7 +15,10 @@
  *   backward  three deterministic kernels, no atomics: Dv = rowsum(dO * O); one block per 64
  *             keys accumulates dV += P^T dO and dK += scale dS^T Q over all query tiles; one
  *             block per 64 query rows accumulates dQ += scale dS K over all key tiles, where
- *             P = exp(scale S - lse) and dS = P * (dO V^T - Dv) are recomputed in each.
+ *             P = exp(scale S - lse) and dS = P * (dO V^T - Dv) are recomputed in each. Two
+ *             versions: 16 keys (queries) a warp with P and dS in registers, and 32 x 32 warp
+ *             tiles with P and dS staged in shared memory (fl_bwd_dkdv32_k, fl_bwd_dq32_k).
+ *   The launcher picks the family (MT = 2 and the 32-row backward by default).
  *
  * Layout (mma.m16n8k16, row.col, float32 accumulators): lane = 4 g + t. An A fragment (16 x 16)
  * holds rows g and g + 8 at columns 2t, 2t + 1 and 2t + 8, 2t + 9; a B fragment (16 x 8, k x n)
@@ -29,8 +32,8 @@
  *
  * Tiles move from global to shared memory with cp.async (16 bytes a thread, zero-filled past
  * Sq / Sk), overlapped with the products: the forward loads V_j during S = Q K_j^T and K_j+1
- * during P V_j (one buffer each); the backward kernels double-buffer the tiles they loop over
- * and load tile i + 1 while computing tile i.
+ * during P V_j (one buffer each); the 16-row backward kernels double-buffer the tiles they loop
+ * over and load tile i + 1 while computing tile i; the 32-row ones keep one buffer each.
  *
  * Non-obvious rules
  * - Every thread of a block passes the same sequence of barriers, shuffles, ldmatrix and mma:
@@ -97,7 +100,15 @@ template <int D> constexpr int fl_dq_smem() {   /* Q, dO; two stages of K, V */
     return 2 * (2 * 64 * (D + 8) + 2 * 2 * fl_tile<D>::bq * (D + 8));
 }
 
+/* The 32-row backward (fl_bwd_dkdv32_k, fl_bwd_dq32_k): 64-row operand tiles, P / dS staged
+ * in shared memory (rows of 64 + 8). */
+template <int D> constexpr int fl_dkdv32_smem() {   /* K, V, Q, dO; P^T, dS^T; lse, Dv */
+    return 2 * (4 * 64 * (D + 8) + 2 * 64 * 72) + 2 * 4 * 64;
+}
+template <int D> constexpr int fl_dq32_smem() { return 2 * (4 * 64 * (D + 8) + 64 * 72); }   /* Q, dO, K, V; dS */
+
 FL_DEV int64_t fl_min(int64_t a, int64_t b) { return a < b ? a : b; }
+FL_DEV int64_t fl_max(int64_t a, int64_t b) { return a > b ? a : b; }
 FL_DEV uint32_t fl_ld32(const uint16_t *p) { return *(const uint32_t *)p; }
 
 /* Pair bh's element 0 of operand m. */
@@ -164,30 +175,30 @@ FL_DEV void fl_store_rows(uint16_t *dst, int64_t ld, int64_t n, int64_t r, int t
     }
 }
 
-/* The backward's two products over the head dim, for this warp's 16 rows (w): acc1 = A1 B1^T and
- * acc2 = A2 B2^T (zeroed first), A1 / A2 16 rows of a1 / a2 and B1 / B2 N rows of b1 / b2, all
- * row-major with row stride D + 8: S and dP (dK/dV kernel: K, V against Q, dO; dQ kernel: Q, dO
- * against K, V). */
-template <int N, int D, int E>
-FL_DEV void fl_two_products(float (*acc1)[4], float (*acc2)[4], const uint16_t *a1, const uint16_t *a2,
-                            const uint16_t *b1, const uint16_t *b2, int w, int lane) {
+/* acc = A B^T (zeroed first) over the head dim, for MT 16-row tiles of A from row ar0 of a and
+ * N rows of B from row br0 of b, both row-major with row stride D + 8: S and dP of the backward
+ * (dK/dV kernels: K, V against Q, dO; dQ kernels: Q, dO against K, V). Each B fragment serves
+ * the MT row tiles. */
+template <int MT, int N, int D, int E>
+FL_DEV void fl_product(float (*acc)[N / 8][4], const uint16_t *a, int ar0, const uint16_t *b, int br0, int lane) {
     constexpr int SD = D + 8;
     FL_UNROLL
-    for (int j = 0; j < N / 8; j++)
+    for (int m = 0; m < MT; m++)
         FL_UNROLL
-        for (int e = 0; e < 4; e++) acc1[j][e] = acc2[j][e] = 0.f;
+        for (int j = 0; j < N / 8; j++)
+            FL_UNROLL
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
     FL_UNROLL
     for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t fa1[4], fa2[4];
-        fl_frag_a<SD>(fa1, a1, w * 16, kk * 16, lane);
-        fl_frag_a<SD>(fa2, a2, w * 16, kk * 16, lane);
+        uint32_t fa[MT][4];
+        FL_UNROLL
+        for (int m = 0; m < MT; m++) fl_frag_a<SD>(fa[m], a, ar0 + 16 * m, kk * 16, lane);
         FL_UNROLL
         for (int j = 0; j < N / 16; j++) {
             uint32_t fb[4];
-            fl_frag_b<SD, 0>(fb, b1, j * 16, kk * 16, lane);
-            fl_mma2<E>(acc1 + 2 * j, fa1, fb);
-            fl_frag_b<SD, 0>(fb, b2, j * 16, kk * 16, lane);
-            fl_mma2<E>(acc2 + 2 * j, fa2, fb);
+            fl_frag_b<SD, 0>(fb, b, br0 + j * 16, kk * 16, lane);
+            FL_UNROLL
+            for (int m = 0; m < MT; m++) fl_mma2<E>(acc[m] + 2 * j, fa[m], fb);
         }
     }
 }
@@ -382,7 +393,7 @@ FL_GLOBAL void fl_bwd_dkdv_k(const fl_args A) {
     for (int dn = 0; dn < D / 8; dn++)
         FL_UNROLL
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
-    const int64_t kr0 = k0 + w * 16 + g, kr1 = kr0 + 8;
+    const int64_t kr0 = k0 + w * 16 + g;   /* this thread's first key (dK, dV rows kr0, kr0 + 8) */
     int st = 0;
     for (int64_t q0 = qfirst; q0 < A.sq + BQ; q0 += BQ, st ^= 1) {
         /* tile q0 into stage st (the pass with q0 = qfirst loads only; the others use stage st ^ 1) */
@@ -407,25 +418,27 @@ FL_GLOBAL void fl_bwd_dkdv_k(const fl_args A) {
         const uint16_t *sQ = sQ0 + 2 * (st ^ 1) * BQ * SD, *sdO = sQ + BQ * SD;
         const float *sL = sL0 + 2 * (st ^ 1) * BQ, *sDv = sL + BQ;
         /* S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T */
-        float sp[BQ / 8][4], dp[BQ / 8][4];
-        fl_two_products<BQ, D, E>(sp, dp, sK, sV, sQ, sdO, w, lane);
+        float sp[1][BQ / 8][4], dp[1][BQ / 8][4];
+        fl_product<1, BQ, D, E>(sp, sK, w * 16, sQ, 0, lane);
+        fl_product<1, BQ, D, E>(dp, sV, w * 16, sdO, 0, lane);
+        /* key k0 + kr (kr < 64) is kept when kr < nkey and, causal, kr + off <= qi: small ints */
+        const int nkey = (int)fl_min(A.sk - k0, BC), off = A.causal ? (int)fl_max(k0 - qc, -2 * BC) : -2 * BC;
         FL_UNROLL
         for (int j = 0; j < BQ / 8; j++) {
             FL_UNROLL
             for (int e = 0; e < 4; e++) {
-                const int qi = j * 8 + 2 * t + (e & 1);
-                const int64_t key = e < 2 ? kr0 : kr1;
-                float p = fl_exp2(sp[j][e] * A.scale_log2 - sL[qi]);
-                if (key >= A.sk || (A.causal && key > qc + qi)) p = 0.f;   /* rows past Sk: never stored */
-                sp[j][e] = p;
-                dp[j][e] = p * (dp[j][e] - sDv[qi]);   /* dS^T */
+                const int qi = j * 8 + 2 * t + (e & 1), kr = w * 16 + g + 8 * (e >> 1);
+                float p = fl_exp2(sp[0][j][e] * A.scale_log2 - sL[qi]);
+                if (kr >= nkey || kr + off > qi) p = 0.f;   /* rows past Sk: never stored */
+                sp[0][j][e] = p;
+                dp[0][j][e] = p * (dp[0][j][e] - sDv[qi]);   /* dS^T */
             }
         }
         FL_UNROLL
         for (int kq = 0; kq < BQ / 16; kq++) {
             uint32_t pa[4], da[4];
-            fl_frag_acc<E>(pa, sp[2 * kq], sp[2 * kq + 1]);
-            fl_frag_acc<E>(da, dp[2 * kq], dp[2 * kq + 1]);
+            fl_frag_acc<E>(pa, sp[0][2 * kq], sp[0][2 * kq + 1]);
+            fl_frag_acc<E>(da, dp[0][2 * kq], dp[0][2 * kq + 1]);
             FL_UNROLL
             for (int dn = 0; dn < D / 16; dn++) {
                 uint32_t b[4];
@@ -477,22 +490,23 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
         }
         const int64_t kc = k0 - BK;   /* the tile in stage st ^ 1 */
         const uint16_t *sK = sK0 + 2 * (st ^ 1) * BK * SD, *sV = sK + BK * SD;
-        float s[BK / 8][4], dp[BK / 8][4];
-        fl_two_products<BK, D, E>(s, dp, sQ, sdO, sK, sV, w, lane);   /* S = Q K^T, dP = dO V^T */
+        float s[1][BK / 8][4], dp[1][BK / 8][4];
+        fl_product<1, BK, D, E>(s, sQ, w * 16, sK, 0, lane);    /* S = Q K^T */
+        fl_product<1, BK, D, E>(dp, sdO, w * 16, sV, 0, lane);  /* dP = dO V^T */
         FL_UNROLL
         for (int j = 0; j < BK / 8; j++) {
             FL_UNROLL
             for (int e = 0; e < 4; e++) {
                 const int64_t key = kc + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
                 const float p = (key >= A.sk || (A.causal && key > row))
-                                    ? 0.f : fl_exp2(s[j][e] * A.scale_log2 - (e < 2 ? L0 : L1));
-                s[j][e] = p * (dp[j][e] - (e < 2 ? D0 : D1));   /* dS */
+                                    ? 0.f : fl_exp2(s[0][j][e] * A.scale_log2 - (e < 2 ? L0 : L1));
+                s[0][j][e] = p * (dp[0][j][e] - (e < 2 ? D0 : D1));   /* dS */
             }
         }
         FL_UNROLL
         for (int kq = 0; kq < BK / 16; kq++) {
             uint32_t da[4];
-            fl_frag_acc<E>(da, s[2 * kq], s[2 * kq + 1]);
+            fl_frag_acc<E>(da, s[0][2 * kq], s[0][2 * kq + 1]);
             FL_UNROLL
             for (int dn = 0; dn < D / 16; dn++) {
                 uint32_t b[4];
@@ -504,6 +518,186 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
         fl_sync();   /* tile k0 is in; every warp is done with stage st ^ 1 */
     }
     fl_store_rows<D, E>(fl_pair(A, A.dq, bh), A.dq.ld, A.sq, r0, t, dq, A.scale, A.scale);
+}
+
+/* ==== Backward with 32 x 32 warp tiles (FlashAttention-2's layout) ====
+ *
+ * The kernels above give each warp 16 keys (dK dV) or 16 queries (dQ) and every operand
+ * fragment serves one 16-row tile. These walk tiles of 64 and split each product 2 x 2 over the
+ * warps, 32 x 32 (or 32 x D / 2) each, so each fragment read from shared memory serves two
+ * row tiles: S and dP are computed per (32 rows, 32 columns), rounded P and dS go through
+ * shared memory, and the products into dK, dV (dQ) take them back as A operands. About a
+ * quarter fewer shared-memory bytes per mma; one buffer per operand (two blocks an SM). */
+
+/* Rows [r, r + 16) of a 16 x N accumulator block (tiles of 8 columns from column c0), rounded to
+ * E, into s (row stride SP). */
+template <int N, int SP, int E>
+FL_DEV void fl_stage(uint16_t *s, int r, int c0, int g, int t, const float (*acc)[4]) {
+    FL_UNROLL
+    for (int j = 0; j < N / 8; j++) {
+        *(uint32_t *)(s + (r + g) * SP + c0 + j * 8 + 2 * t) = fl_pack<E>(acc[j][0], acc[j][1]);
+        *(uint32_t *)(s + (r + g + 8) * SP + c0 + j * 8 + 2 * t) = fl_pack<E>(acc[j][2], acc[j][3]);
+    }
+}
+
+/* dK and dV for 64 keys of one pair over query tiles of 64. Warp w: keys kh .. kh + 31
+ * (kh = 32 (w / 2)); queries qh .. qh + 31 of the tile for S^T, dP^T (qh = 32 (w % 2)); head-dim
+ * columns dh .. dh + D / 2 - 1 of dK, dV (dh = D / 2 (w % 2)). */
+template <int D, int E>
+FL_GLOBAL void fl_bwd_dkdv32_k(const fl_args A) {
+    constexpr int BC = 64, BQ = 64, SD = D + 8, SP = BQ + 8, DH = D / 2;
+    uint16_t *sK = (uint16_t *)FL_SMEM, *sV = sK + BC * SD, *sQ = sV + BC * SD, *sdO = sQ + BQ * SD;
+    uint16_t *sP = sdO + BQ * SD, *sdS = sP + BC * SP;
+    float *sL = (float *)(sdS + BC * SP), *sDv = sL + BQ;
+    const int tid = FL_TID, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int kh = w / 2 * 32, qh = w % 2 * 32, dh = w % 2 * DH;
+    const int64_t bh = FL_BX, k0 = FL_BY * BC;
+    const uint16_t *Q = fl_pair(A, A.q, bh), *G = fl_pair(A, A.g, bh);
+    fl_load<BC, D>(sK, fl_pair(A, A.k, bh), A.k.ld, k0, A.sk);
+    fl_load<BC, D>(sV, fl_pair(A, A.v, bh), A.v.ld, k0, A.sk);
+    float dk[2][DH / 8][4], dv[2][DH / 8][4];
+    FL_UNROLL
+    for (int m = 0; m < 2; m++)
+        FL_UNROLL
+        for (int dn = 0; dn < DH / 8; dn++)
+            FL_UNROLL
+            for (int e = 0; e < 4; e++) dk[m][dn][e] = dv[m][dn][e] = 0.f;
+    for (int64_t q0 = A.causal ? k0 : 0; q0 < A.sq; q0 += BQ) {
+        fl_sync();   /* every warp is done with the previous tile */
+        fl_load<BQ, D>(sQ, Q, A.q.ld, q0, A.sq);
+        fl_load<BQ, D>(sdO, G, A.g.ld, q0, A.sq);
+        fl_cp_commit();
+        for (int i = tid; i < BQ; i += FL_T) {
+            const int64_t q = q0 + i;
+            sL[i] = q < A.sq ? A.lse[bh * A.sq + q] * FL_LOG2E : INFINITY;   /* +inf: P = 0 past Sq */
+            sDv[i] = q < A.sq ? A.dvec[bh * A.sq + q] : 0.f;
+        }
+        fl_cp_wait<0>();
+        fl_sync();
+        /* S^T = K Q^T and dP^T = V dO^T for this warp's 32 x 32, then P^T and dS^T, staged */
+        float sp[2][4][4], dp[2][4][4];
+        fl_product<2, 32, D, E>(sp, sK, kh, sQ, qh, lane);
+        fl_product<2, 32, D, E>(dp, sV, kh, sdO, qh, lane);
+        /* key k0 + kr (kr < 64) is kept when kr < nkey and, causal, kr + off <= qi: small ints */
+        const int nkey = (int)fl_min(A.sk - k0, BC), off = A.causal ? (int)fl_max(k0 - q0, -2 * BQ) : -2 * BQ;
+        FL_UNROLL
+        for (int m = 0; m < 2; m++) {
+            FL_UNROLL
+            for (int j = 0; j < 4; j++) {
+                FL_UNROLL
+                for (int e = 0; e < 4; e++) {
+                    const int qi = qh + j * 8 + 2 * t + (e & 1), kr = kh + 16 * m + g + 8 * (e >> 1);
+                    float p = fl_exp2(sp[m][j][e] * A.scale_log2 - sL[qi]);
+                    if (kr >= nkey || kr + off > qi) p = 0.f;   /* rows past Sk: never stored */
+                    sp[m][j][e] = p;
+                    dp[m][j][e] = p * (dp[m][j][e] - sDv[qi]);   /* dS^T */
+                }
+            }
+            fl_stage<32, SP, E>(sP, kh + 16 * m, qh, g, t, sp[m]);
+            fl_stage<32, SP, E>(sdS, kh + 16 * m, qh, g, t, dp[m]);
+        }
+        fl_sync();   /* P^T and dS^T of the whole tile are staged */
+        FL_UNROLL
+        for (int kq = 0; kq < BQ / 16; kq++) {
+            uint32_t pa[2][4], da[2][4];
+            FL_UNROLL
+            for (int m = 0; m < 2; m++) {
+                fl_frag_a<SP>(pa[m], sP, kh + 16 * m, kq * 16, lane);
+                fl_frag_a<SP>(da[m], sdS, kh + 16 * m, kq * 16, lane);
+            }
+            FL_UNROLL
+            for (int j = 0; j < DH / 16; j++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 1>(b, sdO, dh + j * 16, kq * 16, lane);
+                FL_UNROLL
+                for (int m = 0; m < 2; m++) fl_mma2<E>(dv[m] + 2 * j, pa[m], b);   /* dV += P^T dO */
+                fl_frag_b<SD, 1>(b, sQ, dh + j * 16, kq * 16, lane);
+                FL_UNROLL
+                for (int m = 0; m < 2; m++) fl_mma2<E>(dk[m] + 2 * j, da[m], b);   /* dK += dS^T Q */
+            }
+        }
+    }
+    FL_UNROLL
+    for (int m = 0; m < 2; m++) {
+        const int64_t r = k0 + kh + 16 * m + g;
+        fl_store_rows<DH, E>(fl_pair(A, A.dk, bh) + dh, A.dk.ld, A.sk, r, t, dk[m], A.scale, A.scale);
+        fl_store_rows<DH, E>(fl_pair(A, A.dv, bh) + dh, A.dv.ld, A.sk, r, t, dv[m], 1.f, 1.f);
+    }
+}
+
+/* dQ for 64 query rows of one pair over key tiles of 64. Warp w: queries qh .. qh + 31
+ * (qh = 32 (w / 2)); keys kh .. kh + 31 of the tile for S, dP (kh = 32 (w % 2)); head-dim
+ * columns dh .. dh + D / 2 - 1 of dQ (dh = D / 2 (w % 2)). */
+template <int D, int E>
+FL_GLOBAL void fl_bwd_dq32_k(const fl_args A) {
+    constexpr int BR = 64, BK = 64, SD = D + 8, SP = BK + 8, DH = D / 2;
+    uint16_t *sQ = (uint16_t *)FL_SMEM, *sdO = sQ + BR * SD, *sK = sdO + BR * SD, *sV = sK + BK * SD;
+    uint16_t *sdS = sV + BK * SD;
+    const int tid = FL_TID, w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int qh = w / 2 * 32, kh = w % 2 * 32, dh = w % 2 * DH;
+    const int64_t bh = FL_BX, q0 = (A.causal ? FL_GY - 1 - FL_BY : FL_BY) * BR;
+    const uint16_t *K = fl_pair(A, A.k, bh), *V = fl_pair(A, A.v, bh);
+    fl_load<BR, D>(sQ, fl_pair(A, A.q, bh), A.q.ld, q0, A.sq);
+    fl_load<BR, D>(sdO, fl_pair(A, A.g, bh), A.g.ld, q0, A.sq);
+    float L[2][2], Dv[2][2];   /* rows qh + 16 m + g + 8 h */
+    FL_UNROLL
+    for (int m = 0; m < 2; m++)
+        FL_UNROLL
+        for (int h = 0; h < 2; h++) {
+            const int64_t r = q0 + qh + 16 * m + g + 8 * h;
+            L[m][h] = r < A.sq ? A.lse[bh * A.sq + r] * FL_LOG2E : INFINITY;
+            Dv[m][h] = r < A.sq ? A.dvec[bh * A.sq + r] : 0.f;
+        }
+    float dq[2][DH / 8][4];
+    FL_UNROLL
+    for (int m = 0; m < 2; m++)
+        FL_UNROLL
+        for (int dn = 0; dn < DH / 8; dn++) dq[m][dn][0] = dq[m][dn][1] = dq[m][dn][2] = dq[m][dn][3] = 0.f;
+    const int64_t kend = A.causal ? fl_min(A.sk, q0 + BR) : A.sk;
+    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+        fl_sync();   /* every warp is done with the previous tile */
+        fl_load<BK, D>(sK, K, A.k.ld, k0, A.sk);
+        fl_load<BK, D>(sV, V, A.v.ld, k0, A.sk);
+        fl_cp_commit();
+        fl_cp_wait<0>();
+        fl_sync();
+        float s[2][4][4], dp[2][4][4];
+        fl_product<2, 32, D, E>(s, sQ, qh, sK, kh, lane);    /* S = Q K^T */
+        fl_product<2, 32, D, E>(dp, sdO, qh, sV, kh, lane);  /* dP = dO V^T */
+        /* key k0 + kc (kc < 64) is kept when kc < nkey and, causal, kc <= qr + diag: small ints */
+        const int nkey = (int)fl_min(A.sk - k0, BK), diag = A.causal ? (int)fl_min(q0 - k0, 2 * BK) : 2 * BK;
+        FL_UNROLL
+        for (int m = 0; m < 2; m++) {
+            FL_UNROLL
+            for (int j = 0; j < 4; j++) {
+                FL_UNROLL
+                for (int e = 0; e < 4; e++) {
+                    const int h = e >> 1, kc = kh + j * 8 + 2 * t + (e & 1), qr = qh + 16 * m + g + 8 * h;
+                    const float p = (kc >= nkey || kc > qr + diag) ? 0.f : fl_exp2(s[m][j][e] * A.scale_log2 - L[m][h]);
+                    s[m][j][e] = p * (dp[m][j][e] - Dv[m][h]);   /* dS */
+                }
+            }
+            fl_stage<32, SP, E>(sdS, qh + 16 * m, kh, g, t, s[m]);
+        }
+        fl_sync();   /* dS of the whole tile is staged */
+        FL_UNROLL
+        for (int kq = 0; kq < BK / 16; kq++) {
+            uint32_t da[2][4];
+            FL_UNROLL
+            for (int m = 0; m < 2; m++) fl_frag_a<SP>(da[m], sdS, qh + 16 * m, kq * 16, lane);
+            FL_UNROLL
+            for (int j = 0; j < DH / 16; j++) {
+                uint32_t b[4];
+                fl_frag_b<SD, 1>(b, sK, dh + j * 16, kq * 16, lane);
+                FL_UNROLL
+                for (int m = 0; m < 2; m++) fl_mma2<E>(dq[m] + 2 * j, da[m], b);   /* dQ += dS K */
+            }
+        }
+    }
+    FL_UNROLL
+    for (int m = 0; m < 2; m++)
+        fl_store_rows<DH, E>(fl_pair(A, A.dq, bh) + dh, A.dq.ld, A.sq, q0 + qh + 16 * m + g, t, dq[m], A.scale,
+                             A.scale);
 }
 
 #endif

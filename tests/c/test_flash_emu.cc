@@ -21,8 +21,8 @@
  * kernels share the layout as documented; tests/gpu/check_ops.lua checks the real thing on a
  * GPU).
  *
- * Cases: bf16 and f16, head dims 64 and 128, forward blocks of 64 and 128 rows, causal and
- * not, Sq and Sk not multiples of the tiles (and smaller than one tile), Sq > Sk and Sq < Sk, a
+ * Cases: bf16 and f16, head dims 64 and 128, both kernel families (16 and 32 rows a warp),
+ * causal and not, Sq and Sk not multiples of the tiles (and smaller than one tile), Sq > Sk and Sq < Sk, a
  * query laid out as (S, H, D) and a key with padded rows. Tolerances (normwise, max|x - ref| <= tol * max|ref|): output and
  * gradients 1e-2 for bf16 and 3e-3 for f16 (P and dS are rounded to the input type before
  * their products, as on the GPU); lse 1e-4 absolute.
@@ -283,7 +283,7 @@ static double normwise(const operand &o, int H, const std::vector<double> &ref) 
 template <int D, int E, int MT>
 static void run_case(int64_t sq, int64_t sk, int causal, const char *label) {
     char name[160];
-    snprintf(name, sizeof name, "%s, forward blocks of %d rows", label, 64 * MT);
+    snprintf(name, sizeof name, "%s, %d-row kernels", label, 16 * MT);
     const int H = 2;
     const double tol = E == 0 ? 1e-2 : 3e-3;
     const double scale = 1.0 / sqrt((double)D);
@@ -311,8 +311,13 @@ static void run_case(int64_t sq, int64_t sk, int causal, const char *label) {
     divergent = bad_smem = 0;
     emu_launch(fl_fwd_k<D, E, MT>, A, H, (sq + 64 * MT - 1) / (64 * MT), fl_fwd_smem<D, MT>());
     emu_launch(fl_bwd_pre_k<D, E>, A, (H * sq + 3) / 4, 1, 0);
-    emu_launch(fl_bwd_dkdv_k<D, E>, A, H, (sk + 63) / 64, fl_dkdv_smem<D>());
-    emu_launch(fl_bwd_dq_k<D, E>, A, H, (sq + 63) / 64, fl_dq_smem<D>());
+    if (MT == 2) {   /* the 32-row family */
+        emu_launch(fl_bwd_dkdv32_k<D, E>, A, H, (sk + 63) / 64, fl_dkdv32_smem<D>());
+        emu_launch(fl_bwd_dq32_k<D, E>, A, H, (sq + 63) / 64, fl_dq32_smem<D>());
+    } else {
+        emu_launch(fl_bwd_dkdv_k<D, E>, A, H, (sk + 63) / 64, fl_dkdv_smem<D>());
+        emu_launch(fl_bwd_dq_k<D, E>, A, H, (sq + 63) / 64, fl_dq_smem<D>());
+    }
     TAP_OK(!divergent, "%s: every thread of a block passes the same barriers, shuffles, ldmatrix and mma", name);
     TAP_OK(!bad_smem, "%s: ldmatrix and cp.async stay inside the launch's shared memory, 16-byte aligned", name);
 

@@ -1044,10 +1044,11 @@ local FLASH = {   -- q shape, k (= v) shape, causal, layout, label
     {{2, 2, 65, 128}, {2, 2, 65, 128}, 0, "offset", "D 128, rows off 16-byte alignment (the front-end copies)"},
     {{1, 4, 1100, 128}, {1, 4, 1100, 128}, 1, nil, "(1, 4, 1100, 128) causal: 18 query tiles"},
 }
--- NEMO_FLASH_FWD_ROWS (read by the CUDA forward at each call): "64", "128" or nil (default)
+-- NEMO_FLASH_WARP_ROWS (read by the CUDA launchers at each call): the kernel family, "16", "32"
+-- or nil (the default, 32)
 ffi.cdef[[int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);]]
-local function set_fwd_rows(rows)
-    if rows then ffi.C.setenv("NEMO_FLASH_FWD_ROWS", rows, 1) else ffi.C.unsetenv("NEMO_FLASH_FWD_ROWS") end
+local function set_warp_rows(rows)
+    if rows then ffi.C.setenv("NEMO_FLASH_WARP_ROWS", rows, 1) else ffi.C.unsetenv("NEMO_FLASH_WARP_ROWS") end
 end
 local function flash_operand(shape, dt, layout)
     if layout == "perm" then return att_operand(shape, dt, true) end
@@ -1070,19 +1071,20 @@ for _, fc in ipairs(FLASH) do
                                    0 / 0, o[1], o[2], nil))
             return took(o)
         end
-        for _, rows in ipairs{"128", "64"} do   -- the two forward kernels (query rows per block)
-            set_fwd_rows(rows)
-            case("sdpa_flash_fwd", dt, fc[5] .. ", blocks of " .. rows .. " rows", 1e-2, false, fwd)
+        for _, rows in ipairs{"32", "16"} do   -- the two kernel families (rows a warp owns)
+            set_warp_rows(rows)
+            local label = fc[5] .. ", " .. rows .. "-row kernels"
+            case("sdpa_flash_fwd", dt, label, 1e-2, false, fwd)
+            case("sdpa_flash_bwd", dt, label, 1e-2, false, function(side)
+                local f = fwd(side)
+                local o = outs(3)
+                nffi.check(C.nemo_sdpa_backward(side_of(side, g, gd)._c, side_of(side, q, qd)._c, side_of(side, k, kd)._c,
+                                                side_of(side, v, vd)._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1],
+                                                o[2], o[3]))
+                return took(o)
+            end)
         end
-        set_fwd_rows(nil)
-        case("sdpa_flash_bwd", dt, fc[5], 1e-2, false, function(side)
-            local f = fwd(side)
-            local o = outs(3)
-            nffi.check(C.nemo_sdpa_backward(side_of(side, g, gd)._c, side_of(side, q, qd)._c, side_of(side, k, kd)._c,
-                                            side_of(side, v, vd)._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1],
-                                            o[2], o[3]))
-            return took(o)
-        end)
+        set_warp_rows(nil)
     end
 end
 
@@ -1427,24 +1429,26 @@ if not FAKE and not EMU then
                 nffi.check(C.nemo_sdpa(q._c, k._c, v._c, nil, causal, 0 / 0, o[1], o[2], nil))
                 return took(o)
             end
-            local f = fwd()
             local g = dev(uniform({1, H, S, D}, dt, -1, 1))
             local flops = 4 * S * S * D * H * (causal == 1 and 0.5 or 1)
-            for _, rows in ipairs(dt == "float32" and {false} or {"128", "64"}) do
-                set_fwd_rows(rows or nil)
+            for _, rows in ipairs(dt == "float32" and {false} or {"32", "16"}) do   -- both flash kernel families
+                set_warp_rows(rows or nil)
+                local fam = rows and ", " .. rows .. "-row kernels" or ""
+                local f = fwd()
                 local t = timeit(3, function() local r = fwd(); r[1]:free(); r[2]:free() end)
                 T.diag(string.format("bench: attention fwd %s (1, %d, %d, %d)%s%s: %.2f ms, %.1f TFLOP/s", dt, H, S, D,
-                                     causal == 1 and " causal" or "", rows and ", blocks of " .. rows .. " rows" or "",
-                                     t * 1e3, flops / t / 1e12))
+                                     causal == 1 and " causal" or "", fam, t * 1e3, flops / t / 1e12))
+                t = timeit(3, function()
+                    local o = outs(3)
+                    nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1],
+                                                    o[2], o[3]))
+                    for _, r in ipairs(took(o)) do r:free() end
+                end)
+                T.diag(string.format("bench: attention bwd %s (1, %d, %d, %d)%s%s: %.2f ms, %.1f TFLOP/s (2.5x fwd flops)",
+                                     dt, H, S, D, causal == 1 and " causal" or "", fam, t * 1e3, 2.5 * flops / t / 1e12))
+                f[1]:free(); f[2]:free()
             end
-            set_fwd_rows(nil)
-            local t = timeit(3, function()
-                local o = outs(3)
-                nffi.check(C.nemo_sdpa_backward(g._c, q._c, k._c, v._c, nil, f[1]._c, f[2]._c, nil, causal, 0 / 0, o[1], o[2], o[3]))
-                for _, r in ipairs(took(o)) do r:free() end
-            end)
-            T.diag(string.format("bench: attention bwd %s (1, %d, %d, %d)%s: %.2f ms, %.1f TFLOP/s (2.5x fwd flops)", dt, H,
-                                 S, D, causal == 1 and " causal" or "", t * 1e3, 2.5 * flops / t / 1e12))
+            set_warp_rows(nil)
         end
         -- host to device copies of 256 MiB from pageable and from pinned memory
         local h = uniform({64, 1024, 1024}, "float32", -1, 1)
