@@ -1,6 +1,6 @@
 -- bench/gpu_block.lua: issue #6's goal benchmark on a GPU. A FLUX.1-dev-shaped double block
 -- (FluxTransformerBlock: D 3072, 24 heads x 128, 4096 image + 512 text tokens, batch 1) forward +
--- backward on cuda:0 in float32 and bfloat16, as TFLOP/s and as a fraction of matmul rates
+-- backward on cuda:0 in float32 and bfloat16 (with each family of flash kernels), as TFLOP/s and as a fraction of matmul rates
 -- measured in the same run; peak device memory; and a matmul TFLOP/s table against shape (nemo's
 -- F.linear next to cuBLAS called directly). Prints numbers ("# bench: ..." lines, which
 -- tests/gpu/run.sh appends to bench/RESULTS.md); asserts nothing. About 30-60 s on an H200.
@@ -194,7 +194,14 @@ local function setup()
     end)()))
 end
 
-local function run(dt)
+-- NEMO_FLASH_WARP_ROWS, which the CUDA attention reads at each call (docs/cuda.md: the two flash
+-- kernel families); the bf16 block runs with both
+ffi.cdef[[int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);]]
+local function set_warp_rows(rows)
+    if rows then ffi.C.setenv("NEMO_FLASH_WARP_ROWS", rows, 1) else ffi.C.unsetenv("NEMO_FLASH_WARP_ROWS") end
+end
+
+local function run(dt, family)
     if block.norm1.linear.weight.dtype ~= dt then block:to{dtype = dt} end
     local hs = randn({1, NI, D}, dt):requires_grad_(true)
     local ehs = randn({1, NT, D}, dt):requires_grad_(true)
@@ -243,8 +250,9 @@ local function run(dt)
         hs:free(); ehs:free(); temb:free()
         return
     end
-    bench(string.format("FLUX.1-dev double block fwd+bwd %s on %s: %.1f ms/step (median of %d), %.1f TFLOP/s = %s; " ..
-        "peak %.2f GiB above the weights%s", dt, dev, t * 1e3, #times, tf, table.concat(vs, ", "), pk / 2 ^ 30,
+    bench(string.format("FLUX.1-dev double block fwd+bwd %s%s on %s: %.1f ms/step (median of %d), %.1f TFLOP/s = %s; " ..
+        "peak %.2f GiB above the weights%s", dt, family and " (" .. family .. "-row flash kernels)" or "", dev, t * 1e3,
+        #times, tf, table.concat(vs, ", "), pk / 2 ^ 30,
         dt == "bfloat16" and " (issue #6 goal: >= 60% of the cuBLAS bf16 rate)" or ""))
     hs:free(); ehs:free(); temb:free()
 end
@@ -253,9 +261,12 @@ local ok, err = pcall(setup)
 if not ok then
     bench(string.format("FLUX.1-dev double block on %s: setup failed: %s", dev, tostring(err)))
 else
-    for _, dt in ipairs {"float32", "bfloat16"} do
-        local rok, rerr = pcall(run, dt)
+    for _, c in ipairs {{"float32"}, {"bfloat16", "32"}, {"bfloat16", "16"}} do
+        local dt = c[1]
+        set_warp_rows(c[2])
+        local rok, rerr = pcall(run, dt, c[2])
         if not rok then bench(string.format("FLUX.1-dev double block fwd+bwd %s on %s: failed: %s", dt, dev, tostring(rerr))) end
     end
+    set_warp_rows(nil)
 end
 print(string.format("# gpu_block done in %.1f s", clock() - t_start))
