@@ -13,8 +13,10 @@
 #   DEBUG=1
 # Portable code (no -march=native), for binaries copied to other machines:
 #   PORTABLE=1
-# CUDA architecture for the plugin (sm_90 = H100/H200):
-CUDA_ARCH ?= 90
+# CUDA architectures for the plugin, sm_80 or newer (the flash kernels use cp.async / ldmatrix):
+# by default the first GPU's own (nvidia-smi), else 90 (H100/H200); a list builds code for each,
+# plus PTX of the last for newer GPUs: CUDA_ARCH="80 86 90".
+#   CUDA_ARCH=90
 
 # ==== COMPILER OPTIONS ====
 CC      ?= cc
@@ -49,7 +51,15 @@ LIBCUDA := $(if $(NVCC),build/libnemo_cuda.so)
 CDEF := lua/nemo/_cdef.lua
 HEADERS := $(wildcard engine/include/*.h)
 
-$(info [$(if $(NVCC),+,-)] CUDA plugin $(if $(NVCC),with $(NVCC) (sm_$(CUDA_ARCH)),off: no nvcc or NO_CUDA=1))
+ifeq ($(origin CUDA_ARCH),undefined)
+CUDA_ARCH := $(if $(NVCC),$(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. '))
+CUDA_ARCH := $(if $(filter 8% 9% 1%,$(CUDA_ARCH)),$(CUDA_ARCH),90)
+endif
+NVCC_ARCH := $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
+             -gencode arch=compute_$(lastword $(CUDA_ARCH)),code=compute_$(lastword $(CUDA_ARCH)) \
+             -DNEMO_CUDA_ARCHS='"$(CUDA_ARCH)"'
+
+$(info [$(if $(NVCC),+,-)] CUDA plugin $(if $(NVCC),with $(NVCC) (CUDA_ARCH $(CUDA_ARCH)),off: no nvcc or NO_CUDA=1))
 
 .PHONY: all test test-only deps install uninstall clean bench print-config demo
 all: $(LIBNEMO) $(LIBCUDA) nemo-lua $(CDEF)
@@ -65,7 +75,7 @@ $(LIBNEMO): $(OBJ)
 # The CUDA plugin: compiled whenever nvcc exists, loaded by libnemo only when CUDA is asked for.
 build/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -MMD -MP -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wshadow $(if $(filter 1,$(WERROR)),-Werror all-warnings) -Iengine/include -Iengine -c $< -o $@
+	$(NVCC) -O3 -std=c++17 $(NVCC_ARCH) -MMD -MP -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wshadow $(if $(filter 1,$(WERROR)),-Werror all-warnings) -Iengine/include -Iengine -c $< -o $@
 
 # NCCL: every NCCL reference in the plugin is weak, so --no-as-needed keeps libnccl linked.
 NCCL_LIB := $(if $(filter 1,$(NO_NCCL)),,$(firstword $(wildcard $(CUDA_HOME)/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so)))

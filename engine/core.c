@@ -200,7 +200,7 @@ static void cuda_load(void) {
     }
     int n = 0;
     if (p->device_count(&n) < 0 || n <= 0) {
-        snprintf(cuda_reason, sizeof cuda_reason, "the CUDA runtime reports no device (%s)",
+        snprintf(cuda_reason, sizeof cuda_reason, "no usable CUDA device (%s)",
                  p->error_text());
         return;
     }

@@ -25,6 +25,7 @@
 #define NEMO_CUDA_COMMON_CUH
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <cuda_runtime.h>
 
@@ -547,6 +548,29 @@ __device__ __forceinline__ T nemo_cuda_group_bcast(T v, T *sm) {
     if (threadIdx.x == 0) sm[0] = v;
     __syncthreads();
     return sm[0];
+}
+
+/* ==== Which GPUs this build runs on ==== */
+
+/* The CUDA_ARCH list the Makefile compiled for ("80 90"); the emulator is an sm_90 device. */
+#ifndef NEMO_CUDA_ARCHS
+#define NEMO_CUDA_ARCHS "90"
+#endif
+/* Whether code built for archs (space-separated compute capabilities, as 80 or 120) runs on a
+ * device of compute capability cc (10 major + minor): a cubin of the same major version and no
+ * newer minor one, or the PTX of the last arch (the Makefile embeds it) no newer than the
+ * device, which the driver compiles at load. */
+static inline int nemo_cuda_arch_runs_on(const char *archs, int cc) {
+    int last = 0, ok = 0;
+    for (const char *s = archs; *s;) {
+        char *end = NULL;
+        const long a = strtol(s, &end, 10);
+        if (end == s) { s++; continue; }
+        if (a / 10 == cc / 10 && a % 10 <= cc % 10) ok = 1;
+        last = (int)a;
+        s = end;
+    }
+    return ok || (last > 0 && last <= cc);
 }
 
 #endif /* NEMO_CUDA_COMMON_CUH */

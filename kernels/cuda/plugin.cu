@@ -80,6 +80,19 @@ static int p_device_count(int *count) {
                         rt / 1000, rt % 1000 / 10, drvs);
         return 0;
     }
+    for (int d = 0; d < n; d++) {   /* a build for other GPUs would fail at its first kernel */
+        int major = 0, minor = 0;
+        NEMO_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d), "compute capability of cuda:%d", d);
+        NEMO_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d), "compute capability of cuda:%d", d);
+        if (!nemo_cuda_arch_runs_on(NEMO_CUDA_ARCHS, 10 * major + minor)) {
+            nemo_cuda_error(NEMO_EDEVICE,
+                            "cuda:%d has compute capability %d.%d, and libnemo_cuda.so was built with code for "
+                            "CUDA_ARCH=\"%s\" only (sm_80 or newer is needed): rebuild with `make CUDA_ARCH=%d%d` "
+                            "(a list such as CUDA_ARCH=\"%d%d 90\" serves several kinds of GPU)",
+                            d, major, minor, NEMO_CUDA_ARCHS, major, minor, major, minor);
+            return 0;
+        }
+    }
     *count = n;
     return 0;
 }

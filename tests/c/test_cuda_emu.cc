@@ -149,6 +149,23 @@ static float *dev_floats(const float *h, int n) {
 /* nemo_cuda_fdiv (the kernels' per-element index splits) against 64-bit division: divisors from
  * 1 to 2^31 - 2, dividends up to the 2^31 - 1 that the fast path allows (and its 64-bit
  * fallback beyond). */
+/* nemo_cuda_arch_runs_on: which builds run on which GPUs (the plugin refuses the others) */
+static void check_arch(void) {
+    struct { const char *archs; int cc, runs; } c[] = {
+        {"90", 90, 1}, {"90", 80, 0}, {"90", 86, 0}, {"90", 100, 1} /* the PTX of 90, compiled at load */,
+        {"80", 86, 1} /* sm_80 code runs on 8.6 */, {"86", 80, 0}, {"80 90", 89, 1}, {"80 90", 75, 0},
+        {"80 86 90", 120, 1}, {"89", 90, 1}, {"120", 90, 0}, {"", 90, 0},
+    };
+    int bad = 0;
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
+        if (nemo_cuda_arch_runs_on(c[i].archs, c[i].cc) != c[i].runs) {
+            bad++;
+            printf("# CUDA_ARCH \"%s\" on compute capability %d: expected %d\n", c[i].archs, c[i].cc, c[i].runs);
+        }
+    TAP_OK(bad == 0, "a build for CUDA_ARCH runs on the same major version with no older minor, or newer GPUs through PTX "
+           "(%d of 12 wrong)", bad);
+}
+
 static void check_fdiv(void) {
     const int64_t ds[] = {1, 2, 3, 7, 24, 64, 100, 3071, 3072, 4096, 12288, 65537, 1000003, 0x40000000, 0x7ffffffe};
     uint64_t z = 88172645463325252ull;
@@ -174,6 +191,7 @@ static void check_fdiv(void) {
 
 int main(void) {
     check_fdiv();
+    check_arch();
     setenv("NEMO_EMU_CUDA_DEVICES", "2", 1);
     int n = 0;
     TAP_OK(cudaGetDeviceCount(&n) == cudaSuccess && n == 2, "NEMO_EMU_CUDA_DEVICES=2 gives two devices");

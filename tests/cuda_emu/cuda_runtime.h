@@ -73,6 +73,7 @@ struct cudaPointerAttributes {
     void *hostPointer;
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
 
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01
@@ -95,6 +96,8 @@ cudaError_t cudaGetLastError(void);
 cudaError_t cudaPeekAtLastError(void);
 cudaError_t cudaGetDeviceCount(int *n);
 cudaError_t cudaRuntimeGetVersion(int *v);
+/* The compute capability: 9.0, or NEMO_EMU_CUDA_CC (e.g. 80) to test the plugin's check */
+cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int dev);
 cudaError_t cudaDriverGetVersion(int *v);
 cudaError_t cudaSetDevice(int dev);
 cudaError_t cudaGetDevice(int *dev);

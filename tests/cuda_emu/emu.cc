@@ -161,6 +161,16 @@ EXPORT cudaError_t cudaGetDeviceCount(int *n) {
     return n_devices ? cudaSuccess : fail(cudaErrorNoDevice);
 }
 EXPORT cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+EXPORT cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int dev) {
+    init();
+    if (dev < 0 || dev >= n_devices) return fail(cudaErrorInvalidDevice);
+    const char *e = getenv("NEMO_EMU_CUDA_CC");
+    const int cc = e && atoi(e) > 0 ? atoi(e) : 90;
+    if (attr == cudaDevAttrComputeCapabilityMajor) *value = cc / 10;
+    else if (attr == cudaDevAttrComputeCapabilityMinor) *value = cc % 10;
+    else return fail(cudaErrorInvalidValue);
+    return cudaSuccess;
+}
 EXPORT cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 EXPORT cudaError_t cudaSetDevice(int dev) {
     init();

@@ -75,6 +75,17 @@ if [ "$rc" = 0 ] && grep -q "host cost of a FLUX.1-dev double block fwd+bwd bflo
 then pass "bench/gpu_block.lua on the emulator with NEMO_EMU_CUDA_NOEXEC=1 reports the host's cost per step"
 else fail "bench/gpu_block.lua with NEMO_EMU_CUDA_NOEXEC=1 reports the host's cost" "exit $rc" "$out"; fi
 
+# a GPU the build has no code for (the emulator reports compute capability 8.0, the plugin was
+# built for 9.0): no device, and the reason says how to rebuild
+out=$(NEMO_EMU_CUDA_CC=80 timeout 60 "$N" -e 'local c = require("nemo").cuda
+print(tostring(c.is_available()) .. " " .. tostring(c.device_count()) .. " " .. tostring(c.unavailable_reason()))
+print(select(2, pcall(require("nemo").zeros, {2}, {device = "cuda"})))' 2>&1)
+rc=$?
+if [ "$rc" = 0 ] && grep -q '^false 0 .*compute capability 8\.0.*CUDA_ARCH="90".*make CUDA_ARCH=80' <<< "$out" &&
+   grep -q 'no CUDA device: .*make CUDA_ARCH=80' <<< "$out"; then
+    pass "a GPU of compute capability 8.0 with a plugin built for sm_90: no device, and a reason naming CUDA_ARCH=80"
+else fail "a GPU the plugin was not built for: no device, and a reason naming the rebuild" "exit $rc" "$out"; fi
+
 # ==== several ranks: the plugin's NCCL backend (kernels/cuda/nccl.cu) on the emulator's NCCL ====
 if command -v mpirun > /dev/null 2>&1; then
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" XDG_CACHE_HOME="$T/cache"
