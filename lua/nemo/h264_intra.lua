@@ -1,13 +1,17 @@
--- lua/nemo/h264_intra.lua: H.264 intra slices that compress (nemo.mp4's default): every
+-- lua/nemo/h264_intra.lua: H.264 slices that compress (nemo.mp4's default). I slices: every
 -- macroblock Intra_16x16 (vertical, horizontal or DC prediction of the luma, whichever is closest;
--- DC prediction of the chroma), the 4x4 integer transform, flat quantization at one QP, CAVLC.
--- The encoder reconstructs each macroblock exactly as a decoder does (ITU-T H.264 8.3.3, 8.3.4,
--- 8.5.10 - 8.5.12), so predictions come from the decoded picture and nothing drifts.
+-- DC prediction of the chroma). P slices (from the previous decoded picture): every macroblock
+-- P_Skip, P_L0_16x16 (whole-sample motion in steps of two, found by a small diamond search from
+-- the predicted vector, so the chroma's motion is whole too and no interpolation is needed) or
+-- Intra_16x16. The 4x4 integer transform, flat quantization at one QP, CAVLC. The encoder
+-- reconstructs each macroblock exactly as a decoder does (ITU-T H.264 8.3.3, 8.3.4, 8.4.1 -
+-- 8.4.2, 8.5.10 - 8.5.12), so predictions come from the decoded pictures and nothing drifts.
 --
---   local slice_nal = require("nemo.h264_intra").slice(Y, Cb, Cr, mbw, mbh, idr_id, qp)
+--   local rbsp, RY, RCb, RCr = require("nemo.h264_intra").slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header[, ref])
 --
--- Y: (16 mbw) x (16 mbh) bytes, Cb / Cr: (8 mbw) x (8 mbh), row-major (padded planes, nemo.mp4).
--- The slice header is nemo.mp4's (an IDR I slice, deblocking off) with slice_qp_delta = qp - 26.
+-- Y: (16 mbw) x (16 mbh) bytes, Cb / Cr: (8 mbw) x (8 mbh), row-major (padded planes, nemo.mp4);
+-- ref = {Y =, Cb =, Cr =}: the previous decoded picture (RY, RCb, RCr of its slice) for a P slice.
+-- The slice header is nemo.mp4's (deblocking off) with slice_qp_delta = qp - 26.
 -- qp in 0..51, lower is better and larger; the chroma's QP follows Table 8-15 (equal up to 29).
 local ffi = require "ffi"
 local bit = require "bit"
@@ -420,13 +424,130 @@ for blk = 0, 15 do
     BLK_RASTER[blk] = y * 4 + x
 end
 
--- slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header) -> the slice's RBSP (header(w) writes the slice
--- header's fields first), not yet escaped, and the decoded picture's planes Y, Cb, Cr (what a
--- decoder reconstructs from it)
-function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
+-- ==== inter prediction (P slices): one 16x16 partition per macroblock, whole-sample motion ====
+
+-- coded_block_pattern -> codeNum of me(v) for inter macroblocks (Table 9-4, ChromaArrayType 1)
+local INTER_CBP_CODE = {}
+do
+    local code_to_cbp = {0, 16, 1, 2, 4, 8, 32, 3, 5, 10, 12, 15, 47, 7, 11, 13, 14, 6, 9, 31, 35, 37, 42, 44, 33, 34,
+                         36, 40, 39, 43, 45, 46, 17, 18, 20, 24, 19, 21, 26, 28, 23, 27, 29, 30, 22, 25, 38, 41}
+    for code, cbp in ipairs(code_to_cbp) do INTER_CBP_CODE[cbp] = code - 1 end
+end
+
+-- the n x n block at (x0 + dx, y0 + dy) of reference plane F (w x h, stride w) into p, samples
+-- outside the picture taken from its nearest edge (8.4.2.2.1 at whole-sample positions)
+local function mc_block(F, w, h, x0, y0, dx, dy, n, p)
+    local xs, ys = x0 + dx, y0 + dy
+    if xs >= 0 and ys >= 0 and xs + n <= w and ys + n <= h then
+        for y = 0, n - 1 do
+            local o, q = (ys + y) * w + xs, y * n
+            for x = 0, n - 1 do p[q + x] = F[o + x] end
+        end
+    else
+        for y = 0, n - 1 do
+            local yy = ys + y
+            if yy < 0 then yy = 0 elseif yy > h - 1 then yy = h - 1 end
+            for x = 0, n - 1 do
+                local xx = xs + x
+                if xx < 0 then xx = 0 elseif xx > w - 1 then xx = w - 1 end
+                p[y * n + x] = F[yy * w + xx]
+            end
+        end
+    end
+    return p
+end
+
+local SAD_SCRATCH = ffi.new("int32_t[256]")   -- not PRED: it holds the intra candidates meanwhile
+-- SAD of the 16x16 source block at (x0, y0) against reference F displaced by (dx, dy), stopping
+-- once it passes limit
+local function sad_ref(P, F, w, h, x0, y0, dx, dy, limit)
+    local xs, ys = x0 + dx, y0 + dy
+    local s = 0
+    if xs >= 0 and ys >= 0 and xs + 16 <= w and ys + 16 <= h then
+        for y = 0, 15 do
+            local o, q = (y0 + y) * w + x0, (ys + y) * w + xs
+            for x = 0, 15 do
+                local d = P[o + x] - F[q + x]
+                s = s + (d < 0 and -d or d)
+            end
+            if s >= limit then return s end
+        end
+        return s
+    end
+    local p = mc_block(F, w, h, x0, y0, dx, dy, 16, SAD_SCRATCH)
+    return sad(P, w, x0, y0, p, 16)
+end
+
+-- the number of bits of se(v)
+local function se_bits(v)
+    local x = (v > 0 and 2 * v - 1 or -2 * v) + 1
+    local len = 0
+    while rshift(x, len + 1) > 0 do len = len + 1 end
+    return 2 * len + 1
+end
+
+-- the residual of a 16x16 luma block against pred with the 4x4 transform of every block (DC
+-- included, inter macroblocks: 8.5.12): levels[b][1..16] in scan order per block raster index b,
+-- the coded 8x8 quadrants as a bit mask (the luma part of coded_block_pattern); reconstructs R
+local LEV = blocks(16, 17)
+local function code_luma_inter(P, R, S, x0, y0, pred, qp, levels)
+    local qbits = 15 + math.floor(qp / 6)
+    local fq = math.floor(lshift(1, qbits) / 6)
+    local mfrow = MF[qp % 6 + 1]
+    local res, c, d, r = RES, COEF_Y[0], D16, R16
+    local cbp = 0
+    for b = 0, 15 do
+        local bx, by = b % 4, math.floor(b / 4)
+        for y = 0, 3 do
+            for x = 0, 3 do
+                local px, py = bx * 4 + x, by * 4 + y
+                res[y * 4 + x] = P[(y0 + py) * S + x0 + px] - pred[py * 16 + px]
+            end
+        end
+        fdct(res, c)
+        local lv, any = levels[b], false
+        for s = 1, 16 do
+            local k = ZIGZAG[s]
+            local l = quant(c[k], mfrow[CLASS[k]], qbits, fq)
+            if l > 2047 then l = 2047 elseif l < -2047 then l = -2047 end
+            lv[s] = l
+            if l ~= 0 then any = true end
+        end
+        if any then cbp = bit.bor(cbp, lshift(1, math.floor(by / 2) * 2 + math.floor(bx / 2))) end
+    end
+    for b = 0, 15 do
+        local bx, by = b % 4, math.floor(b / 4)
+        local lv = levels[b]
+        if band(cbp, lshift(1, math.floor(by / 2) * 2 + math.floor(bx / 2))) == 0 then
+            for s = 1, 16 do lv[s] = 0 end   -- an uncoded quadrant has no residual at all
+        end
+        for s = 1, 16 do local k = ZIGZAG[s]; d[k] = scale_ac(lv[s], k, qp) end
+        idct(d, r)
+        for y = 0, 3 do
+            for x = 0, 3 do
+                local px, py = bx * 4 + x, by * 4 + y
+                R[(y0 + py) * S + x0 + px] = clip(pred[py * 16 + px] + r[y * 4 + x])
+            end
+        end
+    end
+    return cbp
+end
+
+-- ==== slices ====
+
+local PRED_INTER, CPRED_IU, CPRED_IV = ffi.new("int32_t[256]"), ffi.new("int32_t[64]"), ffi.new("int32_t[64]")
+
+-- slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header[, ref]) -> the slice's RBSP (header(w) writes the
+-- slice header's fields first), not yet escaped, and the decoded picture's planes Y, Cb, Cr (what
+-- a decoder reconstructs from it). Without ref: an I slice of Intra_16x16 macroblocks. With ref =
+-- {Y, Cb, Cr} (the previous decoded picture): a P slice, each macroblock P_Skip, P_L0_16x16
+-- (whole-sample motion in steps of 2, so the chroma's is whole too) or Intra_16x16, whichever the
+-- encoder's estimate finds cheapest.
+function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
     local w = writer()
     header(w)
     local SY, SC = mbw * 16, mbw * 8
+    local HY, HC = mbh * 16, mbh * 8
     local qpc = qp < 30 and qp or QPC[qp - 29]   -- chroma_qp_index_offset 0
     local RY = ffi.new("uint8_t[?]", SY * mbh * 16)
     local RCb, RCr = ffi.new("uint8_t[?]", SC * mbh * 8), ffi.new("uint8_t[?]", SC * mbh * 8)
@@ -442,11 +563,101 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
         if top then return b end
         return 0
     end
+    -- P slices: each macroblock's motion vector (quarter samples) and reference index (-1: intra)
+    local mvx, mvy, refi
+    if ref then
+        mvx, mvy, refi = ffi.new("int32_t[?]", mbw * mbh), ffi.new("int32_t[?]", mbw * mbh), ffi.new("int8_t[?]", mbw * mbh)
+    end
+    local lambda = math.max(1, math.floor(2 ^ ((qp - 12) / 6) + 0.5))   -- SAD per bit of motion vector
+    local skip_run = 0
+
+    -- the chroma of a macroblock against predictions cu / cv: levels, coded_block_pattern's chroma part
+    local function code_chroma(mx, my, cu, cv)
+        local cx0, cy0 = mx * 8, my * 8
+        local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qpc, AC_CB, DCL_CB)
+        local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qpc, AC_CR, DCL_CR)
+        local any_dc = false
+        for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
+        return udc, uac, vdc, vac, (u_any or v_any) and 2 or (any_dc and 1 or 0)
+    end
+    local function write_chroma(mx, my, udc, uac, vdc, vac, cbp_c)
+        if cbp_c > 0 then
+            residual_block(w, udc, 4, -1)
+            residual_block(w, vdc, 4, -1)
+        end
+        for comp = 1, 2 do
+            local nz, acs = comp == 1 and nzU or nzV, comp == 1 and uac or vac
+            for b = 0, 3 do
+                local bx, by = mx * 2 + b % 2, my * 2 + math.floor(b / 2)
+                local t = 0
+                if cbp_c == 2 then t = residual_block(w, acs[b], 15, nc(nz, mbw * 2, bx, by)) end
+                nz[by * mbw * 2 + bx] = t
+            end
+        end
+    end
+
+    -- an Intra_16x16 macroblock (mb_type offset 0 in I slices, 5 in P slices)
+    local function intra_mb(mx, my, best, mode, type_offset)
+        local top, left = my > 0, mx > 0
+        local x0, y0 = mx * 16, my * 16
+        local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, AC_Y, DCL_Y)
+        local cx0, cy0 = mx * 8, my * 8
+        local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
+        local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
+        local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, cu, cv)
+        local cbp_l = any_ac and 15 or 0
+        w.ue(type_offset + 1 + mode + 4 * cbp_c + (cbp_l == 15 and 12 or 0))   -- mb_type I_16x16_<mode>_<cbp>
+        w.ue(0)                                                              -- intra_chroma_pred_mode: DC
+        w.se(0)                                                              -- mb_qp_delta
+        -- Intra16x16DCLevel: nC of block 0
+        residual_block(w, dcl, 16, nc(nzY, mbw * 4, mx * 4, my * 4))
+        for blk = 0, 15 do
+            local rb = BLK_RASTER[blk]
+            local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
+            local t = 0
+            if cbp_l == 15 then t = residual_block(w, ac[rb], 15, nc(nzY, mbw * 4, bx, by)) end
+            nzY[by * mbw * 4 + bx] = t
+        end
+        write_chroma(mx, my, udc, uac, vdc, vac, cbp_c)
+    end
+
+    -- the predicted motion vector of a 16x16 partition (8.4.1.3) and P_Skip's vector (8.4.1.1)
+    local function mv_pred(mx, my)
+        local function nb(x, y)   -- available, refIdx, mv of the macroblock at (x, y)
+            if x < 0 or y < 0 or x >= mbw then return false, -1, 0, 0 end
+            local i = y * mbw + x
+            if refi[i] < 0 then return true, -1, 0, 0 end
+            return true, refi[i], mvx[i], mvy[i]
+        end
+        local aa, ra, ax, ay = nb(mx - 1, my)
+        local ba, rb, bx, by = nb(mx, my - 1)
+        local ca, rc, cx, cy = nb(mx + 1, my - 1)
+        if not ca then ca, rc, cx, cy = nb(mx - 1, my - 1) end
+        local px, py
+        if not ba and not ca and aa then
+            px, py = ax, ay
+        else
+            local n0 = (ra == 0 and 1 or 0) + (rb == 0 and 1 or 0) + (rc == 0 and 1 or 0)
+            if n0 == 1 then
+                if ra == 0 then px, py = ax, ay elseif rb == 0 then px, py = bx, by else px, py = cx, cy end
+            else
+                px = math.max(math.min(ax, bx), math.min(math.max(ax, bx), cx))
+                py = math.max(math.min(ay, by), math.min(math.max(ay, by), cy))
+            end
+        end
+        local sx, sy = px, py
+        if not aa or not ba or (ra == 0 and ax == 0 and ay == 0) or (rb == 0 and bx == 0 and by == 0) then
+            sx, sy = 0, 0
+        end
+        return px, py, sx, sy
+    end
+
+    local LEVELS = LEV
     for my = 0, mbh - 1 do
         for mx = 0, mbw - 1 do
             local top, left = my > 0, mx > 0
             local x0, y0 = mx * 16, my * 16
-            -- the luma mode closest to the source
+            -- the luma intra mode closest to the source
             local best, mode, bsad = nil, 2, math.huge
             for m = 0, 2 do
                 local p = luma_pred(RY, SY, x0, y0, m, top, left)
@@ -455,43 +666,90 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header)
                     if s < bsad then best, mode, bsad = p, m, s end
                 end
             end
-            local dcl, ac, any_ac = code_block(Y, RY, SY, x0, y0, 16, best, qp, AC_Y, DCL_Y)
-            local cx0, cy0 = mx * 8, my * 8
-            local cu = chroma_pred(RCb, SC, cx0, cy0, top, left, CPRED_U)
-            local cv = chroma_pred(RCr, SC, cx0, cy0, top, left, CPRED_V)
-            local udc, uac, u_any = code_block(Cb, RCb, SC, cx0, cy0, 8, cu, qpc, AC_CB, DCL_CB)
-            local vdc, vac, v_any = code_block(Cr, RCr, SC, cx0, cy0, 8, cv, qpc, AC_CR, DCL_CR)
-            local any_dc = false
-            for s = 1, 4 do if udc[s] ~= 0 or vdc[s] ~= 0 then any_dc = true end end
-            local cbp_c = (u_any or v_any) and 2 or (any_dc and 1 or 0)
-            local cbp_l = any_ac and 15 or 0
-            w.ue(1 + mode + 4 * cbp_c + (cbp_l == 15 and 12 or 0))   -- mb_type I_16x16_<mode>_<cbp>
-            w.ue(0)                                                  -- intra_chroma_pred_mode: DC
-            w.se(0)                                                  -- mb_qp_delta
-            -- Intra16x16DCLevel: nC of block 0
-            residual_block(w, dcl, 16, nc(nzY, mbw * 4, mx * 4, my * 4))
-            for blk = 0, 15 do
-                local rb = BLK_RASTER[blk]
-                local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
-                local t = 0
-                if cbp_l == 15 then t = residual_block(w, ac[rb], 15, nc(nzY, mbw * 4, bx, by)) end
-                nzY[by * mbw * 4 + bx] = t
-            end
-            if cbp_c > 0 then
-                residual_block(w, udc, 4, -1)
-                residual_block(w, vdc, 4, -1)
-            end
-            for comp = 1, 2 do
-                local nz, acs = comp == 1 and nzU or nzV, comp == 1 and uac or vac
-                for b = 0, 3 do
-                    local bx, by = mx * 2 + b % 2, my * 2 + math.floor(b / 2)
-                    local t = 0
-                    if cbp_c == 2 then t = residual_block(w, acs[b], 15, nc(nz, mbw * 2, bx, by)) end
-                    nz[by * mbw * 2 + bx] = t
+            if not ref then
+                intra_mb(mx, my, best, mode, 0)
+            else
+                local i = my * mbw + mx
+                local px, py, sx, sy = mv_pred(mx, my)
+                -- motion search in whole samples, steps of 2: the skip vector, the prediction and
+                -- zero, then a small diamond around the best; cost SAD + lambda * bits of mvd
+                local function cost(dx, dy, limit)
+                    return sad_ref(Y, ref.Y, SY, HY, x0, y0, dx, dy, limit) +
+                        lambda * (se_bits(4 * dx - px) + se_bits(4 * dy - py))
+                end
+                local bdx, bdy = math.floor(sx / 4), math.floor(sy / 4)
+                local bcost = cost(bdx, bdy, math.huge)
+                local skip_cost = bcost
+                for _, c in ipairs {{math.floor(px / 8) * 2, math.floor(py / 8) * 2}, {0, 0}} do
+                    local cc = cost(c[1], c[2], bcost)
+                    if cc < bcost then bdx, bdy, bcost = c[1], c[2], cc end
+                end
+                for _ = 1, 16 do
+                    local moved = false
+                    for _, d in ipairs {{2, 0}, {-2, 0}, {0, 2}, {0, -2}} do
+                        local nx, ny = bdx + d[1], bdy + d[2]
+                        if nx >= -64 and nx <= 64 and ny >= -64 and ny <= 64 then
+                            local cc = cost(nx, ny, bcost)
+                            if cc < bcost then bdx, bdy, bcost, moved = nx, ny, cc, true end
+                        end
+                    end
+                    if not moved then break end
+                end
+                if bsad + 4 * lambda * 8 < bcost then   -- intra: roughly a few bits of mb_type and mode
+                    refi[i], mvx[i], mvy[i] = -1, 0, 0
+                    w.ue(skip_run)
+                    skip_run = 0
+                    intra_mb(mx, my, best, mode, 5)
+                else
+                    -- P_Skip when the skip vector leaves no residual to code, else P_L0_16x16
+                    local done = false
+                    if skip_cost <= bcost + 2 * lambda then
+                        local p = mc_block(ref.Y, SY, HY, x0, y0, sx / 4, sy / 4, 16, PRED_INTER)
+                        local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
+                        local cu = mc_block(ref.Cb, SC, HC, mx * 8, my * 8, sx / 8, sy / 8, 8, CPRED_IU)
+                        local cv = mc_block(ref.Cr, SC, HC, mx * 8, my * 8, sx / 8, sy / 8, 8, CPRED_IV)
+                        local _, _, _, _, cbp_c = code_chroma(mx, my, cu, cv)
+                        if cbp_l == 0 and cbp_c == 0 then
+                            refi[i], mvx[i], mvy[i] = 0, sx, sy
+                            for b = 0, 15 do nzY[(my * 4 + math.floor(b / 4)) * mbw * 4 + mx * 4 + b % 4] = 0 end
+                            for b = 0, 3 do
+                                local k = (my * 2 + math.floor(b / 2)) * mbw * 2 + mx * 2 + b % 2
+                                nzU[k], nzV[k] = 0, 0
+                            end
+                            skip_run = skip_run + 1
+                            done = true
+                        end
+                    end
+                    if not done then
+                        local vx, vy = 4 * bdx, 4 * bdy
+                        refi[i], mvx[i], mvy[i] = 0, vx, vy
+                        local p = mc_block(ref.Y, SY, HY, x0, y0, bdx, bdy, 16, PRED_INTER)
+                        local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
+                        local cu = mc_block(ref.Cb, SC, HC, mx * 8, my * 8, bdx / 2, bdy / 2, 8, CPRED_IU)
+                        local cv = mc_block(ref.Cr, SC, HC, mx * 8, my * 8, bdx / 2, bdy / 2, 8, CPRED_IV)
+                        local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, cu, cv)
+                        w.ue(skip_run)
+                        skip_run = 0
+                        w.ue(0)                    -- mb_type P_L0_16x16 (ref_idx_l0 implied: one reference)
+                        w.se(vx - px); w.se(vy - py)   -- mvd_l0
+                        w.ue(INTER_CBP_CODE[cbp_l + 16 * cbp_c])
+                        if cbp_l + cbp_c > 0 then w.se(0) end   -- mb_qp_delta
+                        for blk = 0, 15 do
+                            local rb = BLK_RASTER[blk]
+                            local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
+                            local t = 0
+                            if band(cbp_l, lshift(1, math.floor(blk / 4))) ~= 0 then
+                                t = residual_block(w, LEVELS[rb], 16, nc(nzY, mbw * 4, bx, by))
+                            end
+                            nzY[by * mbw * 4 + bx] = t
+                        end
+                        write_chroma(mx, my, udc, uac, vdc, vac, cbp_c)
+                    end
                 end
             end
         end
     end
+    if skip_run > 0 then w.ue(skip_run) end
     w.trailing()
     return w.string(), RY, RCb, RCr
 end

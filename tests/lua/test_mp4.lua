@@ -4,10 +4,12 @@
 --   SPS (size, cropping, BT.709 VUI) and every slice's macroblocks, whose samples must be the
 --   BT.709 limited-range conversion of the frames (within one level: the encoder rounds
 --   fixed-point weights), the padding the last column and row repeated.
--- - Intra_16x16 + CAVLC (the default, nemo.h264_intra) against tests/golden/h264: the encoder
---   writes the golden files' bytes, and its reconstruction equals FFmpeg's decoding of them
---   sample for sample (so a decoder sees what the encoder predicted from); on a smooth clip the
---   default qp keeps a luma PSNR above 40 dB in under a quarter of I_PCM's size.
+-- - Intra_16x16 + CAVLC IDR pictures and P pictures (P_Skip, P_L0_16x16, Intra_16x16 in P
+--   slices; the default, nemo.h264_intra) against tests/golden/h264: the encoder writes the
+--   golden files' bytes, and its reconstruction of every frame equals FFmpeg's decoding of them
+--   sample for sample (so a decoder sees what the encoder predicted from); the sync sample table
+--   lists the IDR pictures; a still clip costs a fraction of its intra coding; on a smooth clip
+--   the default qp keeps a luma PSNR above 40 dB in under a quarter of I_PCM's size.
 -- - Emulation prevention, the errors, and image.save_video's .mp4.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
@@ -208,26 +210,37 @@ if not gdir then
     T.ok(false, "the golden case tests/golden/h264 is present")
 else
     package.path = gdir .. "/?.lua;" .. package.path
-    local hi = require "nemo.h264_intra"
-    local ffi = require "ffi"
     for _, c in ipairs(require("inputs").clips()) do
-        local bytes = mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp})
-        T.ok(bytes == T.read_bytes(gdir .. "/" .. c.name .. ".mp4"), string.format("%s (%d x %d, qp %d): the " ..
-            "encoder writes the golden file's bytes", c.name, c.width, c.height, c.qp))
-        local mbw, mbh = math.ceil(c.width / 16), math.ceil(c.height / 16)
-        local Wp, Hp = mbw * 16, mbh * 16
-        local out = {}
-        for _, fr in ipairs(c.frames) do
-            local Y, Cb, Cr = mp4._planes(fr, c.width, c.height, 3, Wp, Hp)
-            local _, RY, RCb, RCr = hi.slice_rbsp(Y, Cb, Cr, mbw, mbh, c.qp, function() end)
-            for y = 0, c.height - 1 do out[#out + 1] = ffi.string(RY + y * Wp, c.width) end
-            for y = 0, c.height / 2 - 1 do out[#out + 1] = ffi.string(RCb + y * Wp / 2, c.width / 2) end
-            for y = 0, c.height / 2 - 1 do out[#out + 1] = ffi.string(RCr + y * Wp / 2, c.width / 2) end
-        end
-        T.ok(table.concat(out) == T.read_bytes(gdir .. "/" .. c.name .. ".yuv"), string.format("%s: the encoder's " ..
-            "reconstruction equals FFmpeg's decoding of that file, every sample (tests/golden/h264/make_golden.sh)",
-            c.name))
+        local recon = {}
+        local bytes = mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp, keyint = c.keyint, _recon = recon})
+        T.ok(bytes == T.read_bytes(gdir .. "/" .. c.name .. ".mp4"), string.format("%s (%d x %d, %d frames, qp %d%s): " ..
+            "the encoder writes the golden file's bytes", c.name, c.width, c.height, #c.frames, c.qp,
+            c.keyint and ", keyint " .. c.keyint or ""))
+        T.ok(table.concat(recon) == T.read_bytes(gdir .. "/" .. c.name .. ".yuv"), string.format("%s: the encoder's " ..
+            "reconstruction of every frame (I and P) equals FFmpeg's decoding of that file, every sample " ..
+            "(tests/golden/h264/make_golden.sh)", c.name))
     end
+end
+
+do   -- P pictures: the sync samples are the IDR pictures; a still clip is mostly skipped
+    local t = {}
+    for y = 0, 47 do for x = 0, 63 do t[#t + 1] = string.char((x * 7 + y * 3) % 256, (x * y) % 256, (y * 5) % 256) end end
+    local fr = table.concat(t)
+    local frames = {}
+    for i = 1, 10 do frames[i] = fr end
+    local s = mp4.encode(frames, 64, 48, 3, {keyint = 4})
+    local b = boxes(s, 1, #s + 1)
+    local ss = child(s, b.moov, "trak/mdia/minf/stbl/stss")
+    local ids = {}
+    if ss then for k = 1, be(s, ss.body + 4, 4) do ids[k] = be(s, ss.body + 4 + 4 * k, 4) end end
+    T.is(table.concat(ids, ","), "1,5,9", "keyint 4: the sync sample table (stss) lists the IDR pictures 1, 5 and 9")
+    local intra_only = mp4.encode(frames, 64, 48, 3, {keyint = 1})
+    local bi = boxes(intra_only, 1, #intra_only + 1)
+    T.ok(child(intra_only, bi.moov, "trak/mdia/minf/stbl/stss") == nil, "keyint 1 (every picture IDR): no stss, every " ..
+        "sample is a sync sample")
+    local p = mp4.encode(frames, 64, 48, 3)
+    T.ok(#p * 5 < #intra_only, string.format("10 still frames: %d bytes with P pictures, under a fifth of the %d of " ..
+        "intra pictures", #p, #intra_only))
 end
 
 do   -- a smooth clip: the quality and the size at the default qp
@@ -272,6 +285,8 @@ raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {fps = 0}) end,
     "fps 0 is an error")
 raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {qp = 52}) end, "qp must be an integer in 0..51",
     "qp above 51 is an error (H.264's range)")
+raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {keyint = 0}) end, "keyint must be an integer >= 1",
+    "keyint 0 is an error")
 
 do   -- image.save_video: .mp4 by the path, tensors in
     local tmp = os.tmpname()

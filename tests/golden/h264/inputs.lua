@@ -3,6 +3,11 @@
 --   noise: pseudo-random bytes (large levels: CAVLC's escapes, every coeff_token table)
 --   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
 --   coarse: the same kind of picture at qp 40 (the chroma QP table, the luma DC scaling above 36)
+--   motion: P pictures (keyint 4: IDR, 3 P, IDR, 2 P) of a texture moving by 2, then odd steps,
+--           with a still band (P_Skip runs, one at the end of a slice), a noise block that
+--           appears (intra macroblocks in P slices) and motion past the picture's edges, cropped
+--           (72 x 40: 5 x 3 macroblocks), qp 24
+--   still: 20 frames of one 16 x 16 picture (frame_num wraps at 16; P slices of one skip)
 local M = {}
 
 local function lcg(seed)
@@ -33,7 +38,20 @@ function M.clips()
         if (math.floor(x / 16) + math.floor(y / 16)) % 3 == 0 then return r3(), r3(), r3() end
         return (x * 5) % 256, (y * 7 + 30) % 256, (x + y) % 256
     end)
-    return {noise, mix, coarse}
+    local r4 = lcg(17)
+    local tex = {}
+    for i = 0, 4095 do tex[i] = r4() end
+    local shift = {{0, 0}, {2, -2}, {4, -4}, {5, -3}, {6, -2}, {9, 1}, {12, 4}}
+    local motion = clip("motion", 72, 40, 24, 7, function(f, x, y)
+        if y >= 32 then return 60, 120 + (x % 4), 180 end                       -- still band
+        if f >= 3 and x >= 48 and x < 64 and y < 16 then return r4(), r4(), r4() end   -- noise appears
+        local xx, yy = x + shift[f][1], y + shift[f][2]
+        local v = (tex[(xx % 64) + 64 * (yy % 64)] + tex[((xx + 1) % 64) + 64 * ((yy + 1) % 64)]) / 2
+        return math.floor(v), (xx * 4 + yy) % 256, math.floor(255 - v / 2)
+    end)
+    motion.keyint = 4
+    local still = clip("still", 16, 16, 20, 20, function(_, x, y) return x * 15, y * 15, 128 end)
+    return {noise, mix, coarse, motion, still}
 end
 
 return M
