@@ -157,11 +157,21 @@ FL_DEV void fl_frag_acc(uint32_t a[4], const float c0[4], const float c1[4]) {
     a[2] = fl_pack<E>(c1[0], c1[1]);
     a[3] = fl_pack<E>(c1[2], c1[3]);
 }
-/* acc[n] += a b for the n tiles n0 / 8 .. n0 / 8 + 1 of acc: one ldmatrix, two mma. */
-template <int E>
-FL_DEV void fl_mma2(float (*acc)[4], const uint32_t a[4], const uint32_t b[4]) {
-    fl_mma<E>(acc[0], a, b);
-    fl_mma<E>(acc[1], a, b + 2);
+/* acc[m][n] += a[m] B over k0 .. k0 + 15, for the M row tiles m and the 2 NP n tiles of B that
+ * start at column n0 of the shared-memory operand s (read as fl_frag_b<SD, TRANS>): one ldmatrix
+ * per pair of n tiles serves every row tile. */
+template <int M, int NP, int SD, int TRANS, int E, int NA>
+FL_DEV void fl_mma_b(float (*acc)[NA][4], const uint32_t (*a)[4], const uint16_t *s, int n0, int k0, int lane) {
+    FL_UNROLL
+    for (int j = 0; j < NP; j++) {
+        uint32_t b[4];
+        fl_frag_b<SD, TRANS>(b, s, n0 + 16 * j, k0, lane);
+        FL_UNROLL
+        for (int m = 0; m < M; m++) {
+            fl_mma<E>(acc[m][2 * j], a[m], b);
+            fl_mma<E>(acc[m][2 * j + 1], a[m], b + 2);
+        }
+    }
 }
 /* Rows r and r + 8 (accumulator layout) of an (n, D) operand: x scale, rounded, stored. */
 template <int D, int E>
@@ -193,13 +203,7 @@ FL_DEV void fl_product(float (*acc)[N / 8][4], const uint16_t *a, int ar0, const
         uint32_t fa[MT][4];
         FL_UNROLL
         for (int m = 0; m < MT; m++) fl_frag_a<SD>(fa[m], a, ar0 + 16 * m, kk * 16, lane);
-        FL_UNROLL
-        for (int j = 0; j < N / 16; j++) {
-            uint32_t fb[4];
-            fl_frag_b<SD, 0>(fb, b, br0 + j * 16, kk * 16, lane);
-            FL_UNROLL
-            for (int m = 0; m < MT; m++) fl_mma2<E>(acc[m] + 2 * j, fa[m], fb);
-        }
+        fl_mma_b<MT, N / 16, SD, 0, E>(acc, fa, b, br0, kk * 16, lane);
     }
 }
 
@@ -254,13 +258,7 @@ FL_GLOBAL void fl_fwd_k(const fl_args A) {
                     fl_frag_a<SD>(qf[mt], sQ, (w * MT + mt) * 16, kk * 16, lane);
                 }
             }
-            FL_UNROLL
-            for (int j = 0; j < BC / 16; j++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 0>(b, sK, j * 16, kk * 16, lane);
-                FL_UNROLL
-                for (int mt = 0; mt < MT; mt++) fl_mma2<E>(s[mt] + 2 * j, qf[mt], b);
-            }
+            fl_mma_b<MT, BC / 16, SD, 0, E>(s, qf, sK, 0, kk * 16, lane);
         }
         /* columns c of the tile (key k0 + c) are kept when c < ncol and, causal, c <= diag +
          * (row - rw); small ints, so the masks below need no 64-bit registers */
@@ -319,13 +317,7 @@ FL_GLOBAL void fl_fwd_k(const fl_args A) {
             uint32_t pa[MT][4];
             FL_UNROLL
             for (int mt = 0; mt < MT; mt++) fl_frag_acc<E>(pa[mt], s[mt][2 * kq], s[mt][2 * kq + 1]);
-            FL_UNROLL
-            for (int dn = 0; dn < D / 16; dn++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 1>(b, sV, dn * 16, kq * 16, lane);
-                FL_UNROLL
-                for (int mt = 0; mt < MT; mt++) fl_mma2<E>(o[mt] + 2 * dn, pa[mt], b);
-            }
+            fl_mma_b<MT, D / 16, SD, 1, E>(o, pa, sV, 0, kq * 16, lane);
         }
     }
     FL_UNROLL
@@ -439,14 +431,8 @@ FL_GLOBAL void fl_bwd_dkdv_k(const fl_args A) {
             uint32_t pa[4], da[4];
             fl_frag_acc<E>(pa, sp[0][2 * kq], sp[0][2 * kq + 1]);
             fl_frag_acc<E>(da, dp[0][2 * kq], dp[0][2 * kq + 1]);
-            FL_UNROLL
-            for (int dn = 0; dn < D / 16; dn++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 1>(b, sdO, dn * 16, kq * 16, lane);
-                fl_mma2<E>(dv + 2 * dn, pa, b);   /* dV += P^T dO */
-                fl_frag_b<SD, 1>(b, sQ, dn * 16, kq * 16, lane);
-                fl_mma2<E>(dk + 2 * dn, da, b);   /* dK += dS^T Q */
-            }
+            fl_mma_b<1, D / 16, SD, 1, E>(&dv, &pa, sdO, 0, kq * 16, lane);   /* dV += P^T dO */
+            fl_mma_b<1, D / 16, SD, 1, E>(&dk, &da, sQ, 0, kq * 16, lane);    /* dK += dS^T Q */
         }
         fl_cp_wait<0>();
         fl_sync();   /* tile q0 is in; every warp is done with stage st ^ 1 */
@@ -507,12 +493,7 @@ FL_GLOBAL void fl_bwd_dq_k(const fl_args A) {
         for (int kq = 0; kq < BK / 16; kq++) {
             uint32_t da[4];
             fl_frag_acc<E>(da, s[0][2 * kq], s[0][2 * kq + 1]);
-            FL_UNROLL
-            for (int dn = 0; dn < D / 16; dn++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 1>(b, sK, dn * 16, kq * 16, lane);
-                fl_mma2<E>(dq + 2 * dn, da, b);   /* dQ += dS K */
-            }
+            fl_mma_b<1, D / 16, SD, 1, E>(&dq, &da, sK, 0, kq * 16, lane);   /* dQ += dS K */
         }
         fl_cp_wait<0>();
         fl_sync();   /* tile k0 is in; every warp is done with stage st ^ 1 */
@@ -605,16 +586,8 @@ FL_GLOBAL void fl_bwd_dkdv32_k(const fl_args A) {
                 fl_frag_a<SP>(pa[m], sP, kh + 16 * m, kq * 16, lane);
                 fl_frag_a<SP>(da[m], sdS, kh + 16 * m, kq * 16, lane);
             }
-            FL_UNROLL
-            for (int j = 0; j < DH / 16; j++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 1>(b, sdO, dh + j * 16, kq * 16, lane);
-                FL_UNROLL
-                for (int m = 0; m < 2; m++) fl_mma2<E>(dv[m] + 2 * j, pa[m], b);   /* dV += P^T dO */
-                fl_frag_b<SD, 1>(b, sQ, dh + j * 16, kq * 16, lane);
-                FL_UNROLL
-                for (int m = 0; m < 2; m++) fl_mma2<E>(dk[m] + 2 * j, da[m], b);   /* dK += dS^T Q */
-            }
+            fl_mma_b<2, DH / 16, SD, 1, E>(dv, pa, sdO, dh, kq * 16, lane);   /* dV += P^T dO */
+            fl_mma_b<2, DH / 16, SD, 1, E>(dk, da, sQ, dh, kq * 16, lane);    /* dK += dS^T Q */
         }
     }
     FL_UNROLL
@@ -685,13 +658,7 @@ FL_GLOBAL void fl_bwd_dq32_k(const fl_args A) {
             uint32_t da[2][4];
             FL_UNROLL
             for (int m = 0; m < 2; m++) fl_frag_a<SP>(da[m], sdS, qh + 16 * m, kq * 16, lane);
-            FL_UNROLL
-            for (int j = 0; j < DH / 16; j++) {
-                uint32_t b[4];
-                fl_frag_b<SD, 1>(b, sK, dh + j * 16, kq * 16, lane);
-                FL_UNROLL
-                for (int m = 0; m < 2; m++) fl_mma2<E>(dq[m] + 2 * j, da[m], b);   /* dQ += dS K */
-            }
+            fl_mma_b<2, DH / 16, SD, 1, E>(dq, da, sK, dh, kq * 16, lane);   /* dQ += dS K */
         }
     }
     FL_UNROLL
