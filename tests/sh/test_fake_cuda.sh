@@ -67,8 +67,9 @@ sub "check_golden.lua on an emulated device" NEMO_FAKE_CUDA=1 NEMO_EXPECT_CUDA=1
 out=$(NEMO_FAKE_CUDA=1 timeout 300 "$N" bench/gpu_block.lua --device cuda:0 --small --no-cublas --steps 2 2>&1)
 rc=$?
 if [ "$rc" = 0 ] && grep -q "bench: FLUX.1-dev double block fwd+bwd float32 on cuda:0" <<< "$out" &&
-   grep -q "bench: FLUX.1-dev double block fwd+bwd bfloat16 on cuda:0" <<< "$out"; then
-    pass "bench/gpu_block.lua --small runs on an emulated device (float32 and bf16 block lines)"
+   grep -q "bench: FLUX.1-dev double block fwd+bwd bfloat16 (32-row flash kernels) on cuda:0" <<< "$out" &&
+   grep -q "bench: FLUX.1-dev double block fwd+bwd bfloat16 (16-row flash kernels) on cuda:0" <<< "$out"; then
+    pass "bench/gpu_block.lua --small runs on an emulated device (float32 and bf16 block lines, both flash kernel families)"
 else
     fail "bench/gpu_block.lua --small runs on an emulated device" "exit $rc" "$out"
 fi
