@@ -1,9 +1,9 @@
 -- lua/nemo/h264_intra.lua: H.264 slices that compress (nemo.mp4's default). I slices: every
 -- macroblock Intra_16x16 (vertical, horizontal or DC prediction of the luma, whichever is closest;
 -- DC prediction of the chroma). P slices (from the previous decoded picture): every macroblock
--- P_Skip, P_L0_16x16 (whole-sample motion in steps of two, found by a small diamond search from
--- the predicted vector, so the chroma's motion is whole too and no interpolation is needed) or
--- Intra_16x16. The 4x4 integer transform, flat quantization at one QP, CAVLC. The encoder
+-- P_Skip, P_L0_16x16 (whole or half-sample motion: diamonds of two and one samples from the
+-- best of the skip, predicted and zero vectors, then the eight half samples around; the half
+-- samples come from planes of the reference interpolated once per picture) or Intra_16x16. The 4x4 integer transform, flat quantization at one QP, CAVLC. The encoder
 -- reconstructs each macroblock exactly as a decoder does (ITU-T H.264 8.3.3, 8.3.4, 8.4.1 -
 -- 8.4.2, 8.5.10 - 8.5.12), so predictions come from the decoded pictures and nothing drifts.
 --
@@ -19,6 +19,7 @@ local bit = require "bit"
 local M = {}
 
 local band, rshift, lshift, arshift = bit.band, bit.rshift, bit.lshift, bit.arshift
+local abs = math.abs
 
 -- ==== CAVLC tables (ITU-T H.264 Tables 9-5, 9-7, 9-8, 9-9, 9-10), as lengths and code values ====
 
@@ -457,25 +458,107 @@ local function mc_block(F, w, h, x0, y0, dx, dy, n, p)
     return p
 end
 
-local SAD_SCRATCH = ffi.new("int32_t[256]")   -- not PRED: it holds the intra candidates meanwhile
--- SAD of the 16x16 source block at (x0, y0) against reference F displaced by (dx, dy), stopping
--- once it passes limit
-local function sad_ref(P, F, w, h, x0, y0, dx, dy, limit)
-    local xs, ys = x0 + dx, y0 + dy
-    local s = 0
-    if xs >= 0 and ys >= 0 and xs + 16 <= w and ys + 16 <= h then
-        for y = 0, 15 do
-            local o, q = (y0 + y) * w + x0, (ys + y) * w + xs
-            for x = 0, 15 do
-                local d = P[o + x] - F[q + x]
-                s = s + (d < 0 and -d or d)
-            end
-            if s >= limit then return s end
+local HALF_STEPS = {{2, 0}, {-2, 0}, {0, 2}, {0, -2}, {2, 2}, {2, -2}, {-2, 2}, {-2, -2}}
+
+-- The reference picture's luma at whole and half sample positions (8.4.2.2.1: G, b, h and j),
+-- each a plane padded by PAD samples on every side with the values the decoder's clamping of
+-- reference positions gives, so the search and motion compensation read any vector up to
+-- PAD - 20 samples long without a branch (the search stays within 65).
+local PAD = 96
+local function tap6(a, b, c, d, e, f) return a - 5 * b + 20 * c + 20 * d - 5 * e + f end
+local function ref_planes(F, w, h)
+    local pw, ph = w + 2 * PAD, h + 2 * PAD
+    local I, B = ffi.new("uint8_t[?]", pw * ph), ffi.new("uint8_t[?]", pw * ph)
+    local V, J = ffi.new("uint8_t[?]", pw * ph), ffi.new("uint8_t[?]", pw * ph)
+    local H1 = ffi.new("int32_t[?]", pw * ph)   -- h's unrounded sums, which j filters again
+    for y = 0, ph - 1 do
+        local sy = y - PAD
+        if sy < 0 then sy = 0 elseif sy > h - 1 then sy = h - 1 end
+        local row, o = sy * w, y * pw
+        for x = 0, pw - 1 do
+            local sx = x - PAD
+            if sx < 0 then sx = 0 elseif sx > w - 1 then sx = w - 1 end
+            I[o + x] = F[row + sx]
         end
-        return s
     end
-    local p = mc_block(F, w, h, x0, y0, dx, dy, 16, SAD_SCRATCH)
-    return sad(P, w, x0, y0, p, 16)
+    for y = 2, ph - 4 do
+        local o = y * pw
+        for x = 0, pw - 1 do
+            local k = o + x
+            local s = tap6(I[k - 2 * pw], I[k - pw], I[k], I[k + pw], I[k + 2 * pw], I[k + 3 * pw])
+            H1[k] = s
+            V[k] = clip(arshift(s + 16, 5))
+        end
+    end
+    for y = 0, ph - 1 do
+        local o = y * pw
+        for x = 2, pw - 4 do
+            local k = o + x
+            B[k] = clip(arshift(tap6(I[k - 2], I[k - 1], I[k], I[k + 1], I[k + 2], I[k + 3]) + 16, 5))
+            if y >= 2 and y <= ph - 4 then
+                J[k] = clip(arshift(tap6(H1[k - 2], H1[k - 1], H1[k], H1[k + 1], H1[k + 2], H1[k + 3]) + 512, 10))
+            end
+        end
+    end
+    return {[0] = I, B, V, J, pw = pw}
+end
+
+-- the plane and the index of the prediction's top-left sample for the macroblock at (x0, y0) and
+-- the motion vector (mvx, mvy) in quarter samples, both even
+local function plane_at(pl, x0, y0, mvx, mvy)
+    local k = (band(mvx, 3) == 0 and 0 or 1) + (band(mvy, 3) == 0 and 0 or 2)
+    return pl[k], (y0 + arshift(mvy, 2) + PAD) * pl.pw + x0 + arshift(mvx, 2) + PAD
+end
+-- the 16x16 luma prediction into p (8.4.2.2.1 at whole and half sample positions)
+local function mc_luma(pl, x0, y0, mvx, mvy, p)
+    local F, o = plane_at(pl, x0, y0, mvx, mvy)
+    local pw = pl.pw
+    for y = 0, 15 do
+        local q = o + y * pw
+        for x = 0, 15 do p[y * 16 + x] = F[q + x] end
+    end
+    return p
+end
+-- SAD of the 16x16 source block at (x0, y0) of P (stride S) against that prediction, stopping
+-- once it passes limit
+local function sad_luma(P, S, pl, x0, y0, mvx, mvy, limit)
+    local F, o = plane_at(pl, x0, y0, mvx, mvy)
+    local pw = pl.pw
+    local s = 0
+    for y = 0, 15 do
+        local a, q = (y0 + y) * S + x0, o + y * pw
+        for x = 0, 15 do s = s + abs(P[a + x] - F[q + x]) end
+        if s >= limit then return s end
+    end
+    return s
+end
+
+local WIN = ffi.new("int32_t[9 * 9]")
+
+-- the 8x8 chroma prediction of the macroblock whose chroma starts at (cx0, cy0) for the luma
+-- motion vector (mvx, mvy) (eighth chroma samples, 8.4.2.2.2), into p
+local function mc_chroma(F, w, h, cx0, cy0, mvx, mvy, p)
+    local xi, yi = cx0 + arshift(mvx, 3), cy0 + arshift(mvy, 3)
+    local fx, fy = band(mvx, 7), band(mvy, 7)
+    if fx == 0 and fy == 0 then return mc_block(F, w, h, cx0, cy0, xi - cx0, yi - cy0, 8, p) end
+    local W = WIN   -- the 9 x 9 reference samples from (xi, yi), clamped to the picture
+    for r = 0, 8 do
+        local y = yi + r
+        if y < 0 then y = 0 elseif y > h - 1 then y = h - 1 end
+        for c = 0, 8 do
+            local x = xi + c
+            if x < 0 then x = 0 elseif x > w - 1 then x = w - 1 end
+            W[r * 9 + c] = F[y * w + x]
+        end
+    end
+    local wa, wb, wc, wd = (8 - fx) * (8 - fy), fx * (8 - fy), (8 - fx) * fy, fx * fy
+    for y = 0, 7 do
+        for x = 0, 7 do
+            local o = y * 9 + x
+            p[y * 8 + x] = rshift(wa * W[o] + wb * W[o + 1] + wc * W[o + 9] + wd * W[o + 10] + 32, 6)
+        end
+    end
+    return p
 end
 
 -- the number of bits of se(v)
@@ -569,6 +652,13 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
         mvx, mvy, refi = ffi.new("int32_t[?]", mbw * mbh), ffi.new("int32_t[?]", mbw * mbh), ffi.new("int8_t[?]", mbw * mbh)
     end
     local lambda = math.max(1, math.floor(2 ^ ((qp - 12) / 6) + 0.5))   -- SAD per bit of motion vector
+    local planes = ref and ref_planes(ref.Y, SY, HY)
+    -- the motion search's cost of vector (vx, vy) for the macroblock at (cx0, cy0) whose predicted
+    -- vector is (cpx, cpy): SAD + lambda * bits of the mvd
+    local cx0, cy0, cpx, cpy = 0, 0, 0, 0
+    local function cost(vx, vy, limit)
+        return sad_luma(Y, SY, planes, cx0, cy0, vx, vy, limit) + lambda * (se_bits(vx - cpx) + se_bits(vy - cpy))
+    end
     local skip_run = 0
 
     -- the chroma of a macroblock against predictions cu / cv: levels, coded_block_pattern's chroma part
@@ -622,13 +712,13 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
     end
 
     -- the predicted motion vector of a 16x16 partition (8.4.1.3) and P_Skip's vector (8.4.1.1)
+    local function nb(x, y)   -- available, refIdx, mv of the macroblock at (x, y)
+        if x < 0 or y < 0 or x >= mbw then return false, -1, 0, 0 end
+        local i = y * mbw + x
+        if refi[i] < 0 then return true, -1, 0, 0 end
+        return true, refi[i], mvx[i], mvy[i]
+    end
     local function mv_pred(mx, my)
-        local function nb(x, y)   -- available, refIdx, mv of the macroblock at (x, y)
-            if x < 0 or y < 0 or x >= mbw then return false, -1, 0, 0 end
-            local i = y * mbw + x
-            if refi[i] < 0 then return true, -1, 0, 0 end
-            return true, refi[i], mvx[i], mvy[i]
-        end
         local aa, ra, ax, ay = nb(mx - 1, my)
         local ba, rb, bx, by = nb(mx, my - 1)
         local ca, rc, cx, cy = nb(mx + 1, my - 1)
@@ -652,64 +742,80 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
         return px, py, sx, sy
     end
 
+    -- the luma intra mode closest to the source: its prediction, mode and SAD
+    local function intra_choice(x0, y0, top, left)
+        local best, mode, bsad = nil, 2, math.huge
+        for m = 0, 2 do
+            local p = luma_pred(RY, SY, x0, y0, m, top, left)
+            if p then
+                local s = sad(Y, SY, x0, y0, p, 16)
+                if s < bsad then best, mode, bsad = p, m, s end
+            end
+        end
+        return best, mode, bsad
+    end
+
     local LEVELS = LEV
     for my = 0, mbh - 1 do
         for mx = 0, mbw - 1 do
             local top, left = my > 0, mx > 0
             local x0, y0 = mx * 16, my * 16
-            -- the luma intra mode closest to the source
-            local best, mode, bsad = nil, 2, math.huge
-            for m = 0, 2 do
-                local p = luma_pred(RY, SY, x0, y0, m, top, left)
-                if p then
-                    local s = sad(Y, SY, x0, y0, p, 16)
-                    if s < bsad then best, mode, bsad = p, m, s end
-                end
-            end
             if not ref then
+                local best, mode = intra_choice(x0, y0, top, left)
                 intra_mb(mx, my, best, mode, 0)
             else
                 local i = my * mbw + mx
                 local px, py, sx, sy = mv_pred(mx, my)
-                -- motion search in whole samples, steps of 2: the skip vector, the prediction and
-                -- zero, then a small diamond around the best; cost SAD + lambda * bits of mvd
-                local function cost(dx, dy, limit)
-                    return sad_ref(Y, ref.Y, SY, HY, x0, y0, dx, dy, limit) +
-                        lambda * (se_bits(4 * dx - px) + se_bits(4 * dy - py))
-                end
-                local bdx, bdy = math.floor(sx / 4), math.floor(sy / 4)
-                local bcost = cost(bdx, bdy, math.huge)
+                -- motion search: the skip vector, the prediction and zero, a small diamond of
+                -- whole samples around the best, then the eight half samples around that; cost
+                -- SAD + lambda * bits of mvd; vectors in quarter samples, always even
+                cx0, cy0, cpx, cpy = x0, y0, px, py
+                local bvx, bvy = sx, sy
+                local bcost = cost(bvx, bvy, math.huge)
                 local skip_cost = bcost
-                for _, c in ipairs {{math.floor(px / 8) * 2, math.floor(py / 8) * 2}, {0, 0}} do
+                -- a skip vector that already predicts within a quarter level a sample ends the search
+                local searching = skip_cost >= 64 + lambda * (se_bits(sx - px) + se_bits(sy - py))
+                for _, c in ipairs(searching and {{px, py}, {0, 0}} or {}) do
                     local cc = cost(c[1], c[2], bcost)
-                    if cc < bcost then bdx, bdy, bcost = c[1], c[2], cc end
+                    if cc < bcost then bvx, bvy, bcost = c[1], c[2], cc end
                 end
-                for _ = 1, 16 do
-                    local moved = false
-                    for _, d in ipairs {{2, 0}, {-2, 0}, {0, 2}, {0, -2}} do
-                        local nx, ny = bdx + d[1], bdy + d[2]
-                        if nx >= -64 and nx <= 64 and ny >= -64 and ny <= 64 then
-                            local cc = cost(nx, ny, bcost)
-                            if cc < bcost then bdx, bdy, bcost, moved = nx, ny, cc, true end
+                -- whole samples from the nearest whole-sample vector: diamonds of 2, then 1 samples
+                local ivx, ivy = 4 * math.floor(bvx / 4 + 0.5), 4 * math.floor(bvy / 4 + 0.5)
+                local icost = (ivx == bvx and ivy == bvy) and bcost or cost(ivx, ivy, math.huge)
+                for _, step in ipairs(searching and {8, 4} or {}) do
+                    for _ = 1, 8 do
+                        local moved = false
+                        for _, d in ipairs {{step, 0}, {-step, 0}, {0, step}, {0, -step}} do
+                            local nx, ny = ivx + d[1], ivy + d[2]
+                            if nx >= -256 and nx <= 256 and ny >= -256 and ny <= 256 then
+                                local cc = cost(nx, ny, icost)
+                                if cc < icost then ivx, ivy, icost, moved = nx, ny, cc, true end
+                            end
                         end
+                        if not moved then break end
                     end
-                    if not moved then break end
                 end
-                if bsad + 4 * lambda * 8 < bcost then   -- intra: roughly a few bits of mb_type and mode
-                    refi[i], mvx[i], mvy[i] = -1, 0, 0
-                    w.ue(skip_run)
-                    skip_run = 0
-                    intra_mb(mx, my, best, mode, 5)
-                else
-                    -- P_Skip when the skip vector leaves no residual to code, else P_L0_16x16
-                    local done = false
-                    if skip_cost <= bcost + 2 * lambda then
-                        local p = mc_block(ref.Y, SY, HY, x0, y0, sx / 4, sy / 4, 16, PRED_INTER)
-                        local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
-                        local cu = mc_block(ref.Cb, SC, HC, mx * 8, my * 8, sx / 8, sy / 8, 8, CPRED_IU)
-                        local cv = mc_block(ref.Cr, SC, HC, mx * 8, my * 8, sx / 8, sy / 8, 8, CPRED_IV)
+                if icost < bcost then bvx, bvy, bcost = ivx, ivy, icost end
+                local hvx, hvy = bvx, bvy
+                for _, d in ipairs(searching and HALF_STEPS or {}) do
+                    local cc = cost(hvx + d[1], hvy + d[2], bcost)
+                    if cc < bcost then bvx, bvy, bcost = hvx + d[1], hvy + d[2], cc end
+                end
+                -- P_Skip when the skip vector leaves no residual to code
+                local skipped = false
+                if skip_cost <= bcost + 2 * lambda then
+                    local p = mc_luma(planes, x0, y0, sx, sy, PRED_INTER)
+                    local cbp_l = 0
+                    if skip_cost == lambda * (se_bits(sx - px) + se_bits(sy - py)) then   -- SAD 0: nothing to code
+                        for y = 0, 15 do for x = 0, 15 do RY[(y0 + y) * SY + x0 + x] = p[y * 16 + x] end end
+                    else
+                        cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
+                    end
+                    if cbp_l == 0 then
+                        local cu = mc_chroma(ref.Cb, SC, HC, mx * 8, my * 8, sx, sy, CPRED_IU)
+                        local cv = mc_chroma(ref.Cr, SC, HC, mx * 8, my * 8, sx, sy, CPRED_IV)
                         local _, _, _, _, cbp_c = code_chroma(mx, my, cu, cv)
-                        if cbp_l == 0 and cbp_c == 0 then
+                        if cbp_c == 0 then
                             refi[i], mvx[i], mvy[i] = 0, sx, sy
                             for b = 0, 15 do nzY[(my * 4 + math.floor(b / 4)) * mbw * 4 + mx * 4 + b % 4] = 0 end
                             for b = 0, 3 do
@@ -717,34 +823,41 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
                                 nzU[k], nzV[k] = 0, 0
                             end
                             skip_run = skip_run + 1
-                            done = true
+                            skipped = true
                         end
                     end
-                    if not done then
-                        local vx, vy = 4 * bdx, 4 * bdy
-                        refi[i], mvx[i], mvy[i] = 0, vx, vy
-                        local p = mc_block(ref.Y, SY, HY, x0, y0, bdx, bdy, 16, PRED_INTER)
-                        local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
-                        local cu = mc_block(ref.Cb, SC, HC, mx * 8, my * 8, bdx / 2, bdy / 2, 8, CPRED_IU)
-                        local cv = mc_block(ref.Cr, SC, HC, mx * 8, my * 8, bdx / 2, bdy / 2, 8, CPRED_IV)
-                        local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, cu, cv)
-                        w.ue(skip_run)
-                        skip_run = 0
-                        w.ue(0)                    -- mb_type P_L0_16x16 (ref_idx_l0 implied: one reference)
-                        w.se(vx - px); w.se(vy - py)   -- mvd_l0
-                        w.ue(INTER_CBP_CODE[cbp_l + 16 * cbp_c])
-                        if cbp_l + cbp_c > 0 then w.se(0) end   -- mb_qp_delta
-                        for blk = 0, 15 do
-                            local rb = BLK_RASTER[blk]
-                            local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
-                            local t = 0
-                            if band(cbp_l, lshift(1, math.floor(blk / 4))) ~= 0 then
-                                t = residual_block(w, LEVELS[rb], 16, nc(nzY, mbw * 4, bx, by))
-                            end
-                            nzY[by * mbw * 4 + bx] = t
+                end
+                local best, mode, bsad
+                if not skipped then best, mode, bsad = intra_choice(x0, y0, top, left) end
+                if not skipped and bsad + 4 * lambda * 8 < bcost then   -- intra: roughly a few bits of mb_type and mode
+                    refi[i], mvx[i], mvy[i] = -1, 0, 0
+                    w.ue(skip_run)
+                    skip_run = 0
+                    intra_mb(mx, my, best, mode, 5)
+                elseif not skipped then   -- P_L0_16x16 at the searched vector
+                    local vx, vy = bvx, bvy
+                    refi[i], mvx[i], mvy[i] = 0, vx, vy
+                    local p = mc_luma(planes, x0, y0, vx, vy, PRED_INTER)
+                    local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
+                    local cu = mc_chroma(ref.Cb, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IU)
+                    local cv = mc_chroma(ref.Cr, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IV)
+                    local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, cu, cv)
+                    w.ue(skip_run)
+                    skip_run = 0
+                    w.ue(0)                    -- mb_type P_L0_16x16 (ref_idx_l0 implied: one reference)
+                    w.se(vx - px); w.se(vy - py)   -- mvd_l0
+                    w.ue(INTER_CBP_CODE[cbp_l + 16 * cbp_c])
+                    if cbp_l + cbp_c > 0 then w.se(0) end   -- mb_qp_delta
+                    for blk = 0, 15 do
+                        local rb = BLK_RASTER[blk]
+                        local bx, by = mx * 4 + rb % 4, my * 4 + math.floor(rb / 4)
+                        local t = 0
+                        if band(cbp_l, lshift(1, math.floor(blk / 4))) ~= 0 then
+                            t = residual_block(w, LEVELS[rb], 16, nc(nzY, mbw * 4, bx, by))
                         end
-                        write_chroma(mx, my, udc, uac, vdc, vac, cbp_c)
+                        nzY[by * mbw * 4 + bx] = t
                     end
+                    write_chroma(mx, my, udc, uac, vdc, vac, cbp_c)
                 end
             end
         end

@@ -3,9 +3,10 @@
 --   noise: pseudo-random bytes (large levels: CAVLC's escapes, every coeff_token table)
 --   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
 --   coarse: the same kind of picture at qp 40 (the chroma QP table, the luma DC scaling above 36)
---   motion: P pictures (keyint 4: IDR, 3 P, IDR, 2 P) of a texture moving by 2, then odd steps,
---           with a still band (P_Skip runs, one at the end of a slice), a noise block that
---           appears (intra macroblocks in P slices) and motion past the picture's edges, cropped
+--   motion: P pictures (keyint 4: IDR, 3 P, IDR, 2 P) of a texture moving by 2, then odd steps
+--           (whole and half-sample vectors: the 6-tap b, h and j, the chroma's eighths), with a
+--           still band (P_Skip runs, one at the end of a slice), a noise block that appears
+--           (intra macroblocks in P slices) and motion past the picture's edges, cropped
 --           (72 x 40: 5 x 3 macroblocks), qp 24
 --   still: 20 frames of one 16 x 16 picture (frame_num wraps at 16; P slices of one skip)
 local M = {}
