@@ -73,7 +73,14 @@ $(LIBNEMO): $(OBJ)
 	$(CC) -shared -Wl,-z,nodelete -o $@ $(OBJ) $(LDFLAGS) $(LDLIBS_NEMO)
 
 # The CUDA plugin: compiled whenever nvcc exists, loaded by libnemo only when CUDA is asked for.
-build/obj/%.o: %.cu
+# build/cuda_arch holds the CUDA_ARCH the objects were built for: another value rebuilds them.
+CUDA_ARCH_STAMP := build/cuda_arch
+ifneq ($(NVCC),)
+ifneq ($(strip $(file < $(CUDA_ARCH_STAMP))),$(strip $(CUDA_ARCH)))
+$(shell mkdir -p build && echo '$(strip $(CUDA_ARCH))' > $(CUDA_ARCH_STAMP))
+endif
+endif
+build/obj/%.o: %.cu $(CUDA_ARCH_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) -O3 -std=c++17 $(NVCC_ARCH) -MMD -MP -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wshadow $(if $(filter 1,$(WERROR)),-Werror all-warnings) -Iengine/include -Iengine -c $< -o $@
 
