@@ -1,9 +1,10 @@
 -- lua/nemo/h264_intra.lua: H.264 slices that compress (nemo.mp4's default). I slices: every
 -- macroblock Intra_16x16 (vertical, horizontal or DC prediction of the luma, whichever is closest;
 -- DC prediction of the chroma). P slices (from the previous decoded picture): every macroblock
--- P_Skip, P_L0_16x16 (whole or half-sample motion: diamonds of two and one samples from the
--- best of the skip, predicted and zero vectors, then the eight half samples around; the half
--- samples come from planes of the reference interpolated once per picture) or Intra_16x16. The 4x4 integer transform, flat quantization at one QP, CAVLC. The encoder
+-- P_Skip, P_L0_16x16 (quarter-sample motion: diamonds of two and one samples from the best of
+-- the skip, predicted and zero vectors, then the eight half and the eight quarter samples around;
+-- the half samples come from planes of the reference interpolated once per picture, the quarter
+-- samples are their means) or Intra_16x16. The 4x4 integer transform, flat quantization at one QP, CAVLC. The encoder
 -- reconstructs each macroblock exactly as a decoder does (ITU-T H.264 8.3.3, 8.3.4, 8.4.1 -
 -- 8.4.2, 8.5.10 - 8.5.12), so predictions come from the decoded pictures and nothing drifts.
 --
@@ -458,7 +459,8 @@ local function mc_block(F, w, h, x0, y0, dx, dy, n, p)
     return p
 end
 
-local HALF_STEPS = {{2, 0}, {-2, 0}, {0, 2}, {0, -2}, {2, 2}, {2, -2}, {-2, 2}, {-2, -2}}
+local NEIGHBOURS = {{1, 0}, {-1, 0}, {0, 1}, {0, -1}, {1, 1}, {1, -1}, {-1, 1}, {-1, -1}}
+local SUB_STEPS = {2, 1}   -- the eight half, then the eight quarter samples around the best vector
 
 -- The reference picture's luma at whole and half sample positions (8.4.2.2.1: G, b, h and j),
 -- each a plane padded by PAD samples on every side with the values the decoder's clamping of
@@ -503,31 +505,60 @@ local function ref_planes(F, w, h)
     return {[0] = I, B, V, J, pw = pw}
 end
 
--- the plane and the index of the prediction's top-left sample for the macroblock at (x0, y0) and
--- the motion vector (mvx, mvy) in quarter samples, both even
-local function plane_at(pl, x0, y0, mvx, mvy)
-    local k = (band(mvx, 3) == 0 and 0 or 1) + (band(mvy, 3) == 0 and 0 or 2)
-    return pl[k], (y0 + arshift(mvy, 2) + PAD) * pl.pw + x0 + arshift(mvx, 2) + PAD
+-- Where each quarter-sample position (x frac, y frac) of 8.4.2.2.1 comes from: one plane (G, b,
+-- h, j) or the rounded mean of two ({plane, dx, dy} each: 0 = G, 1 = b, 2 = h, 3 = j), e.g.
+-- a = (G + b + 1) >> 1, k = (j + m + 1) >> 1 with m the h of the next column.
+local QPEL = {}
+do
+    local G, b, h, j = {0, 0, 0}, {1, 0, 0}, {2, 0, 0}, {3, 0, 0}
+    local H, M, m, sh = {0, 1, 0}, {0, 0, 1}, {2, 1, 0}, {1, 0, 1}
+    local t = {
+        [0] = {{G}, {G, b}, {b}, {H, b}},           -- y frac 0: G a b c
+        {{G, h}, {b, h}, {b, j}, {b, m}},           -- 1: d e f g
+        {{h}, {h, j}, {j}, {j, m}},                 -- 2: h i j k
+        {{M, h}, {h, sh}, {j, sh}, {m, sh}},        -- 3: n p q r
+    }
+    for fy = 0, 3 do for fx = 0, 3 do QPEL[fy * 4 + fx] = t[fy][fx + 1] end end
 end
--- the 16x16 luma prediction into p (8.4.2.2.1 at whole and half sample positions)
+-- the plane(s) and index(es) of the prediction's top-left sample for the macroblock at (x0, y0)
+-- and the motion vector (mvx, mvy) in quarter samples (the second plane nil: no mean)
+local function plane_at(pl, x0, y0, mvx, mvy)
+    local src = QPEL[band(mvy, 3) * 4 + band(mvx, 3)]
+    local base = (y0 + arshift(mvy, 2) + PAD) * pl.pw + x0 + arshift(mvx, 2) + PAD
+    local s1, s2 = src[1], src[2]
+    local o1 = base + s1[3] * pl.pw + s1[2]
+    if not s2 then return pl[s1[1]], o1 end
+    return pl[s1[1]], o1, pl[s2[1]], base + s2[3] * pl.pw + s2[2]
+end
+-- the 16x16 luma prediction into p (8.4.2.2.1)
 local function mc_luma(pl, x0, y0, mvx, mvy, p)
-    local F, o = plane_at(pl, x0, y0, mvx, mvy)
+    local F, o, F2, o2 = plane_at(pl, x0, y0, mvx, mvy)
     local pw = pl.pw
     for y = 0, 15 do
         local q = o + y * pw
-        for x = 0, 15 do p[y * 16 + x] = F[q + x] end
+        if F2 then
+            local q2 = o2 + y * pw
+            for x = 0, 15 do p[y * 16 + x] = rshift(F[q + x] + F2[q2 + x] + 1, 1) end
+        else
+            for x = 0, 15 do p[y * 16 + x] = F[q + x] end
+        end
     end
     return p
 end
 -- SAD of the 16x16 source block at (x0, y0) of P (stride S) against that prediction, stopping
 -- once it passes limit
 local function sad_luma(P, S, pl, x0, y0, mvx, mvy, limit)
-    local F, o = plane_at(pl, x0, y0, mvx, mvy)
+    local F, o, F2, o2 = plane_at(pl, x0, y0, mvx, mvy)
     local pw = pl.pw
     local s = 0
     for y = 0, 15 do
         local a, q = (y0 + y) * S + x0, o + y * pw
-        for x = 0, 15 do s = s + abs(P[a + x] - F[q + x]) end
+        if F2 then
+            local q2 = o2 + y * pw
+            for x = 0, 15 do s = s + abs(P[a + x] - rshift(F[q + x] + F2[q2 + x] + 1, 1)) end
+        else
+            for x = 0, 15 do s = s + abs(P[a + x] - F[q + x]) end
+        end
         if s >= limit then return s end
     end
     return s
@@ -796,10 +827,13 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
                     end
                 end
                 if icost < bcost then bvx, bvy, bcost = ivx, ivy, icost end
-                local hvx, hvy = bvx, bvy
-                for _, d in ipairs(searching and HALF_STEPS or {}) do
-                    local cc = cost(hvx + d[1], hvy + d[2], bcost)
-                    if cc < bcost then bvx, bvy, bcost = hvx + d[1], hvy + d[2], cc end
+                for _, st in ipairs(searching and SUB_STEPS or {}) do   -- half, then quarter samples
+                    local hvx, hvy = bvx, bvy
+                    for _, d in ipairs(NEIGHBOURS) do
+                        local nx, ny = hvx + st * d[1], hvy + st * d[2]
+                        local cc = cost(nx, ny, bcost)
+                        if cc < bcost then bvx, bvy, bcost = nx, ny, cc end
+                    end
                 end
                 -- P_Skip when the skip vector leaves no residual to code
                 local skipped = false

@@ -7,7 +7,7 @@
 --
 -- The stream: Constrained Baseline, 4:2:0, 8 bits, one slice per picture, an IDR picture every
 -- `keyint` frames (default 250, x264's; 1: every frame intra) and P pictures between them
--- (nemo.h264_intra: each macroblock P_Skip, P_L0_16x16 with whole or half-sample motion, or
+-- (nemo.h264_intra: each macroblock P_Skip, P_L0_16x16 with quarter-sample motion, or
 -- Intra_16x16, whichever is cheapest; CAVLC at one qp, 0..51, default 20, luma PSNR around 50
 -- dB on smooth frames). {pcm = true} stores I_PCM macroblocks in IDR pictures instead (the
 -- samples as they are: 1.5 bytes per pixel per frame). The size is padded to whole macroblocks by
@@ -16,9 +16,9 @@
 -- players can start before the end.
 --
 -- Non-obvious rules:
--- - The P pictures predict from the previous decoded picture only, without quarter-sample motion,
---   partitions or the deblocking filter: on FFmpeg's test sources about 2x smaller than intra
---   pictures and 1.05-1.35x the size of x264's Baseline at the same qp (bench/RESULTS.md).
+-- - The P pictures predict from the previous decoded picture only, without partitions or the
+--   deblocking filter: on FFmpeg's test sources about 2x smaller than intra pictures and
+--   1.04-1.34x the size of x264's Baseline at the same qp (bench/RESULTS.md).
 -- - Width and height must be even (4:2:0 crops in steps of two).
 -- - The level is the lowest whose frame size and bit rate (for Baseline, I_PCM's) hold the
 --   stream, 6.2 when none does; decoders in software ignore it.

@@ -4,7 +4,8 @@
 --   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
 --   coarse: the same kind of picture at qp 40 (the chroma QP table, the luma DC scaling above 36)
 --   motion: P pictures (keyint 4: IDR, 3 P, IDR, 2 P) of a texture moving by 2, then odd steps
---           (whole and half-sample vectors: the 6-tap b, h and j, the chroma's eighths), with a
+--           (whole, half and quarter-sample vectors: the 6-tap filter, its means, the chroma's
+--           eighths), with a
 --           still band (P_Skip runs, one at the end of a slice), a noise block that appears
 --           (intra macroblocks in P slices) and motion past the picture's edges, cropped
 --           (72 x 40: 5 x 3 macroblocks), qp 24
