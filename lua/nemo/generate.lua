@@ -13,11 +13,12 @@
 -- inference.dtype [bfloat16], prompts, max_samples, num_inference_steps, guidance_scale, height,
 -- width, pipeline_kwargs (negative_prompt, num_frames, guidance_scale_2, max_sequence_length,
 -- true_cfg_scale: handed to nemo.sampling); output.output_dir [./inference_outputs], output.fps
--- [16], output.video_format [mp4] and output.video_qp [20] (nemo-lua's: mp4 or apng; the MP4's
--- quantizer 0..51); vae.enable_slicing, vae.enable_tiling; seed
+-- [16], output.video_format [mp4], output.video_qp [20] and output.video_keyint [250] (nemo-lua's:
+-- mp4 or apng; the MP4's quantizer 0..51 and frames between IDR pictures, 1 = all intra);
+-- vae.enable_slicing, vae.enable_tiling; seed
 -- [42]; device [auto] (nemo-lua's). Prompt i samples with nemo.Generator(seed + i) and is written as
 -- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
--- (H.264 intra pictures, nemo.mp4: larger than x264's) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
+-- (H.264 with P pictures, nemo.mp4) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
 -- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): other
 -- image-conditioned pipelines, tp_size / pp_size; vae.enable_cpu_offload is noted and ignored.
 --
@@ -39,7 +40,8 @@ M.SCHEMA = {
     inference = {dtype = "string", prompts = "table", max_samples = "number", num_inference_steps = "number",
                  guidance_scale = "number", height = "number", width = "number", pipeline_kwargs = "table",
                  input_images = "table"},
-    output = {output_dir = "string", fps = "number", video_format = "string", video_qp = "number"},
+    output = {output_dir = "string", fps = "number", video_format = "string", video_qp = "number",
+              video_keyint = "number"},
     vae = {enable_slicing = "boolean", enable_tiling = "boolean", enable_cpu_offload = "boolean"},
     distributed = {backend = "string", timeout_minutes = "number", parallel_scheme = "table"},
 }
@@ -112,6 +114,11 @@ function M.validate(cfg)
     local vq = cfg.output and cfg.output.video_qp
     local vq_why = vq ~= nil and require("nemo.mp4").qp_problem(vq, "output.video_qp")
     if vq_why then cfg_error(vq_why) end
+    local vk = cfg.output and cfg.output.video_keyint
+    if vk ~= nil and (vk % 1 ~= 0 or vk < 1) then
+        cfg_error("output.video_keyint must be an integer >= 1 (frames from one IDR picture to the next; 1: every " ..
+            "frame intra), got " .. tostring(vk))
+    end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
     end
@@ -269,7 +276,7 @@ function M.run(cfg, opts)
         else
             local r = sampling.wan(o)
             if writer then nemo.image.save_video(path, sampling.video_frames(r.video, 1), {fps = out.fps or 16,
-                qp = out.video_qp}) end
+                qp = out.video_qp, keyint = out.video_keyint}) end
         end
         if writer then
             files[#files + 1] = path

@@ -134,6 +134,15 @@ do   -- output.video_qp reaches the encoder: a lower quantizer writes more bytes
     T.ok(#T.read_bytes(rq.files[1]) > #wb, string.format("output.video_qp 4 writes a larger MP4 than the default 20 " ..
         "(%d > %d bytes)", #T.read_bytes(rq.files[1]), #wb))
 end
+raises(with(wcfg, {"output", "video_keyint"}, 0), "output.video_keyint must be an integer >= 1",
+    "output.video_keyint is checked")
+do   -- output.video_keyint reaches the encoder: 1 makes every frame an IDR picture (no stss box)
+    local k = with(wcfg, {"output", "video_keyint"}, 1)
+    k.output.output_dir = tmp .. "/out_wan_k1"
+    local kb = T.read_bytes(gen.run(k, quiet).files[1])
+    T.ok(wb:find("stss", 1, true) and not kb:find("stss", 1, true) and kb ~= wb, "output.video_keyint 1: every frame " ..
+        "an IDR picture (no sync sample table), where the default writes one IDR and P pictures (an stss box)")
+end
 local one = golden.tiny_wan_pipeline(tmp .. "/wan21")
 local c21 = with(wcfg, {"model", "pretrained_model_name_or_path"}, one)
 c21.inference.pipeline_kwargs.guidance_scale_2 = nil

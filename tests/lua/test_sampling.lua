@@ -352,8 +352,10 @@ do
             fs.isfile(root .. "/saved/transformer_2/config.json"), "save_pretrained keeps transformer_2 and boundary_ratio")
         local log, rc = T.sh("./nemo-lua tools/wan_sample.lua --model " .. root .. " --prompt 'a cat' --height 32 " ..
             "--width 32 --frames 5 --steps 2 --guidance 4 --guidance-2 2 --dtype float32 --device cpu " ..
-            "--max-sequence-length 16 --out " .. root .. "/v22.png 2>&1")
-        T.ok(rc == 0 and fs.isfile(root .. "/v22.png"), "tools/wan_sample.lua runs a Wan 2.2 two-expert folder (--guidance-2)", log)
+            "--max-sequence-length 16 --keyint 2 --out " .. root .. "/v22.mp4 2>&1")
+        local v22 = rc == 0 and fs.isfile(root .. "/v22.mp4") and T.read_bytes(root .. "/v22.mp4") or ""
+        T.ok(v22:sub(5, 8) == "ftyp" and v22:find("stss", 1, true), "tools/wan_sample.lua runs a Wan 2.2 two-expert " ..
+            "folder (--guidance-2) and writes an MP4 with IDR pictures every --keyint 2 frames (an stss box)", log)
 
         -- training one expert (Automodel's model.stage): active_transformer, the sigma window, the export
         local P = nemo.NeMoAutoDiffusionPipeline
