@@ -5,7 +5,7 @@
 --                            nemo.sampling.to_uint8 gives), or [C, H, W] / [1, C, H, W] floats
 --                            in [0, 1]; written as an 8-bit PNG
 --   image.save_video(path, frames, {fps = 16})   a list of such images as one video: an MP4
---                            (H.264 intra pictures, nemo.mp4) for a .mp4 path, else an
+--                            (H.264, nemo.mp4; {qp =, keyint =} pass to it) for a .mp4 path, else an
 --                            animated PNG (image.write_apng); nemo.sampling.video_frames gives
 --                            the frames
 --   image.read_png(path) -> {width =, height =, channels =, pixels = string}   8-bit gray, gray +
