@@ -256,23 +256,52 @@ local DCL_Y, DCL_CB, DCL_CR = ffi.new("int32_t[17]"), ffi.new("int32_t[17]"), ff
 -- encode the residual of a (n x n, n = 16 or 8) block of plane P (stride S) at (x0, y0) against
 -- prediction pred[0..n*n-1]; returns dc levels (4x4 or 2x2, scan order), the AC levels of each
 -- 4x4 block (block raster order, 15 each, scan order 1..15), and reconstructs into R.
+-- the 4x4 block (bx, by) of an n x n block at (x0, y0) of plane P (stride S) minus the prediction
+-- pred[0..n*n-1], forward-transformed into out
+local function fdct_block(P, S, x0, y0, pred, n, bx, by, out)
+    local res = RES
+    for y = 0, 3 do
+        for x = 0, 3 do
+            local px, py = bx * 4 + x, by * 4 + y
+            res[y * 4 + x] = P[(y0 + py) * S + x0 + px] - pred[py * n + px]
+        end
+    end
+    fdct(res, out)
+end
+-- levels[s - off] = the quantized coefficient c at scan position s, for s = first .. 16 (clamped
+-- to CAVLC's +-2047); true when one is not zero
+local function quant_scan(c, levels, first, off, mfrow, qbits, fq)
+    local any = false
+    for s = first, 16 do
+        local k = ZIGZAG[s]
+        local l = quant(c[k], mfrow[CLASS[k]], qbits, fq)
+        if l > 2047 then l = 2047 elseif l < -2047 then l = -2047 end
+        levels[s - off] = l
+        if l ~= 0 then any = true end
+    end
+    return any
+end
+-- the decoder's side of block (bx, by): scaled coefficients d[0..15] inverse-transformed and
+-- added to the prediction, clipped, into R
+local function idct_add_block(R, S, x0, y0, pred, n, bx, by, d)
+    local r = R16
+    idct(d, r)
+    for y = 0, 3 do
+        for x = 0, 3 do
+            local px, py = bx * 4 + x, by * 4 + y
+            R[(y0 + py) * S + x0 + px] = clip(pred[py * n + px] + r[y * 4 + x])
+        end
+    end
+end
+
 local function code_block(P, R, S, x0, y0, n, pred, qp, ac, dcl)
     local nb = n / 4                         -- 4x4 blocks per side
     local q6, qbits = math.floor(qp / 6), 15 + math.floor(qp / 6)
     local fq = math.floor(lshift(1, qbits) / 3)
     local mfrow = MF[qp % 6 + 1]
     local coef = nb == 4 and COEF_Y or COEF_C     -- per block: 16 transform coefficients
-    local res = RES
     for by = 0, nb - 1 do
-        for bx = 0, nb - 1 do
-            for y = 0, 3 do
-                for x = 0, 3 do
-                    local px, py = bx * 4 + x, by * 4 + y
-                    res[y * 4 + x] = P[(y0 + py) * S + x0 + px] - pred[py * n + px]
-                end
-            end
-            fdct(res, coef[by * nb + bx])
-        end
+        for bx = 0, nb - 1 do fdct_block(P, S, x0, y0, pred, n, bx, by, coef[by * nb + bx]) end
     end
     -- DC: Hadamard of the blocks' DC terms, quantized (luma: 4x4, /2; chroma: 2x2)
     local dcq = DCQ
@@ -319,18 +348,10 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, ac, dcl)
         dcs[2], dcs[3] = arshift(lshift((a + b - c - d) * ls0, q6), 5), arshift(lshift((a - b - c + d) * ls0, q6), 5)
     end
     -- AC levels, reconstruction
-    local d, r = D16, R16
+    local d = D16
     local any_ac = false
     for b = 0, ndc - 1 do
-        local c = coef[b]
-        local levels = ac[b]
-        for s = 2, 16 do
-            local k = ZIGZAG[s]
-            local l = quant(c[k], mfrow[CLASS[k]], qbits, fq)
-            if l > 2047 then l = 2047 elseif l < -2047 then l = -2047 end
-            levels[s - 1] = l
-            if l ~= 0 then any_ac = true end
-        end
+        if quant_scan(coef[b], ac[b], 2, 1, mfrow, qbits, fq) then any_ac = true end
     end
     for b = 0, ndc - 1 do
         d[0] = dcs[b]
@@ -339,14 +360,7 @@ local function code_block(P, R, S, x0, y0, n, pred, qp, ac, dcl)
             local k = ZIGZAG[s]
             d[k] = scale_ac(levels[s - 1], k, qp)
         end
-        idct(d, r)
-        local bx, by = b % nb, math.floor(b / nb)
-        for y = 0, 3 do
-            for x = 0, 3 do
-                local px, py = bx * 4 + x, by * 4 + y
-                R[(y0 + py) * S + x0 + px] = clip(pred[py * n + px] + r[y * 4 + x])
-            end
-        end
+        idct_add_block(R, S, x0, y0, pred, n, b % nb, math.floor(b / nb), d)
     end
     -- the DC levels in scan order (luma: zig-zag of the 4x4 DC array; chroma: raster c00 c01 c10 c11)
     if nb == 4 then
@@ -436,10 +450,9 @@ do
     for code, cbp in ipairs(code_to_cbp) do INTER_CBP_CODE[cbp] = code - 1 end
 end
 
--- the n x n block at (x0 + dx, y0 + dy) of reference plane F (w x h, stride w) into p, samples
--- outside the picture taken from its nearest edge (8.4.2.2.1 at whole-sample positions)
-local function mc_block(F, w, h, x0, y0, dx, dy, n, p)
-    local xs, ys = x0 + dx, y0 + dy
+-- the n x n block at (xs, ys) of plane F (w x h, stride w) into p, samples outside the picture
+-- taken from its nearest edge (as the decoder clamps reference positions, 8.4.2.2)
+local function mc_block(F, w, h, xs, ys, n, p)
     if xs >= 0 and ys >= 0 and xs + n <= w and ys + n <= h then
         for y = 0, n - 1 do
             local o, q = (ys + y) * w + xs, y * n
@@ -571,17 +584,8 @@ local WIN = ffi.new("int32_t[9 * 9]")
 local function mc_chroma(F, w, h, cx0, cy0, mvx, mvy, p)
     local xi, yi = cx0 + arshift(mvx, 3), cy0 + arshift(mvy, 3)
     local fx, fy = band(mvx, 7), band(mvy, 7)
-    if fx == 0 and fy == 0 then return mc_block(F, w, h, cx0, cy0, xi - cx0, yi - cy0, 8, p) end
-    local W = WIN   -- the 9 x 9 reference samples from (xi, yi), clamped to the picture
-    for r = 0, 8 do
-        local y = yi + r
-        if y < 0 then y = 0 elseif y > h - 1 then y = h - 1 end
-        for c = 0, 8 do
-            local x = xi + c
-            if x < 0 then x = 0 elseif x > w - 1 then x = w - 1 end
-            W[r * 9 + c] = F[y * w + x]
-        end
-    end
+    if fx == 0 and fy == 0 then return mc_block(F, w, h, xi, yi, 8, p) end
+    local W = mc_block(F, w, h, xi, yi, 9, WIN)   -- the 9 x 9 reference samples the means need
     local wa, wb, wc, wd = (8 - fx) * (8 - fy), fx * (8 - fy), (8 - fx) * fy, fx * fy
     for y = 0, 7 do
         for x = 0, 7 do
@@ -608,26 +612,14 @@ local function code_luma_inter(P, R, S, x0, y0, pred, qp, levels)
     local qbits = 15 + math.floor(qp / 6)
     local fq = math.floor(lshift(1, qbits) / 6)
     local mfrow = MF[qp % 6 + 1]
-    local res, c, d, r = RES, COEF_Y[0], D16, R16
+    local c, d = COEF_Y[0], D16
     local cbp = 0
     for b = 0, 15 do
         local bx, by = b % 4, math.floor(b / 4)
-        for y = 0, 3 do
-            for x = 0, 3 do
-                local px, py = bx * 4 + x, by * 4 + y
-                res[y * 4 + x] = P[(y0 + py) * S + x0 + px] - pred[py * 16 + px]
-            end
+        fdct_block(P, S, x0, y0, pred, 16, bx, by, c)
+        if quant_scan(c, levels[b], 1, 0, mfrow, qbits, fq) then
+            cbp = bit.bor(cbp, lshift(1, math.floor(by / 2) * 2 + math.floor(bx / 2)))
         end
-        fdct(res, c)
-        local lv, any = levels[b], false
-        for s = 1, 16 do
-            local k = ZIGZAG[s]
-            local l = quant(c[k], mfrow[CLASS[k]], qbits, fq)
-            if l > 2047 then l = 2047 elseif l < -2047 then l = -2047 end
-            lv[s] = l
-            if l ~= 0 then any = true end
-        end
-        if any then cbp = bit.bor(cbp, lshift(1, math.floor(by / 2) * 2 + math.floor(bx / 2))) end
     end
     for b = 0, 15 do
         local bx, by = b % 4, math.floor(b / 4)
@@ -636,13 +628,7 @@ local function code_luma_inter(P, R, S, x0, y0, pred, qp, levels)
             for s = 1, 16 do lv[s] = 0 end   -- an uncoded quadrant has no residual at all
         end
         for s = 1, 16 do local k = ZIGZAG[s]; d[k] = scale_ac(lv[s], k, qp) end
-        idct(d, r)
-        for y = 0, 3 do
-            for x = 0, 3 do
-                local px, py = bx * 4 + x, by * 4 + y
-                R[(y0 + py) * S + x0 + px] = clip(pred[py * 16 + px] + r[y * 4 + x])
-            end
-        end
+        idct_add_block(R, S, x0, y0, pred, 16, bx, by, d)
     end
     return cbp
 end
