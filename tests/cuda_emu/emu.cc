@@ -825,7 +825,7 @@ static bool warp_collective(int w, int nt, std::string *why) {
     const int nl = nt - 32 * w < 32 ? nt - 32 * w : 32;
     int at = 0;
     for (int i = 0; i < nl; i++) at += l[i].state == S_WARP;
-    if (at != 32) return false;   /* decided by step, once nothing else can move */
+    if (at != 32) return false;   /* step says why, once nothing else can move */
     for (int i = 1; i < 32; i++)
         if (l[i].wop != l[0].wop || l[i].mask != l[0].mask || (l[0].wop == W_MMA && l[i].e != l[0].e) ||
             (l[0].wop == W_SHFL && (l[i].kind != l[0].kind || l[i].width != l[0].width)) ||
@@ -855,20 +855,15 @@ static bool warp_collective(int w, int nt, std::string *why) {
     return true;
 }
 
-/* Why the block at (bx, by, bz) cannot go on, or "" when it can (a collective was done or the
- * barrier passed). */
+/* Why the block at (bx, by, bz) cannot go on, or "" when it can (the barrier passed). Called
+ * once every warp ran as far as it could, its complete collectives carried out. */
 static std::string step(int nt) {
-    bool progressed = false;
-    int waiting_warp = 0, done = 0;
-    std::string why;
-    for (int w = 0; w * 32 < nt; w++) {
-        for (int i = 32 * w; i < nt && i < 32 * w + 32; i++) waiting_warp += th[i].state == S_WARP;
-        progressed |= warp_collective(w, nt, &why);
-        if (!why.empty()) return why;
+    int waiting_warp = 0, done = 0, bar = 0;
+    for (int i = 0; i < nt; i++) {
+        waiting_warp += th[i].state == S_WARP;
+        bar += th[i].state == S_BAR;
+        done += th[i].state == S_DONE;
     }
-    if (progressed) return "";
-    int bar = 0;
-    for (int i = 0; i < nt; i++) { bar += th[i].state == S_BAR; done += th[i].state == S_DONE; }
     if (waiting_warp) {
         for (int i = 0; i < nt; i++)
             if (th[i].state == S_WARP) {
