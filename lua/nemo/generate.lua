@@ -115,10 +115,8 @@ function M.validate(cfg)
     local vq_why = vq ~= nil and require("nemo.mp4").qp_problem(vq, "output.video_qp")
     if vq_why then cfg_error(vq_why) end
     local vk = cfg.output and cfg.output.video_keyint
-    if vk ~= nil and (vk % 1 ~= 0 or vk < 1) then
-        cfg_error("output.video_keyint must be an integer >= 1 (frames from one IDR picture to the next; 1: every " ..
-            "frame intra), got " .. tostring(vk))
-    end
+    local vk_why = vk ~= nil and require("nemo.mp4").keyint_problem(vk, "output.video_keyint")
+    if vk_why then cfg_error(vk_why) end
     if inf.dtype ~= nil and not ({bfloat16 = 1, float16 = 1, float32 = 1})[inf.dtype] then
         cfg_error("inference.dtype must be bfloat16, float16 or float32, got " .. tostring(inf.dtype))
     end

@@ -759,6 +759,11 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
         return px, py, sx, sy
     end
 
+    -- the Cb and Cr predictions of macroblock (mx, my) for motion vector (vx, vy)
+    local function inter_chroma(mx, my, vx, vy)
+        return mc_chroma(ref.Cb, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IU),
+            mc_chroma(ref.Cr, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IV)
+    end
     -- the luma intra mode closest to the source: its prediction, mode and SAD
     local function intra_choice(x0, y0, top, left)
         local best, mode, bsad = nil, 2, math.huge
@@ -832,9 +837,7 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
                         cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
                     end
                     if cbp_l == 0 then
-                        local cu = mc_chroma(ref.Cb, SC, HC, mx * 8, my * 8, sx, sy, CPRED_IU)
-                        local cv = mc_chroma(ref.Cr, SC, HC, mx * 8, my * 8, sx, sy, CPRED_IV)
-                        local _, _, _, _, cbp_c = code_chroma(mx, my, cu, cv)
+                        local _, _, _, _, cbp_c = code_chroma(mx, my, inter_chroma(mx, my, sx, sy))
                         if cbp_c == 0 then
                             refi[i], mvx[i], mvy[i] = 0, sx, sy
                             for b = 0, 15 do nzY[(my * 4 + math.floor(b / 4)) * mbw * 4 + mx * 4 + b % 4] = 0 end
@@ -859,9 +862,7 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
                     refi[i], mvx[i], mvy[i] = 0, vx, vy
                     local p = mc_luma(planes, x0, y0, vx, vy, PRED_INTER)
                     local cbp_l = code_luma_inter(Y, RY, SY, x0, y0, p, qp, LEVELS)
-                    local cu = mc_chroma(ref.Cb, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IU)
-                    local cv = mc_chroma(ref.Cr, SC, HC, mx * 8, my * 8, vx, vy, CPRED_IV)
-                    local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, cu, cv)
+                    local udc, uac, vdc, vac, cbp_c = code_chroma(mx, my, inter_chroma(mx, my, vx, vy))
                     w.ue(skip_run)
                     skip_run = 0
                     w.ue(0)                    -- mb_type P_L0_16x16 (ref_idx_l0 implied: one reference)

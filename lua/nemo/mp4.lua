@@ -38,6 +38,14 @@ function M.qp_problem(qp, name)
         name, M.MAX_QP, tostring(qp))
 end
 
+-- keyint_problem(k, name) -> nil when k is a keyint, else the message saying why not (mp4.encode,
+-- generate's output.video_keyint)
+function M.keyint_problem(k, name)
+    if type(k) == "number" and k % 1 == 0 and k >= 1 then return nil end
+    return string.format("%s must be an integer >= 1 (frames from one IDR picture to the next; 1: every frame " ..
+        "intra), got %s", name, tostring(k))
+end
+
 local band, rshift = bit.band, bit.rshift
 
 -- ==== bits ====
@@ -326,10 +334,8 @@ function M.encode(frames, W, H, C, o)
         if why then error("mp4.encode: " .. why, 2) end
     end
     local keyint = o and o.keyint or M.DEFAULT_KEYINT
-    if type(keyint) ~= "number" or keyint % 1 ~= 0 or keyint < 1 then
-        error("mp4.encode: keyint must be an integer >= 1 (frames from one IDR picture to the next; 1: every " ..
-            "frame intra), got " .. tostring(keyint), 2)
-    end
+    local kwhy = M.keyint_problem(keyint, "keyint")
+    if kwhy then error("mp4.encode: " .. kwhy, 2) end
     local mbw, mbh = math.ceil(W / 16), math.ceil(H / 16)
     local Wp, Hp = mbw * 16, mbh * 16
     local sps_nal = sps(mbw, mbh, (Wp - W) / 2, (Hp - H) / 2, level_for(mbw * mbh, fps))
