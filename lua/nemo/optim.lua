@@ -237,17 +237,21 @@ function M.clip_grad_norm_(params, max_norm, opts)
     if opts and opts.error_if_nonfinite and total ~= total then
         error("clip_grad_norm_: the total norm of the gradients is non-finite", 2)
     end
-    local coef = max_norm / (total + 1e-6)
-    if coef < 1 then
-        for _, p in ipairs(params) do
-            local g = rawget(p, "grad")
-            if g ~= nil then
-                local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32", device = g.device})
-                check(C.nemo_binary_(g._c, s._c, C.NEMO_BOP_MUL, 1))
-            end
+    M.scale_grads_(params, max_norm / (total + 1e-6))
+    return total
+end
+
+-- scale_grads_(params, coef): each gradient multiplied by coef in place when coef < 1 (the
+-- clipping step of clip_grad_norm_, for callers that compute the norm themselves).
+function M.scale_grads_(params, coef)
+    if coef >= 1 then return end
+    for _, p in ipairs(params) do
+        local g = rawget(p, "grad")
+        if g ~= nil then
+            local s = Tensor.full({}, coef, {dtype = g.dtype == "float64" and "float64" or "float32", device = g.device})
+            check(C.nemo_binary_(g._c, s._c, C.NEMO_BOP_MUL, 1))
         end
     end
-    return total
 end
 
 return M

@@ -351,25 +351,32 @@ local function data_parallel_size(cfg)
     local ws = world()
     local block = cfg.fsdp or cfg.ddp
     local name = cfg.fsdp and "fsdp" or "ddp"
-    local cpn = 1
+    local cpn, tpn = 1, 1
     if block then
-        for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
+        for _, k in ipairs { "pp_size", "ep_size" } do
             if block[k] and block[k] > 1 then
-                cfg_error(string.format("%s.%s = %d: tensor/pipeline/expert parallelism is not supported yet",
-                    name, k, block[k]))
+                cfg_error(string.format("%s.%s = %d: pipeline/expert parallelism is not supported yet", name, k,
+                    block[k]))
             end
         end
-        if block.cp_size and block.cp_size > 1 then
-            if cfg.ddp then
-                cfg_error(string.format("ddp.cp_size = %d: context parallelism runs under FSDP2 (an 'fsdp:' block), " ..
-                    "as in Automodel", block.cp_size))
+        for _, k in ipairs { "cp_size", "tp_size" } do
+            if block[k] and block[k] > 1 and cfg.ddp then
+                cfg_error(string.format("ddp.%s = %d: %s parallelism runs under FSDP2 (an 'fsdp:' block), as in " ..
+                    "Automodel", k, block[k], k == "cp_size" and "context" or "tensor"))
             end
-            cpn = block.cp_size
-            if cpn % 1 ~= 0 or ws % cpn ~= 0 then
-                cfg_error(string.format("fsdp.cp_size = %s must divide the world size %d", tostring(cpn), ws))
+        end
+        cpn = block.cp_size and block.cp_size > 1 and block.cp_size or 1
+        tpn = block.tp_size and block.tp_size > 1 and block.tp_size or 1
+        for k, v in pairs { cp_size = cpn, tp_size = tpn } do
+            if v % 1 ~= 0 or ws % v ~= 0 then
+                cfg_error(string.format("fsdp.%s = %s must divide the world size %d", k, tostring(v), ws))
             end
+        end
+        if ws % (cpn * tpn) ~= 0 then
+            cfg_error(string.format("fsdp.cp_size x fsdp.tp_size = %d must divide the world size %d", cpn * tpn, ws))
         end
     end
+    local mp = cpn * tpn   -- the model-parallel ranks of one data-parallel rank
     if ws > 1 and not block then
         cfg_error(string.format("this run has %d processes but the config has no 'fsdp:' or 'ddp:' block: add one " ..
             "(e.g. 'fsdp:\n  dp_size: %d' or 'ddp:\n  dp_size: %d') to choose the data-parallel manager", ws, ws, ws))
@@ -377,11 +384,12 @@ local function data_parallel_size(cfg)
     if block then
         -- dp_size counts every data-parallel rank (HSDP's replicas included, as Automodel's mesh);
         -- the cp ranks of a data-parallel rank share its batch
-        local dp = block.dp_size or ws / cpn
-        if dp * cpn ~= ws then
+        local dp = block.dp_size or ws / mp
+        if dp * mp ~= ws then
             cfg_error(string.format("%s.dp_size = %d does not match the world size %d%s (this run has %d process%s; " ..
-                "pass --%s.dp_size %d)", name, dp, ws, cpn > 1 and (" / cp_size " .. cpn) or "", ws,
-                ws == 1 and "" or "es", name, ws / cpn))
+                "pass --%s.dp_size %d)", name, dp, ws, tpn == 1 and cpn > 1 and (" / cp_size " .. cpn) or
+                cpn == 1 and tpn > 1 and (" / tp_size " .. tpn) or mp > 1 and (" / (cp_size x tp_size) " .. mp) or "", ws,
+                ws == 1 and "" or "es", name, ws / mp))
         end
         local rep = block.dp_replicate_size or 1
         if rep > 1 and (dp % rep ~= 0 or rep >= dp) then
@@ -389,16 +397,16 @@ local function data_parallel_size(cfg)
                 "(HSDP shards over dp_size / dp_replicate_size ranks)", name, rep, dp))
         end
     end
-    -- tp = pp = 1: the mesh is (dp_replicate, dp_shard, cp) with cp fastest, so the cp ranks of
-    -- data-parallel rank d are d x cp .. d x cp + cp - 1
+    -- pp = 1: the mesh is (dp_replicate, dp_shard, cp, tp) with tp fastest, so the cp x tp ranks
+    -- of data-parallel rank d are d x mp .. d x mp + mp - 1, and they share its batch
     local _, rank = world()
-    return ws / cpn, math.floor(rank / cpn), cpn
+    return ws / mp, math.floor(rank / mp), cpn, tpn
 end
 
 -- batch_math(cfg) -> {local_bs, global_bs, dp_size, grad_acc}: global = local x dp x grad_acc exactly.
 function M.batch_math(cfg)
     local ss = cfg.step_scheduler
-    local dp_size, dp_rank, cp_size = data_parallel_size(cfg)
+    local dp_size, dp_rank, cp_size, tp_size = data_parallel_size(cfg)
     local local_bs = ss.local_batch_size or 1
     local global_bs = ss.global_batch_size or local_bs * dp_size
     if global_bs % (local_bs * dp_size) ~= 0 then
@@ -415,6 +423,7 @@ function M.batch_math(cfg)
             "(e.g. %s)", global_bs, local_bs, dp_size, unit, table.concat(fixes, " or ")))
     end
     return {local_bs = local_bs, global_bs = global_bs, dp_size = dp_size, dp_rank = dp_rank, cp_size = cp_size,
+            tp_size = tp_size,
             grad_acc = global_bs / (local_bs * dp_size)}
 end
 
@@ -1059,7 +1068,8 @@ function M.run(cfg, opts)
         if not mok then raise(cfg.fsdp and "fsdp: " or "ddp: ", m) end
         mgr = m
     end
-    local sharded = mgr ~= nil and mgr.sharded and not mgr.plain
+    -- (a tensor-parallel model is in pieces even on one data-parallel rank: sharded checkpoints)
+    local sharded = mgr ~= nil and mgr.sharded and (not mgr.plain or mgr.tp_group ~= nil)
     local params, named_params = {}, {}
     if mgr then
         named_params = mgr:named_parameters()
@@ -1161,6 +1171,10 @@ function M.run(cfg, opts)
                 (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate) or "") or "",
             mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or "",
             mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
+    end
+    if bm.tp_size > 1 then
+        log(string.format("tensor parallel: %d ranks share each layer of the model's plan (%s)", bm.tp_size,
+            "the ffn, condition embedders and output projection"))
     end
     if bm.cp_size > 1 then
         log(string.format("context parallel: %d ranks split each sample's tokens (Ulysses attention); %d " ..

@@ -238,8 +238,11 @@ do
     ok(m.dp_size == n and m:size("dp_shard") == n and m:size("dp") == n and m:size("tp") == 1,
         "DeviceMesh{}: dp_size inferred as the world size", tostring(m))
     ok(m:get_group("dp"):size() == n and m:get_local_rank("dp") == rank, "DeviceMesh{}: the dp group is the world")
-    raises(function() mesh{tp_size = 2} end, "tp_size = 2: tensor parallelism is not supported yet",
-        "DeviceMesh: tp_size > 1 is a clear 'not supported yet' error naming the key")
+    local mt = mesh{tp_size = n}
+    ok(mt:size("tp") == n and mt.dp_size == 1 and mt:get_group("tp"):size() == n and mt:get_local_rank("tp") == rank,
+        "DeviceMesh{tp_size = world}: tensor parallelism is accepted: dp inferred 1, the tp group is the world")
+    raises(function() mesh{tp_size = 2, manager = "ddp"} end, "tensor parallelism runs under FSDP2",
+        "DeviceMesh for ddp: tp_size > 1 is an error naming the key")
     local mc = mesh{cp_size = n}
     ok(mc:size("cp") == n and mc.dp_size == 1 and mc:get_group("cp"):size() == n and
        mc:get_local_rank("cp") == rank and mc:size("dp_shard_cp") == n,

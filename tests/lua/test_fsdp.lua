@@ -30,7 +30,8 @@ local function create(o) return parallel._create_parallel_manager(o) end
 -- ==== options ====
 
 raises(function() create{bogus = 1} end, "unknown fsdp2 option 'bogus'", "fsdp2: an unknown option is an error naming it")
-raises(function() create{tp_size = 2} end, "tp_size", "fsdp2: tp_size > 1 is refused, naming the key")
+raises(function() create{pp_size = 2} end, "pp_size = 2: pipeline parallelism is not supported yet",
+    "fsdp2: pp_size > 1 is refused, naming the key")
 raises(function() create{mp_policy = {param_dtype = "bfloat16", bogus = true}} end, "mp_policy: unknown key 'bogus'",
     "fsdp2: an unknown mp_policy key is an error")
 raises(function() create{mp_policy = {reduce_dtype = "float17"}} end, "unknown dtype 'float17'",

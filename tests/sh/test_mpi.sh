@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tests/sh/test_mpi.sh: distributed training and generation on several processes:
-# tests/lua/test_dist.lua, test_fsdp.lua, test_context_parallel.lua and test_generate_dist.lua under
+# tests/lua/test_dist.lua, test_fsdp.lua, test_context_parallel.lua, test_tensor_parallel.lua and
+# test_generate_dist.lua under
 # `mpirun -np 2` and `mpirun -np 4 --oversubscribe` (its TAP lines renumbered into this file's
 # stream, prefixed with [np N]); engine/coll.c's Open MPI declarations checked against mpi.h;
 # libnemo without a link to libmpi; `nemo-lua --nproc-per-node N`; the launcher's variables;
@@ -53,6 +54,8 @@ sub test_fsdp.lua 4 --oversubscribe
 sub test_context_parallel.lua 2
 sub test_context_parallel.lua 4 --oversubscribe
 sub test_context_parallel.lua 8 --oversubscribe
+sub test_tensor_parallel.lua 2
+sub test_tensor_parallel.lua 4 --oversubscribe
 sub test_generate_dist.lua 2
 sub test_generate_dist.lua 4 --oversubscribe
 

@@ -12,6 +12,8 @@
 #     adapters only and resume bitwise;
 #   - context parallelism (fsdp.cp_size 2: cp x dp = 2 x 1 and 2 x 2) equals one process and
 #     resumes bitwise;
+#   - tensor parallelism (the Wan recipe, fsdp.tp_size 2: tp x dp = 2 x 1 and 2 x 2, tp 2 x cp 2)
+#     equals one process, resumes bitwise, resumes without tp, and exports whole weights;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -239,6 +241,75 @@ if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$
     pass "LoRA fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
 else
     fail "LoRA fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+fi
+
+# ==== tensor parallelism: the Wan recipe (its demo) with fsdp.tp_size, Automodel's Wan plan ====
+export TRAIN_RECIPE=recipes/wan_finetune.yaml
+WB=(--step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4)
+train 1 0 w1 "${WB[@]}"
+if [ "$RC" = 0 ]; then pass "Wan reference: 1 process, batch 4, 4 steps (float64)"; else fail "Wan reference run" "$ERR"; fi
+case_eq "Wan fsdp2 tensor parallel (tp_size 2, dp 1), 2 ranks x the whole batch 4" 2 w1 wtp2 --fsdp.tp_size 2 "${WB[@]}"
+if grep -q "tensor parallel: 2 ranks" <<< "$OUT" && [ "$(ls "$T/wtp2/epoch_0_step_3/model" | grep -c '^shard-0000[01]-of-00002')" = 2 ]; then
+    pass "Wan tp 2: the log names tensor parallelism; each tp rank wrote its shard file"
+else
+    fail "Wan tp 2: log and shard files" "$OUT" "$(ls "$T/wtp2/epoch_0_step_3/model" 2>&1)"
+fi
+case_eq "Wan dp 2 x tp 2, 4 ranks x batch 2" 4 w1 wtp2dp2 --fsdp.tp_size 2 --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 2 \
+    --step_scheduler.global_batch_size 4
+case_eq "Wan tp 2 x cp 2, 4 ranks x the whole batch 4, activation checkpointing" 4 w1 wtpcp --fsdp.tp_size 2 \
+    --fsdp.cp_size 2 --fsdp.activation_checkpointing true "${WB[@]}"
+train 2 2 wtpstop --fsdp.tp_size 2 "${WB[@]}"
+A_RC=$RC
+train 2 0 wtpstop --fsdp.tp_size 2 "${WB[@]}"
+C=$(compare wtpstop/epoch_0_step_3 wtp2/epoch_0_step_3)
+if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ] &&
+   [ "$(losses wtpstop)" = "$(losses wtp2)" ]; then
+    pass "Wan tp 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
+else
+    fail "tensor-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+fi
+# a tp 2 checkpoint resumed as plain 2-rank data parallelism (resharded: whole-parameter pieces)
+cp -r "$T/wtpstop" "$T/wtpdp"
+rm -rf "$T/wtpdp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/wtpdp/LATEST"
+train 2 0 wtpdp --fsdp.dp_size 2 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 4
+C=$(compare wtpdp/epoch_0_step_3 w1/epoch_0_step_3)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "a tp 2 checkpoint resumed as 2-rank data parallelism (no tp) ends within 1e-6 of the 1-process run ($C)"
+else
+    fail "tensor-parallel checkpoint into data parallelism" "exit $RC" "$C" "$ERR"
+fi
+# the consolidated diffusers export of a tp run holds the whole weights
+train 2 0 wtpexp --fsdp.tp_size 2 "${WB[@]}" --checkpoint.save_consolidated true
+EXP="$T/wtpexp/epoch_0_step_3/diffusers/transformer"
+C=$("$N" -e "
+local nemo = require 'nemo'
+local full = require('nemo.parallel.fsdp2').load_full('$T/wtp2/epoch_0_step_3')
+local fs = require 'nemo.fs'
+local sd = {}
+for _, f in ipairs(fs.list('$EXP')) do
+    if f:match('%.safetensors\$') then for k, v in pairs(nemo.load_file('$EXP/' .. f)) do sd[k] = v end end
+end
+local worst, n = 0, 0
+for k, t in pairs(full) do n = n + 1; local e = sd[k]; worst = e and math.max(worst, (e:double() - t:double()):abs():max():item()) or math.huge end
+print(n, worst)" 2>&1)
+if [ "$RC" = 0 ] && [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
+    pass "Wan tp 2: rank 0's consolidated diffusers export holds the whole weights, equal to the tp checkpoint's ($C)"
+else
+    fail "Wan tp 2: the consolidated export is whole" "exit $RC" "$C" "$ERR"
+fi
+train 2 0 wtpddp --ddp.dp_size 1 --ddp.tp_size 2 "${WB[@]}"
+if [ "$RC" != 0 ] && grep -q "unknown key 'ddp.tp_size'" <<< "$ERR"; then
+    pass "ddp.tp_size is an error (not a ddp key: tensor parallelism runs under FSDP2, as in Automodel)"
+else
+    fail "ddp with tp_size is refused" "exit $RC" "$ERR"
+fi
+unset TRAIN_RECIPE
+train 2 0 fluxtp --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" != 0 ] && grep -q "has no tensor-parallel plan" <<< "$ERR"; then
+    pass "FLUX with fsdp.tp_size 2: an error saying the model has no tensor-parallel plan"
+else
+    fail "FLUX tp_size is refused" "exit $RC" "$ERR"
 fi
 
 # ==== mixed precision and errors ====

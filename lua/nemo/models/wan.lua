@@ -835,6 +835,35 @@ function WanTransformer3DModel:enable_context_parallel(group)
     return self
 end
 
+-- model:enable_tensor_parallel(group): shard the layers of Automodel's Wan plan over the ranks of
+-- `group` (a nemo.dist group, e.g. mesh:get_group("tp"); nemo.parallel.tensor): the condition
+-- embedder's text_embedder and time_embedder (linear_1 column-, linear_2 row-parallel), time_proj
+-- (column-parallel, its output gathered), every block's ffn (net.0.proj column-, net.2
+-- row-parallel) and proj_out (row-parallel on its whole input). Attention is not sharded.
+-- Automodel's plan shards time_proj and proj_out without the gather and the input slice, which
+-- breaks their shapes; here they compute what the model on one process computes. A one-way
+-- change: the sharded weights hold this rank's slice (each with its `_tp` facts); the output,
+-- and every replicated parameter's gradient, is the one-process one on every rank.
+function WanTransformer3DModel:enable_tensor_parallel(group)
+    local tpm = require "nemo.parallel.tensor"
+    if rawget(self, "_tp_group") then error("enable_tensor_parallel: the model is tensor-parallel already", 2) end
+    local ce = self.condition_embedder
+    local plan = {
+        {ce.text_embedder.linear_1, "colwise"}, {ce.text_embedder.linear_2, "rowwise"},
+        {ce.time_embedder.linear_1, "colwise"}, {ce.time_embedder.linear_2, "rowwise"},
+        {ce.time_proj, "colwise", {gather_output = true}},
+    }
+    for _, b in self.blocks:iter() do
+        plan[#plan + 1] = {b.ffn.net:get(1).proj, "colwise"}
+        plan[#plan + 1] = {b.ffn.net:get(3), "rowwise"}
+    end
+    plan[#plan + 1] = {self.proj_out, "rowwise", {input_is_parallel = false}}
+    local ok, err = pcall(tpm.apply, plan, group)
+    if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
+    if group:size() > 1 then rawset(self, "_tp_group", group) end
+    return self
+end
+
 -- ==== files ====
 -- (The folder reading and writing is nemo.models.io's, shared with FluxTransformer2DModel.)
 

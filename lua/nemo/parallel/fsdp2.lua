@@ -128,12 +128,12 @@ function M.FSDP2Manager(opts)
             error(string.format("FSDP2Manager: %s must be a %s, got %s", k, want, type(v)), 2)
         end
     end
-    for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
+    for _, k in ipairs { "pp_size", "ep_size" } do
         local v = opts[k]
         if type(v) == "number" and v > 1 then
             error(string.format("FSDP2Manager: %s = %d: %s parallelism is not supported yet in nemo-lua (set %s " ..
-                "to 1; data parallelism with dp_size / dp_replicate_size is, and context parallelism with cp_size)",
-                k, v, ({tp_size = "tensor", pp_size = "pipeline", ep_size = "expert"})[k], k), 2)
+                "to 1; data parallelism with dp_size / dp_replicate_size is, context parallelism with cp_size and " ..
+                "tensor parallelism with tp_size)", k, v, ({pp_size = "pipeline", ep_size = "expert"})[k], k), 2)
         end
     end
     -- context parallelism is Ulysses (Automodel: ring x ulysses = cp_size, ring must be 1)
@@ -148,8 +148,13 @@ function M.FSDP2Manager(opts)
         error(string.format("FSDP2Manager: cp_ring_degree x cp_ulysses_degree = 1 x %s must equal cp_size = %d",
             tostring(opts.cp_ulysses_degree), cpn), 2)
     end
-    if opts.sequence_parallel then error("FSDP2Manager: sequence_parallel needs tensor parallelism, which nemo-lua " ..
-        "does not have yet", 2) end
+    if opts.sequence_parallel then error("FSDP2Manager: sequence_parallel (tensor-parallel activations split " ..
+        "along the sequence) is not supported yet: nemo-lua's tensor parallelism keeps the activations between " ..
+        "the sharded layers whole; use cp_size to split the sequence", 2) end
+    if opts.enable_async_tensor_parallel then error("FSDP2Manager: enable_async_tensor_parallel needs " ..
+        "sequence_parallel, which nemo-lua does not have yet (Automodel refuses it without sequence_parallel too)", 2) end
+    if not is_null(opts.tp_plan) then error("FSDP2Manager: tp_plan: custom tensor-parallel plans are not " ..
+        "supported yet; tp_size > 1 applies the model's own plan (WanTransformer3DModel:enable_tensor_parallel)", 2) end
     -- CPU offload (Automodel: cpu_offload -> CPUOffloadPolicy(pin_memory=True)): the shards, their
     -- gradients and the optimizer state live in host memory; see _build_unit
     local offload, pin = opts.cpu_offload == true, true
@@ -242,6 +247,15 @@ end
 
 local function free_storage(p) check(C.nemo_storage_resize_(p._c.storage, 0)) end
 
+-- rank 0's t on every rank of group (t may be a strided view)
+local function broadcast_whole(group, t)
+    if t:is_contiguous() then check(C.nemo_coll_broadcast(group._c, t._c, 0)); return end
+    local tmp = t:contiguous()
+    check(C.nemo_coll_broadcast(group._c, tmp._c, 0))
+    check(C.nemo_copy_(t._c, tmp._c))
+    tmp:free()
+end
+
 -- ==== setup ====
 
 function FSDP:_build_unit(u, S, rank)
@@ -325,6 +339,25 @@ function FSDP:parallelize(model)
         end
         model:enable_context_parallel(dm:get_group("cp"))
     end
+    -- tensor parallelism: every rank of a tp group keeps its slice of rank 0's weights
+    local TP = dm:size("tp")
+    self.TP = TP
+    if TP > 1 then
+        if type(model.enable_tensor_parallel) ~= "function" then
+            error(string.format("FSDP2Manager: tp_size = %d but the model (%s) has no tensor-parallel plan " ..
+                "(enable_tensor_parallel: WanTransformer3DModel has one, Automodel's; FLUX has none there either)",
+                TP, tostring(getmetatable(model) and getmetatable(model).__name or type(model))), 2)
+        end
+        local world = dist.group_world()
+        for _, p in model:named_parameters() do
+            own_storage(p)
+            check(C.nemo_coll_broadcast(world._c, p._c, 0))
+        end
+        for _, b in model:named_buffers() do broadcast_whole(world, b) end
+        self.tp_group = dm:get_group("tp")
+        model:enable_tensor_parallel(self.tp_group)
+        self.broadcast_done = true
+    end
     local param_dtype = self.param_dtype
     if self.opts.activation_checkpointing and model.enable_gradient_checkpointing then
         model:enable_gradient_checkpointing()
@@ -369,17 +402,12 @@ function FSDP:parallelize(model)
     local world = dist.group_world()
     for _, p in ipairs(params) do
         own_storage(p)
-        check(C.nemo_coll_broadcast(world._c, p._c, 0))
+        if not self.broadcast_done then check(C.nemo_coll_broadcast(world._c, p._c, 0)) end
     end
-    local function bcast(t)
-        if t:is_contiguous() then check(C.nemo_coll_broadcast(world._c, t._c, 0)); return end
-        local tmp = t:contiguous()
-        check(C.nemo_coll_broadcast(world._c, tmp._c, 0))
-        check(C.nemo_copy_(t._c, tmp._c))
-        tmp:free()
+    if not self.broadcast_done then
+        for _, p in model:named_parameters() do if not rawget(p, "requires_grad") then broadcast_whole(world, p) end end
+        for _, b in model:named_buffers() do broadcast_whole(world, b) end
     end
-    for _, p in model:named_parameters() do if not rawget(p, "requires_grad") then bcast(p) end end
-    for _, b in model:named_buffers() do bcast(b) end
     -- units and their entries; a parameter belongs to the first unit (registration order) that holds it
     local units = find_units(model)
     local owner = {}
@@ -392,7 +420,7 @@ function FSDP:parallelize(model)
         for name, p in u.module:named_parameters() do
             if rawget(p, "requires_grad") and not owner[p] then
                 owner[p] = u
-                u.entries[#u.entries + 1] = {p = p, name = prefix .. name}
+                u.entries[#u.entries + 1] = {p = p, name = prefix .. name, tp = rawget(p, "_tp")}
             end
         end
     end
@@ -870,23 +898,40 @@ end
 
 -- The global 2-norm of the gradients over every shard of every rank; scales the shards' gradients
 -- by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_ does. Returns the norm.
+-- With tensor parallelism the sharded parameters' squares are summed over the tp group too (the
+-- replicated ones are the same on every tp rank: counted once).
 function FSDP:clip_grad_norm_(max_norm, opts)
     local optim = require "nemo.optim"
-    if self.plain then return optim.clip_grad_norm_(self.plain, max_norm, opts) end
+    if self.plain and not self.tp_group then return optim.clip_grad_norm_(self.plain, max_norm, opts) end
     if type(max_norm) ~= "number" or max_norm <= 0 then
         error("clip_grad_norm_: max_norm must be a positive number, got " .. tostring(max_norm), 2)
     end
     local norm_type = opts and opts.norm_type or 2
     if norm_type ~= 2 then error("clip_grad_norm_: only norm_type 2 is supported, got " .. tostring(norm_type), 2) end
-    local gs = {}
-    for _, e in ipairs(self.entries) do
+    local entries = self:_entries_or_plain()
+    local gs, is_tp = {}, {}
+    for _, e in ipairs(entries) do
         local g = rawget(e.sp, "grad")
-        if g ~= nil then gs[#gs + 1] = g end
+        if g ~= nil then gs[#gs + 1] = g; is_tp[#gs] = e.tp ~= nil end
     end
-    local total = 0
-    for _, v in ipairs(optim.sum_squares(gs)) do total = total + v end   -- one wait, not one per shard
-    total = math.sqrt(dist.all_reduce_number(total, "sum", self.shard_group))
+    local rep, tps = 0, 0
+    for i, v in ipairs(optim.sum_squares(gs)) do   -- one wait, not one per shard
+        if is_tp[i] then tps = tps + v else rep = rep + v end
+    end
+    if not self.plain then
+        local v = dist.all_reduce_numbers({rep, tps}, "sum", self.shard_group)
+        rep, tps = v[1], v[2]
+    end
+    if self.tp_group then tps = dist.all_reduce_number(tps, "sum", self.tp_group) end
+    local total = math.sqrt(rep + tps)
+    if opts and opts.error_if_nonfinite and total ~= total then
+        error("clip_grad_norm_: the total norm of the gradients is non-finite", 2)
+    end
     local coef = max_norm / (total + 1e-6)
+    if self.plain then
+        optim.scale_grads_(self.plain, coef)
+        return total
+    end
     if coef < 1 then
         for _, u in ipairs(self.units) do
             for _, g in ipairs(u.groups) do
@@ -903,15 +948,42 @@ end
 
 -- summon_full_params(fn, ...): every unit all-gathered while fn runs (on every rank: it is
 -- collective), resharded after. For reading or exporting the whole model.
+-- With tensor parallelism the tensor-parallel parameters are whole too while fn runs (gathered
+-- over the tp group): fn reads or exports the model (not for a forward: the layers expect slices).
 function FSDP:summon_full_params(fn, ...)
-    if self.plain then return fn(...) end
+    local swapped = {}
+    local function tp_whole()   -- each tp parameter's storage swapped for the whole tensor's
+        if not self.tp_group then return end
+        local tpm = require "nemo.parallel.tensor"
+        for _, p in self.module:named_parameters() do
+            local info = rawget(p, "_tp")
+            if info then
+                local whole = tpm.full(p, info, self.tp_group)
+                swapped[#swapped + 1] = {p = p, c = rawget(p, "_c"), whole = whole}
+                rawset(p, "_c", whole._c)
+            end
+        end
+    end
+    local function tp_restore()
+        for _, e in ipairs(swapped) do rawset(e.p, "_c", e.c); e.whole:free() end
+        swapped = {}
+    end
+    if self.plain then
+        tp_whole()
+        local res = pack(pcall(fn, ...))
+        tp_restore()
+        if not res[1] then error(res[2], 0) end
+        return unpack(res, 2, res.n)
+    end
     self:_drain()
     local was = {}
     for i, u in ipairs(self.units) do
         was[i] = u.state
         self:_unshard(u)
     end
-    local res = pack(pcall(fn, ...))
+    local ok, err = pcall(tp_whole)
+    local res = ok and pack(pcall(fn, ...)) or {false, err, n = 2}
+    tp_restore()
     for i, u in ipairs(self.units) do
         if was[i] == "sharded" then self:_reshard(u) end
     end
@@ -923,9 +995,11 @@ end
 -- parameters, gathered (collective: every rank calls it; every rank gets them).
 function FSDP:full_state_dict()
     local sd, keys = {}, {}
+    local tpm = require "nemo.parallel.tensor"
     if self.plain then
         for i, name in ipairs(self.names) do
-            sd[name] = self.plain[i]:detach():clone()
+            local p, info = self.plain[i], rawget(self.plain[i], "_tp")
+            sd[name] = info and tpm.full(p, info, self.tp_group) or p:detach():clone()
             keys[i] = name
         end
         return sd, keys
@@ -942,6 +1016,11 @@ function FSDP:full_state_dict()
             for _, e in ipairs(g.entries) do
                 local full = Tensor.empty(e.p.shape, {dtype = g.dtype, device = g.device})
                 copy_from_gathered(e, g, S, out, full)
+                if e.tp then   -- this tp rank's slice: the whole parameter from every tp rank's
+                    local whole = tpm.full(full, e.tp, self.tp_group)
+                    full:free()
+                    full = whole
+                end
                 sd[e.name] = full
             end
             out:free()
@@ -952,13 +1031,18 @@ function FSDP:full_state_dict()
 end
 
 -- ==== sharded checkpoints ====
--- save_sharded(dir, optimizer): this rank's shards into dir/model/shard-QQQQQ-of-SSSSS.safetensors
+-- save_sharded(dir, optimizer): this rank's shards into dir/model/shard-WWWWW-of-NNNNN.safetensors
 -- (each parameter's real rows, named as in the model) and, with an optimizer, its AdamW state
--- into dir/optim/shard-QQQQQ-of-SSSSS.safetensors (exp_avg.<name>, exp_avg_sq.<name>; steps in
--- the metadata). Under HSDP only the first replica writes (the others hold the same shards).
--- Every rank calls it; the folders must exist. load_sharded(dir, optimizer) reads shards written
--- by any number of ranks (resharding on load) into this rank's shards and optimizer state;
--- M.load_full(dir) assembles whole tensors from them (one process, or a consolidated export).
+-- into dir/optim/shard-WWWWW-of-NNNNN.safetensors (exp_avg.<name>, exp_avg_sq.<name>; steps in
+-- the metadata). Each file's `layout` says, for every parameter it holds a piece of, the whole
+-- parameter's shape and the piece's place in it: rows [row0, row0 + rows) and, for a piece of
+-- a tensor-parallel row-wise weight, columns [col0, col0 + cols) (`whole`: all of it). Writers:
+-- the dp_shard ranks of each tp rank (W = dp_shard x tp files, writer w = tp_rank x dp_shard +
+-- shard rank); replicated parameters come from tp rank 0 only, and under HSDP only the first
+-- replica writes (the others hold the same shards). Every rank calls it; the folders must
+-- exist. load_sharded(dir, optimizer) reads the pieces that overlap this rank's part of each
+-- parameter, whatever dp / tp layout wrote them (resharding on load), into its shards and
+-- optimizer state; M.load_full(dir) assembles whole tensors (one process, a consolidated export).
 local SHARD_FORMAT = "nemo-lua.fsdp2-shard"
 
 local function shard_name(q, S) return string.format("shard-%05d-of-%05d.safetensors", q, S) end
@@ -969,7 +1053,7 @@ function FSDP:_entries_or_plain()
         local out = {}
         for i, p in ipairs(self.plain) do
             local d0 = #p.shape > 0 and p.shape[1] or 1
-            out[i] = {name = self.names[i], p = p, sp = p, d0 = d0, R = d0, real = d0}
+            out[i] = {name = self.names[i], p = p, sp = p, d0 = d0, R = d0, real = d0, tp = rawget(p, "_tp")}
         end
         return out, 1, 0
     end
@@ -981,8 +1065,11 @@ end
 function FSDP:save_sharded(dir, optimizer, opts)
     local st = require "nemo.safetensors"
     local json = require "nemo.json"
+    local tpm = require "nemo.parallel.tensor"
     local entries, S, q = self:_entries_or_plain()
     if self.R and self.R > 1 and self.mesh:get_local_rank("dp_replicate") ~= 0 then return end
+    local T, t = self.TP or 1, self.tp_group and self.tp_group:rank() or 0
+    local W, w = S * T, t * S + q   -- this writer among all
     local tensors, layout = {}, {}
     local otensors, steps = {}, {}
     local ostate = {}
@@ -1002,33 +1089,42 @@ function FSDP:save_sharded(dir, optimizer, opts)
             ostate[e] = sd.state[i]
         end
     end
+    local function place(info, p, r0, n)   -- a piece's layout entry, in whole-parameter coordinates
+        local shape = {}
+        for i, v in ipairs(info and info.shape or p.shape) do shape[i] = v end
+        local row0, rows, col0, cols = tpm.box(info, r0, n)
+        return {shape = json.array(shape), row0 = row0, rows = rows, col0 = col0, cols = cols}
+    end
     for _, e in ipairs(entries) do
-        local shape = {}
-        for i, v in ipairs(e.p.shape) do shape[i] = v end
-        layout[e.name] = {shape = json.array(shape), row0 = q * e.R, rows = e.real}
-        if e.real > 0 then
-            tensors[e.name] = e.sp:narrow(0, 0, e.real)
-            local os_ = ostate[e]
-            if os_ then
-                otensors["exp_avg." .. e.name] = os_.exp_avg:narrow(0, 0, e.real)
-                otensors["exp_avg_sq." .. e.name] = os_.exp_avg_sq:narrow(0, 0, e.real)
+        if e.tp or t == 0 then   -- a replicated parameter is the same on every tp rank: tp rank 0 writes it
+            layout[e.name] = place(e.tp, e.p, q * e.R, e.real)
+            if e.real > 0 then
+                tensors[e.name] = e.sp:narrow(0, 0, e.real)
+                local os_ = ostate[e]
+                if os_ then
+                    otensors["exp_avg." .. e.name] = os_.exp_avg:narrow(0, 0, e.real)
+                    otensors["exp_avg_sq." .. e.name] = os_.exp_avg_sq:narrow(0, 0, e.real)
+                end
             end
+            if ostate[e] then steps[e.name] = ostate[e].step end
         end
-        if ostate[e] then steps[e.name] = ostate[e].step end
     end
-    -- frozen parameters are not sharded: the first shard file holds them whole
+    -- frozen parameters are not sharded: the first shard file of each tp rank holds them (whole,
+    -- or this tp rank's slice)
     for _, f in ipairs((opts and opts.frozen == false) and {} or self.frozen or {}) do
-        local shape = {}
-        for i, v in ipairs(f[2].shape) do shape[i] = v end
-        layout[f[1]] = {shape = json.array(shape), whole = true}
-        if q == 0 then tensors[f[1]] = f[2] end
+        local info = rawget(f[2], "_tp")
+        if q == 0 and (info or t == 0) then
+            local d0 = #f[2].shape > 0 and f[2].shape[1] or 1
+            layout[f[1]] = info and place(info, f[2], 0, d0) or {shape = place(nil, f[2], 0, d0).shape, whole = true}
+            tensors[f[1]] = f[2]
+        end
     end
-    local meta = {format = SHARD_FORMAT, shard = tostring(q), num_shards = tostring(S),
+    local meta = {format = SHARD_FORMAT, shard = tostring(w), num_shards = tostring(W),
                   layout = json.encode(layout)}
-    st.save_file(tensors, dir .. "/model/" .. shard_name(q, S), meta)
+    st.save_file(tensors, dir .. "/model/" .. shard_name(w, W), meta)
     if optimizer then
-        st.save_file(otensors, dir .. "/optim/" .. shard_name(q, S),
-            {format = SHARD_FORMAT, shard = tostring(q), num_shards = tostring(S), steps = json.encode(steps)})
+        st.save_file(otensors, dir .. "/optim/" .. shard_name(w, W),
+            {format = SHARD_FORMAT, shard = tostring(w), num_shards = tostring(W), steps = json.encode(steps)})
     end
 end
 
@@ -1067,25 +1163,51 @@ local function open_shards(folder, what)
     return files, S
 end
 
--- copy rows [lo, lo + n) of parameter `name` (d0 rows, R_src rows per source shard) into dst
--- (n rows), reading each source file's piece of the range
-local function gather_rows(files, S, key, name, d0, lo, n, dst, what)
-    if n <= 0 then return end
-    local R = math.ceil(d0 / S)
-    for q = 0, S - 1 do
-        local a = math.max(lo, q * R)
-        local b = math.min(lo + n, math.min(d0, (q + 1) * R))
-        if b > a then
-            local f = files[q + 1]
-            if not f.h:has(key) then
-                error(string.format("%s: %s has no tensor '%s'", what, f.name, key), 0)
+-- a file's piece of a parameter (its layout entry l): rows [r0, r0 + n), columns [c0, c0 + nc)
+-- (nc nil: every column); an entry without row0 (a consolidated file) is the whole parameter
+local function piece_of(l)
+    if l.whole or l.row0 == nil then return 0, l.shape[1] or 1, 0, nil end
+    return l.row0, l.rows, l.col0 or 0, l.cols
+end
+
+-- gather_box(files, key, name, dst, r0, c0, what): fill dst, the part of parameter `name` at
+-- rows [r0, r0 + #rows of dst) (and columns [c0, c0 + #columns of dst) for a matrix), from every
+-- file's overlapping piece (tensor `key`; its place from files[i].layout, or from lfiles[i]'s
+-- when the tensors come from other files, as the optimizer's do). Every element must be found.
+local function gather_box(files, key, name, dst, r0, c0, what, lfiles)
+    local n = dst.shape[1] or 1
+    local two = #dst.shape >= 2
+    local nc = two and dst.shape[2] or 1
+    if n <= 0 or nc <= 0 then return end
+    local found = 0
+    for i, f in ipairs(files) do
+        local lf = (lfiles or files)[i]
+        local l = lf.layout and lf.layout[name]
+        if l and f.h:has(key) then
+            local pr0, pn, pc0, pnc = piece_of(l)
+            pnc = pnc or (two and l.shape[2]) or 1
+            local a, b = math.max(r0, pr0), math.min(r0 + n, pr0 + pn)
+            local ca, cb = 0, 1
+            if two then ca, cb = math.max(c0, pc0), math.min(c0 + nc, pc0 + pnc) end
+            if b > a and cb > ca then
+                local t = f.h:get_tensor(key)
+                local src = t:narrow(0, a - pr0, b - a)
+                local d = dst:narrow(0, a - r0, b - a)
+                if two and (pc0 ~= c0 or pnc ~= nc or ca ~= c0 or cb - ca ~= nc) then
+                    local s2, d2 = src:narrow(1, ca - pc0, cb - ca), d:narrow(1, ca - c0, cb - ca)
+                    src:free(); d:free()
+                    src, d = s2, d2
+                end
+                check(C.nemo_copy_(d._c, src._c))
+                src:free(); d:free(); t:free()
+                found = found + (b - a) * (cb - ca)
             end
-            local t = f.h:get_tensor(key)
-            local src = t:narrow(0, a - q * R, b - a)
-            local d = dst:narrow(0, a - lo, b - a)
-            check(C.nemo_copy_(d._c, src._c))
-            src:free(); d:free(); t:free()
         end
+    end
+    if found ~= n * nc then
+        error(string.format("%s: the checkpoint's files hold only part of '%s' (rows %d..%d%s): a shard file is " ..
+            "missing or was written by another run", what, key, r0, r0 + n - 1,
+            two and string.format(", columns %d..%d", c0, c0 + nc - 1) or ""), 0)
     end
 end
 
@@ -1103,9 +1225,10 @@ local function load_into(o)
     local what, files, S, layout, entries, q = o.what, o.files, o.S, o.layout, o.entries, o.q
     local n = 0
     for _, l in pairs(layout) do if not l.whole then n = n + 1 end end
+    local tpm = require "nemo.parallel.tensor"
     for _, e in ipairs(entries) do
         local shape = shape_of(layout, e.name, what, o.dir)
-        local mine = table.concat(e.p.shape, "x")
+        local mine = table.concat(e.tp and e.tp.shape or e.p.shape, "x")
         if table.concat(shape, "x") ~= mine then
             error(string.format("%s: parameter %s is %s in the checkpoint, %s in the model", what, e.name,
                 table.concat(shape, "x"), mine), 0)
@@ -1118,19 +1241,21 @@ local function load_into(o)
         for _, e in ipairs(entries) do
             if e.sp ~= e.p then check(C.nemo_fill_(e.sp._c, 0)) end
             local dst = e.sp:narrow(0, 0, e.real)
-            gather_rows(files, S, e.name, e.name, e.d0, q * e.R, e.real, dst, what)
+            local r0, _, c0 = tpm.box(e.tp, q * e.R, e.real)
+            gather_box(files, e.name, e.name, dst, r0, c0 or 0, what)
             dst:free()
         end
         for _, f in ipairs(o.frozen or {}) do
             local l = layout[f[1]]
-            if l and l.whole then
-                if table.concat(l.shape, "x") ~= table.concat(f[2].shape, "x") then
+            if l and (l.whole or l.row0) then
+                local info = rawget(f[2], "_tp")
+                local want = info and info.shape or f[2].shape
+                if table.concat(l.shape, "x") ~= table.concat(want, "x") then
                     error(string.format("%s: frozen parameter %s is %s in the checkpoint, %s in the model", what, f[1],
-                        table.concat(l.shape, "x"), table.concat(f[2].shape, "x")), 0)
+                        table.concat(l.shape, "x"), table.concat(want, "x")), 0)
                 end
-                local t = files[1].h:get_tensor(f[1])
-                check(C.nemo_copy_(f[2]._c, t._c))
-                t:free()
+                local r0, _, c0 = tpm.box(info, 0, #f[2].shape > 0 and f[2].shape[1] or 1)
+                gather_box(files, f[1], f[1], f[2], r0, c0 or 0, what)
             end
         end
     end)
@@ -1159,7 +1284,8 @@ local function load_into(o)
             for _, key in ipairs { "exp_avg", "exp_avg_sq" } do
                 local t = Tensor.zeros(e.sp.shape, {dtype = cdt, device = e.sp.device})
                 local dst = t:narrow(0, 0, e.real)
-                gather_rows(o.ofiles, o.OS, key .. "." .. e.name, e.name, e.d0, q * e.R, e.real, dst, what)
+                local r0, _, c0 = tpm.box(e.tp, q * e.R, e.real)
+                gather_box(o.ofiles, key .. "." .. e.name, e.name, dst, r0, c0 or 0, what, files)
                 dst:free()
                 st_[key] = t
             end
@@ -1294,7 +1420,7 @@ function M.load_full(dir)
                 if files[q].h:has(name) then dtype = files[q].h:get_tensor(name).dtype; break end
             end
             local t = Tensor.zeros(shape, {dtype = dtype or "float32"})
-            gather_rows(files, S, name, name, shape[1], 0, shape[1], t, what)
+            gather_box(files, name, name, t, 0, 0, what)
             out[name] = t
         end
     end

@@ -9,7 +9,7 @@
 -- Manager types: "ddp" (DistributedDataParallel, nemo.parallel.ddp) and "fsdp2" (the default,
 -- as in Automodel: fully sharded data parallelism and HSDP, nemo.parallel.fsdp2). Options are checked: an unknown
 -- key, a `backend` key (it belongs to dist_env / init_process_group) or a size that nemo-lua
--- cannot run (tp/cp/pp/ep > 1) is an error naming it. Unlike Automodel, unknown FSDP2 keys are
+-- cannot run (pp/ep > 1; tp/cp > 1 under ddp) is an error naming it. Unlike Automodel, unknown FSDP2 keys are
 -- not dropped silently.
 local mesh = require "nemo.parallel.mesh"
 local ddp = require "nemo.parallel.ddp"

@@ -10,9 +10,10 @@
 -- Non-obvious rules:
 -- - A size left out, nil, or <= 0 means 1, as in Automodel; dp_size left out is inferred as
 --   world / (tp x cp x pp). The product of the grid must equal the world size.
--- - tp, pp and ep > 1 are refused with an error naming the key: nemo-lua cannot run them yet,
---   and a dimension is never silently ignored. cp (context parallelism) runs under FSDP2, which
---   then shards over dp_shard_cp (nemo.parallel.context).
+-- - pp and ep > 1 are refused with an error naming the key: nemo-lua cannot run them yet, and a
+--   dimension is never silently ignored. cp (context parallelism) runs under FSDP2, which then
+--   shards over dp_shard_cp (nemo.parallel.context); so does tp (tensor parallelism, the
+--   fastest axis: the tp ranks of a group are neighbours; nemo.parallel.tensor), not under DDP.
 -- - Groups are created at construction, in one fixed order on every rank (MPI_Comm_split is
 --   collective). Axes with the same member ranks share one group; an axis that spans the whole
 --   world uses the world group.
@@ -25,10 +26,7 @@ local FLAT_ORDER = {"dp", "dp_shard_cp", "dp_cp"}
 local KEYS = {"dp_size", "dp_replicate_size", "tp_size", "cp_size", "pp_size", "ep_size"}
 M.DIMS, M.KEYS = DIMS, KEYS
 
-local UNSUPPORTED = {
-    tp_size = "tensor parallelism", pp_size = "pipeline parallelism",
-    ep_size = "expert parallelism",
-}
+local UNSUPPORTED = {pp_size = "pipeline parallelism", ep_size = "expert parallelism"}
 
 local DeviceMesh = {}
 DeviceMesh.__index = DeviceMesh
@@ -63,10 +61,15 @@ function M.DeviceMesh(opts)
     local rank = opts.rank or dist.get_rank()
     local s = {}
     for _, k in ipairs(KEYS) do s[k] = size_of(opts, k, what) end
-    for _, k in ipairs { "tp_size", "pp_size", "ep_size" } do
+    if s.tp_size > 1 and opts.manager == "ddp" then
+        error(string.format("%s: tp_size = %d: tensor parallelism runs under FSDP2 (as in Automodel), not DDP", what,
+            s.tp_size), 2)
+    end
+    for _, k in ipairs { "pp_size", "ep_size" } do
         if s[k] > 1 then
-            error(string.format("%s: %s = %d: %s is not supported yet in nemo-lua (set %s to 1; data parallelism " ..
-                "with dp_size / dp_replicate_size is)", what, k, s[k], UNSUPPORTED[k], k), 2)
+            error(string.format("%s: %s = %d: %s is not supported yet in nemo-lua (set %s to 1; data, context " ..
+                "and tensor parallelism with dp_size / dp_replicate_size, cp_size and tp_size are)", what, k, s[k],
+                UNSUPPORTED[k], k), 2)
         end
     end
     local tp, cp, pp, ep = s.tp_size, s.cp_size, s.pp_size, s.ep_size

@@ -1,0 +1,235 @@
+-- lua/nemo/parallel/tensor.lua: tensor parallelism (Megatron-style column- and row-parallel
+-- Linear layers, what torch's ColwiseParallel / RowwiseParallel do and Automodel's fsdp.tp_size
+-- turns on). The T ranks of a tp group each hold 1/T of a layer's weight and compute 1/T of its
+-- product; activations outside the sharded layers stay whole (replicated) on every rank.
+--
+--   local tp = require "nemo.parallel.tensor"
+--   tp.colwise(ffn_in, group)                     -- weight rows (out_features) split: output sharded
+--   tp.rowwise(ffn_out, group)                    -- weight columns (in_features) split: input sharded,
+--                                                 -- partial products summed over the group
+--   tp.colwise(lin, group, {gather_output = true})     -- output gathered whole (all-gather)
+--   tp.rowwise(lin, group, {input_is_parallel = false}) -- a whole input: each rank takes its slice
+--
+-- A column-parallel layer followed by a row-parallel one (an MLP: in -> act -> out) costs one
+-- all-reduce forward (the row layer's sum) and one backward (the column layer's input gradient).
+-- The sharded parameters are new tensors holding this rank's slice, registered under the same
+-- names; each carries `_tp = {dim, rank, size, shape}` (the split dim, 0 or 1, and the whole
+-- parameter's shape), which the FSDP2 manager reads for gradient norms, full state dicts and
+-- checkpoints (saved in whole-parameter coordinates, so they load on any tp / dp layout).
+--
+-- Non-obvious rules:
+-- - Every parameter outside the sharded layers is replicated, and so is its gradient: the
+--   inputs and output gradients of the replicated part are the same on every rank of the group
+--   (the all-reduces give every rank the same sum), so no gradient reduction over tp is needed.
+-- - The row-parallel bias is whole on every rank and added once, after the sum.
+-- - The collectives run in the order the graph runs, the same on every rank of the group.
+-- - Sharding is a one-way change of the model: the whole weights are gone from this rank.
+local Tensor = require "nemo.tensor"
+local autograd = require "nemo.autograd"
+local F = require "nemo.functional"
+local dist = require "nemo.dist"
+local class = require "nemo.class"
+
+local M = {}
+
+local free = Tensor.free_all
+
+local function alias(t)
+    local nffi = require "nemo.ffi"
+    return Tensor.wrap(nffi.C.nemo_tensor_alias(t._c))
+end
+
+-- ==== the four differentiable collectives (over the last dim where they split) ====
+
+-- copy_to(x, group): x unchanged; backward: the gradient summed over the group (the input of a
+-- column-parallel layer, whose rank-local products each give part of the input's gradient)
+local function copy_bw(node, g)
+    local s = g:contiguous()
+    local out = rawequal(s, g) and s:clone() or s
+    dist.all_reduce(out, {group = node.group})
+    return out
+end
+function M.copy_to(x, group)
+    if not (autograd.is_grad_enabled() and x.requires_grad) then return x end
+    local a = alias(x)
+    local node = autograd.node("tp_copy", copy_bw, a, x)
+    node.group = group
+    return a
+end
+
+-- reduce_from(y, group): y summed over the group, in place (y must be a fresh contiguous result,
+-- e.g. a product); the backward is the identity, so no node is needed
+function M.reduce_from(y, group)
+    autograd.no_grad(dist.all_reduce, y, {group = group})
+    return y
+end
+
+-- gather(x, group) -> every rank's x concatenated along the last dim; backward: this rank's slice
+function M.gather(x, group)
+    return require("nemo.parallel.context").gather(x, #x.shape - 1, group)
+end
+
+-- scatter(x, group) -> this rank's slice of the last dim of a whole x; backward: the slices'
+-- gradients gathered (every rank's part of the whole gradient)
+local function scatter_bw(node, g)
+    return autograd.no_grad(M.gather, g, node.group)
+end
+function M.scatter(x, group)
+    local T, t = group:size(), group:rank()
+    local n = x.shape[#x.shape]
+    local v = x:narrow(#x.shape - 1, t * n / T, n / T)
+    local out = autograd.no_grad(function() return v:contiguous() end)
+    if rawequal(out, v) then out = autograd.no_grad(function() return v:clone() end) end
+    free(v)
+    local node = autograd.node("tp_scatter", scatter_bw, out, x)
+    if node then node.group = group end
+    return out
+end
+
+-- ==== sharding a Linear ====
+
+local function check_group(group, what)
+    if not (type(group) == "table" and getmetatable(group) == dist.Group) then
+        error(string.format("%s: expected a nemo.dist group (e.g. mesh:get_group('tp')), got %s", what, type(group)), 3)
+    end
+end
+
+local function check_linear(m, what)
+    local nn = require "nemo.nn"
+    if not class.isinstance(m, nn.Linear) then
+        local cls = getmetatable(m)
+        local name = cls and cls.__name or type(m)
+        error(string.format("%s: expected an nn.Linear, got %s%s", what, tostring(name),
+            tostring(name):find("LoRA") and " (LoRA adapters on tensor-parallel layers are not supported yet: leave " ..
+            "this layer out of the peft target_modules, or set tp_size to 1)" or ""), 3)
+    end
+    if rawget(m, "_tp") then error(what .. ": the layer is tensor-parallel already", 3) end
+end
+
+-- this rank's slice of parameter `name` of m along dim, registered in its place
+local function shard_param(m, name, dim, group, what)
+    local p = m[name]
+    if p == nil then return end
+    local T, t = group:size(), group:rank()
+    local n = p.shape[dim + 1]
+    if n % T ~= 0 then
+        error(string.format("%s: %s has %d %s, which the tp group of %d ranks cannot split evenly (tp_size must " ..
+            "divide it)", what, name, n, dim == 0 and "rows (out_features)" or "columns (in_features)", T), 3)
+    end
+    local shape = {}
+    for i, s in ipairs(p.shape) do shape[i] = s end
+    local piece = autograd.no_grad(function()
+        local v = p:narrow(dim, t * n / T, n / T)
+        local c = v:clone()
+        free(v)
+        return c
+    end)
+    local nn = require "nemo.nn"
+    local np = nn.Parameter(piece, rawget(p, "requires_grad") == true)
+    rawset(np, "_tp", {dim = dim, rank = t, size = T, shape = shape})
+    m:register_parameter(name, np)
+    free(p, piece)
+end
+
+-- colwise(linear, group, {gather_output = false}): shard the output features. The input is
+-- whole; the output is this rank's features, or every rank's with gather_output.
+function M.colwise(m, group, opts)
+    local what = "tensor parallel colwise"
+    check_group(group, what)
+    check_linear(m, what)
+    if group:size() == 1 then return m end
+    local gather = opts and opts.gather_output
+    shard_param(m, "weight", 0, group, what)
+    shard_param(m, "bias", 0, group, what)
+    rawset(m, "_tp", {style = "colwise", group = group, gather_output = gather == true})
+    rawset(m, "forward", function(self, x)
+        local s = x.shape
+        if #s == 0 or s[#s] ~= self.in_features then
+            error(string.format("tensor-parallel Linear: expected input (..., %d), got %s", self.in_features,
+                Tensor.shape_str(s)), 2)
+        end
+        local xi = M.copy_to(x, group)
+        local y = F.linear(xi, self.weight, self.bias)
+        if not rawequal(xi, x) then free(xi) end
+        if gather then
+            local full = M.gather(y, group)
+            free(y)
+            return full
+        end
+        return y
+    end)
+    return m
+end
+
+-- rowwise(linear, group, {input_is_parallel = true}): shard the input features. The input is
+-- this rank's features (or whole, with input_is_parallel = false: each rank takes its slice); the
+-- output is whole: the rank products summed over the group, plus the bias.
+function M.rowwise(m, group, opts)
+    local what = "tensor parallel rowwise"
+    check_group(group, what)
+    check_linear(m, what)
+    if group:size() == 1 then return m end
+    local parallel_in = not (opts and opts.input_is_parallel == false)
+    shard_param(m, "weight", 1, group, what)
+    rawset(m, "_tp", {style = "rowwise", group = group, input_is_parallel = parallel_in})
+    local T = group:size()
+    rawset(m, "forward", function(self, x)
+        local s = x.shape
+        local want = parallel_in and self.in_features / T or self.in_features
+        if #s == 0 or s[#s] ~= want then
+            error(string.format("tensor-parallel Linear: expected input (..., %d), got %s", want,
+                Tensor.shape_str(s)), 2)
+        end
+        local xi = parallel_in and x or M.scatter(x, group)
+        local y = F.linear(xi, self.weight)
+        if not rawequal(xi, x) then free(xi) end
+        M.reduce_from(y, group)
+        if self.bias == nil then return y end
+        local out = y + self.bias
+        free(y)
+        return out
+    end)
+    return m
+end
+
+-- The tp facts of a parameter ({dim, rank, size, shape}) or nil for a replicated one.
+function M.info(p) return rawget(p, "_tp") end
+
+-- full(t, info, group) -> the whole parameter from every rank's slice t (collective over the tp
+-- group; a new tensor).
+function M.full(t, info, group)
+    local T = info.size
+    local c = t:contiguous()
+    local shape = {T}
+    for i, n in ipairs(c.shape) do shape[i + 1] = n end
+    local st = Tensor.empty(shape, {dtype = c.dtype, device = c.device})
+    autograd.no_grad(dist.all_gather_into_tensor, st, c, {group = group})
+    if not rawequal(c, t) then free(c) end
+    local parts = {}
+    for i = 1, T do parts[i] = st:select(0, i - 1) end
+    local out = autograd.no_grad(F.cat, parts, info.dim)
+    free(st)
+    for i = 1, T do free(parts[i]) end
+    return out
+end
+
+-- box(info, r0, n) -> r0', n, c0, nc: the whole-parameter coordinates of local rows [r0, r0 + n)
+-- of a parameter with tp facts `info` (nil: a replicated one): the rows, and the columns
+-- [c0, c0 + nc) (nil: all of them).
+function M.box(info, r0, n)
+    if not info then return r0, n end
+    local per = info.shape[info.dim + 1] / info.size
+    if info.dim == 0 then return info.rank * per + r0, n end
+    return r0, n, info.rank * per, per
+end
+
+-- apply(plan, group): shard each {module, "colwise" | "rowwise", opts} of the plan; a group of one
+-- rank leaves the model as it is.
+function M.apply(plan, group)
+    if group:size() == 1 then return end
+    for _, e in ipairs(plan) do
+        if e[2] == "colwise" then M.colwise(e[1], group, e[3]) else M.rowwise(e[1], group, e[3]) end
+    end
+end
+
+return M

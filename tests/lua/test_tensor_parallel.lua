@@ -1,0 +1,325 @@
+-- tests/lua/test_tensor_parallel.lua: tensor parallelism (lua/nemo/parallel/tensor.lua, Wan's plan
+-- in WanTransformer3DModel:enable_tensor_parallel, fsdp.tp_size in the FSDP2 manager). Runs on one
+-- process (prove: the option checks) and under mpirun with 2 and 4 ranks (tests/sh/test_mpi.sh).
+-- Every check is decided on all ranks; rank 0 prints TAP. Every rank computes the one-process
+-- reference itself.
+--
+-- The key tests, float64, relative to the largest reference value:
+-- - column- then row-parallel Linear pairs (an MLP), a gathered column-parallel layer and a
+--   row-parallel layer on a whole input == the unsharded layers, forward and input / weight
+--   gradients (1e-12);
+-- - the tiny Wan transformer with enable_tensor_parallel: output and every gradient (the sharded
+--   ones gathered) == one process (1e-10), for Wan 2.1 T2V and I2V;
+-- - FSDP2 with tp_size: N ranks == one process after two AdamW steps with gradient clipping
+--   (losses, gradient norms and weights within 1e-6), tp 2 x dp N/2, and tp 2 x cp 2;
+-- - sharded checkpoints of a tp run load into another dp / tp layout and into whole tensors
+--   (bitwise), and resume bitwise.
+package.path = "tests/lua/?.lua;" .. package.path
+local T = require "tap"
+local nemo = require "nemo"
+local dist = require "nemo.dist"
+local parallel = require "nemo.parallel"
+local tpm = require "nemo.parallel.tensor"
+
+local F = nemo.F
+
+dist.init_process_group{timeout = 60}
+local rank, world = dist.get_rank(), dist.get_world_size()
+local R = require("dist_tap").new(T, dist)
+local ok, raises = R.ok, R.raises
+local rel_diff = R.rel_diff
+
+local function create(o) return parallel._create_parallel_manager(o) end
+
+-- ==== options (any world size) ====
+
+raises(function() create{_manager_type = "ddp", tp_size = 2} end, "ddp does not support tp_size",
+    "ddp: tp_size > 1 is refused (Automodel too)")
+raises(function() parallel.DeviceMesh{tp_size = 2, manager = "ddp", world_size = 2, rank = 0, create_groups = false} end,
+    "tensor parallelism runs under FSDP2", "DeviceMesh for ddp with tp_size > 1: an error")
+raises(function() create{tp_size = 2, sequence_parallel = true} end, "sequence_parallel",
+    "fsdp2: sequence_parallel is refused with a reason (activations stay whole between the sharded layers)")
+raises(function() create{tp_size = 2, tp_plan = {}} end, "custom tensor-parallel plans are not supported yet",
+    "fsdp2: a custom tp_plan is refused (the model's own plan is used)")
+do
+    local m = parallel.DeviceMesh{tp_size = 2, cp_size = 2, world_size = 8, rank = 5, create_groups = false}
+    ok(m:size("tp") == 2 and m:size("dp") == 2 and m:get_local_rank("tp") == 1 and m:get_local_rank("cp") == 0 and
+       m:get_local_rank("dp") == 1, "DeviceMesh{tp 2, cp 2} of 8: dp 2 inferred; rank 5 is tp 1, cp 0, dp 1 (tp fastest)")
+end
+
+local WAN_CFG = {attention_head_dim = 12, cross_attn_norm = true, eps = 1e-6, ffn_dim = 32, freq_dim = 256,
+                 in_channels = 4, num_attention_heads = 4, num_layers = 2, out_channels = 4, patch_size = {1, 2, 2},
+                 qk_norm = "rms_norm_across_heads", rope_max_seq_len = 32, text_dim = 16}
+local wan = require "nemo.models.wan"
+local flux = require "nemo.models.flux"
+
+if world == 1 then
+    R.skip("the multi-rank checks", "one process (tests/sh/test_mpi.sh runs this file on 2 and 4 ranks)")
+    R.done()
+end
+
+-- the layer- and model-level checks run over tp groups of 2
+local mesh2 = parallel.DeviceMesh{tp_size = 2}
+local group = mesh2:get_group("tp")
+local P, trank = group:size(), group:rank()
+
+local function leaf(t) local c = t:clone(); c.requires_grad = true; return c end
+local function whole(p) local info = tpm.info(p); return info and tpm.full(p, info, group) or p end
+
+-- ==== Linear layers ====
+
+do
+    local nn = nemo.nn
+    local g = nemo.Generator(3)
+    local o = {generator = g, dtype = "float64"}
+    local x = nemo.randn({3, 5, 8}, o)
+    local w = nemo.randn({3, 5, 8}, o)
+    local function mlp() nemo.manual_seed(7); return nn.Linear(8, 12):double(), nn.Linear(12, 8):double() end
+    local a, b = mlp()
+    local xr = leaf(x)
+    local yr = b(F.gelu(a(xr), {approximate = "tanh"}))
+    F.sum(yr * w):backward()
+    local ta, tb = mlp()
+    tpm.colwise(ta, group)
+    tpm.rowwise(tb, group)
+    local xt = leaf(x)
+    local yt = tb(F.gelu(ta(xt), {approximate = "tanh"}))
+    F.sum(yt * w):backward()
+    local df, dx = rel_diff(yt, yr), rel_diff(xt.grad, xr.grad)
+    local function gfull(p) return tpm.full(p.grad, tpm.info(p), group) end
+    local dw = math.max(rel_diff(gfull(ta.weight), a.weight.grad), rel_diff(gfull(ta.bias), a.bias.grad),
+        rel_diff(gfull(tb.weight), b.weight.grad), rel_diff(tb.bias.grad, b.bias.grad))
+    ok(df <= 1e-12 and dx <= 1e-12 and dw <= 1e-12 and ta.weight.shape[1] == 12 / P and tb.weight.shape[2] == 12 / P,
+        string.format("column- then row-parallel Linear over %d ranks (an MLP 8 -> 12 -> 8): output %.1e, input " ..
+            "gradient %.1e, gathered weight and bias gradients %.1e == the whole layers (float64, tolerance 1e-12); " ..
+            "the weights hold 12 / %d rows / columns", P, df, dx, dw, P))
+    ok(rel_diff(whole(ta.weight), a.weight) == 0 and tpm.info(ta.weight).dim == 0 and tpm.info(tb.weight).dim == 1 and
+       tpm.info(tb.bias) == nil, "the ranks' slices gathered are the whole weights, bitwise; the row-parallel bias " ..
+       "stays whole")
+
+    local function lin(i, o_) nemo.manual_seed(9); return nn.Linear(i, o_):double() end
+    local c, cr = lin(8, 6), lin(8, 6)
+    tpm.colwise(cr, group, {gather_output = true})
+    local x1, x2 = leaf(x), leaf(x)
+    local y1, y2 = c(x1), cr(x2)
+    F.sum(y1 * nemo.ones({6}, {dtype = "float64"})):backward()
+    F.sum(y2 * nemo.ones({6}, {dtype = "float64"})):backward()
+    ok(rel_diff(y2, y1) <= 1e-12 and rel_diff(x2.grad, x1.grad) <= 1e-12,
+        "colwise with gather_output: the whole output on every rank, and the input gradient, == the whole layer")
+
+    local d, dr = lin(8, 4), lin(8, 4)
+    tpm.rowwise(dr, group, {input_is_parallel = false})
+    local x3, x4 = leaf(x), leaf(x)
+    local y3, y4 = d(x3), dr(x4)
+    F.sum(y3 * y3):backward()
+    F.sum(y4 * y4):backward()
+    ok(rel_diff(y4, y3) <= 1e-12 and rel_diff(x4.grad, x3.grad) <= 1e-12,
+        "rowwise on a whole input (input_is_parallel = false): output and the whole input gradient == the whole layer")
+
+    raises(function() tpm.colwise(nn.Linear(8, 5):double(), group) end, "cannot split evenly",
+        "a Linear whose out_features the tp group does not divide: an error saying so")
+    local peft = require "nemo.peft"
+    local holder = nn.Sequential(nn.Linear(8, 4))
+    local lora = peft.LoRALinear(holder:get(1), {dim = 2, alpha = 2})
+    raises(function() tpm.colwise(lora, group) end, "LoRA adapters on tensor-parallel layers are not supported yet",
+        "a LoRA layer is refused, saying what to do")
+end
+
+-- ==== the Wan transformer ====
+
+local function grads_match(ref, model)
+    local worst, wname = 0, ""
+    local rp = {}
+    for n, p in ref:named_parameters() do rp[n] = p end
+    for n, p in model:named_parameters() do
+        local gr = p.grad or nemo.zeros(p.shape, {dtype = p.dtype})
+        local info = tpm.info(p)
+        if info then gr = tpm.full(gr, info, group) end
+        local d = rel_diff(gr, rp[n].grad)
+        if d > worst then worst, wname = d, n end
+    end
+    return worst, wname
+end
+
+do
+    local g = nemo.Generator(13)
+    local o = {generator = g, dtype = "float64"}
+    local x, e = nemo.randn({2, 4, 2, 8, 8}, o), nemo.randn({2, 6, 16}, o)
+    local y = nemo.randn({2, 4, 2, 8, 8}, o)
+    local tt = nemo.rand({2}, o) * 1000
+    local function build() nemo.manual_seed(3); return wan.WanTransformer3DModel(WAN_CFG):double() end
+    local ref, model = build(), build()
+    local rout = ref{hidden_states = x, timestep = tt, encoder_hidden_states = e}
+    F.mse_loss(rout, y):backward()
+    model:enable_tensor_parallel(group)
+    local out = model{hidden_states = x, timestep = tt, encoder_hidden_states = e}
+    F.mse_loss(out, y):backward()
+    local df = rel_diff(out, rout)
+    local dg, gname = grads_match(ref, model)
+    local ffn = model.blocks:get(1).ffn.net:get(1).proj.weight
+    ok(df <= 1e-10 and dg <= 1e-10 and ffn.shape[1] == 32 / P, string.format("tiny Wan with enable_tensor_parallel " ..
+        "over %d ranks (ffn, condition embedders, time_proj, proj_out sharded): output == one process (%.1e), every " ..
+        "gradient (sharded ones gathered) == one process (%.1e at %s), float64, tolerance 1e-10", P, df, dg, gname))
+    raises(function() model:enable_tensor_parallel(group) end, "tensor-parallel already",
+        "enable_tensor_parallel twice is an error")
+    local odd = {}
+    for k, v in pairs(WAN_CFG) do odd[k] = v end
+    odd.ffn_dim = 33
+    raises(function() wan.WanTransformer3DModel(odd):enable_tensor_parallel(group) end, "has 33 rows",
+        "a ffn_dim that tp_size does not divide: an error naming the size")
+
+    -- Wan 2.1 I2V (image embedder and added K/V projections stay replicated)
+    local i2v = {added_kv_proj_dim = 32, attention_head_dim = 8, cross_attn_norm = true, eps = 1e-6, ffn_dim = 24,
+                 freq_dim = 16, image_dim = 12, in_channels = 12, num_attention_heads = 4, num_layers = 2,
+                 out_channels = 4, patch_size = {1, 2, 2}, qk_norm = "rms_norm_across_heads", rope_max_seq_len = 16,
+                 text_dim = 8}
+    local xi, ei, ii = nemo.randn({1, 12, 2, 8, 8}, o), nemo.randn({1, 512, 8}, o), nemo.randn({1, 5, 12}, o)
+    local yi = nemo.randn({1, 4, 2, 8, 8}, o)
+    local function bi() nemo.manual_seed(4); return wan.WanTransformer3DModel(i2v):double() end
+    ref, model = bi(), bi()
+    local args = {hidden_states = xi, timestep = tt:narrow(0, 0, 1), encoder_hidden_states = ei,
+                  encoder_hidden_states_image = ii}
+    rout = ref(args)
+    F.mse_loss(rout, yi):backward()
+    model:enable_tensor_parallel(group)
+    out = model(args)
+    F.mse_loss(out, yi):backward()
+    df = rel_diff(out, rout)
+    dg, gname = grads_match(ref, model)
+    ok(df <= 1e-10 and dg <= 1e-10, string.format("tiny Wan 2.1 I2V with enable_tensor_parallel over %d ranks: " ..
+        "output (%.1e) and gradients (%.1e at %s) == one process, float64, tolerance 1e-10", P, df, dg, gname))
+end
+
+-- ==== FSDP2 with tp_size: N ranks == one process ====
+
+local gd = nemo.Generator(31)
+local od = {generator = gd, dtype = "float64"}
+local GB = 4
+local X, E = nemo.randn({GB, 4, 2, 8, 8}, od), nemo.randn({GB, 6, 16}, od)
+local TT, Y = nemo.rand({GB}, od) * 1000, nemo.randn({GB, 4, 2, 8, 8}, od)
+local function build_wan(first)
+    nemo.manual_seed(first and 3 or 30 + rank)
+    return wan.WanTransformer3DModel(WAN_CFG):double()
+end
+local function loss_of(model, lo, len)
+    return F.mse_loss(model{hidden_states = X:narrow(0, lo, len), timestep = TT:narrow(0, lo, len),
+        encoder_hidden_states = E:narrow(0, lo, len)}, Y:narrow(0, lo, len))
+end
+
+local function train_ref(steps)
+    local ref = build_wan(true)
+    local ropt = nemo.optim.AdamW(ref:parameters(), {lr = 1e-3})
+    local rl, rn = {}, {}
+    for s = 1, steps do
+        ropt:zero_grad()
+        local loss = loss_of(ref, 0, GB)
+        loss:backward()
+        rn[s] = nemo.optim.clip_grad_norm_(ref:parameters(), 0.05)
+        rl[s] = loss:item()
+        ropt:step()
+    end
+    return ref, rl, rn
+end
+
+local function train_tp(mopts, steps, mgr_model)
+    local mgr, model = mgr_model and mgr_model[1], mgr_model and mgr_model[2]
+    if not mgr then
+        model = build_wan(rank == 0)
+        mgr = create(mopts)
+        mgr:parallelize(model)
+    end
+    local opt = mgr_model and mgr_model[3] or nemo.optim.AdamW(mgr:parameters(), {lr = 1e-3})
+    local dm = mgr.mesh
+    local dp, dp_rank = dm:size("dp"), dm:get_local_rank("dp")
+    local B = GB / dp
+    local losses, norms = {}, {}
+    for s = 1, steps do
+        opt:zero_grad()
+        local loss = loss_of(model, dp_rank * B, B)
+        loss:backward()
+        mgr:finish_gradient_synchronization()
+        norms[s] = mgr:clip_grad_norm_(0.05)
+        opt:step()
+        losses[s] = dist.all_reduce_number(loss:item(), "avg")
+    end
+    return mgr, model, opt, losses, norms
+end
+
+local ref, rl, rn = train_ref(2)
+local rsd = ref:state_dict()
+local function fsdp_case(name, mopts)
+    local mgr, model, opt, losses, norms = train_tp(mopts, 2)
+    local wl, wn = 0, 0
+    for s = 1, 2 do
+        wl = math.max(wl, math.abs(losses[s] - rl[s]) / math.abs(rl[s]))
+        wn = math.max(wn, math.abs(norms[s] - rn[s]) / rn[s])
+    end
+    local sd, keys = mgr:full_state_dict()
+    local ww = 0
+    for _, k in ipairs(keys) do ww = math.max(ww, rel_diff(sd[k], rsd[k])) end
+    local dm = mgr.mesh
+    ok(wl <= 1e-6 and wn <= 1e-6 and ww <= 1e-6 and #keys == #ref:parameters(), string.format("FSDP2 %s: %d ranks " ..
+        "(dp %d x cp %d x tp %d) == 1 process x batch %d within 1e-6 relative: losses %.2e, clipped gradient norms " ..
+        "%.2e, weights after 2 AdamW steps %.2e", name, world, dm:size("dp"), dm:size("cp"), dm:size("tp"), GB, wl, wn,
+        ww))
+    return mgr, model, opt
+end
+
+local mgr_a, model_a, opt_a = fsdp_case("tiny Wan float64, tp 2", {tp_size = 2})
+if world == 4 then
+    fsdp_case("tiny Wan float64, tp 2 x cp 2, checkpointed blocks", {tp_size = 2, cp_size = 2,
+        activation_checkpointing = true})
+    fsdp_case("tiny Wan float64, tp 4", {tp_size = 4})
+end
+raises(function()
+    local m = flux.FluxTransformer2DModel{in_channels = 16, num_layers = 1, num_single_layers = 1,
+        attention_head_dim = 8, num_attention_heads = 4, joint_attention_dim = 24, pooled_projection_dim = 12,
+        axes_dims_rope = {2, 2, 4}}
+    create{tp_size = 2}:parallelize(m)
+end, "has no tensor-parallel plan", "FSDP2 tp_size with FLUX (no plan, as in Automodel): an error saying so")
+
+-- ==== checkpoints: a tp run's shards load anywhere ====
+
+do
+    local base = os.getenv("TMPDIR") or "/tmp"
+    local d = string.format("%s/nemo_tp_ck_%d", base, tonumber(dist.all_reduce_number(os.time() % 100000, "max")))
+    local fs = require "nemo.fs"
+    if rank == 0 then fs.mkdirs(d .. "/model"); fs.mkdirs(d .. "/optim") end
+    dist.barrier()
+    mgr_a:save_sharded(d, opt_a)
+    dist.barrier()
+    local sd = mgr_a:full_state_dict()
+    local fsdp2 = require "nemo.parallel.fsdp2"
+    local full = fsdp2.load_full(d)
+    local worst = 0
+    for k, v in pairs(sd) do worst = math.max(worst, rel_diff(full[k], v)) end
+    ok(worst == 0, string.format("a tp 2 run's sharded checkpoint (%d files) assembles into the whole weights " ..
+        "(load_full), bitwise", #fs.list(d .. "/model")))
+    -- into another layout: dp over every rank, no tp; then into tp 2 again and resume
+    local function reload(mopts)
+        local m = build_wan(false)
+        local mg = create(mopts)
+        mg:parallelize(m)
+        local op = nemo.optim.AdamW(mg:parameters(), {lr = 1e-3})
+        mg:load_sharded(d, op)
+        return mg, m, op
+    end
+    local mg1 = reload({})
+    local sd1 = mg1:full_state_dict()
+    worst = 0
+    for k, v in pairs(sd) do worst = math.max(worst, rel_diff(sd1[k], v)) end
+    ok(worst == 0, string.format("the tp 2 checkpoint loads into FSDP2 without tp (dp %d), bitwise", world))
+    local mg2, m2, op2 = reload({tp_size = 2})
+    local _, _, _, l2 = train_tp(nil, 1, {mg2, m2, op2})
+    local _, _, _, la = train_tp(nil, 1, {mgr_a, model_a, opt_a})
+    ok(l2[1] == la[1], string.format("resumed from it with tp 2, the next step's loss is the uninterrupted run's " ..
+        "bitwise (%.17g)", la[1]))
+    local sdb, sdc = mgr_a:full_state_dict(), mg2:full_state_dict()
+    worst = 0
+    for k, v in pairs(sdb) do worst = math.max(worst, rel_diff(sdc[k], v)) end
+    ok(worst == 0, "and the weights after that step too (AdamW state restored from the shards)")
+    dist.barrier()
+    if rank == 0 then fs.remove_tree(d) end
+end
+
+R.done()
