@@ -17,7 +17,8 @@
 --   1. sigma (sample_sigmas):
 --      use_sigma_noise = false:  uniform [B]                        -> draws.uniform
 --      timestep_sampling "beta": Gamma draws (Marsaglia-Tsang) from the generator (our own
---                                algorithm: torch's Beta sampler cannot be replayed)
+--                                algorithm: torch's Beta sampler cannot be replayed); the [B]
+--                                Beta values                        -> draws.beta
 --      otherwise:  a. uniform [1] for the mix decision, ONLY when mix_uniform_ratio > 0 and
 --                     the mode is not "uniform"                     -> draws.mix_uniform
 --                  b. u: uniform [B] (uniform mode, mix hit, "mode") -> draws.uniform
@@ -298,7 +299,8 @@ end
 -- sample_sigmas(B, generator | {generator=, draws=, dtype=, device=}) -> u, sigma, timesteps, info
 --   u: [B] before the shift; sigma: [B] shifted and clamped; timesteps = sigma * T; all in dtype
 --   (float32 default). info = {method = "logit_normal" | "uniform" | "uniform_no_shift" | ...,
---   mix_uniform = <number or nil>, uniform = <[B] or nil>, normal = <[B] or nil>}: the raw draws.
+--   mix_uniform = <number or nil>, uniform = <[B] or nil>, normal = <[B] or nil>, beta = <[B] or
+--   nil>}: the raw draws.
 function FlowMatching:sample_sigmas(B, opts)
     if type(B) ~= "number" or B < 1 or B % 1 ~= 0 then
         error("sample_sigmas: batch size must be a positive integer, got " .. tostring(B), 2)
@@ -317,14 +319,18 @@ function FlowMatching:sample_sigmas(B, opts)
         info.uniform, info.method = u, "uniform_no_shift"
         sigma = u:clamp(self.sigma_min, self.sigma_max)
     elseif self.timestep_sampling == "beta" then
-        local vals = {}
-        for i = 1, B do
-            local x = gamma_draw(self.beta_alpha, gen)
-            local y = gamma_draw(self.beta_beta, gen)
-            vals[i] = x / (x + y)
+        if draws.beta ~= nil then   -- replayed (a data-parallel rank's slice of the global batch's)
+            u = draw("beta", {B}, dt, dev, gen, draws.beta, "beta")
+        else
+            local vals = {}
+            for i = 1, B do
+                local x = gamma_draw(self.beta_alpha, gen)
+                local y = gamma_draw(self.beta_beta, gen)
+                vals[i] = x / (x + y)
+            end
+            u = Tensor.tensor(vals, {dtype = dt, device = dev})
         end
-        u = Tensor.tensor(vals, {dtype = dt, device = dev})
-        info.method = "beta"
+        info.beta, info.method = u, "beta"
         sigma = u:clamp(self.sigma_min, self.sigma_max)
     else
         local mode = self.timestep_sampling
@@ -574,7 +580,7 @@ end
 --           pooled_prompt_embeds [B,P] (flux; zeros [B,768] when absent), ...}
 --   opts: generator (nemo.Generator; default the global one), compute_dtype (default: the dtype
 --     of the model's first parameter, else float32), draws ({normal=, uniform=, mix_uniform=,
---     noise=, cfg_uniform=}: replayed draws), device (default: the latents' device),
+--     beta=, noise=, cfg_uniform=}: replayed draws), device (default: the latents' device),
 --     check_loss (error when the loss is NaN or > 100, as performance.check_loss),
 --     guidance (true/false: override the guidance detection of the flux adapter),
 --     call (function(model, inputs, adapter_type) -> output: replaces the model call).
@@ -609,8 +615,9 @@ function FlowMatching:step(model, batch, opts)
     local gen = generator_of(opts.generator, "step")
     local draws = opts.draws or {}
     for k in pairs(draws) do
-        if not ({normal = 1, uniform = 1, mix_uniform = 1, noise = 1, cfg_uniform = 1})[k] then
-            error("step: unknown draw '" .. tostring(k) .. "' (draws: normal, uniform, mix_uniform, noise, cfg_uniform)", 2)
+        if not ({normal = 1, uniform = 1, mix_uniform = 1, noise = 1, cfg_uniform = 1, beta = 1})[k] then
+            error("step: unknown draw '" .. tostring(k) .. "' (draws: normal, uniform, mix_uniform, beta, noise, " ..
+                "cfg_uniform)", 2)
         end
     end
 
@@ -651,8 +658,8 @@ function FlowMatching:step(model, batch, opts)
         local v = loss:item()
         if v ~= v or v > 100 then error(string.format("step: loss exploded: %g", v), 2) end
     end
-    local drawn = {normal = sinfo.normal, uniform = sinfo.uniform, mix_uniform = sinfo.mix_uniform, noise = noise,
-                   cfg_uniform = ctx.drawn.cfg_uniform}
+    local drawn = {normal = sinfo.normal, uniform = sinfo.uniform, mix_uniform = sinfo.mix_uniform, beta = sinfo.beta,
+                   noise = noise, cfg_uniform = ctx.drawn.cfg_uniform}
     return loss, {
         u = u, sigma = sigma, timesteps = timesteps, method = sinfo.method, noise = noise, x_t = x_t,
         target = target, pred = pred, model_output = ctx.model_output, model_input = inputs,
@@ -671,17 +678,13 @@ end
 -- generator stays in the same state.
 function FlowMatching:global_draws(G, sample_shape, opts)
     opts = opts or {}
-    if self.use_sigma_noise and self.timestep_sampling == "beta" then
-        error("flow_matching: timestep_sampling 'beta' with data parallelism is not supported yet (its Gamma " ..
-              "draws are not replayable per sample); use another timestep_sampling or one process", 2)
-    end
     local gen = generator_of(opts.generator, "global_draws")
     local wd = work_dtype(opts.compute_dtype or "float32")
     local dev = opts.device or "cpu"
     local _, _, _, info = self:sample_sigmas(G, {generator = gen, dtype = wd, device = dev})
     local shape = {G}
     for i, v in ipairs(sample_shape) do shape[i + 1] = v end
-    local d = {normal = info.normal, uniform = info.uniform, mix_uniform = info.mix_uniform}
+    local d = {normal = info.normal, uniform = info.uniform, mix_uniform = info.mix_uniform, beta = info.beta}
     d.noise = draw("normal", shape, wd, dev, gen, nil, "noise", 0.0, 1.0)
     if self.adapter_type == "flux" and self.cfg_dropout_prob > 0 then
         d.cfg_uniform = draw("uniform", {G}, wd, dev, gen, nil, "cfg_uniform")

@@ -178,6 +178,19 @@ do -- use_sigma_noise = false, and beta
     for _, x in ipairs(v) do var = var + (x - m) ^ 2 end
     T.near(m, 2.5 / 4, 0.015, "beta(2.5, 1.5): mean a/(a+b) over 4000 draws")
     T.near(var / #v, 2.5 * 1.5 / (16 * 5), 0.006, "beta(2.5, 1.5): variance ab/((a+b)^2(a+b+1))")
+    -- data parallelism: a global batch's Beta values, sliced per rank, replay one process's
+    local g1, g2 = nemo.Generator(21), nemo.Generator(21)
+    local u1, s1 = fb:sample_sigmas(6, g1)
+    local gd = fb:global_draws(6, {2, 3}, {generator = g2})
+    local half = FM.slice_draws(gd, 3, 3)
+    local g3 = nemo.Generator(99)
+    local u2, s2, _, i2 = fb:sample_sigmas(3, {generator = g3, draws = half})
+    local l1, ls1 = list(u1), list(s1)
+    T.ok(max_abs_diff(list(gd.beta), l1) == 0 and max_abs_diff(list(u2), {l1[4], l1[5], l1[6]}) == 0 and
+         max_abs_diff(list(s2), {ls1[4], ls1[5], ls1[6]}) == 0 and i2.method == "beta" and
+         g3:get_state().offset == 0,
+        "beta with data parallelism: global_draws holds the global batch's Beta values (draws.beta); a rank's slice " ..
+        "replays exactly one process's samples 4..6 without touching its generator")
 end
 
 do -- the generator: same seed, same numbers; replayed draws do not advance it

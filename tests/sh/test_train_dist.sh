@@ -243,6 +243,13 @@ else
     fail "LoRA fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
 fi
 
+# timestep_sampling beta: every rank draws the global batch's Beta values and takes its slice
+train 1 0 rbeta --flow_matching.timestep_sampling beta --step_scheduler.local_batch_size 8 \
+    --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ]; then pass "reference: 1 process, batch 8, timestep_sampling beta"; else fail "beta reference run" "$ERR"; fi
+case_eq "fsdp2, 2 ranks x batch 4, timestep_sampling beta" 2 rbeta fbeta --fsdp.dp_size 2 \
+    --flow_matching.timestep_sampling beta --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+
 # ==== tensor parallelism: the Wan recipe (its demo) with fsdp.tp_size, Automodel's Wan plan ====
 export TRAIN_RECIPE=recipes/wan_finetune.yaml
 WB=(--step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4)
