@@ -311,6 +311,15 @@ if [ "$RC" != 0 ] && grep -q "unknown key 'ddp.tp_size'" <<< "$ERR"; then
 else
     fail "ddp with tp_size is refused" "exit $RC" "$ERR"
 fi
+train 2 0 wtpbf --fsdp.tp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 "${WB[@]}"
+BF_RC=$RC
+train 1 0 w32 --model.torch_dtype float32 --model.compute_dtype float32 "${WB[@]}"
+if [ "$BF_RC" = 0 ] && [ "$RC" = 0 ] && close "$(losses wtpbf)" "$(losses w32)" 2e-2; then
+    pass "Wan tp 2 with bfloat16 compute over float32 master weights: the 4 losses within 2e-2 of one float32 process"
+else
+    fail "Wan tensor parallel with mixed precision" "exit $BF_RC / $RC" "tp bf16:" "$(losses wtpbf)" "f32:" \
+        "$(losses w32)" "$ERR"
+fi
 unset TRAIN_RECIPE
 train 2 0 fluxtp --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 if [ "$RC" != 0 ] && grep -q "has no tensor-parallel plan" <<< "$ERR"; then

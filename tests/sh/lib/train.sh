@@ -9,7 +9,7 @@
 #                         the plugin's kernels and its NCCL backend, --device cuda).
 #   device_recipe_cases   the recipe on cuda over the nccl backend, in the mode above (pass /
 #                         fail lines): FSDP2, DDP with accumulation and checkpointing, HSDP on 4
-#                         ranks, FSDP2 context parallel (cp 2), FSDP2 with CPU offload, each against one CPU process; FSDP2
+#                         ranks, FSDP2 context parallel (cp 2), Wan tensor parallel (tp 2), FSDP2 with CPU offload, each against one CPU process; FSDP2
 #                         mixed precision; a bitwise
 #                         resume from device shards (needs tap.sh's pass / fail)
 #   losses DIR            the metrics.jsonl losses of $T/DIR, one per line
@@ -80,6 +80,12 @@ device_recipe_cases() {
     # context parallelism: the tokens split over 2 ranks, Ulysses all-to-alls through the nccl backend
     case_eq "fsdp2 context parallel (cp_size 2) on cuda, 2 ranks x the whole batch 8" 2 r1 cp2 --fsdp.cp_size 2 \
         --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+    # tensor parallelism (the Wan recipe): its all-reduces and all-gathers through the nccl backend
+    export TRAIN_RECIPE=recipes/wan_finetune.yaml
+    train 1 0 w1 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4
+    case_eq "Wan fsdp2 tensor parallel (tp_size 2) on cuda, 2 ranks x the whole batch 4" 2 w1 wtp2 --fsdp.tp_size 2 \
+        --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4
+    unset TRAIN_RECIPE
     # FSDP2 with CPU offload: host shards, gradients and AdamW state; the same numbers
     case_eq "fsdp2 with cpu_offload on cuda, 2 ranks x batch 4" 2 r1 offl --fsdp.dp_size 2 --fsdp.cpu_offload true \
         --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
