@@ -1,8 +1,8 @@
 -- bench/dist_step.lua: a DDP or FSDP2 training step on 1, 2 and 4 CPU ranks: step time split
 -- into compute and communication, and the bytes the collectives move per step.
---   nemo-lua bench/dist_step.lua [--manager ddp|fsdp2] [--ranks 1,2,4] [--model mlp|flux]
+--   nemo-lua bench/dist_step.lua [--manager ddp|fsdp2] [--ranks 1,2,4] [--model mlp|flux|wan]
 --                                [--steps N] [--warmup N] [--batch B] [--bucket-mb X]
---                                [--cp [--tokens N]] [--probs-mb X]
+--                                [--cp [--tokens N]] [--tp] [--probs-mb X]
 -- Run without a launcher, it starts itself under mpirun once per rank count (as
 -- `nemo-lua --nproc-per-node N` does: --bind-to none, OMP_NUM_THREADS = cores / N, and
 -- --oversubscribe beyond the core count) and prints one table; under mpirun it is one worker.
@@ -15,7 +15,8 @@
 --   compute   step - comm
 --   payload   DDP: bytes each rank hands to all-reduce (float32 gradients + DDP's bookkeeping);
 --             FSDP2: bytes of the all-gather outputs + reduce-scatter inputs (+ HSDP all-reduce);
---             with --cp also the attention's all-to-alls and the output's all-gather
+--             with --cp also the attention's all-to-alls and the output's all-gather; with --tp
+--             the tensor-parallel all-reduces and all-gathers
 --   wire      bytes each rank sends: ring all-reduce 2 (N-1)/N x payload; all-gather and
 --             reduce-scatter (N-1)/N x their full size
 --   early     DDP: buckets started while backward still ran, of all buckets; FSDP2: units
@@ -29,6 +30,10 @@
 -- --tokens image tokens (default 1024) with the sequence split over the N ranks (cp_size N,
 -- Ulysses attention), so the rows show how step time and peak memory per rank fall as the
 -- tokens spread (strong scaling over the sequence; samples/s counts each sample once).
+-- --tp (FSDP2, --model wan): tensor parallelism instead: every rank trains the same batch with
+-- the Wan plan's layers (FFNs, condition embedders, output projection) split over the N ranks
+-- (tp_size N), so the rows show what the split saves per rank in time and memory and what its
+-- all-reduces cost (strong scaling over the layers; samples/s counts each sample once).
 -- --probs-mb X: the budget of attention probabilities kept for backward per process
 -- (F.set_attention_probs_budget; default 512): 0 shows the activations alone.
 local nemo = require "nemo"
@@ -41,7 +46,7 @@ local F = nemo.F
 -- ==== arguments ====
 
 local opts = {ranks = {1, 2, 4}, model = "mlp", steps = 8, warmup = 2, batch = 32, bucket_mb = 25, worker = false,
-              manager = "ddp", cp = false, tokens = 1024}
+              manager = "ddp", cp = false, tp = false, tokens = 1024}
 local argv = arg or {}
 local i = 1
 while i <= #argv do
@@ -58,16 +63,23 @@ while i <= #argv do
     elseif a == "--bucket-mb" then opts.bucket_mb = tonumber(v); i = i + 1
     elseif a == "--worker" then opts.worker = true
     elseif a == "--cp" then opts.cp = true
+    elseif a == "--tp" then opts.tp = true
     elseif a == "--tokens" then opts.tokens = tonumber(v); i = i + 1
     elseif a == "--probs-mb" then opts.probs_mb = tonumber(v); i = i + 1
     else
         error("dist_step: unknown argument '" .. tostring(a) .. "' (--manager ddp|fsdp2, --ranks 1,2,4, " ..
               "--model mlp|flux, --steps N, " ..
-              "--warmup N, --batch B, --bucket-mb X, --cp, --tokens N, --probs-mb X)", 0)
+              "--warmup N, --batch B, --bucket-mb X, --cp, --tokens N, --tp, --probs-mb X)", 0)
     end
     i = i + 1
 end
-if opts.model ~= "mlp" and opts.model ~= "flux" then error("dist_step: --model is mlp or flux", 0) end
+if opts.model ~= "mlp" and opts.model ~= "flux" and opts.model ~= "wan" then
+    error("dist_step: --model is mlp, flux or wan", 0)
+end
+if opts.model == "wan" then opts.manager = "fsdp2" end
+if opts.tp then
+    if opts.model ~= "wan" or opts.cp then error("dist_step: --tp runs --model wan (without --cp)", 0) end
+end
 if opts.manager ~= "ddp" and opts.manager ~= "fsdp2" then error("dist_step: --manager is ddp or fsdp2", 0) end
 if opts.cp then
     if opts.model ~= "flux" then error("dist_step: --cp runs --model flux", 0) end
@@ -130,6 +142,24 @@ local function flux_model()
         string.format("FLUX (D 128, 1 + 2 blocks, %d image + %d text tokens)", img, txt)
 end
 
+local function wan_model()
+    local wan = require "nemo.models.wan"
+    local cfg = {attention_head_dim = 32, cross_attn_norm = true, eps = 1e-6, ffn_dim = 1024, freq_dim = 64,
+                 in_channels = 16, num_attention_heads = 8, num_layers = 2, out_channels = 16,
+                 patch_size = {1, 2, 2}, qk_norm = "rms_norm_across_heads", rope_max_seq_len = 64, text_dim = 128}
+    local model = wan.WanTransformer3DModel(cfg)
+    local B = math.max(1, math.floor(opts.batch / 8))
+    -- tensor parallel: one batch for all ranks (the tp ranks share it)
+    local g = nemo.Generator(opts.tp and 1000 or 1000 + dist.get_rank())
+    local args = {hidden_states = nemo.randn({B, 16, 2, 32, 32}, {generator = g}),
+                  encoder_hidden_states = nemo.randn({B, 64, 128}, {generator = g}),
+                  timestep = nemo.rand({B}, {generator = g}) * 1000}
+    local target = nemo.randn({B, 16, 2, 32, 32}, {generator = g})
+    opts.batch = B
+    return model, function() return F.mse_loss(model(args), target) end,
+        "Wan (D 256, ffn 1024, 2 blocks, 512 patch + 64 text tokens)"
+end
+
 -- ==== one worker (a rank) ====
 
 local function worker()
@@ -138,9 +168,12 @@ local function worker()
     local rank, world = dist.get_rank(), dist.get_world_size()
     nemo.manual_seed(0)
     local model, loss_fn, desc
-    if opts.model == "mlp" then model, loss_fn, desc = mlp_model() else model, loss_fn, desc = flux_model() end
+    if opts.model == "mlp" then model, loss_fn, desc = mlp_model()
+    elseif opts.model == "wan" then model, loss_fn, desc = wan_model()
+    else model, loss_fn, desc = flux_model() end
     local fsdp = opts.manager == "fsdp2"
-    local mgr = fsdp and parallel._create_parallel_manager{cp_size = opts.cp and world or nil} or
+    local mgr = fsdp and parallel._create_parallel_manager{cp_size = opts.cp and world or nil,
+                                                           tp_size = opts.tp and world or nil} or
         parallel._create_parallel_manager{_manager_type = "ddp", bucket_cap_mb = opts.bucket_mb}
     mgr:parallelize(model)
     local opt = nemo.optim.AdamW(mgr.parameters and mgr:parameters() or model:parameters(), {lr = 1e-4, weight_decay = 0.01})
@@ -169,7 +202,7 @@ local function worker()
                 local f = (world - 1) / world
                 bytes[#bytes + 1] = st.all_gather_bytes + st.reduce_scatter_bytes + st.all_reduce_bytes
                 wire[#wire + 1] = f * (st.all_gather_bytes + st.reduce_scatter_bytes) + 2 * f * st.all_reduce_bytes
-                if opts.cp then   -- plus the all-to-alls and the output's all-gather (every collective's bytes)
+                if opts.cp or opts.tp then   -- plus cp's all-to-alls / tp's all-reduces (every collective's bytes)
                     local extra = dist.stats().bytes - b0 - bytes[#bytes]
                     bytes[#bytes] = bytes[#bytes] + extra
                     wire[#wire] = wire[#wire] + f * extra
@@ -186,7 +219,7 @@ local function worker()
     local peak = dist.all_reduce_number(nemo.memory_stats().peak, "max")
     if rank == 0 then
         io.write("RESULT ", json.encode({ranks = world, model = desc, params = model:num_parameters(),
-            batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm, cp = opts.cp,
+            batch = opts.batch, threads = nemo.get_num_threads(), step = step, comm = comm, cp = opts.cp or opts.tp,
             payload = fsdp and median(bytes) or info.bytes_per_step, wire = fsdp and median(wire) or nil,
             buckets = fsdp and info.units or info.buckets, early = median(early), peak = peak,
             library = dist.library_version()}), "\n")
@@ -218,8 +251,10 @@ end
 local root = io.popen("id -u"):read("*l") == "0"
 
 print(string.format("%s step on CPU ranks (%s%s, %d timed steps after %d warmup; %d cores)",
-    opts.cp and "FSDP2 + context parallel (cp_size = ranks)" or (opts.manager == "fsdp2" and "FSDP2" or "DDP"),
-    opts.cp and "strong scaling over the sequence: one batch, its tokens split" or "weak scaling",
+    opts.cp and "FSDP2 + context parallel (cp_size = ranks)" or opts.tp and "FSDP2 + tensor parallel (tp_size = ranks)"
+        or (opts.manager == "fsdp2" and "FSDP2" or "DDP"),
+    opts.cp and "strong scaling over the sequence: one batch, its tokens split" or
+        opts.tp and "strong scaling over the layers: one batch, the plan's layers split" or "weak scaling",
     opts.manager == "ddp" and string.format(", bucket_cap_mb %g", opts.bucket_mb) or "", opts.steps, opts.warmup,
     cores))
 local rows = {}
@@ -229,7 +264,7 @@ for _, n in ipairs(opts.ranks) do
         "--bind-to none -x OMP_NUM_THREADS %s %s --worker --manager %s --model %s --steps %d --warmup %d --batch %d " ..
         "--bucket-mb %g%s 2>&1", threads, n, n > cores and "--oversubscribe " or "",
         root and "--allow-run-as-root " or "", nemo_lua, script, opts.manager, opts.model, opts.steps, opts.warmup,
-        opts.batch, opts.bucket_mb, (opts.cp and (" --cp --tokens " .. opts.tokens) or "") ..
+        opts.batch, opts.bucket_mb, (opts.cp and (" --cp --tokens " .. opts.tokens) or "") .. (opts.tp and " --tp" or "") ..
         (opts.probs_mb and (" --probs-mb " .. opts.probs_mb) or ""))
     local p = io.popen(cmd)
     local out = p:read("*a")

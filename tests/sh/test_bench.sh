@@ -38,4 +38,18 @@ rows=$(printf '%s\n' "$OUT" | grep -cE "^(qp [0-9]+( intra)?|I_PCM) +$num +$num 
 if [ "$rows" -eq 5 ]; then pass "bench/mp4.lua prints a row per coding (3 QPs, intra only and I_PCM)"
 else fail "bench/mp4.lua prints a row per coding" "$rows rows" "$OUT"; fi
 
+# the distributed step (it starts its own mpirun per rank count): DDP, and FSDP2 + tensor parallel
+if command -v mpirun > /dev/null 2>&1; then
+    export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}"
+    if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+    for args in "--ranks 1,2 --steps 1 --warmup 1 --batch 8" "--model wan --tp --ranks 1,2 --steps 1 --warmup 1 --batch 8"; do
+        bench bench/dist_step.lua $args
+        rows=$(printf '%s\n' "$OUT" | grep -cE "^ +[12] +[0-9]+ +$num +$num +$num +$num%")
+        if [ "$RC" = 0 ] && [ "$rows" -eq 2 ]; then pass "bench/dist_step.lua $args prints a row per rank count"
+        else fail "bench/dist_step.lua $args prints a row per rank count" "rc $RC, $rows rows" "$OUT"; fi
+    done
+else
+    skip "bench/dist_step.lua" "mpirun not found"
+fi
+
 echo "1..$n"
