@@ -1174,6 +1174,7 @@ function M.run(cfg, opts)
     end
     if bm.tp_size > 1 then
         log(string.format("tensor parallel: %d ranks share each layer of the model's plan (%s)", bm.tp_size,
+            tostring(getmetatable(model).__name):find("Flux") and "attention heads, MLPs, AdaLN linears" or
             "the ffn, condition embedders and output projection"))
     end
     if bm.cp_size > 1 then

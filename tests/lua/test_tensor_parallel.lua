@@ -1,6 +1,7 @@
 -- tests/lua/test_tensor_parallel.lua: tensor parallelism (lua/nemo/parallel/tensor.lua, Wan's plan
--- in WanTransformer3DModel:enable_tensor_parallel, fsdp.tp_size in the FSDP2 manager). Runs on one
--- process (prove: the option checks) and under mpirun with 2 and 4 ranks (tests/sh/test_mpi.sh).
+-- in WanTransformer3DModel:enable_tensor_parallel, nemo-lua's FLUX plan, fsdp.tp_size in the FSDP2
+-- manager). Runs on one process (prove: the option checks) and under mpirun with 2 and 4 ranks
+-- (tests/sh/test_mpi.sh).
 -- Every check is decided on all ranks; rank 0 prints TAP. Every rank computes the one-process
 -- reference itself.
 --
@@ -8,10 +9,11 @@
 -- - column- then row-parallel Linear pairs (an MLP), a gathered column-parallel layer and a
 --   row-parallel layer on a whole input == the unsharded layers, forward and input / weight
 --   gradients (1e-12);
--- - the tiny Wan transformer with enable_tensor_parallel: output and every gradient (the sharded
---   ones gathered) == one process (1e-10), for Wan 2.1 T2V and I2V;
+-- - the tiny Wan and FLUX transformers with enable_tensor_parallel: output and every gradient (the
+--   sharded ones gathered) == one process (1e-10), for Wan 2.1 T2V and I2V and FLUX;
 -- - FSDP2 with tp_size: N ranks == one process after two AdamW steps with gradient clipping
---   (losses, gradient norms and weights within 1e-6), tp 2 x dp N/2, and tp 2 x cp 2;
+--   (losses, gradient norms and weights within 1e-6), tp 2 x dp N/2, tp 2 x cp 2 and tp 4 (Wan),
+--   tp 2 x dp N/2 and tp 2 x cp 2 (FLUX);
 -- - sharded checkpoints of a tp run load into another dp / tp layout and into whole tensors
 --   (bitwise), and resume bitwise.
 package.path = "tests/lua/?.lua;" .. package.path
@@ -271,53 +273,167 @@ if world == 4 then
         activation_checkpointing = true})
     fsdp_case("tiny Wan float64, tp 4", {tp_size = 4})
 end
-raises(function()
-    local m = flux.FluxTransformer2DModel{in_channels = 16, num_layers = 1, num_single_layers = 1,
-        attention_head_dim = 8, num_attention_heads = 4, joint_attention_dim = 24, pooled_projection_dim = 12,
-        axes_dims_rope = {2, 2, 4}}
-    create{tp_size = 2}:parallelize(m)
-end, "has no tensor-parallel plan", "FSDP2 tp_size with FLUX (no plan, as in Automodel): an error saying so")
+raises(function() create{tp_size = 2}:parallelize(nemo.nn.Sequential(nemo.nn.Linear(4, 4))) end,
+    "has no tensor-parallel plan", "FSDP2 tp_size with a model that has no plan: an error saying so")
+
+-- ==== FLUX (nemo-lua's own plan: heads, MLPs, AdaLN linears) ====
+
+local FLUX_CFG = {in_channels = 16, num_layers = 2, num_single_layers = 2, attention_head_dim = 8,
+                  num_attention_heads = 4, joint_attention_dim = 24, pooled_projection_dim = 12,
+                  guidance_embeds = true, axes_dims_rope = {2, 2, 4}}
+local function flux_inputs(n, gen)
+    local o = {generator = gen, dtype = "float64"}
+    local IMG, TXT = 16, 8
+    local ids = nemo.zeros(IMG, 3)
+    for r = 0, IMG - 1 do ids[{r, 1}] = math.floor(r / 4); ids[{r, 2}] = r % 4 end
+    return {x = nemo.randn({n, IMG, 16}, o), e = nemo.randn({n, TXT, 24}, o), p = nemo.randn({n, 12}, o),
+            t = nemo.rand({n}, o), y = nemo.randn({n, IMG, 16}, o), ids = ids, tids = nemo.zeros(TXT, 3)}
+end
+local function flux_loss(model, d, lo, len)
+    local out = model{hidden_states = d.x:narrow(0, lo, len), encoder_hidden_states = d.e:narrow(0, lo, len),
+        pooled_projections = d.p:narrow(0, lo, len), timestep = d.t:narrow(0, lo, len),
+        guidance = nemo.full({len}, 3.5, {dtype = "float64"}), img_ids = d.ids, txt_ids = d.tids}
+    return F.mse_loss(out, d.y:narrow(0, lo, len)), out
+end
+local function build_flux(seed) nemo.manual_seed(seed); return flux.FluxTransformer2DModel(FLUX_CFG):double() end
+
+do
+    local d = flux_inputs(2, nemo.Generator(11))
+    local ref, model = build_flux(5), build_flux(5)
+    local rl, rout = flux_loss(ref, d, 0, 2)
+    rl:backward()
+    model:enable_tensor_parallel(group)
+    local l, out = flux_loss(model, d, 0, 2)
+    l:backward()
+    local df = rel_diff(out, rout)
+    local dg, gname = grads_match(ref, model)
+    local a = model.transformer_blocks:get(1).attn
+    ok(df <= 1e-10 and dg <= 1e-10 and a.heads == 4 / P and a.to_q.weight.shape[1] == 32 / P,
+        string.format("tiny FLUX with enable_tensor_parallel over %d ranks (%d of 4 heads a rank; MLPs, AdaLN " ..
+            "linears, single-block proj_out on cat(attention, mlp) split): output == one process (%.1e), every " ..
+            "gradient (split ones gathered; the per-head norms' summed) == one process (%.1e at %s), float64, " ..
+            "tolerance 1e-10", P, 4 / P, df, dg, gname))
+    local odd = {}
+    for k, v in pairs(FLUX_CFG) do odd[k] = v end
+    odd.num_attention_heads, odd.attention_head_dim, odd.axes_dims_rope = 3, 8, {2, 2, 4}
+    if P == 2 then
+        raises(function() flux.FluxTransformer2DModel(odd):enable_tensor_parallel(group) end,
+            "the model has 3 attention heads", "FLUX: a head count that tp_size does not divide is an error saying so")
+    end
+end
+
+do   -- FSDP2: tp 2 (x dp world / 2), and on 4 ranks tp 2 x cp 2 with checkpointed blocks
+    local data = {flux_inputs(4, nemo.Generator(21)), flux_inputs(4, nemo.Generator(22))}
+    local function fcase(name, mopts)
+        local ref = build_flux(5)
+        local ropt = nemo.optim.AdamW(ref:parameters(), {lr = 1e-3})
+        local rl = {}
+        for s = 1, 2 do
+            ropt:zero_grad()
+            local loss = flux_loss(ref, data[s], 0, 4)
+            loss:backward()
+            nemo.optim.clip_grad_norm_(ref:parameters(), 0.05)
+            rl[s] = loss:item()
+            ropt:step()
+        end
+        local model = build_flux(rank == 0 and 5 or 50 + rank)
+        if mopts.activation_checkpointing then model:enable_gradient_checkpointing() end
+        local mgr = create(mopts)
+        mgr:parallelize(model)
+        local opt = nemo.optim.AdamW(mgr:parameters(), {lr = 1e-3})
+        local dm = mgr.mesh
+        local dp, dpr = dm:size("dp"), dm:get_local_rank("dp")
+        local B = 4 / dp
+        local wl = 0
+        for s = 1, 2 do
+            opt:zero_grad()
+            local loss = flux_loss(model, data[s], dpr * B, B)
+            loss:backward()
+            mgr:finish_gradient_synchronization()
+            mgr:clip_grad_norm_(0.05)
+            opt:step()
+            wl = math.max(wl, math.abs(dist.all_reduce_number(loss:item(), "avg") - rl[s]) / math.abs(rl[s]))
+        end
+        local sd, keys = mgr:full_state_dict()
+        local rsd_ = ref:state_dict()
+        local ww = 0
+        for _, k in ipairs(keys) do ww = math.max(ww, rel_diff(sd[k], rsd_[k])) end
+        ok(wl <= 1e-6 and ww <= 1e-6 and #keys == #ref:parameters(), string.format("FSDP2 %s: %d ranks (dp %d x " ..
+            "cp %d x tp %d) == 1 process x batch 4 within 1e-6 relative: losses %.2e, weights after 2 clipped AdamW " ..
+            "steps %.2e", name, world, dp, dm:size("cp"), dm:size("tp"), wl, ww))
+    end
+    fcase("tiny FLUX float64, tp 2", {tp_size = 2})
+    if world == 4 then
+        fcase("tiny FLUX float64, tp 2 x cp 2, checkpointed blocks", {tp_size = 2, cp_size = 2,
+            activation_checkpointing = true})
+    end
+end
 
 -- ==== checkpoints: a tp run's shards load anywhere ====
 
-do
+local fs = require "nemo.fs"
+local fsdp2 = require "nemo.parallel.fsdp2"
+local function scratch(tag)
     local base = os.getenv("TMPDIR") or "/tmp"
-    local d = string.format("%s/nemo_tp_ck_%d", base, tonumber(dist.all_reduce_number(os.time() % 100000, "max")))
-    local fs = require "nemo.fs"
+    local d = string.format("%s/nemo_tp_ck_%s_%d", base, tag, tonumber(dist.all_reduce_number(os.time() % 100000, "max")))
     if rank == 0 then fs.mkdirs(d .. "/model"); fs.mkdirs(d .. "/optim") end
     dist.barrier()
+    return d
+end
+local function same_weights(a, b)
+    local worst = 0
+    for k, v in pairs(a) do worst = math.max(worst, b[k] and rel_diff(b[k], v) or math.huge) end
+    return worst
+end
+-- a saved checkpoint loads into whole tensors and into FSDP2 without tp, bitwise
+local function check_layouts(what, d, mgr, build)
+    local sd = mgr:full_state_dict()
+    ok(same_weights(sd, fsdp2.load_full(d)) == 0, string.format("%s: the sharded checkpoint (%d files) assembles " ..
+        "into the whole weights (load_full), bitwise", what, #fs.list(d .. "/model")))
+    local m = build()
+    local mg = create({})
+    mg:parallelize(m)
+    local op = nemo.optim.AdamW(mg:parameters(), {lr = 1e-3})
+    mg:load_sharded(d, op)
+    ok(same_weights(sd, mg:full_state_dict()) == 0, string.format("%s: it loads into FSDP2 without tp (dp %d), " ..
+        "bitwise", what, world))
+end
+
+do   -- Wan: tp 2, then resume with tp 2
+    local d = scratch("wan")
     mgr_a:save_sharded(d, opt_a)
     dist.barrier()
-    local sd = mgr_a:full_state_dict()
-    local fsdp2 = require "nemo.parallel.fsdp2"
-    local full = fsdp2.load_full(d)
-    local worst = 0
-    for k, v in pairs(sd) do worst = math.max(worst, rel_diff(full[k], v)) end
-    ok(worst == 0, string.format("a tp 2 run's sharded checkpoint (%d files) assembles into the whole weights " ..
-        "(load_full), bitwise", #fs.list(d .. "/model")))
-    -- into another layout: dp over every rank, no tp; then into tp 2 again and resume
-    local function reload(mopts)
-        local m = build_wan(false)
-        local mg = create(mopts)
-        mg:parallelize(m)
-        local op = nemo.optim.AdamW(mg:parameters(), {lr = 1e-3})
-        mg:load_sharded(d, op)
-        return mg, m, op
-    end
-    local mg1 = reload({})
-    local sd1 = mg1:full_state_dict()
-    worst = 0
-    for k, v in pairs(sd) do worst = math.max(worst, rel_diff(sd1[k], v)) end
-    ok(worst == 0, string.format("the tp 2 checkpoint loads into FSDP2 without tp (dp %d), bitwise", world))
-    local mg2, m2, op2 = reload({tp_size = 2})
+    check_layouts("Wan tp 2", d, mgr_a, function() return build_wan(false) end)
+    local m2 = build_wan(false)
+    local mg2 = create({tp_size = 2})
+    mg2:parallelize(m2)
+    local op2 = nemo.optim.AdamW(mg2:parameters(), {lr = 1e-3})
+    mg2:load_sharded(d, op2)
     local _, _, _, l2 = train_tp(nil, 1, {mg2, m2, op2})
     local _, _, _, la = train_tp(nil, 1, {mgr_a, model_a, opt_a})
     ok(l2[1] == la[1], string.format("resumed from it with tp 2, the next step's loss is the uninterrupted run's " ..
         "bitwise (%.17g)", la[1]))
-    local sdb, sdc = mgr_a:full_state_dict(), mg2:full_state_dict()
-    worst = 0
-    for k, v in pairs(sdb) do worst = math.max(worst, rel_diff(sdc[k], v)) end
-    ok(worst == 0, "and the weights after that step too (AdamW state restored from the shards)")
+    ok(same_weights(mgr_a:full_state_dict(), mg2:full_state_dict()) == 0,
+        "and the weights after that step too (AdamW state restored from the shards)")
+    dist.barrier()
+    if rank == 0 then fs.remove_tree(d) end
+end
+
+do   -- FLUX: the single blocks' proj_out is split in two column pieces (attention | mlp)
+    local d = scratch("flux")
+    local model = build_flux(5)
+    local mgr = create({tp_size = 2})
+    mgr:parallelize(model)
+    local opt = nemo.optim.AdamW(mgr:parameters(), {lr = 1e-3})
+    local data = flux_inputs(4, nemo.Generator(23))
+    local dp, dpr = mgr.mesh:size("dp"), mgr.mesh:get_local_rank("dp")
+    local loss = flux_loss(model, data, dpr * 4 / dp, 4 / dp)
+    loss:backward()
+    mgr:finish_gradient_synchronization()
+    opt:step()
+    mgr:save_sharded(d, opt)
+    dist.barrier()
+    check_layouts("FLUX tp 2", d, mgr, function() return build_flux(5) end)
     dist.barrier()
     if rank == 0 then fs.remove_tree(d) end
 end

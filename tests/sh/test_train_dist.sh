@@ -12,8 +12,9 @@
 #     adapters only and resume bitwise;
 #   - context parallelism (fsdp.cp_size 2: cp x dp = 2 x 1 and 2 x 2) equals one process and
 #     resumes bitwise;
-#   - tensor parallelism (the Wan recipe, fsdp.tp_size 2: tp x dp = 2 x 1 and 2 x 2, tp 2 x cp 2)
-#     equals one process, resumes bitwise, resumes without tp, and exports whole weights;
+#   - tensor parallelism (the Wan recipe, fsdp.tp_size 2: tp x dp = 2 x 1 and 2 x 2, tp 2 x cp 2;
+#     FLUX tp x dp = 2 x 1 and 2 x 2) equals one process, resumes bitwise, resumes without tp, and
+#     exports whole weights;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -321,11 +322,26 @@ else
         "$(losses w32)" "$ERR"
 fi
 unset TRAIN_RECIPE
-train 2 0 fluxtp --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-if [ "$RC" != 0 ] && grep -q "has no tensor-parallel plan" <<< "$ERR"; then
-    pass "FLUX with fsdp.tp_size 2: an error saying the model has no tensor-parallel plan"
+# FLUX: nemo-lua's plan (heads, MLPs, AdaLN linears, the single blocks' proj_out in two pieces)
+case_eq "FLUX fsdp2 tensor parallel (tp_size 2, dp 1), 2 ranks x the whole batch 8" 2 r1 ftp2 --fsdp.tp_size 2 \
+    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+case_eq "FLUX dp 2 x tp 2, 4 ranks, 2 micro-batches of 2" 4 racc ftp2dp2 --fsdp.tp_size 2 --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8
+train 2 2 ftpstop --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+A_RC=$RC
+train 2 0 ftpstop --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+C=$(compare ftpstop/epoch_0_step_3 ftp2/epoch_0_step_3)
+if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
+    pass "FLUX tp 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
 else
-    fail "FLUX tp_size is refused" "exit $RC" "$ERR"
+    fail "FLUX tensor-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
+fi
+train 2 0 ftplora --fsdp.tp_size 2 --model.model_type flux --peft.dim 4 --peft.alpha 8 \
+    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" != 0 ] && grep -q "LoRA adapters on tensor-parallel layers are not supported yet" <<< "$ERR"; then
+    pass "FLUX LoRA with tp_size 2 (adapters on split layers): an error saying it is not supported yet"
+else
+    fail "LoRA on tensor-parallel layers is refused" "exit $RC" "$ERR"
 fi
 
 # ==== mixed precision and errors ====

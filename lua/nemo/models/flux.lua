@@ -669,6 +669,61 @@ function FluxTransformer2DModel:enable_context_parallel(group)
     return self
 end
 
+-- model:enable_tensor_parallel(group): split the largest layers over the ranks of `group` (a
+-- nemo.dist group, e.g. mesh:get_group("tp"); nemo.parallel.tensor), Megatron-style. Automodel
+-- has no FLUX plan (its generic plan finds none); this one is nemo-lua's:
+--   every attention: to_q, to_k, to_v (and add_q/k/v_proj) column-parallel, so each rank
+--     attends with num_attention_heads / T heads; norm_q / norm_k (and the added ones) act per
+--     head: replicated, their gradients summed over the ranks' heads; to_out.0 and to_add_out
+--     row-parallel;
+--   every ff / ff_context: net.0.proj column-, net.2 row-parallel;
+--   single blocks: proj_mlp column-parallel, proj_out row-parallel on cat(attention, mlp) (its
+--     input columns split per part);
+--   every AdaLayerNormZero(Single) linear: column-parallel, its output gathered.
+-- A one-way change: the split weights hold this rank's slice (with their `_tp` facts); the output,
+-- and every replicated parameter's gradient, is the one-process one on every rank. The head count
+-- must be a multiple of the group's size (and, with context parallelism too, of tp x cp).
+function FluxTransformer2DModel:enable_tensor_parallel(group)
+    local tpm = require "nemo.parallel.tensor"
+    if rawget(self, "_tp_group") then error("enable_tensor_parallel: the model is tensor-parallel already", 2) end
+    local T = group:size()
+    local H = self.config.num_attention_heads
+    if H % T ~= 0 then
+        error(string.format("enable_tensor_parallel: the model has %d attention heads, which the tp group of %d " ..
+            "ranks cannot share out (tp_size must divide num_attention_heads)", H, T), 2)
+    end
+    local plan, attns = {}, {}
+    local function add(m, style, o) plan[#plan + 1] = {m, style, o} end
+    local function ff(f) add(f.net:get(1).proj, "colwise"); add(f.net:get(3), "rowwise") end
+    for _, b in self.transformer_blocks:iter() do
+        add(b.norm1.linear, "colwise", {gather_output = true})
+        add(b.norm1_context.linear, "colwise", {gather_output = true})
+        local a = b.attn
+        for _, n in ipairs { "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj" } do add(a[n], "colwise") end
+        for _, n in ipairs { "norm_q", "norm_k", "norm_added_q", "norm_added_k" } do add(a[n], "sum_grads") end
+        add(a.to_out:get(1), "rowwise")
+        add(a.to_add_out, "rowwise")
+        ff(b.ff)
+        ff(b.ff_context)
+        attns[#attns + 1] = a
+    end
+    for _, b in self.single_transformer_blocks:iter() do
+        add(b.norm.linear, "colwise", {gather_output = true})
+        for _, n in ipairs { "to_q", "to_k", "to_v" } do add(b.attn[n], "colwise") end
+        for _, n in ipairs { "norm_q", "norm_k" } do add(b.attn[n], "sum_grads") end
+        add(b.proj_mlp, "colwise")
+        add(b.proj_out, "rowwise", {segments = {b.attn.inner_dim, b.mlp_hidden_dim}})
+        attns[#attns + 1] = b.attn
+    end
+    local ok, err = pcall(tpm.apply, plan, group)
+    if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
+    if T > 1 then
+        for _, a in ipairs(attns) do a.heads = a.heads / T end
+        rawset(self, "_tp_group", group)
+    end
+    return self
+end
+
 -- ==== files ====
 
 local without_init = common.without_init

@@ -225,6 +225,26 @@ function Module:register_parameter(name, t)
     return t
 end
 
+-- m:_substitute_params(subs, fn, ...) -> fn(...)'s results: while fn runs, m's own parameters
+-- named in subs (name -> tensor) read as those tensors (a differentiable stand-in for the
+-- parameter, e.g. tensor parallelism's alias whose backward sums the gradient over ranks); the
+-- parameters are back in place afterwards, also when fn raises.
+function Module:_substitute_params(subs, fn, ...)
+    local vals, kinds = rawget(self, "_vals"), rawget(self, "_kind")
+    local saved = {}
+    for name, t in pairs(subs) do
+        if kinds[name] ~= "param" then raise(class_name(self) .. ":_substitute_params: no parameter '" .. name .. "'") end
+        saved[name] = vals[name]
+        vals[name] = t
+    end
+    local res = {n = 0}
+    local function run(...) res = {n = select("#", ...), ...} end
+    local ok, err = pcall(function(...) run(fn(...)) end, ...)
+    for name, v in pairs(saved) do vals[name] = v end
+    if not ok then error(err, 0) end
+    return unpack(res, 1, res.n)
+end
+
 -- register_buffer(name, t, {persistent=true}): a tensor that is state but not a parameter
 -- (moved by :to, saved by state_dict unless persistent=false).
 function Module:register_buffer(name, t, opts)

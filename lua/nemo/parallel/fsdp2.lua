@@ -345,7 +345,7 @@ function FSDP:parallelize(model)
     if TP > 1 then
         if type(model.enable_tensor_parallel) ~= "function" then
             error(string.format("FSDP2Manager: tp_size = %d but the model (%s) has no tensor-parallel plan " ..
-                "(enable_tensor_parallel: WanTransformer3DModel has one, Automodel's; FLUX has none there either)",
+                "(enable_tensor_parallel: WanTransformer3DModel and FluxTransformer2DModel have one)",
                 TP, tostring(getmetatable(model) and getmetatable(model).__name or type(model))), 2)
         end
         local world = dist.group_world()
@@ -1092,8 +1092,13 @@ function FSDP:save_sharded(dir, optimizer, opts)
     local function place(info, p, r0, n)   -- a piece's layout entry, in whole-parameter coordinates
         local shape = {}
         for i, v in ipairs(info and info.shape or p.shape) do shape[i] = v end
-        local row0, rows, col0, cols = tpm.box(info, r0, n)
-        return {shape = json.array(shape), row0 = row0, rows = rows, col0 = col0, cols = cols}
+        local ps = tpm.pieces(info, r0, n)
+        if #ps == 1 then
+            return {shape = json.array(shape), row0 = ps[1][1], rows = ps[1][2], col0 = ps[1][3], cols = ps[1][4]}
+        end
+        local list = {}   -- a segmented row-parallel weight: one piece per segment
+        for i, pc in ipairs(ps) do list[i] = {row0 = pc[1], rows = pc[2], col0 = pc[3], cols = pc[4], lcol0 = pc[5]} end
+        return {shape = json.array(shape), pieces = list}
     end
     for _, e in ipairs(entries) do
         if e.tp or t == 0 then   -- a replicated parameter is the same on every tp rank: tp rank 0 writes it
@@ -1115,7 +1120,9 @@ function FSDP:save_sharded(dir, optimizer, opts)
         local info = rawget(f[2], "_tp")
         if q == 0 and (info or t == 0) then
             local d0 = #f[2].shape > 0 and f[2].shape[1] or 1
-            layout[f[1]] = info and place(info, f[2], 0, d0) or {shape = place(nil, f[2], 0, d0).shape, whole = true}
+            local l = place(info, f[2], 0, d0)
+            if info then l.frozen = true else l = {shape = l.shape, whole = true} end
+            layout[f[1]] = l
             tensors[f[1]] = f[2]
         end
     end
@@ -1163,17 +1170,24 @@ local function open_shards(folder, what)
     return files, S
 end
 
--- a file's piece of a parameter (its layout entry l): rows [r0, r0 + n), columns [c0, c0 + nc)
--- (nc nil: every column); an entry without row0 (a consolidated file) is the whole parameter
-local function piece_of(l)
-    if l.whole or l.row0 == nil then return 0, l.shape[1] or 1, 0, nil end
-    return l.row0, l.rows, l.col0 or 0, l.cols
+-- a file's pieces of a parameter (its layout entry l): {r0, n, c0, nc, lc0} each: rows
+-- [r0, r0 + n), columns [c0, c0 + nc) (nc nil: every column), found from column lc0 of the
+-- file's tensor; an entry without row0 (a consolidated file) is the whole parameter
+local function pieces_of(l)
+    if l.whole or (l.row0 == nil and l.pieces == nil) then return {{0, l.shape[1] or 1, 0, nil, 0}} end
+    if l.pieces then
+        local out = {}
+        for i, pc in ipairs(l.pieces) do out[i] = {pc.row0, pc.rows, pc.col0 or 0, pc.cols, pc.lcol0 or 0} end
+        return out
+    end
+    return {{l.row0, l.rows, l.col0 or 0, l.cols, 0}}
 end
 
--- gather_box(files, key, name, dst, r0, c0, what): fill dst, the part of parameter `name` at
--- rows [r0, r0 + #rows of dst) (and columns [c0, c0 + #columns of dst) for a matrix), from every
--- file's overlapping piece (tensor `key`; its place from files[i].layout, or from lfiles[i]'s
--- when the tensors come from other files, as the optimizer's do). Every element must be found.
+-- gather_box(files, key, name, dst, r0, c0, what, lfiles): fill dst, the part of parameter
+-- `name` at rows [r0, r0 + #rows of dst) (and columns [c0, c0 + #columns of dst) for a matrix),
+-- from every file's overlapping pieces (tensor `key`; their places from files[i].layout, or from
+-- lfiles[i]'s when the tensors come from other files, as the optimizer's do). Every element must
+-- be found.
 local function gather_box(files, key, name, dst, r0, c0, what, lfiles)
     local n = dst.shape[1] or 1
     local two = #dst.shape >= 2
@@ -1184,30 +1198,45 @@ local function gather_box(files, key, name, dst, r0, c0, what, lfiles)
         local lf = (lfiles or files)[i]
         local l = lf.layout and lf.layout[name]
         if l and f.h:has(key) then
-            local pr0, pn, pc0, pnc = piece_of(l)
-            pnc = pnc or (two and l.shape[2]) or 1
-            local a, b = math.max(r0, pr0), math.min(r0 + n, pr0 + pn)
-            local ca, cb = 0, 1
-            if two then ca, cb = math.max(c0, pc0), math.min(c0 + nc, pc0 + pnc) end
-            if b > a and cb > ca then
-                local t = f.h:get_tensor(key)
-                local src = t:narrow(0, a - pr0, b - a)
-                local d = dst:narrow(0, a - r0, b - a)
-                if two and (pc0 ~= c0 or pnc ~= nc or ca ~= c0 or cb - ca ~= nc) then
-                    local s2, d2 = src:narrow(1, ca - pc0, cb - ca), d:narrow(1, ca - c0, cb - ca)
+            local t
+            for _, pc in ipairs(pieces_of(l)) do
+                local pr0, pn, pc0, pnc, plc = pc[1], pc[2], pc[3], pc[4], pc[5]
+                pnc = pnc or (two and l.shape[2]) or 1
+                local a, b = math.max(r0, pr0), math.min(r0 + n, pr0 + pn)
+                local ca, cb = 0, 1
+                if two then ca, cb = math.max(c0, pc0), math.min(c0 + nc, pc0 + pnc) end
+                if b > a and cb > ca then
+                    t = t or f.h:get_tensor(key)
+                    local src = t:narrow(0, a - pr0, b - a)
+                    local d = dst:narrow(0, a - r0, b - a)
+                    if two and (plc ~= 0 or ca ~= c0 or cb - ca ~= nc or (t.shape[2] or 1) ~= cb - ca) then
+                        local s2, d2 = src:narrow(1, plc + ca - pc0, cb - ca), d:narrow(1, ca - c0, cb - ca)
+                        src:free(); d:free()
+                        src, d = s2, d2
+                    end
+                    check(C.nemo_copy_(d._c, src._c))
                     src:free(); d:free()
-                    src, d = s2, d2
+                    found = found + (b - a) * (cb - ca)
                 end
-                check(C.nemo_copy_(d._c, src._c))
-                src:free(); d:free(); t:free()
-                found = found + (b - a) * (cb - ca)
             end
+            if t then t:free() end
         end
     end
     if found ~= n * nc then
         error(string.format("%s: the checkpoint's files hold only part of '%s' (rows %d..%d%s): a shard file is " ..
             "missing or was written by another run", what, key, r0, r0 + n - 1,
             two and string.format(", columns %d..%d", c0, c0 + nc - 1) or ""), 0)
+    end
+end
+
+-- fill(files, key, name, dst, info, lr0, what, lfiles): dst, local rows [lr0, ...) of a parameter
+-- with tp facts `info` (nil: replicated), from the files: each of its pieces (tensor.pieces)
+local function fill(files, key, name, dst, info, lr0, what, lfiles)
+    local tpm = require "nemo.parallel.tensor"
+    for _, pc in ipairs(tpm.pieces(info, lr0, dst.shape[1] or 1)) do
+        local d = pc[4] and dst:narrow(1, pc[5], pc[4]) or dst
+        gather_box(files, key, name, d, pc[1], pc[3] or 0, what, lfiles)
+        if not rawequal(d, dst) then d:free() end
     end
 end
 
@@ -1222,10 +1251,9 @@ end
 -- steps come from steps_of(name)), and the frozen parameters whole. param_groups (optional)
 -- replaces the optimizer's hyperparameters (lr, ...) with the saved ones.
 local function load_into(o)
-    local what, files, S, layout, entries, q = o.what, o.files, o.S, o.layout, o.entries, o.q
+    local what, files, layout, entries, q = o.what, o.files, o.layout, o.entries, o.q
     local n = 0
-    for _, l in pairs(layout) do if not l.whole then n = n + 1 end end
-    local tpm = require "nemo.parallel.tensor"
+    for _, l in pairs(layout) do if not l.whole and not l.frozen then n = n + 1 end end
     for _, e in ipairs(entries) do
         local shape = shape_of(layout, e.name, what, o.dir)
         local mine = table.concat(e.tp and e.tp.shape or e.p.shape, "x")
@@ -1241,21 +1269,19 @@ local function load_into(o)
         for _, e in ipairs(entries) do
             if e.sp ~= e.p then check(C.nemo_fill_(e.sp._c, 0)) end
             local dst = e.sp:narrow(0, 0, e.real)
-            local r0, _, c0 = tpm.box(e.tp, q * e.R, e.real)
-            gather_box(files, e.name, e.name, dst, r0, c0 or 0, what)
+            fill(files, e.name, e.name, dst, e.tp, q * e.R, what)
             dst:free()
         end
         for _, f in ipairs(o.frozen or {}) do
             local l = layout[f[1]]
-            if l and (l.whole or l.row0) then
+            if l and (l.whole or l.row0 or l.pieces) then
                 local info = rawget(f[2], "_tp")
                 local want = info and info.shape or f[2].shape
                 if table.concat(l.shape, "x") ~= table.concat(want, "x") then
                     error(string.format("%s: frozen parameter %s is %s in the checkpoint, %s in the model", what, f[1],
                         table.concat(l.shape, "x"), table.concat(want, "x")), 0)
                 end
-                local r0, _, c0 = tpm.box(info, 0, #f[2].shape > 0 and f[2].shape[1] or 1)
-                gather_box(files, f[1], f[1], f[2], r0, c0 or 0, what)
+                fill(files, f[1], f[1], f[2], info, 0, what)
             end
         end
     end)
@@ -1284,8 +1310,7 @@ local function load_into(o)
             for _, key in ipairs { "exp_avg", "exp_avg_sq" } do
                 local t = Tensor.zeros(e.sp.shape, {dtype = cdt, device = e.sp.device})
                 local dst = t:narrow(0, 0, e.real)
-                local r0, _, c0 = tpm.box(e.tp, q * e.R, e.real)
-                gather_box(o.ofiles, key .. "." .. e.name, e.name, dst, r0, c0 or 0, what, files)
+                fill(o.ofiles, key .. "." .. e.name, e.name, dst, e.tp, q * e.R, what, files)
                 dst:free()
                 st_[key] = t
             end

@@ -106,27 +106,41 @@ local function check_linear(m, what)
     if rawget(m, "_tp") then error(what .. ": the layer is tensor-parallel already", 3) end
 end
 
--- this rank's slice of parameter `name` of m along dim, registered in its place
-local function shard_param(m, name, dim, group, what)
+-- this rank's slice of parameter `name` of m along dim, registered in its place. segments: the
+-- dim's sizes of consecutive parts split separately (a layer whose input is a concatenation, as
+-- FLUX's single-block proj_out on cat(attention, mlp)); the slice is the rank's piece of each.
+local function shard_param(m, name, dim, group, what, segments)
     local p = m[name]
     if p == nil then return end
     local T, t = group:size(), group:rank()
     local n = p.shape[dim + 1]
-    if n % T ~= 0 then
-        error(string.format("%s: %s has %d %s, which the tp group of %d ranks cannot split evenly (tp_size must " ..
-            "divide it)", what, name, n, dim == 0 and "rows (out_features)" or "columns (in_features)", T), 3)
+    segments = segments or {n}
+    local total = 0
+    for _, sz in ipairs(segments) do
+        if sz % T ~= 0 then
+            error(string.format("%s: %s has %d %s, which the tp group of %d ranks cannot split evenly (tp_size must " ..
+                "divide it)", what, name, sz, dim == 0 and "rows (out_features)" or "columns (in_features)", T), 3)
+        end
+        total = total + sz
+    end
+    if total ~= n then
+        error(string.format("%s: %s: the segments add up to %d, the dim has %d", what, name, total, n), 3)
     end
     local shape = {}
-    for i, s in ipairs(p.shape) do shape[i] = s end
+    for i, sz in ipairs(p.shape) do shape[i] = sz end
     local piece = autograd.no_grad(function()
-        local v = p:narrow(dim, t * n / T, n / T)
-        local c = v:clone()
-        free(v)
+        local parts, off = {}, 0
+        for i, sz in ipairs(segments) do
+            parts[i] = p:narrow(dim, off + t * sz / T, sz / T)
+            off = off + sz
+        end
+        local c = #parts == 1 and parts[1]:clone() or F.cat(parts, dim)
+        free(unpack(parts))
         return c
     end)
     local nn = require "nemo.nn"
     local np = nn.Parameter(piece, rawget(p, "requires_grad") == true)
-    rawset(np, "_tp", {dim = dim, rank = t, size = T, shape = shape})
+    rawset(np, "_tp", {dim = dim, rank = t, size = T, shape = shape, segments = #segments > 1 and segments or nil})
     m:register_parameter(name, np)
     free(p, piece)
 end
@@ -161,16 +175,21 @@ function M.colwise(m, group, opts)
     return m
 end
 
--- rowwise(linear, group, {input_is_parallel = true}): shard the input features. The input is
--- this rank's features (or whole, with input_is_parallel = false: each rank takes its slice); the
--- output is whole: the rank products summed over the group, plus the bias.
+-- rowwise(linear, group, {input_is_parallel = true, segments = nil}): shard the input features.
+-- The input is this rank's features (or whole, with input_is_parallel = false: each rank takes
+-- its slice); the output is whole: the rank products summed over the group, plus the bias.
+-- segments = {n1, n2, ...}: the input is a concatenation of parts of these sizes, each split over
+-- the ranks, and this rank's input is its piece of each, concatenated in the same order.
 function M.rowwise(m, group, opts)
     local what = "tensor parallel rowwise"
     check_group(group, what)
     check_linear(m, what)
     if group:size() == 1 then return m end
     local parallel_in = not (opts and opts.input_is_parallel == false)
-    shard_param(m, "weight", 1, group, what)
+    if opts and opts.segments and not parallel_in then
+        error(what .. ": segments need input_is_parallel (each rank's input is its piece of every segment)", 2)
+    end
+    shard_param(m, "weight", 1, group, what, opts and opts.segments)
     rawset(m, "_tp", {style = "rowwise", group = group, input_is_parallel = parallel_in})
     local T = group:size()
     rawset(m, "forward", function(self, x)
@@ -192,6 +211,28 @@ function M.rowwise(m, group, opts)
     return m
 end
 
+-- sum_grads(m, group): m's own parameters are replicated but each rank applies them to its part
+-- of a split (FLUX's per-head RMSNorm weights on the rank's heads), so each rank's gradient is a
+-- part: while m runs with grad on, they read as copy_to aliases, whose backward sums the
+-- gradient over the group (every rank then holds the whole gradient).
+function M.sum_grads(m, group)
+    check_group(group, "tensor parallel sum_grads")
+    if group:size() == 1 then return m end
+    if rawget(m, "_tp") then error("tensor parallel sum_grads: the module is tensor-parallel already", 2) end
+    local fwd = m.forward
+    rawset(m, "_tp", {style = "sum_grads", group = group})
+    rawset(m, "forward", function(self, ...)
+        if not autograd.is_grad_enabled() then return fwd(self, ...) end
+        local subs, any = {}, false
+        for name, p in self:named_parameters{recurse = false} do
+            if p.requires_grad then subs[name] = M.copy_to(p, group); any = true end
+        end
+        if not any then return fwd(self, ...) end
+        return self:_substitute_params(subs, fwd, self, ...)
+    end)
+    return m
+end
+
 -- The tp facts of a parameter ({dim, rank, size, shape}) or nil for a replicated one.
 function M.info(p) return rawget(p, "_tp") end
 
@@ -205,30 +246,48 @@ function M.full(t, info, group)
     local st = Tensor.empty(shape, {dtype = c.dtype, device = c.device})
     autograd.no_grad(dist.all_gather_into_tensor, st, c, {group = group})
     if not rawequal(c, t) then free(c) end
-    local parts = {}
-    for i = 1, T do parts[i] = st:select(0, i - 1) end
+    local parts, views = {}, {}
+    local segs = info.segments or {info.shape[info.dim + 1]}
+    local loff = 0
+    for _, sz in ipairs(segs) do
+        for r = 0, T - 1 do
+            local v = st:select(0, r)
+            parts[#parts + 1] = v:narrow(info.dim, loff, sz / T)
+            views[#views + 1] = v
+        end
+        loff = loff + sz / T
+    end
     local out = autograd.no_grad(F.cat, parts, info.dim)
     free(st)
-    for i = 1, T do free(parts[i]) end
+    free(unpack(parts))
+    free(unpack(views))
     return out
 end
 
--- box(info, r0, n) -> r0', n, c0, nc: the whole-parameter coordinates of local rows [r0, r0 + n)
--- of a parameter with tp facts `info` (nil: a replicated one): the rows, and the columns
--- [c0, c0 + nc) (nil: all of them).
-function M.box(info, r0, n)
-    if not info then return r0, n end
-    local per = info.shape[info.dim + 1] / info.size
-    if info.dim == 0 then return info.rank * per + r0, n end
-    return r0, n, info.rank * per, per
+-- pieces(info, r0, n) -> {{row0, rows, col0, cols, lcol0}...}: where local rows [r0, r0 + n) of a
+-- parameter with tp facts `info` (nil: a replicated one) lie in the whole parameter: rows, the
+-- columns [col0, col0 + cols) (nil: all of them) and where those columns start in the local
+-- tensor (lcol0). One piece, or one per segment of a segmented row-parallel weight.
+function M.pieces(info, r0, n)
+    if not info then return {{r0, n}} end
+    local T = info.size
+    if info.dim == 0 then return {{info.rank * info.shape[1] / T + r0, n}} end
+    local out, off, loff = {}, 0, 0
+    for _, sz in ipairs(info.segments or {info.shape[2]}) do
+        out[#out + 1] = {r0, n, off + info.rank * sz / T, sz / T, loff}
+        off, loff = off + sz, loff + sz / T
+    end
+    return out
 end
 
--- apply(plan, group): shard each {module, "colwise" | "rowwise", opts} of the plan; a group of one
--- rank leaves the model as it is.
+-- apply(plan, group): shard each {module, "colwise" | "rowwise" | "sum_grads", opts} of the plan;
+-- a group of one rank leaves the model as it is.
 function M.apply(plan, group)
     if group:size() == 1 then return end
     for _, e in ipairs(plan) do
-        if e[2] == "colwise" then M.colwise(e[1], group, e[3]) else M.rowwise(e[1], group, e[3]) end
+        if e[2] == "colwise" then M.colwise(e[1], group, e[3])
+        elseif e[2] == "rowwise" then M.rowwise(e[1], group, e[3])
+        else M.sum_grads(e[1], group) end
     end
 end
 
