@@ -20,14 +20,17 @@
 -- output_dir/sample_<iii>_<prompt>.<ext>: a PNG for FluxPipeline, an MP4 for WanPipeline as Automodel
 -- (H.264 with P pictures, nemo.mp4) or with video_format apng an animated PNG. inference.input_images: one image path, or one per prompt, for image-to-video (a
 -- WanImageToVideoPipeline, or Wan 2.2 TI2V; the image is the first frame). Not supported (clear errors): other
--- image-conditioned pipelines, tp_size / pp_size; vae.enable_cpu_offload is noted and ignored.
+-- image-conditioned pipelines, pp_size; vae.enable_cpu_offload is noted and ignored.
 --
 -- Several processes (mpirun / srun / nemo-lua --nproc-per-node N, with a `distributed:` block
 -- as Automodel's generate.py: backend, timeout_minutes, parallel_scheme.<component>.cp_size /
--- dp_size): the processes form dp = N / cp groups of cp ranks; group d samples prompts d, d + dp,
--- ... (the same Generator(seed + i) as one process), its cp ranks splitting each sample's tokens
--- (nemo.parallel.context: the named transformers run enable_context_parallel); the group's first
--- rank writes the files. Every rank loads the whole pipeline.
+-- tp_size / dp_size): the processes form dp = N / (cp x tp) groups of cp x tp ranks; group d
+-- samples prompts d, d + dp, ... (the same Generator(seed + i) as one process), its cp ranks
+-- splitting each sample's tokens (nemo.parallel.context: the named transformers run
+-- enable_context_parallel) and its tp ranks the transformers' largest layers
+-- (enable_tensor_parallel: each device holds its slice; the pipeline is read on the CPU,
+-- memory-mapped, and moved after the split; a LoRA adapter is merged first); the group's first
+-- rank writes the files. Without tp_size every rank loads the whole pipeline onto its device.
 local fs = require "nemo.fs"
 
 local M = {}
@@ -98,10 +101,10 @@ function M.validate(cfg)
                     cfg_error(string.format("unknown key 'distributed.parallel_scheme.%s.%s' (known: cp_size, " ..
                         "dp_size, dp_replicate_size, tp_size, pp_size)", tostring(name), tostring(k)))
                 end
-                if (k == "tp_size" or k == "pp_size") and type(v) == "number" and v > 1 then
-                    cfg_error(string.format("distributed.parallel_scheme.%s.%s = %d: tensor / pipeline parallelism " ..
-                        "is not supported in nemo-lua; cp_size (context parallelism) splits a sample over ranks",
-                        tostring(name), k, v))
+                if k == "pp_size" and type(v) == "number" and v > 1 then
+                    cfg_error(string.format("distributed.parallel_scheme.%s.%s = %d: pipeline parallelism is not " ..
+                        "supported in nemo-lua; cp_size (context parallelism) splits a sample's tokens and tp_size " ..
+                        "(tensor parallelism) its layers over ranks", tostring(name), k, v))
                 end
             end
         end
@@ -141,10 +144,11 @@ function M.sample_name(i, prompt, ext)
     return string.format("sample_%03d_%s.%s", i, safe, ext)
 end
 
--- The distributed: block -> the process group and the layout {world, cp, dp, cp_rank, dp_rank,
--- group (the cp group), components (the names with cp_size > 1)}, or nil without the block.
--- The ranks form dp groups of cp ranks (nemo.parallel.mesh: cp fastest); each dp group samples
--- its share of the prompts, its cp ranks together, one token slice each.
+-- The distributed: block -> the process group and the layout {world, cp, tp, dp, cp_rank, tp_rank,
+-- dp_rank, group (the cp group), tp_group, components (the names with cp_size > 1),
+-- tp_components (with tp_size > 1)}, or nil without the block. The ranks form dp groups of
+-- cp x tp ranks (nemo.parallel.mesh: tp fastest); each dp group samples its share of the prompts,
+-- its cp ranks together, one token slice each, its tp ranks one slice of the split layers each.
 local function distributed_layout(cfg, device)
     local d = cfg.distributed
     if d == nil then return nil end
@@ -152,33 +156,42 @@ local function distributed_layout(cfg, device)
     local ok, err = pcall(dist.init_for_device, device, d)
     if not ok then error("generate: distributed: " .. tostring(err), 0) end
     local world = dist.get_world_size()
-    local cp, dp, names = 1, nil, {}
+    local dp
+    local size, names = {cp_size = 1, tp_size = 1}, {cp_size = {}, tp_size = {}}
     local comps = {}
     for name in pairs(d.parallel_scheme or {}) do comps[#comps + 1] = name end
     table.sort(comps)
     for _, name in ipairs(comps) do
         local sc = d.parallel_scheme[name]
-        local c = type(sc.cp_size) == "number" and sc.cp_size > 1 and sc.cp_size or 1
-        if c > 1 then
-            if cp > 1 and c ~= cp then
-                cfg_error(string.format("distributed.parallel_scheme: the components' cp_size differ (%d and %d); " ..
-                    "the transformers of a pipeline sample together, so give them one cp_size", cp, c))
+        for _, key in ipairs { "cp_size", "tp_size" } do
+            local c = type(sc[key]) == "number" and sc[key] > 1 and sc[key] or 1
+            if c > 1 then
+                if size[key] > 1 and c ~= size[key] then
+                    cfg_error(string.format("distributed.parallel_scheme: the components' %s differ (%d and %d); the " ..
+                        "transformers of a pipeline sample together, so give them one %s", key, size[key], c, key))
+                end
+                size[key] = c
+                names[key][#names[key] + 1] = name
             end
-            cp = c
-            names[#names + 1] = name
         end
         if type(sc.dp_size) == "number" and sc.dp_size > 0 then dp = sc.dp_size end
     end
-    if world % cp ~= 0 then
-        cfg_error(string.format("distributed.parallel_scheme: cp_size %d does not divide the %d processes", cp, world))
+    local cp, tp = size.cp_size, size.tp_size
+    local sizes = {}   -- "cp_size 2", "cp_size 2 x tp_size 2": the model-parallel sizes given
+    if cp > 1 or tp == 1 then sizes[#sizes + 1] = "cp_size " .. cp end
+    if tp > 1 then sizes[#sizes + 1] = "tp_size " .. tp end
+    sizes = table.concat(sizes, " x ")
+    if world % (cp * tp) ~= 0 then
+        cfg_error(string.format("distributed.parallel_scheme: %s does not divide the %d processes", sizes, world))
     end
-    if dp ~= nil and dp * cp ~= world then
-        cfg_error(string.format("distributed.parallel_scheme: dp_size %d x cp_size %d does not match the %d " ..
-            "processes (leave dp_size out to infer it)", dp, cp, world))
+    if dp ~= nil and dp * cp * tp ~= world then
+        cfg_error(string.format("distributed.parallel_scheme: dp_size %d x %s does not match the %d processes (leave " ..
+            "dp_size out to infer it)", dp, sizes, world))
     end
-    local mesh = require("nemo.parallel.mesh").DeviceMesh{cp_size = cp}
-    return {world = world, cp = cp, dp = mesh:size("dp"), cp_rank = mesh:get_local_rank("cp"),
-            dp_rank = mesh:get_local_rank("dp"), group = mesh:get_group("cp"), components = names, mesh = mesh}
+    local mesh = require("nemo.parallel.mesh").DeviceMesh{cp_size = cp, tp_size = tp}
+    return {world = world, cp = cp, tp = tp, dp = mesh:size("dp"), cp_rank = mesh:get_local_rank("cp"),
+            tp_rank = mesh:get_local_rank("tp"), dp_rank = mesh:get_local_rank("dp"), group = mesh:get_group("cp"),
+            tp_group = mesh:get_group("tp"), components = names.cp_size, tp_components = names.tp_size, mesh = mesh}
 end
 
 -- run(cfg, {log = fn}) -> {files = {...}, pipe = pipe}: the files this process wrote (with a
@@ -196,16 +209,26 @@ function M.run(cfg, opts)
         device = cuda_ok and ("cuda:" .. require("nemo.dist").env().local_rank) or (device == "cuda" and device or "cpu")
     end
     local lay = distributed_layout(cfg, device or "auto")
-    local writer = lay == nil or lay.cp_rank == 0
+    local writer = lay == nil or (lay.cp_rank == 0 and lay.tp_rank == 0)
     if not writer then log = function() end end
     if lay and lay.world > 1 and require("nemo.dist").get_rank() == 0 then   -- once, not once per group
-        log(string.format("distributed: %d processes, %d prompt group%s of %d (context parallel over %s)", lay.world,
-            lay.dp, lay.dp == 1 and "" or "s", lay.cp, #lay.components > 0 and table.concat(lay.components, ", ") or
-            "nothing: each process samples its own prompts"))
+        local per = lay.cp * lay.tp
+        log(string.format("distributed: %d processes, %d prompt group%s of %d (context parallel over %s%s)", lay.world,
+            lay.dp, lay.dp == 1 and "" or "s", per, #lay.components > 0 and table.concat(lay.components, ", ") or
+            (per == 1 and "nothing: each process samples its own prompts" or "nothing"),
+            #lay.tp_components > 0 and ("; tensor parallel over " .. table.concat(lay.tp_components, ", ")) or ""))
     end
     if cfg.vae and cfg.vae.enable_cpu_offload then log("note: vae.enable_cpu_offload is ignored (a PyTorch hook)") end
+    -- with tensor parallelism the pipeline loads on the CPU (memory-mapped) and moves to the device
+    -- after the split: a device holds its slice, never the whole transformer
+    local tp_split = lay and #lay.tp_components > 0
+    local load_device = device
+    if tp_split then
+        load_device = "cpu"
+        if device == nil or device == "auto" then device = nemo.pipeline._choose_device() end
+    end
     local pipe = nemo.sampling.open_pipeline(m.pretrained_model_name_or_path,
-        {dtype = inf.dtype or "bfloat16", device = device})
+        {dtype = inf.dtype or "bfloat16", device = load_device})
     local c = pipe.components
     local kind = pipe.class_name == "FluxPipeline" and "image" or
         (pipe.class_name == "WanPipeline" or pipe.class_name == "WanImageToVideoPipeline") and "video" or nil
@@ -229,6 +252,22 @@ function M.run(cfg, opts)
         error("generate: model.lora_weights: no folder at " .. m.lora_weights, 0)
     end
     nemo.sampling.ready_pipeline(pipe, {lora = m.lora_weights, lora_scale = m.lora_scale, log = log})
+    if tp_split then
+        for _, name in ipairs(lay.tp_components) do
+            local comp = c[name]
+            if comp == nil or type(comp.enable_tensor_parallel) ~= "function" then
+                error(string.format("generate: distributed.parallel_scheme.%s has tp_size %d but the pipeline's %s %s",
+                    name, lay.tp, name, comp == nil and "does not exist" or "has no tensor-parallel plan (the " ..
+                    "transformers FluxTransformer2DModel and WanTransformer3DModel have one)"), 0)
+            end
+            -- a LoRA adapter is merged into the weights first (the split layers are plain Linears)
+            if #require("nemo.peft").adapted_modules(comp) > 0 then require("nemo.peft").merge(comp) end
+            comp:enable_tensor_parallel(lay.tp_group)
+        end
+        for _, mod in nemo.pipeline._iter_pipeline_modules(pipe) do
+            nemo.pipeline._move_module_to_device(mod, device)
+        end
+    end
     for _, name in ipairs(lay and lay.components or {}) do
         local comp = c[name]
         if comp == nil or type(comp.enable_context_parallel) ~= "function" then

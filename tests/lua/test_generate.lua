@@ -59,8 +59,8 @@ raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png"}), "needs an 
     "inference.input_images on a FLUX pipeline (image-to-video is Wan 2.2 TI2V's; tests/lua/test_wan22_vae.lua)")
 raises(with(fcfg, {"inference", "input_images"}, {"a.png", "b.png", "c.png"}), "3 images for 2 prompts",
     "inference.input_images: one image or one per prompt")
-raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {tp_size = 2}}), "tensor / pipeline parallelism " ..
-    "is not supported", "distributed.parallel_scheme: tp_size > 1 is an error naming it")
+raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {pp_size = 2}}), "pp_size = 2: pipeline " ..
+    "parallelism is not supported", "distributed.parallel_scheme: pp_size > 1 is an error naming it")
 raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {cp_degree = 2}}),
     "unknown key 'distributed.parallel_scheme.transformer.cp_degree'", "distributed.parallel_scheme: an unknown key")
 raises(with(fcfg, {"distributed", "parallel_scheme"}, {transformer = {cp_size = 2}}),

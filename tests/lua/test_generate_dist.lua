@@ -6,8 +6,9 @@
 --   - generate with parallel_scheme.transformer.cp_size 2: each dp group samples its share of 3
 --     prompts (prompt i in group i mod dp), its first cp rank writes them; every file is the
 --     one-process file within one level per pixel (float32; the attention's key order differs);
---   - sampling.wan (classifier-free guidance, 2 steps) with enable_context_parallel equals the
---     one-process video within 1e-5.
+--   - the same with parallel_scheme.transformer.tp_size 2 (the transformer's layers split);
+--   - sampling.wan (classifier-free guidance, 2 steps) with enable_context_parallel, and with
+--     enable_tensor_parallel, equals the one-process video within 1e-5.
 package.path = "tests/lua/?.lua;" .. package.path
 local T = require "tap"
 local nemo = require "nemo"
@@ -104,6 +105,40 @@ do
         "distributed.parallel_scheme: dp_size x cp_size must be the number of processes")
     dist.barrier()
     if rank == 0 then fs.remove_tree(shared) end
+
+    -- tensor parallel: the transformer's layers split over 2 ranks (read on the CPU, split, moved)
+    local ct = cfg(shared .. "_tp")
+    ct.distributed = {backend = "mpi", parallel_scheme = {transformer = {tp_size = 2}}}
+    local rt = gen.run(ct, quiet)
+    local tp_rank = rank % 2
+    local want_tp = {}
+    if tp_rank == 0 then
+        for i = 0, #prompts - 1 do
+            if i % dp == dp_rank then want_tp[#want_tp + 1] = shared .. "_tp/" .. gen.sample_name(i, prompts[i + 1], "png") end
+        end
+    end
+    local tr = rt.pipe.components.transformer
+    local q = tr.transformer_blocks:get(1).attn.to_q.weight
+    ok(table.concat(rt.files, "|") == table.concat(want_tp, "|") and
+       q.shape[1] * 2 == tr.config.num_attention_heads * tr.config.attention_head_dim, string.format("generate with tp_size 2 on " ..
+        "%d processes: each prompt group's first rank writes its prompts; the transformer holds half of to_q (%d rows)",
+        world, q.shape[1]), table.concat(rt.files, " "))
+    worst, differing = 0, 0
+    for i, p in ipairs(ref.files) do
+        local a = nemo.image.read_png(p)
+        local path = shared .. "_tp/" .. gen.sample_name(i - 1, prompts[i], "png")
+        local b = fs.isfile(path) and nemo.image.read_png(path)
+        if not b or #b.pixels ~= #a.pixels then worst = math.huge; break end
+        for k = 1, #a.pixels do
+            local d = math.abs(a.pixels:byte(k) - b.pixels:byte(k))
+            if d > 0 then differing = differing + 1 end
+            if d > worst then worst = d end
+        end
+    end
+    ok(worst <= 1, string.format("tp_size 2: all 3 samples are the one-process samples within one level per pixel " ..
+        "(largest difference %s, %d values differ)", tostring(worst), differing))
+    dist.barrier()
+    if rank == 0 then fs.remove_tree(shared .. "_tp") end
 end
 
 -- ==== sampling.wan with a context-parallel transformer ====
@@ -127,6 +162,16 @@ do
     ok(d <= 1e-5, string.format("sampling.wan (CFG, 2 steps, 5 frames) with the transformer context-parallel " ..
         "over 2 ranks == one process within 1e-5 relative (%.1e)", d))
     mesh:destroy()
+    -- the same with the transformer tensor-parallel instead (a fresh pipeline: the split is one way)
+    local pipe2 = sampling.open_pipeline(wan, {dtype = "float32", device = "cpu"})
+    local tmesh = require("nemo.parallel.mesh").DeviceMesh{tp_size = 2}
+    pipe2.components.transformer:enable_tensor_parallel(tmesh:get_group("tp"))
+    pipe = pipe2
+    local got2 = run().video
+    local d2 = R.rel_diff(got2, ref)
+    ok(d2 <= 1e-5, string.format("sampling.wan with the transformer tensor-parallel over 2 ranks == one process " ..
+        "within 1e-5 relative (%.1e)", d2))
+    tmesh:destroy()
 end
 
 fs.remove_tree(mine)
