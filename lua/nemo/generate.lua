@@ -262,7 +262,7 @@ function M.run(cfg, opts)
             end
             -- a LoRA adapter is merged into the weights first (the split layers are plain Linears)
             if #require("nemo.peft").adapted_modules(comp) > 0 then require("nemo.peft").merge(comp) end
-            comp:enable_tensor_parallel(lay.tp_group)
+            comp:enable_tensor_parallel(lay.tp_group, {cp_size = lay.cp})
         end
         for _, mod in nemo.pipeline._iter_pipeline_modules(pipe) do
             nemo.pipeline._move_module_to_device(mod, device)

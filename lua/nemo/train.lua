@@ -1173,9 +1173,12 @@ function M.run(cfg, opts)
             mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
     end
     if bm.tp_size > 1 then
-        log(string.format("tensor parallel: %d ranks share each layer of the model's plan (%s)", bm.tp_size,
-            tostring(getmetatable(model).__name):find("Flux") and "attention heads, MLPs, AdaLN linears" or
-            "the ffn, condition embedders and output projection"))
+        local flux_model = tostring(getmetatable(model).__name):find("Flux") ~= nil
+        local heads = rawget(model, "_tp_attention") and "attention heads, " or ""
+        log(string.format("tensor parallel: %d ranks share each layer of the model's plan (%s)%s", bm.tp_size,
+            heads .. (flux_model and "MLPs, AdaLN linears" or "the ffn, condition embedders and output projection"),
+            heads == "" and string.format("; the attention stays whole (%d heads are not a multiple of tp_size x " ..
+                "cp_size = %d, or LoRA adapts it)", model.config.num_attention_heads, bm.tp_size * bm.cp_size) or ""))
     end
     if bm.cp_size > 1 then
         log(string.format("context parallel: %d ranks split each sample's tokens (Ulysses attention); %d " ..

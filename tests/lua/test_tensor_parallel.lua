@@ -123,8 +123,10 @@ do
     local peft = require "nemo.peft"
     local holder = nn.Sequential(nn.Linear(8, 4))
     local lora = peft.LoRALinear(holder:get(1), {dim = 2, alpha = 2})
-    raises(function() tpm.colwise(lora, group) end, "LoRA adapters on tensor-parallel layers are not supported yet",
-        "a LoRA layer is refused, saying what to do")
+    raises(function() tpm.colwise(lora, group) end, "a LoRA adapter's layer cannot be split",
+        "a LoRA layer is refused by colwise, saying why")
+    ok(not tpm.splittable(nn.Linear(2, 2), lora) and tpm.splittable(nn.Linear(2, 2), nil, nn.RMSNorm(2)),
+        "splittable: false when a unit holds a LoRA layer (the plans then leave the unit whole)")
 end
 
 -- ==== the Wan transformer ====
@@ -159,9 +161,12 @@ do
     local df = rel_diff(out, rout)
     local dg, gname = grads_match(ref, model)
     local ffn = model.blocks:get(1).ffn.net:get(1).proj.weight
-    ok(df <= 1e-10 and dg <= 1e-10 and ffn.shape[1] == 32 / P, string.format("tiny Wan with enable_tensor_parallel " ..
-        "over %d ranks (ffn, condition embedders, time_proj, proj_out sharded): output == one process (%.1e), every " ..
-        "gradient (sharded ones gathered) == one process (%.1e at %s), float64, tolerance 1e-10", P, df, dg, gname))
+    local a1 = model.blocks:get(1).attn1
+    ok(df <= 1e-10 and dg <= 1e-10 and ffn.shape[1] == 32 / P and a1.heads == 4 / P and a1.norm_q.weight.shape[1] ==
+        48 / P, string.format("tiny Wan with enable_tensor_parallel over %d ranks (ffn, condition embedders, " ..
+        "time_proj, proj_out, and the attentions by heads with their q / k norms across heads, sharded): output == " ..
+        "one process (%.1e), every gradient (sharded ones gathered) == one process (%.1e at %s), float64, tolerance " ..
+        "1e-10", P, df, dg, gname))
     raises(function() model:enable_tensor_parallel(group) end, "tensor-parallel already",
         "enable_tensor_parallel twice is an error")
     local odd = {}
@@ -188,8 +193,29 @@ do
     F.mse_loss(out, yi):backward()
     df = rel_diff(out, rout)
     dg, gname = grads_match(ref, model)
-    ok(df <= 1e-10 and dg <= 1e-10, string.format("tiny Wan 2.1 I2V with enable_tensor_parallel over %d ranks: " ..
-        "output (%.1e) and gradients (%.1e at %s) == one process, float64, tolerance 1e-10", P, df, dg, gname))
+    ok(df <= 1e-10 and dg <= 1e-10, string.format("tiny Wan 2.1 I2V with enable_tensor_parallel over %d ranks " ..
+        "(attn2's image K / V projections and norm_added_k split too): output (%.1e) and gradients (%.1e at %s) == " ..
+        "one process, float64, tolerance 1e-10", P, df, dg, gname))
+    do
+        local odd = {}
+        for k, v in pairs(WAN_CFG) do odd[k] = v end
+        odd.num_attention_heads, odd.attention_head_dim = 3, 16
+        local m = wan.WanTransformer3DModel(odd):enable_tensor_parallel(group)
+        local m4 = wan.WanTransformer3DModel(WAN_CFG):enable_tensor_parallel(group, {cp_size = 4})
+        ok(m.blocks:get(1).attn1.heads == 3 and rawget(m, "_tp_attention") == false and
+           m.blocks:get(1).ffn.net:get(3).weight.shape[2] == 32 / P and m4.blocks:get(1).attn1.heads == 4 and
+           rawget(m4, "_tp_attention") == false, "Wan: heads that tp_size (x cp_size) does not divide: the " ..
+           "attention stays whole (Automodel's plan), the rest is split")
+    end
+    -- the split RMSNorm in bfloat16 (computed in float32 like the whole norm) is close to it
+    local nn = nemo.nn
+    local xb = nemo.randn({3, 5, 16}, {generator = g}):to{dtype = "bfloat16"}
+    local nw, ns = nn.RMSNorm(16, {eps = 1e-6}), nn.RMSNorm(16, {eps = 1e-6})
+    tpm.rms_norm(ns, group)
+    local want = nw(xb):to{dtype = "float32"}:narrow(2, trank * 16 / P, 16 / P)
+    local dbf = rel_diff(ns(xb:narrow(2, trank * 16 / P, 16 / P):contiguous()):to{dtype = "float32"}, want)
+    ok(dbf <= 1e-2, string.format("the split RMSNorm on bfloat16 input == this rank's part of the whole norm within " ..
+        "1e-2 (%.1e)", dbf))
 end
 
 -- ==== FSDP2 with tp_size: N ranks == one process ====
@@ -316,10 +342,11 @@ do
     local odd = {}
     for k, v in pairs(FLUX_CFG) do odd[k] = v end
     odd.num_attention_heads, odd.attention_head_dim, odd.axes_dims_rope = 3, 8, {2, 2, 4}
-    if P == 2 then
-        raises(function() flux.FluxTransformer2DModel(odd):enable_tensor_parallel(group) end,
-            "the model has 3 attention heads", "FLUX: a head count that tp_size does not divide is an error saying so")
-    end
+    local m3 = flux.FluxTransformer2DModel(odd):double():enable_tensor_parallel(group)
+    local s3 = m3.single_transformer_blocks:get(1)
+    ok(m3.transformer_blocks:get(1).attn.heads == 3 and s3.proj_out.weight.shape[2] == 24 + 96 and
+       m3.transformer_blocks:get(1).ff.net:get(3).weight.shape[2] == 96 / P and rawget(m3, "_tp_attention") == false,
+       "FLUX: heads that tp_size does not divide: the attentions and single blocks stay whole, MLPs and AdaLN are split")
 end
 
 do   -- FSDP2: tp 2 (x dp world / 2), and on 4 ranks tp 2 x cp 2 with checkpointed blocks

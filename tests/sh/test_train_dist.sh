@@ -312,6 +312,12 @@ if [ "$RC" != 0 ] && grep -q "unknown key 'ddp.tp_size'" <<< "$ERR"; then
 else
     fail "ddp with tp_size is refused" "exit $RC" "$ERR"
 fi
+# Wan LoRA (to_q / to_v adapted: the attentions stay whole, the rest of the plan is split)
+export TRAIN_RECIPE=recipes/wan_lora.yaml
+train 1 0 wl1 "${WB[@]}"
+if [ "$RC" = 0 ]; then pass "Wan LoRA reference: 1 process, batch 4"; else fail "Wan LoRA reference run" "$ERR"; fi
+case_eq "Wan LoRA, fsdp2 tensor parallel (tp_size 2), 2 ranks x the whole batch 4" 2 wl1 wltp --fsdp.tp_size 2 "${WB[@]}"
+export TRAIN_RECIPE=recipes/wan_finetune.yaml
 train 2 0 wtpbf --fsdp.tp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 "${WB[@]}"
 BF_RC=$RC
 train 1 0 w32 --model.torch_dtype float32 --model.compute_dtype float32 "${WB[@]}"
@@ -336,13 +342,9 @@ if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$
 else
     fail "FLUX tensor-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
 fi
-train 2 0 ftplora --fsdp.tp_size 2 --model.model_type flux --peft.dim 4 --peft.alpha 8 \
-    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-if [ "$RC" != 0 ] && grep -q "LoRA adapters on tensor-parallel layers are not supported yet" <<< "$ERR"; then
-    pass "FLUX LoRA with tp_size 2 (adapters on split layers): an error saying it is not supported yet"
-else
-    fail "LoRA on tensor-parallel layers is refused" "exit $RC" "$ERR"
-fi
+# LoRA with tp: the adapted attentions and MLPs stay whole, the rest of the plan is split
+case_eq "FLUX LoRA, fsdp2 tensor parallel (tp_size 2), 2 ranks x the whole batch 8" 2 lora1 ftplora "${LORA[@]}" \
+    --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 
 # ==== mixed precision and errors ====
 train 2 0 mixed --fsdp.dp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 \

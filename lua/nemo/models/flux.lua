@@ -681,45 +681,60 @@ end
 --     input columns split per part);
 --   every AdaLayerNormZero(Single) linear: column-parallel, its output gathered.
 -- A one-way change: the split weights hold this rank's slice (with their `_tp` facts); the output,
--- and every replicated parameter's gradient, is the one-process one on every rank. The head count
--- must be a multiple of the group's size (and, with context parallelism too, of tp x cp).
-function FluxTransformer2DModel:enable_tensor_parallel(group)
+-- and every replicated parameter's gradient, is the one-process one on every rank. opts.cp_size
+-- (the context-parallel size the model also runs with, default 1): the attentions (and the single
+-- blocks, whose proj_out takes attention and MLP together) are split only when the head count is
+-- a multiple of tp x cp; otherwise they stay whole and model._tp_attention is false. A unit
+-- with a LoRA adapter on one of its layers (an attention, an MLP, a single block's attention and
+-- MLP) stays whole, so LoRA finetuning runs with tensor parallelism.
+function FluxTransformer2DModel:enable_tensor_parallel(group, opts)
     local tpm = require "nemo.parallel.tensor"
     if rawget(self, "_tp_group") then error("enable_tensor_parallel: the model is tensor-parallel already", 2) end
     local T = group:size()
     local H = self.config.num_attention_heads
-    if H % T ~= 0 then
-        error(string.format("enable_tensor_parallel: the model has %d attention heads, which the tp group of %d " ..
-            "ranks cannot share out (tp_size must divide num_attention_heads)", H, T), 2)
-    end
+    local split_attn = H % (T * ((opts and opts.cp_size) or 1)) == 0
     local plan, attns = {}, {}
     local function add(m, style, o) plan[#plan + 1] = {m, style, o} end
-    local function ff(f) add(f.net:get(1).proj, "colwise"); add(f.net:get(3), "rowwise") end
+    -- a unit of layers split together (an attention, an MLP, a single block) stays whole when one
+    -- of them carries a LoRA adapter (tensor.splittable)
+    local function ff(f)
+        if tpm.splittable(f.net:get(1).proj, f.net:get(3)) then
+            add(f.net:get(1).proj, "colwise"); add(f.net:get(3), "rowwise")
+        end
+    end
+    local QKV = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
     for _, b in self.transformer_blocks:iter() do
         add(b.norm1.linear, "colwise", {gather_output = true})
         add(b.norm1_context.linear, "colwise", {gather_output = true})
         local a = b.attn
-        for _, n in ipairs { "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj" } do add(a[n], "colwise") end
-        for _, n in ipairs { "norm_q", "norm_k", "norm_added_q", "norm_added_k" } do add(a[n], "sum_grads") end
-        add(a.to_out:get(1), "rowwise")
-        add(a.to_add_out, "rowwise")
+        if split_attn and tpm.splittable(a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj,
+                                         a.to_out:get(1), a.to_add_out) then
+            for _, n in ipairs(QKV) do add(a[n], "colwise") end
+            for _, n in ipairs { "norm_q", "norm_k", "norm_added_q", "norm_added_k" } do add(a[n], "sum_grads") end
+            add(a.to_out:get(1), "rowwise")
+            add(a.to_add_out, "rowwise")
+            attns[#attns + 1] = a
+        end
         ff(b.ff)
         ff(b.ff_context)
-        attns[#attns + 1] = a
     end
     for _, b in self.single_transformer_blocks:iter() do
         add(b.norm.linear, "colwise", {gather_output = true})
-        for _, n in ipairs { "to_q", "to_k", "to_v" } do add(b.attn[n], "colwise") end
-        for _, n in ipairs { "norm_q", "norm_k" } do add(b.attn[n], "sum_grads") end
-        add(b.proj_mlp, "colwise")
-        add(b.proj_out, "rowwise", {segments = {b.attn.inner_dim, b.mlp_hidden_dim}})
-        attns[#attns + 1] = b.attn
+        local a = b.attn
+        if split_attn and tpm.splittable(a.to_q, a.to_k, a.to_v, b.proj_mlp, b.proj_out) then
+            for _, n in ipairs { "to_q", "to_k", "to_v" } do add(a[n], "colwise") end
+            for _, n in ipairs { "norm_q", "norm_k" } do add(a[n], "sum_grads") end
+            add(b.proj_mlp, "colwise")
+            add(b.proj_out, "rowwise", {segments = {a.inner_dim, b.mlp_hidden_dim}})
+            attns[#attns + 1] = a
+        end
     end
     local ok, err = pcall(tpm.apply, plan, group)
     if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
     if T > 1 then
         for _, a in ipairs(attns) do a.heads = a.heads / T end
         rawset(self, "_tp_group", group)
+        rawset(self, "_tp_attention", #attns > 0)
     end
     return self
 end

@@ -839,28 +839,58 @@ end
 -- `group` (a nemo.dist group, e.g. mesh:get_group("tp"); nemo.parallel.tensor): the condition
 -- embedder's text_embedder and time_embedder (linear_1 column-, linear_2 row-parallel), time_proj
 -- (column-parallel, its output gathered), every block's ffn (net.0.proj column-, net.2
--- row-parallel) and proj_out (row-parallel on its whole input). Attention is not sharded.
--- Automodel's plan shards time_proj and proj_out without the gather and the input slice, which
--- breaks their shapes; here they compute what the model on one process computes. A one-way
--- change: the sharded weights hold this rank's slice (each with its `_tp` facts); the output,
--- and every replicated parameter's gradient, is the one-process one on every rank.
-function WanTransformer3DModel:enable_tensor_parallel(group)
+-- row-parallel) and proj_out (row-parallel on its whole input); and, beyond Automodel's plan,
+-- every attention by heads: to_q, to_k, to_v (add_k_proj, add_v_proj) column-parallel, the q / k
+-- RMSNorms across heads split with them (one all-reduce of each token's sum of squares),
+-- to_out.0 row-parallel. Automodel's plan shards time_proj and proj_out without the gather and
+-- the input slice, which breaks their shapes; here they compute what the model on one process
+-- computes. A one-way change: the sharded weights hold this rank's slice (each with its `_tp`
+-- facts); the output, and every replicated parameter's gradient, is the one-process one on every
+-- rank. opts.cp_size (the context-parallel size the model also runs with, default 1): the
+-- attention is split only when the head count is a multiple of tp x cp (Ulysses gives each cp
+-- rank a share of the rank's heads); otherwise it stays whole, as in Automodel's plan, and
+-- model._tp_attention is false. A unit of layers split together (an
+-- attention, an MLP, an embedder pair) with a LoRA adapter on one of them stays whole (Wan's LoRA
+-- targets to_q / to_v: the attentions stay whole, the rest is split).
+function WanTransformer3DModel:enable_tensor_parallel(group, opts)
     local tpm = require "nemo.parallel.tensor"
     if rawget(self, "_tp_group") then error("enable_tensor_parallel: the model is tensor-parallel already", 2) end
     local ce = self.condition_embedder
-    local plan = {
-        {ce.text_embedder.linear_1, "colwise"}, {ce.text_embedder.linear_2, "rowwise"},
-        {ce.time_embedder.linear_1, "colwise"}, {ce.time_embedder.linear_2, "rowwise"},
-        {ce.time_proj, "colwise", {gather_output = true}},
-    }
-    for _, b in self.blocks:iter() do
-        plan[#plan + 1] = {b.ffn.net:get(1).proj, "colwise"}
-        plan[#plan + 1] = {b.ffn.net:get(3), "rowwise"}
+    local plan = {}
+    -- a pair split together (or a layer) stays whole when one of its layers carries a LoRA adapter
+    local function pair(a, b)
+        if tpm.splittable(a, b) then plan[#plan + 1] = {a, "colwise"}; plan[#plan + 1] = {b, "rowwise"} end
     end
-    plan[#plan + 1] = {self.proj_out, "rowwise", {input_is_parallel = false}}
+    pair(ce.text_embedder.linear_1, ce.text_embedder.linear_2)
+    pair(ce.time_embedder.linear_1, ce.time_embedder.linear_2)
+    if tpm.splittable(ce.time_proj) then plan[#plan + 1] = {ce.time_proj, "colwise", {gather_output = true}} end
+    local T, H = group:size(), self.config.num_attention_heads
+    local split_attn = H % (T * ((opts and opts.cp_size) or 1)) == 0
+    local attns = {}
+    for _, b in self.blocks:iter() do
+        for _, a in ipairs { b.attn1, b.attn2 } do
+            -- an attention with a LoRA adapter on one of its projections stays whole (replicated)
+            if split_attn and tpm.splittable(a.to_q, a.to_k, a.to_v, a.add_k_proj, a.add_v_proj, a.to_out:get(1)) then
+                for _, n in ipairs { "to_q", "to_k", "to_v", "add_k_proj", "add_v_proj" } do
+                    if a[n] ~= nil then plan[#plan + 1] = {a[n], "colwise"} end
+                end
+                for _, n in ipairs { "norm_q", "norm_k", "norm_added_k" } do
+                    if a[n] ~= nil then plan[#plan + 1] = {a[n], "rms_norm"} end
+                end
+                plan[#plan + 1] = {a.to_out:get(1), "rowwise"}
+                attns[#attns + 1] = a
+            end
+        end
+        pair(b.ffn.net:get(1).proj, b.ffn.net:get(3))
+    end
+    if tpm.splittable(self.proj_out) then plan[#plan + 1] = {self.proj_out, "rowwise", {input_is_parallel = false}} end
     local ok, err = pcall(tpm.apply, plan, group)
     if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
-    if group:size() > 1 then rawset(self, "_tp_group", group) end
+    if T > 1 then
+        for _, a in ipairs(attns) do a.heads = a.heads / T end
+        rawset(self, "_tp_group", group)
+        rawset(self, "_tp_attention", #attns > 0)
+    end
     return self
 end
 

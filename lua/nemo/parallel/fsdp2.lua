@@ -355,7 +355,7 @@ function FSDP:parallelize(model)
         end
         for _, b in model:named_buffers() do broadcast_whole(world, b) end
         self.tp_group = dm:get_group("tp")
-        model:enable_tensor_parallel(self.tp_group)
+        model:enable_tensor_parallel(self.tp_group, {cp_size = CP})
         self.broadcast_done = true
     end
     local param_dtype = self.param_dtype

@@ -12,15 +12,20 @@
 --
 -- A column-parallel layer followed by a row-parallel one (an MLP: in -> act -> out) costs one
 -- all-reduce forward (the row layer's sum) and one backward (the column layer's input gradient).
+-- rms_norm(norm, group) splits an RMSNorm over features that column-parallel layers split (one
+-- all-reduce of each token's sum of squares); sum_grads(m, group) marks replicated parameters
+-- applied to the rank's part only (per-head norms on the rank's heads).
 -- The sharded parameters are new tensors holding this rank's slice, registered under the same
--- names; each carries `_tp = {dim, rank, size, shape}` (the split dim, 0 or 1, and the whole
--- parameter's shape), which the FSDP2 manager reads for gradient norms, full state dicts and
--- checkpoints (saved in whole-parameter coordinates, so they load on any tp / dp layout).
+-- names; each carries `_tp = {dim, rank, size, shape, segments}` (the split dim, 0 or 1, the whole
+-- parameter's shape, and the parts of a concatenated input split separately), which the FSDP2
+-- manager reads for gradient norms, full state dicts and checkpoints (saved in whole-parameter
+-- coordinates, so they load on any tp / dp layout).
 --
 -- Non-obvious rules:
 -- - Every parameter outside the sharded layers is replicated, and so is its gradient: the
 --   inputs and output gradients of the replicated part are the same on every rank of the group
---   (the all-reduces give every rank the same sum), so no gradient reduction over tp is needed.
+--   (the all-reduces give every rank the same sum), so no gradient reduction over tp is needed,
+--   except for sum_grads' parameters, whose gradients copy_to aliases sum in the backward.
 -- - The row-parallel bias is whole on every rank and added once, after the sum.
 -- - The collectives run in the order the graph runs, the same on every rank of the group.
 -- - Sharding is a one-way change of the model: the whole weights are gone from this rank.
@@ -39,7 +44,7 @@ local function alias(t)
     return Tensor.wrap(nffi.C.nemo_tensor_alias(t._c))
 end
 
--- ==== the four differentiable collectives (over the last dim where they split) ====
+-- ==== the differentiable collectives (over the last dim where they split) ====
 
 -- copy_to(x, group): x unchanged; backward: the gradient summed over the group (the input of a
 -- column-parallel layer, whose rank-local products each give part of the input's gradient)
@@ -62,6 +67,25 @@ end
 function M.reduce_from(y, group)
     autograd.no_grad(dist.all_reduce, y, {group = group})
     return y
+end
+
+-- all_reduce(x, group) -> the sum of every rank's x (a new tensor); backward: the same sum of
+-- the gradients (every rank's x reaches every rank's result)
+local function ar_bw(node, g)
+    local c = g:contiguous()
+    local out = rawequal(c, g) and c:clone() or c
+    dist.all_reduce(out, {group = node.group})
+    return out
+end
+function M.all_reduce(x, group)
+    local out = autograd.no_grad(function()
+        local c = x:contiguous()
+        return rawequal(c, x) and c:clone() or c
+    end)
+    autograd.no_grad(dist.all_reduce, out, {group = group})
+    local node = autograd.node("tp_all_reduce", ar_bw, out, x)
+    if node then node.group = group end
+    return out
 end
 
 -- gather(x, group) -> every rank's x concatenated along the last dim; backward: this rank's slice
@@ -100,8 +124,8 @@ local function check_linear(m, what)
         local cls = getmetatable(m)
         local name = cls and cls.__name or type(m)
         error(string.format("%s: expected an nn.Linear, got %s%s", what, tostring(name),
-            tostring(name):find("LoRA") and " (LoRA adapters on tensor-parallel layers are not supported yet: leave " ..
-            "this layer out of the peft target_modules, or set tp_size to 1)" or ""), 3)
+            tostring(name):find("LoRA") and " (a LoRA adapter's layer cannot be split: the models' plans leave such " ..
+            "layers whole, see tensor.splittable)" or ""), 3)
     end
     if rawget(m, "_tp") then error(what .. ": the layer is tensor-parallel already", 3) end
 end
@@ -211,6 +235,64 @@ function M.rowwise(m, group, opts)
     return m
 end
 
+-- the machine epsilon torch's rms_norm takes when eps is None
+local EPS = {float64 = 2.220446049250313e-16, float32 = 1.1920928955078125e-07, bfloat16 = 0.0078125,
+             float16 = 0.0009765625}
+
+-- rms_norm(norm, group): an nn.RMSNorm over features that are split over the group (the output
+-- of column-parallel layers; Wan's q / k norms span every head): its weight is sliced as those
+-- features are, and each token's mean square is the sum of the ranks' sums of squares (one
+-- all-reduce of a value per token), so every rank normalizes its features as the whole norm
+-- would. Computed in float32 for bfloat16 / float16 inputs.
+function M.rms_norm(m, group)
+    local what = "tensor parallel rms_norm"
+    check_group(group, what)
+    local nn = require "nemo.nn"
+    if not class.isinstance(m, nn.RMSNorm) or #m.normalized_shape ~= 1 then
+        error(what .. ": expected an nn.RMSNorm over one dim", 2)
+    end
+    if rawget(m, "_tp") then error(what .. ": the layer is tensor-parallel already", 2) end
+    if group:size() == 1 then return m end
+    local N = m.normalized_shape[1]
+    if N % group:size() ~= 0 then
+        error(string.format("%s: %d features, which the tp group of %d ranks cannot split evenly", what, N,
+            group:size()), 2)
+    end
+    shard_param(m, "weight", 0, group, what)
+    rawset(m, "_tp", {style = "rms_norm", group = group})
+    rawset(m, "forward", function(self, x)
+        if x.shape[#x.shape] ~= N / group:size() then
+            error(string.format("tensor-parallel RMSNorm: expected input (..., %d), got %s", N / group:size(),
+                Tensor.shape_str(x.shape)), 2)
+        end
+        local lowp = x.dtype == "bfloat16" or x.dtype == "float16"
+        local xf = lowp and x:to{dtype = "float32"} or x
+        local sq = xf * xf
+        local ss = F.sum(sq, -1, true)
+        free(sq)
+        local tot = M.all_reduce(ss, group)
+        free(ss)
+        local ms = tot / N
+        free(tot)
+        local den = ms + (self.eps or EPS[x.dtype] or EPS.float32)
+        free(ms)
+        local r = F.rsqrt(den)
+        free(den)
+        local y = xf * r
+        free(r)
+        if lowp then
+            local c = y:to{dtype = x.dtype}
+            free(y, xf)
+            y = c
+        end
+        if self.weight == nil then return y end
+        local out = y * self.weight
+        free(y)
+        return out
+    end)
+    return m
+end
+
 -- sum_grads(m, group): m's own parameters are replicated but each rank applies them to its part
 -- of a split (FLUX's per-head RMSNorm weights on the rank's heads), so each rank's gradient is a
 -- part: while m runs with grad on, they read as copy_to aliases, whose backward sums the
@@ -280,13 +362,29 @@ function M.pieces(info, r0, n)
     return out
 end
 
--- apply(plan, group): shard each {module, "colwise" | "rowwise" | "sum_grads", opts} of the plan;
+-- splittable(...) -> true when every module given is a plain nn.Linear or nn.RMSNorm (nil ones
+-- skipped): a plan leaves a unit of layers that are split together (an attention, an MLP) whole
+-- when one of them carries a LoRA adapter, so LoRA runs alongside tensor parallelism.
+function M.splittable(...)
+    local nn = require "nemo.nn"
+    for i = 1, select("#", ...) do
+        local m = select(i, ...)
+        if m ~= nil then
+            local cls = getmetatable(m)
+            if cls ~= nn.Linear and cls ~= nn.RMSNorm then return false end
+        end
+    end
+    return true
+end
+
+-- apply(plan, group): shard each {module, "colwise" | "rowwise" | "rms_norm" | "sum_grads", opts} of the plan;
 -- a group of one rank leaves the model as it is.
 function M.apply(plan, group)
     if group:size() == 1 then return end
     for _, e in ipairs(plan) do
         if e[2] == "colwise" then M.colwise(e[1], group, e[3])
         elseif e[2] == "rowwise" then M.rowwise(e[1], group, e[3])
+        elseif e[2] == "rms_norm" then M.rms_norm(e[1], group)
         else M.sum_grads(e[1], group) end
     end
 end
