@@ -83,18 +83,23 @@ do
     for i = 0, #prompts - 1 do if i % dp == dp_rank then mine_n = mine_n + 1 end end
     ok(calls >= mine_n * 2 * 2 * 2, string.format("the samples ran context-parallel (%d collectives on this rank " ..
         "for %d prompts)", calls, mine_n))
-    local worst, differing = 0, 0
-    for i, p in ipairs(ref.files) do
-        local a = nemo.image.read_png(p)
-        local path = shared .. "/" .. gen.sample_name(i - 1, prompts[i], "png")
-        local b = fs.isfile(path) and nemo.image.read_png(path)
-        if not b or #b.pixels ~= #a.pixels then worst = math.huge; break end
-        for k = 1, #a.pixels do
-            local d = math.abs(a.pixels:byte(k) - b.pixels:byte(k))
-            if d > 0 then differing = differing + 1 end
-            if d > worst then worst = d end
+    -- the largest per-value difference of the samples in dir from the one-process ones, and how many differ
+    local function compare_to_ref(dir)
+        local worst, differing = 0, 0
+        for i, p in ipairs(ref.files) do
+            local a = nemo.image.read_png(p)
+            local path = dir .. "/" .. gen.sample_name(i - 1, prompts[i], "png")
+            local b = fs.isfile(path) and nemo.image.read_png(path)
+            if not b or #b.pixels ~= #a.pixels then return math.huge, 0 end
+            for k = 1, #a.pixels do
+                local d = math.abs(a.pixels:byte(k) - b.pixels:byte(k))
+                if d > 0 then differing = differing + 1 end
+                if d > worst then worst = d end
+            end
         end
+        return worst, differing
     end
+    local worst, differing = compare_to_ref(shared)
     ok(worst <= 1, string.format("all 3 samples are on disk when generate returns, each the one-process sample " ..
         "within one level per pixel (largest difference %s, %d values differ)", tostring(worst), differing))
     R.raises(function()
@@ -123,18 +128,7 @@ do
        q.shape[1] * 2 == tr.config.num_attention_heads * tr.config.attention_head_dim, string.format("generate with tp_size 2 on " ..
         "%d processes: each prompt group's first rank writes its prompts; the transformer holds half of to_q (%d rows)",
         world, q.shape[1]), table.concat(rt.files, " "))
-    worst, differing = 0, 0
-    for i, p in ipairs(ref.files) do
-        local a = nemo.image.read_png(p)
-        local path = shared .. "_tp/" .. gen.sample_name(i - 1, prompts[i], "png")
-        local b = fs.isfile(path) and nemo.image.read_png(path)
-        if not b or #b.pixels ~= #a.pixels then worst = math.huge; break end
-        for k = 1, #a.pixels do
-            local d = math.abs(a.pixels:byte(k) - b.pixels:byte(k))
-            if d > 0 then differing = differing + 1 end
-            if d > worst then worst = d end
-        end
-    end
+    worst, differing = compare_to_ref(shared .. "_tp")
     ok(worst <= 1, string.format("tp_size 2: all 3 samples are the one-process samples within one level per pixel " ..
         "(largest difference %s, %d values differ)", tostring(worst), differing))
     dist.barrier()

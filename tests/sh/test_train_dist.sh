@@ -150,25 +150,25 @@ else
 fi
 
 # ==== resume ====
-train 2 2 fsdp2stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-A_RC=$RC
-train 2 0 fsdp2stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-C=$(compare fsdp2stop/epoch_0_step_3 fsdp2/epoch_0_step_3)
-if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ] &&
-   [ "$(losses fsdp2stop)" = "$(losses fsdp2)" ]; then
-    pass "fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise (weights and logged losses)"
-else
-    fail "fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
-fi
-train 2 2 cp2stop --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-A_RC=$RC
-train 2 0 cp2stop --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-C=$(compare cp2stop/epoch_0_step_3 cp2/epoch_0_step_3)
-if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
-    pass "fsdp2 cp_size 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
-else
-    fail "context-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
-fi
+# resume_eq NAME DIR REF ARGS...: on 2 ranks, 2 steps, stop, then resume for the last 2: the
+# weights and the logged losses equal the uninterrupted run REF's, bitwise
+resume_eq() {
+    local name=$1 dir=$2 ref=$3; shift 3
+    train 2 2 "$dir" "$@"
+    local a_rc=$RC
+    train 2 0 "$dir" "$@"
+    local c; c=$(compare "$dir/epoch_0_step_3" "$ref/epoch_0_step_3")
+    if [ "$a_rc" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$c")" = "0.000e+00" ] &&
+       [ "$(losses "$dir")" = "$(losses "$ref")" ]; then
+        pass "$name: 2 steps, stop, resume, 2 steps == 4 steps bitwise (weights and logged losses; $c)"
+    else
+        fail "$name: resume is bitwise" "exit $a_rc / $RC" "$c" "$ERR"
+    fi
+}
+resume_eq "fsdp2, 2 ranks" fsdp2stop fsdp2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 \
+    --step_scheduler.global_batch_size 8
+resume_eq "fsdp2 cp_size 2" cp2stop cp2 --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 \
+    --step_scheduler.global_batch_size 8
 # FSDP2 shards of 2 ranks resumed on 4 ranks (HSDP 2 x 2 reads 2 shards; dp_shard 4 reshards)
 cp -r "$T/fsdp2stop" "$T/reshard4"
 rm -rf "$T/reshard4/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/reshard4/LATEST"
@@ -234,15 +234,8 @@ if [ -f "$T/lorafsdp/epoch_0_step_3/model/adapter_model.safetensors" ] && [[ "$K
 else
     fail "LoRA fsdp2 checkpoint holds the adapters only" "$K" "$(ls "$T/lorafsdp/epoch_0_step_3/model" 2>&1)"
 fi
-train 2 2 lorastop "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-A_RC=$RC
-train 2 0 lorastop "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-C=$(compare lorastop/epoch_0_step_3 lorafsdp/epoch_0_step_3)
-if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
-    pass "LoRA fsdp2, 2 ranks: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
-else
-    fail "LoRA fsdp2 resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
-fi
+resume_eq "LoRA fsdp2, 2 ranks" lorastop lorafsdp "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 \
+    --step_scheduler.global_batch_size 8
 
 # timestep_sampling beta: every rank draws the global batch's Beta values and takes its slice
 train 1 0 rbeta --flow_matching.timestep_sampling beta --step_scheduler.local_batch_size 8 \
@@ -267,16 +260,7 @@ case_eq "Wan dp 2 x tp 2, 4 ranks x batch 2" 4 w1 wtp2dp2 --fsdp.tp_size 2 --fsd
     --step_scheduler.global_batch_size 4
 case_eq "Wan tp 2 x cp 2, 4 ranks x the whole batch 4, activation checkpointing" 4 w1 wtpcp --fsdp.tp_size 2 \
     --fsdp.cp_size 2 --fsdp.activation_checkpointing true "${WB[@]}"
-train 2 2 wtpstop --fsdp.tp_size 2 "${WB[@]}"
-A_RC=$RC
-train 2 0 wtpstop --fsdp.tp_size 2 "${WB[@]}"
-C=$(compare wtpstop/epoch_0_step_3 wtp2/epoch_0_step_3)
-if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ] &&
-   [ "$(losses wtpstop)" = "$(losses wtp2)" ]; then
-    pass "Wan tp 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
-else
-    fail "tensor-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
-fi
+resume_eq "Wan tp 2" wtpstop wtp2 --fsdp.tp_size 2 "${WB[@]}"
 # a tp 2 checkpoint resumed as plain 2-rank data parallelism (resharded: whole-parameter pieces)
 cp -r "$T/wtpstop" "$T/wtpdp"
 rm -rf "$T/wtpdp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/wtpdp/LATEST"
@@ -333,15 +317,7 @@ case_eq "FLUX fsdp2 tensor parallel (tp_size 2, dp 1), 2 ranks x the whole batch
     --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 case_eq "FLUX dp 2 x tp 2, 4 ranks, 2 micro-batches of 2" 4 racc ftp2dp2 --fsdp.tp_size 2 --fsdp.dp_size 2 \
     --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8
-train 2 2 ftpstop --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-A_RC=$RC
-train 2 0 ftpstop --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-C=$(compare ftpstop/epoch_0_step_3 ftp2/epoch_0_step_3)
-if [ "$A_RC" = 0 ] && [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
-    pass "FLUX tp 2: 2 steps, stop, resume, 2 steps == 4 steps bitwise ($C)"
-else
-    fail "FLUX tensor-parallel resume is bitwise" "exit $A_RC / $RC" "$C" "$ERR"
-fi
+resume_eq "FLUX tp 2" ftpstop ftp2 --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 # LoRA with tp: the adapted attentions and MLPs stay whole, the rest of the plan is split
 case_eq "FLUX LoRA, fsdp2 tensor parallel (tp_size 2), 2 ranks x the whole batch 8" 2 lora1 ftplora "${LORA[@]}" \
     --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8

@@ -729,14 +729,7 @@ function FluxTransformer2DModel:enable_tensor_parallel(group, opts)
             attns[#attns + 1] = a
         end
     end
-    local ok, err = pcall(tpm.apply, plan, group)
-    if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
-    if T > 1 then
-        for _, a in ipairs(attns) do a.heads = a.heads / T end
-        rawset(self, "_tp_group", group)
-        rawset(self, "_tp_attention", #attns > 0)
-    end
-    return self
+    return tpm.apply_model(self, plan, attns, group)
 end
 
 -- ==== files ====

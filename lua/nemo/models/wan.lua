@@ -884,14 +884,7 @@ function WanTransformer3DModel:enable_tensor_parallel(group, opts)
         pair(b.ffn.net:get(1).proj, b.ffn.net:get(3))
     end
     if tpm.splittable(self.proj_out) then plan[#plan + 1] = {self.proj_out, "rowwise", {input_is_parallel = false}} end
-    local ok, err = pcall(tpm.apply, plan, group)
-    if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2) end
-    if T > 1 then
-        for _, a in ipairs(attns) do a.heads = a.heads / T end
-        rawset(self, "_tp_group", group)
-        rawset(self, "_tp_attention", #attns > 0)
-    end
-    return self
+    return tpm.apply_model(self, plan, attns, group)
 end
 
 -- ==== files ====

@@ -48,7 +48,7 @@ end
 
 -- copy_to(x, group): x unchanged; backward: the gradient summed over the group (the input of a
 -- column-parallel layer, whose rank-local products each give part of the input's gradient)
-local function copy_bw(node, g)
+local function sum_bw(node, g)   -- the gradient summed over node.group (a new tensor)
     local s = g:contiguous()
     local out = rawequal(s, g) and s:clone() or s
     dist.all_reduce(out, {group = node.group})
@@ -57,7 +57,7 @@ end
 function M.copy_to(x, group)
     if not (autograd.is_grad_enabled() and x.requires_grad) then return x end
     local a = alias(x)
-    local node = autograd.node("tp_copy", copy_bw, a, x)
+    local node = autograd.node("tp_copy", sum_bw, a, x)
     node.group = group
     return a
 end
@@ -71,19 +71,13 @@ end
 
 -- all_reduce(x, group) -> the sum of every rank's x (a new tensor); backward: the same sum of
 -- the gradients (every rank's x reaches every rank's result)
-local function ar_bw(node, g)
-    local c = g:contiguous()
-    local out = rawequal(c, g) and c:clone() or c
-    dist.all_reduce(out, {group = node.group})
-    return out
-end
 function M.all_reduce(x, group)
     local out = autograd.no_grad(function()
         local c = x:contiguous()
         return rawequal(c, x) and c:clone() or c
     end)
     autograd.no_grad(dist.all_reduce, out, {group = group})
-    local node = autograd.node("tp_all_reduce", ar_bw, out, x)
+    local node = autograd.node("tp_all_reduce", sum_bw, out, x)
     if node then node.group = group end
     return out
 end
@@ -387,6 +381,20 @@ function M.apply(plan, group)
         elseif e[2] == "rms_norm" then M.rms_norm(e[1], group)
         else M.sum_grads(e[1], group) end
     end
+end
+
+-- apply_model(model, plan, attns, group): a model's enable_tensor_parallel after it made its plan:
+-- applies it (an error says "enable_tensor_parallel: ..."), gives each split attention of attns
+-- its share of the heads, and marks the model (_tp_group, _tp_attention).
+function M.apply_model(model, plan, attns, group)
+    local ok, err = pcall(M.apply, plan, group)
+    if not ok then error("enable_tensor_parallel: " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 3) end
+    local T = group:size()
+    if T == 1 then return model end
+    for _, a in ipairs(attns) do a.heads = a.heads / T end
+    rawset(model, "_tp_group", group)
+    rawset(model, "_tp_attention", #attns > 0)
+    return model
 end
 
 return M
