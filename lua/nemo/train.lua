@@ -1167,8 +1167,9 @@ function M.run(cfg, opts)
         local info = mgr and mgr:info() or {}
         log(string.format("data parallel: %d process%s (%s backend), %s manager%s%s%s", ws, ws == 1 and "" or "es",
             dist.get_backend(), mgr and mgr.manager_type or "no",
-            sharded and string.format(", %d units sharded over %d ranks%s", info.units or 0, info.shard or 1,
-                (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate) or "") or "",
+            sharded and not mgr.plain and string.format(", %d units sharded over %d ranks%s", info.units or 0,
+                info.shard or 1, (info.replicate or 1) > 1 and string.format(" x %d replicas (HSDP)", info.replicate)
+                or "") or "",
             mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or "",
             mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
     end
