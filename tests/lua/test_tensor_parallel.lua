@@ -169,6 +169,8 @@ do
         "1e-10", P, df, dg, gname))
     raises(function() model:enable_tensor_parallel(group) end, "tensor-parallel already",
         "enable_tensor_parallel twice is an error")
+    raises(function() model:save_pretrained(os.tmpname() .. "_never") end, "the model is tensor-parallel",
+        "save_pretrained of a tensor-parallel model (slices) is an error pointing to summon_full_params")
     local odd = {}
     for k, v in pairs(WAN_CFG) do odd[k] = v end
     odd.ffn_dim = 33

@@ -158,6 +158,16 @@ function M.write_folder(model, folder, cfg, opts, who)
     if type(folder) ~= "string" then error(who .. ": folder must be a string, got " .. type(folder), 3) end
     opts = opts or {}
     local max_size = M.parse_size(opts.max_shard_size or "10GB")
+    -- a tensor-parallel model holds slices of its split layers: they are gathered first (the FSDP2
+    -- manager's summon_full_params swaps the whole tensors in), never written as the weights
+    for name, p in model:named_parameters() do
+        local info = rawget(p, "_tp")
+        if info and table.concat(p.shape, "x") ~= table.concat(info.shape, "x") then
+            error(string.format("%s: the model is tensor-parallel: %s holds this rank's slice (%s of %s); save it " ..
+                "inside the FSDP2 manager's summon_full_params (every rank calls it; it gathers the slices), or " ..
+                "write full_state_dict()", who, name, table.concat(p.shape, "x"), table.concat(info.shape, "x")), 3)
+        end
+    end
     fs.mkdirs(folder)
     json.write_file(folder .. "/config.json", cfg, {indent = 2})
     local sd, keys = model:state_dict()
