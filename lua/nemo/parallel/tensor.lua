@@ -26,7 +26,9 @@
 --   inputs and output gradients of the replicated part are the same on every rank of the group
 --   (the all-reduces give every rank the same sum), so no gradient reduction over tp is needed,
 --   except for sum_grads' parameters, whose gradients copy_to aliases sum in the backward.
--- - The row-parallel bias is whole on every rank and added once, after the sum.
+-- - The row-parallel bias is whole on every rank and added once, after the sum. The partial
+--   products are summed in their own dtype (bfloat16 under mixed precision, as Megatron does):
+--   half the bytes of a float32 sum, one more rounding than the unsplit product.
 -- - The collectives run in the order the graph runs, the same on every rank of the group.
 -- - Sharding is a one-way change of the model: the whole weights are gone from this rank.
 local Tensor = require "nemo.tensor"
