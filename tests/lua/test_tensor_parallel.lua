@@ -1,7 +1,7 @@
 -- tests/lua/test_tensor_parallel.lua: tensor parallelism (lua/nemo/parallel/tensor.lua, Wan's plan
 -- in WanTransformer3DModel:enable_tensor_parallel, nemo-lua's FLUX plan, fsdp.tp_size in the FSDP2
--- manager). Runs on one process (prove: the option checks) and under mpirun with 2 and 4 ranks
--- (tests/sh/test_mpi.sh).
+-- manager). Runs on one process (prove: the option checks) and under mpirun with 2, 4 and 8 ranks
+-- (tests/sh/test_mpi.sh; on 8, HSDP 2 replicas x 2 shards x tp 2).
 -- Every check is decided on all ranks; rank 0 prints TAP. Every rank computes the one-process
 -- reference itself.
 --
@@ -296,6 +296,9 @@ local function fsdp_case(name, mopts)
 end
 
 local mgr_a, model_a, opt_a = fsdp_case("tiny Wan float64, tp 2", {tp_size = 2})
+if world == 8 then   -- HSDP with tp: 2 replicas x 2 shards x tp 2
+    fsdp_case("tiny Wan float64, HSDP (2 replicas x 2 shards) x tp 2", {tp_size = 2, dp_replicate_size = 2})
+end
 if world == 4 then
     fsdp_case("tiny Wan float64, tp 2 x cp 2, checkpointed blocks", {tp_size = 2, cp_size = 2,
         activation_checkpointing = true})

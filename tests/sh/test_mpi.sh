@@ -56,6 +56,7 @@ sub test_context_parallel.lua 4 --oversubscribe
 sub test_context_parallel.lua 8 --oversubscribe
 sub test_tensor_parallel.lua 2
 sub test_tensor_parallel.lua 4 --oversubscribe
+sub test_tensor_parallel.lua 8 --oversubscribe
 sub test_generate_dist.lua 2
 sub test_generate_dist.lua 4 --oversubscribe
 
