@@ -12,7 +12,8 @@
 --
 -- Y: (16 mbw) x (16 mbh) bytes, Cb / Cr: (8 mbw) x (8 mbh), row-major (padded planes, nemo.mp4);
 -- ref = {Y =, Cb =, Cr =}: the previous decoded picture (RY, RCb, RCr of its slice) for a P slice.
--- The slice header is nemo.mp4's (deblocking off) with slice_qp_delta = qp - 26.
+-- The slice header is nemo.mp4's, with slice_qp_delta = qp - 26 and the deblocking filter on
+-- when slice_rbsp's deblock is (M.deblock filters the decoded planes as a decoder does, 8.7).
 -- qp in 0..51, lower is better and larger; the chroma's QP follows Table 8-15 (equal up to 29).
 local ffi = require "ffi"
 local bit = require "bit"
@@ -633,17 +634,158 @@ local function code_luma_inter(P, R, S, x0, y0, pred, qp, levels)
     return cbp
 end
 
+-- ==== the deblocking filter (8.7) ====
+
+-- alpha' (Table 8-16, indexA 0..51), beta' (indexB) and tC0' (Table 8-17: [indexA][bS 1..3])
+local ALPHA = {[0] = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 5, 6, 7, 8, 9, 10, 12, 13, 15, 17, 20,
+               22, 25, 28, 32, 36, 40, 45, 50, 56, 63, 71, 80, 90, 101, 113, 127, 144, 162, 182, 203, 226, 255, 255}
+local BETA = {[0] = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 6, 6, 7, 7, 8, 8,
+              9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15, 16, 16, 17, 17, 18, 18}
+local TC0 = {}
+do
+    local from17 = {{0, 0, 1}, {0, 0, 1}, {0, 0, 1}, {0, 0, 1}, {0, 1, 1}, {0, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1},
+        {1, 1, 1}, {1, 1, 2}, {1, 1, 2}, {1, 1, 2}, {1, 1, 2}, {1, 2, 3}, {1, 2, 3}, {2, 2, 3}, {2, 2, 4}, {2, 3, 4},
+        {2, 3, 4}, {3, 3, 5}, {3, 4, 6}, {3, 4, 6}, {4, 5, 7}, {4, 5, 8}, {4, 6, 9}, {5, 7, 10}, {6, 8, 11},
+        {6, 8, 13}, {7, 10, 14}, {8, 11, 16}, {9, 12, 18}, {10, 13, 20}, {11, 15, 23}, {13, 17, 25}}
+    for i = 0, 51 do TC0[i] = i < 17 and {0, 0, 0} or from17[i - 16] end
+end
+M._DEBLOCK_TABLES = {alpha = ALPHA, beta = BETA, tc0 = TC0}
+
+local function clip3(lo, hi, v) if v < lo then return lo elseif v > hi then return hi end return v end
+
+-- filter the n lines (16 luma, 8 chroma) of one edge of plane P (8.7.2.3, 8.7.2.4): q0 of line i
+-- at pos + i * ys, p0 at q0 - xs; bs[0..3] the boundary strengths of the four groups of n / 4
+-- lines; alpha, beta and tc0 (the row of TC0) from the edge's QP
+local function filter_edge(P, pos, xs, ys, n, bs, alpha, beta, tc0, luma)
+    local per = n / 4
+    for i = 0, n - 1 do
+        local b = bs[math.floor(i / per)]
+        if b > 0 then
+            local q = pos + i * ys
+            local p0, p1, q0, q1 = P[q - xs], P[q - 2 * xs], P[q], P[q + xs]
+            if abs(p0 - q0) < alpha and abs(p1 - p0) < beta and abs(q1 - q0) < beta then
+                if b < 4 then
+                    local c0 = tc0[b]
+                    local tc
+                    local p2, q2, ap, aq
+                    if luma then
+                        p2, q2 = P[q - 3 * xs], P[q + 2 * xs]
+                        ap, aq = abs(p2 - p0), abs(q2 - q0)
+                        tc = c0 + (ap < beta and 1 or 0) + (aq < beta and 1 or 0)
+                    else
+                        tc = c0 + 1
+                    end
+                    local d = clip3(-tc, tc, arshift(lshift(q0 - p0, 2) + (p1 - q1) + 4, 3))
+                    P[q - xs], P[q] = clip(p0 + d), clip(q0 - d)
+                    if luma then
+                        local m = rshift(p0 + q0 + 1, 1)
+                        if ap < beta then P[q - 2 * xs] = p1 + clip3(-c0, c0, arshift(p2 + m - lshift(p1, 1), 1)) end
+                        if aq < beta then P[q + xs] = q1 + clip3(-c0, c0, arshift(q2 + m - lshift(q1, 1), 1)) end
+                    end
+                elseif luma then
+                    local p2, p3, q2, q3 = P[q - 3 * xs], P[q - 4 * xs], P[q + 2 * xs], P[q + 3 * xs]
+                    local small = abs(p0 - q0) < rshift(alpha, 2) + 2
+                    if abs(p2 - p0) < beta and small then
+                        P[q - xs] = rshift(p2 + 2 * p1 + 2 * p0 + 2 * q0 + q1 + 4, 3)
+                        P[q - 2 * xs] = rshift(p2 + p1 + p0 + q0 + 2, 2)
+                        P[q - 3 * xs] = rshift(2 * p3 + 3 * p2 + p1 + p0 + q0 + 4, 3)
+                    else
+                        P[q - xs] = rshift(2 * p1 + p0 + q1 + 2, 2)
+                    end
+                    if abs(q2 - q0) < beta and small then
+                        P[q] = rshift(p1 + 2 * p0 + 2 * q0 + 2 * q1 + q2 + 4, 3)
+                        P[q + xs] = rshift(p0 + q0 + q1 + q2 + 2, 2)
+                        P[q + 2 * xs] = rshift(2 * q3 + 3 * q2 + q1 + q0 + p0 + 4, 3)
+                    else
+                        P[q] = rshift(2 * q1 + q0 + p1 + 2, 2)
+                    end
+                else
+                    P[q - xs], P[q] = rshift(2 * p1 + p0 + q1 + 2, 2), rshift(2 * q1 + q0 + p1 + 2, 2)
+                end
+            end
+        end
+    end
+end
+
+-- deblock(RY, RCb, RCr, mbw, mbh, qp, qpc, nzY, refi, mvx, mvy): the decoded picture's planes
+-- filtered in place as a decoder does after decoding the slice (8.7; disable_deblocking_filter_idc
+-- 0, both offsets 0, one QP): macroblocks in raster order, in each the vertical edges left to
+-- right, then the horizontal edges top to bottom, luma and chroma alike. Boundary strengths
+-- (8.7.2.1): 4 on a macroblock edge with an intra macroblock on either side, 3 inside one; else 2
+-- where either 4x4 luma block has coefficients (nzY); else 1 on a macroblock edge between
+-- different references or motion vectors 4 quarter samples or more apart; else 0. refi nil: an I
+-- slice (every macroblock intra); refi[i] < 0: an intra macroblock of a P slice. Chroma edges
+-- (at 0 and 4) take the strengths of the luma edges at 0 and 8.
+local BS = {}
+for e = 0, 3 do BS[e] = ffi.new("int32_t[4]") end
+function M.deblock(RY, RCb, RCr, mbw, mbh, qp, qpc, nzY, refi, mvx, mvy)
+    local SY, SC = mbw * 16, mbw * 8
+    local ya, yb, yt = ALPHA[qp], BETA[qp], TC0[qp]
+    local ca, cb, ct = ALPHA[qpc], BETA[qpc], TC0[qpc]
+    if ya == 0 and ca == 0 then return end   -- alpha 0: no sample can change (qp < 16)
+    local NZS = mbw * 4
+    local function intra(i) return refi == nil or refi[i] < 0 end
+    -- strengths of the edges e = first..3 (x or y = 4e) of macroblock (mx, my) in one direction into BS
+    local function strengths(mx, my, vertical, first)
+        local i = my * mbw + mx
+        local iq = intra(i)
+        for e = first, 3 do
+            local pi = i
+            if e == 0 then pi = vertical and i - 1 or i - mbw end
+            local ip = intra(pi)
+            for k = 0, 3 do
+                local v
+                if iq or ip then
+                    v = e == 0 and 4 or 3
+                else
+                    local qbx, qby = vertical and (mx * 4 + e) or (mx * 4 + k), vertical and (my * 4 + k) or (my * 4 + e)
+                    local pbx, pby = vertical and qbx - 1 or qbx, vertical and qby or qby - 1
+                    if nzY[qby * NZS + qbx] > 0 or nzY[pby * NZS + pbx] > 0 then
+                        v = 2
+                    elseif e == 0 and (refi[pi] ~= refi[i] or abs(mvx[pi] - mvx[i]) >= 4 or abs(mvy[pi] - mvy[i]) >= 4) then
+                        v = 1
+                    else
+                        v = 0
+                    end
+                end
+                BS[e][k] = v
+            end
+        end
+    end
+    for my = 0, mbh - 1 do
+        for mx = 0, mbw - 1 do
+            local x0, y0, cx0, cy0 = mx * 16, my * 16, mx * 8, my * 8
+            for dir = 1, 2 do   -- vertical edges (filtering across x), then horizontal ones
+                local vertical = dir == 1
+                local first = (vertical and mx or my) > 0 and 0 or 1   -- no edge on the picture's border
+                strengths(mx, my, vertical, first)
+                for e = first, 3 do
+                    local pos = vertical and (y0 * SY + x0 + 4 * e) or ((y0 + 4 * e) * SY + x0)
+                    filter_edge(RY, pos, vertical and 1 or SY, vertical and SY or 1, 16, BS[e], ya, yb, yt, true)
+                end
+                for e = first * 2, 2, 2 do   -- chroma edges 0 and 4: the luma edges 0 and 8
+                    for _, C in ipairs { RCb, RCr } do
+                        local pos = vertical and (cy0 * SC + cx0 + 2 * e) or ((cy0 + 2 * e) * SC + cx0)
+                        filter_edge(C, pos, vertical and 1 or SC, vertical and SC or 1, 8, BS[e], ca, cb, ct, false)
+                    end
+                end
+            end
+        end
+    end
+end
+
 -- ==== slices ====
 
 local PRED_INTER, CPRED_IU, CPRED_IV = ffi.new("int32_t[256]"), ffi.new("int32_t[64]"), ffi.new("int32_t[64]")
 
--- slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header[, ref]) -> the slice's RBSP (header(w) writes the
--- slice header's fields first), not yet escaped, and the decoded picture's planes Y, Cb, Cr (what
--- a decoder reconstructs from it). Without ref: an I slice of Intra_16x16 macroblocks. With ref =
+-- slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header[, ref[, deblock]]) -> the slice's RBSP (header(w)
+-- writes the slice header's fields first), not yet escaped, and the decoded picture's planes Y,
+-- Cb, Cr (what a decoder reconstructs from it; with deblock, after the deblocking filter, which
+-- the header must then turn on). Without ref: an I slice of Intra_16x16 macroblocks. With ref =
 -- {Y, Cb, Cr} (the previous decoded picture): a P slice, each macroblock P_Skip, P_L0_16x16
 -- (whole-sample motion in steps of 2, so the chroma's is whole too) or Intra_16x16, whichever the
 -- encoder's estimate finds cheapest.
-function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
+function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref, deblock)
     local w = writer()
     header(w)
     local SY, SC = mbw * 16, mbw * 8
@@ -885,6 +1027,7 @@ function M.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, header, ref)
     end
     if skip_run > 0 then w.ue(skip_run) end
     w.trailing()
+    if deblock then M.deblock(RY, RCb, RCr, mbw, mbh, qp, qpc, nzY, refi, mvx, mvy) end
     return w.string(), RY, RCb, RCr
 end
 

@@ -9,16 +9,18 @@
 -- `keyint` frames (default 250, x264's; 1: every frame intra) and P pictures between them
 -- (nemo.h264_intra: each macroblock P_Skip, P_L0_16x16 with quarter-sample motion, or
 -- Intra_16x16, whichever is cheapest; CAVLC at one qp, 0..51, default 20, luma PSNR around 50
--- dB on smooth frames). {pcm = true} stores I_PCM macroblocks in IDR pictures instead (the
+-- dB on smooth frames; the in-loop deblocking filter unless {deblock = false}). {pcm = true}
+-- stores I_PCM macroblocks in IDR pictures instead (the
 -- samples as they are: 1.5 bytes per pixel per frame). The size is padded to whole macroblocks by
 -- repeating the last column and row, and cropped back in the SPS; colours BT.709 limited range,
 -- said so in the VUI. The sync sample table lists the IDR pictures; the moov box comes first, so
 -- players can start before the end.
 --
 -- Non-obvious rules:
--- - The P pictures predict from the previous decoded picture only, without partitions or the
---   deblocking filter: on FFmpeg's test sources about 2x smaller than intra pictures and
---   1.04-1.34x the size of x264's Baseline at the same qp (bench/RESULTS.md).
+-- - The P pictures predict from the previous decoded (deblocked) picture only, without
+--   partitions: on FFmpeg's test sources about 2x smaller than intra pictures and 1.03-1.50x the
+--   size of x264's Baseline at the same qp 20-32 (bench/RESULTS.md). I_PCM pictures are never
+--   filtered (their header turns the filter off).
 -- - Width and height must be even (4:2:0 crops in steps of two).
 -- - The level is the lowest whose frame size and bit rate (for Baseline, I_PCM's) hold the
 --   stream, 6.2 when none does; decoders in software ignore it.
@@ -192,8 +194,14 @@ local function planes(frame, W, H, C, Wp, Hp)
 end
 M._planes = planes
 
+-- the deblocking fields of a slice header: disable_deblocking_filter_idc 1 (off), or 0 (on) with
+-- slice_alpha_c0_offset_div2 and slice_beta_offset_div2 0
+local function deblocking_fields(w, on)
+    if on then w.ue(0); w.se(0); w.se(0) else w.ue(1) end
+end
+
 -- the slice header of an IDR picture's one I slice (pic_init_qp 26)
-local function slice_header(w, idr_id, qp)
+local function slice_header(w, idr_id, qp, deblock)
     w.ue(0)                    -- first_mb_in_slice
     w.ue(7)                    -- slice_type: I (all slices of the picture)
     w.ue(0)                    -- pic_parameter_set_id
@@ -201,18 +209,18 @@ local function slice_header(w, idr_id, qp)
     w.ue(idr_id)               -- idr_pic_id: differs between consecutive IDR pictures
     w.u(1, 0); w.u(1, 0)       -- no_output_of_prior_pics_flag, long_term_reference_flag
     w.se(qp - 26)              -- slice_qp_delta
-    w.ue(1)                    -- disable_deblocking_filter_idc: off
+    deblocking_fields(w, deblock)
 end
 
 -- one IDR slice of Intra_16x16 macroblocks at qp (nemo.h264_intra); also the decoded planes
-local function intra_slice(Y, Cb, Cr, mbw, mbh, idr_id, qp)
+local function intra_slice(Y, Cb, Cr, mbw, mbh, idr_id, qp, deblock)
     local rbsp, RY, RCb, RCr = intra.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp,
-        function(w) slice_header(w, idr_id, qp) end)
+        function(w) slice_header(w, idr_id, qp, deblock) end, nil, deblock)
     return "\101" .. escape(rbsp), RY, RCb, RCr   -- nal_ref_idc 3, nal_unit_type 5 (IDR)
 end
 
 -- one P slice predicted from ref (the previous decoded picture: {Y, Cb, Cr}), frame_num n
-local function p_slice(Y, Cb, Cr, mbw, mbh, n, qp, ref)
+local function p_slice(Y, Cb, Cr, mbw, mbh, n, qp, ref, deblock)
     local rbsp, RY, RCb, RCr = intra.slice_rbsp(Y, Cb, Cr, mbw, mbh, qp, function(w)
         w.ue(0)                -- first_mb_in_slice
         w.ue(5)                -- slice_type: P (all slices of the picture)
@@ -222,8 +230,8 @@ local function p_slice(Y, Cb, Cr, mbw, mbh, n, qp, ref)
         w.u(1, 0)              -- ref_pic_list_modification_flag_l0
         w.u(1, 0)              -- adaptive_ref_pic_marking_mode_flag: sliding window
         w.se(qp - 26)          -- slice_qp_delta
-        w.ue(1)                -- disable_deblocking_filter_idc: off
-    end, ref)
+        deblocking_fields(w, deblock)
+    end, ref, deblock)
     return "\65" .. escape(rbsp), RY, RCb, RCr   -- nal_ref_idc 2, nal_unit_type 1 (non-IDR)
 end
 
@@ -322,8 +330,9 @@ local function check(frames, W, H, C, o, who)
     return fps
 end
 
--- encode(frames, width, height, channels, {fps = 16}) -> the MP4 file's bytes. frames: strings of
--- H*W*C bytes (gray, gray + alpha, RGB or RGBA; alpha is dropped).
+-- encode(frames, width, height, channels, {fps = 16, qp = 20, keyint = 250, deblock = true,
+-- pcm = false}) -> the MP4 file's bytes. frames: strings of H*W*C bytes (gray, gray + alpha, RGB
+-- or RGBA; alpha is dropped).
 function M.encode(frames, W, H, C, o)
     local fps = check(frames, W, H, C, o, "mp4.encode")
     local qp = o and o.qp
@@ -336,6 +345,13 @@ function M.encode(frames, W, H, C, o)
     local keyint = o and o.keyint or M.DEFAULT_KEYINT
     local kwhy = M.keyint_problem(keyint, "keyint")
     if kwhy then error("mp4.encode: " .. kwhy, 2) end
+    local deblock = true
+    if o and o.deblock ~= nil then
+        if type(o.deblock) ~= "boolean" then
+            error("mp4.encode: deblock must be true or false, got " .. tostring(o.deblock), 2)
+        end
+        deblock = o.deblock
+    end
     local mbw, mbh = math.ceil(W / 16), math.ceil(H / 16)
     local Wp, Hp = mbw * 16, mbh * 16
     local sps_nal = sps(mbw, mbh, (Wp - W) / 2, (Hp - H) / 2, level_for(mbw * mbh, fps))
@@ -349,11 +365,11 @@ function M.encode(frames, W, H, C, o)
             nal = slice(Y, Cb, Cr, mbw, mbh, (i - 1) % 2)
         elseif (i - 1) % keyint == 0 then
             local RY, RCb, RCr
-            nal, RY, RCb, RCr = intra_slice(Y, Cb, Cr, mbw, mbh, idr % 2, qp)
+            nal, RY, RCb, RCr = intra_slice(Y, Cb, Cr, mbw, mbh, idr % 2, qp, deblock)
             ref, idr = {Y = RY, Cb = RCb, Cr = RCr}, idr + 1
         else
             local RY, RCb, RCr
-            nal, RY, RCb, RCr = p_slice(Y, Cb, Cr, mbw, mbh, (i - 1) % keyint, qp, ref)
+            nal, RY, RCb, RCr = p_slice(Y, Cb, Cr, mbw, mbh, (i - 1) % keyint, qp, ref, deblock)
             ref = {Y = RY, Cb = RCb, Cr = RCr}
         end
         if not qp or (i - 1) % keyint == 0 then sync[#sync + 1] = i end

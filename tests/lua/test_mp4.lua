@@ -212,13 +212,14 @@ else
     package.path = gdir .. "/?.lua;" .. package.path
     for _, c in ipairs(require("inputs").clips()) do
         local recon = {}
-        local bytes = mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp, keyint = c.keyint, _recon = recon})
-        T.ok(bytes == T.read_bytes(gdir .. "/" .. c.name .. ".mp4"), string.format("%s (%d x %d, %d frames, qp %d%s): " ..
+        local bytes = mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp, keyint = c.keyint,
+            deblock = c.deblock, _recon = recon})
+        T.ok(bytes == T.read_bytes(gdir .. "/" .. c.name .. ".mp4"), string.format("%s (%d x %d, %d frames, qp %d%s%s): " ..
             "the encoder writes the golden file's bytes", c.name, c.width, c.height, #c.frames, c.qp,
-            c.keyint and ", keyint " .. c.keyint or ""))
+            c.keyint and ", keyint " .. c.keyint or "", c.deblock == false and ", no deblocking filter" or ""))
         T.ok(table.concat(recon) == T.read_bytes(gdir .. "/" .. c.name .. ".yuv"), string.format("%s: the encoder's " ..
-            "reconstruction of every frame (I and P) equals FFmpeg's decoding of that file, every sample " ..
-            "(tests/golden/h264/make_golden.sh)", c.name))
+            "reconstruction of every frame (I and P, after the deblocking filter) equals FFmpeg's decoding of " ..
+            "that file, every sample (tests/golden/h264/make_golden.sh)", c.name))
     end
 end
 
@@ -287,6 +288,8 @@ raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {qp = 52}) end,
     "qp above 51 is an error (H.264's range)")
 raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {keyint = 0}) end, "keyint must be an integer >= 1",
     "keyint 0 is an error")
+raises(function() mp4.encode({string.rep("\0", 768)}, 16, 16, 3, {deblock = "yes"}) end,
+    "deblock must be true or false", "deblock that is not a boolean is an error")
 
 do   -- image.save_video: .mp4 by the path, tensors in
     local tmp = os.tmpname()

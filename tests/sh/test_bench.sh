@@ -34,8 +34,8 @@ else fail "bench/vae.lua prints whole and tiled rows for both VAEs" "$rows rows"
 
 bench bench/mp4.lua --quick
 if [ "$RC" = 0 ]; then pass "bench/mp4.lua --quick exits 0"; else fail "bench/mp4.lua --quick exits 0" "rc $RC" "$OUT"; fi
-rows=$(printf '%s\n' "$OUT" | grep -cE "^(qp [0-9]+( intra)?|I_PCM) +$num +$num +$num +($num|lossless)$")
-if [ "$rows" -eq 5 ]; then pass "bench/mp4.lua prints a row per coding (3 QPs, intra only and I_PCM)"
+rows=$(printf '%s\n' "$OUT" | grep -cE "^(qp [0-9]+( intra| no deblock)?|I_PCM) +$num +$num +$num +($num|lossless)$")
+if [ "$rows" -eq 8 ]; then pass "bench/mp4.lua prints a row per coding (4 QPs, 2 without deblocking, intra only, I_PCM)"
 else fail "bench/mp4.lua prints a row per coding" "$rows rows" "$OUT"; fi
 
 # the distributed step (it starts its own mpirun per rank count): DDP, and FSDP2 + tensor parallel

@@ -1,5 +1,5 @@
 -- tests/golden/h264/inputs.lua: the RGB clips of the h264 golden case, from integers only (the
--- same bytes on every machine): {name, width, height, qp, frames = {H*W*3 strings}}.
+-- same bytes on every machine): {name, width, height, qp, frames = {H*W*3 strings}, keyint, deblock}.
 --   noise: pseudo-random bytes (large levels: CAVLC's escapes, every coeff_token table)
 --   mix:   gradients and flat areas with noisy macroblocks, cropped (88 x 40: 6 x 3 macroblocks)
 --   coarse: the same kind of picture at qp 40 (the chroma QP table, the luma DC scaling above 36)
@@ -9,7 +9,10 @@
 --           still band (P_Skip runs, one at the end of a slice), a noise block that appears
 --           (intra macroblocks in P slices) and motion past the picture's edges, cropped
 --           (72 x 40: 5 x 3 macroblocks), qp 24
+--   motion_nodb: the motion clip with the deblocking filter off (deblock = false); motion34 and
+--           motion51: at qp 34 and 51 (stronger filtering, the tables' last rows)
 --   still: 20 frames of one 16 x 16 picture (frame_num wraps at 16; P slices of one skip)
+-- Every clip but motion_nodb is coded with the deblocking filter (nemo.mp4's default).
 local M = {}
 
 local function lcg(seed)
@@ -52,8 +55,12 @@ function M.clips()
         return math.floor(v), (xx * 4 + yy) % 256, math.floor(255 - v / 2)
     end)
     motion.keyint = 4
+    -- the same motion without the deblocking filter, and at qp 34 (stronger filtering)
+    local nodb, q34, q51 = {deblock = false}, {}, {}
+    for k, v in pairs(motion) do nodb[k] = v; q34[k] = v; q51[k] = v end
+    nodb.name, q34.name, q34.qp, q51.name, q51.qp = "motion_nodb", "motion34", 34, "motion51", 51
     local still = clip("still", 16, 16, 20, 20, function(_, x, y) return x * 15, y * 15, 128 end)
-    return {noise, mix, coarse, motion, still}
+    return {noise, mix, coarse, motion, nodb, q34, q51, still}
 end
 
 return M

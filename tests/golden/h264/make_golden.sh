@@ -11,9 +11,9 @@ package.path = "tests/golden/h264/?.lua;" .. package.path
 local mp4 = require "nemo.mp4"
 for _, c in ipairs(require("inputs").clips()) do
     local f = io.open("tests/golden/h264/" .. c.name .. ".mp4", "wb")
-    f:write(mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp, keyint = c.keyint}))
+    f:write(mp4.encode(c.frames, c.width, c.height, 3, {fps = 8, qp = c.qp, keyint = c.keyint, deblock = c.deblock}))
     f:close()
 end'
-for n in noise mix coarse motion still; do
+for n in noise mix coarse motion motion_nodb motion34 motion51 still; do
     "$FFMPEG" -v error -i "tests/golden/h264/$n.mp4" -f rawvideo -pix_fmt yuv420p "tests/golden/h264/$n.yuv" -y
 done
