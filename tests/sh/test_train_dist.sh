@@ -77,18 +77,23 @@ if [ -f "$T/fsdp2/epoch_0_step_3/model/shard-00000-of-00002.safetensors" ] &&
 else
     fail "fsdp2: one shard file per rank" "$(ls -R "$T/fsdp2/epoch_0_step_3" 2>&1)"
 fi
-EXP="$T/fsdp2/epoch_0_step_3/diffusers/transformer"
-C=$("$N" -e "
+# export_vs_shards EXPORT CKPT: "N WORST": the N parameters of the sharded checkpoint CKPT (any
+# layout, assembled by load_full) against the diffusers export folder EXPORT, largest difference
+export_vs_shards() {
+    "$N" -e "
 local nemo = require 'nemo'
-local full = require('nemo.parallel.fsdp2').load_full('$T/fsdp2/epoch_0_step_3')
+local full = require('nemo.parallel.fsdp2').load_full('$2')
 local fs = require 'nemo.fs'
 local sd = {}
-for _, f in ipairs(fs.list('$EXP')) do
-    if f:match('%.safetensors\$') then for k, v in pairs(nemo.load_file('$EXP/' .. f)) do sd[k] = v end end
+for _, f in ipairs(fs.list('$1')) do
+    if f:match('%.safetensors\$') then for k, v in pairs(nemo.load_file('$1/' .. f)) do sd[k] = v end end
 end
 local worst, n = 0, 0
 for k, t in pairs(full) do n = n + 1; local e = sd[k]; worst = e and math.max(worst, (e:double() - t:double()):abs():max():item()) or math.huge end
-print(n, worst)" 2>&1)
+print(n, worst)" 2>&1
+}
+EXP="$T/fsdp2/epoch_0_step_3/diffusers/transformer"
+C=$(export_vs_shards "$EXP" "$T/fsdp2/epoch_0_step_3")
 if [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
     pass "fsdp2: rank 0's consolidated diffusers export holds exactly the sharded checkpoint's weights ($C)"
 else
@@ -273,18 +278,7 @@ else
 fi
 # the consolidated diffusers export of a tp run holds the whole weights
 train 2 0 wtpexp --fsdp.tp_size 2 "${WB[@]}" --checkpoint.save_consolidated true
-EXP="$T/wtpexp/epoch_0_step_3/diffusers/transformer"
-C=$("$N" -e "
-local nemo = require 'nemo'
-local full = require('nemo.parallel.fsdp2').load_full('$T/wtp2/epoch_0_step_3')
-local fs = require 'nemo.fs'
-local sd = {}
-for _, f in ipairs(fs.list('$EXP')) do
-    if f:match('%.safetensors\$') then for k, v in pairs(nemo.load_file('$EXP/' .. f)) do sd[k] = v end end
-end
-local worst, n = 0, 0
-for k, t in pairs(full) do n = n + 1; local e = sd[k]; worst = e and math.max(worst, (e:double() - t:double()):abs():max():item()) or math.huge end
-print(n, worst)" 2>&1)
+C=$(export_vs_shards "$T/wtpexp/epoch_0_step_3/diffusers/transformer" "$T/wtp2/epoch_0_step_3")
 if [ "$RC" = 0 ] && [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
     pass "Wan tp 2: rank 0's consolidated diffusers export holds the whole weights, equal to the tp checkpoint's ($C)"
 else
