@@ -39,6 +39,8 @@ local SHARDED_ALT = {["model/model.safetensors"] = "model", ["optim/optim.safete
 local ADAPTER_ALT = {["model/model.safetensors"] = "model/adapter_model.safetensors"}
 
 -- Is dir/<sub> a folder of FSDP2 shard files?
+local load_ema   -- (defined with load)
+
 local function has_shards(dir, sub)
     if not fs.isdir(dir .. "/" .. sub) then return false end
     for _, n in ipairs(fs.list(dir .. "/" .. sub)) do
@@ -119,7 +121,9 @@ end
 -- save(root, {epoch=, step=, model=, optimizer=, scheduler=, trainer=, config=, model_config=,
 --            extra = fn(tmp) (rank 0), extra_all = fn(tmp) (every rank: collective exports),
 --            manager = the FSDP2 manager of a sharded run, group = nemo.dist group (several ranks),
---            peft = {config = PeftConfig, base = model path} (a LoRA run: adapters only)})
+--            peft = {config = PeftConfig, base = model path} (a LoRA run: adapters only),
+--            ema = {model = nemo.ema EMAModel, params =, names =} (the averages of params, into
+--            ema/: ema/model/ as the weights are saved, ema/state.json)})
 -- -> the checkpoint's folder. Every rank of group calls it. extra writes more into the checkpoint
 -- before it is published (the diffusers export).
 function M.save(root, s)
@@ -145,6 +149,20 @@ function M.save(root, s)
         s.manager:summon_full_params(function()
             if main then peft.save_adapter(s.model, tmp .. "/model", s.peft.config, {base = s.peft.base}) end
         end)
+    end
+    if s.ema then   -- the averages, saved as the weights are (shards, or one file of the trainable ones)
+        if main then fs.mkdirs(tmp .. "/ema/model") end
+        if multi then dist.barrier{group = g} end
+        s.ema.model:swap(s.ema.params, function()
+            if sharded then
+                s.manager:save_sharded(tmp .. "/ema", nil, {frozen = false})
+            elseif main then
+                local tensors = {}
+                for i, n in ipairs(s.ema.names) do tensors[n] = s.ema.params[i] end
+                st().save_file(tensors, tmp .. "/ema/model/model.safetensors", {format = "pt"})
+            end
+        end)
+        if main then json.write_file(tmp .. "/ema/state.json", s.ema.model:state()) end
     end
     if s.extra_all then s.extra_all(tmp) end
     if multi then dist.barrier{group = g} end
@@ -300,7 +318,37 @@ end
 -- The trainer state (trainer.json) of a checkpoint.
 function M.trainer_state(dir) return json.read_file(dir .. "/trainer.json") end
 
--- load(dir, {model=, optimizer=, scheduler=}) restores in place and returns trainer.json.
+-- the averages of s.ema (save's ema) from dir/ema, whatever layout wrote them; a checkpoint
+-- without them (written before EMA was turned on) starts them from the loaded weights. Returns
+-- true when they were loaded.
+load_ema = function(dir, s)
+    if not s.ema then return false end
+    local e, edir = s.ema, dir .. "/ema"
+    if not fs.isfile(edir .. "/state.json") then
+        e.model:reset(e.params)
+        return false
+    end
+    local ok, err = pcall(function()
+        e.model:swap(e.params, function()   -- the loads write into the parameters, which hold the averages' slots
+            local ck_sharded = has_shards(edir, "model")
+            if s.manager and ck_sharded then s.manager:load_sharded(edir, nil)
+            elseif s.manager then s.manager:load_consolidated(edir, nil)
+            elseif ck_sharded then require("nemo.parallel.fsdp2").load_sharded_whole(edir, s.model, nil)
+            else
+                local w = st().load_file(edir .. "/model/model.safetensors")
+                for i, n in ipairs(e.names) do
+                    if not w[n] then error("ema/model/model.safetensors has no '" .. n .. "'", 0) end
+                    require("nemo.autograd").no_grad(function() e.params[i]:detach():copy_(w[n]) end)
+                end
+            end
+        end)
+        e.model:load_state(json.read_file(edir .. "/state.json"))
+    end)
+    if not ok then error("checkpoint " .. dir .. ": the EMA weights: " .. tostring(err), 0) end
+    return true
+end
+
+-- load(dir, {model=, optimizer=, scheduler=, manager=, ema=}) restores in place and returns trainer.json.
 -- With s.manager (an FSDP2 manager of a sharded run) the shards are read into this rank's
 -- shards, whatever number of ranks wrote them; a consolidated checkpoint is read into the shards
 -- too; a sharded checkpoint read by a run without FSDP2 is assembled whole.
@@ -326,6 +374,7 @@ function M.load(dir, s)
         end)
         if not ok then error("checkpoint " .. dir .. ": " .. tostring(err), 2) end
         if s.scheduler and ostate.scheduler then s.scheduler:load_state_dict(ostate.scheduler) end
+        load_ema(dir, s)
         return json.read_file(dir .. "/trainer.json")
     end
     local ok, err
@@ -346,6 +395,7 @@ function M.load(dir, s)
     local ok2, err2 = pcall(s.optimizer.load_state_dict, s.optimizer, {state = state, param_groups = ostate.param_groups})
     if not ok2 then error("checkpoint " .. dir .. ": " .. tostring(err2), 2) end
     if s.scheduler and ostate.scheduler then s.scheduler:load_state_dict(ostate.scheduler) end
+    load_ema(dir, s)
     return json.read_file(dir .. "/trainer.json")
 end
 

@@ -86,6 +86,8 @@ local SCHEMA = {
     lr_scheduler = "table",
     performance = {check_loss = "boolean", grad_clip_foreach = "boolean"},
     clip_grad_norm = {max_norm = "number"},
+    ema = {enabled = "boolean", decay = "number", min_decay = "number", update_after_step = "number",
+           use_ema_warmup = "boolean", inv_gamma = "number", power = "number", export = "boolean"},
     fsdp = {dp_size = "number", dp_replicate_size = "number", tp_size = "number", cp_size = "number",
             pp_size = "number", ep_size = "number", activation_checkpointing = "boolean", cpu_offload = "boolean",
             defer_fsdp_grad_sync = "boolean", enable_compile = "boolean", enable_fsdp2_prefetch = "boolean",
@@ -1080,6 +1082,22 @@ function M.run(cfg, opts)
 
     -- optimizer, schedule, objective
     local opt = build_optimizer(cfg, params)
+    -- an exponential moving average of the trainable parameters (diffusers' EMAModel; this rank's
+    -- shards under FSDP2), stepped after each optimizer step, saved in the checkpoints (ema/) and,
+    -- unless ema.export is false, what the diffusers export holds
+    local ema
+    if cfg.ema and cfg.ema.enabled ~= false then
+        if peft_cfg then
+            cfg_error("ema with a peft block (an average of LoRA adapters) is not supported yet; remove one of them")
+        end
+        local eo = {}
+        for k, v in pairs(cfg.ema) do if k ~= "enabled" and k ~= "export" then eo[k] = v end end
+        local names = {}
+        for i, e in ipairs(named_params) do names[i] = e[1] end
+        local eok, em = pcall(require("nemo.ema").EMAModel, params, eo)
+        if not eok then cfg_error("ema: " .. tostring(em):gsub("^EMAModel: ", "")) end
+        ema = {model = em, params = params, names = names}
+    end
     local sok, sched = pcall(function() return lrs_cfg and lrs.build(opt, lrs_cfg, total) or lrs.constant(opt) end)
     if not sok then cfg_error(tostring(sched)) end
     local max_norm = (cfg.clip_grad_norm and cfg.clip_grad_norm.max_norm) or 1.0
@@ -1105,7 +1123,7 @@ function M.run(cfg, opts)
             end
         end
         local ok, err = pcall(checkpoint.load, resume_dir, {model = model, optimizer = opt, scheduler = sched,
-            manager = sharded and mgr or nil})
+            manager = sharded and mgr or nil, ema = ema})
         if not ok then raise("", err) end
         step = tr.step + 1
         epoch = tr.sampler and tr.sampler.epoch or tr.next_epoch or tr.epoch
@@ -1173,6 +1191,12 @@ function M.run(cfg, opts)
             mgr and mgr.mixed and (", mixed precision: " .. compute_dtype .. " compute, float32 master weights") or "",
             mgr and mgr.offload and ", CPU offload: shards, gradients and optimizer state in host memory" or ""))
     end
+    if ema then
+        local eo = ema.model.opts
+        log(string.format("EMA of the trainable parameters: decay %g (warm-up %s), the %s", eo.decay,
+            eo.use_ema_warmup and string.format("1 - (1 + k / %g)^-%g", eo.inv_gamma, eo.power) or "(1 + k) / (10 + k)",
+            cfg.ema.export == false and "export holds the trained weights" or "export holds the averages"))
+    end
     if bm.tp_size > 1 then
         local flux_model = tostring(getmetatable(model).__name):find("Flux") ~= nil
         local heads = rawget(model, "_tp_attention") and "attention heads, " or ""
@@ -1221,9 +1245,16 @@ function M.run(cfg, opts)
         elseif export then
             extra = export_fn
         end
+        if ema and cfg.ema.export ~= false then   -- the export holds the averages (as diffusers' EMAModel.copy_to)
+            local inner_all, inner = extra_all, extra
+            if inner_all then extra_all = function(tmp) ema.model:swap(params, inner_all, tmp) end end
+            if inner then   -- rank 0 writes; the swap is local (without FSDP2 every rank holds everything)
+                extra = function(tmp) ema.model:swap(params, inner, tmp) end
+            end
+        end
         last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
             scheduler = sched, trainer = tr, config = cfg, model_config = sig, extra = extra, extra_all = extra_all,
-            manager = sharded and mgr or nil, group = ws > 1 and group or nil,
+            manager = sharded and mgr or nil, group = ws > 1 and group or nil, ema = ema,
             peft = peft_cfg and {config = peft_cfg, base = mcfg.pretrained_model_name_or_path} or nil})
         if export then summary.diffusers = last_ckpt .. "/diffusers" end
         if peft_cfg then summary.adapter = last_ckpt .. "/model" end
@@ -1297,6 +1328,7 @@ function M.run(cfg, opts)
             local lr = opt.param_groups[1].lr
             opt:step()
             sched:step(1)
+            if ema then ema.model:step(params) end
             collectgarbage()
             local mean_loss = loss_sum / #micro
             if ws > 1 then mean_loss = dist.all_reduce_number(mean_loss, "avg") end   -- the mean over all ranks
@@ -1310,7 +1342,7 @@ function M.run(cfg, opts)
             local mem = nemo.memory_stats(device)
             metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, lr = lr, grad_norm = grad_norm,
                 step_time = dt, samples_per_sec = (#micro * bm.local_bs * dp_size) / dt,
-                peak_memory_gb = mem.peak / 2^30}), "\n")
+                peak_memory_gb = mem.peak / 2^30, ema_decay = ema and ema.model.cur_decay_value or nil}), "\n")
             metrics:flush()
 
             local sps = 0

@@ -784,6 +784,92 @@ T.ok(drc == 0 and #mS == 30 and dout:find("creating a small FLUX%-architecture p
 T.ok(s_last < 0.9 * s_first, string.format("shipped demo: the loss falls (mean of steps 0-4 %.4f, of steps 25-29 %.4f)",
     s_first, s_last))
 
+-- ==== ema: an exponential moving average of the weights ====
+do
+    local Ed = tmp .. "/ema"
+    local cfg = tiny(Ed, {["ema.decay"] = 0.95, ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3})
+    local s1 = run(cfg)
+    local last = Ed .. "/epoch_0_step_5"
+    local m = read_metrics(Ed .. "/metrics.jsonl")
+    local st = json.read_file(last .. "/ema/state.json")
+    T.ok(s1.steps == 6 and fs.isfile(last .. "/ema/model/model.safetensors") and st.optimization_step == 6 and
+         m[1].ema_decay == 0 and math.abs(m[6].ema_decay - 6 / 15) < 1e-12,
+        "ema: the checkpoint holds ema/ (the averages, state.json: 6 steps); metrics.jsonl logs each step's decay " ..
+        "(0, then (1 + k) / (10 + k))", string.format("steps %s, step %s, decays %s %s", tostring(s1.steps),
+        tostring(st.optimization_step), tostring(m[1] and m[1].ema_decay), tostring(m[6] and m[6].ema_decay)))
+    -- the averages replayed from the weights of each step: a run that stops after every step
+    local ema_w = nemo.load_file(last .. "/ema/model/model.safetensors")
+    local trained = nemo.load_file(last .. "/model/model.safetensors")
+    local export = {}
+    for _, f in ipairs(fs.list(last .. "/diffusers/transformer")) do
+        if f:match("%.safetensors$") then
+            for k, v in pairs(nemo.load_file(last .. "/diffusers/transformer/" .. f)) do export[k] = v end
+        end
+    end
+    local same_ema, differs, n = 0, 0, 0
+    for k, v in pairs(ema_w) do
+        n = n + 1
+        same_ema = math.max(same_ema, (T.maxdiff(export[k], v)))
+        differs = math.max(differs, (T.maxdiff(trained[k], v)))
+    end
+    T.ok(n > 0 and same_ema == 0 and differs > 0, string.format("ema: the diffusers export holds the averages (%d " ..
+        "tensors, bitwise), which differ from the trained weights the checkpoint keeps for resuming", n),
+        string.format("export vs ema %g, trained vs ema %g", same_ema, differs))
+    -- replay: the average of the per-step weights, from a run that stops after every step
+    local R = tmp .. "/ema_replay"
+    local weights = {}
+    for k = 1, 6 do
+        run(tiny(R, {["ema.decay"] = 0.95, ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 1}),
+            {stop_after = 1})
+        weights[k] = nemo.load_file(R .. "/" .. checkpoint.read_latest(R) .. "/model/model.safetensors")
+    end
+    local worst = 0
+    for k, _ in pairs(ema_w) do
+        local s
+        for step = 1, 6 do
+            local d = step == 1 and 0 or math.min(0.95, step / (9 + step))
+            local w = weights[step][k]:double()
+            s = s and (s - (s - w) * (1 - d)) or w:clone()
+        end
+        worst = math.max(worst, (T.maxdiff(ema_w[k]:double(), s)) / math.max(1e-30, s:abs():max():item()))
+    end
+    T.ok(worst < 1e-6, string.format("ema: the saved averages equal the average replayed from each step's weights " ..
+        "(a run stopped and resumed after every step; %.1e relative, tolerance 1e-6)", worst))
+    -- stop and resume: the averages continue bitwise
+    local S = tmp .. "/ema_stop"
+    run(tiny(S, {["ema.decay"] = 0.95, ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3}),
+        {stop_after = 3})
+    run(tiny(S, {["ema.decay"] = 0.95, ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3}))
+    T.ok(file_eq(S .. "/epoch_0_step_5/ema/model/model.safetensors", last .. "/ema/model/model.safetensors") and
+         file_eq(S .. "/epoch_0_step_5/model/model.safetensors", last .. "/model/model.safetensors"),
+        "ema: 3 steps, stop, resume, 3 steps == 6 steps, averages and weights bitwise")
+    -- a checkpoint without ema resumed with it: the averages start from the loaded weights
+    local N = tmp .. "/ema_late"
+    run(tiny(N, {["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3}), {stop_after = 3})
+    local sN = run(tiny(N, {["ema.decay"] = 0.95, ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3}))
+    local stN = json.read_file(N .. "/epoch_0_step_5/ema/state.json")
+    T.ok(sN.steps == 3 and stN.optimization_step == 3, "ema turned on at a resume: the averages start from the " ..
+        "checkpoint's weights (3 steps averaged)", string.format("steps %s, step %s", tostring(sN.steps),
+        tostring(stN.optimization_step)))
+    local noexp = tmp .. "/ema_noexport"
+    run(tiny(noexp, {["ema.decay"] = 0.95, ["ema.export"] = false, ["step_scheduler.max_steps"] = 3,
+        ["step_scheduler.ckpt_every_steps"] = 3}))
+    local ex2 = {}
+    for _, f in ipairs(fs.list(noexp .. "/epoch_0_step_2/diffusers/transformer")) do
+        if f:match("%.safetensors$") then
+            for k, v in pairs(nemo.load_file(noexp .. "/epoch_0_step_2/diffusers/transformer/" .. f)) do ex2[k] = v end
+        end
+    end
+    local tw = nemo.load_file(noexp .. "/epoch_0_step_2/model/model.safetensors")
+    local d2 = 0
+    for k, v in pairs(tw) do if ex2[k] then d2 = math.max(d2, (T.maxdiff(ex2[k], v))) end end
+    T.ok(d2 == 0 and next(ex2) ~= nil, "ema.export false: the export holds the trained weights", "diff " .. d2)
+    T.raises(function() run(tiny(tmp .. "/ema_bad", {["ema.decay"] = 2})) end, "ema: decay must be in [0, 1]",
+        "ema.decay 2 is a config error")
+    T.raises(function() run(tiny(tmp .. "/ema_peft", {["ema.decay"] = 0.9, ["peft.dim"] = 4, ["model.model_type"] = "flux"})) end,
+        "ema with a peft block", "ema with peft is a clear 'not supported yet' error")
+end
+
 -- ==== flux_pretrain with a tiny transformer config folder ====
 
 local tf = tmp .. "/tiny_flux"

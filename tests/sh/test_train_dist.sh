@@ -15,6 +15,8 @@
 #   - tensor parallelism (the Wan recipe, fsdp.tp_size 2: tp x dp = 2 x 1 and 2 x 2, tp 2 x cp 2;
 #     FLUX tp x dp = 2 x 1 and 2 x 2) equals one process, resumes bitwise, resumes without tp, and
 #     exports whole weights;
+#   - ema: the averages are sharded with the weights (dp 2, tp 2), equal one process's, resume
+#     bitwise and load into one process;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -248,6 +250,44 @@ train 1 0 rbeta --flow_matching.timestep_sampling beta --step_scheduler.local_ba
 if [ "$RC" = 0 ]; then pass "reference: 1 process, batch 8, timestep_sampling beta"; else fail "beta reference run" "$ERR"; fi
 case_eq "fsdp2, 2 ranks x batch 4, timestep_sampling beta" 2 rbeta fbeta --fsdp.dp_size 2 \
     --flow_matching.timestep_sampling beta --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+
+# ==== ema: the averages are sharded with the weights and equal one process's ====
+EMA=(--ema.decay 0.9 --step_scheduler.global_batch_size 8)
+train 1 0 ema1 "${EMA[@]}" --step_scheduler.local_batch_size 8
+if [ "$RC" = 0 ] && [ -f "$T/ema1/epoch_0_step_3/ema/model/model.safetensors" ]; then
+    pass "ema reference: 1 process, batch 8 (ema/model/model.safetensors)"
+else
+    fail "ema reference run" "exit $RC" "$ERR"
+fi
+# ema_eq NAME NP DIR ARGS...: the run's averages (ema/) equal the reference's within 1e-6
+ema_eq() {
+    local name=$1 np=$2 dir=$3; shift 3
+    train "$np" 0 "$dir" "${EMA[@]}" "$@"
+    local c; c=$(compare "$dir/epoch_0_step_3/ema" "ema1/epoch_0_step_3/ema")
+    if [ "$RC" = 0 ] && le "$(maxrel "$c")" 1e-6 && [ -f "$T/$dir/epoch_0_step_3/ema/model/shard-00000-of-0000$np.safetensors" ]; then
+        pass "$name: the averages, saved as $np shard files, equal one process's within 1e-6 ($c)"
+    else
+        fail "$name: averages within 1e-6 of one process" "exit $RC" "$c" "$(ls "$T/$dir/epoch_0_step_3/ema/model" 2>&1)" "$ERR"
+    fi
+}
+ema_eq "ema, fsdp2 2 ranks x batch 4" 2 emadp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+ema_eq "ema, fsdp2 tensor parallel (tp_size 2) x the whole batch 8" 2 ematp --fsdp.tp_size 2 \
+    --step_scheduler.local_batch_size 8
+resume_eq "ema, fsdp2 2 ranks" emastop emadp "${EMA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+C=$(compare emastop/epoch_0_step_3/ema emadp/epoch_0_step_3/ema)
+if [ "$(maxrel "$C")" = "0.000e+00" ]; then pass "ema, fsdp2 2 ranks: the resumed run's averages are bitwise the uninterrupted run's"
+else fail "ema: resume keeps the averages bitwise" "$C"; fi
+# the 2-rank averages resumed by one process (whole tensors assembled from the shards)
+cp -r "$T/emastop" "$T/emaone"
+rm -rf "$T/emaone/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/emaone/LATEST"
+sed -i '3,$d' "$T/emaone/metrics.jsonl"
+train 1 0 emaone "${EMA[@]}" --step_scheduler.local_batch_size 8
+C=$(compare emaone/epoch_0_step_3/ema ema1/epoch_0_step_3/ema)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
+    pass "ema: a 2-rank checkpoint's averages resumed by one process end within 1e-6 of the 1-process run ($C)"
+else
+    fail "ema: sharded averages into one process" "exit $RC" "$C" "$ERR"
+fi
 
 # ==== tensor parallelism: the Wan recipe (its demo) with fsdp.tp_size, Automodel's Wan plan ====
 export TRAIN_RECIPE=recipes/wan_finetune.yaml

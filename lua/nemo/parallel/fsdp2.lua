@@ -1347,7 +1347,7 @@ end
 
 -- A consolidated checkpoint (model/model.safetensors, optim/optim.safetensors with moments by
 -- optimizer index) seen as one shard file, read by the same code.
-local function consolidated_files(dir, names, ostate)
+local function consolidated_files(dir, names, ostate, with_optim)
     local st = require "nemo.safetensors"
     local mh = st.safe_open(dir .. "/model/model.safetensors")
     local layout = {}
@@ -1359,6 +1359,7 @@ local function consolidated_files(dir, names, ostate)
     local files = {{h = mh, layout = layout, name = "model/model.safetensors"}}
     local index = {}
     for i, n in ipairs(names) do index[n] = i end
+    if not with_optim then return files end
     local oh = st.safe_open(dir .. "/optim/optim.safetensors")
     local proxy = {}   -- "exp_avg.<name>" -> the file's "exp_avg.<index>"
     local function key_of(k)
@@ -1375,13 +1376,15 @@ local function consolidated_files(dir, names, ostate)
 end
 
 -- load_consolidated(dir, optimizer, ostate): a checkpoint written without FSDP2 (one
--- model.safetensors) into this rank's shards; ostate is its optim/state.json.
+-- model.safetensors) into this rank's shards; ostate is its optim/state.json (optimizer nil:
+-- the weights only).
 function FSDP:load_consolidated(dir, optimizer, ostate)
     local what = "FSDP2 load (consolidated checkpoint)"
     local entries, _, q = self:_entries_or_plain()
     local names = {}
     for i, e in ipairs(entries) do names[i] = e.name end
-    local files, ofiles, steps_of = consolidated_files(dir, names, ostate)
+    ostate = ostate or {}
+    local files, ofiles, steps_of = consolidated_files(dir, names, ostate, optimizer ~= nil)
     for _, f in ipairs(self.frozen or {}) do
         if files[1].layout[f[1]] then files[1].layout[f[1]].whole = true end
     end
