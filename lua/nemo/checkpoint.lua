@@ -123,7 +123,8 @@ end
 --            manager = the FSDP2 manager of a sharded run, group = nemo.dist group (several ranks),
 --            peft = {config = PeftConfig, base = model path} (a LoRA run: adapters only),
 --            ema = {model = nemo.ema EMAModel, params =, names =} (the averages of params, into
---            ema/: ema/model/ as the weights are saved, ema/state.json)})
+--            ema/: ema/model/ as the weights are saved, ema/state.json; with peft also
+--            ema/adapter_model.safetensors + adapter_config.json, the averaged adapters)})
 -- -> the checkpoint's folder. Every rank of group calls it. extra writes more into the checkpoint
 -- before it is published (the diffusers export).
 function M.save(root, s)
@@ -160,6 +161,11 @@ function M.save(root, s)
                 local tensors = {}
                 for i, n in ipairs(s.ema.names) do tensors[n] = s.ema.params[i] end
                 st().save_file(tensors, tmp .. "/ema/model/model.safetensors", {format = "pt"})
+            end
+            if s.peft then   -- the averaged adapters also in the adapter layout, for inference
+                local function write() peft.save_adapter(s.model, tmp .. "/ema", s.peft.config, {base = s.peft.base}) end
+                if sharded then s.manager:summon_full_params(function() if main then write() end end)
+                elseif main then write() end
             end
         end)
         if main then json.write_file(tmp .. "/ema/state.json", s.ema.model:state()) end

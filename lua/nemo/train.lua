@@ -1083,13 +1083,11 @@ function M.run(cfg, opts)
     -- optimizer, schedule, objective
     local opt = build_optimizer(cfg, params)
     -- an exponential moving average of the trainable parameters (diffusers' EMAModel; this rank's
-    -- shards under FSDP2), stepped after each optimizer step, saved in the checkpoints (ema/) and,
-    -- unless ema.export is false, what the diffusers export holds
+    -- shards under FSDP2; a LoRA run's adapters), stepped after each optimizer step, saved in the
+    -- checkpoints (ema/; a LoRA run's also as an adapter there) and, unless ema.export is false,
+    -- what the diffusers export holds
     local ema
     if cfg.ema and cfg.ema.enabled ~= false then
-        if peft_cfg then
-            cfg_error("ema with a peft block (an average of LoRA adapters) is not supported yet; remove one of them")
-        end
         local eo = {}
         for k, v in pairs(cfg.ema) do if k ~= "enabled" and k ~= "export" then eo[k] = v end end
         local names = {}

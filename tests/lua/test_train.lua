@@ -866,8 +866,33 @@ do
     T.ok(d2 == 0 and next(ex2) ~= nil, "ema.export false: the export holds the trained weights", "diff " .. d2)
     T.raises(function() run(tiny(tmp .. "/ema_bad", {["ema.decay"] = 2})) end, "ema: decay must be in [0, 1]",
         "ema.decay 2 is a config error")
-    T.raises(function() run(tiny(tmp .. "/ema_peft", {["ema.decay"] = 0.9, ["peft.dim"] = 4, ["model.model_type"] = "flux"})) end,
-        "ema with a peft block", "ema with peft is a clear 'not supported yet' error")
+    -- LoRA: the averages of the adapters, also written as an adapter (ema/adapter_model.safetensors)
+    local L = tmp .. "/ema_lora"
+    local lcfg = {["ema.decay"] = 0.9, ["peft.dim"] = 4, ["peft.alpha"] = 8, ["model.model_type"] = "flux",
+                  ["step_scheduler.max_steps"] = 6, ["step_scheduler.ckpt_every_steps"] = 3}
+    run(tiny(L, lcfg))
+    local la = nemo.load_file(L .. "/epoch_0_step_5/ema/adapter_model.safetensors")
+    local lm = nemo.load_file(L .. "/epoch_0_step_5/ema/model/model.safetensors")
+    local ltr = nemo.load_file(L .. "/epoch_0_step_5/model/adapter_model.safetensors")
+    local ln, lsame, ldiff = 0, 0, 0
+    for k, v in pairs(lm) do
+        local ak = "base_model.model." .. k
+        ln = ln + 1
+        lsame = math.max(lsame, la[ak] and (T.maxdiff(la[ak], v)) or math.huge)
+        ldiff = math.max(ldiff, ltr[ak] and (T.maxdiff(ltr[ak], v)) or math.huge)
+    end
+    T.ok(ln > 0 and lsame == 0 and ldiff > 0 and ldiff < math.huge and
+         fs.isfile(L .. "/epoch_0_step_5/ema/adapter_config.json"), string.format("ema with LoRA: the averages of " ..
+         "the %d adapter tensors, also as an adapter in ema/ (nemo.peft.load_adapter reads it), differ from the " ..
+         "trained adapter in model/", ln), string.format("same %g, differs %g", lsame, ldiff))
+    local lt = Flux(deepcopy(TINY_TRANSFORMER))
+    local lok, lerr = pcall(require("nemo.peft").load_adapter, lt, L .. "/epoch_0_step_5/ema")
+    T.ok(lok, "ema with LoRA: nemo.peft.load_adapter applies ema/ to a fresh transformer", tostring(lerr))
+    local LS = tmp .. "/ema_lora_stop"
+    run(tiny(LS, lcfg), {stop_after = 3})
+    run(tiny(LS, lcfg))
+    T.ok(file_eq(LS .. "/epoch_0_step_5/ema/model/model.safetensors", L .. "/epoch_0_step_5/ema/model/model.safetensors"),
+        "ema with LoRA: 3 steps, stop, resume, 3 steps == 6 steps, averages bitwise")
 end
 
 -- ==== flux_pretrain with a tiny transformer config folder ====

@@ -289,6 +289,16 @@ else
     fail "ema: sharded averages into one process" "exit $RC" "$C" "$ERR"
 fi
 
+# ema with LoRA: the adapters' averages, sharded, equal one process's; also written as an adapter
+train 1 0 emalora1 "${EMA[@]}" "${LORA[@]}" --step_scheduler.local_batch_size 8
+train 2 0 emalora2 "${EMA[@]}" "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+C=$(compare emalora2/epoch_0_step_3/ema emalora1/epoch_0_step_3/ema)
+if [ "$RC" = 0 ] && le "$(maxrel "$C")" 1e-6 && [ -f "$T/emalora2/epoch_0_step_3/ema/adapter_model.safetensors" ]; then
+    pass "ema with LoRA, fsdp2 2 ranks: the adapters' averages equal one process's within 1e-6 ($C), and ema/ holds them as an adapter"
+else
+    fail "ema with LoRA on 2 ranks" "exit $RC" "$C" "$(ls "$T/emalora2/epoch_0_step_3/ema" 2>&1)" "$ERR"
+fi
+
 # ==== tensor parallelism: the Wan recipe (its demo) with fsdp.tp_size, Automodel's Wan plan ====
 export TRAIN_RECIPE=recipes/wan_finetune.yaml
 WB=(--step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4)
