@@ -800,12 +800,17 @@ do
     -- the averages replayed from the weights of each step: a run that stops after every step
     local ema_w = nemo.load_file(last .. "/ema/model/model.safetensors")
     local trained = nemo.load_file(last .. "/model/model.safetensors")
-    local export = {}
-    for _, f in ipairs(fs.list(last .. "/diffusers/transformer")) do
-        if f:match("%.safetensors$") then
-            for k, v in pairs(nemo.load_file(last .. "/diffusers/transformer/" .. f)) do export[k] = v end
+    -- every tensor of a checkpoint's diffusers export (any number of shard files)
+    local function export_of(ck)
+        local out = {}
+        for _, f in ipairs(fs.list(ck .. "/diffusers/transformer")) do
+            if f:match("%.safetensors$") then
+                for k, v in pairs(nemo.load_file(ck .. "/diffusers/transformer/" .. f)) do out[k] = v end
+            end
         end
+        return out
     end
+    local export = export_of(last)
     local same_ema, differs, n = 0, 0, 0
     for k, v in pairs(ema_w) do
         n = n + 1
@@ -854,12 +859,7 @@ do
     local noexp = tmp .. "/ema_noexport"
     run(tiny(noexp, {["ema.decay"] = 0.95, ["ema.export"] = false, ["step_scheduler.max_steps"] = 3,
         ["step_scheduler.ckpt_every_steps"] = 3}))
-    local ex2 = {}
-    for _, f in ipairs(fs.list(noexp .. "/epoch_0_step_2/diffusers/transformer")) do
-        if f:match("%.safetensors$") then
-            for k, v in pairs(nemo.load_file(noexp .. "/epoch_0_step_2/diffusers/transformer/" .. f)) do ex2[k] = v end
-        end
-    end
+    local ex2 = export_of(noexp .. "/epoch_0_step_2")
     local tw = nemo.load_file(noexp .. "/epoch_0_step_2/model/model.safetensors")
     local d2 = 0
     for k, v in pairs(tw) do if ex2[k] then d2 = math.max(d2, (T.maxdiff(ex2[k], v))) end end
