@@ -15,7 +15,7 @@
 #   - tensor parallelism (the Wan recipe, fsdp.tp_size 2: tp x dp = 2 x 1 and 2 x 2, tp 2 x cp 2;
 #     FLUX tp x dp = 2 x 1 and 2 x 2) equals one process, resumes bitwise, resumes without tp, and
 #     exports whole weights;
-#   - ema: the averages are sharded with the weights (dp 2, tp 2), equal one process's, resume
+#   - ema: the averages are sharded with the weights (dp 2, tp 2; whole under ddp), equal one process's, resume
 #     bitwise and load into one process;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
@@ -273,6 +273,21 @@ ema_eq() {
 ema_eq "ema, fsdp2 2 ranks x batch 4" 2 emadp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
 ema_eq "ema, fsdp2 tensor parallel (tp_size 2) x the whole batch 8" 2 ematp --fsdp.tp_size 2 \
     --step_scheduler.local_batch_size 8
+train 2 0 emaddp "${EMA[@]}" --ddp.dp_size 2 --step_scheduler.local_batch_size 4
+C=$(compare emaddp/epoch_0_step_3/ema ema1/epoch_0_step_3/ema)
+if [ "$RC" = 0 ] && le "$(maxrel "$C")" 1e-6 && [ -f "$T/emaddp/epoch_0_step_3/ema/model/model.safetensors" ]; then
+    pass "ema, ddp 2 ranks x batch 4: rank 0 saves the averages whole, equal to one process's within 1e-6 ($C)"
+else
+    fail "ema with ddp" "exit $RC" "$C" "$ERR"
+fi
+train 2 2 emaddpstop "${EMA[@]}" --ddp.dp_size 2 --step_scheduler.local_batch_size 4
+train 2 0 emaddpstop "${EMA[@]}" --ddp.dp_size 2 --step_scheduler.local_batch_size 4
+C=$(compare emaddpstop/epoch_0_step_3/ema emaddp/epoch_0_step_3/ema)
+if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && [ "$(maxrel "$C")" = "0.000e+00" ]; then
+    pass "ema, ddp 2 ranks: 2 steps, stop, resume, 2 steps: the averages bitwise the uninterrupted run's"
+else
+    fail "ema with ddp: resume is bitwise" "exit $RC" "$C" "$ERR"
+fi
 resume_eq "ema, fsdp2 2 ranks" emastop emadp "${EMA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
 C=$(compare emastop/epoch_0_step_3/ema emadp/epoch_0_step_3/ema)
 if [ "$(maxrel "$C")" = "0.000e+00" ]; then pass "ema, fsdp2 2 ranks: the resumed run's averages are bitwise the uninterrupted run's"
