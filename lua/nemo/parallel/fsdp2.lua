@@ -1247,7 +1247,7 @@ local function shape_of(layout, name, what, folder)
 end
 
 -- Read parameters (and AdamW state) into `entries` (this rank's rows q*R .. q*R + real of each
--- parameter, written into e.sp) from shard files (files, S; ofiles for the optimizer, whose
+-- parameter, written into e.sp) from shard files (files; ofiles for the optimizer, whose
 -- steps come from steps_of(name)), and the frozen parameters whole. param_groups (optional)
 -- replaces the optimizer's hyperparameters (lr, ...) with the saved ones.
 local function load_into(o)
@@ -1336,8 +1336,8 @@ function FSDP:load_sharded(dir, optimizer, param_groups)
         ofiles, OS = open_shards(dir .. "/optim", what)
         if OS ~= S then error(string.format("%s: model shards of %d ranks but optimizer shards of %d", what, S, OS), 0) end
     end
-    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = S, layout = files[1].layout,
-        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles, OS = OS,
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, layout = files[1].layout,
+        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles,
         param_groups = param_groups, steps_of = function(name) return ofiles[1].steps and ofiles[1].steps[name] end})
     close_all(files); close_all(ofiles)
     if not ok then error(err, 0) end
@@ -1395,8 +1395,8 @@ function FSDP:load_consolidated(dir, optimizer, ostate)
             if not managed then files[1].layout[k] = nil end
         end
     end
-    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = 1, layout = files[1].layout,
-        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles, OS = 1,
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, layout = files[1].layout,
+        entries = entries, q = q, frozen = self.frozen, optimizer = optimizer, ofiles = ofiles,
         param_groups = ostate.param_groups, steps_of = steps_of})
     close_all(files); close_all(ofiles)
     if not ok then error(err, 0) end
@@ -1417,11 +1417,11 @@ function M.load_sharded_whole(dir, model, optimizer, param_groups)
             frozen[#frozen + 1] = {name, p}
         end
     end
-    local files, S = open_shards(dir .. "/model", what)
-    local ofiles, OS
-    if optimizer then ofiles, OS = open_shards(dir .. "/optim", what) end
-    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, S = S, layout = files[1].layout,
-        entries = entries, q = 0, frozen = frozen, optimizer = optimizer, ofiles = ofiles, OS = OS,
+    local files = open_shards(dir .. "/model", what)
+    local ofiles
+    if optimizer then ofiles = open_shards(dir .. "/optim", what) end
+    local ok, err = pcall(load_into, {what = what, dir = dir, files = files, layout = files[1].layout,
+        entries = entries, q = 0, frozen = frozen, optimizer = optimizer, ofiles = ofiles,
         param_groups = param_groups, steps_of = function(name) return ofiles[1].steps and ofiles[1].steps[name] end})
     close_all(files); close_all(ofiles)
     if not ok then error(err, 0) end
