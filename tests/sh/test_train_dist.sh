@@ -176,46 +176,33 @@ resume_eq "fsdp2, 2 ranks" fsdp2stop fsdp2 --fsdp.dp_size 2 --step_scheduler.loc
     --step_scheduler.global_batch_size 8
 resume_eq "fsdp2 cp_size 2" cp2stop cp2 --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 \
     --step_scheduler.global_batch_size 8
+# resume_elsewhere NAME SRC DIR REF SUB NP ARGS...: SRC's step-1 checkpoint (copied into DIR, the
+# later steps dropped, as a run stopped there leaves it) resumed on NP processes with ARGS; the
+# weights (SUB "") or the averages (SUB "/ema") of step 3 end within 1e-6 of the run REF's
+resume_elsewhere() {
+    local name=$1 src=$2 dir=$3 ref=$4 sub=$5 np=$6; shift 6
+    cp -r "$T/$src" "$T/$dir"
+    rm -rf "$T/$dir/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/$dir/LATEST"
+    sed -i '3,$d' "$T/$dir/metrics.jsonl"
+    train "$np" 0 "$dir" "$@"
+    local c; c=$(compare "$dir/epoch_0_step_3$sub" "$ref/epoch_0_step_3$sub")
+    if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$c")" 1e-6; then
+        pass "$name ends within 1e-6 of the 1-process run ($c)"
+    else
+        fail "$name ends within 1e-6 of the 1-process run" "exit $RC" "$c" "$ERR"
+    fi
+}
 # FSDP2 shards of 2 ranks resumed on 4 ranks (HSDP 2 x 2 reads 2 shards; dp_shard 4 reshards)
-cp -r "$T/fsdp2stop" "$T/reshard4"
-rm -rf "$T/reshard4/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/reshard4/LATEST"
-sed -i '3,$d' "$T/reshard4/metrics.jsonl"
-train 4 0 reshard4 --fsdp.dp_size 4 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8
-C=$(compare reshard4/epoch_0_step_3 r1/epoch_0_step_3)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "a 2-rank FSDP2 checkpoint resumed on 4 ranks (resharded on load) ends within 1e-6 of the 1-process run ($C)"
-else
-    fail "FSDP2 reshard on load (2 -> 4 ranks)" "exit $RC" "$C" "$ERR"
-fi
+resume_elsewhere "a 2-rank FSDP2 checkpoint resumed on 4 ranks (resharded on load)" fsdp2stop reshard4 r1 "" 4 \
+    --fsdp.dp_size 4 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 8
 # DDP's consolidated checkpoint resumed under FSDP2, and FSDP2 shards resumed by one process
-cp -r "$T/ddp2" "$T/ddp2fsdp"
-rm -rf "$T/ddp2fsdp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/ddp2fsdp/LATEST"
-train 2 0 ddp2fsdp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-C=$(compare ddp2fsdp/epoch_0_step_3 r1/epoch_0_step_3)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "a DDP checkpoint resumed under FSDP2 (2 ranks) ends within 1e-6 of the 1-process run ($C)"
-else
-    fail "DDP checkpoint into FSDP2" "exit $RC" "$C" "$ERR"
-fi
-cp -r "$T/fsdp2stop" "$T/fsdp2one"
-rm -rf "$T/fsdp2one/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/fsdp2one/LATEST"
-train 1 0 fsdp2one --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
-C=$(compare fsdp2one/epoch_0_step_3 r1/epoch_0_step_3)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "a 2-rank FSDP2 checkpoint resumed by one process without a manager ends within 1e-6 of the 1-process run ($C)"
-else
-    fail "FSDP2 checkpoint into one process" "exit $RC" "$C" "$ERR"
-fi
+resume_elsewhere "a DDP checkpoint resumed under FSDP2 (2 ranks)" ddp2 ddp2fsdp r1 "" 2 --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+resume_elsewhere "a 2-rank FSDP2 checkpoint resumed by one process without a manager" fsdp2stop fsdp2one r1 "" 1 \
+    --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
 # a context-parallel checkpoint (shards over dp_shard x cp) resumed by plain FSDP2 data parallelism
-cp -r "$T/cp2stop" "$T/cp2dp"
-rm -rf "$T/cp2dp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/cp2dp/LATEST"
-train 2 0 cp2dp --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
-C=$(compare cp2dp/epoch_0_step_3 r1/epoch_0_step_3)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "a cp_size 2 checkpoint resumed as 2-rank data parallelism (no cp) ends within 1e-6 of the 1-process run ($C)"
-else
-    fail "context-parallel checkpoint into data parallelism" "exit $RC" "$C" "$ERR"
-fi
+resume_elsewhere "a cp_size 2 checkpoint resumed as 2-rank data parallelism (no cp)" cp2stop cp2dp r1 "" 2 \
+    --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
 
 # ==== LoRA (peft block): DDP and FSDP2 equal one process; adapters only in the checkpoints ====
 LORA=(--model.model_type flux --peft.dim 4 --peft.alpha 8 --optimizer.lr 1e-2
@@ -293,16 +280,8 @@ C=$(compare emastop/epoch_0_step_3/ema emadp/epoch_0_step_3/ema)
 if [ "$(maxrel "$C")" = "0.000e+00" ]; then pass "ema, fsdp2 2 ranks: the resumed run's averages are bitwise the uninterrupted run's"
 else fail "ema: resume keeps the averages bitwise" "$C"; fi
 # the 2-rank averages resumed by one process (whole tensors assembled from the shards)
-cp -r "$T/emastop" "$T/emaone"
-rm -rf "$T/emaone/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/emaone/LATEST"
-sed -i '3,$d' "$T/emaone/metrics.jsonl"
-train 1 0 emaone "${EMA[@]}" --step_scheduler.local_batch_size 8
-C=$(compare emaone/epoch_0_step_3/ema ema1/epoch_0_step_3/ema)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "ema: a 2-rank checkpoint's averages resumed by one process end within 1e-6 of the 1-process run ($C)"
-else
-    fail "ema: sharded averages into one process" "exit $RC" "$C" "$ERR"
-fi
+resume_elsewhere "ema: a 2-rank checkpoint's averages resumed by one process" emastop emaone ema1 /ema 1 \
+    "${EMA[@]}" --step_scheduler.local_batch_size 8
 
 # ema with LoRA: the adapters' averages, sharded, equal one process's; also written as an adapter
 train 1 0 emalora1 "${EMA[@]}" "${LORA[@]}" --step_scheduler.local_batch_size 8
@@ -332,15 +311,8 @@ case_eq "Wan tp 2 x cp 2, 4 ranks x the whole batch 4, activation checkpointing"
     --fsdp.cp_size 2 --fsdp.activation_checkpointing true "${WB[@]}"
 resume_eq "Wan tp 2" wtpstop wtp2 --fsdp.tp_size 2 "${WB[@]}"
 # a tp 2 checkpoint resumed as plain 2-rank data parallelism (resharded: whole-parameter pieces)
-cp -r "$T/wtpstop" "$T/wtpdp"
-rm -rf "$T/wtpdp/epoch_0_step_3"; printf 'epoch_0_step_1\n' > "$T/wtpdp/LATEST"
-train 2 0 wtpdp --fsdp.dp_size 2 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 4
-C=$(compare wtpdp/epoch_0_step_3 w1/epoch_0_step_3)
-if [ "$RC" = 0 ] && grep -q "resumed from" <<< "$OUT" && le "$(maxrel "$C")" 1e-6; then
-    pass "a tp 2 checkpoint resumed as 2-rank data parallelism (no tp) ends within 1e-6 of the 1-process run ($C)"
-else
-    fail "tensor-parallel checkpoint into data parallelism" "exit $RC" "$C" "$ERR"
-fi
+resume_elsewhere "a tp 2 checkpoint resumed as 2-rank data parallelism (no tp)" wtpstop wtpdp w1 "" 2 \
+    --fsdp.dp_size 2 --step_scheduler.local_batch_size 2 --step_scheduler.global_batch_size 4
 # the consolidated diffusers export of a tp run holds the whole weights
 train 2 0 wtpexp --fsdp.tp_size 2 "${WB[@]}" --checkpoint.save_consolidated true
 C=$(export_vs_shards "$T/wtpexp/epoch_0_step_3/diffusers/transformer" "$T/wtp2/epoch_0_step_3")
