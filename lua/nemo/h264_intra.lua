@@ -649,7 +649,6 @@ do
         {6, 8, 13}, {7, 10, 14}, {8, 11, 16}, {9, 12, 18}, {10, 13, 20}, {11, 15, 23}, {13, 17, 25}}
     for i = 0, 51 do TC0[i] = i < 17 and {0, 0, 0} or from17[i - 16] end
 end
-M._DEBLOCK_TABLES = {alpha = ALPHA, beta = BETA, tc0 = TC0}
 
 local function clip3(lo, hi, v) if v < lo then return lo elseif v > hi then return hi end return v end
 
