@@ -424,6 +424,18 @@ function FlowMatching:compute_loss(pred, target, sigma, timesteps)
     return loss, {loss_unweighted = unweighted, loss_weight = w}
 end
 
+-- sample_losses(pred, target, sigma[, timesteps]) -> [B] (no grad): each sample's share of
+-- compute_loss's value, mean((pred_b - target_b)^2) * w_b; their mean is compute_loss's loss.
+function FlowMatching:sample_losses(pred, target, sigma, timesteps)
+    return autograd.no_grad(function()
+        local b = target.shape[1]
+        local diff = F.sub(pred:detach():to{dtype = target.dtype}, target)
+        local per = F.mean(F.mul(diff, diff):reshape{b, -1}, 1)
+        if self.use_loss_weighting then per = F.mul(per, self:loss_weights(sigma, timesteps)) end
+        return per
+    end)
+end
+
 -- ==== Flux packing ====
 
 -- [B, C, H, W] -> [B, (H/2)(W/2), 4C]; channel index c*4 + dy*2 + dx (FluxAdapter._pack_latents).
@@ -509,7 +521,7 @@ function adapters.flux.prepare(fm, ctx)
     else pooled = Tensor.zeros({b, 768}, {dtype = cd, device = dev}) end
     if pooled.ndim == 1 then pooled = pooled:unsqueeze(0) end
     local drop
-    if fm.cfg_dropout_prob > 0 then
+    if fm.cfg_dropout_prob > 0 and ctx.cfg_dropout ~= false then
         local r = draw("uniform", {b}, ctx.work_dtype, dev, ctx.generator, ctx.draws.cfg_uniform, "cfg_uniform")
         ctx.drawn.cfg_uniform = r
         drop = F.lt(r, fm.cfg_dropout_prob)
@@ -564,7 +576,7 @@ M.adapters = adapters
 -- ==== the training step ====
 
 local STEP_OPTS = {generator = true, compute_dtype = true, draws = true, device = true, check_loss = true,
-                   guidance = true, call = true}
+                   guidance = true, call = true, sigma = true, cfg_dropout = true}
 
 -- the dtype of the model's first parameter (read each step: a model may be cast between steps)
 local function default_compute_dtype(model)
@@ -583,7 +595,10 @@ end
 --     beta=, noise=, cfg_uniform=}: replayed draws), device (default: the latents' device),
 --     check_loss (error when the loss is NaN or > 100, as performance.check_loss),
 --     guidance (true/false: override the guidance detection of the flux adapter),
---     call (function(model, inputs, adapter_type) -> output: replaces the model call).
+--     call (function(model, inputs, adapter_type) -> output: replaces the model call),
+--     sigma (a number or a [B] tensor: this sigma instead of a drawn one, used as is: no shift,
+--     no clamp, nothing drawn for it; the validation loss), cfg_dropout (false: never drop the
+--     text, nothing drawn for it).
 --   The model is called as diffusers' forward with named arguments, model(inputs):
 --     flux: {hidden_states [B,N,4C], encoder_hidden_states [B,L,D], pooled_projections [B,P],
 --            timestep [B], img_ids [N,3], txt_ids [B,L,3], guidance [B] (only with guidance_embeds)}
@@ -626,7 +641,18 @@ function FlowMatching:step(model, batch, opts)
     local data_type = batch.data_type or "video"
 
     -- 1. sigma, 2. noise (see the draw order in the header)
-    local u, sigma, timesteps, sinfo = self:sample_sigmas(b, {generator = gen, draws = draws, dtype = wd, device = dev})
+    local u, sigma, timesteps, sinfo
+    if opts.sigma ~= nil then
+        sigma = opts.sigma
+        if type(sigma) == "number" then sigma = Tensor.full({b}, sigma, {dtype = wd, device = dev})
+        elseif not is_tensor(sigma) or sigma.ndim ~= 1 or sigma.shape[1] ~= b then
+            error(string.format("step: opts.sigma must be a number or a [%d] tensor, got %s", b,
+                is_tensor(sigma) and shape_str(sigma.shape) or type(sigma)), 2)
+        else sigma = sigma:to{dtype = wd, device = dev} end
+        u, timesteps, sinfo = sigma, F.mul(sigma, self.num_train_timesteps), {method = "given"}
+    else
+        u, sigma, timesteps, sinfo = self:sample_sigmas(b, {generator = gen, draws = draws, dtype = wd, device = dev})
+    end
     local noise = draw("normal", x0.shape, wd, dev, gen, draws.noise, "noise", 0.0, 1.0)
     local x0w = x0:to{dtype = wd}
     local sv = per_sample(sigma, x0.ndim)
@@ -636,7 +662,7 @@ function FlowMatching:step(model, batch, opts)
     local adapter = adapters[self.adapter_type]
     local ctx = {x_t = x_t, timesteps = timesteps, sigma = sigma, batch = batch, compute_dtype = cd,
                  work_dtype = wd, device = dev, generator = gen, draws = draws, drawn = {}, model = model,
-                 guidance = opts.guidance}
+                 guidance = opts.guidance, cfg_dropout = opts.cfg_dropout}
     local inputs, drop = adapter.prepare(self, ctx)
     local pred
     if opts.call then

@@ -119,6 +119,7 @@ local SCHEMA = {
     demo = {enabled = "boolean", model = "string", dir = "string", samples = "number", resolutions = "string",
             transformer = "table", text_len = "number"},
     logging = {log_every = "number", progress = "boolean", metrics_file = "string"},
+    validation = require("nemo.validation").KEYS,
 }
 M.SCHEMA = SCHEMA
 
@@ -612,6 +613,25 @@ function M.validate(cfg)
     if lg and lg.log_every ~= nil and not is_posint(lg.log_every) then
         cfg_error("logging.log_every must be a positive integer, got " .. tostring(lg.log_every))
     end
+    for _, k in ipairs { "val_every_steps" } do
+        if ss[k] ~= nil and not is_posint(ss[k]) then
+            cfg_error(string.format("step_scheduler.%s must be a positive integer, got %s", k, tostring(ss[k])))
+        end
+    end
+    local vc = cfg.validation
+    if vc and vc.enabled ~= false then
+        for _, k in ipairs { "every_steps", "num_sigmas", "max_samples", "batch_size" } do
+            if vc[k] ~= nil and not is_posint(vc[k]) then
+                cfg_error(string.format("validation.%s must be a positive integer, got %s", k, tostring(vc[k])))
+            end
+        end
+        if vc.seed ~= nil and not (vc.seed >= 0 and vc.seed % 1 == 0) then
+            cfg_error("validation.seed must be a non-negative integer, got " .. tostring(vc.seed))
+        end
+        if vc.ema and not (cfg.ema and cfg.ema.enabled ~= false) then
+            cfg_error("validation.ema: true needs an ema: block (the averages to validate)")
+        end
+    end
     M.batch_math(cfg)
     return cfg
 end
@@ -949,6 +969,19 @@ function M.run(cfg, opts)
 
     -- data (before the model: a missing or broken cache is reported before a large model loads)
     local loader = build_data(cfg, bm, dp_rank, seed, device)
+    local vcfg = cfg.validation and cfg.validation.enabled ~= false and cfg.validation or nil
+    local val_ds, val_every
+    if vcfg then
+        if not vcfg.cache_dir then
+            cfg_error("validation.cache_dir is required: a latent cache of held-out samples (the format of " ..
+                "data.dataloader.cache_dir; the training cache itself gives a fixed-noise training loss)")
+        end
+        val_every = vcfg.every_steps or ss.val_every_steps or ss.ckpt_every_steps or 100
+        local dok, ds = pcall(require("nemo.data").Dataset, vcfg.cache_dir,
+            {model_type = cfg.data.dataloader.model_type})
+        if not dok then raise("validation.cache_dir: ", ds) end
+        val_ds = ds
+    end
     local batches_per_epoch = loader:len()
     if batches_per_epoch < 1 then error("data: the dataloader yields no batch (empty dataset)", 0) end
     local grad_acc = bm.grad_acc
@@ -1021,6 +1054,18 @@ function M.run(cfg, opts)
     if not ac and model.disable_gradient_checkpointing then model:disable_gradient_checkpointing() end
     model:train()
     check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")
+    local validator
+    if val_ds then
+        check_data_fits(model, {dataset = val_ds}, fm, vcfg.cache_dir .. " (validation)")
+        local V = require "nemo.validation"
+        local vok, v = pcall(function()
+            return V.Validator {dataset = val_ds, fm = fm, sigmas = V.sigmas(vcfg, fm), seed = vcfg.seed or 0,
+                batch_size = vcfg.batch_size or bm.local_bs, max_samples = vcfg.max_samples, dp_rank = dp_rank,
+                dp_size = dp_size, device = device, compute_dtype = compute_dtype}
+        end)
+        if not vok then cfg_error(strip_pos(v)) end
+        validator = v
+    end
     local sig = model_signature(model)   -- before sharding: it reads the model's config only
     local nparams = model:num_parameters()
     -- LoRA: adapters on the matched Linear layers, everything else frozen (before the manager:
@@ -1262,6 +1307,42 @@ function M.run(cfg, opts)
         end
     end
 
+    -- the validation loss (nemo.validation): fixed sigmas and noise on the validation cache, every
+    -- val_every steps, at the last step and (a fresh run, unless at_start is false) before the first
+    -- step as "step": -1; with validation.ema also of the averages
+    summary.val = {}
+    local function validate(at_step)
+        local function one()
+            return validator:run(model, {clock = now, all_reduce = ws > 1 and function(v)
+                return dist.all_reduce_numbers(v, "sum") end or nil})
+        end
+        local res = one()
+        local res_ema = vcfg.ema and ema.model:swap(params, one) or nil
+        for _, r in ipairs { res, res_ema or res } do
+            if nonfinite(r.loss) then
+                fail(string.format("the validation loss is %s after step %d%s: training stopped", tostring(r.loss),
+                    at_step, r == res_ema and " (the EMA weights)" or ""))
+            end
+        end
+        metrics:write(json.encode({step = at_step, val_loss = res.loss, val_loss_by_sigma = res.by_sigma,
+            val_sigmas = validator.sigmas, val_samples = res.samples, val_time = res.seconds,
+            val_loss_ema = res_ema and res_ema.loss or nil, val_loss_ema_by_sigma = res_ema and res_ema.by_sigma or nil}),
+            "\n")
+        metrics:flush()
+        local parts = {}
+        for k, sg in ipairs(validator.sigmas) do parts[k] = string.format("%g: %.4f", sg, res.by_sigma[k]) end
+        say(string.format("validation %s: loss %.5f%s over %d samples x %d sigmas (%s) in %.1f s",
+            at_step < 0 and "before training" or ("after step " .. at_step), res.loss,
+            res_ema and string.format(", EMA weights %.5f", res_ema.loss) or "", res.samples, #validator.sigmas,
+            table.concat(parts, ", "), res.seconds + (res_ema and res_ema.seconds or 0)))
+        summary.val[at_step] = {loss = res.loss, by_sigma = res.by_sigma, ema = res_ema}
+    end
+    if validator then
+        log(string.format("validation: %d samples of %s at sigmas %s, every %d steps", validator.samples,
+            vcfg.cache_dir, table.concat(validator.sigmas, ", "), val_every))
+        if step == 0 and vcfg.at_start ~= false then validate(-1) end
+    end
+
     local stop_after = opts.stop_after
     local stopped = false
     while step < total and epoch < num_epochs and not stopped do
@@ -1361,6 +1442,7 @@ function M.run(cfg, opts)
             end_of_epoch = loader:state_dict().batch_index >= batches_per_epoch
             local last = step == total - 1 or (end_of_epoch and epoch == num_epochs - 1)
             stopped = stop_after ~= nil and steps_this_run >= stop_after and not last
+            if validator and (step % val_every == val_every - 1 or last) then validate(step) end
             local due = step % ck_every == ck_every - 1 or (every_epoch and end_of_epoch) or last or stopped
             if ck_enabled and due then
                 save(step, epoch, end_of_epoch, last)

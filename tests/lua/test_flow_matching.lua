@@ -343,6 +343,31 @@ do
     T.raises(function() fm:step(bad, batch, {guidance = false}) end, "cannot be unpacked", "a model output of the wrong shape is an error")
 end
 
+-- the validation loss's options: a given sigma (no draw, no shift) and no cfg dropout
+do
+    local fm = FM.FlowMatching{adapter_type = "flux", timestep_sampling = "logit_normal", flow_shift = 3.0,
+                               cfg_dropout_prob = 0.5, use_loss_weighting = true, loss_weighting_scheme = "linear"}
+    local B = 3
+    local batch = {image_latents = nemo.randn({B, 4, 4, 6}, {generator = nemo.Generator(1)}),
+                   text_embeddings = nemo.randn({B, 5, 8}, {generator = nemo.Generator(2)}), data_type = "image"}
+    local noise = nemo.randn({B, 4, 4, 6}, {generator = nemo.Generator(4)})
+    local model, rec = stub("flux")
+    local g = nemo.Generator(42)
+    local loss, out = fm:step(model, batch, {generator = g, sigma = 0.3, cfg_dropout = false, draws = {noise = noise}})
+    T.ok(g:get_state().offset == 0 and out.cfg_drop_mask == nil and out.method == "given",
+        "step{sigma = 0.3, cfg_dropout = false}: nothing drawn, no text dropped")
+    T.close(out.sigma, nemo.full({B}, 0.3), 0, 0, "step{sigma}: the sigma as given (no shift)")
+    T.close(rec.encoder_hidden_states, batch.text_embeddings, 0, 0, "step{cfg_dropout = false}: the text as it is")
+    local per = fm:sample_losses(out.pred, out.target, out.sigma, out.timesteps)
+    T.near(per:mean():item(), loss:item(), 1e-7 * loss:item(), "sample_losses: their mean is the step's loss (rtol 1e-7)")
+    local one = fm:step(model, {image_latents = batch.image_latents:narrow(0, 1, 1),
+        text_embeddings = batch.text_embeddings:narrow(0, 1, 1), data_type = "image"},
+        {sigma = 0.3, cfg_dropout = false, draws = {noise = noise:narrow(0, 1, 1)}})
+    T.near(per:tolist()[2], one:item(), 1e-7 * one:item(), "sample_losses[2] == the step on sample 2 alone (rtol 1e-7)")
+    T.raises(function() fm:step(model, batch, {sigma = nemo.ones({2})}) end, "opts.sigma must be a number or a %[3%] " ..
+        "tensor, got %(2,%)", "step{sigma}: a tensor of the wrong length is an error")
+end
+
 do -- simple (Wan): t undivided, no cfg dropout draw, linear weighting
     local fm = FM.FlowMatching{adapter_type = "simple", timestep_sampling = "uniform", flow_shift = 3.0, cfg_dropout_prob = 0.1}
     local batch = {video_latents = nemo.randn({2, 4, 3, 4, 4}, {generator = nemo.Generator(1)}),

@@ -895,6 +895,116 @@ do
         "ema with LoRA: 3 steps, stop, resume, 3 steps == 6 steps, averages bitwise")
 end
 
+-- ==== validation: the loss of a held-out cache at fixed sigmas and noise ====
+do
+    local data = require "nemo.data"
+    local VC = tmp .. "/val_cache"
+    synthetic.make {out = VC, samples = 5, model = "flux", resolutions = "8x8,8x12", seed = 99, text_len = 4,
+                    text_dim = 16, pooled_dim = 16, channels = 4, force = true}
+    local vds = data.Dataset(VC)
+    -- the reference: each sample alone, through the training step's own draws (use_sigma_noise
+    -- false: sigma = the replayed uniform), its noise from Generator(seed * 1000003 + index)
+    local function ref_val(transformer, fmc, sigmas, seed, weighted)
+        local fc = deepcopy(fmc)
+        fc.use_sigma_noise = false
+        local fm = FM.FlowMatching(fc)
+        local total = 0
+        for _, sg in ipairs(sigmas) do
+            local sum = 0
+            for i = 1, vds:len() do
+                local smp = vds:get(i)
+                local batch = data.collate({smp}, {data_type = "image", pooled_dim = vds.pooled_dim})
+                local noise = nemo.empty(smp.latents.shape, {dtype = "float32"})
+                    :normal_(0, 1, {generator = nemo.Generator(seed * 1000003 + i)}):unsqueeze(0)
+                local loss = nemo.no_grad(function()
+                    return fm:step(transformer, batch, {draws = {uniform = nemo.tensor({sg}), noise = noise,
+                        cfg_uniform = nemo.tensor({1})}, compute_dtype = "float32"})
+                end)
+                sum = sum + loss:item()
+            end
+            total = total + sum / vds:len()
+        end
+        return total / #sigmas
+    end
+    local function val_lines(path)
+        local out = {}
+        for _, m in ipairs(read_metrics(path)) do
+            if m.val_loss then m.val_time = nil; out[#out + 1] = json.encode(m) end
+        end
+        return out
+    end
+    local V = tmp .. "/val"
+    local vcfg = tiny(V, {["validation.cache_dir"] = VC, ["validation.every_steps"] = 4})
+    local sv = run(vcfg)
+    local vl = val_lines(V .. "/metrics.jsonl")
+    T.ok(#vl == 4 and sv.val[-1] and sv.val[3] and sv.val[7] and sv.val[9] and
+         #sv.val[9].by_sigma == 5 and vl[1]:find('"val_sigmas":[0.1,0.3,0.5,0.7,0.9]', 1, true),
+        "validation: before training (step -1), every 4 steps and after the last step; 5 sigmas by default " ..
+        "(midpoints of [0, 1]); in metrics.jsonl", table.concat(vl, "\n"))
+    local tr0 = Flux.from_pretrained(vcfg.model.pretrained_model_name_or_path .. "/transformer")
+    local r0 = ref_val(tr0, vcfg.flow_matching, {0.1, 0.3, 0.5, 0.7, 0.9}, 0)
+    T.near(sv.val[-1].loss, r0, 1e-6 * r0, "validation before training == each sample alone through the step's " ..
+        "own draws (rtol 1e-6)")
+    local tr9 = Flux.from_pretrained(V .. "/epoch_1_step_9/diffusers/transformer")
+    local r9 = ref_val(tr9, vcfg.flow_matching, {0.1, 0.3, 0.5, 0.7, 0.9}, 0)
+    T.near(sv.val[9].loss, r9, 1e-6 * r9, "validation after the last step == the reference on the exported " ..
+        "weights (rtol 1e-6)")
+    T.ok(sv.val[9].loss < sv.val[-1].loss, "validation: the loss fell over 10 steps",
+        string.format("%g -> %g", sv.val[-1].loss, sv.val[9].loss))
+    local nv = run(tiny(tmp .. "/val_none"))
+    local same = true
+    for k = 0, 9 do same = same and nv.losses[k] == sv.losses[k] end
+    T.ok(same, "validation does not change training: the 10 losses equal a run without it, bitwise")
+    local sb = run(tiny(tmp .. "/val_b3", {["validation.cache_dir"] = VC, ["validation.every_steps"] = 4,
+        ["validation.batch_size"] = 3}))
+    T.near(sb.val[9].loss, sv.val[9].loss, 1e-6 * sv.val[9].loss, "validation.batch_size 3 == 2 (a sample's " ..
+        "noise does not depend on its batch; rtol 1e-6)")
+    local VS = tmp .. "/val_stop"
+    run(tiny(VS, {["validation.cache_dir"] = VC, ["validation.every_steps"] = 4}), {stop_after = 5})
+    run(tiny(VS, {["validation.cache_dir"] = VC, ["validation.every_steps"] = 4}))
+    T.is(table.concat(val_lines(VS .. "/metrics.jsonl"), "\n"), table.concat(vl, "\n"),
+        "validation: 5 steps, stop, resume, 5 steps == 10 steps (metrics' validation lines bitwise)")
+    local sg = run(tiny(tmp .. "/val_sg", {["validation.cache_dir"] = VC, ["validation.sigmas"] = {0.25, 0.75},
+        ["validation.at_start"] = false, ["validation.max_samples"] = 3, ["step_scheduler.max_steps"] = 4}))
+    T.ok(sg.val[-1] == nil and sg.val[3] and #sg.val[3].by_sigma == 2,
+        "validation.sigmas and at_start: false: the given sigmas, no evaluation before training")
+    -- the EMA weights: val_loss_ema is the loss of the export, which holds the averages
+    local E = tmp .. "/val_ema"
+    local se = run(tiny(E, {["validation.cache_dir"] = VC, ["validation.ema"] = true, ["ema.decay"] = 0.9,
+        ["step_scheduler.max_steps"] = 6, ["validation.every_steps"] = 3}))
+    local re = ref_val(Flux.from_pretrained(E .. "/epoch_0_step_5/diffusers/transformer"), vcfg.flow_matching,
+        {0.1, 0.3, 0.5, 0.7, 0.9}, 0)
+    T.ok(se.val[5] and se.val[5].ema and math.abs(se.val[5].ema.loss - re) <= 1e-6 * re and
+         se.val[5].ema.loss ~= se.val[5].loss, "validation.ema: the averages' loss (== the reference on the " ..
+         "export, which holds them; rtol 1e-6) beside the weights'", string.format("ema %s ref %g weights %s",
+         tostring(se.val[5] and se.val[5].ema and se.val[5].ema.loss), re, tostring(se.val[5] and se.val[5].loss)))
+    -- bad input
+    local function verr(over, pat, name)
+        local c = tiny(tmp .. "/val_bad", over)
+        T.raises(function() run(c) end, pat, name)
+    end
+    verr({["validation.every_steps"] = 4}, "validation.cache_dir is required", "validation without cache_dir")
+    verr({["validation.cache_dir"] = tmp .. "/nope"}, "validation.cache_dir: .*does not exist",
+        "validation.cache_dir that does not exist")
+    verr({["validation.cache_dir"] = VC, ["validation.sigmas"] = {0.5, 1.5}}, "validation.sigmas%[2%] must be a " ..
+        "number in %(0, 1%]", "a sigma above 1")
+    verr({["validation.cache_dir"] = VC, ["validation.sigmas"] = {0.2}, ["flow_matching.sigma_min"] = 0.5},
+        "validation.sigmas%[1%] = 0.2 is outside the sigmas this run trains, %[0.5, 1%]", "a sigma outside the " ..
+        "trained window")
+    verr({["validation.cache_dir"] = VC, ["validation.num_sigmas"] = 0}, "validation.num_sigmas must be a " ..
+        "positive integer", "validation.num_sigmas 0")
+    verr({["validation.cache_dir"] = VC, ["validation.ema"] = true}, "validation.ema: true needs an ema: block",
+        "validation.ema without ema")
+    verr({["validation.cache_dir"] = VC, ["validation.every"] = 3}, "unknown key 'validation.every'",
+        "an unknown validation key")
+    local VW = tmp .. "/val_wide"
+    synthetic.make {out = VW, samples = 2, model = "flux", resolutions = "8x8", text_len = 4, text_dim = 24,
+                    pooled_dim = 16, channels = 4, force = true}
+    verr({["validation.cache_dir"] = VW}, "data does not fit the model: the text embeddings are 24 wide, the " ..
+        "model's joint_attention_dim is 16 %(data: .*val_wide %(validation%)", "a validation cache that does not " ..
+        "fit the model")
+end
+
 -- ==== flux_pretrain with a tiny transformer config folder ====
 
 local tf = tmp .. "/tiny_flux"

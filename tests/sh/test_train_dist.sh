@@ -17,6 +17,8 @@
 #     exports whole weights;
 #   - ema: the averages are sharded with the weights (dp 2, tp 2; whole under ddp), equal one process's, resume
 #     bitwise and load into one process;
+#   - validation (a held-out loss at fixed sigmas and noise) on dp 2, cp 2 x dp 2, tp 2 x dp 2 with
+#     the EMA weights, and Wan tp 2 x cp 2 equals one process's;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -352,6 +354,45 @@ resume_eq "FLUX tp 2" ftpstop ftp2 --fsdp.tp_size 2 --step_scheduler.local_batch
 # LoRA with tp: the adapted attentions and MLPs stay whole, the rest of the plan is split
 case_eq "FLUX LoRA, fsdp2 tensor parallel (tp_size 2), 2 ranks x the whole batch 8" 2 lora1 ftplora "${LORA[@]}" \
     --fsdp.tp_size 2 --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+
+# ==== validation: the held-out loss, its samples split over the data-parallel ranks ====
+# (the demo's own cache as the validation cache; max_samples 5: the last global batch is padded)
+# val_eq NAME NP DIR REF ARGS...: the run's validation losses equal REF's within 1e-9 relative
+val_eq() {
+    local name=$1 np=$2 dir=$3 ref=$4; shift 4
+    train "$np" 0 "$dir" "$@"
+    if [ "$RC" = 0 ] && [ "$(vals "$dir" | wc -l)" = "$(vals "$ref" | wc -l)" ] && close "$(vals "$dir")" "$(vals "$ref")" 1e-9; then
+        pass "$name: the $(vals "$dir" | wc -l) validation losses equal one process's within 1e-9 relative"
+    else
+        fail "$name: validation losses within 1e-9 of one process" "exit $RC" "got:" "$(vals "$dir")" "1 process:" \
+            "$(vals "$ref")" "$ERR"
+    fi
+}
+FCACHE=$(ls -d "$XDG_CACHE_HOME"/nemo-lua/demo/flux-*/cache | head -1)
+VAL=(--validation.cache_dir "$FCACHE" --validation.max_samples 5 --validation.every_steps 2 --validation.num_sigmas 3)
+train 1 0 val1 "${VAL[@]}" --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ] && [ "$(vals val1 | wc -l)" = 3 ] && [ "$(losses val1)" = "$R1" ]; then
+    pass "validation reference: 1 process, 3 evaluations (before training, after steps 1 and 3); the training losses are the run's without validation"
+else
+    fail "validation reference run" "exit $RC" "$(vals val1)" "$ERR"
+fi
+val_eq "validation, fsdp2 2 ranks x batch 4 (5 samples: 3 + 2 and a padding repeat)" 2 valdp val1 "${VAL[@]}" \
+    --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+val_eq "validation, fsdp2 cp 2 x dp 2, 4 ranks" 4 valcp val1 "${VAL[@]}" --fsdp.cp_size 2 --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+train 1 0 valema1 "${VAL[@]}" "${EMA[@]}" --validation.ema true --step_scheduler.local_batch_size 8
+if [ "$RC" = 0 ] && [ "$(vals valema1 | wc -l)" = 6 ]; then pass "validation.ema reference: 1 process, the weights' and the averages' losses"
+else fail "validation.ema reference run" "exit $RC" "$(vals valema1)" "$ERR"; fi
+val_eq "validation.ema, fsdp2 tp 2 x dp 2, 4 ranks (the averages swapped into the slices)" 4 valematp valema1 \
+    "${VAL[@]}" "${EMA[@]}" --validation.ema true --fsdp.tp_size 2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+export TRAIN_RECIPE=recipes/wan_finetune.yaml
+WCACHE=$(ls -d "$XDG_CACHE_HOME"/nemo-lua/demo/wan-*/cache | head -1)
+WVAL=(--validation.cache_dir "$WCACHE" --validation.max_samples 3 --validation.every_steps 2 "${WB[@]}")
+train 1 0 wval1 "${WVAL[@]}"
+if [ "$RC" = 0 ] && [ "$(vals wval1 | wc -l)" = 3 ]; then pass "Wan validation reference: 1 process"
+else fail "Wan validation reference run" "exit $RC" "$ERR"; fi
+val_eq "Wan validation, tp 2 x cp 2, 4 ranks" 4 wvaltpcp wval1 "${WVAL[@]}" --fsdp.tp_size 2 --fsdp.cp_size 2
+unset TRAIN_RECIPE
 
 # ==== mixed precision and errors ====
 train 2 0 mixed --fsdp.dp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 \

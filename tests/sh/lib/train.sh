@@ -9,15 +9,17 @@
 #                         the plugin's kernels and its NCCL backend, --device cuda).
 #   device_recipe_cases   the recipe on cuda over the nccl backend, in the mode above (pass /
 #                         fail lines): FSDP2, DDP with accumulation and checkpointing, HSDP on 4
-#                         ranks, FSDP2 context parallel (cp 2), Wan tensor parallel (tp 2), FSDP2 with CPU offload, each against one CPU process; FSDP2
+#                         ranks, FSDP2 context parallel (cp 2), Wan tensor parallel (tp 2), validation, FSDP2 with CPU offload, each against one CPU process; FSDP2
 #                         mixed precision; a bitwise
 #                         resume from device shards (needs tap.sh's pass / fail)
 #   losses DIR            the metrics.jsonl losses of $T/DIR, one per line
+#   vals DIR              its validation losses (val_loss, then val_loss_ema where present)
 #   close A B TOL         every pair of lines of A and B within TOL relative (exit status)
 #   compare D1 D2         tests/sh/lib/compare_ckpt.lua on $T/D1 and $T/D2 ("maxrel X n K")
 #   maxrel TEXT           the X of compare's output
 #   le A B                A <= B as numbers (exit status; A empty fails)
 losses() { sed -n 's/.*"loss":\([-0-9.e+]*\).*/\1/p' "$T/$1/metrics.jsonl"; }
+vals() { grep -o '"val_loss\(_ema\)\?":[-0-9.e+]*' "$T/$1/metrics.jsonl" | sed 's/.*://'; }
 close() {
     paste <(printf '%s\n' "$1") <(printf '%s\n' "$2") | awk -v tol="$3" '
         { n++; d = $1 - $2; if (d < 0) d = -d; m = $2 < 0 ? -$2 : $2; if (NF < 2 || d > tol * m) bad++ }
@@ -86,6 +88,17 @@ device_recipe_cases() {
     case_eq "Wan fsdp2 tensor parallel (tp_size 2) on cuda, 2 ranks x the whole batch 4" 2 w1 wtp2 --fsdp.tp_size 2 \
         --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 4
     unset TRAIN_RECIPE
+    # validation on the device: the held-out loss (the demo's cache) equals the CPU process's
+    local VAL=(--validation.cache_dir "$(ls -d "$XDG_CACHE_HOME"/nemo-lua/demo/flux-*/cache | head -1)"
+               --validation.max_samples 3 --validation.every_steps 2 --validation.num_sigmas 2
+               --step_scheduler.global_batch_size 8)
+    train 1 0 val1 "${VAL[@]}" --step_scheduler.local_batch_size 8
+    train 2 0 valc "${VAL[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+    if [ "$RC" = 0 ] && [ "$(vals valc | wc -l)" = 3 ] && close "$(vals valc)" "$(vals val1)" 1e-9; then
+        pass "validation on cuda, fsdp2 2 ranks: the 3 validation losses equal the CPU process's within 1e-9 relative"
+    else
+        fail "validation on cuda" "exit $RC" "got:" "$(vals valc)" "CPU:" "$(vals val1)" "$ERR"
+    fi
     # FSDP2 with CPU offload: host shards, gradients and AdamW state; the same numbers
     case_eq "fsdp2 with cpu_offload on cuda, 2 ranks x batch 4" 2 r1 offl --fsdp.dp_size 2 --fsdp.cpu_offload true \
         --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
