@@ -892,6 +892,109 @@ end
 
 -- ==== the run ====
 
+-- The validation.sampling block -> a nemo.validation.Sampler (o: cfg, vcfg, model, val_ds,
+-- train_ds, device, dtype, writer, out_dir, stage). Loads the pipeline's VAE and scheduler, and
+-- with prompts its tokenizers and text encoders, which encode the prompts once and are dropped.
+function M._build_sampler(o)
+    local sc, model = o.vcfg.sampling, o.model
+    local V = require "nemo.validation"
+    local sampling = require "nemo.sampling"
+    local cls = class_name(model)
+    local kind = cls == "FluxTransformer2DModel" and "image" or cls == "WanTransformer3DModel" and "video" or nil
+    if not kind then error("samples are made for FLUX and Wan transformers, not a " .. cls, 0) end
+    local mc = rawget(model, "config") or {}
+    if kind == "video" and mc.image_dim ~= nil and mc.image_dim ~= json.null then
+        error("samples of an image-to-video model are not supported yet (they need an input image per prompt)", 0)
+    end
+    if o.stage then
+        error("samples of one Wan 2.2 expert (model.stage) are not supported: sampling needs both experts", 0)
+    end
+    for _, k in ipairs { "num_samples", "num_inference_steps", "height", "width", "num_frames", "fps" } do
+        if sc[k] ~= nil and not is_posint(sc[k]) then error(k .. " must be a positive integer, got " .. tostring(sc[k]), 0) end
+    end
+    if sc.seed ~= nil and not (sc.seed >= 0 and sc.seed % 1 == 0) then
+        error("seed must be a non-negative integer, got " .. tostring(sc.seed), 0)
+    end
+    if sc.prompts and sc.num_samples then error("give prompts or num_samples, not both", 0) end
+    if not sc.prompts and not sc.num_samples then
+        error("give num_samples (the first validation samples' cached embeddings) or prompts (encoded once)", 0)
+    end
+    if sc.prompts then
+        if #sc.prompts == 0 then error("prompts must be a non-empty list of strings", 0) end
+        for i, p in ipairs(sc.prompts) do
+            if type(p) ~= "string" then error(string.format("prompts[%d] must be a string, got %s", i, type(p)), 0) end
+        end
+    end
+    if sc.num_samples and not o.val_ds then error("num_samples needs validation.cache_dir (their embeddings)", 0) end
+    local gs = sc.guidance_scale or (kind == "image" and sampling.FLUX_DEFAULTS.guidance_scale or
+        sampling.WAN_DEFAULTS.guidance_scale)
+    local cfg_on = kind == "video" and gs > 1
+    -- the components: VAE and scheduler, and the text side when prompts (or Wan's negative prompt) need it
+    local path = o.cfg.model.pretrained_model_name_or_path
+    local want = {"vae", "scheduler"}
+    local text = sc.prompts ~= nil or cfg_on
+    if text then
+        for _, k in ipairs(kind == "image" and {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"} or
+                           {"tokenizer", "text_encoder"}) do want[#want + 1] = k end
+    end
+    local pok, pipe = pcall(pipeline.NeMoAutoDiffusionPipeline.from_pretrained, path,
+        {torch_dtype = o.dtype, device = o.device, components_to_load = want, enable_gradient_checkpointing = false})
+    if not pok then
+        error(string.format("the pipeline %s cannot give the %s samples need (%s)%s", path, table.concat(want, ", "),
+            strip_pos(pipe), cfg_on and not sc.prompts and string.format("; Wan's guidance_scale %g needs the text " ..
+            "encoder for the negative prompt: set validation.sampling.guidance_scale: 1 to sample without it", gs) or ""), 0)
+    end
+    local c = pipe.components
+    for _, k in ipairs(want) do
+        if not c[k] then error(string.format("the pipeline %s has no %s, which the samples need", path, k), 0) end
+    end
+    -- the prompts: {name, embeds [L, D], pooled [P], negative [L', D]}
+    local prompts = {}
+    if sc.prompts then
+        if kind == "image" then
+            local enc = sampling.flux_encode_prompt{prompt = sc.prompts, tokenizer = c.tokenizer,
+                text_encoder = c.text_encoder, tokenizer_2 = c.tokenizer_2, text_encoder_2 = c.text_encoder_2}
+            local pe, pooled = enc.prompt_embeds, enc.pooled_prompt_embeds
+            for i, p in ipairs(sc.prompts) do
+                prompts[i] = {name = p, embeds = pe:select(0, i - 1):clone(), pooled = pooled:select(0, i - 1):clone()}
+            end
+        else
+            local pe = sampling.wan_encode_prompt{prompt = sc.prompts, tokenizer = c.tokenizer, text_encoder = c.text_encoder}
+            for i, p in ipairs(sc.prompts) do prompts[i] = {name = p, embeds = pe:select(0, i - 1):clone()} end
+        end
+    else
+        for i = 1, math.min(sc.num_samples, o.val_ds:len()) do
+            local smp = o.val_ds:get(i)
+            prompts[i] = {name = smp.caption or smp.id, embeds = smp.text_embeddings, pooled = smp.pooled}
+        end
+    end
+    if cfg_on then
+        local npe = sampling.wan_encode_prompt{prompt = {sc.negative_prompt or ""}, tokenizer = c.tokenizer,
+            text_encoder = c.text_encoder}
+        for _, p in ipairs(prompts) do p.negative = npe:select(0, 0):clone() end
+    end
+    -- the size: given, else the first validation (or training) sample's latents through the VAE
+    local vae, pipe_scheduler = c.vae, c.scheduler
+    local first = (o.val_ds and o.val_ds:len() > 0 and o.val_ds:get(1)) or (o.train_ds and o.train_ds:len() > 0 and
+        o.train_ds:get(1)) or nil
+    local lat = first and first.latents.shape
+    local vcf = type(vae.config) == "table" and vae.config or {}
+    local vsf = kind == "image" and sampling.flux_vae_scale_factor(vae) or (vcf.scale_factor_spatial or 8)
+    local height = sc.height or (lat and lat[#lat - 1] * vsf)
+    local width = sc.width or (lat and lat[#lat] * vsf)
+    local nf = sc.num_frames or (kind == "video" and lat and (lat[2] - 1) * (vcf.scale_factor_temporal or 4) + 1) or nil
+    if not height or not width or (kind == "video" and not nf) then
+        error("set height and width" .. (kind == "video" and " and num_frames" or "") .. ": there is no cached " ..
+            "sample to take them from", 0)
+    end
+    pipe, c = nil, nil
+    collectgarbage()   -- the text encoders go (the prompts' embeddings are kept)
+    return V.Sampler {kind = kind, prompts = prompts, vae = vae, scheduler = pipe_scheduler, height = height, width = width,
+        num_frames = nf, num_inference_steps = sc.num_inference_steps or (kind == "image" and 28 or 50),
+        guidance_scale = gs, seed = sc.seed or 0, output_dir = sc.output_dir or o.out_dir, fps = sc.fps or 16,
+        writer = o.writer, device = o.device, dtype = o.dtype}
+end
+
 local function build_optimizer(cfg, params)
     local o = cfg.optimizer
     local ok, opt = pcall(nemo.optim.AdamW, params, {lr = o.lr, betas = o.betas or {0.9, 0.999}, eps = o.eps or 1e-8,
@@ -972,15 +1075,19 @@ function M.run(cfg, opts)
     local vcfg = cfg.validation and cfg.validation.enabled ~= false and cfg.validation or nil
     local val_ds, val_every
     if vcfg then
-        if not vcfg.cache_dir then
+        local sc = vcfg.sampling
+        if not vcfg.cache_dir and not (sc and sc.prompts) then
             cfg_error("validation.cache_dir is required: a latent cache of held-out samples (the format of " ..
-                "data.dataloader.cache_dir; the training cache itself gives a fixed-noise training loss)")
+                "data.dataloader.cache_dir; the training cache itself gives a fixed-noise training loss), unless " ..
+                "validation.sampling.prompts alone is wanted")
         end
         val_every = vcfg.every_steps or ss.val_every_steps or ss.ckpt_every_steps or 100
-        local dok, ds = pcall(require("nemo.data").Dataset, vcfg.cache_dir,
-            {model_type = cfg.data.dataloader.model_type})
-        if not dok then raise("validation.cache_dir: ", ds) end
-        val_ds = ds
+        if vcfg.cache_dir then
+            local dok, ds = pcall(require("nemo.data").Dataset, vcfg.cache_dir,
+                {model_type = cfg.data.dataloader.model_type})
+            if not dok then raise("validation.cache_dir: ", ds) end
+            val_ds = ds
+        end
     end
     local batches_per_epoch = loader:len()
     if batches_per_epoch < 1 then error("data: the dataloader yields no batch (empty dataset)", 0) end
@@ -1124,6 +1231,17 @@ function M.run(cfg, opts)
         for name, p in model:named_parameters() do if p.requires_grad then named_params[#named_params + 1] = {name, p} end end
     end
     for i, e in ipairs(named_params) do params[i] = e[2] end
+
+    -- samples from the model at each validation (validation.sampling): the pipeline's VAE and
+    -- scheduler, the prompts' embeddings (the validation cache's or encoded once, here)
+    local sampler
+    if vcfg and vcfg.sampling then
+        local sok, sm = pcall(M._build_sampler, {cfg = cfg, vcfg = vcfg, model = model, val_ds = val_ds,
+            train_ds = loader.dataset, device = device, dtype = compute_dtype, writer = main,
+            out_dir = ck_dir .. "/samples", stage = stage})
+        if not sok then raise("validation.sampling: ", sm) end
+        sampler = sm
+    end
 
     -- optimizer, schedule, objective
     local opt = build_optimizer(cfg, params)
@@ -1337,11 +1455,34 @@ function M.run(cfg, opts)
             table.concat(parts, ", "), res.seconds + (res_ema and res_ema.seconds or 0)))
         summary.val[at_step] = {loss = res.loss, by_sigma = res.by_sigma, ema = res_ema}
     end
+    -- samples (validation.sampling), made with the averages under validation.ema
+    summary.samples = {}
+    local function make_samples(at_step)
+        local t0 = now()
+        local tag = at_step < 0 and "before_training" or ("step_" .. at_step)
+        local files = vcfg.ema and ema.model:swap(params, sampler.run, sampler, model, tag) or sampler:run(model, tag)
+        summary.samples[at_step] = files
+        if main then
+            say(string.format("samples %s: %d %s in %s/%s (%.1f s)", at_step < 0 and "before training" or
+                ("after step " .. at_step), #files, sampler.kind == "image" and "images" or "videos", sampler.output_dir,
+                tag, now() - t0))
+        end
+    end
+    local function evaluate(at_step)
+        if validator then validate(at_step) end
+        if sampler then make_samples(at_step) end
+    end
     if validator then
         log(string.format("validation: %d samples of %s at sigmas %s, every %d steps", validator.samples,
             vcfg.cache_dir, table.concat(validator.sigmas, ", "), val_every))
-        if step == 0 and vcfg.at_start ~= false then validate(-1) end
     end
+    if sampler then
+        log(string.format("validation samples: %d %s of %dx%d%s, %d steps, guidance %g, every %d steps, in %s",
+            #sampler.prompts, sampler.kind == "image" and "images" or "videos", sampler.width, sampler.height,
+            sampler.kind == "video" and (" x " .. sampler.num_frames .. " frames") or "", sampler.num_inference_steps,
+            sampler.guidance_scale, val_every, sampler.output_dir))
+    end
+    if vcfg and step == 0 and vcfg.at_start ~= false then evaluate(-1) end
 
     local stop_after = opts.stop_after
     local stopped = false
@@ -1442,7 +1583,7 @@ function M.run(cfg, opts)
             end_of_epoch = loader:state_dict().batch_index >= batches_per_epoch
             local last = step == total - 1 or (end_of_epoch and epoch == num_epochs - 1)
             stopped = stop_after ~= nil and steps_this_run >= stop_after and not last
-            if validator and (step % val_every == val_every - 1 or last) then validate(step) end
+            if vcfg and (step % val_every == val_every - 1 or last) then evaluate(step) end
             local due = step % ck_every == ck_every - 1 or (every_epoch and end_of_epoch) or last or stopped
             if ck_enabled and due then
                 save(step, epoch, end_of_epoch, last)

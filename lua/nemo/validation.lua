@@ -31,7 +31,7 @@ local M = {}
 -- the `validation:` block's keys and their types (the recipe checks them; docs/training.md)
 M.KEYS = {enabled = "boolean", cache_dir = "string", every_steps = "number", sigmas = "table",
           num_sigmas = "number", max_samples = "number", batch_size = "number", seed = "number",
-          at_start = "boolean", ema = "boolean"}
+          at_start = "boolean", ema = "boolean"}   -- and sampling = M.SAMPLING_KEYS (below)
 
 local function is_posint(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
 
@@ -172,6 +172,66 @@ function Validator:run(model, opts)
     local by, total = {}, 0
     for k = 1, K do by[k] = sums[k] / count; total = total + by[k] end
     return {loss = total / K, by_sigma = by, samples = self.samples, seconds = clock() - t0}
+end
+
+-- ==== samples: images (FLUX) or videos (Wan) from the model being trained ====
+
+M.SAMPLING_KEYS = {num_samples = "number", prompts = "table", negative_prompt = "string", num_inference_steps = "number",
+                   guidance_scale = "number", height = "number", width = "number", num_frames = "number",
+                   seed = "number", output_dir = "string", fps = "number"}
+M.KEYS.sampling = M.SAMPLING_KEYS
+
+local Sampler = class("nemo.validation.Sampler")
+M.Sampler = Sampler
+
+-- Sampler{kind = "image" | "video", prompts = {{name =, embeds = [L, D], pooled = [P] | nil,
+--   negative = [L', D] | nil}, ...}, vae =, scheduler =, height =, width =, num_frames =,
+--   num_inference_steps =, guidance_scale =, seed =, output_dir =, fps =, writer = (this rank
+--   decodes and writes), device =, dtype = (the embeddings' dtype)}
+-- run(model, tag) samples every prompt with Generator(seed + i - 1) through nemo.sampling (FluxPipeline
+-- / WanPipeline's loops) and, on the writer, writes output_dir/<tag>/sample_NNN_<name>.png | .mp4;
+-- returns the paths. Every rank of the model's process group must call it (the forward passes
+-- are collective); the others only run the transformer.
+function Sampler:__init(o)
+    for k, v in pairs(o) do self[k] = v end
+end
+
+function Sampler:run(model, tag)
+    local sampling = require "nemo.sampling"
+    local fs = require "nemo.fs"
+    local image = require "nemo.image"
+    local dir = self.output_dir .. "/" .. tag
+    if self.writer then fs.mkdirs(dir) end
+    local files = {}
+    local was_training = model.training
+    if model.eval then model:eval() end
+    local ok, err = pcall(function()
+        for i, p in ipairs(self.prompts) do
+            local gen = Tensor.Generator(self.seed + i - 1)
+            local function dev(t) return t and t:to{dtype = self.dtype, device = self.device}:unsqueeze(0) or nil end
+            local path = dir .. "/" .. require("nemo.generate").sample_name(i - 1, p.name,
+                self.kind == "image" and "png" or "mp4")
+            if self.kind == "image" then
+                local r = sampling.flux{transformer = model, scheduler = self.scheduler, vae = self.vae,
+                    prompt_embeds = dev(p.embeds), pooled_prompt_embeds = dev(p.pooled), height = self.height,
+                    width = self.width, num_inference_steps = self.num_inference_steps,
+                    guidance_scale = self.guidance_scale, generator = gen,
+                    output_type = self.writer and "image" or "latent"}
+                if self.writer then image.save(path, (sampling.to_uint8(r.image))) end
+            else
+                local r = sampling.wan{transformer = model, scheduler = self.scheduler, vae = self.vae,
+                    prompt_embeds = dev(p.embeds), negative_prompt_embeds = dev(p.negative), height = self.height,
+                    width = self.width, num_frames = self.num_frames, num_inference_steps = self.num_inference_steps,
+                    guidance_scale = self.guidance_scale, generator = gen,
+                    output_type = self.writer and "video" or "latent"}
+                if self.writer then image.save_video(path, sampling.video_frames(r.video, 1), {fps = self.fps}) end
+            end
+            if self.writer then files[#files + 1] = path end
+        end
+    end)
+    if model.train then model:train(was_training ~= false) end
+    if not ok then error(err, 0) end
+    return files
 end
 
 return M

@@ -1005,6 +1005,131 @@ do
         "fit the model")
 end
 
+-- ==== validation samples: images / videos of the model being trained ====
+do
+    local golden = require "golden"
+    local data = require "nemo.data"
+    local sampling = require "nemo.sampling"
+    local image = require "nemo.image"
+    local FP = golden.tiny_flux_pipeline(tmp .. "/sp_flux")          -- transformer, VAE, scheduler, CLIP + T5
+    local FC, FV = tmp .. "/sp_fcache", tmp .. "/sp_fval"
+    synthetic.make {out = FC, samples = 8, model = "flux", resolutions = "8x8", seed = 1, text_len = 4, text_dim = 32,
+                    pooled_dim = 32, channels = 4, force = true}
+    synthetic.make {out = FV, samples = 3, model = "flux", resolutions = "8x8", seed = 99, text_len = 4, text_dim = 32,
+                    pooled_dim = 32, channels = 4, force = true}
+    local function scfg(dir, over)
+        local c = {
+            seed = 7,
+            model = {pretrained_model_name_or_path = FP, mode = "finetune", torch_dtype = "float32",
+                     compute_dtype = "float32"},
+            optimizer = {_target_ = "torch.optim.AdamW", lr = 1e-3},
+            flow_matching = {adapter_type = "flux"},
+            step_scheduler = {num_epochs = 10, local_batch_size = 2, global_batch_size = 2, max_steps = 4,
+                              ckpt_every_steps = 100},
+            data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = FC}},
+            checkpoint = {enabled = true, checkpoint_dir = dir, save_consolidated = "final"},
+            validation = {cache_dir = FV, every_steps = 2, sampling = {num_samples = 2, num_inference_steps = 3}},
+        }
+        for path, v in pairs(over or {}) do
+            local node, parts = c, {}
+            for q in path:gmatch("[^%.]+") do parts[#parts + 1] = q end
+            for i = 1, #parts - 1 do node[parts[i]] = node[parts[i]] or {}; node = node[parts[i]] end
+            if v == json.null then v = nil end
+            node[parts[#parts]] = v
+        end
+        return c
+    end
+    local full = nemo.NeMoAutoDiffusionPipeline.from_pretrained(FP, {torch_dtype = "float32", device = "cpu"})
+    local fc = full.components
+    local vds = data.Dataset(FV)
+    -- sample i of the cache through nemo.sampling.flux with `transformer`, written as the recipe would
+    local function ref_png(transformer, i, path, o)
+        o = o or {}
+        local smp = vds:get(i + 1)
+        local r = sampling.flux{transformer = transformer, scheduler = fc.scheduler, vae = fc.vae,
+            prompt_embeds = o.pe or smp.text_embeddings:float():unsqueeze(0),
+            pooled_prompt_embeds = o.pooled or smp.pooled:float():unsqueeze(0), height = 16, width = 16,
+            num_inference_steps = 3, generator = nemo.Generator(i)}
+        image.save(path, (sampling.to_uint8(r.image)))
+        return path
+    end
+    local S = tmp .. "/sp_run"
+    local ss = run(scfg(S))
+    local f0 = ss.samples[-1] and ss.samples[-1][1]
+    T.ok(ss.samples[-1] and #ss.samples[-1] == 2 and ss.samples[1] and ss.samples[3] and
+         f0 == S .. "/samples/before_training/sample_000_" .. vds:get(1).caption:gsub(" ", "_") .. ".png" and
+         fs.isfile(S .. "/samples/step_3/sample_001_" .. vds:get(2).caption:gsub(" ", "_") .. ".png"),
+        "validation.sampling: 2 images before training and after steps 1 and 3, in <checkpoint_dir>/samples/<when>/, " ..
+        "named by caption", tostring(f0))
+    T.ok(file_eq(f0, ref_png(fc.transformer, 0, tmp .. "/sp_ref0.png")) and
+         file_eq(ss.samples[-1][2], ref_png(fc.transformer, 1, tmp .. "/sp_ref1.png")),
+        "validation.sampling before training: the PNGs are nemo.sampling.flux's of the cached embeddings, bytewise")
+    local exp = Flux.from_pretrained(S .. "/epoch_0_step_3/diffusers/transformer")
+    T.ok(file_eq(ss.samples[3][1], ref_png(exp, 0, tmp .. "/sp_ref3.png")) and
+         not file_eq(ss.samples[3][1], f0), "validation.sampling after the last step: the exported weights' image, " ..
+         "bytewise (and not the untrained one)")
+    local plain = run(scfg(tmp .. "/sp_plain", {validation = json.null}))
+    local same = true
+    for k = 0, 3 do same = same and plain.losses[k] == ss.losses[k] end
+    T.ok(same, "validation.sampling does not change training: the losses equal a run without it, bitwise")
+    -- prompts, encoded once with the pipeline's CLIP and T5
+    local PR = {"a photo of a cat", "a red ring on grass"}
+    local sp = run(scfg(tmp .. "/sp_prompts", {["validation.cache_dir"] = json.null, ["validation.sampling"] =
+        {prompts = PR, num_inference_steps = 3, height = 16, width = 16}, ["step_scheduler.max_steps"] = 2}))
+    local enc = sampling.flux_encode_prompt{prompt = {PR[2]}, tokenizer = fc.tokenizer,
+        text_encoder = fc.text_encoder, tokenizer_2 = fc.tokenizer_2, text_encoder_2 = fc.text_encoder_2}
+    local pe, pooled = enc.prompt_embeds, enc.pooled_prompt_embeds
+    T.ok(sp.samples[1] and #sp.samples[1] == 2 and sp.val[1] == nil and sp.samples[-1][2]:find("sample_001_a_red_ring_on_grass.png", 1, true) and
+         file_eq(sp.samples[-1][2], ref_png(fc.transformer, 1, tmp .. "/sp_refp.png", {pe = pe, pooled = pooled})),
+        "validation.sampling.prompts without a cache: the prompts encoded by the pipeline's CLIP and T5, no loss; " ..
+        "the images are nemo.sampling.flux's, bytewise")
+    -- Wan: a video per cached sample, with classifier-free guidance against the encoded negative prompt
+    local WP = golden.tiny_wan_pipeline(tmp .. "/sp_wan")
+    local WC = tmp .. "/sp_wcache"
+    synthetic.make {out = WC, samples = 4, model = "wan", resolutions = "4x4", frames = 2, seed = 3, text_len = 4,
+                    text_dim = 32, channels = 4, force = true}
+    local sw = run(scfg(tmp .. "/sp_wrun", {["model.pretrained_model_name_or_path"] = WP, ["flow_matching.adapter_type"] =
+        "simple", ["data.dataloader.cache_dir"] = WC, ["validation.cache_dir"] = WC, ["validation.sampling"] =
+        {num_samples = 1, num_inference_steps = 2, guidance_scale = 3, negative_prompt = "blurry"},
+        ["step_scheduler.max_steps"] = 2, ["validation.at_start"] = false}))
+    local wpipe = nemo.NeMoAutoDiffusionPipeline.from_pretrained(WP, {torch_dtype = "float32", device = "cpu"})
+    local wc = wpipe.components
+    local wexp = require("nemo.models.wan").WanTransformer3DModel.from_pretrained(tmp ..
+        "/sp_wrun/epoch_0_step_1/diffusers/transformer")
+    local wds = data.Dataset(WC)
+    local npe = sampling.wan_encode_prompt{prompt = {"blurry"}, tokenizer = wc.tokenizer, text_encoder = wc.text_encoder}
+    local lat = wds:get(1).latents.shape
+    local vsf = wc.vae.config.scale_factor_spatial or 8
+    local rv = sampling.wan{transformer = wexp, scheduler = wc.scheduler, vae = wc.vae,
+        prompt_embeds = wds:get(1).text_embeddings:float():unsqueeze(0), negative_prompt_embeds = npe,
+        height = lat[3] * vsf, width = lat[4] * vsf, num_frames = (lat[2] - 1) * 4 + 1, num_inference_steps = 2,
+        guidance_scale = 3, generator = nemo.Generator(0)}
+    image.save_video(tmp .. "/sp_wref.mp4", sampling.video_frames(rv.video, 1), {fps = 16})
+    T.ok(sw.samples[1] and #sw.samples[1] == 1 and sw.samples[1][1]:match("%.mp4$") and
+         file_eq(sw.samples[1][1], tmp .. "/sp_wref.mp4"), "validation.sampling on Wan: an MP4 per sample, " ..
+         "nemo.sampling.wan's (guidance 3 against the encoded negative prompt) on the exported weights, bytewise",
+         tostring(sw.samples[1] and sw.samples[1][1]))
+    -- bad input
+    local function serr(over, pat, name) T.raises(function() run(scfg(tmp .. "/sp_bad", over)) end, pat, name) end
+    serr({["validation.sampling"] = {num_samples = 1, prompts = {"a"}}}, "validation.sampling: give prompts or " ..
+        "num_samples, not both", "validation.sampling: prompts and num_samples together")
+    serr({["validation.sampling"] = {num_inference_steps = 2}}, "validation.sampling: give num_samples",
+        "validation.sampling without prompts or num_samples")
+    serr({["validation.cache_dir"] = json.null, ["validation.sampling"] = {num_samples = 2}},
+        "validation.cache_dir is required", "validation.sampling.num_samples without a validation cache")
+    serr({["validation.sampling"] = {num_samples = 1, stepz = 2}}, "unknown key 'validation.sampling.stepz'",
+        "an unknown validation.sampling key")
+    serr({["validation.sampling"] = {prompts = {"a", 3}}}, "validation.sampling: prompts%[2%] must be a string",
+        "a prompt that is not a string")
+    local NV = tmp .. "/sp_novae"
+    fs.mkdirs(NV)
+    fs.copy_tree(FP .. "/transformer", NV .. "/transformer")
+    json.write_file(NV .. "/model_index.json", {_class_name = "FluxPipeline", transformer = {"diffusers",
+        "FluxTransformer2DModel"}})
+    serr({["model.pretrained_model_name_or_path"] = NV}, "validation.sampling: the pipeline .*sp_novae cannot give " ..
+        "the vae, scheduler samples need", "validation.sampling with a pipeline without a VAE")
+end
+
 -- ==== flux_pretrain with a tiny transformer config folder ====
 
 local tf = tmp .. "/tiny_flux"

@@ -18,7 +18,8 @@
 #   - ema: the averages are sharded with the weights (dp 2, tp 2; whole under ddp), equal one process's, resume
 #     bitwise and load into one process;
 #   - validation (a held-out loss at fixed sigmas and noise) on dp 2, cp 2 x dp 2, tp 2 x dp 2 with
-#     the EMA weights, and Wan tp 2 x cp 2 equals one process's;
+#     the EMA weights, and Wan tp 2 x cp 2 equals one process's; validation samples (images) of dp 2
+#     and tp 2 are one process's, byte for byte;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -385,6 +386,34 @@ if [ "$RC" = 0 ] && [ "$(vals valema1 | wc -l)" = 6 ]; then pass "validation.ema
 else fail "validation.ema reference run" "exit $RC" "$(vals valema1)" "$ERR"; fi
 val_eq "validation.ema, fsdp2 tp 2 x dp 2, 4 ranks (the averages swapped into the slices)" 4 valematp valema1 \
     "${VAL[@]}" "${EMA[@]}" --validation.ema true --fsdp.tp_size 2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+# validation samples: every rank runs the transformer, rank 0 decodes and writes; the images of
+# dp 2 and of tp 2 are one process's, byte for byte (tests/golden/flux_sampling: transformer, VAE, scheduler)
+"$N" tools/make_synthetic_cache.lua --out "$T/spcache" --samples 8 --model flux --resolutions 8x8 --text-len 4 \
+    --text-dim 32 --pooled-dim 32 --channels 4 > /dev/null 2>&1
+SP=(--demo.enabled false --model.pretrained_model_name_or_path tests/golden/flux_sampling --data.dataloader.cache_dir
+    "$T/spcache" --validation.cache_dir "$T/spcache" --validation.max_samples 2 --validation.every_steps 2
+    --validation.sampling.num_samples 2 --validation.sampling.num_inference_steps 2 --step_scheduler.global_batch_size 4)
+train 1 0 sp1 "${SP[@]}" --step_scheduler.local_batch_size 4
+if [ "$RC" = 0 ] && [ "$(ls "$T/sp1/samples/step_3" 2>/dev/null | grep -c '\.png$')" = 2 ] && grep -q "samples after step 3: 2 images" <<< "$OUT"; then
+    pass "validation samples reference: 1 process, 2 PNGs before training and after steps 1 and 3"
+else
+    fail "validation samples reference run" "exit $RC" "$OUT" "$ERR"
+fi
+# same_samples NAME NP DIR ARGS...: the run's sample files are sp1's, byte for byte
+same_samples() {
+    local name=$1 np=$2 dir=$3; shift 3
+    train "$np" 0 "$dir" "${SP[@]}" "$@"
+    local a b; a=$(cd "$T/sp1/samples" && find . -type f | sort | xargs md5sum); b=$(cd "$T/$dir/samples" 2>/dev/null &&
+        find . -type f | sort | xargs md5sum)
+    if [ "$RC" = 0 ] && [ -n "$a" ] && [ "$a" = "$b" ] && [ "$(wc -l <<< "$a")" = 6 ]; then
+        pass "$name: the 6 sample images are one process's, byte for byte"
+    else
+        fail "$name: sample images equal one process's" "exit $RC" "1 process:" "$a" "got:" "$b" "$ERR"
+    fi
+}
+same_samples "validation samples, fsdp2 2 ranks x batch 2" 2 spdp --fsdp.dp_size 2 --step_scheduler.local_batch_size 2
+same_samples "validation samples, fsdp2 tensor parallel (tp 2) x the whole batch 4" 2 sptp --fsdp.tp_size 2 \
+    --step_scheduler.local_batch_size 4
 export TRAIN_RECIPE=recipes/wan_finetune.yaml
 WCACHE=$(ls -d "$XDG_CACHE_HOME"/nemo-lua/demo/wan-*/cache | head -1)
 WVAL=(--validation.cache_dir "$WCACHE" --validation.max_samples 3 --validation.every_steps 2 "${WB[@]}")
