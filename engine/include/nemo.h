@@ -98,6 +98,13 @@ NEMO_API int64_t nemo_memory_current(int devtype, int devindex);
 NEMO_API int64_t nemo_memory_peak(int devtype, int devindex);
 NEMO_API void nemo_memory_reset_peak(int devtype, int devindex);
 NEMO_API int64_t nemo_memory_cached(int devtype, int devindex);  /* free blocks kept for reuse */
+/* Signals a long job wants to end gracefully on (SIGTERM before a preemption): watch(sig)
+ * installs a handler that only records the signal and then restores the default action (so a
+ * second one ends the process); received(sig) is 1 once it came; unwatch(sig) puts back the
+ * handler watch replaced. -1 with nemo_last_error on a bad signal number. */
+NEMO_API int nemo_signal_watch(int sig);
+NEMO_API int nemo_signal_received(int sig);
+NEMO_API int nemo_signal_unwatch(int sig);
 NEMO_API void nemo_memory_empty_cache(int devtype, int devindex);   /* CPU: also the pinned blocks */
 
 /* ==== Devices ==== */

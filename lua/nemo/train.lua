@@ -482,6 +482,36 @@ end
 
 local DIST_BACKENDS = {"nccl", "mpi", "gloo"}
 
+-- step_scheduler.preemption_signal -> a list of signal numbers (Automodel's StepScheduler: SIGTERM
+-- when unset; a name such as "SIGTERM" / "TERM", a number, or a list of them; false or "none"
+-- watches nothing). On one of them the run ends after the current step with a checkpoint.
+local SIGNALS = {HUP = 1, INT = 2, QUIT = 3, USR1 = 10, USR2 = 12, ALRM = 14, TERM = 15, XCPU = 24}
+M.SIGNALS = SIGNALS
+function M.preemption_signals(v)
+    if v == nil then return {SIGNALS.TERM} end
+    if v == false or (type(v) == "string" and v:lower() == "none") then return {} end
+    local list = type(v) == "table" and v or {v}
+    local out = {}
+    for _, x in ipairs(list) do
+        local n
+        if type(x) == "number" and x % 1 == 0 and x > 0 and x < 65 and x ~= 9 and x ~= 19 then n = x
+        elseif type(x) == "string" then n = SIGNALS[x:upper():gsub("^SIG", "")] end
+        if not n then
+            local names = {}
+            for k in pairs(SIGNALS) do names[#names + 1] = "SIG" .. k end
+            table.sort(names)
+            cfg_error(string.format("step_scheduler.preemption_signal: %s is not a signal to end on gracefully " ..
+                "(a name: %s; a number; a list; or false for none)", tostring(x), table.concat(names, ", ")))
+        end
+        out[#out + 1] = n
+    end
+    return out
+end
+local function signal_name(n)
+    for k, v in pairs(SIGNALS) do if v == n then return "SIG" .. k end end
+    return "signal " .. n
+end
+
 function M.validate(cfg)
     if type(cfg) ~= "table" then cfg_error("expected a mapping, got " .. type(cfg)) end
     reject_removed(cfg)
@@ -613,6 +643,7 @@ function M.validate(cfg)
     if lg and lg.log_every ~= nil and not is_posint(lg.log_every) then
         cfg_error("logging.log_every must be a positive integer, got " .. tostring(lg.log_every))
     end
+    M.preemption_signals(ss.preemption_signal)
     for _, k in ipairs { "val_every_steps" } do
         if ss[k] ~= nil and not is_posint(ss[k]) then
             cfg_error(string.format("step_scheduler.%s must be a positive integer, got %s", k, tostring(ss[k])))
@@ -1011,7 +1042,8 @@ local function nonfinite(x) return x ~= x or x == math.huge or x == -math.huge e
 --   terminal, or logging.progress), device, stop_after (end this run after that many steps, with a
 --   checkpoint, as if interrupted), draws (function(batch, {step=, micro=}) -> flow-matching draws:
 --   replayed random numbers, for tests).
-function M.run(cfg, opts)
+local watching = {}   -- the signals this run watches (unwatched however it ends)
+local function run(cfg, opts)
     opts = opts or {}
     local log = opts.log or function(msg) io.stdout:write(msg, "\n"); io.stdout:flush() end
     M.validate(cfg)
@@ -1486,6 +1518,20 @@ function M.run(cfg, opts)
 
     local stop_after = opts.stop_after
     local stopped = false
+    -- the preemption signals (SIGTERM unless step_scheduler.preemption_signal says otherwise):
+    -- recorded by a C handler, polled after each step, agreed on by every rank
+    local sigs = M.preemption_signals(ss.preemption_signal)
+    for _, sg in ipairs(sigs) do
+        if nffi.C.nemo_signal_watch(sg) ~= 0 then error(ffi.string(nffi.C.nemo_last_error()), 0) end
+        watching[#watching + 1] = sg
+    end
+    local function preempted()
+        if #sigs == 0 then return nil end
+        local got = 0
+        for _, sg in ipairs(sigs) do if nffi.C.nemo_signal_received(sg) ~= 0 then got = sg end end
+        if ws > 1 then got = dist.all_reduce_number(got, "max") end
+        return got > 0 and signal_name(got) or nil
+    end
     while step < total and epoch < num_epochs and not stopped do
         loader:set_epoch(epoch)
         local it = loader:iter()
@@ -1582,12 +1628,19 @@ function M.run(cfg, opts)
             -- where the data stands now, and whether a checkpoint is due (Automodel's is_ckpt_step)
             end_of_epoch = loader:state_dict().batch_index >= batches_per_epoch
             local last = step == total - 1 or (end_of_epoch and epoch == num_epochs - 1)
-            stopped = stop_after ~= nil and steps_this_run >= stop_after and not last
-            if vcfg and (step % val_every == val_every - 1 or last) then evaluate(step) end
+            local signal = preempted()
+            stopped = (stop_after ~= nil and steps_this_run >= stop_after or signal ~= nil) and not last
+            if vcfg and (step % val_every == val_every - 1 or last) and not (signal and not last) then evaluate(step) end
             local due = step % ck_every == ck_every - 1 or (every_epoch and end_of_epoch) or last or stopped
             if ck_enabled and due then
                 save(step, epoch, end_of_epoch, last)
                 if progress and (step % ck_every == ck_every - 1 or last) then say("saved " .. last_ckpt) end
+            end
+            if signal and not last then
+                summary.preempted = signal
+                say(string.format("received %s after step %d: %s", signal, step, ck_enabled and
+                    ("saved " .. last_ckpt .. "; the same command resumes from it") or
+                    "stopping (checkpoint.enabled is false: nothing saved)"))
             end
             step = step + 1
             if end_of_epoch or last then break end
@@ -1622,6 +1675,14 @@ function M.run(cfg, opts)
         summary.seconds, summary.first_loss or 0 / 0, summary.last_loss or 0 / 0, n, first_mean, last_mean,
         last_ckpt and (", checkpoint " .. last_ckpt) or ""))
     return summary
+end
+
+function M.run(cfg, opts)
+    local res = {pcall(run, cfg, opts)}
+    for _, sg in ipairs(watching) do nffi.C.nemo_signal_unwatch(sg) end
+    watching = {}
+    if not res[1] then error(res[2], 0) end
+    return res[2]
 end
 
 -- main(arg, {default_config=, script=}): the recipes' entry point.

@@ -1005,6 +1005,41 @@ do
         "fit the model")
 end
 
+-- ==== preemption: a signal ends the run after the step with a checkpoint ====
+do
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "int raise(int sig); int kill(int pid, int sig); int getpid(void);")
+    local P = tmp .. "/preempt"
+    local function at(step, sig)   -- the draws hook runs before each micro-batch: raise the signal there
+        return {draws = function(_, info) if info.step == step then ffi.C.raise(sig) end end}
+    end
+    local sp = run(tiny(P), at(3, 15))
+    T.ok(sp.preempted == "SIGTERM" and sp.steps == 4 and sp.checkpoint == P .. "/epoch_0_step_3" and
+         fs.isdir(P .. "/epoch_0_step_3") and #read_metrics(P .. "/metrics.jsonl") == 4,
+        "SIGTERM during step 3 (the default preemption_signal): the step finishes, a checkpoint is saved, the run ends",
+        string.format("preempted %s, steps %s, checkpoint %s", tostring(sp.preempted), tostring(sp.steps),
+            tostring(sp.checkpoint)))
+    local rp = run(tiny(P))
+    local full = run(tiny(tmp .. "/preempt_full"))
+    T.ok(rp.resumed_from == P .. "/epoch_0_step_3" and file_eq(P .. "/epoch_1_step_9/diffusers/transformer/" ..
+         "diffusion_pytorch_model.safetensors", tmp .. "/preempt_full/epoch_1_step_9/diffusers/transformer/" ..
+         "diffusion_pytorch_model.safetensors"), "preempted, then resumed: the final export equals an uninterrupted " ..
+         "run's, bitwise")
+    -- the handler is gone once the run returns: a watched signal then has its default action again
+    T.ok(require("nemo.ffi").C.nemo_signal_received(15) == 0,
+        "after the run the SIGTERM record is cleared (the handler is unwatched)")
+    local su = run(tiny(tmp .. "/preempt_usr1", {["step_scheduler.preemption_signal"] = {"SIGUSR1", "SIGUSR2"}}),
+        at(2, 12))
+    T.ok(su.preempted == "SIGUSR2" and su.checkpoint == tmp .. "/preempt_usr1/epoch_0_step_2",
+        "step_scheduler.preemption_signal [SIGUSR1, SIGUSR2]: SIGUSR2 ends the run after step 2")
+    T.raises(function() run(tiny(tmp .. "/preempt_bad", {["step_scheduler.preemption_signal"] = "SIGFOO"})) end,
+        "step_scheduler.preemption_signal: SIGFOO is not a signal", "an unknown preemption_signal is an error")
+    local ps = train.preemption_signals
+    T.ok(#ps(nil) == 1 and ps(nil)[1] == 15 and #ps(false) == 0 and #ps("none") == 0 and ps("TERM")[1] == 15 and
+         ps(10)[1] == 10 and #ps({"SIGUSR1", "sigusr2"}) == 2, "preemption_signal: SIGTERM when unset; false or " ..
+         "'none' watch nothing; names with or without SIG, any case; numbers; lists")
+end
+
 -- ==== validation samples: images / videos of the model being trained ====
 do
     local golden = require "golden"

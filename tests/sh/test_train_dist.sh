@@ -20,6 +20,7 @@
 #   - validation (a held-out loss at fixed sigmas and noise) on dp 2, cp 2 x dp 2, tp 2 x dp 2 with
 #     the EMA weights, and Wan tp 2 x cp 2 equals one process's; validation samples (images) of dp 2
 #     and tp 2 are one process's, byte for byte;
+#   - a preemption signal sent to one rank stops both after the same step with a checkpoint;
 #   - a bad dp_size, or several processes without an fsdp/ddp block, are clear errors.
 # Prints TAP; skips when mpirun is absent. Every run is under `timeout`.
 set -u
@@ -422,6 +423,27 @@ if [ "$RC" = 0 ] && [ "$(vals wval1 | wc -l)" = 3 ]; then pass "Wan validation r
 else fail "Wan validation reference run" "exit $RC" "$ERR"; fi
 val_eq "Wan validation, tp 2 x cp 2, 4 ranks" 4 wvaltpcp wval1 "${WVAL[@]}" --fsdp.tp_size 2 --fsdp.cp_size 2
 unset TRAIN_RECIPE
+
+# ==== preemption: a signal to one rank ends every rank after the same step, with a checkpoint ====
+PRE=(--step_scheduler.max_steps 400 --step_scheduler.ckpt_every_steps 1000 --step_scheduler.preemption_signal SIGUSR1
+     --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8)
+( timeout 300 mpirun -np 2 --oversubscribe "$N" tests/sh/lib/train_run.lua 0 "${TRAIN_COMMON[@]}" \
+    --checkpoint.checkpoint_dir "$T/pre" "${PRE[@]}" > "$T/pre.out" 2> "$T/pre.err"; echo $? > "$T/pre.rc" ) &
+for _ in $(seq 1 600); do
+    [ -f "$T/pre/metrics.jsonl" ] && [ "$(wc -l < "$T/pre/metrics.jsonl")" -ge 3 ] && break
+    sleep 0.1
+done
+RANKS=$(pgrep -f "^$N tests/sh/lib/train_run.lua 0 .*$T/pre ")
+kill -USR1 "$(tail -n 1 <<< "$RANKS")" 2> /dev/null   # one rank only
+wait
+PRE_STEP=$(sed -n 's/.*received SIGUSR1 after step \([0-9]*\): saved .*/\1/p' "$T/pre.out")
+if [ "$(cat "$T/pre.rc")" = 0 ] && [ "$(wc -l <<< "$RANKS")" = 2 ] && [ -n "$PRE_STEP" ] && [ "$PRE_STEP" -lt 399 ] &&
+   [ -f "$T/pre/epoch_0_step_$PRE_STEP/model/shard-00001-of-00002.safetensors" ] &&
+   [ "$(wc -l < "$T/pre/metrics.jsonl")" = $((PRE_STEP + 1)) ]; then
+    pass "SIGUSR1 (step_scheduler.preemption_signal) to one of 2 ranks: both stop after step $PRE_STEP with its checkpoint, exit 0"
+else
+    fail "preemption on 2 ranks" "exit $(cat "$T/pre.rc") ranks: $RANKS step: $PRE_STEP" "$(cat "$T/pre.out")" "$(cat "$T/pre.err")"
+fi
 
 # ==== mixed precision and errors ====
 train 2 0 mixed --fsdp.dp_size 2 --model.torch_dtype float32 --model.compute_dtype bfloat16 \
