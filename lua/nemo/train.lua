@@ -693,6 +693,51 @@ function M.demo_paths(cfg)
     return base .. "/pipeline", base .. "/cache", base
 end
 
+-- The demo pipeline's VAE (random weights, tiny) and scheduler (FLUX.1-dev's / Wan 2.1's config),
+-- so that validation.sampling works on the demo: added to model_dir (its model_index.json too)
+-- when missing, each part written under a temporary name and renamed.
+local function demo_sampling_parts(model_dir, kind, C, seed, log)
+    local index = json.read_file(model_dir .. "/model_index.json")
+    if type(index.vae) == "table" and index.vae[1] ~= json.null and type(index.scheduler) == "table" and
+       index.scheduler[1] ~= json.null then
+        return
+    end
+    log(string.format("demo: adding a small VAE and the scheduler to %s (once)", model_dir))
+    nemo.manual_seed(seed)
+    local vae, vae_cls, sched, sched_cls
+    if kind == "flux" then
+        local blocks = {"DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"}
+        vae_cls, sched_cls = "AutoencoderKL", "FlowMatchEulerDiscreteScheduler"
+        vae = require("nemo.models.vae").AutoencoderKL {in_channels = 3, out_channels = 3, latent_channels = C,
+            block_out_channels = {8, 8, 8, 8}, down_block_types = blocks,
+            up_block_types = {"UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"},
+            layers_per_block = 1, norm_num_groups = 2, act_fn = "silu", sample_size = 128, scaling_factor = 0.3611,
+            shift_factor = 0.1159, use_quant_conv = false, use_post_quant_conv = false}
+        sched = require("nemo.schedulers.flow_match_euler").FlowMatchEulerDiscreteScheduler.from_config {
+            base_image_seq_len = 256, base_shift = 0.5, max_image_seq_len = 4096, max_shift = 1.15,
+            num_train_timesteps = 1000, shift = 3.0, use_dynamic_shifting = true}
+    else
+        local mean, std = {}, {}
+        for i = 1, C do mean[i], std[i] = 0, 1 end
+        vae_cls, sched_cls = "AutoencoderKLWan", "UniPCMultistepScheduler"
+        vae = require("nemo.models.wan_vae").AutoencoderKLWan {base_dim = 8, z_dim = C, dim_mult = {1, 2, 2, 2},
+            num_res_blocks = 1, temperal_downsample = {false, true, true}, latents_mean = mean, latents_std = std}
+        sched = require("nemo.schedulers.unipc").UniPCMultistepScheduler.from_config {flow_shift = 3.0,
+            prediction_type = "flow_prediction", use_flow_sigmas = true, num_train_timesteps = 1000, solver_order = 2}
+    end
+    for name, part in pairs {vae = vae, scheduler = sched} do
+        local dir = model_dir .. "/" .. name
+        if fs.exists(dir .. ".tmp") then fs.remove_tree(dir .. ".tmp") end
+        if fs.exists(dir) then fs.remove_tree(dir) end
+        part:save_pretrained(dir .. ".tmp")
+        fs.rename(dir .. ".tmp", dir)
+    end
+    index.vae = {"diffusers", vae_cls}
+    index.scheduler = {"diffusers", sched_cls}
+    json.write_file(model_dir .. "/model_index.json.tmp", index, {indent = 2})
+    fs.rename(model_dir .. "/model_index.json.tmp", model_dir .. "/model_index.json")
+end
+
 local function ensure_demo(cfg, log)
     local d = cfg.demo
     local tcfg = d.transformer or {}
@@ -701,6 +746,8 @@ local function ensure_demo(cfg, log)
         local model_dir, cache_dir = require("nemo.models.wan").demo_assets{root = d.dir and expand_home(d.dir) or nil,
             transformer = tcfg, samples = d.samples, resolutions = d.resolutions, text_len = d.text_len,
             seed = cfg.seed, log = log}
+        demo_sampling_parts(model_dir, "wan", require("nemo.models.wan").resolve_config(tcfg, "demo").in_channels,
+            cfg.seed or 42, log)
         cfg.model.pretrained_model_name_or_path = model_dir
         cfg.data.dataloader.cache_dir = cache_dir
         return
@@ -719,6 +766,7 @@ local function ensure_demo(cfg, log)
             {torch_dtype = "float32", device = "cpu", enable_gradient_checkpointing = false})
         pipe:save_pretrained(model_dir)
     end
+    demo_sampling_parts(model_dir, "flux", math.floor((tcfg.in_channels or 64) / 4), cfg.seed or 42, log)
     if not fs.isfile(cache_dir .. "/index.json") then
         log(string.format("demo: writing a synthetic latent cache in %s (once)", cache_dir))
         require("nemo.data.synthetic").make {
@@ -1495,9 +1543,9 @@ local function run(cfg, opts)
         local files = vcfg.ema and ema.model:swap(params, sampler.run, sampler, model, tag) or sampler:run(model, tag)
         summary.samples[at_step] = files
         if main then
-            say(string.format("samples %s: %d %s in %s/%s (%.1f s)", at_step < 0 and "before training" or
-                ("after step " .. at_step), #files, sampler.kind == "image" and "images" or "videos", sampler.output_dir,
-                tag, now() - t0))
+            say(string.format("samples %s: %d %s%s in %s/%s (%.1f s)", at_step < 0 and "before training" or
+                ("after step " .. at_step), #files, sampler.kind == "image" and "image" or "video",
+                #files == 1 and "" or "s", sampler.output_dir, tag, now() - t0))
         end
     end
     local function evaluate(at_step)
@@ -1509,8 +1557,9 @@ local function run(cfg, opts)
             vcfg.cache_dir, table.concat(validator.sigmas, ", "), val_every))
     end
     if sampler then
-        log(string.format("validation samples: %d %s of %dx%d%s, %d steps, guidance %g, every %d steps, in %s",
-            #sampler.prompts, sampler.kind == "image" and "images" or "videos", sampler.width, sampler.height,
+        log(string.format("validation samples: %d %s%s of %dx%d%s, %d steps, guidance %g, every %d steps, in %s",
+            #sampler.prompts, sampler.kind == "image" and "image" or "video", #sampler.prompts == 1 and "" or "s",
+            sampler.width, sampler.height,
             sampler.kind == "video" and (" x " .. sampler.num_frames .. " frames") or "", sampler.num_inference_steps,
             sampler.guidance_scale, val_every, sampler.output_dir))
     end

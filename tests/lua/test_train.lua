@@ -1144,6 +1144,25 @@ do
          file_eq(sw.samples[1][1], tmp .. "/sp_wref.mp4"), "validation.sampling on Wan: an MP4 per sample, " ..
          "nemo.sampling.wan's (guidance 3 against the encoded negative prompt) on the exported weights, bytewise",
          tostring(sw.samples[1] and sw.samples[1][1]))
+    -- the demo pipelines carry a small VAE and the scheduler, so samples work on the demo too
+    local dcfg = tiny(tmp .. "/sp_demo", {["step_scheduler.max_steps"] = 3, ["validation.sampling"] =
+        {num_samples = 1, num_inference_steps = 2}})
+    local dmodel, dcache = train.demo_paths(dcfg)
+    dcfg.validation.cache_dir = dcache
+    local dsum = run(dcfg)
+    local didx = json.read_file(dmodel .. "/model_index.json")
+    T.ok(dsum.samples[2] and #dsum.samples[2] == 1 and fs.isfile(dsum.samples[2][1]) and didx.vae[2] == "AutoencoderKL" and
+         didx.scheduler[2] == "FlowMatchEulerDiscreteScheduler", "the FLUX demo pipeline has a VAE and the scheduler: " ..
+         "validation samples work on the demo")
+    -- a demo made before (no VAE) gets them on its next run
+    fs.remove_tree(dmodel .. "/vae")
+    didx.vae, didx.scheduler = nil, nil
+    json.write_file(dmodel .. "/model_index.json", didx)
+    local dlog = {}
+    run(tiny(tmp .. "/sp_demo2", {["step_scheduler.max_steps"] = 3}), {log = function(m) dlog[#dlog + 1] = m end})
+    T.ok(fs.isdir(dmodel .. "/vae") and json.read_file(dmodel .. "/model_index.json").vae ~= nil and
+         table.concat(dlog, "\n"):find("demo: adding a small VAE and the scheduler", 1, true),
+        "an older demo pipeline without a VAE gets one (and the scheduler) on the next run")
     -- bad input
     local function serr(over, pat, name) T.raises(function() run(scfg(tmp .. "/sp_bad", over)) end, pat, name) end
     serr({["validation.sampling"] = {num_samples = 1, prompts = {"a"}}}, "validation.sampling: give prompts or " ..
