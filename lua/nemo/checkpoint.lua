@@ -14,7 +14,11 @@
 --   trainer.json                             step, epoch, RNG states, data-sampler position
 --   config.yaml                              the resolved run config (JSON text, which YAML reads)
 --   diffusers/                               optional: the consolidated pipeline (save_consolidated)
+--   losses.json                              {"train_loss": the step's loss, "val_loss": its validation
+--                                            loss when the step validated} (as Automodel writes it)
 -- <checkpoint_dir>/LATEST                    one line: the name of the newest complete checkpoint
+-- <checkpoint_dir>/LOWEST_VAL                one line: the checkpoint with the lowest val_loss (as
+--                                            Automodel's LOWEST_VAL link; a run with validation)
 --
 -- The non-obvious rule: nothing half-written is ever taken for a checkpoint. A checkpoint is
 -- written into "<name>.incomplete" and renamed when every file is there; LATEST is replaced
@@ -99,9 +103,9 @@ function M.list(root)
     return out
 end
 
--- The name LATEST holds (nil when there is no LATEST file).
-function M.read_latest(root)
-    local p = root .. "/LATEST"
+-- The name LATEST (or the pointer file `which`, e.g. "LOWEST_VAL") holds (nil when there is no such file).
+function M.read_latest(root, which)
+    local p = root .. "/" .. (which or "LATEST")
     if not fs.isfile(p) then return nil end
     local name = fs.read(p):gsub("%s+$", "")
     if name == "" then return nil end
@@ -209,6 +213,7 @@ function M.save(root, s)
         -- the config, anything extra, and last trainer.json (so a folder holding it is complete)
         write_text(tmp .. "/config.yaml", json.encode(s.config or {}, {indent = 2}) .. "\n")
         if s.extra then s.extra(tmp) end
+        if s.losses then json.write_file(tmp .. "/losses.json", s.losses) end
         local trainer = {}
         for k, v in pairs(s.trainer or {}) do trainer[k] = v end
         trainer.epoch, trainer.step = s.epoch, s.step
@@ -233,24 +238,25 @@ function M.save(root, s)
     fs.rename(tmp, final)
     fs.sync_dir(root)
     write_text(root .. "/LATEST", name .. "\n")
+    if s.lowest_val then write_text(root .. "/LOWEST_VAL", name .. "\n") end
     fs.sync_dir(root)
     if old then pcall(fs.remove_tree, old) end
     return done()
 end
 
--- prune(root, keep) keeps the `keep` newest complete checkpoints (by step) and the one LATEST
--- names; removes the older ones. Returns the removed names.
+-- prune(root, keep) keeps the `keep` newest complete checkpoints (by step) and the ones LATEST
+-- and LOWEST_VAL name; removes the older ones. Returns the removed names.
 function M.prune(root, keep)
     if keep == nil then return {} end
     if type(keep) ~= "number" or keep < 1 or keep % 1 ~= 0 then
         error("checkpoint.prune: keep must be a positive integer, got " .. tostring(keep), 2)
     end
     local all = M.list(root)
-    local latest = M.read_latest(root)
+    local latest, lowest = M.read_latest(root), M.read_latest(root, "LOWEST_VAL")
     local removed = {}
     for i = 1, #all - keep do
         local c = all[i]
-        if c.name ~= latest then
+        if c.name ~= latest and c.name ~= lowest then
             fs.remove_tree(c.path)
             removed[#removed + 1] = c.name
         end
@@ -276,7 +282,7 @@ end
 --   "LATEST" / "latest"  -> latest(root), nil when root holds none
 --   a name               -> root/name
 --   a path               -> that checkpoint; a checkpoint_dir (holding LATEST or epoch_* folders)
---                           -> its newest; a LATEST file -> the checkpoint it names
+--                           -> its newest; a LATEST or LOWEST_VAL file -> the checkpoint it names
 -- An explicit checkpoint that does not exist, is incomplete or is a "*.incomplete" folder is an
 -- error naming it.
 function M.resolve(restore_from, root)
@@ -287,9 +293,9 @@ function M.resolve(restore_from, root)
     if restore_from == "LATEST" or restore_from == "latest" then return root and M.latest(root) or nil end
     local path = restore_from:gsub("/+$", "")
     if not fs.exists(path) and root and fs.exists(root .. "/" .. path) then path = root .. "/" .. path end
-    if fs.isfile(path) and fs.basename(path) == "LATEST" then
+    if fs.isfile(path) and (fs.basename(path) == "LATEST" or fs.basename(path) == "LOWEST_VAL") then
         local dir = fs.dirname(path)
-        local name = M.read_latest(dir)
+        local name = M.read_latest(dir, fs.basename(path))
         if not name then error("checkpoint.restore_from: " .. path .. " is empty", 2) end
         path = dir .. "/" .. name
     end
@@ -407,7 +413,7 @@ end
 
 -- load_weights(path, model) -> the checkpoint folder: a training checkpoint's transformer weights
 -- into model (for sampling): path is a checkpoint, a checkpoint_dir (its newest) or a LATEST
--- file; model/model.safetensors or FSDP2 shards written by any number of ranks, loaded strictly.
+-- or LOWEST_VAL file; model/model.safetensors or FSDP2 shards written by any number of ranks, loaded strictly.
 -- A LoRA checkpoint (adapters only) is an error pointing at peft.load_adapter.
 function M.load_weights(path, model)
     local dir = M.resolve(path)

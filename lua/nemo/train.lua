@@ -1347,6 +1347,7 @@ local function run(cfg, opts)
 
     -- resume
     local step, epoch = 0, 0
+    local best_val   -- the lowest validation loss a checkpoint holds (LOWEST_VAL)
     if resume_dir then
         local saved = checkpoint.model_config(resume_dir)
         local diff = saved and signature_diff(saved, sig)
@@ -1373,6 +1374,15 @@ local function run(cfg, opts)
             if tr.rng.default then nemo.default_generator:set_state(tr.rng.default) end
         end
         log(string.format("resumed from %s: next step %d, epoch %d", resume_dir, step, epoch))
+        -- the lowest validation loss so far: LOWEST_VAL's checkpoint, if it is not past the resumed step
+        local lv = checkpoint.read_latest(ck_dir, "LOWEST_VAL")
+        local lj = lv and ck_dir .. "/" .. lv .. "/losses.json"
+        if lj and fs.isfile(lj) then
+            local lt, ltr = json.read_file(lj), ck_dir .. "/" .. lv .. "/trainer.json"
+            if type(lt.val_loss) == "number" and fs.isfile(ltr) and json.read_file(ltr).step <= tr.step then
+                best_val = lt.val_loss
+            end
+        end
         if tr.total_steps and tr.total_steps ~= total and lrs_cfg then
             log(string.format("note: %s was written by a run of %d steps, this one has %d; the LR schedule continues " ..
                 "as saved in the checkpoint (decay over %s steps)", resume_dir, tr.total_steps, total,
@@ -1466,6 +1476,7 @@ local function run(cfg, opts)
             (resume_dir and ("; the last good checkpoint is " .. resume_dir) or "")), 0)
     end
 
+    local val_now   -- the last validation: {step, loss} (the loss LOWEST_VAL compares)
     local function save(at_step, at_epoch, end_of_epoch, final)
         local bad = nonfinite_parameter(named_params)
         if bad then
@@ -1493,10 +1504,16 @@ local function run(cfg, opts)
                 extra = function(tmp) ema.model:swap(params, inner, tmp) end
             end
         end
+        -- losses.json, and LOWEST_VAL when this step's validation loss is the lowest so far
+        local vl = val_now and val_now.step == at_step and val_now.loss or nil
+        local lowest = vl ~= nil and (best_val == nil or vl < best_val)
+        if lowest then best_val = vl end
         last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
+            losses = {train_loss = summary.losses[at_step], val_loss = vl}, lowest_val = lowest,
             scheduler = sched, trainer = tr, config = cfg, model_config = sig, extra = extra, extra_all = extra_all,
             manager = sharded and mgr or nil, group = ws > 1 and group or nil, ema = ema,
             peft = peft_cfg and {config = peft_cfg, base = mcfg.pretrained_model_name_or_path} or nil})
+        if lowest then say(string.format("lowest validation loss so far (%.5f): LOWEST_VAL names %s", vl, last_ckpt)) end
         if export then summary.diffusers = last_ckpt .. "/diffusers" end
         if peft_cfg then summary.adapter = last_ckpt .. "/model" end
         if keep then
@@ -1534,6 +1551,8 @@ local function run(cfg, opts)
             res_ema and string.format(", EMA weights %.5f", res_ema.loss) or "", res.samples, #validator.sigmas,
             table.concat(parts, ", "), res.seconds + (res_ema and res_ema.seconds or 0)))
         summary.val[at_step] = {loss = res.loss, by_sigma = res.by_sigma, ema = res_ema}
+        -- the weights the export holds: the averages unless ema.export is false
+        val_now = {step = at_step, loss = (res_ema and cfg.ema.export ~= false) and res_ema.loss or res.loss}
     end
     -- samples (validation.sampling), made with the averages under validation.ema
     summary.samples = {}

@@ -964,6 +964,39 @@ do
     run(tiny(VS, {["validation.cache_dir"] = VC, ["validation.every_steps"] = 4}))
     T.is(table.concat(val_lines(VS .. "/metrics.jsonl"), "\n"), table.concat(vl, "\n"),
         "validation: 5 steps, stop, resume, 5 steps == 10 steps (metrics' validation lines bitwise)")
+    -- losses.json in every checkpoint; LOWEST_VAL names the one with the lowest validation loss and
+    -- survives max_recent_checkpoints (lr 0.05: the loss rises again, so it is not the last one)
+    local LV = tmp .. "/val_lowest"
+    local lvo = {["validation.cache_dir"] = VC, ["validation.every_steps"] = 2, ["step_scheduler.ckpt_every_steps"] = 2,
+                 ["optimizer.lr"] = 0.05, ["lr_scheduler"] = json.null}
+    run(tiny(LV, lvo))
+    local best, best_name, all_have = math.huge, nil, true
+    for _, ck in ipairs(checkpoint.list(LV)) do
+        local lj = json.read_file(ck.path .. "/losses.json")
+        all_have = all_have and type(lj.train_loss) == "number" and type(lj.val_loss) == "number"
+        if lj.val_loss < best then best, best_name = lj.val_loss, ck.name end
+    end
+    local lowest = checkpoint.read_latest(LV, "LOWEST_VAL")
+    T.ok(all_have and #checkpoint.list(LV) == 5 and lowest == best_name and lowest ~= checkpoint.read_latest(LV) and
+         checkpoint.resolve(LV .. "/LOWEST_VAL") == LV .. "/" .. best_name,
+        "checkpoints hold losses.json (train_loss, val_loss); LOWEST_VAL names the lowest (here not the last), and " ..
+        "restore_from / model.checkpoint accept it", string.format("LOWEST_VAL %s, lowest %s, LATEST %s",
+        tostring(lowest), tostring(best_name), tostring(checkpoint.read_latest(LV))))
+    local LK = tmp .. "/val_lowest_keep"
+    local lko = deepcopy(lvo)
+    lko["checkpoint.max_recent_checkpoints"] = 1
+    run(tiny(LK, lko))
+    local kept = {}
+    for _, ck in ipairs(checkpoint.list(LK)) do kept[#kept + 1] = ck.name end
+    T.is(table.concat(kept, ","), best_name .. ",epoch_1_step_9", "max_recent_checkpoints 1 keeps the LOWEST_VAL " ..
+        "checkpoint besides the newest")
+    local LS = tmp .. "/val_lowest_stop"
+    run(tiny(LS, lvo), {stop_after = 8})
+    run(tiny(LS, lvo))
+    T.ok(tonumber(best_name:match("step_(%d+)$")) < 8, "LOWEST_VAL is before step 8 here (so the next check " ..
+        "reads it back)", best_name)
+    T.is(checkpoint.read_latest(LS, "LOWEST_VAL"), best_name, "stop after 8 steps and resume: LOWEST_VAL as in " ..
+        "the uninterrupted run (the lowest so far is read back from its losses.json)")
     local sg = run(tiny(tmp .. "/val_sg", {["validation.cache_dir"] = VC, ["validation.sigmas"] = {0.25, 0.75},
         ["validation.at_start"] = false, ["validation.max_samples"] = 3, ["step_scheduler.max_steps"] = 4}))
     T.ok(sg.val[-1] == nil and sg.val[3] and #sg.val[3].by_sigma == 2,
