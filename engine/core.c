@@ -217,6 +217,14 @@ NEMO_API int nemo_device_count(int devtype) {
     return cuda_count;
 }
 
+NEMO_API int nemo_cuda_get_device_info(int devindex, nemo_cuda_device_info *out) {
+    int rc = nemo_check_device(NEMO_CUDA, devindex);
+    if (rc) return rc;
+    rc = cuda->device_info(devindex, out);
+    if (rc < 0 && !cuda_fake) return NEMO_ERR(rc, "%s", cuda->error_text());
+    return rc;
+}
+
 int nemo_cuda_emulated(void) {
     pthread_once(&cuda_once, cuda_load);
     return cuda_fake;

@@ -11,7 +11,9 @@
 
 #include <stddef.h>
 
-#define NEMO_CUDA_PLUGIN_ABI 3
+#include "nemo.h"
+
+#define NEMO_CUDA_PLUGIN_ABI 4
 
 /* Streams are small integers per device: 0 is the device's default stream (CUDA's legacy
  * stream, which orders itself with the synchronous copies), 1..NEMO_CUDA_MAX_STREAMS a pool of
@@ -50,6 +52,8 @@ typedef struct nemo_cuda_plugin {
     /* memcpy's kinds on dev's current stream without waiting: the host side must be page-locked
      * (host_alloc) and stay untouched until the copy has finished. */
     int (*memcpy_async)(void *dst, const void *src, size_t nbytes, int kind, int dev);
+    /* Since ABI 4. The device's name, memory, compute capability and the CUDA versions. */
+    int (*device_info)(int dev, nemo_cuda_device_info *out);
 } nemo_cuda_plugin;
 
 /* The one symbol libnemo_cuda.so exports. */

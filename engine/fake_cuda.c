@@ -300,6 +300,16 @@ static int f_host_free(void *p) {
     return 0;
 }
 
+static int f_device_info(int dev, nemo_cuda_device_info *out) {
+    memset(out, 0, sizeof *out);
+    if (dev < 0 || dev >= ndev) return NEMO_ERR(NEMO_EDEVICE, "fake CUDA: no device %d", dev);
+    snprintf(out->name, sizeof out->name, "emulated CUDA device (NEMO_FAKE_CUDA: host memory, CPU kernels)");
+    const char *cap = getenv("NEMO_FAKE_CUDA_MEM");
+    out->total_memory = cap && atoll(cap) > 0 ? (int64_t)atoll(cap) : 0;
+    out->emulated = 1;
+    return 0;
+}
+
 static const nemo_cuda_plugin fake_plugin = {
     NEMO_CUDA_PLUGIN_ABI,
     f_device_count,
@@ -323,6 +333,7 @@ static const nemo_cuda_plugin fake_plugin = {
     f_event_synchronize,
     f_event_elapsed,
     f_memcpy_async,
+    f_device_info,
 };
 
 /* The fake plugin when NEMO_FAKE_CUDA asks for one (value: device count, 1 to 8), else NULL.

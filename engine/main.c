@@ -76,6 +76,8 @@ static void print_usage(FILE *f)
           "  -v        Show version information.\n"
           "  -E        Ignore environment variables LUA_INIT, LUA_PATH, LUA_CPATH.\n"
           "  -h, --help  Show this help.\n"
+          "  --info    Show what nemo-lua finds here: libraries, CPU threads, CUDA devices, NCCL, MPI,\n"
+          "            the launcher's ranks and the model caches.\n"
           "  --nproc-per-node N  Start N processes (one per device) through Open MPI's mpirun.\n"
           "  --        Stop handling options.\n"
           "  -         Execute stdin and stop handling options.\n"
@@ -638,7 +640,7 @@ static void repl(lua_State *L)
 
 /* ==== command line ==== */
 
-enum { F_INTERACTIVE = 1, F_VERSION = 2, F_EXEC = 4, F_NOENV = 8, F_HELP = 16 };
+enum { F_INTERACTIVE = 1, F_VERSION = 2, F_EXEC = 4, F_NOENV = 8, F_HELP = 16, F_INFO = 32 };
 
 /* ==== --nproc-per-node: start the processes through mpirun ==== */
 
@@ -713,6 +715,7 @@ static int collectargs(int argc, char **argv, int *flags)
         if (a[0] != '-' || a[1] == 0) return i;   /* script, or "-" for stdin */
         if (strcmp(a, "--") == 0) return i + 1;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { *flags |= F_HELP; continue; }
+        if (strcmp(a, "--info") == 0) { *flags |= F_INFO; continue; }
         if (strncmp(a, "--nproc-per-node", 16) == 0 && (a[16] == 0 || a[16] == '=')) {
             const char *v = a[16] == '=' ? a + 17 : (i + 1 < argc ? argv[++i] : NULL);
             char *end;
@@ -837,11 +840,13 @@ static int pmain(lua_State *L)
     createargtable(L, argv, argc, argn);
     if (!(flags & F_NOENV) && (smain.status = handle_luainit(L)) != 0) return 0;
     if (flags & F_VERSION) print_version(L);
+    if ((flags & F_INFO) && (smain.status = dostring(L, "io.write(require('nemo.envinfo').report())",
+                                                     "=--info")) != 0) return 0;
     if ((smain.status = runargs(L, argv, argn)) != 0) return 0;
     if (argc > argn && (smain.status = handle_script(L, argv + argn)) != 0) return 0;
     if (flags & F_INTERACTIVE) {
         repl(L);
-    } else if (argc == argn && !(flags & (F_EXEC | F_VERSION))) {
+    } else if (argc == argn && !(flags & (F_EXEC | F_VERSION | F_INFO))) {
         if (isatty(0)) repl(L);
         else smain.status = dofile(L, NULL);   /* stdin as a script, as luajit does */
     }

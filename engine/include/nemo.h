@@ -112,6 +112,17 @@ NEMO_API void nemo_memory_empty_cache(int devtype, int devindex);   /* CPU: also
 NEMO_API int nemo_device_count(int devtype);
 /* Why CUDA is not available (borrowed string), or NULL if it is. */
 NEMO_API const char *nemo_cuda_unavailable_reason(void);
+/* What a CUDA device is (cudaGetDeviceProperties): versions are 1000 x major + 10 x minor
+ * (13000 = 13.0; 0 when unknown); emulated 1 for NEMO_FAKE_CUDA's host-memory devices. */
+typedef struct nemo_cuda_device_info {
+    char name[256];
+    int64_t total_memory;          /* bytes */
+    int major, minor;              /* compute capability */
+    int multi_processor_count;
+    int runtime_version, driver_version;
+    int emulated;
+} nemo_cuda_device_info;
+NEMO_API int nemo_cuda_get_device_info(int devindex, nemo_cuda_device_info *out);
 NEMO_API int nemo_device_synchronize(int devtype, int devindex);
 
 /* ==== CUDA streams and events (engine/cuda_stream.c) ====

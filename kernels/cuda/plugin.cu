@@ -338,6 +338,21 @@ static void p_register_kernels(void (*reg)(const char *name, int devtype, void (
     for (int i = 0; i < nkernel_list; i++) reg(kernel_list[i].name, NEMO_CUDA, kernel_list[i].fn);
 }
 
+static int p_device_info(int dev, nemo_cuda_device_info *out) {
+    memset(out, 0, sizeof *out);
+    cudaDeviceProp prop;
+    cudaError_t e = cudaGetDeviceProperties(&prop, dev);
+    if (e != cudaSuccess) return nemo_cuda_fail(e, "cudaGetDeviceProperties(%d)", dev);
+    snprintf(out->name, sizeof out->name, "%s", prop.name);
+    out->total_memory = (int64_t)prop.totalGlobalMem;
+    out->major = prop.major;
+    out->minor = prop.minor;
+    out->multi_processor_count = prop.multiProcessorCount;
+    (void)cudaRuntimeGetVersion(&out->runtime_version);
+    (void)cudaDriverGetVersion(&out->driver_version);
+    return 0;
+}
+
 /* ==== The plugin ==== */
 
 static const nemo_cuda_plugin plugin = {
@@ -363,6 +378,7 @@ static const nemo_cuda_plugin plugin = {
     p_event_synchronize,
     p_event_elapsed,
     p_memcpy_async,
+    p_device_info,
 };
 
 extern "C" __attribute__((visibility("default"))) const nemo_cuda_plugin *nemo_cuda_plugin_get(void) {

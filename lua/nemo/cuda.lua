@@ -3,7 +3,8 @@
 --   synchronize([device]), memory_stats([device]) -> {current=, peak=, cached=} (bytes),
 --   reset_peak_memory_stats([device]), memory_allocated([device]), max_memory_allocated([device]);
 --   streams and events: Stream([device]), default_stream([device]), current_stream([device]),
---   set_stream(s), stream(s, fn, ...), Event{enable_timing=, device=} (methods below).
+--   set_stream(s), stream(s, fn, ...), Event{enable_timing=, device=} (methods below);
+--   get_device_properties([device]), get_device_name([device]).
 -- A device argument is an index (0, 1, ...), "cuda", "cuda:N" or a tensor on a CUDA device;
 -- nil means the current device.
 --
@@ -107,6 +108,20 @@ end
 
 -- The current index without any check (for tensor.lua to resolve a bare "cuda"); never raises.
 function M._current_index() return current end
+
+-- get_device_properties([device]) -> {name, total_memory (bytes), major, minor (compute
+-- capability), multi_processor_count, runtime_version, driver_version (13000 = 13.0),
+-- emulated (NEMO_FAKE_CUDA's host-memory devices)}, as torch.cuda.get_device_properties.
+function M.get_device_properties(d)
+    local idx = existing_device(d, "cuda.get_device_properties")
+    local info = ffi.new("nemo_cuda_device_info")
+    check(C.nemo_cuda_get_device_info(idx, info), "cuda.get_device_properties")
+    return {name = ffi.string(info.name), total_memory = tonumber(info.total_memory), major = info.major,
+            minor = info.minor, multi_processor_count = info.multi_processor_count,
+            runtime_version = info.runtime_version, driver_version = info.driver_version,
+            emulated = info.emulated ~= 0}
+end
+function M.get_device_name(d) return M.get_device_properties(d).name end
 
 -- "cuda:N" for the current device (or index i).
 function M.device(i)

@@ -21,13 +21,13 @@ local function find_lib()
     local env = os.getenv("NEMO_LIB")
     if env and env ~= "" then
         local ok, lib = pcall(ffi.load, env)
-        if ok then return lib end
+        if ok then return lib, env end
         tried[#tried + 1] = env .. " (" .. tostring(lib) .. ")"
     end
     local path = package.searchpath("libnemo", package.cpath)
     if path then
         local ok, lib = pcall(ffi.load, path)
-        if ok then return lib end
+        if ok then return lib, path end
         tried[#tried + 1] = path .. " (" .. tostring(lib) .. ")"
     end
     -- beside this file in a build tree: <root>/lua/nemo/ffi.lua -> <root>/build/libnemo.so
@@ -40,20 +40,21 @@ local function find_lib()
             if f then
                 f:close()
                 local ok, lib = pcall(ffi.load, cand)
-                if ok then return lib end
+                if ok then return lib, cand end
                 tried[#tried + 1] = cand .. " (" .. tostring(lib) .. ")"
             end
         end
     end
     local ok, lib = pcall(ffi.load, "nemo")
-    if ok then return lib end
+    if ok then return lib, "libnemo.so (the system's library path)" end
     tried[#tried + 1] = "libnemo.so on the system path (" .. tostring(lib) .. ")"
     error("nemo: cannot load libnemo.so; tried: " .. table.concat(tried, "; ") ..
           ". Run `make` in the nemo-lua folder, or set NEMO_LIB=/path/to/libnemo.so", 0)
 end
 
-local C = find_lib()
+local C, lib_path = find_lib()
 M.C = C
+M.lib_path = lib_path      -- where libnemo.so was loaded from (nemo-lua --info)
 
 if C.nemo_abi_version() ~= C.NEMO_ABI_EXPECTED then
     error(string.format("nemo: libnemo ABI %d does not match the Lua package's ABI %d; rebuild with make",

@@ -99,6 +99,15 @@ cudaError_t cudaRuntimeGetVersion(int *v);
 /* The compute capability: 9.0, or NEMO_EMU_CUDA_CC (e.g. 80) to test the plugin's check */
 cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int dev);
 cudaError_t cudaDriverGetVersion(int *v);
+/* The fields of cudaDeviceProp the plugin reads (name "CUDA emulator", 1 GiB a device,
+ * compute capability as cudaDeviceGetAttribute, 132 multiprocessors as an H100/H200 SXM). */
+struct cudaDeviceProp {
+    char name[256];
+    size_t totalGlobalMem;
+    int major, minor;
+    int multiProcessorCount;
+};
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int dev);
 cudaError_t cudaSetDevice(int dev);
 cudaError_t cudaGetDevice(int *dev);
 cudaError_t cudaDeviceSynchronize(void);

@@ -172,6 +172,20 @@ EXPORT cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, 
     return cudaSuccess;
 }
 EXPORT cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+EXPORT cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int dev) {
+    init();
+    if (dev < 0 || dev >= n_devices) return fail(cudaErrorInvalidDevice);
+    memset(prop, 0, sizeof *prop);
+    snprintf(prop->name, sizeof prop->name, "CUDA emulator");
+    prop->totalGlobalMem = (size_t)1 << 30;
+    int cc = 0;
+    cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev);
+    prop->major = cc;
+    cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMinor, dev);
+    prop->minor = cc;
+    prop->multiProcessorCount = 132;
+    return cudaSuccess;
+}
 EXPORT cudaError_t cudaSetDevice(int dev) {
     init();
     if (dev < 0 || dev >= n_devices) return fail(cudaErrorInvalidDevice);

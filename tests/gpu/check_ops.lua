@@ -46,6 +46,15 @@ if not cuda.is_available() then
 end
 local ndev = cuda.device_count()
 T.diag(string.format("%d CUDA device(s)", ndev))
+-- what the devices are (cudaGetDeviceProperties): recorded in the run's log
+for i = 0, ndev - 1 do
+    local ok, p = pcall(cuda.get_device_properties, i)
+    T.ok(ok and type(p.name) == "string" and p.name ~= "" and (p.emulated or (p.total_memory > 0 and p.major >= 7 and
+        p.multi_processor_count > 0)), string.format("cuda.get_device_properties(%d): %s", i, ok and
+        string.format("%s, %.1f GiB, compute capability %d.%d, %d multiprocessors, runtime %d, driver %d", p.name,
+        p.total_memory / 2^30, p.major, p.minor, p.multi_processor_count, p.runtime_version, p.driver_version) or
+        tostring(p)))
+end
 
 local DTYPES = {"float32", "bfloat16", "float16", "float64", "int64", "int32", "bool"}
 -- NEMO_CUDA_EMU=1: the plugin is the CUDA emulator (tests/cuda_emu, run by tests/sh/test_cuda_emu.sh),

@@ -26,7 +26,8 @@ typedef struct nemo_cuda_plugin {
     int (*event_synchronize)(void *e);
     int (*event_elapsed)(void *start, void *end, float *ms);
     int (*memcpy_async)(void *dst, const void *src, size_t nbytes, int kind, int dev);
+    int (*device_info)(int dev, nemo_cuda_device_info *out);
 } nemo_cuda_plugin;
 const nemo_cuda_plugin *nemo_cuda_plugin_get(void);
 ]]
-return {ABI = 3}
+return {ABI = 4}

@@ -71,6 +71,8 @@ if not expect_gpu then
     T.raises(function() cuda.synchronize(0) end, "no CUDA device", "cuda.synchronize(0) raises 'no CUDA device'")
     T.raises(cuda.current_device, "no CUDA device", "cuda.current_device() raises 'no CUDA device'")
     T.raises(function() cuda.set_device(0) end, "no CUDA device", "cuda.set_device(0) raises 'no CUDA device'")
+    T.raises(function() cuda.get_device_properties(0) end, "no CUDA device",
+             "cuda.get_device_properties(0) raises 'no CUDA device'")
 
     local st = cuda.memory_stats()
     T.ok(st.current == 0 and st.peak == 0 and st.cached == 0,
@@ -95,6 +97,11 @@ else
     local back = z:to{device = "cpu"}
     T.is(back:tolist()[7][33], 0, "zeros copied back to cpu read 0")
     T.raises(function() cuda.synchronize(n) end, "does not exist", "cuda.synchronize(" .. n .. ") names a missing device")
+    local p = cuda.get_device_properties(0)
+    T.ok(type(p.name) == "string" and #p.name > 0 and cuda.get_device_name() == p.name and type(p.emulated) == "boolean",
+         "cuda.get_device_properties(0) / get_device_name(): " .. tostring(p.name))
+    T.raises(function() cuda.get_device_properties(n) end, "does not exist",
+             "cuda.get_device_properties(" .. n .. ") names a missing device")
 end
 
 T.raises(function() cuda.memory_stats("cpu") end, "expected a CUDA device", "cuda.memory_stats('cpu') is a usage error")

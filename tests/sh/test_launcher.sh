@@ -51,6 +51,26 @@ is "$RC" 0 "-h exits 0"
 like "$OUT" "^usage: nemo-lua \[options\]" "-h prints the usage"
 run "" "$N" --help
 like "$OUT" "--nproc-per-node" "--help lists --nproc-per-node"
+like "$OUT" "--info" "--help lists --info"
+
+# ==== --info: what nemo-lua finds here ====
+run "" "$N" --info
+is "$RC" 0 "--info exits 0"
+like "$OUT" "^nemo-lua   $VERSION " "--info starts with the version"
+like "$OUT" "libnemo    /.*libnemo\.so \(ABI [0-9]+\)" "--info names the libnemo it loaded and its ABI"
+like "$OUT" "CPU        [0-9]+ threads" "--info gives the CPU threads"
+like "$OUT" "CUDA       (no device: .+|[0-9]+ devices?;)" "--info says whether CUDA has devices, or why not"
+like "$OUT" "MPI        (available|not available: .+)" "--info says whether MPI is linked"
+like "$OUT" "launcher   none \(one process" "--info outside a launcher: one process"
+run "" env NEMO_FAKE_CUDA=2 "$N" --info
+like "$OUT" "CUDA       2 devices; emulated" "--info with 2 emulated devices: the count"
+like "$OUT" "  cuda:1  emulated CUDA device" "--info lists each device"
+run "" env OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_RANK=2 OMPI_COMM_WORLD_LOCAL_RANK=0 OMPI_COMM_WORLD_LOCAL_SIZE=2 \
+    "$N" --info
+like "$OUT" "launcher   openmpi: rank 2 of 4, local rank 0 of 2" "--info under mpirun: the rank it was given"
+run "" "$N" --info -e 'print("after")'
+like "$OUT" "after$" "--info, then -e runs"
+
 run "" "$N" -x
 is "$RC" 2 "an unknown option exits 2"
 like "$ERR" "^nemo-lua: unrecognized option '-x'" "an unknown option is named"
