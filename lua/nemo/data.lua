@@ -71,6 +71,26 @@ M.Dataset = Dataset
 
 local function derr(path, msg) error(string.format("data: %s: %s", path, msg), 0) end
 
+-- The buckets of a sample list: {key, dims, indices (1-based, in list order), pixels}, smallest
+-- first (pixels, then key).
+local function group_buckets(samples)
+    local groups, buckets = {}, {}
+    for i, s in ipairs(samples) do
+        local g = groups[s.bucket]
+        if not g then
+            g = {key = s.bucket, dims = s.dims, indices = {}}
+            groups[s.bucket] = g
+            local px = 1
+            for _, v in ipairs(s.dims) do px = px * v end
+            g.pixels = px
+            buckets[#buckets + 1] = g
+        end
+        g.indices[#g.indices + 1] = i
+    end
+    table.sort(buckets, function(a, b) if a.pixels ~= b.pixels then return a.pixels < b.pixels end return a.key < b.key end)
+    return buckets
+end
+
 -- Dataset(path[, {model_type = "flux"|"wan"|..., validate = true}])
 -- Reads <path>/index.json, opens every shard and checks every sample's tensors against the
 -- index (presence, shape, dtype, text width) so a broken cache fails here, naming the file and
@@ -179,25 +199,11 @@ function Dataset:_open(path, opts)
         end
         if not is_posint(s.text_len) then derr(index_path, where .. ": text_len must be a positive integer") end
         if s.caption ~= nil and type(s.caption) ~= "string" then derr(index_path, where .. ": caption must be a string") end
-        local key = bucket_key(s.bucket)
-        samples[i] = {id = s.id, shard = s.shard, bucket = key, dims = s.bucket, text_len = s.text_len,
-                      caption = s.caption or ""}
-        local g = groups[key]
-        if not g then g = {key = key, dims = s.bucket, indices = {}}; groups[key] = g end
-        g.indices[#g.indices + 1] = i
+        samples[i] = {id = s.id, shard = s.shard, bucket = bucket_key(s.bucket), dims = s.bucket,
+                      text_len = s.text_len, caption = s.caption or ""}
     end
     self.samples, self._ids = samples, ids
-
-    -- buckets, smallest first (pixels, then key)
-    local buckets = {}
-    for _, g in pairs(groups) do
-        local px = 1
-        for _, v in ipairs(g.dims) do px = px * v end
-        g.pixels = px
-        buckets[#buckets + 1] = g
-    end
-    table.sort(buckets, function(a, b) if a.pixels ~= b.pixels then return a.pixels < b.pixels end return a.key < b.key end)
-    self.buckets = buckets
+    self.buckets = group_buckets(samples)
 
     if opts.validate ~= false then self:_validate() end
 end
@@ -282,6 +288,41 @@ function Dataset:get(i)
         text_embeddings = h:get_tensor(s.id .. ".text_embeddings"),
         pooled = h:has(pk) and h:get_tensor(pk) or nil,
     }
+end
+
+-- subset(indices) -> a Dataset of these samples (1-based indices of this one, in this order),
+-- sharing this one's open shards; its parent_indices are the indices given.
+function Dataset:subset(indices)
+    local sub = setmetatable({}, getmetatable(self))
+    for k, v in pairs(self) do sub[k] = v end
+    local samples, ids = {}, {}
+    for j, i in ipairs(indices) do
+        local s = self.samples[i]
+        if not s then error(string.format("Dataset:subset: index %s out of range [1, %d]", tostring(i), #self.samples), 2) end
+        samples[j] = s
+        ids[s.id] = j
+    end
+    sub.samples, sub._ids, sub.buckets, sub.parent_indices = samples, ids, group_buckets(samples), indices
+    return sub
+end
+
+-- holdout(n, seed) -> held, rest: n samples picked by a shuffle of Generator(seed) (a function of
+-- the cache and the seed only) and the others, as two subsets in index order.
+function Dataset:holdout(n, seed)
+    local total = #self.samples
+    if type(n) ~= "number" or n < 1 or n % 1 ~= 0 or n >= total then
+        error(string.format("holdout must be an integer in [1, %d] (the cache %s holds %d samples and training " ..
+            "needs some), got %s", total - 1, self.path, total, tostring(n)), 2)
+    end
+    local order = {}
+    for i = 1, total do order[i] = i end
+    M._shuffle(order, Tensor.Generator(seed))   -- (defined below)
+    local held, is_held, rest = {}, {}, {}
+    for i = 1, n do is_held[order[i]] = true end
+    for i = 1, total do
+        if is_held[i] then held[#held + 1] = i else rest[#rest + 1] = i end
+    end
+    return self:subset(held), self:subset(rest)
 end
 
 -- The 1-based index of a sample id, or nil.

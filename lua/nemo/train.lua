@@ -651,7 +651,14 @@ function M.validate(cfg)
     end
     local vc = cfg.validation
     if vc and vc.enabled ~= false then
-        for _, k in ipairs { "every_steps", "num_sigmas", "max_samples", "batch_size" } do
+        if vc.holdout ~= nil and vc.cache_dir ~= nil then
+            cfg_error("validation: give cache_dir (a validation cache) or holdout (samples of the training cache), not both")
+        end
+        if vc.holdout ~= nil and demo_kind(cfg) == nil and DATALOADER_TARGETS[cfg.data.dataloader._target_ or
+            "nemo.data.build_dataloader"] == "mock" then
+            cfg_error("validation.holdout needs a latent cache (data.dataloader.cache_dir), not the mock dataloader")
+        end
+        for _, k in ipairs { "every_steps", "num_sigmas", "max_samples", "batch_size", "holdout" } do
             if vc[k] ~= nil and not is_posint(vc[k]) then
                 cfg_error(string.format("validation.%s must be a positive integer, got %s", k, tostring(vc[k])))
             end
@@ -841,11 +848,25 @@ local function build_data(cfg, bm, dp_rank, seed, device)
         cfg_error("data.dataloader.cache_dir: no folder at '" .. dir .. "'" ..
             (fs.exists(dir) and " (it is a file; a latent cache is a folder holding index.json and shards)" or ""))
     end
-    local ok, loader = pcall(data.build_dataloader, {cache_dir = dir, model_type = dl.model_type, batch_size = bm.local_bs,
-        seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank,
-        dp_size = bm.dp_size, device = device, pin_memory = dl.pin_memory})
-    if not ok then raise("data.dataloader.cache_dir: ", loader) end
-    return loader
+    local vc = cfg.validation
+    local holdout = vc and vc.enabled ~= false and vc.holdout
+    if not holdout then
+        local ok, loader = pcall(data.build_dataloader, {cache_dir = dir, model_type = dl.model_type,
+            batch_size = bm.local_bs, seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false,
+            dp_rank = dp_rank, dp_size = bm.dp_size, device = device, pin_memory = dl.pin_memory})
+        if not ok then raise("data.dataloader.cache_dir: ", loader) end
+        return loader
+    end
+    -- validation.holdout: samples of the training cache set aside (validation.seed picks them)
+    local ok, ds = pcall(data.Dataset, dir, {model_type = dl.model_type})
+    if not ok then raise("data.dataloader.cache_dir: ", ds) end
+    local hok, held, rest = pcall(ds.holdout, ds, holdout, vc.seed or 0)
+    if not hok then cfg_error("validation." .. strip_pos(held)) end
+    local lok, loader = pcall(data.DataLoader, rest, {batch_size = bm.local_bs, seed = seed,
+        shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank, dp_size = bm.dp_size,
+        device = device, pin_memory = dl.pin_memory})
+    if not lok then raise("data.dataloader.cache_dir (without the validation.holdout samples): ", loader) end
+    return loader, held
 end
 
 local function class_name(model) return (tostring(model.__name or "?"):match("([^%.]+)$")) end
@@ -1004,7 +1025,9 @@ function M._build_sampler(o)
             if type(p) ~= "string" then error(string.format("prompts[%d] must be a string, got %s", i, type(p)), 0) end
         end
     end
-    if sc.num_samples and not o.val_ds then error("num_samples needs validation.cache_dir (their embeddings)", 0) end
+    if sc.num_samples and not o.val_ds then
+        error("num_samples needs validation.cache_dir or validation.holdout (their embeddings)", 0)
+    end
     local gs = sc.guidance_scale or (kind == "image" and sampling.FLUX_DEFAULTS.guidance_scale or
         sampling.WAN_DEFAULTS.guidance_scale)
     local cfg_on = kind == "video" and gs > 1
@@ -1151,15 +1174,16 @@ local function run(cfg, opts)
     end
 
     -- data (before the model: a missing or broken cache is reported before a large model loads)
-    local loader = build_data(cfg, bm, dp_rank, seed, device)
+    local loader, held = build_data(cfg, bm, dp_rank, seed, device)
     local vcfg = cfg.validation and cfg.validation.enabled ~= false and cfg.validation or nil
     local val_ds, val_every
     if vcfg then
         local sc = vcfg.sampling
-        if not vcfg.cache_dir and not (sc and sc.prompts) then
+        if not vcfg.cache_dir and not vcfg.holdout and not (sc and sc.prompts) then
             cfg_error("validation.cache_dir is required: a latent cache of held-out samples (the format of " ..
-                "data.dataloader.cache_dir; the training cache itself gives a fixed-noise training loss), unless " ..
-                "validation.sampling.prompts alone is wanted")
+                "data.dataloader.cache_dir; the training cache itself gives a fixed-noise training loss), or " ..
+                "validation.holdout: N samples of the training cache set aside, unless validation.sampling.prompts " ..
+                "alone is wanted")
         end
         val_every = vcfg.every_steps or ss.val_every_steps or ss.ckpt_every_steps or 100
         if vcfg.cache_dir then
@@ -1168,6 +1192,7 @@ local function run(cfg, opts)
             if not dok then raise("validation.cache_dir: ", ds) end
             val_ds = ds
         end
+        val_ds = val_ds or held
     end
     local batches_per_epoch = loader:len()
     if batches_per_epoch < 1 then error("data: the dataloader yields no batch (empty dataset)", 0) end
@@ -1243,7 +1268,7 @@ local function run(cfg, opts)
     check_data_fits(model, loader, fm, cfg.data.dataloader.cache_dir or "mock data")
     local validator
     if val_ds then
-        check_data_fits(model, {dataset = val_ds}, fm, vcfg.cache_dir .. " (validation)")
+        check_data_fits(model, {dataset = val_ds}, fm, (vcfg.cache_dir or "held out") .. " (validation)")
         local V = require "nemo.validation"
         local vok, v = pcall(function()
             return V.Validator {dataset = val_ds, fm = fm, sigmas = V.sigmas(vcfg, fm), seed = vcfg.seed or 0,
@@ -1573,7 +1598,8 @@ local function run(cfg, opts)
     end
     if validator then
         log(string.format("validation: %d samples of %s at sigmas %s, every %d steps", validator.samples,
-            vcfg.cache_dir, table.concat(validator.sigmas, ", "), val_every))
+            vcfg.cache_dir or (cfg.data.dataloader.cache_dir .. " (held out: not trained on)"),
+            table.concat(validator.sigmas, ", "), val_every))
     end
     if sampler then
         log(string.format("validation samples: %d %s%s of %dx%d%s, %d steps, guidance %g, every %d steps, in %s",

@@ -31,7 +31,7 @@ local M = {}
 -- the `validation:` block's keys and their types (the recipe checks them; docs/training.md)
 M.KEYS = {enabled = "boolean", cache_dir = "string", every_steps = "number", sigmas = "table",
           num_sigmas = "number", max_samples = "number", batch_size = "number", seed = "number",
-          at_start = "boolean", ema = "boolean"}   -- and sampling = M.SAMPLING_KEYS (below)
+          at_start = "boolean", ema = "boolean", holdout = "number"}   -- and sampling = M.SAMPLING_KEYS (below)
 
 local function is_posint(v) return type(v) == "number" and v >= 1 and v % 1 == 0 end
 

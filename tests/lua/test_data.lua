@@ -410,5 +410,42 @@ else
     if not ok then T.ok(false, "synthetic learnability run", err) end
 end
 
+-- ==== holdout: a validation split of one cache ====
+do
+    local ds = data.Dataset(flux_dir)
+    local held, rest = ds:holdout(5, 11)
+    local seen, ids_ok = {}, true
+    for i = 1, held:len() do seen[held:get(i).id] = "held" end
+    for i = 1, rest:len() do
+        local id = rest:get(i).id
+        if seen[id] then ids_ok = false end
+        seen[id] = "rest"
+    end
+    local n = 0
+    for _ in pairs(seen) do n = n + 1 end
+    T.ok(held:len() == 5 and rest:len() == 21 and ids_ok and n == 26, "holdout(5): 5 held and 21 other samples, " ..
+        "disjoint, together the whole cache")
+    local h2 = ds:holdout(5, 11)
+    local h3 = ds:holdout(5, 12)
+    T.ok(table.concat(h2.parent_indices, ",") == table.concat(held.parent_indices, ",") and
+         table.concat(h3.parent_indices, ",") ~= table.concat(held.parent_indices, ","),
+        "holdout: the same seed picks the same samples; another seed others", table.concat(held.parent_indices, ","))
+    local bn = 0
+    for _, b in ipairs(rest.buckets) do bn = bn + #b.indices end
+    T.ok(bn == 21 and #rest.buckets == 2 and rest:get(rest.buckets[2].indices[1]).latents.shape[3] == 24,
+        "the rest's buckets index the rest (16x16 and 16x24)")
+    local dl = data.DataLoader(rest, {batch_size = 2, seed = 0, drop_last = false})
+    local got = 0
+    for b in dl:iter() do
+        for _, id in ipairs(b.ids) do
+            if seen[id] ~= "rest" then got = math.huge end
+            got = got + 1
+        end
+    end
+    T.ok(got >= 21 and got < math.huge, "a DataLoader over the rest never yields a held-out sample", tostring(got))
+    T.raises(function() ds:holdout(26, 0) end, "holdout must be an integer in %[1, 25%]", "holding out every sample " ..
+        "is an error")
+end
+
 fs.remove_tree(base)
 T.done()

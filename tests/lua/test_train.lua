@@ -1011,12 +1011,33 @@ do
          se.val[5].ema.loss ~= se.val[5].loss, "validation.ema: the averages' loss (== the reference on the " ..
          "export, which holds them; rtol 1e-6) beside the weights'", string.format("ema %s ref %g weights %s",
          tostring(se.val[5] and se.val[5].ema and se.val[5].ema.loss), re, tostring(se.val[5] and se.val[5].loss)))
+    -- holdout: validation samples set aside from the training cache
+    local H = tmp .. "/val_holdout"
+    local hlog = {}
+    local sh = run(tiny(H, {["validation.holdout"] = 4, ["validation.every_steps"] = 4}),
+        {log = function(m) hlog[#hlog + 1] = m end})
+    local hcfg = tiny(H)
+    local _, hcache = train.demo_paths(hcfg)
+    local hheld = data.Dataset(hcache):holdout(4, 0)
+    local saved_vds = vds
+    vds = hheld
+    local rh = ref_val(Flux.from_pretrained(H .. "/epoch_1_step_9/diffusers/transformer"), vcfg.flow_matching,
+        {0.1, 0.3, 0.5, 0.7, 0.9}, 0)
+    vds = saved_vds
+    local htxt = table.concat(hlog, "\n")
+    T.ok(sh.val[9] and math.abs(sh.val[9].loss - rh) <= 1e-6 * rh and htxt:find("validation: 4 samples of .*held out") and
+         htxt:find("epochs? of 6 steps"), "validation.holdout 4: the loss of the 4 samples Dataset:holdout(4, seed 0) " ..
+         "picks (rtol 1e-6), and training sees the other 12 (6 batches an epoch)", htxt:match("training [^\n]*"))
     -- bad input
     local function verr(over, pat, name)
         local c = tiny(tmp .. "/val_bad", over)
         T.raises(function() run(c) end, pat, name)
     end
     verr({["validation.every_steps"] = 4}, "validation.cache_dir is required", "validation without cache_dir")
+    verr({["validation.holdout"] = 2, ["validation.cache_dir"] = VC}, "give cache_dir %(a validation cache%) or " ..
+        "holdout", "validation.holdout with cache_dir")
+    verr({["validation.holdout"] = 16}, "validation.holdout must be an integer in %[1, 15%]", "holding out the " ..
+        "whole training cache")
     verr({["validation.cache_dir"] = tmp .. "/nope"}, "validation.cache_dir: .*does not exist",
         "validation.cache_dir that does not exist")
     verr({["validation.cache_dir"] = VC, ["validation.sigmas"] = {0.5, 1.5}}, "validation.sigmas%[2%] must be a " ..
