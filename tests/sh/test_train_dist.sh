@@ -382,6 +382,15 @@ val_eq "validation, fsdp2 2 ranks x batch 4 (5 samples: 3 + 2 and a padding repe
     --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
 val_eq "validation, fsdp2 cp 2 x dp 2, 4 ranks" 4 valcp val1 "${VAL[@]}" --fsdp.cp_size 2 --fsdp.dp_size 2 \
     --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+HOLD=(--validation.holdout 5 --validation.every_steps 2 --validation.num_sigmas 2 --step_scheduler.global_batch_size 8)
+train 1 0 hold1 "${HOLD[@]}" --step_scheduler.local_batch_size 8
+val_eq "validation.holdout (5 samples of the training cache), fsdp2 2 ranks x batch 4" 2 hold2 hold1 "${HOLD[@]}" \
+    --fsdp.dp_size 2 --step_scheduler.local_batch_size 4
+if [ "$(losses hold2)" = "$(losses hold1)" ] || close "$(losses hold2)" "$(losses hold1)" 1e-6; then
+    pass "validation.holdout on 2 ranks: the training losses equal one process's (both train on the same rest)"
+else
+    fail "validation.holdout: training losses on 2 ranks" "$(losses hold2)" "$(losses hold1)"
+fi
 train 1 0 valema1 "${VAL[@]}" "${EMA[@]}" --validation.ema true --step_scheduler.local_batch_size 8
 if [ "$RC" = 0 ] && [ "$(vals valema1 | wc -l)" = 6 ]; then pass "validation.ema reference: 1 process, the weights' and the averages' losses"
 else fail "validation.ema reference run" "exit $RC" "$(vals valema1)" "$ERR"; fi
