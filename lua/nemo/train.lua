@@ -644,7 +644,7 @@ function M.validate(cfg)
         cfg_error("logging.log_every must be a positive integer, got " .. tostring(lg.log_every))
     end
     M.preemption_signals(ss.preemption_signal)
-    for _, k in ipairs { "val_every_steps" } do
+    for _, k in ipairs { "val_every_steps", "loss_average_window_steps" } do
         if ss[k] ~= nil and not is_posint(ss[k]) then
             cfg_error(string.format("step_scheduler.%s must be a positive integer, got %s", k, tostring(ss[k])))
         end
@@ -1439,6 +1439,18 @@ local function run(cfg, opts)
         truncate_metrics(metrics_path, step)
         metrics = assert(io.open(metrics_path, "a"))
     end
+    -- loss_avg: the mean loss of the last loss_average_window_steps steps [50] (Automodel's key); a
+    -- resumed run refills the window from metrics.jsonl, so the values are the uninterrupted run's
+    local window, recent_losses = ss.loss_average_window_steps or 50, {}
+    if main and step > 0 and fs.isfile(metrics_path) then
+        for l in io.lines(metrics_path) do
+            local ok, m = pcall(json.decode, l)
+            if ok and type(m) == "table" and type(m.loss) == "number" and m.step and m.step < step then
+                recent_losses[#recent_losses + 1] = m.loss
+                if #recent_losses > window then table.remove(recent_losses, 1) end
+            end
+        end
+    end
     local log_every = (cfg.logging and cfg.logging.log_every) or ss.log_remote_every_steps or 1
     local progress = opts.progress
     if progress == nil and cfg.logging and cfg.logging.progress ~= nil then progress = cfg.logging.progress end
@@ -1700,7 +1712,13 @@ local function run(cfg, opts)
             recent[#recent + 1] = dt
             if #recent > 20 then table.remove(recent, 1) end
             local mem = nemo.memory_stats(device)
-            metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, lr = lr, grad_norm = grad_norm,
+            recent_losses[#recent_losses + 1] = mean_loss
+            if #recent_losses > window then table.remove(recent_losses, 1) end
+            local loss_avg = 0
+            for _, v in ipairs(recent_losses) do loss_avg = loss_avg + v end
+            loss_avg = loss_avg / #recent_losses
+            metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, loss_avg = loss_avg, lr = lr,
+                grad_norm = grad_norm,
                 step_time = dt, samples_per_sec = (#micro * bm.local_bs * dp_size) / dt,
                 peak_memory_gb = mem.peak / 2^30, ema_decay = ema and ema.model.cur_decay_value or nil}), "\n")
             metrics:flush()

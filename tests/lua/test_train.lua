@@ -1059,6 +1059,33 @@ do
         "fit the model")
 end
 
+-- ==== loss_avg: the rolling mean of the last loss_average_window_steps losses ====
+do
+    local function avgs(dir)
+        local out = {}
+        for _, m in ipairs(read_metrics(dir .. "/metrics.jsonl")) do
+            if m.loss_avg then out[m.step] = {m.loss, m.loss_avg} end
+        end
+        return out
+    end
+    local A = tmp .. "/lossavg"
+    run(tiny(A, {["step_scheduler.loss_average_window_steps"] = 3}))
+    local a = avgs(A)
+    local ok = a[9] ~= nil
+    for k = 0, 9 do
+        local lo, sum = math.max(0, k - 2), 0
+        for j = lo, k do sum = sum + a[j][1] end
+        ok = ok and math.abs(a[k][2] - sum / (k - lo + 1)) <= 1e-15
+    end
+    T.ok(ok, "metrics.jsonl loss_avg: the mean of the last loss_average_window_steps (3) losses (1e-15)")
+    local B = tmp .. "/lossavg_stop"
+    run(tiny(B, {["step_scheduler.loss_average_window_steps"] = 3}), {stop_after = 5})
+    run(tiny(B, {["step_scheduler.loss_average_window_steps"] = 3}))
+    local b, same = avgs(B), true
+    for k = 0, 9 do same = same and b[k] and b[k][2] == a[k][2] end
+    T.ok(same, "loss_avg after stop and resume equals the uninterrupted run's (the window refilled from metrics.jsonl)")
+end
+
 -- ==== preemption: a signal ends the run after the step with a checkpoint ====
 do
     local ffi = require "ffi"
