@@ -437,4 +437,73 @@ function M.load_weights(path, model)
     return dir
 end
 
+-- export(path, {out =, model = nil, ema = false, force = false, log = nil}) -> out: a training
+-- checkpoint as a diffusers pipeline folder, as the recipe's final export writes it (the
+-- transformer, and the source pipeline's other components carried over). path: a checkpoint,
+-- a checkpoint_dir (its newest), or a LATEST / LOWEST_VAL file. The source pipeline is the run's
+-- model.pretrained_model_name_or_path (from the checkpoint's config.yaml) unless model = is given;
+-- pretrain runs rebuild it with from_config. ema = true exports the averages (ema/). A LoRA
+-- checkpoint's adapter is merged into the source weights. out must not exist unless force (the
+-- folder is then replaced only once the new one is complete).
+function M.export(path, o)
+    o = o or {}
+    local log = o.log or function() end
+    if type(o.out) ~= "string" or o.out == "" then error("checkpoint.export: out (a folder) is required", 2) end
+    local dir = M.resolve(path)
+    if not dir then error("checkpoint.export: '" .. tostring(path) .. "' names no checkpoint", 2) end
+    if fs.exists(o.out) and not o.force then
+        error("checkpoint.export: " .. o.out .. " exists (pass force = true / --force to replace it)", 2)
+    end
+    local okc, cfg = pcall(json.read_file, dir .. "/config.yaml")
+    if not okc or type(cfg) ~= "table" or type(cfg.model) ~= "table" then
+        error("checkpoint.export: " .. dir .. "/config.yaml does not hold the run's config", 2)
+    end
+    local mcfg = cfg.model
+    local base = o.model or mcfg.pretrained_model_name_or_path
+    if type(base) ~= "string" then error("checkpoint.export: the run's config names no model (pass model =)", 2) end
+    local src = o.ema and dir .. "/ema" or dir
+    if o.ema and not fs.isfile(src .. "/state.json") then
+        error("checkpoint.export: " .. dir .. " has no EMA weights (ema/): the run had no ema block", 2)
+    end
+    local dtype = mcfg.torch_dtype
+    if dtype ~= nil then dtype = require("nemo.train").dtype_name(dtype, "model.torch_dtype") end
+    local stage = mcfg.stage ~= json.null and mcfg.stage or nil
+    local pipeline = require "nemo.pipeline"
+    local ok, pipe = pcall(function()
+        if (mcfg.mode or "finetune") == "pretrain" then
+            return pipeline.NeMoAutoDiffusionPipeline.from_config(base, mcfg.pipeline_spec,
+                {torch_dtype = dtype or "bfloat16", device = "cpu", enable_gradient_checkpointing = false})
+        end
+        return pipeline.NeMoAutoDiffusionPipeline.from_pretrained(base, {torch_dtype = dtype or "bfloat16",
+            device = "cpu", components_to_load = {"transformer"}, enable_gradient_checkpointing = false,
+            active_transformer = stage and (stage == "low_noise" and "transformer_2" or "transformer") or nil})
+    end)
+    if not ok then error("checkpoint.export: the source pipeline " .. base .. ": " .. tostring(pipe), 2) end
+    local model = pipe.transformer
+    local adapter = o.ema and src or src .. "/model"
+    local lok, lerr = pcall(function()
+        if fs.isfile(adapter .. "/adapter_model.safetensors") then
+            local peft = require "nemo.peft"
+            peft.load_adapter(model, adapter)
+            local n = peft.merge(model)
+            log(string.format("merged the LoRA adapter of %s (%d layers) into %s's weights", adapter, n, base))
+        else
+            local weights
+            if fs.isfile(src .. "/model/model.safetensors") then weights = st().load_file(src .. "/model/model.safetensors")
+            elseif has_shards(src, "model") then weights = require("nemo.parallel.fsdp2").load_full(src)
+            else error("no model/model.safetensors and no model shards in " .. src, 0) end
+            model:load_state_dict(weights, {strict = true})
+        end
+    end)
+    if not lok then error("checkpoint.export: " .. dir .. ": " .. tostring(lerr), 2) end
+    local tmp = o.out .. ".export-tmp"
+    if fs.exists(tmp) then fs.remove_tree(tmp) end
+    pipe:save_pretrained(tmp)
+    if fs.exists(o.out) then fs.remove_tree(o.out) end
+    fs.rename(tmp, o.out)
+    log(string.format("exported %s%s to %s (a diffusers pipeline folder)", dir, o.ema and " (the EMA weights)" or "",
+        o.out))
+    return o.out
+end
+
 return M

@@ -1265,6 +1265,55 @@ do
         "the vae, scheduler samples need", "validation.sampling with a pipeline without a VAE")
 end
 
+-- ==== tools/export_checkpoint.lua: a checkpoint as a diffusers folder ====
+do
+    local function sd_diff(a, b)   -- the largest difference between two state dicts (inf when keys differ)
+        local worst, n = 0, 0
+        for k, v in pairs(a) do
+            n = n + 1
+            worst = b[k] and math.max(worst, (T.maxdiff(v, b[k]))) or math.huge
+        end
+        for k in pairs(b) do if not a[k] then worst = math.huge end end
+        return worst, n
+    end
+    local function exported(dir) return nemo.load_file(dir .. "/transformer/diffusion_pytorch_model.safetensors") end
+    -- LOWEST_VAL of the validation run: the checkpoint's weights, with the source pipeline's parts
+    local X1 = tmp .. "/export_lowest"
+    local out, rc = sh(env .. "./nemo-lua tools/export_checkpoint.lua --checkpoint " .. tmp .. "/val_lowest/LOWEST_VAL" ..
+        " --out " .. X1)
+    local lowest = checkpoint.read_latest(tmp .. "/val_lowest", "LOWEST_VAL")
+    local d1, n1 = sd_diff(exported(X1), nemo.load_file(tmp .. "/val_lowest/" .. lowest .. "/model/model.safetensors"))
+    T.ok(rc == 0 and d1 == 0 and n1 > 0 and fs.isfile(X1 .. "/model_index.json") and
+         Flux.from_pretrained(X1 .. "/transformer") ~= nil, string.format("export_checkpoint of LOWEST_VAL (%s): " ..
+         "the checkpoint's %d tensors exactly, in a diffusers folder that loads", tostring(lowest), n1), out)
+    -- --ema: the averages, as the recipe's final export (which holds them) writes them
+    local X2 = tmp .. "/export_ema"
+    out, rc = sh(env .. "./nemo-lua tools/export_checkpoint.lua --ema --checkpoint " .. tmp .. "/ema --out " .. X2)
+    T.ok(rc == 0 and file_eq(X2 .. "/transformer/diffusion_pytorch_model.safetensors", tmp ..
+        "/ema/epoch_0_step_5/diffusers/transformer/diffusion_pytorch_model.safetensors"), "export_checkpoint --ema " ..
+        "of a checkpoint_dir (its newest): the recipe's own export of the averages, byte for byte", out)
+    -- a LoRA checkpoint: the adapter merged into the source weights
+    local X3 = tmp .. "/export_lora"
+    out, rc = sh(env .. "./nemo-lua tools/export_checkpoint.lua --checkpoint " .. tmp .. "/ema_lora/epoch_0_step_5" ..
+        " --out " .. X3)
+    local peft = require "nemo.peft"
+    local demo_model = train.demo_paths(tiny(tmp .. "/unused_x"))   -- the LoRA run's source pipeline
+    local ref = Flux.from_pretrained(demo_model .. "/transformer")
+    peft.load_adapter(ref, tmp .. "/ema_lora/epoch_0_step_5/model")
+    peft.merge(ref)
+    local d3, n3 = sd_diff(exported(X3), ref:state_dict())
+    T.ok(rc == 0 and d3 == 0 and n3 > 0 and out:find("merged the LoRA adapter", 1, true), "export_checkpoint of a " ..
+        "LoRA checkpoint: the source weights with the adapter merged (peft.merge), exactly", out)
+    out, rc = sh(env .. "./nemo-lua tools/export_checkpoint.lua --checkpoint " .. tmp .. "/val_lowest --out " .. X1)
+    T.ok(rc ~= 0 and out:find(X1 .. " exists", 1, true) and fs.isfile(X1 .. "/model_index.json") and
+         sd_diff(exported(X1), nemo.load_file(tmp .. "/val_lowest/" .. lowest .. "/model/model.safetensors")) == 0,
+        "export_checkpoint into an existing folder: an error, the folder untouched", out)
+    out, rc = sh(env .. "./nemo-lua tools/export_checkpoint.lua --ema --checkpoint " .. tmp .. "/val_lowest --out " ..
+        tmp .. "/export_noema")
+    T.ok(rc ~= 0 and out:find("has no EMA weights", 1, true) and not fs.exists(tmp .. "/export_noema"),
+        "export_checkpoint --ema of a run without ema: an error, nothing written", out)
+end
+
 -- ==== flux_pretrain with a tiny transformer config folder ====
 
 local tf = tmp .. "/tiny_flux"

@@ -325,6 +325,14 @@ if [ "$RC" = 0 ] && [[ "$C" =~ ^[1-9][0-9]*[[:space:]]0$ ]]; then
 else
     fail "Wan tp 2: the consolidated export is whole" "exit $RC" "$C" "$ERR"
 fi
+# tools/export_checkpoint.lua on the tp 2 shards: the recipe's own consolidated export, byte for byte
+XO=$("$N" tools/export_checkpoint.lua --checkpoint "$T/wtp2/epoch_0_step_3" --out "$T/wtp2x" 2>&1)
+if cmp -s "$T/wtp2x/transformer/diffusion_pytorch_model.safetensors" \
+          "$T/wtpexp/epoch_0_step_3/diffusers/transformer/diffusion_pytorch_model.safetensors"; then
+    pass "export_checkpoint of a tp 2 checkpoint (shard pieces): the recipe's consolidated export, byte for byte"
+else
+    fail "export_checkpoint of tp shards" "$XO"
+fi
 train 2 0 wtpddp --ddp.dp_size 1 --ddp.tp_size 2 "${WB[@]}"
 if [ "$RC" != 0 ] && grep -q "unknown key 'ddp.tp_size'" <<< "$ERR"; then
     pass "ddp.tp_size is an error (not a ddp key: tensor parallelism runs under FSDP2, as in Automodel)"
