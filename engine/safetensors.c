@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -899,5 +900,94 @@ fail:
     free(h.p);
     free(order);
     free(byname);
+    return rc;
+}
+
+/* ==== background saves (checkpoint.is_async) ==== */
+
+struct nemo_st_job {
+    pthread_t thread;
+    char *path, *meta;
+    int n;
+    char **names;
+    nemo_tensor **copies;
+    int rc;
+    char err[1024];
+};
+
+static void *st_job_run(void *arg) {
+    nemo_st_job *j = arg;
+    j->rc = nemo_st_save(j->path, j->n, (const char *const *)j->names, j->copies, j->meta);
+    if (j->rc < 0) {
+        snprintf(j->err, sizeof j->err, "%s", nemo_last_error());
+        char *pos = strrchr(j->err, '(');   /* drop the " (file.c:N)" the wait adds again */
+        if (pos && pos > j->err && pos[-1] == ' ' && strchr(pos, ')')) pos[-1] = 0;
+    }
+    return NULL;
+}
+
+static void st_job_free(nemo_st_job *j) {
+    if (!j) return;
+    for (int i = 0; i < j->n; i++) {
+        if (j->names) free(j->names[i]);
+        if (j->copies) nemo_tensor_release(j->copies[i]);
+    }
+    free(j->names);
+    free(j->copies);
+    free(j->path);
+    free(j->meta);
+    free(j);
+}
+
+NEMO_API nemo_st_job *nemo_st_save_async(const char *path, int n, const char *const *names,
+                                         nemo_tensor *const *tensors, const char *metadata_json) {
+    if (!path || !*path || n < 0 || (n > 0 && (!names || !tensors))) {
+        NEMO_ERR(NEMO_EINVAL, "save_file_async: bad arguments (path '%s', %d tensors)", path ? path : "(null)", n);
+        return NULL;
+    }
+    nemo_st_job *j = calloc(1, sizeof *j);
+    if (!j) { NEMO_ERR(NEMO_ENOMEM, "save_file_async '%s': out of memory", path); return NULL; }
+    j->n = n;
+    j->path = strdup(path);
+    j->meta = metadata_json ? strdup(metadata_json) : NULL;
+    j->names = calloc((size_t)(n ? n : 1), sizeof *j->names);
+    j->copies = calloc((size_t)(n ? n : 1), sizeof *j->copies);
+    if (!j->path || (metadata_json && !j->meta) || !j->names || !j->copies) {
+        NEMO_ERR(NEMO_ENOMEM, "save_file_async '%s': out of memory", path);
+        st_job_free(j);
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        const nemo_tensor *t = tensors[i];
+        if (!names[i] || !t) {
+            NEMO_ERR(NEMO_EINVAL, "save_file_async '%s': name or tensor %d is NULL", path, i);
+            st_job_free(j);
+            return NULL;
+        }
+        j->names[i] = strdup(names[i]);
+        /* a private host copy: a CPU tensor is cloned, a device tensor copied to the host */
+        j->copies[i] = t->storage && t->storage->devtype == NEMO_CPU ? nemo_clone(t)
+                                                                  : nemo_to(t, t->dtype, NEMO_CPU, 0);
+        if (!j->names[i] || !j->copies[i]) {
+            if (!j->names[i]) NEMO_ERR(NEMO_ENOMEM, "save_file_async '%s': out of memory", path);
+            st_job_free(j);
+            return NULL;
+        }
+    }
+    int e = pthread_create(&j->thread, NULL, st_job_run, j);
+    if (e != 0) {
+        NEMO_ERR(NEMO_EIO, "save_file_async '%s': cannot start a thread: %s", path, strerror(e));
+        st_job_free(j);
+        return NULL;
+    }
+    return j;
+}
+
+NEMO_API int nemo_st_job_wait(nemo_st_job *j) {
+    if (!j) return NEMO_ERR(NEMO_EINVAL, "nemo_st_job_wait: no job");
+    pthread_join(j->thread, NULL);
+    int rc = j->rc;
+    if (rc < 0) NEMO_ERR(rc, "%s", j->err);
+    st_job_free(j);
     return rc;
 }

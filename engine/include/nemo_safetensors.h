@@ -48,5 +48,13 @@ NEMO_API const char *nemo_st_metadata(const nemo_st_file *f);
  * existing file untouched (and files mapped from it stay valid). Returns 0 or < 0. */
 NEMO_API int nemo_st_save(const char *path, int n, const char *const *names,
                           nemo_tensor *const *tensors, const char *metadata_json);
+/* nemo_st_save in the background: the tensors are copied now (contiguous host copies: the
+ * caller may change or free them as soon as this returns), and a thread writes the file.
+ * nemo_st_job_wait joins it, frees the copies and returns nemo_st_save's result (its message in
+ * nemo_last_error on failure). NULL (and nemo_last_error) when the copies cannot be made. */
+typedef struct nemo_st_job nemo_st_job;
+NEMO_API nemo_st_job *nemo_st_save_async(const char *path, int n, const char *const *names,
+                                         nemo_tensor *const *tensors, const char *metadata_json);
+NEMO_API int nemo_st_job_wait(nemo_st_job *job);
 
 #endif /* NEMO_SAFETENSORS_H */

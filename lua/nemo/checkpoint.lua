@@ -131,6 +131,23 @@ end
 --            ema/adapter_model.safetensors + adapter_config.json, the averaged adapters)})
 -- -> the checkpoint's folder. Every rank of group calls it. extra writes more into the checkpoint
 -- before it is published (the diffusers export).
+-- publish: tmp becomes root/name (an older folder of that name is moved aside first, never
+-- deleted before the new one is in place), then LATEST (and LOWEST_VAL) name it
+local function publish(root, name, tmp, final, lowest_val)
+    local old
+    if fs.exists(final) then
+        old = final .. ".old.incomplete"
+        if fs.exists(old) then fs.remove_tree(old) end
+        fs.rename(final, old)
+    end
+    fs.rename(tmp, final)
+    fs.sync_dir(root)
+    write_text(root .. "/LATEST", name .. "\n")
+    if lowest_val then write_text(root .. "/LOWEST_VAL", name .. "\n") end
+    fs.sync_dir(root)
+    if old then pcall(fs.remove_tree, old) end
+end
+
 function M.save(root, s)
     local g = s.group
     local multi = g ~= nil and g:size() > 1
@@ -147,9 +164,16 @@ function M.save(root, s)
         fs.mkdirs(tmp .. "/optim")
     end
     if multi then dist.barrier{group = g} end
+    -- s.async: the tensor files are written by background threads from copies taken now
+    -- (safetensors.in_background); the checkpoint is published by M.finish(pending)
+    local jobs = {}
+    local function bg(fn, ...)
+        if not s.async then return fn(...) end
+        for _, j in ipairs(st().in_background(fn, ...)) do jobs[#jobs + 1] = j end
+    end
     -- the parts every rank writes; a failure anywhere stops the job (the caller aborts it)
     local peft = s.peft and require "nemo.peft"
-    if sharded then s.manager:save_sharded(tmp, s.optimizer, {frozen = not s.peft}) end
+    if sharded then bg(s.manager.save_sharded, s.manager, tmp, s.optimizer, {frozen = not s.peft}) end
     if sharded and s.peft then   -- the whole adapters, gathered, for export and inference
         s.manager:summon_full_params(function()
             if main then peft.save_adapter(s.model, tmp .. "/model", s.peft.config, {base = s.peft.base}) end
@@ -158,7 +182,7 @@ function M.save(root, s)
     if s.ema then   -- the averages, saved as the weights are (shards, or one file of the trainable ones)
         if main then fs.mkdirs(tmp .. "/ema/model") end
         if multi then dist.barrier{group = g} end
-        s.ema.model:swap(s.ema.params, function()
+        bg(s.ema.model.swap, s.ema.model, s.ema.params, function()
             if sharded then
                 s.manager:save_sharded(tmp .. "/ema", nil, {frozen = false})
             elseif main then
@@ -175,8 +199,11 @@ function M.save(root, s)
         if main then json.write_file(tmp .. "/ema/state.json", s.ema.model:state()) end
     end
     if s.extra_all then s.extra_all(tmp) end
+    local pending = s.async and {root = root, name = name, final = final, tmp = tmp, jobs = jobs, group = g,
+                                 multi = multi, main = main, lowest_val = s.lowest_val} or nil
     if multi then dist.barrier{group = g} end
     if not main then
+        if pending then return pending end
         dist.barrier{group = g}   -- rank 0 publishes
         return final
     end
@@ -188,7 +215,7 @@ function M.save(root, s)
             local sd, keys = s.model:state_dict()
             local tensors = {}
             if keys then for _, k in ipairs(keys) do tensors[k] = sd[k] end else tensors = sd end
-            st().save_file(tensors, tmp .. "/model/model.safetensors", {format = "pt"})
+            bg(st().save_file, tensors, tmp .. "/model/model.safetensors", {format = "pt"})
         end
         if s.model_config then json.write_file(tmp .. "/model/config.json", s.model_config) end
         -- optimizer
@@ -206,7 +233,7 @@ function M.save(root, s)
             otensors["exp_avg_sq." .. idx] = v.exp_avg_sq
             ostate.steps[tostring(idx)] = v.step
         end
-        if not sharded then st().save_file(otensors, tmp .. "/optim/optim.safetensors", {format = "nemo"}) end
+        if not sharded then bg(st().save_file, otensors, tmp .. "/optim/optim.safetensors", {format = "nemo"}) end
         ostate.sharded = sharded or nil
         ostate.scheduler = s.scheduler and s.scheduler:state_dict() or nil
         json.write_file(tmp .. "/optim/state.json", ostate)
@@ -220,28 +247,33 @@ function M.save(root, s)
         json.write_file(tmp .. "/trainer.json", trainer)
     end)
     if not ok then
+        pcall(st().wait, jobs)
         pcall(fs.remove_tree, tmp)
         error("checkpoint: saving " .. final .. " failed: " .. tostring(err), 2)
     end
-    local function done()
-        if multi then dist.barrier{group = g} end
-        return final
+    if pending then return pending end
+    publish(root, name, tmp, final, s.lowest_val)
+    if multi then dist.barrier{group = g} end
+    return final
+end
+
+-- finish(pending) -> the checkpoint folder: an async save (s.async) completed: every rank's
+-- background writes joined, then rank 0 publishes it (rename, LATEST, LOWEST_VAL). Every rank
+-- calls it. A failed write leaves the folder unpublished (".incomplete") and raises.
+function M.finish(p)
+    local ok, err = pcall(st().wait, p.jobs)
+    local dist = p.multi and require "nemo.dist" or nil
+    if p.multi then   -- whether every rank's writes succeeded
+        local bad = dist.all_reduce_number(ok and 0 or 1, "max", p.group)
+        if bad > 0 and ok then ok, err = false, "another rank's write failed" end
     end
-    -- publish: an older folder of the same name is moved aside first, never deleted before the
-    -- new one is in place
-    local old
-    if fs.exists(final) then
-        old = final .. ".old.incomplete"
-        if fs.exists(old) then fs.remove_tree(old) end
-        fs.rename(final, old)
+    if not ok then
+        if p.main then pcall(fs.remove_tree, p.tmp) end
+        error("checkpoint: saving " .. p.final .. " failed: " .. tostring(err), 2)
     end
-    fs.rename(tmp, final)
-    fs.sync_dir(root)
-    write_text(root .. "/LATEST", name .. "\n")
-    if s.lowest_val then write_text(root .. "/LOWEST_VAL", name .. "\n") end
-    fs.sync_dir(root)
-    if old then pcall(fs.remove_tree, old) end
-    return done()
+    if p.main then publish(p.root, p.name, p.tmp, p.final, p.lowest_val) end
+    if p.multi then dist.barrier{group = p.group} end
+    return p.final
 end
 
 -- prune(root, keep) keeps the `keep` newest complete checkpoints (by step) and the ones LATEST

@@ -18,6 +18,8 @@ local Tensor = require "nemo.tensor"
 local C = nffi.C
 local M = {}
 
+local async_jobs   -- the jobs of the running M.in_background (nil outside one)
+
 local function raise(level)
     error(ffi.string(C.nemo_last_error()), level + 1)
 end
@@ -258,8 +260,44 @@ function M.save_file(tensors, path, metadata)
         cnames[i - 1] = k          -- the Lua strings stay alive in `names`
         ctensors[i - 1] = tensors[k]._c
     end
+    if async_jobs then   -- inside M.in_background: copies now, the file written by a thread
+        local job = C.nemo_st_save_async(path, n, cnames, ctensors, json)
+        if job == nil then raise(2) end
+        async_jobs[#async_jobs + 1] = {job = job, path = path}
+        return nil
+    end
     if C.nemo_st_save(path, n, cnames, ctensors, json) < 0 then raise(2) end
     return nil
+end
+
+-- in_background(fn, ...) -> jobs: fn(...) runs with every save_file in it written in the
+-- background (nemo_st_save_async: the tensors are copied at the call, a thread writes the file);
+-- wait(jobs) joins them, raising the first failure. If fn raises, the jobs it started are
+-- joined before the error goes on.
+function M.in_background(fn, ...)
+    if async_jobs then error("safetensors.in_background: already inside one", 2) end
+    async_jobs = {}
+    local res = {pcall(fn, ...)}
+    local jobs = async_jobs
+    async_jobs = nil
+    if not res[1] then
+        pcall(M.wait, jobs)
+        error(res[2], 0)
+    end
+    return jobs
+end
+
+-- wait(jobs): joins every job of in_background's list; the first failure is raised after all
+-- are joined.
+function M.wait(jobs)
+    local first
+    for _, j in ipairs(jobs or {}) do
+        if j.job ~= nil then
+            if C.nemo_st_job_wait(j.job) < 0 and not first then first = ffi.string(C.nemo_last_error()) end
+            j.job = nil
+        end
+    end
+    if first then error("save_file (in the background): " .. first, 2) end
 end
 
 return M

@@ -1229,7 +1229,6 @@ local function run(cfg, opts)
     if prof and (prof.enabled or (prof.torch_profiler and prof.torch_profiler.enabled)) then
         ignored[#ignored + 1] = "profiling"
     end
-    if ck.is_async then ignored[#ignored + 1] = "checkpoint.is_async" end
     if cfg.data.dataloader.dynamic_batch_size then ignored[#ignored + 1] = "data.dataloader.dynamic_batch_size" end
     if #ignored > 0 then
         log("note: features nemo-lua does not have (GPU/PyTorch-only), ignored on this run: " .. table.concat(ignored, ", "))
@@ -1506,7 +1505,14 @@ local function run(cfg, opts)
     local keep = ck.max_recent_checkpoints
     local every_epoch = ss.save_checkpoint_every_epoch ~= false   -- Automodel's default: true
 
+    local pending   -- checkpoint.is_async: the save being written in the background (settle below)
     local function fail(msg)
+        if pending then   -- a good checkpoint still being written: publish it before stopping
+            local p = pending
+            pending = nil
+            local ok, dir = pcall(checkpoint.finish, p.p)
+            if ok then p.after(dir) end
+        end
         metrics:close()
         if bar_line then io.stdout:write("\n") end
         error(msg .. (last_ckpt and ("; the last good checkpoint is " .. last_ckpt) or
@@ -1514,6 +1520,16 @@ local function run(cfg, opts)
     end
 
     local val_now   -- the last validation: {step, loss} (the loss LOWEST_VAL compares)
+    -- checkpoint.is_async: the pending save is published by settle() at the next save, at a
+    -- preemption and at the end of the run (and by fail before it stops the run)
+    local function settle()
+        if not pending then return end
+        local p = pending
+        pending = nil
+        local ok, dir = pcall(checkpoint.finish, p.p)
+        if not ok then fail(strip_pos(dir)) end
+        p.after(dir)
+    end
     local function save(at_step, at_epoch, end_of_epoch, final)
         local bad = nonfinite_parameter(named_params)
         if bad then
@@ -1545,18 +1561,26 @@ local function run(cfg, opts)
         local vl = val_now and val_now.step == at_step and val_now.loss or nil
         local lowest = vl ~= nil and (best_val == nil or vl < best_val)
         if lowest then best_val = vl end
-        last_ckpt = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
+        settle()   -- the previous background save is published first
+        local r = checkpoint.save(ck_dir, {epoch = at_epoch, step = at_step, model = model, optimizer = opt,
             losses = {train_loss = summary.losses[at_step], val_loss = vl}, lowest_val = lowest,
             scheduler = sched, trainer = tr, config = cfg, model_config = sig, extra = extra, extra_all = extra_all,
-            manager = sharded and mgr or nil, group = ws > 1 and group or nil, ema = ema,
+            manager = sharded and mgr or nil, group = ws > 1 and group or nil, ema = ema, async = ck.is_async,
             peft = peft_cfg and {config = peft_cfg, base = mcfg.pretrained_model_name_or_path} or nil})
-        if lowest then say(string.format("lowest validation loss so far (%.5f): LOWEST_VAL names %s", vl, last_ckpt)) end
-        if export then summary.diffusers = last_ckpt .. "/diffusers" end
-        if peft_cfg then summary.adapter = last_ckpt .. "/model" end
-        if keep then
-            for _, n in ipairs(checkpoint.prune(ck_dir, keep)) do say("removed " .. ck_dir .. "/" .. n .. " (max_recent_checkpoints)") end
-            if summary.diffusers and not fs.isdir(summary.diffusers) then summary.diffusers = nil end
+        local after = function(dir)
+            last_ckpt = dir
+            if lowest then say(string.format("lowest validation loss so far (%.5f): LOWEST_VAL names %s", vl, dir)) end
+            if export then summary.diffusers = dir .. "/diffusers" end
+            if peft_cfg then summary.adapter = dir .. "/model" end
+            if keep then
+                for _, n in ipairs(checkpoint.prune(ck_dir, keep)) do
+                    say("removed " .. ck_dir .. "/" .. n .. " (max_recent_checkpoints)")
+                end
+                if summary.diffusers and not fs.isdir(summary.diffusers) then summary.diffusers = nil end
+            end
         end
+        if type(r) == "table" then pending = {p = r, after = after}   -- checkpoint.is_async: published later
+        else after(r) end
     end
 
     -- the validation loss (nemo.validation): fixed sigmas and noise on the validation cache, every
@@ -1746,7 +1770,10 @@ local function run(cfg, opts)
             local due = step % ck_every == ck_every - 1 or (every_epoch and end_of_epoch) or last or stopped
             if ck_enabled and due then
                 save(step, epoch, end_of_epoch, last)
-                if progress and (step % ck_every == ck_every - 1 or last) then say("saved " .. last_ckpt) end
+                if last or signal then settle() end   -- the final and the preemption checkpoints are on disk
+                if progress and (step % ck_every == ck_every - 1 or last) then
+                    say(pending and ("writing " .. pending.p.final .. " in the background") or ("saved " .. last_ckpt))
+                end
             end
             if signal and not last then
                 summary.preempted = signal
@@ -1760,6 +1787,7 @@ local function run(cfg, opts)
         if end_of_epoch then epoch = epoch + 1 end
         if step >= total then break end
     end
+    settle()
     if progress and bar_line then io.stdout:write("\n"); bar_line = nil end
     metrics:close()
     summary.steps = steps_this_run

@@ -453,5 +453,30 @@ do
         "save_file with string metadata raises")
 end
 
+-- ==== in_background: the files written by threads from copies taken at the call ====
+do
+    local nemo = require "nemo"
+    local a = nemo.randn({64, 33}, {generator = nemo.Generator(1)})
+    local b = nemo.randn({7}, {dtype = "float64", generator = nemo.Generator(2)}):to{dtype = "bfloat16"}
+    local want_a = a:clone()
+    local jobs = st.in_background(function()
+        st.save_file({a = a, b = b}, tmp("bg.safetensors"), {format = "pt"})
+        st.save_file({at = a:t()}, tmp("bg2.safetensors"))   -- a strided view
+    end)
+    a:fill_(3)                                              -- after the call: not in the file
+    T.is(#jobs, 2, "in_background: one job per save_file")
+    st.wait(jobs)
+    st.save_file({a = want_a, b = b}, tmp("fg.safetensors"), {format = "pt"})
+    T.ok(T.read_bytes(tmp("bg.safetensors")) == T.read_bytes(tmp("fg.safetensors")),
+        "in_background: the file is save_file's, byte for byte, with the values at the call")
+    T.ok(T.same_bits(nemo.load_file(tmp("bg2.safetensors")).at, want_a:t():contiguous()),
+        "in_background: a strided view is written as its values")
+    local bad = st.in_background(function() st.save_file({a = a}, tmp("no/such/dir/x.safetensors")) end)
+    T.raises(function() st.wait(bad) end, "save_file %(in the background%): .*cannot create",
+        "a failed background write raises at wait, naming the file")
+    T.raises(function() st.in_background(function() error("boom") end) end, "boom",
+        "an error inside in_background goes on (after its started jobs are joined)")
+end
+
 cleanup()
 T.done()

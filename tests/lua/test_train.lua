@@ -1086,6 +1086,63 @@ do
     T.ok(same, "loss_avg after stop and resume equals the uninterrupted run's (the window refilled from metrics.jsonl)")
 end
 
+-- ==== checkpoint.is_async: tensor files written in the background ====
+do
+    local function same_tree(a, b)   -- every file of checkpoint a equals b's (byte for byte), and back
+        local function files(root)
+            local out = {}
+            local function walk(d, rel)
+                for _, n in ipairs(fs.list(d)) do
+                    local p, r = d .. "/" .. n, rel == "" and n or (rel .. "/" .. n)
+                    if fs.isdir(p) then walk(p, r) else out[#out + 1] = r end
+                end
+            end
+            walk(root, "")
+            table.sort(out)
+            return out
+        end
+        local fa, fb = files(a), files(b)
+        if #fa ~= #fb or #fa == 0 then return false, string.format("%d vs %d files", #fa, #fb) end
+        for i, r in ipairs(fa) do
+            if fb[i] ~= r then return false, r .. " vs " .. tostring(fb[i]) end
+            if r ~= "config.yaml" and not file_eq(a .. "/" .. r, b .. "/" .. r) then return false, r .. " differs" end
+        end
+        return true
+    end
+    local S, A = tmp .. "/async_sync", tmp .. "/async_bg"
+    local ao = {["ema.decay"] = 0.9, ["checkpoint.save_consolidated"] = "every"}
+    run(tiny(S, ao))
+    local aa = deepcopy(ao)
+    aa["checkpoint.is_async"] = true
+    local alog = {}
+    local sa = run(tiny(A, aa), {log = function(m) alog[#alog + 1] = m end})
+    local ok4, why4 = same_tree(A .. "/epoch_0_step_4", S .. "/epoch_0_step_4")
+    local ok9, why9 = same_tree(A .. "/epoch_1_step_9", S .. "/epoch_1_step_9")
+    T.ok(ok4 and ok9 and checkpoint.read_latest(A) == "epoch_1_step_9" and sa.checkpoint == A .. "/epoch_1_step_9" and
+         not table.concat(alog, "\n"):find("is_async", 1, true), "checkpoint.is_async: the checkpoints (weights, " ..
+         "AdamW, EMA, the diffusers export) are the synchronous run's, byte for byte", tostring(why4) .. " " ..
+         tostring(why9))
+    local AS = tmp .. "/async_stop"
+    run(tiny(AS, aa), {stop_after = 6})
+    T.ok(checkpoint.read_latest(AS) == "epoch_0_step_5" and not fs.exists(AS .. "/epoch_0_step_5.incomplete"),
+        "checkpoint.is_async, a run stopped after 6 steps: its last checkpoint is published before the run returns")
+    run(tiny(AS, aa))
+    T.ok((same_tree(AS .. "/epoch_1_step_9", S .. "/epoch_1_step_9")), "checkpoint.is_async: stop, resume == " ..
+        "the uninterrupted synchronous run, byte for byte")
+    -- checkpoint.save with async: unpublished until finish
+    local model = Flux(deepcopy(TINY_TRANSFORMER))
+    local params = {}
+    for _, p in model:named_parameters() do params[#params + 1] = p end
+    local opt = nemo.optim.AdamW(params, {lr = 1e-3})
+    local R = tmp .. "/async_unit"
+    local p = checkpoint.save(R, {epoch = 0, step = 3, model = model, optimizer = opt, async = true})
+    T.ok(type(p) == "table" and fs.isdir(R .. "/epoch_0_step_3.incomplete") and checkpoint.latest(R) == nil,
+        "checkpoint.save{async = true}: a pending save, not yet a checkpoint (.incomplete, no LATEST)")
+    local dir = checkpoint.finish(p)
+    T.ok(dir == R .. "/epoch_0_step_3" and checkpoint.latest(R) == dir and fs.isfile(dir .. "/model/model.safetensors"),
+        "checkpoint.finish: the writes joined, then published (LATEST names it)")
+end
+
 -- ==== preemption: a signal ends the run after the step with a checkpoint ====
 do
     local ffi = require "ffi"

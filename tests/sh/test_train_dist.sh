@@ -180,6 +180,9 @@ resume_eq "fsdp2, 2 ranks" fsdp2stop fsdp2 --fsdp.dp_size 2 --step_scheduler.loc
     --step_scheduler.global_batch_size 8
 resume_eq "fsdp2 cp_size 2" cp2stop cp2 --fsdp.cp_size 2 --step_scheduler.local_batch_size 8 \
     --step_scheduler.global_batch_size 8
+# checkpoint.is_async: each rank's shard files written by a background thread, published at the next save
+resume_eq "fsdp2, 2 ranks, checkpoint.is_async" asyncstop fsdp2 --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 \
+    --step_scheduler.global_batch_size 8 --checkpoint.is_async true
 # resume_elsewhere NAME SRC DIR REF SUB NP ARGS...: SRC's step-1 checkpoint (copied into DIR, the
 # later steps dropped, as a run stopped there leaves it) resumed on NP processes with ARGS; the
 # weights (SUB "") or the averages (SUB "/ema") of step 3 end within 1e-6 of the run REF's

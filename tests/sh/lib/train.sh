@@ -130,6 +130,15 @@ device_recipe_cases() {
     else
         fail "fsdp2 mixed precision on cuda, 2 ranks" "exit $RC32 / $RC" "bf16:" "$(losses mpbf)" "f32:" "$(losses mp32)" "$ERR"
     fi
+    # checkpoint.is_async from device shards: host copies taken at the save, written by threads
+    train 2 0 asyncd --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8 \
+        --checkpoint.is_async true
+    local CA; CA=$(compare asyncd/epoch_0_step_3 fsdp2/epoch_0_step_3)
+    if [ "$RC" = 0 ] && [ "$(maxrel "$CA")" = "0.000e+00" ]; then
+        pass "fsdp2 on cuda with checkpoint.is_async: the checkpoint equals the synchronous run's bitwise ($CA)"
+    else
+        fail "fsdp2 on cuda with checkpoint.is_async" "exit $RC" "$CA" "$ERR"
+    fi
     train 2 2 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
     local A_RC=$RC
     train 2 0 stop --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
