@@ -33,6 +33,18 @@ local TINY_TRANSFORMER = {num_layers = 1, num_single_layers = 1, attention_head_
                           in_channels = 16, joint_attention_dim = 16, pooled_projection_dim = 16,
                           axes_dims_rope = {2, 2, 4}, guidance_embeds = true}
 
+-- c with over's {["section.key"] = value} set (json.null removes the key); returns c
+local function with_overrides(c, over)
+    for path, v in pairs(over or {}) do
+        local node, parts = c, {}
+        for p in path:gmatch("[^%.]+") do parts[#parts + 1] = p end
+        for i = 1, #parts - 1 do node[parts[i]] = node[parts[i]] or {}; node = node[parts[i]] end
+        if v == json.null then v = nil end
+        node[parts[#parts]] = v
+    end
+    return c
+end
+
 -- The tiny config: 16 samples of 8x8 latents, batch 2 -> 8 batches (steps) per epoch, 10 steps.
 local function tiny(dir, over)
     local c = {
@@ -51,14 +63,7 @@ local function tiny(dir, over)
         data = {dataloader = {_target_ = "nemo.data.build_dataloader", cache_dir = "unused"}},
         checkpoint = {enabled = true, checkpoint_dir = dir, save_consolidated = "final"},
     }
-    for path, v in pairs(over or {}) do
-        local node, parts = c, {}
-        for p in path:gmatch("[^%.]+") do parts[#parts + 1] = p end
-        for i = 1, #parts - 1 do node[parts[i]] = node[parts[i]] or {}; node = node[parts[i]] end
-        if v == json.null then v = nil end
-        node[parts[#parts]] = v
-    end
-    return c
+    return with_overrides(c, over)
 end
 
 local logs = {}
@@ -1203,14 +1208,7 @@ do
             checkpoint = {enabled = true, checkpoint_dir = dir, save_consolidated = "final"},
             validation = {cache_dir = FV, every_steps = 2, sampling = {num_samples = 2, num_inference_steps = 3}},
         }
-        for path, v in pairs(over or {}) do
-            local node, parts = c, {}
-            for q in path:gmatch("[^%.]+") do parts[#parts + 1] = q end
-            for i = 1, #parts - 1 do node[parts[i]] = node[parts[i]] or {}; node = node[parts[i]] end
-            if v == json.null then v = nil end
-            node[parts[#parts]] = v
-        end
-        return c
+        return with_overrides(c, over)
     end
     local full = nemo.NeMoAutoDiffusionPipeline.from_pretrained(FP, {torch_dtype = "float32", device = "cpu"})
     local fc = full.components
