@@ -32,6 +32,7 @@ local pipeline = require "nemo.pipeline"
 local lrs = require "nemo.lr_scheduler"
 local checkpoint = require "nemo.checkpoint"
 local dist = require "nemo.dist"
+local flops = require "nemo.flops"
 
 local M = {}
 
@@ -1677,7 +1678,7 @@ local function run(cfg, opts)
             if #micro == 0 then end_of_epoch = true; break end
             local t0 = now()
             opt:zero_grad()
-            local loss_sum = 0
+            local loss_sum, step_flops = 0, 0
             for mi, batch in ipairs(micro) do
                 local sopts = {generator = fm_gen, compute_dtype = compute_dtype}
                 if opts.draws then sopts.draws = opts.draws(batch, {step = step, micro = mi})
@@ -1693,7 +1694,9 @@ local function run(cfg, opts)
                     sopts.draws = require("nemo.flow_matching").slice_draws(gd, dp_rank * b, b)
                 end
                 if mgr then mgr:set_requires_gradient_sync(mi == #micro) end
-                local loss = fm:step(model, batch, sopts)
+                -- the forward's products, counted as they run (this rank's share under tp / cp)
+                local fwd, loss = flops.count(fm.step, fm, model, batch, sopts)
+                step_flops = step_flops + fwd
                 local lv = loss:item()
                 if ws > 1 then   -- every rank stops together, whichever rank's loss went bad
                     local bad = dist.all_reduce_number((nonfinite(lv) or (check_loss and lv > 100)) and 1 or 0, "max")
@@ -1742,7 +1745,7 @@ local function run(cfg, opts)
             for _, v in ipairs(recent_losses) do loss_avg = loss_avg + v end
             loss_avg = loss_avg / #recent_losses
             metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, loss_avg = loss_avg, lr = lr,
-                grad_norm = grad_norm,
+                grad_norm = grad_norm, tflops = 3 * step_flops / dt / 1e12,
                 step_time = dt, samples_per_sec = (#micro * bm.local_bs * dp_size) / dt,
                 peak_memory_gb = mem.peak / 2^30, ema_decay = ema and ema.model.cur_decay_value or nil}), "\n")
             metrics:flush()

@@ -1089,6 +1089,20 @@ do
     local b, same = avgs(B), true
     for k = 0, 9 do same = same and b[k] and b[k][2] == a[k][2] end
     T.ok(same, "loss_avg after stop and resume equals the uninterrupted run's (the window refilled from metrics.jsonl)")
+    -- tflops: 3 x the forward's products / step_time; the forward counted on the same batch shape
+    local cfgA = tiny(A)
+    local model_dir, cache_dir = train.demo_paths(cfgA)
+    local data = require "nemo.data"
+    local batch = data.DataLoader(data.Dataset(cache_dir), {batch_size = 2, seed = 0}):iter()()
+    local fm = FM.FlowMatching(cfgA.flow_matching)
+    local fwd = require("nemo.flops").count(fm.step, fm, Flux.from_pretrained(model_dir .. "/transformer"), batch,
+        {generator = nemo.Generator(0)})
+    local worst = 0
+    for _, m in ipairs(read_metrics(A .. "/metrics.jsonl")) do
+        if m.tflops then worst = math.max(worst, math.abs(m.tflops * m.step_time * 1e12 / 3 - fwd) / fwd) end
+    end
+    T.ok(fwd > 0 and worst < 1e-9, string.format("metrics.jsonl tflops x step_time = 3 x the forward's %d " ..
+        "FLOPs of a batch (rtol 1e-9)", fwd), tostring(worst))
 end
 
 -- ==== checkpoint.is_async: tensor files written in the background ====
