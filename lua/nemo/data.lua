@@ -372,14 +372,18 @@ local BucketSampler = class("nemo.data.BucketSampler")
 M.BucketSampler = BucketSampler
 
 -- BucketSampler(dataset, {batch_size =, seed = 0, shuffle = true, drop_last = true,
---                         dp_rank = 0, dp_size = 1})
+--                         dp_rank = 0, dp_size = 1, dynamic_batch_size = false,
+--                         base_resolution = {512, 512}})
+-- dynamic_batch_size (Automodel's): a bucket's batch size is max(1, floor(batch_size /
+-- (w h / (base_w base_h)))) for its pixel size w x h = the latent's x the VAE's factor (index.json's
+-- vae_scale_factor, else 8), so small images come in larger batches.
 -- Per epoch: each bucket's samples are shuffled (seed, epoch), cut into global batches of
 -- batch_size * dp_size, and the global batches of all buckets are shuffled together. The last
 -- partial global batch of a bucket is dropped (drop_last) or padded cyclically from that
 -- bucket to a multiple of dp_size (every rank then gets the same, smaller, batch size).
 function BucketSampler:__init(ds, opts)
     opts = check_opts(opts, {batch_size = true, seed = true, shuffle = true, drop_last = true, dp_rank = true,
-                             dp_size = true}, "BucketSampler")
+                             dp_size = true, dynamic_batch_size = true, base_resolution = true}, "BucketSampler")
     if type(ds) ~= "table" or type(ds.buckets) ~= "table" then
         error("BucketSampler: expected a Dataset (with buckets), got " .. type(ds), 3)
     end
@@ -398,10 +402,24 @@ function BucketSampler:__init(ds, opts)
     self.drop_last = opts.drop_last ~= false
     self.epoch = 0
     self._pos, self._skip = 0, 0
+    -- each bucket's batch size per rank (bs, or dynamic_batch_size's)
+    self.dynamic_batch_size = opts.dynamic_batch_size == true
+    local br = opts.base_resolution or {512, 512}
+    if self.dynamic_batch_size and (type(br) ~= "table" or not is_posint(br[1]) or not is_posint(br[2])) then
+        error("BucketSampler: base_resolution must be [width, height] in pixels, got " .. tostring(br), 3)
+    end
+    self.base_resolution = br
+    local f = ds.index and ds.index.vae_scale_factor or 8
+    self._bucket_bs = {}
+    for _, b in ipairs(ds.buckets) do
+        local d = b.dims
+        local px = (d[#d - 1] * f) * (d[#d] * f)
+        self._bucket_bs[b.key] = self.dynamic_batch_size and math.max(1, math.floor(bs / (px / (br[1] * br[2])))) or bs
+    end
     local n = 0
     for _, b in ipairs(ds.buckets) do
-        local k = #b.indices
-        n = n + (self.drop_last and math.floor(k / self.global_batch_size) or math.ceil(k / self.global_batch_size))
+        local k, G = #b.indices, self._bucket_bs[b.key] * dp_size
+        n = n + (self.drop_last and math.floor(k / G) or math.ceil(k / G))
     end
     self._len = n
     if n == 0 then
@@ -426,9 +444,10 @@ function BucketSampler:global_batches(epoch)
     epoch = epoch or self.epoch
     if self._plan and self._plan_epoch == epoch then return self._plan end
     local g = epoch_generator(self.seed, epoch)
-    local G, dp = self.global_batch_size, self.dp_size
+    local dp = self.dp_size
     local out = {}
     for _, b in ipairs(self.dataset.buckets) do
+        local G = self._bucket_bs[b.key] * dp
         local idx = {}
         for i, v in ipairs(b.indices) do idx[i] = v end
         if self.shuffle then shuffle_inplace(idx, g) end
@@ -472,14 +491,21 @@ function BucketSampler:iter()
 end
 
 -- {epoch, batch_index = batches already yielded in this epoch, seed, global_batch_size,
--- num_samples, shuffle, drop_last}: the last five must match on load (else the sequence differs).
+-- num_samples, shuffle, drop_last, dynamic_batch_size}: the last six must match on load (else the
+-- sequence differs).
 function BucketSampler:state_dict()
     return {epoch = self.epoch, batch_index = self._pos, seed = self.seed, global_batch_size = self.global_batch_size,
-            num_samples = self.dataset:len(), shuffle = self.shuffle, drop_last = self.drop_last}
+            num_samples = self.dataset:len(), shuffle = self.shuffle, drop_last = self.drop_last,
+            dynamic_batch_size = self.dynamic_batch_size or nil}
 end
 
 function BucketSampler:load_state_dict(s)
     if type(s) ~= "table" then error("load_state_dict: expected a table, got " .. type(s), 2) end
+    if (s.dynamic_batch_size == true) ~= self.dynamic_batch_size then
+        error(string.format("load_state_dict: the sampler state was saved with dynamic_batch_size %s, this run " ..
+            "has %s: the batch sequence would differ", tostring(s.dynamic_batch_size == true),
+            tostring(self.dynamic_batch_size)), 2)
+    end
     for _, k in ipairs { "seed", "global_batch_size", "num_samples", "shuffle", "drop_last" } do
         local mine = k == "num_samples" and self.dataset:len() or self[k]
         if s[k] ~= nil and s[k] ~= mine then
@@ -594,10 +620,11 @@ M.DataLoader = DataLoader
 function DataLoader:__init(ds, opts)
     opts = check_opts(opts, {batch_size = true, seed = true, shuffle = true, drop_last = true, dp_rank = true,
                              dp_size = true, sampler = true, device = true, text_pad_multiple = true,
-                             pin_memory = true}, "DataLoader")
+                             pin_memory = true, dynamic_batch_size = true, base_resolution = true}, "DataLoader")
     self.dataset = ds
     self.sampler = opts.sampler or BucketSampler(ds, {batch_size = opts.batch_size, seed = opts.seed,
-        shuffle = opts.shuffle, drop_last = opts.drop_last, dp_rank = opts.dp_rank, dp_size = opts.dp_size})
+        shuffle = opts.shuffle, drop_last = opts.drop_last, dp_rank = opts.dp_rank, dp_size = opts.dp_size,
+        dynamic_batch_size = opts.dynamic_batch_size, base_resolution = opts.base_resolution})
     self.device, self.text_pad_multiple = opts.device, opts.text_pad_multiple
     self.pin_memory = opts.pin_memory and self.device ~= nil and tostring(self.device):match("^cuda") ~= nil
 end
@@ -639,12 +666,13 @@ end
 function M.build_dataloader(cfg)
     cfg = check_opts(cfg, {cache_dir = true, model_type = true, batch_size = true, seed = true, shuffle = true,
                            drop_last = true, dp_rank = true, dp_size = true, device = true, text_pad_multiple = true,
-                           pin_memory = true}, "build_dataloader")
+                           pin_memory = true, dynamic_batch_size = true, base_resolution = true}, "build_dataloader")
     if type(cfg.cache_dir) ~= "string" then error("build_dataloader: cache_dir is required (a cache folder)", 2) end
     local ds = Dataset(cfg.cache_dir, {model_type = cfg.model_type})
     local loader = DataLoader(ds, {batch_size = cfg.batch_size, seed = cfg.seed, shuffle = cfg.shuffle,
         drop_last = cfg.drop_last, dp_rank = cfg.dp_rank, dp_size = cfg.dp_size, device = cfg.device,
-        text_pad_multiple = cfg.text_pad_multiple, pin_memory = cfg.pin_memory})
+        text_pad_multiple = cfg.text_pad_multiple, pin_memory = cfg.pin_memory,
+        dynamic_batch_size = cfg.dynamic_batch_size, base_resolution = cfg.base_resolution})
     return loader, ds
 end
 

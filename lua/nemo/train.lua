@@ -854,7 +854,8 @@ local function build_data(cfg, bm, dp_rank, seed, device)
     if not holdout then
         local ok, loader = pcall(data.build_dataloader, {cache_dir = dir, model_type = dl.model_type,
             batch_size = bm.local_bs, seed = seed, shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false,
-            dp_rank = dp_rank, dp_size = bm.dp_size, device = device, pin_memory = dl.pin_memory})
+            dp_rank = dp_rank, dp_size = bm.dp_size, device = device, pin_memory = dl.pin_memory,
+            dynamic_batch_size = dl.dynamic_batch_size, base_resolution = dl.base_resolution})
         if not ok then raise("data.dataloader.cache_dir: ", loader) end
         return loader
     end
@@ -865,7 +866,8 @@ local function build_data(cfg, bm, dp_rank, seed, device)
     if not hok then cfg_error("validation." .. strip_pos(held)) end
     local lok, loader = pcall(data.DataLoader, rest, {batch_size = bm.local_bs, seed = seed,
         shuffle = dl.shuffle ~= false, drop_last = dl.drop_last ~= false, dp_rank = dp_rank, dp_size = bm.dp_size,
-        device = device, pin_memory = dl.pin_memory})
+        device = device, pin_memory = dl.pin_memory, dynamic_batch_size = dl.dynamic_batch_size,
+        base_resolution = dl.base_resolution})
     if not lok then raise("data.dataloader.cache_dir (without the validation.holdout samples): ", loader) end
     return loader, held
 end
@@ -1230,7 +1232,10 @@ local function run(cfg, opts)
     if prof and (prof.enabled or (prof.torch_profiler and prof.torch_profiler.enabled)) then
         ignored[#ignored + 1] = "profiling"
     end
-    if cfg.data.dataloader.dynamic_batch_size then ignored[#ignored + 1] = "data.dataloader.dynamic_batch_size" end
+    if cfg.data.dataloader.dynamic_batch_size and demo_kind(cfg) == nil and
+       DATALOADER_TARGETS[cfg.data.dataloader._target_ or "nemo.data.build_dataloader"] == "mock" then
+        ignored[#ignored + 1] = "data.dataloader.dynamic_batch_size (the mock loader's batches are all one size)"
+    end
     if #ignored > 0 then
         log("note: features nemo-lua does not have (GPU/PyTorch-only), ignored on this run: " .. table.concat(ignored, ", "))
     end
@@ -1485,6 +1490,15 @@ local function run(cfg, opts)
             eo.use_ema_warmup and string.format("1 - (1 + k / %g)^-%g", eo.inv_gamma, eo.power) or "(1 + k) / (10 + k)",
             cfg.ema.export == false and "export holds the trained weights" or "export holds the averages"))
     end
+    local smp = loader.sampler
+    if smp and smp.dynamic_batch_size then
+        local parts = {}
+        for _, b in ipairs(loader.dataset.buckets) do
+            parts[#parts + 1] = string.format("%d @ %s", smp._bucket_bs[b.key], b.key)
+        end
+        log(string.format("dynamic_batch_size: samples per micro-batch and rank by latent size (base %dx%d pixels " ..
+            "for %d): %s", smp.base_resolution[1], smp.base_resolution[2], bm.local_bs, table.concat(parts, ", ")))
+    end
     if bm.tp_size > 1 then
         local flux_model = tostring(getmetatable(model).__name):find("Flux") ~= nil
         local heads = rawget(model, "_tp_attention") and "attention heads, " or ""
@@ -1678,7 +1692,7 @@ local function run(cfg, opts)
             if #micro == 0 then end_of_epoch = true; break end
             local t0 = now()
             opt:zero_grad()
-            local loss_sum, step_flops = 0, 0
+            local loss_sum, step_flops, step_samples = 0, 0, 0
             for mi, batch in ipairs(micro) do
                 local sopts = {generator = fm_gen, compute_dtype = compute_dtype}
                 if opts.draws then sopts.draws = opts.draws(batch, {step = step, micro = mi})
@@ -1697,6 +1711,7 @@ local function run(cfg, opts)
                 -- the forward's products, counted as they run (this rank's share under tp / cp)
                 local fwd, loss = flops.count(fm.step, fm, model, batch, sopts)
                 step_flops = step_flops + fwd
+                step_samples = step_samples + (batch.image_latents or batch.video_latents).shape[1] * dp_size
                 local lv = loss:item()
                 if ws > 1 then   -- every rank stops together, whichever rank's loss went bad
                     local bad = dist.all_reduce_number((nonfinite(lv) or (check_loss and lv > 100)) and 1 or 0, "max")
@@ -1746,7 +1761,7 @@ local function run(cfg, opts)
             loss_avg = loss_avg / #recent_losses
             metrics:write(json.encode({step = step, epoch = epoch, loss = mean_loss, loss_avg = loss_avg, lr = lr,
                 grad_norm = grad_norm, tflops = 3 * step_flops / dt / 1e12,
-                step_time = dt, samples_per_sec = (#micro * bm.local_bs * dp_size) / dt,
+                step_time = dt, samples_per_sec = step_samples / dt,
                 peak_memory_gb = mem.peak / 2^30, ema_decay = ema and ema.model.cur_decay_value or nil}), "\n")
             metrics:flush()
 

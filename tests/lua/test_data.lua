@@ -447,5 +447,40 @@ do
         "is an error")
 end
 
+-- ==== dynamic_batch_size: a bucket's batch size scales with its pixel area ====
+do
+    local ds = data.Dataset(flux_dir)   -- 16x16 and 16x24 latents: 128x128 and 128x192 pixels
+    local s1 = data.BucketSampler(ds, {batch_size = 4, dynamic_batch_size = true, base_resolution = {128, 128},
+        drop_last = false, seed = 3})
+    local sizes = {}
+    for _, gb in ipairs(s1:global_batches(0)) do
+        sizes[gb.bucket] = math.max(sizes[gb.bucket] or 0, #gb.indices)
+    end
+    T.ok(sizes["16x16"] == 4 and sizes["16x24"] == 2, "dynamic_batch_size: 4 at the base 128x128, floor(4 / 1.5) = 2 " ..
+        "at 128x192", string.format("%s %s", tostring(sizes["16x16"]), tostring(sizes["16x24"])))
+    -- 2 ranks: each takes half of every global batch, together one process's batches with a batch size x 2
+    local one = data.BucketSampler(ds, {batch_size = 4, dynamic_batch_size = true, base_resolution = {128, 128}, seed = 3})
+    local r0 = data.BucketSampler(ds, {batch_size = 2, dynamic_batch_size = true, base_resolution = {128, 128}, seed = 3,
+        dp_rank = 0, dp_size = 2})
+    local r1 = data.BucketSampler(ds, {batch_size = 2, dynamic_batch_size = true, base_resolution = {128, 128}, seed = 3,
+        dp_rank = 1, dp_size = 2})
+    local a, b, c = one:iter(), r0:iter(), r1:iter()
+    local same, nb = one:len() == r0:len(), 0
+    while true do
+        local x, y, z = a(), b(), c()
+        if not x then same = same and y == nil and z == nil; break end
+        nb = nb + 1
+        local joined = {}
+        for _, v in ipairs(y) do joined[#joined + 1] = v end
+        for _, v in ipairs(z) do joined[#joined + 1] = v end
+        same = same and table.concat(joined, ",") == table.concat(x, ",")
+    end
+    T.ok(same and nb > 0, "dynamic_batch_size on 2 ranks (batch 2 each): the slices of one process's batches (batch 4)")
+    local st = one:state_dict()
+    local plain = data.BucketSampler(ds, {batch_size = 4, seed = 3})
+    T.raises(function() plain:load_state_dict(st) end, "saved with dynamic_batch_size true, this run has false",
+        "a sampler state of a dynamic_batch_size run does not load into a fixed one")
+end
+
 fs.remove_tree(base)
 T.done()

@@ -1105,6 +1105,31 @@ do
         "FLOPs of a batch (rtol 1e-9)", fwd), tostring(worst))
 end
 
+-- ==== data.dataloader.dynamic_batch_size: batch sizes by resolution ====
+do
+    local D = tmp .. "/dynbs"
+    local over = {["demo.resolutions"] = "8x8,8x12", ["data.dataloader.dynamic_batch_size"] = true,
+                  ["data.dataloader.base_resolution"] = {64, 64}, ["step_scheduler.max_steps"] = 8}
+    local dlog = {}
+    run(tiny(D, over), {log = function(m) dlog[#dlog + 1] = m end})
+    local counts = {}
+    for _, m in ipairs(read_metrics(D .. "/metrics.jsonl")) do
+        counts[#counts + 1] = math.floor(m.samples_per_sec * m.step_time + 0.5)
+    end
+    local seen = {}
+    for _, c in ipairs(counts) do seen[c] = true end
+    T.ok(#counts == 8 and seen[1] and seen[2] and not seen[3] and
+         table.concat(dlog, "\n"):find("dynamic_batch_size: samples per micro%-batch and rank by latent size " ..
+         "%(base 64x64 pixels for 2%): 2 @ 8x8, 1 @ 8x12"), "dynamic_batch_size: 2 samples a step at the base " ..
+         "64x64 pixels, 1 at 64x96 (metrics' samples_per_sec x step_time)", table.concat(counts, ","))
+    local DS = tmp .. "/dynbs_stop"
+    run(tiny(DS, over), {stop_after = 3})
+    run(tiny(DS, over))
+    T.ok(file_eq(DS .. "/epoch_0_step_7/diffusers/transformer/diffusion_pytorch_model.safetensors",
+        D .. "/epoch_0_step_7/diffusers/transformer/diffusion_pytorch_model.safetensors"),
+        "dynamic_batch_size: 3 steps, stop, resume == 8 steps, bitwise")
+end
+
 -- ==== checkpoint.is_async: tensor files written in the background ====
 do
     local function same_tree(a, b)   -- every file of checkpoint a equals b's (byte for byte), and back

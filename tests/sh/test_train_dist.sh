@@ -238,6 +238,17 @@ fi
 resume_eq "LoRA fsdp2, 2 ranks" lorastop lorafsdp "${LORA[@]}" --fsdp.dp_size 2 --step_scheduler.local_batch_size 4 \
     --step_scheduler.global_batch_size 8
 
+# dynamic_batch_size: a bucket's batch grows as its pixel area shrinks (base 256x256: 4x here)
+DYN=(--data.dataloader.dynamic_batch_size true --data.dataloader.base_resolution '[256, 256]')
+train 1 0 dyn1 "${DYN[@]}" --step_scheduler.local_batch_size 8 --step_scheduler.global_batch_size 8
+if [ "$RC" = 0 ] && grep -q "dynamic_batch_size: samples per micro-batch and rank by latent size (base 256x256 pixels for 8): 32 @" <<< "$OUT"; then
+    pass "dynamic_batch_size reference: 1 process, 32 samples a step at 128x128 pixels (base 256x256, batch 8)"
+else
+    fail "dynamic_batch_size reference run" "exit $RC" "$OUT" "$ERR"
+fi
+case_eq "fsdp2, 2 ranks x batch 4, dynamic_batch_size (16 each)" 2 dyn1 dyn2 "${DYN[@]}" --fsdp.dp_size 2 \
+    --step_scheduler.local_batch_size 4 --step_scheduler.global_batch_size 8
+
 # timestep_sampling beta: every rank draws the global batch's Beta values and takes its slice
 train 1 0 rbeta --flow_matching.timestep_sampling beta --step_scheduler.local_batch_size 8 \
     --step_scheduler.global_batch_size 8
