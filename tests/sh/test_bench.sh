@@ -32,6 +32,13 @@ rows=$(printf '%s\n' "$OUT" | grep -cE "^Autoencoder.* (whole|tiled) +\(.*\) +$n
 if [ "$rows" -eq 4 ]; then pass "bench/vae.lua prints whole and tiled rows for both VAEs"
 else fail "bench/vae.lua prints whole and tiled rows for both VAEs" "$rows rows" "$OUT"; fi
 
+bench bench/checkpoint.lua --quick
+if [ "$RC" = 0 ] && [[ "$OUT" =~ "sync: training waits "\ +$num ]] && [[ "$OUT" =~ "async: training waits (copies) "\ +$num ]]; then
+    pass "bench/checkpoint.lua --quick prints the sync and async stalls"
+else
+    fail "bench/checkpoint.lua --quick prints the sync and async stalls" "rc $RC" "$OUT"
+fi
+
 bench bench/mp4.lua --quick
 if [ "$RC" = 0 ]; then pass "bench/mp4.lua --quick exits 0"; else fail "bench/mp4.lua --quick exits 0" "rc $RC" "$OUT"; fi
 rows=$(printf '%s\n' "$OUT" | grep -cE "^(qp [0-9]+( intra| no deblock)?|I_PCM) +$num +$num +$num +($num|lossless)$")
