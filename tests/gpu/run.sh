@@ -153,6 +153,9 @@ else
     RUN=(env NEMO_LIB=build/libnemo.so "LUA_PATH=lua/?.lua;lua/?/init.lua;;" luajit)
 fi
 
+# what nemo-lua finds here (libnemo, CUDA devices with their properties, NCCL, MPI), in the log
+if [ -x ./nemo-lua ]; then ./nemo-lua --info 2>&1 | sed 's/^/# /'; fi
+
 log=$(mktemp)
 steplog=$(mktemp)
 steps=(tests/lua/test_cuda.lua:30 tests/lua/test_cuda_kernels.lua:30 tests/gpu/check_streams.lua:30
