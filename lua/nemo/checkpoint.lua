@@ -443,6 +443,14 @@ function M.load(dir, s)
     return json.read_file(dir .. "/trainer.json")
 end
 
+-- The whole weights under dir/model: model.safetensors, or the shards of any layout assembled
+-- (FSDP2 / tp pieces); nil when there are neither.
+local function whole_weights(dir)
+    if fs.isfile(dir .. "/model/model.safetensors") then return st().load_file(dir .. "/model/model.safetensors") end
+    if has_shards(dir, "model") then return require("nemo.parallel.fsdp2").load_full(dir) end
+    return nil
+end
+
 -- load_weights(path, model) -> the checkpoint folder: a training checkpoint's transformer weights
 -- into model (for sampling): path is a checkpoint, a checkpoint_dir (its newest) or a LATEST
 -- or LOWEST_VAL file; model/model.safetensors or FSDP2 shards written by any number of ranks, loaded strictly.
@@ -454,16 +462,9 @@ function M.load_weights(path, model)
         error(string.format("checkpoint %s holds LoRA adapters, not the model's weights: load them as an adapter " ..
             "(model.lora_weights: %s/model, or nemo.peft.load_adapter)", dir, dir), 2)
     end
-    local weights
-    if fs.isfile(dir .. "/model/model.safetensors") then
-        weights = st().load_file(dir .. "/model/model.safetensors")
-    elseif has_shards(dir, "model") then
-        local ok, w = pcall(require("nemo.parallel.fsdp2").load_full, dir)
-        if not ok then error("checkpoint " .. dir .. ": " .. tostring(w), 2) end
-        weights = w
-    else
-        error("checkpoint " .. dir .. ": no model/model.safetensors and no model shards", 2)
-    end
+    local rok, weights = pcall(whole_weights, dir)
+    if not rok then error("checkpoint " .. dir .. ": " .. tostring(weights), 2) end
+    if not weights then error("checkpoint " .. dir .. ": no model/model.safetensors and no model shards", 2) end
     local ok, err = pcall(model.load_state_dict, model, weights, {strict = true})
     if not ok then error("checkpoint " .. dir .. ": " .. tostring(err), 2) end
     return dir
@@ -520,10 +521,8 @@ function M.export(path, o)
             local n = peft.merge(model)
             log(string.format("merged the LoRA adapter of %s (%d layers) into %s's weights", adapter, n, base))
         else
-            local weights
-            if fs.isfile(src .. "/model/model.safetensors") then weights = st().load_file(src .. "/model/model.safetensors")
-            elseif has_shards(src, "model") then weights = require("nemo.parallel.fsdp2").load_full(src)
-            else error("no model/model.safetensors and no model shards in " .. src, 0) end
+            local weights = whole_weights(src)
+            if not weights then error("no model/model.safetensors and no model shards in " .. src, 0) end
             model:load_state_dict(weights, {strict = true})
         end
     end)

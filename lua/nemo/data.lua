@@ -642,22 +642,30 @@ function DataLoader:load_state_dict(s) self.sampler:load_state_dict(s) end
 
 local TENSOR_KEYS = {"image_latents", "video_latents", "text_embeddings", "pooled_prompt_embeds"}
 
+-- load_batch(ds, indices, {device=, pin_memory=, text_pad_multiple=}) -> the collated batch of
+-- ds's samples at these (1-based) indices, its tensors on device (through page-locked memory with
+-- pin_memory). What DataLoader:iter yields; the validation loss reads its batches so too.
+function M.load_batch(ds, idx, o)
+    o = o or {}
+    local samples = {}
+    for i, k in ipairs(idx) do samples[i] = ds:get(k) end
+    local batch = M.collate(samples, {data_type = ds.data_type, text_pad_multiple = o.text_pad_multiple,
+                                      pooled_dim = ds.pooled_dim})
+    if o.device and o.device ~= "cpu" then
+        for _, k in ipairs(TENSOR_KEYS) do
+            if batch[k] then batch[k] = upload(batch[k], o.device, o.pin_memory) end
+        end
+    end
+    return batch
+end
+
 function DataLoader:iter()
     local it = self.sampler:iter()
-    local ds = self.dataset
+    local o = {device = self.device, pin_memory = self.pin_memory, text_pad_multiple = self.text_pad_multiple}
     return function()
         local idx = it()
         if idx == nil then return nil end
-        local samples = {}
-        for i, k in ipairs(idx) do samples[i] = ds:get(k) end
-        local batch = M.collate(samples, {data_type = ds.data_type, text_pad_multiple = self.text_pad_multiple,
-                                          pooled_dim = ds.pooled_dim})
-        if self.device and self.device ~= "cpu" then
-            for _, k in ipairs(TENSOR_KEYS) do
-                if batch[k] then batch[k] = upload(batch[k], self.device, self.pin_memory) end
-            end
-        end
-        return batch
+        return M.load_batch(self.dataset, idx, o)
     end
 end
 

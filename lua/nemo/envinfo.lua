@@ -55,9 +55,7 @@ function M.collect()
     ok, why = try(dist.is_mpi_available)
     info.mpi = {available = ok == true, reason = ok ~= true and why or nil}
     info.launcher = dist.env()
-    info.caches = {hub = require("nemo.hub").cache_dirs(),
-                   demo = ((os.getenv("XDG_CACHE_HOME") ~= nil and os.getenv("XDG_CACHE_HOME") ~= "") and
-                       os.getenv("XDG_CACHE_HOME") or ((os.getenv("HOME") or ".") .. "/.cache")) .. "/nemo-lua/demo"}
+    info.caches = {hub = require("nemo.hub").cache_dirs(), demo = require("nemo.train").demo_root({})}
     info.env = {}
     for _, k in ipairs { "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "NEMO_CUDA_LIB", "NEMO_FAKE_CUDA",
                          "NEMO_AMX", "CUDA_VISIBLE_DEVICES", "NEMO_MPIRUN", "HF_HOME", "HF_HUB_CACHE",

@@ -682,12 +682,14 @@ local function expand_home(p)
     return p
 end
 
+-- the folder of the demo assets (demo.dir, else $XDG_CACHE_HOME/nemo-lua/demo)
 local function demo_root(d)
     if d.dir then return expand_home(d.dir) end
     local cache = os.getenv("XDG_CACHE_HOME")
     if not cache or cache == "" then cache = (os.getenv("HOME") or ".") .. "/.cache" end
     return cache .. "/nemo-lua/demo"
 end
+M.demo_root = demo_root
 
 -- The demo's folder: a hash of everything the assets are made from (so a change makes new ones).
 function M.demo_paths(cfg)
@@ -1408,8 +1410,9 @@ local function run(cfg, opts)
         local lv = checkpoint.read_latest(ck_dir, "LOWEST_VAL")
         local lj = lv and ck_dir .. "/" .. lv .. "/losses.json"
         if lj and fs.isfile(lj) then
-            local lt, ltr = json.read_file(lj), ck_dir .. "/" .. lv .. "/trainer.json"
-            if type(lt.val_loss) == "number" and fs.isfile(ltr) and json.read_file(ltr).step <= tr.step then
+            local lt, ldir = json.read_file(lj), ck_dir .. "/" .. lv
+            if type(lt.val_loss) == "number" and fs.isfile(ldir .. "/trainer.json") and
+               checkpoint.trainer_state(ldir).step <= tr.step then
                 best_val = lt.val_loss
             end
         end
@@ -1520,14 +1523,21 @@ local function run(cfg, opts)
     local keep = ck.max_recent_checkpoints
     local every_epoch = ss.save_checkpoint_every_epoch ~= false   -- Automodel's default: true
 
-    local pending   -- checkpoint.is_async: the save being written in the background (settle below)
+    -- checkpoint.is_async: the save being written in the background, published by settle() at the
+    -- next save, at a preemption and at the end of the run, and by fail before it stops the run.
+    -- publish_pending() -> true, or false and the error
+    local pending
+    local function publish_pending()
+        if not pending then return true end
+        local p = pending
+        pending = nil
+        local ok, dir = pcall(checkpoint.finish, p.p)
+        if not ok then return false, dir end
+        p.after(dir)
+        return true
+    end
     local function fail(msg)
-        if pending then   -- a good checkpoint still being written: publish it before stopping
-            local p = pending
-            pending = nil
-            local ok, dir = pcall(checkpoint.finish, p.p)
-            if ok then p.after(dir) end
-        end
+        publish_pending()   -- a good checkpoint still being written goes on disk before stopping
         metrics:close()
         if bar_line then io.stdout:write("\n") end
         error(msg .. (last_ckpt and ("; the last good checkpoint is " .. last_ckpt) or
@@ -1535,15 +1545,9 @@ local function run(cfg, opts)
     end
 
     local val_now   -- the last validation: {step, loss} (the loss LOWEST_VAL compares)
-    -- checkpoint.is_async: the pending save is published by settle() at the next save, at a
-    -- preemption and at the end of the run (and by fail before it stops the run)
     local function settle()
-        if not pending then return end
-        local p = pending
-        pending = nil
-        local ok, dir = pcall(checkpoint.finish, p.p)
-        if not ok then fail(strip_pos(dir)) end
-        p.after(dir)
+        local ok, err = publish_pending()
+        if not ok then fail(strip_pos(err)) end
     end
     local function save(at_step, at_epoch, end_of_epoch, final)
         local bad = nonfinite_parameter(named_params)

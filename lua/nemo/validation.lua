@@ -70,7 +70,7 @@ M.Validator = Validator
 
 -- Validator{dataset (nemo.data.Dataset), fm (FlowMatching), sigmas, seed [0], batch_size [1],
 --           max_samples [all], dp_rank [0], dp_size [1], device ["cpu"], compute_dtype
---           ["float32"], group (the process group of the sums; nil = the world)}
+--           ["float32"]}
 function Validator:__init(o)
     local ds = o.dataset
     if not ds or type(ds.len) ~= "function" then error("Validator: dataset must be a nemo.data.Dataset", 2) end
@@ -79,7 +79,6 @@ function Validator:__init(o)
     self.batch_size = o.batch_size or 1
     self.dp_rank, self.dp_size = o.dp_rank or 0, o.dp_size or 1
     self.device, self.compute_dtype = o.device or "cpu", o.compute_dtype or "float32"
-    self.group = o.group
     if not is_posint(self.batch_size) then error("validation.batch_size must be a positive integer, got " ..
         tostring(self.batch_size), 0) end
     if type(self.seed) ~= "number" or self.seed % 1 ~= 0 or self.seed < 0 then
@@ -130,7 +129,15 @@ function Validator:_noise(i, shape)
     return Tensor.empty(shape, {dtype = wd}):normal_(0, 1, {generator = g}):to{device = self.device}
 end
 
-local TENSOR_KEYS = {"image_latents", "video_latents", "text_embeddings", "pooled_prompt_embeds"}
+-- fn() with model in eval mode and without gradients; its mode is restored, also when fn raises
+local function in_eval(model, fn)
+    local was_training = model.training
+    if model.eval then model:eval() end
+    local res = {pcall(autograd.no_grad, fn)}
+    if model.train then model:train(was_training ~= false) end
+    if not res[1] then error(res[2], 0) end
+    return unpack(res, 2, table.maxn(res))
+end
 
 -- run(model[, {all_reduce = function({numbers}) -> {sums}, clock = function() -> seconds}])
 --   -> {loss, by_sigma, samples, seconds}.
@@ -142,19 +149,14 @@ function Validator:run(model, opts)
     local K = #self.sigmas
     local sums = {}
     for k = 1, K + 1 do sums[k] = 0 end   -- K sums, then the count
-    local was_training = model.training
-    if model.eval then model:eval() end
-    local ok, err = pcall(autograd.no_grad, function()
+    in_eval(model, function()
         for _, b in ipairs(self.batches) do
-            local samples, noises = {}, {}
-            for i, idx in ipairs(b.indices) do
-                samples[i] = self.ds:get(idx)
-                noises[i] = self:_noise(idx, samples[i].latents.shape)
-            end
-            local batch = data.collate(samples, {data_type = self.ds.data_type, pooled_dim = self.ds.pooled_dim})
-            for _, key in ipairs(TENSOR_KEYS) do
-                if batch[key] and self.device ~= "cpu" then batch[key] = batch[key]:to{device = self.device} end
-            end
+            local batch = data.load_batch(self.ds, b.indices, {device = self.device})
+            local x0 = batch.image_latents or batch.video_latents
+            local shape = {}
+            for d = 2, #x0.shape do shape[d - 1] = x0.shape[d] end
+            local noises = {}
+            for i, idx in ipairs(b.indices) do noises[i] = self:_noise(idx, shape) end
             local noise = F.stack(noises, 0)
             for k, s in ipairs(self.sigmas) do
                 local _, out = self.fm:step(model, batch, {sigma = s, cfg_dropout = false, draws = {noise = noise},
@@ -165,8 +167,6 @@ function Validator:run(model, opts)
             for _, w in ipairs(b.weights) do sums[K + 1] = sums[K + 1] + w end
         end
     end)
-    if model.train then model:train(was_training ~= false) end
-    if not ok then error(err, 0) end
     if opts.all_reduce then sums = opts.all_reduce(sums) end
     local count = sums[K + 1]
     local by, total = {}, 0
@@ -203,9 +203,7 @@ function Sampler:run(model, tag)
     local dir = self.output_dir .. "/" .. tag
     if self.writer then fs.mkdirs(dir) end
     local files = {}
-    local was_training = model.training
-    if model.eval then model:eval() end
-    local ok, err = pcall(function()
+    in_eval(model, function()   -- (nemo.sampling runs under no_grad itself)
         for i, p in ipairs(self.prompts) do
             local gen = Tensor.Generator(self.seed + i - 1)
             local function dev(t) return t and t:to{dtype = self.dtype, device = self.device}:unsqueeze(0) or nil end
@@ -229,8 +227,6 @@ function Sampler:run(model, tag)
             if self.writer then files[#files + 1] = path end
         end
     end)
-    if model.train then model:train(was_training ~= false) end
-    if not ok then error(err, 0) end
     return files
 end
 
